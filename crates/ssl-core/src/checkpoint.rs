@@ -1,0 +1,296 @@
+//! Atomic, resumable checkpoints.
+//!
+//! A checkpoint is a directory `step-NNNNNNNN/` holding `model.safetensors` (the model's own
+//! key names), `optimizer.safetensors` (AdamW moments) and `trainer_state.json` (step, RNG,
+//! data position, config...). It is written under a temporary name, every file fsynced, then
+//! renamed, so a crash at any moment leaves either the old set or the new one, never half a
+//! checkpoint. Only the newest `keep_last` are kept.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::optim::AdamW;
+use crate::{CoreError, ParamStore, Result, SslRng};
+
+/// Model weights file inside a checkpoint directory.
+pub const MODEL_FILE: &str = "model.safetensors";
+/// Optimizer state file inside a checkpoint directory.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// Trainer state file inside a checkpoint directory.
+pub const STATE_FILE: &str = "trainer_state.json";
+const FORMAT_VERSION: u32 = 1;
+
+/// Everything besides tensors that a resumed run needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Format of this file.
+    pub format_version: u32,
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Epoch of the data stream.
+    pub epoch: u64,
+    /// The training random stream (masks, augmentations, dropout).
+    pub rng: SslRng,
+    /// The data source's position.
+    pub data_position: Value,
+    /// The run's resolved configuration.
+    pub config: Value,
+    /// Multiplier on the scheduled learning rate (lowered by divergence rollbacks).
+    pub lr_scale: f64,
+    /// Steps skipped for a non-finite loss or gradient.
+    pub skipped_steps: u64,
+    /// Rollbacks done after divergence.
+    pub rollbacks: u32,
+    /// Moving average of the loss (divergence detection).
+    pub loss_ema: Option<f64>,
+    /// Examples consumed so far.
+    pub samples_seen: u64,
+}
+
+impl TrainerState {
+    /// A fresh state for step 0.
+    pub fn new(rng: SslRng, config: Value) -> Self {
+        TrainerState {
+            format_version: FORMAT_VERSION,
+            step: 0,
+            epoch: 0,
+            rng,
+            data_position: Value::Null,
+            config,
+            lr_scale: 1.0,
+            skipped_steps: 0,
+            rollbacks: 0,
+            loss_ema: None,
+            samples_seen: 0,
+        }
+    }
+}
+
+/// Writes, lists, prunes and finds checkpoints in one directory.
+#[derive(Debug, Clone)]
+pub struct CheckpointManager {
+    dir: PathBuf,
+    keep_last: usize,
+}
+
+fn step_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+fn fsync_path(path: &Path) -> Result<()> {
+    let f = fs::File::open(path).map_err(|e| CoreError::io("opening for fsync", path, e))?;
+    f.sync_all().map_err(|e| CoreError::io("fsyncing", path, e))
+}
+
+/// Writes `bytes` to `path` and fsyncs it.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = fs::File::create(path).map_err(|e| CoreError::io("creating", path, e))?;
+    f.write_all(bytes)
+        .map_err(|e| CoreError::io("writing", path, e))?;
+    f.sync_all().map_err(|e| CoreError::io("fsyncing", path, e))
+}
+
+impl CheckpointManager {
+    /// Checkpoints under `dir`, keeping the newest `keep_last` (at least 1).
+    pub fn new(dir: impl Into<PathBuf>, keep_last: usize) -> Self {
+        CheckpointManager {
+            dir: dir.into(),
+            keep_last: keep_last.max(1),
+        }
+    }
+
+    /// The directory holding the checkpoints.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes a checkpoint for `state.step` atomically and prunes old ones; returns its path.
+    /// Refuses (with an error naming the parameter) when a parameter is not finite.
+    pub fn save(
+        &self,
+        params: &ParamStore,
+        optimizer: &AdamW,
+        state: &TrainerState,
+    ) -> Result<PathBuf> {
+        if let Some(name) = params.first_non_finite()? {
+            return Err(CoreError::NonFiniteParameters {
+                step: state.step,
+                name,
+            });
+        }
+        fs::create_dir_all(&self.dir).map_err(|e| CoreError::io("creating", &self.dir, e))?;
+        let name = step_name(state.step);
+        let tmp = self.dir.join(format!(".tmp-{name}-{}", std::process::id()));
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).map_err(|e| CoreError::io("removing", &tmp, e))?;
+        }
+        fs::create_dir(&tmp).map_err(|e| CoreError::io("creating", &tmp, e))?;
+        let model = tmp.join(MODEL_FILE);
+        params.save_safetensors(&model)?;
+        fsync_path(&model)?;
+        let opt = tmp.join(OPTIMIZER_FILE);
+        optimizer.save(&opt)?;
+        fsync_path(&opt)?;
+        let state_path = tmp.join(STATE_FILE);
+        let json = serde_json::to_vec_pretty(state).map_err(|source| CoreError::Json {
+            path: state_path.clone(),
+            source,
+        })?;
+        write_synced(&state_path, &json)?;
+        fsync_path(&tmp)?;
+        let final_dir = self.dir.join(&name);
+        if final_dir.exists() {
+            fs::remove_dir_all(&final_dir)
+                .map_err(|e| CoreError::io("replacing", &final_dir, e))?;
+        }
+        fs::rename(&tmp, &final_dir)
+            .map_err(|e| CoreError::io("renaming into place", &final_dir, e))?;
+        fsync_path(&self.dir)?;
+        self.prune()?;
+        Ok(final_dir)
+    }
+
+    /// Complete checkpoints, oldest first.
+    pub fn list(&self) -> Result<Vec<(u64, PathBuf)>> {
+        if !self.dir.exists() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        let entries =
+            fs::read_dir(&self.dir).map_err(|e| CoreError::io("listing", &self.dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| CoreError::io("listing", &self.dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(step) = name
+                .strip_prefix("step-")
+                .and_then(|s| s.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let p = entry.path();
+            if [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE]
+                .iter()
+                .all(|f| p.join(f).is_file())
+            {
+                out.push((step, p));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The newest complete checkpoint.
+    pub fn latest(&self) -> Result<Option<PathBuf>> {
+        Ok(self.list()?.pop().map(|(_, p)| p))
+    }
+
+    fn prune(&self) -> Result<()> {
+        let all = self.list()?;
+        let excess = all.len().saturating_sub(self.keep_last);
+        for (_, p) in all.into_iter().take(excess) {
+            fs::remove_dir_all(&p).map_err(|e| CoreError::io("removing old checkpoint", &p, e))?;
+        }
+        // Leftovers of interrupted writes by this or earlier processes.
+        if let Ok(entries) = fs::read_dir(&self.dir) {
+            for entry in entries.flatten() {
+                if entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(".tmp-step-")
+                {
+                    let _ = fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads the trainer state of a checkpoint directory.
+pub fn read_state(checkpoint: &Path) -> Result<TrainerState> {
+    let path = checkpoint.join(STATE_FILE);
+    let bytes = fs::read(&path).map_err(|e| CoreError::io("reading", &path, e))?;
+    let state: TrainerState = serde_json::from_slice(&bytes).map_err(|source| CoreError::Json {
+        path: path.clone(),
+        source,
+    })?;
+    if state.format_version != FORMAT_VERSION {
+        return Err(CoreError::checkpoint(
+            &path,
+            format!(
+                "format version {} is not supported (expected {FORMAT_VERSION})",
+                state.format_version
+            ),
+        ));
+    }
+    Ok(state)
+}
+
+/// Finds the checkpoint meant by `path`: a checkpoint directory itself, or a run directory
+/// (its newest checkpoint under `checkpoints/`).
+pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
+    if path.join(MODEL_FILE).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    for dir in [path.join("checkpoints"), path.to_path_buf()] {
+        if let Some(p) = CheckpointManager::new(&dir, 1).latest()? {
+            return Ok(p);
+        }
+    }
+    Err(CoreError::checkpoint(
+        path,
+        format!("no checkpoint found (expected {MODEL_FILE} here or step-NNNNNNNN directories under checkpoints/)"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optim::AdamWConfig;
+    use crate::Init;
+    use candle_core::Device;
+
+    #[test]
+    fn save_prune_latest_and_refuse_nan() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ParamStore::new(&Device::Cpu);
+        store
+            .builder(0)
+            .get("w", (2, 2), Init::Normal(1.0))
+            .unwrap();
+        let opt = AdamW::new(&store, AdamWConfig::default()).unwrap();
+        let mgr = CheckpointManager::new(dir.path().join("checkpoints"), 2);
+        let mut state = TrainerState::new(SslRng::new(0), Value::Null);
+        for step in [5, 10, 15] {
+            state.step = step;
+            mgr.save(&store, &opt, &state).unwrap();
+        }
+        let steps: Vec<u64> = mgr.list().unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, [10, 15]);
+        let latest = resolve_checkpoint(dir.path()).unwrap();
+        assert!(latest.ends_with("step-00000015"));
+        assert_eq!(read_state(&latest).unwrap().step, 15);
+        // A half-written checkpoint (no state file) is ignored.
+        fs::create_dir_all(dir.path().join("checkpoints/step-00000020")).unwrap();
+        assert!(mgr.latest().unwrap().unwrap().ends_with("step-00000015"));
+        // NaN parameters are never written.
+        let w = store.get("w").unwrap();
+        w.set(&candle_core::Tensor::new(&[[f32::NAN, 0.], [0., 0.]], &Device::Cpu).unwrap())
+            .unwrap();
+        state.step = 25;
+        let err = mgr.save(&store, &opt, &state).unwrap_err().to_string();
+        assert!(err.contains("`w`") && err.contains("25"), "{err}");
+        assert!(!dir.path().join("checkpoints/step-00000025").exists());
+    }
+
+    #[test]
+    fn resolve_reports_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = resolve_checkpoint(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("no checkpoint"), "{err}");
+    }
+}

@@ -1,0 +1,42 @@
+//! The context a forward pass runs in.
+
+use crate::SslRng;
+
+/// Training or evaluation mode plus the random stream for dropout, masks and augmentations.
+///
+/// Everything random in a forward pass draws from `rng`, which the trainer saves in every
+/// checkpoint, so a resumed run repeats the uninterrupted run exactly.
+pub struct Ctx<'a> {
+    /// Training mode: dropout active, augmentations random.
+    pub train: bool,
+    /// Ask encoders for every layer's hidden state (for "embeddings from layer k").
+    pub output_hidden_states: bool,
+    /// The random stream.
+    pub rng: &'a mut SslRng,
+}
+
+impl<'a> Ctx<'a> {
+    /// A training-mode context.
+    pub fn train(rng: &'a mut SslRng) -> Self {
+        Ctx {
+            train: true,
+            output_hidden_states: false,
+            rng,
+        }
+    }
+
+    /// An evaluation-mode context (no dropout).
+    pub fn eval(rng: &'a mut SslRng) -> Self {
+        Ctx {
+            train: false,
+            output_hidden_states: false,
+            rng,
+        }
+    }
+
+    /// The same context, asking for every layer's hidden state.
+    pub fn with_hidden_states(mut self) -> Self {
+        self.output_hidden_states = true;
+        self
+    }
+}

@@ -1,0 +1,73 @@
+//! # ssl-core
+//!
+//! The traits and the training machinery every self-supervised pretext task shares:
+//!
+//! - [`Encoder`], [`PretextTask`], [`Trainer`] (implemented by [`LoopTrainer`]) and the
+//!   [`BatchSource`] the trainer pulls from;
+//! - [`nn`]: the one transformer stack of every modality, built from ops whose gradients flow;
+//! - [`optim`]: AdamW with parameter groups and saveable state, LR schedules, clipping;
+//! - [`checkpoint`]: atomic, resumable checkpoints; [`StopFlag`] for SIGINT/SIGTERM;
+//! - [`monitor`], [`health`], [`plot`]: `metrics.jsonl`, progress, embedding health, curves;
+//! - [`probe`]: linear and k-NN probes on frozen embeddings;
+//! - [`Collective`]: data-parallel communication ([`SingleProcess`] here);
+//! - [`seq`]: the generic pretext tasks on numeric feature sequences.
+//!
+//! Everything random draws from an [`SslRng`] so runs repeat exactly and resume exactly.
+//!
+//! ```no_run
+//! use candle_core::Device;
+//! use ssl_core::seq::*;
+//! use ssl_core::{LoopTrainer, ParamStore, TrainConfig, Trainer};
+//!
+//! # fn main() -> ssl_core::Result<()> {
+//! let examples: Vec<SeqExample> = (0..64)
+//!     .map(|i| SeqExample::new((0..32).map(|t| ((t + i) as f32 * 0.3).sin()).collect(), 32, 1))
+//!     .collect::<Result<_, _>>()?;
+//! let store = ParamStore::new(&Device::Cpu);
+//! let pb = store.builder(0);
+//! let cfg = SeqEncoderConfig { features: 1, ..Default::default() };
+//! let encoder = SeqTransformerEncoder::new(&cfg, &pb)?;
+//! let task = MaskedFeatureTask::new(encoder, 1, MaskedFeatureConfig::default(), &pb)?;
+//! let mut data = InMemorySeqSource::new(examples, 16, 0, true, &Device::Cpu)?;
+//! let train = TrainConfig { max_steps: 100, ..Default::default() };
+//! let report = LoopTrainer::new(train, Some("runs/demo".into()))?.fit(&task, &mut data, None)?;
+//! println!("final loss {:?}", report.losses.last());
+//! # Ok(())
+//! # }
+//! ```
+#![deny(missing_docs)]
+
+pub mod checkpoint;
+mod collective;
+mod ctx;
+mod device;
+mod encoder;
+mod error;
+pub mod guard;
+pub mod health;
+pub mod linalg;
+pub mod loss;
+pub mod monitor;
+pub mod nn;
+pub mod optim;
+mod params;
+pub mod plot;
+pub mod probe;
+mod rng;
+pub mod seq;
+mod signal;
+mod task;
+mod trainer;
+
+pub use collective::{Collective, SingleProcess};
+pub use ctx::Ctx;
+pub use device::parse_device;
+pub use encoder::{Encoder, EncoderOutput};
+pub use error::{CoreError, Result};
+pub use params::{read_safetensors, Init, LoadReport, Param, ParamBuilder, ParamStore};
+pub use rng::SslRng;
+pub use signal::StopFlag;
+pub use task::{BatchSource, PretextTask, TaskOutput};
+pub use trainer::{
+    accumulate, plot_run, scale_grads, Accumulated, LoopTrainer, TrainConfig, TrainReport, Trainer,
+};

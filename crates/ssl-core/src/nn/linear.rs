@@ -1,0 +1,61 @@
+//! A fully connected layer with Hugging Face key names (`weight` (out, in), `bias`).
+
+use candle_core::Tensor;
+
+use crate::{Init, ParamBuilder, Result};
+
+/// `y = x W^T + b` over the last dimension of any-rank input.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// A layer `in_dim -> out_dim` with weights from `init` and zero bias.
+    pub fn new(
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        init: Init,
+        pb: &ParamBuilder,
+    ) -> Result<Self> {
+        let weight = pb.get("weight", (out_dim, in_dim), init)?;
+        let bias = if bias {
+            Some(pb.get("bias", out_dim, Init::Zeros)?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    /// PyTorch's default `nn.Linear` initialisation: uniform in `±1/sqrt(in_dim)` for weight and bias.
+    pub fn torch_default(in_dim: usize, out_dim: usize, pb: &ParamBuilder) -> Result<Self> {
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let weight = pb.get("weight", (out_dim, in_dim), Init::Uniform(bound))?;
+        let bias = Some(pb.get("bias", out_dim, Init::Uniform(bound))?);
+        Ok(Linear { weight, bias })
+    }
+
+    /// The weight, shape (out, in).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Applies the layer to `x` (.., in) giving (.., out).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().unwrap_or(&0);
+        let rows = x.elem_count() / in_dim.max(1);
+        let x2 = x.reshape((rows, in_dim))?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        let mut out_dims = dims;
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.weight.dim(0)?;
+        }
+        Ok(y.reshape(out_dims)?)
+    }
+}

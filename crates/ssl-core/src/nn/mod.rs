@@ -1,0 +1,11 @@
+//! Neural-network building blocks whose gradients are known to flow (see DESIGN.md).
+
+mod linear;
+mod norm;
+pub mod ops;
+mod transformer;
+
+pub use linear::Linear;
+pub use norm::LayerNorm;
+pub use ops::Activation;
+pub use transformer::{NormPlacement, StackInit, StackOutput, TransformerConfig, TransformerStack};

@@ -1,0 +1,30 @@
+//! Layer normalisation with learnable scale and shift (`weight`, `bias`).
+
+use candle_core::Tensor;
+
+use crate::nn::ops::layer_norm;
+use crate::{Init, ParamBuilder, Result};
+
+/// Layer normalisation over the last dimension, built from differentiable composite ops.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// A layer norm over `dim` features (weight 1, bias 0).
+    pub fn new(dim: usize, eps: f64, pb: &ParamBuilder) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: pb.get("weight", dim, Init::Ones)?,
+            bias: pb.get("bias", dim, Init::Zeros)?,
+            eps,
+        })
+    }
+
+    /// Normalises `x` over its last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}

@@ -1,0 +1,221 @@
+//! Differentiable building-block operations.
+//!
+//! candle's fused `softmax_last_dim`, `layer_norm` and `rms_norm` silently cut gradients
+//! (DESIGN.md), so the stack is built from these composite versions, whose backward is
+//! candle's ordinary autograd.
+
+use candle_core::{DType, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use crate::{Result, SslRng};
+
+/// Softmax over the last dimension, shifted by the (gradient-free) row maximum for stability.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&s)?)
+}
+
+/// Log-softmax over the last dimension.
+pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// Layer normalisation over the last dimension: `(x - mean) / sqrt(var + eps) * w + b`.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(xn.broadcast_mul(weight)?.broadcast_add(bias)?)
+}
+
+/// The activation of a feed-forward block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// GELU with the exact error function (BERT's `gelu`, ViT).
+    #[default]
+    GeluErf,
+    /// GELU with the tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+    /// ReLU.
+    Relu,
+}
+
+impl Activation {
+    /// Applies the activation.
+    pub fn forward(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activation::GeluErf => x.gelu_erf()?,
+            Activation::GeluTanh => x.gelu()?,
+            Activation::Relu => x.relu()?,
+        })
+    }
+}
+
+/// Inverted dropout with a mask drawn from `rng`: zeroes each element with probability `p`
+/// and scales the rest by `1 / (1 - p)`. Identity when not training or `p == 0`.
+pub fn dropout(x: &Tensor, p: f32, train: bool, rng: &mut SslRng) -> Result<Tensor> {
+    if !train || p <= 0.0 {
+        return Ok(x.clone());
+    }
+    if p >= 1.0 {
+        return Ok(x.zeros_like()?);
+    }
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.uniform() < p { 0.0 } else { keep })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok((x * mask)?)
+}
+
+/// Mean of `x` (B, T, D) over the timesteps where `mask` (B, T) is 1; plain mean without mask.
+pub fn masked_mean(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    match mask {
+        None => Ok(x.mean(1)?),
+        Some(m) => {
+            let m = m.to_dtype(x.dtype())?.unsqueeze(2)?;
+            let sum = x.broadcast_mul(&m)?.sum(1)?;
+            let count = m.sum(1)?.clamp(1.0, f64::INFINITY)?;
+            Ok(sum.broadcast_div(&count)?)
+        }
+    }
+}
+
+/// L2-normalises the rows of a (N, D) tensor.
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .clamp(1e-24, f64::INFINITY)?
+        .sqrt()?;
+    Ok(x.broadcast_div(&norm)?)
+}
+
+/// Cross-entropy of (N, C) logits against class indices, averaged over rows.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logp = log_softmax_last_dim(logits)?;
+    let picked = logp.gather(&targets.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?;
+    Ok(picked.neg()?.mean_all()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn finite_diff_check(f: impl Fn(&Tensor) -> Result<Tensor>, x0: Vec<f64>, shape: &[usize]) {
+        let dev = Device::Cpu;
+        let x = Var::from_vec(x0.clone(), shape, &dev).unwrap();
+        let y = f(x.as_tensor()).unwrap();
+        // Weighted sum so every output element matters.
+        let w: Vec<f64> = (0..y.elem_count())
+            .map(|i| ((i * 7 % 11) as f64) / 5.0 - 1.0)
+            .collect();
+        let w = Tensor::from_vec(w, y.shape(), &dev).unwrap();
+        let loss = (y * &w).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let g = grads
+            .get(x.as_tensor())
+            .expect("no gradient")
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let h = 1e-6;
+        for i in 0..x0.len() {
+            let eval = |d: f64| {
+                let mut xs = x0.clone();
+                xs[i] += d;
+                let t = Tensor::from_vec(xs, shape, &dev).unwrap();
+                (f(&t).unwrap() * &w)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
+            let num = (eval(h) - eval(-h)) / (2.0 * h);
+            assert!(
+                (num - g[i]).abs() < 1e-6 * (1.0 + num.abs()),
+                "element {i}: analytic {} numeric {num}",
+                g[i]
+            );
+        }
+    }
+
+    fn data(n: usize) -> Vec<f64> {
+        (0..n).map(|i| ((i * 37 % 17) as f64) / 7.0 - 1.1).collect()
+    }
+
+    #[test]
+    fn softmax_gradient_matches_finite_differences() {
+        finite_diff_check(softmax_last_dim, data(12), &[3, 4]);
+        finite_diff_check(log_softmax_last_dim, data(12), &[3, 4]);
+    }
+
+    #[test]
+    fn layer_norm_gradient_matches_finite_differences() {
+        let dev = Device::Cpu;
+        let w = Tensor::from_vec(vec![1.5f64, -0.5, 2.0, 0.7], 4, &dev).unwrap();
+        let b = Tensor::from_vec(vec![0.1f64, 0.2, -0.3, 0.0], 4, &dev).unwrap();
+        finite_diff_check(|x| layer_norm(x, &w, &b, 1e-5), data(12), &[3, 4]);
+    }
+
+    #[test]
+    fn activations_gradients_match_finite_differences() {
+        for a in [Activation::GeluErf, Activation::GeluTanh] {
+            finite_diff_check(|x| a.forward(x), data(10), &[10]);
+        }
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one_and_handle_large_values() {
+        let x = Tensor::new(&[[1000f32, 1001., 999.], [-5., 0., 5.]], &Device::Cpu).unwrap();
+        let s = softmax_last_dim(&x)
+            .unwrap()
+            .sum(1)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for v in s {
+            assert!((v - 1.0).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn dropout_rate_and_scale() {
+        let mut rng = SslRng::new(0);
+        let x = Tensor::ones(10_000, DType::F32, &Device::Cpu).unwrap();
+        let y = dropout(&x, 0.25, true, &mut rng)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let zeros = y.iter().filter(|v| **v == 0.0).count() as f64 / 10_000.0;
+        assert!((zeros - 0.25).abs() < 0.02, "{zeros}");
+        let mean = y.iter().sum::<f32>() / 10_000.0;
+        assert!((mean - 1.0).abs() < 0.03, "{mean}");
+        let same = dropout(&x, 0.25, false, &mut rng).unwrap();
+        assert_eq!(same.to_vec1::<f32>().unwrap(), vec![1.0; 10_000]);
+    }
+
+    #[test]
+    fn cross_entropy_matches_hand_computation() {
+        let dev = Device::Cpu;
+        let logits = Tensor::new(&[[2f32, 0., -1.], [0., 0., 0.]], &dev).unwrap();
+        let t = Tensor::new(&[0u32, 2], &dev).unwrap();
+        let ce = cross_entropy(&logits, &t)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let l0 = -(2f32.exp() / (2f32.exp() + 1.0 + (-1f32).exp())).ln();
+        let l1 = 3f32.ln();
+        assert!((ce - (l0 + l1) / 2.0).abs() < 1e-5);
+    }
+}

@@ -1,0 +1,458 @@
+//! The one transformer stack every modality shares (BERT, ViT/MAE, series transformer, CLIP).
+//!
+//! Its interface is the whole stack: tokens `(B, T, D)` and an optional key-padding mask
+//! `(B, T)` (1 = attend, 0 = padding) in, `(B, T, D)` out, with every layer's hidden state on
+//! request. Modalities own what surrounds it (embeddings, patching, masking, heads, losses) and
+//! never reach into its layers, so the stack's implementation can change underneath them.
+//!
+//! Key names follow Hugging Face under `layer.{i}.`: post-norm layers use BERT's names
+//! (`attention.self.query`, `attention.output.dense`, `attention.output.LayerNorm`,
+//! `intermediate.dense`, `output.dense`, `output.LayerNorm`); pre-norm layers use ViT's
+//! (`layernorm_before`, `attention.attention.query`, `attention.output.dense`,
+//! `layernorm_after`, `intermediate.dense`, `output.dense`).
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::nn::ops::{dropout, softmax_last_dim, Activation};
+use crate::nn::{LayerNorm, Linear};
+use crate::{CoreError, Ctx, Init, ParamBuilder, Result};
+
+/// Where the layer norms sit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum NormPlacement {
+    /// Norm before attention and MLP, residual around them (ViT, MAE, CLIP).
+    #[default]
+    Pre,
+    /// Norm after each residual addition (BERT).
+    Post,
+}
+
+/// Weight initialisation of the stack's linear layers.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StackInit {
+    /// Normal with this standard deviation (BERT: 0.02).
+    Normal(f64),
+    /// Xavier uniform (MAE, ViT).
+    #[default]
+    XavierUniform,
+}
+
+/// Configuration of a [`TransformerStack`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransformerConfig {
+    /// Model width D.
+    pub dim: usize,
+    /// Number of layers.
+    pub depth: usize,
+    /// Attention heads (must divide `dim`).
+    pub heads: usize,
+    /// Hidden width of the feed-forward block.
+    pub mlp_dim: usize,
+    /// Pre- or post-norm.
+    pub norm: NormPlacement,
+    /// Feed-forward activation.
+    pub activation: Activation,
+    /// Dropout on attention output and feed-forward output (BERT's hidden_dropout_prob).
+    pub dropout: f32,
+    /// Dropout on attention probabilities.
+    pub attn_dropout: f32,
+    /// Layer-norm epsilon (BERT 1e-12, ViT 1e-6).
+    pub layer_norm_eps: f64,
+    /// Causal (autoregressive) attention.
+    pub causal: bool,
+    /// Linear-layer initialisation.
+    pub init: StackInit,
+}
+
+impl Default for TransformerConfig {
+    fn default() -> Self {
+        TransformerConfig {
+            dim: 64,
+            depth: 2,
+            heads: 4,
+            mlp_dim: 256,
+            norm: NormPlacement::Pre,
+            activation: Activation::GeluErf,
+            dropout: 0.0,
+            attn_dropout: 0.0,
+            layer_norm_eps: 1e-6,
+            causal: false,
+            init: StackInit::XavierUniform,
+        }
+    }
+}
+
+impl TransformerConfig {
+    /// Checks that the configuration is usable.
+    pub fn validate(&self) -> Result<()> {
+        if self.dim == 0 || self.depth == 0 || self.heads == 0 || self.mlp_dim == 0 {
+            return Err(CoreError::Config(format!(
+                "transformer dim ({}), depth ({}), heads ({}) and mlp_dim ({}) must be positive",
+                self.dim, self.depth, self.heads, self.mlp_dim
+            )));
+        }
+        if self.dim % self.heads != 0 {
+            return Err(CoreError::Config(format!(
+                "transformer dim {} is not divisible by heads {}",
+                self.dim, self.heads
+            )));
+        }
+        for (name, p) in [
+            ("dropout", self.dropout),
+            ("attn_dropout", self.attn_dropout),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                return Err(CoreError::Config(format!("{name} = {p} must be in [0, 1)")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Output of [`TransformerStack::forward`].
+#[derive(Debug, Clone)]
+pub struct StackOutput {
+    /// The last layer's output (B, T, D).
+    pub last: Tensor,
+    /// When requested: the input followed by every layer's output (`depth + 1` tensors).
+    pub hidden_states: Vec<Tensor>,
+}
+
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    norm_attn: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    norm_mlp: LayerNorm,
+}
+
+/// A stack of transformer layers (see the module documentation).
+pub struct TransformerStack {
+    cfg: TransformerConfig,
+    layers: Vec<Layer>,
+}
+
+impl TransformerStack {
+    /// Creates the stack's parameters under `pb` (keys `layer.{i}....`).
+    pub fn new(cfg: &TransformerConfig, pb: &ParamBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let init = match cfg.init {
+            StackInit::Normal(std) => Init::Normal(std),
+            StackInit::XavierUniform => Init::XavierUniform,
+        };
+        let d = cfg.dim;
+        let mut layers = Vec::with_capacity(cfg.depth);
+        for i in 0..cfg.depth {
+            let lp = pb.pp(format!("layer.{i}"));
+            let (qkv, norm_attn, norm_mlp) = match cfg.norm {
+                NormPlacement::Post => (
+                    lp.pp("attention.self"),
+                    "attention.output.LayerNorm",
+                    "output.LayerNorm",
+                ),
+                NormPlacement::Pre => (
+                    lp.pp("attention.attention"),
+                    "layernorm_before",
+                    "layernorm_after",
+                ),
+            };
+            layers.push(Layer {
+                query: Linear::new(d, d, true, init, &qkv.pp("query"))?,
+                key: Linear::new(d, d, true, init, &qkv.pp("key"))?,
+                value: Linear::new(d, d, true, init, &qkv.pp("value"))?,
+                attn_out: Linear::new(d, d, true, init, &lp.pp("attention.output.dense"))?,
+                norm_attn: LayerNorm::new(d, cfg.layer_norm_eps, &lp.pp(norm_attn))?,
+                fc1: Linear::new(d, cfg.mlp_dim, true, init, &lp.pp("intermediate.dense"))?,
+                fc2: Linear::new(cfg.mlp_dim, d, true, init, &lp.pp("output.dense"))?,
+                norm_mlp: LayerNorm::new(d, cfg.layer_norm_eps, &lp.pp(norm_mlp))?,
+            });
+        }
+        Ok(TransformerStack {
+            cfg: cfg.clone(),
+            layers,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TransformerConfig {
+        &self.cfg
+    }
+
+    /// Runs the stack on `x` (B, T, D) with an optional key-padding mask (B, T), 1 = real token.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        padding_mask: Option<&Tensor>,
+        ctx: &mut Ctx,
+    ) -> Result<StackOutput> {
+        let (b, t, d) = x.dims3()?;
+        if d != self.cfg.dim {
+            return Err(CoreError::InvalidInput(format!(
+                "transformer input has width {d}, the stack expects {}",
+                self.cfg.dim
+            )));
+        }
+        let bias = self.attention_bias(b, t, padding_mask, x)?;
+        let mut hidden = Vec::new();
+        if ctx.output_hidden_states {
+            hidden.push(x.clone());
+        }
+        let mut h = x.clone();
+        for layer in &self.layers {
+            h = self.layer_forward(layer, &h, bias.as_ref(), ctx)?;
+            if ctx.output_hidden_states {
+                hidden.push(h.clone());
+            }
+        }
+        Ok(StackOutput {
+            last: h,
+            hidden_states: hidden,
+        })
+    }
+
+    /// Additive attention bias (B, 1, T or 1, T) from padding and causality; `None` when neither.
+    fn attention_bias(
+        &self,
+        b: usize,
+        t: usize,
+        padding_mask: Option<&Tensor>,
+        x: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        const NEG: f32 = -1e9;
+        let mut bias: Option<Tensor> = None;
+        if let Some(m) = padding_mask {
+            if m.dims() != [b, t] {
+                return Err(CoreError::InvalidInput(format!(
+                    "padding mask has shape {:?}, expected [{b}, {t}]",
+                    m.dims()
+                )));
+            }
+            // (1 - m) * NEG, shaped (B, 1, 1, T) to broadcast over heads and queries.
+            let m = m.to_dtype(DType::F32)?;
+            let add = ((m.ones_like()? - m)? * f64::from(NEG))?.reshape((b, 1, 1, t))?;
+            bias = Some(add);
+        }
+        if self.cfg.causal {
+            let mut v = vec![0f32; t * t];
+            for i in 0..t {
+                for j in (i + 1)..t {
+                    v[i * t + j] = NEG;
+                }
+            }
+            let c = Tensor::from_vec(v, (1, 1, t, t), x.device())?;
+            bias = Some(match bias {
+                Some(bi) => bi.broadcast_add(&c)?,
+                None => c,
+            });
+        }
+        Ok(match bias {
+            Some(bi) => Some(bi.to_dtype(x.dtype())?),
+            None => None,
+        })
+    }
+
+    fn attention(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+        ctx: &mut Ctx,
+    ) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let h = self.cfg.heads;
+        let dh = d / h;
+        let split = |y: Tensor| -> Result<Tensor> {
+            Ok(y.reshape((b, t, h, dh))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = split(layer.query.forward(x)?)?;
+        let k = split(layer.key.forward(x)?)?;
+        let v = split(layer.value.forward(x)?)?;
+        let scale = 1.0 / (dh as f64).sqrt();
+        let mut scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+        if let Some(bias) = bias {
+            scores = scores.broadcast_add(bias)?;
+        }
+        let probs = softmax_last_dim(&scores)?;
+        let probs = dropout(&probs, self.cfg.attn_dropout, ctx.train, ctx.rng)?;
+        let ctx_v = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        layer.attn_out.forward(&ctx_v)
+    }
+
+    fn mlp(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
+        let y = self.cfg.activation.forward(&layer.fc1.forward(x)?)?;
+        layer.fc2.forward(&y)
+    }
+
+    fn layer_forward(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+        ctx: &mut Ctx,
+    ) -> Result<Tensor> {
+        let p = self.cfg.dropout;
+        match self.cfg.norm {
+            NormPlacement::Pre => {
+                let a = self.attention(layer, &layer.norm_attn.forward(x)?, bias, ctx)?;
+                let x = (x + dropout(&a, p, ctx.train, ctx.rng)?)?;
+                let m = self.mlp(layer, &layer.norm_mlp.forward(&x)?)?;
+                Ok((&x + dropout(&m, p, ctx.train, ctx.rng)?)?)
+            }
+            NormPlacement::Post => {
+                let a = self.attention(layer, x, bias, ctx)?;
+                let x = layer
+                    .norm_attn
+                    .forward(&(x + dropout(&a, p, ctx.train, ctx.rng)?)?)?;
+                let m = self.mlp(layer, &x)?;
+                layer
+                    .norm_mlp
+                    .forward(&(&x + dropout(&m, p, ctx.train, ctx.rng)?)?)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ParamStore, SslRng};
+    use candle_core::Device;
+
+    fn cfg(norm: NormPlacement) -> TransformerConfig {
+        TransformerConfig {
+            dim: 8,
+            depth: 2,
+            heads: 2,
+            mlp_dim: 16,
+            norm,
+            ..TransformerConfig::default()
+        }
+    }
+
+    #[test]
+    fn every_parameter_gets_a_gradient() {
+        for norm in [NormPlacement::Pre, NormPlacement::Post] {
+            let store = ParamStore::new(&Device::Cpu);
+            let stack = TransformerStack::new(&cfg(norm), &store.builder(0)).unwrap();
+            let mut rng = SslRng::new(0);
+            let x = Tensor::from_vec(rng.normal_vec(2 * 5 * 8, 0.0, 1.0), (2, 5, 8), &Device::Cpu)
+                .unwrap();
+            let mask = Tensor::new(
+                &[[1f32, 1., 1., 1., 1.], [1., 1., 1., 0., 0.]],
+                &Device::Cpu,
+            )
+            .unwrap();
+            let out = stack
+                .forward(&x, Some(&mask), &mut Ctx::train(&mut rng))
+                .unwrap();
+            let loss = out.last.sqr().unwrap().sum_all().unwrap();
+            let grads = loss.backward().unwrap();
+            for (name, var) in store.vars() {
+                let g = grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("{name} got no gradient"));
+                let n = g
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(n > 0.0, "{name} has a zero gradient");
+            }
+        }
+    }
+
+    #[test]
+    fn padding_is_invisible_to_real_tokens() {
+        let store = ParamStore::new(&Device::Cpu);
+        let stack = TransformerStack::new(&cfg(NormPlacement::Post), &store.builder(1)).unwrap();
+        let mut rng = SslRng::new(0);
+        let real = rng.normal_vec(3 * 8, 0.0, 1.0);
+        let mut a = real.clone();
+        a.extend(rng.normal_vec(2 * 8, 0.0, 1.0));
+        let mut b = real.clone();
+        b.extend(rng.normal_vec(2 * 8, 5.0, 3.0));
+        let mask = Tensor::new(&[[1f32, 1., 1., 0., 0.]], &Device::Cpu).unwrap();
+        let run = |v: Vec<f32>, rng: &mut SslRng| {
+            let x = Tensor::from_vec(v, (1, 5, 8), &Device::Cpu).unwrap();
+            stack
+                .forward(&x, Some(&mask), &mut Ctx::eval(rng))
+                .unwrap()
+                .last
+                .narrow(1, 0, 3)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let (ya, yb) = (run(a, &mut rng), run(b, &mut rng));
+        for (p, q) in ya.iter().zip(&yb) {
+            assert!((p - q).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn hidden_states_and_key_names() {
+        let store = ParamStore::new(&Device::Cpu);
+        let stack =
+            TransformerStack::new(&cfg(NormPlacement::Post), &store.builder(0).pp("encoder"))
+                .unwrap();
+        let names: Vec<_> = store.vars().into_iter().map(|(n, _)| n).collect();
+        assert!(names.contains(&"encoder.layer.0.attention.self.query.weight".to_string()));
+        assert!(names.contains(&"encoder.layer.1.output.LayerNorm.bias".to_string()));
+        let mut rng = SslRng::new(0);
+        let x = Tensor::zeros((1, 3, 8), DType::F32, &Device::Cpu).unwrap();
+        let out = stack
+            .forward(&x, None, &mut Ctx::eval(&mut rng).with_hidden_states())
+            .unwrap();
+        assert_eq!(out.hidden_states.len(), 3);
+        let bad = TransformerConfig {
+            dim: 10,
+            heads: 3,
+            ..cfg(NormPlacement::Pre)
+        };
+        assert!(TransformerStack::new(&bad, &store.builder(0)).is_err());
+    }
+
+    #[test]
+    fn causal_attention_ignores_the_future() {
+        let c = TransformerConfig {
+            causal: true,
+            ..cfg(NormPlacement::Pre)
+        };
+        let store = ParamStore::new(&Device::Cpu);
+        let stack = TransformerStack::new(&c, &store.builder(0)).unwrap();
+        let mut rng = SslRng::new(0);
+        let mut v = rng.normal_vec(4 * 8, 0.0, 1.0);
+        let x1 = Tensor::from_vec(v.clone(), (1, 4, 8), &Device::Cpu).unwrap();
+        for e in v.iter_mut().skip(3 * 8) {
+            *e += 10.0;
+        }
+        let x2 = Tensor::from_vec(v, (1, 4, 8), &Device::Cpu).unwrap();
+        let f = |x: &Tensor, rng: &mut SslRng| {
+            stack
+                .forward(x, None, &mut Ctx::eval(rng))
+                .unwrap()
+                .last
+                .narrow(1, 0, 3)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let (a, b) = (f(&x1, &mut rng), f(&x2, &mut rng));
+        for (p, q) in a.iter().zip(&b) {
+            assert!((p - q).abs() < 1e-5);
+        }
+    }
+}

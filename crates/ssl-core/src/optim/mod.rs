@@ -1,0 +1,9 @@
+//! Optimisation: AdamW with parameter groups, learning-rate schedules, gradient clipping.
+
+mod adamw;
+mod clip;
+mod schedule;
+
+pub use adamw::{AdamW, AdamWConfig};
+pub use clip::{clip_grad_norm, global_norm};
+pub use schedule::{LrSchedule, ScheduleKind};

@@ -1,0 +1,54 @@
+//! The `PretextTask` trait and the batch-source trait the trainer pulls from.
+
+use candle_core::Tensor;
+use serde_json::Value;
+
+use crate::{Ctx, ParamStore, Result};
+
+/// The result of one forward pass of a pretext task.
+#[derive(Debug, Clone)]
+pub struct TaskOutput {
+    /// Scalar loss: the mean over `weight` units (masked tokens, samples, pairs...).
+    pub loss: Tensor,
+    /// How many units the mean is over. Gradient accumulation and data-parallel reduction
+    /// weight each micro-batch by it, so accumulating micro-batches equals one large batch.
+    pub weight: f64,
+    /// Named task metrics (accuracy, alignment...), averaged with the same weights.
+    pub metrics: Vec<(String, f64)>,
+}
+
+/// Owns an encoder and its heads; turns an unlabelled batch into a loss.
+///
+/// Masking and augmentation are pure functions of the batch and `ctx.rng`, so they are
+/// testable on their own and a resumed run repeats them exactly.
+pub trait PretextTask {
+    /// The batch type.
+    type Batch;
+
+    /// Every trainable parameter (encoder and heads), by name.
+    fn params(&self) -> &ParamStore;
+
+    /// Builds the pretext task from `batch` and returns the loss.
+    fn forward(&self, batch: &Self::Batch, ctx: &mut Ctx) -> Result<TaskOutput>;
+
+    /// Pooled embeddings (B, D) of the encoder alone, in evaluation mode.
+    fn embed(&self, batch: &Self::Batch, ctx: &mut Ctx) -> Result<Tensor>;
+
+    /// Number of examples in a batch (for throughput).
+    fn batch_len(&self, batch: &Self::Batch) -> usize;
+}
+
+/// An endless, resumable stream of batches.
+pub trait BatchSource<B> {
+    /// The next batch (sources cycle through epochs; they never run dry).
+    fn next_batch(&mut self) -> Result<B>;
+
+    /// The current epoch (0-based).
+    fn epoch(&self) -> u64;
+
+    /// The position in the stream, saved in checkpoints.
+    fn position(&self) -> Value;
+
+    /// Continues from a position returned by [`BatchSource::position`].
+    fn restore(&mut self, position: &Value) -> Result<()>;
+}

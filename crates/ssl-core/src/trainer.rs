@@ -1,0 +1,712 @@
+//! The one training loop: accumulation, clipping, AdamW, schedules, guards, checkpoints,
+//! resume, graceful stop, metrics and embedding health. Every pretext task trains through it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::checkpoint::{read_state, CheckpointManager, TrainerState, MODEL_FILE, OPTIMIZER_FILE};
+use crate::guard::{DivergenceConfig, DivergenceDetector, NonFiniteAction, NonFiniteGuard};
+use crate::health::embedding_health;
+use crate::monitor::{MetricsLog, Progress};
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, ScheduleKind};
+use crate::plot::{plot_training_curves, CurveSeries};
+use crate::{
+    BatchSource, Collective, CoreError, Ctx, PretextTask, Result, SingleProcess, SslRng, StopFlag,
+};
+
+/// Training hyper-parameters and machinery settings (`[train]` in the CLI's TOML).
+/// Zero disables the settings documented as such.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Optimizer steps to run.
+    pub max_steps: u64,
+    /// Examples per micro-batch (read by the data source).
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Seed of every random choice (init, data order, masks, augmentation, dropout).
+    pub seed: u64,
+    /// Learning-rate curve.
+    pub schedule: ScheduleKind,
+    /// Linear warmup steps.
+    pub warmup_steps: u64,
+    /// Final learning rate as a fraction of `lr`.
+    pub min_lr_ratio: f64,
+    /// AdamW decoupled weight decay (biases and norm weights are spared).
+    pub weight_decay: f64,
+    /// AdamW beta1.
+    pub beta1: f64,
+    /// AdamW beta2.
+    pub beta2: f64,
+    /// AdamW epsilon.
+    pub eps: f64,
+    /// Clip gradients to this global L2 norm (0: no clipping; the norm is logged anyway).
+    pub grad_clip: f64,
+    /// Micro-batches accumulated per optimizer step.
+    pub accum_steps: usize,
+    /// Write a checkpoint every N steps (0: off).
+    pub checkpoint_every_steps: u64,
+    /// Write a checkpoint every T minutes of wall time (0: off).
+    pub checkpoint_every_minutes: f64,
+    /// Checkpoints kept.
+    pub keep_checkpoints: usize,
+    /// Progress line every N steps (when not on a terminal).
+    pub log_every: u64,
+    /// Embedding-health figures on the held-out batch every N steps (0: off).
+    pub health_every: u64,
+    /// Stop after this many consecutive steps with a non-finite loss or gradient.
+    pub max_nonfinite_in_a_row: u32,
+    /// Report divergence when the loss exceeds this multiple of its moving average (0: off).
+    pub divergence_factor: f64,
+    /// Steps before divergence is judged.
+    pub divergence_warmup_steps: u64,
+    /// On divergence, roll back to the last checkpoint and lower the learning rate.
+    pub rollback_on_divergence: bool,
+    /// Learning-rate multiplier applied at each rollback.
+    pub rollback_lr_factor: f64,
+    /// Rollbacks allowed before training stops with an error.
+    pub max_rollbacks: u32,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            max_steps: 1000,
+            batch_size: 32,
+            lr: 1e-3,
+            seed: 0,
+            schedule: ScheduleKind::Cosine,
+            warmup_steps: 50,
+            min_lr_ratio: 0.0,
+            weight_decay: 0.05,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            accum_steps: 1,
+            checkpoint_every_steps: 500,
+            checkpoint_every_minutes: 60.0,
+            keep_checkpoints: 3,
+            log_every: 10,
+            health_every: 100,
+            max_nonfinite_in_a_row: 5,
+            divergence_factor: 3.0,
+            divergence_warmup_steps: 50,
+            rollback_on_divergence: false,
+            rollback_lr_factor: 0.5,
+            max_rollbacks: 3,
+            device: "cpu".into(),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks the values that would make training meaningless.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |k: &str, v: String, why: &str| {
+            Err(CoreError::Config(format!("train.{k} = {v}: {why}")))
+        };
+        if self.batch_size == 0 {
+            return bad("batch_size", "0".into(), "must be at least 1");
+        }
+        if self.accum_steps == 0 {
+            return bad("accum_steps", "0".into(), "must be at least 1");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr", self.lr.to_string(), "must be a positive number");
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return bad(
+                "beta1/beta2",
+                format!("{}/{}", self.beta1, self.beta2),
+                "must be in [0, 1)",
+            );
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return bad(
+                "min_lr_ratio",
+                self.min_lr_ratio.to_string(),
+                "must be in [0, 1]",
+            );
+        }
+        if !(self.rollback_lr_factor > 0.0 && self.rollback_lr_factor <= 1.0) {
+            return bad(
+                "rollback_lr_factor",
+                self.rollback_lr_factor.to_string(),
+                "must be in (0, 1]",
+            );
+        }
+        Ok(())
+    }
+
+    /// The learning-rate schedule over `max_steps`.
+    pub fn schedule(&self) -> LrSchedule {
+        LrSchedule {
+            kind: self.schedule,
+            base_lr: self.lr,
+            warmup_steps: self.warmup_steps.min(self.max_steps),
+            total_steps: self.max_steps,
+            min_lr_ratio: self.min_lr_ratio,
+        }
+    }
+
+    /// The AdamW settings.
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
+    }
+}
+
+/// What a finished (or stopped) run reports.
+#[derive(Debug, Clone, Default)]
+pub struct TrainReport {
+    /// The step training started from (non-zero after resume).
+    pub start_step: u64,
+    /// The step reached.
+    pub step: u64,
+    /// (step, loss) of every completed step of this process.
+    pub losses: Vec<(u64, f64)>,
+    /// Steps skipped for non-finite values (whole run, including before resume).
+    pub skipped_steps: u64,
+    /// Divergence events seen by this process.
+    pub divergences: u64,
+    /// Rollbacks done (whole run).
+    pub rollbacks: u32,
+    /// True when a stop was requested (signal) before `max_steps`.
+    pub interrupted: bool,
+    /// The last checkpoint written or resumed from.
+    pub last_checkpoint: Option<PathBuf>,
+    /// Parameters that received no gradient in the first step (a model bug when non-empty).
+    pub params_without_grad: Vec<String>,
+}
+
+/// The training loop, whatever the task.
+pub trait Trainer<T: PretextTask> {
+    /// Trains `task` on batches from `data` until `max_steps` or a stop request.
+    /// `heldout` (if given) is a fixed batch for embedding-health figures.
+    fn fit(
+        &mut self,
+        task: &T,
+        data: &mut dyn BatchSource<T::Batch>,
+        heldout: Option<&T::Batch>,
+    ) -> Result<TrainReport>;
+}
+
+/// The standard [`Trainer`]: see the module documentation.
+pub struct LoopTrainer {
+    cfg: TrainConfig,
+    out_dir: Option<PathBuf>,
+    run_config: Value,
+    resume: bool,
+    stop: StopFlag,
+    collective: Box<dyn Collective>,
+    progress: bool,
+}
+
+impl LoopTrainer {
+    /// A trainer writing `metrics.jsonl`, `checkpoints/` and `loss.png` under `out_dir`
+    /// (`None`: in memory only, no checkpoints).
+    pub fn new(cfg: TrainConfig, out_dir: Option<PathBuf>) -> Result<Self> {
+        cfg.validate()?;
+        Ok(LoopTrainer {
+            cfg,
+            out_dir,
+            run_config: Value::Null,
+            resume: false,
+            stop: StopFlag::new(),
+            collective: Box::new(SingleProcess),
+            progress: false,
+        })
+    }
+
+    /// Continue from the newest checkpoint under `out_dir/checkpoints` when there is one.
+    pub fn resume(mut self, resume: bool) -> Self {
+        self.resume = resume;
+        self
+    }
+
+    /// The resolved run configuration, stored in every checkpoint.
+    pub fn run_config(mut self, config: Value) -> Self {
+        self.run_config = config;
+        self
+    }
+
+    /// The flag that requests a graceful stop (e.g. [`StopFlag::from_signals`]).
+    pub fn stop_flag(mut self, stop: StopFlag) -> Self {
+        self.stop = stop;
+        self
+    }
+
+    /// The communication backend for data-parallel training.
+    pub fn collective(mut self, collective: Box<dyn Collective>) -> Self {
+        self.collective = collective;
+        self
+    }
+
+    /// Show progress on stderr.
+    pub fn progress(mut self, on: bool) -> Self {
+        self.progress = on;
+        self
+    }
+
+    fn checkpoints(&self) -> Option<CheckpointManager> {
+        self.out_dir
+            .as_ref()
+            .map(|d| CheckpointManager::new(d.join("checkpoints"), self.cfg.keep_checkpoints))
+    }
+
+    fn restore(
+        &self,
+        ckpt: &Path,
+        task_params: &crate::ParamStore,
+        opt: &mut AdamW,
+    ) -> Result<TrainerState> {
+        let state = read_state(ckpt)?;
+        task_params.load_safetensors(&ckpt.join(MODEL_FILE))?;
+        opt.load(&ckpt.join(OPTIMIZER_FILE), state.step)?;
+        Ok(state)
+    }
+
+    /// Sums gradients, loss and weight over ranks (no-op on one process).
+    fn all_reduce(
+        &self,
+        grads: &mut [Option<Tensor>],
+        shapes: &[Tensor],
+        scalars: &mut [f64],
+    ) -> Result<()> {
+        if self.collective.world_size() == 1 {
+            return Ok(());
+        }
+        let mut flat = Vec::new();
+        for (g, like) in grads.iter().zip(shapes) {
+            match g {
+                Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+                None => flat.extend(std::iter::repeat_n(0f32, like.elem_count())),
+            }
+        }
+        flat.extend(scalars.iter().map(|s| *s as f32));
+        self.collective.all_reduce_sum(&mut flat)?;
+        let mut off = 0;
+        for (g, like) in grads.iter_mut().zip(shapes) {
+            let n = like.elem_count();
+            let t = Tensor::from_vec(flat[off..off + n].to_vec(), like.shape(), like.device())?
+                .to_dtype(like.dtype())?;
+            *g = Some(t);
+            off += n;
+        }
+        for s in scalars.iter_mut() {
+            *s = f64::from(flat[off]);
+            off += 1;
+        }
+        Ok(())
+    }
+
+    fn broadcast_params(&self, params: &crate::ParamStore) -> Result<()> {
+        if self.collective.world_size() == 1 {
+            return Ok(());
+        }
+        for (_, var) in params.vars() {
+            let t = var.as_tensor();
+            let mut buf = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            self.collective.broadcast(&mut buf, 0)?;
+            var.set(&Tensor::from_vec(buf, t.shape(), t.device())?.to_dtype(t.dtype())?)?;
+        }
+        Ok(())
+    }
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// Gradients summed over micro-batches, before division by the total weight.
+pub struct Accumulated {
+    /// Per variable (in `vars` order): the gradient of `sum_i weight_i * loss_i`.
+    pub grads: Vec<Option<Tensor>>,
+    /// `sum_i weight_i * loss_i`.
+    pub loss_sum: f64,
+    /// `sum_i weight_i`.
+    pub weight_sum: f64,
+    /// Examples seen.
+    pub samples: u64,
+    /// Weighted sums of the task metrics.
+    pub metric_sums: BTreeMap<String, f64>,
+}
+
+/// Runs `micro_batches` forward/backward passes and sums the gradients of each micro-batch's
+/// loss times its weight. Dividing by `weight_sum` afterwards gives exactly the gradient of
+/// one batch holding all the micro-batches' examples (for losses that are means over units).
+pub fn accumulate<T: PretextTask>(
+    task: &T,
+    data: &mut dyn BatchSource<T::Batch>,
+    micro_batches: usize,
+    vars: &[Tensor],
+    rng: &mut SslRng,
+) -> Result<Accumulated> {
+    let mut acc = Accumulated {
+        grads: vec![None; vars.len()],
+        loss_sum: 0.0,
+        weight_sum: 0.0,
+        samples: 0,
+        metric_sums: BTreeMap::new(),
+    };
+    for _ in 0..micro_batches {
+        let batch = data.next_batch()?;
+        acc.samples += task.batch_len(&batch) as u64;
+        let out = task.forward(&batch, &mut Ctx::train(rng))?;
+        let w = out.weight;
+        acc.loss_sum += scalar(&out.loss)? * w;
+        acc.weight_sum += w;
+        for (k, v) in &out.metrics {
+            *acc.metric_sums.entry(k.clone()).or_default() += v * w;
+        }
+        let grads = (out.loss * w)?.backward()?;
+        for (slot, var) in acc.grads.iter_mut().zip(vars) {
+            if let Some(g) = grads.get(var) {
+                *slot = Some(match slot.take() {
+                    Some(a) => (a + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+    }
+    Ok(acc)
+}
+
+/// Multiplies every gradient by `factor`.
+pub fn scale_grads(grads: Vec<Option<Tensor>>, factor: f64) -> Result<Vec<Option<Tensor>>> {
+    grads
+        .into_iter()
+        .map(|g| g.map(|g| Ok((g * factor)?)).transpose())
+        .collect()
+}
+
+impl<T: PretextTask> Trainer<T> for LoopTrainer {
+    fn fit(
+        &mut self,
+        task: &T,
+        data: &mut dyn BatchSource<T::Batch>,
+        heldout: Option<&T::Batch>,
+    ) -> Result<TrainReport> {
+        let cfg = self.cfg.clone();
+        let main = self.collective.is_main();
+        let params = task.params();
+        let mut opt = AdamW::new(params, cfg.adamw())?;
+        let vars: Vec<Tensor> = opt.vars().map(|v| v.as_tensor().clone()).collect();
+        let names: Vec<String> = opt.names().map(str::to_string).collect();
+        let schedule = cfg.schedule();
+        let manager = self.checkpoints();
+        let mut report = TrainReport::default();
+        let mut state =
+            TrainerState::new(SslRng::derived(cfg.seed, "train"), self.run_config.clone());
+
+        let resumed_from = match (&manager, self.resume) {
+            (Some(m), true) => m.latest()?,
+            _ => None,
+        };
+        if let Some(ckpt) = &resumed_from {
+            state = self.restore(ckpt, params, &mut opt)?;
+            data.restore(&state.data_position)?;
+            report.last_checkpoint = Some(ckpt.clone());
+        }
+        self.broadcast_params(params)?;
+        report.start_step = state.step;
+
+        let mut log = match (&self.out_dir, main) {
+            (Some(dir), true) => {
+                std::fs::create_dir_all(dir).map_err(|e| CoreError::io("creating", dir, e))?;
+                Some(MetricsLog::open(
+                    &dir.join("metrics.jsonl"),
+                    resumed_from.as_ref().map(|_| state.step),
+                )?)
+            }
+            _ => None,
+        };
+        let progress = Progress::new(
+            cfg.max_steps,
+            state.step,
+            cfg.log_every,
+            self.progress && main,
+        );
+        if let Some(ckpt) = &resumed_from {
+            progress.println(&format!(
+                "resumed from {} (step {})",
+                ckpt.display(),
+                state.step
+            ));
+        }
+        let mut guard = NonFiniteGuard::new(cfg.max_nonfinite_in_a_row, state.skipped_steps);
+        let div_cfg = DivergenceConfig {
+            factor: cfg.divergence_factor,
+            warmup_steps: cfg.divergence_warmup_steps,
+            ..Default::default()
+        };
+        let mut detector = DivergenceDetector::new(div_cfg, state.loss_ema, state.step);
+        let mut last_saved_step = resumed_from.as_ref().map(|_| state.step);
+        let mut last_save_time = Instant::now();
+        let mut first_step = true;
+
+        while state.step < cfg.max_steps {
+            if self.stop.is_set() {
+                report.interrupted = true;
+                break;
+            }
+            let t0 = Instant::now();
+            let lr = schedule.lr(state.step) * state.lr_scale;
+            let acc = accumulate(task, data, cfg.accum_steps, &vars, &mut state.rng)?;
+            let (mut grads, loss_sum, weight_sum, samples, metric_sums) = (
+                acc.grads,
+                acc.loss_sum,
+                acc.weight_sum,
+                acc.samples,
+                acc.metric_sums,
+            );
+            if first_step {
+                report.params_without_grad = names
+                    .iter()
+                    .zip(&grads)
+                    .filter(|(_, g)| g.is_none())
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                if !report.params_without_grad.is_empty() {
+                    progress.println(&format!(
+                        "warning: no gradient reaches {:?}",
+                        report.params_without_grad
+                    ));
+                }
+                first_step = false;
+            }
+            let mut scalars = [loss_sum, weight_sum];
+            self.all_reduce(&mut grads, &vars, &mut scalars)?;
+            let [loss_sum, weight_sum] = scalars;
+            let inv = 1.0 / weight_sum.max(f64::MIN_POSITIVE);
+            let mut grads = scale_grads(grads, inv)?;
+            let loss = loss_sum * inv;
+            let grad_norm = clip_grad_norm(&mut grads, cfg.grad_clip)?;
+
+            let mut record = Map::new();
+            let mut apply = true;
+            match guard.check(loss, grad_norm) {
+                Some(NonFiniteAction::Stop) => {
+                    return Err(CoreError::NonFinite {
+                        step: state.step,
+                        count: guard.in_a_row(),
+                        loss,
+                        grad_norm,
+                    });
+                }
+                Some(NonFiniteAction::Skip) => {
+                    apply = false;
+                    record.insert("event".into(), "skipped_non_finite".into());
+                    progress.println(&format!("step {}: non-finite loss {loss} or gradient norm {grad_norm}; update skipped", state.step + 1));
+                }
+                None => {
+                    if let Some(avg) = detector.observe(loss) {
+                        report.divergences += 1;
+                        record.insert("event".into(), "divergence".into());
+                        progress.println(&format!("step {}: loss {loss:.4e} is over {}x its moving average {avg:.4e}: training may be diverging", state.step + 1, cfg.divergence_factor));
+                        if cfg.rollback_on_divergence {
+                            if state.rollbacks >= cfg.max_rollbacks {
+                                return Err(CoreError::Diverged {
+                                    step: state.step,
+                                    loss,
+                                    average: avg,
+                                    rollbacks: state.rollbacks,
+                                });
+                            }
+                            let target =
+                                manager.as_ref().map(|m| m.latest()).transpose()?.flatten();
+                            let (rng, position, epoch) =
+                                (state.rng.clone(), data.position(), data.epoch());
+                            let diverged_at = state.step + 1;
+                            if let Some(ckpt) = target {
+                                let restored = self.restore(&ckpt, params, &mut opt)?;
+                                state.step = restored.step;
+                                state.loss_ema = restored.loss_ema;
+                                detector = DivergenceDetector::new(
+                                    div_cfg,
+                                    restored.loss_ema,
+                                    restored.step,
+                                );
+                                progress.println(&format!("rolled back to {}", ckpt.display()));
+                            }
+                            // The data and random streams move on, so the same batches are not replayed.
+                            state.rng = rng;
+                            state.data_position = position;
+                            state.epoch = epoch;
+                            state.rollbacks += 1;
+                            state.lr_scale *= cfg.rollback_lr_factor;
+                            progress
+                                .println(&format!("learning rate scaled to {}x", state.lr_scale));
+                            if let Some(log) = &mut log {
+                                record.insert("step".into(), diverged_at.into());
+                                record.insert("loss".into(), loss.into());
+                                record.insert("loss_average".into(), avg.into());
+                                record.insert("rolled_back_to".into(), state.step.into());
+                                record.insert("lr_scale".into(), state.lr_scale.into());
+                                log.write(&record)?;
+                            }
+                            continue;
+                        }
+                    }
+                }
+            }
+            if apply {
+                opt.step(&grads, lr)?;
+            }
+            state.step += 1;
+            state.samples_seen += samples * self.collective.world_size() as u64;
+            let elapsed = t0.elapsed().as_secs_f64();
+            report.losses.push((state.step, loss));
+
+            record.insert("step".into(), state.step.into());
+            record.insert("epoch".into(), data.epoch().into());
+            record.insert("loss".into(), loss.into());
+            record.insert("lr".into(), lr.into());
+            record.insert("grad_norm".into(), grad_norm.into());
+            record.insert(
+                "samples_per_s".into(),
+                (samples as f64 * self.collective.world_size() as f64 / elapsed.max(1e-9)).into(),
+            );
+            record.insert("step_time_s".into(), elapsed.into());
+            for (k, v) in metric_sums {
+                record.insert(k, (v * inv).into());
+            }
+            let last = state.step == cfg.max_steps;
+            if let Some(batch) = heldout {
+                if cfg.health_every > 0 && (state.step % cfg.health_every == 0 || last) {
+                    let mut rng = SslRng::new(0);
+                    let emb = task.embed(batch, &mut Ctx::eval(&mut rng))?;
+                    let (rows, dim) = emb.dims2()?;
+                    let flat = emb.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    let h = embedding_health(&flat, rows, dim)?;
+                    record.insert("emb_std".into(), h.mean_std.into());
+                    record.insert("emb_std_normalized".into(), h.mean_std_normalized.into());
+                    record.insert("emb_effective_rank".into(), h.effective_rank.into());
+                }
+            }
+            if let Some(log) = &mut log {
+                log.write(&record)?;
+            }
+            progress.update(
+                state.step,
+                cfg.max_steps,
+                &format!("loss {loss:.4} lr {lr:.2e} |g| {grad_norm:.3}"),
+            );
+
+            let due_steps =
+                cfg.checkpoint_every_steps > 0 && state.step % cfg.checkpoint_every_steps == 0;
+            let due_time = cfg.checkpoint_every_minutes > 0.0
+                && last_save_time.elapsed().as_secs_f64() >= cfg.checkpoint_every_minutes * 60.0;
+            if due_steps || due_time {
+                self.save(
+                    &manager,
+                    params,
+                    &opt,
+                    &mut state,
+                    data,
+                    &guard,
+                    &detector,
+                    &mut report,
+                )?;
+                last_saved_step = Some(state.step);
+                last_save_time = Instant::now();
+            }
+        }
+        if last_saved_step != Some(state.step) {
+            self.save(
+                &manager,
+                params,
+                &opt,
+                &mut state,
+                data,
+                &guard,
+                &detector,
+                &mut report,
+            )?;
+        }
+        progress.finish();
+        if report.interrupted {
+            progress.println(&format!(
+                "stopped at step {} on request; checkpoint written",
+                state.step
+            ));
+        }
+        report.step = state.step;
+        report.skipped_steps = guard.skipped;
+        report.rollbacks = state.rollbacks;
+        if let (Some(dir), true) = (&self.out_dir, main) {
+            plot_run(dir)?;
+        }
+        self.collective.barrier()?;
+        Ok(report)
+    }
+}
+
+impl LoopTrainer {
+    #[allow(clippy::too_many_arguments)]
+    fn save<B>(
+        &self,
+        manager: &Option<CheckpointManager>,
+        params: &crate::ParamStore,
+        opt: &AdamW,
+        state: &mut TrainerState,
+        data: &dyn BatchSource<B>,
+        guard: &NonFiniteGuard,
+        detector: &DivergenceDetector,
+        report: &mut TrainReport,
+    ) -> Result<()> {
+        let Some(manager) = manager else {
+            return Ok(());
+        };
+        state.data_position = data.position();
+        state.epoch = data.epoch();
+        state.skipped_steps = guard.skipped;
+        state.loss_ema = detector.average;
+        if self.collective.is_main() {
+            report.last_checkpoint = Some(manager.save(params, opt, state)?);
+        }
+        Ok(())
+    }
+}
+
+/// Writes `loss.png` (loss, learning rate, gradient norm against step) from `metrics.jsonl`.
+pub fn plot_run(dir: &Path) -> Result<()> {
+    let path = dir.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path).map_err(|e| CoreError::io("reading", &path, e))?;
+    let mut series: Vec<CurveSeries> = [("loss", true), ("lr", false), ("grad_norm", true)]
+        .iter()
+        .map(|(n, log_y)| CurveSeries {
+            name: n.to_string(),
+            points: Vec::new(),
+            log_y: *log_y,
+        })
+        .collect();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let Some(step) = v.get("step").and_then(Value::as_f64) else {
+            continue;
+        };
+        for s in &mut series {
+            if let Some(y) = v.get(&s.name).and_then(Value::as_f64) {
+                s.points.push((step, y));
+            }
+        }
+    }
+    plot_training_curves(&dir.join("loss.png"), &series)?;
+    Ok(())
+}
