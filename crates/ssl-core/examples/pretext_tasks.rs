@@ -7,7 +7,7 @@
 
 use candle_core::Device;
 use ssl_core::nn::TransformerConfig;
-use ssl_core::probe::{knn_accuracy, KnnConfig};
+use ssl_core::probe::{fit_linear_probe, knn_accuracy, KnnConfig, LinearProbeConfig};
 use ssl_core::seq::*;
 use ssl_core::{Ctx, LoopTrainer, ParamStore, PretextTask, SslRng, TrainConfig, Trainer};
 
@@ -78,18 +78,13 @@ fn main() -> ssl_core::Result<()> {
         let store = ParamStore::new(&Device::Cpu);
         let pb = store.builder(0);
         let encoder = SeqTransformerEncoder::new(&enc_cfg, &pb)?;
-        let knn =
-            |task: &dyn Fn(&[SeqExample]) -> ssl_core::Result<Vec<f32>>| -> ssl_core::Result<f64> {
-                Ok(knn_accuracy(
-                    &task(&probe_x)?,
-                    &probe_y,
-                    &task(&test_x)?,
-                    &test_y,
-                    32,
-                    4,
-                    &KnnConfig::default(),
-                )?)
-            };
+        // (k-NN, linear-probe) accuracy of frozen embeddings on held-out waves.
+        let knn = |task: &dyn Fn(&[SeqExample]) -> ssl_core::Result<Vec<f32>>| -> ssl_core::Result<(f64, f64)> {
+            let (a, b) = (task(&probe_x)?, task(&test_x)?);
+            let knn = knn_accuracy(&a, &probe_y, &b, &test_y, 32, 4, &KnnConfig::default())?;
+            let linear = fit_linear_probe(&a, &probe_y, 32, 4, &LinearProbeConfig::default())?.accuracy(&b, &test_y)?;
+            Ok((knn, linear))
+        };
         let mut source = InMemorySeqSource::new(train.clone(), 32, 0, true, &Device::Cpu)?;
         let (before, after, loss) = match kind {
             "masked" => {
@@ -121,7 +116,10 @@ fn main() -> ssl_core::Result<()> {
         };
         let first = loss.first().map(|x| x.1).unwrap_or(f64::NAN);
         let last = loss.last().map(|x| x.1).unwrap_or(f64::NAN);
-        println!("{kind:>12}: loss {first:.4} -> {last:.4}; k-NN accuracy random init {before:.3} -> trained {after:.3}");
+        println!(
+            "{kind:>12}: loss {first:.4} -> {last:.4}; random init k-NN {:.3} linear {:.3} -> trained k-NN {:.3} linear {:.3}",
+            before.0, before.1, after.0, after.1
+        );
     }
     Ok(())
 }

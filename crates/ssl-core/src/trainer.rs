@@ -412,10 +412,15 @@ impl<T: PretextTask> Trainer<T> for LoopTrainer {
         let mut state =
             TrainerState::new(SslRng::derived(cfg.seed, "train"), self.run_config.clone());
 
-        let resumed_from = match (&manager, self.resume) {
-            (Some(m), true) => m.latest()?,
-            _ => None,
-        };
+        let existing = manager.as_ref().map(|m| m.latest()).transpose()?.flatten();
+        if let (Some(found), false) = (&existing, self.resume) {
+            return Err(CoreError::Config(format!(
+                "{} already holds checkpoints (newest {}): resume it or train into a new directory",
+                self.out_dir.as_deref().unwrap_or(Path::new(".")).display(),
+                found.display()
+            )));
+        }
+        let resumed_from = existing;
         if let Some(ckpt) = &resumed_from {
             state = self.restore(ckpt, params, &mut opt)?;
             data.restore(&state.data_position)?;

@@ -86,6 +86,15 @@ fn resume_after_stop_is_bit_identical_to_an_uninterrupted_run() {
     assert_eq!((r.start_step, r.step), (6, 12));
     assert_eq!(param_bits(&store_a), param_bits(&store_c));
 
+    // A fresh (non-resume) run into a directory with checkpoints refuses to mix them.
+    let (_, task_d) = masked_task(3, 0.1);
+    let err = LoopTrainer::new(quick_train(3), Some(dir.path().join("b")))
+        .unwrap()
+        .fit(&task_d, &mut source(waves(20, 1).0, 16, true), None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already holds checkpoints"), "{err}");
+
     let lines = std::fs::read_to_string(dir.path().join("b/metrics.jsonl")).unwrap();
     let steps: Vec<u64> = lines
         .lines()
