@@ -1,0 +1,28 @@
+//! The error type of the `ssl` binary.
+
+use std::path::PathBuf;
+
+/// Everything that can stop an `ssl` command.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Training, model or checkpoint error.
+    #[error(transparent)]
+    Core(#[from] ssl_core::CoreError),
+    /// A tensor operation failed.
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// A probe failed.
+    #[error(transparent)]
+    Probe(#[from] ssl_core::probe::ProbeError),
+    /// A configuration problem.
+    #[error("{0}")]
+    Config(String),
+    /// A file could not be read or written.
+    #[error("{path}: {source}", path = path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}

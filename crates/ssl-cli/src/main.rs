@@ -1,0 +1,148 @@
+//! `ssl`: pretrain, embed, evaluate and configure self-supervised models from TOML.
+//!
+//! ```text
+//! ssl pretrain <modality> [--config FILE] [--data PATH...] [--out DIR] [--set key=value...] [--resume]
+//! ssl embed    <modality> --checkpoint DIR --data PATH... --out FILE.parquet
+//! ssl eval     <modality> --checkpoint DIR --data PATH... [--test PATH...] [--label-column NAME]
+//! ssl config   <modality>
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+mod config;
+mod error;
+mod features;
+mod features_data;
+
+pub use error::CliError;
+
+#[derive(Parser)]
+#[command(
+    name = "ssl",
+    version,
+    about = "Self-supervised learning on unlabelled Parquet data"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The data modalities `ssl` trains.
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum Modality {
+    /// Numeric feature sequences (batch, seq, features): masked, contrastive or denoising.
+    Features,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train an encoder with a pretext task; writes config.toml, metrics.jsonl, checkpoints/, loss.png.
+    Pretrain {
+        /// What kind of data.
+        modality: Modality,
+        /// TOML configuration (defaults: `ssl config <modality>`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Parquet files, directories or globs (default: the embedded sample).
+        #[arg(long, num_args = 1..)]
+        data: Vec<String>,
+        /// Run directory.
+        #[arg(long, default_value = "runs/pretrain")]
+        out: PathBuf,
+        /// Override a config key, e.g. --set train.max_steps=500 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Continue from the newest checkpoint in the run directory.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Write embeddings (id, embedding) of a data set to Parquet.
+    Embed {
+        /// What kind of data.
+        modality: Modality,
+        /// A run directory or a checkpoint directory.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Parquet files, directories or globs.
+        #[arg(long, num_args = 1.., required = true)]
+        data: Vec<String>,
+        /// Output Parquet file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Override a config key of the checkpoint's configuration (data.* keys).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Evaluate frozen embeddings: pretext loss, and linear-probe / k-NN accuracy with labels.
+    Eval {
+        /// What kind of data.
+        modality: Modality,
+        /// A run directory or a checkpoint directory.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Training data for the probes (Parquet files, directories or globs).
+        #[arg(long, num_args = 1.., required = true)]
+        data: Vec<String>,
+        /// Test data (default: a seeded stratified 20% hold-out of --data).
+        #[arg(long, num_args = 1..)]
+        test: Vec<String>,
+        /// Label column (default: the config's data.label_column).
+        #[arg(long)]
+        label_column: Option<String>,
+        /// Override a config key of the checkpoint's configuration (data.* keys).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Print the full default configuration of a modality.
+    Config {
+        /// What kind of data.
+        modality: Modality,
+    },
+}
+
+fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Pretrain {
+            modality: Modality::Features,
+            config,
+            data,
+            out,
+            set,
+            resume,
+        } => features::pretrain(config.as_deref(), &data, &out, &set, resume),
+        Command::Embed {
+            modality: Modality::Features,
+            checkpoint,
+            data,
+            out,
+            set,
+        } => features::embed(&checkpoint, &data, &out, &set),
+        Command::Eval {
+            modality: Modality::Features,
+            checkpoint,
+            data,
+            test,
+            label_column,
+            set,
+        } => features::eval(&checkpoint, &data, &test, label_column.as_deref(), &set),
+        Command::Config {
+            modality: Modality::Features,
+        } => {
+            print!("{}", config::to_toml(&features::FeaturesConfig::default())?);
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

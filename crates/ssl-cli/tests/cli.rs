@@ -1,0 +1,223 @@
+//! End-to-end behaviour of the `ssl` binary on its embedded sample.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SSL: &str = env!("CARGO_BIN_EXE_ssl");
+
+/// Overrides that keep the model tiny so the tests run in seconds.
+const TINY: [&str; 6] = [
+    "model.dim=16",
+    "model.depth=1",
+    "model.heads=2",
+    "model.mlp_dim=32",
+    "train.batch_size=8",
+    "train.warmup_steps=2",
+];
+
+fn ssl(args: &[&str]) -> std::process::Output {
+    Command::new(SSL).args(args).output().expect("run ssl")
+}
+
+fn with_tiny<'a>(mut args: Vec<&'a str>, extra: &[&'a str]) -> Vec<&'a str> {
+    for s in TINY.iter().chain(extra) {
+        args.push("--set");
+        args.push(s);
+    }
+    args
+}
+
+fn metric_lines(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect()
+}
+
+#[test]
+fn config_prints_defaults_and_unknown_keys_are_rejected_by_name() {
+    let out = ssl(&["config", "features"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for key in [
+        "max_steps",
+        "batch_size",
+        "checkpoint_every_minutes",
+        "column",
+    ] {
+        assert!(text.contains(key), "{key} missing from:\n{text}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("run");
+    let out = ssl(&[
+        "pretrain",
+        "features",
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--set",
+        "train.max_stepz=3",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("train") && err.contains("max_stepz"), "{err}");
+}
+
+#[test]
+fn pretrain_embed_eval_on_the_embedded_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let run_s = run.to_str().unwrap();
+    let args = with_tiny(
+        vec!["pretrain", "features", "--out", run_s],
+        &[
+            "train.max_steps=12",
+            "train.checkpoint_every_steps=5",
+            "train.health_every=6",
+        ],
+    );
+    let out = ssl(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "config.toml",
+        "metrics.jsonl",
+        "loss.png",
+        "checkpoints/step-00000012/model.safetensors",
+        "checkpoints/step-00000012/trainer_state.json",
+    ] {
+        assert!(run.join(f).exists(), "{f} missing");
+    }
+    let lines = metric_lines(&run);
+    assert_eq!(lines.len(), 12);
+    for k in ["step", "loss", "lr", "grad_norm"] {
+        assert!(lines[0].get(k).is_some(), "{k}");
+    }
+    assert!(lines[5].get("emb_effective_rank").is_some());
+
+    // The embedded sample, written out, is a valid --data input for embed and eval.
+    let data = dir.path().join("bm.parquet");
+    std::fs::write(&data, include_bytes!("../data/basic_motions_train.parquet")).unwrap();
+    let emb = dir.path().join("emb.parquet");
+    let out = ssl(&[
+        "embed",
+        "features",
+        "--checkpoint",
+        run_s,
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        emb.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(emb.exists());
+
+    let out = ssl(&[
+        "eval",
+        "features",
+        "--checkpoint",
+        run_s,
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    for k in [
+        "linear_probe_accuracy",
+        "knn_accuracy",
+        "pretext_loss",
+        "n_train",
+        "n_test",
+    ] {
+        assert!(report.get(k).is_some(), "{k} missing in {report}");
+    }
+    assert_eq!(report["n_classes"], 4);
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_zero_then_resume_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let run_s = run.to_str().unwrap();
+    let args = with_tiny(
+        vec!["pretrain", "features", "--out", run_s],
+        &[
+            "train.max_steps=1000000",
+            "train.checkpoint_every_steps=0",
+            "train.checkpoint_every_minutes=0",
+        ],
+    );
+    let mut child = Command::new(SSL)
+        .args(&args)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while metric_lines(&run).len() < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "training did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let stderr: Vec<String> = BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .collect();
+    let exit = child.wait().unwrap();
+    assert!(
+        exit.success(),
+        "exit {exit:?}; stderr:\n{}",
+        stderr.join("\n")
+    );
+    assert!(
+        stderr.iter().any(|l| l.contains("interrupted")),
+        "{}",
+        stderr.join("\n")
+    );
+    let step = metric_lines(&run).last().unwrap()["step"].as_u64().unwrap();
+    let ckpt = run.join(format!("checkpoints/step-{step:08}"));
+    assert!(
+        ckpt.join("model.safetensors").exists(),
+        "no checkpoint at the last logged step {step}"
+    );
+
+    let target = format!("train.max_steps={}", step + 3);
+    let args = with_tiny(
+        vec!["pretrain", "features", "--out", run_s, "--resume"],
+        &[target.as_str()],
+    );
+    let out = ssl(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resumed from"));
+    let steps: Vec<u64> = metric_lines(&run)
+        .iter()
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=step + 3).collect::<Vec<_>>());
+}
