@@ -1,0 +1,135 @@
+//! The one error type of the crate.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while reading or writing Parquet data.
+///
+/// Every variant names the file (and, where it applies, the column and row) together with what
+/// was expected and what was found, so a user can fix the data without reading the code.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// A path given by the user does not exist.
+    #[error("file not found: {path}")]
+    FileNotFound {
+        /// The path as given.
+        path: PathBuf,
+    },
+    /// A glob pattern or directory matched no Parquet file.
+    #[error("no Parquet files found for '{pattern}' (expected a file, a directory holding *.parquet files or a glob)")]
+    NoFiles {
+        /// The pattern or directory as given.
+        pattern: String,
+    },
+    /// A glob pattern could not be parsed.
+    #[error("invalid glob pattern '{pattern}': {reason}")]
+    Glob {
+        /// The pattern as given.
+        pattern: String,
+        /// What the glob parser said.
+        reason: String,
+    },
+    /// An operating-system I/O error on a file.
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The Parquet library failed on a file (not Parquet, truncated, unsupported encoding...).
+    #[error("cannot read Parquet file {path}: {source}")]
+    Parquet {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+    /// Arrow failed on a column of a file (for instance while converting its type).
+    #[error("cannot convert column '{column}' of {path}: {source}")]
+    Arrow {
+        /// The file.
+        path: PathBuf,
+        /// The column.
+        column: String,
+        /// The underlying error.
+        #[source]
+        source: arrow::error::ArrowError,
+    },
+    /// A requested column does not exist in a file.
+    #[error("column '{column}' not found in {path}; the file has columns: {}", available.join(", "))]
+    MissingColumn {
+        /// The file.
+        path: PathBuf,
+        /// The requested column.
+        column: String,
+        /// The columns the file does have.
+        available: Vec<String>,
+    },
+    /// A column exists but its type does not fit the requested kind.
+    #[error("column '{column}' of {path} has type {found}, expected {expected}")]
+    WrongColumnType {
+        /// The file.
+        path: PathBuf,
+        /// The column.
+        column: String,
+        /// What the column kind accepts.
+        expected: String,
+        /// The column's Arrow type.
+        found: String,
+    },
+    /// The data set holds no rows (or every row was bad and skipped).
+    #[error("empty data set: {what}")]
+    EmptyDataset {
+        /// Which files, and why they count as empty.
+        what: String,
+    },
+    /// A single row could not be decoded (and `skip_bad_rows` is off).
+    #[error("bad row {row} of {path}, column '{column}': {reason} (set skip_bad_rows to skip such rows and get a report)")]
+    BadRow {
+        /// The file.
+        path: PathBuf,
+        /// The row index within the file (0-based).
+        row: usize,
+        /// The column.
+        column: String,
+        /// What was expected and what was found.
+        reason: String,
+    },
+    /// The loader or writer configuration is invalid.
+    #[error("invalid configuration: {reason}")]
+    InvalidConfig {
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+    /// A resume position does not fit this source and configuration.
+    #[error("invalid resume position {position}: {reason}")]
+    InvalidPosition {
+        /// The position as JSON.
+        position: String,
+        /// Why it does not fit.
+        reason: String,
+    },
+    /// A batch column was asked for under a name or kind it does not have.
+    #[error("batch has no {kind} column '{name}'; it has: {}", available.join(", "))]
+    NoSuchBatchColumn {
+        /// The requested name.
+        name: String,
+        /// The requested kind (text, image, series, label).
+        kind: &'static str,
+        /// The batch's columns as `name (kind)`.
+        available: Vec<String>,
+    },
+    /// Embeddings handed to the writer do not match its dimension or id count.
+    #[error("embedding writer for {path}: {reason}")]
+    Write {
+        /// The final output file.
+        path: PathBuf,
+        /// What was expected and what was found.
+        reason: String,
+    },
+    /// A background worker thread panicked (a bug: please report it).
+    #[error("a data loader worker thread panicked: {0}")]
+    WorkerPanicked(String),
+}

@@ -1,0 +1,67 @@
+//! Parquet in and Parquet out for the SSL toolkit.
+//!
+//! * [`ParquetSource`]: one file, a list, a directory or a glob of Parquet files; only the
+//!   requested columns are read, row groups are the unit of work.
+//! * [`DataLoader`]: sharded by rank, seeded shuffling (row-group order each epoch plus a
+//!   shuffle window), epochs or an endless stream, a resumable [`Position`], decoding in
+//!   background threads with a bounded prefetch queue. Yields [`Batch`]es of flat buffers:
+//!   text, images `(B, C, H, W)`, series with masks `(B, C, L)`, labels as class ids, ids.
+//! * [`read_all`]: a whole small source in one [`Table`] (for evaluation).
+//! * [`EmbeddingWriter`] / [`read_embeddings`]: `(id, embedding: FixedSizeList<f32>[D])` files
+//!   with key-value metadata, written atomically.
+//!
+//! Bad input is reported precisely: every [`DataError`] names the file, and where it applies
+//! the column, the row, what was expected and what was found. Rows that cannot be decoded are
+//! an error, or with `skip_bad_rows` are skipped and listed in a [`BadRowReport`].
+//!
+//! ```no_run
+//! use ssl_data::{ColorMode, ColumnSpec, DataLoader, LoaderConfig, ParquetSource};
+//!
+//! # fn main() -> Result<(), ssl_data::DataError> {
+//! let source = ParquetSource::open(&["data/images/*.parquet"])?;
+//! let config = LoaderConfig {
+//!     batch_size: 64,
+//!     seed: 7,
+//!     ..LoaderConfig::new(vec![
+//!         ColumnSpec::image("image", ColorMode::Grey, Some([28, 28])),
+//!         ColumnSpec::label("label"),
+//!     ])
+//! };
+//! let mut loader = DataLoader::new(&source, config)?;
+//! while let Some(batch) = loader.next_batch()? {
+//!     let images = batch.image("image")?; // data: Vec<f32>, shape: [B, 1, 28, 28]
+//!     let labels = batch.labels("label")?;
+//!     # let _ = (images, labels);
+//! }
+//! let resume_at = loader.position(); // serde: store it in the checkpoint
+//! # let _ = resume_at;
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+mod bad_rows;
+mod batch;
+mod column;
+mod decode;
+mod error;
+mod image_decode;
+mod loader;
+mod plan;
+mod position;
+mod read_all;
+mod series;
+mod source;
+mod writer;
+
+pub use bad_rows::{BadRow, BadRowReport, MAX_BAD_ROW_EXAMPLES};
+pub use batch::{Batch, BatchColumn, ImageBatch, LabelBatch, SeriesBatch};
+pub use column::{ColorMode, ColumnKind, ColumnSpec, SeriesLength};
+pub use error::DataError;
+pub use loader::{DataLoader, LoaderConfig};
+pub use position::Position;
+pub use read_all::{read_all, ReadOptions, Table};
+pub use source::ParquetSource;
+pub use writer::{
+    read_embeddings, EmbeddingWriter, EmbeddingWriterOptions, Embeddings, EMBEDDING_COLUMN,
+    ID_COLUMN,
+};
