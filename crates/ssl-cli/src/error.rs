@@ -8,6 +8,9 @@ pub enum CliError {
     /// Training, model or checkpoint error.
     #[error(transparent)]
     Core(#[from] ssl_core::CoreError),
+    /// Reading or writing Parquet.
+    #[error(transparent)]
+    Data(#[from] ssl_data::DataError),
     /// A tensor operation failed.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),

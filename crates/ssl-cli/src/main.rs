@@ -19,6 +19,11 @@ mod features_data;
 
 pub use error::CliError;
 
+// mimalloc keeps freed buffers instead of returning every page to the kernel: Parquet reads
+// and tensor temporaries page-fault far less (ssl-data's benchmark: 1.6x faster reads).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "ssl",
