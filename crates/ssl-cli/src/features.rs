@@ -290,9 +290,8 @@ pub fn pretrain(
         path: out.to_path_buf(),
         source: e,
     })?;
-    let cfg_path = out.join("config.toml");
-    std::fs::write(&cfg_path, config::to_toml(&cfg)?).map_err(|e| CliError::Io {
-        path: cfg_path,
+    std::fs::write(&stored, config::to_toml(&cfg)?).map_err(|e| CliError::Io {
+        path: stored.clone(),
         source: e,
     })?;
 
@@ -388,16 +387,16 @@ fn embed_all(
     Ok((out, dim))
 }
 
-/// Mean pretext loss over `examples` (evaluation mode, fixed seed).
+/// Mean pretext loss over the examples of every set (evaluation mode, fixed seed).
 fn pretext_loss(
     task: &AnyTask,
-    examples: &[SeqExample],
+    sets: &[&[SeqExample]],
     batch: usize,
     device: &Device,
 ) -> Result<f64, CliError> {
     let mut rng = SslRng::new(12345);
     let (mut sum, mut weight) = (0.0, 0.0);
-    for chunk in examples.chunks(batch.max(2)) {
+    for chunk in sets.iter().flat_map(|set| set.chunks(batch.max(2))) {
         if chunk.len() < 2 {
             continue;
         }
@@ -456,13 +455,9 @@ pub fn eval(
     } else {
         Some(load(test, &cfg.data, Some(&label))?)
     };
-    let all_examples: Vec<SeqExample> = train
-        .examples
-        .iter()
-        .chain(test.iter().flat_map(|t| t.examples.iter()))
-        .cloned()
-        .collect();
-    let loss = pretext_loss(&task, &all_examples, cfg.train.batch_size, &device)?;
+    let mut sets: Vec<&[SeqExample]> = vec![&train.examples];
+    sets.extend(test.iter().map(|t| t.examples.as_slice()));
+    let loss = pretext_loss(&task, &sets, cfg.train.batch_size, &device)?;
     let (emb, dim) = embed_all(&task, &train.examples, cfg.train.batch_size, &device)?;
 
     // Class ids from the sorted union of label strings, so train and test agree.

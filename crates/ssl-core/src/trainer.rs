@@ -385,6 +385,11 @@ pub fn accumulate<T: PretextTask>(
     Ok(acc)
 }
 
+/// The newest checkpoint of a run that writes checkpoints.
+fn latest_checkpoint(manager: &Option<CheckpointManager>) -> Result<Option<PathBuf>> {
+    Ok(manager.as_ref().map(|m| m.latest()).transpose()?.flatten())
+}
+
 /// Multiplies every gradient by `factor`.
 pub fn scale_grads(grads: Vec<Option<Tensor>>, factor: f64) -> Result<Vec<Option<Tensor>>> {
     grads
@@ -412,7 +417,7 @@ impl<T: PretextTask> Trainer<T> for LoopTrainer {
         let mut state =
             TrainerState::new(SslRng::derived(cfg.seed, "train"), self.run_config.clone());
 
-        let existing = manager.as_ref().map(|m| m.latest()).transpose()?.flatten();
+        let existing = latest_checkpoint(&manager)?;
         if let (Some(found), false) = (&existing, self.resume) {
             return Err(CoreError::Config(format!(
                 "{} already holds checkpoints (newest {}): resume it or train into a new directory",
@@ -531,8 +536,7 @@ impl<T: PretextTask> Trainer<T> for LoopTrainer {
                                     rollbacks: state.rollbacks,
                                 });
                             }
-                            let target =
-                                manager.as_ref().map(|m| m.latest()).transpose()?.flatten();
+                            let target = latest_checkpoint(&manager)?;
                             let (rng, position, epoch) =
                                 (state.rng.clone(), data.position(), data.epoch());
                             let diverged_at = state.step + 1;
