@@ -1,0 +1,193 @@
+//! Series from Parquet: one series per row (`list<f32|f64>` or `list<list<...>>` as channels x
+//! length, ragged lengths allowed), or one long series stored one observation per row and cut
+//! into windows. Gaps (NaN, null) stay NaN in [`SeqExample`]s, and `SeqBatch` turns them into
+//! masked steps: they are never fed to a model as numbers.
+
+use std::path::Path;
+
+use ssl_core::seq::SeqExample;
+use ssl_data::{read_all, read_numeric_column, ColumnSpec, ReadOptions};
+
+use crate::{Result, TsError};
+
+/// Series, ids and (optionally) labels read from Parquet.
+#[derive(Debug, Clone)]
+pub struct SeriesSet {
+    /// One series per row (steps x channels); gaps are NaN.
+    pub series: Vec<SeqExample>,
+    /// Row ids (the id column, or `file_stem:row`).
+    pub ids: Vec<String>,
+    /// Labels as strings, when a label column was asked for.
+    pub labels: Option<Vec<String>>,
+}
+
+/// Reads the series column (channels x length per row) and optional label / id columns of
+/// every file, directory or glob. `skip_bad_rows` skips (and reports on stderr) rows that
+/// cannot be decoded instead of failing on the first.
+pub fn read_series<P: AsRef<Path>>(
+    paths: &[P],
+    column: &str,
+    label_column: Option<&str>,
+    id_column: Option<&str>,
+    skip_bad_rows: bool,
+) -> Result<SeriesSet> {
+    let mut columns = vec![ColumnSpec::series(column)];
+    if let Some(l) = label_column {
+        columns.push(ColumnSpec::label(l));
+    }
+    if let Some(id) = id_column.filter(|s| !s.is_empty()) {
+        columns.push(ColumnSpec::id(id));
+    }
+    let table = read_all(
+        paths,
+        &columns,
+        &ReadOptions {
+            skip_bad_rows,
+            ..Default::default()
+        },
+    )?;
+    if table.bad_rows.count > 0 {
+        eprintln!(
+            "skipped {} bad rows: {}",
+            table.bad_rows.count, table.bad_rows
+        );
+    }
+    let batch = &table.batch;
+    let s = batch.series(column)?;
+    let (b, c, l) = (batch.len(), s.channels, s.length);
+    let mut series = Vec::with_capacity(b);
+    for i in 0..b {
+        let steps = s.lengths[i];
+        let mut values = vec![f32::NAN; steps * c];
+        for ch in 0..c {
+            for t in 0..steps {
+                let k = (i * c + ch) * l + t;
+                if s.mask[k] != 0 {
+                    values[t * c + ch] = s.values[k];
+                }
+            }
+        }
+        series.push(SeqExample::new(values, steps, c)?);
+    }
+    let labels = match label_column {
+        None => None,
+        Some(name) => {
+            let lb = batch.label_column(name)?;
+            Some(
+                lb.ids
+                    .iter()
+                    .map(|&id| match &lb.classes {
+                        Some(names) => names
+                            .get(id as usize)
+                            .cloned()
+                            .unwrap_or_else(|| id.to_string()),
+                        None => id.to_string(),
+                    })
+                    .collect(),
+            )
+        }
+    };
+    Ok(SeriesSet {
+        series,
+        ids: batch.ids().to_vec(),
+        labels,
+    })
+}
+
+/// Reads one long univariate series stored one observation per row (numeric column, file and
+/// row order). Nulls and NaN become gaps.
+pub fn read_long_series<P: AsRef<Path>>(paths: &[P], column: &str) -> Result<SeqExample> {
+    let v = read_numeric_column(paths, column)?;
+    let n = v.len();
+    Ok(SeqExample::new(
+        v.into_iter().map(|x| x as f32).collect(),
+        n,
+        1,
+    )?)
+}
+
+/// Cuts `series` into windows of `length` steps every `stride` steps, from the start.
+/// Windows without any observed value are dropped. Errors when the series is shorter than one
+/// window or `length`/`stride` is 0.
+pub fn windows(series: &SeqExample, length: usize, stride: usize) -> Result<Vec<SeqExample>> {
+    if length == 0 || stride == 0 {
+        return Err(TsError::Config(format!(
+            "window length and stride must be at least 1 (got {length}, {stride})"
+        )));
+    }
+    if series.steps < length {
+        return Err(TsError::InvalidInput(format!(
+            "a series of {} steps is shorter than one window of {length}",
+            series.steps
+        )));
+    }
+    let f = series.features;
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start + length <= series.steps {
+        let values = series.values[start * f..(start + length) * f].to_vec();
+        if values.iter().any(|v| v.is_finite()) {
+            out.push(SeqExample::new(values, length, f)?);
+        }
+        start += stride;
+    }
+    Ok(out)
+}
+
+/// Splits a long series chronologically: the first `train_fraction` of the steps for training,
+/// and the rest for testing with the `context` steps before it prepended (so the first test
+/// window forecasts the first test step from training-period history, never the reverse).
+pub fn chronological_split(
+    series: &SeqExample,
+    train_fraction: f64,
+    context: usize,
+) -> Result<(SeqExample, SeqExample)> {
+    if !(0.0..1.0).contains(&train_fraction) || train_fraction == 0.0 {
+        return Err(TsError::Config(format!(
+            "train fraction must be in (0, 1), got {train_fraction}"
+        )));
+    }
+    let f = series.features;
+    let cut = (series.steps as f64 * train_fraction).round() as usize;
+    if cut < context || cut >= series.steps {
+        return Err(TsError::InvalidInput(format!(
+            "a series of {} steps cannot be split at {cut} with {context} steps of context",
+            series.steps
+        )));
+    }
+    let train = SeqExample::new(series.values[..cut * f].to_vec(), cut, f)?;
+    let start = cut - context;
+    let test = SeqExample::new(series.values[start * f..].to_vec(), series.steps - start, f)?;
+    Ok((train, test))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_cover_the_series_and_drop_empty_ones() {
+        let mut v: Vec<f32> = (0..10).map(|x| x as f32).collect();
+        for x in &mut v[4..8] {
+            *x = f32::NAN;
+        }
+        let s = SeqExample::new(v, 10, 1).unwrap();
+        let w = windows(&s, 3, 2).unwrap();
+        // starts 0, 2, 4 (4,5,6 all NaN: dropped), 6
+        assert_eq!(w.len(), 3);
+        assert_eq!(w[0].values, [0., 1., 2.]);
+        assert_eq!(w[2].values[2], 8.0);
+        assert!(windows(&s, 11, 1).is_err());
+        assert!(windows(&s, 0, 1).is_err());
+    }
+
+    #[test]
+    fn split_keeps_order_and_context() {
+        let s = SeqExample::new((0..10).map(|x| x as f32).collect(), 10, 1).unwrap();
+        let (tr, te) = chronological_split(&s, 0.8, 3).unwrap();
+        assert_eq!(tr.values, [0., 1., 2., 3., 4., 5., 6., 7.]);
+        assert_eq!(te.values, [5., 6., 7., 8., 9.]);
+        assert!(chronological_split(&s, 0.8, 9).is_err());
+        assert!(chronological_split(&s, 1.0, 1).is_err());
+    }
+}

@@ -1,0 +1,24 @@
+//! The crate's error type.
+
+/// Everything that can go wrong in ssl-timeseries.
+#[derive(Debug, thiserror::Error)]
+pub enum TsError {
+    /// A model, task or training error from ssl-core.
+    #[error(transparent)]
+    Core(#[from] ssl_core::CoreError),
+    /// Reading Parquet failed (the message names the file, column and row).
+    #[error(transparent)]
+    Data(#[from] ssl_data::DataError),
+    /// A tensor operation failed inside candle.
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// A configuration value is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The data cannot serve the request (too short for a window, no valid value...).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+}
+
+/// Result with [`TsError`].
+pub type Result<T> = std::result::Result<T, TsError>;

@@ -1,0 +1,63 @@
+//! Self-supervised pretraining for time series (sensor readings, financial data, activity
+//! logs), on ssl-core's training machinery and ssl-data's Parquet input.
+//!
+//! - **Data** ([`data`]): one series per row (`list<f32|f64>` or channels x length, ragged
+//!   allowed) or one long series per column cut into [`data::windows`]; gaps (NaN, null) are
+//!   masked, never fed to a model as numbers.
+//! - **Encoders** ([`SeriesEncoder`], all `ssl_core::Encoder`): [`PatchTstEncoder`] (patches,
+//!   channel independence, shared transformer), [`TcnEncoder`] (TS2Vec's dilated
+//!   convolutions, optionally causal), [`RnnEncoder`] (GRU / LSTM) and ssl-core's
+//!   per-timestep transformer.
+//! - **Pretext tasks** (all `ssl_core::PretextTask`): [`ForecastTask`] (direct multi-step
+//!   head, [`Revin`] normalisation), [`MaskedPatchTask`] (PatchTST masked patches) and
+//!   ssl-core's `MaskedFeatureTask` (random or span timestep masking) for reconstruction,
+//!   [`Ts2VecTask`] (overlapping crops, timestamp masking, hierarchical contrastive loss).
+//! - **Evaluation**: linear probe / k-NN on frozen embeddings via ssl-core's probes, and
+//!   [`evaluate_forecast`] against naive and seasonal-naive forecasts.
+//!
+//! ```no_run
+//! use ssl_core::{LoopTrainer, ParamStore, TrainConfig, Trainer};
+//! use ssl_core::seq::InMemorySeqSource;
+//! use ssl_timeseries::{read_series, EncoderConfig, SeriesEncoder, Ts2VecConfig, Ts2VecTask};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let set = read_series(&["GunPoint_TRAIN.parquet"], "x", None, None, false)?;
+//! let device = candle_core::Device::Cpu;
+//! let store = ParamStore::new(&device);
+//! let encoder = SeriesEncoder::new(&EncoderConfig::default(), 1, &store.builder(0))?;
+//! let task = Ts2VecTask::new(encoder, Ts2VecConfig::default(), &store)?;
+//! let mut data = InMemorySeqSource::new(set.series, 8, 0, true, &device)?;
+//! let cfg = TrainConfig { max_steps: 200, ..TrainConfig::default() };
+//! LoopTrainer::new(cfg, None)?.fit(&task, &mut data, None)?;
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod data;
+mod encoder;
+mod error;
+mod forecast;
+mod masked_patch;
+mod patchtst;
+mod revin;
+mod rnn;
+mod tcn;
+mod ts2vec;
+
+pub use data::{chronological_split, read_long_series, read_series, windows, SeriesSet};
+pub use encoder::{EncoderConfig, EncoderKind, SeriesEncoder};
+pub use error::{Result, TsError};
+pub use forecast::{
+    evaluate_forecast, naive_forecast, seasonal_naive_forecast, Errors, ForecastConfig,
+    ForecastHead, ForecastTask, HorizonReport,
+};
+pub use masked_patch::{patch_mask, MaskedPatchConfig, MaskedPatchTask};
+pub use patchtst::{num_patches, patchify, PatchTstConfig, PatchTstEncoder, Patches};
+pub use revin::{Revin, RevinStats};
+pub use rnn::{RnnCell, RnnConfig, RnnEncoder};
+pub use tcn::{masked_max, TcnConfig, TcnEncoder};
+pub use ts2vec::{
+    hierarchical_contrastive_loss, instance_contrastive_loss, overlapping_crops,
+    temporal_contrastive_loss, Ts2VecConfig, Ts2VecTask,
+};
