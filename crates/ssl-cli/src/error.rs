@@ -14,6 +14,9 @@ pub enum CliError {
     /// A tensor operation failed.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
+    /// A time-series model, task or data error.
+    #[error(transparent)]
+    Series(#[from] ssl_timeseries::TsError),
     /// A probe failed.
     #[error(transparent)]
     Probe(#[from] ssl_core::probe::ProbeError),

@@ -5,19 +5,15 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use ssl_core::checkpoint::{read_state, resolve_checkpoint, MODEL_FILE};
 use ssl_core::nn::TransformerConfig;
-use ssl_core::probe::{
-    fit_linear_probe, knn_accuracy, stratified_split, KnnConfig, LinearProbeConfig,
-};
 use ssl_core::seq::*;
-use ssl_core::{
-    parse_device, Ctx, LoopTrainer, ParamStore, PretextTask, SslRng, StopFlag, TrainConfig, Trainer,
-};
+use ssl_core::{parse_device, Ctx, ParamStore, PretextTask, TrainConfig};
 
+use crate::series_common as common;
 use crate::{config, CliError};
 
 /// The embedded default data: the BasicMotions training split of the UEA archive
@@ -156,7 +152,13 @@ fn load(
     cfg: &DataConfig,
     label_column: Option<&str>,
 ) -> Result<Loaded, CliError> {
-    let table = crate::features_data::read_series(paths, cfg, label_column)?;
+    let table = ssl_timeseries::read_series(
+        paths,
+        &cfg.column,
+        label_column,
+        Some(&cfg.id_column),
+        cfg.skip_bad_rows,
+    )?;
     let mut examples = Vec::with_capacity(table.series.len());
     for mut e in table.series {
         if cfg.max_len > 0 && e.steps > cfg.max_len {
@@ -251,33 +253,18 @@ pub fn pretrain(
     set: &[String],
     resume: bool,
 ) -> Result<(), CliError> {
-    // Resuming without --config continues with the run's own resolved configuration.
-    let stored = out.join("config.toml");
-    let base = match config_file {
-        None if resume && stored.is_file() => Some(stored.as_path()),
-        other => other,
-    };
-    let mut cfg: FeaturesConfig = config::resolve(&FeaturesConfig::default(), base, set)?;
+    let base = common::base_config(config_file, out, resume);
+    let mut cfg: FeaturesConfig =
+        config::resolve(&FeaturesConfig::default(), base.as_deref(), set)?;
     cfg.train.validate()?;
     let device = parse_device(&cfg.train.device)?;
-    let _embedded_dir;
-    let paths: Vec<String> = if data.is_empty() {
-        let dir = tempfile::tempdir().map_err(|e| CliError::Io {
-            path: std::env::temp_dir(),
-            source: e,
-        })?;
-        let p = dir.path().join("basic_motions_train.parquet");
-        std::fs::write(&p, EMBEDDED_TRAIN).map_err(|e| CliError::Io {
-            path: p.clone(),
-            source: e,
-        })?;
-        eprintln!("no --data given: training on the embedded sample (UEA BasicMotions, 40 recordings x 6 channels x 100 steps)");
-        _embedded_dir = dir;
-        vec![p.to_string_lossy().into_owned()]
-    } else {
-        data.to_vec()
-    };
-    let loaded = load(&paths, &cfg.data, None)?;
+    let paths = common::data_paths(
+        data,
+        EMBEDDED_TRAIN,
+        "basic_motions_train.parquet",
+        "UEA BasicMotions, 40 recordings x 6 channels x 100 steps",
+    )?;
+    let loaded = load(&paths.paths, &cfg.data, None)?;
     let features = loaded.examples.first().map_or(0, |e| e.features);
     if cfg.features != 0 && cfg.features != features {
         return Err(CliError::Config(format!(
@@ -286,15 +273,7 @@ pub fn pretrain(
         )));
     }
     cfg.features = features;
-    std::fs::create_dir_all(out).map_err(|e| CliError::Io {
-        path: out.to_path_buf(),
-        source: e,
-    })?;
-    std::fs::write(&stored, config::to_toml(&cfg)?).map_err(|e| CliError::Io {
-        path: stored.clone(),
-        source: e,
-    })?;
-
+    common::write_run_config(out, &config::to_toml(&cfg)?)?;
     let (store, task) = AnyTask::build(&cfg, &device)?;
     eprintln!(
         "{} sequences x {} steps (max) x {features} features; {:?} task; encoder {} parameters",
@@ -303,49 +282,19 @@ pub fn pretrain(
         cfg.task.kind,
         store.num_elements()
     );
-    let n_health = cfg.data.health_examples.min(loaded.examples.len());
-    let heldout = (n_health >= 2)
-        .then(|| {
-            SeqBatch::from_examples(
-                &loaded.examples.iter().take(n_health).collect::<Vec<_>>(),
-                &device,
-            )
-        })
-        .transpose()?;
-    let mut source = InMemorySeqSource::new(
-        loaded.examples,
-        cfg.train.batch_size,
-        cfg.train.seed,
-        true,
-        &device,
-    )?;
     let run_config = serde_json::to_value(&cfg).map_err(|e| CliError::Config(e.to_string()))?;
-    let mut trainer = LoopTrainer::new(cfg.train.clone(), Some(out.to_path_buf()))?
-        .resume(resume)
-        .run_config(run_config)
-        .stop_flag(StopFlag::from_signals()?)
-        .progress(true);
-    let report = trainer.fit(&task, &mut source, heldout.as_ref())?;
-    let last = report.losses.last().map(|(_, l)| *l).unwrap_or(f64::NAN);
-    let first = report.losses.first().map(|(_, l)| *l).unwrap_or(f64::NAN);
-    if report.interrupted {
-        eprintln!(
-            "interrupted at step {}: checkpoint written, continue with --resume",
-            report.step
-        );
-    }
-    eprintln!(
-        "done: step {} (loss {first:.4} -> {last:.4}); checkpoint {}; metrics {}; plot {}",
-        report.step,
-        report
-            .last_checkpoint
-            .as_deref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default(),
-        out.join("metrics.jsonl").display(),
-        out.join("loss.png").display()
-    );
-    Ok(())
+    common::fit(
+        &task,
+        loaded.examples,
+        &cfg.train,
+        cfg.data.health_examples,
+        common::RunDir {
+            path: out,
+            resume,
+            config: run_config,
+        },
+        &device,
+    )
 }
 
 /// Loads the model of a checkpoint with its stored configuration (`set` overrides data keys).
@@ -368,47 +317,6 @@ fn load_model(
     Ok((ckpt, cfg, task, device))
 }
 
-/// Pooled embeddings of `examples`, batch by batch, in evaluation mode.
-fn embed_all(
-    task: &AnyTask,
-    examples: &[SeqExample],
-    batch: usize,
-    device: &Device,
-) -> Result<(Vec<f32>, usize), CliError> {
-    let mut out = Vec::new();
-    let mut dim = 0;
-    let mut rng = SslRng::new(0);
-    for chunk in examples.chunks(batch.max(1)) {
-        let b = SeqBatch::from_examples(&chunk.iter().collect::<Vec<_>>(), device)?;
-        let e = task.embed(&b, &mut Ctx::eval(&mut rng))?;
-        dim = e.dim(1)?;
-        out.extend(e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
-    }
-    Ok((out, dim))
-}
-
-/// Mean pretext loss over the examples of every set (evaluation mode, fixed seed).
-fn pretext_loss(
-    task: &AnyTask,
-    sets: &[&[SeqExample]],
-    batch: usize,
-    device: &Device,
-) -> Result<f64, CliError> {
-    let mut rng = SslRng::new(12345);
-    let (mut sum, mut weight) = (0.0, 0.0);
-    for chunk in sets.iter().flat_map(|set| set.chunks(batch.max(2))) {
-        if chunk.len() < 2 {
-            continue;
-        }
-        let b = SeqBatch::from_examples(&chunk.iter().collect::<Vec<_>>(), device)?;
-        let mut ctx = Ctx::eval(&mut rng);
-        let out = task.forward(&b, &mut ctx)?;
-        sum += out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * out.weight;
-        weight += out.weight;
-    }
-    Ok(if weight > 0.0 { sum / weight } else { f64::NAN })
-}
-
 /// `ssl embed features`.
 pub fn embed(
     checkpoint: &Path,
@@ -418,7 +326,7 @@ pub fn embed(
 ) -> Result<(), CliError> {
     let (ckpt, cfg, task, device) = load_model(checkpoint, set)?;
     let loaded = load(data, &cfg.data, None)?;
-    let (emb, dim) = embed_all(&task, &loaded.examples, cfg.train.batch_size, &device)?;
+    let (emb, dim) = common::embed_all(&task, &loaded.examples, cfg.train.batch_size, &device)?;
     let mut meta = BTreeMap::new();
     meta.insert(
         "model".to_string(),
@@ -430,7 +338,7 @@ pub fn embed(
         "task".to_string(),
         format!("{:?}", cfg.task.kind).to_lowercase(),
     );
-    crate::features_data::write_embeddings(out, &loaded.ids, &emb, dim, meta)?;
+    crate::embeddings::write_embeddings(out, &loaded.ids, &emb, dim, meta)?;
     eprintln!(
         "wrote {} embeddings of dimension {dim} to {}",
         loaded.ids.len(),
@@ -457,77 +365,34 @@ pub fn eval(
     };
     let mut sets: Vec<&[SeqExample]> = vec![&train.examples];
     sets.extend(test.iter().map(|t| t.examples.as_slice()));
-    let loss = pretext_loss(&task, &sets, cfg.train.batch_size, &device)?;
-    let (emb, dim) = embed_all(&task, &train.examples, cfg.train.batch_size, &device)?;
-
-    // Class ids from the sorted union of label strings, so train and test agree.
+    let loss = common::pretext_loss(&task, &sets, cfg.train.batch_size, &device)?;
+    let (emb, dim) = common::embed_all(&task, &train.examples, cfg.train.batch_size, &device)?;
     let train_labels = train
         .labels
         .ok_or_else(|| CliError::Config(format!("no labels read from column `{label}`")))?;
-    let mut classes: Vec<String> = train_labels.clone();
-    if let Some(t) = &test {
-        classes.extend(t.labels.clone().unwrap_or_default());
-    }
-    classes.sort();
-    classes.dedup();
-    let id_of = |s: &String| classes.binary_search(s).unwrap_or(0);
-    let train_y: Vec<usize> = train_labels.iter().map(id_of).collect();
-
-    let (tr_x, tr_y, te_x, te_y) = match &test {
-        Some(t) => {
-            let (te_emb, _) = embed_all(&task, &t.examples, cfg.train.batch_size, &device)?;
-            let te_y: Vec<usize> = t
-                .labels
-                .as_ref()
-                .map(|l| l.iter().map(id_of).collect())
-                .unwrap_or_default();
-            (emb, train_y, te_emb, te_y)
-        }
-        None => {
-            let (tr_idx, te_idx) = stratified_split(&train_y, 0.2, cfg.train.seed)?;
-            let pick = |idx: &[usize]| -> (Vec<f32>, Vec<usize>) {
-                (
-                    idx.iter()
-                        .flat_map(|&i| emb[i * dim..(i + 1) * dim].iter().copied())
-                        .collect(),
-                    idx.iter().map(|&i| train_y[i]).collect(),
-                )
-            };
-            let (a, b) = pick(&tr_idx);
-            let (c, d) = pick(&te_idx);
-            (a, b, c, d)
-        }
+    let test_emb = match &test {
+        Some(t) => Some(common::embed_all(&task, &t.examples, cfg.train.batch_size, &device)?.0),
+        None => None,
     };
-    let n_classes = classes.len();
-    let probe = fit_linear_probe(
-        &tr_x,
-        &tr_y,
+    let test_labels = test
+        .as_ref()
+        .and_then(|t| t.labels.clone())
+        .unwrap_or_default();
+    let scores = common::probe(
+        (&emb, &train_labels),
+        test_emb.as_deref().map(|e| (e, test_labels.as_slice())),
         dim,
-        n_classes,
-        &LinearProbeConfig {
-            seed: cfg.train.seed,
-            ..Default::default()
-        },
-    )?;
-    let linear = probe.accuracy(&te_x, &te_y)?;
-    let knn = knn_accuracy(
-        &tr_x,
-        &tr_y,
-        &te_x,
-        &te_y,
-        dim,
-        n_classes,
-        &KnnConfig::default(),
+        cfg.train.seed,
     )?;
     let report = json!({
         "checkpoint": ckpt.display().to_string(),
         "pretext_loss": loss,
-        "linear_probe_accuracy": linear,
-        "linear_probe_l2": probe.chosen_l2,
-        "knn_accuracy": knn,
-        "n_train": tr_y.len(),
-        "n_test": te_y.len(),
-        "n_classes": n_classes,
+        "linear_probe_accuracy": scores.linear,
+        "linear_probe_l2": scores.l2,
+        "knn_accuracy": scores.knn,
+        "n_train": scores.n_train,
+        "n_test": scores.n_test,
+        "n_classes": scores.n_classes,
         "embedding_dim": dim,
     });
     println!("{report}");

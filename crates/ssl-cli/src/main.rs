@@ -13,9 +13,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod config;
+mod embeddings;
 mod error;
 mod features;
-mod features_data;
+mod series_common;
+mod timeseries;
 
 pub use error::CliError;
 
@@ -40,6 +42,9 @@ struct Cli {
 enum Modality {
     /// Numeric feature sequences (batch, seq, features): masked, contrastive or denoising.
     Features,
+    /// Time series: PatchTST / TS2Vec convolutions / GRU / LSTM with TS2Vec contrastive,
+    /// masked reconstruction or forecasting.
+    Timeseries,
 }
 
 #[derive(Subcommand)]
@@ -111,32 +116,49 @@ enum Command {
 fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Pretrain {
-            modality: Modality::Features,
+            modality,
             config,
             data,
             out,
             set,
             resume,
-        } => features::pretrain(config.as_deref(), &data, &out, &set, resume),
+        } => {
+            let pretrain = match modality {
+                Modality::Features => features::pretrain,
+                Modality::Timeseries => timeseries::pretrain,
+            };
+            pretrain(config.as_deref(), &data, &out, &set, resume)
+        }
         Command::Embed {
-            modality: Modality::Features,
+            modality,
             checkpoint,
             data,
             out,
             set,
-        } => features::embed(&checkpoint, &data, &out, &set),
+        } => match modality {
+            Modality::Features => features::embed(&checkpoint, &data, &out, &set),
+            Modality::Timeseries => timeseries::embed(&checkpoint, &data, &out, &set),
+        },
         Command::Eval {
-            modality: Modality::Features,
+            modality,
             checkpoint,
             data,
             test,
             label_column,
             set,
-        } => features::eval(&checkpoint, &data, &test, label_column.as_deref(), &set),
-        Command::Config {
-            modality: Modality::Features,
         } => {
-            print!("{}", config::to_toml(&features::FeaturesConfig::default())?);
+            let eval = match modality {
+                Modality::Features => features::eval,
+                Modality::Timeseries => timeseries::eval,
+            };
+            eval(&checkpoint, &data, &test, label_column.as_deref(), &set)
+        }
+        Command::Config { modality } => {
+            let text = match modality {
+                Modality::Features => config::to_toml(&features::FeaturesConfig::default())?,
+                Modality::Timeseries => config::to_toml(&timeseries::default_config())?,
+            };
+            print!("{text}");
             Ok(())
         }
     }
