@@ -5,6 +5,7 @@
 //! ssl embed    <modality> --checkpoint DIR --data PATH... --out FILE.parquet
 //! ssl eval     <modality> --checkpoint DIR --data PATH... [--test PATH...] [--label-column NAME]
 //! ssl config   <modality>
+//! ssl tokenizer train --data PATH... --column text --out DIR [--heldout PATH...] [--set key=value...]
 //! ```
 
 use std::path::PathBuf;
@@ -16,6 +17,7 @@ mod config;
 mod error;
 mod features;
 mod features_data;
+mod text;
 
 pub use error::CliError;
 
@@ -40,6 +42,8 @@ struct Cli {
 enum Modality {
     /// Numeric feature sequences (batch, seq, features): masked, contrastive or denoising.
     Features,
+    /// Text: BERT masked language modelling (from scratch or adapted from a Hugging Face directory).
+    Text,
 }
 
 #[derive(Subcommand)]
@@ -101,10 +105,45 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// Tokenizer commands.
+    Tokenizer {
+        /// What to do.
+        #[command(subcommand)]
+        command: TokenizerCommand,
+    },
     /// Print the full default configuration of a modality.
     Config {
         /// What kind of data.
         modality: Modality,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train a BPE / WordPiece / Unigram tokenizer on a Parquet text column (streamed) and
+    /// write DIR/tokenizer.json; with --heldout, print its fertility (tokens per word) there.
+    Train {
+        /// Parquet files, directories or globs.
+        #[arg(long, num_args = 1.., required = true)]
+        data: Vec<String>,
+        /// Text column.
+        #[arg(long, default_value = "text")]
+        column: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// TOML with the tokenizer settings (keys of `[tokenizer.train]` in `ssl config text`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a setting, e.g. --set kind=bpe --set vocab_size=16000 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Held-out Parquet data for the fertility report.
+        #[arg(long, num_args = 1..)]
+        heldout: Vec<String>,
+        /// A generic tokenizer.json to compare fertility with (e.g. a pretrained model's).
+        #[arg(long)]
+        generic: Option<PathBuf>,
     },
 }
 
@@ -139,6 +178,55 @@ fn run(cli: Cli) -> Result<(), CliError> {
             print!("{}", config::to_toml(&features::FeaturesConfig::default())?);
             Ok(())
         }
+        Command::Pretrain {
+            modality: Modality::Text,
+            config,
+            data,
+            out,
+            set,
+            resume,
+        } => text::pretrain(config.as_deref(), &data, &out, &set, resume),
+        Command::Embed {
+            modality: Modality::Text,
+            checkpoint,
+            data,
+            out,
+            set,
+        } => text::embed(&checkpoint, &data, &out, &set),
+        Command::Eval {
+            modality: Modality::Text,
+            checkpoint,
+            data,
+            test,
+            label_column,
+            set,
+        } => text::eval(&checkpoint, &data, &test, label_column.as_deref(), &set),
+        Command::Config {
+            modality: Modality::Text,
+        } => {
+            print!("{}", config::to_toml(&text::TextConfig::default())?);
+            Ok(())
+        }
+        Command::Tokenizer {
+            command:
+                TokenizerCommand::Train {
+                    data,
+                    column,
+                    out,
+                    config,
+                    set,
+                    heldout,
+                    generic,
+                },
+        } => text::tokenizer_train(
+            config.as_deref(),
+            &data,
+            &column,
+            &out,
+            &set,
+            &heldout,
+            generic.as_deref(),
+        ),
     }
 }
 

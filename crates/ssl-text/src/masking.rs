@@ -435,12 +435,12 @@ mod tests {
             let m = mask_sequence(&inp, &cfg, V, &mut SslRng::new(seed)).unwrap();
             check_invariants(&inp, &m);
             total += 100;
-            for i in 0..ids.len() {
-                if m.labels[i] != IGNORE_INDEX {
+            for ((label, new), old) in m.labels.iter().zip(&m.input_ids).zip(&ids) {
+                if *label != IGNORE_INDEX {
                     sel += 1;
-                    if m.input_ids[i] == V.mask_id {
+                    if *new == V.mask_id {
                         masked += 1;
-                    } else if m.input_ids[i] == ids[i] {
+                    } else if new == old {
                         same += 1;
                     }
                 }

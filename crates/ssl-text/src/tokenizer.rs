@@ -376,9 +376,14 @@ pub fn save_tokenizer(tok: &Tokenizer, dir: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Loads a `tokenizer.json` file.
+/// Loads a `tokenizer.json` file. Padding and truncation stored in the file (e.g.
+/// sentence-transformers pad to 128) are switched off: ssl-text pads and truncates itself.
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
-    Tokenizer::from_file(path).map_err(|e| TextError::Tokenizer(format!("{}: {e}", path.display())))
+    let mut tok = Tokenizer::from_file(path)
+        .map_err(|e| TextError::Tokenizer(format!("{}: {e}", path.display())))?;
+    tok.with_padding(None);
+    tok.with_truncation(None).map_err(TextError::tok)?;
+    Ok(tok)
 }
 
 /// Fertility figures of a tokenizer on some text.
