@@ -5,6 +5,7 @@
 //! ssl embed    <modality> --checkpoint DIR --data PATH... --out FILE.parquet
 //! ssl eval     <modality> --checkpoint DIR --data PATH... [--test PATH...] [--label-column NAME]
 //! ssl config   <modality>
+//! ssl tokenizer train --data PATH... --column text --out DIR [--heldout PATH...] [--set key=value...]
 //! ```
 
 use std::path::PathBuf;
@@ -17,6 +18,7 @@ mod embeddings;
 mod error;
 mod features;
 mod series_common;
+mod text;
 mod timeseries;
 
 pub use error::CliError;
@@ -45,6 +47,8 @@ enum Modality {
     /// Time series: PatchTST / TS2Vec convolutions / GRU / LSTM with TS2Vec contrastive,
     /// masked reconstruction or forecasting.
     Timeseries,
+    /// Text: BERT masked language modelling (from scratch or adapted from a Hugging Face directory).
+    Text,
 }
 
 #[derive(Subcommand)]
@@ -106,10 +110,45 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// Tokenizer commands.
+    Tokenizer {
+        /// What to do.
+        #[command(subcommand)]
+        command: TokenizerCommand,
+    },
     /// Print the full default configuration of a modality.
     Config {
         /// What kind of data.
         modality: Modality,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train a BPE / WordPiece / Unigram tokenizer on a Parquet text column (streamed) and
+    /// write DIR/tokenizer.json; with --heldout, print its fertility (tokens per word) there.
+    Train {
+        /// Parquet files, directories or globs.
+        #[arg(long, num_args = 1.., required = true)]
+        data: Vec<String>,
+        /// Text column.
+        #[arg(long, default_value = "text")]
+        column: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// TOML with the tokenizer settings (keys of `[tokenizer.train]` in `ssl config text`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a setting, e.g. --set kind=bpe --set vocab_size=16000 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Held-out Parquet data for the fertility report.
+        #[arg(long, num_args = 1..)]
+        heldout: Vec<String>,
+        /// A generic tokenizer.json to compare fertility with (e.g. a pretrained model's).
+        #[arg(long)]
+        generic: Option<PathBuf>,
     },
 }
 
@@ -126,6 +165,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             let pretrain = match modality {
                 Modality::Features => features::pretrain,
                 Modality::Timeseries => timeseries::pretrain,
+                Modality::Text => text::pretrain,
             };
             pretrain(config.as_deref(), &data, &out, &set, resume)
         }
@@ -138,6 +178,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         } => match modality {
             Modality::Features => features::embed(&checkpoint, &data, &out, &set),
             Modality::Timeseries => timeseries::embed(&checkpoint, &data, &out, &set),
+            Modality::Text => text::embed(&checkpoint, &data, &out, &set),
         },
         Command::Eval {
             modality,
@@ -150,6 +191,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             let eval = match modality {
                 Modality::Features => features::eval,
                 Modality::Timeseries => timeseries::eval,
+                Modality::Text => text::eval,
             };
             eval(&checkpoint, &data, &test, label_column.as_deref(), &set)
         }
@@ -157,10 +199,31 @@ fn run(cli: Cli) -> Result<(), CliError> {
             let text = match modality {
                 Modality::Features => config::to_toml(&features::FeaturesConfig::default())?,
                 Modality::Timeseries => config::to_toml(&timeseries::default_config())?,
+                Modality::Text => config::to_toml(&text::TextConfig::default())?,
             };
             print!("{text}");
             Ok(())
         }
+        Command::Tokenizer {
+            command:
+                TokenizerCommand::Train {
+                    data,
+                    column,
+                    out,
+                    config,
+                    set,
+                    heldout,
+                    generic,
+                },
+        } => text::tokenizer_train(
+            config.as_deref(),
+            &data,
+            &column,
+            &out,
+            &set,
+            &heldout,
+            generic.as_deref(),
+        ),
     }
 }
 

@@ -1,0 +1,770 @@
+//! The `text` modality: tokenizer training, BERT masked-LM pretraining (from scratch or
+//! adapted from a Hugging Face directory), embeddings and evaluation (held-out perplexity,
+//! masked accuracy, linear probe / k-NN).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use ssl_core::checkpoint::{read_state, resolve_checkpoint, CheckpointManager, MODEL_FILE};
+use ssl_core::probe::{
+    fit_linear_probe, knn_accuracy, stratified_split, KnnConfig, LinearProbeConfig,
+};
+use ssl_core::{
+    parse_device, Ctx, LoopTrainer, ParamStore, PretextTask, SslRng, StopFlag, TrainConfig, Trainer,
+};
+use ssl_data::{read_all, ColumnSpec, EmbeddingWriter, ReadOptions};
+use ssl_text::{
+    evaluate_mlm, export_hf_dir, load_hf_dir, load_tokenizer, save_tokenizer, tokenize_texts,
+    train_from_parquet, BertConfig, BertForMaskedLM, InMemoryTextSource, InputConfig, InputMode,
+    MaskingConfig, Pooling, SpecialIds, TextBatch, TokenizedSeq, TokenizerConfig,
+};
+use tokenizers::Tokenizer;
+
+use crate::{config, CliError};
+
+/// The embedded default corpus: 120 licence texts of the SPDX licence list (CC0).
+const EMBEDDED: &[u8] = include_bytes!("../data/spdx_licenses_sample.parquet");
+
+fn text_err(e: ssl_text::TextError) -> CliError {
+    CliError::Config(e.to_string())
+}
+
+/// `[data]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Text column.
+    pub column: String,
+    /// Label column for `ssl eval text`.
+    pub label_column: String,
+    /// Id column carried into embeddings ("" = row number).
+    pub id_column: String,
+    /// Fraction of documents held out (seeded hash of the row index) for perplexity.
+    pub heldout_fraction: f64,
+    /// Use at most this many documents (0: all).
+    pub max_docs: usize,
+    /// Evaluate held-out perplexity on at most this many sequences (0: all).
+    pub heldout_max_seqs: usize,
+    /// Terms whose occurrences are entities for entity-aware masking (case-insensitive).
+    pub entity_terms: Vec<String>,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            column: "text".into(),
+            label_column: "label".into(),
+            id_column: String::new(),
+            heldout_fraction: 0.05,
+            max_docs: 0,
+            heldout_max_seqs: 512,
+            entity_terms: Vec::new(),
+        }
+    }
+}
+
+/// `[tokenizer]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenizerSection {
+    /// An existing `tokenizer.json` ("" = train one on the training documents).
+    pub file: String,
+    /// Training settings.
+    pub train: TokenizerConfig,
+}
+
+impl Default for TokenizerSection {
+    fn default() -> Self {
+        TokenizerSection {
+            file: String::new(),
+            train: TokenizerConfig {
+                vocab_size: 4000,
+                ..TokenizerConfig::default()
+            },
+        }
+    }
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// Size preset (tiny, mini, small, base); "" = use `config` as given.
+    pub preset: String,
+    /// A Hugging Face directory to adapt (config.json, model.safetensors, tokenizer.json).
+    pub init_from: String,
+    /// The BERT configuration (Hugging Face names); sizes come from the preset when set,
+    /// vocab_size and pad_token_id from the tokenizer.
+    pub config: BertConfig,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            preset: "tiny".into(),
+            init_from: String::new(),
+            config: BertConfig::preset("tiny", 0).unwrap_or_default(),
+        }
+    }
+}
+
+/// `[embed]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbedSection {
+    /// Mean over non-padding tokens, or the `[CLS]` token.
+    pub pooling: Pooling,
+    /// Hidden state pooled: 0 = embeddings, 1..L = that layer, -1 = last.
+    pub layer: i64,
+}
+
+impl Default for EmbedSection {
+    fn default() -> Self {
+        EmbedSection {
+            pooling: Pooling::Mean,
+            layer: -1,
+        }
+    }
+}
+
+/// The whole configuration of `ssl pretrain text`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TextConfig {
+    /// Training loop.
+    pub train: TrainConfig,
+    /// Data.
+    pub data: DataConfig,
+    /// Tokenizer.
+    pub tokenizer: TokenizerSection,
+    /// Model.
+    pub model: ModelSection,
+    /// Inputs (packing, max_seq_len).
+    pub input: InputConfig,
+    /// Masking strategy.
+    pub masking: MaskingConfig,
+    /// Embedding extraction.
+    pub embed: EmbedSection,
+}
+
+impl Default for TextConfig {
+    fn default() -> Self {
+        TextConfig {
+            train: TrainConfig {
+                max_steps: 150,
+                batch_size: 16,
+                lr: 2e-3,
+                warmup_steps: 15,
+                weight_decay: 0.01,
+                checkpoint_every_steps: 50,
+                checkpoint_every_minutes: 30.0,
+                health_every: 0,
+                ..TrainConfig::default()
+            },
+            data: DataConfig::default(),
+            tokenizer: TokenizerSection::default(),
+            model: ModelSection::default(),
+            input: InputConfig {
+                mode: InputMode::Packed,
+                max_seq_len: 64,
+            },
+            masking: MaskingConfig::default(),
+            embed: EmbedSection::default(),
+        }
+    }
+}
+
+/// Whether row `i` is held out: a seeded hash of the index, so streaming readers agree.
+pub fn is_heldout(i: usize, seed: u64, fraction: f64) -> bool {
+    if fraction <= 0.0 {
+        return false;
+    }
+    let mut z = (i as u64) ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z as f64 / u64::MAX as f64) < fraction
+}
+
+struct Docs {
+    texts: Vec<String>,
+    ids: Vec<String>,
+    labels: Option<Vec<String>>,
+}
+
+fn read_docs(paths: &[String], cfg: &DataConfig, label: Option<&str>) -> Result<Docs, CliError> {
+    let mut cols = vec![ColumnSpec::text(&cfg.column)];
+    if !cfg.id_column.is_empty() {
+        cols.push(ColumnSpec::text(&cfg.id_column));
+    }
+    if let Some(l) = label {
+        cols.push(ColumnSpec::text(l));
+    }
+    let table = read_all(paths, &cols, &ReadOptions::default())?;
+    let mut texts = table.batch.text(&cfg.column)?.to_vec();
+    let mut ids: Vec<String> = if cfg.id_column.is_empty() {
+        (0..texts.len()).map(|i| i.to_string()).collect()
+    } else {
+        table.batch.text(&cfg.id_column)?.to_vec()
+    };
+    let mut labels = match label {
+        Some(l) => Some(table.batch.text(l)?.to_vec()),
+        None => None,
+    };
+    if cfg.max_docs > 0 && texts.len() > cfg.max_docs {
+        texts.truncate(cfg.max_docs);
+        ids.truncate(cfg.max_docs);
+        if let Some(l) = labels.as_mut() {
+            l.truncate(cfg.max_docs);
+        }
+    }
+    Ok(Docs { texts, ids, labels })
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
+    move |e| CliError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    }
+}
+
+/// Writes the embedded corpus to a temporary directory and returns its path.
+fn embedded(dir: &tempfile::TempDir) -> Result<Vec<String>, CliError> {
+    let p = dir.path().join("spdx_licenses_sample.parquet");
+    std::fs::write(&p, EMBEDDED).map_err(io(&p))?;
+    eprintln!("no --data given: training on the embedded sample (120 SPDX licence texts, CC0)");
+    Ok(vec![p.to_string_lossy().into_owned()])
+}
+
+fn tempdir() -> Result<tempfile::TempDir, CliError> {
+    tempfile::tempdir().map_err(|e| CliError::Io {
+        path: std::env::temp_dir(),
+        source: e,
+    })
+}
+
+/// `ssl tokenizer train`.
+pub fn tokenizer_train(
+    config_file: Option<&Path>,
+    data: &[String],
+    column: &str,
+    out: &Path,
+    set: &[String],
+    heldout: &[String],
+    generic: Option<&Path>,
+) -> Result<(), CliError> {
+    let cfg: TokenizerConfig =
+        config::resolve(&TextConfig::default().tokenizer.train, config_file, set)?;
+    let t0 = std::time::Instant::now();
+    let tok = train_from_parquet(data, column, &cfg, |_| false).map_err(text_err)?;
+    let path = save_tokenizer(&tok, out).map_err(text_err)?;
+    eprintln!(
+        "trained a {:?} tokenizer of {} tokens in {:.1}s: {}",
+        cfg.kind,
+        tok.get_vocab_size(true),
+        t0.elapsed().as_secs_f64(),
+        path.display()
+    );
+    if !heldout.is_empty() {
+        let docs = read_docs(
+            heldout,
+            &DataConfig {
+                column: column.into(),
+                ..Default::default()
+            },
+            None,
+        )?;
+        let f = ssl_text::fertility(&tok, &docs.texts).map_err(text_err)?;
+        let mut report = json!({"tokenizer": path.display().to_string(), "heldout_docs": docs.texts.len(), "fertility": f});
+        if let Some(g) = generic {
+            let gt = load_tokenizer(g).map_err(text_err)?;
+            let gf = ssl_text::fertility(&gt, &docs.texts).map_err(text_err)?;
+            if let Some(m) = report.as_object_mut() {
+                m.insert("generic_tokenizer".into(), json!(g.display().to_string()));
+                m.insert("generic_fertility".into(), json!(gf));
+            }
+        }
+        println!("{report}");
+    }
+    Ok(())
+}
+
+/// Builds the model of a configuration: from `init_from`, or fresh with the tokenizer's vocabulary.
+fn build_model(
+    cfg: &mut TextConfig,
+    tok: &Tokenizer,
+    device: &Device,
+) -> Result<(ParamStore, BertForMaskedLM), CliError> {
+    let sp = SpecialIds::of(tok).map_err(text_err)?;
+    if !cfg.model.init_from.is_empty() {
+        let hf = load_hf_dir(
+            Path::new(&cfg.model.init_from),
+            cfg.masking,
+            cfg.train.seed,
+            device,
+        )
+        .map_err(text_err)?;
+        eprintln!(
+            "loaded {} ({}); MLM head {}; unused checkpoint tensors: {:?}",
+            cfg.model.init_from,
+            format_args!(
+                "{} layers x {}",
+                hf.config.num_hidden_layers, hf.config.hidden_size
+            ),
+            if hf.fresh_head {
+                "freshly initialised"
+            } else {
+                "from the checkpoint"
+            },
+            hf.unused
+        );
+        cfg.model.config = hf.config.clone();
+        cfg.model.preset.clear();
+        return Ok((hf.store, hf.model));
+    }
+    if !cfg.model.preset.is_empty() {
+        let p = BertConfig::preset(&cfg.model.preset, 0).map_err(text_err)?;
+        let c = &mut cfg.model.config;
+        c.hidden_size = p.hidden_size;
+        c.num_hidden_layers = p.num_hidden_layers;
+        c.num_attention_heads = p.num_attention_heads;
+        c.intermediate_size = p.intermediate_size;
+        cfg.model.preset.clear();
+    }
+    cfg.model.config.vocab_size = tok.get_vocab_size(true);
+    cfg.model.config.pad_token_id = sp.pad;
+    let store = ParamStore::new(device);
+    let model = BertForMaskedLM::new(
+        &cfg.model.config,
+        cfg.masking,
+        sp.mask,
+        &store.builder(cfg.train.seed),
+    )
+    .map_err(text_err)?;
+    Ok((store, model))
+}
+
+fn tokenize(
+    tok: &Tokenizer,
+    texts: &[String],
+    cfg: &TextConfig,
+) -> Result<Vec<TokenizedSeq>, CliError> {
+    tokenize_texts(tok, texts, &cfg.input, None, &cfg.data.entity_terms).map_err(text_err)
+}
+
+/// `ssl pretrain text`.
+pub fn pretrain(
+    config_file: Option<&Path>,
+    data: &[String],
+    out: &Path,
+    set: &[String],
+    resume: bool,
+) -> Result<(), CliError> {
+    let stored = out.join("config.toml");
+    let base = match config_file {
+        None if resume && stored.is_file() => Some(stored.as_path()),
+        other => other,
+    };
+    let mut cfg: TextConfig = config::resolve(&TextConfig::default(), base, set)?;
+    cfg.train.validate()?;
+    cfg.masking.validate().map_err(text_err)?;
+    let device = parse_device(&cfg.train.device)?;
+    let _tmp;
+    let paths = if data.is_empty() {
+        let d = tempdir()?;
+        let p = embedded(&d)?;
+        _tmp = d;
+        p
+    } else {
+        data.to_vec()
+    };
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let docs = read_docs(&paths, &cfg.data, None)?;
+    let (seed, frac) = (cfg.train.seed, cfg.data.heldout_fraction);
+    let mut train_docs = Vec::new();
+    let mut held_docs = Vec::new();
+    for (i, t) in docs.texts.into_iter().enumerate() {
+        if is_heldout(i, seed, frac) {
+            held_docs.push(t);
+        } else {
+            train_docs.push(t);
+        }
+    }
+    // Tokenizer: the checkpoint's, a given file, or trained on the training documents (streamed).
+    let tok_path = out.join("tokenizer.json");
+    let tok = if !cfg.model.init_from.is_empty() {
+        load_tokenizer(&Path::new(&cfg.model.init_from).join("tokenizer.json")).map_err(text_err)?
+    } else if !cfg.tokenizer.file.is_empty() {
+        load_tokenizer(Path::new(&cfg.tokenizer.file)).map_err(text_err)?
+    } else if resume && tok_path.is_file() {
+        load_tokenizer(&tok_path).map_err(text_err)?
+    } else {
+        let max_docs = cfg.data.max_docs;
+        let t0 = std::time::Instant::now();
+        let tok = train_from_parquet(
+            &paths,
+            &cfg.data.column,
+            &TokenizerConfig {
+                max_docs: 0,
+                ..cfg.tokenizer.train.clone()
+            },
+            move |i| is_heldout(i, seed, frac) || (max_docs > 0 && i >= max_docs),
+        )
+        .map_err(text_err)?;
+        eprintln!(
+            "trained a {:?} tokenizer ({} tokens) in {:.1}s",
+            cfg.tokenizer.train.kind,
+            tok.get_vocab_size(true),
+            t0.elapsed().as_secs_f64()
+        );
+        tok
+    };
+    save_tokenizer(&tok, out).map_err(text_err)?;
+    cfg.tokenizer.file = std::fs::canonicalize(&tok_path)
+        .map_err(io(&tok_path))?
+        .to_string_lossy()
+        .into_owned();
+    let sp = SpecialIds::of(&tok).map_err(text_err)?;
+    let (store, model) = build_model(&mut cfg, &tok, &device)?;
+    std::fs::write(&stored, config::to_toml(&cfg)?).map_err(io(&stored))?;
+
+    let train_seqs = tokenize(&tok, &train_docs, &cfg)?;
+    let mut held_seqs = tokenize(&tok, &held_docs, &cfg)?;
+    if cfg.data.heldout_max_seqs > 0 {
+        held_seqs.truncate(cfg.data.heldout_max_seqs);
+    }
+    eprintln!(
+        "{} training documents -> {} sequences; {} held-out documents -> {} sequences; BERT {} layers x {} ({} parameters)",
+        train_docs.len(),
+        train_seqs.len(),
+        held_docs.len(),
+        held_seqs.len(),
+        cfg.model.config.num_hidden_layers,
+        cfg.model.config.hidden_size,
+        store.num_elements()
+    );
+    let eval_bs = cfg.train.batch_size.max(8);
+    let before = if held_seqs.is_empty() || resume {
+        None
+    } else {
+        Some(evaluate_mlm(&model, &held_seqs, eval_bs, sp.pad, seed, &device).map_err(text_err)?)
+    };
+    if let Some(b) = &before {
+        eprintln!(
+            "held-out before training: perplexity {:.2}, masked accuracy {:.4}",
+            b.perplexity, b.masked_accuracy
+        );
+    }
+    let mut source = InMemoryTextSource::new(
+        train_seqs,
+        cfg.train.batch_size,
+        seed,
+        true,
+        sp.pad,
+        &device,
+    )
+    .map_err(text_err)?;
+    let run_config = serde_json::to_value(&cfg).map_err(|e| CliError::Config(e.to_string()))?;
+    let mut trainer = LoopTrainer::new(cfg.train.clone(), Some(out.to_path_buf()))?
+        .resume(resume)
+        .run_config(run_config)
+        .stop_flag(StopFlag::from_signals()?)
+        .progress(true);
+    let report = trainer.fit(&model, &mut source, None)?;
+    if !report.params_without_grad.is_empty() {
+        eprintln!(
+            "warning: parameters without gradient: {:?}",
+            report.params_without_grad
+        );
+    }
+    // Held-out perplexity of every kept checkpoint (and of the initial model): the curve.
+    let mut curve = Vec::new();
+    if let Some(b) = &before {
+        curve.push(json!({"step": 0, "perplexity": b.perplexity, "loss": b.loss, "masked_accuracy": b.masked_accuracy}));
+    }
+    if !held_seqs.is_empty() {
+        let mgr = CheckpointManager::new(out.join("checkpoints"), cfg.train.keep_checkpoints);
+        for (step, dir) in mgr.list()? {
+            store.load_safetensors(&dir.join(MODEL_FILE))?;
+            let e = evaluate_mlm(&model, &held_seqs, eval_bs, sp.pad, seed, &device)
+                .map_err(text_err)?;
+            eprintln!(
+                "held-out at step {step}: perplexity {:.2}, masked accuracy {:.4}",
+                e.perplexity, e.masked_accuracy
+            );
+            curve.push(json!({"step": step, "perplexity": e.perplexity, "loss": e.loss, "masked_accuracy": e.masked_accuracy}));
+        }
+        let p = out.join("heldout.jsonl");
+        let text: String = curve.iter().map(|v| format!("{v}\n")).collect();
+        std::fs::write(&p, text).map_err(io(&p))?;
+    }
+    // The newest weights, exported for transformers.
+    if let Some(ck) = &report.last_checkpoint {
+        store.load_safetensors(&ck.join(MODEL_FILE))?;
+    }
+    let hf = out.join("hf");
+    export_hf_dir(&cfg.model.config, &store, &tok, &hf).map_err(text_err)?;
+    let first = report.losses.first().map(|(_, l)| *l).unwrap_or(f64::NAN);
+    let last = report.losses.last().map(|(_, l)| *l).unwrap_or(f64::NAN);
+    eprintln!(
+        "done: step {} (loss {first:.4} -> {last:.4}); checkpoint {}; Hugging Face export {}",
+        report.step,
+        report
+            .last_checkpoint
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        hf.display()
+    );
+    Ok(())
+}
+
+struct Loaded {
+    cfg: TextConfig,
+    ckpt: PathBuf,
+    tok: Tokenizer,
+    model: BertForMaskedLM,
+    device: Device,
+}
+
+/// Loads a run's model: its stored configuration, tokenizer and weights. A Hugging Face
+/// directory (with config.json) works too, for evaluating a checkpoint before adaptation.
+fn load_model(checkpoint: &Path, set: &[String]) -> Result<Loaded, CliError> {
+    if checkpoint.join("config.json").is_file() {
+        let cfg: TextConfig = config::resolve(&TextConfig::default(), None, set)?;
+        let device = parse_device(&cfg.train.device)?;
+        let hf = load_hf_dir(checkpoint, cfg.masking, cfg.train.seed, &device).map_err(text_err)?;
+        let mut model = hf.model;
+        model
+            .set_pooling(cfg.embed.pooling, layer_of(&cfg))
+            .map_err(text_err)?;
+        return Ok(Loaded {
+            cfg,
+            ckpt: checkpoint.to_path_buf(),
+            tok: hf.tokenizer,
+            model,
+            device,
+        });
+    }
+    let ckpt = resolve_checkpoint(checkpoint)?;
+    let state = read_state(&ckpt)?;
+    let stored: TextConfig = serde_json::from_value(state.config.clone()).map_err(|e| {
+        CliError::Config(format!(
+            "{}: the stored configuration is not a text configuration: {e}",
+            ckpt.display()
+        ))
+    })?;
+    let cfg: TextConfig = config::resolve(&stored, None, set)?;
+    let device = parse_device(&cfg.train.device)?;
+    let tok = load_tokenizer(Path::new(&cfg.tokenizer.file)).map_err(text_err)?;
+    let sp = SpecialIds::of(&tok).map_err(text_err)?;
+    let store = ParamStore::new(&device);
+    let mut model =
+        BertForMaskedLM::new(&cfg.model.config, cfg.masking, sp.mask, &store.builder(0))
+            .map_err(text_err)?;
+    store.load_safetensors(&ckpt.join(MODEL_FILE))?;
+    model
+        .set_pooling(cfg.embed.pooling, layer_of(&cfg))
+        .map_err(text_err)?;
+    Ok(Loaded {
+        cfg,
+        ckpt,
+        tok,
+        model,
+        device,
+    })
+}
+
+fn layer_of(cfg: &TextConfig) -> Option<usize> {
+    (cfg.embed.layer >= 0).then_some(cfg.embed.layer as usize)
+}
+
+/// Embeddings of whole documents (one sequence each, truncated), in evaluation mode.
+fn embed_docs(l: &Loaded, texts: &[String]) -> Result<(Vec<f32>, usize), CliError> {
+    let input = InputConfig {
+        mode: InputMode::Document,
+        max_seq_len: l.cfg.input.max_seq_len,
+    };
+    let sp = SpecialIds::of(&l.tok).map_err(text_err)?;
+    let mut out = Vec::new();
+    let mut dim = l.model.bert().config().hidden_size;
+    let mut rng = SslRng::new(0);
+    let bs = l.cfg.train.batch_size.max(16);
+    for chunk in texts.chunks(bs) {
+        // Empty texts still get a row ([CLS] [SEP]).
+        let mut seqs = Vec::with_capacity(chunk.len());
+        for t in chunk {
+            let s = tokenize_texts(&l.tok, std::slice::from_ref(t), &input, None, &[])
+                .map_err(text_err)?;
+            seqs.push(s.into_iter().next().unwrap_or(TokenizedSeq {
+                ids: vec![sp.cls, sp.sep],
+                word_ids: vec![None, None],
+                special: vec![true, true],
+                entities: vec![],
+            }));
+        }
+        let batch = TextBatch {
+            seqs,
+            pad_id: sp.pad,
+            device: l.device.clone(),
+        };
+        let e = l.model.embed(&batch, &mut Ctx::eval(&mut rng))?;
+        dim = e.dim(1)?;
+        out.extend(e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok((out, dim))
+}
+
+/// `ssl embed text`.
+pub fn embed(
+    checkpoint: &Path,
+    data: &[String],
+    out: &Path,
+    set: &[String],
+) -> Result<(), CliError> {
+    let l = load_model(checkpoint, set)?;
+    let docs = read_docs(data, &l.cfg.data, None)?;
+    let (emb, dim) = embed_docs(&l, &docs.texts)?;
+    let mut meta = BTreeMap::new();
+    meta.insert("model".to_string(), "ssl-text BertForMaskedLM".to_string());
+    meta.insert("checkpoint".to_string(), l.ckpt.display().to_string());
+    meta.insert(
+        "pooling".to_string(),
+        format!("{:?}", l.cfg.embed.pooling).to_lowercase(),
+    );
+    meta.insert("layer".to_string(), l.cfg.embed.layer.to_string());
+    let mut w = EmbeddingWriter::create(out, dim, meta)?;
+    w.write(&docs.ids, &emb)?;
+    let n = w.finish()?;
+    eprintln!(
+        "wrote {n} embeddings of dimension {dim} to {}",
+        out.display()
+    );
+    Ok(())
+}
+
+/// `ssl eval text`: held-out perplexity and masked accuracy on --data, and with labels the
+/// linear-probe and k-NN accuracy of the pooled embeddings. Prints one JSON object.
+pub fn eval(
+    checkpoint: &Path,
+    data: &[String],
+    test: &[String],
+    label_column: Option<&str>,
+    set: &[String],
+) -> Result<(), CliError> {
+    let l = load_model(checkpoint, set)?;
+    let label = label_column.unwrap_or(&l.cfg.data.label_column).to_string();
+    let has_label = {
+        let src = ssl_data::ParquetSource::open(data)?;
+        src.schema().iter().any(|(n, _)| *n == label)
+    };
+    let docs = read_docs(data, &l.cfg.data, has_label.then_some(label.as_str()))?;
+    let sp = SpecialIds::of(&l.tok).map_err(text_err)?;
+    let seqs = tokenize(&l.tok, &docs.texts, &l.cfg)?;
+    let mlm = evaluate_mlm(
+        &l.model,
+        &seqs,
+        l.cfg.train.batch_size.max(8),
+        sp.pad,
+        l.cfg.train.seed,
+        &l.device,
+    )
+    .map_err(text_err)?;
+    let mut report = json!({
+        "checkpoint": l.ckpt.display().to_string(),
+        "perplexity": mlm.perplexity,
+        "masked_loss": mlm.loss,
+        "masked_accuracy": mlm.masked_accuracy,
+        "masked_tokens": mlm.masked_tokens,
+    });
+    if let Some(train_labels) = docs.labels {
+        let test_docs = if test.is_empty() {
+            None
+        } else {
+            Some(read_docs(test, &l.cfg.data, Some(&label))?)
+        };
+        let (emb, dim) = embed_docs(&l, &docs.texts)?;
+        let mut classes: Vec<String> = train_labels.clone();
+        if let Some(t) = &test_docs {
+            classes.extend(t.labels.clone().unwrap_or_default());
+        }
+        classes.sort();
+        classes.dedup();
+        let id_of = |s: &String| classes.binary_search(s).unwrap_or(0);
+        let train_y: Vec<usize> = train_labels.iter().map(id_of).collect();
+        let (tr_x, tr_y, te_x, te_y) = match &test_docs {
+            Some(t) => {
+                let (te, _) = embed_docs(&l, &t.texts)?;
+                let te_y = t
+                    .labels
+                    .as_ref()
+                    .map(|v| v.iter().map(id_of).collect())
+                    .unwrap_or_default();
+                (emb, train_y, te, te_y)
+            }
+            None => {
+                let (a, b) = stratified_split(&train_y, 0.2, l.cfg.train.seed)?;
+                let pick = |idx: &[usize]| -> (Vec<f32>, Vec<usize>) {
+                    (
+                        idx.iter()
+                            .flat_map(|&i| emb[i * dim..(i + 1) * dim].iter().copied())
+                            .collect(),
+                        idx.iter().map(|&i| train_y[i]).collect(),
+                    )
+                };
+                let (x1, y1) = pick(&a);
+                let (x2, y2) = pick(&b);
+                (x1, y1, x2, y2)
+            }
+        };
+        let probe = fit_linear_probe(
+            &tr_x,
+            &tr_y,
+            dim,
+            classes.len(),
+            &LinearProbeConfig {
+                seed: l.cfg.train.seed,
+                ..Default::default()
+            },
+        )?;
+        let linear = probe.accuracy(&te_x, &te_y)?;
+        let knn = knn_accuracy(
+            &tr_x,
+            &tr_y,
+            &te_x,
+            &te_y,
+            dim,
+            classes.len(),
+            &KnnConfig::default(),
+        )?;
+        if let Some(m) = report.as_object_mut() {
+            m.insert("linear_probe_accuracy".into(), json!(linear));
+            m.insert("knn_accuracy".into(), json!(knn));
+            m.insert("n_train".into(), json!(tr_y.len()));
+            m.insert("n_test".into(), json!(te_y.len()));
+            m.insert("n_classes".into(), json!(classes.len()));
+            m.insert("embedding_dim".into(), json!(dim));
+            m.insert("pooling".into(), json!(l.cfg.embed.pooling));
+            m.insert("layer".into(), json!(l.cfg.embed.layer));
+        }
+    }
+    println!("{report}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heldout_split_is_seeded_and_near_the_fraction() {
+        let n = 20_000;
+        let held = (0..n).filter(|&i| is_heldout(i, 3, 0.05)).count() as f64 / n as f64;
+        assert!((held - 0.05).abs() < 0.01, "{held}");
+        assert!((0..100).all(|i| is_heldout(i, 3, 0.05) == is_heldout(i, 3, 0.05)));
+        assert!((0..100).all(|i| !is_heldout(i, 3, 0.0)));
+    }
+}

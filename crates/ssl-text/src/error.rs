@@ -1,0 +1,67 @@
+//! The error type of `ssl-text`.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in `ssl-text`.
+#[derive(Debug, thiserror::Error)]
+pub enum TextError {
+    /// Model, training or checkpoint error from ssl-core.
+    #[error(transparent)]
+    Core(#[from] ssl_core::CoreError),
+    /// Reading Parquet failed.
+    #[error(transparent)]
+    Data(#[from] ssl_data::DataError),
+    /// A tensor operation failed.
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// The `tokenizers` library reported an error.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A configuration value is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Inputs have the wrong shape or content.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// A file could not be read or written.
+    #[error("{path}: {source}", path = path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A JSON file (config.json, tokenizer.json) is malformed.
+    #[error("{path}: {message}", path = path.display())]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl TextError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        TextError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+    pub(crate) fn tok(e: impl std::fmt::Display) -> Self {
+        TextError::Tokenizer(e.to_string())
+    }
+}
+
+impl From<TextError> for ssl_core::CoreError {
+    fn from(e: TextError) -> Self {
+        match e {
+            TextError::Core(c) => c,
+            TextError::Candle(c) => ssl_core::CoreError::Candle(c),
+            other => ssl_core::CoreError::InvalidInput(other.to_string()),
+        }
+    }
+}
+
+/// `Result` with [`TextError`].
+pub type Result<T> = std::result::Result<T, TextError>;

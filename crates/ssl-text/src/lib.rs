@@ -1,0 +1,35 @@
+//! # ssl-text
+//!
+//! Domain-specific text embeddings by masked language modelling, BERT style:
+//!
+//! - [`tokenizer`]: train BPE / WordPiece / Unigram tokenizers on a Parquet text column,
+//!   streamed through ssl-data, saved as a `tokenizer.json` Hugging Face loads unchanged; a
+//!   fertility (tokens per word) report;
+//! - [`masking`]: token, whole-word, span (SpanBERT) and entity-aware masking as pure
+//!   functions of the tokens and a seeded RNG;
+//! - [`data`]: documents, lines or packed blocks of `max_seq_len` (`group_texts`), truncation,
+//!   dynamic padding, a resumable in-memory batch source;
+//! - [`bert`]: `BertForMaskedLM` on ssl-core's shared transformer stack with Hugging Face key
+//!   names, implementing [`ssl_core::Encoder`] and [`ssl_core::PretextTask`];
+//! - [`hf`]: load a Hugging Face directory (fresh MLM head when it has none) and export one
+//!   that `transformers.BertForMaskedLM.from_pretrained` loads.
+#![deny(missing_docs)]
+
+pub mod bert;
+pub mod data;
+mod error;
+pub mod hf;
+pub mod masking;
+pub mod tokenizer;
+
+pub use bert::{evaluate_mlm, BertConfig, BertForMaskedLM, BertModel, MlmEval, Pooling};
+pub use data::{
+    tokenize_texts, BertInput, InMemoryTextSource, InputConfig, InputMode, TextBatch, TokenizedSeq,
+};
+pub use error::{Result, TextError};
+pub use hf::{export_hf_dir, load_hf_dir, HfModel};
+pub use masking::{mask_sequence, MaskStrategy, Masked, MaskingConfig};
+pub use tokenizer::{
+    fertility, load_tokenizer, save_tokenizer, train_from_parquet, train_from_texts, Fertility,
+    SpecialIds, TokenizerConfig, TokenizerKind,
+};

@@ -1,0 +1,537 @@
+//! Training domain tokenizers (BPE, WordPiece, Unigram) on a Parquet text column, streamed,
+//! and measuring their fertility (tokens per word).
+//!
+//! The result is a plain [`tokenizers::Tokenizer`]; [`save_tokenizer`] writes the
+//! `tokenizer.json` that Hugging Face `tokenizers` / `transformers` load unchanged. Special
+//! tokens always come first, with fixed ids: `[PAD]`=0, `[UNK]`=1, `[CLS]`=2, `[SEP]`=3,
+//! `[MASK]`=4; single sequences are wrapped as `[CLS] text [SEP]` (BERT's template).
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use ssl_data::{ColumnSpec, DataLoader, LoaderConfig, ParquetSource};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::metaspace::Metaspace as MetaspaceDecoder;
+use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::unigram::{Unigram, UnigramTrainerBuilder};
+use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainerBuilder};
+use tokenizers::models::TrainerWrapper;
+use tokenizers::normalizers::{Lowercase, Sequence, StripAccents, NFD, NFKC};
+use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::{AddedToken, NormalizerWrapper, Tokenizer};
+
+use crate::{Result, TextError};
+
+/// The special tokens, in id order.
+pub const SPECIAL_TOKENS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
+
+/// The subword model to train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenizerKind {
+    /// Byte-level BPE (GPT-2/RoBERTa style): never produces `[UNK]`.
+    Bpe,
+    /// WordPiece with `##` continuation (BERT).
+    #[default]
+    WordPiece,
+    /// Unigram language model with the `▁` word-boundary marker (SentencePiece style).
+    Unigram,
+}
+
+/// How to train a tokenizer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenizerConfig {
+    /// The subword model.
+    pub kind: TokenizerKind,
+    /// Target vocabulary size (special tokens included).
+    pub vocab_size: usize,
+    /// Minimum pair frequency for a BPE/WordPiece merge.
+    pub min_frequency: u64,
+    /// Lowercase the text.
+    pub lowercase: bool,
+    /// Unicode NFKC normalisation.
+    pub nfkc: bool,
+    /// Remove accents (NFD, then drop combining marks).
+    pub strip_accents: bool,
+    /// Use at most this many documents of the corpus (0: all).
+    pub max_docs: usize,
+}
+
+impl Default for TokenizerConfig {
+    fn default() -> Self {
+        TokenizerConfig {
+            kind: TokenizerKind::WordPiece,
+            vocab_size: 8000,
+            min_frequency: 2,
+            lowercase: true,
+            nfkc: true,
+            strip_accents: false,
+            max_docs: 0,
+        }
+    }
+}
+
+impl TokenizerConfig {
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<()> {
+        if self.vocab_size <= SPECIAL_TOKENS.len() {
+            return Err(TextError::Config(format!(
+                "tokenizer.vocab_size = {} must exceed the {} special tokens",
+                self.vocab_size,
+                SPECIAL_TOKENS.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Ids of the special tokens of a tokenizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpecialIds {
+    /// `[PAD]`.
+    pub pad: u32,
+    /// `[UNK]`.
+    pub unk: u32,
+    /// `[CLS]`.
+    pub cls: u32,
+    /// `[SEP]`.
+    pub sep: u32,
+    /// `[MASK]`.
+    pub mask: u32,
+}
+
+impl SpecialIds {
+    /// Looks the special tokens up in `tok`; all five must exist.
+    pub fn of(tok: &Tokenizer) -> Result<Self> {
+        let id = |t: &str| {
+            tok.token_to_id(t).ok_or_else(|| {
+                TextError::Tokenizer(format!("the tokenizer has no `{t}` token (BERT's special tokens [PAD] [UNK] [CLS] [SEP] [MASK] are required)"))
+            })
+        };
+        Ok(SpecialIds {
+            pad: id("[PAD]")?,
+            unk: id("[UNK]")?,
+            cls: id("[CLS]")?,
+            sep: id("[SEP]")?,
+            mask: id("[MASK]")?,
+        })
+    }
+}
+
+fn normalizer(cfg: &TokenizerConfig) -> Option<NormalizerWrapper> {
+    let mut parts: Vec<NormalizerWrapper> = Vec::new();
+    if cfg.nfkc {
+        parts.push(NFKC.into());
+    }
+    if cfg.strip_accents {
+        parts.push(NFD.into());
+        parts.push(StripAccents.into());
+    }
+    if cfg.lowercase {
+        parts.push(Lowercase.into());
+    }
+    (!parts.is_empty()).then(|| Sequence::new(parts).into())
+}
+
+fn special_added_tokens() -> Vec<AddedToken> {
+    SPECIAL_TOKENS
+        .iter()
+        .map(|t| AddedToken::from(*t, true))
+        .collect()
+}
+
+/// An untrained tokenizer with the normaliser, pre-tokenizer and decoder of `cfg.kind`, and
+/// the matching trainer.
+fn untrained(cfg: &TokenizerConfig) -> Result<(Tokenizer, TrainerWrapper)> {
+    let specials = special_added_tokens();
+    let (mut tok, trainer): (Tokenizer, TrainerWrapper) = match cfg.kind {
+        TokenizerKind::Bpe => {
+            let model = BPE::builder()
+                .unk_token("[UNK]".into())
+                .build()
+                .map_err(TextError::tok)?;
+            let mut tok = Tokenizer::new(model);
+            tok.with_pre_tokenizer(Some(ByteLevel::new(true, true, true)));
+            tok.with_decoder(Some(ByteLevelDecoder::default()));
+            let trainer = BpeTrainerBuilder::new()
+                .vocab_size(cfg.vocab_size)
+                .min_frequency(cfg.min_frequency)
+                .special_tokens(specials)
+                .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+                .show_progress(false)
+                .build();
+            (tok, trainer.into())
+        }
+        TokenizerKind::WordPiece => {
+            let model = WordPiece::builder()
+                .unk_token("[UNK]".into())
+                .continuing_subword_prefix("##".into())
+                .build()
+                .map_err(TextError::tok)?;
+            let mut tok = Tokenizer::new(model);
+            tok.with_pre_tokenizer(Some(BertPreTokenizer));
+            tok.with_decoder(Some(WordPieceDecoder::default()));
+            let trainer = WordPieceTrainerBuilder::new()
+                .vocab_size(cfg.vocab_size)
+                .min_frequency(cfg.min_frequency)
+                .special_tokens(specials)
+                .show_progress(false)
+                .build();
+            (tok, trainer.into())
+        }
+        TokenizerKind::Unigram => {
+            let mut tok = Tokenizer::new(Unigram::default());
+            tok.with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::Always, true)));
+            tok.with_decoder(Some(MetaspaceDecoder::new(
+                '▁',
+                PrependScheme::Always,
+                true,
+            )));
+            let trainer = UnigramTrainerBuilder::default()
+                .vocab_size(cfg.vocab_size as u32)
+                .special_tokens(specials)
+                .unk_token(Some("[UNK]".into()))
+                .show_progress(false)
+                .build()
+                .map_err(TextError::tok)?;
+            (tok, trainer.into())
+        }
+    };
+    tok.with_normalizer(normalizer(cfg));
+    Ok((tok, trainer))
+}
+
+/// Adds BERT's `[CLS] $A [SEP]` / `[CLS] $A [SEP] $B [SEP]` post-processor and registers
+/// the special tokens so they are never split.
+fn finish(tok: &mut Tokenizer) -> Result<()> {
+    tok.add_special_tokens(&special_added_tokens());
+    let ids = SpecialIds::of(tok)?;
+    let post = TemplateProcessing::builder()
+        .try_single("[CLS] $A [SEP]")
+        .map_err(TextError::tok)?
+        .try_pair("[CLS] $A [SEP] $B:1 [SEP]:1")
+        .map_err(TextError::tok)?
+        .special_tokens(vec![("[CLS]", ids.cls), ("[SEP]", ids.sep)])
+        .build()
+        .map_err(TextError::tok)?;
+    tok.with_post_processor(Some(post));
+    Ok(())
+}
+
+/// Trains a tokenizer on the texts of an iterator.
+pub fn train_from_texts<I, S>(texts: I, cfg: &TokenizerConfig) -> Result<Tokenizer>
+where
+    I: Iterator<Item = S> + Send,
+    S: AsRef<str> + Send,
+{
+    cfg.validate()?;
+    let (mut tok, mut trainer) = untrained(cfg)?;
+    tok.train(&mut trainer, texts).map_err(TextError::tok)?;
+    finish(&mut tok)?;
+    Ok(tok)
+}
+
+/// A stream of the strings of one text column, read by a background thread through
+/// ssl-data's loader, so the corpus never has to fit in memory (the trainer keeps only word
+/// counts). Errors end the stream and are returned by [`TextStream::finish`].
+pub struct TextStream {
+    rx: Option<Receiver<String>>,
+    error: Arc<Mutex<Option<TextError>>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TextStream {
+    /// Streams `column` of the Parquet files/dirs/globs in `paths`, in file order, at most
+    /// `max_docs` documents (0: all). Rows whose index `i` satisfies `skip(i)` are left out
+    /// (e.g. a held-out split).
+    pub fn open(
+        paths: &[String],
+        column: &str,
+        max_docs: usize,
+        skip: impl Fn(usize) -> bool + Send + 'static,
+    ) -> Result<Self> {
+        let source = ParquetSource::open(paths)?;
+        let config = LoaderConfig {
+            columns: vec![ColumnSpec::text(column)],
+            batch_size: 256,
+            shuffle: false,
+            epochs: Some(1),
+            prefetch: 2,
+            ..LoaderConfig::default()
+        };
+        source.check_columns(&config.columns)?;
+        let column = column.to_string();
+        let (tx, rx) = sync_channel::<String>(4096);
+        let error = Arc::new(Mutex::new(None));
+        let err2 = error.clone();
+        let handle = std::thread::spawn(move || {
+            let run = || -> Result<()> {
+                let mut loader = DataLoader::new(&source, config)?;
+                let mut row = 0usize;
+                let mut sent = 0usize;
+                while let Some(batch) = loader.next_batch()? {
+                    for text in batch.text(&column)? {
+                        let i = row;
+                        row += 1;
+                        if skip(i) {
+                            continue;
+                        }
+                        if max_docs > 0 && sent >= max_docs {
+                            return Ok(());
+                        }
+                        if tx.send(text.clone()).is_err() {
+                            return Ok(());
+                        }
+                        sent += 1;
+                    }
+                }
+                Ok(())
+            };
+            if let Err(e) = run() {
+                *err2.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            }
+        });
+        Ok(TextStream {
+            rx: Some(rx),
+            error,
+            handle: Some(handle),
+        })
+    }
+
+    /// Waits for the reader and returns the first error it met, if any.
+    pub fn finish(mut self) -> Result<()> {
+        if let Some(h) = self.handle.take() {
+            // Drain so the reader is not blocked on a full channel.
+            if let Some(rx) = self.rx.take() {
+                while rx.recv().is_ok() {}
+            }
+            h.join().map_err(|_| {
+                TextError::InvalidInput("the Parquet reader thread panicked".into())
+            })?;
+        }
+        match self.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The texts, in order (once: later calls yield nothing).
+    pub fn texts(&mut self) -> TextIter {
+        TextIter(self.rx.take())
+    }
+}
+
+/// The iterator of a [`TextStream`]; dropping it stops the reader.
+pub struct TextIter(Option<Receiver<String>>);
+
+impl Iterator for TextIter {
+    type Item = String;
+    fn next(&mut self) -> Option<String> {
+        self.0.as_ref()?.recv().ok()
+    }
+}
+
+/// Trains a tokenizer on `column` of Parquet data, streamed (see [`TextStream`]).
+pub fn train_from_parquet(
+    paths: &[String],
+    column: &str,
+    cfg: &TokenizerConfig,
+    skip: impl Fn(usize) -> bool + Send + 'static,
+) -> Result<Tokenizer> {
+    cfg.validate()?;
+    let mut stream = TextStream::open(paths, column, cfg.max_docs, skip)?;
+    let (mut tok, mut trainer) = untrained(cfg)?;
+    let trained = tok.train(&mut trainer, stream.texts()).map(|_| ());
+    stream.finish()?;
+    trained.map_err(TextError::tok)?;
+    finish(&mut tok)?;
+    Ok(tok)
+}
+
+/// Writes `tokenizer.json` (and a minimal `tokenizer_config.json` naming the special tokens,
+/// so `transformers.AutoTokenizer` also loads the directory) into `dir`.
+pub fn save_tokenizer(tok: &Tokenizer, dir: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).map_err(|e| TextError::io(dir, e))?;
+    let path = dir.join("tokenizer.json");
+    tok.save(&path, true).map_err(TextError::tok)?;
+    let cfg = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
+        "sep_token": "[SEP]", "mask_token": "[MASK]",
+        "model_max_length": 512,
+    });
+    let cpath = dir.join("tokenizer_config.json");
+    std::fs::write(
+        &cpath,
+        serde_json::to_string_pretty(&cfg).unwrap_or_default(),
+    )
+    .map_err(|e| TextError::io(&cpath, e))?;
+    Ok(path)
+}
+
+/// Loads a `tokenizer.json` file. Padding and truncation stored in the file (e.g.
+/// sentence-transformers pad to 128) are switched off: ssl-text pads and truncates itself.
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    let mut tok = Tokenizer::from_file(path)
+        .map_err(|e| TextError::Tokenizer(format!("{}: {e}", path.display())))?;
+    tok.with_padding(None);
+    tok.with_truncation(None).map_err(TextError::tok)?;
+    Ok(tok)
+}
+
+/// Fertility figures of a tokenizer on some text.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Fertility {
+    /// Whitespace-separated words seen.
+    pub words: u64,
+    /// Subword tokens produced (special tokens excluded).
+    pub tokens: u64,
+    /// Tokens per word.
+    pub tokens_per_word: f64,
+    /// Fraction of words split into more than one token.
+    pub split_word_fraction: f64,
+    /// Fraction of tokens that are `[UNK]`.
+    pub unk_fraction: f64,
+}
+
+/// Tokens per whitespace-separated word of `texts` (each word tokenized on its own, with no
+/// special tokens, so the figure does not depend on how the pre-tokenizer splits punctuation).
+pub fn fertility<S: AsRef<str>>(tok: &Tokenizer, texts: &[S]) -> Result<Fertility> {
+    let unk = tok.token_to_id("[UNK]");
+    let (mut words, mut tokens, mut split, mut unks) = (0u64, 0u64, 0u64, 0u64);
+    for text in texts {
+        let ws: Vec<&str> = text.as_ref().split_whitespace().collect();
+        if ws.is_empty() {
+            continue;
+        }
+        let encs = tok
+            .encode_batch(ws.clone(), false)
+            .map_err(TextError::tok)?;
+        for e in encs {
+            let n = e.get_ids().len() as u64;
+            words += 1;
+            tokens += n;
+            if n > 1 {
+                split += 1;
+            }
+            if let Some(u) = unk {
+                unks += e.get_ids().iter().filter(|&&i| i == u).count() as u64;
+            }
+        }
+    }
+    let w = words.max(1) as f64;
+    Ok(Fertility {
+        words,
+        tokens,
+        tokens_per_word: tokens as f64 / w,
+        split_word_fraction: split as f64 / w,
+        unk_fraction: unks as f64 / tokens.max(1) as f64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn corpus() -> Vec<String> {
+        let base = [
+            "The kernel schedules threads on every CPU.",
+            "Interrupt handlers must not sleep; use a workqueue instead.",
+            "Memory barriers order loads and stores across CPUs.",
+            "The scheduler balances runqueues between cores.",
+            "Café naïve résumé — accents appear here.",
+        ];
+        (0..40).map(|i| base[i % base.len()].to_string()).collect()
+    }
+
+    #[test]
+    fn every_kind_trains_with_fixed_special_ids_and_cls_sep() {
+        for kind in [
+            TokenizerKind::Bpe,
+            TokenizerKind::WordPiece,
+            TokenizerKind::Unigram,
+        ] {
+            let cfg = TokenizerConfig {
+                kind,
+                vocab_size: 300,
+                min_frequency: 1,
+                ..Default::default()
+            };
+            let tok = train_from_texts(corpus().into_iter(), &cfg).unwrap();
+            let ids = SpecialIds::of(&tok).unwrap();
+            assert_eq!(
+                (ids.pad, ids.unk, ids.cls, ids.sep, ids.mask),
+                (0, 1, 2, 3, 4),
+                "{kind:?}"
+            );
+            let e = tok.encode("the scheduler [MASK] cores", true).unwrap();
+            let got = e.get_ids();
+            assert_eq!(got[0], ids.cls, "{kind:?}");
+            assert_eq!(*got.last().unwrap(), ids.sep, "{kind:?}");
+            assert!(got.contains(&ids.mask), "{kind:?}: [MASK] must stay whole");
+            assert!(tok.get_vocab_size(true) <= 300 + 5, "{kind:?}");
+            // Word ids exist for every non-special token.
+            for (w, s) in e.get_word_ids().iter().zip(e.get_special_tokens_mask()) {
+                if *s == 0 {
+                    assert!(w.is_some(), "{kind:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn normaliser_options_apply() {
+        let cfg = TokenizerConfig {
+            vocab_size: 200,
+            min_frequency: 1,
+            strip_accents: true,
+            ..Default::default()
+        };
+        let tok = train_from_texts(corpus().into_iter(), &cfg).unwrap();
+        let e = tok.encode("CAFÉ", false).unwrap();
+        let text = e.get_tokens().join("");
+        assert!(!text.contains('É') && !text.contains('é'), "{text}");
+        assert!(text.contains('c'), "{text}");
+    }
+
+    #[test]
+    fn fertility_counts_words_and_tokens() {
+        let cfg = TokenizerConfig {
+            vocab_size: 400,
+            min_frequency: 1,
+            ..Default::default()
+        };
+        let tok = train_from_texts(corpus().into_iter(), &cfg).unwrap();
+        let f = fertility(&tok, &["kernel kernel", "workqueuekernel"]).unwrap();
+        assert_eq!(f.words, 3);
+        assert!(f.tokens >= 3);
+        assert!(f.tokens_per_word >= 1.0);
+        assert!(f.split_word_fraction > 0.0 && f.split_word_fraction < 1.0);
+    }
+
+    #[test]
+    fn saved_json_loads_back_identically() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = TokenizerConfig {
+            kind: TokenizerKind::Unigram,
+            vocab_size: 200,
+            ..Default::default()
+        };
+        let tok = train_from_texts(corpus().into_iter(), &cfg).unwrap();
+        let path = save_tokenizer(&tok, dir.path()).unwrap();
+        let back = load_tokenizer(&path).unwrap();
+        let s = "Memory barriers order loads.";
+        assert_eq!(
+            tok.encode(s, true).unwrap().get_ids(),
+            back.encode(s, true).unwrap().get_ids()
+        );
+        assert!(load_tokenizer(&dir.path().join("nope.json")).is_err());
+    }
+}
