@@ -5,6 +5,8 @@
 //! ssl embed    <modality> --checkpoint DIR --data PATH... --out FILE.parquet
 //! ssl eval     <modality> --checkpoint DIR --data PATH... [--test PATH...] [--label-column NAME]
 //! ssl config   <modality>
+//! ssl detect fit   --checkpoint MAE_DIR --data NORMAL.parquet --out DET_DIR [--set detect.key=value...]
+//! ssl detect score --detector DET_DIR --data IMAGES.parquet --out SCORES.parquet
 //! ```
 
 use std::path::PathBuf;
@@ -13,9 +15,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod config;
+mod detect;
 mod error;
 mod features;
 mod features_data;
+mod vision;
 
 pub use error::CliError;
 
@@ -40,6 +44,8 @@ struct Cli {
 enum Modality {
     /// Numeric feature sequences (batch, seq, features): masked, contrastive or denoising.
     Features,
+    /// Images: a ViT trained as a masked autoencoder (MAE) or with SimCLR.
+    Vision,
 }
 
 #[derive(Subcommand)]
@@ -106,39 +112,111 @@ enum Command {
         /// What kind of data.
         modality: Modality,
     },
+    /// Defect detection learned from normal images only, on a pretrained MAE.
+    Detect {
+        #[command(subcommand)]
+        action: DetectAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DetectAction {
+    /// Fit on defect-free images: memory bank, normal statistics, calibrated threshold.
+    Fit {
+        /// An MAE run directory or checkpoint directory.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Normal (defect-free) images: Parquet files, directories or globs.
+        #[arg(long, num_args = 1.., required = true)]
+        data: Vec<String>,
+        /// Detector directory to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Override a setting, e.g. --set detect.scorers=["patch_core"] (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Score images: score, flag and a heat-map PNG per image.
+    Score {
+        /// A directory written by `ssl detect fit`.
+        #[arg(long)]
+        detector: PathBuf,
+        /// Images to score: Parquet files, directories or globs.
+        #[arg(long, num_args = 1.., required = true)]
+        data: Vec<String>,
+        /// Output Parquet file (id, score, flag, heatmap, score_<scorer>...).
+        #[arg(long)]
+        out: PathBuf,
+        /// Heat-map directory (default: `<out stem>_heatmaps` beside --out).
+        #[arg(long)]
+        heatmaps: Option<PathBuf>,
+        /// Override a key of the stored configuration (data.* keys).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Pretrain {
-            modality: Modality::Features,
+            modality,
             config,
             data,
             out,
             set,
             resume,
-        } => features::pretrain(config.as_deref(), &data, &out, &set, resume),
+        } => match modality {
+            Modality::Features => features::pretrain(config.as_deref(), &data, &out, &set, resume),
+            Modality::Vision => vision::pretrain(config.as_deref(), &data, &out, &set, resume),
+        },
         Command::Embed {
-            modality: Modality::Features,
+            modality,
             checkpoint,
             data,
             out,
             set,
-        } => features::embed(&checkpoint, &data, &out, &set),
+        } => match modality {
+            Modality::Features => features::embed(&checkpoint, &data, &out, &set),
+            Modality::Vision => vision::embed(&checkpoint, &data, &out, &set),
+        },
         Command::Eval {
-            modality: Modality::Features,
+            modality,
             checkpoint,
             data,
             test,
             label_column,
             set,
-        } => features::eval(&checkpoint, &data, &test, label_column.as_deref(), &set),
-        Command::Config {
-            modality: Modality::Features,
-        } => {
-            print!("{}", config::to_toml(&features::FeaturesConfig::default())?);
+        } => match modality {
+            Modality::Features => {
+                features::eval(&checkpoint, &data, &test, label_column.as_deref(), &set)
+            }
+            Modality::Vision => {
+                vision::eval(&checkpoint, &data, &test, label_column.as_deref(), &set)
+            }
+        },
+        Command::Config { modality } => {
+            let text = match modality {
+                Modality::Features => config::to_toml(&features::FeaturesConfig::default())?,
+                Modality::Vision => config::to_toml(&vision::VisionConfig::default())?,
+            };
+            print!("{text}");
             Ok(())
         }
+        Command::Detect { action } => match action {
+            DetectAction::Fit {
+                checkpoint,
+                data,
+                out,
+                set,
+            } => detect::fit(&checkpoint, &data, &out, &set),
+            DetectAction::Score {
+                detector,
+                data,
+                out,
+                heatmaps,
+                set,
+            } => detect::score(&detector, &data, &out, heatmaps.as_deref(), &set),
+        },
     }
 }
 

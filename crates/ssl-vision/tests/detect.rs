@@ -110,6 +110,7 @@ fn bright_blob_scores_above_normal_images() {
     for scorers in [
         vec![ScorerKind::Reconstruction],
         vec![ScorerKind::PatchCore],
+        vec![ScorerKind::RawPixels],
         vec![ScorerKind::Reconstruction, ScorerKind::PatchCore],
     ] {
         let cfg = DetectorConfig {

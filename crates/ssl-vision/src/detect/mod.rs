@@ -4,7 +4,8 @@
 //! - [`ScorerKind::Reconstruction`]: the MAE's reconstruction error with complementary masks
 //!   ([`recon`]), each patch divided by the mean error of normal images at that position;
 //! - [`ScorerKind::PatchCore`]: distance of each patch embedding to the nearest entry of a
-//!   memory bank of normal patch embeddings, subsampled by greedy coreset ([`patchcore`]).
+//!   memory bank of normal patch embeddings, subsampled by greedy coreset ([`patchcore`]);
+//! - [`ScorerKind::RawPixels`]: a baseline, the same on raw normalised patch pixels.
 //!
 //! An image's score per scorer is the mean of its top `top_fraction` patch scores. Scores of
 //! several scorers are combined as the mean of their z-scores against held-out normal images,
@@ -37,6 +38,8 @@ pub enum ScorerKind {
     Reconstruction,
     /// Nearest-neighbour distance to a memory bank of normal patch embeddings.
     PatchCore,
+    /// Baseline: the same nearest-neighbour scoring on raw (normalised) patch pixels.
+    RawPixels,
 }
 
 impl ScorerKind {
@@ -45,7 +48,13 @@ impl ScorerKind {
         match self {
             ScorerKind::Reconstruction => "reconstruction",
             ScorerKind::PatchCore => "patch_core",
+            ScorerKind::RawPixels => "raw_pixels",
         }
+    }
+
+    /// True for the scorers that use a memory bank.
+    pub fn uses_bank(self) -> bool {
+        matches!(self, ScorerKind::PatchCore | ScorerKind::RawPixels)
     }
 }
 
@@ -141,7 +150,6 @@ struct DetectorState {
     recon_position_mean: Vec<f32>,
     n_fit: usize,
     n_calibration: usize,
-    bank_dim: usize,
 }
 
 /// JSON state file of a saved detector.
@@ -153,7 +161,27 @@ pub const BANK_FILE: &str = "memory_bank.safetensors";
 #[derive(Debug, Clone)]
 pub struct Detector {
     state: DetectorState,
-    bank: Option<MemoryBank>,
+    banks: Vec<(ScorerKind, MemoryBank)>,
+}
+
+/// Patch features `(B x L) x D` of normalised `pixels` for a bank-based scorer.
+fn bank_features(
+    task: &MaeTask,
+    pixels: &Tensor,
+    kind: ScorerKind,
+    cfg: &DetectorConfig,
+) -> Result<(Vec<f32>, usize)> {
+    match kind {
+        ScorerKind::RawPixels => {
+            let vit = task.encoder().config();
+            let (gh, gw) = vit.grid()?;
+            let p = crate::patch::patchify(pixels, vit.patch_size)?;
+            let (b, _, d) = p.dims3()?;
+            let v = p.flatten_all()?.to_vec1::<f32>()?;
+            Ok((patchcore::aggregate(&v, b, gh, gw, d, cfg.neighbourhood), d))
+        }
+        _ => patch_embeddings(task.encoder(), pixels, cfg.patch_layer, cfg.neighbourhood),
+    }
 }
 
 /// Raw patch scores `(N x L)` of one scorer.
@@ -165,6 +193,7 @@ fn raw_patch_scores(
     bank: Option<&MemoryBank>,
     device: &Device,
 ) -> Result<Vec<f32>> {
+    let name = kind.name();
     let vit = task.encoder().config();
     let l = vit.num_patches()?;
     let mut out = Vec::with_capacity(images.len() * l);
@@ -176,12 +205,11 @@ fn raw_patch_scores(
             ScorerKind::Reconstruction => {
                 out.extend(recon::reconstruction_errors(task, &pixels, &groups)?);
             }
-            ScorerKind::PatchCore => {
+            ScorerKind::PatchCore | ScorerKind::RawPixels => {
                 let bank = bank.ok_or_else(|| {
-                    VisionError::InvalidInput("PatchCore needs a memory bank".into())
+                    VisionError::InvalidInput(format!("scorer {name} needs a memory bank"))
                 })?;
-                let (f, _) =
-                    patch_embeddings(task.encoder(), &pixels, cfg.patch_layer, cfg.neighbourhood)?;
+                let (f, _) = bank_features(task, &pixels, kind, cfg)?;
                 out.extend(bank.nearest_distances(&f, device)?);
             }
         }
@@ -241,15 +269,17 @@ impl Detector {
         let fit = normal.select(&order[n_cal..]);
         let l = task.encoder().config().num_patches()?;
 
-        let mut bank = None;
-        let mut bank_dim = 0;
-        if cfg.scorers.contains(&ScorerKind::PatchCore) {
+        let mut banks = Vec::new();
+        for &kind in cfg.scorers.iter().filter(|k| k.uses_bank()) {
+            if banks.iter().any(|(k, _)| *k == kind) {
+                continue;
+            }
             let mut feats = Vec::new();
+            let mut bank_dim = 0;
             for start in (0..fit.len()).step_by(cfg.batch_size.max(1)) {
                 let batch = fit.batch(start, cfg.batch_size.max(1), device)?;
                 let pixels = normalize_batch(&batch.pixels, task.augment())?;
-                let (f, d) =
-                    patch_embeddings(task.encoder(), &pixels, cfg.patch_layer, cfg.neighbourhood)?;
+                let (f, d) = bank_features(task, &pixels, kind, cfg)?;
                 bank_dim = d;
                 feats.extend(f);
             }
@@ -262,10 +292,13 @@ impl Detector {
             for i in picked {
                 kept.extend_from_slice(&feats[i * bank_dim..(i + 1) * bank_dim]);
             }
-            bank = Some(MemoryBank {
-                features: kept,
-                dim: bank_dim,
-            });
+            banks.push((
+                kind,
+                MemoryBank {
+                    features: kept,
+                    dim: bank_dim,
+                },
+            ));
         }
         let mut recon_position_mean = Vec::new();
         if cfg.scorers.contains(&ScorerKind::Reconstruction) && cfg.recon_position_norm {
@@ -290,9 +323,8 @@ impl Detector {
                 recon_position_mean,
                 n_fit: fit.len(),
                 n_calibration: cal.len(),
-                bank_dim,
             },
-            bank,
+            banks,
         };
         // Calibration: per-scorer normal statistics, then the threshold on combined scores.
         let mut per_scorer_patches = Vec::new();
@@ -338,7 +370,7 @@ impl Detector {
             images,
             kind,
             &self.state.cfg,
-            self.bank.as_ref(),
+            self.banks.iter().find(|(k, _)| *k == kind).map(|(_, b)| b),
             device,
         )?;
         if kind == ScorerKind::Reconstruction && !self.state.recon_position_mean.is_empty() {
@@ -415,9 +447,9 @@ impl Detector {
         &self.state.stats
     }
 
-    /// Memory-bank size (0 without PatchCore).
-    pub fn bank_len(&self) -> usize {
-        self.bank.as_ref().map_or(0, MemoryBank::len)
+    /// Memory-bank sizes per bank-based scorer.
+    pub fn bank_sizes(&self) -> Vec<(ScorerKind, usize)> {
+        self.banks.iter().map(|(k, b)| (*k, b.len())).collect()
     }
 
     /// Images used for fitting and for calibration.
@@ -431,11 +463,14 @@ impl Detector {
         let p = dir.join(DETECTOR_FILE);
         let json = serde_json::to_string_pretty(&self.state).map_err(|e| VisionError::io(&p, e))?;
         std::fs::write(&p, json).map_err(|e| VisionError::io(&p, e))?;
-        if let Some(bank) = &self.bank {
-            let t = Tensor::from_vec(bank.features.clone(), (bank.len(), bank.dim), &Device::Cpu)?;
-            let path = dir.join(BANK_FILE);
+        if !self.banks.is_empty() {
             let mut map = HashMap::new();
-            map.insert("memory_bank".to_string(), t);
+            for (kind, bank) in &self.banks {
+                let t =
+                    Tensor::from_vec(bank.features.clone(), (bank.len(), bank.dim), &Device::Cpu)?;
+                map.insert(kind.name().to_string(), t);
+            }
+            let path = dir.join(BANK_FILE);
             candle_core::safetensors::save(&map, &path).map_err(|e| VisionError::io(&path, e))?;
         }
         Ok(())
@@ -447,22 +482,29 @@ impl Detector {
         let text = std::fs::read_to_string(&p).map_err(|e| VisionError::io(&p, e))?;
         let state: DetectorState =
             serde_json::from_str(&text).map_err(|e| VisionError::io(&p, e))?;
-        let bank = if state.cfg.scorers.contains(&ScorerKind::PatchCore) {
+        let mut banks = Vec::new();
+        if state.cfg.scorers.iter().any(|k| k.uses_bank()) {
             let path = dir.join(BANK_FILE);
             let map = candle_core::safetensors::load(&path, &Device::Cpu)
                 .map_err(|e| VisionError::io(&path, e))?;
-            let t = map
-                .get("memory_bank")
-                .ok_or_else(|| VisionError::io(&path, "no `memory_bank` tensor"))?;
-            let dim = t.dim(1)?;
-            Some(MemoryBank {
-                features: t.flatten_all()?.to_vec1::<f32>()?,
-                dim,
-            })
-        } else {
-            None
-        };
-        Ok(Detector { state, bank })
+            for &kind in state.cfg.scorers.iter().filter(|k| k.uses_bank()) {
+                if banks.iter().any(|(k, _)| *k == kind) {
+                    continue;
+                }
+                let t = map.get(kind.name()).ok_or_else(|| {
+                    VisionError::io(&path, format!("no `{}` tensor", kind.name()))
+                })?;
+                let dim = t.dim(1)?;
+                banks.push((
+                    kind,
+                    MemoryBank {
+                        features: t.flatten_all()?.to_vec1::<f32>()?,
+                        dim,
+                    },
+                ));
+            }
+        }
+        Ok(Detector { state, banks })
     }
 }
 
