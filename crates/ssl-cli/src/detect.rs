@@ -55,6 +55,9 @@ pub fn fit(checkpoint: &Path, data: &[String], out: &Path, set: &[String]) -> Re
     let defaults = DetectFitConfig {
         detect: DetectorConfig {
             seed: vcfg.train.seed,
+            // PatchCore's mid-level features: the middle layer of the encoder (on ELPV the
+            // final layer's features scored below the raw-pixel baseline; README).
+            patch_layer: vcfg.model.depth / 2,
             ..DetectorConfig::default()
         },
         data: vcfg.data.clone(),

@@ -118,7 +118,7 @@ impl Default for VisionTaskConfig {
                 std: Vec::new(),
                 ..AugmentConfig::default()
             },
-            preview_every: 100,
+            preview_every: 200,
             preview_images: 8,
         }
     }
@@ -141,16 +141,17 @@ pub struct VisionConfig {
 impl Default for VisionConfig {
     fn default() -> Self {
         VisionConfig {
+            // Sized for the embedded sample: about a minute in release on 2 cores (README).
             train: TrainConfig {
-                max_steps: 300,
+                max_steps: 800,
                 batch_size: 64,
                 lr: 1e-3,
-                warmup_steps: 15,
+                warmup_steps: 40,
                 beta1: 0.9,
                 beta2: 0.95,
                 weight_decay: 0.05,
                 grad_clip: 0.0,
-                checkpoint_every_steps: 100,
+                checkpoint_every_steps: 200,
                 checkpoint_every_minutes: 30.0,
                 health_every: 100,
                 ..TrainConfig::default()
@@ -160,7 +161,7 @@ impl Default for VisionConfig {
                 image_height: 0,
                 image_width: 0,
                 channels: 0,
-                patch_size: 4,
+                patch_size: 7,
                 dim: 64,
                 depth: 4,
                 heads: 4,
