@@ -465,13 +465,24 @@ pub fn pretrain(
         InMemoryImageSource::new(loaded.images, cfg.train.batch_size, cfg.train.seed, &device)
             .map_err(vis)?;
     let preview_dir = out.join("previews");
+    // On resume, previews continue the step numbering of the checkpoint resumed from.
+    let accum = cfg.train.accum_steps.max(1) as u64;
+    let resumed_step = if resume {
+        ssl_core::checkpoint::CheckpointManager::new(out.join("checkpoints"), 1)
+            .latest()?
+            .map(|c| read_state(&c).map(|s| s.step))
+            .transpose()?
+            .unwrap_or(0)
+    } else {
+        0
+    };
     let mut source = PreviewSource {
         inner,
         task: &task,
         images: preview_imgs.clone(),
         every: cfg.task.preview_every,
-        accum: cfg.train.accum_steps.max(1) as u64,
-        pulled: 0,
+        accum,
+        pulled: resumed_step * accum,
         dir: preview_dir.clone(),
         seed: cfg.train.seed,
     };

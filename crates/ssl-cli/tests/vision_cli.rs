@@ -57,6 +57,18 @@ fn pretrain_embed_eval_detect_on_the_embedded_sample() {
     let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
     assert!(config.contains("image_height = 28"), "{config}");
 
+    // Resuming continues the step count, and the preview numbering with it.
+    ok(&ssl(&[
+        "pretrain",
+        "vision",
+        "--out",
+        run_s,
+        "--resume",
+        "--set",
+        "train.max_steps=10",
+    ]));
+    assert!(run.join("previews/step-00000009.png").exists());
+
     let data = dir.path().join("fm.parquet");
     std::fs::write(
         &data,
