@@ -6,6 +6,8 @@
 //! ssl eval     <modality> --checkpoint DIR --data PATH... [--test PATH...] [--label-column NAME]
 //! ssl config   <modality>
 //! ssl tokenizer train --data PATH... --column text --out DIR [--heldout PATH...] [--set key=value...]
+//! ssl detect fit   --checkpoint MAE_DIR --data NORMAL.parquet --out DET_DIR [--set detect.key=value...]
+//! ssl detect score --detector DET_DIR --data IMAGES.parquet --out SCORES.parquet
 //! ```
 
 use std::path::PathBuf;
@@ -14,12 +16,14 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod config;
+mod detect;
 mod embeddings;
 mod error;
 mod features;
 mod series_common;
 mod text;
 mod timeseries;
+mod vision;
 
 pub use error::CliError;
 
@@ -49,6 +53,8 @@ enum Modality {
     Timeseries,
     /// Text: BERT masked language modelling (from scratch or adapted from a Hugging Face directory).
     Text,
+    /// Images: a ViT trained as a masked autoencoder (MAE) or with SimCLR.
+    Vision,
 }
 
 #[derive(Subcommand)]
@@ -121,6 +127,48 @@ enum Command {
         /// What kind of data.
         modality: Modality,
     },
+    /// Defect detection learned from normal images only, on a pretrained MAE.
+    Detect {
+        #[command(subcommand)]
+        action: DetectAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DetectAction {
+    /// Fit on defect-free images: memory bank, normal statistics, calibrated threshold.
+    Fit {
+        /// An MAE run directory or checkpoint directory.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Normal (defect-free) images: Parquet files, directories or globs.
+        #[arg(long, num_args = 1.., required = true)]
+        data: Vec<String>,
+        /// Detector directory to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Override a setting, e.g. --set detect.scorers=["patch_core"] (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Score images: score, flag and a heat-map PNG per image.
+    Score {
+        /// A directory written by `ssl detect fit`.
+        #[arg(long)]
+        detector: PathBuf,
+        /// Images to score: Parquet files, directories or globs.
+        #[arg(long, num_args = 1.., required = true)]
+        data: Vec<String>,
+        /// Output Parquet file (id, score, flag, heatmap, score_<scorer>...).
+        #[arg(long)]
+        out: PathBuf,
+        /// Heat-map directory (default: `<out stem>_heatmaps` beside --out).
+        #[arg(long)]
+        heatmaps: Option<PathBuf>,
+        /// Override a key of the stored configuration (data.* keys).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -166,6 +214,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 Modality::Features => features::pretrain,
                 Modality::Timeseries => timeseries::pretrain,
                 Modality::Text => text::pretrain,
+                Modality::Vision => vision::pretrain,
             };
             pretrain(config.as_deref(), &data, &out, &set, resume)
         }
@@ -179,6 +228,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Modality::Features => features::embed(&checkpoint, &data, &out, &set),
             Modality::Timeseries => timeseries::embed(&checkpoint, &data, &out, &set),
             Modality::Text => text::embed(&checkpoint, &data, &out, &set),
+            Modality::Vision => vision::embed(&checkpoint, &data, &out, &set),
         },
         Command::Eval {
             modality,
@@ -192,6 +242,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 Modality::Features => features::eval,
                 Modality::Timeseries => timeseries::eval,
                 Modality::Text => text::eval,
+                Modality::Vision => vision::eval,
             };
             eval(&checkpoint, &data, &test, label_column.as_deref(), &set)
         }
@@ -200,6 +251,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 Modality::Features => config::to_toml(&features::FeaturesConfig::default())?,
                 Modality::Timeseries => config::to_toml(&timeseries::default_config())?,
                 Modality::Text => config::to_toml(&text::TextConfig::default())?,
+                Modality::Vision => config::to_toml(&vision::VisionConfig::default())?,
             };
             print!("{text}");
             Ok(())
@@ -224,6 +276,21 @@ fn run(cli: Cli) -> Result<(), CliError> {
             &heldout,
             generic.as_deref(),
         ),
+        Command::Detect { action } => match action {
+            DetectAction::Fit {
+                checkpoint,
+                data,
+                out,
+                set,
+            } => detect::fit(&checkpoint, &data, &out, &set),
+            DetectAction::Score {
+                detector,
+                data,
+                out,
+                heatmaps,
+                set,
+            } => detect::score(&detector, &data, &out, heatmaps.as_deref(), &set),
+        },
     }
 }
 

@@ -1,0 +1,160 @@
+//! End-to-end behaviour of `ssl pretrain/embed/eval vision` and `ssl detect` on the embedded
+//! Fashion-MNIST sample, with a tiny model and a few steps.
+
+use std::process::Command;
+
+const SSL: &str = env!("CARGO_BIN_EXE_ssl");
+
+const TINY: [&str; 11] = [
+    "model.dim=16",
+    "model.depth=1",
+    "model.heads=2",
+    "model.patch_size=7",
+    "task.mae.decoder_dim=8",
+    "task.mae.decoder_depth=1",
+    "task.mae.decoder_heads=2",
+    "train.batch_size=16",
+    "train.warmup_steps=1",
+    "data.max_images=120",
+    "task.preview_images=3",
+];
+
+fn ssl(args: &[&str]) -> std::process::Output {
+    Command::new(SSL).args(args).output().expect("run ssl")
+}
+
+fn ok(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn pretrain_embed_eval_detect_on_the_embedded_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let run_s = run.to_str().unwrap();
+    let mut args = vec!["pretrain", "vision", "--out", run_s];
+    for s in TINY.iter().chain(&[
+        "train.max_steps=6",
+        "task.preview_every=3",
+        "train.checkpoint_every_steps=3",
+    ]) {
+        args.extend(["--set", s]);
+    }
+    ok(&ssl(&args));
+    for f in [
+        "config.toml",
+        "metrics.jsonl",
+        "previews/step-00000003.png",
+        "previews/final.png",
+        "checkpoints/step-00000006/model.safetensors",
+    ] {
+        assert!(run.join(f).exists(), "{f} missing");
+    }
+    let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(config.contains("image_height = 28"), "{config}");
+
+    // Resuming continues the step count, and the preview numbering with it.
+    ok(&ssl(&[
+        "pretrain",
+        "vision",
+        "--out",
+        run_s,
+        "--resume",
+        "--set",
+        "train.max_steps=10",
+    ]));
+    assert!(run.join("previews/step-00000009.png").exists());
+
+    let data = dir.path().join("fm.parquet");
+    std::fs::write(
+        &data,
+        include_bytes!("../data/fashion_mnist_sample.parquet"),
+    )
+    .unwrap();
+    let data_s = data.to_str().unwrap();
+    let emb = dir.path().join("emb.parquet");
+    ok(&ssl(&[
+        "embed",
+        "vision",
+        "--checkpoint",
+        run_s,
+        "--data",
+        data_s,
+        "--out",
+        emb.to_str().unwrap(),
+        "--set",
+        "model.pooling=mean",
+    ]));
+    assert!(emb.exists());
+
+    let out = ssl(&["eval", "vision", "--checkpoint", run_s, "--data", data_s]);
+    ok(&out);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for part in ["pretrained", "random_init", "raw_pixels"] {
+        for k in ["linear_probe_accuracy", "knn_accuracy"] {
+            let v = report[part][k].as_f64().unwrap_or(-1.0);
+            assert!((0.0..=1.0).contains(&v), "{part}.{k} = {v}");
+        }
+    }
+    assert_eq!(report["n_classes"], 10);
+
+    // Too few calibration images: a clear error, not a panic.
+    let det = dir.path().join("det");
+    let det_s = det.to_str().unwrap();
+    let out = ssl(&[
+        "detect",
+        "fit",
+        "--checkpoint",
+        run_s,
+        "--data",
+        data_s,
+        "--out",
+        det_s,
+        "--set",
+        "data.max_images=30",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("calibration needs at least 10"), "{err}");
+
+    ok(&ssl(&[
+        "detect",
+        "fit",
+        "--checkpoint",
+        run_s,
+        "--data",
+        data_s,
+        "--out",
+        det_s,
+        "--set",
+        "data.max_images=60",
+    ]));
+    for f in [
+        "detector.json",
+        "memory_bank.safetensors",
+        "model.safetensors",
+        "vision_config.json",
+    ] {
+        assert!(det.join(f).exists(), "{f} missing");
+    }
+    let scores = dir.path().join("scores.parquet");
+    ok(&ssl(&[
+        "detect",
+        "score",
+        "--detector",
+        det_s,
+        "--data",
+        data_s,
+        "--out",
+        scores.to_str().unwrap(),
+        "--set",
+        "data.max_images=5",
+    ]));
+    assert!(scores.exists());
+    let heat = dir.path().join("scores_heatmaps");
+    assert_eq!(std::fs::read_dir(&heat).unwrap().count(), 5);
+}

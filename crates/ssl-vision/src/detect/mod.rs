@@ -1,0 +1,550 @@
+//! Defect detection trained on normal images only.
+//!
+//! Two scorers, selectable and combinable:
+//! - [`ScorerKind::Reconstruction`]: the MAE's reconstruction error with complementary masks
+//!   ([`recon`]), each patch divided by the mean error of normal images at that position;
+//! - [`ScorerKind::PatchCore`]: distance of each patch embedding to the nearest entry of a
+//!   memory bank of normal patch embeddings, subsampled by greedy coreset ([`patchcore`]);
+//! - [`ScorerKind::RawPixels`]: a baseline, the same on raw normalised patch pixels.
+//!
+//! An image's score per scorer is the mean of its top `top_fraction` patch scores. Scores of
+//! several scorers are combined as the mean of their z-scores against held-out normal images,
+//! on which the threshold is calibrated too ([`calibrate`]).
+
+pub mod calibrate;
+pub mod coreset;
+pub mod heatmap;
+pub mod patchcore;
+pub mod recon;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use ssl_core::SslRng;
+
+use crate::augment::normalize_batch;
+use crate::source::ImageSet;
+use crate::{MaeTask, Result, VisionError};
+use calibrate::{calibrate_threshold, mean_std, ThresholdMethod};
+use patchcore::{patch_embeddings, MemoryBank};
+
+/// A patch scorer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum ScorerKind {
+    /// MAE reconstruction error with complementary masks.
+    Reconstruction,
+    /// Nearest-neighbour distance to a memory bank of normal patch embeddings.
+    PatchCore,
+    /// Baseline: the same nearest-neighbour scoring on raw (normalised) patch pixels.
+    RawPixels,
+}
+
+impl ScorerKind {
+    /// Short name (`reconstruction`, `patch_core`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ScorerKind::Reconstruction => "reconstruction",
+            ScorerKind::PatchCore => "patch_core",
+            ScorerKind::RawPixels => "raw_pixels",
+        }
+    }
+
+    /// True for the scorers that use a memory bank.
+    pub fn uses_bank(self) -> bool {
+        matches!(self, ScorerKind::PatchCore | ScorerKind::RawPixels)
+    }
+}
+
+/// Settings of a [`Detector`] (`[detect]` in the CLI).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectorConfig {
+    /// Scorers to use; several are combined by the mean of their z-scores.
+    pub scorers: Vec<ScorerKind>,
+    /// Complementary masks of the reconstruction scorer (every patch hidden once).
+    pub recon_masks: usize,
+    /// Divide reconstruction errors by the mean normal error at the same patch position.
+    pub recon_position_norm: bool,
+    /// Encoder layer of the patch embeddings (0: the final normed output).
+    pub patch_layer: usize,
+    /// Neighbourhood (odd) averaged over the patch grid before PatchCore (1: off).
+    pub neighbourhood: usize,
+    /// Fraction of the normal patches kept in the memory bank by greedy coreset.
+    pub coreset_ratio: f64,
+    /// Upper bound on the memory-bank size.
+    pub coreset_max: usize,
+    /// Random-projection width of the coreset search (0: full width).
+    pub coreset_proj_dim: usize,
+    /// Fraction of the highest patch scores averaged into the image score (at least 1 patch).
+    pub top_fraction: f64,
+    /// How the threshold is set on held-out normal scores.
+    pub threshold: ThresholdMethod,
+    /// Fraction of the normal images held out for calibration.
+    pub calibration_fraction: f64,
+    /// Fewest calibration images accepted.
+    pub min_calibration: usize,
+    /// Images per forward pass.
+    pub batch_size: usize,
+    /// Seed of the split, the masks and the coreset.
+    pub seed: u64,
+}
+
+impl Default for DetectorConfig {
+    fn default() -> Self {
+        DetectorConfig {
+            scorers: vec![ScorerKind::Reconstruction, ScorerKind::PatchCore],
+            recon_masks: 4,
+            recon_position_norm: true,
+            patch_layer: 0,
+            neighbourhood: 3,
+            coreset_ratio: 0.1,
+            coreset_max: 20_000,
+            coreset_proj_dim: 64,
+            top_fraction: 0.02,
+            threshold: ThresholdMethod::default(),
+            calibration_fraction: 0.2,
+            min_calibration: 10,
+            batch_size: 32,
+            seed: 0,
+        }
+    }
+}
+
+/// Normal-score statistics of one scorer (from the calibration images).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScorerStats {
+    /// The scorer.
+    pub kind: ScorerKind,
+    /// Mean image score.
+    pub image_mean: f64,
+    /// Standard deviation of image scores.
+    pub image_std: f64,
+    /// Mean patch score.
+    pub patch_mean: f64,
+    /// Standard deviation of patch scores.
+    pub patch_std: f64,
+}
+
+/// Scores of one image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageScore {
+    /// The combined score (z-score against normal images, averaged over scorers).
+    pub score: f64,
+    /// True when `score` exceeds the threshold.
+    pub flag: bool,
+    /// The raw image score of each scorer, in the order of the configuration.
+    pub per_scorer: Vec<f64>,
+    /// Combined patch z-scores over the patch grid (row-major), for the heat-map.
+    pub patch_map: Vec<f32>,
+}
+
+/// What [`Detector::save`] writes besides the bank.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DetectorState {
+    cfg: DetectorConfig,
+    stats: Vec<ScorerStats>,
+    threshold: f64,
+    recon_position_mean: Vec<f32>,
+    n_fit: usize,
+    n_calibration: usize,
+}
+
+/// JSON state file of a saved detector.
+pub const DETECTOR_FILE: &str = "detector.json";
+/// Memory-bank file of a saved detector.
+pub const BANK_FILE: &str = "memory_bank.safetensors";
+
+/// A fitted detector: statistics of normal images, a memory bank, a threshold.
+#[derive(Debug, Clone)]
+pub struct Detector {
+    state: DetectorState,
+    banks: Vec<(ScorerKind, MemoryBank)>,
+}
+
+/// Patch features `(B x L) x D` of normalised `pixels` for a bank-based scorer.
+fn bank_features(
+    task: &MaeTask,
+    pixels: &Tensor,
+    kind: ScorerKind,
+    cfg: &DetectorConfig,
+) -> Result<(Vec<f32>, usize)> {
+    match kind {
+        ScorerKind::RawPixels => {
+            let vit = task.encoder().config();
+            let (gh, gw) = vit.grid()?;
+            let p = crate::patch::patchify(pixels, vit.patch_size)?;
+            let (b, _, d) = p.dims3()?;
+            let v = p.flatten_all()?.to_vec1::<f32>()?;
+            Ok((patchcore::aggregate(&v, b, gh, gw, d, cfg.neighbourhood), d))
+        }
+        _ => patch_embeddings(task.encoder(), pixels, cfg.patch_layer, cfg.neighbourhood),
+    }
+}
+
+/// Raw patch scores `(N x L)` of one scorer.
+fn raw_patch_scores(
+    task: &MaeTask,
+    images: &ImageSet,
+    kind: ScorerKind,
+    cfg: &DetectorConfig,
+    bank: Option<&MemoryBank>,
+    device: &Device,
+) -> Result<Vec<f32>> {
+    let name = kind.name();
+    let vit = task.encoder().config();
+    let l = vit.num_patches()?;
+    let mut out = Vec::with_capacity(images.len() * l);
+    let groups = recon::complementary_groups(l, cfg.recon_masks, cfg.seed)?;
+    for start in (0..images.len()).step_by(cfg.batch_size.max(1)) {
+        let batch = images.batch(start, cfg.batch_size.max(1), device)?;
+        let pixels = normalize_batch(&batch.pixels, task.augment())?;
+        match kind {
+            ScorerKind::Reconstruction => {
+                out.extend(recon::reconstruction_errors(task, &pixels, &groups)?);
+            }
+            ScorerKind::PatchCore | ScorerKind::RawPixels => {
+                let bank = bank.ok_or_else(|| {
+                    VisionError::InvalidInput(format!("scorer {name} needs a memory bank"))
+                })?;
+                let (f, _) = bank_features(task, &pixels, kind, cfg)?;
+                out.extend(bank.nearest_distances(&f, device)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Mean of the top `fraction` of `scores` (at least one).
+pub fn top_mean(scores: &[f32], fraction: f64) -> f64 {
+    let mut v: Vec<f32> = scores.to_vec();
+    v.sort_by(|a, b| b.total_cmp(a));
+    let k = ((fraction * v.len() as f64).ceil() as usize).clamp(1, v.len().max(1));
+    v.iter().take(k).map(|x| f64::from(*x)).sum::<f64>() / k as f64
+}
+
+impl Detector {
+    /// Fits on normal images: splits off `calibration_fraction` for calibration, builds the
+    /// memory bank and the reconstruction statistics from the rest, sets the threshold on
+    /// the calibration images. Errors when the calibration set is too small.
+    pub fn fit(
+        task: &MaeTask,
+        normal: &ImageSet,
+        cfg: &DetectorConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        if cfg.scorers.is_empty() {
+            return Err(VisionError::Config(
+                "detect.scorers is empty: name reconstruction and/or patch_core".into(),
+            ));
+        }
+        if !(cfg.calibration_fraction > 0.0 && cfg.calibration_fraction < 1.0) {
+            return Err(VisionError::Config(format!(
+                "detect.calibration_fraction = {} must be in (0, 1)",
+                cfg.calibration_fraction
+            )));
+        }
+        let n = normal.len();
+        let n_cal = (cfg.calibration_fraction * n as f64).round() as usize;
+        if n_cal < cfg.min_calibration.max(2) {
+            return Err(VisionError::CalibrationTooSmall {
+                needed: cfg.min_calibration.max(2),
+                got: n_cal,
+                hint: format!(
+                    "{n} normal images x calibration_fraction {} = {n_cal}; give more normal images or raise detect.calibration_fraction",
+                    cfg.calibration_fraction
+                ),
+            });
+        }
+        if n - n_cal == 0 {
+            return Err(VisionError::InvalidInput(
+                "no normal images left to fit on".into(),
+            ));
+        }
+        let mut order: Vec<usize> = (0..n).collect();
+        SslRng::derived(cfg.seed, "detector-split").shuffle(&mut order);
+        let cal = normal.select(&order[..n_cal]);
+        let fit = normal.select(&order[n_cal..]);
+        let l = task.encoder().config().num_patches()?;
+
+        let mut banks = Vec::new();
+        for &kind in cfg.scorers.iter().filter(|k| k.uses_bank()) {
+            if banks.iter().any(|(k, _)| *k == kind) {
+                continue;
+            }
+            let mut feats = Vec::new();
+            let mut bank_dim = 0;
+            for start in (0..fit.len()).step_by(cfg.batch_size.max(1)) {
+                let batch = fit.batch(start, cfg.batch_size.max(1), device)?;
+                let pixels = normalize_batch(&batch.pixels, task.augment())?;
+                let (f, d) = bank_features(task, &pixels, kind, cfg)?;
+                bank_dim = d;
+                feats.extend(f);
+            }
+            let total = feats.len() / bank_dim.max(1);
+            let target = ((cfg.coreset_ratio * total as f64).ceil() as usize)
+                .clamp(1, cfg.coreset_max.max(1));
+            let picked =
+                coreset::greedy_coreset(&feats, bank_dim, target, cfg.coreset_proj_dim, cfg.seed);
+            let mut kept = Vec::with_capacity(picked.len() * bank_dim);
+            for i in picked {
+                kept.extend_from_slice(&feats[i * bank_dim..(i + 1) * bank_dim]);
+            }
+            banks.push((
+                kind,
+                MemoryBank {
+                    features: kept,
+                    dim: bank_dim,
+                },
+            ));
+        }
+        let mut recon_position_mean = Vec::new();
+        if cfg.scorers.contains(&ScorerKind::Reconstruction) && cfg.recon_position_norm {
+            let errs = raw_patch_scores(task, &fit, ScorerKind::Reconstruction, cfg, None, device)?;
+            let mut m = vec![0f64; l];
+            for row in errs.chunks(l) {
+                for (a, e) in m.iter_mut().zip(row) {
+                    *a += f64::from(*e);
+                }
+            }
+            let global = m.iter().sum::<f64>() / (l * fit.len()) as f64;
+            recon_position_mean = m
+                .iter()
+                .map(|s| ((s / fit.len() as f64).max(1e-3 * global).max(1e-12)) as f32)
+                .collect();
+        }
+        let mut det = Detector {
+            state: DetectorState {
+                cfg: cfg.clone(),
+                stats: Vec::new(),
+                threshold: f64::NAN,
+                recon_position_mean,
+                n_fit: fit.len(),
+                n_calibration: cal.len(),
+            },
+            banks,
+        };
+        // Calibration: per-scorer normal statistics, then the threshold on combined scores.
+        let mut per_scorer_patches = Vec::new();
+        for &kind in &cfg.scorers {
+            let p = det.patch_scores(task, &cal, kind, device)?;
+            let img: Vec<f64> = p.chunks(l).map(|r| top_mean(r, cfg.top_fraction)).collect();
+            let (im, is) = mean_std(&img);
+            let pv: Vec<f64> = p.iter().map(|v| f64::from(*v)).collect();
+            let (pm, ps) = mean_std(&pv);
+            det.state.stats.push(ScorerStats {
+                kind,
+                image_mean: im,
+                image_std: is.max(1e-12),
+                patch_mean: pm,
+                patch_std: ps.max(1e-12),
+            });
+            per_scorer_patches.push(p);
+        }
+        let combined: Vec<f64> = (0..cal.len())
+            .map(|i| {
+                det.combine(
+                    &per_scorer_patches
+                        .iter()
+                        .map(|p| top_mean(&p[i * l..(i + 1) * l], cfg.top_fraction))
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        det.state.threshold = calibrate_threshold(&combined, cfg.threshold, cfg.min_calibration)?;
+        Ok(det)
+    }
+
+    /// Patch scores `(N x L)` of one scorer, position-normalised for reconstruction.
+    fn patch_scores(
+        &self,
+        task: &MaeTask,
+        images: &ImageSet,
+        kind: ScorerKind,
+        device: &Device,
+    ) -> Result<Vec<f32>> {
+        let mut p = raw_patch_scores(
+            task,
+            images,
+            kind,
+            &self.state.cfg,
+            self.banks.iter().find(|(k, _)| *k == kind).map(|(_, b)| b),
+            device,
+        )?;
+        if kind == ScorerKind::Reconstruction && !self.state.recon_position_mean.is_empty() {
+            let l = self.state.recon_position_mean.len();
+            for row in p.chunks_mut(l) {
+                for (v, m) in row.iter_mut().zip(&self.state.recon_position_mean) {
+                    *v /= m;
+                }
+            }
+        }
+        Ok(p)
+    }
+
+    fn combine(&self, image_scores: &[f64]) -> f64 {
+        let z: f64 = image_scores
+            .iter()
+            .zip(&self.state.stats)
+            .map(|(s, st)| (s - st.image_mean) / st.image_std)
+            .sum();
+        z / image_scores.len().max(1) as f64
+    }
+
+    /// Scores images: combined score, flag, per-scorer scores, patch map.
+    pub fn score(
+        &self,
+        task: &MaeTask,
+        images: &ImageSet,
+        device: &Device,
+    ) -> Result<Vec<ImageScore>> {
+        let l = task.encoder().config().num_patches()?;
+        let per: Vec<Vec<f32>> = self
+            .state
+            .cfg
+            .scorers
+            .iter()
+            .map(|&k| self.patch_scores(task, images, k, device))
+            .collect::<Result<_>>()?;
+        let mut out = Vec::with_capacity(images.len());
+        for i in 0..images.len() {
+            let raw: Vec<f64> = per
+                .iter()
+                .map(|p| top_mean(&p[i * l..(i + 1) * l], self.state.cfg.top_fraction))
+                .collect();
+            let score = self.combine(&raw);
+            let mut map = vec![0f32; l];
+            for (p, st) in per.iter().zip(&self.state.stats) {
+                for (m, v) in map.iter_mut().zip(&p[i * l..(i + 1) * l]) {
+                    *m +=
+                        ((f64::from(*v) - st.patch_mean) / st.patch_std) as f32 / per.len() as f32;
+                }
+            }
+            out.push(ImageScore {
+                score,
+                flag: score > self.state.threshold,
+                per_scorer: raw,
+                patch_map: map,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The decision threshold on the combined score.
+    pub fn threshold(&self) -> f64 {
+        self.state.threshold
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DetectorConfig {
+        &self.state.cfg
+    }
+
+    /// Normal-score statistics per scorer.
+    pub fn stats(&self) -> &[ScorerStats] {
+        &self.state.stats
+    }
+
+    /// Memory-bank sizes per bank-based scorer.
+    pub fn bank_sizes(&self) -> Vec<(ScorerKind, usize)> {
+        self.banks.iter().map(|(k, b)| (*k, b.len())).collect()
+    }
+
+    /// Images used for fitting and for calibration.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.state.n_fit, self.state.n_calibration)
+    }
+
+    /// Writes `detector.json` and `memory_bank.safetensors` into `dir`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| VisionError::io(dir, e))?;
+        let p = dir.join(DETECTOR_FILE);
+        let json = serde_json::to_string_pretty(&self.state).map_err(|e| VisionError::io(&p, e))?;
+        std::fs::write(&p, json).map_err(|e| VisionError::io(&p, e))?;
+        if !self.banks.is_empty() {
+            let mut map = HashMap::new();
+            for (kind, bank) in &self.banks {
+                let t =
+                    Tensor::from_vec(bank.features.clone(), (bank.len(), bank.dim), &Device::Cpu)?;
+                map.insert(kind.name().to_string(), t);
+            }
+            let path = dir.join(BANK_FILE);
+            candle_core::safetensors::save(&map, &path).map_err(|e| VisionError::io(&path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Reads a detector written by [`Detector::save`].
+    pub fn load(dir: &Path) -> Result<Self> {
+        let p = dir.join(DETECTOR_FILE);
+        let text = std::fs::read_to_string(&p).map_err(|e| VisionError::io(&p, e))?;
+        let state: DetectorState =
+            serde_json::from_str(&text).map_err(|e| VisionError::io(&p, e))?;
+        let mut banks = Vec::new();
+        if state.cfg.scorers.iter().any(|k| k.uses_bank()) {
+            let path = dir.join(BANK_FILE);
+            let map = candle_core::safetensors::load(&path, &Device::Cpu)
+                .map_err(|e| VisionError::io(&path, e))?;
+            for &kind in state.cfg.scorers.iter().filter(|k| k.uses_bank()) {
+                if banks.iter().any(|(k, _)| *k == kind) {
+                    continue;
+                }
+                let t = map.get(kind.name()).ok_or_else(|| {
+                    VisionError::io(&path, format!("no `{}` tensor", kind.name()))
+                })?;
+                let dim = t.dim(1)?;
+                banks.push((
+                    kind,
+                    MemoryBank {
+                        features: t.flatten_all()?.to_vec1::<f32>()?,
+                        dim,
+                    },
+                ));
+            }
+        }
+        Ok(Detector { state, banks })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{AugmentConfig, MaeConfig, ViTConfig};
+    use ssl_core::ParamStore;
+
+    #[test]
+    fn top_mean_takes_the_highest() {
+        assert_eq!(top_mean(&[1.0, 5.0, 3.0, 2.0], 0.5), 4.0);
+        assert_eq!(top_mean(&[1.0, 5.0], 0.0), 5.0);
+    }
+
+    #[test]
+    fn too_small_calibration_set_is_a_clear_error() {
+        let vit = ViTConfig {
+            image_height: 8,
+            image_width: 8,
+            channels: 1,
+            patch_size: 4,
+            dim: 8,
+            depth: 1,
+            heads: 2,
+            ..ViTConfig::default()
+        };
+        let mae = MaeConfig {
+            decoder_dim: 8,
+            decoder_depth: 1,
+            decoder_heads: 2,
+            ..MaeConfig::default()
+        };
+        let store = ParamStore::new(&Device::Cpu);
+        let task = MaeTask::new(&vit, &mae, &AugmentConfig::default(), &store.builder(0)).unwrap();
+        let set = ImageSet::new(vec![0.5; 20 * 64], [1, 8, 8]).unwrap();
+        let e = Detector::fit(&task, &set, &DetectorConfig::default(), &Device::Cpu).unwrap_err();
+        assert!(
+            e.to_string().contains("at least 10") && e.to_string().contains("got 4"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,56 @@
+//! # ssl-vision
+//!
+//! Self-supervised vision transformers on unlabelled images, and defect detection trained on
+//! normal images only, on top of `ssl-core`:
+//!
+//! - [`VisionTransformer`]: a ViT encoder (class token, fixed 2-D sin-cos positions, the shared
+//!   pre-norm [`ssl_core::nn::TransformerStack`], Hugging Face ViT key names) for any image
+//!   size, patch size and channel count, with presets (tiny, small, base);
+//! - [`MaeTask`]: the masked autoencoder of facebookresearch/mae as an
+//!   [`ssl_core::PretextTask`]; [`random_masking`] is its pure per-sample masking;
+//! - [`SimClrTask`]: SimCLR-style two-view contrastive learning with NT-Xent on the same ViT;
+//! - [`augment`]: seeded random resized crop, horizontal flip, normalisation;
+//! - [`preview`]: PNG grids of original | masked | reconstruction;
+//! - [`detect`]: reconstruction-error and PatchCore-style scorers, threshold calibration
+//!   and heat-maps.
+//!
+//! ```no_run
+//! use candle_core::Device;
+//! use ssl_core::{LoopTrainer, ParamStore, TrainConfig, Trainer};
+//! use ssl_vision::*;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let images = ImageSet::new(vec![0.5; 64 * 28 * 28], [1, 28, 28])?;
+//! let vit = ViTConfig { image_height: 28, image_width: 28, channels: 1, patch_size: 4,
+//!                       dim: 64, depth: 4, heads: 4, ..ViTConfig::default() };
+//! let mae = MaeConfig { decoder_dim: 32, decoder_depth: 2, decoder_heads: 4, ..MaeConfig::default() };
+//! let store = ParamStore::new(&Device::Cpu);
+//! let task = MaeTask::new(&vit, &mae, &AugmentConfig::default(), &store.builder(0))?;
+//! let mut data = InMemoryImageSource::new(images, 32, 0, &Device::Cpu)?;
+//! let train = recipe_train_config(1.5e-4, 32, 1, 200);
+//! LoopTrainer::new(train, None)?.fit(&task, &mut data, None)?;
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+pub mod augment;
+mod contrastive;
+pub mod detect;
+mod error;
+mod mae;
+pub mod masking;
+pub mod patch;
+pub mod pos_embed;
+pub mod preview;
+mod recipe;
+mod source;
+mod vit;
+
+pub use augment::AugmentConfig;
+pub use contrastive::{SimClrConfig, SimClrTask};
+pub use error::{Result, VisionError};
+pub use mae::{MaeConfig, MaeTask};
+pub use masking::{random_masking, MaskSample};
+pub use recipe::{recipe_train_config, scaled_lr};
+pub use source::{ImageCursor, ImageSet, InMemoryImageSource};
+pub use vit::{Images, Pooling, ViTConfig, VisionTransformer};

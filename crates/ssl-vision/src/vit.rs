@@ -1,0 +1,418 @@
+//! The ViT encoder: patch embedding, class token, fixed 2-D sin-cos positions, the shared
+//! pre-norm [`TransformerStack`], a final layer norm.
+//!
+//! Keys follow Hugging Face ViT: `embeddings.cls_token`,
+//! `embeddings.patch_embeddings.projection.{weight,bias}` (a `(D, C, p, p)` convolution
+//! kernel), `encoder.layer.{i}...`, `layernorm.{weight,bias}`.
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use ssl_core::nn::{
+    Activation, LayerNorm, NormPlacement, StackInit, TransformerConfig, TransformerStack,
+};
+use ssl_core::{Ctx, Encoder, EncoderOutput, Init, ParamBuilder};
+
+use crate::patch::{grid_size, patches_for_conv};
+use crate::pos_embed::sincos_2d;
+use crate::{Result, VisionError};
+
+/// A batch of images `(B, C, H, W)`, `f32`. Pretext tasks take raw `[0, 1]` pixels and
+/// normalise them; the encoder itself takes normalised pixels.
+#[derive(Debug, Clone)]
+pub struct Images {
+    /// Pixels `(B, C, H, W)`.
+    pub pixels: Tensor,
+}
+
+impl Images {
+    /// A batch from flat `(B, C, H, W)` values.
+    pub fn from_vec(data: Vec<f32>, shape: [usize; 4], device: &Device) -> Result<Self> {
+        if data.len() != shape.iter().product::<usize>() {
+            return Err(VisionError::InvalidInput(format!(
+                "{} pixel values do not fill a batch of shape {shape:?}",
+                data.len()
+            )));
+        }
+        Ok(Images {
+            pixels: Tensor::from_vec(data, shape.to_vec(), device)?,
+        })
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.pixels.dims().first().copied().unwrap_or(0)
+    }
+
+    /// True for an empty batch.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// How [`VisionTransformer`] pools tokens into one embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// The class token's output.
+    #[default]
+    Cls,
+    /// The mean of the patch tokens' outputs.
+    Mean,
+}
+
+/// Configuration of a [`VisionTransformer`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ViTConfig {
+    /// Image height.
+    pub image_height: usize,
+    /// Image width.
+    pub image_width: usize,
+    /// Channels (1 grey, 3 RGB, or any count).
+    pub channels: usize,
+    /// Square patch side (must divide height and width).
+    pub patch_size: usize,
+    /// Width D (a multiple of 4 for the 2-D sin-cos positions).
+    pub dim: usize,
+    /// Transformer layers.
+    pub depth: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Feed-forward width as a multiple of `dim`.
+    pub mlp_ratio: f64,
+    /// Layer-norm epsilon (MAE: 1e-6).
+    pub layer_norm_eps: f64,
+    /// Pooled embedding: class token or mean of patch tokens.
+    pub pooling: Pooling,
+}
+
+impl Default for ViTConfig {
+    fn default() -> Self {
+        ViTConfig::preset("tiny", 224, 224, 3, 16).unwrap_or(ViTConfig {
+            image_height: 224,
+            image_width: 224,
+            channels: 3,
+            patch_size: 16,
+            dim: 192,
+            depth: 12,
+            heads: 3,
+            mlp_ratio: 4.0,
+            layer_norm_eps: 1e-6,
+            pooling: Pooling::Cls,
+        })
+    }
+}
+
+impl ViTConfig {
+    /// A named preset (`tiny` 192/12/3, `small` 384/12/6, `base` 768/12/12, as DeiT/MAE) for
+    /// the given image size, channels and patch size.
+    pub fn preset(
+        name: &str,
+        height: usize,
+        width: usize,
+        channels: usize,
+        patch: usize,
+    ) -> Result<Self> {
+        let (dim, depth, heads) = match name {
+            "tiny" => (192, 12, 3),
+            "small" => (384, 12, 6),
+            "base" => (768, 12, 12),
+            other => {
+                return Err(VisionError::Config(format!(
+                    "unknown ViT preset `{other}` (tiny, small, base)"
+                )))
+            }
+        };
+        Ok(ViTConfig {
+            image_height: height,
+            image_width: width,
+            channels,
+            patch_size: patch,
+            dim,
+            depth,
+            heads,
+            mlp_ratio: 4.0,
+            layer_norm_eps: 1e-6,
+            pooling: Pooling::Cls,
+        })
+    }
+
+    /// The patch grid `(rows, columns)`.
+    pub fn grid(&self) -> Result<(usize, usize)> {
+        grid_size(self.image_height, self.image_width, self.patch_size)
+    }
+
+    /// Number of patches L.
+    pub fn num_patches(&self) -> Result<usize> {
+        let (h, w) = self.grid()?;
+        Ok(h * w)
+    }
+
+    /// Values per patch `p * p * C`.
+    pub fn patch_dim(&self) -> usize {
+        self.patch_size * self.patch_size * self.channels
+    }
+
+    /// The shared stack's configuration (pre-norm, exact GELU, Xavier init, no dropout).
+    pub fn transformer(&self) -> TransformerConfig {
+        TransformerConfig {
+            dim: self.dim,
+            depth: self.depth,
+            heads: self.heads,
+            mlp_dim: ((self.dim as f64) * self.mlp_ratio).round() as usize,
+            norm: NormPlacement::Pre,
+            activation: Activation::GeluErf,
+            dropout: 0.0,
+            attn_dropout: 0.0,
+            layer_norm_eps: self.layer_norm_eps,
+            causal: false,
+            init: StackInit::XavierUniform,
+        }
+    }
+
+    /// Checks the configuration.
+    pub fn validate(&self) -> Result<()> {
+        if self.channels == 0 {
+            return Err(VisionError::Config(
+                "model.channels must be at least 1".into(),
+            ));
+        }
+        self.grid()?;
+        if self.dim % 4 != 0 {
+            return Err(VisionError::Config(format!(
+                "model.dim = {} must be a multiple of 4 (2-D sin-cos positions)",
+                self.dim
+            )));
+        }
+        if self.mlp_ratio.is_nan() || self.mlp_ratio <= 0.0 {
+            return Err(VisionError::Config(format!(
+                "model.mlp_ratio = {} must be positive",
+                self.mlp_ratio
+            )));
+        }
+        self.transformer().validate()?;
+        Ok(())
+    }
+}
+
+/// Xavier-uniform bound of a `(fan_out, fan_in)` matrix.
+pub(crate) fn xavier_bound(fan_in: usize, fan_out: usize) -> f64 {
+    (6.0 / (fan_in + fan_out) as f64).sqrt()
+}
+
+/// A Vision Transformer encoder (see the module documentation).
+pub struct VisionTransformer {
+    cfg: ViTConfig,
+    cls_token: Tensor,
+    patch_weight: Tensor,
+    patch_bias: Tensor,
+    pos_embed: Tensor,
+    stack: TransformerStack,
+    norm: LayerNorm,
+}
+
+impl VisionTransformer {
+    /// Creates the encoder's parameters under `pb` (MAE's initialisation: Xavier-uniform
+    /// patch kernel and linear layers, class token N(0, 0.02)).
+    pub fn new(cfg: &ViTConfig, pb: &ParamBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let (gh, gw) = cfg.grid()?;
+        let d = cfg.dim;
+        let emb = pb.pp("embeddings");
+        let cls_token = emb.get_with_decay("cls_token", (1, 1, d), Init::Normal(0.02), false)?;
+        let proj = emb.pp("patch_embeddings.projection");
+        let bound = xavier_bound(cfg.patch_dim(), d);
+        let patch_weight = proj.get(
+            "weight",
+            (d, cfg.channels, cfg.patch_size, cfg.patch_size),
+            Init::Uniform(bound),
+        )?;
+        let patch_bias = proj.get("bias", d, Init::Zeros)?;
+        let pos = sincos_2d(d, gh, gw, true)?;
+        let pos_embed = Tensor::from_vec(pos, (1, gh * gw + 1, d), pb.device())?;
+        let stack = TransformerStack::new(&cfg.transformer(), &pb.pp("encoder"))?;
+        let norm = LayerNorm::new(d, cfg.layer_norm_eps, &pb.pp("layernorm"))?;
+        Ok(VisionTransformer {
+            cfg: cfg.clone(),
+            cls_token,
+            patch_weight,
+            patch_bias,
+            pos_embed,
+            stack,
+            norm,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ViTConfig {
+        &self.cfg
+    }
+
+    /// Patch embeddings plus position embeddings `(B, L, D)` of normalised pixels.
+    pub fn embed_patches(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (_, c, h, w) = pixels.dims4()?;
+        if (c, h, w)
+            != (
+                self.cfg.channels,
+                self.cfg.image_height,
+                self.cfg.image_width,
+            )
+        {
+            return Err(VisionError::InvalidInput(format!(
+                "images are {c}x{h}x{w} (channels x height x width), the model expects {}x{}x{}",
+                self.cfg.channels, self.cfg.image_height, self.cfg.image_width
+            )));
+        }
+        let patches = patches_for_conv(pixels, self.cfg.patch_size)?;
+        let (b, l, k) = patches.dims3()?;
+        let w = self.patch_weight.reshape((self.cfg.dim, k))?;
+        let x = patches
+            .reshape((b * l, k))?
+            .matmul(&w.t()?)?
+            .broadcast_add(&self.patch_bias)?
+            .reshape((b, l, self.cfg.dim))?;
+        let pos = self.pos_embed.narrow(1, 1, l)?;
+        Ok(x.broadcast_add(&pos)?)
+    }
+
+    /// Runs the class token and `tokens` (B, N, D) (all or a subset of the patch embeddings
+    /// from [`VisionTransformer::embed_patches`]) through the stack and the final norm.
+    /// Returns `(B, 1 + N, D)`, class token first, and the hidden states when asked for.
+    pub fn forward_tokens(&self, tokens: &Tensor, ctx: &mut Ctx) -> Result<(Tensor, Vec<Tensor>)> {
+        let (b, _, d) = tokens.dims3()?;
+        let cls = (&self.cls_token + self.pos_embed.narrow(1, 0, 1)?)?.broadcast_as((b, 1, d))?;
+        let x = Tensor::cat(&[&cls, tokens], 1)?;
+        let out = self.stack.forward(&x, None, ctx)?;
+        Ok((self.norm.forward(&out.last)?, out.hidden_states))
+    }
+
+    /// Pools `(B, 1 + N, D)` normed outputs as configured.
+    pub fn pool(&self, out: &Tensor) -> Result<Tensor> {
+        let n = out.dim(1)?;
+        Ok(match self.cfg.pooling {
+            Pooling::Cls => out.narrow(1, 0, 1)?.squeeze(1)?,
+            Pooling::Mean => out.narrow(1, 1, n - 1)?.mean(1)?,
+        })
+    }
+
+    /// Pools with an explicit choice.
+    pub fn pool_with(&self, out: &Tensor, pooling: Pooling) -> Result<Tensor> {
+        let n = out.dim(1)?;
+        Ok(match pooling {
+            Pooling::Cls => out.narrow(1, 0, 1)?.squeeze(1)?,
+            Pooling::Mean => out.narrow(1, 1, n - 1)?.mean(1)?,
+        })
+    }
+}
+
+impl Encoder for VisionTransformer {
+    type Input = Images;
+
+    /// `tokens` are the patch tokens `(B, L, D)` (class token dropped); `pooled` is the class
+    /// token or the mean of the patch tokens.
+    fn encode(&self, input: &Images, ctx: &mut Ctx) -> ssl_core::Result<EncoderOutput> {
+        let x = self.embed_patches(&input.pixels)?;
+        let (out, hidden_states) = self.forward_tokens(&x, ctx)?;
+        let n = out.dim(1)?;
+        let pooled = self.pool(&out)?;
+        Ok(EncoderOutput {
+            tokens: out.narrow(1, 1, n - 1)?,
+            pooled,
+            hidden_states,
+        })
+    }
+
+    fn dim(&self) -> usize {
+        self.cfg.dim
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ssl_core::{ParamStore, SslRng};
+
+    pub(crate) fn tiny(channels: usize) -> ViTConfig {
+        ViTConfig {
+            image_height: 8,
+            image_width: 12,
+            channels,
+            patch_size: 4,
+            dim: 16,
+            depth: 2,
+            heads: 2,
+            mlp_ratio: 2.0,
+            layer_norm_eps: 1e-6,
+            pooling: Pooling::Cls,
+        }
+    }
+
+    #[test]
+    fn shapes_keys_and_gradients() {
+        for (channels, pooling) in [(1, Pooling::Cls), (3, Pooling::Mean)] {
+            let store = ParamStore::new(&Device::Cpu);
+            let cfg = ViTConfig {
+                pooling,
+                ..tiny(channels)
+            };
+            let vit = VisionTransformer::new(&cfg, &store.builder(0)).unwrap();
+            let mut rng = SslRng::new(0);
+            let x = Images::from_vec(
+                rng.normal_vec(2 * channels * 8 * 12, 0.0, 1.0),
+                [2, channels, 8, 12],
+                &Device::Cpu,
+            )
+            .unwrap();
+            let out = vit.encode(&x, &mut Ctx::train(&mut rng)).unwrap();
+            assert_eq!(out.tokens.dims(), [2, 6, 16]);
+            assert_eq!(out.pooled.dims(), [2, 16]);
+            let names: Vec<String> = store.vars().into_iter().map(|(n, _)| n).collect();
+            for k in [
+                "embeddings.cls_token",
+                "embeddings.patch_embeddings.projection.weight",
+                "encoder.layer.1.attention.attention.query.weight",
+                "encoder.layer.0.layernorm_before.bias",
+                "layernorm.weight",
+            ] {
+                assert!(names.iter().any(|n| n == k), "{k} missing from {names:?}");
+            }
+            let loss = (out.pooled.sqr().unwrap().sum_all().unwrap()
+                + out.tokens.sqr().unwrap().sum_all().unwrap())
+            .unwrap();
+            let grads = loss.backward().unwrap();
+            for (name, var) in store.vars() {
+                let g = grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("{name}"));
+                let n = g
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(n > 0.0, "{name} has a zero gradient");
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_bad_shapes() {
+        let store = ParamStore::new(&Device::Cpu);
+        let bad = ViTConfig {
+            patch_size: 5,
+            ..tiny(1)
+        };
+        assert!(VisionTransformer::new(&bad, &store.builder(0)).is_err());
+        let vit = VisionTransformer::new(&tiny(1), &store.builder(0)).unwrap();
+        let x = Images::from_vec(vec![0.0; 3 * 8 * 12], [1, 3, 8, 12], &Device::Cpu).unwrap();
+        let mut rng = SslRng::new(0);
+        let err = vit
+            .encode(&x, &mut Ctx::eval(&mut rng))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("3x8x12"), "{err}");
+        assert_eq!(ViTConfig::preset("base", 224, 224, 3, 16).unwrap().dim, 768);
+        assert!(ViTConfig::preset("huge2", 224, 224, 3, 16).is_err());
+    }
+}

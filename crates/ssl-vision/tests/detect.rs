@@ -1,0 +1,161 @@
+//! Defect detection on synthetic images: normal images are smooth random stripes; defects
+//! add a bright blob. Trained and fitted on normal images only.
+
+use candle_core::Device;
+use ssl_core::{LoopTrainer, ParamStore, SslRng, TrainConfig, Trainer};
+use ssl_vision::detect::calibrate::ThresholdMethod;
+use ssl_vision::detect::{Detector, DetectorConfig, ScorerKind};
+use ssl_vision::*;
+
+const S: usize = 16;
+
+fn stripes(rng: &mut SslRng) -> Vec<f32> {
+    let f = rng.uniform_range(0.3, 0.6);
+    let ph = rng.uniform_range(0.0, std::f32::consts::TAU);
+    let mut v = Vec::with_capacity(S * S);
+    for y in 0..S {
+        for x in 0..S {
+            let t = (x as f32 * f + ph).sin() * 0.15 + 0.4 + 0.01 * y as f32;
+            v.push(t + 0.01 * rng.normal());
+        }
+    }
+    v
+}
+
+/// Adds a bright disc of radius 2; returns the image and the disc's centre.
+fn with_blob(mut v: Vec<f32>, rng: &mut SslRng) -> (Vec<f32>, (usize, usize)) {
+    let (cy, cx) = (rng.below(S - 6) + 3, rng.below(S - 6) + 3);
+    for y in 0..S {
+        for x in 0..S {
+            let d2 = (y as f32 - cy as f32).powi(2) + (x as f32 - cx as f32).powi(2);
+            if d2 <= 4.0 {
+                v[y * S + x] = 1.0;
+            }
+        }
+    }
+    (v, (cy, cx))
+}
+
+fn auroc(normal: &[f64], defect: &[f64]) -> f64 {
+    let mut wins = 0.0;
+    for d in defect {
+        for n in normal {
+            wins += if d > n {
+                1.0
+            } else if d == n {
+                0.5
+            } else {
+                0.0
+            };
+        }
+    }
+    wins / (normal.len() * defect.len()) as f64
+}
+
+#[test]
+fn bright_blob_scores_above_normal_images() {
+    let dev = Device::Cpu;
+    let mut rng = SslRng::new(0);
+    let normal: Vec<f32> = (0..120).flat_map(|_| stripes(&mut rng)).collect();
+    let normal = ImageSet::new(normal, [1, S, S]).unwrap();
+    let vit = ViTConfig {
+        image_height: S,
+        image_width: S,
+        channels: 1,
+        patch_size: 4,
+        dim: 32,
+        depth: 2,
+        heads: 2,
+        mlp_ratio: 2.0,
+        ..ViTConfig::default()
+    };
+    let mae = MaeConfig {
+        decoder_dim: 16,
+        decoder_depth: 1,
+        decoder_heads: 2,
+        mask_ratio: 0.5,
+        ..MaeConfig::default()
+    };
+    let aug = AugmentConfig {
+        crop: false,
+        hflip: false,
+        mean: vec![0.4],
+        std: vec![0.2],
+        ..AugmentConfig::default()
+    };
+    let store = ParamStore::new(&dev);
+    let task = MaeTask::new(&vit, &mae, &aug, &store.builder(0)).unwrap();
+    let mut src = InMemoryImageSource::new(normal.clone(), 32, 0, &dev).unwrap();
+    let train = TrainConfig {
+        lr: 2e-3,
+        checkpoint_every_steps: 0,
+        checkpoint_every_minutes: 0.0,
+        health_every: 0,
+        divergence_factor: 0.0,
+        ..recipe_train_config(1e-3, 32, 1, 80)
+    };
+    LoopTrainer::new(train, None)
+        .unwrap()
+        .fit(&task, &mut src, None)
+        .unwrap();
+
+    let test_normal: Vec<f32> = (0..20).flat_map(|_| stripes(&mut rng)).collect();
+    let mut centres = Vec::new();
+    let test_defect: Vec<f32> = (0..20)
+        .flat_map(|_| {
+            let s = stripes(&mut rng);
+            let (img, c) = with_blob(s, &mut rng);
+            centres.push(c);
+            img
+        })
+        .collect();
+    let tn = ImageSet::new(test_normal, [1, S, S]).unwrap();
+    let td = ImageSet::new(test_defect, [1, S, S]).unwrap();
+    for scorers in [
+        vec![ScorerKind::Reconstruction],
+        vec![ScorerKind::PatchCore],
+        vec![ScorerKind::RawPixels],
+        vec![ScorerKind::Reconstruction, ScorerKind::PatchCore],
+    ] {
+        let cfg = DetectorConfig {
+            scorers: scorers.clone(),
+            threshold: ThresholdMethod::MeanStd { k: 3.0 },
+            coreset_ratio: 0.25,
+            ..DetectorConfig::default()
+        };
+        let det = Detector::fit(&task, &normal, &cfg, &dev).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        det.save(dir.path()).unwrap();
+        let det = Detector::load(dir.path()).unwrap();
+        let sn: Vec<f64> = det
+            .score(&task, &tn, &dev)
+            .unwrap()
+            .iter()
+            .map(|s| s.score)
+            .collect();
+        let sd = det.score(&task, &td, &dev).unwrap();
+        let a = auroc(&sn, &sd.iter().map(|s| s.score).collect::<Vec<_>>());
+        assert!(a > 0.9, "{scorers:?}: AUROC {a}");
+        let flagged = sd.iter().filter(|s| s.flag).count();
+        assert!(
+            flagged >= 14,
+            "{scorers:?}: only {flagged}/20 defects flagged"
+        );
+        // The heat-map's hottest patch is the blob's patch or touches it (4x4 grid of 4 px).
+        let mut located = 0;
+        for (s, &(cy, cx)) in sd.iter().zip(&centres) {
+            assert_eq!(s.patch_map.len(), 16);
+            let hot = (0..16)
+                .max_by(|&a, &b| s.patch_map[a].total_cmp(&s.patch_map[b]))
+                .unwrap();
+            let (hy, hx) = (hot / 4, hot % 4);
+            if hy.abs_diff(cy / 4) <= 1 && hx.abs_diff(cx / 4) <= 1 {
+                located += 1;
+            }
+        }
+        assert!(
+            located >= 16,
+            "{scorers:?}: blob located in {located}/20 heat-maps"
+        );
+    }
+}
