@@ -1,6 +1,6 @@
 //! One training step (forward, backward, clipping, AdamW) of the two reference
 //! configurations, timed over repeated steps after a warm-up. `bench/train_step_torch.py` runs
-//! the same models in PyTorch; `bench/compare.sh` prints both and the ratio.
+//! the same models in PyTorch (`OMP_NUM_THREADS=2 python bench/train_step_torch.py`); the crate README reports the ratio.
 //!
 //! - TS2Vec: dilated convolutions (hidden 64, output 320, depth 10), batch 8 x 150 steps x 1
 //!   channel (GunPoint's shape), hierarchical contrastive loss on random overlapping crops.
