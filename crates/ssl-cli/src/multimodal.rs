@@ -671,19 +671,16 @@ pub fn embed(
     };
     let dim = emb.dim(1)?;
     let flat = to_vec(&emb)?;
+    let tower = format!("{:?}", cfg.embed.tower).to_lowercase();
     let mut meta = BTreeMap::new();
     meta.insert("model".to_string(), "ssl-multimodal CLIP".to_string());
     meta.insert("checkpoint".to_string(), run.ckpt.display().to_string());
-    meta.insert(
-        "tower".to_string(),
-        format!("{:?}", cfg.embed.tower).to_lowercase(),
-    );
+    meta.insert("tower".to_string(), tower.clone());
     meta.insert("normalized".to_string(), "true".to_string());
     crate::embeddings::write_embeddings(out, &ids, &flat, dim, meta)?;
     eprintln!(
-        "wrote {} {} embeddings of dimension {dim} to {}",
+        "wrote {} {tower} embeddings of dimension {dim} to {}",
         ids.len(),
-        format!("{:?}", cfg.embed.tower).to_lowercase(),
         out.display()
     );
     Ok(())
