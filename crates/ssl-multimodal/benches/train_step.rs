@@ -60,9 +60,11 @@ fn batch() -> PairBatch {
 }
 
 fn time(name: &str, micro_batch: usize, steps: u64) {
-    let mut cfg = ClipConfig::default();
+    let mut cfg = ClipConfig {
+        micro_batch,
+        ..ClipConfig::default()
+    };
     cfg.text.vocab_size = VOCAB;
-    cfg.micro_batch = micro_batch;
     let store = ParamStore::new(&Device::Cpu);
     let model = ClipModel::new(&cfg, &store.builder(0)).expect("model");
     let b = batch();

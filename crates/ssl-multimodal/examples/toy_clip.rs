@@ -54,12 +54,15 @@ fn main() -> Result<()> {
     let (train, test) = (pairs.select(&tr), pairs.select(&te));
     let tok = train_caption_tokenizer(&train.captions, 100)?;
     let seqs = tokenize_captions(&tok, &train.captions, &train.ids, 16)?;
-    let mut cfg = ClipConfig::default();
+    // Gradient caching: batches of 128 in chunks of 32.
+    let mut cfg = ClipConfig {
+        micro_batch: 32,
+        ..ClipConfig::default()
+    };
     cfg.image.image_height = 16;
     cfg.image.image_width = 16;
     cfg.image.patch_size = 4;
     cfg.text.vocab_size = tok.get_vocab_size(true);
-    cfg.micro_batch = 32; // gradient caching: batches of 128 in chunks of 32
     let store = ParamStore::new(&Device::Cpu);
     let model = ClipModel::new(&cfg, &store.builder(0))?;
     report("untrained", &model, &tok, &test)?;

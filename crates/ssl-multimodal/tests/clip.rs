@@ -8,8 +8,10 @@ use ssl_multimodal::*;
 use ssl_vision::Pooling;
 
 fn tiny(vocab: usize) -> ClipConfig {
-    let mut c = ClipConfig::default();
-    c.embed_dim = 8;
+    let mut c = ClipConfig {
+        embed_dim: 8,
+        ..ClipConfig::default()
+    };
     c.image.image_height = 8;
     c.image.image_width = 8;
     c.image.patch_size = 4;
