@@ -60,7 +60,8 @@ pub struct MultimodalDataConfig {
     pub resize: Vec<usize>,
     /// Skip (and report) rows that cannot be decoded instead of stopping.
     pub skip_bad_rows: bool,
-    /// Use at most this many pairs (0: all).
+    /// Use at most the first this many pairs for training and evaluation (0: all; `ssl embed`
+    /// embeds every row).
     pub max_pairs: usize,
     /// Fraction of pairs held out (seeded by `train.seed`) from training, for `ssl eval`.
     pub heldout_fraction: f64,
@@ -643,7 +644,11 @@ pub fn embed(
     let bs = cfg.train.batch_size.max(1);
     let (ids, emb) = match cfg.embed.tower {
         Tower::Image => {
-            let set = read(data, cfg, &[])?;
+            // Every row is embedded: data.max_pairs limits training and evaluation only.
+            let (set, bad) = read_pairs(data, &cfg.data.columns(&[])).map_err(mm)?;
+            if bad.count > 0 {
+                eprintln!("skipped {} bad rows: {bad}", bad.count);
+            }
             check_shape(&set, cfg)?;
             let e = embed_images(&run.model, &set.images, bs, &run.device).map_err(mm)?;
             (set.ids, e)

@@ -25,7 +25,7 @@
 //! use ssl_core::{LoopTrainer, ParamStore, TrainConfig, Trainer};
 //! use ssl_multimodal::*;
 //!
-//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
 //! let pairs = toy::toy_pairs(256, 16, 0)?;
 //! let tok = train_caption_tokenizer(&pairs.captions, 200)?;
 //! let seqs = tokenize_captions(&tok, &pairs.captions, &pairs.ids, 16)?;
