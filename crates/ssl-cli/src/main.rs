@@ -20,6 +20,7 @@ mod detect;
 mod embeddings;
 mod error;
 mod features;
+mod multimodal;
 mod series_common;
 mod text;
 mod timeseries;
@@ -55,6 +56,9 @@ enum Modality {
     Text,
     /// Images: a ViT trained as a masked autoencoder (MAE) or with SimCLR.
     Vision,
+    /// Image-caption pairs: CLIP-style contrastive training of a ViT and a BERT tower
+    /// (`ssl embed multimodal --set embed.tower=text` for the captions' embeddings).
+    Multimodal,
 }
 
 #[derive(Subcommand)]
@@ -215,6 +219,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 Modality::Timeseries => timeseries::pretrain,
                 Modality::Text => text::pretrain,
                 Modality::Vision => vision::pretrain,
+                Modality::Multimodal => multimodal::pretrain,
             };
             pretrain(config.as_deref(), &data, &out, &set, resume)
         }
@@ -229,6 +234,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Modality::Timeseries => timeseries::embed(&checkpoint, &data, &out, &set),
             Modality::Text => text::embed(&checkpoint, &data, &out, &set),
             Modality::Vision => vision::embed(&checkpoint, &data, &out, &set),
+            Modality::Multimodal => multimodal::embed(&checkpoint, &data, &out, &set),
         },
         Command::Eval {
             modality,
@@ -243,6 +249,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 Modality::Timeseries => timeseries::eval,
                 Modality::Text => text::eval,
                 Modality::Vision => vision::eval,
+                Modality::Multimodal => multimodal::eval,
             };
             eval(&checkpoint, &data, &test, label_column.as_deref(), &set)
         }
@@ -252,6 +259,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 Modality::Timeseries => config::to_toml(&timeseries::default_config())?,
                 Modality::Text => config::to_toml(&text::TextConfig::default())?,
                 Modality::Vision => config::to_toml(&vision::VisionConfig::default())?,
+                Modality::Multimodal => config::to_toml(&multimodal::MultimodalConfig::default())?,
             };
             print!("{text}");
             Ok(())

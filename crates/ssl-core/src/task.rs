@@ -1,5 +1,6 @@
 //! The `PretextTask` trait and the batch-source trait the trainer pulls from.
 
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use serde_json::Value;
 
@@ -36,6 +37,27 @@ pub trait PretextTask {
 
     /// Number of examples in a batch (for throughput).
     fn batch_len(&self, batch: &Self::Batch) -> usize;
+
+    /// Forward and backward of one micro-batch: the output of [`PretextTask::forward`] and
+    /// the gradients of `loss * weight`. The default back-propagates through the graph of
+    /// `forward`. Tasks whose loss couples every example of the batch override it to bound
+    /// memory, e.g. CLIP's gradient caching (embed every chunk without a graph, take the
+    /// loss's gradient w.r.t. the embeddings, then back-propagate chunk by chunk).
+    fn forward_backward(
+        &self,
+        batch: &Self::Batch,
+        ctx: &mut Ctx,
+    ) -> Result<(TaskOutput, GradStore)> {
+        let out = self.forward(batch, ctx)?;
+        let grads = (&out.loss * out.weight)?.backward()?;
+        Ok((out, grads))
+    }
+
+    /// Called by the trainer after every applied optimizer step (default: nothing), for
+    /// constraints on parameters such as clamping a learnable temperature.
+    fn after_step(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// An endless, resumable stream of batches.

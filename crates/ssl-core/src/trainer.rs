@@ -345,7 +345,7 @@ pub struct Accumulated {
     pub metric_sums: BTreeMap<String, f64>,
 }
 
-/// Runs `micro_batches` forward/backward passes and sums the gradients of each micro-batch's
+/// Runs `micro_batches` forward/backward passes ([`PretextTask::forward_backward`]) and sums the gradients of each micro-batch's
 /// loss times its weight. Dividing by `weight_sum` afterwards gives exactly the gradient of
 /// one batch holding all the micro-batches' examples (for losses that are means over units).
 pub fn accumulate<T: PretextTask>(
@@ -365,14 +365,13 @@ pub fn accumulate<T: PretextTask>(
     for _ in 0..micro_batches {
         let batch = data.next_batch()?;
         acc.samples += task.batch_len(&batch) as u64;
-        let out = task.forward(&batch, &mut Ctx::train(rng))?;
+        let (out, grads) = task.forward_backward(&batch, &mut Ctx::train(rng))?;
         let w = out.weight;
         acc.loss_sum += scalar(&out.loss)? * w;
         acc.weight_sum += w;
         for (k, v) in &out.metrics {
             *acc.metric_sums.entry(k.clone()).or_default() += v * w;
         }
-        let grads = (out.loss * w)?.backward()?;
         for (slot, var) in acc.grads.iter_mut().zip(vars) {
             if let Some(g) = grads.get(var) {
                 *slot = Some(match slot.take() {
@@ -574,6 +573,7 @@ impl<T: PretextTask> Trainer<T> for LoopTrainer {
             }
             if apply {
                 opt.step(&grads, lr)?;
+                task.after_step()?;
             }
             state.step += 1;
             state.samples_seen += samples * self.collective.world_size() as u64;
