@@ -6,6 +6,68 @@ use toml::{Table, Value};
 
 use crate::CliError;
 
+/// The file a `pretrain` run starts from: the user's `--config`, else, with `--resume`, the
+/// `config.toml` the run stored in `out` (so a resumed run keeps its settings).
+pub fn base_file(
+    config_file: Option<&std::path::Path>,
+    out: &std::path::Path,
+    resume: bool,
+) -> Option<std::path::PathBuf> {
+    let stored = out.join("config.toml");
+    match config_file {
+        None if resume && stored.is_file() => Some(stored),
+        other => other.map(std::path::Path::to_path_buf),
+    }
+}
+
+/// Creates the run directory `out` and writes its resolved `config.toml` (what `--resume`
+/// starts from).
+pub fn write_run_config(out: &std::path::Path, toml_text: &str) -> Result<(), CliError> {
+    std::fs::create_dir_all(out).map_err(|e| CliError::Io {
+        path: out.to_path_buf(),
+        source: e,
+    })?;
+    let stored = out.join("config.toml");
+    std::fs::write(&stored, toml_text).map_err(|e| CliError::Io {
+        path: stored,
+        source: e,
+    })
+}
+
+/// Resolves `checkpoint` (a run or checkpoint directory) and returns it with the configuration
+/// stored there, read as a `modality` configuration, with `overrides` applied.
+pub fn from_checkpoint<T: Serialize + DeserializeOwned>(
+    checkpoint: &std::path::Path,
+    modality: &str,
+    overrides: &[String],
+) -> Result<(std::path::PathBuf, T), CliError> {
+    let ckpt = ssl_core::checkpoint::resolve_checkpoint(checkpoint)?;
+    let state = ssl_core::checkpoint::read_state(&ckpt)?;
+    let stored: T = serde_json::from_value(state.config).map_err(|e| {
+        CliError::Config(format!(
+            "{}: the stored configuration is not a {modality} configuration: {e}",
+            ckpt.display()
+        ))
+    })?;
+    let cfg = resolve(&stored, None, overrides)?;
+    Ok((ckpt, cfg))
+}
+
+/// Writes an embedded default data file as `name` into a fresh temporary directory; returns
+/// the directory guard (the file lives as long as it) and the file's path.
+pub fn write_embedded(name: &str, bytes: &[u8]) -> Result<(tempfile::TempDir, String), CliError> {
+    let dir = tempfile::tempdir().map_err(|e| CliError::Io {
+        path: std::env::temp_dir(),
+        source: e,
+    })?;
+    let p = dir.path().join(name);
+    std::fs::write(&p, bytes).map_err(|e| CliError::Io {
+        path: p.clone(),
+        source: e,
+    })?;
+    Ok((dir, p.to_string_lossy().into_owned()))
+}
+
 /// Resolves a configuration: `defaults`, then the user's TOML file (if any), then each
 /// `key=value` override (dotted keys, values in TOML syntax or bare strings). Unknown keys
 /// are rejected with their full path.

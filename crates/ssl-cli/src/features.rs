@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use ssl_core::checkpoint::{read_state, resolve_checkpoint, MODEL_FILE};
+use ssl_core::checkpoint::MODEL_FILE;
 use ssl_core::nn::TransformerConfig;
 use ssl_core::seq::*;
 use ssl_core::{parse_device, Ctx, ParamStore, PretextTask, TrainConfig};
@@ -253,7 +253,7 @@ pub fn pretrain(
     set: &[String],
     resume: bool,
 ) -> Result<(), CliError> {
-    let base = common::base_config(config_file, out, resume);
+    let base = config::base_file(config_file, out, resume);
     let mut cfg: FeaturesConfig =
         config::resolve(&FeaturesConfig::default(), base.as_deref(), set)?;
     cfg.train.validate()?;
@@ -273,7 +273,7 @@ pub fn pretrain(
         )));
     }
     cfg.features = features;
-    common::write_run_config(out, &config::to_toml(&cfg)?)?;
+    config::write_run_config(out, &config::to_toml(&cfg)?)?;
     let (store, task) = AnyTask::build(&cfg, &device)?;
     eprintln!(
         "{} sequences x {} steps (max) x {features} features; {:?} task; encoder {} parameters",
@@ -302,15 +302,8 @@ fn load_model(
     checkpoint: &Path,
     set: &[String],
 ) -> Result<(PathBuf, FeaturesConfig, AnyTask, Device), CliError> {
-    let ckpt = resolve_checkpoint(checkpoint)?;
-    let state = read_state(&ckpt)?;
-    let stored: FeaturesConfig = serde_json::from_value(state.config.clone()).map_err(|e| {
-        CliError::Config(format!(
-            "{}: the stored configuration is not a features configuration: {e}",
-            ckpt.display()
-        ))
-    })?;
-    let cfg: FeaturesConfig = config::resolve(&stored, None, set)?;
+    let (ckpt, cfg): (PathBuf, FeaturesConfig) =
+        config::from_checkpoint(checkpoint, "features", set)?;
     let device = parse_device(&cfg.train.device)?;
     let (store, task) = AnyTask::build(&cfg, &device)?;
     store.load_safetensors(&ckpt.join(MODEL_FILE))?;

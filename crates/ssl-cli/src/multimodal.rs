@@ -247,20 +247,6 @@ impl Default for MultimodalConfig {
     }
 }
 
-/// Writes the embedded sample to a temporary directory; returns the directory guard and path.
-pub fn embedded_sample() -> Result<(tempfile::TempDir, String), CliError> {
-    let dir = tempfile::tempdir().map_err(|e| CliError::Io {
-        path: std::env::temp_dir(),
-        source: e,
-    })?;
-    let p = dir.path().join("emoji_sample.parquet");
-    std::fs::write(&p, EMBEDDED_TRAIN).map_err(|e| CliError::Io {
-        path: p.clone(),
-        source: e,
-    })?;
-    Ok((dir, p.to_string_lossy().into_owned()))
-}
-
 fn read(paths: &[String], cfg: &MultimodalConfig, labels: &[String]) -> Result<PairSet, CliError> {
     let (mut set, bad) = read_pairs(paths, &cfg.data.columns(labels)).map_err(mm)?;
     if bad.count > 0 {
@@ -450,15 +436,8 @@ pub struct LoadedRun {
 
 /// Loads a run or checkpoint of `ssl pretrain multimodal`.
 pub fn load_run(checkpoint: &Path, set: &[String]) -> Result<LoadedRun, CliError> {
-    let ckpt = resolve_checkpoint(checkpoint)?;
-    let state = read_state(&ckpt)?;
-    let stored: MultimodalConfig = serde_json::from_value(state.config.clone()).map_err(|e| {
-        CliError::Config(format!(
-            "{}: the stored configuration is not a multimodal configuration: {e}",
-            ckpt.display()
-        ))
-    })?;
-    let cfg: MultimodalConfig = config::resolve(&stored, None, set)?;
+    let (ckpt, cfg): (PathBuf, MultimodalConfig) =
+        config::from_checkpoint(checkpoint, "multimodal", set)?;
     let device = parse_device(&cfg.train.device)?;
     let tok = load_tokenizer(Path::new(&cfg.tokenizer.file)).map_err(text_err)?;
     let (store, model) = build(&cfg, &device)?;
@@ -491,16 +470,13 @@ pub fn pretrain(
     set: &[String],
     resume: bool,
 ) -> Result<(), CliError> {
-    let stored = out.join("config.toml");
-    let base = match config_file {
-        None if resume && stored.is_file() => Some(stored.as_path()),
-        other => other,
-    };
-    let mut cfg: MultimodalConfig = config::resolve(&MultimodalConfig::default(), base, set)?;
+    let base = config::base_file(config_file, out, resume);
+    let mut cfg: MultimodalConfig =
+        config::resolve(&MultimodalConfig::default(), base.as_deref(), set)?;
     let device = parse_device(&cfg.train.device)?;
     let _embedded;
     let paths: Vec<String> = if data.is_empty() {
-        let (dir, p) = embedded_sample()?;
+        let (dir, p) = config::write_embedded("emoji_sample.parquet", EMBEDDED_TRAIN)?;
         eprintln!(
             "no --data given: training on the embedded sample (400 emoji, 32x32, with their names)"
         );
@@ -543,10 +519,7 @@ pub fn pretrain(
     })?;
     let tok = tokenizer_for(&mut cfg, &train.captions, out, resume)?;
     complete_config(&mut cfg, &train.images, &tok)?;
-    std::fs::write(&stored, config::to_toml(&cfg)?).map_err(|e| CliError::Io {
-        path: stored.clone(),
-        source: e,
-    })?;
+    config::write_run_config(out, &config::to_toml(&cfg)?)?;
     let (store, model) = build(&cfg, &device)?;
     if !resume {
         init_towers(&cfg, &model, &device)?;

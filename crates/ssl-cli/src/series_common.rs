@@ -50,33 +50,6 @@ pub fn data_paths(
     })
 }
 
-/// The configuration file a pretraining run starts from: `--config`, or the run's own
-/// `config.toml` when resuming without one.
-pub fn base_config(
-    config_file: Option<&Path>,
-    out: &Path,
-    resume: bool,
-) -> Option<std::path::PathBuf> {
-    let stored = out.join("config.toml");
-    match config_file {
-        None if resume && stored.is_file() => Some(stored),
-        other => other.map(Path::to_path_buf),
-    }
-}
-
-/// Creates the run directory and writes its resolved `config.toml`.
-pub fn write_run_config(out: &Path, toml_text: &str) -> Result<(), CliError> {
-    std::fs::create_dir_all(out).map_err(|e| CliError::Io {
-        path: out.to_path_buf(),
-        source: e,
-    })?;
-    let stored = out.join("config.toml");
-    std::fs::write(&stored, toml_text).map_err(|e| CliError::Io {
-        path: stored,
-        source: e,
-    })
-}
-
 /// Where a run writes: its directory, whether to continue from the newest checkpoint there, and
 /// the configuration stored with every checkpoint.
 pub struct RunDir<'a> {

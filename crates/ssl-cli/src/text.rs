@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use ssl_core::checkpoint::{read_state, resolve_checkpoint, CheckpointManager, MODEL_FILE};
+use ssl_core::checkpoint::{CheckpointManager, MODEL_FILE};
 use ssl_core::probe::{
     fit_linear_probe, knn_accuracy, stratified_split, KnnConfig, LinearProbeConfig,
 };
@@ -363,12 +363,8 @@ pub fn pretrain(
     set: &[String],
     resume: bool,
 ) -> Result<(), CliError> {
-    let stored = out.join("config.toml");
-    let base = match config_file {
-        None if resume && stored.is_file() => Some(stored.as_path()),
-        other => other,
-    };
-    let mut cfg: TextConfig = config::resolve(&TextConfig::default(), base, set)?;
+    let base = config::base_file(config_file, out, resume);
+    let mut cfg: TextConfig = config::resolve(&TextConfig::default(), base.as_deref(), set)?;
     cfg.train.validate()?;
     cfg.masking.validate().map_err(text_err)?;
     let device = parse_device(&cfg.train.device)?;
@@ -429,7 +425,7 @@ pub fn pretrain(
         .into_owned();
     let sp = SpecialIds::of(&tok).map_err(text_err)?;
     let (store, model) = build_model(&mut cfg, &tok, &device)?;
-    std::fs::write(&stored, config::to_toml(&cfg)?).map_err(io(&stored))?;
+    config::write_run_config(out, &config::to_toml(&cfg)?)?;
 
     let train_seqs = tokenize(&tok, &train_docs, &cfg)?;
     let mut held_seqs = tokenize(&tok, &held_docs, &cfg)?;
@@ -549,15 +545,7 @@ fn load_model(checkpoint: &Path, set: &[String]) -> Result<Loaded, CliError> {
             device,
         });
     }
-    let ckpt = resolve_checkpoint(checkpoint)?;
-    let state = read_state(&ckpt)?;
-    let stored: TextConfig = serde_json::from_value(state.config.clone()).map_err(|e| {
-        CliError::Config(format!(
-            "{}: the stored configuration is not a text configuration: {e}",
-            ckpt.display()
-        ))
-    })?;
-    let cfg: TextConfig = config::resolve(&stored, None, set)?;
+    let (ckpt, cfg): (PathBuf, TextConfig) = config::from_checkpoint(checkpoint, "text", set)?;
     let device = parse_device(&cfg.train.device)?;
     let tok = load_tokenizer(Path::new(&cfg.tokenizer.file)).map_err(text_err)?;
     let sp = SpecialIds::of(&tok).map_err(text_err)?;

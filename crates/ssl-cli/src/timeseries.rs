@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use ssl_core::checkpoint::{read_state, resolve_checkpoint, MODEL_FILE};
+use ssl_core::checkpoint::MODEL_FILE;
 use ssl_core::seq::{MaskedFeatureConfig, MaskedFeatureTask, SeqBatch, SeqExample};
 use ssl_core::{parse_device, Ctx, ParamStore, PretextTask, TrainConfig};
 use ssl_timeseries::{
@@ -355,7 +355,7 @@ pub fn pretrain(
     set: &[String],
     resume: bool,
 ) -> Result<(), CliError> {
-    let base = common::base_config(config_file, out, resume);
+    let base = config::base_file(config_file, out, resume);
     let mut cfg: TimeseriesConfig =
         config::resolve(&TimeseriesConfig::default(), base.as_deref(), set)?;
     cfg.train.validate()?;
@@ -375,7 +375,7 @@ pub fn pretrain(
         )));
     }
     cfg.channels = channels;
-    common::write_run_config(out, &config::to_toml(&cfg)?)?;
+    config::write_run_config(out, &config::to_toml(&cfg)?)?;
     let (store, task) = AnyTask::build(&cfg, &device, cfg.train.seed)?;
     eprintln!(
         "{} series x {} steps (max) x {channels} channels; {:?} encoder, {:?} task; {} parameters",
@@ -405,15 +405,8 @@ fn load_model(
     checkpoint: &Path,
     set: &[String],
 ) -> Result<(PathBuf, TimeseriesConfig, AnyTask, Device), CliError> {
-    let ckpt = resolve_checkpoint(checkpoint)?;
-    let state = read_state(&ckpt)?;
-    let stored: TimeseriesConfig = serde_json::from_value(state.config.clone()).map_err(|e| {
-        CliError::Config(format!(
-            "{}: the stored configuration is not a timeseries configuration: {e}",
-            ckpt.display()
-        ))
-    })?;
-    let cfg: TimeseriesConfig = config::resolve(&stored, None, set)?;
+    let (ckpt, cfg): (PathBuf, TimeseriesConfig) =
+        config::from_checkpoint(checkpoint, "timeseries", set)?;
     let device = parse_device(&cfg.train.device)?;
     let (store, task) = AnyTask::build(&cfg, &device, cfg.train.seed)?;
     store.load_safetensors(&ckpt.join(MODEL_FILE))?;

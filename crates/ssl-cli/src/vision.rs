@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use ssl_core::checkpoint::{read_state, resolve_checkpoint, MODEL_FILE};
+use ssl_core::checkpoint::{read_state, MODEL_FILE};
 use ssl_core::probe::{
     fit_linear_probe, knn_accuracy, stratified_split, KnnConfig, LinearProbeConfig,
 };
@@ -242,20 +242,6 @@ pub fn load_images(
     })
 }
 
-/// Writes the embedded sample to a temporary directory; returns the directory guard and path.
-pub fn embedded_sample() -> Result<(tempfile::TempDir, String), CliError> {
-    let dir = tempfile::tempdir().map_err(|e| CliError::Io {
-        path: std::env::temp_dir(),
-        source: e,
-    })?;
-    let p = dir.path().join("fashion_mnist_sample.parquet");
-    std::fs::write(&p, EMBEDDED_TRAIN).map_err(|e| CliError::Io {
-        path: p.clone(),
-        source: e,
-    })?;
-    Ok((dir, p.to_string_lossy().into_owned()))
-}
-
 /// Encoder plus task behind one type.
 pub enum AnyVisionTask {
     /// MAE.
@@ -414,16 +400,12 @@ pub fn pretrain(
     set: &[String],
     resume: bool,
 ) -> Result<(), CliError> {
-    let stored = out.join("config.toml");
-    let base = match config_file {
-        None if resume && stored.is_file() => Some(stored.as_path()),
-        other => other,
-    };
-    let mut cfg: VisionConfig = config::resolve(&VisionConfig::default(), base, set)?;
+    let base = config::base_file(config_file, out, resume);
+    let mut cfg: VisionConfig = config::resolve(&VisionConfig::default(), base.as_deref(), set)?;
     let device = parse_device(&cfg.train.device)?;
     let _embedded;
     let paths: Vec<String> = if data.is_empty() {
-        let (dir, p) = embedded_sample()?;
+        let (dir, p) = config::write_embedded("fashion_mnist_sample.parquet", EMBEDDED_TRAIN)?;
         eprintln!("no --data given: training on the embedded sample (1,500 Fashion-MNIST images, 28x28 grey)");
         _embedded = dir;
         vec![p]
@@ -432,14 +414,7 @@ pub fn pretrain(
     };
     let loaded = load_images(&paths, &cfg.data, None)?;
     complete_config(&mut cfg, &loaded.images)?;
-    std::fs::create_dir_all(out).map_err(|e| CliError::Io {
-        path: out.to_path_buf(),
-        source: e,
-    })?;
-    std::fs::write(&stored, config::to_toml(&cfg)?).map_err(|e| CliError::Io {
-        path: stored.clone(),
-        source: e,
-    })?;
+    config::write_run_config(out, &config::to_toml(&cfg)?)?;
     let (store, task) = AnyVisionTask::build(&cfg, &device)?;
     let n = loaded.images.len();
     eprintln!(
@@ -524,15 +499,7 @@ pub fn load_model(
     checkpoint: &Path,
     set: &[String],
 ) -> Result<(PathBuf, VisionConfig, AnyVisionTask, Device), CliError> {
-    let ckpt = resolve_checkpoint(checkpoint)?;
-    let state = read_state(&ckpt)?;
-    let stored: VisionConfig = serde_json::from_value(state.config.clone()).map_err(|e| {
-        CliError::Config(format!(
-            "{}: the stored configuration is not a vision configuration: {e}",
-            ckpt.display()
-        ))
-    })?;
-    let cfg: VisionConfig = config::resolve(&stored, None, set)?;
+    let (ckpt, cfg): (PathBuf, VisionConfig) = config::from_checkpoint(checkpoint, "vision", set)?;
     let device = parse_device(&cfg.train.device)?;
     let (store, task) = AnyVisionTask::build(&cfg, &device)?;
     store.load_safetensors(&ckpt.join(MODEL_FILE))?;

@@ -1,11 +1,13 @@
 //! End-to-end behaviour of the `ssl` binary on its embedded sample.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const SSL: &str = env!("CARGO_BIN_EXE_ssl");
+use common::{ssl, SSL};
 
 /// Overrides that keep the model tiny so the tests run in seconds.
 const TINY: [&str; 6] = [
@@ -16,10 +18,6 @@ const TINY: [&str; 6] = [
     "train.batch_size=8",
     "train.warmup_steps=2",
 ];
-
-fn ssl(args: &[&str]) -> std::process::Output {
-    Command::new(SSL).args(args).output().expect("run ssl")
-}
 
 fn with_tiny<'a>(mut args: Vec<&'a str>, extra: &[&'a str]) -> Vec<&'a str> {
     for s in TINY.iter().chain(extra) {

@@ -1,9 +1,9 @@
 //! End-to-end behaviour of `ssl pretrain/embed/eval/config multimodal` on the embedded emoji
 //! sample, with tiny towers and a few steps.
 
-use std::process::Command;
+mod common;
 
-const SSL: &str = env!("CARGO_BIN_EXE_ssl");
+use common::{ok, ssl};
 
 const TINY: [&str; 15] = [
     "model.embed_dim=16",
@@ -22,19 +22,6 @@ const TINY: [&str; 15] = [
     "data.max_pairs=120",
     "tokenizer.train.vocab_size=200",
 ];
-
-fn ssl(args: &[&str]) -> std::process::Output {
-    Command::new(SSL).args(args).output().expect("run ssl")
-}
-
-fn ok(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 #[test]
 fn pretrain_embed_eval_on_the_embedded_sample() {

@@ -1,22 +1,11 @@
 //! `ssl tokenizer train`, `ssl pretrain text`, `ssl embed text`, `ssl eval text` end to end on
 //! the embedded SPDX sample, with a tiny model and a few steps.
 
+mod common;
+
 use std::path::Path;
-use std::process::Command;
 
-const SSL: &str = env!("CARGO_BIN_EXE_ssl");
-
-fn ssl(args: &[&str]) -> std::process::Output {
-    Command::new(SSL).args(args).output().expect("run ssl")
-}
-
-fn ok(out: &std::process::Output) {
-    assert!(
-        out.status.success(),
-        "stderr:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use common::{ok, ssl};
 
 #[test]
 fn text_tokenizer_pretrain_embed_eval() {

@@ -1,22 +1,11 @@
 //! End-to-end behaviour of `ssl ... timeseries` on its embedded GunPoint sample, with tiny
 //! encoders so the test runs in seconds.
 
+mod common;
+
 use std::path::Path;
-use std::process::Command;
 
-const SSL: &str = env!("CARGO_BIN_EXE_ssl");
-
-fn ssl(args: &[&str]) -> std::process::Output {
-    Command::new(SSL).args(args).output().expect("run ssl")
-}
-
-fn ok(out: &std::process::Output) {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use common::{ok, ssl};
 
 fn with_sets<'a>(mut args: Vec<&'a str>, sets: &[&'a str]) -> Vec<&'a str> {
     for s in sets {

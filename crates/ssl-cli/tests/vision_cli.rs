@@ -1,9 +1,9 @@
 //! End-to-end behaviour of `ssl pretrain/embed/eval vision` and `ssl detect` on the embedded
 //! Fashion-MNIST sample, with a tiny model and a few steps.
 
-use std::process::Command;
+mod common;
 
-const SSL: &str = env!("CARGO_BIN_EXE_ssl");
+use common::{ok, ssl};
 
 const TINY: [&str; 11] = [
     "model.dim=16",
@@ -18,18 +18,6 @@ const TINY: [&str; 11] = [
     "data.max_images=120",
     "task.preview_images=3",
 ];
-
-fn ssl(args: &[&str]) -> std::process::Output {
-    Command::new(SSL).args(args).output().expect("run ssl")
-}
-
-fn ok(out: &std::process::Output) {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 #[test]
 fn pretrain_embed_eval_detect_on_the_embedded_sample() {
