@@ -4,7 +4,7 @@
 use candle_core::Device;
 use ssl_core::{LoopTrainer, ParamStore, SslRng, TrainConfig, Trainer};
 use ssl_vision::detect::calibrate::ThresholdMethod;
-use ssl_vision::detect::{Detector, DetectorConfig, ScorerKind};
+use ssl_vision::detect::{Detector, DetectorConfig, PositionNorm, ScorerKind};
 use ssl_vision::*;
 
 const S: usize = 16;
@@ -111,14 +111,22 @@ fn bright_blob_scores_above_normal_images() {
         .collect();
     let tn = ImageSet::new(test_normal, [1, S, S]).unwrap();
     let td = ImageSet::new(test_defect, [1, S, S]).unwrap();
-    for scorers in [
-        vec![ScorerKind::Reconstruction],
-        vec![ScorerKind::PatchCore],
-        vec![ScorerKind::RawPixels],
-        vec![ScorerKind::Reconstruction, ScorerKind::PatchCore],
+    let mean = PositionNorm::Mean;
+    for (scorers, recon_position_norm, recon_repeats) in [
+        (vec![ScorerKind::Reconstruction], mean, 1),
+        (vec![ScorerKind::Reconstruction], PositionNorm::Zscore, 2),
+        (vec![ScorerKind::PatchCore], mean, 1),
+        (vec![ScorerKind::RawPixels], mean, 1),
+        (
+            vec![ScorerKind::Reconstruction, ScorerKind::PatchCore],
+            mean,
+            1,
+        ),
     ] {
         let cfg = DetectorConfig {
             scorers: scorers.clone(),
+            recon_position_norm,
+            recon_repeats,
             threshold: ThresholdMethod::MeanStd { k: 3.0 },
             coreset_ratio: 0.25,
             ..DetectorConfig::default()

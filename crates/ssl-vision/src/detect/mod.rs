@@ -2,7 +2,9 @@
 //!
 //! Two scorers, selectable and combinable:
 //! - [`ScorerKind::Reconstruction`]: the MAE's reconstruction error with complementary masks
-//!   ([`recon`]), each patch divided by the mean error of normal images at that position;
+//!   ([`recon`]), averaged over independent mask partitions, optionally smoothed over the
+//!   patch grid, then standardised per patch position against normal images
+//!   ([`PositionNorm`]);
 //! - [`ScorerKind::PatchCore`]: distance of each patch embedding to the nearest entry of a
 //!   memory bank of normal patch embeddings, subsampled by greedy coreset ([`patchcore`]);
 //! - [`ScorerKind::RawPixels`]: a baseline, the same on raw normalised patch pixels.
@@ -58,6 +60,20 @@ impl ScorerKind {
     }
 }
 
+/// How reconstruction errors are normalised per patch position, from the errors of the
+/// normal fitting images at that position (aligned imagery such as solar cells or PCBs has
+/// structures, e.g. busbars or edges, that are always hard to predict).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PositionNorm {
+    /// Raw errors.
+    None,
+    /// Error divided by the mean normal error at the position.
+    Mean,
+    /// `(error - mean) / std` of the normal errors at the position.
+    Zscore,
+}
+
 /// Settings of a [`Detector`] (`[detect]` in the CLI).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -66,8 +82,13 @@ pub struct DetectorConfig {
     pub scorers: Vec<ScorerKind>,
     /// Complementary masks of the reconstruction scorer (every patch hidden once).
     pub recon_masks: usize,
-    /// Divide reconstruction errors by the mean normal error at the same patch position.
-    pub recon_position_norm: bool,
+    /// Independent complementary-mask partitions whose errors are averaged (each patch is
+    /// predicted `recon_repeats` times from different contexts).
+    pub recon_repeats: usize,
+    /// Neighbourhood (odd) averaged over the patch grid of reconstruction errors (1: off).
+    pub recon_neighbourhood: usize,
+    /// Per-position normalisation of reconstruction errors against normal images.
+    pub recon_position_norm: PositionNorm,
     /// Encoder layer of the patch embeddings (0: the final normed output).
     pub patch_layer: usize,
     /// Neighbourhood (odd) averaged over the patch grid before PatchCore (1: off).
@@ -96,8 +117,10 @@ impl Default for DetectorConfig {
     fn default() -> Self {
         DetectorConfig {
             scorers: vec![ScorerKind::Reconstruction, ScorerKind::PatchCore],
-            recon_masks: 4,
-            recon_position_norm: true,
+            recon_masks: 2,
+            recon_repeats: 1,
+            recon_neighbourhood: 1,
+            recon_position_norm: PositionNorm::Mean,
             patch_layer: 0,
             neighbourhood: 3,
             coreset_ratio: 0.1,
@@ -148,6 +171,8 @@ struct DetectorState {
     stats: Vec<ScorerStats>,
     threshold: f64,
     recon_position_mean: Vec<f32>,
+    #[serde(default)]
+    recon_position_std: Vec<f32>,
     n_fit: usize,
     n_calibration: usize,
 }
@@ -196,14 +221,40 @@ fn raw_patch_scores(
     let name = kind.name();
     let vit = task.encoder().config();
     let l = vit.num_patches()?;
+    let (gh, gw) = vit.grid()?;
     let mut out = Vec::with_capacity(images.len() * l);
-    let groups = recon::complementary_groups(l, cfg.recon_masks, cfg.seed)?;
+    let partitions = if kind == ScorerKind::Reconstruction {
+        (0..cfg.recon_repeats.max(1) as u64)
+            .map(|r| recon::complementary_groups(l, cfg.recon_masks, cfg.seed.wrapping_add(r)))
+            .collect::<Result<Vec<_>>>()?
+    } else {
+        Vec::new()
+    };
     for start in (0..images.len()).step_by(cfg.batch_size.max(1)) {
         let batch = images.batch(start, cfg.batch_size.max(1), device)?;
         let pixels = normalize_batch(&batch.pixels, task.augment())?;
         match kind {
             ScorerKind::Reconstruction => {
-                out.extend(recon::reconstruction_errors(task, &pixels, &groups)?);
+                let mut acc: Vec<f32> = Vec::new();
+                for groups in &partitions {
+                    let e = recon::reconstruction_errors(task, &pixels, groups)?;
+                    if acc.is_empty() {
+                        acc = e;
+                    } else {
+                        acc.iter_mut().zip(&e).for_each(|(a, v)| *a += v);
+                    }
+                }
+                let r = partitions.len() as f32;
+                acc.iter_mut().for_each(|a| *a /= r);
+                let b = acc.len() / l.max(1);
+                out.extend(patchcore::aggregate(
+                    &acc,
+                    b,
+                    gh,
+                    gw,
+                    1,
+                    cfg.recon_neighbourhood,
+                ));
             }
             ScorerKind::PatchCore | ScorerKind::RawPixels => {
                 let bank = bank.ok_or_else(|| {
@@ -215,6 +266,33 @@ fn raw_patch_scores(
         }
     }
     Ok(out)
+}
+
+/// Per-position mean and standard deviation of `(N x l)` errors, each floored at a small
+/// fraction of the global value so that a position where every normal error vanishes (a flat
+/// border) cannot divide by zero.
+fn position_stats(errs: &[f32], l: usize) -> (Vec<f32>, Vec<f32>) {
+    let n = (errs.len() / l.max(1)).max(1) as f64;
+    let (mut s1, mut s2) = (vec![0f64; l], vec![0f64; l]);
+    for row in errs.chunks(l) {
+        for (i, e) in row.iter().enumerate() {
+            s1[i] += f64::from(*e);
+            s2[i] += f64::from(*e) * f64::from(*e);
+        }
+    }
+    let mean: Vec<f64> = s1.iter().map(|s| s / n).collect();
+    let std: Vec<f64> = s2
+        .iter()
+        .zip(&mean)
+        .map(|(s, m)| (s / n - m * m).max(0.0).sqrt())
+        .collect();
+    let floor = |v: &[f64]| {
+        let g = v.iter().sum::<f64>() / l.max(1) as f64;
+        v.iter()
+            .map(|x| x.max(1e-3 * g).max(1e-12) as f32)
+            .collect::<Vec<f32>>()
+    };
+    (floor(&mean), floor(&std))
 }
 
 /// Mean of the top `fraction` of `scores` (at least one).
@@ -300,20 +378,12 @@ impl Detector {
                 },
             ));
         }
-        let mut recon_position_mean = Vec::new();
-        if cfg.scorers.contains(&ScorerKind::Reconstruction) && cfg.recon_position_norm {
+        let (mut recon_position_mean, mut recon_position_std) = (Vec::new(), Vec::new());
+        if cfg.scorers.contains(&ScorerKind::Reconstruction)
+            && cfg.recon_position_norm != PositionNorm::None
+        {
             let errs = raw_patch_scores(task, &fit, ScorerKind::Reconstruction, cfg, None, device)?;
-            let mut m = vec![0f64; l];
-            for row in errs.chunks(l) {
-                for (a, e) in m.iter_mut().zip(row) {
-                    *a += f64::from(*e);
-                }
-            }
-            let global = m.iter().sum::<f64>() / (l * fit.len()) as f64;
-            recon_position_mean = m
-                .iter()
-                .map(|s| ((s / fit.len() as f64).max(1e-3 * global).max(1e-12)) as f32)
-                .collect();
+            (recon_position_mean, recon_position_std) = position_stats(&errs, l);
         }
         let mut det = Detector {
             state: DetectorState {
@@ -321,6 +391,7 @@ impl Detector {
                 stats: Vec::new(),
                 threshold: f64::NAN,
                 recon_position_mean,
+                recon_position_std,
                 n_fit: fit.len(),
                 n_calibration: cal.len(),
             },
@@ -373,11 +444,26 @@ impl Detector {
             self.banks.iter().find(|(k, _)| *k == kind).map(|(_, b)| b),
             device,
         )?;
-        if kind == ScorerKind::Reconstruction && !self.state.recon_position_mean.is_empty() {
-            let l = self.state.recon_position_mean.len();
+        let (mean, std) = (
+            &self.state.recon_position_mean,
+            &self.state.recon_position_std,
+        );
+        if kind == ScorerKind::Reconstruction && !mean.is_empty() {
+            let l = mean.len();
+            let zscore = self.state.cfg.recon_position_norm == PositionNorm::Zscore;
+            if zscore && std.len() != l {
+                return Err(VisionError::InvalidInput(format!(
+                    "the detector asks for z-scored reconstruction errors but holds {} position deviations for {l} positions: refit it",
+                    std.len()
+                )));
+            }
             for row in p.chunks_mut(l) {
-                for (v, m) in row.iter_mut().zip(&self.state.recon_position_mean) {
-                    *v /= m;
+                for (i, v) in row.iter_mut().enumerate() {
+                    *v = if zscore {
+                        (*v - mean[i]) / std[i]
+                    } else {
+                        *v / mean[i]
+                    };
                 }
             }
         }
@@ -518,6 +604,16 @@ mod tests {
     fn top_mean_takes_the_highest() {
         assert_eq!(top_mean(&[1.0, 5.0, 3.0, 2.0], 0.5), 4.0);
         assert_eq!(top_mean(&[1.0, 5.0], 0.0), 5.0);
+    }
+
+    #[test]
+    fn position_stats_are_per_position_and_floored() {
+        // Two positions over three images: (1, 0), (2, 0), (3, 0).
+        let (m, s) = position_stats(&[1.0, 0.0, 2.0, 0.0, 3.0, 0.0], 2);
+        assert!((m[0] - 2.0).abs() < 1e-6 && (s[0] - (2.0f32 / 3.0).sqrt()).abs() < 1e-6);
+        // The constant position is floored at 1e-3 of the mean over positions, not zero.
+        assert!((m[1] - 1e-3).abs() < 1e-9, "{m:?}");
+        assert!(s[1] > 0.0 && s[1] < 1e-3, "{s:?}");
     }
 
     #[test]
