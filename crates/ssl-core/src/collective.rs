@@ -1,10 +1,17 @@
 //! Collective communication for data-parallel training.
+//!
+//! [`SingleProcess`] (the default), [`ThreadGroup`] (ranks as threads of one process: tests and
+//! a reference for the semantics) and, with the `mpi` feature, `MpiCollective` (one process per
+//! rank under `mpirun`).
 
-use crate::Result;
+use std::sync::{Arc, Barrier, Mutex};
+
+use crate::{CoreError, Result};
 
 /// The operations data-parallel training needs from a communication backend.
 ///
-/// Implementations: [`SingleProcess`] here; MPI and NCCL behind features (see DESIGN.md).
+/// Every rank must call the same collectives in the same order with equal lengths. Sums are
+/// taken in rank order, so every rank receives bit-identical results.
 pub trait Collective: Send {
     /// This process's rank, `0..world_size`.
     fn rank(&self) -> usize;
@@ -45,6 +52,128 @@ impl Collective for SingleProcess {
         Ok(())
     }
     fn barrier(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Ranks as threads of one process, exchanging through shared memory: the semantics of the
+/// MPI backend without MPI, for tests and for data-parallel experiments on one machine.
+///
+/// ```
+/// use ssl_core::{Collective, ThreadGroup};
+/// let ranks = ThreadGroup::new(2);
+/// let sums: Vec<Vec<f32>> = std::thread::scope(|s| {
+///     let hs: Vec<_> = ranks
+///         .into_iter()
+///         .map(|c| s.spawn(move || {
+///             let mut v = vec![c.rank() as f32 + 1.0; 3];
+///             c.all_reduce_sum(&mut v).unwrap();
+///             v
+///         }))
+///         .collect();
+///     hs.into_iter().map(|h| h.join().unwrap()).collect()
+/// });
+/// assert_eq!(sums, vec![vec![3.0; 3], vec![3.0; 3]]);
+/// ```
+#[derive(Clone)]
+pub struct ThreadGroup {
+    rank: usize,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    size: usize,
+    barrier: Barrier,
+    slots: Mutex<Vec<Vec<f32>>>,
+}
+
+impl std::fmt::Debug for ThreadGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ThreadGroup")
+            .field("rank", &self.rank)
+            .field("world_size", &self.world_size())
+            .finish()
+    }
+}
+
+impl ThreadGroup {
+    /// One handle per rank, `0..n`; move each into its own thread.
+    pub fn new(n: usize) -> Vec<ThreadGroup> {
+        let shared = Arc::new(Shared {
+            size: n.max(1),
+            barrier: Barrier::new(n.max(1)),
+            slots: Mutex::new(vec![Vec::new(); n.max(1)]),
+        });
+        (0..n.max(1))
+            .map(|rank| ThreadGroup {
+                rank,
+                shared: shared.clone(),
+            })
+            .collect()
+    }
+
+    /// Publishes `data` in this rank's slot, waits for all ranks, runs `read` on every slot,
+    /// and waits again so no rank overwrites a slot another is still reading.
+    fn exchange<R>(&self, data: Vec<f32>, read: impl FnOnce(&[Vec<f32>]) -> R) -> Result<R> {
+        let lock_err = |_| CoreError::Collective("a rank panicked during a collective".into());
+        self.shared.slots.lock().map_err(lock_err)?[self.rank] = data;
+        self.shared.barrier.wait();
+        let out = read(&self.shared.slots.lock().map_err(lock_err)?);
+        self.shared.barrier.wait();
+        Ok(out)
+    }
+}
+
+impl Collective for ThreadGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.shared.size
+    }
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
+        let n = buf.len();
+        let sum = self.exchange(buf.to_vec(), |slots| {
+            if slots.iter().any(|s| s.len() != n) {
+                return Err(CoreError::Collective(format!(
+                    "all_reduce_sum: lengths differ across ranks ({:?})",
+                    slots.iter().map(Vec::len).collect::<Vec<_>>()
+                )));
+            }
+            let mut acc = slots[0].clone();
+            for s in &slots[1..] {
+                acc.iter_mut().zip(s).for_each(|(a, v)| *a += v);
+            }
+            Ok(acc)
+        })??;
+        buf.copy_from_slice(&sum);
+        Ok(())
+    }
+    fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>> {
+        let n = local.len();
+        self.exchange(local.to_vec(), |slots| {
+            if slots.iter().any(|s| s.len() != n) {
+                return Err(CoreError::Collective(
+                    "all_gather: lengths differ across ranks".into(),
+                ));
+            }
+            Ok(slots.concat())
+        })?
+    }
+    fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
+        let root_data = self.exchange(buf.to_vec(), |slots| slots.get(root).cloned())?;
+        match root_data {
+            Some(d) if d.len() == buf.len() => {
+                buf.copy_from_slice(&d);
+                Ok(())
+            }
+            _ => Err(CoreError::Collective(format!(
+                "broadcast from rank {root}: no such rank or lengths differ"
+            ))),
+        }
+    }
+    fn barrier(&self) -> Result<()> {
+        self.shared.barrier.wait();
         Ok(())
     }
 }

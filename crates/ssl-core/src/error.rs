@@ -29,6 +29,9 @@ pub enum CoreError {
     /// A configuration value is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A collective operation of data-parallel training failed.
+    #[error("collective communication: {0}")]
+    Collective(String),
     /// Inputs have the wrong shape, type or content.
     #[error("invalid input: {0}")]
     InvalidInput(String),

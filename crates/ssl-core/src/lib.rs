@@ -48,6 +48,8 @@ pub mod health;
 pub mod linalg;
 pub mod loss;
 pub mod monitor;
+#[cfg(feature = "mpi")]
+mod mpi_collective;
 pub mod nn;
 pub mod optim;
 mod params;
@@ -59,11 +61,13 @@ mod signal;
 mod task;
 mod trainer;
 
-pub use collective::{Collective, SingleProcess};
+pub use collective::{Collective, SingleProcess, ThreadGroup};
 pub use ctx::Ctx;
 pub use device::parse_device;
 pub use encoder::{Encoder, EncoderOutput};
 pub use error::{CoreError, Result};
+#[cfg(feature = "mpi")]
+pub use mpi_collective::MpiCollective;
 pub use params::{read_safetensors, Init, LoadReport, Param, ParamBuilder, ParamStore};
 pub use rng::SslRng;
 pub use signal::StopFlag;

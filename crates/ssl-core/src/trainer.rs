@@ -467,14 +467,31 @@ impl<T: PretextTask> Trainer<T> for LoopTrainer {
         let mut last_save_time = Instant::now();
         let mut first_step = true;
 
+        let (rank, world) = (self.collective.rank(), self.collective.world_size());
         while state.step < cfg.max_steps {
-            if self.stop.is_set() {
+            // Ranks stop together: a signal seen by one rank alone would leave the others
+            // waiting in the next all-reduce.
+            let mut stop = [if self.stop.is_set() { 1f32 } else { 0.0 }];
+            if world > 1 {
+                self.collective.all_reduce_sum(&mut stop)?;
+            }
+            if stop[0] > 0.0 {
                 report.interrupted = true;
                 break;
             }
             let t0 = Instant::now();
             let lr = schedule.lr(state.step) * state.lr_scale;
-            let acc = accumulate(task, data, cfg.accum_steps, &vars, &mut state.rng)?;
+            // With several ranks, each draws its own masks and dropout from a stream derived
+            // from the shared one, which advances equally everywhere (so a checkpoint of rank
+            // 0's state resumes every rank).
+            let mut rank_rng;
+            let rng = if world > 1 {
+                rank_rng = SslRng::derived(state.rng.next_u64(), &format!("rank-{rank}"));
+                &mut rank_rng
+            } else {
+                &mut state.rng
+            };
+            let acc = accumulate(task, data, cfg.accum_steps, &vars, rng)?;
             let (mut grads, loss_sum, weight_sum, samples, metric_sums) = (
                 acc.grads,
                 acc.loss_sum,

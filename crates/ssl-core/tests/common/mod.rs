@@ -2,10 +2,13 @@
 //! models.
 #![allow(dead_code)]
 
-use candle_core::Device;
-use ssl_core::nn::TransformerConfig;
+use candle_core::{Device, Tensor, D};
+use ssl_core::nn::{Linear, TransformerConfig};
 use ssl_core::seq::*;
-use ssl_core::{ParamBuilder, ParamStore, SslRng, TrainConfig};
+use ssl_core::{
+    Ctx, Encoder, Init, LoopTrainer, ParamBuilder, ParamStore, PretextTask, SslRng, TaskOutput,
+    TrainConfig, Trainer,
+};
 
 pub const STEPS: usize = 24;
 pub const FEATURES: usize = 2;
@@ -104,4 +107,94 @@ pub fn param_bits(store: &ParamStore) -> Vec<(String, Vec<u32>)> {
             )
         })
         .collect()
+}
+
+// Data-parallel tests (distributed.rs with threads, mpi.rs under mpirun).
+
+/// A task without randomness (no masks, no dropout): regress each series' mean square from the
+/// pooled encoding. One process on a batch and two ranks on its halves see the same maths.
+pub struct Regression {
+    encoder: SeqTransformerEncoder,
+    head: Linear,
+    pub store: ParamStore,
+}
+
+pub fn regression(seed: u64) -> Regression {
+    let store = ParamStore::new(&Device::Cpu);
+    let pb = store.builder(seed);
+    let encoder = SeqTransformerEncoder::new(&tiny_encoder_config(0.0), &pb).unwrap();
+    let head = Linear::new(16, 1, true, Init::XavierUniform, &pb.pp("head")).unwrap();
+    Regression {
+        encoder,
+        head,
+        store,
+    }
+}
+
+impl PretextTask for Regression {
+    type Batch = SeqBatch;
+    fn params(&self) -> &ParamStore {
+        &self.store
+    }
+    fn forward(&self, batch: &SeqBatch, ctx: &mut Ctx) -> ssl_core::Result<TaskOutput> {
+        let pooled = self.encoder.encode(batch, ctx)?.pooled;
+        let pred = self.head.forward(&pooled)?.squeeze(D::Minus1)?;
+        let target = batch.x.sqr()?.flatten_from(1)?.mean(D::Minus1)?;
+        let loss = (pred - target)?.sqr()?.mean_all()?;
+        Ok(TaskOutput {
+            loss,
+            weight: batch.len() as f64,
+            metrics: Vec::new(),
+        })
+    }
+    fn embed(&self, batch: &SeqBatch, ctx: &mut Ctx) -> ssl_core::Result<Tensor> {
+        Ok(self.encoder.encode(batch, ctx)?.pooled)
+    }
+    fn batch_len(&self, batch: &SeqBatch) -> usize {
+        batch.len()
+    }
+}
+
+pub const BATCH: usize = 16;
+pub const DP_STEPS: u64 = 8;
+
+/// Adam's `g / (sqrt(v) + eps)` turns a gradient entry near zero into a full-size step of
+/// either sign, so rounding differences between the two summation orders would decide the
+/// direction; a large `eps` makes the update proportional to the gradient, and the comparison
+/// then measures the gradients, which is what data parallelism must get right.
+pub fn train_cfg() -> ssl_core::TrainConfig {
+    ssl_core::TrainConfig {
+        eps: 1.0,
+        lr: 0.05,
+        ..quick_train(DP_STEPS)
+    }
+}
+
+pub fn floats(bits: &[(String, Vec<u32>)]) -> Vec<f32> {
+    bits.iter()
+        .flat_map(|(_, b)| b.iter().map(|x| f32::from_bits(*x)))
+        .collect()
+}
+
+/// Rank `r` of `world` gets the `r`-th slice of every combined batch of `world * BATCH`.
+pub fn shard(ex: &[SeqExample], rank: usize, world: usize) -> Vec<SeqExample> {
+    ex.iter()
+        .enumerate()
+        .filter(|(i, _)| (i % (world * BATCH)) / BATCH == rank)
+        .map(|(_, e)| e.clone())
+        .collect()
+}
+
+pub fn one_process(ex: &[SeqExample]) -> Vec<(String, Vec<u32>)> {
+    let task = regression(0);
+    LoopTrainer::new(train_cfg(), None)
+        .unwrap()
+        .fit(&task, &mut source(ex.to_vec(), 2 * BATCH, false), None)
+        .unwrap();
+    param_bits(&task.store)
+}
+
+pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }

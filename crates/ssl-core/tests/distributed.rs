@@ -1,0 +1,118 @@
+//! Data-parallel training: ranks as threads ([`ThreadGroup`], the MPI backend's semantics in one
+//! process). Two ranks must end bit-identical, and equal (to float tolerance) to one process
+//! trained on the combined batch; skipping the gradient all-reduce must break both.
+
+mod common;
+
+use common::*;
+use ssl_core::seq::SeqExample;
+use ssl_core::{Collective, LoopTrainer, ThreadGroup, Trainer};
+
+/// A [`ThreadGroup`] rank that forgets to all-reduce gradients (every other collective works).
+struct SkipsAllReduce(ThreadGroup);
+
+impl Collective for SkipsAllReduce {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.0.world_size()
+    }
+    fn all_reduce_sum(&self, _buf: &mut [f32]) -> ssl_core::Result<()> {
+        Ok(())
+    }
+    fn all_gather(&self, local: &[f32]) -> ssl_core::Result<Vec<f32>> {
+        self.0.all_gather(local)
+    }
+    fn broadcast(&self, buf: &mut [f32], root: usize) -> ssl_core::Result<()> {
+        self.0.broadcast(buf, root)
+    }
+    fn barrier(&self) -> ssl_core::Result<()> {
+        self.0.barrier()
+    }
+}
+
+/// Trains two ranks in threads; rank 1 starts from other weights, so the run depends on the
+/// broadcast too. Returns each rank's final parameter bits.
+fn two_ranks(
+    ex: &[SeqExample],
+    wrap: fn(ThreadGroup) -> Box<dyn Collective>,
+) -> Vec<Vec<(String, Vec<u32>)>> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = ThreadGroup::new(2)
+            .into_iter()
+            .map(|c| {
+                let data = shard(ex, c.rank(), 2);
+                s.spawn(move || {
+                    let task = regression(c.rank() as u64 * 100);
+                    LoopTrainer::new(train_cfg(), None)
+                        .unwrap()
+                        .collective(wrap(c))
+                        .fit(&task, &mut source(data, BATCH, false), None)
+                        .unwrap();
+                    param_bits(&task.store)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn two_ranks_are_bit_identical_and_equal_one_process_on_the_combined_batch() {
+    let (ex, _) = waves(64, 11);
+    let ranks = two_ranks(&ex, |c| Box::new(c));
+    assert_eq!(ranks[0], ranks[1], "ranks ended with different parameters");
+    let single = one_process(&ex);
+    let start = param_bits(&regression(0).store);
+    let (a, b, s0) = (floats(&ranks[0]), floats(&single), floats(&start));
+    let moved = max_rel_diff(&s0, &b);
+    let diff = max_rel_diff(&a, &b);
+    eprintln!("parameters moved {moved:.3e}; two ranks vs one process {diff:.3e} (relative)");
+    assert!(
+        moved > 1e-3,
+        "training did not move the parameters ({moved})"
+    );
+    assert!(
+        diff < 1e-6,
+        "two ranks vs one process: max relative diff {diff}"
+    );
+}
+
+#[test]
+fn skipping_the_gradient_all_reduce_is_caught() {
+    let (ex, _) = waves(64, 11);
+    let ranks = two_ranks(&ex, |c| Box::new(SkipsAllReduce(c)));
+    assert_ne!(ranks[0], ranks[1], "ranks agree without an all-reduce?");
+    let diff = max_rel_diff(&floats(&ranks[0]), &floats(&one_process(&ex)));
+    eprintln!("without the all-reduce: rank 0 vs one process {diff:.3e} (relative)");
+    assert!(
+        diff > 1e-4,
+        "rank 0 matches the combined batch without all-reduce ({diff})"
+    );
+}
+
+#[test]
+fn ranks_with_dropout_and_random_masks_stay_bit_identical() {
+    // Each rank draws its own masks and dropout; the all-reduced update keeps them equal.
+    let (ex, _) = waves(64, 12);
+    let bits: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = ThreadGroup::new(2)
+            .into_iter()
+            .map(|c| {
+                let data = shard(&ex, c.rank(), 2);
+                s.spawn(move || {
+                    let (store, task) = masked_task(c.rank() as u64, 0.1);
+                    LoopTrainer::new(train_cfg(), None)
+                        .unwrap()
+                        .collective(Box::new(c))
+                        .fit(&task, &mut source(data, BATCH, true), None)
+                        .unwrap();
+                    param_bits(&store)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(bits[0], bits[1]);
+}
