@@ -13,6 +13,7 @@ use ssl_core::nn::TransformerConfig;
 use ssl_core::seq::*;
 use ssl_core::{parse_device, Ctx, ParamStore, PretextTask, TrainConfig};
 
+use crate::parallel::Parallel;
 use crate::series_common as common;
 use crate::{config, CliError};
 
@@ -273,7 +274,10 @@ pub fn pretrain(
         )));
     }
     cfg.features = features;
-    config::write_run_config(out, &config::to_toml(&cfg)?)?;
+    let par = Parallel::init()?;
+    if par.is_main() {
+        config::write_run_config(out, &config::to_toml(&cfg)?)?;
+    }
     let (store, task) = AnyTask::build(&cfg, &device)?;
     eprintln!(
         "{} sequences x {} steps (max) x {features} features; {:?} task; encoder {} parameters",
@@ -292,6 +296,7 @@ pub fn pretrain(
             path: out,
             resume,
             config: run_config,
+            par,
         },
         &device,
     )

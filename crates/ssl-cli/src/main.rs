@@ -21,6 +21,7 @@ mod embeddings;
 mod error;
 mod features;
 mod multimodal;
+mod parallel;
 mod series_common;
 mod text;
 mod timeseries;

@@ -24,6 +24,7 @@ use ssl_vision::augment::channel_stats;
 use ssl_vision::ViTConfig;
 use tokenizers::Tokenizer;
 
+use crate::parallel::Parallel;
 use crate::{config, CliError};
 
 /// The embedded default data: 400 Noto emoji (Apache-2.0 images, 32x32 PNG) with their
@@ -390,6 +391,7 @@ fn tokenizer_for(
     captions: &[String],
     out: &Path,
     resume: bool,
+    write: bool,
 ) -> Result<Tokenizer, CliError> {
     let saved = out.join("tokenizer.json");
     let tok = if !cfg.tokenizer.file.is_empty() {
@@ -412,7 +414,9 @@ fn tokenizer_for(
         );
         tok
     };
-    save_tokenizer(&tok, out).map_err(text_err)?;
+    if write {
+        save_tokenizer(&tok, out).map_err(text_err)?;
+    }
     cfg.tokenizer.file = std::fs::canonicalize(&saved)
         .unwrap_or(saved)
         .to_string_lossy()
@@ -474,6 +478,7 @@ pub fn pretrain(
     let mut cfg: MultimodalConfig =
         config::resolve(&MultimodalConfig::default(), base.as_deref(), set)?;
     let device = parse_device(&cfg.train.device)?;
+    let mut par = Parallel::init()?;
     let _embedded;
     let paths: Vec<String> = if data.is_empty() {
         let (dir, p) = config::write_embedded("emoji_sample.parquet", EMBEDDED_TRAIN)?;
@@ -517,9 +522,18 @@ pub fn pretrain(
         path: out.to_path_buf(),
         source: e,
     })?;
-    let tok = tokenizer_for(&mut cfg, &train.captions, out, resume)?;
+    let tok = tokenizer_for(&mut cfg, &train.captions, out, resume, par.is_main())?;
     complete_config(&mut cfg, &train.images, &tok)?;
-    config::write_run_config(out, &config::to_toml(&cfg)?)?;
+    if par.is_main() {
+        config::write_run_config(out, &config::to_toml(&cfg)?)?;
+    }
+    if par.world > 1 {
+        eprintln!(
+            "rank {}: the contrastive loss sees this rank's {} pairs per step as negatives (embeddings are not gathered across ranks)",
+            par.rank, cfg.train.batch_size
+        );
+    }
+    let train = train.select(&par.shard((0..train.len()).collect(), "training pairs")?);
     let (store, model) = build(&cfg, &device)?;
     if !resume {
         init_towers(&cfg, &model, &device)?;
@@ -564,8 +578,12 @@ pub fn pretrain(
         .resume(resume)
         .run_config(run_config)
         .stop_flag(StopFlag::from_signals()?)
-        .progress(true);
+        .progress(true)
+        .collective(par.take());
     let report = trainer.fit(&model, &mut source, health.as_ref())?;
+    if !par.is_main() {
+        return Ok(());
+    }
     let first = report.losses.first().map(|(_, l)| *l).unwrap_or(f64::NAN);
     let last = report.losses.last().map(|(_, l)| *l).unwrap_or(f64::NAN);
     if report.interrupted {

@@ -11,6 +11,7 @@ use ssl_core::probe::{
 use ssl_core::seq::{InMemorySeqSource, SeqBatch, SeqExample};
 use ssl_core::{Ctx, LoopTrainer, PretextTask, SslRng, StopFlag, TrainConfig, Trainer};
 
+use crate::parallel::Parallel;
 use crate::CliError;
 
 /// The data paths of a run: the user's, or the embedded sample written to a temporary
@@ -59,6 +60,8 @@ pub struct RunDir<'a> {
     pub resume: bool,
     /// The run's configuration, stored with each checkpoint.
     pub config: Value,
+    /// Data-parallel context (shards the examples, gives the trainer its collective).
+    pub par: Parallel,
 }
 
 /// Trains `task` on `examples` with the shared loop (checkpoints, resume, signals, metrics,
@@ -75,6 +78,7 @@ pub fn fit<T: PretextTask<Batch = SeqBatch>>(
         path: out,
         resume,
         config: run_config,
+        mut par,
     } = run;
     let n_health = health_examples.min(examples.len());
     let heldout = (n_health >= 2)
@@ -82,13 +86,18 @@ pub fn fit<T: PretextTask<Batch = SeqBatch>>(
             SeqBatch::from_examples(&examples.iter().take(n_health).collect::<Vec<_>>(), device)
         })
         .transpose()?;
+    let examples = par.shard(examples, "training series")?;
     let mut source = InMemorySeqSource::new(examples, train.batch_size, train.seed, true, device)?;
     let mut trainer = LoopTrainer::new(train.clone(), Some(out.to_path_buf()))?
         .resume(resume)
         .run_config(run_config)
         .stop_flag(StopFlag::from_signals()?)
-        .progress(true);
+        .progress(true)
+        .collective(par.take());
     let report = trainer.fit(task, &mut source, heldout.as_ref())?;
+    if !par.is_main() {
+        return Ok(());
+    }
     let last = report.losses.last().map(|(_, l)| *l).unwrap_or(f64::NAN);
     let first = report.losses.first().map(|(_, l)| *l).unwrap_or(f64::NAN);
     if report.interrupted {

@@ -23,6 +23,7 @@ use ssl_text::{
 };
 use tokenizers::Tokenizer;
 
+use crate::parallel::Parallel;
 use crate::{config, CliError};
 
 /// The embedded default corpus: 120 licence texts of the SPDX licence list (CC0).
@@ -368,6 +369,7 @@ pub fn pretrain(
     cfg.train.validate()?;
     cfg.masking.validate().map_err(text_err)?;
     let device = parse_device(&cfg.train.device)?;
+    let mut par = Parallel::init()?;
     let _tmp;
     let paths = if data.is_empty() {
         let d = tempdir()?;
@@ -418,14 +420,19 @@ pub fn pretrain(
         );
         tok
     };
-    save_tokenizer(&tok, out).map_err(text_err)?;
-    cfg.tokenizer.file = std::fs::canonicalize(&tok_path)
-        .map_err(io(&tok_path))?
-        .to_string_lossy()
-        .into_owned();
+    // Every rank trains the same tokenizer from the same documents; rank 0 writes the files.
+    if par.is_main() {
+        save_tokenizer(&tok, out).map_err(text_err)?;
+        cfg.tokenizer.file = std::fs::canonicalize(&tok_path)
+            .map_err(io(&tok_path))?
+            .to_string_lossy()
+            .into_owned();
+    }
     let sp = SpecialIds::of(&tok).map_err(text_err)?;
     let (store, model) = build_model(&mut cfg, &tok, &device)?;
-    config::write_run_config(out, &config::to_toml(&cfg)?)?;
+    if par.is_main() {
+        config::write_run_config(out, &config::to_toml(&cfg)?)?;
+    }
 
     let train_seqs = tokenize(&tok, &train_docs, &cfg)?;
     let mut held_seqs = tokenize(&tok, &held_docs, &cfg)?;
@@ -443,7 +450,7 @@ pub fn pretrain(
         store.num_elements()
     );
     let eval_bs = cfg.train.batch_size.max(8);
-    let before = if held_seqs.is_empty() || resume {
+    let before = if held_seqs.is_empty() || resume || !par.is_main() {
         None
     } else {
         Some(evaluate_mlm(&model, &held_seqs, eval_bs, sp.pad, seed, &device).map_err(text_err)?)
@@ -455,7 +462,7 @@ pub fn pretrain(
         );
     }
     let mut source = InMemoryTextSource::new(
-        train_seqs,
+        par.shard(train_seqs, "training sequences")?,
         cfg.train.batch_size,
         seed,
         true,
@@ -468,8 +475,12 @@ pub fn pretrain(
         .resume(resume)
         .run_config(run_config)
         .stop_flag(StopFlag::from_signals()?)
-        .progress(true);
+        .progress(true)
+        .collective(par.take());
     let report = trainer.fit(&model, &mut source, None)?;
+    if !par.is_main() {
+        return Ok(());
+    }
     if !report.params_without_grad.is_empty() {
         eprintln!(
             "warning: parameters without gradient: {:?}",

@@ -18,6 +18,7 @@ use ssl_timeseries::{
     SeriesEncoder, Ts2VecConfig, Ts2VecTask,
 };
 
+use crate::parallel::Parallel;
 use crate::series_common as common;
 use crate::{config, CliError};
 
@@ -375,7 +376,10 @@ pub fn pretrain(
         )));
     }
     cfg.channels = channels;
-    config::write_run_config(out, &config::to_toml(&cfg)?)?;
+    let par = Parallel::init()?;
+    if par.is_main() {
+        config::write_run_config(out, &config::to_toml(&cfg)?)?;
+    }
     let (store, task) = AnyTask::build(&cfg, &device, cfg.train.seed)?;
     eprintln!(
         "{} series x {} steps (max) x {channels} channels; {:?} encoder, {:?} task; {} parameters",
@@ -395,6 +399,7 @@ pub fn pretrain(
             path: out,
             resume,
             config: run_config,
+            par,
         },
         &device,
     )

@@ -25,6 +25,7 @@ use ssl_vision::{
     SimClrConfig, SimClrTask, ViTConfig,
 };
 
+use crate::parallel::Parallel;
 use crate::{config, CliError};
 
 /// The embedded default data: 1,500 images (28x28 grey) with labels, sampled with a fixed
@@ -412,9 +413,12 @@ pub fn pretrain(
     } else {
         data.to_vec()
     };
+    let mut par = Parallel::init()?;
     let loaded = load_images(&paths, &cfg.data, None)?;
     complete_config(&mut cfg, &loaded.images)?;
-    config::write_run_config(out, &config::to_toml(&cfg)?)?;
+    if par.is_main() {
+        config::write_run_config(out, &config::to_toml(&cfg)?)?;
+    }
     let (store, task) = AnyVisionTask::build(&cfg, &device)?;
     let n = loaded.images.len();
     eprintln!(
@@ -431,14 +435,24 @@ pub fn pretrain(
         .then(|| loaded.images.batch(0, n_health, &device))
         .transpose()
         .map_err(vis)?;
-    let n_prev = cfg.task.preview_images.min(n);
+    // Previews are written by rank 0 only.
+    let n_prev = if par.is_main() {
+        cfg.task.preview_images.min(n)
+    } else {
+        0
+    };
     let preview_imgs = (n_prev > 0)
         .then(|| loaded.images.batch(0, n_prev, &device))
         .transpose()
         .map_err(vis)?;
-    let inner =
-        InMemoryImageSource::new(loaded.images, cfg.train.batch_size, cfg.train.seed, &device)
-            .map_err(vis)?;
+    let shard = par.shard((0..n).collect(), "images")?;
+    let inner = InMemoryImageSource::new(
+        loaded.images.select(&shard),
+        cfg.train.batch_size,
+        cfg.train.seed,
+        &device,
+    )
+    .map_err(vis)?;
     let preview_dir = out.join("previews");
     // On resume, previews continue the step numbering of the checkpoint resumed from.
     let accum = cfg.train.accum_steps.max(1) as u64;
@@ -466,8 +480,12 @@ pub fn pretrain(
         .resume(resume)
         .run_config(run_config)
         .stop_flag(StopFlag::from_signals()?)
-        .progress(true);
+        .progress(true)
+        .collective(par.take());
     let report = trainer.fit(&task, &mut source, heldout.as_ref())?;
+    if !par.is_main() {
+        return Ok(());
+    }
     if let (AnyVisionTask::Mae(t), Some(imgs)) = (&task, &preview_imgs) {
         save_reconstruction_grid(t, imgs, cfg.train.seed, &preview_dir.join("final.png"))
             .map_err(vis)?;

@@ -515,7 +515,9 @@ impl<T: PretextTask> Trainer<T> for LoopTrainer {
                 first_step = false;
             }
             let mut scalars = [loss_sum, weight_sum];
+            let t_comm = Instant::now();
             self.all_reduce(&mut grads, &vars, &mut scalars)?;
+            let comm_s = t_comm.elapsed().as_secs_f64();
             let [loss_sum, weight_sum] = scalars;
             let inv = 1.0 / weight_sum.max(f64::MIN_POSITIVE);
             let mut grads = scale_grads(grads, inv)?;
@@ -607,6 +609,10 @@ impl<T: PretextTask> Trainer<T> for LoopTrainer {
                 (samples as f64 * self.collective.world_size() as f64 / elapsed.max(1e-9)).into(),
             );
             record.insert("step_time_s".into(), elapsed.into());
+            if world > 1 {
+                // Flattening, all-reduce and unflattening of the gradients (rank 0's view).
+                record.insert("allreduce_s".into(), comm_s.into());
+            }
             for (k, v) in metric_sums {
                 record.insert(k, (v * inv).into());
             }

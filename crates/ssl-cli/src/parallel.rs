@@ -1,0 +1,117 @@
+//! Data-parallel runs. A binary built with `--features mpi` and started by `mpirun -np N`
+//! trains on N ranks with no other change: each rank keeps every N-th training example (its
+//! shard), `train.batch_size` is per rank (the global batch is N times it, as in PyTorch DDP),
+//! parameters start from rank 0's, gradients are summed over ranks every step, and rank 0
+//! alone writes the run directory. Otherwise the run is a single process.
+
+use ssl_core::{Collective, SingleProcess};
+
+use crate::error::CliError;
+
+/// This process's place in the run.
+pub struct Parallel {
+    collective: Option<Box<dyn Collective>>,
+    /// This process's rank.
+    pub rank: usize,
+    /// Number of ranks.
+    pub world: usize,
+}
+
+impl Parallel {
+    /// MPI when launched by `mpirun` in an `mpi` build; a single process otherwise.
+    pub fn init() -> Result<Self, CliError> {
+        let collective = backend()?;
+        let (rank, world) = (collective.rank(), collective.world_size());
+        if world > 1 && rank == 0 {
+            eprintln!(
+                "data parallel over {world} MPI ranks: train.batch_size is per rank (global batch = {world} x it)"
+            );
+        }
+        Ok(Parallel {
+            collective: Some(collective),
+            rank,
+            world,
+        })
+    }
+
+    /// True on the rank that writes files and prints reports.
+    pub fn is_main(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// This rank's shard: every `world`-th item from `rank`. Errors when a rank would get
+    /// nothing.
+    pub fn shard<T>(&self, items: Vec<T>, what: &str) -> Result<Vec<T>, CliError> {
+        if self.world == 1 {
+            return Ok(items);
+        }
+        let n = items.len();
+        if n < self.world {
+            return Err(CliError::Config(format!(
+                "{n} {what} cannot be shared by {} ranks: give more data or fewer ranks",
+                self.world
+            )));
+        }
+        Ok(items
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % self.world == self.rank)
+            .map(|(_, x)| x)
+            .collect())
+    }
+
+    /// The collective for the trainer (once).
+    pub fn take(&mut self) -> Box<dyn Collective> {
+        self.collective
+            .take()
+            .unwrap_or_else(|| Box::new(SingleProcess))
+    }
+}
+
+#[cfg(feature = "mpi")]
+fn backend() -> Result<Box<dyn Collective>, CliError> {
+    if ssl_core::MpiCollective::launched_by_mpirun() {
+        Ok(Box::new(ssl_core::MpiCollective::init()?))
+    } else {
+        Ok(Box::new(SingleProcess))
+    }
+}
+
+#[cfg(not(feature = "mpi"))]
+fn backend() -> Result<Box<dyn Collective>, CliError> {
+    if ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .any(|v| std::env::var(v).is_ok_and(|s| s != "1"))
+    {
+        return Err(CliError::Config(
+            "started by mpirun with several ranks, but this ssl binary was built without MPI: build it with `cargo build --release -p ssl-cli --features mpi`".into(),
+        ));
+    }
+    Ok(Box::new(SingleProcess))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_partition_the_items() {
+        let mut seen = Vec::new();
+        for rank in 0..3 {
+            let p = Parallel {
+                collective: None,
+                rank,
+                world: 3,
+            };
+            seen.extend(p.shard((0..10).collect::<Vec<_>>(), "rows").unwrap());
+        }
+        seen.sort();
+        assert_eq!(seen, (0..10).collect::<Vec<_>>());
+        let p = Parallel {
+            collective: None,
+            rank: 0,
+            world: 4,
+        };
+        assert!(p.shard(vec![1, 2, 3], "rows").is_err());
+    }
+}
