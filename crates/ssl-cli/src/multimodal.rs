@@ -527,16 +527,14 @@ pub fn pretrain(
     if par.is_main() {
         config::write_run_config(out, &config::to_toml(&cfg)?)?;
     }
-    if par.world > 1 {
-        eprintln!(
-            "rank {}: the contrastive loss sees this rank's {} pairs per step as negatives (embeddings are not gathered across ranks)",
-            par.rank, cfg.train.batch_size
-        );
-    }
     let train = train.select(&par.shard((0..train.len()).collect(), "training pairs")?);
-    let (store, model) = build(&cfg, &device)?;
+    let (store, mut model) = build(&cfg, &device)?;
     if !resume {
         init_towers(&cfg, &model, &device)?;
+    }
+    if par.world > 1 {
+        // Negatives span every rank: each step gathers all ranks' embeddings.
+        model.gather_across(par.shared());
     }
     let seqs = tokenize_captions(&tok, &train.captions, &train.ids, cfg.max_seq_len).map_err(mm)?;
     let pad = SpecialIds::of(&tok).map_err(text_err)?.pad;

@@ -4,13 +4,15 @@
 //! parameters start from rank 0's, gradients are summed over ranks every step, and rank 0
 //! alone writes the run directory. Otherwise the run is a single process.
 
-use ssl_core::{Collective, SingleProcess};
+use std::sync::Arc;
+
+use ssl_core::{SharedCollective, SingleProcess};
 
 use crate::error::CliError;
 
 /// This process's place in the run.
 pub struct Parallel {
-    collective: Option<Box<dyn Collective>>,
+    collective: SharedCollective,
     /// This process's rank.
     pub rank: usize,
     /// Number of ranks.
@@ -28,7 +30,7 @@ impl Parallel {
             );
         }
         Ok(Parallel {
-            collective: Some(collective),
+            collective,
             rank,
             world,
         })
@@ -60,25 +62,28 @@ impl Parallel {
             .collect())
     }
 
-    /// The collective for the trainer (once).
-    pub fn take(&mut self) -> Box<dyn Collective> {
-        self.collective
-            .take()
-            .unwrap_or_else(|| Box::new(SingleProcess))
+    /// The collective for the trainer.
+    pub fn take(&mut self) -> Box<dyn ssl_core::Collective> {
+        Box::new(self.collective.clone())
+    }
+
+    /// The same collective, for a task that exchanges data of its own.
+    pub fn shared(&self) -> SharedCollective {
+        self.collective.clone()
     }
 }
 
 #[cfg(feature = "mpi")]
-fn backend() -> Result<Box<dyn Collective>, CliError> {
+fn backend() -> Result<SharedCollective, CliError> {
     if ssl_core::MpiCollective::launched_by_mpirun() {
-        Ok(Box::new(ssl_core::MpiCollective::init()?))
+        Ok(Arc::new(ssl_core::MpiCollective::init()?))
     } else {
-        Ok(Box::new(SingleProcess))
+        Ok(Arc::new(SingleProcess))
     }
 }
 
 #[cfg(not(feature = "mpi"))]
-fn backend() -> Result<Box<dyn Collective>, CliError> {
+fn backend() -> Result<SharedCollective, CliError> {
     if ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
         .iter()
         .any(|v| std::env::var(v).is_ok_and(|s| s != "1"))
@@ -87,7 +92,7 @@ fn backend() -> Result<Box<dyn Collective>, CliError> {
             "started by mpirun with several ranks, but this ssl binary was built without MPI: build it with `cargo build --release -p ssl-cli --features mpi`".into(),
         ));
     }
-    Ok(Box::new(SingleProcess))
+    Ok(Arc::new(SingleProcess))
 }
 
 #[cfg(test)]
@@ -99,7 +104,7 @@ mod tests {
         let mut seen = Vec::new();
         for rank in 0..3 {
             let p = Parallel {
-                collective: None,
+                collective: Arc::new(SingleProcess),
                 rank,
                 world: 3,
             };
@@ -108,7 +113,7 @@ mod tests {
         seen.sort();
         assert_eq!(seen, (0..10).collect::<Vec<_>>());
         let p = Parallel {
-            collective: None,
+            collective: Arc::new(SingleProcess),
             rank: 0,
             world: 4,
         };

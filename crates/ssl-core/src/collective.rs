@@ -31,6 +31,32 @@ pub trait Collective: Send {
     }
 }
 
+/// A collective shared by the trainer and a task that exchanges data of its own (contrastive
+/// losses gather embeddings across ranks). Calls must not overlap: the trainer and the task
+/// take turns on one thread.
+pub type SharedCollective = Arc<dyn Collective + Sync>;
+
+impl Collective for SharedCollective {
+    fn rank(&self) -> usize {
+        (**self).rank()
+    }
+    fn world_size(&self) -> usize {
+        (**self).world_size()
+    }
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
+        (**self).all_reduce_sum(buf)
+    }
+    fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>> {
+        (**self).all_gather(local)
+    }
+    fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
+        (**self).broadcast(buf, root)
+    }
+    fn barrier(&self) -> Result<()> {
+        (**self).barrier()
+    }
+}
+
 /// One process: every collective is the identity.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SingleProcess;

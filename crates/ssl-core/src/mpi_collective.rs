@@ -21,6 +21,9 @@ pub struct MpiCollective {
 // The trainer calls collectives from one thread at a time; MPI is initialised with
 // `Threading::Serialized`, which allows exactly that from any thread.
 unsafe impl Send for MpiCollective {}
+// Shared (as a `SharedCollective`) only between the trainer and its task, which call it in
+// turn on the training thread, never concurrently.
+unsafe impl Sync for MpiCollective {}
 
 impl std::fmt::Debug for MpiCollective {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

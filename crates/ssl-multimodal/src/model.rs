@@ -139,6 +139,8 @@ pub struct ClipModel {
     mean: Tensor,
     std: Tensor,
     pub(crate) store: ParamStore,
+    /// Ranks of a data-parallel run, whose embeddings join every rank's similarity matrix.
+    pub(crate) ranks: Option<ssl_core::SharedCollective>,
 }
 
 fn channel_tensor(v: &[f32], c: usize, pb: &ParamBuilder) -> Result<Tensor> {
@@ -190,6 +192,7 @@ impl ClipModel {
             mean: channel_tensor(&cfg.image_mean, c, pb)?,
             std: channel_tensor(&cfg.image_std, c, pb)?,
             store: pb.store().clone(),
+            ranks: None,
         })
     }
 
@@ -277,11 +280,37 @@ impl ClipModel {
         }
     }
 
+    /// Data-parallel training: each training step gathers every rank's embeddings so the
+    /// loss sees the negatives of all ranks (open_clip's `gather_with_grad = False`, full
+    /// matrix on every rank). Give the same collective to the trainer.
+    pub fn gather_across(&mut self, ranks: ssl_core::SharedCollective) {
+        self.ranks = Some(ranks);
+    }
+
     /// The configured loss of normalised embeddings whose row `i` are a pair.
     pub fn loss(&self, image: &Tensor, text: &Tensor) -> Result<Tensor> {
-        let scale = self.scale_for_loss();
+        self.loss_shared(image, text, 1)
+    }
+
+    /// [`ClipModel::loss`] as computed identically on each of `world` ranks: the gradient
+    /// reaching `logit_scale` and `logit_bias` is divided by `world`, so that summing the
+    /// ranks' gradients counts it once.
+    pub(crate) fn loss_shared(
+        &self,
+        image: &Tensor,
+        text: &Tensor,
+        world: usize,
+    ) -> Result<Tensor> {
+        let share = |t: &Tensor| -> Result<Tensor> {
+            if world <= 1 {
+                return Ok(t.clone());
+            }
+            let f = 1.0 / world as f64;
+            Ok(((t * f)? + (t.detach() * (1.0 - f))?)?)
+        };
+        let scale = share(&self.scale_for_loss())?;
         match (&self.cfg.loss.kind, &self.logit_bias) {
-            (LossKind::Siglip, Some(b)) => siglip_loss(image, text, &scale, b),
+            (LossKind::Siglip, Some(b)) => siglip_loss(image, text, &scale, &share(b)?),
             _ => clip_loss(
                 image,
                 text,

@@ -88,6 +88,80 @@ impl ClipModel {
         Ok(m)
     }
 
+    /// `(rank, world)` of the data-parallel run (`(0, 1)` alone).
+    fn rank_world(&self) -> (usize, usize) {
+        self.ranks
+            .as_ref()
+            .map_or((0, 1), |c| (c.rank(), c.world_size()))
+    }
+
+    /// Every rank's rows of `local` `(n, d)` in rank order; this rank's rows keep their graph,
+    /// the others are constants. All ranks must call it with the same `n`.
+    fn gather_rows(&self, local: &Tensor) -> Result<Tensor> {
+        let (rank, world) = self.rank_world();
+        let Some(c) = self.ranks.as_ref().filter(|_| world > 1) else {
+            return Ok(local.clone());
+        };
+        let (n, d) = local.dims2()?;
+        let sizes = c.all_gather(&[n as f32])?;
+        if sizes.iter().any(|&s| s as usize != n) {
+            return Err(MultimodalError::InvalidInput(format!(
+                "ranks hold batches of {sizes:?} pairs: every rank needs the same batch size (give each rank at least train.batch_size pairs)"
+            )));
+        }
+        let values = local
+            .detach()
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let all = c.all_gather(&values)?;
+        let parts = (0..world)
+            .map(|r| {
+                if r == rank {
+                    Ok(local.clone())
+                } else {
+                    Ok(Tensor::from_slice(
+                        &all[r * n * d..(r + 1) * n * d],
+                        (n, d),
+                        local.device(),
+                    )?
+                    .to_dtype(local.dtype())?)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// The training step of a data-parallel run: the loss over every rank's pairs, and the
+    /// gradients of `loss * N` (N pairs over all ranks) reaching this rank's parameters through
+    /// its own embeddings. Reported with this rank's weight `n`, the trainer's sum over ranks
+    /// divided by the summed weight is exactly the one-process gradient of the combined batch.
+    fn forward_backward_gathered(
+        &self,
+        batch: &PairBatch,
+        ctx: &mut Ctx,
+    ) -> Result<(TaskOutput, GradStore)> {
+        let (_, world) = self.rank_world();
+        let n = batch.len();
+        let micro = self.cfg.micro_batch;
+        if micro > 0 && micro < n {
+            return self.grad_cache(batch, micro, ctx);
+        }
+        let img = self.gather_rows(&self.encode_image(&batch.images, ctx)?)?;
+        let txt = self.gather_rows(&self.encode_text(&batch.text, ctx)?)?;
+        let loss = self.loss_shared(&img, &txt, world)?;
+        let grads = (&loss * (n * world) as f64)?.backward()?;
+        let metrics = self.step_metrics(&img, &txt)?;
+        Ok((
+            TaskOutput {
+                loss: loss.detach(),
+                weight: n as f64,
+                metrics,
+            },
+            grads,
+        ))
+    }
+
     /// One pass over the whole batch with its graph: the loss and the step metrics.
     pub fn forward_pairs(&self, batch: &PairBatch, ctx: &mut Ctx) -> Result<TaskOutput> {
         let img = self.encode_image(&batch.images, ctx)?;
@@ -131,8 +205,12 @@ impl ClipModel {
         }
         let img = Var::from_tensor(&Tensor::cat(&imgs, 0)?)?;
         let txt = Var::from_tensor(&Tensor::cat(&txts, 0)?)?;
-        let loss = self.loss(img.as_tensor(), txt.as_tensor())?;
-        let mut grads = (&loss * n as f64)?.backward()?;
+        // In a data-parallel run the loss spans every rank's cached embeddings.
+        let (_, world) = self.rank_world();
+        let all_img = self.gather_rows(img.as_tensor())?;
+        let all_txt = self.gather_rows(txt.as_tensor())?;
+        let loss = self.loss_shared(&all_img, &all_txt, world)?;
+        let mut grads = (&loss * (n * world) as f64)?.backward()?;
         let missing = || {
             MultimodalError::InvalidInput("the loss has no gradient w.r.t. the embeddings".into())
         };
@@ -152,7 +230,7 @@ impl ClipModel {
                 + (e_txt * g_txt.narrow(0, s, l)?)?.sum_all()?)?;
             grads.extend(surrogate.backward()?)?;
         }
-        let metrics = self.step_metrics(img.as_tensor(), txt.as_tensor())?;
+        let metrics = self.step_metrics(&all_img, &all_txt)?;
         Ok((
             TaskOutput {
                 loss: loss.detach(),
@@ -181,6 +259,9 @@ impl PretextTask for ClipModel {
         batch: &PairBatch,
         ctx: &mut Ctx,
     ) -> ssl_core::Result<(TaskOutput, GradStore)> {
+        if self.rank_world().1 > 1 {
+            return Ok(self.forward_backward_gathered(batch, ctx)?);
+        }
         let micro = self.cfg.micro_batch;
         if micro > 0 && micro < batch.len() {
             return Ok(self.grad_cache(batch, micro, ctx)?);

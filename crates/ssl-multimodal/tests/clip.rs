@@ -3,7 +3,10 @@
 //! towers get none, and training aligns the toy pairs.
 
 use candle_core::{Device, Tensor};
-use ssl_core::{Ctx, LoopTrainer, ParamStore, PretextTask, SslRng, TrainConfig, Trainer};
+use ssl_core::{
+    Collective, Ctx, LoopTrainer, ParamStore, PretextTask, SharedCollective, SslRng, ThreadGroup,
+    TrainConfig, Trainer,
+};
 use ssl_multimodal::*;
 use ssl_vision::Pooling;
 
@@ -46,11 +49,10 @@ fn batch(s: &Setup) -> PairBatch {
     pair_batch(&s.pairs.images, &seqs, pad, &idx, &Device::Cpu).unwrap()
 }
 
-fn grads_of(
-    model: &ClipModel,
-    b: &PairBatch,
-    micro: Option<usize>,
-) -> (f64, Vec<(String, Vec<f32>)>) {
+/// A loss and the gradient of every parameter, by name.
+type LossAndGrads = (f64, Vec<(String, Vec<f32>)>);
+
+fn grads_of(model: &ClipModel, b: &PairBatch, micro: Option<usize>) -> LossAndGrads {
     let mut rng = SslRng::new(5);
     let mut ctx = Ctx::train(&mut rng);
     let (out, grads) = match micro {
@@ -246,4 +248,60 @@ fn training_aligns_toy_pairs() {
         "zero-shot colour accuracy {}",
         zs.accuracy
     );
+}
+
+#[test]
+fn two_ranks_gathering_embeddings_equal_one_process_on_the_combined_batch() {
+    // Each rank holds 6 of the 12 pairs; gathering makes every rank's loss the loss over all
+    // 12 (every negative), and the ranks' gradients add up to the one-process gradient.
+    let s = setup(12);
+    let b = batch(&s);
+    for (kind, micro) in [
+        (LossKind::Clip, 0),
+        (LossKind::Siglip, 0),
+        (LossKind::Clip, 4),
+    ] {
+        let mut cfg = tiny(s.tok.get_vocab_size(true));
+        cfg.loss.kind = kind;
+        cfg.micro_batch = micro;
+        let one = ClipModel::new(&cfg, &ParamStore::new(&Device::Cpu).builder(3)).unwrap();
+        let (l_one, g_one) = grads_of(&one, &b, None);
+        let ranks: Vec<LossAndGrads> = std::thread::scope(|sc| {
+            let hs: Vec<_> = ThreadGroup::new(2)
+                .into_iter()
+                .map(|c| {
+                    let (cfg, b) = (cfg.clone(), &b);
+                    sc.spawn(move || {
+                        let store = ParamStore::new(&Device::Cpu);
+                        let mut m = ClipModel::new(&cfg, &store.builder(3)).unwrap();
+                        let half = b.narrow(6 * c.rank(), 6).unwrap();
+                        let shared: SharedCollective = std::sync::Arc::new(c);
+                        m.gather_across(shared);
+                        grads_of(&m, &half, None)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (l, _) in &ranks {
+            assert!(
+                (l - l_one).abs() < 1e-5,
+                "{kind:?}/{micro}: loss {l} vs {l_one}"
+            );
+        }
+        let scale = g_one
+            .iter()
+            .flat_map(|(_, g)| g.iter())
+            .fold(0f32, |m, x| m.max(x.abs()));
+        let mut worst = 0f32;
+        for (k, (name, a)) in g_one.iter().enumerate() {
+            for (j, x) in a.iter().enumerate() {
+                let sum = ranks[0].1[k].1[j] + ranks[1].1[k].1[j];
+                let d = (x - sum).abs() / scale;
+                worst = worst.max(d);
+                assert!(d < 1e-5, "{kind:?}/{micro} {name}: {x} vs {sum}");
+            }
+        }
+        eprintln!("{kind:?}, micro-batch {micro}: 2 ranks vs 1 process {worst:e}");
+    }
 }

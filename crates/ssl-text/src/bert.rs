@@ -656,6 +656,151 @@ mod tests {
         s
     }
 
+    /// MLM whose masks depend on each sequence alone (seeded by its ids), so one process on a
+    /// batch and two ranks on its halves draw the same masks.
+    struct RowSeeded(BertForMaskedLM);
+
+    impl PretextTask for RowSeeded {
+        type Batch = TextBatch;
+        fn params(&self) -> &ParamStore {
+            &self.0.store
+        }
+        fn forward(&self, batch: &TextBatch, ctx: &mut Ctx) -> ssl_core::Result<TaskOutput> {
+            let mut sum: Option<Tensor> = None;
+            let mut count = 0usize;
+            for s in &batch.seqs {
+                let one = TextBatch {
+                    seqs: vec![s.clone()],
+                    pad_id: batch.pad_id,
+                    device: batch.device.clone(),
+                };
+                let seed = s.ids.iter().fold(7u64, |h, &i| h * 31 + u64::from(i));
+                let mb = self.0.mask_batch(&one, &mut SslRng::new(seed))?;
+                let (loss, n, _) = self.0.masked_loss(&mb, ctx)?;
+                let part = (loss * n as f64)?;
+                sum = Some(match sum {
+                    Some(t) => (t + part)?,
+                    None => part,
+                });
+                count += n;
+            }
+            let loss = (sum.expect("non-empty batch") / count as f64)?;
+            Ok(TaskOutput {
+                loss,
+                weight: count as f64,
+                metrics: Vec::new(),
+            })
+        }
+        fn embed(&self, batch: &TextBatch, ctx: &mut Ctx) -> ssl_core::Result<Tensor> {
+            self.0.embed(batch, ctx)
+        }
+        fn batch_len(&self, batch: &TextBatch) -> usize {
+            batch.len()
+        }
+    }
+
+    #[test]
+    fn two_ranks_train_mlm_like_one_process_on_the_combined_batch() {
+        use crate::data::InMemoryTextSource;
+        use ssl_core::{Collective, ThreadGroup};
+        let seqs: Vec<TokenizedSeq> = (0..16u32)
+            .map(|i| {
+                seq(&(0..3 + i % 5)
+                    .map(|k| 5 + (i * 7 + k * 3) % 35)
+                    .collect::<Vec<_>>())
+            })
+            .collect();
+        let cfg = BertConfig {
+            hidden_dropout_prob: 0.0,
+            attention_probs_dropout_prob: 0.0,
+            ..tiny(40)
+        };
+        let masking = MaskingConfig {
+            mask_prob: 0.3,
+            ..Default::default()
+        };
+        // Large eps: Adam's update is then proportional to the gradient (see ssl-core's
+        // tests/distributed.rs), so the comparison measures the gradients.
+        let train = TrainConfig {
+            max_steps: 6,
+            batch_size: 8,
+            lr: 0.05,
+            eps: 1.0,
+            warmup_steps: 0,
+            health_every: 0,
+            ..TrainConfig::default()
+        };
+        let run = |data: Vec<TokenizedSeq>, batch: usize, c: Option<ThreadGroup>, seed: u64| {
+            let store = ParamStore::new(&Device::Cpu);
+            let task =
+                RowSeeded(BertForMaskedLM::new(&cfg, masking, 4, &store.builder(seed)).unwrap());
+            let mut src = InMemoryTextSource::new(data, batch, 0, false, 0, &Device::Cpu).unwrap();
+            let mut t = LoopTrainer::new(train.clone(), None).unwrap();
+            if let Some(c) = c {
+                t = t.collective(Box::new(c));
+            }
+            t.fit(&task, &mut src, None).unwrap();
+            store
+                .vars()
+                .into_iter()
+                .flat_map(|(_, v)| {
+                    v.as_tensor()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                })
+                .collect::<Vec<f32>>()
+        };
+        let one = run(seqs.clone(), 8, None, 0);
+        let ranks: Vec<Vec<f32>> = std::thread::scope(|sc| {
+            let hs: Vec<_> = ThreadGroup::new(2)
+                .into_iter()
+                .map(|c| {
+                    // Rank r: the r-th half of every combined batch of 8; rank 1 starts from
+                    // other weights, which the broadcast replaces.
+                    let r = c.rank();
+                    let mine: Vec<TokenizedSeq> = seqs
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| (i % 8) / 4 == r)
+                        .map(|(_, s)| s.clone())
+                        .collect();
+                    let run = &run;
+                    sc.spawn(move || run(mine, 4, Some(c), r as u64 * 9))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(ranks[0], ranks[1], "ranks ended with different parameters");
+        let scale = one.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let diff = one
+            .iter()
+            .zip(&ranks[0])
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+            / scale;
+        assert!(diff < 1e-6, "2 ranks vs 1 process: {diff}");
+        let store = ParamStore::new(&Device::Cpu);
+        BertForMaskedLM::new(&cfg, masking, 4, &store.builder(0)).unwrap();
+        let moved = store
+            .vars()
+            .into_iter()
+            .flat_map(|(_, v)| {
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .zip(&one)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+            / scale;
+        assert!(
+            moved > 1e-3,
+            "training hardly moved the parameters ({moved})"
+        );
+    }
+
     #[test]
     fn key_names_are_hugging_face_bert_for_masked_lm() {
         let store = ParamStore::new(&Device::Cpu);
