@@ -50,6 +50,9 @@ pub struct TrainConfig {
     pub grad_clip: f64,
     /// Micro-batches accumulated per optimizer step.
     pub accum_steps: usize,
+    /// Data-parallel runs all-reduce the gradients in buckets of at most this many MiB
+    /// (PyTorch DDP's default is 25), bounding the memory of the flat exchange buffers.
+    pub allreduce_bucket_mb: f64,
     /// Write a checkpoint every N steps (0: off).
     pub checkpoint_every_steps: u64,
     /// Write a checkpoint every T minutes of wall time (0: off).
@@ -92,6 +95,7 @@ impl Default for TrainConfig {
             eps: 1e-8,
             grad_clip: 1.0,
             accum_steps: 1,
+            allreduce_bucket_mb: 25.0,
             checkpoint_every_steps: 500,
             checkpoint_every_minutes: 60.0,
             keep_checkpoints: 3,
@@ -119,6 +123,13 @@ impl TrainConfig {
         }
         if self.accum_steps == 0 {
             return bad("accum_steps", "0".into(), "must be at least 1");
+        }
+        if !(self.allreduce_bucket_mb.is_finite() && self.allreduce_bucket_mb > 0.0) {
+            return bad(
+                "allreduce_bucket_mb",
+                self.allreduce_bucket_mb.to_string(),
+                "must be a positive number",
+            );
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad("lr", self.lr.to_string(), "must be a positive number");
@@ -279,7 +290,9 @@ impl LoopTrainer {
         Ok(state)
     }
 
-    /// Sums gradients, loss and weight over ranks (no-op on one process).
+    /// Sums gradients, loss and weight over ranks (no-op on one process): the gradients in
+    /// name order, flattened into buckets of at most `allreduce_bucket_mb` (a larger tensor is
+    /// a bucket of its own), then the scalars.
     fn all_reduce(
         &self,
         grads: &mut [Option<Tensor>],
@@ -289,26 +302,40 @@ impl LoopTrainer {
         if self.collective.world_size() == 1 {
             return Ok(());
         }
-        let mut flat = Vec::new();
-        for (g, like) in grads.iter().zip(shapes) {
-            match g {
-                Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-                None => flat.extend(std::iter::repeat_n(0f32, like.elem_count())),
+        let bucket = ((self.cfg.allreduce_bucket_mb * 1024.0 * 1024.0 / 4.0) as usize).max(1);
+        let mut start = 0;
+        while start < grads.len() {
+            let mut end = start;
+            let mut elems = 0;
+            while end < grads.len() && (end == start || elems + shapes[end].elem_count() <= bucket)
+            {
+                elems += shapes[end].elem_count();
+                end += 1;
             }
+            let mut flat = Vec::with_capacity(elems);
+            for (g, like) in grads[start..end].iter().zip(&shapes[start..end]) {
+                match g {
+                    Some(g) => {
+                        flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+                    }
+                    None => flat.extend(std::iter::repeat_n(0f32, like.elem_count())),
+                }
+            }
+            self.collective.all_reduce_sum(&mut flat)?;
+            let mut off = 0;
+            for (g, like) in grads[start..end].iter_mut().zip(&shapes[start..end]) {
+                let n = like.elem_count();
+                let t = Tensor::from_vec(flat[off..off + n].to_vec(), like.shape(), like.device())?
+                    .to_dtype(like.dtype())?;
+                *g = Some(t);
+                off += n;
+            }
+            start = end;
         }
-        flat.extend(scalars.iter().map(|s| *s as f32));
+        let mut flat: Vec<f32> = scalars.iter().map(|s| *s as f32).collect();
         self.collective.all_reduce_sum(&mut flat)?;
-        let mut off = 0;
-        for (g, like) in grads.iter_mut().zip(shapes) {
-            let n = like.elem_count();
-            let t = Tensor::from_vec(flat[off..off + n].to_vec(), like.shape(), like.device())?
-                .to_dtype(like.dtype())?;
-            *g = Some(t);
-            off += n;
-        }
-        for s in scalars.iter_mut() {
-            *s = f64::from(flat[off]);
-            off += 1;
+        for (s, v) in scalars.iter_mut().zip(flat) {
+            *s = f64::from(v);
         }
         Ok(())
     }

@@ -37,15 +37,17 @@ impl Collective for SkipsAllReduce {
 fn two_ranks(
     ex: &[SeqExample],
     wrap: fn(ThreadGroup) -> Box<dyn Collective>,
+    cfg: ssl_core::TrainConfig,
 ) -> Vec<Vec<(String, Vec<u32>)>> {
     std::thread::scope(|s| {
         let handles: Vec<_> = ThreadGroup::new(2)
             .into_iter()
             .map(|c| {
                 let data = shard(ex, c.rank(), 2);
+                let cfg = cfg.clone();
                 s.spawn(move || {
                     let task = regression(c.rank() as u64 * 100);
-                    LoopTrainer::new(train_cfg(), None)
+                    LoopTrainer::new(cfg, None)
                         .unwrap()
                         .collective(wrap(c))
                         .fit(&task, &mut source(data, BATCH, false), None)
@@ -61,7 +63,7 @@ fn two_ranks(
 #[test]
 fn two_ranks_are_bit_identical_and_equal_one_process_on_the_combined_batch() {
     let (ex, _) = waves(64, 11);
-    let ranks = two_ranks(&ex, |c| Box::new(c));
+    let ranks = two_ranks(&ex, |c| Box::new(c), train_cfg());
     assert_eq!(ranks[0], ranks[1], "ranks ended with different parameters");
     let single = one_process(&ex);
     let start = param_bits(&regression(0).store);
@@ -82,7 +84,7 @@ fn two_ranks_are_bit_identical_and_equal_one_process_on_the_combined_batch() {
 #[test]
 fn skipping_the_gradient_all_reduce_is_caught() {
     let (ex, _) = waves(64, 11);
-    let ranks = two_ranks(&ex, |c| Box::new(SkipsAllReduce(c)));
+    let ranks = two_ranks(&ex, |c| Box::new(SkipsAllReduce(c)), train_cfg());
     assert_ne!(ranks[0], ranks[1], "ranks agree without an all-reduce?");
     let diff = max_rel_diff(&floats(&ranks[0]), &floats(&one_process(&ex)));
     eprintln!("without the all-reduce: rank 0 vs one process {diff:.3e} (relative)");
@@ -115,4 +117,19 @@ fn ranks_with_dropout_and_random_masks_stay_bit_identical() {
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert_eq!(bits[0], bits[1]);
+}
+
+#[test]
+fn bucketed_all_reduce_gives_the_same_bits_as_one_bucket() {
+    // Buckets of 1 KiB (256 floats) split the gradients into many exchanges; sums are
+    // element-wise, so the result must not change by a bit.
+    let (ex, _) = waves(64, 13);
+    let one = two_ranks(&ex, |c| Box::new(c), train_cfg());
+    let small = ssl_core::TrainConfig {
+        allreduce_bucket_mb: 1.0 / 1024.0,
+        ..train_cfg()
+    };
+    let many = two_ranks(&ex, |c| Box::new(c), small);
+    assert_eq!(one[0], many[0]);
+    assert_eq!(many[0], many[1]);
 }
