@@ -274,7 +274,7 @@ pub fn pretrain(
         )));
     }
     cfg.features = features;
-    let par = Parallel::init()?;
+    let (par, device) = Parallel::init(device)?;
     if par.is_main() {
         config::write_run_config(out, &config::to_toml(&cfg)?)?;
     }

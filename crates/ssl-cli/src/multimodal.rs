@@ -478,7 +478,7 @@ pub fn pretrain(
     let mut cfg: MultimodalConfig =
         config::resolve(&MultimodalConfig::default(), base.as_deref(), set)?;
     let device = parse_device(&cfg.train.device)?;
-    let mut par = Parallel::init()?;
+    let (mut par, device) = Parallel::init(device)?;
     let _embedded;
     let paths: Vec<String> = if data.is_empty() {
         let (dir, p) = config::write_embedded("emoji_sample.parquet", EMBEDDED_TRAIN)?;

@@ -3,8 +3,13 @@
 //! shard), `train.batch_size` is per rank (the global batch is N times it, as in PyTorch DDP),
 //! parameters start from rank 0's, gradients are summed over ranks every step, and rank 0
 //! alone writes the run directory. Otherwise the run is a single process.
+//!
+//! A binary built with `--features cuda,nccl` whose `train.device` is a GPU reduces over NCCL
+//! instead, one process per GPU: rank `r` uses the GPU of its node-local rank.
 
 use std::sync::Arc;
+
+use candle_core::Device;
 
 use ssl_core::{SharedCollective, SingleProcess};
 
@@ -20,20 +25,25 @@ pub struct Parallel {
 }
 
 impl Parallel {
-    /// MPI when launched by `mpirun` in an `mpi` build; a single process otherwise.
-    pub fn init() -> Result<Self, CliError> {
-        let collective = backend()?;
+    /// MPI when launched by `mpirun` in an `mpi` build (NCCL on a GPU `device` in an `nccl`
+    /// build, which also moves the run to this rank's GPU); a single process otherwise.
+    /// Returns the device to train on.
+    pub fn init(device: Device) -> Result<(Self, Device), CliError> {
+        let (collective, device) = backend(device)?;
         let (rank, world) = (collective.rank(), collective.world_size());
         if world > 1 && rank == 0 {
             eprintln!(
                 "data parallel over {world} MPI ranks: train.batch_size is per rank (global batch = {world} x it)"
             );
         }
-        Ok(Parallel {
-            collective,
-            rank,
-            world,
-        })
+        Ok((
+            Parallel {
+                collective,
+                rank,
+                world,
+            },
+            device,
+        ))
     }
 
     /// True on the rank that writes files and prints reports.
@@ -74,16 +84,22 @@ impl Parallel {
 }
 
 #[cfg(feature = "mpi")]
-fn backend() -> Result<SharedCollective, CliError> {
-    if ssl_core::MpiCollective::launched_by_mpirun() {
-        Ok(Arc::new(ssl_core::MpiCollective::init()?))
-    } else {
-        Ok(Arc::new(SingleProcess))
+fn backend(device: Device) -> Result<(SharedCollective, Device), CliError> {
+    if !ssl_core::MpiCollective::launched_by_mpirun() {
+        return Ok((Arc::new(SingleProcess), device));
     }
+    let mpi = ssl_core::MpiCollective::init()?;
+    #[cfg(feature = "nccl")]
+    if device.is_cuda() {
+        let local = ssl_core::NcclCollective::local_rank();
+        let gpu = Device::new_cuda(local)?;
+        return Ok((Arc::new(ssl_core::NcclCollective::init(mpi, local)?), gpu));
+    }
+    Ok((Arc::new(mpi), device))
 }
 
 #[cfg(not(feature = "mpi"))]
-fn backend() -> Result<SharedCollective, CliError> {
+fn backend(device: Device) -> Result<(SharedCollective, Device), CliError> {
     if ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
         .iter()
         .any(|v| std::env::var(v).is_ok_and(|s| s != "1"))
@@ -92,7 +108,7 @@ fn backend() -> Result<SharedCollective, CliError> {
             "started by mpirun with several ranks, but this ssl binary was built without MPI: build it with `cargo build --release -p ssl-cli --features mpi`".into(),
         ));
     }
-    Ok(Arc::new(SingleProcess))
+    Ok((Arc::new(SingleProcess), device))
 }
 
 #[cfg(test)]

@@ -369,7 +369,7 @@ pub fn pretrain(
     cfg.train.validate()?;
     cfg.masking.validate().map_err(text_err)?;
     let device = parse_device(&cfg.train.device)?;
-    let mut par = Parallel::init()?;
+    let (mut par, device) = Parallel::init(device)?;
     let _tmp;
     let paths = if data.is_empty() {
         let d = tempdir()?;

@@ -413,7 +413,7 @@ pub fn pretrain(
     } else {
         data.to_vec()
     };
-    let mut par = Parallel::init()?;
+    let (mut par, device) = Parallel::init(device)?;
     let loaded = load_images(&paths, &cfg.data, None)?;
     complete_config(&mut cfg, &loaded.images)?;
     if par.is_main() {

@@ -50,6 +50,8 @@ pub mod loss;
 pub mod monitor;
 #[cfg(feature = "mpi")]
 mod mpi_collective;
+#[cfg(feature = "nccl")]
+mod nccl_collective;
 pub mod nn;
 pub mod optim;
 mod params;
@@ -68,6 +70,8 @@ pub use encoder::{Encoder, EncoderOutput};
 pub use error::{CoreError, Result};
 #[cfg(feature = "mpi")]
 pub use mpi_collective::MpiCollective;
+#[cfg(feature = "nccl")]
+pub use nccl_collective::NcclCollective;
 pub use params::{read_safetensors, Init, LoadReport, Param, ParamBuilder, ParamStore};
 pub use rng::SslRng;
 pub use signal::StopFlag;

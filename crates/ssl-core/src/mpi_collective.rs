@@ -60,6 +60,20 @@ impl MpiCollective {
     }
 }
 
+impl MpiCollective {
+    /// Overwrites `buf` on every rank with rank `root`'s bytes.
+    pub fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<()> {
+        if root >= self.world_size() {
+            return Err(CoreError::Collective(format!(
+                "broadcast from rank {root} of {}",
+                self.world_size()
+            )));
+        }
+        self.world.process_at_rank(root as i32).broadcast_into(buf);
+        Ok(())
+    }
+}
+
 impl Collective for MpiCollective {
     fn rank(&self) -> usize {
         self.world.rank() as usize
