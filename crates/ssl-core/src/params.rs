@@ -42,6 +42,7 @@ pub struct Param {
 pub struct ParamStore {
     inner: Arc<Mutex<BTreeMap<String, Param>>>,
     device: Device,
+    dtype: DType,
 }
 
 fn lock(m: &Mutex<BTreeMap<String, Param>>) -> MutexGuard<'_, BTreeMap<String, Param>> {
@@ -55,6 +56,17 @@ impl ParamStore {
         ParamStore {
             inner: Arc::new(Mutex::new(BTreeMap::new())),
             device: device.clone(),
+            dtype: DType::F32,
+        }
+    }
+
+    /// An empty store whose parameters live on `device` with element type `dtype` (f32 is
+    /// what training uses; f64 serves as a numerical reference in tests). Initial values are
+    /// drawn in f32 and converted, so the same seed gives the same values in every dtype.
+    pub fn with_dtype(device: &Device, dtype: DType) -> Self {
+        ParamStore {
+            dtype,
+            ..ParamStore::new(device)
         }
     }
 
@@ -310,7 +322,7 @@ impl ParamBuilder {
                 }
             }
         };
-        let t = Tensor::from_vec(values, shape, self.store.device())?;
+        let t = Tensor::from_vec(values, shape, self.store.device())?.to_dtype(self.store.dtype)?;
         let var = Var::from_tensor(&t)?;
         let out = var.as_tensor().clone();
         map.insert(full, Param { var, decay });

@@ -42,6 +42,11 @@ impl Linear {
         &self.weight
     }
 
+    /// The bias, shape (out,), when the layer has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     /// Applies the layer to `x` (.., in) giving (.., out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();

@@ -1,5 +1,6 @@
 //! Neural-network building blocks whose gradients are known to flow (see DESIGN.md).
 
+pub(crate) mod fused;
 mod linear;
 mod norm;
 pub mod ops;
@@ -8,4 +9,6 @@ mod transformer;
 pub use linear::Linear;
 pub use norm::LayerNorm;
 pub use ops::Activation;
-pub use transformer::{NormPlacement, StackInit, StackOutput, TransformerConfig, TransformerStack};
+pub use transformer::{
+    NormPlacement, StackInit, StackKernel, StackOutput, TransformerConfig, TransformerStack,
+};

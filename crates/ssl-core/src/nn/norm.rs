@@ -23,6 +23,21 @@ impl LayerNorm {
         })
     }
 
+    /// The scale, shape (dim,).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The shift, shape (dim,).
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    /// The epsilon added to the variance.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
     /// Normalises `x` over its last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         layer_norm(x, &self.weight, &self.bias, self.eps)

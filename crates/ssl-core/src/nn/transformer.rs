@@ -11,9 +11,10 @@
 //! (`layernorm_before`, `attention.attention.query`, `attention.output.dense`,
 //! `layernorm_after`, `intermediate.dense`, `output.dense`).
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::nn::fused::{Act, FusedSpec, StackOp};
 use crate::nn::ops::{dropout, softmax_last_dim, Activation};
 use crate::nn::{LayerNorm, Linear};
 use crate::{CoreError, Ctx, Init, ParamBuilder, Result};
@@ -113,6 +114,42 @@ impl TransformerConfig {
     }
 }
 
+/// Which implementation of the stack runs.
+///
+/// Both compute the same function with the same parameters. `Fused` runs every layer's
+/// forward and backward as one candle custom op on flat buffers (CPU, f32 only; several times
+/// faster); `Reference` composes candle ops (any device and dtype; the GPU path). With
+/// dropout the two draw different (equally distributed) masks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StackKernel {
+    /// `Fused` for f32 input on the CPU, `Reference` otherwise. The environment variable
+    /// `SSL_STACK_KERNEL` (`auto`, `fused`, `reference`) overrides it for every stack.
+    #[default]
+    Auto,
+    /// The fused CPU op (falls back to `Reference` off the CPU or for non-f32 input).
+    Fused,
+    /// The composite candle-op implementation.
+    Reference,
+}
+
+impl StackKernel {
+    /// Reads `SSL_STACK_KERNEL`; `Auto` when unset.
+    fn from_env() -> Result<Self> {
+        match std::env::var("SSL_STACK_KERNEL") {
+            Err(_) => Ok(StackKernel::Auto),
+            Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
+                "" | "auto" => Ok(StackKernel::Auto),
+                "fused" => Ok(StackKernel::Fused),
+                "reference" => Ok(StackKernel::Reference),
+                other => Err(CoreError::Config(format!(
+                    "SSL_STACK_KERNEL = {other:?}: expected auto, fused or reference"
+                ))),
+            },
+        }
+    }
+}
+
 /// Output of [`TransformerStack::forward`].
 #[derive(Debug, Clone)]
 pub struct StackOutput {
@@ -137,6 +174,7 @@ struct Layer {
 pub struct TransformerStack {
     cfg: TransformerConfig,
     layers: Vec<Layer>,
+    kernel: StackKernel,
 }
 
 impl TransformerStack {
@@ -177,12 +215,31 @@ impl TransformerStack {
         Ok(TransformerStack {
             cfg: cfg.clone(),
             layers,
+            kernel: StackKernel::from_env()?,
         })
     }
 
     /// The configuration.
     pub fn config(&self) -> &TransformerConfig {
         &self.cfg
+    }
+
+    /// Chooses the implementation (see [`StackKernel`]); the default comes from
+    /// `SSL_STACK_KERNEL`, else `Auto`.
+    pub fn set_kernel(&mut self, kernel: StackKernel) {
+        self.kernel = kernel;
+    }
+
+    /// The implementation chosen by [`Self::set_kernel`] or the environment.
+    pub fn kernel(&self) -> StackKernel {
+        self.kernel
+    }
+
+    /// Whether `x` runs through the fused op.
+    fn runs_fused(&self, x: &Tensor) -> bool {
+        self.kernel != StackKernel::Reference
+            && matches!(x.device(), Device::Cpu)
+            && x.dtype() == DType::F32
     }
 
     /// Runs the stack on `x` (B, T, D) with an optional key-padding mask (B, T), 1 = real token.
@@ -199,6 +256,9 @@ impl TransformerStack {
                 self.cfg.dim
             )));
         }
+        if self.runs_fused(x) {
+            return self.forward_fused(x, padding_mask, ctx);
+        }
         let bias = self.attention_bias(b, t, padding_mask, x)?;
         let mut hidden = Vec::new();
         if ctx.output_hidden_states {
@@ -213,6 +273,87 @@ impl TransformerStack {
         }
         Ok(StackOutput {
             last: h,
+            hidden_states: hidden,
+        })
+    }
+
+    /// The fused path: every layer's parameters concatenated (their gradients flow back
+    /// through the concatenation to each variable) and one custom op.
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        padding_mask: Option<&Tensor>,
+        ctx: &mut Ctx,
+    ) -> Result<StackOutput> {
+        let (b, t, _) = x.dims3()?;
+        let mask = match padding_mask {
+            Some(m) if m.dims() != [b, t] => {
+                return Err(CoreError::InvalidInput(format!(
+                    "padding mask has shape {:?}, expected [{b}, {t}]",
+                    m.dims()
+                )))
+            }
+            Some(m) => m.to_dtype(DType::F32)?.contiguous()?,
+            None => Tensor::ones((b, t), DType::F32, x.device())?,
+        };
+        let bias = |l: &Linear| -> Result<Tensor> {
+            l.bias()
+                .cloned()
+                .ok_or_else(|| CoreError::Config("stack linear layer without bias".into()))
+        };
+        let mut parts = Vec::with_capacity(16 * self.layers.len());
+        for layer in &self.layers {
+            let qkv = [&layer.query, &layer.key, &layer.value];
+            for l in qkv {
+                parts.push(l.weight().flatten_all()?);
+            }
+            for l in qkv {
+                parts.push(bias(l)?);
+            }
+            parts.push(layer.attn_out.weight().flatten_all()?);
+            parts.push(bias(&layer.attn_out)?);
+            parts.push(layer.norm_attn.weight().clone());
+            parts.push(layer.norm_attn.bias().clone());
+            parts.push(layer.fc1.weight().flatten_all()?);
+            parts.push(bias(&layer.fc1)?);
+            parts.push(layer.fc2.weight().flatten_all()?);
+            parts.push(bias(&layer.fc2)?);
+            parts.push(layer.norm_mlp.weight().clone());
+            parts.push(layer.norm_mlp.bias().clone());
+        }
+        let flat = Tensor::cat(&parts, 0)?.to_dtype(DType::F32)?;
+        let cfg = &self.cfg;
+        let dropping = ctx.train && (cfg.dropout > 0.0 || cfg.attn_dropout > 0.0);
+        let seed = if dropping { ctx.rng.next_u64() } else { 0 };
+        let spec = FusedSpec {
+            depth: cfg.depth,
+            dim: cfg.dim,
+            mlp: cfg.mlp_dim,
+            heads: cfg.heads,
+            norm: cfg.norm,
+            act: match cfg.activation {
+                Activation::GeluErf => Act::GeluErf,
+                Activation::GeluTanh => Act::GeluTanh,
+                Activation::Relu => Act::Relu,
+            },
+            dropout: cfg.dropout,
+            attn_dropout: cfg.attn_dropout,
+            eps: cfg.layer_norm_eps as f32,
+            causal: cfg.causal,
+        };
+        let all = ctx.output_hidden_states;
+        let op = StackOp::new(spec, all, ctx.train, seed);
+        let out = x.contiguous()?.apply_op3(&flat, &mask, op)?;
+        let last = out.get(out.dim(0)? - 1)?;
+        let mut hidden = Vec::new();
+        if all {
+            hidden.push(x.clone());
+            for i in 0..cfg.depth {
+                hidden.push(out.get(i)?);
+            }
+        }
+        Ok(StackOutput {
+            last,
             hidden_states: hidden,
         })
     }

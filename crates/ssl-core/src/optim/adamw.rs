@@ -7,10 +7,13 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Mutex, PoisonError};
 
-use candle_core::{Tensor, Var};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor, Var};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::nn::fused::simd::{self, AdamWCoeffs};
 use crate::params::read_safetensors;
 use crate::{CoreError, ParamStore, Result};
 
@@ -38,12 +41,93 @@ impl Default for AdamWConfig {
     }
 }
 
+/// The two moments of one parameter.
+enum Moments {
+    /// Any device and dtype: tensors, updated with candle ops.
+    Tensors { m: Tensor, v: Tensor },
+    /// f32 on the CPU: host vectors, updated in place with the parameter in one pass.
+    Host { m: Vec<f32>, v: Vec<f32> },
+}
+
 struct Slot {
     name: String,
     var: Var,
     decay: bool,
-    m: Tensor,
-    v: Tensor,
+    moments: Moments,
+}
+
+/// The in-place CPU update of one parameter (see [`simd::adamw`]).
+struct HostUpdate<'a> {
+    moments: Mutex<(&'a mut [f32], &'a mut [f32])>,
+    grad: &'a [f32],
+    coeffs: AdamWCoeffs,
+}
+
+impl InplaceOp1 for HostUpdate<'_> {
+    fn name(&self) -> &'static str {
+        "adamw-host-update"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let CpuStorage::F32(all) = storage else {
+            candle_core::bail!("AdamW host update: parameter is not f32");
+        };
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("AdamW host update: parameter is not contiguous");
+        };
+        let theta = &mut all[a..b];
+        let mut guard = self.moments.lock().unwrap_or_else(PoisonError::into_inner);
+        let (m, v) = &mut *guard;
+        if theta.len() != m.len() || theta.len() != self.grad.len() {
+            candle_core::bail!("AdamW host update: parameter, moment and gradient sizes differ");
+        }
+        const CHUNK: usize = 1 << 15;
+        let c = self.coeffs;
+        theta
+            .par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(self.grad.par_chunks(CHUNK))
+            .for_each(|(((t, m), v), g)| simd::adamw(t, m, v, g, c));
+        Ok(())
+    }
+}
+
+impl Slot {
+    /// Updates the parameter and moments in place on the CPU.
+    fn host_step(&mut self, g: &Tensor, coeffs: AdamWCoeffs) -> Result<()> {
+        let Moments::Host { m, v } = &mut self.moments else {
+            return Err(CoreError::InvalidInput(
+                "host step on device moments".into(),
+            ));
+        };
+        let g = g.to_dtype(DType::F32)?.contiguous()?;
+        let (storage, layout) = g.storage_and_layout();
+        let grad = match (&*storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(all)), Some((a, b))) => &all[a..b],
+            _ => {
+                return Err(CoreError::InvalidInput(format!(
+                    "gradient of `{}` is not an f32 CPU tensor",
+                    self.name
+                )))
+            }
+        };
+        if grad.len() != m.len() {
+            return Err(CoreError::InvalidInput(format!(
+                "gradient of `{}` has {} elements, the parameter {}",
+                self.name,
+                grad.len(),
+                m.len()
+            )));
+        }
+        let op = HostUpdate {
+            moments: Mutex::new((m.as_mut_slice(), v.as_mut_slice())),
+            grad,
+            coeffs,
+        };
+        self.var.as_tensor().inplace_op1(&op)?;
+        Ok(())
+    }
 }
 
 /// AdamW over the variables of a [`ParamStore`], in name order.
@@ -58,14 +142,24 @@ impl AdamW {
     pub fn new(store: &ParamStore, cfg: AdamWConfig) -> Result<Self> {
         let mut slots = Vec::new();
         for (name, p) in store.params() {
-            let m = p.var.as_tensor().zeros_like()?.detach();
-            let v = m.clone();
+            let t = p.var.as_tensor();
+            let moments = if matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32 {
+                let n = t.elem_count();
+                Moments::Host {
+                    m: vec![0.0; n],
+                    v: vec![0.0; n],
+                }
+            } else {
+                Moments::Tensors {
+                    m: t.zeros_like()?.detach(),
+                    v: t.zeros_like()?.detach(),
+                }
+            };
             slots.push(Slot {
                 name,
                 var: p.var,
                 decay: p.decay,
-                m,
-                v,
+                moments,
             });
         }
         Ok(AdamW { cfg, slots, t: 0 })
@@ -108,21 +202,40 @@ impl AdamW {
         let scale_v = 1.0 / (1.0 - b2.powi(t));
         for (slot, g) in self.slots.iter_mut().zip(grads) {
             let Some(g) = g else { continue };
-            let g = g.to_dtype(slot.var.dtype())?;
-            let m = ((&slot.m * b1)? + (&g * (1.0 - b1))?)?;
-            let v = ((&slot.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let m_hat = (&m * scale_m)?;
-            let v_hat = (&v * scale_v)?;
             let wd = if slot.decay {
                 self.cfg.weight_decay
             } else {
                 0.0
             };
+            if matches!(slot.moments, Moments::Host { .. }) {
+                // The same arithmetic as below, in f32, in one pass.
+                let coeffs = AdamWCoeffs {
+                    b1: b1 as f32,
+                    one_minus_b1: (1.0 - b1) as f32,
+                    b2: b2 as f32,
+                    one_minus_b2: (1.0 - b2) as f32,
+                    scale_m: scale_m as f32,
+                    scale_v: scale_v as f32,
+                    decay: (1.0 - lr * wd) as f32,
+                    lr: lr as f32,
+                    eps: self.cfg.eps as f32,
+                };
+                slot.host_step(g, coeffs)?;
+                continue;
+            }
+            let Moments::Tensors { m, v } = &mut slot.moments else {
+                continue;
+            };
+            let g = g.to_dtype(slot.var.dtype())?;
+            let m1 = ((&*m * b1)? + (&g * (1.0 - b1))?)?;
+            let v1 = ((&*v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let m_hat = (&m1 * scale_m)?;
+            let v_hat = (&v1 * scale_v)?;
             let theta = (slot.var.as_tensor() * (1.0 - lr * wd))?;
             let update = (m_hat / (v_hat.sqrt()? + self.cfg.eps)?)?;
             slot.var.set(&(theta - (update * lr)?)?)?;
-            slot.m = m;
-            slot.v = v;
+            *m = m1;
+            *v = v1;
         }
         Ok(())
     }
@@ -131,8 +244,20 @@ impl AdamW {
     pub fn state_tensors(&self) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
         for s in &self.slots {
-            out.insert(format!("m.{}", s.name), s.m.clone());
-            out.insert(format!("v.{}", s.name), s.v.clone());
+            let (m, v) = match &s.moments {
+                Moments::Tensors { m, v } => (m.clone(), v.clone()),
+                Moments::Host { m, v } => {
+                    let t = s.var.as_tensor();
+                    let mk = |x: &Vec<f32>| Tensor::from_slice(x, t.shape(), t.device());
+                    match (mk(m), mk(v)) {
+                        (Ok(m), Ok(v)) => (m, v),
+                        // Same length as the parameter by construction; unreachable.
+                        _ => continue,
+                    }
+                }
+            };
+            out.insert(format!("m.{}", s.name), m);
+            out.insert(format!("v.{}", s.name), v);
         }
         out
     }
@@ -152,9 +277,14 @@ impl AdamW {
             .unwrap_or(candle_core::Device::Cpu);
         let values = read_safetensors(path, &device)?;
         for s in &mut self.slots {
+            let dtype = s.var.dtype();
+            let (dst_m, dst_v) = match &mut s.moments {
+                Moments::Tensors { m, v } => (Dst::Tensor(m), Dst::Tensor(v)),
+                Moments::Host { m, v } => (Dst::Host(m), Dst::Host(v)),
+            };
             for (key, dst) in [
-                (format!("m.{}", s.name), &mut s.m),
-                (format!("v.{}", s.name), &mut s.v),
+                (format!("m.{}", s.name), dst_m),
+                (format!("v.{}", s.name), dst_v),
             ] {
                 let src = values.get(&key).ok_or_else(|| {
                     CoreError::checkpoint(path, format!("optimizer moment `{key}` is missing"))
@@ -169,12 +299,21 @@ impl AdamW {
                         ),
                     ));
                 }
-                *dst = src.to_dtype(s.var.dtype())?;
+                match dst {
+                    Dst::Tensor(t) => *t = src.to_dtype(dtype)?,
+                    Dst::Host(h) => *h = src.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+                }
             }
         }
         self.t = t;
         Ok(())
     }
+}
+
+/// Where a loaded moment goes.
+enum Dst<'a> {
+    Tensor(&'a mut Tensor),
+    Host(&'a mut Vec<f32>),
 }
 
 #[cfg(test)]
@@ -258,6 +397,58 @@ mod tests {
                 .unwrap();
             for (p, q) in a.iter().zip(&b) {
                 assert!((p - q).abs() < 1e-6, "{name}: {p} vs {q}");
+            }
+        }
+    }
+
+    /// The one-pass CPU update and the composite candle-op update give the same parameters.
+    #[test]
+    fn host_update_equals_tensor_update() {
+        let a = ParamStore::new(&Device::Cpu);
+        let (w1, b1) = problem(&a);
+        let b = ParamStore::new(&Device::Cpu);
+        let (w2, b2) = problem(&b);
+        let mut host = AdamW::new(&a, AdamWConfig::default()).unwrap();
+        let mut tensors = AdamW::new(&b, AdamWConfig::default()).unwrap();
+        assert!(host
+            .slots
+            .iter()
+            .all(|s| matches!(s.moments, Moments::Host { .. })));
+        for s in &mut tensors.slots {
+            let t = s.var.as_tensor();
+            s.moments = Moments::Tensors {
+                m: t.zeros_like().unwrap(),
+                v: t.zeros_like().unwrap(),
+            };
+        }
+        for step in 0..20 {
+            for (opt, w, bias) in [(&mut host, &w1, &b1), (&mut tensors, &w2, &b2)] {
+                let g = loss(w, bias, step).backward().unwrap();
+                let grads: Vec<_> = opt.vars().map(|v| g.get(v.as_tensor()).cloned()).collect();
+                opt.step(&grads, 0.01).unwrap();
+            }
+        }
+        for (name, v1) in a.vars() {
+            let p = v1
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let q = b.get(&name).unwrap().as_tensor().flatten_all().unwrap();
+            for (x, y) in p.iter().zip(q.to_vec1::<f32>().unwrap()) {
+                assert!(
+                    (x - y).abs() <= 1e-7 * (1.0 + x.abs()),
+                    "{name}: {x} vs {y}"
+                );
+            }
+        }
+        let (sa, sb) = (host.state_tensors(), tensors.state_tensors());
+        for (k, t) in sa {
+            let p = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let q = sb[&k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (x, y) in p.iter().zip(&q) {
+                assert!((x - y).abs() <= 1e-7 * (1.0 + x.abs()), "{k}: {x} vs {y}");
             }
         }
     }

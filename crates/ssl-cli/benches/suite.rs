@@ -1,0 +1,552 @@
+//! The cross-implementation benchmark suite, our side: five models timed step by step, each
+//! printed as one JSON object so `bench/run` can set it against `bench/torch_suite.py`, which
+//! runs the same models in PyTorch.
+//!
+//! ```text
+//! cargo bench -p ssl-cli --bench suite -- [--json] [--steps N] [--only NAME[,NAME...]]
+//! ```
+//!
+//! Every model runs 2 warm-up steps, then `N` timed steps (default 20); the reported figure is
+//! the median step time. Threads: `RAYON_NUM_THREADS` (candle's matmuls and our kernels),
+//! 2 when unset. Dropout is 0 everywhere. Float32 on the CPU.
+//!
+//! - `mlm_train`: BERT masked LM (`BertConfig::preset("mini")` = hidden 256, 4 layers, 4
+//!   heads, intermediate 1024, GELU-erf, post-norm; dropout set to 0), vocab 8000, batch 16 x
+//!   128 tokens, token masking 15% (80/10/10); one step = masking + forward + backward + AdamW
+//!   (lr 1e-4, betas 0.9/0.999, weight decay 0.01). The MLM head runs on the masked positions
+//!   only (as ours does; the PyTorch side gathers them before `model.cls`).
+//! - `mae_train`: MAE on 32 x 32 x 3 images, patch 4 (64 patches), encoder width 192, depth
+//!   6, 3 heads, MLP 4x; decoder width 128, depth 2, 4 heads, MLP 4x; mask ratio 0.75,
+//!   `norm_pix_loss` off, augmentation off; batch 32; forward + backward + AdamW (betas
+//!   0.9/0.95, weight decay 0.05).
+//! - `series_train`: PatchTST masked-patch reconstruction (as `ssl-timeseries`' bench): batch
+//!   32 x 336 steps x 1 channel, patches of 12 (28 patches), width 64, depth 3, 4 heads, MLP
+//!   128, mask ratio 0.4; the trainer's step: forward/backward, gradient clipping at 1.0, AdamW
+//!   (weight decay 0.05).
+//! - `clip_train`: CLIP (as `ssl-multimodal`' bench, `ClipConfig::default()`, one pass): batch
+//!   64 pairs, images 3 x 32 x 32, ViT patch 8, width 64, depth 2, 4 heads, MLP 128; captions
+//!   of 16 tokens, BERT width 64, 2 layers, 4 heads, feed-forward 128, vocab 1000; projections
+//!   to 64; the trainer's step with clipping at 1.0, AdamW and the `logit_scale` clamp.
+//! - `mlm_embed`: inference only: the `mlm_train` encoder in evaluation mode, mean pooling,
+//!   batch 16 x 128 (`PretextTask::embed`).
+//! - `peak_matmul`: candle's CPU matmul (gemm 0.19), 1024 x 1024 x 1024 f32.
+//!
+//! FLOPs per step are analytic and count matmuls only (2·m·n·k per product), summed over the
+//! forward pass; a training step counts 3x its forward pass (backward = 2x forward). A
+//! transformer layer over `b` sequences of `n` tokens, width `d`, feed-forward `f`, costs
+//! `2·b·n·(4·d² + 2·d·f)` (QKV, output and the two MLP projections) plus `4·b·n²·d` (QKᵀ and
+//! attention x V). `bench/torch_suite.py` uses the same formulas.
+
+use std::error::Error;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+use ssl_core::nn::TransformerConfig;
+use ssl_core::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use ssl_core::seq::{InMemorySeqSource, SeqExample};
+use ssl_core::{accumulate, scale_grads, BatchSource, Ctx, ParamStore, PretextTask, SslRng};
+use ssl_multimodal::{ClipConfig, ClipModel, PairBatch};
+use ssl_text::{BertConfig, BertForMaskedLM, BertInput, MaskingConfig, TextBatch, TokenizedSeq};
+use ssl_timeseries::{MaskedPatchConfig, MaskedPatchTask, PatchTstConfig, PatchTstEncoder};
+use ssl_vision::{AugmentConfig, Images, MaeConfig, MaeTask, ViTConfig};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+type Res<T> = Result<T, Box<dyn Error>>;
+
+const WARMUP: usize = 2;
+const MODELS: [&str; 5] = [
+    "mlm_train",
+    "mae_train",
+    "series_train",
+    "clip_train",
+    "mlm_embed",
+];
+
+/// Matmul FLOPs of one transformer layer (see the module documentation).
+fn layer_flops(b: f64, n: f64, d: f64, f: f64) -> f64 {
+    2.0 * b * n * (4.0 * d * d + 2.0 * d * f) + 4.0 * b * n * n * d
+}
+
+/// Matmul FLOPs of an `(m, k) x (k, n)` product.
+fn mm(m: f64, k: f64, n: f64) -> f64 {
+    2.0 * m * k * n
+}
+
+// ---- BERT (mlm_train, mlm_embed) ----
+const MLM_VOCAB: usize = 8000;
+const MLM_BATCH: usize = 16;
+const MLM_SEQ: usize = 128;
+
+fn mlm_encoder_flops() -> f64 {
+    4.0 * layer_flops(MLM_BATCH as f64, MLM_SEQ as f64, 256.0, 1024.0)
+}
+
+/// Forward FLOPs of the MLM step: the encoder plus the head (dense D x D, tied decoder
+/// D x V) on the expected number of masked positions, 15% of the non-special tokens.
+fn mlm_forward_flops() -> f64 {
+    let masked = 0.15 * (MLM_BATCH * (MLM_SEQ - 2)) as f64;
+    mlm_encoder_flops() + mm(masked, 256.0, 256.0) + mm(masked, 256.0, MLM_VOCAB as f64)
+}
+
+fn bert_mini() -> Res<BertConfig> {
+    let cfg = BertConfig {
+        hidden_dropout_prob: 0.0,
+        attention_probs_dropout_prob: 0.0,
+        ..BertConfig::preset("mini", MLM_VOCAB)?
+    };
+    assert_eq!(
+        (
+            cfg.hidden_size,
+            cfg.num_hidden_layers,
+            cfg.num_attention_heads,
+            cfg.intermediate_size
+        ),
+        (256, 4, 4, 1024),
+        "the mini preset changed; the PyTorch side assumes 256/4/4/1024"
+    );
+    Ok(cfg)
+}
+
+/// Random sequences `[CLS] w... [SEP]` (ids 2 and 5..vocab), as `ssl-text`'s `bench_step`.
+fn text_batch(rng: &mut SslRng) -> TextBatch {
+    let seqs = (0..MLM_BATCH)
+        .map(|_| {
+            let mut s = TokenizedSeq::default();
+            for i in 0..MLM_SEQ {
+                let special = i == 0 || i == MLM_SEQ - 1;
+                s.ids.push(if special {
+                    2
+                } else {
+                    5 + rng.below(MLM_VOCAB - 5) as u32
+                });
+                s.word_ids.push((!special).then_some(i as u32));
+                s.special.push(special);
+            }
+            s
+        })
+        .collect();
+    TextBatch {
+        seqs,
+        pad_id: 0,
+        device: Device::Cpu,
+    }
+}
+
+fn mlm(steps: usize, train: bool) -> Res<(Vec<f64>, usize)> {
+    let store = ParamStore::new(&Device::Cpu);
+    let model = BertForMaskedLM::new(
+        &bert_mini()?,
+        MaskingConfig::default(),
+        4,
+        &store.builder(0),
+    )?;
+    let mut rng = SslRng::new(0);
+    let tb = text_batch(&mut rng);
+    let params = store.num_elements();
+    if !train {
+        let times = time_steps(steps, || {
+            let pooled = model.embed(&tb, &mut Ctx::eval(&mut rng))?;
+            debug_assert_eq!(pooled.dims(), &[MLM_BATCH, 256]);
+            Ok(())
+        })?;
+        return Ok((times, params));
+    }
+    let mut opt = AdamW::new(&store, AdamWConfig::default())?;
+    let vars: Vec<Tensor> = opt.vars().map(|v| v.as_tensor().clone()).collect();
+    let times = time_steps(steps, || {
+        let out = model.forward(&tb, &mut Ctx::train(&mut rng))?;
+        let grads = out.loss.backward()?;
+        let g: Vec<Option<Tensor>> = vars.iter().map(|v| grads.get(v).cloned()).collect();
+        opt.step(&g, 1e-4)?;
+        Ok(())
+    })?;
+    Ok((times, params))
+}
+
+// ---- MAE ----
+const MAE_BATCH: usize = 32;
+const MAE_SIDE: usize = 32;
+const MAE_CHANNELS: usize = 3;
+
+fn mae_flops() -> f64 {
+    let b = MAE_BATCH as f64;
+    let l = ((MAE_SIDE / 4) * (MAE_SIDE / 4)) as f64; // 64 patches
+    let keep = (l * 0.25).floor(); // 16 visible
+    let pix = (4 * 4 * MAE_CHANNELS) as f64;
+    mm(b * l, pix, 192.0) // patch embedding (every patch, then the visible are gathered)
+        + 6.0 * layer_flops(b, keep + 1.0, 192.0, 768.0)
+        + mm(b * (keep + 1.0), 192.0, 128.0) // decoder embedding
+        + 2.0 * layer_flops(b, l + 1.0, 128.0, 512.0)
+        + mm(b * (l + 1.0), 128.0, pix) // pixel prediction
+}
+
+fn mae(steps: usize) -> Res<(Vec<f64>, usize)> {
+    let vit = ViTConfig {
+        image_height: MAE_SIDE,
+        image_width: MAE_SIDE,
+        channels: MAE_CHANNELS,
+        patch_size: 4,
+        dim: 192,
+        depth: 6,
+        heads: 3,
+        mlp_ratio: 4.0,
+        ..ViTConfig::default()
+    };
+    let cfg = MaeConfig {
+        mask_ratio: 0.75,
+        norm_pix_loss: false,
+        decoder_dim: 128,
+        decoder_depth: 2,
+        decoder_heads: 4,
+        decoder_mlp_ratio: 4.0,
+    };
+    let aug = AugmentConfig {
+        crop: false,
+        hflip: false,
+        mean: vec![0.0],
+        std: vec![1.0],
+        ..AugmentConfig::default()
+    };
+    let store = ParamStore::new(&Device::Cpu);
+    let task = MaeTask::new(&vit, &cfg, &aug, &store.builder(0))?;
+    let mut opt = AdamW::new(
+        &store,
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.05,
+        },
+    )?;
+    let vars: Vec<Tensor> = opt.vars().map(|v| v.as_tensor().clone()).collect();
+    let mut rng = SslRng::new(0);
+    let n = MAE_BATCH * MAE_CHANNELS * MAE_SIDE * MAE_SIDE;
+    let images = Images::from_vec(
+        rng.uniform_vec(n, 0.0, 1.0),
+        [MAE_BATCH, MAE_CHANNELS, MAE_SIDE, MAE_SIDE],
+        &Device::Cpu,
+    )?;
+    let times = time_steps(steps, || {
+        let out = task.forward(&images, &mut Ctx::train(&mut rng))?;
+        let grads = out.loss.backward()?;
+        let g: Vec<Option<Tensor>> = vars.iter().map(|v| grads.get(v).cloned()).collect();
+        opt.step(&g, 1e-4)?;
+        Ok(())
+    })?;
+    Ok((times, store.num_elements()))
+}
+
+/// One step of `LoopTrainer` without its logging and guards: forward/backward of one
+/// micro-batch (`accumulate`), division by the weight, clipping at 1.0, AdamW, `after_step`.
+fn trainer_step<T: PretextTask>(
+    task: &T,
+    data: &mut dyn BatchSource<T::Batch>,
+    opt: &mut AdamW,
+    vars: &[Tensor],
+    rng: &mut SslRng,
+) -> Res<()> {
+    let acc = accumulate(task, data, 1, vars, rng)?;
+    let mut grads = scale_grads(acc.grads, 1.0 / acc.weight_sum)?;
+    clip_grad_norm(&mut grads, 1.0)?;
+    opt.step(&grads, 1e-3)?;
+    task.after_step()?;
+    Ok(())
+}
+
+/// The trainer's AdamW settings (`TrainConfig::default()`).
+fn trainer_adamw() -> AdamWConfig {
+    AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.05,
+    }
+}
+
+// ---- PatchTST masked patches ----
+const SERIES_BATCH: usize = 32;
+const SERIES_LEN: usize = 336;
+
+fn series_flops() -> f64 {
+    let rows = SERIES_BATCH as f64;
+    let n = (SERIES_LEN / 12) as f64; // 28 patches
+    mm(rows * n, 12.0, 64.0) + 3.0 * layer_flops(rows, n, 64.0, 128.0) + mm(rows * n, 64.0, 12.0)
+}
+
+/// Noisy sines of random frequency, as `ssl-timeseries`' bench.
+fn series_data(n: usize, t: usize, seed: u64) -> Res<Vec<SeqExample>> {
+    let mut rng = SslRng::new(seed);
+    (0..n)
+        .map(|_| {
+            let f = 1.0 + 4.0 * rng.uniform();
+            let v = (0..t)
+                .map(|s| {
+                    (s as f32 * f / t as f32 * std::f32::consts::TAU).sin() + 0.1 * rng.normal()
+                })
+                .collect();
+            Ok(SeqExample::new(v, t, 1)?)
+        })
+        .collect()
+}
+
+fn series(steps: usize) -> Res<(Vec<f64>, usize)> {
+    let store = ParamStore::new(&Device::Cpu);
+    let pb = store.builder(0);
+    let cfg = PatchTstConfig {
+        patch_len: 12,
+        stride: 12,
+        dropout: 0.0,
+        transformer: TransformerConfig {
+            dim: 64,
+            depth: 3,
+            heads: 4,
+            mlp_dim: 128,
+            dropout: 0.0,
+            ..TransformerConfig::default()
+        },
+    };
+    let enc = PatchTstEncoder::new(&cfg, 1, &pb)?;
+    let task = MaskedPatchTask::new(enc, MaskedPatchConfig { mask_ratio: 0.4 }, &pb)?;
+    let mut src = InMemorySeqSource::new(
+        series_data(256, SERIES_LEN, 2)?,
+        SERIES_BATCH,
+        0,
+        true,
+        &Device::Cpu,
+    )?;
+    let mut opt = AdamW::new(&store, trainer_adamw())?;
+    let vars: Vec<Tensor> = opt.vars().map(|v| v.as_tensor().clone()).collect();
+    let mut rng = SslRng::new(0);
+    let times = time_steps(steps, || {
+        trainer_step(&task, &mut src, &mut opt, &vars, &mut rng)
+    })?;
+    Ok((times, store.num_elements()))
+}
+
+// ---- CLIP ----
+const CLIP_BATCH: usize = 64;
+const CLIP_SEQ: usize = 16;
+const CLIP_VOCAB: usize = 1000;
+
+fn clip_flops() -> f64 {
+    let b = CLIP_BATCH as f64;
+    mm(b * 16.0, 3.0 * 8.0 * 8.0, 64.0) // patch embedding, 16 patches
+        + 2.0 * layer_flops(b, 17.0, 64.0, 128.0)
+        + 2.0 * layer_flops(b, CLIP_SEQ as f64, 64.0, 128.0)
+        + 2.0 * mm(b, 64.0, 64.0) // the two projections
+        + mm(b, 64.0, b) // logits
+}
+
+/// The same batch every step (the suite times compute, not data).
+struct Fixed(PairBatch);
+
+impl BatchSource<PairBatch> for Fixed {
+    fn next_batch(&mut self) -> ssl_core::Result<PairBatch> {
+        Ok(self.0.clone())
+    }
+    fn epoch(&self) -> u64 {
+        0
+    }
+    fn position(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    fn restore(&mut self, _: &serde_json::Value) -> ssl_core::Result<()> {
+        Ok(())
+    }
+}
+
+fn clip(steps: usize) -> Res<(Vec<f64>, usize)> {
+    let dev = Device::Cpu;
+    let mut cfg = ClipConfig::default();
+    cfg.text.vocab_size = CLIP_VOCAB;
+    let store = ParamStore::new(&dev);
+    let model = ClipModel::new(&cfg, &store.builder(0))?;
+    let mut rng = SslRng::new(0);
+    let px = rng.uniform_vec(CLIP_BATCH * 3 * 32 * 32, 0.0, 1.0);
+    let ids: Vec<u32> = (0..CLIP_BATCH * CLIP_SEQ)
+        .map(|_| 5 + rng.below(CLIP_VOCAB - 5) as u32)
+        .collect();
+    let batch = PairBatch::new(
+        Images::from_vec(px, [CLIP_BATCH, 3, 32, 32], &dev)?,
+        BertInput {
+            input_ids: Tensor::from_vec(ids, (CLIP_BATCH, CLIP_SEQ), &dev)?,
+            attention_mask: Tensor::ones((CLIP_BATCH, CLIP_SEQ), DType::F32, &dev)?,
+            token_type_ids: Tensor::zeros((CLIP_BATCH, CLIP_SEQ), DType::U32, &dev)?,
+        },
+    )?;
+    let mut src = Fixed(batch);
+    let mut opt = AdamW::new(&store, trainer_adamw())?;
+    let vars: Vec<Tensor> = opt.vars().map(|v| v.as_tensor().clone()).collect();
+    let times = time_steps(steps, || {
+        trainer_step(&model, &mut src, &mut opt, &vars, &mut rng)
+    })?;
+    Ok((times, store.num_elements()))
+}
+
+// ---- peak matmul ----
+const PEAK_N: usize = 1024;
+
+fn peak_matmul(reps: usize) -> Res<Vec<f64>> {
+    let dev = Device::Cpu;
+    let a = Tensor::randn(0f32, 1.0, (PEAK_N, PEAK_N), &dev)?;
+    let b = Tensor::randn(0f32, 1.0, (PEAK_N, PEAK_N), &dev)?;
+    time_steps(reps, || {
+        let c = a.matmul(&b)?;
+        debug_assert_eq!(c.dims(), &[PEAK_N, PEAK_N]);
+        Ok(())
+    })
+}
+
+/// `WARMUP` untimed calls of `step`, then `steps` timed ones: milliseconds per call.
+fn time_steps(steps: usize, mut step: impl FnMut() -> Res<()>) -> Res<Vec<f64>> {
+    for _ in 0..WARMUP {
+        step()?;
+    }
+    let mut times = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let t0 = Instant::now();
+        step()?;
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(times)
+}
+
+/// The median (mean of the two middle values for an even count, as Python's
+/// `statistics.median`).
+fn median(times: &[f64]) -> f64 {
+    let mut t = times.to_vec();
+    t.sort_by(f64::total_cmp);
+    let n = t.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        t[n / 2]
+    } else {
+        0.5 * (t[n / 2 - 1] + t[n / 2])
+    }
+}
+
+fn report(json: bool, name: &str, times: &[f64], flops: f64, params: Option<usize>) {
+    let med = median(times);
+    let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+    let gflops = flops / (med * 1e-3) / 1e9;
+    if json {
+        let mut o = json!({
+            "side": "ours",
+            "name": name,
+            "median_ms": (med * 1000.0).round() / 1000.0,
+            "min_ms": (min * 1000.0).round() / 1000.0,
+            "steps": times.len(),
+            "flops": flops,
+            "gflops": (gflops * 100.0).round() / 100.0,
+            "threads": threads(),
+        });
+        if let Some(p) = params {
+            o["params"] = p.into();
+        }
+        println!("{o}");
+    } else {
+        println!(
+            "{name:<14} median {med:>9.2} ms  min {min:>9.2} ms  {gflops:>7.1} GFLOP/s  ({} steps)",
+            times.len()
+        );
+    }
+}
+
+fn threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+struct Args {
+    json: bool,
+    steps: usize,
+    only: Option<Vec<String>>,
+}
+
+fn parse_args() -> Res<Args> {
+    let mut args = Args {
+        json: false,
+        steps: 20,
+        only: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--json" => args.json = true,
+            "--steps" => {
+                args.steps = it.next().ok_or("--steps needs a value")?.parse()?;
+                if args.steps == 0 {
+                    return Err("--steps must be at least 1".into());
+                }
+            }
+            "--only" => {
+                let names: Vec<String> = it
+                    .next()
+                    .ok_or("--only needs a value")?
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                if let Some(bad) = names.iter().find(|n| !MODELS.contains(&n.as_str())) {
+                    return Err(format!("unknown model `{bad}` (one of {MODELS:?})").into());
+                }
+                args.only = Some(names);
+            }
+            // `cargo bench` passes `--bench` to harness-less benches.
+            "--bench" => {}
+            other => return Err(format!("unknown argument `{other}`").into()),
+        }
+    }
+    Ok(args)
+}
+
+fn main() -> Res<()> {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // Before anything starts rayon's pool or asks candle for its thread count.
+        std::env::set_var("RAYON_NUM_THREADS", "2");
+    }
+    let args = parse_args()?;
+    let peak = peak_matmul(args.steps.max(10))?;
+    let n = PEAK_N as f64;
+    report(args.json, "peak_matmul", &peak, mm(n, n, n), None);
+    for name in MODELS {
+        if args
+            .only
+            .as_ref()
+            .is_some_and(|o| !o.iter().any(|x| x == name))
+        {
+            continue;
+        }
+        let (times, params, flops) = match name {
+            "mlm_train" => {
+                let (t, p) = mlm(args.steps, true)?;
+                (t, p, 3.0 * mlm_forward_flops())
+            }
+            "mae_train" => {
+                let (t, p) = mae(args.steps)?;
+                (t, p, 3.0 * mae_flops())
+            }
+            "series_train" => {
+                let (t, p) = series(args.steps)?;
+                (t, p, 3.0 * series_flops())
+            }
+            "clip_train" => {
+                let (t, p) = clip(args.steps)?;
+                (t, p, 3.0 * clip_flops())
+            }
+            "mlm_embed" => {
+                let (t, p) = mlm(args.steps, false)?;
+                (t, p, mlm_encoder_flops())
+            }
+            _ => unreachable!("every name of MODELS is matched"),
+        };
+        report(args.json, name, &times, flops, Some(params));
+    }
+    Ok(())
+}

@@ -1,0 +1,78 @@
+//! Forward + backward of the shared transformer stack alone, fused kernel against the
+//! composite reference, on BERT-mini's shape (16 x 128 tokens, width 256, 4 layers, 4 heads,
+//! MLP 1024); prints median milliseconds and achieved GFLOP/s.
+//!
+//! ```text
+//! cargo bench -p ssl-core --bench stack [-- STEPS [pre|post] [fused|reference]]
+//! ```
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var};
+use ssl_core::nn::{NormPlacement, StackKernel, TransformerConfig, TransformerStack};
+use ssl_core::{Ctx, ParamStore, SslRng};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let steps: usize = args.first().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let norm = match args.get(1).map(String::as_str) {
+        Some("pre") => NormPlacement::Pre,
+        _ => NormPlacement::Post,
+    };
+    let kernels: Vec<StackKernel> = match args.get(2).map(String::as_str) {
+        Some("fused") => vec![StackKernel::Fused],
+        Some("reference") => vec![StackKernel::Reference],
+        _ => vec![StackKernel::Fused, StackKernel::Reference],
+    };
+    let (b, t, d, depth, heads, mlp) = (16, 128, 256, 4, 4, 1024);
+    let cfg = TransformerConfig {
+        dim: d,
+        depth,
+        heads,
+        mlp_dim: mlp,
+        norm,
+        ..TransformerConfig::default()
+    };
+    // Matrix-product FLOPs of one forward: QKV, output, MLP, and the two attention products.
+    let n = (b * t) as f64;
+    let fwd = depth as f64
+        * (2.0 * n * (4.0 * (d * d) as f64 + 2.0 * (d * mlp) as f64)
+            + 4.0 * (b * t * t * d) as f64);
+    let store = ParamStore::new(&Device::Cpu);
+    let mut stack = TransformerStack::new(&cfg, &store.builder(0))?;
+    let mut rng = SslRng::new(0);
+    let x = Var::from_vec(rng.normal_vec(b * t * d, 0.0, 1.0), (b, t, d), &Device::Cpu)?;
+    let mask = Tensor::ones((b, t), candle_core::DType::F32, &Device::Cpu)?;
+    for kernel in kernels {
+        stack.set_kernel(kernel);
+        let mut fwd_ms = Vec::new();
+        let mut total_ms = Vec::new();
+        for step in 0..steps + 2 {
+            let t0 = Instant::now();
+            let out = stack.forward(x.as_tensor(), Some(&mask), &mut Ctx::train(&mut rng))?;
+            let loss = out.last.sqr()?.mean_all()?;
+            let t1 = Instant::now();
+            let grads = loss.backward()?;
+            let t2 = Instant::now();
+            drop(grads);
+            if step >= 2 {
+                fwd_ms.push((t1 - t0).as_secs_f64() * 1e3);
+                total_ms.push((t2 - t0).as_secs_f64() * 1e3);
+            }
+        }
+        fwd_ms.sort_by(f64::total_cmp);
+        total_ms.sort_by(f64::total_cmp);
+        let (f, tot) = (fwd_ms[fwd_ms.len() / 2], total_ms[total_ms.len() / 2]);
+        println!(
+            "{{\"kernel\": \"{kernel:?}\", \"norm\": \"{norm:?}\", \"forward_ms\": {f:.1}, \"forward_backward_ms\": {tot:.1}, \"gflops\": {:.0}}}",
+            3.0 * fwd / (tot * 1e6)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,229 @@
+//! Matrix products of the fused stack, on the `gemm` crate (AVX-512 / AVX2 kernels chosen at
+//! run time).
+//!
+//! Matrices are row-major views `(ptr, rows, cols, leading dimension)`; a transposed operand is
+//! the same memory read with its strides swapped, so no product ever copies an operand.
+
+use gemm::Parallelism;
+
+/// A read-only row-major matrix view: element `(i, j)` at `data[i * ld + j]`.
+#[derive(Clone, Copy)]
+pub(crate) struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub ld: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A dense `rows x cols` matrix.
+    pub fn dense(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        MatRef {
+            data,
+            rows,
+            cols,
+            ld: cols,
+        }
+    }
+
+    fn check(&self) {
+        if self.rows > 0 && self.cols > 0 {
+            let last = (self.rows - 1) * self.ld + self.cols - 1;
+            assert!(last < self.data.len(), "matrix view out of bounds");
+        }
+    }
+}
+
+/// Operand orientation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    /// As stored.
+    N,
+    /// Transposed.
+    T,
+}
+
+/// `(rows, cols, row stride, column stride)` of `op(a)`.
+fn oriented(a: &MatRef, op: Op) -> (usize, usize, isize, isize) {
+    match op {
+        Op::N => (a.rows, a.cols, a.ld as isize, 1),
+        Op::T => (a.cols, a.rows, 1, a.ld as isize),
+    }
+}
+
+/// The thread count for one large product.
+pub(crate) fn threads() -> Parallelism {
+    let n = rayon::current_num_threads();
+    if n > 1 {
+        Parallelism::Rayon(n)
+    } else {
+        Parallelism::None
+    }
+}
+
+/// `c = alpha * op(a) * op(b)` (or `c += ...` when `accumulate`), `c` a row-major view with
+/// leading dimension `ldc`. Panics if a view is out of bounds or the shapes disagree (internal
+/// invariants of the stack, never user data).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul(
+    c: &mut [f32],
+    ldc: usize,
+    a: MatRef,
+    op_a: Op,
+    b: MatRef,
+    op_b: Op,
+    alpha: f32,
+    accumulate: bool,
+    par: Parallelism,
+) {
+    a.check();
+    b.check();
+    let (m, k, a_rs, a_cs) = oriented(&a, op_a);
+    let (k2, n, b_rs, b_cs) = oriented(&b, op_b);
+    assert_eq!(k, k2, "inner dimensions differ");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!((m - 1) * ldc + n - 1 < c.len(), "output view out of bounds");
+    assert!(ldc >= n, "output leading dimension too small");
+    // SAFETY: every view was checked to lie inside its slice; `c` is borrowed mutably, so it
+    // cannot alias `a` or `b`.
+    unsafe {
+        matmul_raw(
+            c.as_mut_ptr(),
+            ldc,
+            m,
+            n,
+            k,
+            a.data.as_ptr(),
+            a_rs,
+            a_cs,
+            b.data.as_ptr(),
+            b_rs,
+            b_cs,
+            alpha,
+            accumulate,
+            par,
+        );
+    }
+}
+
+/// The unchecked product behind [`matmul`], for the attention's per-head blocks, which write
+/// disjoint parts of one buffer from several threads.
+///
+/// # Safety
+/// Every element addressed through the pointers and strides must be valid, and `c`'s elements
+/// must not be written by anyone else during the call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul_raw(
+    c: *mut f32,
+    ldc: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    a_rs: isize,
+    a_cs: isize,
+    b: *const f32,
+    b_rs: isize,
+    b_cs: isize,
+    alpha: f32,
+    accumulate: bool,
+    par: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    // SAFETY: the caller guarantees `c`'s m x n view is valid.
+                    unsafe { *c.add(i * ldc + j) = 0.0 };
+                }
+            }
+        }
+        return;
+    }
+    // gemm computes dst = alpha * dst + beta * lhs * rhs (dst read only when read_dst).
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            1,
+            ldc as isize,
+            accumulate,
+            a,
+            a_cs,
+            a_rs,
+            b,
+            b_cs,
+            b_rs,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_naive_product_in_every_orientation() {
+        let (m, k, n) = (5, 7, 3);
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.61).cos()).collect();
+        let mut want = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                want[i * n + j] = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+            }
+        }
+        let at: Vec<f32> = (0..k * m).map(|idx| a[(idx % m) * k + idx / m]).collect();
+        let bt: Vec<f32> = (0..n * k).map(|idx| b[(idx % k) * n + idx / k]).collect();
+        for (av, oa, bv, ob) in [
+            (
+                MatRef::dense(&a, m, k),
+                Op::N,
+                MatRef::dense(&b, k, n),
+                Op::N,
+            ),
+            (
+                MatRef::dense(&at, k, m),
+                Op::T,
+                MatRef::dense(&b, k, n),
+                Op::N,
+            ),
+            (
+                MatRef::dense(&a, m, k),
+                Op::N,
+                MatRef::dense(&bt, n, k),
+                Op::T,
+            ),
+            (
+                MatRef::dense(&at, k, m),
+                Op::T,
+                MatRef::dense(&bt, n, k),
+                Op::T,
+            ),
+        ] {
+            let mut c = vec![1f32; m * n];
+            matmul(&mut c, n, av, oa, bv, ob, 2.0, true, Parallelism::None);
+            for (x, w) in c.iter().zip(&want) {
+                assert!((x - (1.0 + 2.0 * w)).abs() < 1e-5);
+            }
+            matmul(&mut c, n, av, oa, bv, ob, 1.0, false, Parallelism::None);
+            for (x, w) in c.iter().zip(&want) {
+                assert!((x - w).abs() < 1e-5);
+            }
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! The fast CPU path of the transformer stack: every layer's forward and backward in one
+//! candle custom op on flat buffers, with `gemm`'s run-time-selected kernels for the products
+//! and fused, vectorised elementwise passes (bias + GELU, residual + layer norm, masked
+//! softmax, dropout from a counter-based hash). The composite-op stack in `transformer.rs`
+//! stays the reference (and the GPU path); tests hold the two together.
+
+mod gemm;
+pub(crate) mod simd;
+mod stack;
+
+pub(crate) use simd::Act;
+pub(crate) use stack::{FusedSpec, StackOp};

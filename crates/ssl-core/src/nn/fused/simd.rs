@@ -1,0 +1,492 @@
+//! Elementwise kernels of the fused stack, written as plain loops that the compiler
+//! vectorises, compiled three times (AVX-512, AVX2+FMA, baseline) and chosen at run time by
+//! CPU-feature detection: no `target-cpu=native` needed.
+//!
+//! Every kernel works on rows of a row-major matrix; callers split rows across threads.
+
+use std::sync::OnceLock;
+
+/// The instruction-set level the kernels run at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Level {
+    /// AVX-512F (x86-64-v4).
+    V4,
+    /// AVX2 + FMA (x86-64-v3).
+    V3,
+    /// Whatever the target's baseline is.
+    Base,
+}
+
+/// The detected level (cached).
+pub(crate) fn level() -> Level {
+    static LEVEL: OnceLock<Level> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") {
+                return Level::V4;
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                return Level::V3;
+            }
+        }
+        Level::Base
+    })
+}
+
+/// Defines a kernel whose body is compiled for each [`Level`] and dispatched at run time.
+macro_rules! simd_kernel {
+    ($(#[$m:meta])* pub(crate) fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        pub(crate) fn $name($($a: $t),*) {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn inner($($a: $t),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn v4($($a: $t),*) {
+                    inner($($a),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn v3($($a: $t),*) {
+                    inner($($a),*)
+                }
+                match level() {
+                    // SAFETY: the CPU was detected to support these features.
+                    Level::V4 => return unsafe { v4($($a),*) },
+                    // SAFETY: as above.
+                    Level::V3 => return unsafe { v3($($a),*) },
+                    Level::Base => {}
+                }
+            }
+            inner($($a),*)
+        }
+    };
+}
+
+/// `exp(x)` to about 2 ulp, branch-free so loops vectorise; exactly 0 below -87.3, saturating
+/// at `exp(88)` above 88.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let xc = x.clamp(-87.3, 88.0);
+    let n = (xc * LOG2E + 0.5).floor();
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4_f32;
+    let p = p.mul_add(r, 1.398_199_9e-3);
+    let p = p.mul_add(r, 8.333_452e-3);
+    let p = p.mul_add(r, 4.166_579_6e-2);
+    let p = p.mul_add(r, 1.666_666_5e-1);
+    let p = p.mul_add(r, 0.5);
+    let y = (p * r).mul_add(r, r) + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.3 {
+        0.0
+    } else {
+        y * scale
+    }
+}
+
+/// The error function to about 3e-7 absolute: its Maclaurin series below |x| = 0.5 (where
+/// the other form loses digits to cancellation), Abramowitz and Stegun 7.1.26 above.
+#[inline(always)]
+pub(crate) fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / 0.327_591_1f32.mul_add(a, 1.0);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let far = 1.0 - poly * exp(-a * a);
+    let z = a * a;
+    let series = (-1.0 / 9360.0f32).mul_add(z, 1.0 / 1320.0);
+    let series = series.mul_add(z, -1.0 / 216.0);
+    let series = series.mul_add(z, 1.0 / 42.0);
+    let series = series.mul_add(z, -1.0 / 10.0);
+    let series = series.mul_add(z, 1.0 / 3.0);
+    let series = series.mul_add(-z, 1.0) * a * std::f32::consts::FRAC_2_SQRT_PI;
+    let y = if a < 0.5 { series } else { far };
+    if x < 0.0 {
+        -y
+    } else {
+        y
+    }
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const INV_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+/// `tanh(u)` through [`exp`], branch-free.
+#[inline(always)]
+fn tanh(u: f32) -> f32 {
+    let e = exp(-2.0 * u.abs());
+    let t = (1.0 - e) / (1.0 + e);
+    if u < 0.0 {
+        -t
+    } else {
+        t
+    }
+}
+
+/// The feed-forward activation, as the fused kernels see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Act {
+    /// Exact GELU.
+    GeluErf,
+    /// GELU, tanh approximation.
+    GeluTanh,
+    /// ReLU.
+    Relu,
+}
+
+simd_kernel! {
+    /// `g[i] = act(h[i] + bias[i % bias.len()])`, storing the biased pre-activation back in `h`.
+    pub(crate) fn bias_act(h: &mut [f32], bias: &[f32], g: &mut [f32], act: Act) {
+        let m = bias.len();
+        for (hr, gr) in h.chunks_exact_mut(m).zip(g.chunks_exact_mut(m)) {
+            for ((hv, gv), bv) in hr.iter_mut().zip(gr.iter_mut()).zip(bias) {
+                let x = *hv + bv;
+                *hv = x;
+                *gv = match act {
+                    Act::GeluErf => 0.5 * x * (1.0 + erf(x * INV_SQRT_2)),
+                    Act::GeluTanh => {
+                        let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+                        0.5 * x * (1.0 + tanh(u))
+                    }
+                    Act::Relu => x.max(0.0),
+                };
+            }
+        }
+    }
+}
+
+simd_kernel! {
+    /// `dh[i] = dg[i] * act'(h[i])`, in place in `dg`.
+    pub(crate) fn act_backward(dg: &mut [f32], h: &[f32], act: Act) {
+        for (d, &x) in dg.iter_mut().zip(h) {
+            let deriv = match act {
+                Act::GeluErf => {
+                    0.5 * (1.0 + erf(x * INV_SQRT_2)) + x * INV_SQRT_2PI * exp(-0.5 * x * x)
+                }
+                Act::GeluTanh => {
+                    let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+                    let t = tanh(u);
+                    let du = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044_715 * x * x);
+                    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+                }
+                Act::Relu => {
+                    if x > 0.0 {
+                        1.0
+                    } else {
+                        0.0
+                    }
+                }
+            };
+            *d *= deriv;
+        }
+    }
+}
+
+simd_kernel! {
+    /// Adds `bias` to every row of `y`.
+    pub(crate) fn add_bias(y: &mut [f32], bias: &[f32]) {
+        for row in y.chunks_exact_mut(bias.len()) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v += b;
+            }
+        }
+    }
+}
+
+simd_kernel! {
+    /// `out = x + y`, elementwise.
+    pub(crate) fn add(out: &mut [f32], x: &[f32], y: &[f32]) {
+        for ((o, a), b) in out.iter_mut().zip(x).zip(y) {
+            *o = a + b;
+        }
+    }
+}
+
+simd_kernel! {
+    /// `acc += x`, elementwise.
+    pub(crate) fn add_assign(acc: &mut [f32], x: &[f32]) {
+        for (a, b) in acc.iter_mut().zip(x) {
+            *a += b;
+        }
+    }
+}
+
+simd_kernel! {
+    /// Column sums of the rows of `x` (width `out.len()`), written to `out`.
+    pub(crate) fn col_sum(out: &mut [f32], x: &[f32]) {
+        out.fill(0.0);
+        for row in x.chunks_exact(out.len()) {
+            for (o, v) in out.iter_mut().zip(row) {
+                *o += v;
+            }
+        }
+    }
+}
+
+simd_kernel! {
+    /// Column sums of `a * b` (rows of width `out.len()`), written to `out`.
+    pub(crate) fn col_sum_prod(out: &mut [f32], a: &[f32], b: &[f32]) {
+        out.fill(0.0);
+        let w = out.len();
+        for (ra, rb) in a.chunks_exact(w).zip(b.chunks_exact(w)) {
+            for ((o, x), y) in out.iter_mut().zip(ra).zip(rb) {
+                *o = x.mul_add(*y, *o);
+            }
+        }
+    }
+}
+
+simd_kernel! {
+    /// Layer norm of each row of `x` (width `w.len()`): writes `y = xhat * w + b`, `xhat` and
+    /// `rstd = 1 / sqrt(var + eps)` per row (variance with divisor D, as PyTorch).
+    pub(crate) fn layer_norm(
+        x: &[f32],
+        w: &[f32],
+        b: &[f32],
+        eps: f32,
+        y: &mut [f32],
+        xhat: &mut [f32],
+        rstd: &mut [f32],
+    ) {
+        let d = w.len();
+        let inv_d = 1.0 / d as f32;
+        for (((xr, yr), hr), rs) in x
+            .chunks_exact(d)
+            .zip(y.chunks_exact_mut(d))
+            .zip(xhat.chunks_exact_mut(d))
+            .zip(rstd.iter_mut())
+        {
+            let mean = xr.iter().sum::<f32>() * inv_d;
+            let mut var = 0.0f32;
+            for v in xr {
+                let c = v - mean;
+                var = c.mul_add(c, var);
+            }
+            let r = 1.0 / (var * inv_d + eps).sqrt();
+            *rs = r;
+            for (((xv, yv), hv), (wv, bv)) in xr
+                .iter()
+                .zip(yr.iter_mut())
+                .zip(hr.iter_mut())
+                .zip(w.iter().zip(b))
+            {
+                let h = (xv - mean) * r;
+                *hv = h;
+                *yv = h.mul_add(*wv, *bv);
+            }
+        }
+    }
+}
+
+simd_kernel! {
+    /// Layer-norm backward for each row: given `dy`, the saved `xhat`, `rstd` and the weight
+    /// `w`, writes (or adds, when `accumulate`) `dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`
+    /// with `g = dy * w`. The weight and bias gradients are column sums, computed apart.
+    pub(crate) fn layer_norm_backward(
+        dy: &[f32],
+        xhat: &[f32],
+        rstd: &[f32],
+        w: &[f32],
+        dx: &mut [f32],
+        accumulate: bool,
+    ) {
+        let d = w.len();
+        let inv_d = 1.0 / d as f32;
+        for (((dyr, hr), &r), dxr) in dy
+            .chunks_exact(d)
+            .zip(xhat.chunks_exact(d))
+            .zip(rstd)
+            .zip(dx.chunks_exact_mut(d))
+        {
+            let mut sg = 0.0f32;
+            let mut sgh = 0.0f32;
+            for ((g, h), wv) in dyr.iter().zip(hr).zip(w) {
+                let gv = g * wv;
+                sg += gv;
+                sgh = gv.mul_add(*h, sgh);
+            }
+            let mg = sg * inv_d;
+            let mgh = sgh * inv_d;
+            for (((o, g), h), wv) in dxr.iter_mut().zip(dyr).zip(hr).zip(w) {
+                let v = r * (g * wv - mg - h * mgh);
+                if accumulate {
+                    *o += v;
+                } else {
+                    *o = v;
+                }
+            }
+        }
+    }
+}
+
+simd_kernel! {
+    /// Softmax of each row of `s` (width `t`) in place, after adding `key_bias` (per key) and,
+    /// when `causal`, masking keys after the row's query position `row0 + i`.
+    pub(crate) fn softmax_rows(s: &mut [f32], key_bias: &[f32], causal: bool, row0: usize) {
+        let t = key_bias.len();
+        for (i, row) in s.chunks_exact_mut(t).enumerate() {
+            let q = row0 + i;
+            for (j, (v, kb)) in row.iter_mut().zip(key_bias).enumerate() {
+                let c = if causal && j > q { -1e9 } else { 0.0 };
+                *v = *v + kb + c;
+            }
+            let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut sum = 0.0f32;
+            for v in row.iter_mut() {
+                let e = exp(*v - max);
+                *v = e;
+                sum += e;
+            }
+            let inv = 1.0 / sum;
+            for v in row.iter_mut() {
+                *v *= inv;
+            }
+        }
+    }
+}
+
+simd_kernel! {
+    /// Softmax backward per row, in place: `dp <- p * (dp - sum(dp * p))`.
+    pub(crate) fn softmax_backward_rows(dp: &mut [f32], p: &[f32], t: usize) {
+        for (dr, pr) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+            let mut dot = 0.0f32;
+            for (d, q) in dr.iter().zip(pr) {
+                dot = d.mul_add(*q, dot);
+            }
+            for (d, q) in dr.iter_mut().zip(pr) {
+                *d = q * (*d - dot);
+            }
+        }
+    }
+}
+
+/// The per-step coefficients of an AdamW update (see [`adamw`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdamWCoeffs {
+    pub b1: f32,
+    pub one_minus_b1: f32,
+    pub b2: f32,
+    pub one_minus_b2: f32,
+    /// Bias corrections `1 / (1 - beta^t)`.
+    pub scale_m: f32,
+    pub scale_v: f32,
+    /// `1 - lr * weight_decay`.
+    pub decay: f32,
+    pub lr: f32,
+    pub eps: f32,
+}
+
+simd_kernel! {
+    /// One AdamW step in place, in one pass: moments, bias correction, decoupled decay.
+    pub(crate) fn adamw(theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], c: AdamWCoeffs) {
+        for (((p, mv), vv), gv) in theta.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            let m1 = c.b1 * *mv + c.one_minus_b1 * gv;
+            let v1 = c.b2 * *vv + c.one_minus_b2 * (gv * gv);
+            *mv = m1;
+            *vv = v1;
+            let update = (m1 * c.scale_m) / ((v1 * c.scale_v).sqrt() + c.eps);
+            *p = *p * c.decay - update * c.lr;
+        }
+    }
+}
+
+/// murmur3's 32-bit finaliser: a cheap, well-mixed hash of `seed` and an element index.
+#[inline(always)]
+fn mix(seed: u32, i: u32) -> u32 {
+    let mut h = seed ^ i.wrapping_mul(0x9e37_79b9);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
+
+/// The hash threshold below which an element is dropped with probability `p`.
+pub(crate) fn drop_threshold(p: f32) -> u32 {
+    (f64::from(p) * 4_294_967_296.0).min(4_294_967_295.0) as u32
+}
+
+simd_kernel! {
+    /// Inverted dropout in place: element `offset + i` is zeroed when its hash under `seed`
+    /// falls below `threshold`, and scaled by `scale = 1 / (1 - p)` otherwise. The mask is a
+    /// pure function of `(seed, index)`, so backward regenerates it instead of storing it.
+    pub(crate) fn dropout(x: &mut [f32], seed: u32, offset: u32, threshold: u32, scale: f32) {
+        for (i, v) in x.iter_mut().enumerate() {
+            let keep = mix(seed, offset.wrapping_add(i as u32)) >= threshold;
+            *v = if keep { *v * scale } else { 0.0 };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_and_erf_are_accurate() {
+        let mut worst_exp = 0.0f64;
+        let mut worst_erf = 0.0f64;
+        for i in -2000..=2000 {
+            let x = i as f32 * 0.043;
+            let e = f64::from(exp(x));
+            let r = f64::from(x).exp();
+            worst_exp = worst_exp.max(((e - r) / r).abs());
+            // |x| <= 3: where the series reference below is exact in f64.
+            let x = i as f32 * 0.0015;
+            let e = f64::from(erf(x));
+            // erf via its relation to the complementary error function of the Gaussian CDF.
+            let r = reference_erf(f64::from(x));
+            worst_erf = worst_erf.max((e - r).abs());
+        }
+        assert!(worst_exp < 5e-7, "exp relative error {worst_exp}");
+        assert!(worst_erf < 5e-7, "erf absolute error {worst_erf}");
+        assert_eq!(exp(-1e9), 0.0);
+        assert!(exp(100.0).is_finite());
+    }
+
+    /// erf by its Maclaurin series (exact to ~1e-12 in f64 for |x| <= 3).
+    fn reference_erf(x: f64) -> f64 {
+        if x.abs() > 5.0 {
+            return x.signum();
+        }
+        let mut sum = 0.0f64;
+        let mut term = x;
+        let mut n = 0.0f64;
+        while term.abs() > 1e-17 * sum.abs().max(1e-300) || n < 3.0 {
+            sum += term / (2.0 * n + 1.0);
+            n += 1.0;
+            term *= -x * x / n;
+            if n > 200.0 {
+                break;
+            }
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    #[test]
+    fn dropout_rate_and_determinism() {
+        let p = 0.3;
+        let mut x = vec![1.0f32; 100_000];
+        dropout(&mut x, 7, 0, drop_threshold(p), 1.0 / (1.0 - p));
+        let zeros = x.iter().filter(|v| **v == 0.0).count() as f32 / 1e5;
+        assert!((zeros - p).abs() < 0.01, "{zeros}");
+        let mut y = vec![1.0f32; 1000];
+        dropout(&mut y, 7, 0, drop_threshold(p), 1.0 / (1.0 - p));
+        assert_eq!(&x[..1000], &y[..]);
+        let mut z = vec![1.0f32; 1000];
+        dropout(&mut z, 8, 0, drop_threshold(p), 1.0 / (1.0 - p));
+        assert_ne!(y, z);
+    }
+}

@@ -1,0 +1,847 @@
+//! The whole transformer stack as one candle custom op: forward and backward written by hand
+//! on flat buffers (see DESIGN.md, "Making it fast").
+//!
+//! Inputs: `x` (B, T, D), every layer's parameters concatenated in one flat vector (layout in
+//! [`Offsets`]), and the key-padding mask (B, T) as 1/0 floats. Output: (L, B, T, D), the
+//! outputs of the last layer (L = 1) or of every layer (L = depth).
+//!
+//! The op is stateful: its forward saves the activations its backward needs inside the op,
+//! which candle keeps alive in the graph of the output tensor; they are freed with that graph.
+
+use std::sync::{Mutex, PoisonError};
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::gemm::{matmul, matmul_raw, threads, MatRef, Op};
+use super::simd::{self, Act};
+use crate::nn::NormPlacement;
+
+/// The stack's shape and options, as the kernels need them.
+#[derive(Debug, Clone)]
+pub(crate) struct FusedSpec {
+    pub depth: usize,
+    pub dim: usize,
+    pub mlp: usize,
+    pub heads: usize,
+    pub norm: NormPlacement,
+    pub act: Act,
+    pub dropout: f32,
+    pub attn_dropout: f32,
+    pub eps: f32,
+    pub causal: bool,
+}
+
+/// Offsets of one layer's parameters inside its block of the flat vector. Query, key and
+/// value weights are adjacent, so they form one (3D, D) matrix and one product.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Offsets {
+    pub wqkv: usize,
+    pub bqkv: usize,
+    pub wo: usize,
+    pub bo: usize,
+    pub ln1w: usize,
+    pub ln1b: usize,
+    pub w1: usize,
+    pub b1: usize,
+    pub w2: usize,
+    pub b2: usize,
+    pub ln2w: usize,
+    pub ln2b: usize,
+    /// Length of one layer's block.
+    pub len: usize,
+}
+
+impl FusedSpec {
+    /// The layout of one layer's block: `[Wq Wk Wv | bq bk bv | Wo | bo | ln1 w | ln1 b |
+    /// W1 | b1 | W2 | b2 | ln2 w | ln2 b]` (ln1 is the norm around attention, ln2 the one
+    /// around the MLP; weights are (out, in)).
+    pub fn offsets(&self) -> Offsets {
+        let (d, m) = (self.dim, self.mlp);
+        let wqkv = 0;
+        let bqkv = wqkv + 3 * d * d;
+        let wo = bqkv + 3 * d;
+        let bo = wo + d * d;
+        let ln1w = bo + d;
+        let ln1b = ln1w + d;
+        let w1 = ln1b + d;
+        let b1 = w1 + m * d;
+        let w2 = b1 + m;
+        let b2 = w2 + d * m;
+        let ln2w = b2 + d;
+        let ln2b = ln2w + d;
+        Offsets {
+            wqkv,
+            bqkv,
+            wo,
+            bo,
+            ln1w,
+            ln1b,
+            w1,
+            b1,
+            w2,
+            b2,
+            ln2w,
+            ln2b,
+            len: ln2b + d,
+        }
+    }
+}
+
+/// What one layer's backward needs.
+struct LayerSaved {
+    /// Pre-norm: the normalised attention input; post-norm: none (it is the layer input).
+    a_in: Option<Vec<f32>>,
+    qkv: Vec<f32>,
+    p: Vec<f32>,
+    /// Attention probabilities after dropout (only with attention dropout).
+    pd: Option<Vec<f32>>,
+    ctx: Vec<f32>,
+    /// Input of the first MLP product (pre: ln2 output; post: ln1 output).
+    m_in: Vec<f32>,
+    xhat1: Vec<f32>,
+    rstd1: Vec<f32>,
+    xhat2: Vec<f32>,
+    rstd2: Vec<f32>,
+    /// Biased pre-activation and activation of the MLP.
+    h: Vec<f32>,
+    g: Vec<f32>,
+}
+
+struct Saved {
+    b: usize,
+    t: usize,
+    /// The stack's input and every layer's output.
+    outs: Vec<Vec<f32>>,
+    layers: Vec<LayerSaved>,
+}
+
+/// The fused stack op (one per forward pass).
+pub(crate) struct StackOp {
+    spec: FusedSpec,
+    all_layers: bool,
+    train: bool,
+    seed: u64,
+    saved: Mutex<Option<Saved>>,
+}
+
+/// A raw pointer that may cross threads; each user writes a disjoint region.
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+// SAFETY: only used for writes to disjoint regions, one region per parallel task.
+unsafe impl Send for SyncPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SyncPtr {}
+
+impl SyncPtr {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("fused transformer stack: {what} must be f32");
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("fused transformer stack: {what} must be contiguous"),
+    }
+}
+
+fn tensor_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.contiguous()?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// Rows per parallel block for a pass over `n` rows.
+fn block_rows(n: usize) -> usize {
+    let t = rayon::current_num_threads().max(1);
+    n.div_ceil(4 * t).max(1)
+}
+
+fn layer_norm_par(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    eps: f32,
+    y: &mut [f32],
+    xhat: &mut [f32],
+    rstd: &mut [f32],
+) {
+    let d = w.len();
+    let rb = block_rows(rstd.len());
+    y.par_chunks_mut(rb * d)
+        .zip(xhat.par_chunks_mut(rb * d))
+        .zip(rstd.par_chunks_mut(rb))
+        .enumerate()
+        .for_each(|(i, ((yc, hc), rc))| {
+            let x0 = i * rb * d;
+            simd::layer_norm(&x[x0..x0 + yc.len()], w, b, eps, yc, hc, rc);
+        });
+}
+
+fn layer_norm_backward_par(
+    dy: &[f32],
+    xhat: &[f32],
+    rstd: &[f32],
+    w: &[f32],
+    dx: &mut [f32],
+    accumulate: bool,
+) {
+    let d = w.len();
+    let rb = block_rows(rstd.len());
+    dx.par_chunks_mut(rb * d).enumerate().for_each(|(i, dxc)| {
+        let x0 = i * rb * d;
+        let r0 = i * rb;
+        let rows = dxc.len() / d;
+        simd::layer_norm_backward(
+            &dy[x0..x0 + dxc.len()],
+            &xhat[x0..x0 + dxc.len()],
+            &rstd[r0..r0 + rows],
+            w,
+            dxc,
+            accumulate,
+        );
+    });
+}
+
+fn dropout_par(x: &mut [f32], seed: u32, p: f32) {
+    let thr = simd::drop_threshold(p);
+    let scale = 1.0 / (1.0 - p);
+    let chunk = 1 << 14;
+    x.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| {
+        simd::dropout(c, seed, (i * chunk) as u32, thr, scale);
+    });
+}
+
+/// `y = x W^T + bias` for `x` (rows, in) and `W` (out, in).
+fn linear(x: &[f32], rows: usize, w: &[f32], bias: &[f32], out_dim: usize) -> Vec<f32> {
+    let in_dim = x.len() / rows.max(1);
+    let mut y = vec![0f32; rows * out_dim];
+    matmul(
+        &mut y,
+        out_dim,
+        MatRef::dense(x, rows, in_dim),
+        Op::N,
+        MatRef::dense(w, out_dim, in_dim),
+        Op::T,
+        1.0,
+        false,
+        threads(),
+    );
+    let rb = block_rows(rows);
+    y.par_chunks_mut(rb * out_dim)
+        .for_each(|c| simd::add_bias(c, bias));
+    y
+}
+
+/// Backward of [`linear`]: writes `dW = dy^T x` and `db = colsum(dy)` into `gw`, `gb` and
+/// returns `dx = dy W`.
+#[allow(clippy::too_many_arguments)]
+fn linear_backward(
+    dy: &[f32],
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    out_dim: usize,
+    gw: &mut [f32],
+    gb: &mut [f32],
+    want_dx: bool,
+) -> Vec<f32> {
+    let in_dim = x.len() / rows.max(1);
+    matmul(
+        gw,
+        in_dim,
+        MatRef::dense(dy, rows, out_dim),
+        Op::T,
+        MatRef::dense(x, rows, in_dim),
+        Op::N,
+        1.0,
+        false,
+        threads(),
+    );
+    simd::col_sum(gb, dy);
+    if !want_dx {
+        return Vec::new();
+    }
+    let mut dx = vec![0f32; rows * in_dim];
+    matmul(
+        &mut dx,
+        in_dim,
+        MatRef::dense(dy, rows, out_dim),
+        Op::N,
+        MatRef::dense(w, out_dim, in_dim),
+        Op::N,
+        1.0,
+        false,
+        threads(),
+    );
+    dx
+}
+
+impl StackOp {
+    /// A new op; `seed` drives dropout (unused when not training or without dropout).
+    pub fn new(spec: FusedSpec, all_layers: bool, train: bool, seed: u64) -> Self {
+        StackOp {
+            spec,
+            all_layers,
+            train,
+            seed,
+            saved: Mutex::new(None),
+        }
+    }
+
+    fn drops(&self) -> bool {
+        self.train && self.spec.dropout > 0.0
+    }
+
+    fn attn_drops(&self) -> bool {
+        self.train && self.spec.attn_dropout > 0.0
+    }
+
+    /// The dropout seed of `site` (0: attention output, 1: MLP output, 2: attention
+    /// probabilities) in layer `layer`.
+    fn site_seed(&self, layer: usize, site: usize) -> u32 {
+        let mut z = self
+            .seed
+            .wrapping_add(((layer * 3 + site) as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) as u32
+    }
+
+    /// Scaled dot-product attention for every (batch, head): fills `p` (B, H, T, T), `pd`
+    /// and `ctx` (N, D) from `qkv` (N, 3D).
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: usize,
+        b: usize,
+        t: usize,
+        qkv: &[f32],
+        key_bias: &[f32],
+        p: &mut [f32],
+        pd: Option<&mut [f32]>,
+        ctx: &mut [f32],
+    ) {
+        let (d, h) = (self.spec.dim, self.spec.heads);
+        let dh = d / h;
+        let scale = 1.0 / (dh as f32).sqrt();
+        let ld = 3 * d;
+        let causal = self.spec.causal;
+        let p_ptr = SyncPtr(p.as_mut_ptr());
+        let pd_ptr = pd.map(|v| SyncPtr(v.as_mut_ptr()));
+        let ctx_ptr = SyncPtr(ctx.as_mut_ptr());
+        let seed = self.site_seed(layer, 2);
+        let (thr, dscale) = (
+            simd::drop_threshold(self.spec.attn_dropout),
+            1.0 / (1.0 - self.spec.attn_dropout),
+        );
+        (0..b * h).into_par_iter().for_each(|bh| {
+            let (bi, hi) = (bh / h, bh % h);
+            let base = bi * t * ld + hi * dh;
+            // SAFETY: task `bh` alone touches block `bh` of `p`/`pd` and the (rows of batch
+            // `bi`, columns of head `hi`) block of `ctx`; reads stay inside `qkv`.
+            unsafe {
+                let pb = std::slice::from_raw_parts_mut(p_ptr.get().add(bh * t * t), t * t);
+                matmul_raw(
+                    pb.as_mut_ptr(),
+                    t,
+                    t,
+                    t,
+                    dh,
+                    qkv.as_ptr().add(base),
+                    ld as isize,
+                    1,
+                    qkv.as_ptr().add(base + d),
+                    1,
+                    ld as isize,
+                    scale,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                simd::softmax_rows(pb, &key_bias[bi * t..(bi + 1) * t], causal, 0);
+                let probs: &[f32] = match pd_ptr {
+                    Some(pd_ptr) => {
+                        let pdb =
+                            std::slice::from_raw_parts_mut(pd_ptr.get().add(bh * t * t), t * t);
+                        pdb.copy_from_slice(pb);
+                        simd::dropout(pdb, seed, (bh * t * t) as u32, thr, dscale);
+                        pdb
+                    }
+                    None => pb,
+                };
+                matmul_raw(
+                    ctx_ptr.get().add(bi * t * d + hi * dh),
+                    d,
+                    t,
+                    dh,
+                    t,
+                    probs.as_ptr(),
+                    t as isize,
+                    1,
+                    qkv.as_ptr().add(base + 2 * d),
+                    ld as isize,
+                    1,
+                    1.0,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+    }
+
+    /// Backward of [`Self::attention`]: returns `dqkv` (N, 3D) from `dctx` (N, D).
+    fn attention_backward(
+        &self,
+        layer: usize,
+        s: &Saved,
+        ls: &LayerSaved,
+        dctx: &[f32],
+    ) -> Vec<f32> {
+        let (b, t) = (s.b, s.t);
+        let (d, h) = (self.spec.dim, self.spec.heads);
+        let dh = d / h;
+        let scale = 1.0 / (dh as f32).sqrt();
+        let ld = 3 * d;
+        let mut dqkv = vec![0f32; b * t * ld];
+        let dq_ptr = SyncPtr(dqkv.as_mut_ptr());
+        let seed = self.site_seed(layer, 2);
+        let drop = ls.pd.is_some();
+        let (thr, dscale) = (
+            simd::drop_threshold(self.spec.attn_dropout),
+            1.0 / (1.0 - self.spec.attn_dropout),
+        );
+        let qkv = &ls.qkv;
+        (0..b * h).into_par_iter().for_each(|bh| {
+            let (bi, hi) = (bh / h, bh % h);
+            let base = bi * t * ld + hi * dh;
+            let dbase = bi * t * d + hi * dh;
+            let p = &ls.p[bh * t * t..(bh + 1) * t * t];
+            let probs = match &ls.pd {
+                Some(pd) => &pd[bh * t * t..(bh + 1) * t * t],
+                None => p,
+            };
+            let mut ds = vec![0f32; t * t];
+            // SAFETY: task `bh` alone writes the (rows of batch `bi`, columns of head `hi`)
+            // blocks of dq, dk and dv; reads stay inside their buffers.
+            unsafe {
+                // dP = dctx V^T
+                matmul_raw(
+                    ds.as_mut_ptr(),
+                    t,
+                    t,
+                    t,
+                    dh,
+                    dctx.as_ptr().add(dbase),
+                    d as isize,
+                    1,
+                    qkv.as_ptr().add(base + 2 * d),
+                    1,
+                    ld as isize,
+                    1.0,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                // dV = P^T dctx
+                matmul_raw(
+                    dq_ptr.get().add(base + 2 * d),
+                    ld,
+                    t,
+                    dh,
+                    t,
+                    probs.as_ptr(),
+                    1,
+                    t as isize,
+                    dctx.as_ptr().add(dbase),
+                    d as isize,
+                    1,
+                    1.0,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                if drop {
+                    simd::dropout(&mut ds, seed, (bh * t * t) as u32, thr, dscale);
+                }
+                simd::softmax_backward_rows(&mut ds, p, t);
+                // dQ = scale dS K
+                matmul_raw(
+                    dq_ptr.get().add(base),
+                    ld,
+                    t,
+                    dh,
+                    t,
+                    ds.as_ptr(),
+                    t as isize,
+                    1,
+                    qkv.as_ptr().add(base + d),
+                    ld as isize,
+                    1,
+                    scale,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                // dK = scale dS^T Q
+                matmul_raw(
+                    dq_ptr.get().add(base + d),
+                    ld,
+                    t,
+                    dh,
+                    t,
+                    ds.as_ptr(),
+                    1,
+                    t as isize,
+                    qkv.as_ptr().add(base),
+                    ld as isize,
+                    1,
+                    scale,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+        dqkv
+    }
+
+    fn forward_layer(
+        &self,
+        layer: usize,
+        b: usize,
+        t: usize,
+        xin: &[f32],
+        params: &[f32],
+        key_bias: &[f32],
+    ) -> (Vec<f32>, LayerSaved) {
+        let sp = &self.spec;
+        let (d, m, n) = (sp.dim, sp.mlp, b * t);
+        let o = sp.offsets();
+        let w = &params[layer * o.len..(layer + 1) * o.len];
+        let pre = sp.norm == NormPlacement::Pre;
+        let mut xhat1 = vec![0f32; n * d];
+        let mut rstd1 = vec![0f32; n];
+        let mut xhat2 = vec![0f32; n * d];
+        let mut rstd2 = vec![0f32; n];
+        let a_in = pre.then(|| {
+            let mut y = vec![0f32; n * d];
+            layer_norm_par(
+                xin,
+                &w[o.ln1w..o.ln1w + d],
+                &w[o.ln1b..o.ln1b + d],
+                sp.eps,
+                &mut y,
+                &mut xhat1,
+                &mut rstd1,
+            );
+            y
+        });
+        let att_in = a_in.as_deref().unwrap_or(xin);
+        let qkv = linear(att_in, n, &w[o.wqkv..o.bqkv], &w[o.bqkv..o.wo], 3 * d);
+        let heads = sp.heads;
+        let mut p = vec![0f32; b * heads * t * t];
+        let mut pd = self.attn_drops().then(|| vec![0f32; b * heads * t * t]);
+        let mut ctx = vec![0f32; n * d];
+        self.attention(
+            layer,
+            b,
+            t,
+            &qkv,
+            key_bias,
+            &mut p,
+            pd.as_deref_mut(),
+            &mut ctx,
+        );
+        let mut ao = linear(&ctx, n, &w[o.wo..o.bo], &w[o.bo..o.ln1w], d);
+        if self.drops() {
+            dropout_par(&mut ao, self.site_seed(layer, 0), sp.dropout);
+        }
+        // Residual after attention (pre: x1; post: y1, normalised into x1).
+        let mut x1 = vec![0f32; n * d];
+        simd::add(&mut x1, xin, &ao);
+        drop(ao);
+        let m_in = if pre {
+            let mut y = vec![0f32; n * d];
+            layer_norm_par(
+                &x1,
+                &w[o.ln2w..o.ln2w + d],
+                &w[o.ln2b..o.ln2b + d],
+                sp.eps,
+                &mut y,
+                &mut xhat2,
+                &mut rstd2,
+            );
+            y
+        } else {
+            let mut y = vec![0f32; n * d];
+            layer_norm_par(
+                &x1,
+                &w[o.ln1w..o.ln1w + d],
+                &w[o.ln1b..o.ln1b + d],
+                sp.eps,
+                &mut y,
+                &mut xhat1,
+                &mut rstd1,
+            );
+            x1 = y.clone();
+            y
+        };
+        let mut h = vec![0f32; n * m];
+        matmul(
+            &mut h,
+            m,
+            MatRef::dense(&m_in, n, d),
+            Op::N,
+            MatRef::dense(&w[o.w1..o.b1], m, d),
+            Op::T,
+            1.0,
+            false,
+            threads(),
+        );
+        let mut g = vec![0f32; n * m];
+        let rb = block_rows(n);
+        let act = sp.act;
+        let b1 = &w[o.b1..o.w2];
+        h.par_chunks_mut(rb * m)
+            .zip(g.par_chunks_mut(rb * m))
+            .for_each(|(hc, gc)| simd::bias_act(hc, b1, gc, act));
+        let mut mo = linear(&g, n, &w[o.w2..o.b2], &w[o.b2..o.ln2w], d);
+        if self.drops() {
+            dropout_par(&mut mo, self.site_seed(layer, 1), sp.dropout);
+        }
+        let mut out = vec![0f32; n * d];
+        simd::add(&mut out, &x1, &mo);
+        if !pre {
+            let y2 = std::mem::take(&mut out);
+            out = vec![0f32; n * d];
+            layer_norm_par(
+                &y2,
+                &w[o.ln2w..o.ln2w + d],
+                &w[o.ln2b..o.ln2b + d],
+                sp.eps,
+                &mut out,
+                &mut xhat2,
+                &mut rstd2,
+            );
+        }
+        (
+            out,
+            LayerSaved {
+                a_in,
+                qkv,
+                p,
+                pd,
+                ctx,
+                m_in,
+                xhat1,
+                rstd1,
+                xhat2,
+                rstd2,
+                h,
+                g,
+            },
+        )
+    }
+
+    /// Backward through layer `layer`: writes its parameter gradients into `grads` (the
+    /// layer's block) and returns the gradient of its input.
+    fn backward_layer(
+        &self,
+        layer: usize,
+        s: &Saved,
+        params: &[f32],
+        grads: &mut [f32],
+        dout: Vec<f32>,
+    ) -> Vec<f32> {
+        let sp = &self.spec;
+        let (d, m, n) = (sp.dim, sp.mlp, s.b * s.t);
+        let o = sp.offsets();
+        let w = &params[layer * o.len..(layer + 1) * o.len];
+        let gl = &mut grads[layer * o.len..(layer + 1) * o.len];
+        let ls = &s.layers[layer];
+        let pre = sp.norm == NormPlacement::Pre;
+        // Gradient of x1 (the residual stream between attention and MLP).
+        let mut dx1 = if pre {
+            dout
+        } else {
+            simd::col_sum_prod(&mut gl[o.ln2w..o.ln2w + d], &dout, &ls.xhat2);
+            simd::col_sum(&mut gl[o.ln2b..o.ln2b + d], &dout);
+            let mut dy2 = vec![0f32; n * d];
+            layer_norm_backward_par(
+                &dout,
+                &ls.xhat2,
+                &ls.rstd2,
+                &w[o.ln2w..o.ln2w + d],
+                &mut dy2,
+                false,
+            );
+            dy2
+        };
+        let mut dmo = dx1.clone();
+        if self.drops() {
+            dropout_par(&mut dmo, self.site_seed(layer, 1), sp.dropout);
+        }
+        let mut dg = {
+            let (gw, gb) = gl[o.w2..o.ln2w].split_at_mut(d * m);
+            linear_backward(&dmo, &ls.g, n, &w[o.w2..o.b2], d, gw, gb, true)
+        };
+        drop(dmo);
+        let rb = block_rows(n);
+        let act = sp.act;
+        dg.par_chunks_mut(rb * m)
+            .zip(ls.h.par_chunks(rb * m))
+            .for_each(|(dc, hc)| simd::act_backward(dc, hc, act));
+        let dmin = {
+            let (gw, gb) = gl[o.w1..o.w2].split_at_mut(m * d);
+            linear_backward(&dg, &ls.m_in, n, &w[o.w1..o.b1], m, gw, gb, true)
+        };
+        drop(dg);
+        if pre {
+            simd::col_sum_prod(&mut gl[o.ln2w..o.ln2w + d], &dmin, &ls.xhat2);
+            simd::col_sum(&mut gl[o.ln2b..o.ln2b + d], &dmin);
+            layer_norm_backward_par(
+                &dmin,
+                &ls.xhat2,
+                &ls.rstd2,
+                &w[o.ln2w..o.ln2w + d],
+                &mut dx1,
+                true,
+            );
+        } else {
+            simd::add_assign(&mut dx1, &dmin);
+            simd::col_sum_prod(&mut gl[o.ln1w..o.ln1w + d], &dx1, &ls.xhat1);
+            simd::col_sum(&mut gl[o.ln1b..o.ln1b + d], &dx1);
+            let mut dy1 = vec![0f32; n * d];
+            layer_norm_backward_par(
+                &dx1,
+                &ls.xhat1,
+                &ls.rstd1,
+                &w[o.ln1w..o.ln1w + d],
+                &mut dy1,
+                false,
+            );
+            dx1 = dy1;
+        }
+        drop(dmin);
+        // dx1 is now the gradient of (layer input + attention output).
+        let mut dao = dx1.clone();
+        if self.drops() {
+            dropout_par(&mut dao, self.site_seed(layer, 0), sp.dropout);
+        }
+        let dctx = {
+            let (gw, gb) = gl[o.wo..o.ln1w].split_at_mut(d * d);
+            linear_backward(&dao, &ls.ctx, n, &w[o.wo..o.bo], d, gw, gb, true)
+        };
+        drop(dao);
+        let dqkv = self.attention_backward(layer, s, ls, &dctx);
+        drop(dctx);
+        let att_in: &[f32] = ls.a_in.as_deref().unwrap_or(&s.outs[layer]);
+        let da_in = {
+            let (gw, gb) = gl[o.wqkv..o.wo].split_at_mut(3 * d * d);
+            linear_backward(&dqkv, att_in, n, &w[o.wqkv..o.bqkv], 3 * d, gw, gb, true)
+        };
+        if pre {
+            simd::col_sum_prod(&mut gl[o.ln1w..o.ln1w + d], &da_in, &ls.xhat1);
+            simd::col_sum(&mut gl[o.ln1b..o.ln1b + d], &da_in);
+            layer_norm_backward_par(
+                &da_in,
+                &ls.xhat1,
+                &ls.rstd1,
+                &w[o.ln1w..o.ln1w + d],
+                &mut dx1,
+                true,
+            );
+        } else {
+            simd::add_assign(&mut dx1, &da_in);
+        }
+        dx1
+    }
+}
+
+impl CustomOp3 for StackOp {
+    fn name(&self) -> &'static str {
+        "fused-transformer-stack"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous(s1, l1, "input")?;
+        let params = contiguous(s2, l2, "parameters")?;
+        let mask = contiguous(s3, l3, "padding mask")?;
+        let (b, t, d) = l1.shape().dims3()?;
+        let sp = &self.spec;
+        if d != sp.dim || params.len() != sp.depth * sp.offsets().len || mask.len() != b * t {
+            candle_core::bail!("fused transformer stack: inputs do not match the configuration");
+        }
+        let key_bias: Vec<f32> = mask.iter().map(|m| (1.0 - m) * -1e9).collect();
+        let mut outs = Vec::with_capacity(sp.depth + 1);
+        outs.push(x.to_vec());
+        let mut layers = Vec::with_capacity(sp.depth);
+        for l in 0..sp.depth {
+            let (out, saved) = self.forward_layer(l, b, t, &outs[l], params, &key_bias);
+            outs.push(out);
+            layers.push(saved);
+        }
+        let n = b * t * d;
+        let (count, result) = if self.all_layers {
+            let mut r = Vec::with_capacity(sp.depth * n);
+            for o in &outs[1..] {
+                r.extend_from_slice(o);
+            }
+            (sp.depth, r)
+        } else {
+            (1, outs[sp.depth].clone())
+        };
+        *self.saved.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some(Saved { b, t, outs, layers });
+        Ok((CpuStorage::F32(result), Shape::from((count, b, t, d))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        _mask: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let guard = self.saved.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(s) = guard.as_ref() else {
+            candle_core::bail!("fused transformer stack: backward before forward");
+        };
+        let sp = &self.spec;
+        let n = s.b * s.t * sp.dim;
+        let gres = tensor_vec(grad_res)?;
+        let (pstore, playout) = params.storage_and_layout();
+        let pvec = match &*pstore {
+            Storage::Cpu(c) => contiguous(c, playout, "parameters")?,
+            _ => candle_core::bail!("fused transformer stack: parameters left the CPU"),
+        };
+        let mut grads = vec![0f32; pvec.len()];
+        let mut carry: Option<Vec<f32>> = None;
+        for l in (0..sp.depth).rev() {
+            let mut dout = if self.all_layers {
+                gres[l * n..(l + 1) * n].to_vec()
+            } else if l + 1 == sp.depth {
+                gres[..n].to_vec()
+            } else {
+                vec![0f32; n]
+            };
+            if let Some(c) = carry.take() {
+                simd::add_assign(&mut dout, &c);
+            }
+            carry = Some(self.backward_layer(l, s, pvec, &mut grads, dout));
+        }
+        drop(pstore);
+        let dx = carry.unwrap_or_else(|| vec![0f32; n]);
+        let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
+        let dp = Tensor::from_vec(grads, params.shape(), params.device())?;
+        Ok((Some(dx), Some(dp), None))
+    }
+}
