@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! cargo bench -p ssl-core --bench stack [-- STEPS [pre|post] [fused|reference]]
+//! cargo bench -p ssl-core --bench stack -- gemm     # GFLOP/s of the stack's products alone
 //! ```
 
 use std::time::Instant;
@@ -20,6 +21,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
+    if args.first().map(String::as_str) == Some("gemm") {
+        gemm_rates();
+        return Ok(());
+    }
     let steps: usize = args.first().and_then(|s| s.parse().ok()).unwrap_or(10);
     let norm = match args.get(1).map(String::as_str) {
         Some("pre") => NormPlacement::Pre,
@@ -75,4 +80,64 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     Ok(())
+}
+
+/// Times `gemm` on the products of one BERT-mini layer (2048 tokens), each in the orientation
+/// the fused stack uses, with both threads.
+fn gemm_rates() {
+    let threads = gemm::Parallelism::Rayon(rayon::current_num_threads());
+    // (name, m, n, k, lhs transposed, rhs transposed)
+    let shapes = [
+        ("x W^T (qkv)", 2048, 768, 256, false, true),
+        ("x W^T (fc1)", 2048, 1024, 256, false, true),
+        ("g W^T (fc2)", 2048, 256, 1024, false, true),
+        ("dy W (dx fc1)", 2048, 256, 1024, false, false),
+        ("dy^T x (dW fc1)", 1024, 256, 2048, true, false),
+        ("dy^T x (dW qkv)", 768, 256, 2048, true, false),
+        ("square 1024", 1024, 1024, 1024, false, false),
+    ];
+    for (name, m, n, k, ta, tb) in shapes {
+        let a = vec![0.5f32; m * k];
+        let b = vec![0.25f32; k * n];
+        let mut c = vec![0f32; m * n];
+        // Row-major storage; a transposed operand is read with swapped strides.
+        let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
+        let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
+        let mut times = Vec::new();
+        for _ in 0..12 {
+            let t0 = Instant::now();
+            // SAFETY: every view lies inside its vector.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    c.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    a.as_ptr(),
+                    a_cs,
+                    a_rs,
+                    b.as_ptr(),
+                    b_cs,
+                    b_rs,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    threads,
+                );
+            }
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let t = times[times.len() / 2];
+        println!(
+            "{name:>18}: {m}x{n}x{k} {:.2} ms {:.0} GFLOP/s",
+            t * 1e3,
+            2.0 * (m * n * k) as f64 / t / 1e9
+        );
+    }
 }

@@ -50,19 +50,32 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         device: Device::Cpu,
     };
     let mut times = Vec::new();
+    let mut phases = [Vec::new(), Vec::new(), Vec::new()];
     for step in 0..steps + 2 {
         let t0 = Instant::now();
         let out = model.forward(&tb, &mut Ctx::train(&mut rng))?;
+        let t1 = Instant::now();
         let grads = out.loss.backward()?;
+        let t2 = Instant::now();
         let g: Vec<Option<Tensor>> = vars.iter().map(|v| grads.get(v).cloned()).collect();
         opt.step(&g, 1e-4)?;
-        let dt = t0.elapsed().as_secs_f64();
+        drop((out, grads, g));
+        let t3 = Instant::now();
         if step >= 2 {
-            times.push(dt);
+            times.push((t3 - t0).as_secs_f64());
+            for (p, d) in phases.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2]) {
+                p.push(d.as_secs_f64());
+            }
         }
     }
-    times.sort_by(|a, b| a.total_cmp(b));
-    let median = times[times.len() / 2];
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let median_step = median(&mut times);
+    let [f, b, o] = phases.map(|mut p| median(&mut p) * 1e3);
+    eprintln!("forward {f:.1} ms, backward {b:.1} ms, optimizer {o:.1} ms");
+    let median = median_step;
     println!(
         "{{\"impl\": \"ssl-text (candle)\", \"preset\": \"{preset}\", \"batch\": {batch}, \"seq_len\": {seq}, \"vocab\": {vocab}, \"params\": {}, \"median_step_ms\": {:.1}}}",
         store.num_elements(),

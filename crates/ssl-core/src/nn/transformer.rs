@@ -14,7 +14,7 @@
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::nn::fused::{Act, FusedSpec, StackOp};
+use crate::nn::fused::{Act, BufferPool, FusedSpec, StackOp};
 use crate::nn::ops::{dropout, softmax_last_dim, Activation};
 use crate::nn::{LayerNorm, Linear};
 use crate::{CoreError, Ctx, Init, ParamBuilder, Result};
@@ -175,6 +175,8 @@ pub struct TransformerStack {
     cfg: TransformerConfig,
     layers: Vec<Layer>,
     kernel: StackKernel,
+    /// Buffers the fused op reuses from step to step.
+    pool: BufferPool,
 }
 
 impl TransformerStack {
@@ -216,6 +218,7 @@ impl TransformerStack {
             cfg: cfg.clone(),
             layers,
             kernel: StackKernel::from_env()?,
+            pool: BufferPool::default(),
         })
     }
 
@@ -342,7 +345,7 @@ impl TransformerStack {
             causal: cfg.causal,
         };
         let all = ctx.output_hidden_states;
-        let op = StackOp::new(spec, all, ctx.train, seed);
+        let op = StackOp::new(spec, all, ctx.train, seed, self.pool.clone());
         let out = x.contiguous()?.apply_op3(&flat, &mask, op)?;
         let last = out.get(out.dim(0)? - 1)?;
         let mut hidden = Vec::new();

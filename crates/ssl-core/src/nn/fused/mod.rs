@@ -5,8 +5,10 @@
 //! stays the reference (and the GPU path); tests hold the two together.
 
 mod gemm;
+mod pool;
 pub(crate) mod simd;
 mod stack;
 
+pub(crate) use pool::BufferPool;
 pub(crate) use simd::Act;
 pub(crate) use stack::{FusedSpec, StackOp};

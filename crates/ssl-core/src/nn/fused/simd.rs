@@ -85,7 +85,10 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = p.mul_add(r, 1.666_666_5e-1);
     let p = p.mul_add(r, 0.5);
     let y = (p * r).mul_add(r, r) + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n without a float-to-int conversion (which would not vectorise): adding 2^23 puts
+    // the integer n + 127 (in [1, 254] after the clamp) in the low mantissa bits, and the
+    // shift moves them into the exponent field.
+    let scale = f32::from_bits((n + (127.0 + 8_388_608.0)).to_bits() << 23);
     if x < -87.3 {
         0.0
     } else {
@@ -150,17 +153,27 @@ simd_kernel! {
     pub(crate) fn bias_act(h: &mut [f32], bias: &[f32], g: &mut [f32], act: Act) {
         let m = bias.len();
         for (hr, gr) in h.chunks_exact_mut(m).zip(g.chunks_exact_mut(m)) {
-            for ((hv, gv), bv) in hr.iter_mut().zip(gr.iter_mut()).zip(bias) {
-                let x = *hv + bv;
-                *hv = x;
-                *gv = match act {
-                    Act::GeluErf => 0.5 * x * (1.0 + erf(x * INV_SQRT_2)),
-                    Act::GeluTanh => {
-                        let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
-                        0.5 * x * (1.0 + tanh(u))
+            for (hv, bv) in hr.iter_mut().zip(bias) {
+                *hv += bv;
+            }
+            // One loop per activation, so each vectorises without a branch inside.
+            match act {
+                Act::GeluErf => {
+                    for (gv, &x) in gr.iter_mut().zip(hr.iter()) {
+                        *gv = 0.5 * x * (1.0 + erf(x * INV_SQRT_2));
                     }
-                    Act::Relu => x.max(0.0),
-                };
+                }
+                Act::GeluTanh => {
+                    for (gv, &x) in gr.iter_mut().zip(hr.iter()) {
+                        let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+                        *gv = 0.5 * x * (1.0 + tanh(u));
+                    }
+                }
+                Act::Relu => {
+                    for (gv, &x) in gr.iter_mut().zip(hr.iter()) {
+                        *gv = x.max(0.0);
+                    }
+                }
             }
         }
     }
@@ -169,26 +182,26 @@ simd_kernel! {
 simd_kernel! {
     /// `dh[i] = dg[i] * act'(h[i])`, in place in `dg`.
     pub(crate) fn act_backward(dg: &mut [f32], h: &[f32], act: Act) {
-        for (d, &x) in dg.iter_mut().zip(h) {
-            let deriv = match act {
-                Act::GeluErf => {
-                    0.5 * (1.0 + erf(x * INV_SQRT_2)) + x * INV_SQRT_2PI * exp(-0.5 * x * x)
+        match act {
+            Act::GeluErf => {
+                for (d, &x) in dg.iter_mut().zip(h) {
+                    *d *= 0.5 * (1.0 + erf(x * INV_SQRT_2))
+                        + x * INV_SQRT_2PI * exp(-0.5 * x * x);
                 }
-                Act::GeluTanh => {
+            }
+            Act::GeluTanh => {
+                for (d, &x) in dg.iter_mut().zip(h) {
                     let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
                     let t = tanh(u);
                     let du = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044_715 * x * x);
-                    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+                    *d *= 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du;
                 }
-                Act::Relu => {
-                    if x > 0.0 {
-                        1.0
-                    } else {
-                        0.0
-                    }
+            }
+            Act::Relu => {
+                for (d, &x) in dg.iter_mut().zip(h) {
+                    *d = if x > 0.0 { *d } else { 0.0 };
                 }
-            };
-            *d *= deriv;
+            }
         }
     }
 }

@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{matmul, matmul_raw, threads, MatRef, Op};
+use super::pool::BufferPool;
 use super::simd::{self, Act};
 use crate::nn::NormPlacement;
 
@@ -114,6 +115,23 @@ struct Saved {
     /// The stack's input and every layer's output.
     outs: Vec<Vec<f32>>,
     layers: Vec<LayerSaved>,
+    pool: BufferPool,
+}
+
+impl Drop for Saved {
+    fn drop(&mut self) {
+        self.pool.put_all(self.outs.drain(..));
+        for l in self.layers.drain(..) {
+            self.pool.put_all(
+                [
+                    l.qkv, l.p, l.ctx, l.m_in, l.xhat1, l.rstd1, l.xhat2, l.rstd2, l.h, l.g,
+                ]
+                .into_iter()
+                .chain(l.a_in)
+                .chain(l.pd),
+            );
+        }
+    }
 }
 
 /// The fused stack op (one per forward pass).
@@ -122,6 +140,7 @@ pub(crate) struct StackOp {
     all_layers: bool,
     train: bool,
     seed: u64,
+    pool: BufferPool,
     saved: Mutex<Option<Saved>>,
 }
 
@@ -216,9 +235,16 @@ fn dropout_par(x: &mut [f32], seed: u32, p: f32) {
 }
 
 /// `y = x W^T + bias` for `x` (rows, in) and `W` (out, in).
-fn linear(x: &[f32], rows: usize, w: &[f32], bias: &[f32], out_dim: usize) -> Vec<f32> {
+fn linear(
+    pool: &BufferPool,
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    bias: &[f32],
+    out_dim: usize,
+) -> Vec<f32> {
     let in_dim = x.len() / rows.max(1);
-    let mut y = vec![0f32; rows * out_dim];
+    let mut y = pool.take(rows * out_dim);
     matmul(
         &mut y,
         out_dim,
@@ -240,6 +266,7 @@ fn linear(x: &[f32], rows: usize, w: &[f32], bias: &[f32], out_dim: usize) -> Ve
 /// returns `dx = dy W`.
 #[allow(clippy::too_many_arguments)]
 fn linear_backward(
+    pool: &BufferPool,
     dy: &[f32],
     x: &[f32],
     rows: usize,
@@ -265,7 +292,7 @@ fn linear_backward(
     if !want_dx {
         return Vec::new();
     }
-    let mut dx = vec![0f32; rows * in_dim];
+    let mut dx = pool.take(rows * in_dim);
     matmul(
         &mut dx,
         in_dim,
@@ -282,12 +309,19 @@ fn linear_backward(
 
 impl StackOp {
     /// A new op; `seed` drives dropout (unused when not training or without dropout).
-    pub fn new(spec: FusedSpec, all_layers: bool, train: bool, seed: u64) -> Self {
+    pub fn new(
+        spec: FusedSpec,
+        all_layers: bool,
+        train: bool,
+        seed: u64,
+        pool: BufferPool,
+    ) -> Self {
         StackOp {
             spec,
             all_layers,
             train,
             seed,
+            pool,
             saved: Mutex::new(None),
         }
     }
@@ -405,7 +439,7 @@ impl StackOp {
         let dh = d / h;
         let scale = 1.0 / (dh as f32).sqrt();
         let ld = 3 * d;
-        let mut dqkv = vec![0f32; b * t * ld];
+        let mut dqkv = self.pool.take(b * t * ld);
         let dq_ptr = SyncPtr(dqkv.as_mut_ptr());
         let seed = self.site_seed(layer, 2);
         let drop = ls.pd.is_some();
@@ -518,12 +552,13 @@ impl StackOp {
         let o = sp.offsets();
         let w = &params[layer * o.len..(layer + 1) * o.len];
         let pre = sp.norm == NormPlacement::Pre;
-        let mut xhat1 = vec![0f32; n * d];
-        let mut rstd1 = vec![0f32; n];
-        let mut xhat2 = vec![0f32; n * d];
-        let mut rstd2 = vec![0f32; n];
+        let pool = &self.pool;
+        let mut xhat1 = pool.take(n * d);
+        let mut rstd1 = pool.take(n);
+        let mut xhat2 = pool.take(n * d);
+        let mut rstd2 = pool.take(n);
         let a_in = pre.then(|| {
-            let mut y = vec![0f32; n * d];
+            let mut y = pool.take(n * d);
             layer_norm_par(
                 xin,
                 &w[o.ln1w..o.ln1w + d],
@@ -536,11 +571,11 @@ impl StackOp {
             y
         });
         let att_in = a_in.as_deref().unwrap_or(xin);
-        let qkv = linear(att_in, n, &w[o.wqkv..o.bqkv], &w[o.bqkv..o.wo], 3 * d);
+        let qkv = linear(pool, att_in, n, &w[o.wqkv..o.bqkv], &w[o.bqkv..o.wo], 3 * d);
         let heads = sp.heads;
-        let mut p = vec![0f32; b * heads * t * t];
-        let mut pd = self.attn_drops().then(|| vec![0f32; b * heads * t * t]);
-        let mut ctx = vec![0f32; n * d];
+        let mut p = pool.take(b * heads * t * t);
+        let mut pd = self.attn_drops().then(|| pool.take(b * heads * t * t));
+        let mut ctx = pool.take(n * d);
         self.attention(
             layer,
             b,
@@ -551,16 +586,16 @@ impl StackOp {
             pd.as_deref_mut(),
             &mut ctx,
         );
-        let mut ao = linear(&ctx, n, &w[o.wo..o.bo], &w[o.bo..o.ln1w], d);
+        let mut ao = linear(pool, &ctx, n, &w[o.wo..o.bo], &w[o.bo..o.ln1w], d);
         if self.drops() {
             dropout_par(&mut ao, self.site_seed(layer, 0), sp.dropout);
         }
         // Residual after attention (pre: x1; post: y1, normalised into x1).
-        let mut x1 = vec![0f32; n * d];
+        let mut x1 = pool.take(n * d);
         simd::add(&mut x1, xin, &ao);
-        drop(ao);
+        pool.put(ao);
         let m_in = if pre {
-            let mut y = vec![0f32; n * d];
+            let mut y = pool.take(n * d);
             layer_norm_par(
                 &x1,
                 &w[o.ln2w..o.ln2w + d],
@@ -572,7 +607,7 @@ impl StackOp {
             );
             y
         } else {
-            let mut y = vec![0f32; n * d];
+            let mut y = pool.take(n * d);
             layer_norm_par(
                 &x1,
                 &w[o.ln1w..o.ln1w + d],
@@ -582,10 +617,10 @@ impl StackOp {
                 &mut xhat1,
                 &mut rstd1,
             );
-            x1 = y.clone();
+            x1.copy_from_slice(&y);
             y
         };
-        let mut h = vec![0f32; n * m];
+        let mut h = pool.take(n * m);
         matmul(
             &mut h,
             m,
@@ -597,22 +632,23 @@ impl StackOp {
             false,
             threads(),
         );
-        let mut g = vec![0f32; n * m];
+        let mut g = pool.take(n * m);
         let rb = block_rows(n);
         let act = sp.act;
         let b1 = &w[o.b1..o.w2];
         h.par_chunks_mut(rb * m)
             .zip(g.par_chunks_mut(rb * m))
             .for_each(|(hc, gc)| simd::bias_act(hc, b1, gc, act));
-        let mut mo = linear(&g, n, &w[o.w2..o.b2], &w[o.b2..o.ln2w], d);
+        let mut mo = linear(pool, &g, n, &w[o.w2..o.b2], &w[o.b2..o.ln2w], d);
         if self.drops() {
             dropout_par(&mut mo, self.site_seed(layer, 1), sp.dropout);
         }
-        let mut out = vec![0f32; n * d];
+        let mut out = pool.take(n * d);
         simd::add(&mut out, &x1, &mo);
+        pool.put(mo);
+        pool.put(x1);
         if !pre {
-            let y2 = std::mem::take(&mut out);
-            out = vec![0f32; n * d];
+            let y2 = std::mem::replace(&mut out, pool.take(n * d));
             layer_norm_par(
                 &y2,
                 &w[o.ln2w..o.ln2w + d],
@@ -622,6 +658,7 @@ impl StackOp {
                 &mut xhat2,
                 &mut rstd2,
             );
+            pool.put(y2);
         }
         (
             out,
@@ -659,13 +696,14 @@ impl StackOp {
         let gl = &mut grads[layer * o.len..(layer + 1) * o.len];
         let ls = &s.layers[layer];
         let pre = sp.norm == NormPlacement::Pre;
+        let pool = &self.pool;
         // Gradient of x1 (the residual stream between attention and MLP).
         let mut dx1 = if pre {
             dout
         } else {
             simd::col_sum_prod(&mut gl[o.ln2w..o.ln2w + d], &dout, &ls.xhat2);
             simd::col_sum(&mut gl[o.ln2b..o.ln2b + d], &dout);
-            let mut dy2 = vec![0f32; n * d];
+            let mut dy2 = pool.take(n * d);
             layer_norm_backward_par(
                 &dout,
                 &ls.xhat2,
@@ -674,17 +712,18 @@ impl StackOp {
                 &mut dy2,
                 false,
             );
+            pool.put(dout);
             dy2
         };
-        let mut dmo = dx1.clone();
+        let mut dmo = pool.copy_of(&dx1);
         if self.drops() {
             dropout_par(&mut dmo, self.site_seed(layer, 1), sp.dropout);
         }
         let mut dg = {
             let (gw, gb) = gl[o.w2..o.ln2w].split_at_mut(d * m);
-            linear_backward(&dmo, &ls.g, n, &w[o.w2..o.b2], d, gw, gb, true)
+            linear_backward(pool, &dmo, &ls.g, n, &w[o.w2..o.b2], d, gw, gb, true)
         };
-        drop(dmo);
+        pool.put(dmo);
         let rb = block_rows(n);
         let act = sp.act;
         dg.par_chunks_mut(rb * m)
@@ -692,9 +731,9 @@ impl StackOp {
             .for_each(|(dc, hc)| simd::act_backward(dc, hc, act));
         let dmin = {
             let (gw, gb) = gl[o.w1..o.w2].split_at_mut(m * d);
-            linear_backward(&dg, &ls.m_in, n, &w[o.w1..o.b1], m, gw, gb, true)
+            linear_backward(pool, &dg, &ls.m_in, n, &w[o.w1..o.b1], m, gw, gb, true)
         };
-        drop(dg);
+        pool.put(dg);
         if pre {
             simd::col_sum_prod(&mut gl[o.ln2w..o.ln2w + d], &dmin, &ls.xhat2);
             simd::col_sum(&mut gl[o.ln2b..o.ln2b + d], &dmin);
@@ -710,7 +749,7 @@ impl StackOp {
             simd::add_assign(&mut dx1, &dmin);
             simd::col_sum_prod(&mut gl[o.ln1w..o.ln1w + d], &dx1, &ls.xhat1);
             simd::col_sum(&mut gl[o.ln1b..o.ln1b + d], &dx1);
-            let mut dy1 = vec![0f32; n * d];
+            let mut dy1 = pool.take(n * d);
             layer_norm_backward_par(
                 &dx1,
                 &ls.xhat1,
@@ -719,25 +758,35 @@ impl StackOp {
                 &mut dy1,
                 false,
             );
-            dx1 = dy1;
+            pool.put(std::mem::replace(&mut dx1, dy1));
         }
-        drop(dmin);
+        pool.put(dmin);
         // dx1 is now the gradient of (layer input + attention output).
-        let mut dao = dx1.clone();
+        let mut dao = pool.copy_of(&dx1);
         if self.drops() {
             dropout_par(&mut dao, self.site_seed(layer, 0), sp.dropout);
         }
         let dctx = {
             let (gw, gb) = gl[o.wo..o.ln1w].split_at_mut(d * d);
-            linear_backward(&dao, &ls.ctx, n, &w[o.wo..o.bo], d, gw, gb, true)
+            linear_backward(pool, &dao, &ls.ctx, n, &w[o.wo..o.bo], d, gw, gb, true)
         };
-        drop(dao);
+        pool.put(dao);
         let dqkv = self.attention_backward(layer, s, ls, &dctx);
-        drop(dctx);
+        pool.put(dctx);
         let att_in: &[f32] = ls.a_in.as_deref().unwrap_or(&s.outs[layer]);
         let da_in = {
             let (gw, gb) = gl[o.wqkv..o.wo].split_at_mut(3 * d * d);
-            linear_backward(&dqkv, att_in, n, &w[o.wqkv..o.bqkv], 3 * d, gw, gb, true)
+            linear_backward(
+                pool,
+                &dqkv,
+                att_in,
+                n,
+                &w[o.wqkv..o.bqkv],
+                3 * d,
+                gw,
+                gb,
+                true,
+            )
         };
         if pre {
             simd::col_sum_prod(&mut gl[o.ln1w..o.ln1w + d], &da_in, &ls.xhat1);
@@ -753,6 +802,8 @@ impl StackOp {
         } else {
             simd::add_assign(&mut dx1, &da_in);
         }
+        pool.put(dqkv);
+        pool.put(da_in);
         dx1
     }
 }
@@ -781,7 +832,7 @@ impl CustomOp3 for StackOp {
         }
         let key_bias: Vec<f32> = mask.iter().map(|m| (1.0 - m) * -1e9).collect();
         let mut outs = Vec::with_capacity(sp.depth + 1);
-        outs.push(x.to_vec());
+        outs.push(self.pool.copy_of(x));
         let mut layers = Vec::with_capacity(sp.depth);
         for l in 0..sp.depth {
             let (out, saved) = self.forward_layer(l, b, t, &outs[l], params, &key_bias);
@@ -798,8 +849,13 @@ impl CustomOp3 for StackOp {
         } else {
             (1, outs[sp.depth].clone())
         };
-        *self.saved.lock().unwrap_or_else(PoisonError::into_inner) =
-            Some(Saved { b, t, outs, layers });
+        *self.saved.lock().unwrap_or_else(PoisonError::into_inner) = Some(Saved {
+            b,
+            t,
+            outs,
+            layers,
+            pool: self.pool.clone(),
+        });
         Ok((CpuStorage::F32(result), Shape::from((count, b, t, d))))
     }
 
@@ -826,20 +882,28 @@ impl CustomOp3 for StackOp {
         let mut grads = vec![0f32; pvec.len()];
         let mut carry: Option<Vec<f32>> = None;
         for l in (0..sp.depth).rev() {
-            let mut dout = if self.all_layers {
-                gres[l * n..(l + 1) * n].to_vec()
+            let own = if self.all_layers {
+                Some(&gres[l * n..(l + 1) * n])
             } else if l + 1 == sp.depth {
-                gres[..n].to_vec()
+                Some(&gres[..n])
             } else {
-                vec![0f32; n]
+                None
             };
-            if let Some(c) = carry.take() {
-                simd::add_assign(&mut dout, &c);
-            }
+            let dout = match (carry.take(), own) {
+                (Some(mut c), Some(g)) => {
+                    simd::add_assign(&mut c, g);
+                    c
+                }
+                (Some(c), None) => c,
+                (None, Some(g)) => self.pool.copy_of(g),
+                (None, None) => self.pool.zeros(n),
+            };
             carry = Some(self.backward_layer(l, s, pvec, &mut grads, dout));
         }
         drop(pstore);
-        let dx = carry.unwrap_or_else(|| vec![0f32; n]);
+        let dx = carry.unwrap_or_else(|| self.pool.zeros(n));
+        // It leaves the pool for good, as a candle tensor.
+        self.pool.forget(dx.len());
         let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
         let dp = Tensor::from_vec(grads, params.shape(), params.device())?;
         Ok((Some(dx), Some(dp), None))
