@@ -99,7 +99,24 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Cross-entropy of (N, C) logits against class indices, averaged over rows.
+///
+/// f32 logits on the CPU go through one fused op (one pass forward, one backward); other
+/// devices and dtypes through the composite log-softmax below, which it is tested against.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if matches!(logits.device(), candle_core::Device::Cpu)
+        && logits.dtype() == DType::F32
+        && logits.rank() == 2
+    {
+        let t = targets.to_dtype(DType::U32)?.contiguous()?;
+        return Ok(logits
+            .contiguous()?
+            .apply_op2(&t, crate::nn::fused::CrossEntropyOp)?);
+    }
+    cross_entropy_composite(logits, targets)
+}
+
+/// [`cross_entropy`] from candle ops (any device and dtype).
+pub fn cross_entropy_composite(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let logp = log_softmax_last_dim(logits)?;
     let picked = logp.gather(&targets.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?;
     Ok(picked.neg()?.mean_all()?)
@@ -203,6 +220,40 @@ mod tests {
         assert!((mean - 1.0).abs() < 0.03, "{mean}");
         let same = dropout(&x, 0.25, false, &mut rng).unwrap();
         assert_eq!(same.to_vec1::<f32>().unwrap(), vec![1.0; 10_000]);
+    }
+
+    #[test]
+    fn fused_cross_entropy_matches_the_f64_composite() {
+        let dev = Device::Cpu;
+        let (n, c) = (7, 11);
+        let mut rng = SslRng::new(4);
+        let x32 = Var::from_vec(rng.normal_vec(n * c, 0.0, 3.0), (n, c), &dev).unwrap();
+        let t = Tensor::new(&[0u32, 10, 3, 3, 5, 9, 1], &dev).unwrap();
+        let x64 = Var::from_tensor(&x32.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
+        let l32 = cross_entropy(x32.as_tensor(), &t).unwrap();
+        let l64 = cross_entropy(x64.as_tensor(), &t).unwrap();
+        let (a, b) = (
+            f64::from(l32.to_scalar::<f32>().unwrap()),
+            l64.to_scalar::<f64>().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+        let g32 = (l32 * 3.0).unwrap().backward().unwrap();
+        let g64 = (l64 * 3.0).unwrap().backward().unwrap();
+        let g32 = g32.get(x32.as_tensor()).unwrap().flatten_all().unwrap();
+        let g64 = g64.get(x64.as_tensor()).unwrap().flatten_all().unwrap();
+        for (p, q) in g32
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .zip(g64.to_vec1::<f64>().unwrap())
+        {
+            assert!((f64::from(*p) - q).abs() < 1e-6, "{p} vs {q}");
+        }
+        let bad = Tensor::new(&[0u32, 11, 0, 0, 0, 0, 0], &dev).unwrap();
+        let err = cross_entropy(x32.as_tensor(), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("target 11 in row 1"), "{err}");
     }
 
     #[test]

@@ -4,11 +4,13 @@
 //! softmax, dropout from a counter-based hash). The composite-op stack in `transformer.rs`
 //! stays the reference (and the GPU path); tests hold the two together.
 
+mod cross_entropy;
 mod gemm;
 mod pool;
 pub(crate) mod simd;
 mod stack;
 
+pub(crate) use cross_entropy::CrossEntropyOp;
 pub(crate) use pool::BufferPool;
 pub(crate) use simd::Act;
 pub(crate) use stack::{FusedSpec, StackOp};
