@@ -18,8 +18,8 @@ use ssl_core::{
 use ssl_data::{read_all, ColumnSpec, EmbeddingWriter, ReadOptions};
 use ssl_text::{
     evaluate_mlm, export_hf_dir, load_hf_dir, load_tokenizer, save_tokenizer, tokenize_texts,
-    train_from_parquet, BertConfig, BertForMaskedLM, InMemoryTextSource, InputConfig, InputMode,
-    MaskingConfig, Pooling, SpecialIds, TextBatch, TokenizedSeq, TokenizerConfig,
+    train_from_parquet, BertConfig, BertForMaskedLM, CharSpans, InMemoryTextSource, InputConfig,
+    InputMode, MaskingConfig, Pooling, SpecialIds, TextBatch, TokenizedSeq, TokenizerConfig,
 };
 use tokenizers::Tokenizer;
 
@@ -51,6 +51,10 @@ pub struct DataConfig {
     pub heldout_max_seqs: usize,
     /// Terms whose occurrences are entities for entity-aware masking (case-insensitive).
     pub entity_terms: Vec<String>,
+    /// A text column holding each document's entity spans for entity-aware masking, as JSON
+    /// `[[start, end], ...]` in characters, end exclusive ("" = none; null or "" = no spans).
+    /// Used with `entity_terms` when both are given.
+    pub entity_column: String,
 }
 
 impl Default for DataConfig {
@@ -63,6 +67,7 @@ impl Default for DataConfig {
             max_docs: 0,
             heldout_max_seqs: 512,
             entity_terms: Vec::new(),
+            entity_column: String::new(),
         }
     }
 }
@@ -194,15 +199,46 @@ struct Docs {
     texts: Vec<String>,
     ids: Vec<String>,
     labels: Option<Vec<String>>,
+    /// Entity character spans per document (`data.entity_column`), when read.
+    entities: Option<Vec<CharSpans>>,
 }
 
-fn read_docs(paths: &[String], cfg: &DataConfig, label: Option<&str>) -> Result<Docs, CliError> {
+/// Parses one row of `data.entity_column`: JSON `[[start, end], ...]` in characters.
+fn parse_spans(cell: &str, column: &str, row: usize) -> Result<CharSpans, CliError> {
+    if cell.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let spans: Vec<(usize, usize)> = serde_json::from_str(cell).map_err(|e| {
+        CliError::Config(format!(
+            "column {column:?}, row {row}: entity spans must be JSON [[start, end], ...] \
+             (character offsets): {e}"
+        ))
+    })?;
+    if let Some((s, e)) = spans.iter().find(|(s, e)| s >= e) {
+        return Err(CliError::Config(format!(
+            "column {column:?}, row {row}: entity span [{s}, {e}] is empty or reversed"
+        )));
+    }
+    Ok(spans)
+}
+
+/// Reads the text column (and the id, label and, with `entities`, the entity-span columns).
+fn read_docs(
+    paths: &[String],
+    cfg: &DataConfig,
+    label: Option<&str>,
+    entities: bool,
+) -> Result<Docs, CliError> {
+    let entities = entities && !cfg.entity_column.is_empty();
     let mut cols = vec![ColumnSpec::text(&cfg.column)];
     if !cfg.id_column.is_empty() {
         cols.push(ColumnSpec::text(&cfg.id_column));
     }
     if let Some(l) = label {
         cols.push(ColumnSpec::text(l));
+    }
+    if entities {
+        cols.push(ColumnSpec::text(&cfg.entity_column));
     }
     let table = read_all(paths, &cols, &ReadOptions::default())?;
     let mut texts = table.batch.text(&cfg.column)?.to_vec();
@@ -215,14 +251,40 @@ fn read_docs(paths: &[String], cfg: &DataConfig, label: Option<&str>) -> Result<
         Some(l) => Some(table.batch.text(l)?.to_vec()),
         None => None,
     };
+    let mut spans = if entities {
+        let col = &cfg.entity_column;
+        let cells = table.batch.text(col)?;
+        let n = if cfg.max_docs > 0 {
+            cells.len().min(cfg.max_docs)
+        } else {
+            cells.len()
+        };
+        Some(
+            cells[..n]
+                .iter()
+                .enumerate()
+                .map(|(row, c)| parse_spans(c, col, row))
+                .collect::<Result<Vec<_>, _>>()?,
+        )
+    } else {
+        None
+    };
     if cfg.max_docs > 0 && texts.len() > cfg.max_docs {
         texts.truncate(cfg.max_docs);
         ids.truncate(cfg.max_docs);
         if let Some(l) = labels.as_mut() {
             l.truncate(cfg.max_docs);
         }
+        if let Some(s) = spans.as_mut() {
+            s.truncate(cfg.max_docs);
+        }
     }
-    Ok(Docs { texts, ids, labels })
+    Ok(Docs {
+        texts,
+        ids,
+        labels,
+        entities: spans,
+    })
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
@@ -277,6 +339,7 @@ pub fn tokenizer_train(
                 ..Default::default()
             },
             None,
+            false,
         )?;
         let f = ssl_text::fertility(&tok, &docs.texts).map_err(text_err)?;
         let mut report = json!({"tokenizer": path.display().to_string(), "heldout_docs": docs.texts.len(), "fertility": f});
@@ -351,9 +414,10 @@ fn build_model(
 fn tokenize(
     tok: &Tokenizer,
     texts: &[String],
+    entities: Option<&[CharSpans]>,
     cfg: &TextConfig,
 ) -> Result<Vec<TokenizedSeq>, CliError> {
-    tokenize_texts(tok, texts, &cfg.input, None, &cfg.data.entity_terms).map_err(text_err)
+    tokenize_texts(tok, texts, &cfg.input, entities, &cfg.data.entity_terms).map_err(text_err)
 }
 
 /// `ssl pretrain text`.
@@ -380,17 +444,22 @@ pub fn pretrain(
         data.to_vec()
     };
     std::fs::create_dir_all(out).map_err(io(out))?;
-    let docs = read_docs(&paths, &cfg.data, None)?;
+    let docs = read_docs(&paths, &cfg.data, None, true)?;
     let (seed, frac) = (cfg.train.seed, cfg.data.heldout_fraction);
-    let mut train_docs = Vec::new();
-    let mut held_docs = Vec::new();
+    let (mut train_docs, mut held_docs) = (Vec::new(), Vec::new());
+    let (mut train_ents, mut held_ents) = (Vec::new(), Vec::new());
+    let mut ents = docs.entities.map(|e| e.into_iter());
     for (i, t) in docs.texts.into_iter().enumerate() {
+        let e = ents.as_mut().and_then(|e| e.next()).unwrap_or_default();
         if is_heldout(i, seed, frac) {
             held_docs.push(t);
+            held_ents.push(e);
         } else {
             train_docs.push(t);
+            train_ents.push(e);
         }
     }
+    let with_ents = !cfg.data.entity_column.is_empty();
     // Tokenizer: the checkpoint's, a given file, or trained on the training documents (streamed).
     let tok_path = out.join("tokenizer.json");
     let tok = if !cfg.model.init_from.is_empty() {
@@ -434,8 +503,13 @@ pub fn pretrain(
         config::write_run_config(out, &config::to_toml(&cfg)?)?;
     }
 
-    let train_seqs = tokenize(&tok, &train_docs, &cfg)?;
-    let mut held_seqs = tokenize(&tok, &held_docs, &cfg)?;
+    let train_seqs = tokenize(
+        &tok,
+        &train_docs,
+        with_ents.then_some(&train_ents[..]),
+        &cfg,
+    )?;
+    let mut held_seqs = tokenize(&tok, &held_docs, with_ents.then_some(&held_ents[..]), &cfg)?;
     if cfg.data.heldout_max_seqs > 0 {
         held_seqs.truncate(cfg.data.heldout_max_seqs);
     }
@@ -625,7 +699,7 @@ pub fn embed(
     set: &[String],
 ) -> Result<(), CliError> {
     let l = load_model(checkpoint, set)?;
-    let docs = read_docs(data, &l.cfg.data, None)?;
+    let docs = read_docs(data, &l.cfg.data, None, false)?;
     let (emb, dim) = embed_docs(&l, &docs.texts)?;
     let mut meta = BTreeMap::new();
     meta.insert("model".to_string(), "ssl-text BertForMaskedLM".to_string());
@@ -660,9 +734,9 @@ pub fn eval(
         let src = ssl_data::ParquetSource::open(data)?;
         src.schema().iter().any(|(n, _)| *n == label)
     };
-    let docs = read_docs(data, &l.cfg.data, has_label.then_some(label.as_str()))?;
+    let docs = read_docs(data, &l.cfg.data, has_label.then_some(label.as_str()), true)?;
     let sp = SpecialIds::of(&l.tok).map_err(text_err)?;
-    let seqs = tokenize(&l.tok, &docs.texts, &l.cfg)?;
+    let seqs = tokenize(&l.tok, &docs.texts, docs.entities.as_deref(), &l.cfg)?;
     let mlm = evaluate_mlm(
         &l.model,
         &seqs,
@@ -683,7 +757,7 @@ pub fn eval(
         let test_docs = if test.is_empty() {
             None
         } else {
-            Some(read_docs(test, &l.cfg.data, Some(&label))?)
+            Some(read_docs(test, &l.cfg.data, Some(&label), false)?)
         };
         let (emb, dim) = embed_docs(&l, &docs.texts)?;
         let mut classes: Vec<String> = train_labels.clone();
@@ -765,5 +839,99 @@ mod tests {
         assert!((held - 0.05).abs() < 0.01, "{held}");
         assert!((0..100).all(|i| is_heldout(i, 3, 0.05) == is_heldout(i, 3, 0.05)));
         assert!((0..100).all(|i| !is_heldout(i, 3, 0.0)));
+    }
+
+    fn write_parquet(path: &Path, texts: &[&str], spans: &[&str]) {
+        use arrow::array::{ArrayRef, StringArray};
+        use arrow::record_batch::RecordBatch;
+        use std::sync::Arc;
+        let batch = RecordBatch::try_from_iter([
+            (
+                "text",
+                Arc::new(StringArray::from(texts.to_vec())) as ArrayRef,
+            ),
+            (
+                "ents",
+                Arc::new(StringArray::from(spans.to_vec())) as ArrayRef,
+            ),
+        ])
+        .unwrap();
+        let f = std::fs::File::create(path).unwrap();
+        let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+    }
+
+    #[test]
+    fn entity_span_column_reaches_the_tokenized_sequences() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ents.parquet");
+        let texts = [
+            "the kernel module loads firmware",
+            "a scheduler runs tasks",
+            "nothing here",
+        ];
+        // "kernel module" = chars 4..17; "scheduler" = 2..11; no spans in row 2.
+        write_parquet(&path, &texts, &["[[4, 17]]", "[[2,11]]", ""]);
+        let cfg = DataConfig {
+            entity_column: "ents".into(),
+            ..DataConfig::default()
+        };
+        let paths = vec![path.to_string_lossy().into_owned()];
+        let docs = read_docs(&paths, &cfg, None, true).unwrap();
+        let ents = docs.entities.clone().unwrap();
+        assert_eq!(ents, vec![vec![(4, 17)], vec![(2, 11)], vec![]]);
+        // Without asking for entities the column is not read.
+        assert!(read_docs(&paths, &cfg, None, false)
+            .unwrap()
+            .entities
+            .is_none());
+
+        let tok =
+            ssl_text::train_from_texts(texts.iter().copied(), &TokenizerConfig::default()).unwrap();
+        let mut text_cfg = TextConfig::default();
+        text_cfg.input.mode = InputMode::LineByLine;
+        let seqs = tokenize(&tok, &docs.texts, Some(&ents), &text_cfg).unwrap();
+        // Line by line with one line per document: one sequence each, in order.
+        assert_eq!(seqs.len(), 3);
+        for (seq, text, spans) in [(&seqs[0], texts[0], (4, 17)), (&seqs[1], texts[1], (2, 11))] {
+            assert_eq!(seq.entities.len(), 1, "{text}");
+            let words: Vec<String> = seq.entities[0]
+                .iter()
+                .map(|&p| tok.id_to_token(seq.ids[p]).unwrap_or_default())
+                .collect();
+            let joined = words.join("").replace(['Ġ', '#'], "");
+            let want: String = text
+                .chars()
+                .skip(spans.0)
+                .take(spans.1 - spans.0)
+                .filter(|c| !c.is_whitespace())
+                .collect();
+            assert_eq!(joined, want);
+        }
+        assert!(seqs[2].entities.is_empty());
+    }
+
+    #[test]
+    fn malformed_entity_spans_name_the_column_and_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.parquet");
+        write_parquet(&path, &["a b", "c d"], &["[[0,1]]", "[[0 1]]"]);
+        let cfg = DataConfig {
+            entity_column: "ents".into(),
+            ..DataConfig::default()
+        };
+        let paths = vec![path.to_string_lossy().into_owned()];
+        let e = read_docs(&paths, &cfg, None, true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("\"ents\"") && e.contains("row 1"), "{e}");
+        write_parquet(&path, &["a b"], &["[[3,1]]"]);
+        let e = read_docs(&paths, &cfg, None, true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("row 0") && e.contains("reversed"), "{e}");
     }
 }

@@ -24,7 +24,8 @@ pub mod tokenizer;
 
 pub use bert::{evaluate_mlm, BertConfig, BertForMaskedLM, BertModel, MlmEval, Pooling};
 pub use data::{
-    tokenize_texts, BertInput, InMemoryTextSource, InputConfig, InputMode, TextBatch, TokenizedSeq,
+    tokenize_texts, BertInput, CharSpans, InMemoryTextSource, InputConfig, InputMode, TextBatch,
+    TokenizedSeq,
 };
 pub use error::{Result, TextError};
 pub use hf::{export_hf_dir, load_hf_dir, HfModel};

@@ -133,14 +133,13 @@ fn linear_probe<T: PretextTask<Batch = SeqBatch>>(task: &T) -> f64 {
         .unwrap()
 }
 
+/// TS2Vec's loss falls on the bidirectional per-timestep encoders. The unidirectional GRU and
+/// LSTM are left out on purpose: at one timestamp the two overlapping crops give them different
+/// pasts, and their TS2Vec loss stays flat here (and on GunPoint, see the README); they are
+/// tested on masked reconstruction below.
 #[test]
-fn ts2vec_learns_on_every_per_timestep_encoder() {
-    for kind in [
-        EncoderKind::Tcn,
-        EncoderKind::Gru,
-        EncoderKind::Lstm,
-        EncoderKind::Transformer,
-    ] {
+fn ts2vec_learns_on_the_bidirectional_per_timestep_encoders() {
+    for kind in [EncoderKind::Tcn, EncoderKind::Transformer] {
         let store = ParamStore::new(&Device::Cpu);
         let enc = SeriesEncoder::new(&tiny_model(kind), 2, &store.builder(1)).unwrap();
         let task = Ts2VecTask::new(enc, Ts2VecConfig::default(), &store).unwrap();
@@ -184,8 +183,12 @@ fn masked_reconstruction_learns_for_patches_and_timesteps() {
     let (first, last) = train(&task, waves(64, 3).0, 60, 3e-3);
     assert!(last < 0.8 * first, "masked patches: {first} -> {last}");
 
-    // A unidirectional GRU predicts a hidden span from the past only: a smaller drop is expected.
-    for (kind, ratio) in [(EncoderKind::Tcn, 0.8), (EncoderKind::Gru, 0.9)] {
+    // A unidirectional RNN predicts a hidden span from the past only: a smaller drop is expected.
+    for (kind, ratio) in [
+        (EncoderKind::Tcn, 0.8),
+        (EncoderKind::Gru, 0.9),
+        (EncoderKind::Lstm, 0.9),
+    ] {
         let store = ParamStore::new(&Device::Cpu);
         let pb = store.builder(2);
         let enc = SeriesEncoder::new(&tiny_model(kind), 2, &pb).unwrap();

@@ -63,8 +63,10 @@ impl SeqExample {
     }
 }
 
-/// A padded batch: `x` (B, T, F) with gaps and padding set to 0, `valid` (B, T) with 1 where a
-/// timestep holds at least one observed value.
+/// A padded batch: `x` (B, T, F), `valid` (B, T) with 1 where every feature of a timestep is
+/// observed. As in TS2Vec's reference, a step with any feature missing (NaN) is masked as a
+/// whole and all its features are 0 in `x`: no missing value is ever fed to a model or used as a
+/// target in place of a number, at the cost of the observed features of partial steps.
 #[derive(Debug, Clone)]
 pub struct SeqBatch {
     /// Values (B, T, F), f32.
@@ -92,15 +94,11 @@ impl SeqBatch {
                 )));
             }
             for s in 0..e.steps {
-                let mut any = false;
-                for j in 0..f {
-                    let v = e.values[s * f + j];
-                    if v.is_finite() {
-                        x[(i * t + s) * f + j] = v;
-                        any = true;
-                    }
+                let step = &e.values[s * f..(s + 1) * f];
+                if step.iter().all(|v| v.is_finite()) {
+                    x[(i * t + s) * f..(i * t + s + 1) * f].copy_from_slice(step);
+                    valid[i * t + s] = 1.0;
                 }
-                valid[i * t + s] = if any { 1.0 } else { 0.0 };
             }
         }
         Ok(SeqBatch {
@@ -242,6 +240,12 @@ mod tests {
         );
         assert_eq!(batch.x.to_vec3::<f32>().unwrap()[0][1], [0., 0.]);
         assert!(SeqExample::new(vec![1.0; 5], 3, 2).is_err());
+        // A step with one of two features missing is masked whole: neither the gap nor its
+        // observed neighbour reaches the model.
+        let p = SeqExample::new(vec![1., f32::NAN, 3., 4.], 2, 2).unwrap();
+        let batch = SeqBatch::from_examples(&[&p], &Device::Cpu).unwrap();
+        assert_eq!(batch.valid.to_vec2::<f32>().unwrap(), [[0., 1.]]);
+        assert_eq!(batch.x.to_vec3::<f32>().unwrap()[0], [[0., 0.], [3., 4.]]);
     }
 
     #[test]
