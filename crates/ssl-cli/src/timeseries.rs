@@ -335,6 +335,18 @@ impl PretextTask for AnyTask {
             AnyTask::Forecast(t) => t.forward(batch, ctx),
         }
     }
+    fn forward_backward(
+        &self,
+        batch: &SeqBatch,
+        ctx: &mut Ctx,
+    ) -> ssl_core::Result<(ssl_core::TaskOutput, candle_core::backprop::GradStore)> {
+        match self {
+            AnyTask::Ts2vec(t) => t.forward_backward(batch, ctx),
+            AnyTask::MaskedSteps(t) => t.forward_backward(batch, ctx),
+            AnyTask::MaskedPatches(t) => t.forward_backward(batch, ctx),
+            AnyTask::Forecast(t) => t.forward_backward(batch, ctx),
+        }
+    }
     fn embed(&self, batch: &SeqBatch, ctx: &mut Ctx) -> ssl_core::Result<Tensor> {
         match self {
             AnyTask::Ts2vec(t) => t.embed(batch, ctx),
@@ -380,7 +392,11 @@ pub fn pretrain(
     if par.is_main() {
         config::write_run_config(out, &config::to_toml(&cfg)?)?;
     }
-    let (store, task) = AnyTask::build(&cfg, &device, cfg.train.seed)?;
+    let (store, mut task) = AnyTask::build(&cfg, &device, cfg.train.seed)?;
+    if let (AnyTask::Ts2vec(t), true) = (&mut task, par.world > 1) {
+        // The instance terms' negatives span every rank: each step gathers all ranks' views.
+        t.gather_across(par.shared());
+    }
     eprintln!(
         "{} series x {} steps (max) x {channels} channels; {:?} encoder, {:?} task; {} parameters",
         loaded.examples.len(),

@@ -57,6 +57,67 @@ impl Collective for SharedCollective {
     }
 }
 
+/// Every rank's `local` tensor (same shape on all ranks) concatenated along dimension 0 in
+/// rank order, for contrastive losses whose negatives span all ranks. This rank's part keeps
+/// its graph, so gradients flow to the local embeddings only; the other ranks' parts are
+/// constants. With one rank it returns `local` itself. Errors, naming the shapes, when ranks
+/// disagree on the shape.
+pub fn gather_rows(
+    ranks: &dyn Collective,
+    local: &candle_core::Tensor,
+) -> Result<candle_core::Tensor> {
+    let (rank, world) = (ranks.rank(), ranks.world_size());
+    if world <= 1 {
+        return Ok(local.clone());
+    }
+    let dims = local.dims().to_vec();
+    if dims.len() > 8 {
+        return Err(CoreError::Collective(format!(
+            "gathering across ranks takes tensors of rank 8 at most, got shape {dims:?}"
+        )));
+    }
+    let mut key = vec![dims.len() as f32];
+    key.extend(dims.iter().map(|&d| d as f32));
+    key.resize(9, -1.0);
+    let keys = ranks.all_gather(&key)?;
+    if keys.chunks(9).any(|k| k != key.as_slice()) {
+        let shapes: Vec<Vec<usize>> = keys
+            .chunks(9)
+            .map(|k| {
+                k[1..1 + k[0] as usize]
+                    .iter()
+                    .map(|&d| d as usize)
+                    .collect()
+            })
+            .collect();
+        return Err(CoreError::Collective(format!(
+            "gathering across ranks needs the same shape on every rank, got {shapes:?} (give every rank the same batch size)"
+        )));
+    }
+    let values = local
+        .detach()
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let n = values.len();
+    let all = ranks.all_gather(&values)?;
+    let parts = (0..world)
+        .map(|r| {
+            if r == rank {
+                Ok(local.clone())
+            } else {
+                Ok(candle_core::Tensor::from_slice(
+                    &all[r * n..(r + 1) * n],
+                    dims.as_slice(),
+                    local.device(),
+                )?
+                .to_dtype(local.dtype())?)
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(candle_core::Tensor::cat(&parts, 0)?)
+}
+
 /// One process: every collective is the identity.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SingleProcess;

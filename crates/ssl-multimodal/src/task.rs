@@ -98,38 +98,10 @@ impl ClipModel {
     /// Every rank's rows of `local` `(n, d)` in rank order; this rank's rows keep their graph,
     /// the others are constants. All ranks must call it with the same `n`.
     fn gather_rows(&self, local: &Tensor) -> Result<Tensor> {
-        let (rank, world) = self.rank_world();
-        let Some(c) = self.ranks.as_ref().filter(|_| world > 1) else {
-            return Ok(local.clone());
-        };
-        let (n, d) = local.dims2()?;
-        let sizes = c.all_gather(&[n as f32])?;
-        if sizes.iter().any(|&s| s as usize != n) {
-            return Err(MultimodalError::InvalidInput(format!(
-                "ranks hold batches of {sizes:?} pairs: every rank needs the same batch size (give each rank at least train.batch_size pairs)"
-            )));
+        match self.ranks.as_ref() {
+            Some(c) => Ok(ssl_core::gather_rows(c.as_ref(), local)?),
+            None => Ok(local.clone()),
         }
-        let values = local
-            .detach()
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let all = c.all_gather(&values)?;
-        let parts = (0..world)
-            .map(|r| {
-                if r == rank {
-                    Ok(local.clone())
-                } else {
-                    Ok(Tensor::from_slice(
-                        &all[r * n * d..(r + 1) * n * d],
-                        (n, d),
-                        local.device(),
-                    )?
-                    .to_dtype(local.dtype())?)
-                }
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&parts, 0)?)
     }
 
     /// The training step of a data-parallel run: the loss over every rank's pairs, and the

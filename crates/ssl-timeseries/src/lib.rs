@@ -58,6 +58,6 @@ pub use revin::{Revin, RevinStats};
 pub use rnn::{RnnCell, RnnConfig, RnnEncoder};
 pub use tcn::{masked_max, TcnConfig, TcnEncoder};
 pub use ts2vec::{
-    hierarchical_contrastive_loss, instance_contrastive_loss, overlapping_crops,
-    temporal_contrastive_loss, Ts2VecConfig, Ts2VecTask,
+    hierarchical_contrastive_loss, hierarchical_contrastive_loss_across, instance_contrastive_loss,
+    overlapping_crops, temporal_contrastive_loss, Ts2VecConfig, Ts2VecTask,
 };

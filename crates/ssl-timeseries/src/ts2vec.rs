@@ -4,11 +4,15 @@
 //! (the same timestamp of the other view against the other series) and a temporal term (the
 //! same timestamp of the other view against other timestamps of the same series).
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 use ssl_core::nn::ops::log_softmax_last_dim;
 use ssl_core::seq::SeqBatch;
-use ssl_core::{CoreError, Ctx, Encoder, ParamStore, PretextTask, Result, SslRng, TaskOutput};
+use ssl_core::{
+    gather_rows, Collective, CoreError, Ctx, Encoder, ParamStore, PretextTask, Result,
+    SharedCollective, SslRng, TaskOutput,
+};
 
 /// Settings of [`Ts2VecTask`] (defaults as the reference).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -92,14 +96,65 @@ pub fn instance_contrastive_loss(z1: &Tensor, z2: &Tensor, valid: &Tensor) -> Re
 /// Temporal term on z1, z2 (B, T, D): at each timestamp, a view must pick the same timestamp
 /// of the other view among the 2T - 1 other timestamps of the same series.
 pub fn temporal_contrastive_loss(z1: &Tensor, z2: &Tensor, valid: &Tensor) -> Result<Tensor> {
+    Ok(temporal_parts(z1, z2, valid)?.0)
+}
+
+/// The temporal term's mean over anchors and the number of anchors.
+fn temporal_parts(z1: &Tensor, z2: &Tensor, valid: &Tensor) -> Result<(Tensor, f64)> {
     let t = z1.dim(1)?;
     if t < 2 {
-        return Ok(Tensor::zeros((), z1.dtype(), z1.device())?);
+        return Ok((Tensor::zeros((), z1.dtype(), z1.device())?, 0.0));
     }
     let z = Tensor::cat(&[z1, z2], 1)?; // (B, 2T, D)
     let sim = z.matmul(&z.transpose(1, 2)?.contiguous()?)?;
     let cand = Tensor::cat(&[valid, valid], 1)?;
-    Ok(contrast(&sim, &cand, |i| (i + t) % (2 * t))?.0)
+    contrast(&sim, &cand, |i| (i + t) % (2 * t))
+}
+
+/// The instance term over every rank's series: each rank's views are gathered, so the negatives
+/// at a timestamp are the other series of all ranks. Gradients reach this rank's part only.
+fn instance_across(
+    z1: &Tensor,
+    z2: &Tensor,
+    valid: &Tensor,
+    ranks: Option<&dyn Collective>,
+) -> Result<Tensor> {
+    match ranks.filter(|r| r.world_size() > 1) {
+        None => instance_contrastive_loss(z1, z2, valid),
+        Some(r) => instance_contrastive_loss(
+            &gather_rows(r, z1)?,
+            &gather_rows(r, z2)?,
+            &gather_rows(r, valid)?,
+        ),
+    }
+}
+
+/// The temporal term as one process computes it on every rank's series together: the mean
+/// over all ranks' anchors, with this rank's sum keeping its graph and the others' constants.
+fn temporal_across(
+    z1: &Tensor,
+    z2: &Tensor,
+    valid: &Tensor,
+    ranks: Option<&dyn Collective>,
+) -> Result<Tensor> {
+    let (mean, count) = temporal_parts(z1, z2, valid)?;
+    let Some(r) = ranks.filter(|r| r.world_size() > 1) else {
+        return Ok(mean);
+    };
+    let local_sum = (mean * count)?;
+    let local_value = local_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let all = r.all_gather(&[local_value as f32, count as f32])?;
+    let total: f64 = all.chunks(2).map(|p| p[1] as f64).sum();
+    if total == 0.0 {
+        return Ok(Tensor::zeros((), z1.dtype(), z1.device())?);
+    }
+    let others: f64 = all
+        .chunks(2)
+        .enumerate()
+        .filter(|(k, _)| *k != r.rank())
+        .map(|(_, p)| p[0] as f64)
+        .sum();
+    Ok(((local_sum + others)? / total)?)
 }
 
 fn max_pool2(z: &Tensor, valid: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -121,16 +176,32 @@ pub fn hierarchical_contrastive_loss(
     alpha: f64,
     temporal_unit: usize,
 ) -> Result<Tensor> {
+    hierarchical_contrastive_loss_across(z1, z2, valid, alpha, temporal_unit, None)
+}
+
+/// [`hierarchical_contrastive_loss`] of a data-parallel run: every rank passes its own series
+/// (same B and T on every rank) and gets the loss of all ranks' series together, the instance
+/// terms' negatives spanning every rank. The gradient w.r.t. this rank's z1, z2 is the
+/// one-process gradient w.r.t. those rows; summed over ranks it is the gradient of the
+/// combined batch. `None` or one rank: the single-process loss.
+pub fn hierarchical_contrastive_loss_across(
+    z1: &Tensor,
+    z2: &Tensor,
+    valid: &Tensor,
+    alpha: f64,
+    temporal_unit: usize,
+    ranks: Option<&dyn Collective>,
+) -> Result<Tensor> {
     let valid = valid.to_dtype(z1.dtype())?;
     let (mut z1, mut z2, mut v) = (z1.clone(), z2.clone(), valid);
     let mut loss = Tensor::zeros((), z1.dtype(), z1.device())?;
     let mut depth = 0usize;
     while z1.dim(1)? > 1 {
         if alpha != 0.0 {
-            loss = (loss + (instance_contrastive_loss(&z1, &z2, &v)? * alpha)?)?;
+            loss = (loss + (instance_across(&z1, &z2, &v, ranks)? * alpha)?)?;
         }
         if depth >= temporal_unit && alpha != 1.0 {
-            loss = (loss + (temporal_contrastive_loss(&z1, &z2, &v)? * (1.0 - alpha))?)?;
+            loss = (loss + (temporal_across(&z1, &z2, &v, ranks)? * (1.0 - alpha))?)?;
         }
         depth += 1;
         let (a, va) = max_pool2(&z1, &v)?;
@@ -141,7 +212,7 @@ pub fn hierarchical_contrastive_loss(
     }
     if z1.dim(1)? == 1 {
         if alpha != 0.0 {
-            loss = (loss + (instance_contrastive_loss(&z1, &z2, &v)? * alpha)?)?;
+            loss = (loss + (instance_across(&z1, &z2, &v, ranks)? * alpha)?)?;
         }
         depth += 1;
     }
@@ -171,6 +242,7 @@ pub struct Ts2VecTask<E> {
     encoder: E,
     cfg: Ts2VecConfig,
     store: ParamStore,
+    ranks: Option<SharedCollective>,
 }
 
 impl<E: Encoder<Input = SeqBatch>> Ts2VecTask<E> {
@@ -187,7 +259,20 @@ impl<E: Encoder<Input = SeqBatch>> Ts2VecTask<E> {
             encoder,
             cfg,
             store: store.clone(),
+            ranks: None,
         })
+    }
+
+    /// Data-parallel training: every step pads the batch to the longest series of any rank,
+    /// uses rank 0's crop layout, and gathers every rank's views for the instance terms, so
+    /// their negatives span all ranks (the temporal terms stay per series); the loss is that of
+    /// one process on the combined batch. Every rank needs the same batch size.
+    pub fn gather_across(&mut self, ranks: SharedCollective) {
+        self.ranks = Some(ranks);
+    }
+
+    fn world(&self) -> usize {
+        self.ranks.as_ref().map_or(1, |r| r.world_size())
     }
 
     /// The encoder.
@@ -270,20 +355,49 @@ impl<E: Encoder<Input = SeqBatch>> PretextTask for Ts2VecTask<E> {
     }
 
     fn forward(&self, batch: &SeqBatch, ctx: &mut Ctx) -> Result<TaskOutput> {
-        let (b, t, c) = batch.x.dims3()?;
+        let (b, t0, c) = batch.x.dims3()?;
         let device = batch.x.device().clone();
-        let x = batch
+        let mut x = batch
             .x
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let valid = batch
+        let mut valid = batch
             .valid
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
+        let ranks: Option<&dyn Collective> = self
+            .ranks
+            .as_ref()
+            .filter(|r| r.world_size() > 1)
+            .map(|r| r.as_ref() as &dyn Collective);
+        // Across ranks: pad to the longest batch of any rank (padding is unobserved).
+        let t = match ranks {
+            None => t0,
+            Some(r) => r
+                .all_gather(&[t0 as f32])?
+                .into_iter()
+                .fold(t0, |m, v| m.max(v as usize)),
+        };
+        if t > t0 {
+            let (mut xp, mut vp) = (vec![0f32; b * t * c], vec![0f32; b * t]);
+            for i in 0..b {
+                xp[i * t * c..(i * t + t0) * c].copy_from_slice(&x[i * t0 * c..(i + 1) * t0 * c]);
+                vp[i * t..i * t + t0].copy_from_slice(&valid[i * t0..(i + 1) * t0]);
+            }
+            (x, valid) = (xp, vp);
+        }
         let min_len = 1usize << (self.cfg.temporal_unit + 1).min(30);
-        let (crop_l, v1, v2) = overlapping_crops(t, min_len, ctx.rng);
+        let mut layout = overlapping_crops(t, min_len, ctx.rng);
+        if let Some(r) = ranks {
+            // Every rank crops the same window (rank 0's draw), as one process would.
+            let (l, a, b2) = layout;
+            let all = r.all_gather(&[l, a.0, a.1, b2.0, b2.1].map(|v| v as f32))?;
+            let u = |k: usize| all[k] as usize;
+            layout = (u(0), (u(1), u(2)), (u(3), u(4)));
+        }
+        let (crop_l, v1, v2) = layout;
         // A random shift per series, as the reference (views may run past the ends: padding).
         let offsets: Vec<isize> = (0..b)
             .map(|_| {
@@ -314,8 +428,14 @@ impl<E: Encoder<Input = SeqBatch>> PretextTask for Ts2VecTask<E> {
             .flat_map(|i| obs1[i * l1 + l1 - crop_l..(i + 1) * l1].to_vec())
             .collect();
         let ov = Tensor::from_vec(ov, (b, crop_l), &device)?;
-        let loss =
-            hierarchical_contrastive_loss(&z1, &z2, &ov, self.cfg.alpha, self.cfg.temporal_unit)?;
+        let loss = hierarchical_contrastive_loss_across(
+            &z1,
+            &z2,
+            &ov,
+            self.cfg.alpha,
+            self.cfg.temporal_unit,
+            ranks,
+        )?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         Ok(TaskOutput {
             loss,
@@ -325,6 +445,15 @@ impl<E: Encoder<Input = SeqBatch>> PretextTask for Ts2VecTask<E> {
                 ("crop_len".into(), crop_l as f64),
             ],
         })
+    }
+
+    /// Across ranks the loss is that of the combined batch, so its gradient is scaled by the
+    /// number of ranks: the trainer's sum over ranks divided by the summed weight is then the
+    /// one-process gradient of the combined batch.
+    fn forward_backward(&self, batch: &SeqBatch, ctx: &mut Ctx) -> Result<(TaskOutput, GradStore)> {
+        let out = self.forward(batch, ctx)?;
+        let grads = (&out.loss * (out.weight * self.world() as f64))?.backward()?;
+        Ok((out, grads))
     }
 
     fn embed(&self, batch: &SeqBatch, ctx: &mut Ctx) -> Result<Tensor> {
