@@ -541,11 +541,18 @@ impl<T: PretextTask> Trainer<T> for LoopTrainer {
                 }
                 first_step = false;
             }
-            let mut scalars = [loss_sum, weight_sum];
+            // Loss, weight and the task's metric sums are summed over ranks with the
+            // gradients (every rank's task reports the same metric names).
+            let mut scalars = vec![loss_sum, weight_sum];
+            scalars.extend(metric_sums.values());
             let t_comm = Instant::now();
             self.all_reduce(&mut grads, &vars, &mut scalars)?;
             let comm_s = t_comm.elapsed().as_secs_f64();
-            let [loss_sum, weight_sum] = scalars;
+            let (loss_sum, weight_sum) = (scalars[0], scalars[1]);
+            let metric_sums: BTreeMap<String, f64> = metric_sums
+                .into_keys()
+                .zip(scalars[2..].iter().copied())
+                .collect();
             let inv = 1.0 / weight_sum.max(f64::MIN_POSITIVE);
             let mut grads = scale_grads(grads, inv)?;
             let loss = loss_sum * inv;

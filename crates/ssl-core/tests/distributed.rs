@@ -133,3 +133,53 @@ fn bucketed_all_reduce_gives_the_same_bits_as_one_bucket() {
     assert_eq!(one[0], many[0]);
     assert_eq!(many[0], many[1]);
 }
+
+/// `metrics.jsonl` of a run (rank 0 writes it): each step's `key`.
+fn logged(dir: &std::path::Path, key: &str) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()[key]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn logged_loss_and_task_metrics_are_those_of_the_combined_batch() {
+    let (ex, _) = waves(64, 11);
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    let task = regression(0);
+    LoopTrainer::new(train_cfg(), Some(one.clone()))
+        .unwrap()
+        .fit(&task, &mut source(ex.to_vec(), 2 * BATCH, false), None)
+        .unwrap();
+    std::thread::scope(|s| {
+        for c in ThreadGroup::new(2) {
+            let (data, dir) = (shard(&ex, c.rank(), 2), two.clone());
+            s.spawn(move || {
+                let task = regression(c.rank() as u64 * 100);
+                LoopTrainer::new(train_cfg(), Some(dir))
+                    .unwrap()
+                    .collective(Box::new(c))
+                    .fit(&task, &mut source(data, BATCH, false), None)
+                    .unwrap();
+            });
+        }
+    });
+    for key in ["loss", "pred_mean"] {
+        let (a, b) = (logged(&one, key), logged(&two, key));
+        assert_eq!(a.len(), DP_STEPS as usize);
+        assert_eq!(a.len(), b.len());
+        for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-4 * x.abs().max(1e-3),
+                "{key} at step {}: one process {x}, two ranks {y}",
+                step + 1
+            );
+        }
+    }
+}

@@ -139,12 +139,13 @@ impl PretextTask for Regression {
     fn forward(&self, batch: &SeqBatch, ctx: &mut Ctx) -> ssl_core::Result<TaskOutput> {
         let pooled = self.encoder.encode(batch, ctx)?.pooled;
         let pred = self.head.forward(&pooled)?.squeeze(D::Minus1)?;
+        let pred_mean = f64::from(pred.mean_all()?.to_scalar::<f32>()?);
         let target = batch.x.sqr()?.flatten_from(1)?.mean(D::Minus1)?;
         let loss = (pred - target)?.sqr()?.mean_all()?;
         Ok(TaskOutput {
             loss,
             weight: batch.len() as f64,
-            metrics: Vec::new(),
+            metrics: vec![("pred_mean".into(), pred_mean)],
         })
     }
     fn embed(&self, batch: &SeqBatch, ctx: &mut Ctx) -> ssl_core::Result<Tensor> {
