@@ -15,6 +15,9 @@ fn logits_of<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f32
         candle_core::bail!("fused cross-entropy: logits must be f32");
     };
     let (n, c) = l.shape().dims2()?;
+    if c == 0 {
+        candle_core::bail!("cross-entropy: logits have no classes (shape ({n}, 0))");
+    }
     match l.contiguous_offsets() {
         Some((a, b)) => Ok((&v[a..b], n, c)),
         None => candle_core::bail!("fused cross-entropy: logits must be contiguous"),
@@ -43,14 +46,20 @@ fn targets_of<'a>(
     Ok(t)
 }
 
-/// `log(sum(exp(row - max))) + max`.
-fn log_sum_exp(row: &[f32]) -> f32 {
-    let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let mut sum = 0.0f32;
-    for &v in row {
-        sum += simd::exp(v - max);
-    }
-    sum.ln() + max
+/// Rows per parallel task: enough tasks to balance the threads, each long enough to pay for
+/// its dispatch.
+fn rows_per_task(n: usize) -> usize {
+    (n / (4 * rayon::current_num_threads().max(1))).max(1)
+}
+
+/// Log-sum-exp of every row of `x` (n rows of width c), in parallel over row blocks.
+fn log_sum_exps(x: &[f32], n: usize, c: usize) -> Vec<f32> {
+    let mut lse = vec![0f32; n];
+    let per = rows_per_task(n);
+    lse.par_chunks_mut(per)
+        .zip(x.par_chunks(per * c.max(1)))
+        .for_each(|(o, rows)| simd::lse_rows(rows, c, o));
+    lse
 }
 
 impl CustomOp2 for CrossEntropyOp {
@@ -67,10 +76,12 @@ impl CustomOp2 for CrossEntropyOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, n, c) = logits_of(s1, l1)?;
         let t = targets_of(s2, l2, n, c)?;
-        let total: f64 = x
-            .par_chunks(c)
-            .zip(t.par_iter())
-            .map(|(row, &k)| f64::from(log_sum_exp(row) - row[k as usize]))
+        let lse = log_sum_exps(x, n, c);
+        let total: f64 = lse
+            .iter()
+            .zip(t)
+            .enumerate()
+            .map(|(i, (&l, &k))| f64::from(l - x[i * c + k as usize]))
             .sum();
         let mean = if n == 0 {
             f32::NAN
@@ -98,17 +109,16 @@ impl CustomOp2 for CrossEntropyOp {
         let (x, n, c) = logits_of(lc, ll)?;
         let t = targets_of(tc, tl, n, c)?;
         let scale = g / n.max(1) as f32;
+        let lse = log_sum_exps(x, n, c);
         let mut dx = vec![0f32; n * c];
-        dx.par_chunks_mut(c)
-            .zip(x.par_chunks(c))
-            .zip(t.par_iter())
-            .for_each(|((d, row), &k)| {
-                let lse = log_sum_exp(row);
-                for (o, &v) in d.iter_mut().zip(row) {
-                    *o = simd::exp(v - lse) * scale;
-                }
-                d[k as usize] -= scale;
-            });
+        let per = rows_per_task(n);
+        dx.par_chunks_mut(per * c.max(1))
+            .zip(x.par_chunks(per * c.max(1)))
+            .zip(lse.par_chunks(per))
+            .for_each(|((d, rows), l)| simd::scaled_softmax_rows(rows, c, l, scale, d));
+        for (i, &k) in t.iter().enumerate() {
+            dx[i * c + k as usize] -= scale;
+        }
         drop((ls, ts));
         Ok((
             Some(Tensor::from_vec(dx, logits.shape(), logits.device())?),

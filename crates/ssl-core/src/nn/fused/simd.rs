@@ -343,6 +343,76 @@ simd_kernel! {
     }
 }
 
+/// Lanes of the reductions below: independent partial results the compiler keeps in one
+/// vector register (a single float accumulator would serialise the loop, since float addition
+/// is not reassociated).
+const LANES: usize = 16;
+
+/// Maximum of `row` (`-inf` when empty), vectorisable.
+#[inline(always)]
+pub(crate) fn max_lanes(row: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for ch in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(ch) {
+            *a = a.max(v);
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    acc.iter().fold(tail, |a, &b| a.max(b))
+}
+
+/// Sum of `row`, vectorisable (lane-wise partial sums).
+#[inline(always)]
+pub(crate) fn sum_lanes(row: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for ch in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(ch) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+/// `sum(exp(row - shift))`, vectorisable.
+#[inline(always)]
+fn exp_sum(row: &[f32], shift: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for ch in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(ch) {
+            *a += exp(v - shift);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&v| exp(v - shift)).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+simd_kernel! {
+    /// Log-sum-exp of each row of `x` (width `c`) into `lse` (cross-entropy forward).
+    pub(crate) fn lse_rows(x: &[f32], c: usize, lse: &mut [f32]) {
+        for (row, o) in x.chunks_exact(c).zip(lse.iter_mut()) {
+            let m = max_lanes(row);
+            *o = exp_sum(row, m).ln() + m;
+        }
+    }
+}
+
+simd_kernel! {
+    /// `d = exp(x - lse) * scale` row by row: the scaled softmax (cross-entropy backward).
+    pub(crate) fn scaled_softmax_rows(x: &[f32], c: usize, lse: &[f32], scale: f32, d: &mut [f32]) {
+        for ((row, dr), &l) in x.chunks_exact(c).zip(d.chunks_exact_mut(c)).zip(lse) {
+            for (o, &v) in dr.iter_mut().zip(row) {
+                *o = exp(v - l) * scale;
+            }
+        }
+    }
+}
+
 simd_kernel! {
     /// Softmax of each row of `s` (width `t`) in place, after adding `key_bias` (per key) and,
     /// when `causal`, masking keys after the row's query position `row0 + i`.
@@ -354,14 +424,11 @@ simd_kernel! {
                 let c = if causal && j > q { -1e9 } else { 0.0 };
                 *v = *v + kb + c;
             }
-            let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let mut sum = 0.0f32;
+            let max = max_lanes(row);
             for v in row.iter_mut() {
-                let e = exp(*v - max);
-                *v = e;
-                sum += e;
+                *v = exp(*v - max);
             }
-            let inv = 1.0 / sum;
+            let inv = 1.0 / sum_lanes(row);
             for v in row.iter_mut() {
                 *v *= inv;
             }
