@@ -234,6 +234,17 @@ impl PretextTask for AnyTask {
             AnyTask::Denoising(t) => t.forward(batch, ctx),
         }
     }
+    fn forward_backward(
+        &self,
+        batch: &SeqBatch,
+        ctx: &mut Ctx,
+    ) -> ssl_core::Result<(ssl_core::TaskOutput, candle_core::backprop::GradStore)> {
+        match self {
+            AnyTask::Masked(t) => t.forward_backward(batch, ctx),
+            AnyTask::Contrastive(t) => t.forward_backward(batch, ctx),
+            AnyTask::Denoising(t) => t.forward_backward(batch, ctx),
+        }
+    }
     fn embed(&self, batch: &SeqBatch, ctx: &mut Ctx) -> ssl_core::Result<Tensor> {
         match self {
             AnyTask::Masked(t) => t.embed(batch, ctx),
@@ -278,7 +289,11 @@ pub fn pretrain(
     if par.is_main() {
         config::write_run_config(out, &config::to_toml(&cfg)?)?;
     }
-    let (store, task) = AnyTask::build(&cfg, &device)?;
+    let (store, mut task) = AnyTask::build(&cfg, &device)?;
+    if let (AnyTask::Contrastive(t), true) = (&mut task, par.world > 1) {
+        // NT-Xent's negatives span every rank: each step gathers all ranks' views.
+        t.gather_across(par.shared());
+    }
     eprintln!(
         "{} sequences x {} steps (max) x {features} features; {:?} task; encoder {} parameters",
         loaded.examples.len(),

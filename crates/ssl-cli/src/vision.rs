@@ -307,6 +307,16 @@ impl PretextTask for AnyVisionTask {
             AnyVisionTask::Simclr(t) => t.forward(batch, ctx),
         }
     }
+    fn forward_backward(
+        &self,
+        batch: &Images,
+        ctx: &mut Ctx,
+    ) -> ssl_core::Result<(ssl_core::TaskOutput, candle_core::backprop::GradStore)> {
+        match self {
+            AnyVisionTask::Mae(t) => t.forward_backward(batch, ctx),
+            AnyVisionTask::Simclr(t) => t.forward_backward(batch, ctx),
+        }
+    }
     fn embed(&self, batch: &Images, ctx: &mut Ctx) -> ssl_core::Result<Tensor> {
         match self {
             AnyVisionTask::Mae(t) => t.embed(batch, ctx),
@@ -419,7 +429,11 @@ pub fn pretrain(
     if par.is_main() {
         config::write_run_config(out, &config::to_toml(&cfg)?)?;
     }
-    let (store, task) = AnyVisionTask::build(&cfg, &device)?;
+    let (store, mut task) = AnyVisionTask::build(&cfg, &device)?;
+    if let (AnyVisionTask::Simclr(t), true) = (&mut task, par.world > 1) {
+        // NT-Xent's negatives span every rank: each step gathers all ranks' views.
+        t.gather_across(par.shared());
+    }
     let n = loaded.images.len();
     eprintln!(
         "{n} images {}x{}x{}; {:?} task; lr {:.3e}; {} parameters",

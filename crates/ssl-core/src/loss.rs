@@ -3,7 +3,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::nn::ops::{cross_entropy, l2_normalize};
-use crate::{CoreError, Result};
+use crate::{gather_rows, Collective, CoreError, Result};
 
 /// Mean squared error over the elements where `mask` is 1.
 ///
@@ -52,6 +52,34 @@ pub fn nt_xent(a: &Tensor, b: &Tensor, temperature: f64) -> Result<(Tensor, f64)
     let argmax = sim.argmax(1)?.to_vec1::<u32>()?;
     let acc = argmax.iter().zip(&targets).filter(|(p, t)| p == t).count() as f64 / (2 * n) as f64;
     Ok((loss, acc))
+}
+
+/// [`nt_xent`] of a data-parallel run: every rank's views are gathered (this rank's rows keep
+/// their graph), so each embedding's negatives are the other views of all ranks, and every
+/// rank gets the loss and accuracy of the combined batch. With `None` or one rank it is
+/// [`nt_xent`]. Back-propagate it with [`backward_across`].
+pub fn nt_xent_across(
+    a: &Tensor,
+    b: &Tensor,
+    temperature: f64,
+    ranks: Option<&dyn Collective>,
+) -> Result<(Tensor, f64)> {
+    match ranks.filter(|r| r.world_size() > 1) {
+        None => nt_xent(a, b, temperature),
+        Some(r) => nt_xent(&gather_rows(r, a)?, &gather_rows(r, b)?, temperature),
+    }
+}
+
+/// The backward pass of a task whose loss is already the combined batch's on every rank (a
+/// gathered contrastive loss): the gradients of `loss x weight x world`. The trainer sums them
+/// over ranks and divides by the summed weight, which gives the combined batch's gradient
+/// (each rank contributes the part that flows through its own rows).
+pub fn backward_across(
+    out: crate::TaskOutput,
+    world: usize,
+) -> Result<(crate::TaskOutput, candle_core::backprop::GradStore)> {
+    let grads = (&out.loss * (out.weight * world.max(1) as f64))?.backward()?;
+    Ok((out, grads))
 }
 
 #[cfg(test)]

@@ -183,3 +183,70 @@ fn logged_loss_and_task_metrics_are_those_of_the_combined_batch() {
         }
     }
 }
+
+#[test]
+fn gathered_nt_xent_is_the_combined_batch_loss_with_its_gradients() {
+    use candle_core::{Device, Tensor, Var};
+    use ssl_core::loss::{nt_xent, nt_xent_across};
+    let dev = Device::Cpu;
+    let mut rng = ssl_core::SslRng::new(9);
+    let (n, d) = (8, 5);
+    let mut randn = |len: usize| (0..len).map(|_| rng.normal()).collect::<Vec<f32>>();
+    let a = Tensor::from_vec(randn(n * d), (n, d), &dev).unwrap();
+    let b = Tensor::from_vec(randn(n * d), (n, d), &dev).unwrap();
+    let grads_of = |va: &Var, vb: &Var, loss: &Tensor| {
+        let g = loss.backward().unwrap();
+        let get = |v: &Var| g.get(v.as_tensor()).unwrap().flatten_all().unwrap();
+        (
+            get(va).to_vec1::<f32>().unwrap(),
+            get(vb).to_vec1::<f32>().unwrap(),
+        )
+    };
+    let (va, vb) = (Var::from_tensor(&a).unwrap(), Var::from_tensor(&b).unwrap());
+    let (full, full_acc) = nt_xent(va.as_tensor(), vb.as_tensor(), 0.5).unwrap();
+    let (ga, gb) = grads_of(&va, &vb, &full);
+    let full = full.to_scalar::<f32>().unwrap();
+    let per = n / 2;
+    let ranks: Vec<(f32, f64, Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
+        let hs: Vec<_> = ThreadGroup::new(2)
+            .into_iter()
+            .map(|c| {
+                let (a, b) = (&a, &b);
+                s.spawn(move || {
+                    let part = |x: &Tensor| x.narrow(0, c.rank() * per, per).unwrap();
+                    let (va, vb) = (
+                        Var::from_tensor(&part(a)).unwrap(),
+                        Var::from_tensor(&part(b)).unwrap(),
+                    );
+                    let (loss, acc) =
+                        nt_xent_across(va.as_tensor(), vb.as_tensor(), 0.5, Some(&c)).unwrap();
+                    let (ga, gb) = grads_of(&va, &vb, &loss);
+                    (loss.to_scalar::<f32>().unwrap(), acc, ga, gb)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (r, (loss, acc, ra, rb)) in ranks.iter().enumerate() {
+        assert!((loss - full).abs() < 1e-5, "rank {r}: {loss} vs {full}");
+        assert_eq!(*acc, full_acc, "rank {r}: alignment accuracy");
+        let rows = r * per * d..(r + 1) * per * d;
+        let diff = ra
+            .iter()
+            .zip(&ga[rows.clone()])
+            .chain(rb.iter().zip(&gb[rows]))
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff < 1e-6, "rank {r}: gradient differs by {diff}");
+    }
+    // Without the gather a rank's loss is another number: the test above can fail.
+    let half = nt_xent(
+        &a.narrow(0, 0, per).unwrap(),
+        &b.narrow(0, 0, per).unwrap(),
+        0.5,
+    )
+    .unwrap()
+    .0
+    .to_scalar::<f32>()
+    .unwrap();
+    assert!((half - full).abs() > 1e-2, "{half} vs {full}");
+}

@@ -452,8 +452,7 @@ impl<E: Encoder<Input = SeqBatch>> PretextTask for Ts2VecTask<E> {
     /// one-process gradient of the combined batch.
     fn forward_backward(&self, batch: &SeqBatch, ctx: &mut Ctx) -> Result<(TaskOutput, GradStore)> {
         let out = self.forward(batch, ctx)?;
-        let grads = (&out.loss * (out.weight * self.world() as f64))?.backward()?;
-        Ok((out, grads))
+        ssl_core::loss::backward_across(out, self.world())
     }
 
     fn embed(&self, batch: &SeqBatch, ctx: &mut Ctx) -> Result<Tensor> {

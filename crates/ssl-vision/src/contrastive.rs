@@ -3,7 +3,7 @@
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
-use ssl_core::loss::nt_xent;
+use ssl_core::loss::{backward_across, nt_xent_across};
 use ssl_core::nn::Linear;
 use ssl_core::{Ctx, Encoder, ParamBuilder, ParamStore, PretextTask, TaskOutput};
 
@@ -40,6 +40,7 @@ pub struct SimClrTask {
     cfg: SimClrConfig,
     augment: AugmentConfig,
     store: ParamStore,
+    ranks: Option<ssl_core::SharedCollective>,
 }
 
 impl SimClrTask {
@@ -60,7 +61,15 @@ impl SimClrTask {
             cfg: *cfg,
             augment: augment.clone(),
             store: pb.store().clone(),
+            ranks: None,
         })
+    }
+
+    /// Data-parallel training: every step gathers all ranks' projected views, so NT-Xent's
+    /// negatives span every rank and the loss is the combined batch's. Every rank needs the
+    /// same batch size.
+    pub fn gather_across(&mut self, ranks: ssl_core::SharedCollective) {
+        self.ranks = Some(ranks);
     }
 
     /// The encoder.
@@ -90,12 +99,26 @@ impl PretextTask for SimClrTask {
         let v2 = augment_batch(&batch.pixels, &self.augment, ctx.rng)?;
         let z1 = self.project(&self.encoder.encode(&Images { pixels: v1 }, ctx)?.pooled)?;
         let z2 = self.project(&self.encoder.encode(&Images { pixels: v2 }, ctx)?.pooled)?;
-        let (loss, acc) = nt_xent(&z1, &z2, self.cfg.temperature)?;
+        let ranks = self
+            .ranks
+            .as_ref()
+            .map(|r| r.as_ref() as &dyn ssl_core::Collective);
+        let (loss, acc) = nt_xent_across(&z1, &z2, self.cfg.temperature, ranks)?;
         Ok(TaskOutput {
             loss,
             weight: batch.len() as f64,
             metrics: vec![("alignment_accuracy".into(), acc)],
         })
+    }
+
+    /// Across ranks the loss is the combined batch's: see [`ssl_core::loss::backward_across`].
+    fn forward_backward(
+        &self,
+        batch: &Images,
+        ctx: &mut Ctx,
+    ) -> ssl_core::Result<(TaskOutput, candle_core::backprop::GradStore)> {
+        let out = self.forward(batch, ctx)?;
+        backward_across(out, self.ranks.as_ref().map_or(1, |r| r.world_size()))
     }
 
     fn embed(&self, batch: &Images, ctx: &mut Ctx) -> ssl_core::Result<Tensor> {

@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::loss::nt_xent;
+use crate::loss::{backward_across, nt_xent_across};
 use crate::nn::Linear;
 use crate::seq::augment::{augment, SeqAugmentConfig};
 use crate::seq::SeqBatch;
@@ -40,6 +40,7 @@ pub struct ContrastiveTask<E> {
     proj2: Linear,
     cfg: ContrastiveConfig,
     store: ParamStore,
+    ranks: Option<crate::SharedCollective>,
 }
 
 impl<E: Encoder<Input = SeqBatch>> ContrastiveTask<E> {
@@ -54,7 +55,15 @@ impl<E: Encoder<Input = SeqBatch>> ContrastiveTask<E> {
             proj2,
             cfg,
             store: pb.store().clone(),
+            ranks: None,
         })
+    }
+
+    /// Data-parallel training: every step gathers all ranks' projected views, so NT-Xent's
+    /// negatives span every rank and the loss is the combined batch's. Every rank needs the
+    /// same batch size.
+    pub fn gather_across(&mut self, ranks: crate::SharedCollective) {
+        self.ranks = Some(ranks);
     }
 
     /// The encoder.
@@ -79,12 +88,26 @@ impl<E: Encoder<Input = SeqBatch>> PretextTask for ContrastiveTask<E> {
         let v2 = augment(batch, &self.cfg.augment, ctx.rng)?;
         let z1 = self.project(&self.encoder.encode(&v1, ctx)?.pooled)?;
         let z2 = self.project(&self.encoder.encode(&v2, ctx)?.pooled)?;
-        let (loss, acc) = nt_xent(&z1, &z2, self.cfg.temperature)?;
+        let ranks = self
+            .ranks
+            .as_ref()
+            .map(|r| r.as_ref() as &dyn crate::Collective);
+        let (loss, acc) = nt_xent_across(&z1, &z2, self.cfg.temperature, ranks)?;
         Ok(TaskOutput {
             loss,
             weight: batch.len() as f64,
             metrics: vec![("alignment_accuracy".into(), acc)],
         })
+    }
+
+    /// Across ranks the loss is the combined batch's: see [`backward_across`].
+    fn forward_backward(
+        &self,
+        batch: &SeqBatch,
+        ctx: &mut Ctx,
+    ) -> Result<(TaskOutput, candle_core::backprop::GradStore)> {
+        let out = self.forward(batch, ctx)?;
+        backward_across(out, self.ranks.as_ref().map_or(1, |r| r.world_size()))
     }
 
     fn embed(&self, batch: &SeqBatch, ctx: &mut Ctx) -> Result<Tensor> {
