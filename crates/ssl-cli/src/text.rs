@@ -251,7 +251,7 @@ fn read_docs(
         Some(l) => Some(table.batch.text(l)?.to_vec()),
         None => None,
     };
-    let mut spans = if entities {
+    let spans = if entities {
         let col = &cfg.entity_column;
         let cells = table.batch.text(col)?;
         let n = if cfg.max_docs > 0 {
@@ -274,9 +274,6 @@ fn read_docs(
         ids.truncate(cfg.max_docs);
         if let Some(l) = labels.as_mut() {
             l.truncate(cfg.max_docs);
-        }
-        if let Some(s) = spans.as_mut() {
-            s.truncate(cfg.max_docs);
         }
     }
     Ok(Docs {
@@ -448,6 +445,7 @@ pub fn pretrain(
     let (seed, frac) = (cfg.train.seed, cfg.data.heldout_fraction);
     let (mut train_docs, mut held_docs) = (Vec::new(), Vec::new());
     let (mut train_ents, mut held_ents) = (Vec::new(), Vec::new());
+    let with_ents = docs.entities.is_some();
     let mut ents = docs.entities.map(|e| e.into_iter());
     for (i, t) in docs.texts.into_iter().enumerate() {
         let e = ents.as_mut().and_then(|e| e.next()).unwrap_or_default();
@@ -459,7 +457,6 @@ pub fn pretrain(
             train_ents.push(e);
         }
     }
-    let with_ents = !cfg.data.entity_column.is_empty();
     // Tokenizer: the checkpoint's, a given file, or trained on the training documents (streamed).
     let tok_path = out.join("tokenizer.json");
     let tok = if !cfg.model.init_from.is_empty() {
