@@ -1,8 +1,10 @@
 """The PyTorch side of the cross-implementation suite (`bench/run`): the same five models as
 `crates/ssl-cli/benches/suite.rs`, timed the same way (2 warm-up steps, then N timed steps,
-median), printed as one JSON object per model plus the peak matmul line. Float32, CPU.
+median), printed as one JSON object per model plus the peak matmul line. Float32, CPU;
+`--precision bf16` runs every model step (not the peak matmul) under
+`torch.autocast("cpu", dtype=torch.bfloat16)`, the counterpart of our `--precision bf16`.
 
-    python bench/torch_suite.py [--steps N] [--only a,b] [--threads T]
+    python bench/torch_suite.py [--steps N] [--only a,b] [--threads T] [--precision f32|bf16]
 
 Ports of the existing single-model scripts: crates/ssl-text/scripts/bench_step_torch.py
 (transformers' BertForMaskedLM; a hand-written equivalent when transformers is missing),
@@ -39,13 +41,26 @@ def mm(m, k, n):
     return 2.0 * m * k * n
 
 
-def time_steps(steps, step):
+# Set by --precision bf16: model steps run under CPU autocast to bfloat16.
+AUTOCAST = False
+
+
+def time_steps(steps, step, autocast=None):
+    autocast = AUTOCAST if autocast is None else autocast
+
+    def run():
+        if autocast:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                step()
+        else:
+            step()
+
     for _ in range(WARMUP):
-        step()
+        run()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        step()
+        run()
         times.append((time.perf_counter() - t0) * 1e3)
     return times
 
@@ -414,7 +429,7 @@ PEAK_N = 1024
 def peak_matmul(reps):
     a = torch.randn(PEAK_N, PEAK_N)
     b = torch.randn(PEAK_N, PEAK_N)
-    return time_steps(reps, lambda: torch.mm(a, b))
+    return time_steps(reps, lambda: torch.mm(a, b), autocast=False)
 
 
 def report(name, times, flops, model=None, desc=None):
@@ -435,7 +450,10 @@ def main():
     ap.add_argument("--only", default="")
     ap.add_argument("--threads", type=int,
                     default=int(os.environ.get("RAYON_NUM_THREADS", "0") or 0) or 2)
+    ap.add_argument("--precision", choices=["f32", "bf16"], default="f32")
     args = ap.parse_args()
+    global AUTOCAST
+    AUTOCAST = args.precision == "bf16"
     if args.steps < 1:
         sys.exit("--steps must be at least 1")
     only = [s for s in args.only.split(",") if s]
@@ -445,7 +463,8 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(json.dumps({"side": "pytorch", "name": "versions", "torch": torch.__version__,
-                      "threads": torch.get_num_threads()}), flush=True)
+                      "threads": torch.get_num_threads(), "precision": args.precision}),
+          flush=True)
     report("peak_matmul", peak_matmul(max(args.steps, 10)), mm(PEAK_N, PEAK_N, PEAK_N),
            desc="torch.mm")
     runs = {

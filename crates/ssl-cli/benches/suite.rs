@@ -4,11 +4,14 @@
 //!
 //! ```text
 //! cargo bench -p ssl-cli --bench suite -- [--json] [--steps N] [--only NAME[,NAME...]]
+//!                                          [--precision f32|bf16]
 //! ```
 //!
 //! Every model runs 2 warm-up steps, then `N` timed steps (default 20); the reported figure is
 //! the median step time. Threads: `RAYON_NUM_THREADS` (candle's matmuls and our kernels),
-//! 2 when unset. Dropout is 0 everywhere. Float32 on the CPU.
+//! 2 when unset. Dropout is 0 everywhere. Float32 on the CPU; `--precision bf16` runs the
+//! fused stack's linear-layer products in bf16 with f32 accumulation (`MatmulPrecision`),
+//! everything else stays f32, as PyTorch's CPU autocast on the other side.
 //!
 //! - `mlm_train`: BERT masked LM (`BertConfig::preset("mini")` = hidden 256, 4 layers, 4
 //!   heads, intermediate 1024, GELU-erf, post-norm; dropout set to 0), vocab 8000, batch 16 x
@@ -38,11 +41,12 @@
 //! attention x V). `bench/torch_suite.py` uses the same formulas.
 
 use std::error::Error;
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
-use ssl_core::nn::TransformerConfig;
+use ssl_core::nn::{bf16_matmul_available, MatmulPrecision, TransformerConfig};
 use ssl_core::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use ssl_core::seq::{InMemorySeqSource, SeqExample};
 use ssl_core::{accumulate, scale_grads, BatchSource, Ctx, ParamStore, PretextTask, SslRng};
@@ -148,7 +152,7 @@ fn mlm(steps: usize, train: bool) -> Res<(Vec<f64>, usize)> {
     let params = store.num_elements();
     if !train {
         let times = time_steps(steps, || {
-            let pooled = model.embed(&tb, &mut Ctx::eval(&mut rng))?;
+            let pooled = model.embed(&tb, &mut eval_ctx(&mut rng))?;
             debug_assert_eq!(pooled.dims(), &[MLM_BATCH, 256]);
             Ok(())
         })?;
@@ -157,7 +161,7 @@ fn mlm(steps: usize, train: bool) -> Res<(Vec<f64>, usize)> {
     let mut opt = AdamW::new(&store, AdamWConfig::default())?;
     let vars: Vec<Tensor> = opt.vars().map(|v| v.as_tensor().clone()).collect();
     let times = time_steps(steps, || {
-        let out = model.forward(&tb, &mut Ctx::train(&mut rng))?;
+        let out = model.forward(&tb, &mut train_ctx(&mut rng))?;
         let grads = out.loss.backward()?;
         let g: Vec<Option<Tensor>> = vars.iter().map(|v| grads.get(v).cloned()).collect();
         opt.step(&g, 1e-4)?;
@@ -230,7 +234,7 @@ fn mae(steps: usize) -> Res<(Vec<f64>, usize)> {
         &Device::Cpu,
     )?;
     let times = time_steps(steps, || {
-        let out = task.forward(&images, &mut Ctx::train(&mut rng))?;
+        let out = task.forward(&images, &mut train_ctx(&mut rng))?;
         let grads = out.loss.backward()?;
         let g: Vec<Option<Tensor>> = vars.iter().map(|v| grads.get(v).cloned()).collect();
         opt.step(&g, 1e-4)?;
@@ -248,7 +252,7 @@ fn trainer_step<T: PretextTask>(
     vars: &[Tensor],
     rng: &mut SslRng,
 ) -> Res<()> {
-    let acc = accumulate(task, data, 1, vars, rng)?;
+    let acc = accumulate(task, data, 1, vars, rng, precision())?;
     let mut grads = scale_grads(acc.grads, 1.0 / acc.weight_sum)?;
     clip_grad_norm(&mut grads, 1.0)?;
     opt.step(&grads, 1e-3)?;
@@ -463,10 +467,28 @@ fn threads() -> usize {
         .unwrap_or(0)
 }
 
+/// The stack's product precision for every model (`--precision`).
+static PRECISION: OnceLock<MatmulPrecision> = OnceLock::new();
+
+fn precision() -> MatmulPrecision {
+    PRECISION.get().copied().unwrap_or_default()
+}
+
+/// A training context in the chosen precision.
+fn train_ctx(rng: &mut SslRng) -> Ctx<'_> {
+    Ctx::train(rng).with_precision(precision())
+}
+
+/// An evaluation context in the chosen precision.
+fn eval_ctx(rng: &mut SslRng) -> Ctx<'_> {
+    Ctx::eval(rng).with_precision(precision())
+}
+
 struct Args {
     json: bool,
     steps: usize,
     only: Option<Vec<String>>,
+    precision: MatmulPrecision,
 }
 
 fn parse_args() -> Res<Args> {
@@ -474,6 +496,7 @@ fn parse_args() -> Res<Args> {
         json: false,
         steps: 20,
         only: None,
+        precision: MatmulPrecision::F32,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -498,6 +521,18 @@ fn parse_args() -> Res<Args> {
                 }
                 args.only = Some(names);
             }
+            "--precision" => {
+                args.precision = match it.next().as_deref() {
+                    Some("f32") => MatmulPrecision::F32,
+                    Some("bf16") => MatmulPrecision::Bf16,
+                    other => {
+                        return Err(format!("--precision takes f32 or bf16, not {other:?}").into())
+                    }
+                };
+                if args.precision == MatmulPrecision::Bf16 && !bf16_matmul_available() {
+                    return Err("--precision bf16: this CPU has no AVX-512 BF16".into());
+                }
+            }
             // `cargo bench` passes `--bench` to harness-less benches.
             "--bench" => {}
             other => return Err(format!("unknown argument `{other}`").into()),
@@ -512,6 +547,9 @@ fn main() -> Res<()> {
         std::env::set_var("RAYON_NUM_THREADS", "2");
     }
     let args = parse_args()?;
+    PRECISION
+        .set(args.precision)
+        .map_err(|_| "precision set twice")?;
     let peak = peak_matmul(args.steps.max(10))?;
     let n = PEAK_N as f64;
     report(args.json, "peak_matmul", &peak, mm(n, n, n), None);

@@ -344,7 +344,10 @@ impl BatchSource<Images> for PreviewSource<'_> {
     fn next_batch(&mut self) -> ssl_core::Result<Images> {
         if let (AnyVisionTask::Mae(t), Some(imgs)) = (self.task, &self.images) {
             let step = self.pulled / self.accum;
-            if self.every > 0 && self.pulled % self.accum == 0 && step > 0 && step % self.every == 0
+            if self.every > 0
+                && self.pulled.is_multiple_of(self.accum)
+                && step > 0
+                && step.is_multiple_of(self.every)
             {
                 let p = self.dir.join(format!("step-{step:08}.png"));
                 save_reconstruction_grid(t, imgs, self.seed, &p)?;

@@ -1,5 +1,6 @@
 //! Forward + backward of the shared transformer stack alone, fused kernel against the
-//! composite reference, on BERT-mini's shape (16 x 128 tokens, width 256, 4 layers, 4 heads,
+//! composite reference (the fused one with f32 and, where the CPU has AVX-512 BF16, bf16
+//! products), on BERT-mini's shape (16 x 128 tokens, width 256, 4 layers, 4 heads,
 //! MLP 1024); prints median milliseconds and achieved GFLOP/s.
 //!
 //! ```text
@@ -10,7 +11,10 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
-use ssl_core::nn::{NormPlacement, StackKernel, TransformerConfig, TransformerStack};
+use ssl_core::nn::{
+    bf16_matmul_available, MatmulPrecision, NormPlacement, StackKernel, TransformerConfig,
+    TransformerStack,
+};
 use ssl_core::{Ctx, ParamStore, SslRng};
 
 #[global_allocator]
@@ -30,10 +34,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("pre") => NormPlacement::Pre,
         _ => NormPlacement::Post,
     };
-    let kernels: Vec<StackKernel> = match args.get(2).map(String::as_str) {
-        Some("fused") => vec![StackKernel::Fused],
-        Some("reference") => vec![StackKernel::Reference],
-        _ => vec![StackKernel::Fused, StackKernel::Reference],
+    let fused = [
+        (StackKernel::Fused, MatmulPrecision::F32),
+        (StackKernel::Fused, MatmulPrecision::Bf16),
+    ];
+    let reference = [(StackKernel::Reference, MatmulPrecision::F32)];
+    let kernels: Vec<(StackKernel, MatmulPrecision)> = match args.get(2).map(String::as_str) {
+        Some("fused") => fused.to_vec(),
+        Some("reference") => reference.to_vec(),
+        _ => fused.iter().chain(&reference).copied().collect(),
     };
     let (b, t, d, depth, heads, mlp) = (16, 128, 256, 4, 4, 1024);
     let cfg = TransformerConfig {
@@ -54,13 +63,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut rng = SslRng::new(0);
     let x = Var::from_vec(rng.normal_vec(b * t * d, 0.0, 1.0), (b, t, d), &Device::Cpu)?;
     let mask = Tensor::ones((b, t), candle_core::DType::F32, &Device::Cpu)?;
-    for kernel in kernels {
+    for (kernel, precision) in kernels {
+        if precision == MatmulPrecision::Bf16 && !bf16_matmul_available() {
+            eprintln!("bf16 skipped: this CPU has no AVX-512 BF16");
+            continue;
+        }
         stack.set_kernel(kernel);
         let mut fwd_ms = Vec::new();
         let mut total_ms = Vec::new();
         for step in 0..steps + 2 {
             let t0 = Instant::now();
-            let out = stack.forward(x.as_tensor(), Some(&mask), &mut Ctx::train(&mut rng))?;
+            let out = stack.forward(
+                x.as_tensor(),
+                Some(&mask),
+                &mut Ctx::train(&mut rng).with_precision(precision),
+            )?;
             let loss = out.last.sqr()?.mean_all()?;
             let t1 = Instant::now();
             let grads = loss.backward()?;
@@ -75,7 +92,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         total_ms.sort_by(f64::total_cmp);
         let (f, tot) = (fwd_ms[fwd_ms.len() / 2], total_ms[total_ms.len() / 2]);
         println!(
-            "{{\"kernel\": \"{kernel:?}\", \"norm\": \"{norm:?}\", \"forward_ms\": {f:.1}, \"forward_backward_ms\": {tot:.1}, \"gflops\": {:.0}}}",
+            "{{\"kernel\": \"{kernel:?}\", \"precision\": \"{precision:?}\", \"norm\": \"{norm:?}\", \"forward_ms\": {f:.1}, \"forward_backward_ms\": {tot:.1}, \"gflops\": {:.0}}}",
             3.0 * fwd / (tot * 1e6)
         );
     }

@@ -1,5 +1,6 @@
 //! The context a forward pass runs in.
 
+use crate::nn::MatmulPrecision;
 use crate::SslRng;
 
 /// Training or evaluation mode plus the random stream for dropout, masks and augmentations.
@@ -13,6 +14,8 @@ pub struct Ctx<'a> {
     pub output_hidden_states: bool,
     /// The random stream.
     pub rng: &'a mut SslRng,
+    /// Precision of the fused CPU stack's linear-layer products (f32 unless asked).
+    pub precision: MatmulPrecision,
 }
 
 impl<'a> Ctx<'a> {
@@ -22,6 +25,7 @@ impl<'a> Ctx<'a> {
             train: true,
             output_hidden_states: false,
             rng,
+            precision: MatmulPrecision::F32,
         }
     }
 
@@ -31,7 +35,14 @@ impl<'a> Ctx<'a> {
             train: false,
             output_hidden_states: false,
             rng,
+            precision: MatmulPrecision::F32,
         }
+    }
+
+    /// The same context, with the stack's products in `precision`.
+    pub fn with_precision(mut self, precision: MatmulPrecision) -> Self {
+        self.precision = precision;
+        self
     }
 
     /// The same context, asking for every layer's hidden state.

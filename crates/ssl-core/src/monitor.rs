@@ -95,7 +95,7 @@ impl Progress {
                 bar.set_position(step);
                 bar.set_message(msg.to_string());
             }
-            None if self.enabled && (step % self.every == 0 || step == total) => {
+            None if self.enabled && (step.is_multiple_of(self.every) || step == total) => {
                 eprintln!("step {step}/{total} {msg}");
             }
             None => {}

@@ -96,7 +96,7 @@ fn feature_rows(what: &'static str, x: &[f32], dim: usize) -> Result<usize, Prob
     if dim == 0 {
         return Err(ProbeError::InvalidConfig("dim must be at least 1".into()));
     }
-    if x.len() % dim != 0 {
+    if !x.len().is_multiple_of(dim) {
         return Err(ProbeError::RaggedFeatures {
             what,
             len: x.len(),

@@ -13,6 +13,7 @@ use crate::checkpoint::{read_state, CheckpointManager, TrainerState, MODEL_FILE,
 use crate::guard::{DivergenceConfig, DivergenceDetector, NonFiniteAction, NonFiniteGuard};
 use crate::health::embedding_health;
 use crate::monitor::{MetricsLog, Progress};
+use crate::nn::MatmulPrecision;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, ScheduleKind};
 use crate::plot::{plot_training_curves, CurveSeries};
 use crate::{
@@ -77,6 +78,10 @@ pub struct TrainConfig {
     pub max_rollbacks: u32,
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
+    /// Precision of the fused CPU transformer stack's linear-layer products: `f32` (default)
+    /// or `bf16` (operands rounded to bf16, sums in f32, f32 master weights; on CPUs with
+    /// AVX-512 BF16, f32 elsewhere). See [`crate::nn::MatmulPrecision`].
+    pub matmul_precision: MatmulPrecision,
 }
 
 impl Default for TrainConfig {
@@ -108,6 +113,7 @@ impl Default for TrainConfig {
             rollback_lr_factor: 0.5,
             max_rollbacks: 3,
             device: "cpu".into(),
+            matmul_precision: MatmulPrecision::F32,
         }
     }
 }
@@ -373,7 +379,7 @@ pub struct Accumulated {
 }
 
 /// Runs `micro_batches` forward/backward passes ([`PretextTask::forward_backward`]) and sums the gradients of each micro-batch's
-/// loss times its weight. Dividing by `weight_sum` afterwards gives exactly the gradient of
+/// loss times its weight, with the stack's products in `precision`. Dividing by `weight_sum` afterwards gives exactly the gradient of
 /// one batch holding all the micro-batches' examples (for losses that are means over units).
 pub fn accumulate<T: PretextTask>(
     task: &T,
@@ -381,6 +387,7 @@ pub fn accumulate<T: PretextTask>(
     micro_batches: usize,
     vars: &[Tensor],
     rng: &mut SslRng,
+    precision: MatmulPrecision,
 ) -> Result<Accumulated> {
     let mut acc = Accumulated {
         grads: vec![None; vars.len()],
@@ -392,7 +399,8 @@ pub fn accumulate<T: PretextTask>(
     for _ in 0..micro_batches {
         let batch = data.next_batch()?;
         acc.samples += task.batch_len(&batch) as u64;
-        let (out, grads) = task.forward_backward(&batch, &mut Ctx::train(rng))?;
+        let (out, grads) =
+            task.forward_backward(&batch, &mut Ctx::train(rng).with_precision(precision))?;
         let w = out.weight;
         acc.loss_sum += scalar(&out.loss)? * w;
         acc.weight_sum += w;
@@ -518,7 +526,14 @@ impl<T: PretextTask> Trainer<T> for LoopTrainer {
             } else {
                 &mut state.rng
             };
-            let acc = accumulate(task, data, cfg.accum_steps, &vars, rng)?;
+            let acc = accumulate(
+                task,
+                data,
+                cfg.accum_steps,
+                &vars,
+                rng,
+                cfg.matmul_precision,
+            )?;
             let (mut grads, loss_sum, weight_sum, samples, metric_sums) = (
                 acc.grads,
                 acc.loss_sum,
@@ -652,7 +667,7 @@ impl<T: PretextTask> Trainer<T> for LoopTrainer {
             }
             let last = state.step == cfg.max_steps;
             if let Some(batch) = heldout {
-                if cfg.health_every > 0 && (state.step % cfg.health_every == 0 || last) {
+                if cfg.health_every > 0 && (state.step.is_multiple_of(cfg.health_every) || last) {
                     let mut rng = SslRng::new(0);
                     let emb = task.embed(batch, &mut Ctx::eval(&mut rng))?;
                     let (rows, dim) = emb.dims2()?;
@@ -672,8 +687,8 @@ impl<T: PretextTask> Trainer<T> for LoopTrainer {
                 &format!("loss {loss:.4} lr {lr:.2e} |g| {grad_norm:.3}"),
             );
 
-            let due_steps =
-                cfg.checkpoint_every_steps > 0 && state.step % cfg.checkpoint_every_steps == 0;
+            let due_steps = cfg.checkpoint_every_steps > 0
+                && state.step.is_multiple_of(cfg.checkpoint_every_steps);
             let due_time = cfg.checkpoint_every_minutes > 0.0
                 && last_save_time.elapsed().as_secs_f64() >= cfg.checkpoint_every_minutes * 60.0;
             if due_steps || due_time {

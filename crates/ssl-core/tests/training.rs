@@ -125,6 +125,7 @@ fn accumulating_four_micro_batches_equals_one_big_batch() {
             micro,
             &vars,
             &mut rng,
+            ssl_core::nn::MatmulPrecision::F32,
         )
         .unwrap();
         let loss = acc.loss_sum / acc.weight_sum;

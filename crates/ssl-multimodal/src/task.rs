@@ -194,6 +194,7 @@ impl ClipModel {
                 train: ctx.train,
                 output_hidden_states: false,
                 rng: &mut rng,
+                precision: ctx.precision,
             };
             let part = batch.narrow(s, l)?;
             let e_img = self.encode_image(&part.images, &mut replay)?;

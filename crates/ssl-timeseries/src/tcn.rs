@@ -119,7 +119,7 @@ pub struct TcnEncoder {
 impl TcnEncoder {
     /// Creates the encoder for `channels` input channels under `pb`.
     pub fn new(cfg: &TcnConfig, channels: usize, pb: &ParamBuilder) -> Result<Self> {
-        if cfg.kernel % 2 == 0 || cfg.kernel == 0 {
+        if cfg.kernel.is_multiple_of(2) || cfg.kernel == 0 {
             return Err(CoreError::Config(format!(
                 "tcn kernel must be odd, got {}",
                 cfg.kernel

@@ -10,7 +10,12 @@ use crate::{Result, VisionError};
 
 /// The patch grid `(H/p, W/p)` of an image, or an error when `p` does not divide both sides.
 pub fn grid_size(height: usize, width: usize, patch: usize) -> Result<(usize, usize)> {
-    if patch == 0 || height % patch != 0 || width % patch != 0 || height == 0 || width == 0 {
+    if patch == 0
+        || !height.is_multiple_of(patch)
+        || !width.is_multiple_of(patch)
+        || height == 0
+        || width == 0
+    {
         return Err(VisionError::Config(format!(
             "patch size {patch} must divide the image size {height}x{width}"
         )));

@@ -25,7 +25,7 @@ fn sincos_1d(dim: usize, pos: &[f64]) -> Vec<Vec<f64>> {
 /// values encode the patch's column and the last `dim/2` its row. `dim` must be a multiple of 4.
 /// With `cls_token`, a row of zeros comes first.
 pub fn sincos_2d(dim: usize, grid_h: usize, grid_w: usize, cls_token: bool) -> Result<Vec<f32>> {
-    if dim == 0 || dim % 4 != 0 {
+    if dim == 0 || !dim.is_multiple_of(4) {
         return Err(VisionError::Config(format!(
             "2-D sin-cos position embeddings need a width divisible by 4, got {dim}"
         )));

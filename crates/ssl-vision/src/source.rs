@@ -21,7 +21,7 @@ impl ImageSet {
     /// A set from flat values; errors when they do not fill whole images.
     pub fn new(data: Vec<f32>, shape: [usize; 3]) -> Result<Self> {
         let per = shape.iter().product::<usize>();
-        if per == 0 || data.len() % per != 0 {
+        if per == 0 || !data.len().is_multiple_of(per) {
             return Err(VisionError::InvalidInput(format!(
                 "{} values do not make whole images of shape {shape:?}",
                 data.len()

@@ -178,7 +178,7 @@ impl ViTConfig {
             ));
         }
         self.grid()?;
-        if self.dim % 4 != 0 {
+        if !self.dim.is_multiple_of(4) {
             return Err(VisionError::Config(format!(
                 "model.dim = {} must be a multiple of 4 (2-D sin-cos positions)",
                 self.dim

@@ -4,11 +4,13 @@ pub(crate) mod fused;
 mod linear;
 mod norm;
 pub mod ops;
+mod precision;
 mod transformer;
 
 pub use linear::Linear;
 pub use norm::LayerNorm;
 pub use ops::Activation;
+pub use precision::{bf16_matmul_available, MatmulPrecision};
 pub use transformer::{
     NormPlacement, StackInit, StackKernel, StackOutput, TransformerConfig, TransformerStack,
 };

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::nn::fused::{Act, BufferPool, FusedSpec, StackOp};
 use crate::nn::ops::{dropout, softmax_last_dim, Activation};
-use crate::nn::{LayerNorm, Linear};
+use crate::nn::{LayerNorm, Linear, MatmulPrecision};
 use crate::{CoreError, Ctx, Init, ParamBuilder, Result};
 
 /// Where the layer norms sit.
@@ -96,7 +96,7 @@ impl TransformerConfig {
                 self.dim, self.depth, self.heads, self.mlp_dim
             )));
         }
-        if self.dim % self.heads != 0 {
+        if !self.dim.is_multiple_of(self.heads) {
             return Err(CoreError::Config(format!(
                 "transformer dim {} is not divisible by heads {}",
                 self.dim, self.heads
@@ -343,6 +343,7 @@ impl TransformerStack {
             attn_dropout: cfg.attn_dropout,
             eps: cfg.layer_norm_eps as f32,
             causal: cfg.causal,
+            bf16: ctx.precision == MatmulPrecision::Bf16 && super::bf16_matmul_available(),
         };
         let all = ctx.output_hidden_states;
         let op = StackOp::new(spec, all, ctx.train, seed, self.pool.clone());

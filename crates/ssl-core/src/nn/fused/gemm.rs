@@ -6,6 +6,10 @@
 
 use gemm::Parallelism;
 
+/// Products with every dimension at least this large run in bf16 when asked; smaller ones
+/// are not worth packing.
+const BF16_MIN_DIM: usize = 16;
+
 /// A read-only row-major matrix view: element `(i, j)` at `data[i * ld + j]`.
 #[derive(Clone, Copy)]
 pub(crate) struct MatRef<'a> {
@@ -62,7 +66,8 @@ pub(crate) fn threads() -> Parallelism {
 }
 
 /// `c = alpha * op(a) * op(b)` (or `c += ...` when `accumulate`), `c` a row-major view with
-/// leading dimension `ldc`. Panics if a view is out of bounds or the shapes disagree (internal
+/// leading dimension `ldc`; with `bf16` (and every dimension at least 16) the operands are
+/// rounded to bf16 and the products summed in f32 (the caller checked the CPU). Panics if a view is out of bounds or the shapes disagree (internal
 /// invariants of the stack, never user data).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul(
@@ -75,6 +80,7 @@ pub(crate) fn matmul(
     alpha: f32,
     accumulate: bool,
     par: Parallelism,
+    bf16: bool,
 ) {
     a.check();
     b.check();
@@ -86,6 +92,32 @@ pub(crate) fn matmul(
     }
     assert!((m - 1) * ldc + n - 1 < c.len(), "output view out of bounds");
     assert!(ldc >= n, "output leading dimension too small");
+    if bf16 && k >= BF16_MIN_DIM && m.min(n) >= BF16_MIN_DIM && super::bf16::available() {
+        let threads = match par {
+            Parallelism::Rayon(t) => t,
+            _ => 1,
+        };
+        // SAFETY: the views were checked as below; the kernels' CPU features too.
+        unsafe {
+            super::bf16::gemm_bf16(
+                c.as_mut_ptr(),
+                ldc,
+                m,
+                n,
+                k,
+                a.data.as_ptr(),
+                a_rs,
+                a_cs,
+                b.data.as_ptr(),
+                b_rs,
+                b_cs,
+                alpha,
+                accumulate,
+                threads,
+            )
+        };
+        return;
+    }
     // SAFETY: every view was checked to lie inside its slice; `c` is borrowed mutably, so it
     // cannot alias `a` or `b`.
     unsafe {
@@ -216,11 +248,33 @@ mod tests {
             ),
         ] {
             let mut c = vec![1f32; m * n];
-            matmul(&mut c, n, av, oa, bv, ob, 2.0, true, Parallelism::None);
+            matmul(
+                &mut c,
+                n,
+                av,
+                oa,
+                bv,
+                ob,
+                2.0,
+                true,
+                Parallelism::None,
+                false,
+            );
             for (x, w) in c.iter().zip(&want) {
                 assert!((x - (1.0 + 2.0 * w)).abs() < 1e-5);
             }
-            matmul(&mut c, n, av, oa, bv, ob, 1.0, false, Parallelism::None);
+            matmul(
+                &mut c,
+                n,
+                av,
+                oa,
+                bv,
+                ob,
+                1.0,
+                false,
+                Parallelism::None,
+                false,
+            );
             for (x, w) in c.iter().zip(&want) {
                 assert!((x - w).abs() < 1e-5);
             }

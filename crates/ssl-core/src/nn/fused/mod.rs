@@ -4,12 +4,14 @@
 //! softmax, dropout from a counter-based hash). The composite-op stack in `transformer.rs`
 //! stays the reference (and the GPU path); tests hold the two together.
 
+mod bf16;
 mod cross_entropy;
 mod gemm;
 mod pool;
 pub(crate) mod simd;
 mod stack;
 
+pub(crate) use bf16::available as bf16_available;
 pub(crate) use cross_entropy::CrossEntropyOp;
 pub(crate) use pool::BufferPool;
 pub(crate) use simd::Act;

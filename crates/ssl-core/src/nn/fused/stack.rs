@@ -31,6 +31,8 @@ pub(crate) struct FusedSpec {
     pub attn_dropout: f32,
     pub eps: f32,
     pub causal: bool,
+    /// The linear layers' products in bf16 (f32 accumulation); the caller checked the CPU.
+    pub bf16: bool,
 }
 
 /// Offsets of one layer's parameters inside its block of the flat vector. Query, key and
@@ -242,6 +244,7 @@ fn linear(
     w: &[f32],
     bias: &[f32],
     out_dim: usize,
+    bf16: bool,
 ) -> Vec<f32> {
     let in_dim = x.len() / rows.max(1);
     let mut y = pool.take(rows * out_dim);
@@ -255,6 +258,7 @@ fn linear(
         1.0,
         false,
         threads(),
+        bf16,
     );
     let rb = block_rows(rows);
     y.par_chunks_mut(rb * out_dim)
@@ -275,6 +279,7 @@ fn linear_backward(
     gw: &mut [f32],
     gb: &mut [f32],
     want_dx: bool,
+    bf16: bool,
 ) -> Vec<f32> {
     let in_dim = x.len() / rows.max(1);
     matmul(
@@ -287,6 +292,7 @@ fn linear_backward(
         1.0,
         false,
         threads(),
+        bf16,
     );
     simd::col_sum(gb, dy);
     if !want_dx {
@@ -303,6 +309,7 @@ fn linear_backward(
         1.0,
         false,
         threads(),
+        bf16,
     );
     dx
 }
@@ -571,7 +578,15 @@ impl StackOp {
             y
         });
         let att_in = a_in.as_deref().unwrap_or(xin);
-        let qkv = linear(pool, att_in, n, &w[o.wqkv..o.bqkv], &w[o.bqkv..o.wo], 3 * d);
+        let qkv = linear(
+            pool,
+            att_in,
+            n,
+            &w[o.wqkv..o.bqkv],
+            &w[o.bqkv..o.wo],
+            3 * d,
+            sp.bf16,
+        );
         let heads = sp.heads;
         let mut p = pool.take(b * heads * t * t);
         let mut pd = self.attn_drops().then(|| pool.take(b * heads * t * t));
@@ -586,7 +601,7 @@ impl StackOp {
             pd.as_deref_mut(),
             &mut ctx,
         );
-        let mut ao = linear(pool, &ctx, n, &w[o.wo..o.bo], &w[o.bo..o.ln1w], d);
+        let mut ao = linear(pool, &ctx, n, &w[o.wo..o.bo], &w[o.bo..o.ln1w], d, sp.bf16);
         if self.drops() {
             dropout_par(&mut ao, self.site_seed(layer, 0), sp.dropout);
         }
@@ -631,6 +646,7 @@ impl StackOp {
             1.0,
             false,
             threads(),
+            sp.bf16,
         );
         let mut g = pool.take(n * m);
         let rb = block_rows(n);
@@ -639,7 +655,7 @@ impl StackOp {
         h.par_chunks_mut(rb * m)
             .zip(g.par_chunks_mut(rb * m))
             .for_each(|(hc, gc)| simd::bias_act(hc, b1, gc, act));
-        let mut mo = linear(pool, &g, n, &w[o.w2..o.b2], &w[o.b2..o.ln2w], d);
+        let mut mo = linear(pool, &g, n, &w[o.w2..o.b2], &w[o.b2..o.ln2w], d, sp.bf16);
         if self.drops() {
             dropout_par(&mut mo, self.site_seed(layer, 1), sp.dropout);
         }
@@ -721,7 +737,18 @@ impl StackOp {
         }
         let mut dg = {
             let (gw, gb) = gl[o.w2..o.ln2w].split_at_mut(d * m);
-            linear_backward(pool, &dmo, &ls.g, n, &w[o.w2..o.b2], d, gw, gb, true)
+            linear_backward(
+                pool,
+                &dmo,
+                &ls.g,
+                n,
+                &w[o.w2..o.b2],
+                d,
+                gw,
+                gb,
+                true,
+                sp.bf16,
+            )
         };
         pool.put(dmo);
         let rb = block_rows(n);
@@ -731,7 +758,18 @@ impl StackOp {
             .for_each(|(dc, hc)| simd::act_backward(dc, hc, act));
         let dmin = {
             let (gw, gb) = gl[o.w1..o.w2].split_at_mut(m * d);
-            linear_backward(pool, &dg, &ls.m_in, n, &w[o.w1..o.b1], m, gw, gb, true)
+            linear_backward(
+                pool,
+                &dg,
+                &ls.m_in,
+                n,
+                &w[o.w1..o.b1],
+                m,
+                gw,
+                gb,
+                true,
+                sp.bf16,
+            )
         };
         pool.put(dg);
         if pre {
@@ -768,7 +806,18 @@ impl StackOp {
         }
         let dctx = {
             let (gw, gb) = gl[o.wo..o.ln1w].split_at_mut(d * d);
-            linear_backward(pool, &dao, &ls.ctx, n, &w[o.wo..o.bo], d, gw, gb, true)
+            linear_backward(
+                pool,
+                &dao,
+                &ls.ctx,
+                n,
+                &w[o.wo..o.bo],
+                d,
+                gw,
+                gb,
+                true,
+                sp.bf16,
+            )
         };
         pool.put(dao);
         let dqkv = self.attention_backward(layer, s, ls, &dctx);
@@ -786,6 +835,7 @@ impl StackOp {
                 gw,
                 gb,
                 true,
+                sp.bf16,
             )
         };
         if pre {

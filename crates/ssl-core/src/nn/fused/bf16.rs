@@ -1,0 +1,684 @@
+//! Matrix products with bf16 inputs and f32 accumulation, on AVX-512 BF16 (`vdpbf16ps`).
+//!
+//! This is what PyTorch's CPU autocast does to a matmul: both operands are rounded to bf16
+//! (round to nearest even), every product is summed in f32, and the result is f32. Master
+//! weights, gradients, activations and everything outside the products stay f32. The operands
+//! are converted while they are packed, so callers pass the same f32 views as to the f32 path.
+//!
+//! Layout (GotoBLAS style): `k` is cut into blocks of [`KC`]; for each block `B` is packed into
+//! panels of [`NR`] columns, each a sequence of k-pairs holding `NR` 32-bit words (the two bf16
+//! of one column, lower half first), and `A` into panels of [`MR`] rows, each a sequence of
+//! k-pairs holding `MR` words. The micro-kernel keeps an `MR x NR` tile of `C` in 24 registers
+//! and issues two `vdpbf16ps` per row and k-pair. Odd `k` and partial tiles are zero-padded
+//! in the packed buffers; partial tiles are stored with masks.
+
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use rayon::prelude::*;
+
+/// Rows of the micro-kernel's tile.
+const MR: usize = 12;
+/// Columns of the micro-kernel's tile (two 16-lane vectors).
+const NR: usize = 32;
+/// Depth of one k block (a multiple of 2).
+const KC: usize = 256;
+/// Largest row block one job packs.
+const MC: usize = 144;
+
+/// True when this CPU runs the bf16 kernels (AVX-512F and AVX-512 BF16), checked once.
+pub(crate) fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// `x` rounded to bf16 (nearest, ties to even), as the upper half of an f32's bits. NaN
+/// stays NaN.
+#[inline(always)]
+fn to_bf16(x: f32) -> u32 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return (b >> 16) | 0x40;
+    }
+    (b.wrapping_add(0x7FFF + ((b >> 16) & 1))) >> 16
+}
+
+/// `x` rounded to bf16 and widened back to f32 (what the kernel multiplies).
+#[cfg(test)]
+pub(crate) fn round_bf16(x: f32) -> f32 {
+    f32::from_bits(to_bf16(x) << 16)
+}
+
+/// A strided read-only matrix: element `(i, j)` at `ptr + i * rs + j * cs`.
+#[derive(Clone, Copy)]
+struct View {
+    ptr: *const f32,
+    rs: isize,
+    cs: isize,
+}
+
+// SAFETY: a View is only read, and the caller of `gemm_bf16` guarantees the memory outlives
+// the call and is not written during it.
+unsafe impl Send for View {}
+unsafe impl Sync for View {}
+
+impl View {
+    /// The packed word of rows `(2q, 2q + 1)` at column `j` of the transposed reading, i.e.
+    /// elements `(p, j)` and `(p + 1, j)` with `p = p0 + 2q`, zero past `pend`.
+    #[inline(always)]
+    unsafe fn pair(&self, i: usize, p: usize, pend: usize) -> u32 {
+        // SAFETY: (i, p) and (i, p + 1) lie inside the matrix when below pend.
+        unsafe {
+            let lo = to_bf16(*self.ptr.offset(i as isize * self.rs + p as isize * self.cs));
+            let hi = if p + 1 < pend {
+                to_bf16(
+                    *self
+                        .ptr
+                        .offset(i as isize * self.rs + (p + 1) as isize * self.cs),
+                )
+            } else {
+                0
+            };
+            lo | (hi << 16)
+        }
+    }
+}
+
+/// Packs rows `[i0, i0 + rows)` x depth `[p0, pend)` of `a` (element `(i, p)`) into panels of
+/// `MR` rows: `out[panel][q][r]`, zero-padded.
+fn pack_a(a: View, i0: usize, rows: usize, p0: usize, pend: usize, out: &mut Vec<u32>) {
+    let kc2 = (pend - p0).div_ceil(2);
+    let panels = rows.div_ceil(MR);
+    out.clear();
+    out.resize(panels * kc2 * MR, 0);
+    for pi in 0..panels {
+        let panel = &mut out[pi * kc2 * MR..(pi + 1) * kc2 * MR];
+        let r0 = i0 + pi * MR;
+        let nr = MR.min(rows - pi * MR);
+        // SAFETY: rows r0..r0 + nr and depth p0..pend lie inside `a`; the panel holds
+        // kc2 * MR words; the vector paths run only where `available()` (checked by the
+        // caller of gemm_bf16).
+        unsafe {
+            if a.cs == 1 {
+                pack_k_contiguous(a, r0, nr, p0, pend, panel.as_mut_ptr(), MR);
+            } else if a.rs == 1 {
+                pack_lines_contiguous(a.ptr, a.cs, r0, nr, p0, pend, panel.as_mut_ptr(), MR);
+            } else {
+                for r in 0..nr {
+                    for q in 0..kc2 {
+                        panel[q * MR + r] = a.pair(r0 + r, p0 + 2 * q, pend);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Packs depth `[p0, pend)` x columns `[0, n)` of `b` (element `(p, j)`) into panels of `NR`
+/// columns: `out[panel][q][c]`, zero-padded.
+fn pack_b(b: View, n: usize, p0: usize, pend: usize, out: &mut Vec<u32>, parallel: bool) {
+    let kc2 = (pend - p0).div_ceil(2);
+    let panels = n.div_ceil(NR);
+    out.clear();
+    out.resize(panels * kc2 * NR, 0);
+    // Reading b transposed: element (p, j) is bt(j, p) with swapped strides.
+    let bt = View {
+        ptr: b.ptr,
+        rs: b.cs,
+        cs: b.rs,
+    };
+    let fill = |(pi, panel): (usize, &mut [u32])| {
+        let j0 = pi * NR;
+        let nc = NR.min(n - j0);
+        // SAFETY: columns j0..j0 + nc and depth p0..pend lie inside `b`; the panel holds
+        // kc2 * NR words; the vector paths run only where `available()`.
+        unsafe {
+            if bt.cs == 1 {
+                for h in 0..nc.div_ceil(16) {
+                    let c = (nc - 16 * h).min(16);
+                    pack_k_contiguous(
+                        bt,
+                        j0 + 16 * h,
+                        c,
+                        p0,
+                        pend,
+                        panel.as_mut_ptr().add(16 * h),
+                        NR,
+                    );
+                }
+            } else if bt.rs == 1 {
+                pack_lines_contiguous(bt.ptr, bt.cs, j0, nc, p0, pend, panel.as_mut_ptr(), NR);
+            } else {
+                for c in 0..nc {
+                    for q in 0..kc2 {
+                        panel[q * NR + c] = bt.pair(j0 + c, p0 + 2 * q, pend);
+                    }
+                }
+            }
+        }
+    };
+    if parallel {
+        out.par_chunks_mut(kc2 * NR).enumerate().for_each(fill);
+    } else {
+        out.chunks_mut(kc2 * NR).enumerate().for_each(fill);
+    }
+}
+
+/// Lane mask of the first `n` (at most 16) lanes.
+#[inline(always)]
+fn lanes(n: usize) -> u16 {
+    if n >= 16 {
+        0xFFFF
+    } else {
+        ((1u32 << n) - 1) as u16
+    }
+}
+
+/// Packs `lines` (at most 16) lines of `v` whose elements are contiguous along the depth
+/// (`v.cs == 1`; line `l` starts at `v.ptr + (l0 + l) * v.rs`) into `out[q * stride + l]`:
+/// each line's 32 consecutive floats become 16 pair words, and a 16 x 16 transpose turns the
+/// lines' words into rows of `out`.
+///
+/// # Safety
+/// The lines and depth range must lie inside `v`'s matrix, `out` must hold
+/// `ceil((pend - p0) / 2) * stride` words with `stride >= lines`, and the CPU must have
+/// AVX-512F and AVX-512 BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn pack_k_contiguous(
+    v: View,
+    l0: usize,
+    lines: usize,
+    p0: usize,
+    pend: usize,
+    out: *mut u32,
+    stride: usize,
+) {
+    let kc2 = (pend - p0).div_ceil(2);
+    let store = lanes(lines.min(stride));
+    let mut words = [_mm512_setzero_si512(); 16];
+    // SAFETY: loads are masked to the depth range, stores to the lines and pairs present.
+    unsafe {
+        for qb in (0..kc2).step_by(16) {
+            let p = p0 + 2 * qb;
+            let left = pend - p;
+            let (m0, m1) = (lanes(left), lanes(left.saturating_sub(16)));
+            for (l, w) in words.iter_mut().enumerate() {
+                *w = if l < lines {
+                    let src = v.ptr.offset((l0 + l) as isize * v.rs + p as isize);
+                    let x0 = _mm512_maskz_loadu_ps(m0, src);
+                    let x1 = _mm512_maskz_loadu_ps(m1, src.add(16));
+                    std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(x1, x0))
+                } else {
+                    _mm512_setzero_si512()
+                };
+            }
+            transpose16(&mut words);
+            for (qq, w) in words.iter().enumerate().take(kc2 - qb) {
+                _mm512_mask_storeu_epi32(out.add((qb + qq) * stride).cast(), store, *w);
+            }
+        }
+    }
+}
+
+/// Packs `count` (at most `stride`) consecutive lines that are contiguous across lines (line
+/// `l`'s element at depth `p` is at `ptr + (l0 + l) + p * pstride`) into `out[q * stride + l]`:
+/// two depth rows at a time become one row of pair words.
+///
+/// # Safety
+/// As [`pack_k_contiguous`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_lines_contiguous(
+    ptr: *const f32,
+    pstride: isize,
+    l0: usize,
+    count: usize,
+    p0: usize,
+    pend: usize,
+    out: *mut u32,
+    stride: usize,
+) {
+    let kc2 = (pend - p0).div_ceil(2);
+    // SAFETY: loads and stores are masked to the lines present.
+    unsafe {
+        for h in 0..count.div_ceil(16) {
+            let mask = lanes(count - 16 * h);
+            let base = ptr.add(l0 + 16 * h);
+            for q in 0..kc2 {
+                let p = p0 + 2 * q;
+                let lo = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(
+                    mask,
+                    base.offset(p as isize * pstride),
+                ));
+                let hi = if p + 1 < pend {
+                    _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(
+                        mask,
+                        base.offset((p + 1) as isize * pstride),
+                    ))
+                } else {
+                    std::mem::transmute::<__m256i, __m256bh>(_mm256_setzero_si256())
+                };
+                let lo = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(lo));
+                let hi = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(hi));
+                let w = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
+                _mm512_mask_storeu_epi32(out.add(q * stride + 16 * h).cast(), mask, w);
+            }
+        }
+    }
+}
+
+/// In-place transpose of a 16 x 16 matrix of 32-bit words held as 16 rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: &mut [__m512i; 16]) {
+    let mut t = [_mm512_setzero_si512(); 16];
+    // Pairs of rows interleaved within 128-bit lanes.
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    // 4 x 4 transposes within 128-bit lanes: u[4i + j], lane L holds rows 4i..4i+4 at
+    // column 4L + j.
+    let mut u = [_mm512_setzero_si512(); 16];
+    for i in 0..4 {
+        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    // 4 x 4 transposes of 128-bit lanes across u[j], u[4 + j], u[8 + j], u[12 + j].
+    for j in 0..4 {
+        let v0 = _mm512_shuffle_i32x4::<0x44>(u[j], u[4 + j]);
+        let v1 = _mm512_shuffle_i32x4::<0xEE>(u[j], u[4 + j]);
+        let v2 = _mm512_shuffle_i32x4::<0x44>(u[8 + j], u[12 + j]);
+        let v3 = _mm512_shuffle_i32x4::<0xEE>(u[8 + j], u[12 + j]);
+        r[j] = _mm512_shuffle_i32x4::<0x88>(v0, v2);
+        r[4 + j] = _mm512_shuffle_i32x4::<0xDD>(v0, v2);
+        r[8 + j] = _mm512_shuffle_i32x4::<0x88>(v1, v3);
+        r[12 + j] = _mm512_shuffle_i32x4::<0xDD>(v1, v3);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pack_k_contiguous(
+    _v: View,
+    _l0: usize,
+    _lines: usize,
+    _p0: usize,
+    _pend: usize,
+    _out: *mut u32,
+    _stride: usize,
+) {
+    unreachable!("bf16 kernels run only where `available()` is true (x86-64 with AVX-512 BF16)")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_lines_contiguous(
+    _ptr: *const f32,
+    _pstride: isize,
+    _l0: usize,
+    _count: usize,
+    _p0: usize,
+    _pend: usize,
+    _out: *mut u32,
+    _stride: usize,
+) {
+    unreachable!("bf16 kernels run only where `available()` is true (x86-64 with AVX-512 BF16)")
+}
+
+thread_local! {
+    static A_BUF: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    static B_BUF: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The output pointer, shared by jobs that write disjoint tiles.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: jobs write disjoint tiles of C (see `gemm_bf16`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer `offset` elements on (a method, so closures capture the whole wrapper).
+    ///
+    /// # Safety
+    /// The offset must stay inside the output.
+    unsafe fn at(&self, offset: usize) -> *mut f32 {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// `c = alpha * op(a) op(b)` (or `c += ...` when `accumulate`) with bf16-rounded operands and
+/// f32 accumulation. `a` is `m x k` with element `(i, p)` at `a + i * a_rs + p * a_cs`, `b` is
+/// `k x n` likewise, `c` is row-major with leading dimension `ldc`. `threads > 1` spreads the
+/// work over rayon's pool.
+///
+/// # Safety
+/// [`available`] must be true; every addressed element must be valid; `c`'s `m x n` view must
+/// not be read or written by anyone else during the call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_bf16(
+    c: *mut f32,
+    ldc: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    a_rs: isize,
+    a_cs: isize,
+    b: *const f32,
+    b_rs: isize,
+    b_cs: isize,
+    alpha: f32,
+    accumulate: bool,
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                // SAFETY: row i of C's m x n view is valid and ours.
+                unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), n).fill(0.0) };
+            }
+        }
+        return;
+    }
+    let av = View {
+        ptr: a,
+        rs: a_rs,
+        cs: a_cs,
+    };
+    let bv = View {
+        ptr: b,
+        rs: b_rs,
+        cs: b_cs,
+    };
+    let out = OutPtr(c);
+    let threads = threads.max(1);
+    // Row blocks of at most MC (a multiple of MR), enough of them to feed every thread; when
+    // there are too few rows, column chunks too.
+    let per_thread = m.div_ceil(threads).div_ceil(MR) * MR;
+    let mc = per_thread.clamp(MR, MC);
+    let m_blocks = m.div_ceil(mc);
+    let n_panels = n.div_ceil(NR);
+    let n_chunks = if threads > 1 {
+        (2 * threads).div_ceil(m_blocks).clamp(1, n_panels)
+    } else {
+        1
+    };
+    let panels_per_chunk = n_panels.div_ceil(n_chunks);
+    let n_chunks = n_panels.div_ceil(panels_per_chunk);
+    B_BUF.with(|bb| {
+        let mut bbuf = bb.borrow_mut();
+        let mut p0 = 0;
+        while p0 < k {
+            let pend = (p0 + KC).min(k);
+            let kc2 = (pend - p0).div_ceil(2);
+            let first = p0 == 0 && !accumulate;
+            pack_b(bv, n, p0, pend, &mut bbuf, threads > 1);
+            let packed_b: &[u32] = &bbuf;
+            let job = |jb: usize| {
+                let (mb, nc) = (jb / n_chunks, jb % n_chunks);
+                let i0 = mb * mc;
+                let rows = mc.min(m - i0);
+                let pan0 = nc * panels_per_chunk;
+                let pan1 = (pan0 + panels_per_chunk).min(n_panels);
+                A_BUF.with(|ab| {
+                    let mut abuf = ab.borrow_mut();
+                    pack_a(av, i0, rows, p0, pend, &mut abuf);
+                    for pj in pan0..pan1 {
+                        let j0 = pj * NR;
+                        let cols = NR.min(n - j0);
+                        let pb = &packed_b[pj * kc2 * NR..(pj + 1) * kc2 * NR];
+                        for pi in 0..rows.div_ceil(MR) {
+                            let pa = &abuf[pi * kc2 * MR..(pi + 1) * kc2 * MR];
+                            let r0 = i0 + pi * MR;
+                            let tile_rows = MR.min(m - r0);
+                            // SAFETY: the tile (r0.., j0..) of size tile_rows x cols lies
+                            // inside C and belongs to this job alone; the kernel's features
+                            // were checked by the caller.
+                            unsafe {
+                                kernel(
+                                    kc2,
+                                    pa.as_ptr(),
+                                    pb.as_ptr(),
+                                    out.at(r0 * ldc + j0),
+                                    ldc,
+                                    tile_rows,
+                                    cols,
+                                    alpha,
+                                    first,
+                                );
+                            }
+                        }
+                    }
+                });
+            };
+            let jobs = m_blocks * n_chunks;
+            if threads > 1 && jobs > 1 {
+                (0..jobs).into_par_iter().for_each(job);
+            } else {
+                (0..jobs).for_each(job);
+            }
+            p0 = pend;
+        }
+    });
+}
+
+/// One `MR x NR` tile: `c = alpha * a b` when `first`, else `c += alpha * a b`, writing only
+/// the top-left `rows x cols`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel(
+    kc2: usize,
+    pa: *const u32,
+    pb: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    alpha: f32,
+    first: bool,
+) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    // SAFETY: pa holds kc2 * MR words, pb kc2 * NR words.
+    unsafe {
+        for q in 0..kc2 {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(pb.add(q * NR).cast()));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(pb.add(q * NR + 16).cast()));
+            let arow = pa.add(q * MR);
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let w: __m512bh = std::mem::transmute(_mm512_set1_epi32(*arow.add(r) as i32));
+                acc_r[0] = _mm512_dpbf16_ps(acc_r[0], w, b0);
+                acc_r[1] = _mm512_dpbf16_ps(acc_r[1], w, b1);
+            }
+        }
+        let va = _mm512_set1_ps(alpha);
+        let m0: __mmask16 = if cols >= 16 {
+            0xFFFF
+        } else {
+            ((1u32 << cols) - 1) as u16
+        };
+        let m1: __mmask16 = if cols >= 32 {
+            0xFFFF
+        } else if cols > 16 {
+            ((1u32 << (cols - 16)) - 1) as u16
+        } else {
+            0
+        };
+        for (r, acc_r) in acc.iter().enumerate().take(rows) {
+            let row = c.add(r * ldc);
+            for (h, mask) in [(0usize, m0), (1, m1)] {
+                if mask == 0 {
+                    continue;
+                }
+                let p = row.add(16 * h);
+                let v = if first {
+                    _mm512_mul_ps(acc_r[h], va)
+                } else {
+                    _mm512_fmadd_ps(acc_r[h], va, _mm512_maskz_loadu_ps(mask, p))
+                };
+                _mm512_mask_storeu_ps(p, mask, v);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel(
+    _kc2: usize,
+    _pa: *const u32,
+    _pb: *const u32,
+    _c: *mut f32,
+    _ldc: usize,
+    _rows: usize,
+    _cols: usize,
+    _alpha: f32,
+    _first: bool,
+) {
+    unreachable!("bf16 kernels run only where `available()` is true (x86-64 with AVX-512 BF16)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The exact product of the bf16-rounded operands, in f64.
+    fn reference(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k)
+                    .map(|p| round_bf16(a[i * k + p]) as f64 * round_bf16(b[p * n + j]) as f64)
+                    .sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(round_bf16(1.0), 1.0);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to the even mantissa, 1.
+        assert_eq!(round_bf16(1.0 + 1.0 / 256.0), 1.0);
+        // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: ties go to 1 + 2^-6.
+        assert_eq!(round_bf16(1.0 + 3.0 / 256.0), 1.0 + 1.0 / 64.0);
+        assert_eq!(round_bf16(-2.5), -2.5);
+        assert!(round_bf16(f32::NAN).is_nan());
+        assert_eq!(round_bf16(f32::INFINITY), f32::INFINITY);
+    }
+
+    #[test]
+    fn matches_the_rounded_product_in_every_orientation_and_shape() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        }
+        // Odd k, partial tiles in both directions, several k blocks, one and two threads.
+        for &(m, k, n, threads) in &[
+            (1, 1, 1, 1),
+            (13, 7, 33, 1),
+            (29, 301, 70, 2),
+            (150, 515, 45, 2),
+            (5, 0, 3, 1),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.61).cos()).collect();
+            let want = reference(&a, &b, m, k, n);
+            let at: Vec<f32> = (0..k * m).map(|idx| a[(idx % m) * k + idx / m]).collect();
+            let bt: Vec<f32> = (0..n * k).map(|idx| b[(idx % k) * n + idx / k]).collect();
+            // (pointer, row stride, column stride) of A (m x k) and B (k x n).
+            let a_views = [
+                (a.as_ptr(), k as isize, 1isize),
+                (at.as_ptr(), 1, m as isize),
+            ];
+            let b_views = [
+                (b.as_ptr(), n as isize, 1isize),
+                (bt.as_ptr(), 1, k as isize),
+            ];
+            for &(ap, ars, acs) in &a_views {
+                for &(bp, brs, bcs) in &b_views {
+                    let ldc = n + 3;
+                    let mut c = vec![1f32; m * ldc];
+                    // SAFETY: the views and the output cover exactly the test's buffers.
+                    unsafe {
+                        gemm_bf16(
+                            c.as_mut_ptr(),
+                            ldc,
+                            m,
+                            n,
+                            k,
+                            ap,
+                            ars,
+                            acs,
+                            bp,
+                            brs,
+                            bcs,
+                            2.0,
+                            true,
+                            threads,
+                        )
+                    };
+                    for i in 0..m {
+                        for j in 0..n {
+                            let w = 1.0 + 2.0 * want[i * n + j];
+                            let got = c[i * ldc + j] as f64;
+                            assert!(
+                                (got - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                                "({m},{k},{n}) at ({i},{j}): {got} vs {w}"
+                            );
+                        }
+                        for j in n..ldc {
+                            assert_eq!(c[i * ldc + j], 1.0, "wrote past the view");
+                        }
+                    }
+                    unsafe {
+                        gemm_bf16(
+                            c.as_mut_ptr(),
+                            ldc,
+                            m,
+                            n,
+                            k,
+                            ap,
+                            ars,
+                            acs,
+                            bp,
+                            brs,
+                            bcs,
+                            1.0,
+                            false,
+                            threads,
+                        )
+                    };
+                    for i in 0..m {
+                        for j in 0..n {
+                            let w = want[i * n + j];
+                            let got = c[i * ldc + j] as f64;
+                            assert!((got - w).abs() <= 1e-4 * (1.0 + w.abs()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

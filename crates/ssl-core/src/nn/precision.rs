@@ -1,0 +1,24 @@
+//! The precision of the fused CPU stack's matrix products, chosen per forward pass through
+//! [`crate::Ctx`] (the trainer takes it from `TrainConfig::matmul_precision`).
+
+use serde::{Deserialize, Serialize};
+
+/// How the fused CPU transformer stack multiplies matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MatmulPrecision {
+    /// f32 operands and accumulation (the default).
+    #[default]
+    F32,
+    /// The linear layers' operands rounded to bf16 (nearest even), products summed in f32,
+    /// results in f32: PyTorch's CPU autocast for those matmuls. Parameters, gradients,
+    /// optimizer state, attention and every elementwise pass stay f32 (f32 master weights).
+    /// Used only on CPUs with AVX-512 BF16 (see [`bf16_matmul_available`]); elsewhere, and on
+    /// the composite (reference or GPU) path, the products stay f32.
+    Bf16,
+}
+
+/// True when this CPU has the bf16 kernels (AVX-512F and AVX-512 BF16).
+pub fn bf16_matmul_available() -> bool {
+    super::fused::bf16_available()
+}

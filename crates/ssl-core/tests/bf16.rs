@@ -1,0 +1,201 @@
+//! bf16 products in the fused CPU stack (`MatmulPrecision::Bf16`): outputs and gradients stay
+//! within bf16's rounding of the f64 reference, they really differ from the f32 path (so the
+//! bf16 kernels ran), and a model trained with them learns as the f32 one does. Skipped, with
+//! a line on stderr, on CPUs without AVX-512 BF16.
+
+use candle_core::{DType, Device, Tensor, Var};
+use ssl_core::nn::{
+    bf16_matmul_available, MatmulPrecision, NormPlacement, StackKernel, TransformerConfig,
+    TransformerStack,
+};
+use ssl_core::optim::{AdamW, AdamWConfig};
+use ssl_core::{Ctx, ParamStore, SslRng};
+
+const B: usize = 2;
+const T: usize = 12;
+const D: usize = 32;
+
+fn config(norm: NormPlacement) -> TransformerConfig {
+    // Every product has all dimensions >= 16, so each runs in bf16.
+    TransformerConfig {
+        dim: D,
+        depth: 2,
+        heads: 2,
+        mlp_dim: 64,
+        norm,
+        ..TransformerConfig::default()
+    }
+}
+
+fn build(norm: NormPlacement, dtype: DType, kernel: StackKernel) -> (ParamStore, TransformerStack) {
+    let store = ParamStore::with_dtype(&Device::Cpu, dtype);
+    let mut stack = TransformerStack::new(&config(norm), &store.builder(5)).unwrap();
+    stack.set_kernel(kernel);
+    (store, stack)
+}
+
+fn skip() -> bool {
+    if !bf16_matmul_available() {
+        eprintln!("skipped: this CPU has no AVX-512 BF16");
+        return true;
+    }
+    false
+}
+
+/// Loss `sum(w * last)` and the gradients of the input and every parameter, as f64.
+fn gradients(
+    store: &ParamStore,
+    stack: &TransformerStack,
+    dtype: DType,
+    precision: MatmulPrecision,
+) -> (f64, Vec<(String, Vec<f64>)>) {
+    let mut rng = SslRng::new(21);
+    let x = Tensor::from_vec(rng.normal_vec(B * T * D, 0.0, 1.0), (B, T, D), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    let w = Tensor::from_vec(rng.normal_vec(B * T * D, 0.0, 1.0), (B, T, D), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    let mut lens = vec![1f32; B * T];
+    lens[T + 9..].fill(0.0);
+    let mask = Tensor::from_vec(lens, (B, T), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    let xv = Var::from_tensor(&x).unwrap();
+    let mut r = SslRng::new(0);
+    let mut ctx = Ctx::eval(&mut r).with_precision(precision);
+    let out = stack
+        .forward(xv.as_tensor(), Some(&mask), &mut ctx)
+        .unwrap();
+    let loss = (&out.last * &w).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let f64s = |t: &Tensor| {
+        t.flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
+    let mut all = vec![(
+        "input".to_string(),
+        f64s(grads.get(xv.as_tensor()).unwrap()),
+    )];
+    for (name, var) in store.vars() {
+        all.push((name, f64s(grads.get(var.as_tensor()).unwrap())));
+    }
+    let l = loss
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    (l, all)
+}
+
+/// `|a - b| / |b|` over a whole tensor.
+fn rel(a: &[f64], b: &[f64]) -> f64 {
+    let diff: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let norm: f64 = b.iter().map(|y| y * y).sum();
+    (diff / norm.max(1e-30)).sqrt()
+}
+
+#[test]
+fn bf16_gradients_stay_within_rounding_of_the_f64_reference() {
+    if skip() {
+        return;
+    }
+    for norm in [NormPlacement::Post, NormPlacement::Pre] {
+        let (s64, r64) = build(norm, DType::F64, StackKernel::Reference);
+        let (s32, f32k) = build(norm, DType::F32, StackKernel::Fused);
+        let (l_ref, g_ref) = gradients(&s64, &r64, DType::F64, MatmulPrecision::F32);
+        let (l_f32, g_f32) = gradients(&s32, &f32k, DType::F32, MatmulPrecision::F32);
+        let (l_bf, g_bf) = gradients(&s32, &f32k, DType::F32, MatmulPrecision::Bf16);
+        // bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2%); the outputs (about
+        // unit size after the norm) err by well under 1%, and the loss sums B*T*D of them
+        // with random unit weights, so its error grows as the square root of that count.
+        let n = (B * T * D) as f64;
+        assert!(
+            (l_bf - l_ref).abs() < 1e-2 * n.sqrt(),
+            "{norm:?}: loss {l_bf} vs {l_ref}"
+        );
+        assert!((l_f32 - l_ref).abs() < 1e-4 * (1.0 + l_ref.abs()));
+        let mut widest = 0f64;
+        for (((name, r), (_, f)), (_, b)) in g_ref.iter().zip(&g_f32).zip(&g_bf) {
+            if name.ends_with("key.bias") {
+                // Its true gradient is zero (a softmax ignores a shift shared by all keys):
+                // only rounding is left, which no relative error can measure.
+                let worst = b.iter().fold(0f64, |m, v| m.max(v.abs()));
+                assert!(worst < 1e-3, "{norm:?} {name}: {worst:e}");
+                continue;
+            }
+            let (e32, e16) = (rel(f, r), rel(b, r));
+            assert!(e32 < 1e-4, "{norm:?} {name}: f32 relative error {e32:e}");
+            assert!(e16 < 3e-2, "{norm:?} {name}: bf16 relative error {e16:e}");
+            widest = widest.max(e16);
+        }
+        // The bf16 kernels ran: their rounding shows, far above f32's.
+        assert!(
+            widest > 1e-3,
+            "{norm:?}: bf16 gradients are as exact as f32 ({widest:e}); were they computed in bf16?"
+        );
+    }
+}
+
+#[test]
+fn the_reference_path_ignores_bf16() {
+    // The composite path (and the GPU) has no bf16 products: it must give the f32 result.
+    let (store, stack) = build(NormPlacement::Post, DType::F32, StackKernel::Reference);
+    let (la, ga) = gradients(&store, &stack, DType::F32, MatmulPrecision::F32);
+    let (lb, gb) = gradients(&store, &stack, DType::F32, MatmulPrecision::Bf16);
+    assert_eq!(la, lb);
+    assert_eq!(ga, gb);
+}
+
+/// Fits the stack to map random inputs to a fixed random linear map of themselves, and
+/// returns the loss at the start and after `steps` AdamW steps.
+fn fit(precision: MatmulPrecision, steps: usize) -> (f64, f64) {
+    let (store, stack) = build(NormPlacement::Pre, DType::F32, StackKernel::Fused);
+    let mut rng = SslRng::new(3);
+    let x = Tensor::from_vec(rng.normal_vec(4 * T * D, 0.0, 1.0), (4, T, D), &Device::Cpu).unwrap();
+    let m = Tensor::from_vec(rng.normal_vec(D * D, 0.0, 0.2), (D, D), &Device::Cpu).unwrap();
+    let target = x.broadcast_matmul(&m).unwrap();
+    let mut opt = AdamW::new(&store, AdamWConfig::default()).unwrap();
+    let vars: Vec<Tensor> = opt.vars().map(|v| v.as_tensor().clone()).collect();
+    let mut losses = Vec::new();
+    for _ in 0..=steps {
+        let mut r = SslRng::new(0);
+        let mut ctx = Ctx::train(&mut r).with_precision(precision);
+        let out = stack.forward(&x, None, &mut ctx).unwrap();
+        let loss = (&out.last - &target)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap();
+        losses.push(loss.to_scalar::<f32>().unwrap() as f64);
+        let grads = loss.backward().unwrap();
+        let g: Vec<Option<Tensor>> = vars.iter().map(|v| grads.get(v).cloned()).collect();
+        opt.step(&g, 3e-3).unwrap();
+    }
+    (losses[0], losses[steps])
+}
+
+#[test]
+fn training_with_bf16_products_learns_as_f32_does() {
+    if skip() {
+        return;
+    }
+    let (start32, end32) = fit(MatmulPrecision::F32, 60);
+    let (start16, end16) = fit(MatmulPrecision::Bf16, 60);
+    assert!((start16 - start32).abs() < 2e-2 * start32);
+    assert!(end32 < 0.5 * start32, "f32: {start32} -> {end32}");
+    assert!(end16 < 0.5 * start16, "bf16: {start16} -> {end16}");
+    // Same trajectory up to rounding noise.
+    assert!(
+        (end16 - end32).abs() < 0.1 * end32,
+        "bf16 ends at {end16}, f32 at {end32}"
+    );
+}
