@@ -441,6 +441,14 @@ impl<T: PretextTask> Trainer<T> for LoopTrainer {
     ) -> Result<TrainReport> {
         let cfg = self.cfg.clone();
         let main = self.collective.is_main();
+        if main
+            && cfg.matmul_precision == MatmulPrecision::Bf16
+            && !crate::nn::bf16_matmul_available()
+        {
+            eprintln!(
+                "train.matmul_precision = bf16: this CPU has no AVX-512 BF16, so the products stay f32"
+            );
+        }
         let params = task.params();
         let mut opt = AdamW::new(params, cfg.adamw())?;
         let vars: Vec<Tensor> = opt.vars().map(|v| v.as_tensor().clone()).collect();

@@ -12,11 +12,12 @@ use ssl_core::optim::{AdamW, AdamWConfig};
 use ssl_core::{Ctx, ParamStore, SslRng};
 
 const B: usize = 2;
-const T: usize = 12;
+const T: usize = 16;
 const D: usize = 32;
 
 fn config(norm: NormPlacement) -> TransformerConfig {
-    // Every product has all dimensions >= 16, so each runs in bf16.
+    // Every product (linear layers and per-head attention: T = head width = 16) has all
+    // dimensions >= 16, so each runs in bf16.
     TransformerConfig {
         dim: D,
         depth: 2,
@@ -126,9 +127,16 @@ fn bf16_gradients_stay_within_rounding_of_the_f64_reference() {
         for (((name, r), (_, f)), (_, b)) in g_ref.iter().zip(&g_f32).zip(&g_bf) {
             if name.ends_with("key.bias") {
                 // Its true gradient is zero (a softmax ignores a shift shared by all keys):
-                // only rounding is left, which no relative error can measure.
+                // only rounding is left, which no relative error can measure. It must stay
+                // small against the key weights' gradient, a sum of the same terms.
+                let wname = name.replace("bias", "weight");
+                let (_, wref) = g_ref.iter().find(|(n, _)| *n == wname).unwrap();
+                let scale = wref.iter().fold(0f64, |m, v| m.max(v.abs()));
                 let worst = b.iter().fold(0f64, |m, v| m.max(v.abs()));
-                assert!(worst < 1e-3, "{norm:?} {name}: {worst:e}");
+                assert!(
+                    worst < 3e-2 * scale,
+                    "{norm:?} {name}: {worst:e} vs {scale:e}"
+                );
                 continue;
             }
             let (e32, e16) = (rel(f, r), rel(b, r));

@@ -10,9 +10,11 @@ pub enum MatmulPrecision {
     /// f32 operands and accumulation (the default).
     #[default]
     F32,
-    /// The linear layers' operands rounded to bf16 (nearest even), products summed in f32,
-    /// results in f32: PyTorch's CPU autocast for those matmuls. Parameters, gradients,
-    /// optimizer state, attention and every elementwise pass stay f32 (f32 master weights).
+    /// The stack's products (linear layers and the per-head attention products, forward and
+    /// backward, each with every dimension at least 16) take operands rounded to bf16
+    /// (nearest even), sum in f32 and return f32: PyTorch's CPU autocast for matmuls.
+    /// Parameters, gradients, optimizer state, softmax, norms and every other elementwise
+    /// pass stay f32 (f32 master weights).
     /// Used only on CPUs with AVX-512 BF16 (see [`bf16_matmul_available`]); elsewhere, and on
     /// the composite (reference or GPU) path, the products stay f32.
     Bf16,

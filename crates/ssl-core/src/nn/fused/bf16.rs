@@ -415,8 +415,9 @@ pub(crate) unsafe fn gemm_bf16(
     let threads = threads.max(1);
     // Row blocks of at most MC (a multiple of MR), enough of them to feed every thread; when
     // there are too few rows, column chunks too.
-    let per_thread = m.div_ceil(threads).div_ceil(MR) * MR;
-    let mc = per_thread.clamp(MR, MC);
+    // The block count is rounded up to a multiple of the threads so they finish together.
+    let blocks = m.div_ceil(MC).div_ceil(threads) * threads;
+    let mc = m.div_ceil(blocks).div_ceil(MR) * MR;
     let m_blocks = m.div_ceil(mc);
     let n_panels = n.div_ceil(NR);
     let n_chunks = if threads > 1 {

@@ -92,32 +92,6 @@ pub(crate) fn matmul(
     }
     assert!((m - 1) * ldc + n - 1 < c.len(), "output view out of bounds");
     assert!(ldc >= n, "output leading dimension too small");
-    if bf16 && k >= BF16_MIN_DIM && m.min(n) >= BF16_MIN_DIM && super::bf16::available() {
-        let threads = match par {
-            Parallelism::Rayon(t) => t,
-            _ => 1,
-        };
-        // SAFETY: the views were checked as below; the kernels' CPU features too.
-        unsafe {
-            super::bf16::gemm_bf16(
-                c.as_mut_ptr(),
-                ldc,
-                m,
-                n,
-                k,
-                a.data.as_ptr(),
-                a_rs,
-                a_cs,
-                b.data.as_ptr(),
-                b_rs,
-                b_cs,
-                alpha,
-                accumulate,
-                threads,
-            )
-        };
-        return;
-    }
     // SAFETY: every view was checked to lie inside its slice; `c` is borrowed mutably, so it
     // cannot alias `a` or `b`.
     unsafe {
@@ -136,12 +110,13 @@ pub(crate) fn matmul(
             alpha,
             accumulate,
             par,
+            bf16,
         );
     }
 }
 
-/// The unchecked product behind [`matmul`], for the attention's per-head blocks, which write
-/// disjoint parts of one buffer from several threads.
+/// The unchecked product behind [`matmul`] (`bf16` as there), for the attention's per-head
+/// blocks, which write disjoint parts of one buffer from several threads.
 ///
 /// # Safety
 /// Every element addressed through the pointers and strides must be valid, and `c`'s elements
@@ -162,6 +137,7 @@ pub(crate) unsafe fn matmul_raw(
     alpha: f32,
     accumulate: bool,
     par: Parallelism,
+    bf16: bool,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -175,6 +151,19 @@ pub(crate) unsafe fn matmul_raw(
                 }
             }
         }
+        return;
+    }
+    if bf16 && k >= BF16_MIN_DIM && m.min(n) >= BF16_MIN_DIM && super::bf16::available() {
+        let threads = match par {
+            Parallelism::Rayon(t) => t,
+            _ => 1,
+        };
+        // SAFETY: forwarded from the caller; the kernels' CPU features were checked.
+        unsafe {
+            super::bf16::gemm_bf16(
+                c, ldc, m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, alpha, accumulate, threads,
+            )
+        };
         return;
     }
     // gemm computes dst = alpha * dst + beta * lhs * rhs (dst read only when read_dst).

@@ -31,7 +31,7 @@ pub(crate) struct FusedSpec {
     pub attn_dropout: f32,
     pub eps: f32,
     pub causal: bool,
-    /// The linear layers' products in bf16 (f32 accumulation); the caller checked the CPU.
+    /// Every product in bf16 (f32 accumulation); the caller checked the CPU.
     pub bf16: bool,
 }
 
@@ -401,6 +401,7 @@ impl StackOp {
                     scale,
                     false,
                     gemm::Parallelism::None,
+                    self.spec.bf16,
                 );
                 simd::softmax_rows(pb, &key_bias[bi * t..(bi + 1) * t], causal, 0);
                 let probs: &[f32] = match pd_ptr {
@@ -428,6 +429,7 @@ impl StackOp {
                     1.0,
                     false,
                     gemm::Parallelism::None,
+                    self.spec.bf16,
                 );
             }
         });
@@ -484,6 +486,7 @@ impl StackOp {
                     1.0,
                     false,
                     gemm::Parallelism::None,
+                    self.spec.bf16,
                 );
                 // dV = P^T dctx
                 matmul_raw(
@@ -501,6 +504,7 @@ impl StackOp {
                     1.0,
                     false,
                     gemm::Parallelism::None,
+                    self.spec.bf16,
                 );
                 if drop {
                     simd::dropout(&mut ds, seed, (bh * t * t) as u32, thr, dscale);
@@ -522,6 +526,7 @@ impl StackOp {
                     scale,
                     false,
                     gemm::Parallelism::None,
+                    self.spec.bf16,
                 );
                 // dK = scale dS^T Q
                 matmul_raw(
@@ -539,6 +544,7 @@ impl StackOp {
                     scale,
                     false,
                     gemm::Parallelism::None,
+                    self.spec.bf16,
                 );
             }
         });
