@@ -346,6 +346,18 @@ thread_local! {
     static B_BUF: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Runs `f` on this thread's packing buffer `key`, or on a fresh one if it is in use (a rayon
+/// worker waiting in one product may steal a job that runs another).
+fn with_buf<R>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<u32>>>,
+    f: impl FnOnce(&mut Vec<u32>) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => f(&mut buf),
+        Err(_) => f(&mut Vec::new()),
+    })
+}
+
 /// The output pointer, shared by jobs that write disjoint tiles.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -427,24 +439,22 @@ pub(crate) unsafe fn gemm_bf16(
     };
     let panels_per_chunk = n_panels.div_ceil(n_chunks);
     let n_chunks = n_panels.div_ceil(panels_per_chunk);
-    B_BUF.with(|bb| {
-        let mut bbuf = bb.borrow_mut();
+    with_buf(&B_BUF, |bbuf| {
         let mut p0 = 0;
         while p0 < k {
             let pend = (p0 + KC).min(k);
             let kc2 = (pend - p0).div_ceil(2);
             let first = p0 == 0 && !accumulate;
-            pack_b(bv, n, p0, pend, &mut bbuf, threads > 1);
-            let packed_b: &[u32] = &bbuf;
+            pack_b(bv, n, p0, pend, bbuf, threads > 1);
+            let packed_b: &[u32] = bbuf;
             let job = |jb: usize| {
                 let (mb, nc) = (jb / n_chunks, jb % n_chunks);
                 let i0 = mb * mc;
                 let rows = mc.min(m - i0);
                 let pan0 = nc * panels_per_chunk;
                 let pan1 = (pan0 + panels_per_chunk).min(n_panels);
-                A_BUF.with(|ab| {
-                    let mut abuf = ab.borrow_mut();
-                    pack_a(av, i0, rows, p0, pend, &mut abuf);
+                with_buf(&A_BUF, |abuf| {
+                    pack_a(av, i0, rows, p0, pend, abuf);
                     for pj in pan0..pan1 {
                         let j0 = pj * NR;
                         let cols = NR.min(n - j0);
