@@ -148,18 +148,30 @@ struct Loaded {
     labels: Option<Vec<String>>,
 }
 
+/// Reads a data set; with `par`, this rank's share of the rows.
 fn load(
     paths: &[String],
     cfg: &DataConfig,
     label_column: Option<&str>,
+    par: Option<&Parallel>,
 ) -> Result<Loaded, CliError> {
-    let table = ssl_timeseries::read_series(
+    let options = match par {
+        Some(p) => p.read_options(cfg.skip_bad_rows),
+        None => ssl_data::ReadOptions {
+            skip_bad_rows: cfg.skip_bad_rows,
+            ..Default::default()
+        },
+    };
+    let table = ssl_timeseries::read_series_with(
         paths,
         &cfg.column,
         label_column,
         Some(&cfg.id_column),
-        cfg.skip_bad_rows,
+        &options,
     )?;
+    if let Some(p) = par {
+        p.report_share(&table.share, table.row_index.len(), "sequences");
+    }
     let mut examples = Vec::with_capacity(table.series.len());
     for mut e in table.series {
         if cfg.max_len > 0 && e.steps > cfg.max_len {
@@ -276,7 +288,8 @@ pub fn pretrain(
         "basic_motions_train.parquet",
         "UEA BasicMotions, 40 recordings x 6 channels x 100 steps",
     )?;
-    let loaded = load(&paths.paths, &cfg.data, None)?;
+    let (par, device) = Parallel::init(device)?;
+    let loaded = load(&paths.paths, &cfg.data, None, Some(&par))?;
     let features = loaded.examples.first().map_or(0, |e| e.features);
     if cfg.features != 0 && cfg.features != features {
         return Err(CliError::Config(format!(
@@ -285,7 +298,6 @@ pub fn pretrain(
         )));
     }
     cfg.features = features;
-    let (par, device) = Parallel::init(device)?;
     if par.is_main() {
         config::write_run_config(out, &config::to_toml(&cfg)?)?;
     }
@@ -312,6 +324,7 @@ pub fn pretrain(
             resume,
             config: run_config,
             par,
+            sharded: true,
         },
         &device,
     )
@@ -338,7 +351,7 @@ pub fn embed(
     set: &[String],
 ) -> Result<(), CliError> {
     let (ckpt, cfg, task, device) = load_model(checkpoint, set)?;
-    let loaded = load(data, &cfg.data, None)?;
+    let loaded = load(data, &cfg.data, None, None)?;
     let (emb, dim) = common::embed_all(&task, &loaded.examples, cfg.train.batch_size, &device)?;
     let mut meta = BTreeMap::new();
     meta.insert(
@@ -370,11 +383,11 @@ pub fn eval(
 ) -> Result<(), CliError> {
     let (ckpt, cfg, task, device) = load_model(checkpoint, set)?;
     let label = label_column.unwrap_or(&cfg.data.label_column).to_string();
-    let train = load(data, &cfg.data, Some(&label))?;
+    let train = load(data, &cfg.data, Some(&label), None)?;
     let test = if test.is_empty() {
         None
     } else {
-        Some(load(test, &cfg.data, Some(&label))?)
+        Some(load(test, &cfg.data, Some(&label), None)?)
     };
     let mut sets: Vec<&[SeqExample]> = vec![&train.examples];
     sets.extend(test.iter().map(|t| t.examples.as_slice()));

@@ -16,11 +16,10 @@ use ssl_core::{
 use ssl_data::{read_all, ColorMode, ColumnSpec, ReadOptions};
 use ssl_multimodal::{
     embed_images, embed_token_seqs, holdout_split, keep_best_pairs, pair_batch, read_pairs,
-    retrieval, tokenize_captions, zero_shot, ClipConfig, ClipModel, InMemoryPairSource,
-    MultimodalError, PairColumns, PairSet, TEXT_PREFIX, VISION_PREFIX,
+    read_pairs_of, retrieval, tokenize_captions, zero_shot, ClipConfig, ClipModel,
+    InMemoryPairSource, MultimodalError, PairColumns, PairSet, TEXT_PREFIX, VISION_PREFIX,
 };
 use ssl_text::{load_tokenizer, save_tokenizer, train_from_texts, SpecialIds, TokenizerConfig};
-use ssl_vision::augment::channel_stats;
 use ssl_vision::ViTConfig;
 use tokenizers::Tokenizer;
 
@@ -279,11 +278,13 @@ fn field<T: serde::de::DeserializeOwned>(v: &Value, ptr: &str, what: &Path) -> R
 }
 
 /// Fills the data-dependent parts of the configuration (image shape, normalisation,
-/// vocabulary; the tower settings of `init.*`) and checks it.
+/// vocabulary; the tower settings of `init.*`) and checks it. `train_images` is this rank's
+/// share: the normalisation statistics are taken over every rank's training images.
 fn complete_config(
     cfg: &mut MultimodalConfig,
     train_images: &ssl_vision::ImageSet,
     tok: &Tokenizer,
+    par: &Parallel,
 ) -> Result<(), CliError> {
     if cfg.train.accum_steps != 1 {
         return Err(CliError::Config(format!(
@@ -319,7 +320,7 @@ fn complete_config(
     m.image_height = h;
     m.image_width = w;
     if cfg.model.image_mean.is_empty() || cfg.model.image_std.is_empty() {
-        let (mean, std) = channel_stats(&train_images.data, c, h * w);
+        let (mean, std) = par.channel_stats(&train_images.data, c, h * w)?;
         if cfg.model.image_mean.is_empty() {
             cfg.model.image_mean = mean;
         }
@@ -466,6 +467,75 @@ fn filter_scores(run: &LoadedRun, pairs: &PairSet) -> Result<Vec<f32>, CliError>
     ssl_multimodal::pair_scores(&img, &txt).map_err(mm)
 }
 
+/// This rank's share of the pairs (its row groups), split into (training, held-out) exactly
+/// as one process splits the whole source: the global row indices of every rank's good rows
+/// are gathered, and a row's position among them decides `data.max_pairs`, the hold-out split
+/// and, with a pair filter, the score quantile (scores are gathered too).
+fn sharded_split(
+    paths: &[String],
+    cfg: &MultimodalConfig,
+    par: &Parallel,
+) -> Result<(PairSet, PairSet), CliError> {
+    let r = read_pairs_of(paths, &cfg.data.columns(&[]), par.rank, par.world).map_err(mm)?;
+    par.report_share(&r.share, r.row_index.len(), "pairs");
+    if r.bad_rows.count > 0 {
+        eprintln!(
+            "rank {}: skipped {} bad rows: {}",
+            par.rank, r.bad_rows.count, r.bad_rows
+        );
+    }
+    let mut good = par.gather_indices(&r.row_index)?;
+    good.sort_unstable();
+    let pos = r
+        .row_index
+        .iter()
+        .map(|i| {
+            good.binary_search(i).map_err(|_| {
+                CliError::Config(format!(
+                    "internal: row {i} is missing from the gathered rows"
+                ))
+            })
+        })
+        .collect::<Result<Vec<usize>, _>>()?;
+    let n = match cfg.data.max_pairs {
+        0 => good.len(),
+        m => good.len().min(m),
+    };
+    let (train_pos, held_pos) =
+        holdout_split(n, cfg.data.heldout_fraction, cfg.train.seed).map_err(mm)?;
+    let in_set = |set: &[usize]| -> Vec<usize> {
+        (0..pos.len())
+            .filter(|&k| set.binary_search(&pos[k]).is_ok())
+            .collect()
+    };
+    let mut train_k = in_set(&train_pos);
+    let held_k = in_set(&held_pos);
+    if !cfg.data.filter_checkpoint.is_empty() && cfg.data.filter_drop_fraction > 0.0 {
+        let filt = load_run(Path::new(&cfg.data.filter_checkpoint), &[])?;
+        let scores = filter_scores(&filt, &r.set.select(&train_k))?;
+        let cand_pos: Vec<usize> = train_k.iter().map(|&k| pos[k]).collect();
+        let all_pos = par.gather_indices(&cand_pos)?;
+        let all_scores = par.gather_f32(&scores)?;
+        // The candidates in one process's order (by position), their scores, the kept ones.
+        let mut order: Vec<usize> = (0..all_pos.len()).collect();
+        order.sort_unstable_by_key(|&j| all_pos[j]);
+        let sorted: Vec<f32> = order.iter().map(|&j| all_scores[j]).collect();
+        let keep = keep_best_pairs(&sorted, cfg.data.filter_drop_fraction).map_err(mm)?;
+        let mut kept: Vec<usize> = keep.iter().map(|&i| all_pos[order[i]]).collect();
+        kept.sort_unstable();
+        if par.is_main() {
+            eprintln!(
+                "pair filter ({}): dropped {} of {} training pairs (over all ranks)",
+                filt.ckpt.display(),
+                sorted.len() - kept.len(),
+                sorted.len()
+            );
+        }
+        train_k.retain(|&k| kept.binary_search(&pos[k]).is_ok());
+    }
+    Ok((r.set.select(&train_k), r.set.select(&held_k)))
+}
+
 /// `ssl pretrain multimodal`.
 pub fn pretrain(
     config_file: Option<&Path>,
@@ -490,44 +560,71 @@ pub fn pretrain(
     } else {
         data.to_vec()
     };
-    let all = read(&paths, &cfg, &[])?;
-    let (mut train_idx, heldout_idx) =
-        holdout_split(all.len(), cfg.data.heldout_fraction, cfg.train.seed).map_err(mm)?;
-    if !cfg.data.filter_checkpoint.is_empty() && cfg.data.filter_drop_fraction > 0.0 {
-        let filt = load_run(Path::new(&cfg.data.filter_checkpoint), &[])?;
-        let cand = all.select(&train_idx);
-        let scores = filter_scores(&filt, &cand)?;
-        let keep = keep_best_pairs(&scores, cfg.data.filter_drop_fraction).map_err(mm)?;
-        let mut dropped: Vec<usize> = (0..cand.len())
-            .filter(|i| keep.binary_search(i).is_err())
-            .collect();
-        dropped.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-        let worst: Vec<String> = dropped
-            .iter()
-            .take(5)
-            .map(|&i| format!("{:?} ({:.3})", cand.captions[i], scores[i]))
-            .collect();
-        eprintln!(
-            "pair filter ({}): dropped {} of {} training pairs; lowest: {}",
-            filt.ckpt.display(),
-            dropped.len(),
-            cand.len(),
-            worst.join(", ")
-        );
-        train_idx = keep.iter().map(|&i| train_idx[i]).collect();
-    }
-    let train = all.select(&train_idx);
-    let heldout = all.select(&heldout_idx);
+    // With several ranks each rank reads only its share of the rows (see `sharded_split`).
+    let (train, heldout) = if par.world == 1 {
+        let all = read(&paths, &cfg, &[])?;
+        let (mut train_idx, heldout_idx) =
+            holdout_split(all.len(), cfg.data.heldout_fraction, cfg.train.seed).map_err(mm)?;
+        if !cfg.data.filter_checkpoint.is_empty() && cfg.data.filter_drop_fraction > 0.0 {
+            let filt = load_run(Path::new(&cfg.data.filter_checkpoint), &[])?;
+            let cand = all.select(&train_idx);
+            let scores = filter_scores(&filt, &cand)?;
+            let keep = keep_best_pairs(&scores, cfg.data.filter_drop_fraction).map_err(mm)?;
+            let mut dropped: Vec<usize> = (0..cand.len())
+                .filter(|i| keep.binary_search(i).is_err())
+                .collect();
+            dropped.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+            let worst: Vec<String> = dropped
+                .iter()
+                .take(5)
+                .map(|&i| format!("{:?} ({:.3})", cand.captions[i], scores[i]))
+                .collect();
+            eprintln!(
+                "pair filter ({}): dropped {} of {} training pairs; lowest: {}",
+                filt.ckpt.display(),
+                dropped.len(),
+                cand.len(),
+                worst.join(", ")
+            );
+            train_idx = keep.iter().map(|&i| train_idx[i]).collect();
+        }
+        let train = all.select(&train_idx);
+        let heldout = all.select(&heldout_idx);
+        (train, heldout)
+    } else {
+        sharded_split(&paths, &cfg, &par)?
+    };
     std::fs::create_dir_all(out).map_err(|e| CliError::Io {
         path: out.to_path_buf(),
         source: e,
     })?;
-    let tok = tokenizer_for(&mut cfg, &train.captions, out, resume, par.is_main())?;
-    complete_config(&mut cfg, &train.images, &tok)?;
+    let tok = if par.world == 1 {
+        tokenizer_for(&mut cfg, &train.captions, out, resume, true)?
+    } else {
+        // Rank 0 makes the tokenizer (training on its own share of the captions) and sends it.
+        let json = if par.is_main() {
+            tokenizer_for(&mut cfg, &train.captions, out, resume, true)?
+                .to_string(false)
+                .map_err(|e| CliError::Config(format!("cannot serialise the tokenizer: {e}")))?
+                .into_bytes()
+        } else {
+            Vec::new()
+        };
+        let tok = crate::text::tokenizer_from_json(&par.broadcast_bytes(json)?)?;
+        if !par.is_main() {
+            // Where rank 0 saved it (written before it was sent).
+            let saved = out.join("tokenizer.json");
+            cfg.tokenizer.file = std::fs::canonicalize(&saved)
+                .unwrap_or(saved)
+                .to_string_lossy()
+                .into_owned();
+        }
+        tok
+    };
+    complete_config(&mut cfg, &train.images, &tok, &par)?;
     if par.is_main() {
         config::write_run_config(out, &config::to_toml(&cfg)?)?;
     }
-    let train = train.select(&par.shard((0..train.len()).collect(), "training pairs")?);
     let (store, mut model) = build(&cfg, &device)?;
     if !resume {
         init_towers(&cfg, &model, &device)?;
@@ -773,4 +870,47 @@ pub fn eval(
     });
     println!("{report}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_split_their_rows_as_one_process_splits_the_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pairs.parquet");
+        // 400 pairs in row groups of 30 (14 groups).
+        crate::parallel::regroup(EMBEDDED_TRAIN, 30, &path);
+        let paths = vec![path.to_string_lossy().into_owned()];
+        let mut cfg = MultimodalConfig::default();
+        cfg.data.max_pairs = 300;
+        cfg.data.heldout_fraction = 0.1;
+        // One process, as `pretrain` splits with one rank.
+        let all = read(&paths, &cfg, &[]).unwrap();
+        let (tr, he) = holdout_split(all.len(), cfg.data.heldout_fraction, cfg.train.seed).unwrap();
+        let ids = |set: &PairSet| -> Vec<String> {
+            let mut v = set.ids.clone();
+            v.sort();
+            v
+        };
+        let (want_train, want_held) = (ids(&all.select(&tr)), ids(&all.select(&he)));
+        assert_eq!((want_train.len(), want_held.len()), (270, 30));
+        for world in [1, 3] {
+            let out =
+                crate::parallel::on_ranks(world, |p| sharded_split(&paths, &cfg, &p).unwrap());
+            let (mut train, mut held) = (Vec::new(), Vec::new());
+            for (t, h) in &out {
+                train.extend(t.ids.clone());
+                held.extend(h.ids.clone());
+            }
+            train.sort();
+            held.sort();
+            assert_eq!(train, want_train, "world {world}");
+            assert_eq!(held, want_held, "world {world}");
+            if world > 1 {
+                assert!(out.iter().all(|(t, _)| t.len() < 270));
+            }
+        }
+    }
 }

@@ -60,12 +60,17 @@ pub struct RunDir<'a> {
     pub resume: bool,
     /// The run's configuration, stored with each checkpoint.
     pub config: Value,
-    /// Data-parallel context (shards the examples, gives the trainer its collective).
+    /// Data-parallel context (gives the trainer its collective).
     pub par: Parallel,
+    /// The examples are this rank's share already (read by row group); when false every rank
+    /// holds them all and `fit` keeps every `world`-th.
+    pub sharded: bool,
 }
 
 /// Trains `task` on `examples` with the shared loop (checkpoints, resume, signals, metrics,
-/// plot); the first `health_examples` form the held-out batch for embedding health.
+/// plot); the first `health_examples` form the held-out batch for embedding health (on rank
+/// 0, which reads row group 0 first, so with several ranks they are the source's first
+/// examples when they fit in its first row group).
 pub fn fit<T: PretextTask<Batch = SeqBatch>>(
     task: &T,
     examples: Vec<SeqExample>,
@@ -79,6 +84,7 @@ pub fn fit<T: PretextTask<Batch = SeqBatch>>(
         resume,
         config: run_config,
         mut par,
+        sharded,
     } = run;
     let n_health = health_examples.min(examples.len());
     let heldout = (n_health >= 2)
@@ -86,7 +92,11 @@ pub fn fit<T: PretextTask<Batch = SeqBatch>>(
             SeqBatch::from_examples(&examples.iter().take(n_health).collect::<Vec<_>>(), device)
         })
         .transpose()?;
-    let examples = par.shard(examples, "training series")?;
+    let examples = if sharded {
+        examples
+    } else {
+        par.shard(examples, "training series")?
+    };
     let mut source = InMemorySeqSource::new(examples, train.batch_size, train.seed, true, device)?;
     let mut trainer = LoopTrainer::new(train.clone(), Some(out.to_path_buf()))?
         .resume(resume)

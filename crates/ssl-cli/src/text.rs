@@ -18,8 +18,9 @@ use ssl_core::{
 use ssl_data::{read_all, ColumnSpec, EmbeddingWriter, ReadOptions};
 use ssl_text::{
     evaluate_mlm, export_hf_dir, load_hf_dir, load_tokenizer, save_tokenizer, tokenize_texts,
-    train_from_parquet, BertConfig, BertForMaskedLM, CharSpans, InMemoryTextSource, InputConfig,
-    InputMode, MaskingConfig, Pooling, SpecialIds, TextBatch, TokenizedSeq, TokenizerConfig,
+    train_from_parquet, train_from_texts, BertConfig, BertForMaskedLM, CharSpans,
+    InMemoryTextSource, InputConfig, InputMode, MaskingConfig, MlmEval, Pooling, SpecialIds,
+    TextBatch, TokenizedSeq, TokenizerConfig,
 };
 use tokenizers::Tokenizer;
 
@@ -201,6 +202,8 @@ struct Docs {
     labels: Option<Vec<String>>,
     /// Entity character spans per document (`data.entity_column`), when read.
     entities: Option<Vec<CharSpans>>,
+    /// Each document's global row index in the source (files in order, rows in file order).
+    rows: Vec<usize>,
 }
 
 /// Parses one row of `data.entity_column`: JSON `[[start, end], ...]` in characters.
@@ -229,6 +232,19 @@ fn read_docs(
     label: Option<&str>,
     entities: bool,
 ) -> Result<Docs, CliError> {
+    read_docs_of(paths, cfg, label, entities, None)
+}
+
+/// [`read_docs`] for this rank's share of the rows when `par` is given (every row otherwise).
+/// `data.max_docs` counts global row indices: the documents kept are the rows whose index in
+/// the whole source is below it, whichever rank reads them.
+fn read_docs_of(
+    paths: &[String],
+    cfg: &DataConfig,
+    label: Option<&str>,
+    entities: bool,
+    par: Option<&Parallel>,
+) -> Result<Docs, CliError> {
     let entities = entities && !cfg.entity_column.is_empty();
     let mut cols = vec![ColumnSpec::text(&cfg.column)];
     if !cfg.id_column.is_empty() {
@@ -240,47 +256,44 @@ fn read_docs(
     if entities {
         cols.push(ColumnSpec::text(&cfg.entity_column));
     }
-    let table = read_all(paths, &cols, &ReadOptions::default())?;
-    let mut texts = table.batch.text(&cfg.column)?.to_vec();
-    let mut ids: Vec<String> = if cfg.id_column.is_empty() {
-        (0..texts.len()).map(|i| i.to_string()).collect()
+    let options = par.map_or_else(ReadOptions::default, |p| p.read_options(false));
+    let table = read_all(paths, &cols, &options)?;
+    if let Some(p) = par {
+        p.report_share(&table.share, table.row_index.len(), "documents");
+    }
+    // Positions (in this table) of the rows kept under `max_docs`, in order.
+    let keep: Vec<usize> = (0..table.row_index.len())
+        .filter(|&k| cfg.max_docs == 0 || table.row_index[k] < cfg.max_docs)
+        .collect();
+    let pick = |v: &[String]| -> Vec<String> { keep.iter().map(|&k| v[k].clone()).collect() };
+    let texts = pick(table.batch.text(&cfg.column)?);
+    let rows: Vec<usize> = keep.iter().map(|&k| table.row_index[k]).collect();
+    let ids: Vec<String> = if cfg.id_column.is_empty() {
+        rows.iter().map(|i| i.to_string()).collect()
     } else {
-        table.batch.text(&cfg.id_column)?.to_vec()
+        pick(table.batch.text(&cfg.id_column)?)
     };
-    let mut labels = match label {
-        Some(l) => Some(table.batch.text(l)?.to_vec()),
+    let labels = match label {
+        Some(l) => Some(pick(table.batch.text(l)?)),
         None => None,
     };
     let spans = if entities {
         let col = &cfg.entity_column;
         let cells = table.batch.text(col)?;
-        let n = if cfg.max_docs > 0 {
-            cells.len().min(cfg.max_docs)
-        } else {
-            cells.len()
-        };
         Some(
-            cells[..n]
-                .iter()
-                .enumerate()
-                .map(|(row, c)| parse_spans(c, col, row))
+            keep.iter()
+                .map(|&k| parse_spans(&cells[k], col, table.row_index[k]))
                 .collect::<Result<Vec<_>, _>>()?,
         )
     } else {
         None
     };
-    if cfg.max_docs > 0 && texts.len() > cfg.max_docs {
-        texts.truncate(cfg.max_docs);
-        ids.truncate(cfg.max_docs);
-        if let Some(l) = labels.as_mut() {
-            l.truncate(cfg.max_docs);
-        }
-    }
     Ok(Docs {
         texts,
         ids,
         labels,
         entities: spans,
+        rows,
     })
 }
 
@@ -417,6 +430,115 @@ fn tokenize(
     tokenize_texts(tok, texts, &cfg.input, entities, &cfg.data.entity_terms).map_err(text_err)
 }
 
+/// The tokenizer of a pretraining run: the checkpoint's (`model.init_from`), a given file,
+/// the run's own on resume, or a new one trained on the training documents: streamed from
+/// `paths` (skipping held-out rows and rows past `data.max_docs`) when `docs` is `None`,
+/// else trained on `docs`.
+fn make_tokenizer(
+    cfg: &TextConfig,
+    paths: &[String],
+    tok_path: &Path,
+    resume: bool,
+    docs: Option<&[String]>,
+) -> Result<Tokenizer, CliError> {
+    if !cfg.model.init_from.is_empty() {
+        return load_tokenizer(&Path::new(&cfg.model.init_from).join("tokenizer.json"))
+            .map_err(text_err);
+    }
+    if !cfg.tokenizer.file.is_empty() {
+        return load_tokenizer(Path::new(&cfg.tokenizer.file)).map_err(text_err);
+    }
+    if resume && tok_path.is_file() {
+        return load_tokenizer(tok_path).map_err(text_err);
+    }
+    let (seed, frac, max_docs) = (cfg.train.seed, cfg.data.heldout_fraction, cfg.data.max_docs);
+    let train_cfg = TokenizerConfig {
+        max_docs: 0,
+        ..cfg.tokenizer.train.clone()
+    };
+    let t0 = std::time::Instant::now();
+    let tok = match docs {
+        None => train_from_parquet(paths, &cfg.data.column, &train_cfg, move |i| {
+            is_heldout(i, seed, frac) || (max_docs > 0 && i >= max_docs)
+        }),
+        Some(d) => train_from_texts(d.iter(), &train_cfg),
+    }
+    .map_err(text_err)?;
+    eprintln!(
+        "trained a {:?} tokenizer ({} tokens) in {:.1}s{}",
+        cfg.tokenizer.train.kind,
+        tok.get_vocab_size(true),
+        t0.elapsed().as_secs_f64(),
+        docs.map(|d| format!(" on rank 0's {} training documents", d.len()))
+            .unwrap_or_default()
+    );
+    Ok(tok)
+}
+
+/// A tokenizer from its `tokenizer.json` text, set up as [`load_tokenizer`] sets up a file.
+pub(crate) fn tokenizer_from_json(json: &[u8]) -> Result<Tokenizer, CliError> {
+    let bad = |e: String| CliError::Config(format!("the tokenizer sent by rank 0: {e}"));
+    let text = std::str::from_utf8(json).map_err(|e| bad(e.to_string()))?;
+    let mut tok: Tokenizer = text.parse().map_err(|e| bad(format!("{e}")))?;
+    tok.with_padding(None);
+    tok.with_truncation(None).map_err(|e| bad(format!("{e}")))?;
+    Ok(tok)
+}
+
+/// Held-out masked-LM evaluation. With several ranks every rank evaluates its own sequences
+/// and the sums (cross-entropy over masked tokens, masked tokens, correct predictions) are
+/// added over ranks, so the figures cover the held-out documents of all ranks. Every rank must
+/// call it (it is collective).
+fn heldout_eval(
+    par: &Parallel,
+    model: &BertForMaskedLM,
+    seqs: &[TokenizedSeq],
+    batch_size: usize,
+    pad: u32,
+    seed: u64,
+    device: &Device,
+) -> Result<MlmEval, CliError> {
+    if par.world == 1 {
+        return evaluate_mlm(model, seqs, batch_size, pad, seed, device).map_err(text_err);
+    }
+    let local = if seqs.is_empty() {
+        Ok(None)
+    } else {
+        evaluate_mlm(model, seqs, batch_size, pad, seed, device).map(Some)
+    };
+    let sums = match &local {
+        Ok(Some(e)) => {
+            let n = e.masked_tokens as f64;
+            [e.loss * n, n, e.masked_accuracy * n, 0.0]
+        }
+        Ok(None) => [0.0; 4],
+        Err(_) => [0.0, 0.0, 0.0, 1.0],
+    };
+    let sums = par.sum_f64(&sums)?;
+    if let Err(e) = local {
+        return Err(text_err(e));
+    }
+    if sums[3] > 0.0 {
+        return Err(CliError::Config(format!(
+            "held-out evaluation failed on {} other rank(s)",
+            sums[3] as usize
+        )));
+    }
+    let n = sums[1];
+    if n == 0.0 {
+        return Err(CliError::Config(
+            "no maskable token in the held-out data of any rank".into(),
+        ));
+    }
+    let loss = sums[0] / n.round();
+    Ok(MlmEval {
+        loss,
+        perplexity: loss.exp(),
+        masked_accuracy: sums[2].round() / n.round(),
+        masked_tokens: n.round() as usize,
+    })
+}
+
 /// `ssl pretrain text`.
 pub fn pretrain(
     config_file: Option<&Path>,
@@ -441,13 +563,15 @@ pub fn pretrain(
         data.to_vec()
     };
     std::fs::create_dir_all(out).map_err(io(out))?;
-    let docs = read_docs(&paths, &cfg.data, None, true)?;
+    // Each rank reads its share of the rows; the held-out split and `max_docs` use global row
+    // indices, so together the ranks hold out exactly the documents one process would.
+    let docs = read_docs_of(&paths, &cfg.data, None, true, Some(&par))?;
     let (seed, frac) = (cfg.train.seed, cfg.data.heldout_fraction);
     let (mut train_docs, mut held_docs) = (Vec::new(), Vec::new());
     let (mut train_ents, mut held_ents) = (Vec::new(), Vec::new());
     let with_ents = docs.entities.is_some();
     let mut ents = docs.entities.map(|e| e.into_iter());
-    for (i, t) in docs.texts.into_iter().enumerate() {
+    for (t, &i) in docs.texts.into_iter().zip(&docs.rows) {
         let e = ents.as_mut().and_then(|e| e.next()).unwrap_or_default();
         if is_heldout(i, seed, frac) {
             held_docs.push(t);
@@ -457,36 +581,23 @@ pub fn pretrain(
             train_ents.push(e);
         }
     }
-    // Tokenizer: the checkpoint's, a given file, or trained on the training documents (streamed).
+    // Tokenizer: the checkpoint's, a given file, or trained on the training documents. With
+    // several ranks rank 0 alone makes it (training on its own share of the training
+    // documents) and sends it to the others, so every rank uses the same one.
     let tok_path = out.join("tokenizer.json");
-    let tok = if !cfg.model.init_from.is_empty() {
-        load_tokenizer(&Path::new(&cfg.model.init_from).join("tokenizer.json")).map_err(text_err)?
-    } else if !cfg.tokenizer.file.is_empty() {
-        load_tokenizer(Path::new(&cfg.tokenizer.file)).map_err(text_err)?
-    } else if resume && tok_path.is_file() {
-        load_tokenizer(&tok_path).map_err(text_err)?
+    let tok = if par.world == 1 {
+        make_tokenizer(&cfg, &paths, &tok_path, resume, None)?
     } else {
-        let max_docs = cfg.data.max_docs;
-        let t0 = std::time::Instant::now();
-        let tok = train_from_parquet(
-            &paths,
-            &cfg.data.column,
-            &TokenizerConfig {
-                max_docs: 0,
-                ..cfg.tokenizer.train.clone()
-            },
-            move |i| is_heldout(i, seed, frac) || (max_docs > 0 && i >= max_docs),
-        )
-        .map_err(text_err)?;
-        eprintln!(
-            "trained a {:?} tokenizer ({} tokens) in {:.1}s",
-            cfg.tokenizer.train.kind,
-            tok.get_vocab_size(true),
-            t0.elapsed().as_secs_f64()
-        );
-        tok
+        let json = if par.is_main() {
+            let tok = make_tokenizer(&cfg, &paths, &tok_path, resume, Some(&train_docs))?;
+            tok.to_string(false)
+                .map_err(|e| CliError::Config(format!("cannot serialise the tokenizer: {e}")))?
+                .into_bytes()
+        } else {
+            Vec::new()
+        };
+        tokenizer_from_json(&par.broadcast_bytes(json)?)?
     };
-    // Every rank trains the same tokenizer from the same documents; rank 0 writes the files.
     if par.is_main() {
         save_tokenizer(&tok, out).map_err(text_err)?;
         cfg.tokenizer.file = std::fs::canonicalize(&tok_path)
@@ -508,7 +619,8 @@ pub fn pretrain(
     )?;
     let mut held_seqs = tokenize(&tok, &held_docs, with_ents.then_some(&held_ents[..]), &cfg)?;
     if cfg.data.heldout_max_seqs > 0 {
-        held_seqs.truncate(cfg.data.heldout_max_seqs);
+        // With several ranks each evaluates at most its part of the cap.
+        held_seqs.truncate(cfg.data.heldout_max_seqs.div_ceil(par.world));
     }
     eprintln!(
         "{} training documents -> {} sequences; {} held-out documents -> {} sequences; BERT {} layers x {} ({} parameters)",
@@ -521,19 +633,22 @@ pub fn pretrain(
         store.num_elements()
     );
     let eval_bs = cfg.train.batch_size.max(8);
-    let before = if held_seqs.is_empty() || resume || !par.is_main() {
+    let held_total = par.sum_f64(&[held_seqs.len() as f64])?[0];
+    let evaluate =
+        |par: &Parallel| heldout_eval(par, &model, &held_seqs, eval_bs, sp.pad, seed, &device);
+    let before = if held_total == 0.0 || resume {
         None
     } else {
-        Some(evaluate_mlm(&model, &held_seqs, eval_bs, sp.pad, seed, &device).map_err(text_err)?)
+        Some(evaluate(&par)?)
     };
-    if let Some(b) = &before {
+    if let (Some(b), true) = (&before, par.is_main()) {
         eprintln!(
             "held-out before training: perplexity {:.2}, masked accuracy {:.4}",
             b.perplexity, b.masked_accuracy
         );
     }
     let mut source = InMemoryTextSource::new(
-        par.shard(train_seqs, "training sequences")?,
+        train_seqs,
         cfg.train.batch_size,
         seed,
         true,
@@ -549,35 +664,55 @@ pub fn pretrain(
         .progress(true)
         .collective(par.take());
     let report = trainer.fit(&model, &mut source, None)?;
-    if !par.is_main() {
-        return Ok(());
-    }
-    if !report.params_without_grad.is_empty() {
+    if par.is_main() && !report.params_without_grad.is_empty() {
         eprintln!(
             "warning: parameters without gradient: {:?}",
             report.params_without_grad
         );
     }
     // Held-out perplexity of every kept checkpoint (and of the initial model): the curve.
+    // With several ranks rank 0 loads each checkpoint and sends its weights to the others;
+    // every rank evaluates its held-out share and the sums are added up.
     let mut curve = Vec::new();
     if let Some(b) = &before {
         curve.push(json!({"step": 0, "perplexity": b.perplexity, "loss": b.loss, "masked_accuracy": b.masked_accuracy}));
     }
-    if !held_seqs.is_empty() {
-        let mgr = CheckpointManager::new(out.join("checkpoints"), cfg.train.keep_checkpoints);
-        for (step, dir) in mgr.list()? {
-            store.load_safetensors(&dir.join(MODEL_FILE))?;
-            let e = evaluate_mlm(&model, &held_seqs, eval_bs, sp.pad, seed, &device)
-                .map_err(text_err)?;
-            eprintln!(
-                "held-out at step {step}: perplexity {:.2}, masked accuracy {:.4}",
-                e.perplexity, e.masked_accuracy
-            );
+    if held_total > 0.0 {
+        let kept = if par.is_main() {
+            CheckpointManager::new(out.join("checkpoints"), cfg.train.keep_checkpoints).list()?
+        } else {
+            Vec::new()
+        };
+        let steps: Vec<u64> = if par.world == 1 {
+            kept.iter().map(|(s, _)| *s).collect()
+        } else {
+            let list = serde_json::to_vec(&kept.iter().map(|(s, _)| *s).collect::<Vec<_>>())
+                .map_err(|e| CliError::Config(e.to_string()))?;
+            serde_json::from_slice(&par.broadcast_bytes(list)?)
+                .map_err(|e| CliError::Config(format!("checkpoint steps from rank 0: {e}")))?
+        };
+        for (k, &step) in steps.iter().enumerate() {
+            if let Some((_, dir)) = kept.get(k) {
+                store.load_safetensors(&dir.join(MODEL_FILE))?;
+            }
+            par.broadcast_params(&store)?;
+            let e = evaluate(&par)?;
+            if par.is_main() {
+                eprintln!(
+                    "held-out at step {step}: perplexity {:.2}, masked accuracy {:.4}",
+                    e.perplexity, e.masked_accuracy
+                );
+            }
             curve.push(json!({"step": step, "perplexity": e.perplexity, "loss": e.loss, "masked_accuracy": e.masked_accuracy}));
         }
-        let p = out.join("heldout.jsonl");
-        let text: String = curve.iter().map(|v| format!("{v}\n")).collect();
-        std::fs::write(&p, text).map_err(io(&p))?;
+        if par.is_main() {
+            let p = out.join("heldout.jsonl");
+            let text: String = curve.iter().map(|v| format!("{v}\n")).collect();
+            std::fs::write(&p, text).map_err(io(&p))?;
+        }
+    }
+    if !par.is_main() {
+        return Ok(());
     }
     // The newest weights, exported for transformers.
     if let Some(ck) = &report.last_checkpoint {
@@ -930,5 +1065,132 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("row 0") && e.contains("reversed"), "{e}");
+    }
+
+    /// Writes `texts` as a Parquet file with row groups of `rows_per_group` rows.
+    fn write_grouped(path: &Path, texts: &[String], rows_per_group: usize) {
+        use arrow::array::{ArrayRef, StringArray};
+        use arrow::record_batch::RecordBatch;
+        use std::sync::Arc;
+        let batch = RecordBatch::try_from_iter([(
+            "text",
+            Arc::new(StringArray::from(texts.to_vec())) as ArrayRef,
+        )])
+        .unwrap();
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_max_row_group_row_count(Some(rows_per_group))
+            .build();
+        let f = std::fs::File::create(path).unwrap();
+        let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), Some(props)).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+    }
+
+    #[test]
+    fn ranks_read_their_row_groups_and_together_hold_one_process_documents() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("docs.parquet");
+        let texts: Vec<String> = (0..30).map(|i| format!("document number {i}")).collect();
+        write_grouped(&path, &texts, 4);
+        let paths = vec![path.to_string_lossy().into_owned()];
+        let cfg = DataConfig {
+            max_docs: 25,
+            ..DataConfig::default()
+        };
+        let one = read_docs(&paths, &cfg, None, false).unwrap();
+        assert_eq!(one.rows, (0..25).collect::<Vec<_>>());
+        let shares = crate::parallel::on_ranks(3, |p| {
+            let d = read_docs_of(&paths, &cfg, None, false, Some(&p)).unwrap();
+            (p.rank, d.rows, d.texts, d.ids)
+        });
+        let mut all = Vec::new();
+        for (rank, rows, docs, ids) in shares {
+            // Row groups of 4 rows dealt round robin: row i is in group i / 4.
+            assert!(
+                rows.iter().all(|&i| (i / 4) % 3 == rank && i < 25),
+                "{rows:?}"
+            );
+            for ((&i, t), id) in rows.iter().zip(&docs).zip(&ids) {
+                assert_eq!(t, &texts[i]);
+                assert_eq!(id, &i.to_string());
+            }
+            all.extend(rows);
+        }
+        all.sort_unstable();
+        assert_eq!(all, one.rows);
+        // So the held-out documents of all ranks are one process's.
+        let held = |rows: &[usize]| -> Vec<usize> {
+            rows.iter()
+                .copied()
+                .filter(|&i| is_heldout(i, 7, 0.2))
+                .collect()
+        };
+        assert_eq!(held(&all), held(&one.rows));
+        assert!(!held(&all).is_empty());
+    }
+
+    #[test]
+    fn heldout_sums_are_added_over_ranks() {
+        let texts: Vec<String> = (0..24)
+            .map(|i| format!("the quick brown fox {i} jumps over the lazy dog {}", i * 7))
+            .collect();
+        let tok = ssl_text::train_from_texts(
+            texts.iter(),
+            &TokenizerConfig {
+                vocab_size: 200,
+                ..TokenizerConfig::default()
+            },
+        )
+        .unwrap();
+        let mut cfg = TextConfig::default();
+        cfg.input.mode = InputMode::LineByLine;
+        let seqs = tokenize(&tok, &texts, None, &cfg).unwrap();
+        let sp = SpecialIds::of(&tok).unwrap();
+        let model_of = || {
+            let mut c = cfg.clone();
+            build_model(&mut c, &tok, &Device::Cpu).unwrap()
+        };
+        let (_store, model) = model_of();
+        let eval =
+            |s: &[TokenizedSeq]| evaluate_mlm(&model, s, 8, sp.pad, 3, &Device::Cpu).unwrap();
+        let whole = eval(&seqs);
+        let (a, b) = (eval(&seqs[..10]), eval(&seqs[10..]));
+        for split in [seqs.len(), 10] {
+            let out = crate::parallel::on_ranks(2, |p| {
+                let (_store, model) = model_of();
+                let mine = if p.rank == 0 {
+                    &seqs[..split]
+                } else {
+                    &seqs[split..]
+                };
+                heldout_eval(&p, &model, mine, 8, sp.pad, 3, &Device::Cpu).unwrap()
+            });
+            // Everything on rank 0: one process's figures; split: the two parts' sums added.
+            let want = if split == seqs.len() {
+                whole
+            } else {
+                let n = (a.masked_tokens + b.masked_tokens) as f64;
+                let loss = (a.loss * a.masked_tokens as f64 + b.loss * b.masked_tokens as f64) / n;
+                let acc = (a.masked_accuracy * a.masked_tokens as f64
+                    + b.masked_accuracy * b.masked_tokens as f64)
+                    / n;
+                MlmEval {
+                    loss,
+                    perplexity: loss.exp(),
+                    masked_accuracy: acc,
+                    masked_tokens: n as usize,
+                }
+            };
+            for e in out {
+                assert_eq!(e.masked_tokens, want.masked_tokens);
+                assert!(
+                    (e.loss - want.loss).abs() < 1e-6,
+                    "{} {}",
+                    e.loss,
+                    want.loss
+                );
+                assert!((e.masked_accuracy - want.masked_accuracy).abs() < 1e-9);
+            }
+        }
     }
 }

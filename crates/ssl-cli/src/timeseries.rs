@@ -12,10 +12,11 @@ use serde_json::json;
 use ssl_core::checkpoint::MODEL_FILE;
 use ssl_core::seq::{MaskedFeatureConfig, MaskedFeatureTask, SeqBatch, SeqExample};
 use ssl_core::{parse_device, Ctx, ParamStore, PretextTask, TrainConfig};
+use ssl_data::ReadOptions;
 use ssl_timeseries::{
-    chronological_split, evaluate_forecast, read_long_series, read_series, windows, EncoderConfig,
-    EncoderKind, ForecastConfig, ForecastTask, MaskedPatchConfig, MaskedPatchTask, PatchTstEncoder,
-    SeriesEncoder, Ts2VecConfig, Ts2VecTask,
+    chronological_split, evaluate_forecast, read_long_series, read_series_with, windows,
+    EncoderConfig, EncoderKind, ForecastConfig, ForecastTask, MaskedPatchConfig, MaskedPatchTask,
+    PatchTstEncoder, SeriesEncoder, Ts2VecConfig, Ts2VecTask,
 };
 
 use crate::parallel::Parallel;
@@ -191,6 +192,9 @@ struct Loaded {
     examples: Vec<SeqExample>,
     ids: Vec<String>,
     labels: Option<Vec<String>>,
+    /// The examples are this rank's share already (read by row group); otherwise every rank
+    /// holds them all.
+    sharded: bool,
 }
 
 /// Which part of a long series.
@@ -201,11 +205,14 @@ enum Part {
     All,
 }
 
+/// Reads a data set; with `par`, one-series-per-row data is read as this rank's share of the
+/// rows (a long series is always read whole: its windows are cut from all of it).
 fn load(
     paths: &[String],
     cfg: &TimeseriesConfig,
     label_column: Option<&str>,
     part: Part,
+    par: Option<&Parallel>,
 ) -> Result<Loaded, CliError> {
     let d = &cfg.data;
     let forecast = cfg.task.kind == TaskKind::Forecast;
@@ -229,15 +236,20 @@ fn load(
             examples,
             ids,
             labels: None,
+            sharded: false,
         });
     }
-    let set = read_series(
-        paths,
-        &d.column,
-        label_column,
-        Some(&d.id_column),
-        d.skip_bad_rows,
-    )?;
+    let options = match par {
+        Some(p) => p.read_options(d.skip_bad_rows),
+        None => ReadOptions {
+            skip_bad_rows: d.skip_bad_rows,
+            ..Default::default()
+        },
+    };
+    let set = read_series_with(paths, &d.column, label_column, Some(&d.id_column), &options)?;
+    if let Some(p) = par {
+        p.report_share(&set.share, set.row_index.len(), "series");
+    }
     let mut examples = Vec::with_capacity(set.series.len());
     let mut ids = Vec::new();
     for (mut e, id) in set.series.into_iter().zip(set.ids) {
@@ -270,6 +282,7 @@ fn load(
         examples,
         ids,
         labels,
+        sharded: par.is_some(),
     })
 }
 
@@ -379,7 +392,8 @@ pub fn pretrain(
         "gunpoint_train.parquet",
         "UCR GunPoint, 50 series x 150 steps",
     )?;
-    let loaded = load(&paths.paths, &cfg, None, Part::Train)?;
+    let (par, device) = Parallel::init(device)?;
+    let loaded = load(&paths.paths, &cfg, None, Part::Train, Some(&par))?;
     let channels = loaded.examples.first().map_or(0, |e| e.features);
     if cfg.channels != 0 && cfg.channels != channels {
         return Err(CliError::Config(format!(
@@ -388,7 +402,6 @@ pub fn pretrain(
         )));
     }
     cfg.channels = channels;
-    let (par, device) = Parallel::init(device)?;
     if par.is_main() {
         config::write_run_config(out, &config::to_toml(&cfg)?)?;
     }
@@ -416,6 +429,7 @@ pub fn pretrain(
             resume,
             config: run_config,
             par,
+            sharded: loaded.sharded,
         },
         &device,
     )
@@ -442,7 +456,7 @@ pub fn embed(
     set: &[String],
 ) -> Result<(), CliError> {
     let (ckpt, cfg, task, device) = load_model(checkpoint, set)?;
-    let loaded = load(data, &cfg, None, Part::All)?;
+    let loaded = load(data, &cfg, None, Part::All, None)?;
     let (emb, dim) = common::embed_all(&task, &loaded.examples, cfg.train.batch_size, &device)?;
     let mut meta = BTreeMap::new();
     meta.insert(
@@ -475,7 +489,7 @@ pub fn eval(
 ) -> Result<(), CliError> {
     let (ckpt, cfg, task, device) = load_model(checkpoint, set)?;
     if let (AnyTask::Forecast(f), false) = (&task, cfg.data.long_column.is_empty()) {
-        let test_windows = load(data, &cfg, None, Part::Test)?.examples;
+        let test_windows = load(data, &cfg, None, Part::Test, None)?.examples;
         let report = evaluate_forecast(
             f,
             &test_windows,
@@ -492,11 +506,11 @@ pub fn eval(
         return Ok(());
     }
     let label = label_column.unwrap_or(&cfg.data.label_column).to_string();
-    let train = load(data, &cfg, Some(&label), Part::All)?;
+    let train = load(data, &cfg, Some(&label), Part::All, None)?;
     let test = if test.is_empty() {
         None
     } else {
-        Some(load(test, &cfg, Some(&label), Part::All)?)
+        Some(load(test, &cfg, Some(&label), Part::All, None)?)
     };
     let mut sets: Vec<&[SeqExample]> = vec![&train.examples];
     sets.extend(test.iter().map(|t| t.examples.as_slice()));

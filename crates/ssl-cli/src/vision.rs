@@ -17,8 +17,7 @@ use ssl_core::{
     parse_device, BatchSource, Ctx, LoopTrainer, ParamStore, PretextTask, SslRng, StopFlag,
     TrainConfig, Trainer,
 };
-use ssl_data::{read_all, ColorMode, ColumnSpec, ReadOptions};
-use ssl_vision::augment::channel_stats;
+use ssl_data::{read_all, ColorMode, ColumnSpec, ReadOptions, Share};
 use ssl_vision::preview::save_reconstruction_grid;
 use ssl_vision::{
     scaled_lr, AugmentConfig, ImageSet, Images, InMemoryImageSource, MaeConfig, MaeTask, Pooling,
@@ -191,6 +190,19 @@ pub fn load_images(
     cfg: &VisionDataConfig,
     label_column: Option<&str>,
 ) -> Result<LoadedImages, CliError> {
+    load_images_of(paths, cfg, label_column, None)
+}
+
+/// [`load_images`] for this rank's share of the rows when `par` is given (every row
+/// otherwise). With a share, `data.max_images` keeps the rows whose global row index is below
+/// it; reading everything, it keeps the first `max_images` rows read (the same rows unless bad
+/// rows were skipped).
+fn load_images_of(
+    paths: &[String],
+    cfg: &VisionDataConfig,
+    label_column: Option<&str>,
+    par: Option<&Parallel>,
+) -> Result<LoadedImages, CliError> {
     let resize = match cfg.resize.as_slice() {
         [] => None,
         [h, w] => Some([*h, *w]),
@@ -207,14 +219,17 @@ pub fn load_images(
     if !cfg.id_column.is_empty() {
         columns.push(ColumnSpec::id(cfg.id_column.as_str()));
     }
-    let table = read_all(
-        paths,
-        &columns,
-        &ReadOptions {
+    let options = match par {
+        Some(p) => p.read_options(cfg.skip_bad_rows),
+        None => ReadOptions {
             skip_bad_rows: cfg.skip_bad_rows,
             ..Default::default()
         },
-    )?;
+    };
+    let table = read_all(paths, &columns, &options)?;
+    if let Some(p) = par {
+        p.report_share(&table.share, table.row_index.len(), "images");
+    }
     if table.bad_rows.count > 0 {
         eprintln!(
             "skipped {} bad rows: {}",
@@ -224,12 +239,36 @@ pub fn load_images(
     let batch = table.batch;
     let img = batch.image(&cfg.column)?;
     let [b, c, h, w] = img.shape;
+    let per = c * h * w;
+    if table.share != Share::All {
+        let keep: Vec<usize> = (0..b)
+            .filter(|&k| cfg.max_images == 0 || table.row_index[k] < cfg.max_images)
+            .collect();
+        let images = ImageSet::new(
+            keep.iter()
+                .flat_map(|&k| img.data[k * per..(k + 1) * per].iter().copied())
+                .collect(),
+            [c, h, w],
+        )
+        .map_err(|e| CliError::Config(e.to_string()))?;
+        let labels = match label_column {
+            Some(l) => {
+                let ids = batch.labels(l)?;
+                Some(keep.iter().map(|&k| ids[k]).collect())
+            }
+            None => None,
+        };
+        return Ok(LoadedImages {
+            images,
+            ids: keep.iter().map(|&k| batch.ids()[k].clone()).collect(),
+            labels,
+        });
+    }
     let keep = if cfg.max_images > 0 {
         cfg.max_images.min(b)
     } else {
         b
     };
-    let per = c * h * w;
     let images = ImageSet::new(img.data[..keep * per].to_vec(), [c, h, w])
         .map_err(|e| CliError::Config(e.to_string()))?;
     let labels = match label_column {
@@ -368,7 +407,14 @@ impl BatchSource<Images> for PreviewSource<'_> {
 }
 
 /// Fills the data-dependent parts of the configuration and checks it.
-fn complete_config(cfg: &mut VisionConfig, images: &ImageSet) -> Result<(), CliError> {
+///
+/// `images` is this rank's share: with several ranks the normalisation statistics are taken
+/// over every rank's images (moments added over ranks), as one process would.
+fn complete_config(
+    cfg: &mut VisionConfig,
+    images: &ImageSet,
+    par: &Parallel,
+) -> Result<(), CliError> {
     let [c, h, w] = images.shape;
     for (key, have, want) in [
         ("model.channels", cfg.model.channels, c),
@@ -386,7 +432,7 @@ fn complete_config(cfg: &mut VisionConfig, images: &ImageSet) -> Result<(), CliE
     cfg.model.image_width = w;
     let aug = &mut cfg.task.augment;
     if aug.mean.is_empty() || aug.std.is_empty() {
-        let (m, s) = channel_stats(&images.data, c, h * w);
+        let (m, s) = par.channel_stats(&images.data, c, h * w)?;
         if aug.mean.is_empty() {
             aug.mean = m;
         }
@@ -427,8 +473,9 @@ pub fn pretrain(
         data.to_vec()
     };
     let (mut par, device) = Parallel::init(device)?;
-    let loaded = load_images(&paths, &cfg.data, None)?;
-    complete_config(&mut cfg, &loaded.images)?;
+    // Each rank reads its share of the rows (its row groups).
+    let loaded = load_images_of(&paths, &cfg.data, None, Some(&par))?;
+    complete_config(&mut cfg, &loaded.images, &par)?;
     if par.is_main() {
         config::write_run_config(out, &config::to_toml(&cfg)?)?;
     }
@@ -447,6 +494,8 @@ pub fn pretrain(
         cfg.train.lr,
         store.num_elements()
     );
+    // The health batch and the previews are rank 0's first images: rank 0 reads row group 0,
+    // so they are the source's first images as in one process as long as they fit in it.
     let n_health = cfg.data.health_examples.min(n);
     let heldout = (n_health >= 2)
         .then(|| loaded.images.batch(0, n_health, &device))
@@ -462,14 +511,9 @@ pub fn pretrain(
         .then(|| loaded.images.batch(0, n_prev, &device))
         .transpose()
         .map_err(vis)?;
-    let shard = par.shard((0..n).collect(), "images")?;
-    let inner = InMemoryImageSource::new(
-        loaded.images.select(&shard),
-        cfg.train.batch_size,
-        cfg.train.seed,
-        &device,
-    )
-    .map_err(vis)?;
+    let inner =
+        InMemoryImageSource::new(loaded.images, cfg.train.batch_size, cfg.train.seed, &device)
+            .map_err(vis)?;
     let preview_dir = out.join("previews");
     // On resume, previews continue the step numbering of the checkpoint resumed from.
     let accum = cfg.train.accum_steps.max(1) as u64;
@@ -739,4 +783,53 @@ pub fn eval(
     });
     println!("{report}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_read_their_images_with_global_caps_and_statistics() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("images.parquet");
+        // 1,500 images in row groups of 100 (15 groups).
+        crate::parallel::regroup(EMBEDDED_TRAIN, 100, &path);
+        let paths = vec![path.to_string_lossy().into_owned()];
+        let data = VisionDataConfig {
+            max_images: 1000,
+            ..VisionDataConfig::default()
+        };
+        let one = load_images(&paths, &data, None).unwrap();
+        assert_eq!(one.ids.len(), 1000);
+        // One process's normalisation statistics.
+        let single = crate::parallel::on_ranks(1, |p| {
+            let mut c = VisionConfig::default();
+            complete_config(&mut c, &one.images, &p).unwrap();
+            c.task.augment
+        });
+        let want_stats = &single[0];
+        let out = crate::parallel::on_ranks(2, |p| {
+            let l = load_images_of(&paths, &data, None, Some(&p)).unwrap();
+            let mut c = VisionConfig::default();
+            complete_config(&mut c, &l.images, &p).unwrap();
+            (l.ids, c.task.augment.mean, c.task.augment.std)
+        });
+        let mut ids = Vec::new();
+        for (rank_ids, mean, std) in out {
+            // 5 groups of 100 below the cap on each rank.
+            assert_eq!(rank_ids.len(), 500);
+            ids.extend(rank_ids);
+            for (a, b) in mean.iter().zip(&want_stats.mean) {
+                assert!((a - b).abs() < 1e-6, "{mean:?}");
+            }
+            for (a, b) in std.iter().zip(&want_stats.std) {
+                assert!((a - b).abs() < 1e-6, "{std:?}");
+            }
+        }
+        let mut want = one.ids.clone();
+        want.sort();
+        ids.sort();
+        assert_eq!(ids, want);
+    }
 }

@@ -83,6 +83,8 @@ pub struct Batch {
     ids: Vec<String>,
     columns: Vec<(String, BatchColumn)>,
     position: Position,
+    /// Where each row came from: (file index in the source, row index within the file).
+    origins: Vec<(usize, usize)>,
 }
 
 impl Batch {
@@ -114,6 +116,64 @@ impl Batch {
     /// A column by name.
     pub fn column(&self, name: &str) -> Option<&BatchColumn> {
         self.columns.iter().find(|(n, _)| n == name).map(|(_, c)| c)
+    }
+
+    /// Where each row came from: (file index in the source, row index within the file).
+    pub(crate) fn origins(&self) -> &[(usize, usize)] {
+        &self.origins
+    }
+
+    /// The rows at `keep` (indices into this batch, in the order given).
+    pub(crate) fn select(&self, keep: &[usize]) -> Batch {
+        let columns = self
+            .columns
+            .iter()
+            .map(|(name, col)| {
+                let col = match col {
+                    BatchColumn::Text(t) => {
+                        BatchColumn::Text(keep.iter().map(|&i| t[i].clone()).collect())
+                    }
+                    BatchColumn::Image(img) => {
+                        let [_, c, h, w] = img.shape;
+                        let per = c * h * w;
+                        BatchColumn::Image(ImageBatch {
+                            data: keep
+                                .iter()
+                                .flat_map(|&i| img.data[i * per..(i + 1) * per].iter().copied())
+                                .collect(),
+                            shape: [keep.len(), c, h, w],
+                        })
+                    }
+                    BatchColumn::Series(s) => {
+                        let per = s.channels * s.length;
+                        BatchColumn::Series(SeriesBatch {
+                            values: keep
+                                .iter()
+                                .flat_map(|&i| s.values[i * per..(i + 1) * per].iter().copied())
+                                .collect(),
+                            mask: keep
+                                .iter()
+                                .flat_map(|&i| s.mask[i * per..(i + 1) * per].iter().copied())
+                                .collect(),
+                            lengths: keep.iter().map(|&i| s.lengths[i]).collect(),
+                            channels: s.channels,
+                            length: s.length,
+                        })
+                    }
+                    BatchColumn::Label(l) => BatchColumn::Label(LabelBatch {
+                        ids: keep.iter().map(|&i| l.ids[i]).collect(),
+                        classes: l.classes.clone(),
+                    }),
+                };
+                (name.clone(), col)
+            })
+            .collect();
+        Batch {
+            ids: keep.iter().map(|&i| self.ids[i].clone()).collect(),
+            columns,
+            position: self.position,
+            origins: keep.iter().map(|&i| self.origins[i]).collect(),
+        }
     }
 
     /// Moves the columns out (ids first).
@@ -308,6 +368,7 @@ impl BatchBuilder {
             columns.push((name, column));
         }
         Batch {
+            origins: rows.iter().map(|r| (r.file, r.row)).collect(),
             ids: rows.into_iter().map(|r| r.id).collect(),
             columns,
             position,

@@ -6,7 +6,8 @@
 //!   shuffle window), epochs or an endless stream, a resumable [`Position`], decoding in
 //!   background threads with a bounded prefetch queue. Yields [`Batch`]es of flat buffers:
 //!   text, images `(B, C, H, W)`, series with masks `(B, C, L)`, labels as class ids, ids.
-//! * [`read_all`]: a whole small source in one [`Table`] (for evaluation).
+//! * [`read_all`]: a whole small source in one [`Table`] (for evaluation), or one rank's
+//!   share of its row groups (data-parallel training), with each row's global row index.
 //! * [`EmbeddingWriter`] / [`read_embeddings`]: `(id, embedding: FixedSizeList<f32>[D])` files
 //!   with key-value metadata, written atomically.
 //!
@@ -61,7 +62,7 @@ pub use error::DataError;
 pub use loader::{DataLoader, LoaderConfig};
 pub use numeric::read_numeric_column;
 pub use position::Position;
-pub use read_all::{read_all, ReadOptions, Table};
+pub use read_all::{read_all, ReadOptions, Share, Table};
 pub use source::ParquetSource;
 pub use writer::{
     read_embeddings, EmbeddingWriter, EmbeddingWriterOptions, Embeddings, EMBEDDING_COLUMN,

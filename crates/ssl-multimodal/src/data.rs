@@ -6,7 +6,7 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use ssl_core::{BatchSource, CoreError, SslRng};
-use ssl_data::{read_all, BadRowReport, ColorMode, ColumnSpec, ReadOptions};
+use ssl_data::{read_all, BadRowReport, ColorMode, ColumnSpec, ReadOptions, Share};
 use ssl_text::{tokenize_texts, InputConfig, InputMode, SpecialIds, TextBatch, TokenizedSeq};
 use ssl_vision::ImageSet;
 use tokenizers::Tokenizer;
@@ -129,6 +129,31 @@ impl Default for PairColumns {
 /// Reads every row of the Parquet files, directories or globs in `paths`; returns the pairs
 /// and the rows skipped under `skip_bad_rows`.
 pub fn read_pairs(paths: &[String], cols: &PairColumns) -> Result<(PairSet, BadRowReport)> {
+    let r = read_pairs_of(paths, cols, 0, 1)?;
+    Ok((r.set, r.bad_rows))
+}
+
+/// Pairs read from a source, or from one rank's share of it.
+#[derive(Debug, Clone)]
+pub struct PairsRead {
+    /// The pairs, in file order.
+    pub set: PairSet,
+    /// Rows skipped under `skip_bad_rows`.
+    pub bad_rows: BadRowReport,
+    /// Each pair's global row index in the source (files in order, rows in file order).
+    pub row_index: Vec<usize>,
+    /// Which part of the source was read.
+    pub share: Share,
+}
+
+/// [`read_pairs`] for rank `rank` of `world_size`: only that rank's share of the rows (its
+/// row groups; see [`ssl_data::read_all`]), with their global row indices.
+pub fn read_pairs_of(
+    paths: &[String],
+    cols: &PairColumns,
+    rank: usize,
+    world_size: usize,
+) -> Result<PairsRead> {
     let resize = match cols.resize.as_slice() {
         [] => None,
         [h, w] => Some([*h, *w]),
@@ -153,6 +178,8 @@ pub fn read_pairs(paths: &[String], cols: &PairColumns) -> Result<(PairSet, BadR
         &specs,
         &ReadOptions {
             skip_bad_rows: cols.skip_bad_rows,
+            rank,
+            world_size,
             ..Default::default()
         },
     )?;
@@ -166,7 +193,12 @@ pub fn read_pairs(paths: &[String], cols: &PairColumns) -> Result<(PairSet, BadR
         labels.push((l.clone(), batch.text(l)?.to_vec()));
     }
     let set = PairSet::new(images, captions, batch.ids().to_vec(), labels)?;
-    Ok((set, table.bad_rows))
+    Ok(PairsRead {
+        set,
+        bad_rows: table.bad_rows,
+        row_index: table.row_index,
+        share: table.share,
+    })
 }
 
 /// A seeded split of `0..n` into (train, held out) with `round(n * fraction)` held out.

@@ -53,8 +53,8 @@ mod task;
 pub mod toy;
 
 pub use data::{
-    holdout_split, pair_batch, read_pairs, tokenize_captions, InMemoryPairSource, PairColumns,
-    PairCursor, PairSet,
+    holdout_split, pair_batch, read_pairs, read_pairs_of, tokenize_captions, InMemoryPairSource,
+    PairColumns, PairCursor, PairSet, PairsRead,
 };
 pub use error::{MultimodalError, Result};
 pub use eval::{

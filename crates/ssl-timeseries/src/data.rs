@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use ssl_core::seq::SeqExample;
-use ssl_data::{read_all, read_numeric_column, ColumnSpec, ReadOptions};
+use ssl_data::{read_all, read_numeric_column, ColumnSpec, ReadOptions, Share};
 
 use crate::{Result, TsError};
 
@@ -19,6 +19,10 @@ pub struct SeriesSet {
     pub ids: Vec<String>,
     /// Labels as strings, when a label column was asked for.
     pub labels: Option<Vec<String>>,
+    /// Each series' global row index in the source (files in order, rows in file order).
+    pub row_index: Vec<usize>,
+    /// Which part of the source was read (everything, or one rank's share).
+    pub share: Share,
 }
 
 /// Reads the series column (channels x length per row) and optional label / id columns of
@@ -31,6 +35,27 @@ pub fn read_series<P: AsRef<Path>>(
     id_column: Option<&str>,
     skip_bad_rows: bool,
 ) -> Result<SeriesSet> {
+    read_series_with(
+        paths,
+        column,
+        label_column,
+        id_column,
+        &ReadOptions {
+            skip_bad_rows,
+            ..Default::default()
+        },
+    )
+}
+
+/// [`read_series`] with every [`ReadOptions`]: `rank` and `world_size` read one rank's share
+/// of the rows (see [`ssl_data::read_all`]).
+pub fn read_series_with<P: AsRef<Path>>(
+    paths: &[P],
+    column: &str,
+    label_column: Option<&str>,
+    id_column: Option<&str>,
+    options: &ReadOptions,
+) -> Result<SeriesSet> {
     let mut columns = vec![ColumnSpec::series(column)];
     if let Some(l) = label_column {
         columns.push(ColumnSpec::label(l));
@@ -38,14 +63,7 @@ pub fn read_series<P: AsRef<Path>>(
     if let Some(id) = id_column.filter(|s| !s.is_empty()) {
         columns.push(ColumnSpec::id(id));
     }
-    let table = read_all(
-        paths,
-        &columns,
-        &ReadOptions {
-            skip_bad_rows,
-            ..Default::default()
-        },
-    )?;
+    let table = read_all(paths, &columns, options)?;
     if table.bad_rows.count > 0 {
         eprintln!(
             "skipped {} bad rows: {}",
@@ -91,6 +109,8 @@ pub fn read_series<P: AsRef<Path>>(
         series,
         ids: batch.ids().to_vec(),
         labels,
+        row_index: table.row_index.clone(),
+        share: table.share.clone(),
     })
 }
 

@@ -45,7 +45,9 @@ mod rnn;
 mod tcn;
 mod ts2vec;
 
-pub use data::{chronological_split, read_long_series, read_series, windows, SeriesSet};
+pub use data::{
+    chronological_split, read_long_series, read_series, read_series_with, windows, SeriesSet,
+};
 pub use encoder::{EncoderConfig, EncoderKind, SeriesEncoder};
 pub use error::{Result, TsError};
 pub use forecast::{
