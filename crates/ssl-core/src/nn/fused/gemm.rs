@@ -6,9 +6,17 @@
 
 use gemm::Parallelism;
 
-/// Products with every dimension at least this large run in bf16 when asked; smaller ones
-/// are not worth packing.
+/// Products run in bf16 when asked only if every dimension is at least this large and
+/// their multiply-adds reach [`BF16_MIN_WORK`] (one thread) or [`BF16_MIN_WORK_THREADED`]:
+/// smaller ones cost more to pack and dispatch than they save. Measured with `bench/run
+/// --precision bf16`: the PatchTST model's products (896 x 192 x 64 and smaller) ran slower
+/// in bf16 than in f32, BERT-mini's (2048 x 768 x 256; 128 x 128 x 64 per attention head)
+/// much faster.
 const BF16_MIN_DIM: usize = 16;
+/// See [`BF16_MIN_DIM`].
+const BF16_MIN_WORK: usize = 1 << 18;
+/// See [`BF16_MIN_DIM`].
+const BF16_MIN_WORK_THREADED: usize = 1 << 24;
 
 /// A read-only row-major matrix view: element `(i, j)` at `data[i * ld + j]`.
 #[derive(Clone, Copy)]
@@ -153,11 +161,17 @@ pub(crate) unsafe fn matmul_raw(
         }
         return;
     }
-    if bf16 && k >= BF16_MIN_DIM && m.min(n) >= BF16_MIN_DIM && super::bf16::available() {
-        let threads = match par {
-            Parallelism::Rayon(t) => t,
-            _ => 1,
-        };
+    let threads = match par {
+        Parallelism::Rayon(t) => t,
+        _ => 1,
+    };
+    let min_work = if threads > 1 {
+        BF16_MIN_WORK_THREADED
+    } else {
+        BF16_MIN_WORK
+    };
+    if bf16 && k.min(m).min(n) >= BF16_MIN_DIM && m * n * k >= min_work && super::bf16::available()
+    {
         // SAFETY: forwarded from the caller; the kernels' CPU features were checked.
         unsafe {
             super::bf16::gemm_bf16(
