@@ -677,7 +677,10 @@ impl<T: PretextTask> Trainer<T> for LoopTrainer {
             if let Some(batch) = heldout {
                 if cfg.health_every > 0 && (state.step.is_multiple_of(cfg.health_every) || last) {
                     let mut rng = SslRng::new(0);
-                    let emb = task.embed(batch, &mut Ctx::eval(&mut rng))?;
+                    let emb = task.embed(
+                        batch,
+                        &mut Ctx::eval(&mut rng).with_precision(cfg.matmul_precision),
+                    )?;
                     let (rows, dim) = emb.dims2()?;
                     let flat = emb.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                     let h = embedding_health(&flat, rows, dim)?;
