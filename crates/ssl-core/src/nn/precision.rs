@@ -10,8 +10,9 @@ pub enum MatmulPrecision {
     /// f32 operands and accumulation (the default).
     #[default]
     F32,
-    /// The stack's products (linear layers and the per-head attention products, forward and
-    /// backward, each with every dimension at least 16) take operands rounded to bf16
+    /// The stack's large products (linear layers of at least 16 M multiply-adds, per-head
+    /// attention products of at least 256 k, every dimension at least 16; forward and
+    /// backward) take operands rounded to bf16
     /// (nearest even), sum in f32 and return f32: PyTorch's CPU autocast for matmuls.
     /// Parameters, gradients, optimizer state, softmax, norms and every other elementwise
     /// pass stay f32 (f32 master weights).

@@ -219,7 +219,8 @@ unsafe fn pack_k_contiguous(
                 *w = if l < lines {
                     let src = v.ptr.offset((l0 + l) as isize * v.rs + p as isize);
                     let x0 = _mm512_maskz_loadu_ps(m0, src);
-                    let x1 = _mm512_maskz_loadu_ps(m1, src.add(16));
+                    // `wrapping_add`: with an empty mask the address may lie past the buffer.
+                    let x1 = _mm512_maskz_loadu_ps(m1, src.wrapping_add(16));
                     std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(x1, x0))
                 } else {
                     _mm512_setzero_si512()
@@ -605,12 +606,14 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX-512 BF16");
             return;
         }
-        // Odd k, partial tiles in both directions, several k blocks, one and two threads.
+        // Odd k, partial tiles in both directions (n = 50: a full and a partial second half
+        // of a 32-column tile), several k blocks, one and two threads, strided views.
         for &(m, k, n, threads) in &[
             (1, 1, 1, 1),
             (13, 7, 33, 1),
             (29, 301, 70, 2),
             (150, 515, 45, 2),
+            (20, 37, 50, 2),
             (5, 0, 3, 1),
         ] {
             let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
@@ -618,14 +621,19 @@ mod tests {
             let want = reference(&a, &b, m, k, n);
             let at: Vec<f32> = (0..k * m).map(|idx| a[(idx % m) * k + idx / m]).collect();
             let bt: Vec<f32> = (0..n * k).map(|idx| b[(idx % k) * n + idx / k]).collect();
+            // Every other element: neither stride is 1 (the scalar packing path).
+            let spread = |v: &[f32]| -> Vec<f32> { v.iter().flat_map(|&x| [x, -7.0]).collect() };
+            let (a2, b2) = (spread(&a), spread(&b));
             // (pointer, row stride, column stride) of A (m x k) and B (k x n).
             let a_views = [
                 (a.as_ptr(), k as isize, 1isize),
                 (at.as_ptr(), 1, m as isize),
+                (a2.as_ptr(), 2 * k as isize, 2),
             ];
             let b_views = [
                 (b.as_ptr(), n as isize, 1isize),
                 (bt.as_ptr(), 1, k as isize),
+                (b2.as_ptr(), 2 * n as isize, 2),
             ];
             for &(ap, ars, acs) in &a_views {
                 for &(bp, brs, bcs) in &b_views {

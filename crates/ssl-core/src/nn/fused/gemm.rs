@@ -6,17 +6,19 @@
 
 use gemm::Parallelism;
 
-/// Products run in bf16 when asked only if every dimension is at least this large and
-/// their multiply-adds reach [`BF16_MIN_WORK`] (one thread) or [`BF16_MIN_WORK_THREADED`]:
-/// smaller ones cost more to pack and dispatch than they save. Measured with `bench/run
-/// --precision bf16`: the PatchTST model's products (896 x 192 x 64 and smaller) ran slower
-/// in bf16 than in f32, BERT-mini's (2048 x 768 x 256; 128 x 128 x 64 per attention head)
-/// much faster.
+/// Products run in bf16 when asked only if every dimension is at least this large and their
+/// multiply-adds reach [`BF16_MIN_WORK`] (per-head attention products, through
+/// [`matmul_raw`]) or [`BF16_MIN_WORK_LINEAR`] (whole-batch products, through [`matmul`],
+/// which also pay packing in parallel and a thread dispatch): smaller ones cost more than they
+/// save. The rule depends on the call site and the shape only, never on the thread count, so
+/// one model makes the same choice on every machine. Measured with `bench/run --precision
+/// bf16`: the PatchTST model's products (896 x 192 x 64 and smaller) ran slower in bf16 than
+/// in f32, BERT-mini's (2048 x 768 x 256; 128 x 128 x 64 per attention head) much faster.
 const BF16_MIN_DIM: usize = 16;
 /// See [`BF16_MIN_DIM`].
 const BF16_MIN_WORK: usize = 1 << 18;
 /// See [`BF16_MIN_DIM`].
-const BF16_MIN_WORK_THREADED: usize = 1 << 24;
+const BF16_MIN_WORK_LINEAR: usize = 1 << 24;
 
 /// A read-only row-major matrix view: element `(i, j)` at `data[i * ld + j]`.
 #[derive(Clone, Copy)]
@@ -118,7 +120,7 @@ pub(crate) fn matmul(
             alpha,
             accumulate,
             par,
-            bf16,
+            bf16 && m * n * k >= BF16_MIN_WORK_LINEAR,
         );
     }
 }
@@ -161,17 +163,16 @@ pub(crate) unsafe fn matmul_raw(
         }
         return;
     }
-    let threads = match par {
-        Parallelism::Rayon(t) => t,
-        _ => 1,
-    };
-    let min_work = if threads > 1 {
-        BF16_MIN_WORK_THREADED
-    } else {
-        BF16_MIN_WORK
-    };
-    if bf16 && k.min(m).min(n) >= BF16_MIN_DIM && m * n * k >= min_work && super::bf16::available()
+    if bf16
+        && k.min(m).min(n) >= BF16_MIN_DIM
+        && m * n * k >= BF16_MIN_WORK
+        && super::bf16::available()
     {
+        let threads = match par {
+            Parallelism::Rayon(0) => rayon::current_num_threads(),
+            Parallelism::Rayon(t) => t,
+            _ => 1,
+        };
         // SAFETY: forwarded from the caller; the kernels' CPU features were checked.
         unsafe {
             super::bf16::gemm_bf16(
@@ -282,5 +283,44 @@ mod tests {
                 assert!((x - w).abs() < 1e-5);
             }
         }
+    }
+
+    #[test]
+    fn bf16_is_taken_only_by_large_products_and_only_when_asked() {
+        if !super::super::bf16::available() {
+            eprintln!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        }
+        let run = |m: usize, k: usize, n: usize, bf16: bool| {
+            let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.61).cos()).collect();
+            let mut c = vec![0f32; m * n];
+            matmul(
+                &mut c,
+                n,
+                MatRef::dense(&a, m, k),
+                Op::N,
+                MatRef::dense(&b, k, n),
+                Op::N,
+                1.0,
+                false,
+                threads(),
+                bf16,
+            );
+            c
+        };
+        // Relative L2 distance: bf16 keeps 8 significant bits (0.2-0.4% per operand), and
+        // these sums cancel, so the relative error of the result is larger (1.2% here).
+        let gap = |x: &[f32], y: &[f32]| {
+            let d: f64 = x.iter().zip(y).map(|(p, q)| ((p - q) as f64).powi(2)).sum();
+            let n: f64 = y.iter().map(|q| (*q as f64).powi(2)).sum();
+            (d / n).sqrt()
+        };
+        // 256^3 = 16 M multiply-adds: a linear product large enough for bf16.
+        let (f32s, bf16s) = (run(256, 256, 256, false), run(256, 256, 256, true));
+        let g = gap(&bf16s, &f32s);
+        assert!(g > 1e-4 && g < 3e-2, "bf16 vs f32 gap {g:e}");
+        // 64^3 stays f32 even when asked.
+        assert_eq!(run(64, 64, 64, true), run(64, 64, 64, false));
     }
 }
