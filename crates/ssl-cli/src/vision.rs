@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use ssl_core::checkpoint::{read_state, MODEL_FILE};
+use ssl_core::nn::MatmulPrecision;
 use ssl_core::probe::{
     fit_linear_probe, knn_accuracy, stratified_split, KnnConfig, LinearProbeConfig,
 };
@@ -308,7 +309,12 @@ impl AnyVisionTask {
     }
 
     /// Pooled embeddings with an explicit pooling (evaluation mode).
-    fn embed_with(&self, batch: &Images, pooling: Pooling) -> Result<Tensor, CliError> {
+    fn embed_with(
+        &self,
+        batch: &Images,
+        pooling: Pooling,
+        precision: MatmulPrecision,
+    ) -> Result<Tensor, CliError> {
         let (vit, augment) = match self {
             AnyVisionTask::Mae(t) => (t.encoder(), t.augment()),
             AnyVisionTask::Simclr(t) => (t.encoder(), t.augment()),
@@ -317,7 +323,7 @@ impl AnyVisionTask {
         let mut rng = SslRng::new(0);
         let x = vit.embed_patches(&pixels).map_err(vis)?;
         let (out, _) = vit
-            .forward_tokens(&x, &mut Ctx::eval(&mut rng))
+            .forward_tokens(&x, &mut Ctx::eval(&mut rng).with_precision(precision))
             .map_err(vis)?;
         vit.pool_with(&out, pooling).map_err(vis)
     }
@@ -607,12 +613,13 @@ fn embed_all(
     pooling: Pooling,
     batch: usize,
     device: &Device,
+    precision: MatmulPrecision,
 ) -> Result<(Vec<f32>, usize), CliError> {
     let mut out = Vec::new();
     let mut dim = 0;
     for start in (0..images.len()).step_by(batch.max(1)) {
         let b = images.batch(start, batch.max(1), device).map_err(vis)?;
-        let e = task.embed_with(&b, pooling)?;
+        let e = task.embed_with(&b, pooling, precision)?;
         dim = e.dim(1)?;
         out.extend(e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
     }
@@ -635,6 +642,7 @@ pub fn embed(
         cfg.model.pooling,
         cfg.train.batch_size,
         &device,
+        cfg.train.matmul_precision,
     )?;
     let mut meta = BTreeMap::new();
     meta.insert("model".to_string(), "ssl-vision ViT".to_string());
@@ -733,12 +741,14 @@ pub fn eval(
     let n_classes = tr_y.iter().chain(&te_y).max().map_or(0, |m| m + 1);
     let bs = cfg.train.batch_size;
     let pooling = cfg.model.pooling;
-    let (tr, dim) = embed_all(&task, &tr_set, pooling, bs, &device)?;
-    let (te, _) = embed_all(&task, &te_set, pooling, bs, &device)?;
+    // The run's product precision (`train.matmul_precision`) applies to embedding too.
+    let prec = cfg.train.matmul_precision;
+    let (tr, dim) = embed_all(&task, &tr_set, pooling, bs, &device, prec)?;
+    let (te, _) = embed_all(&task, &te_set, pooling, bs, &device, prec)?;
     let pretrained = probe(&tr, &tr_y, &te, &te_y, dim, n_classes, cfg.train.seed)?;
     let (_, random) = AnyVisionTask::build(&cfg, &device)?;
-    let (rtr, _) = embed_all(&random, &tr_set, pooling, bs, &device)?;
-    let (rte, _) = embed_all(&random, &te_set, pooling, bs, &device)?;
+    let (rtr, _) = embed_all(&random, &tr_set, pooling, bs, &device, prec)?;
+    let (rte, _) = embed_all(&random, &te_set, pooling, bs, &device, prec)?;
     let random_init = probe(&rtr, &tr_y, &rte, &te_y, dim, n_classes, cfg.train.seed)?;
     let norm = |s: &ImageSet| -> Vec<f32> {
         let mut v = s.data.clone();
