@@ -253,21 +253,7 @@ impl Parallel {
 
     /// Overwrites every parameter of `store` with rank 0's values.
     pub fn broadcast_params(&self, store: &ParamStore) -> Result<(), CliError> {
-        if self.world == 1 {
-            return Ok(());
-        }
-        for (_, var) in store.vars() {
-            let t = var.as_tensor();
-            let mut buf = t
-                .to_dtype(candle_core::DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            self.collective.broadcast(&mut buf, 0)?;
-            var.set(
-                &candle_core::Tensor::from_vec(buf, t.shape(), t.device())?.to_dtype(t.dtype())?,
-            )?;
-        }
-        Ok(())
+        Ok(ssl_core::broadcast_params(self.collective.as_ref(), store)?)
     }
 
     /// The collective for the trainer.

@@ -57,6 +57,24 @@ impl Collective for SharedCollective {
     }
 }
 
+/// Copies rank 0's parameters into every rank's `store` (variables in name order, each sent
+/// as f32 and cast back to its dtype). Does nothing with one rank.
+pub fn broadcast_params(ranks: &dyn Collective, store: &crate::ParamStore) -> Result<()> {
+    if ranks.world_size() == 1 {
+        return Ok(());
+    }
+    for (_, var) in store.vars() {
+        let t = var.as_tensor();
+        let mut buf = t
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        ranks.broadcast(&mut buf, 0)?;
+        var.set(&candle_core::Tensor::from_vec(buf, t.shape(), t.device())?.to_dtype(t.dtype())?)?;
+    }
+    Ok(())
+}
+
 /// Every rank's `local` tensor (same shape on all ranks) concatenated along dimension 0 in
 /// rank order, for contrastive losses whose negatives span all ranks. This rank's part keeps
 /// its graph, so gradients flow to the local embeddings only; the other ranks' parts are

@@ -63,7 +63,9 @@ mod signal;
 mod task;
 mod trainer;
 
-pub use collective::{gather_rows, Collective, SharedCollective, SingleProcess, ThreadGroup};
+pub use collective::{
+    broadcast_params, gather_rows, Collective, SharedCollective, SingleProcess, ThreadGroup,
+};
 pub use ctx::Ctx;
 pub use device::parse_device;
 pub use encoder::{Encoder, EncoderOutput};

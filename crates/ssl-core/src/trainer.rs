@@ -345,19 +345,6 @@ impl LoopTrainer {
         }
         Ok(())
     }
-
-    fn broadcast_params(&self, params: &crate::ParamStore) -> Result<()> {
-        if self.collective.world_size() == 1 {
-            return Ok(());
-        }
-        for (_, var) in params.vars() {
-            let t = var.as_tensor();
-            let mut buf = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            self.collective.broadcast(&mut buf, 0)?;
-            var.set(&Tensor::from_vec(buf, t.shape(), t.device())?.to_dtype(t.dtype())?)?;
-        }
-        Ok(())
-    }
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
@@ -473,7 +460,7 @@ impl<T: PretextTask> Trainer<T> for LoopTrainer {
             data.restore(&state.data_position)?;
             report.last_checkpoint = Some(ckpt.clone());
         }
-        self.broadcast_params(params)?;
+        crate::collective::broadcast_params(self.collective.as_ref(), params)?;
         report.start_step = state.step;
 
         let mut log = match (&self.out_dir, main) {
