@@ -639,25 +639,28 @@ mod tests {
                 for &(bp, brs, bcs) in &b_views {
                     let ldc = n + 3;
                     let mut c = vec![1f32; m * ldc];
-                    // SAFETY: the views and the output cover exactly the test's buffers.
-                    unsafe {
-                        gemm_bf16(
-                            c.as_mut_ptr(),
-                            ldc,
-                            m,
-                            n,
-                            k,
-                            ap,
-                            ars,
-                            acs,
-                            bp,
-                            brs,
-                            bcs,
-                            2.0,
-                            true,
-                            threads,
-                        )
+                    let product = |c: &mut [f32], alpha: f32, accumulate: bool| {
+                        // SAFETY: the views and the output cover exactly the test's buffers.
+                        unsafe {
+                            gemm_bf16(
+                                c.as_mut_ptr(),
+                                ldc,
+                                m,
+                                n,
+                                k,
+                                ap,
+                                ars,
+                                acs,
+                                bp,
+                                brs,
+                                bcs,
+                                alpha,
+                                accumulate,
+                                threads,
+                            )
+                        }
                     };
+                    product(&mut c, 2.0, true);
                     for i in 0..m {
                         for j in 0..n {
                             let w = 1.0 + 2.0 * want[i * n + j];
@@ -671,24 +674,7 @@ mod tests {
                             assert_eq!(c[i * ldc + j], 1.0, "wrote past the view");
                         }
                     }
-                    unsafe {
-                        gemm_bf16(
-                            c.as_mut_ptr(),
-                            ldc,
-                            m,
-                            n,
-                            k,
-                            ap,
-                            ars,
-                            acs,
-                            bp,
-                            brs,
-                            bcs,
-                            1.0,
-                            false,
-                            threads,
-                        )
-                    };
+                    product(&mut c, 1.0, false);
                     for i in 0..m {
                         for j in 0..n {
                             let w = want[i * n + j];
