@@ -3,6 +3,8 @@
 //! bf16 kernels ran), and a model trained with them learns as the f32 one does. Skipped, with
 //! a line on stderr, on CPUs without AVX-512 BF16.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
 use ssl_core::nn::{
     bf16_matmul_available, MatmulPrecision, NormPlacement, StackKernel, TransformerConfig,
@@ -83,28 +85,7 @@ fn gradients(
         .forward(xv.as_tensor(), Some(&mask), &mut ctx)
         .unwrap();
     let loss = (&out.last * &w).unwrap().sum_all().unwrap();
-    let grads = loss.backward().unwrap();
-    let f64s = |t: &Tensor| {
-        t.flatten_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap()
-    };
-    let mut all = vec![(
-        "input".to_string(),
-        f64s(grads.get(xv.as_tensor()).unwrap()),
-    )];
-    for (name, var) in store.vars() {
-        all.push((name, f64s(grads.get(var.as_tensor()).unwrap())));
-    }
-    let l = loss
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    (l, all)
+    common::loss_and_gradients_f64(&loss, &xv, store)
 }
 
 /// `|a - b| / |b|` over a whole tensor.

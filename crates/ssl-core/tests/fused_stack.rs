@@ -3,6 +3,8 @@
 //! the reference run in f64, itself checked by finite differences; and, with dropout, the
 //! fused backward against finite differences of the fused forward.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use ssl_core::nn::{Activation, NormPlacement, StackKernel, TransformerConfig, TransformerStack};
 use ssl_core::{Ctx, ParamStore, SslRng};
@@ -94,31 +96,7 @@ fn gradients(
     let (x, mask, w) = inputs(dtype);
     let xv = candle_core::Var::from_tensor(&x).unwrap();
     let loss = objective(stack, c, xv.as_tensor(), &mask, &w, false, 0);
-    let grads = loss.backward().unwrap();
-    let as_f64 = |t: &Tensor| {
-        t.flatten_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap()
-    };
-    let mut out = vec![(
-        "input".to_string(),
-        as_f64(grads.get(xv.as_tensor()).unwrap()),
-    )];
-    for (name, var) in store.vars() {
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{name}: no gradient"));
-        out.push((name, as_f64(g)));
-    }
-    let l = loss
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    (l, out)
+    common::loss_and_gradients_f64(&loss, &xv, store)
 }
 
 fn build(

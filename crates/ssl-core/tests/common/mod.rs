@@ -199,3 +199,37 @@ pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
     let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
+
+/// The loss and the gradients of `loss` for the input `x` (named `input`) and every parameter
+/// of `store` (by name), all as f64. Panics naming a parameter without gradient.
+pub fn loss_and_gradients_f64(
+    loss: &Tensor,
+    x: &candle_core::Var,
+    store: &ParamStore,
+) -> (f64, Vec<(String, Vec<f64>)>) {
+    let grads = loss.backward().unwrap();
+    let as_f64 = |t: &Tensor| {
+        t.flatten_all()
+            .unwrap()
+            .to_dtype(candle_core::DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
+    let mut out = vec![(
+        "input".to_string(),
+        as_f64(grads.get(x.as_tensor()).unwrap()),
+    )];
+    for (name, var) in store.vars() {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        out.push((name, as_f64(g)));
+    }
+    let l = loss
+        .to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    (l, out)
+}
