@@ -37,6 +37,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod alloc;
 pub mod checkpoint;
 mod collective;
 mod ctx;
@@ -63,6 +64,7 @@ mod signal;
 mod task;
 mod trainer;
 
+pub use alloc::keep_freed_memory;
 pub use collective::{
     broadcast_params, gather_rows, Collective, SharedCollective, SingleProcess, ThreadGroup,
 };
