@@ -5,15 +5,15 @@
 //!
 //! ```text
 //! cargo bench -p ssl-core --bench stack [-- STEPS [pre|post] [fused|reference]]
-//! cargo bench -p ssl-core --bench stack -- gemm     # GFLOP/s of the stack's products alone
+//! cargo bench -p ssl-core --bench stack -- gemm     # GFLOP/s of the products alone, f32 and bf16
 //! ```
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
 use ssl_core::nn::{
-    bf16_matmul_available, MatmulPrecision, NormPlacement, StackKernel, TransformerConfig,
-    TransformerStack,
+    bf16_matmul_available, bf16_product_seconds, MatmulPrecision, NormPlacement, StackKernel,
+    TransformerConfig, TransformerStack,
 };
 use ssl_core::{Ctx, ParamStore, SslRng};
 
@@ -21,6 +21,7 @@ use ssl_core::{Ctx, ParamStore, SslRng};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    ssl_core::keep_freed_memory();
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")
@@ -102,8 +103,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// Times `gemm` on the products of one BERT-mini layer (2048 tokens), each in the orientation
 /// the fused stack uses, with both threads.
 fn gemm_rates() {
-    let threads = gemm::Parallelism::Rayon(rayon::current_num_threads());
-    // (name, m, n, k, lhs transposed, rhs transposed)
+    let threads = rayon::current_num_threads();
+    let par = gemm::Parallelism::Rayon(threads);
+    // (name, m, n, k, lhs transposed, rhs transposed): the stack's products at BERT-mini's
+    // shape, and the MLM decoder's (307 masked positions, vocab 8000).
     let shapes = [
         ("x W^T (qkv)", 2048, 768, 256, false, true),
         ("x W^T (fc1)", 2048, 1024, 256, false, true),
@@ -111,8 +114,12 @@ fn gemm_rates() {
         ("dy W (dx fc1)", 2048, 256, 1024, false, false),
         ("dy^T x (dW fc1)", 1024, 256, 2048, true, false),
         ("dy^T x (dW qkv)", 768, 256, 2048, true, false),
+        ("h E^T (mlm logits)", 307, 8000, 256, false, true),
+        ("g E (mlm dh)", 307, 256, 8000, false, false),
+        ("g^T h (mlm dE)", 8000, 256, 307, true, false),
         ("square 1024", 1024, 1024, 1024, false, false),
     ];
+    println!("{threads} threads; GFLOP/s of f32 (gemm crate) and bf16 (ours, operands converted while packed)");
     for (name, m, n, k, ta, tb) in shapes {
         let a = vec![0.5f32; m * k];
         let b = vec![0.25f32; k * n];
@@ -144,17 +151,22 @@ fn gemm_rates() {
                     false,
                     false,
                     false,
-                    threads,
+                    par,
                 );
             }
             times.push(t0.elapsed().as_secs_f64());
         }
         times.sort_by(f64::total_cmp);
         let t = times[times.len() / 2];
+        let flops = 2.0 * (m * n * k) as f64;
+        let bf16 = match bf16_product_seconds((m, n, k), (ta, tb), threads, 12) {
+            Some(t16) => format!("bf16 {:.2} ms {:.0} GFLOP/s", t16 * 1e3, flops / t16 / 1e9),
+            None => "bf16 n/a".into(),
+        };
         println!(
-            "{name:>18}: {m}x{n}x{k} {:.2} ms {:.0} GFLOP/s",
+            "{name:>20}: {m}x{n}x{k} f32 {:.2} ms {:.0} GFLOP/s, {bf16}",
             t * 1e3,
-            2.0 * (m * n * k) as f64 / t / 1e9
+            flops / t / 1e9
         );
     }
 }

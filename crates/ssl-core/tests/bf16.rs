@@ -199,3 +199,83 @@ fn training_with_bf16_products_learns_as_f32_does() {
         "bf16 ends at {end16}, f32 at {end32}"
     );
 }
+
+/// `matmul_t` (the linear layers outside the stack, e.g. BERT's MLM decoder): with bf16 the
+/// output and both gradients stay within bf16 rounding of the f64 product, and differ from
+/// f32 (so the bf16 op ran); with f32 it is exactly candle's matmul; a product under the size
+/// rule stays exactly f32 even when bf16 is asked for.
+#[test]
+fn matmul_t_in_bf16_stays_within_rounding_of_f64() {
+    if skip() {
+        return;
+    }
+    use ssl_core::nn::ops::matmul_t;
+    let mut rng = SslRng::new(3);
+    // 96 x 1000 x 256 = 24.6 M multiply-adds, over the 16 M of the size rule.
+    let (m, n, k) = (96, 1000, 256);
+    let mut draw = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal()).collect() };
+    let (xv, wv, gv) = (draw(m * k), draw(n * k), draw(m * n));
+    let f64s = |v: &[f32]| -> Vec<f64> { v.iter().map(|&a| f64::from(a)).collect() };
+    let (x64, w64, g64) = (f64s(&xv), f64s(&wv), f64s(&gv));
+    // f64 references: y = x w^T, dx = g w, dw = g^T x.
+    let mut y_ref = vec![0f64; m * n];
+    let mut dx_ref = vec![0f64; m * k];
+    let mut dw_ref = vec![0f64; n * k];
+    for i in 0..m {
+        for j in 0..n {
+            let xw: f64 = (0..k).map(|p| x64[i * k + p] * w64[j * k + p]).sum();
+            y_ref[i * n + j] = xw;
+            for p in 0..k {
+                dx_ref[i * k + p] += g64[i * n + j] * w64[j * k + p];
+                dw_ref[j * k + p] += g64[i * n + j] * x64[i * k + p];
+            }
+        }
+    }
+    let run = |precision: MatmulPrecision, rows: usize| {
+        let x = Var::from_vec(xv[..rows * k].to_vec(), (rows, k), &Device::Cpu).unwrap();
+        let w = Var::from_vec(wv.clone(), (n, k), &Device::Cpu).unwrap();
+        let g = Tensor::from_vec(gv[..rows * n].to_vec(), (rows, n), &Device::Cpu).unwrap();
+        let y = matmul_t(x.as_tensor(), w.as_tensor(), precision).unwrap();
+        let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let v = |t: &Tensor| -> Vec<f64> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|&a| f64::from(a))
+                .collect()
+        };
+        (
+            v(&y),
+            v(grads.get(x.as_tensor()).unwrap()),
+            v(grads.get(w.as_tensor()).unwrap()),
+        )
+    };
+    let (y16, dx16, dw16) = run(MatmulPrecision::Bf16, m);
+    for (name, got, want) in [
+        ("y", &y16, &y_ref),
+        ("dx", &dx16, &dx_ref),
+        ("dw", &dw16, &dw_ref),
+    ] {
+        let e = rel(got, want);
+        assert!(e < 0.01, "{name}: bf16 relative error {e} over 1%");
+        assert!(
+            e > 1e-4,
+            "{name}: relative error {e} is f32's: bf16 did not run"
+        );
+    }
+    let (y32, dx32, dw32) = run(MatmulPrecision::F32, m);
+    for (name, got, want) in [
+        ("y", &y32, &y_ref),
+        ("dx", &dx32, &dx_ref),
+        ("dw", &dw32, &dw_ref),
+    ] {
+        let e = rel(got, want);
+        assert!(e < 1e-5, "{name}: f32 relative error {e}");
+    }
+    // 8 x 1000 x 256 = 2 M multiply-adds: under the size rule, so f32 even when bf16 is asked.
+    let small16 = run(MatmulPrecision::Bf16, 8);
+    let small32 = run(MatmulPrecision::F32, 8);
+    assert_eq!(small16, small32);
+}

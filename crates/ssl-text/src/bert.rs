@@ -10,9 +10,10 @@ use std::path::Path;
 
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
-use ssl_core::nn::ops::{cross_entropy, dropout, masked_mean, Activation};
+use ssl_core::nn::ops::{cross_entropy, dropout, masked_mean, matmul_t, Activation};
 use ssl_core::nn::{
-    LayerNorm, Linear, NormPlacement, StackInit, TransformerConfig, TransformerStack,
+    LayerNorm, Linear, MatmulPrecision, NormPlacement, StackInit, TransformerConfig,
+    TransformerStack,
 };
 use ssl_core::{
     Ctx, Encoder, EncoderOutput, Init, ParamBuilder, ParamStore, PretextTask, TaskOutput,
@@ -428,18 +429,17 @@ impl BertForMaskedLM {
         &self.masking
     }
 
-    /// MLM logits (.., V) of hidden states (.., D): transform, then the tied decoder.
-    pub fn mlm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+    /// MLM logits (.., V) of hidden states (.., D): transform, then the tied decoder, with
+    /// their products in `precision` (see [`ssl_core::nn::ops::matmul_t`]).
+    pub fn mlm_logits(&self, hidden: &Tensor, precision: MatmulPrecision) -> Result<Tensor> {
         let act = self.bert.cfg.activation()?;
         let h = self
             .norm
-            .forward(&act.forward(&self.dense.forward(hidden)?)?)?;
+            .forward(&act.forward(&self.dense.forward_with(hidden, precision)?)?)?;
         let dims = h.dims().to_vec();
         let d = self.bert.cfg.hidden_size;
         let rows = h.elem_count() / d;
-        let logits = h
-            .reshape((rows, d))?
-            .matmul(&self.bert.word.t()?)?
+        let logits = matmul_t(&h.reshape((rows, d))?, &self.bert.word, precision)?
             .broadcast_add(&self.bias)?;
         let mut out = dims;
         if let Some(l) = out.last_mut() {
@@ -451,7 +451,7 @@ impl BertForMaskedLM {
     /// Logits (B, T, V) for unmasked inputs (as `BertForMaskedLM.forward(...).logits`).
     pub fn logits(&self, input: &BertInput, ctx: &mut Ctx) -> Result<Tensor> {
         let (h, _) = self.bert.forward(input, ctx)?;
-        self.mlm_logits(&h)
+        self.mlm_logits(&h, ctx.precision)
     }
 
     /// Masks every sequence of `batch` with `rng`. When no position is selected in the whole
@@ -524,7 +524,7 @@ impl BertForMaskedLM {
         let dev = h.device();
         let pos = Tensor::from_vec(mb.positions.clone(), mb.positions.len(), dev)?;
         let picked = h.reshape((b * t, d))?.index_select(&pos, 0)?;
-        let logits = self.mlm_logits(&picked)?;
+        let logits = self.mlm_logits(&picked, ctx.precision)?;
         let targets = Tensor::from_vec(mb.targets.clone(), mb.targets.len(), dev)?;
         let loss = cross_entropy(&logits, &targets)?;
         let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;

@@ -2,6 +2,8 @@
 
 use candle_core::Tensor;
 
+use super::ops::matmul_t;
+use super::MatmulPrecision;
 use crate::{Init, ParamBuilder, Result};
 
 /// `y = x W^T + b` over the last dimension of any-rank input.
@@ -47,13 +49,18 @@ impl Linear {
         self.bias.as_ref()
     }
 
-    /// Applies the layer to `x` (.., in) giving (.., out).
+    /// Applies the layer to `x` (.., in) giving (.., out), in f32.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, MatmulPrecision::F32)
+    }
+
+    /// [`Linear::forward`] with the product in `precision` (see [`super::ops::matmul_t`]).
+    pub fn forward_with(&self, x: &Tensor, precision: MatmulPrecision) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / in_dim.max(1);
         let x2 = x.reshape((rows, in_dim))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        let mut y = matmul_t(&x2, &self.weight, precision)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }

@@ -10,6 +10,8 @@ mod transformer;
 pub use linear::Linear;
 pub use norm::LayerNorm;
 pub use ops::Activation;
+#[doc(hidden)]
+pub use precision::bf16_product_seconds;
 pub use precision::{bf16_matmul_available, MatmulPrecision};
 pub use transformer::{
     NormPlacement, StackInit, StackKernel, StackOutput, TransformerConfig, TransformerStack,

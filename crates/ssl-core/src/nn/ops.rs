@@ -7,6 +7,7 @@
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
+use crate::nn::MatmulPrecision;
 use crate::{Result, SslRng};
 
 /// Softmax over the last dimension, shifted by the (gradient-free) row maximum for stability.
@@ -113,6 +114,29 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             .apply_op2(&t, crate::nn::fused::CrossEntropyOp)?);
     }
     cross_entropy_composite(logits, targets)
+}
+
+/// `x W^T` for `x` (m, k) and `w` (n, k): a linear layer's product.
+///
+/// Under [`MatmulPrecision::Bf16`], with f32 operands on a CPU that has the bf16 kernels, one op
+/// computes it and its two backward products with bf16 operands and f32 sums (where the
+/// product reaches the fused stack's size rule, at least 16 M multiply-adds); otherwise it is
+/// candle's f32 matmul.
+pub fn matmul_t(x: &Tensor, w: &Tensor, precision: MatmulPrecision) -> Result<Tensor> {
+    if precision == MatmulPrecision::Bf16
+        && matches!(x.device(), candle_core::Device::Cpu)
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && x.rank() == 2
+        && w.rank() == 2
+        && crate::nn::bf16_matmul_available()
+        && crate::nn::fused::linear_takes_bf16(x.dim(0)?, w.dim(0)?, x.dim(1)?)
+    {
+        return Ok(x
+            .contiguous()?
+            .apply_op2(&w.contiguous()?, crate::nn::fused::MatmulTBf16)?);
+    }
+    Ok(x.matmul(&w.t()?)?)
 }
 
 /// [`cross_entropy`] from candle ops (any device and dtype).

@@ -12,7 +12,8 @@ pub enum MatmulPrecision {
     F32,
     /// The stack's large products (linear layers of at least 16 M multiply-adds, per-head
     /// attention products of at least 256 k, every dimension at least 16; forward and
-    /// backward) take operands rounded to bf16
+    /// backward), and those of [`super::ops::matmul_t`] / [`super::Linear::forward_with`]
+    /// outside it (BERT's MLM head), take operands rounded to bf16
     /// (nearest even), sum in f32 and return f32: PyTorch's CPU autocast for matmuls.
     /// Parameters, gradients, optimizer state, softmax, norms and every other elementwise
     /// pass stay f32 (f32 master weights).
@@ -24,4 +25,18 @@ pub enum MatmulPrecision {
 /// True when this CPU has the bf16 kernels (AVX-512F and AVX-512 BF16).
 pub fn bf16_matmul_available() -> bool {
     super::fused::bf16_available()
+}
+
+/// Median seconds of `reps` bf16 products of shape `(m, n, k)` (`m x k` by `k x n`), each
+/// operand stored transposed when its flag says so, on `threads` threads; `None` on CPUs
+/// without AVX-512 BF16. Benchmark support (`cargo bench -p ssl-core --bench stack -- gemm`),
+/// not a stable API.
+#[doc(hidden)]
+pub fn bf16_product_seconds(
+    shape: (usize, usize, usize),
+    transposed: (bool, bool),
+    threads: usize,
+    reps: usize,
+) -> Option<f64> {
+    super::fused::time_bf16_product(shape, transposed, threads, reps)
 }

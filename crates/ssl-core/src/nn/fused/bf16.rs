@@ -126,53 +126,44 @@ fn pack_a(a: View, i0: usize, rows: usize, p0: usize, pend: usize, out: &mut Vec
     }
 }
 
-/// Packs depth `[p0, pend)` x columns `[0, n)` of `b` (element `(p, j)`) into panels of `NR`
-/// columns: `out[panel][q][c]`, zero-padded.
-fn pack_b(b: View, n: usize, p0: usize, pend: usize, out: &mut Vec<u32>, parallel: bool) {
+/// Packs depth `[p0, pend)` x columns `[j0, j0 + NR)` (clipped to `n`) of `b` (element
+/// `(p, j)`) into one panel `out[q][c]` of `ceil((pend - p0) / 2) * NR` words, which must be
+/// zero where the columns end.
+fn pack_b_panel(b: View, n: usize, j0: usize, p0: usize, pend: usize, out: &mut [u32]) {
     let kc2 = (pend - p0).div_ceil(2);
-    let panels = n.div_ceil(NR);
-    out.clear();
-    out.resize(panels * kc2 * NR, 0);
+    debug_assert_eq!(out.len(), kc2 * NR);
+    let nc = NR.min(n - j0);
     // Reading b transposed: element (p, j) is bt(j, p) with swapped strides.
     let bt = View {
         ptr: b.ptr,
         rs: b.cs,
         cs: b.rs,
     };
-    let fill = |(pi, panel): (usize, &mut [u32])| {
-        let j0 = pi * NR;
-        let nc = NR.min(n - j0);
-        // SAFETY: columns j0..j0 + nc and depth p0..pend lie inside `b`; the panel holds
-        // kc2 * NR words; the vector paths run only where `available()`.
-        unsafe {
-            if bt.cs == 1 {
-                for h in 0..nc.div_ceil(16) {
-                    let c = (nc - 16 * h).min(16);
-                    pack_k_contiguous(
-                        bt,
-                        j0 + 16 * h,
-                        c,
-                        p0,
-                        pend,
-                        panel.as_mut_ptr().add(16 * h),
-                        NR,
-                    );
-                }
-            } else if bt.rs == 1 {
-                pack_lines_contiguous(bt.ptr, bt.cs, j0, nc, p0, pend, panel.as_mut_ptr(), NR);
-            } else {
-                for c in 0..nc {
-                    for q in 0..kc2 {
-                        panel[q * NR + c] = bt.pair(j0 + c, p0 + 2 * q, pend);
-                    }
+    // SAFETY: columns j0..j0 + nc and depth p0..pend lie inside `b`; the panel holds
+    // kc2 * NR words; the vector paths run only where `available()`.
+    unsafe {
+        if bt.cs == 1 {
+            for h in 0..nc.div_ceil(16) {
+                let c = (nc - 16 * h).min(16);
+                pack_k_contiguous(
+                    bt,
+                    j0 + 16 * h,
+                    c,
+                    p0,
+                    pend,
+                    out.as_mut_ptr().add(16 * h),
+                    NR,
+                );
+            }
+        } else if bt.rs == 1 {
+            pack_lines_contiguous(bt.ptr, bt.cs, j0, nc, p0, pend, out.as_mut_ptr(), NR);
+        } else {
+            for c in 0..nc {
+                for q in 0..kc2 {
+                    out[q * NR + c] = bt.pair(j0 + c, p0 + 2 * q, pend);
                 }
             }
         }
-    };
-    if parallel {
-        out.par_chunks_mut(kc2 * NR).enumerate().for_each(fill);
-    } else {
-        out.chunks_mut(kc2 * NR).enumerate().for_each(fill);
     }
 }
 
@@ -440,26 +431,60 @@ pub(crate) unsafe fn gemm_bf16(
     };
     let panels_per_chunk = n_panels.div_ceil(n_chunks);
     let n_chunks = n_panels.div_ceil(panels_per_chunk);
+    // k blocks of KC (the last one shorter); block `kb` spans depth [kb * KC, ..) and its
+    // packed B starts at word `kb * KC / 2 * n_panels * NR` (KC is even).
+    let k_blocks = k.div_ceil(KC);
+    let block = |kb: usize| (kb * KC, (kb * KC + KC).min(k));
+    let b_words = |kb: usize| {
+        let (p0, pend) = block(kb);
+        (pend - p0).div_ceil(2) * n_panels * NR
+    };
+    let b_start = |kb: usize| kb * (KC / 2) * n_panels * NR;
+    let parallel = threads > 1;
     with_buf(&B_BUF, |bbuf| {
-        let mut p0 = 0;
-        while p0 < k {
-            let pend = (p0 + KC).min(k);
-            let kc2 = (pend - p0).div_ceil(2);
-            let first = p0 == 0 && !accumulate;
-            pack_b(bv, n, p0, pend, bbuf, threads > 1);
-            let packed_b: &[u32] = bbuf;
-            let job = |jb: usize| {
-                let (mb, nc) = (jb / n_chunks, jb % n_chunks);
-                let i0 = mb * mc;
-                let rows = mc.min(m - i0);
-                let pan0 = nc * panels_per_chunk;
-                let pan1 = (pan0 + panels_per_chunk).min(n_panels);
-                with_buf(&A_BUF, |abuf| {
+        // All of B is packed first, in one parallel pass over (k block, panel), so the
+        // products below need one parallel pass too, not two per k block.
+        bbuf.clear();
+        bbuf.resize(b_start(k_blocks - 1) + b_words(k_blocks - 1), 0);
+        let mut panels: Vec<(usize, usize, &mut [u32])> = Vec::with_capacity(k_blocks * n_panels);
+        let mut rest: &mut [u32] = bbuf;
+        for kb in 0..k_blocks {
+            let (p0, pend) = block(kb);
+            let (this, tail) = rest.split_at_mut(b_words(kb));
+            rest = tail;
+            let panel_words = (pend - p0).div_ceil(2) * NR;
+            for (pj, panel) in this.chunks_mut(panel_words).enumerate() {
+                panels.push((kb, pj, panel));
+            }
+        }
+        let fill = |(kb, pj, panel): (usize, usize, &mut [u32])| {
+            let (p0, pend) = block(kb);
+            pack_b_panel(bv, n, pj * NR, p0, pend, panel);
+        };
+        if parallel {
+            panels.into_par_iter().for_each(fill);
+        } else {
+            panels.into_iter().for_each(fill);
+        }
+        let packed_b: &[u32] = bbuf;
+        // One job: rows [i0, i0 + rows) x a chunk of column panels, over every k block.
+        let job = |jb: usize| {
+            let (mb, nc) = (jb / n_chunks, jb % n_chunks);
+            let i0 = mb * mc;
+            let rows = mc.min(m - i0);
+            let pan0 = nc * panels_per_chunk;
+            let pan1 = (pan0 + panels_per_chunk).min(n_panels);
+            with_buf(&A_BUF, |abuf| {
+                for kb in 0..k_blocks {
+                    let (p0, pend) = block(kb);
+                    let kc2 = (pend - p0).div_ceil(2);
+                    let first = kb == 0 && !accumulate;
+                    let block_b = &packed_b[b_start(kb)..b_start(kb) + b_words(kb)];
                     pack_a(av, i0, rows, p0, pend, abuf);
                     for pj in pan0..pan1 {
                         let j0 = pj * NR;
                         let cols = NR.min(n - j0);
-                        let pb = &packed_b[pj * kc2 * NR..(pj + 1) * kc2 * NR];
+                        let pb = &block_b[pj * kc2 * NR..(pj + 1) * kc2 * NR];
                         for pi in 0..rows.div_ceil(MR) {
                             let pa = &abuf[pi * kc2 * MR..(pi + 1) * kc2 * MR];
                             let r0 = i0 + pi * MR;
@@ -482,15 +507,14 @@ pub(crate) unsafe fn gemm_bf16(
                             }
                         }
                     }
-                });
-            };
-            let jobs = m_blocks * n_chunks;
-            if threads > 1 && jobs > 1 {
-                (0..jobs).into_par_iter().for_each(job);
-            } else {
-                (0..jobs).for_each(job);
-            }
-            p0 = pend;
+                }
+            });
+        };
+        let jobs = m_blocks * n_chunks;
+        if parallel && jobs > 1 {
+            (0..jobs).into_par_iter().for_each(job);
+        } else {
+            (0..jobs).for_each(job);
         }
     });
 }
@@ -569,6 +593,60 @@ unsafe fn kernel(
     _first: bool,
 ) {
     unreachable!("bf16 kernels run only where `available()` is true (x86-64 with AVX-512 BF16)")
+}
+
+/// Median seconds of `reps` bf16 products `m x k` by `k x n` on constant operands, either
+/// operand stored transposed when asked, on `threads` threads; `None` without AVX-512 BF16.
+/// For `cargo bench -p ssl-core --bench stack -- gemm`.
+pub(crate) fn time_product(
+    (m, n, k): (usize, usize, usize),
+    (a_t, b_t): (bool, bool),
+    threads: usize,
+    reps: usize,
+) -> Option<f64> {
+    if !available() {
+        return None;
+    }
+    let a = vec![0.5f32; m * k];
+    let b = vec![0.25f32; k * n];
+    let mut c = vec![0f32; m * n];
+    let (a_rs, a_cs) = if a_t {
+        (1, m as isize)
+    } else {
+        (k as isize, 1)
+    };
+    let (b_rs, b_cs) = if b_t {
+        (1, k as isize)
+    } else {
+        (n as isize, 1)
+    };
+    let mut times: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let t0 = std::time::Instant::now();
+            // SAFETY: the views lie inside the vectors; the CPU features were checked.
+            unsafe {
+                gemm_bf16(
+                    c.as_mut_ptr(),
+                    n,
+                    m,
+                    n,
+                    k,
+                    a.as_ptr(),
+                    a_rs,
+                    a_cs,
+                    b.as_ptr(),
+                    b_rs,
+                    b_cs,
+                    1.0,
+                    false,
+                    threads,
+                )
+            };
+            t0.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    Some(times[times.len() / 2])
 }
 
 #[cfg(test)]

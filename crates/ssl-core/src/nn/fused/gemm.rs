@@ -20,6 +20,12 @@ const BF16_MIN_WORK: usize = 1 << 18;
 /// See [`BF16_MIN_DIM`].
 const BF16_MIN_WORK_LINEAR: usize = 1 << 24;
 
+/// True when [`matmul`] runs an `m x k` by `k x n` product in bf16 when asked (and the CPU
+/// has the kernels): its size rule for whole-batch products.
+pub(crate) fn linear_takes_bf16(m: usize, n: usize, k: usize) -> bool {
+    m.min(n).min(k) >= BF16_MIN_DIM && m * n * k >= BF16_MIN_WORK_LINEAR
+}
+
 /// A read-only row-major matrix view: element `(i, j)` at `data[i * ld + j]`.
 #[derive(Clone, Copy)]
 pub(crate) struct MatRef<'a> {
@@ -120,7 +126,7 @@ pub(crate) fn matmul(
             alpha,
             accumulate,
             par,
-            bf16 && m * n * k >= BF16_MIN_WORK_LINEAR,
+            bf16 && linear_takes_bf16(m, n, k),
         );
     }
 }
