@@ -2,10 +2,10 @@
 
 use candle_core::Tensor;
 
-use crate::nn::ops::layer_norm;
+use crate::nn::ops::{layer_norm, layer_norm_composite};
 use crate::{Init, ParamBuilder, Result};
 
-/// Layer normalisation over the last dimension, built from differentiable composite ops.
+/// Layer normalisation over the last dimension.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -38,8 +38,15 @@ impl LayerNorm {
         self.eps
     }
 
-    /// Normalises `x` over its last dimension.
+    /// Normalises `x` over its last dimension (one fused op for f32 on the CPU, see
+    /// [`layer_norm`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+
+    /// [`LayerNorm::forward`] from composite candle ops on every device: the reference
+    /// transformer stack's path, kept independent of the fused kernels it checks.
+    pub fn forward_composite(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm_composite(x, &self.weight, &self.bias, self.eps)
     }
 }

@@ -27,7 +27,32 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Layer normalisation over the last dimension: `(x - mean) / sqrt(var + eps) * w + b`.
+///
+/// f32 tensors on the CPU go through one fused op (one pass forward, a few backward); other
+/// devices and dtypes through [`layer_norm_composite`], which it is tested against.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if matches!(x.device(), candle_core::Device::Cpu)
+        && x.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && bias.dtype() == DType::F32
+        && x.rank() >= 1
+    {
+        return Ok(x.contiguous()?.apply_op3(
+            &weight.contiguous()?,
+            &bias.contiguous()?,
+            crate::nn::fused::LayerNormOp { eps: eps as f32 },
+        )?);
+    }
+    layer_norm_composite(x, weight, bias, eps)
+}
+
+/// [`layer_norm`] from candle ops (any device and dtype).
+pub fn layer_norm_composite(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -207,6 +232,70 @@ mod tests {
         let w = Tensor::from_vec(vec![1.5f64, -0.5, 2.0, 0.7], 4, &dev).unwrap();
         let b = Tensor::from_vec(vec![0.1f64, 0.2, -0.3, 0.0], 4, &dev).unwrap();
         finite_diff_check(|x| layer_norm(x, &w, &b, 1e-5), data(12), &[3, 4]);
+    }
+
+    /// The fused f32 layer norm against the composite one in f64: output and the gradients of
+    /// input, weight and bias, over widths that are and are not multiples of the vector width
+    /// and more rows than one parallel task takes (so the column sums are reduced across tasks).
+    #[test]
+    fn fused_layer_norm_matches_the_composite_in_f64() {
+        let dev = Device::Cpu;
+        for (rows, d) in [(6, 37), (500, 300), (4, 16)] {
+            let mut rng = SslRng::new(d as u64);
+            let xv: Vec<f32> = (0..rows * d).map(|_| rng.normal() * 2.0 + 0.5).collect();
+            let wv: Vec<f32> = (0..d).map(|_| 1.0 + 0.3 * rng.normal()).collect();
+            let bv: Vec<f32> = (0..d).map(|_| 0.1 * rng.normal()).collect();
+            let gv: Vec<f32> = (0..rows * d).map(|_| rng.normal()).collect();
+            let run = |dtype: DType, fused: bool| -> Vec<Vec<f64>> {
+                let v = |data: &[f32], shape: &[usize]| {
+                    candle_core::Var::from_tensor(
+                        &Tensor::from_vec(data.to_vec(), shape, &dev)
+                            .unwrap()
+                            .to_dtype(dtype)
+                            .unwrap(),
+                    )
+                    .unwrap()
+                };
+                let (x, w, b) = (v(&xv, &[2, rows / 2, d]), v(&wv, &[d]), v(&bv, &[d]));
+                let g = Tensor::from_vec(gv.clone(), (2, rows / 2, d), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let y = if fused {
+                    layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap()
+                } else {
+                    layer_norm_composite(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap()
+                };
+                let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                let flat = |t: &Tensor| -> Vec<f64> {
+                    t.flatten_all()
+                        .unwrap()
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                };
+                vec![
+                    flat(&y),
+                    flat(grads.get(x.as_tensor()).unwrap()),
+                    flat(grads.get(w.as_tensor()).unwrap()),
+                    flat(grads.get(b.as_tensor()).unwrap()),
+                ]
+            };
+            let fused = run(DType::F32, true);
+            let reference = run(DType::F64, false);
+            for (name, (a, r)) in ["y", "dx", "dw", "db"]
+                .iter()
+                .zip(fused.iter().zip(&reference))
+            {
+                let scale = r.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
+                let err = a.iter().zip(r).fold(0f64, |m, (p, q)| m.max((p - q).abs()));
+                assert!(
+                    err < 1e-5 * scale * (rows as f64).sqrt(),
+                    "({rows}, {d}) {name}: max error {err}, scale {scale}"
+                );
+            }
+        }
     }
 
     #[test]

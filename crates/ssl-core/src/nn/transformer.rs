@@ -445,20 +445,20 @@ impl TransformerStack {
         let p = self.cfg.dropout;
         match self.cfg.norm {
             NormPlacement::Pre => {
-                let a = self.attention(layer, &layer.norm_attn.forward(x)?, bias, ctx)?;
+                let a = self.attention(layer, &layer.norm_attn.forward_composite(x)?, bias, ctx)?;
                 let x = (x + dropout(&a, p, ctx.train, ctx.rng)?)?;
-                let m = self.mlp(layer, &layer.norm_mlp.forward(&x)?)?;
+                let m = self.mlp(layer, &layer.norm_mlp.forward_composite(&x)?)?;
                 Ok((&x + dropout(&m, p, ctx.train, ctx.rng)?)?)
             }
             NormPlacement::Post => {
                 let a = self.attention(layer, x, bias, ctx)?;
                 let x = layer
                     .norm_attn
-                    .forward(&(x + dropout(&a, p, ctx.train, ctx.rng)?)?)?;
+                    .forward_composite(&(x + dropout(&a, p, ctx.train, ctx.rng)?)?)?;
                 let m = self.mlp(layer, &x)?;
                 layer
                     .norm_mlp
-                    .forward(&(&x + dropout(&m, p, ctx.train, ctx.rng)?)?)
+                    .forward_composite(&(&x + dropout(&m, p, ctx.train, ctx.rng)?)?)
             }
         }
     }

@@ -7,6 +7,7 @@
 mod bf16;
 mod cross_entropy;
 mod gemm;
+mod layer_norm;
 mod linear;
 mod pool;
 pub(crate) mod simd;
@@ -16,6 +17,7 @@ pub(crate) use bf16::available as bf16_available;
 pub(crate) use bf16::time_product as time_bf16_product;
 pub(crate) use cross_entropy::CrossEntropyOp;
 pub(crate) use gemm::linear_takes_bf16;
+pub(crate) use layer_norm::LayerNormOp;
 pub(crate) use linear::MatmulTBf16;
 pub(crate) use pool::BufferPool;
 pub(crate) use simd::Act;
