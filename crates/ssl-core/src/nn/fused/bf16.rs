@@ -9,8 +9,9 @@
 //! panels of [`NR`] columns, each a sequence of k-pairs holding `NR` 32-bit words (the two bf16
 //! of one column, lower half first), and `A` into panels of [`MR`] rows, each a sequence of
 //! k-pairs holding `MR` words. The micro-kernel keeps an `MR x NR` tile of `C` in 24 registers
-//! and issues two `vdpbf16ps` per row and k-pair. Odd `k` and partial tiles are zero-padded
-//! in the packed buffers; partial tiles are stored with masks.
+//! and issues two `vdpbf16ps` per row and k-pair. An odd `k`'s last pair is zero-padded in
+//! the packed buffers; partial tiles are stored with masks, so the rows and columns a partial
+//! panel lacks may hold stale words (the lanes they feed are never stored).
 
 use std::cell::RefCell;
 use std::sync::OnceLock;
@@ -29,13 +30,16 @@ const KC: usize = 256;
 /// Largest row block one job packs.
 const MC: usize = 144;
 
-/// True when this CPU runs the bf16 kernels (AVX-512F and AVX-512 BF16), checked once.
+/// True when this CPU runs the bf16 kernels (AVX-512F, AVX-512BW and AVX-512 BF16), checked
+/// once.
 pub(crate) fn available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512bf16")
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -97,16 +101,20 @@ impl View {
 }
 
 /// Packs rows `[i0, i0 + rows)` x depth `[p0, pend)` of `a` (element `(i, p)`) into panels of
-/// `MR` rows: `out[panel][q][r]`, zero-padded.
+/// `MR` rows: `out[panel][q][r]` (an odd depth's last pair has a zero upper half).
 fn pack_a(a: View, i0: usize, rows: usize, p0: usize, pend: usize, out: &mut Vec<u32>) {
     let kc2 = (pend - p0).div_ceil(2);
     let panels = rows.div_ceil(MR);
-    out.clear();
-    out.resize(panels * kc2 * MR, 0);
+    // The buffer only grows and is not cleared: a partial panel's missing rows keep stale
+    // words, which feed only tile rows that the kernel's masked stores discard.
+    if out.len() < panels * kc2 * MR {
+        out.resize(panels * kc2 * MR, 0);
+    }
     for pi in 0..panels {
         let panel = &mut out[pi * kc2 * MR..(pi + 1) * kc2 * MR];
         let r0 = i0 + pi * MR;
         let nr = MR.min(rows - pi * MR);
+
         // SAFETY: rows r0..r0 + nr and depth p0..pend lie inside `a`; the panel holds
         // kc2 * MR words; the vector paths run only where `available()` (checked by the
         // caller of gemm_bf16).
@@ -127,12 +135,14 @@ fn pack_a(a: View, i0: usize, rows: usize, p0: usize, pend: usize, out: &mut Vec
 }
 
 /// Packs depth `[p0, pend)` x columns `[j0, j0 + NR)` (clipped to `n`) of `b` (element
-/// `(p, j)`) into one panel `out[q][c]` of `ceil((pend - p0) / 2) * NR` words, which must be
-/// zero where the columns end.
+/// `(p, j)`) into one panel `out[q][c]` of `ceil((pend - p0) / 2) * NR` words. A partial
+/// panel's missing columns are left as they were: they feed only tile columns that the
+/// kernel's masked stores discard (each `vdpbf16ps` lane is independent).
 fn pack_b_panel(b: View, n: usize, j0: usize, p0: usize, pend: usize, out: &mut [u32]) {
     let kc2 = (pend - p0).div_ceil(2);
     debug_assert_eq!(out.len(), kc2 * NR);
     let nc = NR.min(n - j0);
+
     // Reading b transposed: element (p, j) is bt(j, p) with swapped strides.
     let bt = View {
         ptr: b.ptr,
@@ -227,12 +237,13 @@ unsafe fn pack_k_contiguous(
 
 /// Packs `count` (at most `stride`) consecutive lines that are contiguous across lines (line
 /// `l`'s element at depth `p` is at `ptr + (l0 + l) + p * pstride`) into `out[q * stride + l]`:
-/// two depth rows at a time become one row of pair words.
+/// two depth rows at a time are converted together into 32 bf16 (the first row's 16 then the
+/// second's) and one word permutation interleaves them into 16 pair words.
 ///
 /// # Safety
-/// As [`pack_k_contiguous`].
+/// As [`pack_k_contiguous`], and the CPU must have AVX-512BW.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn pack_lines_contiguous(
     ptr: *const f32,
@@ -245,6 +256,12 @@ unsafe fn pack_lines_contiguous(
     stride: usize,
 ) {
     let kc2 = (pend - p0).div_ceil(2);
+    // Word 2j of the result takes word j (row p, line j), word 2j + 1 takes word 16 + j (row
+    // p + 1, line j).
+    let idx = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
+        19, 3, 18, 2, 17, 1, 16, 0,
+    );
     // SAFETY: loads and stores are masked to the lines present.
     unsafe {
         for h in 0..count.div_ceil(16) {
@@ -252,21 +269,14 @@ unsafe fn pack_lines_contiguous(
             let base = ptr.add(l0 + 16 * h);
             for q in 0..kc2 {
                 let p = p0 + 2 * q;
-                let lo = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(
-                    mask,
-                    base.offset(p as isize * pstride),
-                ));
+                let lo = _mm512_maskz_loadu_ps(mask, base.offset(p as isize * pstride));
                 let hi = if p + 1 < pend {
-                    _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(
-                        mask,
-                        base.offset((p + 1) as isize * pstride),
-                    ))
+                    _mm512_maskz_loadu_ps(mask, base.offset((p + 1) as isize * pstride))
                 } else {
-                    std::mem::transmute::<__m256i, __m256bh>(_mm256_setzero_si256())
+                    _mm512_setzero_ps()
                 };
-                let lo = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(lo));
-                let hi = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(hi));
-                let w = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
+                let both = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+                let w = _mm512_permutexvar_epi16(idx, both);
                 _mm512_mask_storeu_epi32(out.add(q * stride + 16 * h).cast(), mask, w);
             }
         }
@@ -444,10 +454,13 @@ pub(crate) unsafe fn gemm_bf16(
     with_buf(&B_BUF, |bbuf| {
         // All of B is packed first, in one parallel pass over (k block, panel), so the
         // products below need one parallel pass too, not two per k block.
-        bbuf.clear();
-        bbuf.resize(b_start(k_blocks - 1) + b_words(k_blocks - 1), 0);
+        // The buffer only grows and is not cleared (see `pack_b_panel` on stale words).
+        let total = b_start(k_blocks - 1) + b_words(k_blocks - 1);
+        if bbuf.len() < total {
+            bbuf.resize(total, 0);
+        }
         let mut panels: Vec<(usize, usize, &mut [u32])> = Vec::with_capacity(k_blocks * n_panels);
-        let mut rest: &mut [u32] = bbuf;
+        let mut rest: &mut [u32] = &mut bbuf[..total];
         for kb in 0..k_blocks {
             let (p0, pend) = block(kb);
             let (this, tail) = rest.split_at_mut(b_words(kb));
@@ -466,7 +479,7 @@ pub(crate) unsafe fn gemm_bf16(
         } else {
             panels.into_iter().for_each(fill);
         }
-        let packed_b: &[u32] = bbuf;
+        let packed_b: &[u32] = &bbuf[..total];
         // One job: rows [i0, i0 + rows) x a chunk of column panels, over every k block.
         let job = |jb: usize| {
             let (mb, nc) = (jb / n_chunks, jb % n_chunks);
