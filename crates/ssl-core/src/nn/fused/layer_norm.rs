@@ -124,8 +124,10 @@ impl CustomOp3 for LayerNormOp {
             .for_each(|(((dxc, dyc), hc), rc)| {
                 simd::layer_norm_backward(dyc, hc, rc, wv, dxc, false)
             });
-        // Weight and bias gradients: column sums of dy * xhat and dy, per task, then summed.
-        let (dw, db) = dy
+        // Weight and bias gradients: column sums of dy * xhat and dy per block of rows (a
+        // fixed size, so the rounding does not depend on the thread count), then summed in
+        // block order (rayon's `reduce` could pair them differently from run to run).
+        let partial: Vec<(Vec<f32>, Vec<f32>)> = dy
             .par_chunks(per * d)
             .zip(xhat.par_chunks(per * d))
             .map(|(dyc, hc)| {
@@ -134,14 +136,12 @@ impl CustomOp3 for LayerNormOp {
                 simd::col_sum(&mut sb, dyc);
                 (sw, sb)
             })
-            .reduce(
-                || (vec![0f32; d], vec![0f32; d]),
-                |(mut aw, mut ab), (bw, bb)| {
-                    simd::add_assign(&mut aw, &bw);
-                    simd::add_assign(&mut ab, &bb);
-                    (aw, ab)
-                },
-            );
+            .collect();
+        let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+        for (sw, sb) in &partial {
+            simd::add_assign(&mut dw, sw);
+            simd::add_assign(&mut db, sb);
+        }
         let dev = x.device().clone();
         let (xshape, wshape, bshape) = (x.shape().clone(), w.shape().clone(), b.shape().clone());
         drop((xs, ws, bs, gs));

@@ -218,15 +218,6 @@ simd_kernel! {
 }
 
 simd_kernel! {
-    /// `out = x + y`, elementwise.
-    pub(crate) fn add(out: &mut [f32], x: &[f32], y: &[f32]) {
-        for ((o, a), b) in out.iter_mut().zip(x).zip(y) {
-            *o = a + b;
-        }
-    }
-}
-
-simd_kernel! {
     /// `acc += x`, elementwise.
     pub(crate) fn add_assign(acc: &mut [f32], x: &[f32]) {
         for (a, b) in acc.iter_mut().zip(x) {

@@ -266,6 +266,138 @@ fn linear(
     y
 }
 
+/// Rows per block of [`col_sums_par`]: fixed, so the rounding of the sums does not depend
+/// on the thread count.
+const SUM_ROWS: usize = 64;
+
+/// Column sums of the rows of `a` (width `sum.len()`) into `sum` and, with `b`, of `a * b`
+/// into `prod`: partial sums over blocks of [`SUM_ROWS`] rows in parallel, added in block
+/// order (deterministic, unlike a rayon `reduce`).
+fn col_sums_par(sum: &mut [f32], a: &[f32], prod: Option<(&mut [f32], &[f32])>) {
+    let w = sum.len();
+    let chunk = SUM_ROWS * w.max(1);
+    match prod {
+        None => {
+            let parts: Vec<Vec<f32>> = a
+                .par_chunks(chunk)
+                .map(|c| {
+                    let mut s = vec![0f32; w];
+                    simd::col_sum(&mut s, c);
+                    s
+                })
+                .collect();
+            sum.fill(0.0);
+            for s in &parts {
+                simd::add_assign(sum, s);
+            }
+        }
+        Some((prod, b)) => {
+            let parts: Vec<(Vec<f32>, Vec<f32>)> = a
+                .par_chunks(chunk)
+                .zip(b.par_chunks(chunk))
+                .map(|(ac, bc)| {
+                    let (mut s, mut p) = (vec![0f32; w], vec![0f32; w]);
+                    simd::col_sum(&mut s, ac);
+                    simd::col_sum_prod(&mut p, ac, bc);
+                    (s, p)
+                })
+                .collect();
+            sum.fill(0.0);
+            prod.fill(0.0);
+            for (s, p) in &parts {
+                simd::add_assign(sum, s);
+                simd::add_assign(prod, p);
+            }
+        }
+    }
+}
+
+/// `acc += x` elementwise, in parallel blocks.
+fn add_assign_par(acc: &mut [f32], x: &[f32]) {
+    let chunk = 1 << 14;
+    acc.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(a, b)| simd::add_assign(a, b));
+}
+
+/// `y = x W^T` for `x` (rows, in) and `W` (out, in), without a bias (the caller's epilogue
+/// adds it).
+fn product(
+    pool: &BufferPool,
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    out_dim: usize,
+    bf16: bool,
+) -> Vec<f32> {
+    let in_dim = x.len() / rows.max(1);
+    let mut y = pool.take(rows * out_dim);
+    matmul(
+        &mut y,
+        out_dim,
+        MatRef::dense(x, rows, in_dim),
+        Op::N,
+        MatRef::dense(w, out_dim, in_dim),
+        Op::T,
+        1.0,
+        false,
+        threads(),
+        bf16,
+    );
+    y
+}
+
+/// A layer norm's parameters and outputs for [`residual_epilogue`].
+struct NormOut<'a> {
+    w: &'a [f32],
+    b: &'a [f32],
+    eps: f32,
+    y: &'a mut [f32],
+    xhat: &'a mut [f32],
+    rstd: &'a mut [f32],
+}
+
+/// The epilogue of an output projection, one parallel pass over row blocks of `a` (rows of
+/// width `bias.len()`): `a = dropout(a + bias) + resid` in place (dropout at `drop = (seed,
+/// p)`, element-indexed as [`dropout_par`], so backward regenerates the same mask), then, with
+/// `norm`, the layer norm of each row into `norm.y`, `norm.xhat`, `norm.rstd`. Replaces a bias
+/// pass, a dropout pass, a serial residual sum and a layer-norm pass.
+fn residual_epilogue(
+    a: &mut [f32],
+    bias: &[f32],
+    drop: Option<(u32, f32)>,
+    resid: &[f32],
+    norm: Option<NormOut>,
+) {
+    let d = bias.len();
+    let rows = a.len() / d.max(1);
+    let rb = block_rows(rows);
+    let drop = drop.map(|(seed, p)| (seed, simd::drop_threshold(p), 1.0 / (1.0 - p)));
+    let block = |i: usize, ac: &mut [f32]| {
+        simd::add_bias(ac, bias);
+        if let Some((seed, thr, scale)) = drop {
+            simd::dropout(ac, seed, (i * rb * d) as u32, thr, scale);
+        }
+        simd::add_assign(ac, &resid[i * rb * d..i * rb * d + ac.len()]);
+    };
+    match norm {
+        None => a
+            .par_chunks_mut(rb * d)
+            .enumerate()
+            .for_each(|(i, ac)| block(i, ac)),
+        Some(nm) => a
+            .par_chunks_mut(rb * d)
+            .zip(nm.y.par_chunks_mut(rb * d))
+            .zip(nm.xhat.par_chunks_mut(rb * d))
+            .zip(nm.rstd.par_chunks_mut(rb))
+            .enumerate()
+            .for_each(|(i, (((ac, yc), hc), rc))| {
+                block(i, ac);
+                simd::layer_norm(ac, nm.w, nm.b, nm.eps, yc, hc, rc);
+            }),
+    }
+}
+
 /// Backward of [`linear`]: writes `dW = dy^T x` and `db = colsum(dy)` into `gw`, `gb` and
 /// returns `dx = dy W`.
 #[allow(clippy::too_many_arguments)]
@@ -294,7 +426,7 @@ fn linear_backward(
         threads(),
         bf16,
     );
-    simd::col_sum(gb, dy);
+    col_sums_par(gb, dy, None);
     if !want_dx {
         return Vec::new();
     }
@@ -607,39 +739,38 @@ impl StackOp {
             pd.as_deref_mut(),
             &mut ctx,
         );
-        let mut ao = linear(pool, &ctx, n, &w[o.wo..o.bo], &w[o.bo..o.ln1w], d, sp.bf16);
-        if self.drops() {
-            dropout_par(&mut ao, self.site_seed(layer, 0), sp.dropout);
-        }
-        // Residual after attention (pre: x1; post: y1, normalised into x1).
-        let mut x1 = pool.take(n * d);
-        simd::add(&mut x1, xin, &ao);
-        pool.put(ao);
-        let m_in = if pre {
-            let mut y = pool.take(n * d);
-            layer_norm_par(
-                &x1,
-                &w[o.ln2w..o.ln2w + d],
-                &w[o.ln2b..o.ln2b + d],
-                sp.eps,
-                &mut y,
-                &mut xhat2,
-                &mut rstd2,
-            );
-            y
+        // Output projection, then one pass: bias, dropout, residual and the next norm
+        // (pre: ln2 of x1, the MLP's input; post: ln1, whose output is both x1 and the MLP's
+        // input).
+        let mut ao = product(pool, &ctx, n, &w[o.wo..o.bo], d, sp.bf16);
+        let drop0 = self.drops().then(|| (self.site_seed(layer, 0), sp.dropout));
+        let mut m_in = pool.take(n * d);
+        let (lnw, lnb, xhat, rstd) = if pre {
+            (o.ln2w, o.ln2b, &mut xhat2, &mut rstd2)
         } else {
-            let mut y = pool.take(n * d);
-            layer_norm_par(
-                &x1,
-                &w[o.ln1w..o.ln1w + d],
-                &w[o.ln1b..o.ln1b + d],
-                sp.eps,
-                &mut y,
-                &mut xhat1,
-                &mut rstd1,
-            );
-            x1.copy_from_slice(&y);
-            y
+            (o.ln1w, o.ln1b, &mut xhat1, &mut rstd1)
+        };
+        residual_epilogue(
+            &mut ao,
+            &w[o.bo..o.ln1w],
+            drop0,
+            xin,
+            Some(NormOut {
+                w: &w[lnw..lnw + d],
+                b: &w[lnb..lnb + d],
+                eps: sp.eps,
+                y: &mut m_in,
+                xhat,
+                rstd,
+            }),
+        );
+        // x1, the residual stream into the MLP block: pre-norm the sum itself, post-norm its
+        // norm (m_in).
+        let x1 = if pre {
+            Some(ao)
+        } else {
+            pool.put(ao);
+            None
         };
         let mut h = pool.take(n * m);
         matmul(
@@ -661,27 +792,36 @@ impl StackOp {
         h.par_chunks_mut(rb * m)
             .zip(g.par_chunks_mut(rb * m))
             .for_each(|(hc, gc)| simd::bias_act(hc, b1, gc, act));
-        let mut mo = linear(pool, &g, n, &w[o.w2..o.b2], &w[o.b2..o.ln2w], d, sp.bf16);
-        if self.drops() {
-            dropout_par(&mut mo, self.site_seed(layer, 1), sp.dropout);
-        }
-        let mut out = pool.take(n * d);
-        simd::add(&mut out, &x1, &mo);
-        pool.put(mo);
-        pool.put(x1);
-        if !pre {
-            let y2 = std::mem::replace(&mut out, pool.take(n * d));
-            layer_norm_par(
-                &y2,
-                &w[o.ln2w..o.ln2w + d],
-                &w[o.ln2b..o.ln2b + d],
-                sp.eps,
-                &mut out,
-                &mut xhat2,
-                &mut rstd2,
-            );
-            pool.put(y2);
-        }
+        let mut mo = product(pool, &g, n, &w[o.w2..o.b2], d, sp.bf16);
+        let drop1 = self.drops().then(|| (self.site_seed(layer, 1), sp.dropout));
+        let out = match x1 {
+            // Pre-norm: out = x1 + dropout(mo + b2).
+            Some(x1) => {
+                residual_epilogue(&mut mo, &w[o.b2..o.ln2w], drop1, &x1, None);
+                pool.put(x1);
+                mo
+            }
+            // Post-norm: out = ln2(m_in + dropout(mo + b2)).
+            None => {
+                let mut out = pool.take(n * d);
+                residual_epilogue(
+                    &mut mo,
+                    &w[o.b2..o.ln2w],
+                    drop1,
+                    &m_in,
+                    Some(NormOut {
+                        w: &w[o.ln2w..o.ln2w + d],
+                        b: &w[o.ln2b..o.ln2b + d],
+                        eps: sp.eps,
+                        y: &mut out,
+                        xhat: &mut xhat2,
+                        rstd: &mut rstd2,
+                    }),
+                );
+                pool.put(mo);
+                out
+            }
+        };
         (
             out,
             LayerSaved {
@@ -723,8 +863,10 @@ impl StackOp {
         let mut dx1 = if pre {
             dout
         } else {
-            simd::col_sum_prod(&mut gl[o.ln2w..o.ln2w + d], &dout, &ls.xhat2);
-            simd::col_sum(&mut gl[o.ln2b..o.ln2b + d], &dout);
+            {
+                let (lw, lb) = gl[o.ln2w..o.ln2b + d].split_at_mut(d);
+                col_sums_par(lb, &dout, Some((lw, &ls.xhat2)));
+            }
             let mut dy2 = pool.take(n * d);
             layer_norm_backward_par(
                 &dout,
@@ -737,15 +879,18 @@ impl StackOp {
             pool.put(dout);
             dy2
         };
-        let mut dmo = pool.copy_of(&dx1);
-        if self.drops() {
-            dropout_par(&mut dmo, self.site_seed(layer, 1), sp.dropout);
-        }
+        // The MLP output's gradient: dx1 itself, or a masked copy under dropout.
+        let dmo_masked = self.drops().then(|| {
+            let mut v = pool.copy_of(&dx1);
+            dropout_par(&mut v, self.site_seed(layer, 1), sp.dropout);
+            v
+        });
         let mut dg = {
+            let dmo: &[f32] = dmo_masked.as_deref().unwrap_or(&dx1);
             let (gw, gb) = gl[o.w2..o.ln2w].split_at_mut(d * m);
             linear_backward(
                 pool,
-                &dmo,
+                dmo,
                 &ls.g,
                 n,
                 &w[o.w2..o.b2],
@@ -756,7 +901,9 @@ impl StackOp {
                 sp.bf16,
             )
         };
-        pool.put(dmo);
+        if let Some(v) = dmo_masked {
+            pool.put(v);
+        }
         let rb = block_rows(n);
         let act = sp.act;
         dg.par_chunks_mut(rb * m)
@@ -779,8 +926,10 @@ impl StackOp {
         };
         pool.put(dg);
         if pre {
-            simd::col_sum_prod(&mut gl[o.ln2w..o.ln2w + d], &dmin, &ls.xhat2);
-            simd::col_sum(&mut gl[o.ln2b..o.ln2b + d], &dmin);
+            {
+                let (lw, lb) = gl[o.ln2w..o.ln2b + d].split_at_mut(d);
+                col_sums_par(lb, &dmin, Some((lw, &ls.xhat2)));
+            }
             layer_norm_backward_par(
                 &dmin,
                 &ls.xhat2,
@@ -790,9 +939,11 @@ impl StackOp {
                 true,
             );
         } else {
-            simd::add_assign(&mut dx1, &dmin);
-            simd::col_sum_prod(&mut gl[o.ln1w..o.ln1w + d], &dx1, &ls.xhat1);
-            simd::col_sum(&mut gl[o.ln1b..o.ln1b + d], &dx1);
+            add_assign_par(&mut dx1, &dmin);
+            {
+                let (lw, lb) = gl[o.ln1w..o.ln1b + d].split_at_mut(d);
+                col_sums_par(lb, &dx1, Some((lw, &ls.xhat1)));
+            }
             let mut dy1 = pool.take(n * d);
             layer_norm_backward_par(
                 &dx1,
@@ -806,15 +957,17 @@ impl StackOp {
         }
         pool.put(dmin);
         // dx1 is now the gradient of (layer input + attention output).
-        let mut dao = pool.copy_of(&dx1);
-        if self.drops() {
-            dropout_par(&mut dao, self.site_seed(layer, 0), sp.dropout);
-        }
+        let dao_masked = self.drops().then(|| {
+            let mut v = pool.copy_of(&dx1);
+            dropout_par(&mut v, self.site_seed(layer, 0), sp.dropout);
+            v
+        });
         let dctx = {
+            let dao: &[f32] = dao_masked.as_deref().unwrap_or(&dx1);
             let (gw, gb) = gl[o.wo..o.ln1w].split_at_mut(d * d);
             linear_backward(
                 pool,
-                &dao,
+                dao,
                 &ls.ctx,
                 n,
                 &w[o.wo..o.bo],
@@ -825,7 +978,9 @@ impl StackOp {
                 sp.bf16,
             )
         };
-        pool.put(dao);
+        if let Some(v) = dao_masked {
+            pool.put(v);
+        }
         let dqkv = self.attention_backward(layer, s, ls, &dctx);
         pool.put(dctx);
         let att_in: &[f32] = ls.a_in.as_deref().unwrap_or(&s.outs[layer]);
@@ -845,8 +1000,10 @@ impl StackOp {
             )
         };
         if pre {
-            simd::col_sum_prod(&mut gl[o.ln1w..o.ln1w + d], &da_in, &ls.xhat1);
-            simd::col_sum(&mut gl[o.ln1b..o.ln1b + d], &da_in);
+            {
+                let (lw, lb) = gl[o.ln1w..o.ln1b + d].split_at_mut(d);
+                col_sums_par(lb, &da_in, Some((lw, &ls.xhat1)));
+            }
             layer_norm_backward_par(
                 &da_in,
                 &ls.xhat1,
@@ -856,7 +1013,7 @@ impl StackOp {
                 true,
             );
         } else {
-            simd::add_assign(&mut dx1, &da_in);
+            add_assign_par(&mut dx1, &da_in);
         }
         pool.put(dqkv);
         pool.put(da_in);
