@@ -551,6 +551,13 @@ fn main() -> Res<()> {
     PRECISION
         .set(args.precision)
         .map_err(|_| "precision set twice")?;
+    // As the `ssl` binary: the models run on a compute thread (`ssl_core::on_compute_threads`).
+    ssl_core::on_compute_threads(|| run(&args).map_err(|e| e.to_string()))?;
+    Ok(())
+}
+
+/// Times every model asked for.
+fn run(args: &Args) -> Res<()> {
     let peak = peak_matmul(args.steps.max(10))?;
     let n = PEAK_N as f64;
     report(args.json, "peak_matmul", &peak, mm(n, n, n), None);

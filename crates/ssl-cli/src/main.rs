@@ -306,7 +306,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
 
 fn main() -> ExitCode {
     ssl_core::keep_freed_memory();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    // The whole command runs on a compute thread (see `ssl_core::on_compute_threads`); MPI and
+    // CUDA state is created inside it, on that thread.
+    match ssl_core::on_compute_threads(move || run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

@@ -40,6 +40,7 @@
 mod alloc;
 pub mod checkpoint;
 mod collective;
+mod compute;
 mod ctx;
 mod device;
 mod encoder;
@@ -68,6 +69,7 @@ pub use alloc::keep_freed_memory;
 pub use collective::{
     broadcast_params, gather_rows, Collective, SharedCollective, SingleProcess, ThreadGroup,
 };
+pub use compute::on_compute_threads;
 pub use ctx::Ctx;
 pub use device::parse_device;
 pub use encoder::{Encoder, EncoderOutput};
