@@ -14,6 +14,10 @@
 //!
 //! Everything random draws from an [`SslRng`] so runs repeat exactly and resume exactly.
 //!
+//! Speed on the CPU: run the training loop inside [`on_compute_threads`] (the fused kernels'
+//! parallel regions then share the calling thread instead of waking a pool from outside), and
+//! in a binary with mimalloc as its global allocator call [`keep_freed_memory`] first.
+//!
 //! ```no_run
 //! use candle_core::Device;
 //! use ssl_core::seq::*;
@@ -30,7 +34,10 @@
 //! let task = MaskedFeatureTask::new(encoder, 1, MaskedFeatureConfig::default(), &pb)?;
 //! let mut data = InMemorySeqSource::new(examples, 16, 0, true, &Device::Cpu)?;
 //! let train = TrainConfig { max_steps: 100, ..Default::default() };
-//! let report = LoopTrainer::new(train, Some("runs/demo".into()))?.fit(&task, &mut data, None)?;
+//! // On a compute thread (see `on_compute_threads`).
+//! let report = ssl_core::on_compute_threads(|| {
+//!     LoopTrainer::new(train, Some("runs/demo".into()))?.fit(&task, &mut data, None)
+//! })?;
 //! println!("final loss {:?}", report.losses.last());
 //! # Ok(())
 //! # }
