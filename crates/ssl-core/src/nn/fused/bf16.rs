@@ -100,81 +100,76 @@ impl View {
     }
 }
 
-/// Packs rows `[i0, i0 + rows)` x depth `[p0, pend)` of `a` (element `(i, p)`) into panels of
-/// `MR` rows: `out[panel][q][r]` (an odd depth's last pair has a zero upper half).
-fn pack_a(a: View, i0: usize, rows: usize, p0: usize, pend: usize, out: &mut Vec<u32>) {
+/// Packs `count` (at most `stride`) lines `[l0, l0 + count)` of `v` (element `(line, p)`)
+/// over depth `[p0, pend)` into `out[q * stride + line]`, choosing the vector path the
+/// strides allow (an odd depth's last pair has a zero upper half). Lines `count..stride` are
+/// left as they were: they feed only tile rows or columns that the kernel's masked stores
+/// discard (each `vdpbf16ps` lane is independent).
+fn pack_panel(
+    v: View,
+    l0: usize,
+    count: usize,
+    p0: usize,
+    pend: usize,
+    out: &mut [u32],
+    stride: usize,
+) {
     let kc2 = (pend - p0).div_ceil(2);
-    let panels = rows.div_ceil(MR);
-    // The buffer only grows and is not cleared: a partial panel's missing rows keep stale
-    // words, which feed only tile rows that the kernel's masked stores discard.
-    if out.len() < panels * kc2 * MR {
-        out.resize(panels * kc2 * MR, 0);
-    }
-    for pi in 0..panels {
-        let panel = &mut out[pi * kc2 * MR..(pi + 1) * kc2 * MR];
-        let r0 = i0 + pi * MR;
-        let nr = MR.min(rows - pi * MR);
-
-        // SAFETY: rows r0..r0 + nr and depth p0..pend lie inside `a`; the panel holds
-        // kc2 * MR words; the vector paths run only where `available()` (checked by the
-        // caller of gemm_bf16).
-        unsafe {
-            if a.cs == 1 {
-                pack_k_contiguous(a, r0, nr, p0, pend, panel.as_mut_ptr(), MR);
-            } else if a.rs == 1 {
-                pack_lines_contiguous(a.ptr, a.cs, r0, nr, p0, pend, panel.as_mut_ptr(), MR);
-            } else {
-                for r in 0..nr {
-                    for q in 0..kc2 {
-                        panel[q * MR + r] = a.pair(r0 + r, p0 + 2 * q, pend);
-                    }
+    debug_assert!(count <= stride && out.len() >= kc2 * stride);
+    // SAFETY: lines l0..l0 + count and depth p0..pend lie inside `v`'s matrix; `out` holds
+    // kc2 * stride words; the vector paths run only where `available()` (checked by the
+    // caller of gemm_bf16).
+    unsafe {
+        if v.cs == 1 {
+            for h in 0..count.div_ceil(16) {
+                let c = (count - 16 * h).min(16);
+                pack_k_contiguous(
+                    v,
+                    l0 + 16 * h,
+                    c,
+                    p0,
+                    pend,
+                    out.as_mut_ptr().add(16 * h),
+                    stride,
+                );
+            }
+        } else if v.rs == 1 {
+            pack_lines_contiguous(v.ptr, v.cs, l0, count, p0, pend, out.as_mut_ptr(), stride);
+        } else {
+            for l in 0..count {
+                for q in 0..kc2 {
+                    out[q * stride + l] = v.pair(l0 + l, p0 + 2 * q, pend);
                 }
             }
         }
     }
 }
 
-/// Packs depth `[p0, pend)` x columns `[j0, j0 + NR)` (clipped to `n`) of `b` (element
-/// `(p, j)`) into one panel `out[q][c]` of `ceil((pend - p0) / 2) * NR` words. A partial
-/// panel's missing columns are left as they were: they feed only tile columns that the
-/// kernel's masked stores discard (each `vdpbf16ps` lane is independent).
-fn pack_b_panel(b: View, n: usize, j0: usize, p0: usize, pend: usize, out: &mut [u32]) {
+/// Packs rows `[i0, i0 + rows)` x depth `[p0, pend)` of `a` (element `(i, p)`) into panels of
+/// `MR` rows: `out[panel][q][r]`. The buffer only grows and is not cleared (see
+/// [`pack_panel`] on a partial panel's stale words).
+fn pack_a(a: View, i0: usize, rows: usize, p0: usize, pend: usize, out: &mut Vec<u32>) {
     let kc2 = (pend - p0).div_ceil(2);
-    debug_assert_eq!(out.len(), kc2 * NR);
-    let nc = NR.min(n - j0);
+    let panels = rows.div_ceil(MR);
+    if out.len() < panels * kc2 * MR {
+        out.resize(panels * kc2 * MR, 0);
+    }
+    for pi in 0..panels {
+        let panel = &mut out[pi * kc2 * MR..(pi + 1) * kc2 * MR];
+        pack_panel(a, i0 + pi * MR, MR.min(rows - pi * MR), p0, pend, panel, MR);
+    }
+}
 
+/// Packs depth `[p0, pend)` x columns `[j0, j0 + NR)` (clipped to `n`) of `b` (element
+/// `(p, j)`) into one panel `out[q][c]` of `ceil((pend - p0) / 2) * NR` words.
+fn pack_b_panel(b: View, n: usize, j0: usize, p0: usize, pend: usize, out: &mut [u32]) {
     // Reading b transposed: element (p, j) is bt(j, p) with swapped strides.
     let bt = View {
         ptr: b.ptr,
         rs: b.cs,
         cs: b.rs,
     };
-    // SAFETY: columns j0..j0 + nc and depth p0..pend lie inside `b`; the panel holds
-    // kc2 * NR words; the vector paths run only where `available()`.
-    unsafe {
-        if bt.cs == 1 {
-            for h in 0..nc.div_ceil(16) {
-                let c = (nc - 16 * h).min(16);
-                pack_k_contiguous(
-                    bt,
-                    j0 + 16 * h,
-                    c,
-                    p0,
-                    pend,
-                    out.as_mut_ptr().add(16 * h),
-                    NR,
-                );
-            }
-        } else if bt.rs == 1 {
-            pack_lines_contiguous(bt.ptr, bt.cs, j0, nc, p0, pend, out.as_mut_ptr(), NR);
-        } else {
-            for c in 0..nc {
-                for q in 0..kc2 {
-                    out[q * NR + c] = bt.pair(j0 + c, p0 + 2 * q, pend);
-                }
-            }
-        }
-    }
+    pack_panel(bt, j0, NR.min(n - j0), p0, pend, out, NR);
 }
 
 /// Lane mask of the first `n` (at most 16) lanes.

@@ -16,13 +16,7 @@ pub(crate) struct LayerNormOp {
 }
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("fused layer norm: {what} must be f32");
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("fused layer norm: {what} must be contiguous"),
-    }
+    super::f32_slice(s, l, "fused layer norm", what)
 }
 
 /// Rows per parallel task for rows of width `d`: about 64 k elements, at least one row.

@@ -16,14 +16,8 @@ fn matrix<'a>(
     l: &Layout,
     what: &str,
 ) -> candle_core::Result<(&'a [f32], usize, usize)> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("bf16 linear: {what} must be f32");
-    };
     let (r, c) = l.shape().dims2()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok((&v[a..b], r, c)),
-        None => candle_core::bail!("bf16 linear: {what} must be contiguous"),
-    }
+    Ok((super::f32_slice(s, l, "bf16 linear", what)?, r, c))
 }
 
 fn operands<'a>(

@@ -22,3 +22,19 @@ pub(crate) use linear::MatmulTBf16;
 pub(crate) use pool::BufferPool;
 pub(crate) use simd::Act;
 pub(crate) use stack::{FusedSpec, StackOp};
+
+/// The f32 elements of a contiguous CPU storage view, or an error naming the op and operand.
+pub(crate) fn f32_slice<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    op: &str,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let candle_core::CpuStorage::F32(v) = s else {
+        candle_core::bail!("{op}: {what} must be f32");
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{op}: {what} must be contiguous"),
+    }
+}

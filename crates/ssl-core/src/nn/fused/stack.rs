@@ -162,13 +162,7 @@ impl SyncPtr {
 }
 
 fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("fused transformer stack: {what} must be f32");
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("fused transformer stack: {what} must be contiguous"),
-    }
+    super::f32_slice(s, l, "fused transformer stack", what)
 }
 
 fn tensor_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
@@ -246,20 +240,7 @@ fn linear(
     out_dim: usize,
     bf16: bool,
 ) -> Vec<f32> {
-    let in_dim = x.len() / rows.max(1);
-    let mut y = pool.take(rows * out_dim);
-    matmul(
-        &mut y,
-        out_dim,
-        MatRef::dense(x, rows, in_dim),
-        Op::N,
-        MatRef::dense(w, out_dim, in_dim),
-        Op::T,
-        1.0,
-        false,
-        threads(),
-        bf16,
-    );
+    let mut y = product(pool, x, rows, w, out_dim, bf16);
     let rb = block_rows(rows);
     y.par_chunks_mut(rb * out_dim)
         .for_each(|c| simd::add_bias(c, bias));
