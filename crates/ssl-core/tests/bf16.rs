@@ -42,10 +42,7 @@ fn build_deep(
     kernel: StackKernel,
     depth: usize,
 ) -> (ParamStore, TransformerStack) {
-    let store = ParamStore::with_dtype(&Device::Cpu, dtype);
-    let mut stack = TransformerStack::new(&config(norm, depth), &store.builder(5)).unwrap();
-    stack.set_kernel(kernel);
-    (store, stack)
+    common::stack_on_cpu(&config(norm, depth), dtype, kernel, 5)
 }
 
 fn skip() -> bool {

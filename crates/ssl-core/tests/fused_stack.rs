@@ -105,10 +105,7 @@ fn build(
     kernel: StackKernel,
     dropout: f32,
 ) -> (ParamStore, TransformerStack) {
-    let store = ParamStore::with_dtype(&Device::Cpu, dtype);
-    let mut stack = TransformerStack::new(&config(c, dropout), &store.builder(3)).unwrap();
-    stack.set_kernel(kernel);
-    (store, stack)
+    common::stack_on_cpu(&config(c, dropout), dtype, kernel, 3)
 }
 
 fn cases() -> Vec<Case> {

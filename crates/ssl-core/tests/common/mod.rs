@@ -2,8 +2,8 @@
 //! models.
 #![allow(dead_code)]
 
-use candle_core::{Device, Tensor, D};
-use ssl_core::nn::{Linear, TransformerConfig};
+use candle_core::{DType, Device, Tensor, D};
+use ssl_core::nn::{Linear, StackKernel, TransformerConfig, TransformerStack};
 use ssl_core::seq::*;
 use ssl_core::{
     Ctx, Encoder, Init, LoopTrainer, ParamBuilder, ParamStore, PretextTask, SslRng, TaskOutput,
@@ -232,4 +232,18 @@ pub fn loss_and_gradients_f64(
         .to_scalar::<f64>()
         .unwrap();
     (l, out)
+}
+
+/// A transformer stack of `cfg` with `dtype` parameters (drawn from `seed`) on the CPU, running
+/// `kernel`, and its parameter store.
+pub fn stack_on_cpu(
+    cfg: &TransformerConfig,
+    dtype: DType,
+    kernel: StackKernel,
+    seed: u64,
+) -> (ParamStore, TransformerStack) {
+    let store = ParamStore::with_dtype(&Device::Cpu, dtype);
+    let mut stack = TransformerStack::new(cfg, &store.builder(seed)).unwrap();
+    stack.set_kernel(kernel);
+    (store, stack)
 }

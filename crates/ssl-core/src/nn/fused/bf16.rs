@@ -398,16 +398,8 @@ pub(crate) unsafe fn gemm_bf16(
     accumulate: bool,
     threads: usize,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                // SAFETY: row i of C's m x n view is valid and ours.
-                unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), n).fill(0.0) };
-            }
-        }
+    // SAFETY: forwarded from the caller.
+    if unsafe { super::gemm::empty_product(c, ldc, m, n, k, accumulate) } {
         return;
     }
     let av = View {

@@ -131,6 +131,36 @@ pub(crate) fn matmul(
     }
 }
 
+/// Handles a product with no work: nothing to do when `m` or `n` is 0; when `k` is 0, `c`'s
+/// `m x n` view becomes zero (or stays, when `accumulate`). Returns true when it handled the
+/// product.
+///
+/// # Safety
+/// With `k == 0` and `!accumulate`, `c`'s `m x n` view (leading dimension `ldc`) must be valid
+/// and not used by anyone else during the call.
+pub(crate) unsafe fn empty_product(
+    c: *mut f32,
+    ldc: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+) -> bool {
+    if m == 0 || n == 0 {
+        return true;
+    }
+    if k != 0 {
+        return false;
+    }
+    if !accumulate {
+        for i in 0..m {
+            // SAFETY: row i of C's m x n view is valid and ours (the caller's guarantee).
+            unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), n).fill(0.0) };
+        }
+    }
+    true
+}
+
 /// The unchecked product behind [`matmul`] (`bf16` as there), for the attention's per-head
 /// blocks, which write disjoint parts of one buffer from several threads.
 ///
@@ -155,18 +185,8 @@ pub(crate) unsafe fn matmul_raw(
     par: Parallelism,
     bf16: bool,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                for j in 0..n {
-                    // SAFETY: the caller guarantees `c`'s m x n view is valid.
-                    unsafe { *c.add(i * ldc + j) = 0.0 };
-                }
-            }
-        }
+    // SAFETY: forwarded from the caller.
+    if unsafe { empty_product(c, ldc, m, n, k, accumulate) } {
         return;
     }
     if bf16
@@ -258,33 +278,25 @@ mod tests {
             ),
         ] {
             let mut c = vec![1f32; m * n];
-            matmul(
-                &mut c,
-                n,
-                av,
-                oa,
-                bv,
-                ob,
-                2.0,
-                true,
-                Parallelism::None,
-                false,
-            );
+            let product = |c: &mut [f32], alpha: f32, accumulate: bool| {
+                matmul(
+                    c,
+                    n,
+                    av,
+                    oa,
+                    bv,
+                    ob,
+                    alpha,
+                    accumulate,
+                    Parallelism::None,
+                    false,
+                );
+            };
+            product(&mut c, 2.0, true);
             for (x, w) in c.iter().zip(&want) {
                 assert!((x - (1.0 + 2.0 * w)).abs() < 1e-5);
             }
-            matmul(
-                &mut c,
-                n,
-                av,
-                oa,
-                bv,
-                ob,
-                1.0,
-                false,
-                Parallelism::None,
-                false,
-            );
+            product(&mut c, 1.0, false);
             for (x, w) in c.iter().zip(&want) {
                 assert!((x - w).abs() < 1e-5);
             }

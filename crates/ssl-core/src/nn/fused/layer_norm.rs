@@ -118,24 +118,9 @@ impl CustomOp3 for LayerNormOp {
             .for_each(|(((dxc, dyc), hc), rc)| {
                 simd::layer_norm_backward(dyc, hc, rc, wv, dxc, false)
             });
-        // Weight and bias gradients: column sums of dy * xhat and dy per block of rows (a
-        // fixed size, so the rounding does not depend on the thread count), then summed in
-        // block order (rayon's `reduce` could pair them differently from run to run).
-        let partial: Vec<(Vec<f32>, Vec<f32>)> = dy
-            .par_chunks(per * d)
-            .zip(xhat.par_chunks(per * d))
-            .map(|(dyc, hc)| {
-                let (mut sw, mut sb) = (vec![0f32; d], vec![0f32; d]);
-                simd::col_sum_prod(&mut sw, dyc, hc);
-                simd::col_sum(&mut sb, dyc);
-                (sw, sb)
-            })
-            .collect();
+        // Weight and bias gradients: column sums of dy * xhat and of dy.
         let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
-        for (sw, sb) in &partial {
-            simd::add_assign(&mut dw, sw);
-            simd::add_assign(&mut db, sb);
-        }
+        super::col_sums_par(&mut db, dy, Some((&mut dw, &xhat)));
         let dev = x.device().clone();
         let (xshape, wshape, bshape) = (x.shape().clone(), w.shape().clone(), b.shape().clone());
         drop((xs, ws, bs, gs));

@@ -4,6 +4,8 @@
 //! softmax, dropout from a counter-based hash). The composite-op stack in `transformer.rs`
 //! stays the reference (and the GPU path); tests hold the two together.
 
+use rayon::prelude::*;
+
 mod bf16;
 mod cross_entropy;
 mod gemm;
@@ -36,5 +38,51 @@ pub(crate) fn f32_slice<'a>(
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
         None => candle_core::bail!("{op}: {what} must be contiguous"),
+    }
+}
+
+/// Rows per block of [`col_sums_par`]: fixed, so the rounding of the sums does not depend
+/// on the thread count.
+pub(crate) const SUM_ROWS: usize = 64;
+
+/// Column sums of the rows of `a` (width `sum.len()`) into `sum` and, with `b`, of `a * b`
+/// into `prod`: partial sums over blocks of [`SUM_ROWS`] rows in parallel, added in block
+/// order (deterministic, unlike a rayon `reduce`).
+pub(crate) fn col_sums_par(sum: &mut [f32], a: &[f32], prod: Option<(&mut [f32], &[f32])>) {
+    let w = sum.len();
+    let chunk = SUM_ROWS * w.max(1);
+    match prod {
+        None => {
+            let parts: Vec<Vec<f32>> = a
+                .par_chunks(chunk)
+                .map(|c| {
+                    let mut s = vec![0f32; w];
+                    simd::col_sum(&mut s, c);
+                    s
+                })
+                .collect();
+            sum.fill(0.0);
+            for s in &parts {
+                simd::add_assign(sum, s);
+            }
+        }
+        Some((prod, b)) => {
+            let parts: Vec<(Vec<f32>, Vec<f32>)> = a
+                .par_chunks(chunk)
+                .zip(b.par_chunks(chunk))
+                .map(|(ac, bc)| {
+                    let (mut s, mut p) = (vec![0f32; w], vec![0f32; w]);
+                    simd::col_sum(&mut s, ac);
+                    simd::col_sum_prod(&mut p, ac, bc);
+                    (s, p)
+                })
+                .collect();
+            sum.fill(0.0);
+            prod.fill(0.0);
+            for (s, p) in &parts {
+                simd::add_assign(sum, s);
+                simd::add_assign(prod, p);
+            }
+        }
     }
 }

@@ -13,6 +13,7 @@ use std::sync::{Mutex, PoisonError};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::col_sums_par;
 use super::gemm::{matmul, matmul_raw, threads, MatRef, Op};
 use super::pool::BufferPool;
 use super::simd::{self, Act};
@@ -245,52 +246,6 @@ fn linear(
     y.par_chunks_mut(rb * out_dim)
         .for_each(|c| simd::add_bias(c, bias));
     y
-}
-
-/// Rows per block of [`col_sums_par`]: fixed, so the rounding of the sums does not depend
-/// on the thread count.
-const SUM_ROWS: usize = 64;
-
-/// Column sums of the rows of `a` (width `sum.len()`) into `sum` and, with `b`, of `a * b`
-/// into `prod`: partial sums over blocks of [`SUM_ROWS`] rows in parallel, added in block
-/// order (deterministic, unlike a rayon `reduce`).
-fn col_sums_par(sum: &mut [f32], a: &[f32], prod: Option<(&mut [f32], &[f32])>) {
-    let w = sum.len();
-    let chunk = SUM_ROWS * w.max(1);
-    match prod {
-        None => {
-            let parts: Vec<Vec<f32>> = a
-                .par_chunks(chunk)
-                .map(|c| {
-                    let mut s = vec![0f32; w];
-                    simd::col_sum(&mut s, c);
-                    s
-                })
-                .collect();
-            sum.fill(0.0);
-            for s in &parts {
-                simd::add_assign(sum, s);
-            }
-        }
-        Some((prod, b)) => {
-            let parts: Vec<(Vec<f32>, Vec<f32>)> = a
-                .par_chunks(chunk)
-                .zip(b.par_chunks(chunk))
-                .map(|(ac, bc)| {
-                    let (mut s, mut p) = (vec![0f32; w], vec![0f32; w]);
-                    simd::col_sum(&mut s, ac);
-                    simd::col_sum_prod(&mut p, ac, bc);
-                    (s, p)
-                })
-                .collect();
-            sum.fill(0.0);
-            prod.fill(0.0);
-            for (s, p) in &parts {
-                simd::add_assign(sum, s);
-                simd::add_assign(prod, p);
-            }
-        }
-    }
 }
 
 /// `acc += x` elementwise, in parallel blocks.
