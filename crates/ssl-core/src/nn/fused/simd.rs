@@ -271,12 +271,8 @@ simd_kernel! {
             .zip(xhat.chunks_exact_mut(d))
             .zip(rstd.iter_mut())
         {
-            let mean = xr.iter().sum::<f32>() * inv_d;
-            let mut var = 0.0f32;
-            for v in xr {
-                let c = v - mean;
-                var = c.mul_add(c, var);
-            }
+            let mean = sum_lanes(xr) * inv_d;
+            let var = sq_dev_lanes(xr, mean);
             let r = 1.0 / (var * inv_d + eps).sqrt();
             *rs = r;
             for (((xv, yv), hv), (wv, bv)) in xr
@@ -313,13 +309,7 @@ simd_kernel! {
             .zip(rstd)
             .zip(dx.chunks_exact_mut(d))
         {
-            let mut sg = 0.0f32;
-            let mut sgh = 0.0f32;
-            for ((g, h), wv) in dyr.iter().zip(hr).zip(w) {
-                let gv = g * wv;
-                sg += gv;
-                sgh = gv.mul_add(*h, sgh);
-            }
+            let (sg, sgh) = weighted_sums_lanes(dyr, w, hr);
             let mg = sg * inv_d;
             let mgh = sgh * inv_d;
             for (((o, g), h), wv) in dxr.iter_mut().zip(dyr).zip(hr).zip(w) {
@@ -367,6 +357,73 @@ pub(crate) fn sum_lanes(row: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+/// `sum((v - mean)^2)` over `row`, vectorisable.
+#[inline(always)]
+fn sq_dev_lanes(row: &[f32], mean: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for ch in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(ch) {
+            let c = v - mean;
+            *a = c.mul_add(c, *a);
+        }
+    }
+    let tail = chunks.remainder().iter().fold(0.0f32, |a, &v| {
+        let c = v - mean;
+        c.mul_add(c, a)
+    });
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `sum(a * b)`, vectorisable.
+#[inline(always)]
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (mut ca, mut cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for ((s, &u), &v) in acc.iter_mut().zip(x).zip(y) {
+            *s = u.mul_add(v, *s);
+        }
+    }
+    let tail = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .fold(0.0f32, |s, (&u, &v)| u.mul_add(v, s));
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `(sum(g * w), sum(g * w * h))` over one row, vectorisable (the layer-norm backward's two
+/// row sums).
+#[inline(always)]
+fn weighted_sums_lanes(g: &[f32], w: &[f32], h: &[f32]) -> (f32, f32) {
+    let (mut s1, mut s2) = ([0f32; LANES], [0f32; LANES]);
+    let (mut cg, mut cw, mut ch) = (
+        g.chunks_exact(LANES),
+        w.chunks_exact(LANES),
+        h.chunks_exact(LANES),
+    );
+    for ((x, y), z) in (&mut cg).zip(&mut cw).zip(&mut ch) {
+        for i in 0..LANES {
+            let gw = x[i] * y[i];
+            s1[i] += gw;
+            s2[i] = gw.mul_add(z[i], s2[i]);
+        }
+    }
+    let (mut t1, mut t2) = (0.0f32, 0.0f32);
+    for ((x, y), z) in cg
+        .remainder()
+        .iter()
+        .zip(cw.remainder())
+        .zip(ch.remainder())
+    {
+        let gw = x * y;
+        t1 += gw;
+        t2 = gw.mul_add(*z, t2);
+    }
+    (s1.iter().sum::<f32>() + t1, s2.iter().sum::<f32>() + t2)
 }
 
 /// `sum(exp(row - shift))`, vectorisable.
@@ -431,10 +488,7 @@ simd_kernel! {
     /// Softmax backward per row, in place: `dp <- p * (dp - sum(dp * p))`.
     pub(crate) fn softmax_backward_rows(dp: &mut [f32], p: &[f32], t: usize) {
         for (dr, pr) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
-            let mut dot = 0.0f32;
-            for (d, q) in dr.iter().zip(pr) {
-                dot = d.mul_add(*q, dot);
-            }
+            let dot = dot_lanes(dr, pr);
             for (d, q) in dr.iter_mut().zip(pr) {
                 *d = q * (*d - dot);
             }
@@ -544,6 +598,42 @@ mod tests {
             }
         }
         sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    #[test]
+    fn lane_reductions_match_f64_sums_with_tails() {
+        for n in [0usize, 5, 16, 37, 256] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() + 0.25).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.61).cos()).collect();
+            let c: Vec<f32> = (0..n).map(|i| (i as f32 * 0.13).sin() * 2.0).collect();
+            let f = |v: &f32| f64::from(*v);
+            let close = |got: f32, want: f64| {
+                assert!(
+                    (f64::from(got) - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "n = {n}: {got} against {want}"
+                )
+            };
+            close(sum_lanes(&a), a.iter().map(f).sum());
+            let mean = 0.3f32;
+            close(
+                sq_dev_lanes(&a, mean),
+                a.iter().map(|v| (f(v) - 0.3).powi(2)).sum(),
+            );
+            close(
+                dot_lanes(&a, &b),
+                a.iter().zip(&b).map(|(x, y)| f(x) * f(y)).sum(),
+            );
+            let (s1, s2) = weighted_sums_lanes(&a, &b, &c);
+            close(s1, a.iter().zip(&b).map(|(x, y)| f(x) * f(y)).sum());
+            close(
+                s2,
+                a.iter()
+                    .zip(&b)
+                    .zip(&c)
+                    .map(|((x, y), z)| f(x) * f(y) * f(z))
+                    .sum(),
+            );
+        }
     }
 
     #[test]
