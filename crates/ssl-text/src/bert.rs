@@ -8,9 +8,9 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
-use ssl_core::nn::ops::{cross_entropy, dropout, masked_mean, matmul_t, Activation};
+use ssl_core::nn::ops::{dropout, linear_cross_entropy, masked_mean, matmul_t, Activation};
 use ssl_core::nn::{
     LayerNorm, Linear, MatmulPrecision, NormPlacement, StackInit, TransformerConfig,
     TransformerStack,
@@ -432,10 +432,7 @@ impl BertForMaskedLM {
     /// MLM logits (.., V) of hidden states (.., D): transform, then the tied decoder, with
     /// their products in `precision` (see [`ssl_core::nn::ops::matmul_t`]).
     pub fn mlm_logits(&self, hidden: &Tensor, precision: MatmulPrecision) -> Result<Tensor> {
-        let act = self.bert.cfg.activation()?;
-        let h = self
-            .norm
-            .forward(&act.forward(&self.dense.forward_with(hidden, precision)?)?)?;
+        let h = self.mlm_transform(hidden, precision)?;
         let dims = h.dims().to_vec();
         let d = self.bert.cfg.hidden_size;
         let rows = h.elem_count() / d;
@@ -446,6 +443,14 @@ impl BertForMaskedLM {
             *l = self.bert.cfg.vocab_size;
         }
         Ok(logits.reshape(out)?)
+    }
+
+    /// The MLM head's transform (dense, activation, layer norm) of hidden states (.., D).
+    fn mlm_transform(&self, hidden: &Tensor, precision: MatmulPrecision) -> Result<Tensor> {
+        let act = self.bert.cfg.activation()?;
+        Ok(self
+            .norm
+            .forward(&act.forward(&self.dense.forward_with(hidden, precision)?)?)?)
     }
 
     /// Logits (B, T, V) for unmasked inputs (as `BertForMaskedLM.forward(...).logits`).
@@ -524,10 +529,16 @@ impl BertForMaskedLM {
         let dev = h.device();
         let pos = Tensor::from_vec(mb.positions.clone(), mb.positions.len(), dev)?;
         let picked = h.reshape((b * t, d))?.index_select(&pos, 0)?;
-        let logits = self.mlm_logits(&picked, ctx.precision)?;
         let targets = Tensor::from_vec(mb.targets.clone(), mb.targets.len(), dev)?;
-        let loss = cross_entropy(&logits, &targets)?;
-        let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        // The tied decoder and the loss as one op: the (positions, V) logits never enter
+        // the graph.
+        let (loss, pred) = linear_cross_entropy(
+            &self.mlm_transform(&picked, ctx.precision)?,
+            &self.bert.word,
+            Some(&self.bias),
+            &targets,
+            ctx.precision,
+        )?;
         let correct = pred.iter().zip(&mb.targets).filter(|(p, t)| p == t).count();
         Ok((loss, mb.targets.len(), correct))
     }

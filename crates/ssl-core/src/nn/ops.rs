@@ -164,6 +164,58 @@ pub fn matmul_t(x: &Tensor, w: &Tensor, precision: MatmulPrecision) -> Result<Te
     Ok(x.matmul(&w.t()?)?)
 }
 
+/// The cross-entropy of a linear layer's logits `x W^T + b` (`x` (n, k), `w` (c, k), `b`
+/// (c)) against class indices, averaged over rows, and each row's arg-max class (the
+/// prediction, for accuracy).
+///
+/// With f32 operands on the CPU it is one op, products in `precision` as [`matmul_t`], whose
+/// (n, c) logits never become a tensor of the graph: for a wide vocabulary (BERT's MLM head)
+/// that saves the bias broadcast's backward and the gradient bookkeeping of the logits.
+/// Elsewhere it is [`matmul_t`], a broadcast add and [`cross_entropy`], which it is tested
+/// against.
+pub fn linear_cross_entropy(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    targets: &Tensor,
+    precision: MatmulPrecision,
+) -> Result<(Tensor, Vec<u32>)> {
+    let cpu_f32 = matches!(x.device(), candle_core::Device::Cpu)
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && b.is_none_or(|b| b.dtype() == DType::F32)
+        && x.rank() == 2
+        && w.rank() == 2;
+    if !cpu_f32 {
+        let mut logits = matmul_t(x, w, precision)?;
+        if let Some(b) = b {
+            logits = logits.broadcast_add(b)?;
+        }
+        let argmax = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        return Ok((cross_entropy(&logits, targets)?, argmax));
+    }
+    let bias = match b {
+        Some(b) => b.contiguous()?,
+        None => Tensor::zeros(w.dim(0)?, DType::F32, w.device())?,
+    };
+    let bf16 = precision == MatmulPrecision::Bf16 && crate::nn::bf16_matmul_available();
+    let op = crate::nn::fused::LinearCrossEntropyOp::new(
+        targets
+            .to_dtype(DType::U32)?
+            .flatten_all()?
+            .to_vec1::<u32>()?,
+        bf16,
+    );
+    let argmax = op.argmax_cell();
+    let loss = x.contiguous()?.apply_op3(&w.contiguous()?, &bias, op)?;
+    let argmax = std::mem::take(
+        &mut *argmax
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    Ok((loss, argmax))
+}
+
 /// [`cross_entropy`] from candle ops (any device and dtype).
 pub fn cross_entropy_composite(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let logp = log_softmax_last_dim(logits)?;
@@ -367,6 +419,90 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("target 11 in row 1"), "{err}");
+    }
+
+    #[test]
+    fn fused_linear_cross_entropy_matches_the_f64_composite() {
+        let dev = Device::Cpu;
+        // More rows than one parallel task, classes not a multiple of the vector width.
+        let (n, k, c) = (37, 9, 23);
+        let mut rng = SslRng::new(5);
+        let x32 = Var::from_vec(rng.normal_vec(n * k, 0.0, 1.0), (n, k), &dev).unwrap();
+        let w32 = Var::from_vec(rng.normal_vec(c * k, 0.0, 1.0), (c, k), &dev).unwrap();
+        let b32 = Var::from_vec(rng.normal_vec(c, 0.0, 1.0), c, &dev).unwrap();
+        let t: Vec<u32> = (0..n).map(|i| (i * 7 % c) as u32).collect();
+        let t = Tensor::new(t.as_slice(), &dev).unwrap();
+        let to64 =
+            |v: &Var| Var::from_tensor(&v.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
+        let (x64, w64, b64) = (to64(&x32), to64(&w32), to64(&b32));
+        let f32_run = linear_cross_entropy(
+            x32.as_tensor(),
+            w32.as_tensor(),
+            Some(b32.as_tensor()),
+            &t,
+            MatmulPrecision::F32,
+        )
+        .unwrap();
+        let f64_run = linear_cross_entropy(
+            x64.as_tensor(),
+            w64.as_tensor(),
+            Some(b64.as_tensor()),
+            &t,
+            MatmulPrecision::F32,
+        )
+        .unwrap();
+        assert_eq!(f32_run.1, f64_run.1, "arg-max classes");
+        let (a, b) = (
+            f64::from(f32_run.0.to_scalar::<f32>().unwrap()),
+            f64_run.0.to_scalar::<f64>().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+        let g32 = (f32_run.0 * 3.0).unwrap().backward().unwrap();
+        let g64 = (f64_run.0 * 3.0).unwrap().backward().unwrap();
+        for (v32, v64, what) in [(&x32, &x64, "x"), (&w32, &w64, "w"), (&b32, &b64, "b")] {
+            let p = g32.get(v32.as_tensor()).unwrap().flatten_all().unwrap();
+            let q = g64.get(v64.as_tensor()).unwrap().flatten_all().unwrap();
+            for (p, q) in p
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .zip(q.to_vec1::<f64>().unwrap())
+            {
+                assert!((f64::from(*p) - q).abs() < 1e-5, "d{what}: {p} vs {q}");
+            }
+        }
+        // Without a bias, and a target out of range.
+        let (nb, _) = linear_cross_entropy(
+            x32.as_tensor(),
+            w32.as_tensor(),
+            None,
+            &t,
+            MatmulPrecision::F32,
+        )
+        .unwrap();
+        let logits = x32
+            .as_tensor()
+            .matmul(&w32.as_tensor().t().unwrap())
+            .unwrap();
+        let want = cross_entropy(&logits, &t)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((nb.to_scalar::<f32>().unwrap() - want).abs() < 1e-5);
+        let bad: Vec<u32> = (0..n as u32)
+            .map(|i| if i == 4 { c as u32 } else { 0 })
+            .collect();
+        let bad = Tensor::new(bad.as_slice(), &dev).unwrap();
+        let err = linear_cross_entropy(
+            x32.as_tensor(),
+            w32.as_tensor(),
+            None,
+            &bad,
+            MatmulPrecision::F32,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("target 23 in row 4"), "{err}");
     }
 
     #[test]

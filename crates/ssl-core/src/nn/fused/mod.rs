@@ -17,7 +17,7 @@ mod stack;
 
 pub(crate) use bf16::available as bf16_available;
 pub(crate) use bf16::time_product as time_bf16_product;
-pub(crate) use cross_entropy::CrossEntropyOp;
+pub(crate) use cross_entropy::{CrossEntropyOp, LinearCrossEntropyOp};
 pub(crate) use gemm::linear_takes_bf16;
 pub(crate) use layer_norm::LayerNormOp;
 pub(crate) use linear::MatmulTBf16;

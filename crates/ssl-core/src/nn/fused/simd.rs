@@ -451,6 +451,23 @@ simd_kernel! {
 }
 
 simd_kernel! {
+    /// For each row of `x` (width `bias.len()`): adds `bias` in place, then writes the row's
+    /// log-sum-exp to `lse` and the index of its maximum (the first, on ties; 0 for a row
+    /// without a number) to `argmax`.
+    pub(crate) fn bias_lse_argmax_rows(x: &mut [f32], bias: &[f32], lse: &mut [f32], argmax: &mut [u32]) {
+        let c = bias.len();
+        for ((row, l), a) in x.chunks_exact_mut(c).zip(lse.iter_mut()).zip(argmax.iter_mut()) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v += b;
+            }
+            let m = max_lanes(row);
+            *a = row.iter().position(|&v| v == m).unwrap_or(0) as u32;
+            *l = exp_sum(row, m).ln() + m;
+        }
+    }
+}
+
+simd_kernel! {
     /// `d = exp(x - lse) * scale` row by row: the scaled softmax (cross-entropy backward).
     pub(crate) fn scaled_softmax_rows(x: &[f32], c: usize, lse: &[f32], scale: f32, d: &mut [f32]) {
         for ((row, dr), &l) in x.chunks_exact(c).zip(d.chunks_exact_mut(c)).zip(lse) {
