@@ -21,6 +21,8 @@ use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
+use super::gemm::Epilogue;
+
 /// Rows of the micro-kernel's tile.
 const MR: usize = 12;
 /// Columns of the micro-kernel's tile (two 16-lane vectors).
@@ -374,7 +376,7 @@ impl OutPtr {
 }
 
 /// `c = alpha * op(a) op(b)` (or `c += ...` when `accumulate`) with bf16-rounded operands and
-/// f32 accumulation. `a` is `m x k` with element `(i, p)` at `a + i * a_rs + p * a_cs`, `b` is
+/// f32 accumulation, then `epilogue` on each finished block of C. `a` is `m x k` with element `(i, p)` at `a + i * a_rs + p * a_cs`, `b` is
 /// `k x n` likewise, `c` is row-major with leading dimension `ldc`. `threads > 1` spreads the
 /// work over rayon's pool.
 ///
@@ -397,9 +399,12 @@ pub(crate) unsafe fn gemm_bf16(
     alpha: f32,
     accumulate: bool,
     threads: usize,
+    epilogue: Epilogue,
 ) {
     // SAFETY: forwarded from the caller.
     if unsafe { super::gemm::empty_product(c, ldc, m, n, k, accumulate) } {
+        // SAFETY: as above (an empty depth leaves C zero or as it was).
+        unsafe { epilogue.apply(c, ldc, 0, m, 0, n) };
         return;
     }
     let av = View {
@@ -509,6 +514,11 @@ pub(crate) unsafe fn gemm_bf16(
                     }
                 }
             });
+            // The job's block is finished and still in cache.
+            // SAFETY: rows [i0, i0 + rows) x columns [j0, j1) belong to this job alone.
+            unsafe {
+                epilogue.apply(out.at(0), ldc, i0, rows, pan0 * NR, (pan1 * NR).min(n));
+            }
         };
         let jobs = m_blocks * n_chunks;
         if parallel && jobs > 1 {
@@ -640,6 +650,7 @@ pub(crate) fn time_product(
                     1.0,
                     false,
                     threads,
+                    Epilogue::None,
                 )
             };
             t0.elapsed().as_secs_f64()
@@ -735,6 +746,7 @@ mod tests {
                                 alpha,
                                 accumulate,
                                 threads,
+                                Epilogue::None,
                             )
                         }
                     };

@@ -5,6 +5,9 @@
 //! the same memory read with its strides swapped, so no product ever copies an operand.
 
 use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::simd::{self, Act};
 
 /// Products run in bf16 when asked only if every dimension is at least this large and their
 /// multiply-adds reach [`BF16_MIN_WORK`] (per-head attention products, through
@@ -19,6 +22,148 @@ const BF16_MIN_DIM: usize = 16;
 const BF16_MIN_WORK: usize = 1 << 18;
 /// See [`BF16_MIN_DIM`].
 const BF16_MIN_WORK_LINEAR: usize = 1 << 24;
+
+/// What a dense product does to each finished block of its output: in bf16 inside the
+/// product, on each job's block while it is still in cache; in f32 as one parallel pass after
+/// the product.
+#[derive(Clone, Copy)]
+pub(crate) enum Epilogue<'a> {
+    /// Nothing.
+    None,
+    /// Adds `bias[j]` to column `j`.
+    Bias(&'a [f32]),
+    /// Adds `bias[j]` to column `j` and writes the activation of the sum to `act_out`, a
+    /// buffer of the output's layout (the output keeps the biased sum, backward's input).
+    BiasAct {
+        bias: &'a [f32],
+        act: Act,
+        act_out: OutSlice,
+    },
+}
+
+/// A raw output buffer that parallel jobs write in disjoint blocks.
+#[derive(Clone, Copy)]
+pub(crate) struct OutSlice {
+    ptr: *mut f32,
+    len: usize,
+}
+// SAFETY: only written in disjoint blocks, one per job (see `Epilogue::apply`).
+unsafe impl Send for OutSlice {}
+// SAFETY: as above.
+unsafe impl Sync for OutSlice {}
+
+impl OutSlice {
+    /// The buffer `v`, which must outlive every use of the result.
+    pub fn new(v: &mut [f32]) -> Self {
+        OutSlice {
+            ptr: v.as_mut_ptr(),
+            len: v.len(),
+        }
+    }
+
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    fn ptr(self) -> *mut f32 {
+        self.ptr
+    }
+}
+
+impl Epilogue<'_> {
+    /// Applies the epilogue to rows `[r0, r0 + rows)` and columns `[j0, j1)` of `c` (leading
+    /// dimension `ldc`).
+    ///
+    /// # Safety
+    /// The block must lie inside `c` (and inside `act_out`, of `c`'s layout) and be neither
+    /// read nor written by anyone else during the call.
+    pub(crate) unsafe fn apply(
+        &self,
+        c: *mut f32,
+        ldc: usize,
+        r0: usize,
+        rows: usize,
+        j0: usize,
+        j1: usize,
+    ) {
+        if j1 <= j0 || rows == 0 {
+            return;
+        }
+        // One call over the whole block when its rows are contiguous, else one per row.
+        let (runs, run_rows) = if j0 == 0 && j1 == ldc {
+            (1, rows)
+        } else {
+            (rows, 1)
+        };
+        let w = j1 - j0;
+        for run in 0..runs {
+            let off = (r0 + run) * ldc + j0;
+            let len = (run_rows - 1) * ldc + w;
+            // SAFETY: the caller's guarantee; the run covers whole rows of the block.
+            let h = unsafe { std::slice::from_raw_parts_mut(c.add(off), len) };
+            match *self {
+                Epilogue::None => return,
+                Epilogue::Bias(bias) => simd::add_bias(h, &bias[j0..j1]),
+                Epilogue::BiasAct { bias, act, act_out } => {
+                    // SAFETY: as above, in `act_out`.
+                    let g = unsafe { std::slice::from_raw_parts_mut(act_out.ptr().add(off), len) };
+                    simd::bias_act(h, &bias[j0..j1], g, act);
+                }
+            }
+        }
+    }
+}
+
+/// `c = x W^T` (`x` (m, k), `w` (n, k), `c` (m, n) dense), then `epilogue`; in bf16 when asked
+/// and [`linear_takes_bf16`] allows (the caller checked the CPU).
+pub(crate) fn linear_product(c: &mut [f32], x: MatRef, w: MatRef, epilogue: Epilogue, bf16: bool) {
+    let (m, n, k) = (x.rows, w.rows, x.cols);
+    assert_eq!(w.cols, k, "inner dimensions differ");
+    assert!(c.len() >= m * n, "output too small");
+    // Checked here, so `apply` stays inside the buffers.
+    match epilogue {
+        Epilogue::None => {}
+        Epilogue::Bias(bias) => assert_eq!(bias.len(), n, "bias length"),
+        Epilogue::BiasAct { bias, act_out, .. } => {
+            assert_eq!(bias.len(), n, "bias length");
+            assert!(act_out.len >= m * n, "activation output too small");
+        }
+    }
+    x.check();
+    w.check();
+    if bf16 && linear_takes_bf16(m, n, k) && super::bf16::available() {
+        // SAFETY: the views were checked to lie inside their slices, `c` holds m x n and is
+        // borrowed mutably; the kernels' CPU features were checked.
+        unsafe {
+            super::bf16::gemm_bf16(
+                c.as_mut_ptr(),
+                n,
+                m,
+                n,
+                k,
+                x.data.as_ptr(),
+                x.ld as isize,
+                1,
+                w.data.as_ptr(),
+                1,
+                w.ld as isize,
+                1.0,
+                false,
+                rayon::current_num_threads(),
+                epilogue,
+            )
+        };
+        return;
+    }
+    matmul(c, n, x, Op::N, w, Op::T, 1.0, false, threads(), false);
+    if let Epilogue::None = epilogue {
+        return;
+    }
+    let rb = m.div_ceil(4 * rayon::current_num_threads().max(1)).max(1);
+    let out = OutSlice::new(c);
+    (0..m.div_ceil(rb)).into_par_iter().for_each(|i| {
+        let r0 = i * rb;
+        // SAFETY: block i's rows belong to this task alone; `out` is `c`, borrowed above.
+        unsafe { epilogue.apply(out.ptr(), n, r0, rb.min(m - r0), 0, n) };
+    });
+}
 
 /// True when [`matmul`] runs an `m x k` by `k x n` product in bf16 when asked (and the CPU
 /// has the kernels): its size rule for whole-batch products.
@@ -202,7 +347,21 @@ pub(crate) unsafe fn matmul_raw(
         // SAFETY: forwarded from the caller; the kernels' CPU features were checked.
         unsafe {
             super::bf16::gemm_bf16(
-                c, ldc, m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, alpha, accumulate, threads,
+                c,
+                ldc,
+                m,
+                n,
+                k,
+                a,
+                a_rs,
+                a_cs,
+                b,
+                b_rs,
+                b_cs,
+                alpha,
+                accumulate,
+                threads,
+                Epilogue::None,
             )
         };
         return;
@@ -237,6 +396,58 @@ pub(crate) unsafe fn matmul_raw(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Both paths of [`linear_product`] (f32, and bf16 where the CPU has it) with each
+    /// epilogue against a naive f64 product: the bf16 one at a size its rule takes
+    /// (200 x 300 x 300), with column chunks, so blocks of partial rows run too.
+    #[test]
+    fn linear_product_epilogues_match_naive() {
+        let (m, n, k) = (200, 300, 300);
+        let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.61).cos() * 0.1).collect();
+        let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 1.0).collect();
+        let mut want = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                want[i * n + j] = (0..k)
+                    .map(|p| f64::from(x[i * k + p]) * f64::from(w[j * k + p]))
+                    .sum::<f64>()
+                    + f64::from(bias[j]);
+            }
+        }
+        let paths: &[bool] = if super::super::bf16::available() {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        for &bf16 in paths {
+            assert_eq!(bf16, bf16 && linear_takes_bf16(m, n, k));
+            let tol = if bf16 { 2e-2 } else { 1e-4 };
+            let (xm, wm) = (MatRef::dense(&x, m, k), MatRef::dense(&w, n, k));
+            let mut y = vec![f32::NAN; m * n];
+            linear_product(&mut y, xm, wm, Epilogue::Bias(&bias), bf16);
+            let mut h = vec![f32::NAN; m * n];
+            let mut g = vec![f32::NAN; m * n];
+            let act_out = OutSlice::new(&mut g);
+            let epi = Epilogue::BiasAct {
+                bias: &bias,
+                act: Act::Relu,
+                act_out,
+            };
+            linear_product(&mut h, xm, wm, epi, bf16);
+            for i in 0..m * n {
+                let close = |got: f32, want: f64| (f64::from(got) - want).abs() <= tol;
+                assert!(
+                    close(y[i], want[i]),
+                    "bf16 {bf16}, bias, {i}: {} vs {}",
+                    y[i],
+                    want[i]
+                );
+                assert!(close(h[i], want[i]), "bf16 {bf16}, h, {i}");
+                assert!(close(g[i], want[i].max(0.0)), "bf16 {bf16}, act, {i}");
+            }
+        }
+    }
 
     #[test]
     fn matches_naive_product_in_every_orientation() {

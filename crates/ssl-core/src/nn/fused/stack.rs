@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::col_sums_par;
-use super::gemm::{matmul, matmul_raw, threads, MatRef, Op};
+use super::gemm::{linear_product, matmul, matmul_raw, threads, Epilogue, MatRef, Op, OutSlice};
 use super::pool::BufferPool;
 use super::simd::{self, Act};
 use crate::nn::NormPlacement;
@@ -241,10 +241,15 @@ fn linear(
     out_dim: usize,
     bf16: bool,
 ) -> Vec<f32> {
-    let mut y = product(pool, x, rows, w, out_dim, bf16);
-    let rb = block_rows(rows);
-    y.par_chunks_mut(rb * out_dim)
-        .for_each(|c| simd::add_bias(c, bias));
+    let in_dim = x.len() / rows.max(1);
+    let mut y = pool.take(rows * out_dim);
+    linear_product(
+        &mut y,
+        MatRef::dense(x, rows, in_dim),
+        MatRef::dense(w, out_dim, in_dim),
+        Epilogue::Bias(bias),
+        bf16,
+    );
     y
 }
 
@@ -708,26 +713,21 @@ impl StackOp {
             pool.put(ao);
             None
         };
+        // h = m_in W1^T + b1 and g = act(h), the activation applied to each block of the
+        // product while it is in cache.
         let mut h = pool.take(n * m);
-        matmul(
+        let mut g = pool.take(n * m);
+        linear_product(
             &mut h,
-            m,
             MatRef::dense(&m_in, n, d),
-            Op::N,
             MatRef::dense(&w[o.w1..o.b1], m, d),
-            Op::T,
-            1.0,
-            false,
-            threads(),
+            Epilogue::BiasAct {
+                bias: &w[o.b1..o.w2],
+                act: sp.act,
+                act_out: OutSlice::new(&mut g),
+            },
             sp.bf16,
         );
-        let mut g = pool.take(n * m);
-        let rb = block_rows(n);
-        let act = sp.act;
-        let b1 = &w[o.b1..o.w2];
-        h.par_chunks_mut(rb * m)
-            .zip(g.par_chunks_mut(rb * m))
-            .for_each(|(hc, gc)| simd::bias_act(hc, b1, gc, act));
         let mut mo = product(pool, &g, n, &w[o.w2..o.b2], d, sp.bf16);
         let drop1 = self.drops().then(|| (self.site_seed(layer, 1), sp.dropout));
         let out = match x1 {
