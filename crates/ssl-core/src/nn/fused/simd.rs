@@ -96,29 +96,27 @@ pub(crate) fn exp(x: f32) -> f32 {
     }
 }
 
-/// The error function to about 3e-7 absolute: its Maclaurin series below |x| = 0.5 (where
-/// the other form loses digits to cancellation), Abramowitz and Stegun 7.1.26 above.
+/// The error function to about 3e-7 absolute (and relative, near 0): `x P(x^2) / Q(x^2)`
+/// with `x` clamped to [-4, 4] (beyond which erf is 1 in f32), P of degree 5 and Q of degree 5
+/// in `x^2` (P's constant term is 2 / sqrt(pi), erf's slope at 0). The coefficients are our own fit (iteratively reweighted least squares towards
+/// the minimax error on [0, 4], against 50-digit erf from mpmath): 16 vector operations and
+/// one division, branch-free and odd by construction, where the previous series +
+/// Abramowitz-Stegun form took about twice that and an `exp`.
 #[inline(always)]
 pub(crate) fn erf(x: f32) -> f32 {
-    let a = x.abs();
-    let t = 1.0 / 0.327_591_1f32.mul_add(a, 1.0);
-    let poly = t
-        * (0.254_829_6
-            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    let far = 1.0 - poly * exp(-a * a);
-    let z = a * a;
-    let series = (-1.0 / 9360.0f32).mul_add(z, 1.0 / 1320.0);
-    let series = series.mul_add(z, -1.0 / 216.0);
-    let series = series.mul_add(z, 1.0 / 42.0);
-    let series = series.mul_add(z, -1.0 / 10.0);
-    let series = series.mul_add(z, 1.0 / 3.0);
-    let series = series.mul_add(-z, 1.0) * a * std::f32::consts::FRAC_2_SQRT_PI;
-    let y = if a < 0.5 { series } else { far };
-    if x < 0.0 {
-        -y
-    } else {
-        y
-    }
+    let x = x.clamp(-4.0, 4.0);
+    let z = x * x;
+    let p = 1.974_841e-6_f32.mul_add(z, 2.880_468_4e-4);
+    let p = p.mul_add(z, 4.003_771e-3);
+    let p = p.mul_add(z, 5.346_786_6e-2);
+    let p = p.mul_add(z, 1.962_514_7e-1);
+    let p = p.mul_add(z, std::f32::consts::FRAC_2_SQRT_PI);
+    let q = 3.748_127e-5_f32.mul_add(z, 1.216_395_4e-3);
+    let q = q.mul_add(z, 1.544_466_9e-2);
+    let q = q.mul_add(z, 1.164_775_1e-1);
+    let q = q.mul_add(z, 5.072_545e-1);
+    let q = q.mul_add(z, 1.0);
+    x * p / q
 }
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
@@ -593,7 +591,19 @@ mod tests {
             worst_erf = worst_erf.max((e - r).abs());
         }
         assert!(worst_exp < 5e-7, "exp relative error {worst_exp}");
-        assert!(worst_erf < 5e-7, "erf absolute error {worst_erf}");
+        assert!(worst_erf < 3e-7, "erf absolute error {worst_erf}");
+        // Relative accuracy near 0, and the clamped tails.
+        for x in [1e-6f32, 3e-4, 0.01, -0.02] {
+            let r = reference_erf(f64::from(x));
+            let rel = ((f64::from(erf(x)) - r) / r).abs();
+            assert!(rel < 5e-7, "erf({x}) relative error {rel}");
+        }
+        for x in [4.5f32, 7.0, 100.0, f32::INFINITY] {
+            assert!(
+                (erf(x) - 1.0).abs() < 3e-7 && (erf(-x) + 1.0).abs() < 3e-7,
+                "{x}"
+            );
+        }
         assert_eq!(exp(-1e9), 0.0);
         assert!(exp(100.0).is_finite());
     }
