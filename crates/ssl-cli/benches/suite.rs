@@ -543,6 +543,7 @@ fn parse_args() -> Res<Args> {
 
 fn main() -> Res<()> {
     ssl_core::keep_freed_memory();
+    ssl_core::candle_ops_on_caller();
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         // Before anything starts rayon's pool or asks candle for its thread count.
         std::env::set_var("RAYON_NUM_THREADS", "2");

@@ -306,6 +306,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
 
 fn main() -> ExitCode {
     ssl_core::keep_freed_memory();
+    ssl_core::candle_ops_on_caller();
     let cli = Cli::parse();
     // The whole command runs on a compute thread (see `ssl_core::on_compute_threads`); MPI and
     // CUDA state is created inside it, on that thread.

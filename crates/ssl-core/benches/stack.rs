@@ -22,6 +22,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     ssl_core::keep_freed_memory();
+    ssl_core::candle_ops_on_caller();
     // As the `ssl` binary: the work runs on a compute thread (`ssl_core::on_compute_threads`).
     ssl_core::on_compute_threads(|| run().map_err(|e| e.to_string()))?;
     Ok(())

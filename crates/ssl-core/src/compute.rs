@@ -31,9 +31,35 @@ pub fn on_compute_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
+/// Runs candle's own elementwise CPU ops on the calling thread: sets `CANDLE_NUM_THREADS=1`
+/// unless the user set it. Call it at the start of `main`, before any candle op and before
+/// other threads exist (it changes the process environment).
+///
+/// Why: candle 0.11 spreads its elementwise ops over a pool of its own (`candle-bp-*`, one
+/// thread fewer than `CANDLE_NUM_THREADS`, which defaults to rayon's count), whose workers spin
+/// for 25,000 pause loops after each op before they sleep, on the same cores as the compute
+/// threads. On two cores the CLIP step's profile showed that spinning thread at 12% of all
+/// samples. Measured with `cargo bench -p ssl-cli --bench suite -- --precision bf16` (2 threads,
+/// five alternating runs each): CLIP step 13.3-13.8 -> 10.9-11.2 ms, MAE 69.7-74.5 ->
+/// 68.2-72.3 ms, BERT and PatchTST unchanged. candle's matmuls keep every rayon thread (they
+/// follow `RAYON_NUM_THREADS`, not this variable); the fused kernels are rayon's anyway.
+pub fn candle_ops_on_caller() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn candle_threads_default_to_one_and_keep_the_users_choice() {
+        let before = std::env::var("CANDLE_NUM_THREADS").ok();
+        candle_ops_on_caller();
+        let after = std::env::var("CANDLE_NUM_THREADS").ok();
+        assert_eq!(after, Some(before.unwrap_or_else(|| "1".into())));
+    }
 
     #[test]
     fn runs_on_a_rayon_worker_and_returns_the_result() {

@@ -15,8 +15,10 @@
 //! Everything random draws from an [`SslRng`] so runs repeat exactly and resume exactly.
 //!
 //! Speed on the CPU: run the training loop inside [`on_compute_threads`] (the fused kernels'
-//! parallel regions then share the calling thread instead of waking a pool from outside), and
-//! in a binary with mimalloc as its global allocator call [`keep_freed_memory`] first.
+//! parallel regions then share the calling thread instead of waking a pool from outside);
+//! at the start of `main` call [`candle_ops_on_caller`] (candle's own worker pool spins on the
+//! same cores otherwise) and, in a binary with mimalloc as its global allocator,
+//! [`keep_freed_memory`].
 //!
 //! ```no_run
 //! use candle_core::Device;
@@ -76,7 +78,7 @@ pub use alloc::keep_freed_memory;
 pub use collective::{
     broadcast_params, gather_rows, Collective, SharedCollective, SingleProcess, ThreadGroup,
 };
-pub use compute::on_compute_threads;
+pub use compute::{candle_ops_on_caller, on_compute_threads};
 pub use ctx::Ctx;
 pub use device::parse_device;
 pub use encoder::{Encoder, EncoderOutput};
