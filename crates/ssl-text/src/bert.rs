@@ -10,7 +10,9 @@ use std::path::Path;
 
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
-use ssl_core::nn::ops::{dropout, linear_cross_entropy, masked_mean, matmul_t, Activation};
+use ssl_core::nn::ops::{
+    add_broadcast, dropout, linear_cross_entropy, masked_mean, matmul_t, Activation,
+};
 use ssl_core::nn::{
     LayerNorm, Linear, MatmulPrecision, NormPlacement, StackInit, TransformerConfig,
     TransformerStack,
@@ -290,7 +292,7 @@ impl BertModel {
             .token_type
             .index_select(&input.token_type_ids.flatten_all()?, 0)?
             .reshape((b, t, d))?;
-        let x = w.broadcast_add(&p)?.add(&tt)?;
+        let x = add_broadcast(&w, &p)?.add(&tt)?;
         let x = self.emb_norm.forward(&x)?;
         Ok(dropout(
             &x,
@@ -436,8 +438,10 @@ impl BertForMaskedLM {
         let dims = h.dims().to_vec();
         let d = self.bert.cfg.hidden_size;
         let rows = h.elem_count() / d;
-        let logits = matmul_t(&h.reshape((rows, d))?, &self.bert.word, precision)?
-            .broadcast_add(&self.bias)?;
+        let logits = add_broadcast(
+            &matmul_t(&h.reshape((rows, d))?, &self.bert.word, precision)?,
+            &self.bias,
+        )?;
         let mut out = dims;
         if let Some(l) = out.last_mut() {
             *l = self.bert.cfg.vocab_size;

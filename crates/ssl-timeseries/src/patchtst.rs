@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
-use ssl_core::nn::ops::{dropout, masked_mean};
+use ssl_core::nn::ops::{add_broadcast, dropout, masked_mean};
 use ssl_core::nn::{LayerNorm, Linear, TransformerConfig, TransformerStack};
 use ssl_core::seq::{sincos_positions, SeqBatch};
 use ssl_core::{CoreError, Ctx, Encoder, EncoderOutput, Init, ParamBuilder, Result};
@@ -179,7 +179,7 @@ impl PatchTstEncoder {
         let (_, n, _) = values.dims3()?;
         let h = self.embed.forward(values)?;
         let pos = sincos_positions(n, self.cfg.transformer.dim, values.device())?;
-        let h = h.broadcast_add(&pos.to_dtype(h.dtype())?)?;
+        let h = add_broadcast(&h, &pos.to_dtype(h.dtype())?)?;
         let train = ctx.train;
         let h = dropout(&h, self.cfg.dropout, train, ctx.rng)?;
         let out = self.stack.forward(&h, Some(patch_valid), ctx)?;

@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
-use ssl_core::nn::ops::{dropout, Activation};
+use ssl_core::nn::ops::{add_broadcast, dropout, Activation};
 use ssl_core::nn::Linear;
 use ssl_core::seq::SeqBatch;
 use ssl_core::{CoreError, Ctx, Encoder, EncoderOutput, Init, ParamBuilder, Result};
@@ -94,7 +94,7 @@ impl Conv {
             });
         }
         let y = y.ok_or_else(|| CoreError::Config("convolution kernel of size 0".into()))?;
-        Ok(y.broadcast_add(&self.bias)?.reshape((b, t, ()))?)
+        Ok(add_broadcast(&y, &self.bias)?.reshape((b, t, ()))?)
     }
 }
 

@@ -8,6 +8,7 @@
 
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
+use ssl_core::nn::ops::add_broadcast;
 use ssl_core::nn::{LayerNorm, Linear, TransformerConfig, TransformerStack};
 use ssl_core::{Ctx, Encoder, Init, ParamBuilder, ParamStore, PretextTask, TaskOutput};
 
@@ -183,7 +184,7 @@ impl MaeTask {
         let shuffled = Tensor::cat(&[&x.narrow(1, 1, n - 1)?, &tokens], 1)?;
         let unshuffled = gather_tokens(&shuffled, &mask.ids_restore)?;
         let x = Tensor::cat(&[&x.narrow(1, 0, 1)?, &unshuffled], 1)?;
-        let x = x.broadcast_add(&self.decoder_pos)?;
+        let x = add_broadcast(&x, &self.decoder_pos)?;
         let x = self.decoder.forward(&x, None, ctx)?.last;
         let x = self.decoder_pred.forward(&self.decoder_norm.forward(&x)?)?;
         Ok(x.narrow(1, 1, l)?)

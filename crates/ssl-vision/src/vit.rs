@@ -7,6 +7,7 @@
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
+use ssl_core::nn::ops::add_broadcast;
 use ssl_core::nn::{
     Activation, LayerNorm, NormPlacement, StackInit, TransformerConfig, TransformerStack,
 };
@@ -266,13 +267,13 @@ impl VisionTransformer {
         let patches = patches_for_conv(pixels, self.cfg.patch_size)?;
         let (b, l, k) = patches.dims3()?;
         let w = self.patch_weight.reshape((self.cfg.dim, k))?;
-        let x = patches
-            .reshape((b * l, k))?
-            .matmul(&w.t()?)?
-            .broadcast_add(&self.patch_bias)?
-            .reshape((b, l, self.cfg.dim))?;
+        let x = add_broadcast(
+            &patches.reshape((b * l, k))?.matmul(&w.t()?)?,
+            &self.patch_bias,
+        )?
+        .reshape((b, l, self.cfg.dim))?;
         let pos = self.pos_embed.narrow(1, 1, l)?;
-        Ok(x.broadcast_add(&pos)?)
+        Ok(add_broadcast(&x, &pos)?)
     }
 
     /// Runs the class token and `tokens` (B, N, D) (all or a subset of the patch embeddings

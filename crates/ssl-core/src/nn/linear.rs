@@ -62,7 +62,7 @@ impl Linear {
         let x2 = x.reshape((rows, in_dim))?;
         let mut y = matmul_t(&x2, &self.weight, precision)?;
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+            y = super::ops::add_broadcast(&y, b)?;
         }
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {

@@ -26,6 +26,32 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     Ok(shifted.broadcast_sub(&lse)?)
 }
 
+/// `x + y` broadcast, for the common case of `y` repeated over `x`'s leading dimensions (a
+/// bias, a position embedding): `y`'s shape, leading 1s dropped, a suffix of `x`'s.
+///
+/// f32 tensors on the CPU in that case go through one op whose backward takes `y`'s gradient
+/// as a parallel column sum (candle's broadcast add sums over the repeated dimension with a
+/// strided reduction: 1.3 ms a step for MAE's position embedding); every other case is
+/// candle's `broadcast_add`.
+pub fn add_broadcast(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let yd = y.dims();
+    let lead = yd.iter().take_while(|&&n| n == 1).count();
+    let suffix = &yd[lead..];
+    let xd = x.dims();
+    if matches!(x.device(), candle_core::Device::Cpu)
+        && x.dtype() == DType::F32
+        && y.dtype() == DType::F32
+        && !suffix.is_empty()
+        && xd.len() >= yd.len()
+        && xd.ends_with(suffix)
+    {
+        return Ok(x
+            .contiguous()?
+            .apply_op2(&y.contiguous()?, crate::nn::fused::RowBroadcastAdd)?);
+    }
+    Ok(x.broadcast_add(y)?)
+}
+
 /// Layer normalisation over the last dimension: `(x - mean) / sqrt(var + eps) * w + b`.
 ///
 /// f32 tensors on the CPU go through one fused op (one pass forward, a few backward); other
@@ -503,6 +529,44 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("target 23 in row 4"), "{err}");
+    }
+
+    #[test]
+    fn add_broadcast_matches_candle_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let mut rng = SslRng::new(9);
+        // Suffix shapes with and without leading 1s, a plain bias, and a shape candle must
+        // handle itself (a middle dimension broadcast).
+        for (xs, ys) in [
+            (vec![3usize, 5, 7], vec![1usize, 5, 7]),
+            (vec![3, 5, 7], vec![7]),
+            (vec![70, 9], vec![9]),
+            (vec![3, 5, 7], vec![3, 1, 7]),
+        ] {
+            let nx: usize = xs.iter().product();
+            let ny: usize = ys.iter().product();
+            let x = Var::from_vec(rng.normal_vec(nx, 0.0, 1.0), xs.as_slice(), &dev).unwrap();
+            let y = Var::from_vec(rng.normal_vec(ny, 0.0, 1.0), ys.as_slice(), &dev).unwrap();
+            let w = Tensor::from_vec(rng.normal_vec(nx, 0.0, 1.0), xs.as_slice(), &dev).unwrap();
+            let ours = add_broadcast(x.as_tensor(), y.as_tensor()).unwrap();
+            let theirs = x.as_tensor().broadcast_add(y.as_tensor()).unwrap();
+            let diff = (&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{xs:?} + {ys:?}");
+            let g1 = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (theirs * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for v in [&x, &y] {
+                let a = g1.get(v.as_tensor()).unwrap();
+                let b = g2.get(v.as_tensor()).unwrap();
+                assert_eq!(a.dims(), b.dims());
+                let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+                assert!(d.to_scalar::<f32>().unwrap() < 1e-5, "{xs:?} + {ys:?}");
+            }
+        }
     }
 
     #[test]

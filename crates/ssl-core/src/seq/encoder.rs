@@ -90,7 +90,7 @@ impl Encoder for SeqTransformerEncoder {
         let h = self.proj.forward(&input.x)?;
         let pos =
             sincos_positions(t, self.cfg.transformer.dim, input.x.device())?.to_dtype(h.dtype())?;
-        let h = h.broadcast_add(&pos)?;
+        let h = crate::nn::ops::add_broadcast(&h, &pos)?;
         let out = self.stack.forward(&h, Some(&input.valid), ctx)?;
         let tokens = self.norm.forward(&out.last)?;
         let pooled = masked_mean(&tokens, Some(&input.valid.to_dtype(DType::F32)?))?;

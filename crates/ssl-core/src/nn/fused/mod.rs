@@ -7,6 +7,7 @@
 use rayon::prelude::*;
 
 mod bf16;
+mod broadcast;
 mod cross_entropy;
 mod gemm;
 mod layer_norm;
@@ -17,6 +18,7 @@ mod stack;
 
 pub(crate) use bf16::available as bf16_available;
 pub(crate) use bf16::time_product as time_bf16_product;
+pub(crate) use broadcast::RowBroadcastAdd;
 pub(crate) use cross_entropy::{CrossEntropyOp, LinearCrossEntropyOp};
 pub(crate) use gemm::linear_takes_bf16;
 pub(crate) use layer_norm::LayerNormOp;
