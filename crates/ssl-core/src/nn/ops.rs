@@ -128,9 +128,23 @@ pub fn dropout(x: &Tensor, p: f32, train: bool, rng: &mut SslRng) -> Result<Tens
 }
 
 /// Mean of `x` (B, T, D) over the timesteps where `mask` (B, T) is 1; plain mean without mask.
+///
+/// f32 on the CPU with a constant mask (one that is not differentiated) runs as one op (one
+/// parallel pass each way); otherwise candle's broadcast multiply and sum, which it is tested
+/// against.
 pub fn masked_mean(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     match mask {
         None => Ok(x.mean(1)?),
+        Some(m)
+            if matches!(x.device(), candle_core::Device::Cpu)
+                && x.dtype() == DType::F32
+                && x.rank() == 3
+                && !m.track_op() =>
+        {
+            let m = m.to_dtype(DType::F32)?.contiguous()?;
+            Ok(x.contiguous()?
+                .apply_op2(&m, crate::nn::fused::MaskedMeanOp)?)
+        }
         Some(m) => {
             let m = m.to_dtype(x.dtype())?.unsqueeze(2)?;
             let sum = x.broadcast_mul(&m)?.sum(1)?;
@@ -567,6 +581,50 @@ mod tests {
                 assert!(d.to_scalar::<f32>().unwrap() < 1e-5, "{xs:?} + {ys:?}");
             }
         }
+    }
+
+    #[test]
+    fn fused_masked_mean_matches_candle_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let mut rng = SslRng::new(11);
+        let (b, t, d) = (3, 5, 19);
+        let x = Var::from_vec(rng.normal_vec(b * t * d, 0.0, 1.0), (b, t, d), &dev).unwrap();
+        // A full row, a partial one and an empty one (zeros out, zero gradient).
+        let m = Tensor::new(
+            &[
+                [1f32, 1., 1., 1., 1.],
+                [1., 0., 1., 0., 0.],
+                [0., 0., 0., 0., 0.],
+            ],
+            &dev,
+        )
+        .unwrap();
+        let w = Tensor::from_vec(rng.normal_vec(b * d, 0.0, 1.0), (b, d), &dev).unwrap();
+        let ours = masked_mean(x.as_tensor(), Some(&m)).unwrap();
+        let mm = m.unsqueeze(2).unwrap();
+        let theirs = x
+            .as_tensor()
+            .broadcast_mul(&mm)
+            .unwrap()
+            .sum(1)
+            .unwrap()
+            .broadcast_div(&mm.sum(1).unwrap().clamp(1.0, f64::INFINITY).unwrap())
+            .unwrap();
+        let diff = (&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
+        let g1 = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (a, c) = (
+            g1.get(x.as_tensor()).unwrap(),
+            g2.get(x.as_tensor()).unwrap(),
+        );
+        let d = (a - c).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
     }
 
     #[test]
