@@ -479,9 +479,9 @@ fn train_ctx(rng: &mut SslRng) -> Ctx<'_> {
     Ctx::train(rng).with_precision(precision())
 }
 
-/// An evaluation context in the chosen precision.
+/// An inference context (no backward) in the chosen precision.
 fn eval_ctx(rng: &mut SslRng) -> Ctx<'_> {
-    Ctx::eval(rng).with_precision(precision())
+    Ctx::inference(rng).with_precision(precision())
 }
 
 struct Args {

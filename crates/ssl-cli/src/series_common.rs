@@ -142,7 +142,7 @@ pub fn embed_all<T: PretextTask<Batch = SeqBatch>>(
     let mut rng = SslRng::new(0);
     for chunk in examples.chunks(batch.max(1)) {
         let b = SeqBatch::from_examples(&chunk.iter().collect::<Vec<_>>(), device)?;
-        let e = task.embed(&b, &mut Ctx::eval(&mut rng))?;
+        let e = task.embed(&b, &mut Ctx::inference(&mut rng))?;
         dim = e.dim(1)?;
         out.extend(e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
     }
@@ -163,7 +163,7 @@ pub fn pretext_loss<T: PretextTask<Batch = SeqBatch>>(
             continue;
         }
         let b = SeqBatch::from_examples(&chunk.iter().collect::<Vec<_>>(), device)?;
-        let mut ctx = Ctx::eval(&mut rng);
+        let mut ctx = Ctx::inference(&mut rng);
         let out = task.forward(&b, &mut ctx)?;
         sum += out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * out.weight;
         weight += out.weight;

@@ -817,7 +817,7 @@ fn embed_docs(l: &Loaded, texts: &[String]) -> Result<(Vec<f32>, usize), CliErro
             device: l.device.clone(),
         };
         // The run's product precision (`train.matmul_precision`) applies to embedding too.
-        let mut ctx = Ctx::eval(&mut rng).with_precision(l.cfg.train.matmul_precision);
+        let mut ctx = Ctx::inference(&mut rng).with_precision(l.cfg.train.matmul_precision);
         let e = l.model.embed(&batch, &mut ctx)?;
         dim = e.dim(1)?;
         out.extend(e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);

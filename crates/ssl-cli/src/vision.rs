@@ -323,7 +323,7 @@ impl AnyVisionTask {
         let mut rng = SslRng::new(0);
         let x = vit.embed_patches(&pixels).map_err(vis)?;
         let (out, _) = vit
-            .forward_tokens(&x, &mut Ctx::eval(&mut rng).with_precision(precision))
+            .forward_tokens(&x, &mut Ctx::inference(&mut rng).with_precision(precision))
             .map_err(vis)?;
         vit.pool_with(&out, pooling).map_err(vis)
     }

@@ -16,6 +16,11 @@ pub struct Ctx<'a> {
     pub rng: &'a mut SslRng,
     /// Precision of the fused CPU stack's linear-layer products (f32 unless asked).
     pub precision: MatmulPrecision,
+    /// Whether a backward pass may run through this forward pass. When false (embedding
+    /// extraction, the first pass of gradient caching) the fused CPU stack keeps none of the
+    /// activations backward needs, writes less memory and frees its buffers layer by layer;
+    /// a backward pass through its output is then an error.
+    pub backward: bool,
 }
 
 impl<'a> Ctx<'a> {
@@ -26,16 +31,27 @@ impl<'a> Ctx<'a> {
             output_hidden_states: false,
             rng,
             precision: MatmulPrecision::F32,
+            backward: true,
         }
     }
 
-    /// An evaluation-mode context (no dropout).
+    /// An evaluation-mode context (no dropout); gradients may still be taken through it.
     pub fn eval(rng: &'a mut SslRng) -> Self {
         Ctx {
             train: false,
             output_hidden_states: false,
             rng,
             precision: MatmulPrecision::F32,
+            backward: true,
+        }
+    }
+
+    /// An evaluation-mode context with no backward pass to follow (embeddings, scores): the
+    /// fused stack keeps no activations for one (see [`Ctx::backward`]).
+    pub fn inference(rng: &'a mut SslRng) -> Self {
+        Ctx {
+            backward: false,
+            ..Ctx::eval(rng)
         }
     }
 

@@ -666,7 +666,7 @@ impl<T: PretextTask> Trainer<T> for LoopTrainer {
                     let mut rng = SslRng::new(0);
                     let emb = task.embed(
                         batch,
-                        &mut Ctx::eval(&mut rng).with_precision(cfg.matmul_precision),
+                        &mut Ctx::inference(&mut rng).with_precision(cfg.matmul_precision),
                     )?;
                     let (rows, dim) = emb.dims2()?;
                     let flat = emb.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;

@@ -276,3 +276,30 @@ fn matmul_t_in_bf16_stays_within_rounding_of_f64() {
     let small32 = run(MatmulPrecision::F32, 8);
     assert_eq!(small16, small32);
 }
+
+/// Under bf16 products (the in-cache activation epilogue, in place without backward),
+/// `Ctx::inference` gives exactly the outputs of `Ctx::eval`.
+#[test]
+fn bf16_inference_matches_eval() {
+    if skip() {
+        return;
+    }
+    for norm in [NormPlacement::Post, NormPlacement::Pre] {
+        let (_store, stack) = build(norm, DType::F32, StackKernel::Fused);
+        let mut rng = SslRng::new(3);
+        let x =
+            Tensor::from_vec(rng.normal_vec(B * T * D, 0.0, 1.0), (B, T, D), &Device::Cpu).unwrap();
+        let run = |inference: bool| {
+            let mut r = SslRng::new(0);
+            let ctx = if inference {
+                Ctx::inference(&mut r)
+            } else {
+                Ctx::eval(&mut r)
+            };
+            let mut ctx = ctx.with_precision(MatmulPrecision::Bf16);
+            let out = stack.forward(&x, None, &mut ctx).unwrap();
+            out.last.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        assert_eq!(run(false), run(true), "{norm:?}");
+    }
+}

@@ -276,3 +276,44 @@ fn fused_dropout_backward_matches_its_forward() {
         assert!(checked >= 5);
     }
 }
+
+/// `Ctx::inference` (no activations kept) gives exactly the outputs of `Ctx::eval`, hidden
+/// states included, for both norm placements and every activation, also after a forward pass
+/// that kept them; and a backward pass through its output is a clear error.
+#[test]
+fn inference_mode_matches_eval_and_refuses_backward() {
+    for norm in [NormPlacement::Pre, NormPlacement::Post] {
+        for activation in [Activation::GeluErf, Activation::GeluTanh, Activation::Relu] {
+            let c = Case {
+                norm,
+                activation,
+                causal: false,
+                mask: true,
+                hidden: true,
+            };
+            let (_store, stack) = build(&c, DType::F32, StackKernel::Fused, 0.0);
+            let (x, mask, _) = inputs(DType::F32);
+            let run = |inference: bool| {
+                let mut rng = SslRng::new(0);
+                let ctx = if inference {
+                    Ctx::inference(&mut rng)
+                } else {
+                    Ctx::eval(&mut rng)
+                };
+                let out = stack
+                    .forward(&x, Some(&mask), &mut ctx.with_hidden_states())
+                    .unwrap();
+                let mut all = vec![out.last.flatten_all().unwrap().to_vec1::<f32>().unwrap()];
+                for h in &out.hidden_states {
+                    all.push(h.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                }
+                (all, out.last)
+            };
+            let (kept, _) = run(false);
+            let (lean, last) = run(true);
+            assert_eq!(kept, lean, "{norm:?} {activation:?}");
+            let err = last.sum_all().unwrap().backward().unwrap_err().to_string();
+            assert!(err.contains("kept no activations"), "{err}");
+        }
+    }
+}

@@ -26,7 +26,7 @@ pub fn embed_images(
     let mut parts = Vec::new();
     for start in (0..images.len()).step_by(batch.max(1)) {
         let b = images.batch(start, batch.max(1), device)?;
-        parts.push(model.encode_image(&b, &mut Ctx::eval(&mut rng))?);
+        parts.push(model.encode_image(&b, &mut Ctx::inference(&mut rng))?);
     }
     if parts.is_empty() {
         return Err(MultimodalError::InvalidInput("no images to embed".into()));
@@ -51,7 +51,7 @@ pub fn embed_token_seqs(
             device: device.clone(),
         }
         .tensors()?;
-        parts.push(model.encode_text(&input, &mut Ctx::eval(&mut rng))?);
+        parts.push(model.encode_text(&input, &mut Ctx::inference(&mut rng))?);
     }
     if parts.is_empty() {
         return Err(MultimodalError::InvalidInput("no captions to embed".into()));

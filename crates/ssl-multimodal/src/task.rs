@@ -169,12 +169,20 @@ impl ClipModel {
         let mut streams = Vec::with_capacity(chunks.len());
         let mut imgs = Vec::with_capacity(chunks.len());
         let mut txts = Vec::with_capacity(chunks.len());
-        for &(s, l) in &chunks {
-            streams.push(ctx.rng.clone());
-            let part = batch.narrow(s, l)?;
-            imgs.push(self.encode_image(&part.images, ctx)?.detach());
-            txts.push(self.encode_text(&part.text, ctx)?.detach());
-        }
+        // The first pass only reads the embeddings: no backward runs through it.
+        let backward = std::mem::replace(&mut ctx.backward, false);
+        let mut first = || -> Result<()> {
+            for &(s, l) in &chunks {
+                streams.push(ctx.rng.clone());
+                let part = batch.narrow(s, l)?;
+                imgs.push(self.encode_image(&part.images, ctx)?.detach());
+                txts.push(self.encode_text(&part.text, ctx)?.detach());
+            }
+            Ok(())
+        };
+        let res = first();
+        ctx.backward = backward;
+        res?;
         let img = Var::from_tensor(&Tensor::cat(&imgs, 0)?)?;
         let txt = Var::from_tensor(&Tensor::cat(&txts, 0)?)?;
         // In a data-parallel run the loss spans every rank's cached embeddings.
@@ -195,6 +203,7 @@ impl ClipModel {
                 output_hidden_states: false,
                 rng: &mut rng,
                 precision: ctx.precision,
+                backward: true,
             };
             let part = batch.narrow(s, l)?;
             let e_img = self.encode_image(&part.images, &mut replay)?;

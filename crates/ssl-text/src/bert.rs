@@ -615,7 +615,7 @@ pub fn evaluate_mlm(
             continue;
         }
         let mb = model.mask_batch(&batch, &mut rng)?;
-        let (loss, k, c) = model.masked_loss(&mb, &mut Ctx::eval(&mut drop_rng))?;
+        let (loss, k, c) = model.masked_loss(&mb, &mut Ctx::inference(&mut drop_rng))?;
         sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * k as f64;
         n += k;
         correct += c;

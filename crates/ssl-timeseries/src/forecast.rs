@@ -87,7 +87,7 @@ impl<E: Encoder<Input = SeqBatch>> ForecastTask<E> {
                     valid: Tensor::ones((1, cfg.context), DType::F32, pb.device())?,
                 };
                 let mut rng = SslRng::new(0);
-                let out = encoder.encode(&probe, &mut Ctx::eval(&mut rng))?;
+                let out = encoder.encode(&probe, &mut Ctx::inference(&mut rng))?;
                 out.tokens.elem_count()
             }
         };

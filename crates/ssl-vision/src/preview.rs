@@ -25,7 +25,7 @@ pub fn reconstruction_panels(task: &MaeTask, images: &Images, seed: u64) -> Resu
     let mut rng = SslRng::derived(seed, "preview-mask");
     let pixels = normalize_batch(&images.pixels, task.augment())?;
     let mask = crate::random_masking(b, grid.0 * grid.1, task.config().mask_ratio, &mut rng)?;
-    let mut ctx = Ctx::eval(&mut rng);
+    let mut ctx = Ctx::inference(&mut rng);
     let mut pred = task.reconstruct(&pixels, &mask, &mut ctx)?;
     if task.config().norm_pix_loss {
         // Back from per-patch normalised space with the true patch statistics (MAE's demo).

@@ -346,7 +346,7 @@ impl TransformerStack {
             bf16: ctx.precision == MatmulPrecision::Bf16 && super::bf16_matmul_available(),
         };
         let all = ctx.output_hidden_states;
-        let op = StackOp::new(spec, all, ctx.train, seed, self.pool.clone());
+        let op = StackOp::new(spec, all, ctx.train, ctx.backward, seed, self.pool.clone());
         let out = x.contiguous()?.apply_op3(&flat, &mask, op)?;
         let last = out.get(out.dim(0)? - 1)?;
         let mut hidden = Vec::new();

@@ -24,7 +24,7 @@ pub fn patch_embeddings(
         )));
     }
     let mut rng = SslRng::new(0);
-    let mut ctx = Ctx::eval(&mut rng);
+    let mut ctx = Ctx::inference(&mut rng);
     if layer > 0 {
         ctx = ctx.with_hidden_states();
     }

@@ -44,7 +44,7 @@ pub fn reconstruction_errors(
         let keep = shuffle.len();
         shuffle.extend(group.iter().copied());
         let mask = MaskSample::from_shuffle(vec![shuffle; b], keep)?;
-        let pred = task.reconstruct(pixels, &mask, &mut Ctx::eval(&mut rng))?;
+        let pred = task.reconstruct(pixels, &mask, &mut Ctx::inference(&mut rng))?;
         let err = task
             .patch_errors(pixels, &pred)?
             .to_dtype(DType::F32)?

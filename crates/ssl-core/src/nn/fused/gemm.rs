@@ -33,11 +33,12 @@ pub(crate) enum Epilogue<'a> {
     /// Adds `bias[j]` to column `j`.
     Bias(&'a [f32]),
     /// Adds `bias[j]` to column `j` and writes the activation of the sum to `act_out`, a
-    /// buffer of the output's layout (the output keeps the biased sum, backward's input).
+    /// buffer of the output's layout (the output keeps the biased sum, backward's input), or
+    /// over the output itself when `act_out` is `None` (no backward to follow).
     BiasAct {
         bias: &'a [f32],
         act: Act,
-        act_out: OutSlice,
+        act_out: Option<OutSlice>,
     },
 }
 
@@ -101,11 +102,20 @@ impl Epilogue<'_> {
             match *self {
                 Epilogue::None => return,
                 Epilogue::Bias(bias) => simd::add_bias(h, &bias[j0..j1]),
-                Epilogue::BiasAct { bias, act, act_out } => {
+                Epilogue::BiasAct {
+                    bias,
+                    act,
+                    act_out: Some(act_out),
+                } => {
                     // SAFETY: as above, in `act_out`.
                     let g = unsafe { std::slice::from_raw_parts_mut(act_out.ptr().add(off), len) };
                     simd::bias_act(h, &bias[j0..j1], g, act);
                 }
+                Epilogue::BiasAct {
+                    bias,
+                    act,
+                    act_out: None,
+                } => simd::bias_act_in_place(h, &bias[j0..j1], act),
             }
         }
     }
@@ -123,7 +133,9 @@ pub(crate) fn linear_product(c: &mut [f32], x: MatRef, w: MatRef, epilogue: Epil
         Epilogue::Bias(bias) => assert_eq!(bias.len(), n, "bias length"),
         Epilogue::BiasAct { bias, act_out, .. } => {
             assert_eq!(bias.len(), n, "bias length");
-            assert!(act_out.len >= m * n, "activation output too small");
+            if let Some(out) = act_out {
+                assert!(out.len >= m * n, "activation output too small");
+            }
         }
     }
     x.check();
@@ -428,14 +440,22 @@ mod tests {
             linear_product(&mut y, xm, wm, Epilogue::Bias(&bias), bf16);
             let mut h = vec![f32::NAN; m * n];
             let mut g = vec![f32::NAN; m * n];
-            let act_out = OutSlice::new(&mut g);
+            let act_out = Some(OutSlice::new(&mut g));
             let epi = Epilogue::BiasAct {
                 bias: &bias,
                 act: Act::Relu,
                 act_out,
             };
             linear_product(&mut h, xm, wm, epi, bf16);
+            let mut inplace = vec![f32::NAN; m * n];
+            let epi = Epilogue::BiasAct {
+                bias: &bias,
+                act: Act::Relu,
+                act_out: None,
+            };
+            linear_product(&mut inplace, xm, wm, epi, bf16);
             for i in 0..m * n {
+                assert_eq!(inplace[i], g[i], "bf16 {bf16}, in place, {i}");
                 let close = |got: f32, want: f64| (f64::from(got) - want).abs() <= tol;
                 assert!(
                     close(y[i], want[i]),

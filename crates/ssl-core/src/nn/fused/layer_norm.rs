@@ -24,14 +24,23 @@ fn rows_per_task(d: usize) -> usize {
     (65536 / d.max(1)).max(1)
 }
 
-/// `y`, `xhat` and `rstd` of every row of `x` (rows of width `w.len()`), in parallel.
-fn forward(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+/// `y`, `xhat` (empty unless `keep_xhat`) and `rstd` of every row of `x` (rows of width
+/// `w.len()`), in parallel.
+fn forward(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    eps: f32,
+    keep_xhat: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let d = w.len();
     let rows = x.len() / d.max(1);
-    let (mut y, mut xhat, mut rstd) = (vec![0f32; x.len()], vec![0f32; x.len()], vec![0f32; rows]);
+    let xhat_len = if keep_xhat { x.len() } else { 0 };
+    let (mut y, mut xhat, mut rstd) = (vec![0f32; x.len()], vec![0f32; xhat_len], vec![0f32; rows]);
     let per = rows_per_task(d);
+    let xhat_blocks = super::row_blocks(&mut xhat, per * d, rows.div_ceil(per));
     y.par_chunks_mut(per * d)
-        .zip(xhat.par_chunks_mut(per * d))
+        .zip(xhat_blocks)
         .zip(rstd.par_chunks_mut(per))
         .zip(x.par_chunks(per * d))
         .for_each(|(((yc, hc), rc), xc)| simd::layer_norm(xc, w, b, eps, yc, hc, rc));
@@ -71,7 +80,7 @@ impl CustomOp3 for LayerNormOp {
             slice(bs, bl, "the bias")?,
         );
         check(w.len(), xl, wl, bl)?;
-        let (y, _, _) = forward(x, w, b, self.eps);
+        let (y, _, _) = forward(x, w, b, self.eps, false);
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
@@ -108,7 +117,7 @@ impl CustomOp3 for LayerNormOp {
                 xv.len()
             );
         }
-        let (_, xhat, rstd) = forward(xv, wv, bv, self.eps);
+        let (_, xhat, rstd) = forward(xv, wv, bv, self.eps, true);
         let per = rows_per_task(d);
         let mut dx = vec![0f32; xv.len()];
         dx.par_chunks_mut(per * d)

@@ -45,6 +45,16 @@ pub(crate) fn f32_slice<'a>(
     }
 }
 
+/// `buf` split into `blocks` chunks of `chunk` elements for a parallel zip, or, when `buf` is
+/// empty (an output the caller does not want), `blocks` empty slices.
+pub(crate) fn row_blocks(buf: &mut [f32], chunk: usize, blocks: usize) -> Vec<&mut [f32]> {
+    if buf.is_empty() {
+        (0..blocks).map(|_| <&mut [f32]>::default()).collect()
+    } else {
+        buf.chunks_mut(chunk.max(1)).collect()
+    }
+}
+
 /// Rows per block of [`col_sums_par`]: fixed, so the rounding of the sums does not depend
 /// on the thread count.
 pub(crate) const SUM_ROWS: usize = 64;

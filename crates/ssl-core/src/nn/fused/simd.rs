@@ -178,6 +178,36 @@ simd_kernel! {
 }
 
 simd_kernel! {
+    /// `h[i] = act(h[i] + bias[i % bias.len()])` in place (no backward to follow, so the
+    /// pre-activation is not kept).
+    pub(crate) fn bias_act_in_place(h: &mut [f32], bias: &[f32], act: Act) {
+        let m = bias.len();
+        for hr in h.chunks_exact_mut(m) {
+            match act {
+                Act::GeluErf => {
+                    for (v, b) in hr.iter_mut().zip(bias) {
+                        let x = *v + b;
+                        *v = 0.5 * x * (1.0 + erf(x * INV_SQRT_2));
+                    }
+                }
+                Act::GeluTanh => {
+                    for (v, b) in hr.iter_mut().zip(bias) {
+                        let x = *v + b;
+                        let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+                        *v = 0.5 * x * (1.0 + tanh(u));
+                    }
+                }
+                Act::Relu => {
+                    for (v, b) in hr.iter_mut().zip(bias) {
+                        *v = (*v + b).max(0.0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+simd_kernel! {
     /// `dh[i] = dg[i] * act'(h[i])`, in place in `dg`.
     pub(crate) fn act_backward(dg: &mut [f32], h: &[f32], act: Act) {
         match act {
@@ -250,7 +280,8 @@ simd_kernel! {
 }
 
 simd_kernel! {
-    /// Layer norm of each row of `x` (width `w.len()`): writes `y = xhat * w + b`, `xhat` and
+    /// Layer norm of each row of `x` (width `w.len()`): writes `y = xhat * w + b`, `xhat`
+    /// (unless `xhat` is empty: a pass with no backward to follow) and
     /// `rstd = 1 / sqrt(var + eps)` per row (variance with divisor D, as PyTorch).
     pub(crate) fn layer_norm(
         x: &[f32],
@@ -263,25 +294,33 @@ simd_kernel! {
     ) {
         let d = w.len();
         let inv_d = 1.0 / d as f32;
-        for (((xr, yr), hr), rs) in x
+        let keep = !xhat.is_empty();
+        for (r, ((xr, yr), rs)) in x
             .chunks_exact(d)
             .zip(y.chunks_exact_mut(d))
-            .zip(xhat.chunks_exact_mut(d))
             .zip(rstd.iter_mut())
+            .enumerate()
         {
             let mean = sum_lanes(xr) * inv_d;
             let var = sq_dev_lanes(xr, mean);
-            let r = 1.0 / (var * inv_d + eps).sqrt();
-            *rs = r;
-            for (((xv, yv), hv), (wv, bv)) in xr
-                .iter()
-                .zip(yr.iter_mut())
-                .zip(hr.iter_mut())
-                .zip(w.iter().zip(b))
-            {
-                let h = (xv - mean) * r;
-                *hv = h;
-                *yv = h.mul_add(*wv, *bv);
+            let r_inv = 1.0 / (var * inv_d + eps).sqrt();
+            *rs = r_inv;
+            if keep {
+                let hr = &mut xhat[r * d..(r + 1) * d];
+                for (((xv, yv), hv), (wv, bv)) in xr
+                    .iter()
+                    .zip(yr.iter_mut())
+                    .zip(hr.iter_mut())
+                    .zip(w.iter().zip(b))
+                {
+                    let h = (xv - mean) * r_inv;
+                    *hv = h;
+                    *yv = h.mul_add(*wv, *bv);
+                }
+            } else {
+                for ((xv, yv), (wv, bv)) in xr.iter().zip(yr.iter_mut()).zip(w.iter().zip(b)) {
+                    *yv = ((xv - mean) * r_inv).mul_add(*wv, *bv);
+                }
             }
         }
     }

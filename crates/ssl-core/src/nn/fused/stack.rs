@@ -13,10 +13,10 @@ use std::sync::{Mutex, PoisonError};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::col_sums_par;
 use super::gemm::{linear_product, matmul, matmul_raw, threads, Epilogue, MatRef, Op, OutSlice};
 use super::pool::BufferPool;
 use super::simd::{self, Act};
+use super::{col_sums_par, row_blocks};
 use crate::nn::NormPlacement;
 
 /// The stack's shape and options, as the kernels need them.
@@ -121,18 +121,27 @@ struct Saved {
     pool: BufferPool,
 }
 
+impl LayerSaved {
+    /// Returns every buffer to `pool`.
+    fn recycle(self, pool: &BufferPool) {
+        pool.put_all(
+            [
+                self.qkv, self.p, self.ctx, self.m_in, self.xhat1, self.rstd1, self.xhat2,
+                self.rstd2, self.h, self.g,
+            ]
+            .into_iter()
+            .chain(self.a_in)
+            .chain(self.pd)
+            .filter(|v| v.capacity() > 0),
+        );
+    }
+}
+
 impl Drop for Saved {
     fn drop(&mut self) {
         self.pool.put_all(self.outs.drain(..));
         for l in self.layers.drain(..) {
-            self.pool.put_all(
-                [
-                    l.qkv, l.p, l.ctx, l.m_in, l.xhat1, l.rstd1, l.xhat2, l.rstd2, l.h, l.g,
-                ]
-                .into_iter()
-                .chain(l.a_in)
-                .chain(l.pd),
-            );
+            l.recycle(&self.pool);
         }
     }
 }
@@ -142,6 +151,8 @@ pub(crate) struct StackOp {
     spec: FusedSpec,
     all_layers: bool,
     train: bool,
+    /// Keep what backward needs; false when no backward will follow (`Ctx::backward`).
+    keep: bool,
     seed: u64,
     pool: BufferPool,
     saved: Mutex<Option<Saved>>,
@@ -186,9 +197,10 @@ fn layer_norm_par(
     rstd: &mut [f32],
 ) {
     let d = w.len();
-    let rb = block_rows(rstd.len());
+    let rows = rstd.len();
+    let rb = block_rows(rows);
     y.par_chunks_mut(rb * d)
-        .zip(xhat.par_chunks_mut(rb * d))
+        .zip(row_blocks(xhat, rb * d, rows.div_ceil(rb)))
         .zip(rstd.par_chunks_mut(rb))
         .enumerate()
         .for_each(|(i, ((yc, hc), rc))| {
@@ -301,7 +313,7 @@ struct NormOut<'a> {
 /// The epilogue of an output projection, one parallel pass over row blocks of `a` (rows of
 /// width `bias.len()`): `a = dropout(a + bias) + resid` in place (dropout at `drop = (seed,
 /// p)`, element-indexed as [`dropout_par`], so backward regenerates the same mask), then, with
-/// `norm`, the layer norm of each row into `norm.y`, `norm.xhat`, `norm.rstd`. Replaces a bias
+/// `norm`, the layer norm of each row into `norm.y`, `norm.xhat` (unless empty), `norm.rstd`. Replaces a bias
 /// pass, a dropout pass, a serial residual sum and a layer-norm pass.
 fn residual_epilogue(
     a: &mut [f32],
@@ -329,7 +341,7 @@ fn residual_epilogue(
         Some(nm) => a
             .par_chunks_mut(rb * d)
             .zip(nm.y.par_chunks_mut(rb * d))
-            .zip(nm.xhat.par_chunks_mut(rb * d))
+            .zip(row_blocks(nm.xhat, rb * d, rows.div_ceil(rb)))
             .zip(nm.rstd.par_chunks_mut(rb))
             .enumerate()
             .for_each(|(i, (((ac, yc), hc), rc))| {
@@ -388,11 +400,13 @@ fn linear_backward(
 }
 
 impl StackOp {
-    /// A new op; `seed` drives dropout (unused when not training or without dropout).
+    /// A new op; `seed` drives dropout (unused when not training or without dropout);
+    /// `keep`: save the activations backward needs (without it, backward is an error).
     pub fn new(
         spec: FusedSpec,
         all_layers: bool,
         train: bool,
+        keep: bool,
         seed: u64,
         pool: BufferPool,
     ) -> Self {
@@ -400,6 +414,7 @@ impl StackOp {
             spec,
             all_layers,
             train,
+            keep,
             seed,
             pool,
             saved: Mutex::new(None),
@@ -639,9 +654,11 @@ impl StackOp {
         let w = &params[layer * o.len..(layer + 1) * o.len];
         let pre = sp.norm == NormPlacement::Pre;
         let pool = &self.pool;
-        let mut xhat1 = pool.take(n * d);
+        // Normalised inputs only for backward; empty buffers are not written.
+        let xhat_len = if self.keep { n * d } else { 0 };
+        let mut xhat1 = pool.take(xhat_len);
         let mut rstd1 = pool.take(n);
-        let mut xhat2 = pool.take(n * d);
+        let mut xhat2 = pool.take(xhat_len);
         let mut rstd2 = pool.take(n);
         let a_in = pre.then(|| {
             let mut y = pool.take(n * d);
@@ -714,9 +731,10 @@ impl StackOp {
             None
         };
         // h = m_in W1^T + b1 and g = act(h), the activation applied to each block of the
-        // product while it is in cache.
+        // product while it is in cache; without backward, g overwrites h.
         let mut h = pool.take(n * m);
-        let mut g = pool.take(n * m);
+        let mut g = pool.take(if self.keep { n * m } else { 0 });
+        let act_out = self.keep.then(|| OutSlice::new(&mut g));
         linear_product(
             &mut h,
             MatRef::dense(&m_in, n, d),
@@ -724,10 +742,13 @@ impl StackOp {
             Epilogue::BiasAct {
                 bias: &w[o.b1..o.w2],
                 act: sp.act,
-                act_out: OutSlice::new(&mut g),
+                act_out,
             },
             sp.bf16,
         );
+        if !self.keep {
+            std::mem::swap(&mut h, &mut g);
+        }
         let mut mo = product(pool, &g, n, &w[o.w2..o.b2], d, sp.bf16);
         let drop1 = self.drops().then(|| (self.site_seed(layer, 1), sp.dropout));
         let out = match x1 {
@@ -986,7 +1007,11 @@ impl CustomOp3 for StackOp {
         for l in 0..sp.depth {
             let (out, saved) = self.forward_layer(l, b, t, &outs[l], params, &key_bias);
             outs.push(out);
-            layers.push(saved);
+            if self.keep {
+                layers.push(saved);
+            } else {
+                saved.recycle(&self.pool);
+            }
         }
         let n = b * t * d;
         let (count, result) = if self.all_layers {
@@ -998,13 +1023,16 @@ impl CustomOp3 for StackOp {
         } else {
             (1, outs[sp.depth].clone())
         };
-        *self.saved.lock().unwrap_or_else(PoisonError::into_inner) = Some(Saved {
+        let saved = Saved {
             b,
             t,
             outs,
             layers,
             pool: self.pool.clone(),
-        });
+        };
+        if self.keep {
+            *self.saved.lock().unwrap_or_else(PoisonError::into_inner) = Some(saved);
+        }
         Ok((CpuStorage::F32(result), Shape::from((count, b, t, d))))
     }
 
@@ -1018,6 +1046,12 @@ impl CustomOp3 for StackOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let guard = self.saved.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(s) = guard.as_ref() else {
+            if !self.keep {
+                candle_core::bail!(
+                    "fused transformer stack: backward through a forward pass that kept no \
+                     activations (its Ctx had `backward: false`, e.g. Ctx::inference)"
+                );
+            }
             candle_core::bail!("fused transformer stack: backward before forward");
         };
         let sp = &self.spec;
