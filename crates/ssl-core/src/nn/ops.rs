@@ -427,6 +427,21 @@ mod tests {
         assert_eq!(same.to_vec1::<f32>().unwrap(), vec![1.0; 10_000]);
     }
 
+    /// The gradients of `3 * l32` (f32) and `3 * l64` (f64) agree within `tol` for each
+    /// (f32 variable, f64 variable, name).
+    fn assert_grads_close(l32: &Tensor, l64: &Tensor, vars: &[(&Var, &Var, &str)], tol: f64) {
+        let g32 = (l32 * 3.0).unwrap().backward().unwrap();
+        let g64 = (l64 * 3.0).unwrap().backward().unwrap();
+        for (v32, v64, what) in vars {
+            let p = g32.get(v32.as_tensor()).unwrap().flatten_all().unwrap();
+            let q = g64.get(v64.as_tensor()).unwrap().flatten_all().unwrap();
+            let (p, q) = (p.to_vec1::<f32>().unwrap(), q.to_vec1::<f64>().unwrap());
+            for (p, q) in p.iter().zip(q) {
+                assert!((f64::from(*p) - q).abs() < tol, "d{what}: {p} vs {q}");
+            }
+        }
+    }
+
     #[test]
     fn fused_cross_entropy_matches_the_f64_composite() {
         let dev = Device::Cpu;
@@ -442,18 +457,7 @@ mod tests {
             l64.to_scalar::<f64>().unwrap(),
         );
         assert!((a - b).abs() < 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
-        let g32 = (l32 * 3.0).unwrap().backward().unwrap();
-        let g64 = (l64 * 3.0).unwrap().backward().unwrap();
-        let g32 = g32.get(x32.as_tensor()).unwrap().flatten_all().unwrap();
-        let g64 = g64.get(x64.as_tensor()).unwrap().flatten_all().unwrap();
-        for (p, q) in g32
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .zip(g64.to_vec1::<f64>().unwrap())
-        {
-            assert!((f64::from(*p) - q).abs() < 1e-6, "{p} vs {q}");
-        }
+        assert_grads_close(&l32, &l64, &[(&x32, &x64, "x")], 1e-6);
         let bad = Tensor::new(&[0u32, 11, 0, 0, 0, 0, 0], &dev).unwrap();
         let err = cross_entropy(x32.as_tensor(), &bad)
             .unwrap_err()
@@ -497,20 +501,8 @@ mod tests {
             f64_run.0.to_scalar::<f64>().unwrap(),
         );
         assert!((a - b).abs() < 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
-        let g32 = (f32_run.0 * 3.0).unwrap().backward().unwrap();
-        let g64 = (f64_run.0 * 3.0).unwrap().backward().unwrap();
-        for (v32, v64, what) in [(&x32, &x64, "x"), (&w32, &w64, "w"), (&b32, &b64, "b")] {
-            let p = g32.get(v32.as_tensor()).unwrap().flatten_all().unwrap();
-            let q = g64.get(v64.as_tensor()).unwrap().flatten_all().unwrap();
-            for (p, q) in p
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .zip(q.to_vec1::<f64>().unwrap())
-            {
-                assert!((f64::from(*p) - q).abs() < 1e-5, "d{what}: {p} vs {q}");
-            }
-        }
+        let pairs = [(&x32, &x64, "x"), (&w32, &w64, "w"), (&b32, &b64, "b")];
+        assert_grads_close(&f32_run.0, &f64_run.0, &pairs, 1e-5);
         // Without a bias, and a target out of range.
         let (nb, _) = linear_cross_entropy(
             x32.as_tensor(),

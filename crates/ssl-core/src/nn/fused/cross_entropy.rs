@@ -55,6 +55,23 @@ fn rows_per_task(n: usize) -> usize {
     (n / (4 * rayon::current_num_threads().max(1))).max(1)
 }
 
+/// The mean over rows of `lse[i] - logits[i, targets[i]]` (rows of `logits.len() / n`
+/// classes), summed in f64; NaN without rows.
+fn mean_loss(lse: &[f32], logits: &[f32], targets: &[u32]) -> f32 {
+    let n = lse.len();
+    if n == 0 {
+        return f32::NAN;
+    }
+    let c = logits.len() / n;
+    let total: f64 = lse
+        .iter()
+        .zip(targets)
+        .enumerate()
+        .map(|(i, (&l, &k))| f64::from(l - logits[i * c + k as usize]))
+        .sum();
+    (total / n as f64) as f32
+}
+
 /// Log-sum-exp of every row of `x` (n rows of width c), in parallel over row blocks.
 fn log_sum_exps(x: &[f32], n: usize, c: usize) -> Vec<f32> {
     let mut lse = vec![0f32; n];
@@ -80,17 +97,7 @@ impl CustomOp2 for CrossEntropyOp {
         let (x, n, c) = logits_of(s1, l1)?;
         let t = targets_of(s2, l2, n, c)?;
         let lse = log_sum_exps(x, n, c);
-        let total: f64 = lse
-            .iter()
-            .zip(t)
-            .enumerate()
-            .map(|(i, (&l, &k))| f64::from(l - x[i * c + k as usize]))
-            .sum();
-        let mean = if n == 0 {
-            f32::NAN
-        } else {
-            (total / n as f64) as f32
-        };
+        let mean = mean_loss(&lse, x, t);
         Ok((CpuStorage::F32(vec![mean]), Shape::from(())))
     }
 
@@ -253,17 +260,7 @@ impl CustomOp3 for LinearCrossEntropyOp {
             .zip(lse.par_chunks_mut(per))
             .zip(argmax.par_chunks_mut(per))
             .for_each(|((rows, l), a)| simd::bias_lse_argmax_rows(rows, b, l, a));
-        let total: f64 = lse
-            .iter()
-            .zip(&self.targets)
-            .enumerate()
-            .map(|(i, (&l, &k))| f64::from(l - logits[i * c + k as usize]))
-            .sum();
-        let mean = if n == 0 {
-            f32::NAN
-        } else {
-            (total / n as f64) as f32
-        };
+        let mean = mean_loss(&lse, &logits, &self.targets);
         *self.argmax.lock().unwrap_or_else(PoisonError::into_inner) = argmax;
         *self.saved.lock().unwrap_or_else(PoisonError::into_inner) =
             Some(LinearSaved { logits, lse });
@@ -305,33 +302,8 @@ impl CustomOp3 for LinearCrossEntropyOp {
         for (i, &t) in self.targets.iter().enumerate() {
             dl[i * c + t as usize] -= scale;
         }
-        let dlm = MatRef::dense(&dl, n, c);
-        let mut dx = vec![0f32; n * k];
-        matmul(
-            &mut dx,
-            k,
-            dlm,
-            Op::N,
-            wm,
-            Op::N,
-            1.0,
-            false,
-            threads(),
-            self.bf16,
-        );
-        let mut dw = vec![0f32; c * k];
-        matmul(
-            &mut dw,
-            k,
-            dlm,
-            Op::T,
-            xm,
-            Op::N,
-            1.0,
-            false,
-            threads(),
-            self.bf16,
-        );
+        let (dx, dw) =
+            super::linear::input_and_weight_grads(MatRef::dense(&dl, n, c), xm, wm, self.bf16);
         let mut db = vec![0f32; c];
         super::col_sums_par(&mut db, &dl, None);
         drop((xs, ws, bs));

@@ -34,6 +34,23 @@ fn operands<'a>(
     Ok((MatRef::dense(x, m, k), MatRef::dense(w, n, k)))
 }
 
+/// The gradients of `y = x W^T` (`x` (m, k), `w` (n, k)) for the output gradient `g` (m, n):
+/// `dx = g W` (m, k) and `dW = g^T x` (n, k), products in bf16 when `bf16` and [`matmul`]'s
+/// size rule allows.
+pub(crate) fn input_and_weight_grads(
+    g: MatRef,
+    x: MatRef,
+    w: MatRef,
+    bf16: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let (m, n, k) = (g.rows, g.cols, x.cols);
+    let mut dx = vec![0f32; m * k];
+    matmul(&mut dx, k, g, Op::N, w, Op::N, 1.0, false, threads(), bf16);
+    let mut dw = vec![0f32; n * k];
+    matmul(&mut dw, k, g, Op::T, x, Op::N, 1.0, false, threads(), bf16);
+    (dx, dw)
+}
+
 impl CustomOp2 for MatmulTBf16 {
     fn name(&self) -> &'static str {
         "bf16-matmul-t"
@@ -87,35 +104,7 @@ impl CustomOp2 for MatmulTBf16 {
             );
         }
         let k = xm.cols;
-        let gm = MatRef::dense(gv, m, n);
-        // dx = g W: (m, n) x (n, k).
-        let mut dx = vec![0f32; m * k];
-        matmul(
-            &mut dx,
-            k,
-            gm,
-            Op::N,
-            wm,
-            Op::N,
-            1.0,
-            false,
-            threads(),
-            true,
-        );
-        // dW = g^T x: (n, m) x (m, k).
-        let mut dw = vec![0f32; n * k];
-        matmul(
-            &mut dw,
-            k,
-            gm,
-            Op::T,
-            xm,
-            Op::N,
-            1.0,
-            false,
-            threads(),
-            true,
-        );
+        let (dx, dw) = input_and_weight_grads(MatRef::dense(gv, m, n), xm, wm, true);
         drop((xs, ws, gs));
         Ok((
             Some(Tensor::from_vec(dx, (m, k), x.device())?),
