@@ -30,8 +30,8 @@
 //!   64 pairs, images 3 x 32 x 32, ViT patch 8, width 64, depth 2, 4 heads, MLP 128; captions
 //!   of 16 tokens, BERT width 64, 2 layers, 4 heads, feed-forward 128, vocab 1000; projections
 //!   to 64; the trainer's step with clipping at 1.0, AdamW and the `logit_scale` clamp.
-//! - `mlm_embed`: inference only: the `mlm_train` encoder in evaluation mode, mean pooling,
-//!   batch 16 x 128 (`PretextTask::embed`).
+//! - `mlm_embed`: inference only: the `mlm_train` encoder in evaluation mode with no backward to
+//!   follow (`Ctx::inference`), mean pooling, batch 16 x 128 (`PretextTask::embed`).
 //! - `peak_matmul`: candle's CPU matmul (gemm 0.19), 1024 x 1024 x 1024 f32.
 //!
 //! FLOPs per step are analytic and count matmuls only (2·m·n·k per product), summed over the
