@@ -43,6 +43,14 @@ def mm(m, k, n):
 
 # Set by --precision bf16: model steps run under CPU autocast to bfloat16.
 AUTOCAST = False
+# Set by --device: "cuda" makes every tensor and module default to the first GPU
+# (torch.set_default_device) and times each step until the GPU has finished it.
+DEVICE = "cpu"
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def time_steps(steps, step, autocast=None):
@@ -57,10 +65,12 @@ def time_steps(steps, step, autocast=None):
 
     for _ in range(WARMUP):
         run()
+    sync()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         run()
+        sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return times
 
@@ -451,9 +461,17 @@ def main():
     ap.add_argument("--threads", type=int,
                     default=int(os.environ.get("RAYON_NUM_THREADS", "0") or 0) or 2)
     ap.add_argument("--precision", choices=["f32", "bf16"], default="f32")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = ap.parse_args()
-    global AUTOCAST
+    global AUTOCAST, DEVICE
     AUTOCAST = args.precision == "bf16"
+    DEVICE = args.device
+    if DEVICE == "cuda":
+        if AUTOCAST:
+            sys.exit("--precision bf16 is the CPU autocast comparison; on a GPU run f32")
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: this PyTorch sees no CUDA GPU")
+        torch.set_default_device("cuda")
     if args.steps < 1:
         sys.exit("--steps must be at least 1")
     only = [s for s in args.only.split(",") if s]
@@ -463,7 +481,8 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(json.dumps({"side": "pytorch", "name": "versions", "torch": torch.__version__,
-                      "threads": torch.get_num_threads(), "precision": args.precision}),
+                      "threads": torch.get_num_threads(), "precision": args.precision,
+                      "device": DEVICE}),
           flush=True)
     report("peak_matmul", peak_matmul(max(args.steps, 10)), mm(PEAK_N, PEAK_N, PEAK_N),
            desc="torch.mm")

@@ -4,8 +4,12 @@
 //!
 //! ```text
 //! cargo bench -p ssl-cli --bench suite -- [--json] [--steps N] [--only NAME[,NAME...]]
-//!                                          [--precision f32|bf16]
+//!                                          [--precision f32|bf16] [--device cpu|cuda]
 //! ```
+//!
+//! `--device cuda` runs every model on the first CUDA GPU (build with `--features cuda`; the
+//! stack then takes its composite path on candle's CUDA kernels), f32 only, each step timed
+//! until the GPU has finished it.
 //!
 //! Every model runs 2 warm-up steps, then `N` timed steps (default 20); the reported figure is
 //! the median step time. Threads: `RAYON_NUM_THREADS` (candle's matmuls and our kernels),
@@ -135,12 +139,12 @@ fn text_batch(rng: &mut SslRng) -> TextBatch {
     TextBatch {
         seqs,
         pad_id: 0,
-        device: Device::Cpu,
+        device: device().clone(),
     }
 }
 
 fn mlm(steps: usize, train: bool) -> Res<(Vec<f64>, usize)> {
-    let store = ParamStore::new(&Device::Cpu);
+    let store = ParamStore::new(device());
     let model = BertForMaskedLM::new(
         &bert_mini()?,
         MaskingConfig::default(),
@@ -214,7 +218,7 @@ fn mae(steps: usize) -> Res<(Vec<f64>, usize)> {
         std: vec![1.0],
         ..AugmentConfig::default()
     };
-    let store = ParamStore::new(&Device::Cpu);
+    let store = ParamStore::new(device());
     let task = MaeTask::new(&vit, &cfg, &aug, &store.builder(0))?;
     let mut opt = AdamW::new(
         &store,
@@ -231,7 +235,7 @@ fn mae(steps: usize) -> Res<(Vec<f64>, usize)> {
     let images = Images::from_vec(
         rng.uniform_vec(n, 0.0, 1.0),
         [MAE_BATCH, MAE_CHANNELS, MAE_SIDE, MAE_SIDE],
-        &Device::Cpu,
+        device(),
     )?;
     let times = time_steps(steps, || {
         let out = task.forward(&images, &mut train_ctx(&mut rng))?;
@@ -297,7 +301,7 @@ fn series_data(n: usize, t: usize, seed: u64) -> Res<Vec<SeqExample>> {
 }
 
 fn series(steps: usize) -> Res<(Vec<f64>, usize)> {
-    let store = ParamStore::new(&Device::Cpu);
+    let store = ParamStore::new(device());
     let pb = store.builder(0);
     let cfg = PatchTstConfig {
         patch_len: 12,
@@ -319,7 +323,7 @@ fn series(steps: usize) -> Res<(Vec<f64>, usize)> {
         SERIES_BATCH,
         0,
         true,
-        &Device::Cpu,
+        device(),
     )?;
     let mut opt = AdamW::new(&store, trainer_adamw())?;
     let vars: Vec<Tensor> = opt.vars().map(|v| v.as_tensor().clone()).collect();
@@ -363,7 +367,7 @@ impl BatchSource<PairBatch> for Fixed {
 }
 
 fn clip(steps: usize) -> Res<(Vec<f64>, usize)> {
-    let dev = Device::Cpu;
+    let dev = device().clone();
     let mut cfg = ClipConfig::default();
     cfg.text.vocab_size = CLIP_VOCAB;
     let store = ParamStore::new(&dev);
@@ -394,7 +398,7 @@ fn clip(steps: usize) -> Res<(Vec<f64>, usize)> {
 const PEAK_N: usize = 1024;
 
 fn peak_matmul(reps: usize) -> Res<Vec<f64>> {
-    let dev = Device::Cpu;
+    let dev = device().clone();
     let a = Tensor::randn(0f32, 1.0, (PEAK_N, PEAK_N), &dev)?;
     let b = Tensor::randn(0f32, 1.0, (PEAK_N, PEAK_N), &dev)?;
     time_steps(reps, || {
@@ -409,10 +413,13 @@ fn time_steps(steps: usize, mut step: impl FnMut() -> Res<()>) -> Res<Vec<f64>> 
     for _ in 0..WARMUP {
         step()?;
     }
+    device().synchronize()?;
     let mut times = Vec::with_capacity(steps);
     for _ in 0..steps {
         let t0 = Instant::now();
         step()?;
+        // A GPU runs the step's kernels asynchronously: the time counts until they finish.
+        device().synchronize()?;
         times.push(t0.elapsed().as_secs_f64() * 1e3);
     }
     Ok(times)
@@ -470,6 +477,15 @@ fn threads() -> usize {
 /// The stack's product precision for every model (`--precision`).
 static PRECISION: OnceLock<MatmulPrecision> = OnceLock::new();
 
+/// The device every model runs on: the CPU unless `--device cuda` set one (on the compute
+/// thread, where its context is used).
+static DEVICE: OnceLock<Device> = OnceLock::new();
+static CPU: Device = Device::Cpu;
+
+fn device() -> &'static Device {
+    DEVICE.get().unwrap_or(&CPU)
+}
+
 fn precision() -> MatmulPrecision {
     PRECISION.get().copied().unwrap_or_default()
 }
@@ -489,6 +505,8 @@ struct Args {
     steps: usize,
     only: Option<Vec<String>>,
     precision: MatmulPrecision,
+    /// `--device cuda`: the first CUDA GPU (needs the `cuda` feature).
+    cuda: bool,
 }
 
 fn parse_args() -> Res<Args> {
@@ -497,6 +515,7 @@ fn parse_args() -> Res<Args> {
         steps: 20,
         only: None,
         precision: MatmulPrecision::F32,
+        cuda: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -533,6 +552,15 @@ fn parse_args() -> Res<Args> {
                     return Err("--precision bf16: this CPU has no AVX-512 BF16".into());
                 }
             }
+            "--device" => {
+                args.cuda = match it.next().as_deref() {
+                    Some("cpu") => false,
+                    Some("cuda") => true,
+                    other => {
+                        return Err(format!("--device takes cpu or cuda, not {other:?}").into())
+                    }
+                };
+            }
             // `cargo bench` passes `--bench` to harness-less benches.
             "--bench" => {}
             other => return Err(format!("unknown argument `{other}`").into()),
@@ -549,6 +577,9 @@ fn main() -> Res<()> {
         std::env::set_var("RAYON_NUM_THREADS", "2");
     }
     let args = parse_args()?;
+    if args.cuda && args.precision == MatmulPrecision::Bf16 {
+        return Err("--precision bf16 is the CPU's bf16 path; on a GPU run f32".into());
+    }
     PRECISION
         .set(args.precision)
         .map_err(|_| "precision set twice")?;
@@ -559,6 +590,12 @@ fn main() -> Res<()> {
 
 /// Times every model asked for.
 fn run(args: &Args) -> Res<()> {
+    if args.cuda {
+        let gpu = Device::new_cuda(0).map_err(|e| {
+            format!("--device cuda: {e} (build with `cargo bench -p ssl-cli --features cuda`)")
+        })?;
+        DEVICE.set(gpu).map_err(|_| "device set twice")?;
+    }
     let peak = peak_matmul(args.steps.max(10))?;
     let n = PEAK_N as f64;
     report(args.json, "peak_matmul", &peak, mm(n, n, n), None);
