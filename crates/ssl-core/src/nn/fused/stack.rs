@@ -243,28 +243,6 @@ fn dropout_par(x: &mut [f32], seed: u32, p: f32) {
     });
 }
 
-/// `y = x W^T + bias` for `x` (rows, in) and `W` (out, in).
-fn linear(
-    pool: &BufferPool,
-    x: &[f32],
-    rows: usize,
-    w: &[f32],
-    bias: &[f32],
-    out_dim: usize,
-    bf16: bool,
-) -> Vec<f32> {
-    let in_dim = x.len() / rows.max(1);
-    let mut y = pool.take(rows * out_dim);
-    linear_product(
-        &mut y,
-        MatRef::dense(x, rows, in_dim),
-        MatRef::dense(w, out_dim, in_dim),
-        Epilogue::Bias(bias),
-        bf16,
-    );
-    y
-}
-
 /// `acc += x` elementwise, in parallel blocks.
 fn add_assign_par(acc: &mut [f32], x: &[f32]) {
     let chunk = 1 << 14;
@@ -273,28 +251,24 @@ fn add_assign_par(acc: &mut [f32], x: &[f32]) {
         .for_each(|(a, b)| simd::add_assign(a, b));
 }
 
-/// `y = x W^T` for `x` (rows, in) and `W` (out, in), without a bias (the caller's epilogue
-/// adds it).
+/// `y = x W^T` for `x` (rows, in) and `W` (out, in), then `epilogue` (the output
+/// projections' bias comes later, in [`residual_epilogue`]).
 fn product(
     pool: &BufferPool,
     x: &[f32],
     rows: usize,
     w: &[f32],
     out_dim: usize,
+    epilogue: Epilogue,
     bf16: bool,
 ) -> Vec<f32> {
     let in_dim = x.len() / rows.max(1);
     let mut y = pool.take(rows * out_dim);
-    matmul(
+    linear_product(
         &mut y,
-        out_dim,
         MatRef::dense(x, rows, in_dim),
-        Op::N,
         MatRef::dense(w, out_dim, in_dim),
-        Op::T,
-        1.0,
-        false,
-        threads(),
+        epilogue,
         bf16,
     );
     y
@@ -351,8 +325,8 @@ fn residual_epilogue(
     }
 }
 
-/// Backward of [`linear`]: writes `dW = dy^T x` and `db = colsum(dy)` into `gw`, `gb` and
-/// returns `dx = dy W`.
+/// Backward of a biased [`product`]: writes `dW = dy^T x` and `db = colsum(dy)` into `gw`,
+/// `gb` and returns `dx = dy W`.
 #[allow(clippy::too_many_arguments)]
 fn linear_backward(
     pool: &BufferPool,
@@ -674,13 +648,13 @@ impl StackOp {
             y
         });
         let att_in = a_in.as_deref().unwrap_or(xin);
-        let qkv = linear(
+        let qkv = product(
             pool,
             att_in,
             n,
             &w[o.wqkv..o.bqkv],
-            &w[o.bqkv..o.wo],
             3 * d,
+            Epilogue::Bias(&w[o.bqkv..o.wo]),
             sp.bf16,
         );
         let heads = sp.heads;
@@ -700,7 +674,7 @@ impl StackOp {
         // Output projection, then one pass: bias, dropout, residual and the next norm
         // (pre: ln2 of x1, the MLP's input; post: ln1, whose output is both x1 and the MLP's
         // input).
-        let mut ao = product(pool, &ctx, n, &w[o.wo..o.bo], d, sp.bf16);
+        let mut ao = product(pool, &ctx, n, &w[o.wo..o.bo], d, Epilogue::None, sp.bf16);
         let drop0 = self.drops().then(|| (self.site_seed(layer, 0), sp.dropout));
         let mut m_in = pool.take(n * d);
         let (lnw, lnb, xhat, rstd) = if pre {
@@ -732,13 +706,14 @@ impl StackOp {
         };
         // h = m_in W1^T + b1 and g = act(h), the activation applied to each block of the
         // product while it is in cache; without backward, g overwrites h.
-        let mut h = pool.take(n * m);
         let mut g = pool.take(if self.keep { n * m } else { 0 });
         let act_out = self.keep.then(|| OutSlice::new(&mut g));
-        linear_product(
-            &mut h,
-            MatRef::dense(&m_in, n, d),
-            MatRef::dense(&w[o.w1..o.b1], m, d),
+        let mut h = product(
+            pool,
+            &m_in,
+            n,
+            &w[o.w1..o.b1],
+            m,
             Epilogue::BiasAct {
                 bias: &w[o.b1..o.w2],
                 act: sp.act,
@@ -749,7 +724,7 @@ impl StackOp {
         if !self.keep {
             std::mem::swap(&mut h, &mut g);
         }
-        let mut mo = product(pool, &g, n, &w[o.w2..o.b2], d, sp.bf16);
+        let mut mo = product(pool, &g, n, &w[o.w2..o.b2], d, Epilogue::None, sp.bf16);
         let drop1 = self.drops().then(|| (self.site_seed(layer, 1), sp.dropout));
         let out = match x1 {
             // Pre-norm: out = x1 + dropout(mo + b2).
