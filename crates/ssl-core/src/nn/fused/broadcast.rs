@@ -33,9 +33,7 @@ impl CustomOp2 for RowBroadcastAdd {
             candle_core::bail!("{OP}: {} elements do not split into rows of {w}", x.len());
         }
         let rows = x.len() / w;
-        let per = rows
-            .div_ceil(4 * rayon::current_num_threads().max(1))
-            .max(1);
+        let per = super::block_rows(rows);
         let mut out = x.to_vec();
         out.par_chunks_mut(per * w)
             .for_each(|c| simd::add_bias(c, y));

@@ -168,7 +168,7 @@ pub(crate) fn linear_product(c: &mut [f32], x: MatRef, w: MatRef, epilogue: Epil
     if let Epilogue::None = epilogue {
         return;
     }
-    let rb = m.div_ceil(4 * rayon::current_num_threads().max(1)).max(1);
+    let rb = super::block_rows(m);
     let out = OutSlice::new(c);
     (0..m.div_ceil(rb)).into_par_iter().for_each(|i| {
         let r0 = i * rb;

@@ -45,6 +45,12 @@ pub(crate) fn f32_slice<'a>(
     }
 }
 
+/// Rows per parallel block for a pass over `n` rows: four blocks per thread.
+pub(crate) fn block_rows(n: usize) -> usize {
+    let t = rayon::current_num_threads().max(1);
+    n.div_ceil(4 * t).max(1)
+}
+
 /// `buf` split into `blocks` chunks of `chunk` elements for a parallel zip, or, when `buf` is
 /// empty (an output the caller does not want), `blocks` empty slices.
 pub(crate) fn row_blocks(buf: &mut [f32], chunk: usize, blocks: usize) -> Vec<&mut [f32]> {

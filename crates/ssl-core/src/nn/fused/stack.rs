@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use super::gemm::{linear_product, matmul, matmul_raw, threads, Epilogue, MatRef, Op, OutSlice};
 use super::pool::BufferPool;
 use super::simd::{self, Act};
-use super::{col_sums_par, row_blocks};
+use super::{block_rows, col_sums_par, row_blocks};
 use crate::nn::NormPlacement;
 
 /// The stack's shape and options, as the kernels need them.
@@ -179,12 +179,6 @@ fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Res
 
 fn tensor_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.contiguous()?.flatten_all()?.to_vec1::<f32>()
-}
-
-/// Rows per parallel block for a pass over `n` rows.
-fn block_rows(n: usize) -> usize {
-    let t = rayon::current_num_threads().max(1);
-    n.div_ceil(4 * t).max(1)
 }
 
 fn layer_norm_par(
