@@ -135,6 +135,27 @@ fn tanh(u: f32) -> f32 {
     }
 }
 
+/// The cubic coefficient of GELU's tanh approximation.
+const GELU_TANH_CUBIC: f32 = 0.044_715;
+
+/// The argument of tanh in GELU's tanh approximation, `sqrt(2 / pi) (x + 0.044715 x^3)`.
+#[inline(always)]
+fn gelu_tanh_arg(x: f32) -> f32 {
+    SQRT_2_OVER_PI * (x + GELU_TANH_CUBIC * x * x * x)
+}
+
+/// Exact GELU, `x Phi(x)`.
+#[inline(always)]
+fn gelu_erf(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * INV_SQRT_2))
+}
+
+/// GELU, tanh approximation.
+#[inline(always)]
+fn gelu_tanh(x: f32) -> f32 {
+    0.5 * x * (1.0 + tanh(gelu_tanh_arg(x)))
+}
+
 /// The feed-forward activation, as the fused kernels see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Act {
@@ -158,13 +179,12 @@ simd_kernel! {
             match act {
                 Act::GeluErf => {
                     for (gv, &x) in gr.iter_mut().zip(hr.iter()) {
-                        *gv = 0.5 * x * (1.0 + erf(x * INV_SQRT_2));
+                        *gv = gelu_erf(x);
                     }
                 }
                 Act::GeluTanh => {
                     for (gv, &x) in gr.iter_mut().zip(hr.iter()) {
-                        let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
-                        *gv = 0.5 * x * (1.0 + tanh(u));
+                        *gv = gelu_tanh(x);
                     }
                 }
                 Act::Relu => {
@@ -186,15 +206,12 @@ simd_kernel! {
             match act {
                 Act::GeluErf => {
                     for (v, b) in hr.iter_mut().zip(bias) {
-                        let x = *v + b;
-                        *v = 0.5 * x * (1.0 + erf(x * INV_SQRT_2));
+                        *v = gelu_erf(*v + b);
                     }
                 }
                 Act::GeluTanh => {
                     for (v, b) in hr.iter_mut().zip(bias) {
-                        let x = *v + b;
-                        let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
-                        *v = 0.5 * x * (1.0 + tanh(u));
+                        *v = gelu_tanh(*v + b);
                     }
                 }
                 Act::Relu => {
@@ -219,9 +236,8 @@ simd_kernel! {
             }
             Act::GeluTanh => {
                 for (d, &x) in dg.iter_mut().zip(h) {
-                    let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
-                    let t = tanh(u);
-                    let du = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044_715 * x * x);
+                    let t = tanh(gelu_tanh_arg(x));
+                    let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_CUBIC * x * x);
                     *d *= 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du;
                 }
             }
