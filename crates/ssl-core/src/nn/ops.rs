@@ -10,6 +10,14 @@ use serde::{Deserialize, Serialize};
 use crate::nn::MatmulPrecision;
 use crate::{Result, SslRng};
 
+/// True when `t` is on the CPU and it and every tensor of `also` are f32: when the one-op CPU
+/// kernels below apply.
+fn on_cpu_f32(t: &Tensor, also: &[&Tensor]) -> bool {
+    matches!(t.device(), candle_core::Device::Cpu)
+        && t.dtype() == DType::F32
+        && also.iter().all(|a| a.dtype() == DType::F32)
+}
+
 /// Softmax over the last dimension, shifted by the (gradient-free) row maximum for stability.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
@@ -38,13 +46,7 @@ pub fn add_broadcast(x: &Tensor, y: &Tensor) -> Result<Tensor> {
     let lead = yd.iter().take_while(|&&n| n == 1).count();
     let suffix = &yd[lead..];
     let xd = x.dims();
-    if matches!(x.device(), candle_core::Device::Cpu)
-        && x.dtype() == DType::F32
-        && y.dtype() == DType::F32
-        && !suffix.is_empty()
-        && xd.len() >= yd.len()
-        && xd.ends_with(suffix)
-    {
+    if on_cpu_f32(x, &[y]) && !suffix.is_empty() && xd.len() >= yd.len() && xd.ends_with(suffix) {
         return Ok(x
             .contiguous()?
             .apply_op2(&y.contiguous()?, crate::nn::fused::RowBroadcastAdd)?);
@@ -57,12 +59,7 @@ pub fn add_broadcast(x: &Tensor, y: &Tensor) -> Result<Tensor> {
 /// f32 tensors on the CPU go through one fused op (one pass forward, a few backward); other
 /// devices and dtypes through [`layer_norm_composite`], which it is tested against.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    if matches!(x.device(), candle_core::Device::Cpu)
-        && x.dtype() == DType::F32
-        && weight.dtype() == DType::F32
-        && bias.dtype() == DType::F32
-        && x.rank() >= 1
-    {
+    if on_cpu_f32(x, &[weight, bias]) && x.rank() >= 1 {
         return Ok(x.contiguous()?.apply_op3(
             &weight.contiguous()?,
             &bias.contiguous()?,
@@ -135,12 +132,7 @@ pub fn dropout(x: &Tensor, p: f32, train: bool, rng: &mut SslRng) -> Result<Tens
 pub fn masked_mean(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     match mask {
         None => Ok(x.mean(1)?),
-        Some(m)
-            if matches!(x.device(), candle_core::Device::Cpu)
-                && x.dtype() == DType::F32
-                && x.rank() == 3
-                && !m.track_op() =>
-        {
+        Some(m) if on_cpu_f32(x, &[]) && x.rank() == 3 && !m.track_op() => {
             let m = m.to_dtype(DType::F32)?.contiguous()?;
             Ok(x.contiguous()?
                 .apply_op2(&m, crate::nn::fused::MaskedMeanOp)?)
@@ -169,10 +161,7 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
 /// f32 logits on the CPU go through one fused op (one pass forward, one backward); other
 /// devices and dtypes through the composite log-softmax below, which it is tested against.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    if matches!(logits.device(), candle_core::Device::Cpu)
-        && logits.dtype() == DType::F32
-        && logits.rank() == 2
-    {
+    if on_cpu_f32(logits, &[]) && logits.rank() == 2 {
         let t = targets.to_dtype(DType::U32)?.contiguous()?;
         return Ok(logits
             .contiguous()?
@@ -189,9 +178,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// candle's f32 matmul.
 pub fn matmul_t(x: &Tensor, w: &Tensor, precision: MatmulPrecision) -> Result<Tensor> {
     if precision == MatmulPrecision::Bf16
-        && matches!(x.device(), candle_core::Device::Cpu)
-        && x.dtype() == DType::F32
-        && w.dtype() == DType::F32
+        && on_cpu_f32(x, &[w])
         && x.rank() == 2
         && w.rank() == 2
         && crate::nn::bf16_matmul_available()
@@ -220,9 +207,7 @@ pub fn linear_cross_entropy(
     targets: &Tensor,
     precision: MatmulPrecision,
 ) -> Result<(Tensor, Vec<u32>)> {
-    let cpu_f32 = matches!(x.device(), candle_core::Device::Cpu)
-        && x.dtype() == DType::F32
-        && w.dtype() == DType::F32
+    let cpu_f32 = on_cpu_f32(x, &[w])
         && b.is_none_or(|b| b.dtype() == DType::F32)
         && x.rank() == 2
         && w.rank() == 2;
