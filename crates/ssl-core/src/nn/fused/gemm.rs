@@ -42,13 +42,15 @@ pub(crate) enum Epilogue<'a> {
     },
 }
 
-/// A raw output buffer that parallel jobs write in disjoint blocks.
+/// A raw output buffer that parallel jobs write in disjoint blocks (the products' epilogues,
+/// the stack's per-head attention).
 #[derive(Clone, Copy)]
 pub(crate) struct OutSlice {
     ptr: *mut f32,
     len: usize,
 }
-// SAFETY: only written in disjoint blocks, one per job (see `Epilogue::apply`).
+// SAFETY: only written in disjoint blocks, one per job or task (see `Epilogue::apply` and
+// the attention in stack.rs).
 unsafe impl Send for OutSlice {}
 // SAFETY: as above.
 unsafe impl Sync for OutSlice {}
@@ -63,7 +65,7 @@ impl OutSlice {
     }
 
     /// The pointer (a method, so closures capture the whole `Send` wrapper).
-    fn ptr(self) -> *mut f32 {
+    pub fn ptr(self) -> *mut f32 {
         self.ptr
     }
 }

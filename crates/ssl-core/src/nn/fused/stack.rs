@@ -158,21 +158,6 @@ pub(crate) struct StackOp {
     saved: Mutex<Option<Saved>>,
 }
 
-/// A raw pointer that may cross threads; each user writes a disjoint region.
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-// SAFETY: only used for writes to disjoint regions, one region per parallel task.
-unsafe impl Send for SyncPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SyncPtr {}
-
-impl SyncPtr {
-    /// The pointer (a method, so closures capture the whole `Send` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
     super::f32_slice(s, l, "fused transformer stack", what)
 }
@@ -427,9 +412,9 @@ impl StackOp {
         let scale = 1.0 / (dh as f32).sqrt();
         let ld = 3 * d;
         let causal = self.spec.causal;
-        let p_ptr = SyncPtr(p.as_mut_ptr());
-        let pd_ptr = pd.map(|v| SyncPtr(v.as_mut_ptr()));
-        let ctx_ptr = SyncPtr(ctx.as_mut_ptr());
+        let p_ptr = OutSlice::new(p);
+        let pd_ptr = pd.map(OutSlice::new);
+        let ctx_ptr = OutSlice::new(ctx);
         let seed = self.site_seed(layer, 2);
         let (thr, dscale) = (
             simd::drop_threshold(self.spec.attn_dropout),
@@ -441,7 +426,7 @@ impl StackOp {
             // SAFETY: task `bh` alone touches block `bh` of `p`/`pd` and the (rows of batch
             // `bi`, columns of head `hi`) block of `ctx`; reads stay inside `qkv`.
             unsafe {
-                let pb = std::slice::from_raw_parts_mut(p_ptr.get().add(bh * t * t), t * t);
+                let pb = std::slice::from_raw_parts_mut(p_ptr.ptr().add(bh * t * t), t * t);
                 matmul_raw(
                     pb.as_mut_ptr(),
                     t,
@@ -463,7 +448,7 @@ impl StackOp {
                 let probs: &[f32] = match pd_ptr {
                     Some(pd_ptr) => {
                         let pdb =
-                            std::slice::from_raw_parts_mut(pd_ptr.get().add(bh * t * t), t * t);
+                            std::slice::from_raw_parts_mut(pd_ptr.ptr().add(bh * t * t), t * t);
                         pdb.copy_from_slice(pb);
                         simd::dropout(pdb, seed, (bh * t * t) as u32, thr, dscale);
                         pdb
@@ -471,7 +456,7 @@ impl StackOp {
                     None => pb,
                 };
                 matmul_raw(
-                    ctx_ptr.get().add(bi * t * d + hi * dh),
+                    ctx_ptr.ptr().add(bi * t * d + hi * dh),
                     d,
                     t,
                     dh,
@@ -505,7 +490,7 @@ impl StackOp {
         let scale = 1.0 / (dh as f32).sqrt();
         let ld = 3 * d;
         let mut dqkv = self.pool.take(b * t * ld);
-        let dq_ptr = SyncPtr(dqkv.as_mut_ptr());
+        let dq_ptr = OutSlice::new(&mut dqkv);
         let seed = self.site_seed(layer, 2);
         let drop = ls.pd.is_some();
         let (thr, dscale) = (
@@ -546,7 +531,7 @@ impl StackOp {
                 );
                 // dV = P^T dctx
                 matmul_raw(
-                    dq_ptr.get().add(base + 2 * d),
+                    dq_ptr.ptr().add(base + 2 * d),
                     ld,
                     t,
                     dh,
@@ -568,7 +553,7 @@ impl StackOp {
                 simd::softmax_backward_rows(&mut ds, p, t);
                 // dQ = scale dS K
                 matmul_raw(
-                    dq_ptr.get().add(base),
+                    dq_ptr.ptr().add(base),
                     ld,
                     t,
                     dh,
@@ -586,7 +571,7 @@ impl StackOp {
                 );
                 // dK = scale dS^T Q
                 matmul_raw(
-                    dq_ptr.get().add(base + d),
+                    dq_ptr.ptr().add(base + d),
                     ld,
                     t,
                     dh,
