@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::block_rows;
 use super::gemm::{matmul, threads, MatRef, Op};
 use super::simd;
 
@@ -40,19 +41,20 @@ fn targets_of<'a>(
         candle_core::bail!("fused cross-entropy: targets must be contiguous");
     };
     let t = &v[a..b];
+    check_targets(t, n, c)?;
+    Ok(t)
+}
+
+/// One target per row of `n` rows, each below the `c` classes, or an error naming the first
+/// bad one.
+fn check_targets(t: &[u32], n: usize, c: usize) -> candle_core::Result<()> {
     if t.len() != n {
         candle_core::bail!("cross-entropy: {} targets for {n} rows of logits", t.len());
     }
     if let Some((row, bad)) = t.iter().enumerate().find(|(_, &x)| x as usize >= c) {
         candle_core::bail!("cross-entropy: target {bad} in row {row} is not below the {c} classes");
     }
-    Ok(t)
-}
-
-/// Rows per parallel task: enough tasks to balance the threads, each long enough to pay for
-/// its dispatch.
-fn rows_per_task(n: usize) -> usize {
-    (n / (4 * rayon::current_num_threads().max(1))).max(1)
+    Ok(())
 }
 
 /// The mean over rows of `lse[i] - logits[i, targets[i]]` (rows of `logits.len() / n`
@@ -75,7 +77,7 @@ fn mean_loss(lse: &[f32], logits: &[f32], targets: &[u32]) -> f32 {
 /// Log-sum-exp of every row of `x` (n rows of width c), in parallel over row blocks.
 fn log_sum_exps(x: &[f32], n: usize, c: usize) -> Vec<f32> {
     let mut lse = vec![0f32; n];
-    let per = rows_per_task(n);
+    let per = block_rows(n);
     lse.par_chunks_mut(per)
         .zip(x.par_chunks(per * c.max(1)))
         .for_each(|(o, rows)| simd::lse_rows(rows, c, o));
@@ -121,7 +123,7 @@ impl CustomOp2 for CrossEntropyOp {
         let scale = g / n.max(1) as f32;
         let lse = log_sum_exps(x, n, c);
         let mut dx = vec![0f32; n * c];
-        let per = rows_per_task(n);
+        let per = block_rows(n);
         dx.par_chunks_mut(per * c.max(1))
             .zip(x.par_chunks(per * c.max(1)))
             .zip(lse.par_chunks(per))
@@ -174,26 +176,6 @@ impl LinearCrossEntropyOp {
     pub fn argmax_cell(&self) -> Arc<Mutex<Vec<u32>>> {
         self.argmax.clone()
     }
-
-    fn check_targets(&self, n: usize, c: usize) -> candle_core::Result<()> {
-        if self.targets.len() != n {
-            candle_core::bail!(
-                "cross-entropy: {} targets for {n} rows of logits",
-                self.targets.len()
-            );
-        }
-        if let Some((row, bad)) = self
-            .targets
-            .iter()
-            .enumerate()
-            .find(|(_, &x)| x as usize >= c)
-        {
-            candle_core::bail!(
-                "cross-entropy: target {bad} in row {row} is not below the {c} classes"
-            );
-        }
-        Ok(())
-    }
 }
 
 /// `x` (n, k), `w` (c, k) and `b` (c) as matrix views, their shapes checked.
@@ -238,7 +220,7 @@ impl CustomOp3 for LinearCrossEntropyOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, w, b) = linear_operands((s1, l1), (s2, l2), (s3, l3))?;
         let (n, c) = (x.rows, w.rows);
-        self.check_targets(n, c)?;
+        check_targets(&self.targets, n, c)?;
         let mut logits = vec![0f32; n * c];
         matmul(
             &mut logits,
@@ -254,7 +236,7 @@ impl CustomOp3 for LinearCrossEntropyOp {
         );
         let mut lse = vec![0f32; n];
         let mut argmax = vec![0u32; n];
-        let per = rows_per_task(n);
+        let per = block_rows(n);
         logits
             .par_chunks_mut(per * c)
             .zip(lse.par_chunks_mut(per))
@@ -293,7 +275,7 @@ impl CustomOp3 for LinearCrossEntropyOp {
         let scale = g / n.max(1) as f32;
         // dlogits = (softmax - onehot) * g / n.
         let mut dl = vec![0f32; n * c];
-        let per = rows_per_task(n);
+        let per = block_rows(n);
         dl.par_chunks_mut(per * c)
             .zip(saved.logits.par_chunks(per * c))
             .zip(saved.lse.par_chunks(per))
