@@ -382,6 +382,33 @@ simd_kernel! {
 /// is not reassociated).
 const LANES: usize = 16;
 
+/// Sum of the lanes, pairwise (halves added until one is left): four dependent vector adds
+/// instead of fifteen scalar ones.
+#[inline(always)]
+fn fold_sum(mut a: [f32; LANES]) -> f32 {
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            a[i] += a[i + w];
+        }
+    }
+    a[0]
+}
+
+/// Maximum of the lanes, pairwise as [`fold_sum`].
+#[inline(always)]
+fn fold_max(mut a: [f32; LANES]) -> f32 {
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            a[i] = a[i].max(a[i + w]);
+        }
+    }
+    a[0]
+}
+
 /// Maximum of `row` (`-inf` when empty), vectorisable.
 #[inline(always)]
 pub(crate) fn max_lanes(row: &[f32]) -> f32 {
@@ -396,7 +423,7 @@ pub(crate) fn max_lanes(row: &[f32]) -> f32 {
         .remainder()
         .iter()
         .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    acc.iter().fold(tail, |a, &b| a.max(b))
+    fold_max(acc).max(tail)
 }
 
 /// Sum of `row`, vectorisable (lane-wise partial sums).
@@ -409,7 +436,7 @@ pub(crate) fn sum_lanes(row: &[f32]) -> f32 {
             *a += v;
         }
     }
-    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+    fold_sum(acc) + chunks.remainder().iter().sum::<f32>()
 }
 
 /// `sum((v - mean)^2)` over `row`, vectorisable.
@@ -427,7 +454,7 @@ fn sq_dev_lanes(row: &[f32], mean: f32) -> f32 {
         let c = v - mean;
         c.mul_add(c, a)
     });
-    acc.iter().sum::<f32>() + tail
+    fold_sum(acc) + tail
 }
 
 /// `sum(a * b)`, vectorisable.
@@ -445,7 +472,7 @@ fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
         .iter()
         .zip(cb.remainder())
         .fold(0.0f32, |s, (&u, &v)| u.mul_add(v, s));
-    acc.iter().sum::<f32>() + tail
+    fold_sum(acc) + tail
 }
 
 /// `(sum(g * w), sum(g * w * h))` over one row, vectorisable (the layer-norm backward's two
@@ -476,7 +503,7 @@ fn weighted_sums_lanes(g: &[f32], w: &[f32], h: &[f32]) -> (f32, f32) {
         t1 += gw;
         t2 = gw.mul_add(*z, t2);
     }
-    (s1.iter().sum::<f32>() + t1, s2.iter().sum::<f32>() + t2)
+    (fold_sum(s1) + t1, fold_sum(s2) + t2)
 }
 
 /// `sum(exp(row - shift))`, vectorisable.
@@ -490,7 +517,26 @@ fn exp_sum(row: &[f32], shift: f32) -> f32 {
         }
     }
     let tail: f32 = chunks.remainder().iter().map(|&v| exp(v - shift)).sum();
-    acc.iter().sum::<f32>() + tail
+    fold_sum(acc) + tail
+}
+
+/// `row <- exp(row - shift)`, returning the new row's sum; vectorisable.
+#[inline(always)]
+fn exp_in_place_sum(row: &mut [f32], shift: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for ch in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(ch) {
+            *v = exp(*v - shift);
+            *a += *v;
+        }
+    }
+    let mut tail = 0.0f32;
+    for v in chunks.into_remainder() {
+        *v = exp(*v - shift);
+        tail += *v;
+    }
+    fold_sum(acc) + tail
 }
 
 simd_kernel! {
@@ -537,16 +583,17 @@ simd_kernel! {
     pub(crate) fn softmax_rows(s: &mut [f32], key_bias: &[f32], causal: bool, row0: usize) {
         let t = key_bias.len();
         for (i, row) in s.chunks_exact_mut(t).enumerate() {
-            let q = row0 + i;
-            for (j, (v, kb)) in row.iter_mut().zip(key_bias).enumerate() {
-                let c = if causal && j > q { -1e9 } else { 0.0 };
-                *v = *v + kb + c;
+            for (v, kb) in row.iter_mut().zip(key_bias) {
+                *v += kb;
+            }
+            if causal {
+                // Keys after the query's position.
+                for v in row.iter_mut().skip(row0 + i + 1) {
+                    *v += -1e9;
+                }
             }
             let max = max_lanes(row);
-            for v in row.iter_mut() {
-                *v = exp(*v - max);
-            }
-            let inv = 1.0 / sum_lanes(row);
+            let inv = 1.0 / exp_in_place_sum(row, max);
             for v in row.iter_mut() {
                 *v *= inv;
             }
