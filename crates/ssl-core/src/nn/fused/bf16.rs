@@ -357,6 +357,142 @@ fn with_buf<R>(
     })
 }
 
+thread_local! {
+    static ATTENTION_BUF: RefCell<AttentionBuf> = RefCell::new(AttentionBuf::default());
+}
+
+/// One thread's buffers for [`attention_head`]: packed K^T and V, the packed row panel of Q
+/// or P, and the f32 scores of one row panel.
+#[derive(Default)]
+struct AttentionBuf {
+    kt: Vec<u32>,
+    v: Vec<u32>,
+    a: Vec<u32>,
+    s: Vec<f32>,
+}
+
+/// One attention head with bf16 products: for each panel of [`MR`] query rows, the scores
+/// `scale * Q K^T` land in a small f32 buffer, `probs(r0, scores)` turns them in place into
+/// the rows `r0..` of the matrix that multiplies V (softmax, and whatever the caller saves or
+/// drops), and the panel's rows of `P V` are written to `ctx`. The scores of a panel stay in
+/// L1 from the first product to the second, and P is packed straight from there.
+///
+/// `q`, `k` and `v` are `t x dh` with row stride `ld`; `ctx` is `t x dh` with row stride
+/// `ldc`. Each output element comes from the same micro-kernel over the same depth order as
+/// [`gemm_bf16`] with one k block, so for `t, dh <= KC` the result equals two `gemm_bf16`
+/// calls with a softmax between them, bit for bit.
+///
+/// # Safety
+/// [`available`] must be true; the `t x dh` views of `q`, `k`, `v` and `ctx` must be valid,
+/// and `ctx`'s must not be read or written by anyone else during the call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn attention_head(
+    q: *const f32,
+    k: *const f32,
+    v: *const f32,
+    ld: usize,
+    t: usize,
+    dh: usize,
+    scale: f32,
+    ctx: *mut f32,
+    ldc: usize,
+    mut probs: impl FnMut(usize, &mut [f32]),
+) {
+    if t == 0 || dh == 0 {
+        return;
+    }
+    let ld = ld as isize;
+    let (kc2_q, kc2_v) = (dh.div_ceil(2), t.div_ceil(2));
+    let (t_panels, dh_panels) = (t.div_ceil(NR), dh.div_ceil(NR));
+    let mut run = |buf: &mut AttentionBuf| {
+        let AttentionBuf { kt, v: vb, a, s } = buf;
+        // K^T (dh x t: element (p, j) is K[j][p]) and V (t x dh), packed once per head.
+        for (buf, words) in [
+            (&mut *kt, t_panels * kc2_q * NR),
+            (&mut *vb, dh_panels * kc2_v * NR),
+        ] {
+            if buf.len() < words {
+                buf.resize(words, 0);
+            }
+        }
+        let kv = View {
+            ptr: k,
+            rs: 1,
+            cs: ld,
+        };
+        for (pj, panel) in kt.chunks_mut(kc2_q * NR).take(t_panels).enumerate() {
+            pack_b_panel(kv, t, pj * NR, 0, dh, panel);
+        }
+        let vv = View {
+            ptr: v,
+            rs: ld,
+            cs: 1,
+        };
+        for (pj, panel) in vb.chunks_mut(kc2_v * NR).take(dh_panels).enumerate() {
+            pack_b_panel(vv, dh, pj * NR, 0, t, panel);
+        }
+        if s.len() < MR * t {
+            s.resize(MR * t, 0.0);
+        }
+        let qv = View {
+            ptr: q,
+            rs: ld,
+            cs: 1,
+        };
+        for r0 in (0..t).step_by(MR) {
+            let rows = MR.min(t - r0);
+            let scores = &mut s[..rows * t];
+            pack_a(qv, r0, rows, 0, dh, a);
+            for pj in 0..t_panels {
+                // SAFETY: the tile (0.., pj * NR..) of rows x cols lies inside `scores`; the
+                // packed panels hold kc2_q pairs; the CPU features are the caller's
+                // guarantee.
+                unsafe {
+                    kernel(
+                        kc2_q,
+                        a.as_ptr(),
+                        kt.as_ptr().add(pj * kc2_q * NR),
+                        scores.as_mut_ptr().add(pj * NR),
+                        t,
+                        rows,
+                        NR.min(t - pj * NR),
+                        scale,
+                        true,
+                    );
+                }
+            }
+            probs(r0, scores);
+            let pv = View {
+                ptr: scores.as_ptr(),
+                rs: t as isize,
+                cs: 1,
+            };
+            pack_a(pv, 0, rows, 0, t, a);
+            for pj in 0..dh_panels {
+                // SAFETY: rows r0.. x columns pj * NR.. of ctx lie inside its view (the
+                // caller's guarantee); the packed panels hold kc2_v pairs.
+                unsafe {
+                    kernel(
+                        kc2_v,
+                        a.as_ptr(),
+                        vb.as_ptr().add(pj * kc2_v * NR),
+                        ctx.add(r0 * ldc + pj * NR),
+                        ldc,
+                        rows,
+                        NR.min(dh - pj * NR),
+                        1.0,
+                        true,
+                    );
+                }
+            }
+        }
+    };
+    ATTENTION_BUF.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => run(&mut buf),
+        Err(_) => run(&mut AttentionBuf::default()),
+    })
+}
+
 /// The output pointer, shared by jobs that write disjoint tiles.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);

@@ -320,6 +320,12 @@ pub(crate) unsafe fn empty_product(
     true
 }
 
+/// Whether a per-head product `m x k` by `k x n` asked for in bf16 runs in bf16 (the rule
+/// of [`BF16_MIN_DIM`] and a CPU with AVX-512 BF16).
+pub(crate) fn per_head_bf16(m: usize, n: usize, k: usize) -> bool {
+    k.min(m).min(n) >= BF16_MIN_DIM && m * n * k >= BF16_MIN_WORK && super::bf16::available()
+}
+
 /// The unchecked product behind [`matmul`] (`bf16` as there), for the attention's per-head
 /// blocks, which write disjoint parts of one buffer from several threads.
 ///
@@ -348,11 +354,7 @@ pub(crate) unsafe fn matmul_raw(
     if unsafe { empty_product(c, ldc, m, n, k, accumulate) } {
         return;
     }
-    if bf16
-        && k.min(m).min(n) >= BF16_MIN_DIM
-        && m * n * k >= BF16_MIN_WORK
-        && super::bf16::available()
-    {
+    if bf16 && per_head_bf16(m, n, k) {
         let threads = match par {
             Parallelism::Rayon(0) => rayon::current_num_threads(),
             Parallelism::Rayon(t) => t,

@@ -393,11 +393,20 @@ impl StackOp {
         (z ^ (z >> 31)) as u32
     }
 
+    /// Whether the attention of sequences of `t` runs as one bf16 kernel per head
+    /// ([`super::bf16::attention_head`]): when both its products would run in bf16.
+    fn fused_attention(&self, t: usize) -> bool {
+        self.spec.bf16 && super::gemm::per_head_bf16(t, t, self.spec.dim / self.spec.heads)
+    }
+
     /// Scaled dot-product attention for every (batch, head): fills `p` (B, H, T, T), `pd`
-    /// and `ctx` (N, D) from `qkv` (N, 3D).
+    /// and `ctx` (N, D) from `qkv` (N, 3D). `fused` (allowed where [`Self::fused_attention`]
+    /// says so): one bf16 kernel per head, which needs no `p` (it may be empty, when no
+    /// backward follows); else two products per head with the softmax between them over `p`.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
+        fused: bool,
         layer: usize,
         b: usize,
         t: usize,
@@ -420,6 +429,44 @@ impl StackOp {
             simd::drop_threshold(self.spec.attn_dropout),
             1.0 / (1.0 - self.spec.attn_dropout),
         );
+        if fused {
+            let keep_p = !p.is_empty();
+            (0..b * h).into_par_iter().for_each(|bh| {
+                let (bi, hi) = (bh / h, bh % h);
+                let base = bi * t * ld + hi * dh;
+                let kb = &key_bias[bi * t..(bi + 1) * t];
+                // SAFETY: task `bh` alone touches block `bh` of `p`/`pd` and the (rows of
+                // batch `bi`, columns of head `hi`) block of `ctx`; reads stay inside `qkv`;
+                // `fused_attention` checked the CPU.
+                unsafe {
+                    super::bf16::attention_head(
+                        qkv.as_ptr().add(base),
+                        qkv.as_ptr().add(base + d),
+                        qkv.as_ptr().add(base + 2 * d),
+                        ld,
+                        t,
+                        dh,
+                        scale,
+                        ctx_ptr.ptr().add(bi * t * d + hi * dh),
+                        d,
+                        |r0, scores| {
+                            let at = bh * t * t + r0 * t;
+                            simd::softmax_rows(scores, kb, causal, r0);
+                            if keep_p {
+                                std::slice::from_raw_parts_mut(p_ptr.ptr().add(at), scores.len())
+                                    .copy_from_slice(scores);
+                            }
+                            if let Some(pd_ptr) = pd_ptr {
+                                simd::dropout(scores, seed, at as u32, thr, dscale);
+                                std::slice::from_raw_parts_mut(pd_ptr.ptr().add(at), scores.len())
+                                    .copy_from_slice(scores);
+                            }
+                        },
+                    );
+                }
+            });
+            return;
+        }
         (0..b * h).into_par_iter().for_each(|bh| {
             let (bi, hi) = (bh / h, bh % h);
             let base = bi * t * ld + hi * dh;
@@ -637,10 +684,16 @@ impl StackOp {
             sp.bf16,
         );
         let heads = sp.heads;
-        let mut p = pool.take(b * heads * t * t);
+        let fused = self.fused_attention(t);
+        let mut p = pool.take(if self.keep || !fused {
+            b * heads * t * t
+        } else {
+            0
+        });
         let mut pd = self.attn_drops().then(|| pool.take(b * heads * t * t));
         let mut ctx = pool.take(n * d);
         self.attention(
+            fused,
             layer,
             b,
             t,
@@ -1044,5 +1097,111 @@ impl CustomOp3 for StackOp {
         let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
         let dp = Tensor::from_vec(grads, params.shape(), params.device())?;
         Ok((Some(dx), Some(dp), None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(dim: usize, heads: usize, causal: bool, attn_dropout: f32) -> FusedSpec {
+        FusedSpec {
+            depth: 1,
+            dim,
+            mlp: 4 * dim,
+            heads,
+            norm: NormPlacement::Post,
+            act: Act::GeluErf,
+            dropout: 0.0,
+            attn_dropout,
+            eps: 1e-12,
+            causal,
+            bf16: true,
+        }
+    }
+
+    /// The fused per-head kernel against the two per-head products with the softmax between
+    /// them: bit for bit while the keys fit one k block of the products (t <= 256), within
+    /// f32 rounding beyond; with partial tiles, padding, the causal mask and dropout; and it
+    /// needs no probability buffer without backward.
+    #[test]
+    fn fused_attention_equals_the_two_products() {
+        if !crate::nn::fused::bf16::available() {
+            eprintln!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        }
+        for &(b, t, dim, heads, causal, drop) in &[
+            (2, 128, 128, 2, false, 0.0),
+            (2, 75, 192, 2, true, 0.0),
+            (1, 90, 128, 2, false, 0.2),
+            (1, 300, 64, 1, true, 0.1),
+        ] {
+            let op = StackOp::new(
+                spec(dim, heads, causal, drop),
+                false,
+                drop > 0.0,
+                true,
+                9,
+                BufferPool::default(),
+            );
+            assert!(
+                op.fused_attention(t),
+                "the shape ({t}, {dim}/{heads}) must take the fused path"
+            );
+            let n = b * t;
+            let qkv: Vec<f32> = (0..n * 3 * dim)
+                .map(|i| (i as f32 * 0.731).sin() * 2.0)
+                .collect();
+            // The last 7 keys of the first sequence are padding.
+            let key_bias: Vec<f32> = (0..n)
+                .map(|i| if i < t && i >= t - 7 { -1e9 } else { 0.0 })
+                .collect();
+            let pp = b * heads * t * t;
+            let run = |fused: bool| {
+                let (mut p, mut ctx) = (vec![0f32; pp], vec![0f32; n * dim]);
+                let mut pd = (drop > 0.0).then(|| vec![0f32; pp]);
+                op.attention(
+                    fused,
+                    0,
+                    b,
+                    t,
+                    &qkv,
+                    &key_bias,
+                    &mut p,
+                    pd.as_deref_mut(),
+                    &mut ctx,
+                );
+                (p, pd, ctx)
+            };
+            let (p0, pd0, ctx0) = run(false);
+            let (p1, pd1, ctx1) = run(true);
+            assert_eq!(p0, p1, "probabilities, t = {t}");
+            assert_eq!(pd0, pd1, "dropped probabilities, t = {t}");
+            if t <= 256 {
+                assert_eq!(ctx0, ctx1, "context, t = {t}");
+            } else {
+                for (x, y) in ctx0.iter().zip(&ctx1) {
+                    assert!(
+                        (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
+                        "context, t = {t}: {x} vs {y}"
+                    );
+                }
+            }
+            // Without backward: no probability buffer, the same context.
+            let mut ctx2 = vec![0f32; n * dim];
+            let mut pd2 = (drop > 0.0).then(|| vec![0f32; pp]);
+            op.attention(
+                true,
+                0,
+                b,
+                t,
+                &qkv,
+                &key_bias,
+                &mut [],
+                pd2.as_deref_mut(),
+                &mut ctx2,
+            );
+            assert_eq!(ctx1, ctx2);
+        }
     }
 }
