@@ -26,6 +26,11 @@ impl BufferPool {
 
     /// A buffer of `len` elements with unspecified contents (every user overwrites it).
     pub fn take(&self, len: usize) -> Vec<f32> {
+        // Without this, an empty request would take (and truncate) the smallest idle buffer,
+        // whose next user then pays a memset to grow it back.
+        if len == 0 {
+            return Vec::new();
+        }
         let mut inner = self.lock();
         inner.out_len += len;
         inner.peak_out = inner.peak_out.max(inner.out_len);
@@ -116,5 +121,20 @@ mod tests {
         }
         let inner = pool.lock();
         assert!(inner.free_len <= inner.peak_out);
+    }
+
+    #[test]
+    fn an_empty_request_leaves_the_idle_buffers_alone() {
+        let pool = BufferPool::default();
+        let a = pool.take(100);
+        let ptr = a.as_ptr();
+        pool.put(a);
+        let empty = pool.take(0);
+        assert_eq!(empty.capacity(), 0);
+        pool.put(empty);
+        // The idle buffer still has its length: taking it back needs no fill.
+        let b = pool.take(100);
+        assert_eq!(b.as_ptr(), ptr);
+        assert_eq!(pool.lock().free.len(), 0);
     }
 }
