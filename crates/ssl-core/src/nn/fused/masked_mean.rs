@@ -5,7 +5,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::f32_slice;
+use super::{f32_slice, simd};
 
 const OP: &str = "masked mean";
 
@@ -42,14 +42,9 @@ impl CustomOp2 for MaskedMeanOp {
         let inv = inverse_counts(mask, b, t);
         let mut out = vec![0f32; b * d];
         out.par_chunks_mut(d.max(1)).enumerate().for_each(|(i, o)| {
-            for (s, &m) in mask[i * t..(i + 1) * t].iter().enumerate() {
-                if m != 0.0 {
-                    let row = &x[(i * t + s) * d..(i * t + s + 1) * d];
-                    for (acc, &v) in o.iter_mut().zip(row) {
-                        *acc = m.mul_add(v, *acc);
-                    }
-                }
-            }
+            // In a vector kernel: `mul_add` outside one is a call to a software `fmaf` per
+            // element (0.8% of the inference profile).
+            simd::weighted_row_sum(o, &x[i * t * d..(i + 1) * t * d], &mask[i * t..(i + 1) * t]);
             for v in o.iter_mut() {
                 *v *= inv[i];
             }

@@ -271,6 +271,20 @@ simd_kernel! {
 }
 
 simd_kernel! {
+    /// `out += sum_s weights[s] * rows[s]` over the rows of `rows` (width `out.len()`),
+    /// skipping rows whose weight is 0 (one fused multiply-add per element).
+    pub(crate) fn weighted_row_sum(out: &mut [f32], rows: &[f32], weights: &[f32]) {
+        for (row, &w) in rows.chunks_exact(out.len().max(1)).zip(weights) {
+            if w != 0.0 {
+                for (acc, &v) in out.iter_mut().zip(row) {
+                    *acc = w.mul_add(v, *acc);
+                }
+            }
+        }
+    }
+}
+
+simd_kernel! {
     /// Column sums of the rows of `x` (width `out.len()`), written to `out`.
     pub(crate) fn col_sum(out: &mut [f32], x: &[f32]) {
         out.fill(0.0);
