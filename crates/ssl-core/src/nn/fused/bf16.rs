@@ -81,6 +81,18 @@ unsafe impl Send for View {}
 unsafe impl Sync for View {}
 
 impl View {
+    /// The same matrix from row `i` on (a method, so closures capture the whole view).
+    ///
+    /// # Safety
+    /// Row `i` must lie inside the matrix.
+    unsafe fn rows_on(&self, i: usize) -> View {
+        View {
+            // SAFETY: forwarded from the caller.
+            ptr: unsafe { self.ptr.offset(i as isize * self.rs) },
+            ..*self
+        }
+    }
+
     /// The packed word of rows `(2q, 2q + 1)` at column `j` of the transposed reading, i.e.
     /// elements `(p, j)` and `(p + 1, j)` with `p = p0 + 2q`, zero past `pend`.
     #[inline(always)]
@@ -511,6 +523,141 @@ impl OutPtr {
     }
 }
 
+/// All of B packed: for each k block of [`KC`], its `n_panels` panels of [`NR`] columns.
+struct PackedB<'a> {
+    words: &'a [u32],
+    n: usize,
+    k: usize,
+    n_panels: usize,
+}
+
+/// Depth range `[p0, pend)` of k block `kb` of a depth `k`.
+fn k_block(kb: usize, k: usize) -> (usize, usize) {
+    (kb * KC, (kb * KC + KC).min(k))
+}
+
+impl PackedB<'_> {
+    /// Depth range `[p0, pend)` of k block `kb`.
+    fn block(&self, kb: usize) -> (usize, usize) {
+        k_block(kb, self.k)
+    }
+
+    fn k_blocks(&self) -> usize {
+        self.k.div_ceil(KC)
+    }
+
+    /// Panel `pj` of k block `kb`: `ceil(depth / 2) * NR` words.
+    fn panel(&self, kb: usize, pj: usize) -> &[u32] {
+        let (p0, pend) = self.block(kb);
+        let kc2 = (pend - p0).div_ceil(2);
+        // Block kb starts at word kb * KC / 2 * n_panels * NR (KC is even).
+        let start = kb * (KC / 2) * self.n_panels * NR + pj * kc2 * NR;
+        &self.words[start..start + kc2 * NR]
+    }
+}
+
+/// Packs all of `b` (`k x n`) into `buf` (which only grows and is not cleared: see
+/// `pack_b_panel` on stale words), in one parallel pass over (k block, panel) when
+/// `parallel`.
+fn pack_b_all(b: View, n: usize, k: usize, parallel: bool, buf: &mut Vec<u32>) -> PackedB<'_> {
+    let n_panels = n.div_ceil(NR);
+    let k_blocks = k.div_ceil(KC);
+    let total: usize = (0..k_blocks)
+        .map(|kb| {
+            let (p0, pend) = k_block(kb, k);
+            (pend - p0).div_ceil(2) * n_panels * NR
+        })
+        .sum();
+    if buf.len() < total {
+        buf.resize(total, 0);
+    }
+    // (depth range, first column, panel) of every panel.
+    type Job<'b> = ((usize, usize), usize, &'b mut [u32]);
+    let mut panels: Vec<Job> = Vec::with_capacity(k_blocks * n_panels);
+    let mut rest: &mut [u32] = &mut buf[..total];
+    for kb in 0..k_blocks {
+        let depth = k_block(kb, k);
+        let panel_words = (depth.1 - depth.0).div_ceil(2) * NR;
+        let (this, tail) = rest.split_at_mut(panel_words * n_panels);
+        rest = tail;
+        for (pj, panel) in this.chunks_mut(panel_words).enumerate() {
+            panels.push((depth, pj * NR, panel));
+        }
+    }
+    let fill = |((p0, pend), j0, panel): Job| pack_b_panel(b, n, j0, p0, pend, panel);
+    if parallel {
+        panels.into_par_iter().for_each(fill);
+    } else {
+        panels.into_iter().for_each(fill);
+    }
+    PackedB {
+        words: &buf[..total],
+        n,
+        k,
+        n_panels,
+    }
+}
+
+/// `c = alpha * a b` (or `c += ...` when `accumulate`) for the first `rows` rows of `a` and
+/// the column panels `[pan0, pan1)` of the packed `b`, `c` pointing at the block's first row
+/// (leading dimension `ldc`); `abuf` is the packing buffer of A.
+///
+/// # Safety
+/// [`available`] must be true; `a`'s rows and `c`'s `rows x` panel columns must be valid,
+/// and that block of `c` must belong to the caller alone.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product_rows(
+    b: &PackedB,
+    a: View,
+    rows: usize,
+    (pan0, pan1): (usize, usize),
+    c: OutPtr,
+    ldc: usize,
+    alpha: f32,
+    accumulate: bool,
+    abuf: &mut Vec<u32>,
+) {
+    for kb in 0..b.k_blocks() {
+        let (p0, pend) = b.block(kb);
+        let kc2 = (pend - p0).div_ceil(2);
+        let first = kb == 0 && !accumulate;
+        pack_a(a, 0, rows, p0, pend, abuf);
+        for pj in pan0..pan1 {
+            let j0 = pj * NR;
+            let cols = NR.min(b.n - j0);
+            let pb = b.panel(kb, pj);
+            for pi in 0..rows.div_ceil(MR) {
+                let pa = &abuf[pi * kc2 * MR..(pi + 1) * kc2 * MR];
+                let r0 = pi * MR;
+                // SAFETY: the tile (r0.., j0..) of size MR.min(rows - r0) x cols lies inside
+                // the caller's block of C; the kernel's features are the caller's guarantee.
+                unsafe {
+                    kernel(
+                        kc2,
+                        pa.as_ptr(),
+                        pb.as_ptr(),
+                        c.at(r0 * ldc + j0),
+                        ldc,
+                        MR.min(rows - r0),
+                        cols,
+                        alpha,
+                        first,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Row blocks for `m` rows on `threads` threads: blocks of at most [`MC`] rows (a multiple of
+/// [`MR`]), their count rounded up to a multiple of the threads so they finish together.
+/// Returns (rows per block, blocks).
+fn row_blocks(m: usize, threads: usize) -> (usize, usize) {
+    let blocks = m.div_ceil(MC).div_ceil(threads) * threads;
+    let mc = m.div_ceil(blocks).div_ceil(MR) * MR;
+    (mc, m.div_ceil(mc))
+}
+
 /// `c = alpha * op(a) op(b)` (or `c += ...` when `accumulate`) with bf16-rounded operands and
 /// f32 accumulation, then `epilogue` on each finished block of C. `a` is `m x k` with element `(i, p)` at `a + i * a_rs + p * a_cs`, `b` is
 /// `k x n` likewise, `c` is row-major with leading dimension `ldc`. `threads > 1` spreads the
@@ -555,12 +702,8 @@ pub(crate) unsafe fn gemm_bf16(
     };
     let out = OutPtr(c);
     let threads = threads.max(1);
-    // Row blocks of at most MC (a multiple of MR), enough of them to feed every thread; when
-    // there are too few rows, column chunks too.
-    // The block count is rounded up to a multiple of the threads so they finish together.
-    let blocks = m.div_ceil(MC).div_ceil(threads) * threads;
-    let mc = m.div_ceil(blocks).div_ceil(MR) * MR;
-    let m_blocks = m.div_ceil(mc);
+    // Row blocks enough to feed every thread; when there are too few rows, column chunks too.
+    let (mc, m_blocks) = row_blocks(m, threads);
     let n_panels = n.div_ceil(NR);
     let n_chunks = if threads > 1 {
         (2 * threads).div_ceil(m_blocks).clamp(1, n_panels)
@@ -569,45 +712,11 @@ pub(crate) unsafe fn gemm_bf16(
     };
     let panels_per_chunk = n_panels.div_ceil(n_chunks);
     let n_chunks = n_panels.div_ceil(panels_per_chunk);
-    // k blocks of KC (the last one shorter); block `kb` spans depth [kb * KC, ..) and its
-    // packed B starts at word `kb * KC / 2 * n_panels * NR` (KC is even).
-    let k_blocks = k.div_ceil(KC);
-    let block = |kb: usize| (kb * KC, (kb * KC + KC).min(k));
-    let b_words = |kb: usize| {
-        let (p0, pend) = block(kb);
-        (pend - p0).div_ceil(2) * n_panels * NR
-    };
-    let b_start = |kb: usize| kb * (KC / 2) * n_panels * NR;
     let parallel = threads > 1;
     with_buf(&B_BUF, |bbuf| {
-        // All of B is packed first, in one parallel pass over (k block, panel), so the
-        // products below need one parallel pass too, not two per k block.
-        // The buffer only grows and is not cleared (see `pack_b_panel` on stale words).
-        let total = b_start(k_blocks - 1) + b_words(k_blocks - 1);
-        if bbuf.len() < total {
-            bbuf.resize(total, 0);
-        }
-        let mut panels: Vec<(usize, usize, &mut [u32])> = Vec::with_capacity(k_blocks * n_panels);
-        let mut rest: &mut [u32] = &mut bbuf[..total];
-        for kb in 0..k_blocks {
-            let (p0, pend) = block(kb);
-            let (this, tail) = rest.split_at_mut(b_words(kb));
-            rest = tail;
-            let panel_words = (pend - p0).div_ceil(2) * NR;
-            for (pj, panel) in this.chunks_mut(panel_words).enumerate() {
-                panels.push((kb, pj, panel));
-            }
-        }
-        let fill = |(kb, pj, panel): (usize, usize, &mut [u32])| {
-            let (p0, pend) = block(kb);
-            pack_b_panel(bv, n, pj * NR, p0, pend, panel);
-        };
-        if parallel {
-            panels.into_par_iter().for_each(fill);
-        } else {
-            panels.into_iter().for_each(fill);
-        }
-        let packed_b: &[u32] = &bbuf[..total];
+        // All of B is packed first, so the products below need one parallel pass, not two
+        // per k block.
+        let packed_b = pack_b_all(bv, n, k, parallel, bbuf);
         // One job: rows [i0, i0 + rows) x a chunk of column panels, over every k block.
         let job = |jb: usize| {
             let (mb, nc) = (jb / n_chunks, jb % n_chunks);
@@ -615,40 +724,24 @@ pub(crate) unsafe fn gemm_bf16(
             let rows = mc.min(m - i0);
             let pan0 = nc * panels_per_chunk;
             let pan1 = (pan0 + panels_per_chunk).min(n_panels);
+            // SAFETY: row i0 lies inside A.
+            let a_rows = unsafe { av.rows_on(i0) };
             with_buf(&A_BUF, |abuf| {
-                for kb in 0..k_blocks {
-                    let (p0, pend) = block(kb);
-                    let kc2 = (pend - p0).div_ceil(2);
-                    let first = kb == 0 && !accumulate;
-                    let block_b = &packed_b[b_start(kb)..b_start(kb) + b_words(kb)];
-                    pack_a(av, i0, rows, p0, pend, abuf);
-                    for pj in pan0..pan1 {
-                        let j0 = pj * NR;
-                        let cols = NR.min(n - j0);
-                        let pb = &block_b[pj * kc2 * NR..(pj + 1) * kc2 * NR];
-                        for pi in 0..rows.div_ceil(MR) {
-                            let pa = &abuf[pi * kc2 * MR..(pi + 1) * kc2 * MR];
-                            let r0 = i0 + pi * MR;
-                            let tile_rows = MR.min(m - r0);
-                            // SAFETY: the tile (r0.., j0..) of size tile_rows x cols lies
-                            // inside C and belongs to this job alone; the kernel's features
-                            // were checked by the caller.
-                            unsafe {
-                                kernel(
-                                    kc2,
-                                    pa.as_ptr(),
-                                    pb.as_ptr(),
-                                    out.at(r0 * ldc + j0),
-                                    ldc,
-                                    tile_rows,
-                                    cols,
-                                    alpha,
-                                    first,
-                                );
-                            }
-                        }
-                    }
-                }
+                // SAFETY: rows [i0, i0 + rows) x the chunk's panels belong to this job alone;
+                // the rest is the caller's guarantee.
+                unsafe {
+                    product_rows(
+                        &packed_b,
+                        a_rows,
+                        rows,
+                        (pan0, pan1),
+                        OutPtr(out.at(i0 * ldc)),
+                        ldc,
+                        alpha,
+                        accumulate,
+                        abuf,
+                    )
+                };
             });
             // The job's block is finished and still in cache.
             // SAFETY: rows [i0, i0 + rows) x columns [j0, j1) belong to this job alone.
@@ -662,6 +755,121 @@ pub(crate) unsafe fn gemm_bf16(
         } else {
             (0..jobs).for_each(job);
         }
+    });
+}
+
+thread_local! {
+    static B2_BUF: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    static MLP_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The MLP without backward, `c = act(x W1^T + b1) W2^T` (`x` `m x k` row-major with leading
+/// dimension `ldx`, `W1` `f x k`, `W2` `n x f`, both row-major and dense; `c` `m x n` dense),
+/// with both products in bf16 (f32 sums). Each job takes a block of rows through both
+/// products: its `rows x f` hidden block stays in this thread's buffer (in L2) from the first
+/// product, through the activation, into the second, instead of going out to memory and
+/// back. Every element is computed as by the two [`gemm_bf16`] calls with the activation
+/// between them, bit for bit.
+///
+/// # Safety
+/// [`available`] must be true; the slices must have the sizes above (checked by the caller).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn mlp_bf16(
+    c: &mut [f32],
+    x: &[f32],
+    ldx: usize,
+    (m, k, f, n): (usize, usize, usize, usize),
+    w1: &[f32],
+    b1: &[f32],
+    act: super::simd::Act,
+    w2: &[f32],
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let threads = threads.max(1);
+    let parallel = threads > 1;
+    let (mc, m_blocks) = row_blocks(m, threads);
+    let out = OutPtr(c.as_mut_ptr());
+    // B of the products: W1^T (k x f) and W2^T (f x n).
+    let w1t = View {
+        ptr: w1.as_ptr(),
+        rs: 1,
+        cs: k as isize,
+    };
+    let w2t = View {
+        ptr: w2.as_ptr(),
+        rs: 1,
+        cs: f as isize,
+    };
+    let hidden = Epilogue::BiasAct {
+        bias: b1,
+        act,
+        act_out: None,
+    };
+    with_buf(&B_BUF, |buf1| {
+        with_buf(&B2_BUF, |buf2| {
+            let p1 = pack_b_all(w1t, f, k, parallel, buf1);
+            let p2 = pack_b_all(w2t, n, f, parallel, buf2);
+            let job = |mb: usize| {
+                let i0 = mb * mc;
+                let rows = mc.min(m - i0);
+                let run = |h: &mut Vec<f32>| {
+                    if h.len() < rows * f {
+                        h.resize(rows * f, 0.0);
+                    }
+                    let hp = OutPtr(h.as_mut_ptr());
+                    with_buf(&A_BUF, |abuf| {
+                        // SAFETY: x's rows [i0, i0 + rows) are valid (the caller's sizes);
+                        // `h` holds rows x f and is this thread's; c's rows [i0, i0 + rows)
+                        // belong to this job alone.
+                        unsafe {
+                            product_rows(
+                                &p1,
+                                View {
+                                    ptr: x.as_ptr().add(i0 * ldx),
+                                    rs: ldx as isize,
+                                    cs: 1,
+                                },
+                                rows,
+                                (0, f.div_ceil(NR)),
+                                hp,
+                                f,
+                                1.0,
+                                false,
+                                abuf,
+                            );
+                            hidden.apply(hp.at(0), f, 0, rows, 0, f);
+                            product_rows(
+                                &p2,
+                                View {
+                                    ptr: h.as_ptr(),
+                                    rs: f as isize,
+                                    cs: 1,
+                                },
+                                rows,
+                                (0, n.div_ceil(NR)),
+                                OutPtr(out.at(i0 * n)),
+                                n,
+                                1.0,
+                                false,
+                                abuf,
+                            );
+                        }
+                    });
+                };
+                MLP_BUF.with(|cell| match cell.try_borrow_mut() {
+                    Ok(mut h) => run(&mut h),
+                    Err(_) => run(&mut Vec::new()),
+                })
+            };
+            if parallel && m_blocks > 1 {
+                (0..m_blocks).into_par_iter().for_each(job);
+            } else {
+                (0..m_blocks).for_each(job);
+            }
+        })
     });
 }
 

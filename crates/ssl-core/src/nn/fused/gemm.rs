@@ -179,6 +179,46 @@ pub(crate) fn linear_product(c: &mut [f32], x: MatRef, w: MatRef, epilogue: Epil
     });
 }
 
+/// True when [`mlp_product`] may run: both of the MLP's products (`m` rows, width `k`, hidden
+/// `f`, output `n`) take bf16 under [`linear_takes_bf16`], and the CPU has the kernels.
+pub(crate) fn mlp_takes_bf16(m: usize, k: usize, f: usize, n: usize) -> bool {
+    linear_takes_bf16(m, f, k) && linear_takes_bf16(m, n, f) && super::bf16::available()
+}
+
+/// `c = act(x W1^T + b1) W2^T` with both products in bf16, each block of rows taken through
+/// both while its hidden activations stay in cache (no backward follows: the hidden layer is
+/// not kept). Equal bit for bit to [`linear_product`] with `Epilogue::BiasAct` and then
+/// without epilogue. Only where [`mlp_takes_bf16`]; `w1` and `w2` dense.
+pub(crate) fn mlp_product(c: &mut [f32], x: MatRef, w1: MatRef, b1: &[f32], act: Act, w2: MatRef) {
+    let (m, k, f, n) = (x.rows, x.cols, w1.rows, w2.rows);
+    assert!(
+        mlp_takes_bf16(m, k, f, n),
+        "the MLP's products do not take bf16"
+    );
+    assert!(w1.cols == k && w2.cols == f, "inner dimensions differ");
+    assert!(w1.ld == k && w2.ld == f, "weights must be dense");
+    assert_eq!(b1.len(), f, "bias length");
+    assert!(c.len() >= m * n, "output too small");
+    x.check();
+    w1.check();
+    w2.check();
+    // SAFETY: the views were checked to lie inside their slices and the CPU to have the
+    // kernels; `c` holds m x n and is borrowed mutably.
+    unsafe {
+        super::bf16::mlp_bf16(
+            c,
+            x.data,
+            x.ld,
+            (m, k, f, n),
+            w1.data,
+            b1,
+            act,
+            w2.data,
+            rayon::current_num_threads(),
+        )
+    }
+}
+
 /// True when [`matmul`] runs an `m x k` by `k x n` product in bf16 when asked (and the CPU
 /// has the kernels): its size rule for whole-batch products.
 pub(crate) fn linear_takes_bf16(m: usize, n: usize, k: usize) -> bool {
@@ -412,6 +452,54 @@ pub(crate) unsafe fn matmul_raw(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The MLP with each block of rows through both products equals the two products with
+    /// the activation between them, bit for bit: partial row panels and column panels, a
+    /// hidden width over one k block, a row stride wider than the input, every activation,
+    /// on one thread and on two.
+    #[test]
+    fn mlp_product_equals_the_two_products() {
+        if !super::super::bf16::available() {
+            eprintln!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        }
+        let (m, k, f, n, ldx) = (250, 256, 300, 260, 259);
+        assert!(mlp_takes_bf16(m, k, f, n));
+        let x: Vec<f32> = (0..m * ldx).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w1: Vec<f32> = (0..f * k).map(|i| (i as f32 * 0.61).cos() * 0.1).collect();
+        let b1: Vec<f32> = (0..f).map(|j| j as f32 * 0.01 - 1.5).collect();
+        let w2: Vec<f32> = (0..n * f).map(|i| (i as f32 * 0.29).sin() * 0.1).collect();
+        let xm = MatRef {
+            data: &x,
+            rows: m,
+            cols: k,
+            ld: ldx,
+        };
+        let (w1m, w2m) = (MatRef::dense(&w1, f, k), MatRef::dense(&w2, n, f));
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                for act in [Act::GeluErf, Act::GeluTanh, Act::Relu] {
+                    let mut g = vec![f32::NAN; m * f];
+                    let epi = Epilogue::BiasAct {
+                        bias: &b1,
+                        act,
+                        act_out: None,
+                    };
+                    linear_product(&mut g, xm, w1m, epi, true);
+                    let mut want = vec![f32::NAN; m * n];
+                    let gm = MatRef::dense(&g, m, f);
+                    linear_product(&mut want, gm, w2m, Epilogue::None, true);
+                    let mut got = vec![f32::NAN; m * n];
+                    mlp_product(&mut got, xm, w1m, &b1, act, w2m);
+                    assert_eq!(got, want, "{act:?} on {threads} threads");
+                }
+            });
+        }
+    }
 
     /// Both paths of [`linear_product`] (f32, and bf16 where the CPU has it) with each
     /// epilogue against a naive f64 product: the bf16 one at a size its rule takes

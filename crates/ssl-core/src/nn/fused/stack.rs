@@ -13,7 +13,10 @@ use std::sync::{Mutex, PoisonError};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{linear_product, matmul, matmul_raw, threads, Epilogue, MatRef, Op, OutSlice};
+use super::gemm::{
+    linear_product, matmul, matmul_raw, mlp_product, mlp_takes_bf16, threads, Epilogue, MatRef, Op,
+    OutSlice,
+};
 use super::pool::BufferPool;
 use super::simd::{self, Act};
 use super::{block_rows, col_sums_par, row_blocks};
@@ -737,26 +740,41 @@ impl StackOp {
             None
         };
         // h = m_in W1^T + b1 and g = act(h), the activation applied to each block of the
-        // product while it is in cache; without backward, g overwrites h.
-        let mut g = pool.take(if self.keep { n * m } else { 0 });
-        let act_out = self.keep.then(|| OutSlice::new(&mut g));
-        let mut h = product(
-            pool,
-            &m_in,
-            n,
-            &w[o.w1..o.b1],
-            m,
-            Epilogue::BiasAct {
-                bias: &w[o.b1..o.w2],
-                act: sp.act,
-                act_out,
-            },
-            sp.bf16,
-        );
-        if !self.keep {
-            std::mem::swap(&mut h, &mut g);
-        }
-        let mut mo = product(pool, &g, n, &w[o.w2..o.b2], d, Epilogue::None, sp.bf16);
+        // product while it is in cache; without backward, g overwrites h, and in bf16 each
+        // block of rows goes through both products with its h in cache (neither is kept).
+        let (h, g, mut mo) = if !self.keep && sp.bf16 && mlp_takes_bf16(n, d, m, d) {
+            let mut mo = pool.take(n * d);
+            mlp_product(
+                &mut mo,
+                MatRef::dense(&m_in, n, d),
+                MatRef::dense(&w[o.w1..o.b1], m, d),
+                &w[o.b1..o.w2],
+                sp.act,
+                MatRef::dense(&w[o.w2..o.b2], d, m),
+            );
+            (Vec::new(), Vec::new(), mo)
+        } else {
+            let mut g = pool.take(if self.keep { n * m } else { 0 });
+            let act_out = self.keep.then(|| OutSlice::new(&mut g));
+            let mut h = product(
+                pool,
+                &m_in,
+                n,
+                &w[o.w1..o.b1],
+                m,
+                Epilogue::BiasAct {
+                    bias: &w[o.b1..o.w2],
+                    act: sp.act,
+                    act_out,
+                },
+                sp.bf16,
+            );
+            if !self.keep {
+                std::mem::swap(&mut h, &mut g);
+            }
+            let mo = product(pool, &g, n, &w[o.w2..o.b2], d, Epilogue::None, sp.bf16);
+            (h, g, mo)
+        };
         let drop1 = self.drops().then(|| (self.site_seed(layer, 1), sp.dropout));
         let out = match x1 {
             // Pre-norm: out = x1 + dropout(mo + b2).
