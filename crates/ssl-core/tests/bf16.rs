@@ -277,18 +277,47 @@ fn matmul_t_in_bf16_stays_within_rounding_of_f64() {
     assert_eq!(small16, small32);
 }
 
-/// Under bf16 products (the in-cache activation epilogue, in place without backward),
-/// `Ctx::inference` gives exactly the outputs of `Ctx::eval`.
+/// Under bf16 products, `Ctx::inference` gives exactly the outputs of `Ctx::eval`: without
+/// backward the activation epilogue runs in place and the MLP takes each block of rows
+/// through both products; with 4 sequences (256 rows, so the output projection takes bf16
+/// too) each sequence also goes through QKV, attention and the output projection as one job.
 #[test]
 fn bf16_inference_matches_eval() {
     if skip() {
         return;
     }
-    for norm in [NormPlacement::Post, NormPlacement::Pre] {
-        let (_store, stack) = build(norm, DType::F32, StackKernel::Fused);
+    for (norm, b) in [
+        (NormPlacement::Post, B),
+        (NormPlacement::Pre, B),
+        (NormPlacement::Post, 2 * B),
+        (NormPlacement::Pre, 2 * B),
+    ] {
+        let (store, stack) = build(norm, DType::F32, StackKernel::Fused);
         let mut rng = SslRng::new(3);
+        // Every parameter moved off its initial value (biases start at zero, norms at one),
+        // so each one shows in the output.
+        for (_, var) in store.vars() {
+            let noise = Tensor::from_vec(
+                rng.normal_vec(var.elem_count(), 0.0, 0.05),
+                var.shape(),
+                &Device::Cpu,
+            )
+            .unwrap();
+            var.set(&var.as_tensor().add(&noise).unwrap()).unwrap();
+        }
         let x =
-            Tensor::from_vec(rng.normal_vec(B * T * D, 0.0, 1.0), (B, T, D), &Device::Cpu).unwrap();
+            Tensor::from_vec(rng.normal_vec(b * T * D, 0.0, 1.0), (b, T, D), &Device::Cpu).unwrap();
+        // The second sequence's last 9 positions are padding.
+        let mask: Vec<f32> = (0..b * T)
+            .map(|i| {
+                if (T..2 * T).contains(&i) && i % T >= T - 9 {
+                    0.0
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (b, T), &Device::Cpu).unwrap();
         let run = |inference: bool| {
             let mut r = SslRng::new(0);
             let ctx = if inference {
@@ -297,9 +326,9 @@ fn bf16_inference_matches_eval() {
                 Ctx::eval(&mut r)
             };
             let mut ctx = ctx.with_precision(MatmulPrecision::Bf16);
-            let out = stack.forward(&x, None, &mut ctx).unwrap();
+            let out = stack.forward(&x, Some(&mask), &mut ctx).unwrap();
             out.last.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         };
-        assert_eq!(run(false), run(true), "{norm:?}");
+        assert_eq!(run(false), run(true), "{norm:?}, {b} sequences");
     }
 }

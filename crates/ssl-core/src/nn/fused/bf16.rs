@@ -357,11 +357,11 @@ thread_local! {
     static B_BUF: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` on this thread's packing buffer `key`, or on a fresh one if it is in use (a rayon
-/// worker waiting in one product may steal a job that runs another).
-fn with_buf<R>(
-    key: &'static std::thread::LocalKey<RefCell<Vec<u32>>>,
-    f: impl FnOnce(&mut Vec<u32>) -> R,
+/// Runs `f` on this thread's buffer `key`, or on a fresh one if it is in use (a rayon worker
+/// waiting in one product may steal a job that runs another).
+fn with_buf<T, R>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<T>>>,
+    f: impl FnOnce(&mut Vec<T>) -> R,
 ) -> R {
     key.with(|cell| match cell.try_borrow_mut() {
         Ok(mut buf) => f(&mut buf),
@@ -759,8 +759,10 @@ pub(crate) unsafe fn gemm_bf16(
 }
 
 thread_local! {
+    /// The packed B of a second product (see [`mlp_bf16`], [`attention_block_bf16`]).
     static B2_BUF: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
-    static MLP_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// One job's intermediate rows between two products.
+    static ROWS_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The MLP without backward, `c = act(x W1^T + b1) W2^T` (`x` `m x k` row-major with leading
@@ -815,7 +817,7 @@ pub(crate) unsafe fn mlp_bf16(
             let job = |mb: usize| {
                 let i0 = mb * mc;
                 let rows = mc.min(m - i0);
-                let run = |h: &mut Vec<f32>| {
+                with_buf(&ROWS_BUF, |h| {
                     if h.len() < rows * f {
                         h.resize(rows * f, 0.0);
                     }
@@ -858,16 +860,134 @@ pub(crate) unsafe fn mlp_bf16(
                             );
                         }
                     });
-                };
-                MLP_BUF.with(|cell| match cell.try_borrow_mut() {
-                    Ok(mut h) => run(&mut h),
-                    Err(_) => run(&mut Vec::new()),
                 })
             };
             if parallel && m_blocks > 1 {
                 (0..m_blocks).into_par_iter().for_each(job);
             } else {
                 (0..m_blocks).for_each(job);
+            }
+        })
+    });
+}
+
+/// Self-attention without backward for `b` sequences of `t` rows, `ao = A(x Wqkv^T + bqkv)
+/// Wo^T` (`x` (b t, d); `Wqkv` (3d, d) and `Wo` (d, d) row-major; the output projection's
+/// bias is the caller's), with every product in bf16 (f32 sums). `A` is the scaled
+/// dot-product attention of `heads` heads, `probs(sequence, r0, scores)` turning a panel of
+/// scores into probabilities in place as for [`attention_head`]. Each job takes one sequence
+/// through the QKV product, its heads and the output projection, with its (t, 3d) projections
+/// and (t, d) context in this thread's buffer instead of memory. Every element is computed as
+/// by the QKV [`gemm_bf16`] with its bias epilogue, [`attention_head`] per head and the output
+/// [`gemm_bf16`], bit for bit.
+///
+/// # Safety
+/// [`available`] must be true; the slices must have the sizes above and `d` must be a
+/// multiple of `heads` (checked by the caller).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn attention_block_bf16(
+    ao: &mut [f32],
+    x: &[f32],
+    (b, t, d, heads): (usize, usize, usize, usize),
+    wqkv: &[f32],
+    bqkv: &[f32],
+    wo: &[f32],
+    probs: impl Fn(usize, usize, &mut [f32]) + Sync,
+    threads: usize,
+) {
+    if b == 0 || t == 0 || d == 0 {
+        return;
+    }
+    let dh = d / heads;
+    let scale = 1.0 / (dh as f32).sqrt();
+    let parallel = threads > 1;
+    let out = OutPtr(ao.as_mut_ptr());
+    // B of the products: Wqkv^T (d x 3d) and Wo^T (d x d).
+    let wqkv_t = View {
+        ptr: wqkv.as_ptr(),
+        rs: 1,
+        cs: d as isize,
+    };
+    let wo_t = View {
+        ptr: wo.as_ptr(),
+        rs: 1,
+        cs: d as isize,
+    };
+    let qkv_bias = Epilogue::Bias(bqkv);
+    with_buf(&B_BUF, |buf1| {
+        with_buf(&B2_BUF, |buf2| {
+            let p1 = pack_b_all(wqkv_t, 3 * d, d, parallel, buf1);
+            let p2 = pack_b_all(wo_t, d, d, parallel, buf2);
+            let job = |bi: usize| {
+                with_buf(&ROWS_BUF, |local| {
+                    if local.len() < 4 * t * d {
+                        local.resize(4 * t * d, 0.0);
+                    }
+                    let (qkv, ctx) = local.split_at_mut(3 * t * d);
+                    let (qkv, ctx) = (OutPtr(qkv.as_mut_ptr()), OutPtr(ctx.as_mut_ptr()));
+                    // SAFETY: sequence bi's rows of x and ao are valid (the caller's sizes)
+                    // and its rows of ao belong to this job alone; `qkv` (t x 3d) and `ctx`
+                    // (t x d) are this thread's.
+                    unsafe {
+                        with_buf(&A_BUF, |abuf| {
+                            let xv = View {
+                                ptr: x.as_ptr().add(bi * t * d),
+                                rs: d as isize,
+                                cs: 1,
+                            };
+                            product_rows(
+                                &p1,
+                                xv,
+                                t,
+                                (0, (3 * d).div_ceil(NR)),
+                                qkv,
+                                3 * d,
+                                1.0,
+                                false,
+                                abuf,
+                            );
+                            qkv_bias.apply(qkv.at(0), 3 * d, 0, t, 0, 3 * d);
+                        });
+                        for hi in 0..heads {
+                            let q = qkv.at(hi * dh).cast_const();
+                            attention_head(
+                                q,
+                                q.add(d),
+                                q.add(2 * d),
+                                3 * d,
+                                t,
+                                dh,
+                                scale,
+                                ctx.at(hi * dh),
+                                d,
+                                |r0, scores| probs(bi, r0, scores),
+                            );
+                        }
+                        with_buf(&A_BUF, |abuf| {
+                            let cv = View {
+                                ptr: ctx.at(0).cast_const(),
+                                rs: d as isize,
+                                cs: 1,
+                            };
+                            product_rows(
+                                &p2,
+                                cv,
+                                t,
+                                (0, d.div_ceil(NR)),
+                                OutPtr(out.at(bi * t * d)),
+                                d,
+                                1.0,
+                                false,
+                                abuf,
+                            );
+                        });
+                    }
+                })
+            };
+            if parallel && b > 1 {
+                (0..b).into_par_iter().for_each(job);
+            } else {
+                (0..b).for_each(job);
             }
         })
     });

@@ -14,8 +14,8 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{
-    linear_product, matmul, matmul_raw, mlp_product, mlp_takes_bf16, threads, Epilogue, MatRef, Op,
-    OutSlice,
+    linear_product, linear_takes_bf16, matmul, matmul_raw, mlp_product, mlp_takes_bf16, threads,
+    Epilogue, MatRef, Op, OutSlice,
 };
 use super::pool::BufferPool;
 use super::simd::{self, Act};
@@ -396,6 +396,20 @@ impl StackOp {
         (z ^ (z >> 31)) as u32
     }
 
+    /// Whether a layer's attention, from the QKV product to the output projection, runs as one
+    /// bf16 job per sequence ([`super::bf16::attention_block_bf16`]): without backward or
+    /// attention dropout, when every product in it takes bf16 and there is a sequence for
+    /// every thread.
+    fn attention_block(&self, b: usize, t: usize) -> bool {
+        let (n, d) = (b * t, self.spec.dim);
+        !self.keep
+            && !self.attn_drops()
+            && self.fused_attention(t)
+            && linear_takes_bf16(n, 3 * d, d)
+            && linear_takes_bf16(n, d, d)
+            && b >= rayon::current_num_threads()
+    }
+
     /// Whether the attention of sequences of `t` runs as one bf16 kernel per head
     /// ([`super::bf16::attention_head`]): when both its products would run in bf16.
     fn fused_attention(&self, t: usize) -> bool {
@@ -677,39 +691,64 @@ impl StackOp {
             y
         });
         let att_in = a_in.as_deref().unwrap_or(xin);
-        let qkv = product(
-            pool,
-            att_in,
-            n,
-            &w[o.wqkv..o.bqkv],
-            3 * d,
-            Epilogue::Bias(&w[o.bqkv..o.wo]),
-            sp.bf16,
-        );
         let heads = sp.heads;
-        let fused = self.fused_attention(t);
-        let mut p = pool.take(if self.keep || !fused {
-            b * heads * t * t
+        let (qkv, p, pd, ctx, mut ao) = if self.attention_block(b, t) {
+            // Without backward: one job per sequence through QKV, attention and the output
+            // projection, nothing of it kept.
+            let mut ao = pool.take(n * d);
+            let causal = sp.causal;
+            // SAFETY: `attention_block` checked the CPU and the products' sizes; the slices
+            // have the sizes the stack's layout gives them.
+            unsafe {
+                super::bf16::attention_block_bf16(
+                    &mut ao,
+                    att_in,
+                    (b, t, d, heads),
+                    &w[o.wqkv..o.bqkv],
+                    &w[o.bqkv..o.wo],
+                    &w[o.wo..o.bo],
+                    |bi, r0, scores| {
+                        simd::softmax_rows(scores, &key_bias[bi * t..(bi + 1) * t], causal, r0)
+                    },
+                    rayon::current_num_threads(),
+                )
+            };
+            (Vec::new(), Vec::new(), None, Vec::new(), ao)
         } else {
-            0
-        });
-        let mut pd = self.attn_drops().then(|| pool.take(b * heads * t * t));
-        let mut ctx = pool.take(n * d);
-        self.attention(
-            fused,
-            layer,
-            b,
-            t,
-            &qkv,
-            key_bias,
-            &mut p,
-            pd.as_deref_mut(),
-            &mut ctx,
-        );
-        // Output projection, then one pass: bias, dropout, residual and the next norm
+            let qkv = product(
+                pool,
+                att_in,
+                n,
+                &w[o.wqkv..o.bqkv],
+                3 * d,
+                Epilogue::Bias(&w[o.bqkv..o.wo]),
+                sp.bf16,
+            );
+            let fused = self.fused_attention(t);
+            let mut p = pool.take(if self.keep || !fused {
+                b * heads * t * t
+            } else {
+                0
+            });
+            let mut pd = self.attn_drops().then(|| pool.take(b * heads * t * t));
+            let mut ctx = pool.take(n * d);
+            self.attention(
+                fused,
+                layer,
+                b,
+                t,
+                &qkv,
+                key_bias,
+                &mut p,
+                pd.as_deref_mut(),
+                &mut ctx,
+            );
+            let ao = product(pool, &ctx, n, &w[o.wo..o.bo], d, Epilogue::None, sp.bf16);
+            (qkv, p, pd, ctx, ao)
+        };
+        // Then one pass: the output projection's bias, dropout, residual and the next norm
         // (pre: ln2 of x1, the MLP's input; post: ln1, whose output is both x1 and the MLP's
         // input).
-        let mut ao = product(pool, &ctx, n, &w[o.wo..o.bo], d, Epilogue::None, sp.bf16);
         let drop0 = self.drops().then(|| (self.site_seed(layer, 0), sp.dropout));
         let mut m_in = pool.take(n * d);
         let (lnw, lnb, xhat, rstd) = if pre {
