@@ -280,7 +280,7 @@ fn matmul_t_in_bf16_stays_within_rounding_of_f64() {
 /// Under bf16 products, `Ctx::inference` gives exactly the outputs of `Ctx::eval`: without
 /// backward the activation epilogue runs in place and the MLP takes each block of rows
 /// through both products; with 4 sequences (256 rows, so the output projection takes bf16
-/// too) each sequence also goes through QKV, attention and the output projection as one job.
+/// too) each sequence goes through the whole layer as one job.
 #[test]
 fn bf16_inference_matches_eval() {
     if skip() {

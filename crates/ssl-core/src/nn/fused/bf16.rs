@@ -759,9 +759,9 @@ pub(crate) unsafe fn gemm_bf16(
 }
 
 thread_local! {
-    /// The packed B of a second product (see [`mlp_bf16`], [`attention_block_bf16`]).
+    /// The packed B of a second product (see [`mlp_bf16`]).
     static B2_BUF: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
-    /// One job's intermediate rows between two products.
+    /// One job's intermediate rows between two products ([`mlp_bf16`], [`with_scratch`]).
     static ROWS_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -871,126 +871,100 @@ pub(crate) unsafe fn mlp_bf16(
     });
 }
 
-/// Self-attention without backward for `b` sequences of `t` rows, `ao = A(x Wqkv^T + bqkv)
-/// Wo^T` (`x` (b t, d); `Wqkv` (3d, d) and `Wo` (d, d) row-major; the output projection's
-/// bias is the caller's), with every product in bf16 (f32 sums). `A` is the scaled
-/// dot-product attention of `heads` heads, `probs(sequence, r0, scores)` turning a panel of
-/// scores into probabilities in place as for [`attention_head`]. Each job takes one sequence
-/// through the QKV product, its heads and the output projection, with its (t, 3d) projections
-/// and (t, d) context in this thread's buffer instead of memory. Every element is computed as
-/// by the QKV [`gemm_bf16`] with its bias epilogue, [`attention_head`] per head and the output
-/// [`gemm_bf16`], bit for bit.
-///
-/// # Safety
-/// [`available`] must be true; the slices must have the sizes above and `d` must be a
-/// multiple of `heads` (checked by the caller).
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn attention_block_bf16(
-    ao: &mut [f32],
-    x: &[f32],
-    (b, t, d, heads): (usize, usize, usize, usize),
-    wqkv: &[f32],
-    bqkv: &[f32],
-    wo: &[f32],
-    probs: impl Fn(usize, usize, &mut [f32]) + Sync,
-    threads: usize,
-) {
-    if b == 0 || t == 0 || d == 0 {
-        return;
-    }
-    let dh = d / heads;
-    let scale = 1.0 / (dh as f32).sqrt();
-    let parallel = threads > 1;
-    let out = OutPtr(ao.as_mut_ptr());
-    // B of the products: Wqkv^T (d x 3d) and Wo^T (d x d).
-    let wqkv_t = View {
-        ptr: wqkv.as_ptr(),
-        rs: 1,
-        cs: d as isize,
-    };
-    let wo_t = View {
-        ptr: wo.as_ptr(),
-        rs: 1,
-        cs: d as isize,
-    };
-    let qkv_bias = Epilogue::Bias(bqkv);
-    with_buf(&B_BUF, |buf1| {
-        with_buf(&B2_BUF, |buf2| {
-            let p1 = pack_b_all(wqkv_t, 3 * d, d, parallel, buf1);
-            let p2 = pack_b_all(wo_t, d, d, parallel, buf2);
-            let job = |bi: usize| {
-                with_buf(&ROWS_BUF, |local| {
-                    if local.len() < 4 * t * d {
-                        local.resize(4 * t * d, 0.0);
-                    }
-                    let (qkv, ctx) = local.split_at_mut(3 * t * d);
-                    let (qkv, ctx) = (OutPtr(qkv.as_mut_ptr()), OutPtr(ctx.as_mut_ptr()));
-                    // SAFETY: sequence bi's rows of x and ao are valid (the caller's sizes)
-                    // and its rows of ao belong to this job alone; `qkv` (t x 3d) and `ctx`
-                    // (t x d) are this thread's.
-                    unsafe {
-                        with_buf(&A_BUF, |abuf| {
-                            let xv = View {
-                                ptr: x.as_ptr().add(bi * t * d),
-                                rs: d as isize,
-                                cs: 1,
-                            };
-                            product_rows(
-                                &p1,
-                                xv,
-                                t,
-                                (0, (3 * d).div_ceil(NR)),
-                                qkv,
-                                3 * d,
-                                1.0,
-                                false,
-                                abuf,
-                            );
-                            qkv_bias.apply(qkv.at(0), 3 * d, 0, t, 0, 3 * d);
-                        });
-                        for hi in 0..heads {
-                            let q = qkv.at(hi * dh).cast_const();
-                            attention_head(
-                                q,
-                                q.add(d),
-                                q.add(2 * d),
-                                3 * d,
-                                t,
-                                dh,
-                                scale,
-                                ctx.at(hi * dh),
-                                d,
-                                |r0, scores| probs(bi, r0, scores),
-                            );
-                        }
-                        with_buf(&A_BUF, |abuf| {
-                            let cv = View {
-                                ptr: ctx.at(0).cast_const(),
-                                rs: d as isize,
-                                cs: 1,
-                            };
-                            product_rows(
-                                &p2,
-                                cv,
-                                t,
-                                (0, d.div_ceil(NR)),
-                                OutPtr(out.at(bi * t * d)),
-                                d,
-                                1.0,
-                                false,
-                                abuf,
-                            );
-                        });
-                    }
-                })
-            };
-            if parallel && b > 1 {
-                (0..b).into_par_iter().for_each(job);
-            } else {
-                (0..b).for_each(job);
+thread_local! {
+    /// Packed weights of [`with_packed_weights`].
+    static WEIGHTS_BUF: RefCell<Vec<Vec<u32>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Weights packed once as the B of `x W^T`, for products over many blocks of rows (see
+/// [`with_packed_weights`]).
+pub(crate) struct PackedWeights<'a> {
+    list: Vec<PackedB<'a>>,
+}
+
+impl PackedWeights<'_> {
+    /// `c = a W^T` with weight `i` (`n x k`), on this thread: `a` is `rows x k` and `c`
+    /// `rows x n`, both dense; bf16 operands, f32 sums, computed as by [`gemm_bf16`].
+    pub(crate) fn product(&self, i: usize, a: &[f32], c: &mut [f32]) {
+        let b = &self.list[i];
+        let rows = a.len() / b.k.max(1);
+        assert!(
+            a.len() == rows * b.k && c.len() == rows * b.n,
+            "product shapes"
+        );
+        if rows == 0 || b.n == 0 {
+            return;
+        }
+        let av = View {
+            ptr: a.as_ptr(),
+            rs: b.k as isize,
+            cs: 1,
+        };
+        with_buf(&A_BUF, |abuf| {
+            // SAFETY: `a` and `c` hold rows x k and rows x n (checked); `c` is borrowed
+            // mutably; `with_packed_weights` checked the CPU.
+            unsafe {
+                product_rows(
+                    b,
+                    av,
+                    rows,
+                    (0, b.n_panels),
+                    OutPtr(c.as_mut_ptr()),
+                    b.n,
+                    1.0,
+                    false,
+                    abuf,
+                )
             }
-        })
-    });
+        });
+    }
+}
+
+/// Packs each `(W, n, k)` (`W` row-major `n x k`) for `x W^T`, spreading the packing over
+/// rayon's pool, and runs `f` with them. Panics without AVX-512 BF16 ([`available`]).
+pub(crate) fn with_packed_weights<R>(
+    weights: &[(&[f32], usize, usize)],
+    f: impl FnOnce(&PackedWeights) -> R,
+) -> R {
+    assert!(available(), "bf16 products need AVX-512 BF16");
+    let run = |bufs: &mut Vec<Vec<u32>>| {
+        if bufs.len() < weights.len() {
+            bufs.resize_with(weights.len(), Vec::new);
+        }
+        let list = weights
+            .iter()
+            .zip(bufs.iter_mut())
+            .map(|(&(w, n, k), buf)| {
+                assert!(
+                    w.len() >= n * k,
+                    "weight of {} elements for {n} x {k}",
+                    w.len()
+                );
+                let wt = View {
+                    ptr: w.as_ptr(),
+                    rs: 1,
+                    cs: k as isize,
+                };
+                pack_b_all(wt, n, k, rayon::current_num_threads() > 1, buf)
+            })
+            .collect();
+        f(&PackedWeights { list })
+    };
+    WEIGHTS_BUF.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut bufs) => run(&mut bufs),
+        Err(_) => run(&mut Vec::new()),
+    })
+}
+
+/// Runs `f` on this thread's scratch buffer of at least `len` floats (unspecified contents),
+/// or on a fresh one if it is in use.
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    with_buf(&ROWS_BUF, |v| {
+        if v.len() < len {
+            v.resize(len, 0.0);
+        }
+        f(&mut v[..len])
+    })
 }
 
 /// One `MR x NR` tile: `c = alpha * a b` when `first`, else `c += alpha * a b`, writing only

@@ -396,17 +396,18 @@ impl StackOp {
         (z ^ (z >> 31)) as u32
     }
 
-    /// Whether a layer's attention, from the QKV product to the output projection, runs as one
-    /// bf16 job per sequence ([`super::bf16::attention_block_bf16`]): without backward or
-    /// attention dropout, when every product in it takes bf16 and there is a sequence for
-    /// every thread.
-    fn attention_block(&self, b: usize, t: usize) -> bool {
-        let (n, d) = (b * t, self.spec.dim);
+    /// Whether a layer runs as one job per sequence ([`Self::forward_layer_blocked`]): without
+    /// backward or dropout, when every product of the layer takes bf16 and there is a
+    /// sequence for every thread.
+    fn layer_blocked(&self, b: usize, t: usize) -> bool {
+        let (n, d, m) = (b * t, self.spec.dim, self.spec.mlp);
         !self.keep
+            && !self.drops()
             && !self.attn_drops()
             && self.fused_attention(t)
             && linear_takes_bf16(n, 3 * d, d)
             && linear_takes_bf16(n, d, d)
+            && mlp_takes_bf16(n, d, m, d)
             && b >= rayon::current_num_threads()
     }
 
@@ -691,64 +692,39 @@ impl StackOp {
             y
         });
         let att_in = a_in.as_deref().unwrap_or(xin);
+        let qkv = product(
+            pool,
+            att_in,
+            n,
+            &w[o.wqkv..o.bqkv],
+            3 * d,
+            Epilogue::Bias(&w[o.bqkv..o.wo]),
+            sp.bf16,
+        );
         let heads = sp.heads;
-        let (qkv, p, pd, ctx, mut ao) = if self.attention_block(b, t) {
-            // Without backward: one job per sequence through QKV, attention and the output
-            // projection, nothing of it kept.
-            let mut ao = pool.take(n * d);
-            let causal = sp.causal;
-            // SAFETY: `attention_block` checked the CPU and the products' sizes; the slices
-            // have the sizes the stack's layout gives them.
-            unsafe {
-                super::bf16::attention_block_bf16(
-                    &mut ao,
-                    att_in,
-                    (b, t, d, heads),
-                    &w[o.wqkv..o.bqkv],
-                    &w[o.bqkv..o.wo],
-                    &w[o.wo..o.bo],
-                    |bi, r0, scores| {
-                        simd::softmax_rows(scores, &key_bias[bi * t..(bi + 1) * t], causal, r0)
-                    },
-                    rayon::current_num_threads(),
-                )
-            };
-            (Vec::new(), Vec::new(), None, Vec::new(), ao)
+        let fused = self.fused_attention(t);
+        let mut p = pool.take(if self.keep || !fused {
+            b * heads * t * t
         } else {
-            let qkv = product(
-                pool,
-                att_in,
-                n,
-                &w[o.wqkv..o.bqkv],
-                3 * d,
-                Epilogue::Bias(&w[o.bqkv..o.wo]),
-                sp.bf16,
-            );
-            let fused = self.fused_attention(t);
-            let mut p = pool.take(if self.keep || !fused {
-                b * heads * t * t
-            } else {
-                0
-            });
-            let mut pd = self.attn_drops().then(|| pool.take(b * heads * t * t));
-            let mut ctx = pool.take(n * d);
-            self.attention(
-                fused,
-                layer,
-                b,
-                t,
-                &qkv,
-                key_bias,
-                &mut p,
-                pd.as_deref_mut(),
-                &mut ctx,
-            );
-            let ao = product(pool, &ctx, n, &w[o.wo..o.bo], d, Epilogue::None, sp.bf16);
-            (qkv, p, pd, ctx, ao)
-        };
-        // Then one pass: the output projection's bias, dropout, residual and the next norm
+            0
+        });
+        let mut pd = self.attn_drops().then(|| pool.take(b * heads * t * t));
+        let mut ctx = pool.take(n * d);
+        self.attention(
+            fused,
+            layer,
+            b,
+            t,
+            &qkv,
+            key_bias,
+            &mut p,
+            pd.as_deref_mut(),
+            &mut ctx,
+        );
+        // Output projection, then one pass: bias, dropout, residual and the next norm
         // (pre: ln2 of x1, the MLP's input; post: ln1, whose output is both x1 and the MLP's
         // input).
+        let mut ao = product(pool, &ctx, n, &w[o.wo..o.bo], d, Epilogue::None, sp.bf16);
         let drop0 = self.drops().then(|| (self.site_seed(layer, 0), sp.dropout));
         let mut m_in = pool.take(n * d);
         let (lnw, lnb, xhat, rstd) = if pre {
@@ -860,6 +836,115 @@ impl StackOp {
                 g,
             },
         )
+    }
+
+    /// Layer `layer` without backward, one job per sequence (where [`Self::layer_blocked`]):
+    /// the four weight matrices are packed once, then each sequence goes through the whole
+    /// layer (QKV, every head, output projection, residual and norm, the MLP, residual and
+    /// norm) with its intermediate rows in this thread's scratch buffer, instead of each step
+    /// running over the whole batch and sending it to memory. Every row is computed by the same
+    /// kernels in the same order as [`Self::forward_layer`], so the output is the same bit for
+    /// bit (`tests/bf16.rs`).
+    fn forward_layer_blocked(
+        &self,
+        layer: usize,
+        b: usize,
+        t: usize,
+        xin: &[f32],
+        params: &[f32],
+        key_bias: &[f32],
+    ) -> Vec<f32> {
+        let sp = &self.spec;
+        let (d, m, heads) = (sp.dim, sp.mlp, sp.heads);
+        let dh = d / heads;
+        let scale = 1.0 / (dh as f32).sqrt();
+        let o = sp.offsets();
+        let w = &params[layer * o.len..(layer + 1) * o.len];
+        let pre = sp.norm == NormPlacement::Pre;
+        let mut out = self.pool.take(b * t * d);
+        let weights = [
+            (&w[o.wqkv..o.bqkv], 3 * d, d),
+            (&w[o.wo..o.bo], d, d),
+            (&w[o.w1..o.b1], m, d),
+            (&w[o.w2..o.b2], d, m),
+        ];
+        let (ln1, ln2) = (
+            (&w[o.ln1w..o.ln1w + d], &w[o.ln1b..o.ln1b + d]),
+            (&w[o.ln2w..o.ln2w + d], &w[o.ln2b..o.ln2b + d]),
+        );
+        // Row-wise layer norm of `x` into `y` (no normalised copy kept).
+        let norm = |x: &[f32], (nw, nb): (&[f32], &[f32]), y: &mut [f32], rstd: &mut [f32]| {
+            simd::layer_norm(x, nw, nb, sp.eps, y, &mut [], rstd);
+        };
+        super::bf16::with_packed_weights(&weights, |pw| {
+            out.par_chunks_mut(t * d)
+                .enumerate()
+                .for_each(|(bi, out_rows)| {
+                    let x = &xin[bi * t * d..(bi + 1) * t * d];
+                    let kb = &key_bias[bi * t..(bi + 1) * t];
+                    // Scratch: the projections, later the hidden layer; the context, later the
+                    // MLP's output; the attention output (then x1); the norm's output (a_in,
+                    // then the MLP's input); the rows' 1 / std.
+                    let wide = (3 * d).max(m);
+                    super::bf16::with_scratch(t * (wide + 3 * d + 1), |scratch| {
+                        let (wide_buf, rest) = scratch.split_at_mut(t * wide);
+                        let (ctx, rest) = rest.split_at_mut(t * d);
+                        let (ao, rest) = rest.split_at_mut(t * d);
+                        let (normed, rstd) = rest.split_at_mut(t * d);
+                        let att_in: &[f32] = if pre {
+                            norm(x, ln1, normed, rstd);
+                            normed
+                        } else {
+                            x
+                        };
+                        let qkv = &mut wide_buf[..t * 3 * d];
+                        pw.product(0, att_in, qkv);
+                        simd::add_bias(qkv, &w[o.bqkv..o.wo]);
+                        for hi in 0..heads {
+                            let q = qkv[hi * dh..].as_ptr();
+                            // SAFETY: head hi's (t, dh) views of q, k, v (row stride 3d) lie in
+                            // `qkv`, its columns of `ctx` (row stride d) in `ctx`, which this job
+                            // alone writes; `layer_blocked` checked the CPU.
+                            unsafe {
+                                super::bf16::attention_head(
+                                    q,
+                                    q.add(d),
+                                    q.add(2 * d),
+                                    3 * d,
+                                    t,
+                                    dh,
+                                    scale,
+                                    ctx[hi * dh..].as_mut_ptr(),
+                                    d,
+                                    |r0, scores| simd::softmax_rows(scores, kb, sp.causal, r0),
+                                );
+                            }
+                        }
+                        pw.product(1, ctx, ao);
+                        // x1 = x + ao + bo; the MLP's input is its norm (post: ln1, which is
+                        // also the residual stream; pre: ln2).
+                        simd::add_bias(ao, &w[o.bo..o.ln1w]);
+                        simd::add_assign(ao, x);
+                        norm(ao, if pre { ln2 } else { ln1 }, normed, rstd);
+                        let h = &mut wide_buf[..t * m];
+                        pw.product(2, normed, h);
+                        simd::bias_act_in_place(h, &w[o.b1..o.w2], sp.act);
+                        let mo = ctx;
+                        pw.product(3, h, mo);
+                        simd::add_bias(mo, &w[o.b2..o.ln2w]);
+                        if pre {
+                            // out = x1 + mo + b2.
+                            simd::add_assign(mo, ao);
+                            out_rows.copy_from_slice(mo);
+                        } else {
+                            // out = ln2(m_in + mo + b2).
+                            simd::add_assign(mo, normed);
+                            norm(mo, ln2, out_rows, rstd);
+                        }
+                    });
+                });
+        });
+        out
     }
 
     /// Backward through layer `layer`: writes its parameter gradients into `grads` (the
@@ -1065,11 +1150,27 @@ impl CustomOp3 for StackOp {
             candle_core::bail!("fused transformer stack: inputs do not match the configuration");
         }
         let key_bias: Vec<f32> = mask.iter().map(|m| (1.0 - m) * -1e9).collect();
+        // The input of every layer, then the last layer's output. Backward reads layer l's
+        // input at outs[l]; without backward, layer 0 reads `x` itself and outs starts with
+        // layer 0's output.
         let mut outs = Vec::with_capacity(sp.depth + 1);
-        outs.push(self.pool.copy_of(x));
+        if self.keep {
+            outs.push(self.pool.copy_of(x));
+        }
+        let first_out = usize::from(self.keep);
         let mut layers = Vec::with_capacity(sp.depth);
         for l in 0..sp.depth {
-            let (out, saved) = self.forward_layer(l, b, t, &outs[l], params, &key_bias);
+            let input: &[f32] = if self.keep || l > 0 {
+                &outs[outs.len() - 1]
+            } else {
+                x
+            };
+            if self.layer_blocked(b, t) {
+                let out = self.forward_layer_blocked(l, b, t, input, params, &key_bias);
+                outs.push(out);
+                continue;
+            }
+            let (out, saved) = self.forward_layer(l, b, t, input, params, &key_bias);
             outs.push(out);
             if self.keep {
                 layers.push(saved);
@@ -1080,12 +1181,16 @@ impl CustomOp3 for StackOp {
         let n = b * t * d;
         let (count, result) = if self.all_layers {
             let mut r = Vec::with_capacity(sp.depth * n);
-            for o in &outs[1..] {
+            for o in &outs[first_out..] {
                 r.extend_from_slice(o);
             }
             (sp.depth, r)
         } else {
-            (1, outs[sp.depth].clone())
+            // The last output goes to candle as it is (backward never reads it); no layers
+            // (and no backward): the input.
+            let last = outs.pop().unwrap_or_else(|| self.pool.copy_of(x));
+            self.pool.forget(last.len());
+            (1, last)
         };
         let saved = Saved {
             b,
