@@ -280,19 +280,24 @@ fn matmul_t_in_bf16_stays_within_rounding_of_f64() {
 /// Under bf16 products, `Ctx::inference` gives exactly the outputs of `Ctx::eval`: without
 /// backward the activation epilogue runs in place and the MLP takes each block of rows
 /// through both products; with 4 sequences (256 rows, so the output projection takes bf16
-/// too) each sequence goes through the whole layer as one job.
+/// too) each sequence goes through the whole layer as one job; also with a causal mask.
 #[test]
 fn bf16_inference_matches_eval() {
     if skip() {
         return;
     }
-    for (norm, b) in [
-        (NormPlacement::Post, B),
-        (NormPlacement::Pre, B),
-        (NormPlacement::Post, 2 * B),
-        (NormPlacement::Pre, 2 * B),
+    for (norm, b, causal) in [
+        (NormPlacement::Post, B, false),
+        (NormPlacement::Pre, B, false),
+        (NormPlacement::Post, 2 * B, false),
+        (NormPlacement::Pre, 2 * B, false),
+        (NormPlacement::Pre, 2 * B, true),
     ] {
-        let (store, stack) = build(norm, DType::F32, StackKernel::Fused);
+        let cfg = TransformerConfig {
+            causal,
+            ..config(norm, 2)
+        };
+        let (store, stack) = common::stack_on_cpu(&cfg, DType::F32, StackKernel::Fused, 5);
         let mut rng = SslRng::new(3);
         // Every parameter moved off its initial value (biases start at zero, norms at one),
         // so each one shows in the output.
@@ -329,6 +334,10 @@ fn bf16_inference_matches_eval() {
             let out = stack.forward(&x, Some(&mask), &mut ctx).unwrap();
             out.last.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         };
-        assert_eq!(run(false), run(true), "{norm:?}, {b} sequences");
+        assert_eq!(
+            run(false),
+            run(true),
+            "{norm:?}, {b} sequences, causal {causal}"
+        );
     }
 }
