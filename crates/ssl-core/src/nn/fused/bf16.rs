@@ -359,13 +359,13 @@ thread_local! {
 
 /// Runs `f` on this thread's buffer `key`, or on a fresh one if it is in use (a rayon worker
 /// waiting in one product may steal a job that runs another).
-fn with_buf<T, R>(
-    key: &'static std::thread::LocalKey<RefCell<Vec<T>>>,
-    f: impl FnOnce(&mut Vec<T>) -> R,
+fn with_buf<T: Default, R>(
+    key: &'static std::thread::LocalKey<RefCell<T>>,
+    f: impl FnOnce(&mut T) -> R,
 ) -> R {
     key.with(|cell| match cell.try_borrow_mut() {
         Ok(mut buf) => f(&mut buf),
-        Err(_) => f(&mut Vec::new()),
+        Err(_) => f(&mut T::default()),
     })
 }
 
@@ -416,7 +416,7 @@ pub(crate) unsafe fn attention_head(
     let ld = ld as isize;
     let (kc2_q, kc2_v) = (dh.div_ceil(2), t.div_ceil(2));
     let (t_panels, dh_panels) = (t.div_ceil(NR), dh.div_ceil(NR));
-    let mut run = |buf: &mut AttentionBuf| {
+    with_buf(&ATTENTION_BUF, |buf| {
         let AttentionBuf { kt, v: vb, a, s } = buf;
         // K^T (dh x t: element (p, j) is K[j][p]) and V (t x dh), packed once per head.
         for (buf, words) in [
@@ -498,10 +498,6 @@ pub(crate) unsafe fn attention_head(
                 }
             }
         }
-    };
-    ATTENTION_BUF.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => run(&mut buf),
-        Err(_) => run(&mut AttentionBuf::default()),
     })
 }
 
@@ -759,9 +755,7 @@ pub(crate) unsafe fn gemm_bf16(
 }
 
 thread_local! {
-    /// The packed B of a second product (see [`mlp_bf16`]).
-    static B2_BUF: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
-    /// One job's intermediate rows between two products ([`mlp_bf16`], [`with_scratch`]).
+    /// One job's intermediate rows between two products ([`with_scratch`]).
     static ROWS_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -771,12 +765,9 @@ thread_local! {
 /// products: its `rows x f` hidden block stays in this thread's buffer (in L2) from the first
 /// product, through the activation, into the second, instead of going out to memory and
 /// back. Every element is computed as by the two [`gemm_bf16`] calls with the activation
-/// between them, bit for bit.
-///
-/// # Safety
-/// [`available`] must be true; the slices must have the sizes above (checked by the caller).
+/// between them, bit for bit. Panics without AVX-512 BF16 ([`available`]).
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn mlp_bf16(
+pub(crate) fn mlp_bf16(
     c: &mut [f32],
     x: &[f32],
     ldx: usize,
@@ -785,89 +776,22 @@ pub(crate) unsafe fn mlp_bf16(
     b1: &[f32],
     act: super::simd::Act,
     w2: &[f32],
-    threads: usize,
 ) {
     if m == 0 || n == 0 {
         return;
     }
-    let threads = threads.max(1);
-    let parallel = threads > 1;
-    let (mc, m_blocks) = row_blocks(m, threads);
-    let out = OutPtr(c.as_mut_ptr());
-    // B of the products: W1^T (k x f) and W2^T (f x n).
-    let w1t = View {
-        ptr: w1.as_ptr(),
-        rs: 1,
-        cs: k as isize,
-    };
-    let w2t = View {
-        ptr: w2.as_ptr(),
-        rs: 1,
-        cs: f as isize,
-    };
-    let hidden = Epilogue::BiasAct {
-        bias: b1,
-        act,
-        act_out: None,
-    };
-    with_buf(&B_BUF, |buf1| {
-        with_buf(&B2_BUF, |buf2| {
-            let p1 = pack_b_all(w1t, f, k, parallel, buf1);
-            let p2 = pack_b_all(w2t, n, f, parallel, buf2);
-            let job = |mb: usize| {
-                let i0 = mb * mc;
-                let rows = mc.min(m - i0);
-                with_buf(&ROWS_BUF, |h| {
-                    if h.len() < rows * f {
-                        h.resize(rows * f, 0.0);
-                    }
-                    let hp = OutPtr(h.as_mut_ptr());
-                    with_buf(&A_BUF, |abuf| {
-                        // SAFETY: x's rows [i0, i0 + rows) are valid (the caller's sizes);
-                        // `h` holds rows x f and is this thread's; c's rows [i0, i0 + rows)
-                        // belong to this job alone.
-                        unsafe {
-                            product_rows(
-                                &p1,
-                                View {
-                                    ptr: x.as_ptr().add(i0 * ldx),
-                                    rs: ldx as isize,
-                                    cs: 1,
-                                },
-                                rows,
-                                (0, f.div_ceil(NR)),
-                                hp,
-                                f,
-                                1.0,
-                                false,
-                                abuf,
-                            );
-                            hidden.apply(hp.at(0), f, 0, rows, 0, f);
-                            product_rows(
-                                &p2,
-                                View {
-                                    ptr: h.as_ptr(),
-                                    rs: f as isize,
-                                    cs: 1,
-                                },
-                                rows,
-                                (0, n.div_ceil(NR)),
-                                OutPtr(out.at(i0 * n)),
-                                n,
-                                1.0,
-                                false,
-                                abuf,
-                            );
-                        }
-                    });
+    let (mc, _) = row_blocks(m, rayon::current_num_threads().max(1));
+    with_packed_weights(&[(w1, f, k), (w2, n, f)], |pw| {
+        c[..m * n]
+            .par_chunks_mut(mc * n)
+            .enumerate()
+            .for_each(|(mb, out_rows)| {
+                with_scratch(out_rows.len() / n * f, |h| {
+                    pw.product(0, &x[mb * mc * ldx..], ldx, h);
+                    super::simd::bias_act_in_place(h, b1, act);
+                    pw.product(1, h, f, out_rows);
                 })
-            };
-            if parallel && m_blocks > 1 {
-                (0..m_blocks).into_par_iter().for_each(job);
-            } else {
-                (0..m_blocks).for_each(job);
-            }
-        })
+            })
     });
 }
 
@@ -883,26 +807,27 @@ pub(crate) struct PackedWeights<'a> {
 }
 
 impl PackedWeights<'_> {
-    /// `c = a W^T` with weight `i` (`n x k`), on this thread: `a` is `rows x k` and `c`
-    /// `rows x n`, both dense; bf16 operands, f32 sums, computed as by [`gemm_bf16`].
-    pub(crate) fn product(&self, i: usize, a: &[f32], c: &mut [f32]) {
+    /// `c = a W^T` with weight `i` (`n x k`), on this thread: `c` is `rows x n` dense and `a`
+    /// `rows x k` with row stride `lda`; bf16 operands, f32 sums, computed as by
+    /// [`gemm_bf16`].
+    pub(crate) fn product(&self, i: usize, a: &[f32], lda: usize, c: &mut [f32]) {
         let b = &self.list[i];
-        let rows = a.len() / b.k.max(1);
-        assert!(
-            a.len() == rows * b.k && c.len() == rows * b.n,
-            "product shapes"
-        );
-        if rows == 0 || b.n == 0 {
+        if b.n == 0 || c.is_empty() {
             return;
         }
+        let rows = c.len() / b.n;
+        assert!(
+            c.len() == rows * b.n && lda >= b.k && a.len() >= (rows - 1) * lda + b.k,
+            "product shapes"
+        );
         let av = View {
             ptr: a.as_ptr(),
-            rs: b.k as isize,
+            rs: lda as isize,
             cs: 1,
         };
         with_buf(&A_BUF, |abuf| {
-            // SAFETY: `a` and `c` hold rows x k and rows x n (checked); `c` is borrowed
-            // mutably; `with_packed_weights` checked the CPU.
+            // SAFETY: `a` holds rows rows of k at stride lda and `c` rows x n (checked); `c`
+            // is borrowed mutably; `with_packed_weights` checked the CPU.
             unsafe {
                 product_rows(
                     b,
@@ -927,7 +852,7 @@ pub(crate) fn with_packed_weights<R>(
     f: impl FnOnce(&PackedWeights) -> R,
 ) -> R {
     assert!(available(), "bf16 products need AVX-512 BF16");
-    let run = |bufs: &mut Vec<Vec<u32>>| {
+    with_buf(&WEIGHTS_BUF, |bufs| {
         if bufs.len() < weights.len() {
             bufs.resize_with(weights.len(), Vec::new);
         }
@@ -949,10 +874,6 @@ pub(crate) fn with_packed_weights<R>(
             })
             .collect();
         f(&PackedWeights { list })
-    };
-    WEIGHTS_BUF.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut bufs) => run(&mut bufs),
-        Err(_) => run(&mut Vec::new()),
     })
 }
 

@@ -202,21 +202,7 @@ pub(crate) fn mlp_product(c: &mut [f32], x: MatRef, w1: MatRef, b1: &[f32], act:
     x.check();
     w1.check();
     w2.check();
-    // SAFETY: the views were checked to lie inside their slices and the CPU to have the
-    // kernels; `c` holds m x n and is borrowed mutably.
-    unsafe {
-        super::bf16::mlp_bf16(
-            c,
-            x.data,
-            x.ld,
-            (m, k, f, n),
-            w1.data,
-            b1,
-            act,
-            w2.data,
-            rayon::current_num_threads(),
-        )
-    }
+    super::bf16::mlp_bf16(c, x.data, x.ld, (m, k, f, n), w1.data, b1, act, w2.data);
 }
 
 /// True when [`matmul`] runs an `m x k` by `k x n` product in bf16 when asked (and the CPU

@@ -898,7 +898,7 @@ impl StackOp {
                             x
                         };
                         let qkv = &mut wide_buf[..t * 3 * d];
-                        pw.product(0, att_in, qkv);
+                        pw.product(0, att_in, d, qkv);
                         simd::add_bias(qkv, &w[o.bqkv..o.wo]);
                         for hi in 0..heads {
                             let q = qkv[hi * dh..].as_ptr();
@@ -920,17 +920,17 @@ impl StackOp {
                                 );
                             }
                         }
-                        pw.product(1, ctx, ao);
+                        pw.product(1, ctx, d, ao);
                         // x1 = x + ao + bo; the MLP's input is its norm (post: ln1, which is
                         // also the residual stream; pre: ln2).
                         simd::add_bias(ao, &w[o.bo..o.ln1w]);
                         simd::add_assign(ao, x);
                         norm(ao, if pre { ln2 } else { ln1 }, normed, rstd);
                         let h = &mut wide_buf[..t * m];
-                        pw.product(2, normed, h);
+                        pw.product(2, normed, d, h);
                         simd::bias_act_in_place(h, &w[o.b1..o.w2], sp.act);
                         let mo = ctx;
-                        pw.product(3, h, mo);
+                        pw.product(3, h, m, mo);
                         simd::add_bias(mo, &w[o.b2..o.ln2w]);
                         if pre {
                             // out = x1 + mo + b2.
