@@ -645,10 +645,10 @@ unsafe fn product_rows(
     }
 }
 
-/// Row blocks for `m` rows on `threads` threads: blocks of at most [`MC`] rows (a multiple of
-/// [`MR`]), their count rounded up to a multiple of the threads so they finish together.
-/// Returns (rows per block, blocks).
-fn row_blocks(m: usize, threads: usize) -> (usize, usize) {
+/// How a product's `m` rows are cut into jobs on `threads` threads: blocks of at most [`MC`]
+/// rows (a multiple of [`MR`]), their count rounded up to a multiple of the threads so they
+/// finish together. Returns (rows per block, blocks).
+fn job_rows(m: usize, threads: usize) -> (usize, usize) {
     let blocks = m.div_ceil(MC).div_ceil(threads) * threads;
     let mc = m.div_ceil(blocks).div_ceil(MR) * MR;
     (mc, m.div_ceil(mc))
@@ -699,7 +699,7 @@ pub(crate) unsafe fn gemm_bf16(
     let out = OutPtr(c);
     let threads = threads.max(1);
     // Row blocks enough to feed every thread; when there are too few rows, column chunks too.
-    let (mc, m_blocks) = row_blocks(m, threads);
+    let (mc, m_blocks) = job_rows(m, threads);
     let n_panels = n.div_ceil(NR);
     let n_chunks = if threads > 1 {
         (2 * threads).div_ceil(m_blocks).clamp(1, n_panels)
@@ -780,7 +780,7 @@ pub(crate) fn mlp_bf16(
     if m == 0 || n == 0 {
         return;
     }
-    let (mc, _) = row_blocks(m, rayon::current_num_threads().max(1));
+    let (mc, _) = job_rows(m, rayon::current_num_threads().max(1));
     with_packed_weights(&[(w1, f, k), (w2, n, f)], |pw| {
         c[..m * n]
             .par_chunks_mut(mc * n)
