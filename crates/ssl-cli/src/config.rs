@@ -41,14 +41,8 @@ pub fn from_checkpoint<T: Serialize + DeserializeOwned>(
     modality: &str,
     overrides: &[String],
 ) -> Result<(std::path::PathBuf, T), CliError> {
-    let ckpt = ssl_core::checkpoint::resolve_checkpoint(checkpoint)?;
-    let state = ssl_core::checkpoint::read_state(&ckpt)?;
-    let stored: T = serde_json::from_value(state.config).map_err(|e| {
-        CliError::Config(format!(
-            "{}: the stored configuration is not a {modality} configuration: {e}",
-            ckpt.display()
-        ))
-    })?;
+    let (ckpt, stored): (std::path::PathBuf, T) =
+        ssl_core::run_dir::stored_config(checkpoint, modality)?;
     let cfg = resolve(&stored, None, overrides)?;
     Ok((ckpt, cfg))
 }

@@ -17,6 +17,15 @@ pub enum CliError {
     /// A time-series model, task or data error.
     #[error(transparent)]
     Series(#[from] ssl_timeseries::TsError),
+    /// A text model, tokenizer, data or pipeline error.
+    #[error(transparent)]
+    Text(#[from] ssl_text::TextError),
+    /// A vision model, data or pipeline error.
+    #[error(transparent)]
+    Vision(#[from] ssl_vision::VisionError),
+    /// An image-text model, data or pipeline error.
+    #[error(transparent)]
+    Multimodal(#[from] ssl_multimodal::MultimodalError),
     /// A probe failed.
     #[error(transparent)]
     Probe(#[from] ssl_core::probe::ProbeError),

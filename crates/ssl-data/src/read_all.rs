@@ -38,6 +38,18 @@ impl Default for ReadOptions {
     }
 }
 
+impl ReadOptions {
+    /// Options that read the share of rank `rank` of `world_size` (see [`read_all`]).
+    pub fn for_rank(rank: usize, world_size: usize, skip_bad_rows: bool) -> Self {
+        ReadOptions {
+            skip_bad_rows,
+            rank,
+            world_size,
+            ..ReadOptions::default()
+        }
+    }
+}
+
 /// Which part of the source a [`Table`] holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Share {
@@ -49,6 +61,32 @@ pub enum Share {
     /// The source has fewer row groups than ranks: every row was read and the rows whose
     /// global index `i` has `i % world_size == rank` were kept.
     Rows,
+}
+
+impl Share {
+    /// Says on stderr which part of the source rank `rank` of `world_size` read (`n` `what`),
+    /// and on rank 0 when the source had too few row groups to be split by row group. Silent
+    /// in a single process.
+    pub fn report(&self, rank: usize, world_size: usize, n: usize, what: &str) {
+        if world_size <= 1 {
+            return;
+        }
+        match self {
+            Share::RowGroups(groups) => {
+                eprintln!("rank {rank} reads row groups {groups:?} ({n} {what})");
+            }
+            Share::Rows | Share::All => {
+                if rank == 0 {
+                    eprintln!(
+                        "note: the data has fewer row groups than the {world_size} ranks, so every rank reads all of it and keeps the rows whose index is its rank modulo {world_size}; write the files with smaller row groups for each rank to read only its share"
+                    );
+                }
+                eprintln!(
+                    "rank {rank} reads every row group and keeps rows i % {world_size} == {rank} ({n} {what})"
+                );
+            }
+        }
+    }
 }
 
 /// A whole source (or one rank's share) in memory, plus the rows that were skipped.

@@ -14,6 +14,13 @@
 //! `0..n_classes`. All entry points validate their input and return a
 //! [`ProbeError`] that says what is wrong instead of panicking.
 
+mod harness;
+
+pub use harness::{
+    probe_labelled, probe_scores, probe_split, take_rows, ClassIds, ProbeScores,
+    PROBE_TEST_FRACTION,
+};
+
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
