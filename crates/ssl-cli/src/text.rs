@@ -6,21 +6,20 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use ssl_core::checkpoint::{CheckpointManager, MODEL_FILE};
 use ssl_core::probe::{
     fit_linear_probe, knn_accuracy, stratified_split, KnnConfig, LinearProbeConfig,
 };
 use ssl_core::{
-    parse_device, Ctx, LoopTrainer, ParamStore, PretextTask, SslRng, StopFlag, TrainConfig, Trainer,
+    parse_device, Ctx, LoopTrainer, ParamStore, PretextTask, SslRng, StopFlag, Trainer,
 };
 use ssl_data::{read_all, ColumnSpec, EmbeddingWriter, ReadOptions};
 use ssl_text::{
     evaluate_mlm, export_hf_dir, load_hf_dir, load_tokenizer, save_tokenizer, tokenize_texts,
     train_from_parquet, train_from_texts, BertConfig, BertForMaskedLM, CharSpans,
-    InMemoryTextSource, InputConfig, InputMode, MaskingConfig, MlmEval, Pooling, SpecialIds,
-    TextBatch, TokenizedSeq, TokenizerConfig,
+    InMemoryTextSource, InputConfig, InputMode, MlmEval, SpecialIds, TextBatch, TokenizedSeq,
+    TokenizerConfig,
 };
 use tokenizers::Tokenizer;
 
@@ -34,155 +33,7 @@ fn text_err(e: ssl_text::TextError) -> CliError {
     CliError::Config(e.to_string())
 }
 
-/// `[data]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DataConfig {
-    /// Text column.
-    pub column: String,
-    /// Label column for `ssl eval text`.
-    pub label_column: String,
-    /// Id column carried into embeddings ("" = row number).
-    pub id_column: String,
-    /// Fraction of documents held out (seeded hash of the row index) for perplexity.
-    pub heldout_fraction: f64,
-    /// Use at most this many documents (0: all).
-    pub max_docs: usize,
-    /// Evaluate held-out perplexity on at most this many sequences (0: all).
-    pub heldout_max_seqs: usize,
-    /// Terms whose occurrences are entities for entity-aware masking (case-insensitive).
-    pub entity_terms: Vec<String>,
-    /// A text column holding each document's entity spans for entity-aware masking, as JSON
-    /// `[[start, end], ...]` in characters, end exclusive ("" = none; null or "" = no spans).
-    /// Used with `entity_terms` when both are given.
-    pub entity_column: String,
-}
-
-impl Default for DataConfig {
-    fn default() -> Self {
-        DataConfig {
-            column: "text".into(),
-            label_column: "label".into(),
-            id_column: String::new(),
-            heldout_fraction: 0.05,
-            max_docs: 0,
-            heldout_max_seqs: 512,
-            entity_terms: Vec::new(),
-            entity_column: String::new(),
-        }
-    }
-}
-
-/// `[tokenizer]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TokenizerSection {
-    /// An existing `tokenizer.json` ("" = train one on the training documents).
-    pub file: String,
-    /// Training settings.
-    pub train: TokenizerConfig,
-}
-
-impl Default for TokenizerSection {
-    fn default() -> Self {
-        TokenizerSection {
-            file: String::new(),
-            train: TokenizerConfig {
-                vocab_size: 4000,
-                ..TokenizerConfig::default()
-            },
-        }
-    }
-}
-
-/// `[model]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ModelSection {
-    /// Size preset (tiny, mini, small, base); "" = use `config` as given.
-    pub preset: String,
-    /// A Hugging Face directory to adapt (config.json, model.safetensors, tokenizer.json).
-    pub init_from: String,
-    /// The BERT configuration (Hugging Face names); sizes come from the preset when set,
-    /// vocab_size and pad_token_id from the tokenizer.
-    pub config: BertConfig,
-}
-
-impl Default for ModelSection {
-    fn default() -> Self {
-        ModelSection {
-            preset: "tiny".into(),
-            init_from: String::new(),
-            config: BertConfig::preset("tiny", 0).unwrap_or_default(),
-        }
-    }
-}
-
-/// `[embed]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct EmbedSection {
-    /// Mean over non-padding tokens, or the `[CLS]` token.
-    pub pooling: Pooling,
-    /// Hidden state pooled: 0 = embeddings, 1..L = that layer, -1 = last.
-    pub layer: i64,
-}
-
-impl Default for EmbedSection {
-    fn default() -> Self {
-        EmbedSection {
-            pooling: Pooling::Mean,
-            layer: -1,
-        }
-    }
-}
-
-/// The whole configuration of `ssl pretrain text`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TextConfig {
-    /// Training loop.
-    pub train: TrainConfig,
-    /// Data.
-    pub data: DataConfig,
-    /// Tokenizer.
-    pub tokenizer: TokenizerSection,
-    /// Model.
-    pub model: ModelSection,
-    /// Inputs (packing, max_seq_len).
-    pub input: InputConfig,
-    /// Masking strategy.
-    pub masking: MaskingConfig,
-    /// Embedding extraction.
-    pub embed: EmbedSection,
-}
-
-impl Default for TextConfig {
-    fn default() -> Self {
-        TextConfig {
-            train: TrainConfig {
-                max_steps: 150,
-                batch_size: 16,
-                lr: 2e-3,
-                warmup_steps: 15,
-                weight_decay: 0.01,
-                checkpoint_every_steps: 50,
-                checkpoint_every_minutes: 30.0,
-                health_every: 0,
-                ..TrainConfig::default()
-            },
-            data: DataConfig::default(),
-            tokenizer: TokenizerSection::default(),
-            model: ModelSection::default(),
-            input: InputConfig {
-                mode: InputMode::Packed,
-                max_seq_len: 64,
-            },
-            masking: MaskingConfig::default(),
-            embed: EmbedSection::default(),
-        }
-    }
-}
+pub use ssl_text::{DataConfig, TextConfig};
 
 /// Whether row `i` is held out: a seeded hash of the index, so streaming readers agree.
 pub fn is_heldout(i: usize, seed: u64, fraction: f64) -> bool {

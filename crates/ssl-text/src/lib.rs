@@ -12,7 +12,9 @@
 //! - [`bert`]: `BertForMaskedLM` on ssl-core's shared transformer stack with Hugging Face key
 //!   names, implementing [`ssl_core::Encoder`] and [`ssl_core::PretextTask`];
 //! - [`hf`]: load a Hugging Face directory (fresh MLM head when it has none) and export one
-//!   that `transformers.BertForMaskedLM.from_pretrained` loads.
+//!   that `transformers.BertForMaskedLM.from_pretrained` loads;
+//! - [`pipeline`]: the whole pipeline as library calls: [`TextConfig`] (the TOML keys of
+//!   `ssl pretrain text`), pretraining, embedding, evaluation and tokenizer training.
 #![deny(missing_docs)]
 
 pub mod bert;
@@ -20,6 +22,7 @@ pub mod data;
 mod error;
 pub mod hf;
 pub mod masking;
+pub mod pipeline;
 pub mod tokenizer;
 
 pub use bert::{evaluate_mlm, BertConfig, BertForMaskedLM, BertModel, MlmEval, Pooling};
@@ -30,6 +33,7 @@ pub use data::{
 pub use error::{Result, TextError};
 pub use hf::{export_hf_dir, load_hf_dir, HfModel};
 pub use masking::{mask_sequence, MaskStrategy, Masked, MaskingConfig};
+pub use pipeline::{DataConfig, EmbedSection, ModelSection, TextConfig, TokenizerSection};
 pub use tokenizer::{
     fertility, load_tokenizer, save_tokenizer, train_from_parquet, train_from_texts, Fertility,
     SpecialIds, TokenizerConfig, TokenizerKind,

@@ -1,0 +1,159 @@
+//! The configuration of a text pretraining run: the TOML keys of `ssl pretrain text` (and of
+//! `config.toml` in a run directory), with their defaults.
+
+use serde::{Deserialize, Serialize};
+use ssl_core::TrainConfig;
+
+use crate::{BertConfig, InputConfig, InputMode, MaskingConfig, Pooling, TokenizerConfig};
+
+/// `[data]`: which columns to read, the held-out split and entity annotations.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Text column.
+    pub column: String,
+    /// Label column for `ssl eval text`.
+    pub label_column: String,
+    /// Id column carried into embeddings ("" = row number).
+    pub id_column: String,
+    /// Fraction of documents held out (seeded hash of the row index) for perplexity.
+    pub heldout_fraction: f64,
+    /// Use at most this many documents (0: all).
+    pub max_docs: usize,
+    /// Evaluate held-out perplexity on at most this many sequences (0: all).
+    pub heldout_max_seqs: usize,
+    /// Terms whose occurrences are entities for entity-aware masking (case-insensitive).
+    pub entity_terms: Vec<String>,
+    /// A text column holding each document's entity spans for entity-aware masking, as JSON
+    /// `[[start, end], ...]` in characters, end exclusive ("" = none; null or "" = no spans).
+    /// Used with `entity_terms` when both are given.
+    pub entity_column: String,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            column: "text".into(),
+            label_column: "label".into(),
+            id_column: String::new(),
+            heldout_fraction: 0.05,
+            max_docs: 0,
+            heldout_max_seqs: 512,
+            entity_terms: Vec::new(),
+            entity_column: String::new(),
+        }
+    }
+}
+
+/// `[tokenizer]`: an existing tokenizer, or how to train one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenizerSection {
+    /// An existing `tokenizer.json` ("" = train one on the training documents).
+    pub file: String,
+    /// Training settings.
+    pub train: TokenizerConfig,
+}
+
+impl Default for TokenizerSection {
+    fn default() -> Self {
+        TokenizerSection {
+            file: String::new(),
+            train: TokenizerConfig {
+                vocab_size: 4000,
+                ..TokenizerConfig::default()
+            },
+        }
+    }
+}
+
+/// `[model]`: the BERT to pretrain (a size preset, explicit sizes, or a Hugging Face
+/// directory to adapt).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// Size preset (tiny, mini, small, base); "" = use `config` as given.
+    pub preset: String,
+    /// A Hugging Face directory to adapt (config.json, model.safetensors, tokenizer.json).
+    pub init_from: String,
+    /// The BERT configuration (Hugging Face names); sizes come from the preset when set,
+    /// vocab_size and pad_token_id from the tokenizer.
+    pub config: BertConfig,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            preset: "tiny".into(),
+            init_from: String::new(),
+            config: BertConfig::preset("tiny", 0).unwrap_or_default(),
+        }
+    }
+}
+
+/// `[embed]`: how `embed` and `eval` pool a document into one vector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbedSection {
+    /// Mean over non-padding tokens, or the `[CLS]` token.
+    pub pooling: Pooling,
+    /// Hidden state pooled: 0 = embeddings, 1..L = that layer, -1 = last.
+    pub layer: i64,
+}
+
+impl Default for EmbedSection {
+    fn default() -> Self {
+        EmbedSection {
+            pooling: Pooling::Mean,
+            layer: -1,
+        }
+    }
+}
+
+/// The whole configuration of a text run (`ssl pretrain text`; stored as the run's
+/// `config.toml` and in every checkpoint).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TextConfig {
+    /// Training loop.
+    pub train: TrainConfig,
+    /// Data.
+    pub data: DataConfig,
+    /// Tokenizer.
+    pub tokenizer: TokenizerSection,
+    /// Model.
+    pub model: ModelSection,
+    /// Inputs (packing, max_seq_len).
+    pub input: InputConfig,
+    /// Masking strategy.
+    pub masking: MaskingConfig,
+    /// Embedding extraction.
+    pub embed: EmbedSection,
+}
+
+impl Default for TextConfig {
+    fn default() -> Self {
+        TextConfig {
+            train: TrainConfig {
+                max_steps: 150,
+                batch_size: 16,
+                lr: 2e-3,
+                warmup_steps: 15,
+                weight_decay: 0.01,
+                checkpoint_every_steps: 50,
+                checkpoint_every_minutes: 30.0,
+                health_every: 0,
+                ..TrainConfig::default()
+            },
+            data: DataConfig::default(),
+            tokenizer: TokenizerSection::default(),
+            model: ModelSection::default(),
+            input: InputConfig {
+                mode: InputMode::Packed,
+                max_seq_len: 64,
+            },
+            masking: MaskingConfig::default(),
+            embed: EmbedSection::default(),
+        }
+    }
+}
