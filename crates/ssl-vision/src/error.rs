@@ -8,6 +8,12 @@ pub enum VisionError {
     /// Model, training or checkpoint error from ssl-core.
     #[error(transparent)]
     Core(#[from] ssl_core::CoreError),
+    /// Reading images from Parquet or writing embeddings failed.
+    #[error(transparent)]
+    Data(#[from] ssl_data::DataError),
+    /// A linear probe or k-NN evaluation failed.
+    #[error(transparent)]
+    Probe(#[from] ssl_core::probe::ProbeError),
     /// A tensor operation failed.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),

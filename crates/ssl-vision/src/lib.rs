@@ -40,6 +40,7 @@ mod error;
 mod mae;
 pub mod masking;
 pub mod patch;
+pub mod pipeline;
 pub mod pos_embed;
 pub mod preview;
 mod recipe;
@@ -51,6 +52,12 @@ pub use contrastive::{SimClrConfig, SimClrTask};
 pub use error::{Result, VisionError};
 pub use mae::{MaeConfig, MaeTask};
 pub use masking::{random_masking, MaskSample};
+pub use pipeline::{
+    channel_stats_over_ranks, embed, embed_images, eval, load_images, load_model,
+    load_rank_images, pretrain, stored_config, AnyVisionTask, EmbedSummary, FeatureProbe,
+    LoadedImages, VisionConfig, VisionDataConfig, VisionEvalReport, VisionRunSummary,
+    VisionTaskConfig, VisionTaskKind,
+};
 pub use recipe::{recipe_train_config, scaled_lr};
 pub use source::{ImageCursor, ImageSet, InMemoryImageSource};
 pub use vit::{Images, Pooling, ViTConfig, VisionTransformer};

@@ -1,0 +1,88 @@
+//! `embed`: pooled encoder embeddings of images, in batches, written to Parquet.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use serde::Serialize;
+use ssl_core::nn::MatmulPrecision;
+use ssl_data::EmbeddingWriter;
+
+use super::config::VisionConfig;
+use super::images::load_images;
+use super::task::{load_model, AnyVisionTask};
+use crate::{ImageSet, Pooling, Result};
+
+/// What [`embed`] wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct EmbedSummary {
+    /// The Parquet file (`id`, `embedding`).
+    pub out: PathBuf,
+    /// Rows written.
+    pub rows: usize,
+    /// Embedding width.
+    pub dim: usize,
+}
+
+/// Pooled embeddings of every image of `images`, `batch` at a time, in evaluation mode:
+/// the row-major values and the embedding width.
+pub fn embed_images(
+    task: &AnyVisionTask,
+    images: &ImageSet,
+    pooling: Pooling,
+    batch: usize,
+    device: &Device,
+    precision: MatmulPrecision,
+) -> Result<(Vec<f32>, usize)> {
+    let mut out = Vec::new();
+    let mut dim = 0;
+    for start in (0..images.len()).step_by(batch.max(1)) {
+        let b = images.batch(start, batch.max(1), device)?;
+        let e = task.embed_with(&b, pooling, precision)?;
+        dim = e.dim(1)?;
+        out.extend(e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok((out, dim))
+}
+
+/// Embeds the images of `data` with the model of checkpoint directory `ckpt` configured by
+/// `cfg` (see [`super::stored_config`]; pooling from `model.pooling`, batches of
+/// `train.batch_size`) and writes `(id, embedding)` rows to the Parquet file `out`, with the
+/// model, checkpoint, pooling and task in its metadata.
+pub fn embed(ckpt: &Path, cfg: &VisionConfig, data: &[String], out: &Path) -> Result<EmbedSummary> {
+    let (task, device) = load_model(ckpt, cfg)?;
+    let loaded = load_images(data, &cfg.data, None)?;
+    cfg.check_shape(&loaded.images)?;
+    let (emb, dim) = embed_images(
+        &task,
+        &loaded.images,
+        cfg.model.pooling,
+        cfg.train.batch_size,
+        &device,
+        cfg.train.matmul_precision,
+    )?;
+    let mut meta = BTreeMap::new();
+    meta.insert("model".to_string(), "ssl-vision ViT".to_string());
+    meta.insert("checkpoint".to_string(), ckpt.display().to_string());
+    meta.insert(
+        "pooling".to_string(),
+        format!("{:?}", cfg.model.pooling).to_lowercase(),
+    );
+    meta.insert(
+        "task".to_string(),
+        format!("{:?}", cfg.task.kind).to_lowercase(),
+    );
+    let mut writer = EmbeddingWriter::create(out, dim, meta)?;
+    writer.write(&loaded.ids, &emb)?;
+    writer.finish()?;
+    eprintln!(
+        "wrote {} embeddings of dimension {dim} to {}",
+        loaded.ids.len(),
+        out.display()
+    );
+    Ok(EmbedSummary {
+        out: out.to_path_buf(),
+        rows: loaded.ids.len(),
+        dim,
+    })
+}

@@ -1,0 +1,149 @@
+//! `pretrain`: a ViT trained with MAE or SimCLR on the images of Parquet files, with
+//! reconstruction previews, checkpoints and metrics in a run directory.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use ssl_core::checkpoint::{read_state, CheckpointManager};
+use ssl_core::run_dir::{self, RunOptions, RunSummary};
+use ssl_core::{parse_device, Trainer};
+
+use super::config::VisionConfig;
+use super::images::load_rank_images;
+use super::previews::PreviewSource;
+use super::task::AnyVisionTask;
+use crate::preview::save_reconstruction_grid;
+use crate::{InMemoryImageSource, Result, VisionError};
+
+/// What [`pretrain`] returns: the run's summary and where its previews are.
+#[derive(Debug, Clone, Serialize)]
+pub struct VisionRunSummary {
+    /// Steps, losses, checkpoint.
+    pub run: RunSummary,
+    /// The reconstruction grids (`step-NNNNNNNN.png`, `final.png`; MAE only).
+    pub previews: PathBuf,
+}
+
+impl VisionRunSummary {
+    /// Prints what `ssl pretrain vision` prints at the end: an interruption, and the `done:`
+    /// line with the checkpoint, metrics and previews.
+    pub fn print(&self) {
+        let r = &self.run;
+        if r.interrupted {
+            eprintln!(
+                "interrupted at step {}: checkpoint written, continue with --resume",
+                r.step
+            );
+        }
+        eprintln!(
+            "done: step {} (loss {:.4} -> {:.4}); checkpoint {}; metrics {}; previews {}",
+            r.step,
+            r.first_loss,
+            r.last_loss,
+            r.last_checkpoint
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            r.dir.join("metrics.jsonl").display(),
+            self.previews.display()
+        );
+    }
+}
+
+/// Pretrains the ViT of `cfg` on the images of `data` (Parquet files, directories or globs;
+/// at least one) into the run directory `out`: `config.toml` (the completed configuration),
+/// `checkpoints/`, `metrics.jsonl`, and `previews/` (MAE reconstruction grids every
+/// `task.preview_every` steps and `final.png`).
+///
+/// The data-dependent settings are filled in first ([`VisionConfig::complete`]). With several
+/// ranks each reads its share of the row groups; rank 0 writes the configuration, the
+/// previews and prints the summary. Progress goes to stderr.
+pub fn pretrain(
+    mut cfg: VisionConfig,
+    data: &[String],
+    out: &Path,
+    opts: &RunOptions,
+) -> Result<VisionRunSummary> {
+    if data.is_empty() {
+        return Err(VisionError::Config(
+            "no image data given: pass at least one Parquet file, directory or glob".into(),
+        ));
+    }
+    let device = parse_device(&cfg.train.device)?;
+    let (mut par, device) = opts.parallel(device)?;
+    // Each rank reads its share of the rows (its row groups).
+    let loaded = load_rank_images(data, &cfg.data, None, &par)?;
+    cfg.complete(&loaded.images, &par)?;
+    if par.is_main() {
+        run_dir::write_config(out, &cfg)?;
+    }
+    let (store, mut task) = AnyVisionTask::build(&cfg, &device)?;
+    if let (AnyVisionTask::Simclr(t), true) = (&mut task, par.world > 1) {
+        // NT-Xent's negatives span every rank: each step gathers all ranks' views.
+        t.gather_across(par.shared());
+    }
+    let n = loaded.images.len();
+    eprintln!(
+        "{n} images {}x{}x{}; {:?} task; lr {:.3e}; {} parameters",
+        cfg.model.channels,
+        cfg.model.image_height,
+        cfg.model.image_width,
+        cfg.task.kind,
+        cfg.train.lr,
+        store.num_elements()
+    );
+    // The health batch and the previews are rank 0's first images: rank 0 reads row group 0,
+    // so they are the source's first images as in one process as long as they fit in it.
+    let n_health = cfg.data.health_examples.min(n);
+    let heldout = (n_health >= 2)
+        .then(|| loaded.images.batch(0, n_health, &device))
+        .transpose()?;
+    // Previews are written by rank 0 only.
+    let n_prev = if par.is_main() {
+        cfg.task.preview_images.min(n)
+    } else {
+        0
+    };
+    let preview_imgs = (n_prev > 0)
+        .then(|| loaded.images.batch(0, n_prev, &device))
+        .transpose()?;
+    let inner =
+        InMemoryImageSource::new(loaded.images, cfg.train.batch_size, cfg.train.seed, &device)?;
+    let preview_dir = out.join("previews");
+    // On resume, previews continue the step numbering of the checkpoint resumed from.
+    let accum = cfg.train.accum_steps.max(1) as u64;
+    let resumed_step = if opts.resume {
+        CheckpointManager::new(out.join("checkpoints"), 1)
+            .latest()?
+            .map(|c| read_state(&c).map(|s| s.step))
+            .transpose()?
+            .unwrap_or(0)
+    } else {
+        0
+    };
+    let mut source = PreviewSource {
+        inner,
+        task: &task,
+        images: preview_imgs.clone(),
+        every: cfg.task.preview_every,
+        accum,
+        pulled: resumed_step * accum,
+        dir: preview_dir.clone(),
+        seed: cfg.train.seed,
+    };
+    let run_config = serde_json::to_value(&cfg).map_err(|e| VisionError::Config(e.to_string()))?;
+    let mut trainer = opts.trainer(&cfg.train, out, run_config, &mut par)?;
+    let report = trainer.fit(&task, &mut source, heldout.as_ref())?;
+    let summary = VisionRunSummary {
+        run: RunSummary::new(out, &report),
+        previews: preview_dir,
+    };
+    if !par.is_main() {
+        return Ok(summary);
+    }
+    if let (AnyVisionTask::Mae(t), Some(imgs)) = (&task, &preview_imgs) {
+        save_reconstruction_grid(t, imgs, cfg.train.seed, &summary.previews.join("final.png"))?;
+    }
+    summary.print();
+    Ok(summary)
+}
