@@ -18,6 +18,13 @@ pub enum TsError {
     /// The data cannot serve the request (too short for a window, no valid value...).
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// A probe of `eval` failed (too few rows or classes...).
+    #[error(transparent)]
+    Probe(#[from] ssl_core::probe::ProbeError),
+    /// A pipeline cannot run as asked: the configuration disagrees with the data or the
+    /// checkpoint, labels are missing... (the message says why and what to change).
+    #[error("{0}")]
+    Pipeline(String),
 }
 
 /// Result with [`TsError`].

@@ -40,6 +40,7 @@ mod error;
 mod forecast;
 mod masked_patch;
 mod patchtst;
+pub mod pipeline;
 mod revin;
 mod rnn;
 mod tcn;
@@ -56,6 +57,15 @@ pub use forecast::{
 };
 pub use masked_patch::{patch_mask, MaskedPatchConfig, MaskedPatchTask};
 pub use patchtst::{num_patches, patchify, PatchTstConfig, PatchTstEncoder, Patches};
+pub use pipeline::common::EmbedSummary;
+pub use pipeline::features::{
+    embed as embed_features, eval as eval_features, pretrain as pretrain_features, FeaturesConfig,
+    FeaturesEvalReport, FeaturesTask,
+};
+pub use pipeline::timeseries::{
+    embed as embed_timeseries, eval as eval_timeseries, pretrain as pretrain_timeseries,
+    TimeseriesConfig, TimeseriesEvalReport, TimeseriesTask,
+};
 pub use revin::{Revin, RevinStats};
 pub use rnn::{RnnCell, RnnConfig, RnnEncoder};
 pub use tcn::{masked_max, TcnConfig, TcnEncoder};

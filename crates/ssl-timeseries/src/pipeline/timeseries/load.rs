@@ -1,0 +1,103 @@
+//! Reading the series of a [`TimeseriesConfig`] from Parquet, as its task consumes them.
+
+use ssl_core::seq::SeqExample;
+use ssl_core::Parallel;
+use ssl_data::ReadOptions;
+
+use super::{TaskKind, TimeseriesConfig};
+use crate::pipeline::common::truncate;
+use crate::{chronological_split, read_long_series, read_series_with, windows, Result};
+
+/// Series, ids and labels of a data set, as the task consumes them.
+pub(crate) struct Loaded {
+    pub examples: Vec<SeqExample>,
+    pub ids: Vec<String>,
+    pub labels: Option<Vec<String>>,
+    /// The examples are this rank's share already (read by row group); otherwise every rank
+    /// holds them all.
+    pub sharded: bool,
+}
+
+/// Which part of a long series.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Part {
+    Train,
+    Test,
+    All,
+}
+
+/// Reads a data set; with `par`, one-series-per-row data is read as this rank's share of the
+/// rows (a long series is always read whole: its windows are cut from all of it).
+pub(crate) fn load(
+    paths: &[String],
+    cfg: &TimeseriesConfig,
+    label_column: Option<&str>,
+    part: Part,
+    par: Option<&Parallel>,
+) -> Result<Loaded> {
+    let d = &cfg.data;
+    let forecast = cfg.task.kind == TaskKind::Forecast;
+    if !d.long_column.is_empty() {
+        let series = read_long_series(paths, &d.long_column)?;
+        let len = cfg.window_len();
+        let context = if forecast {
+            cfg.task.forecast.context
+        } else {
+            0
+        };
+        let (train, test) = chronological_split(&series, d.train_fraction, context)?;
+        let (s, stride) = match part {
+            Part::Train => (train, d.stride),
+            Part::Test => (test, 1),
+            Part::All => (series, d.stride),
+        };
+        let examples = windows(&s, len, stride)?;
+        let ids = (0..examples.len()).map(|i| format!("window:{i}")).collect();
+        return Ok(Loaded {
+            examples,
+            ids,
+            labels: None,
+            sharded: false,
+        });
+    }
+    let options = match par {
+        Some(p) => ReadOptions::for_rank(p.rank, p.world, d.skip_bad_rows),
+        None => ReadOptions {
+            skip_bad_rows: d.skip_bad_rows,
+            ..Default::default()
+        },
+    };
+    let set = read_series_with(paths, &d.column, label_column, Some(&d.id_column), &options)?;
+    if let Some(p) = par {
+        set.share
+            .report(p.rank, p.world, set.row_index.len(), "series");
+    }
+    let mut examples = Vec::with_capacity(set.series.len());
+    let mut ids = Vec::new();
+    for (e, id) in set.series.into_iter().zip(set.ids) {
+        let mut e = truncate(e, d.max_len)?;
+        if forecast {
+            // Forecasting on one-series-per-row data: every window of each row.
+            for (k, w) in windows(&e, cfg.window_len(), d.stride)?
+                .into_iter()
+                .enumerate()
+            {
+                examples.push(w);
+                ids.push(format!("{id}:{k}"));
+            }
+            continue;
+        }
+        if d.normalize {
+            e.normalize_instance();
+        }
+        examples.push(e);
+        ids.push(id);
+    }
+    let labels = if forecast { None } else { set.labels };
+    Ok(Loaded {
+        examples,
+        ids,
+        labels,
+        sharded: par.is_some(),
+    })
+}
