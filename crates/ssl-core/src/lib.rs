@@ -4,6 +4,8 @@
 //!
 //! - [`Encoder`], [`PretextTask`], [`Trainer`] (implemented by [`LoopTrainer`]) and the
 //!   [`BatchSource`] the trainer pulls from;
+//! - [`ComposedTask`]: one encoder trained on a weighted sum of pretext tasks (boxed tasks
+//!   are tasks too, so `Box<dyn PretextTask<Batch = B>>` holds a task chosen at run time);
 //! - [`nn`]: the one transformer stack of every modality, built from ops whose gradients flow;
 //! - [`optim`]: AdamW with parameter groups and saveable state, LR schedules, clipping;
 //! - [`checkpoint`]: atomic, resumable checkpoints; [`StopFlag`] for SIGINT/SIGTERM;
@@ -49,6 +51,7 @@
 mod alloc;
 pub mod checkpoint;
 mod collective;
+mod compose;
 mod compute;
 mod ctx;
 mod device;
@@ -80,6 +83,7 @@ pub use alloc::keep_freed_memory;
 pub use collective::{
     broadcast_params, gather_rows, Collective, SharedCollective, SingleProcess, ThreadGroup,
 };
+pub use compose::{ComposedTask, MapBatch};
 pub use compute::{candle_ops_on_caller, on_compute_threads};
 pub use ctx::Ctx;
 pub use device::parse_device;

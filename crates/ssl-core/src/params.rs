@@ -75,6 +75,12 @@ impl ParamStore {
         &self.device
     }
 
+    /// True when `self` and `other` are handles on the same parameters (clones of one store),
+    /// as the parts of a [`crate::ComposedTask`] must be.
+    pub fn same_store(&self, other: &ParamStore) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// A builder that creates parameters in this store, initialised from `seed`.
     pub fn builder(&self, seed: u64) -> ParamBuilder {
         ParamBuilder {

@@ -60,6 +60,43 @@ pub trait PretextTask {
     }
 }
 
+/// A boxed task is a task: every method forwards to the box's content, the overridable ones
+/// ([`PretextTask::forward_backward`], [`PretextTask::after_step`]) included, so
+/// `Box<dyn PretextTask<Batch = B>>` stands for any task over `B` (a task chosen at run time
+/// from a configuration, the parts of a [`crate::ComposedTask`]) without a hand-written
+/// forwarding enum.
+impl<T: PretextTask + ?Sized> PretextTask for Box<T> {
+    type Batch = T::Batch;
+
+    fn params(&self) -> &ParamStore {
+        (**self).params()
+    }
+
+    fn forward(&self, batch: &Self::Batch, ctx: &mut Ctx) -> Result<TaskOutput> {
+        (**self).forward(batch, ctx)
+    }
+
+    fn embed(&self, batch: &Self::Batch, ctx: &mut Ctx) -> Result<Tensor> {
+        (**self).embed(batch, ctx)
+    }
+
+    fn batch_len(&self, batch: &Self::Batch) -> usize {
+        (**self).batch_len(batch)
+    }
+
+    fn forward_backward(
+        &self,
+        batch: &Self::Batch,
+        ctx: &mut Ctx,
+    ) -> Result<(TaskOutput, GradStore)> {
+        (**self).forward_backward(batch, ctx)
+    }
+
+    fn after_step(&self) -> Result<()> {
+        (**self).after_step()
+    }
+}
+
 /// An endless, resumable stream of batches.
 pub trait BatchSource<B> {
     /// The next batch (sources cycle through epochs; they never run dry).
