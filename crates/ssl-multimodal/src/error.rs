@@ -21,6 +21,14 @@ pub enum MultimodalError {
     /// A setting that cannot work, named by its key.
     #[error("{0}")]
     Config(String),
+    /// A file or directory could not be read or written.
+    #[error("{path}: {source}", path = path.display())]
+    Io {
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
     /// Input that does not fit the model (shapes, lengths, empty sets).
     #[error("{0}")]
     InvalidInput(String),

@@ -135,19 +135,19 @@ pub fn retrieval(image: &Tensor, text: &Tensor, ks: &[usize]) -> Result<Retrieva
     })
 }
 
-/// Zero-shot classification figures.
+/// Zero-shot classification figures (fields in JSON key order).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ZeroShotReport {
-    /// Images classified.
-    pub n: usize,
-    /// Distinct classes (the candidates).
-    pub n_classes: usize,
     /// Fraction of images whose most similar class prompt is their label.
     pub accuracy: f64,
     /// A uniform random guess: `1 / n_classes`.
     pub chance: f64,
     /// Always predicting the most frequent class.
     pub majority: f64,
+    /// Images classified.
+    pub n: usize,
+    /// Distinct classes (the candidates).
+    pub n_classes: usize,
 }
 
 /// The prompt of `template` for a class name: `{}` is replaced by the name with `-` and `_`

@@ -18,7 +18,10 @@
 //!   split, caption tokenization, a resumable batch source;
 //! - [`eval`]: recall@K both ways against chance, zero-shot classification from class names
 //!   with prompt templates; [`filter`]: dropping the lowest-scoring pairs;
-//! - [`toy`]: a synthetic coloured-shapes set for tests and examples.
+//! - [`toy`]: a synthetic coloured-shapes set for tests and examples;
+//! - [`pipeline`]: the whole pipeline as library calls, what `ssl pretrain|embed|eval
+//!   multimodal` run: [`MultimodalConfig`] (the TOML keys), [`pretrain`], [`embed`], [`eval`];
+//!   towers start from text and vision runs through their typed configurations.
 //!
 //! ```no_run
 //! use candle_core::Device;
@@ -49,6 +52,7 @@ pub mod eval;
 pub mod filter;
 pub mod loss;
 mod model;
+pub mod pipeline;
 mod task;
 pub mod toy;
 
@@ -64,6 +68,11 @@ pub use eval::{
 pub use filter::keep_best_pairs;
 pub use loss::{clip_loss, siglip_loss, LossConfig, LossKind};
 pub use model::{cosine_matrix, pair_scores, ClipConfig, ClipModel, TEXT_PREFIX, VISION_PREFIX};
+pub use pipeline::{
+    embed, eval, pretrain, stored_config, EmbedSummary, InitSection, LoadedRun, MmEmbedSection,
+    MmEvalSection, MmTokenizerSection, MultimodalConfig, MultimodalDataConfig,
+    MultimodalEvalReport, MultimodalRunSummary, MultimodalScores, Tower,
+};
 pub use task::PairBatch;
 
 /// Trains a WordPiece tokenizer (lower-cased, BERT's special tokens) of at most `vocab_size`

@@ -1,0 +1,224 @@
+//! The typed configuration of a multimodal run: the TOML keys `ssl pretrain multimodal`
+//! reads and every checkpoint stores (as JSON), with their defaults.
+
+use serde::{Deserialize, Serialize};
+use ssl_core::TrainConfig;
+use ssl_data::ColorMode;
+use ssl_text::TokenizerConfig;
+use ssl_vision::ViTConfig;
+
+use crate::{ClipConfig, PairColumns};
+
+/// `[data]`: where the pairs are.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MultimodalDataConfig {
+    /// Image column (PNG/JPEG bytes or a `{bytes, path}` struct).
+    pub image_column: String,
+    /// Caption column.
+    pub caption_column: String,
+    /// Id column carried into embeddings ("" = `file:row`).
+    pub id_column: String,
+    /// `rgb` or `grey` (alpha is dropped).
+    pub color: ColorMode,
+    /// Resize every image to `[height, width]` (empty: keep; all images must then agree).
+    pub resize: Vec<usize>,
+    /// Skip (and report) rows that cannot be decoded instead of stopping.
+    pub skip_bad_rows: bool,
+    /// Use at most the first this many pairs for training and evaluation (0: all; `ssl embed`
+    /// embeds every row).
+    pub max_pairs: usize,
+    /// Fraction of pairs held out (seeded by `train.seed`) from training, for `ssl eval`.
+    pub heldout_fraction: f64,
+    /// A trained multimodal run or checkpoint that scores the training pairs for filtering.
+    pub filter_checkpoint: String,
+    /// Drop this fraction of the training pairs, those the filter model scores lowest.
+    pub filter_drop_fraction: f64,
+}
+
+impl Default for MultimodalDataConfig {
+    fn default() -> Self {
+        MultimodalDataConfig {
+            image_column: "image".into(),
+            caption_column: "caption".into(),
+            id_column: String::new(),
+            color: ColorMode::Rgb,
+            resize: vec![32, 32],
+            skip_bad_rows: false,
+            max_pairs: 0,
+            heldout_fraction: 0.2,
+            filter_checkpoint: String::new(),
+            filter_drop_fraction: 0.0,
+        }
+    }
+}
+
+impl MultimodalDataConfig {
+    /// The columns to read, with the text label columns `labels` (zero-shot evaluation).
+    pub fn columns(&self, labels: &[String]) -> PairColumns {
+        PairColumns {
+            image: self.image_column.clone(),
+            caption: self.caption_column.clone(),
+            id: self.id_column.clone(),
+            labels: labels.to_vec(),
+            color: self.color,
+            resize: self.resize.clone(),
+            skip_bad_rows: self.skip_bad_rows,
+        }
+    }
+}
+
+/// `[tokenizer]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MmTokenizerSection {
+    /// An existing `tokenizer.json` ("" = train one on the training captions).
+    pub file: String,
+    /// Training settings.
+    pub train: TokenizerConfig,
+}
+
+impl Default for MmTokenizerSection {
+    fn default() -> Self {
+        MmTokenizerSection {
+            file: String::new(),
+            train: TokenizerConfig {
+                vocab_size: 1000,
+                min_frequency: 1,
+                ..TokenizerConfig::default()
+            },
+        }
+    }
+}
+
+/// `[init]`: start the towers from other runs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InitSection {
+    /// An `ssl pretrain vision` MAE run or checkpoint: its encoder (`vit.*`) becomes the image
+    /// tower, with its ViT settings and pixel normalisation.
+    pub image_from: String,
+    /// An `ssl pretrain text` run or checkpoint: its encoder (`bert.*`) becomes the text
+    /// tower, with its BERT settings and tokenizer.
+    pub text_from: String,
+}
+
+/// `[eval]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MmEvalSection {
+    /// Recall@K cut-offs.
+    pub ks: Vec<usize>,
+    /// Text label columns for zero-shot classification (missing columns are an error).
+    pub zero_shot_columns: Vec<String>,
+    /// Prompt templates; `{}` is the class name.
+    pub templates: Vec<String>,
+}
+
+impl Default for MmEvalSection {
+    fn default() -> Self {
+        MmEvalSection {
+            ks: vec![1, 5, 10],
+            zero_shot_columns: vec!["category".into(), "subcategory".into()],
+            templates: vec![
+                "an emoji of {}".into(),
+                "{}".into(),
+                "a picture of {}".into(),
+            ],
+        }
+    }
+}
+
+/// Which tower [`embed`](crate::embed) runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Tower {
+    /// Images (the image column).
+    #[default]
+    Image,
+    /// Captions (the caption column).
+    Text,
+}
+
+impl Tower {
+    /// `image` or `text`, as in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tower::Image => "image",
+            Tower::Text => "text",
+        }
+    }
+}
+
+/// `[embed]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MmEmbedSection {
+    /// `image` or `text` (`--set embed.tower=text`).
+    pub tower: Tower,
+}
+
+/// The whole configuration of a multimodal run (`ssl pretrain multimodal`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MultimodalConfig {
+    /// Training loop (`accum_steps` must stay 1: use `model.micro_batch` for gradient caching,
+    /// which keeps every negative).
+    pub train: TrainConfig,
+    /// Data.
+    pub data: MultimodalDataConfig,
+    /// Caption tokenizer.
+    pub tokenizer: MmTokenizerSection,
+    /// Longest caption in tokens, `[CLS]` and `[SEP]` included.
+    pub max_seq_len: usize,
+    /// The two towers, the projections and the loss (image size and channels come from
+    /// the data, vocabulary from the tokenizer, empty image_mean/std are measured).
+    pub model: ClipConfig,
+    /// Tower initialisation from other runs.
+    pub init: InitSection,
+    /// Evaluation.
+    pub eval: MmEvalSection,
+    /// Embedding extraction.
+    pub embed: MmEmbedSection,
+}
+
+impl Default for MultimodalConfig {
+    fn default() -> Self {
+        MultimodalConfig {
+            // Sized for the embedded sample: about a minute in release on 2 cores (README).
+            // open_clip's AdamW: betas (0.9, 0.98), eps 1e-6, weight decay 0.2, cosine.
+            train: TrainConfig {
+                max_steps: 300,
+                batch_size: 64,
+                lr: 1e-3,
+                warmup_steps: 30,
+                beta1: 0.9,
+                beta2: 0.98,
+                eps: 1e-6,
+                weight_decay: 0.2,
+                grad_clip: 1.0,
+                checkpoint_every_steps: 100,
+                checkpoint_every_minutes: 30.0,
+                health_every: 50,
+                ..TrainConfig::default()
+            },
+            data: MultimodalDataConfig::default(),
+            tokenizer: MmTokenizerSection::default(),
+            max_seq_len: 24,
+            model: ClipConfig {
+                image: ViTConfig {
+                    image_height: 0,
+                    image_width: 0,
+                    channels: 0,
+                    ..ClipConfig::default().image
+                },
+                image_mean: Vec::new(),
+                image_std: Vec::new(),
+                ..ClipConfig::default()
+            },
+            init: InitSection::default(),
+            eval: MmEvalSection::default(),
+            embed: MmEmbedSection::default(),
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! The whole multimodal pipeline as library calls, what `ssl pretrain|embed|eval multimodal`
+//! run: [`MultimodalConfig`] (the TOML keys, stored with every checkpoint), [`pretrain`]
+//! (pairs from Parquet to a run directory), [`embed`] (either tower to Parquet) and [`eval`]
+//! (recall@K both ways and zero-shot accuracy against untrained towers).
+//!
+//! Towers can start from other runs (`[init]`): their stored configurations are read as
+//! [`ssl_text::TextConfig`] and [`ssl_vision::VisionConfig`].
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use ssl_core::run_dir::RunOptions;
+//! use ssl_multimodal::{embed, eval, pretrain, stored_config, MultimodalConfig};
+//!
+//! # fn main() -> ssl_multimodal::Result<()> {
+//! let data = vec!["pairs.parquet".to_string()];
+//! let mut cfg = MultimodalConfig::default();
+//! cfg.train.max_steps = 50;
+//! pretrain(cfg, &data, Path::new("run"), &RunOptions::default())?.print();
+//! let (ckpt, cfg) = stored_config(Path::new("run"))?;
+//! embed(&ckpt, &cfg, &data, Path::new("images.parquet"))?;
+//! let report = eval(&ckpt, &cfg, &data, &[], None)?;
+//! println!("{}", serde_json::to_string(&report).unwrap());
+//! # Ok(()) }
+//! ```
+
+mod complete;
+mod config;
+mod embed;
+mod eval;
+mod pretrain;
+mod run;
+mod split;
+mod tokenizer;
+mod towers;
+
+pub use complete::complete_config;
+pub use config::{
+    InitSection, MmEmbedSection, MmEvalSection, MmTokenizerSection, MultimodalConfig,
+    MultimodalDataConfig, Tower,
+};
+pub use embed::{check_shape, embed, EmbedSummary};
+pub use eval::{eval, evaluate, MultimodalEvalReport, MultimodalScores, RecallAtK};
+pub use pretrain::{pretrain, MultimodalRunSummary};
+pub use run::{build_model, stored_config, LoadedRun};
+pub use split::{
+    eval_pairs, filter_scores, read_run_pairs, sharded_split, split_pairs, train_heldout,
+};
+pub use tokenizer::{run_tokenizer, shared_tokenizer};
+pub use towers::{init_towers, text_run, tower_settings_from_runs, vision_run};

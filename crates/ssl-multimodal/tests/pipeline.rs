@@ -1,0 +1,111 @@
+//! The pipeline as library calls: ranks split their rows as one process splits the source,
+//! and a tiny run pretrains, embeds both towers and evaluates from a Parquet file.
+
+use std::path::Path;
+
+use ssl_core::run_dir::RunOptions;
+use ssl_core::Parallel;
+use ssl_multimodal::pipeline::{read_run_pairs, sharded_split};
+use ssl_multimodal::*;
+
+/// 400 toy pairs (16x16) in row groups of `rows_per_group`.
+fn toy_file(dir: &Path, rows_per_group: usize) -> Vec<String> {
+    let path = dir.join("pairs.parquet");
+    toy::write_parquet(&toy::toy_pairs(400, 16, 3).unwrap(), &path, rows_per_group).unwrap();
+    vec![path.to_string_lossy().into_owned()]
+}
+
+#[test]
+fn ranks_split_their_rows_as_one_process_splits_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    // 400 pairs in row groups of 30 (14 groups).
+    let paths = toy_file(dir.path(), 30);
+    let mut cfg = MultimodalConfig::default();
+    cfg.data.max_pairs = 300;
+    cfg.data.heldout_fraction = 0.1;
+    // One process, as `pretrain` splits with one rank.
+    let all = read_run_pairs(&paths, &cfg, &[]).unwrap();
+    let (tr, he) = holdout_split(all.len(), cfg.data.heldout_fraction, cfg.train.seed).unwrap();
+    let ids = |set: &PairSet| -> Vec<String> {
+        let mut v = set.ids.clone();
+        v.sort();
+        v
+    };
+    let (want_train, want_held) = (ids(&all.select(&tr)), ids(&all.select(&he)));
+    assert_eq!((want_train.len(), want_held.len()), (270, 30));
+    for world in [1, 3] {
+        let out = Parallel::on_threads(world, |p| sharded_split(&paths, &cfg, &p).unwrap());
+        let (mut train, mut held) = (Vec::new(), Vec::new());
+        for (t, h) in &out {
+            train.extend(t.ids.clone());
+            held.extend(h.ids.clone());
+        }
+        train.sort();
+        held.sort();
+        assert_eq!(train, want_train, "world {world}");
+        assert_eq!(held, want_held, "world {world}");
+        if world > 1 {
+            assert!(out.iter().all(|(t, _)| t.len() < 270));
+        }
+    }
+}
+
+/// A configuration small enough for a test: tiny towers, a few steps.
+fn tiny_config() -> MultimodalConfig {
+    let mut cfg = MultimodalConfig::default();
+    cfg.train.max_steps = 4;
+    cfg.train.warmup_steps = 1;
+    cfg.train.batch_size = 32;
+    cfg.data.resize = vec![16, 16];
+    cfg.tokenizer.train.vocab_size = 100;
+    cfg.max_seq_len = 12;
+    cfg.model.embed_dim = 16;
+    cfg.model.image.patch_size = 4;
+    cfg.model.image.dim = 32;
+    cfg.model.image.depth = 1;
+    cfg.model.image.heads = 2;
+    cfg.model.text.hidden_size = 32;
+    cfg.model.text.num_hidden_layers = 1;
+    cfg.model.text.num_attention_heads = 2;
+    cfg.model.text.intermediate_size = 64;
+    cfg.model.text.max_position_embeddings = 16;
+    cfg.eval.zero_shot_columns = vec!["shape".into(), "color".into()];
+    cfg.eval.templates = vec!["a {}".into()];
+    cfg
+}
+
+#[test]
+fn pretrain_embed_and_eval_through_the_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = toy_file(dir.path(), 100);
+    let run = dir.path().join("run");
+    let summary = pretrain(tiny_config(), &paths, &run, &RunOptions::default()).unwrap();
+    assert_eq!(summary.run.step, 4);
+    assert!(summary.run.first_loss.is_finite() && summary.logit_scale.is_finite());
+    for f in ["config.toml", "tokenizer.json", "metrics.jsonl"] {
+        assert!(run.join(f).exists(), "{f} missing");
+    }
+    let (ckpt, mut cfg) = stored_config(&run).unwrap();
+    assert_eq!(cfg.model.image.image_height, 16);
+    for tower in [Tower::Image, Tower::Text] {
+        cfg.embed.tower = tower;
+        let out = dir.path().join(format!("{}.parquet", tower.name()));
+        let e = embed(&ckpt, &cfg, &paths, &out).unwrap();
+        assert_eq!((e.rows, e.dim), (400, 16));
+        let read = ssl_data::read_embeddings(&out).unwrap();
+        assert_eq!(read.ids.len(), 400);
+    }
+    let report = eval(&ckpt, &cfg, &paths, &[], None).unwrap();
+    assert_eq!(report.n_heldout, 80);
+    let v = serde_json::to_value(&report).unwrap();
+    for side in ["trained", "untrained"] {
+        for k in ["r@1", "r@5", "r@10"] {
+            let r = v[side]["image_to_text"][k].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&r), "{side} {k} {r}");
+        }
+        for c in ["shape", "color"] {
+            assert!(v[side]["zero_shot"][c]["accuracy"].is_number(), "{v}");
+        }
+    }
+    assert!((v["trained"]["chance"]["r@5"].as_f64().unwrap() - 5.0 / 80.0).abs() < 1e-12);
+}
