@@ -11,6 +11,13 @@ pub enum TextError {
     /// Reading Parquet failed.
     #[error(transparent)]
     Data(#[from] ssl_data::DataError),
+    /// A probe (linear or k-NN) failed.
+    #[error(transparent)]
+    Probe(#[from] ssl_core::probe::ProbeError),
+    /// A pipeline step failed: malformed entity spans, a data-parallel exchange between ranks,
+    /// an empty held-out set (the message says which, as is).
+    #[error("{0}")]
+    Pipeline(String),
     /// A tensor operation failed.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),

@@ -1,7 +1,29 @@
-//! The text pipeline as library calls: the typed configuration of a run ([`TextConfig`]),
-//! masked-LM pretraining with a held-out perplexity curve and a Hugging Face export,
-//! embedding, evaluation and tokenizer training.
+//! The text pipeline as library calls, what `ssl pretrain|embed|eval text` and
+//! `ssl tokenizer train` run:
+//!
+//! - [`TextConfig`]: the typed configuration of a run (the TOML keys users write);
+//! - [`pretrain`]: masked-LM pretraining into a run directory, with the held-out perplexity
+//!   curve ([`HELDOUT_FILE`]) and a Hugging Face export, data-parallel over ranks;
+//! - [`stored_config`], [`embed`], [`eval`]: a trained model's configuration, its pooled
+//!   embeddings written to Parquet, and its evaluation report ([`TextEvalReport`]);
+//! - [`train_tokenizer_report`]: a tokenizer trained on a Parquet column, with its fertility
+//!   on held-out documents.
 
 mod config;
+mod docs;
+mod embed;
+mod eval;
+mod heldout;
+mod pretrain;
+mod tokenizer;
 
 pub use config::{DataConfig, EmbedSection, ModelSection, TextConfig, TokenizerSection};
+pub use docs::{read_docs, read_docs_of, Docs};
+pub use embed::{embed, stored_config, EmbedSummary, TextModel};
+pub use eval::{eval, TextEvalReport, TextProbeReport};
+pub use heldout::{heldout_eval, HeldoutPoint};
+pub use pretrain::{build_model, pretrain, TextRunSummary, HELDOUT_FILE};
+pub use tokenizer::{
+    make_tokenizer, shared_tokenizer, tokenize, tokenizer_from_json, train_tokenizer_report,
+    FertilityReport,
+};

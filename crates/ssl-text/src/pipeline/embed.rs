@@ -1,0 +1,165 @@
+//! A trained text model loaded back (from a run's checkpoint or a Hugging Face directory),
+//! and `embed`: pooled document embeddings written to Parquet.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use serde::Serialize;
+use ssl_core::checkpoint::MODEL_FILE;
+use ssl_core::run_dir;
+use ssl_core::{parse_device, Ctx, ParamStore, SslRng};
+use ssl_data::EmbeddingWriter;
+use tokenizers::Tokenizer;
+
+use super::config::TextConfig;
+use super::docs::read_docs;
+use crate::{
+    load_hf_dir, load_tokenizer, tokenize_texts, BertForMaskedLM, InputConfig, InputMode, Result,
+    SpecialIds, TextBatch, TokenizedSeq,
+};
+
+/// Whether `dir` is a Hugging Face model directory (it has a `config.json`).
+fn is_hf_dir(dir: &Path) -> bool {
+    dir.join("config.json").is_file()
+}
+
+/// The checkpoint directory of `checkpoint` (a run directory or one checkpoint directory)
+/// and the configuration stored with it. A Hugging Face directory (with `config.json`) is
+/// returned as is with the default configuration, for evaluating a model before adaptation.
+pub fn stored_config(checkpoint: &Path) -> Result<(PathBuf, TextConfig)> {
+    if is_hf_dir(checkpoint) {
+        return Ok((checkpoint.to_path_buf(), TextConfig::default()));
+    }
+    Ok(run_dir::stored_config(checkpoint, "text")?)
+}
+
+/// A trained model ready to embed or evaluate: its configuration, tokenizer and weights.
+pub struct TextModel {
+    /// The configuration it runs with.
+    pub cfg: TextConfig,
+    /// The checkpoint (or Hugging Face) directory it was loaded from.
+    pub ckpt: PathBuf,
+    /// Its tokenizer.
+    pub tok: Tokenizer,
+    /// The model, pooling set from `cfg.embed`.
+    pub model: BertForMaskedLM,
+    /// The device it lives on (`train.device`).
+    pub device: Device,
+}
+
+impl TextModel {
+    /// Loads the model of checkpoint directory `ckpt` configured by `cfg` (see
+    /// [`stored_config`]): the tokenizer `tokenizer.file` and the weights of
+    /// `ckpt/model.safetensors`, or everything from a Hugging Face directory.
+    pub fn load(ckpt: &Path, cfg: &TextConfig) -> Result<Self> {
+        let cfg = cfg.clone();
+        let device = parse_device(&cfg.train.device)?;
+        let layer = (cfg.embed.layer >= 0).then_some(cfg.embed.layer as usize);
+        if is_hf_dir(ckpt) {
+            let hf = load_hf_dir(ckpt, cfg.masking, cfg.train.seed, &device)?;
+            let mut model = hf.model;
+            model.set_pooling(cfg.embed.pooling, layer)?;
+            return Ok(TextModel {
+                cfg,
+                ckpt: ckpt.to_path_buf(),
+                tok: hf.tokenizer,
+                model,
+                device,
+            });
+        }
+        let tok = load_tokenizer(Path::new(&cfg.tokenizer.file))?;
+        let sp = SpecialIds::of(&tok)?;
+        let store = ParamStore::new(&device);
+        let mut model =
+            BertForMaskedLM::new(&cfg.model.config, cfg.masking, sp.mask, &store.builder(0))?;
+        store.load_safetensors(&ckpt.join(MODEL_FILE))?;
+        model.set_pooling(cfg.embed.pooling, layer)?;
+        Ok(TextModel {
+            cfg,
+            ckpt: ckpt.to_path_buf(),
+            tok,
+            model,
+            device,
+        })
+    }
+
+    /// Embeddings of whole documents (one sequence each, truncated to `input.max_seq_len`),
+    /// in evaluation mode: the row-major values and the embedding width.
+    pub fn embed_texts(&self, texts: &[String]) -> Result<(Vec<f32>, usize)> {
+        let input = InputConfig {
+            mode: InputMode::Document,
+            max_seq_len: self.cfg.input.max_seq_len,
+        };
+        let sp = SpecialIds::of(&self.tok)?;
+        let mut out = Vec::new();
+        let mut dim = self.model.bert().config().hidden_size;
+        let mut rng = SslRng::new(0);
+        let bs = self.cfg.train.batch_size.max(16);
+        for chunk in texts.chunks(bs) {
+            // Empty texts still get a row ([CLS] [SEP]).
+            let mut seqs = Vec::with_capacity(chunk.len());
+            for t in chunk {
+                let s = tokenize_texts(&self.tok, std::slice::from_ref(t), &input, None, &[])?;
+                seqs.push(s.into_iter().next().unwrap_or(TokenizedSeq {
+                    ids: vec![sp.cls, sp.sep],
+                    word_ids: vec![None, None],
+                    special: vec![true, true],
+                    entities: vec![],
+                }));
+            }
+            let batch = TextBatch {
+                seqs,
+                pad_id: sp.pad,
+                device: self.device.clone(),
+            };
+            // The run's product precision (`train.matmul_precision`) applies to embedding too.
+            let mut ctx = Ctx::inference(&mut rng).with_precision(self.cfg.train.matmul_precision);
+            let e = ssl_core::PretextTask::embed(&self.model, &batch, &mut ctx)?;
+            dim = e.dim(1)?;
+            out.extend(e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok((out, dim))
+    }
+}
+
+/// What [`embed`] wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct EmbedSummary {
+    /// The Parquet file (`id`, `embedding`).
+    pub out: PathBuf,
+    /// Rows written.
+    pub rows: usize,
+    /// Embedding width.
+    pub dim: usize,
+}
+
+/// Embeds the documents of `data` with the model of checkpoint directory `ckpt` configured
+/// by `cfg` (see [`stored_config`]; pooling and layer from `embed`) and writes `(id,
+/// embedding)` rows to the Parquet file `out`, with the model, checkpoint, pooling and layer
+/// in its metadata.
+pub fn embed(ckpt: &Path, cfg: &TextConfig, data: &[String], out: &Path) -> Result<EmbedSummary> {
+    let l = TextModel::load(ckpt, cfg)?;
+    let docs = read_docs(data, &l.cfg.data, None, false)?;
+    let (emb, dim) = l.embed_texts(&docs.texts)?;
+    let mut meta = BTreeMap::new();
+    meta.insert("model".to_string(), "ssl-text BertForMaskedLM".to_string());
+    meta.insert("checkpoint".to_string(), l.ckpt.display().to_string());
+    meta.insert(
+        "pooling".to_string(),
+        format!("{:?}", l.cfg.embed.pooling).to_lowercase(),
+    );
+    meta.insert("layer".to_string(), l.cfg.embed.layer.to_string());
+    let mut w = EmbeddingWriter::create(out, dim, meta)?;
+    w.write(&docs.ids, &emb)?;
+    let n = w.finish()?;
+    eprintln!(
+        "wrote {n} embeddings of dimension {dim} to {}",
+        out.display()
+    );
+    Ok(EmbedSummary {
+        out: out.to_path_buf(),
+        rows: n,
+        dim,
+    })
+}

@@ -1,0 +1,303 @@
+//! `pretrain`: BERT masked-LM pretraining on the documents of Parquet files, with a held-out
+//! perplexity curve and a Hugging Face export in the run directory.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use serde::Serialize;
+use ssl_core::checkpoint::{CheckpointManager, MODEL_FILE};
+use ssl_core::run_dir::{self, RunOptions, RunSummary};
+use ssl_core::{parse_device, Parallel, ParamStore, Trainer};
+use ssl_data::is_heldout;
+use tokenizers::Tokenizer;
+
+use super::config::TextConfig;
+use super::docs::read_docs_of;
+use super::heldout::{heldout_eval, HeldoutPoint};
+use super::tokenizer::{shared_tokenizer, tokenize};
+use crate::{
+    export_hf_dir, load_hf_dir, save_tokenizer, BertConfig, BertForMaskedLM, InMemoryTextSource,
+    Result, SpecialIds, TextError,
+};
+
+/// The held-out curve's file in a run directory.
+pub const HELDOUT_FILE: &str = "heldout.jsonl";
+
+/// What [`pretrain`] returns: the run's summary, the held-out curve and the Hugging Face
+/// export.
+#[derive(Debug, Clone, Serialize)]
+pub struct TextRunSummary {
+    /// Steps, losses, checkpoint.
+    pub run: RunSummary,
+    /// Held-out perplexity before training (unless resumed) and at every kept checkpoint
+    /// (what `heldout.jsonl` holds); empty without held-out documents.
+    pub heldout: Vec<HeldoutPoint>,
+    /// The Hugging Face directory (`out/hf`) of the newest weights; `None` on ranks other
+    /// than 0, which export nothing.
+    pub hf: Option<PathBuf>,
+}
+
+impl TextRunSummary {
+    /// Prints what `ssl pretrain text` prints at the end (rank 0 only): the `done:` line with
+    /// the checkpoint and the Hugging Face export.
+    pub fn print(&self) {
+        let Some(hf) = &self.hf else {
+            return;
+        };
+        let r = &self.run;
+        eprintln!(
+            "done: step {} (loss {:.4} -> {:.4}); checkpoint {}; Hugging Face export {}",
+            r.step,
+            r.first_loss,
+            r.last_loss,
+            r.last_checkpoint
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            hf.display()
+        );
+    }
+}
+
+/// Builds the model of a configuration: from `model.init_from` (a Hugging Face directory),
+/// or fresh with the tokenizer's vocabulary and the preset's sizes. Completes `cfg` with what
+/// it used (the checkpoint's configuration, or the preset's sizes, vocabulary size and
+/// padding id), so the stored configuration rebuilds the same model.
+pub fn build_model(
+    cfg: &mut TextConfig,
+    tok: &Tokenizer,
+    device: &Device,
+) -> Result<(ParamStore, BertForMaskedLM)> {
+    let sp = SpecialIds::of(tok)?;
+    if !cfg.model.init_from.is_empty() {
+        let hf = load_hf_dir(
+            Path::new(&cfg.model.init_from),
+            cfg.masking,
+            cfg.train.seed,
+            device,
+        )?;
+        eprintln!(
+            "loaded {} ({}); MLM head {}; unused checkpoint tensors: {:?}",
+            cfg.model.init_from,
+            format_args!(
+                "{} layers x {}",
+                hf.config.num_hidden_layers, hf.config.hidden_size
+            ),
+            if hf.fresh_head {
+                "freshly initialised"
+            } else {
+                "from the checkpoint"
+            },
+            hf.unused
+        );
+        cfg.model.config = hf.config.clone();
+        cfg.model.preset.clear();
+        return Ok((hf.store, hf.model));
+    }
+    if !cfg.model.preset.is_empty() {
+        let p = BertConfig::preset(&cfg.model.preset, 0)?;
+        let c = &mut cfg.model.config;
+        c.hidden_size = p.hidden_size;
+        c.num_hidden_layers = p.num_hidden_layers;
+        c.num_attention_heads = p.num_attention_heads;
+        c.intermediate_size = p.intermediate_size;
+        cfg.model.preset.clear();
+    }
+    cfg.model.config.vocab_size = tok.get_vocab_size(true);
+    cfg.model.config.pad_token_id = sp.pad;
+    let store = ParamStore::new(device);
+    let model = BertForMaskedLM::new(
+        &cfg.model.config,
+        cfg.masking,
+        sp.mask,
+        &store.builder(cfg.train.seed),
+    )?;
+    Ok((store, model))
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TextError + '_ {
+    move |e| TextError::io(path, e)
+}
+
+/// Pretrains the BERT of `cfg` by masked language modelling on the documents of `data`
+/// (Parquet files, directories or globs; at least one) into the run directory `out`:
+/// `config.toml` (the completed configuration), `tokenizer.json`, `checkpoints/`,
+/// `metrics.jsonl`, [`HELDOUT_FILE`] (held-out perplexity before training and at every kept
+/// checkpoint) and `hf/` (the newest weights as a Hugging Face directory).
+///
+/// A seeded hash of each document's global row index holds out `data.heldout_fraction` of
+/// them. The tokenizer is `model.init_from`'s, `tokenizer.file`, the run's own on resume, or
+/// trained on the training documents. With several ranks each reads its share of the rows,
+/// rank 0 makes the tokenizer and sends it, the held-out figures add every rank's sums, and
+/// rank 0 writes the configuration, curve and export. Progress goes to stderr.
+pub fn pretrain(
+    mut cfg: TextConfig,
+    data: &[String],
+    out: &Path,
+    opts: &RunOptions,
+) -> Result<TextRunSummary> {
+    if data.is_empty() {
+        return Err(TextError::Config(
+            "no text data given: pass at least one Parquet file, directory or glob".into(),
+        ));
+    }
+    let resume = opts.resume;
+    cfg.train.validate()?;
+    cfg.masking.validate()?;
+    let device = parse_device(&cfg.train.device)?;
+    let (mut par, device) = opts.parallel(device)?;
+    let paths = data;
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    // Each rank reads its share of the rows; the held-out split and `max_docs` use global row
+    // indices, so together the ranks hold out exactly the documents one process would.
+    let docs = read_docs_of(paths, &cfg.data, None, true, Some(&par))?;
+    let (seed, frac) = (cfg.train.seed, cfg.data.heldout_fraction);
+    let (mut train_docs, mut held_docs) = (Vec::new(), Vec::new());
+    let (mut train_ents, mut held_ents) = (Vec::new(), Vec::new());
+    let with_ents = docs.entities.is_some();
+    let mut ents = docs.entities.map(|e| e.into_iter());
+    for (t, &i) in docs.texts.into_iter().zip(&docs.rows) {
+        let e = ents.as_mut().and_then(|e| e.next()).unwrap_or_default();
+        if is_heldout(i, seed, frac) {
+            held_docs.push(t);
+            held_ents.push(e);
+        } else {
+            train_docs.push(t);
+            train_ents.push(e);
+        }
+    }
+    // Tokenizer: the checkpoint's, a given file, or trained on the training documents. With
+    // several ranks rank 0 alone makes it (training on its own share of the training
+    // documents) and sends it to the others, so every rank uses the same one.
+    let tok_path = out.join("tokenizer.json");
+    let tok = shared_tokenizer(&cfg, paths, &tok_path, resume, &train_docs, &par)?;
+    if par.is_main() {
+        save_tokenizer(&tok, out)?;
+        cfg.tokenizer.file = std::fs::canonicalize(&tok_path)
+            .map_err(io(&tok_path))?
+            .to_string_lossy()
+            .into_owned();
+    }
+    let sp = SpecialIds::of(&tok)?;
+    let (store, model) = build_model(&mut cfg, &tok, &device)?;
+    if par.is_main() {
+        run_dir::write_config(out, &cfg)?;
+    }
+
+    let train_seqs = tokenize(
+        &tok,
+        &train_docs,
+        with_ents.then_some(&train_ents[..]),
+        &cfg,
+    )?;
+    let mut held_seqs = tokenize(&tok, &held_docs, with_ents.then_some(&held_ents[..]), &cfg)?;
+    if cfg.data.heldout_max_seqs > 0 {
+        // With several ranks each evaluates at most its part of the cap.
+        held_seqs.truncate(cfg.data.heldout_max_seqs.div_ceil(par.world));
+    }
+    eprintln!(
+        "{} training documents -> {} sequences; {} held-out documents -> {} sequences; BERT {} layers x {} ({} parameters)",
+        train_docs.len(),
+        train_seqs.len(),
+        held_docs.len(),
+        held_seqs.len(),
+        cfg.model.config.num_hidden_layers,
+        cfg.model.config.hidden_size,
+        store.num_elements()
+    );
+    let eval_bs = cfg.train.batch_size.max(8);
+    let held_total = par.sum_f64(&[held_seqs.len() as f64])?[0];
+    let evaluate =
+        |par: &Parallel| heldout_eval(par, &model, &held_seqs, eval_bs, sp.pad, seed, &device);
+    let before = if held_total == 0.0 || resume {
+        None
+    } else {
+        Some(evaluate(&par)?)
+    };
+    if let (Some(b), true) = (&before, par.is_main()) {
+        eprintln!(
+            "held-out before training: perplexity {:.2}, masked accuracy {:.4}",
+            b.perplexity, b.masked_accuracy
+        );
+    }
+    let mut source = InMemoryTextSource::new(
+        train_seqs,
+        cfg.train.batch_size,
+        seed,
+        true,
+        sp.pad,
+        &device,
+    )?;
+    let run_config = serde_json::to_value(&cfg).map_err(|e| TextError::Pipeline(e.to_string()))?;
+    let mut trainer = opts.trainer(&cfg.train, out, run_config, &mut par)?;
+    let report = trainer.fit(&model, &mut source, None)?;
+    if par.is_main() && !report.params_without_grad.is_empty() {
+        eprintln!(
+            "warning: parameters without gradient: {:?}",
+            report.params_without_grad
+        );
+    }
+    // Held-out perplexity of every kept checkpoint (and of the initial model): the curve.
+    // With several ranks rank 0 loads each checkpoint and sends its weights to the others;
+    // every rank evaluates its held-out share and the sums are added up.
+    let mut curve = Vec::new();
+    if let Some(b) = &before {
+        curve.push(HeldoutPoint::new(0, b));
+    }
+    if held_total > 0.0 {
+        let kept = if par.is_main() {
+            CheckpointManager::new(out.join("checkpoints"), cfg.train.keep_checkpoints).list()?
+        } else {
+            Vec::new()
+        };
+        let steps: Vec<u64> = if par.world == 1 {
+            kept.iter().map(|(s, _)| *s).collect()
+        } else {
+            let list = serde_json::to_vec(&kept.iter().map(|(s, _)| *s).collect::<Vec<_>>())
+                .map_err(|e| TextError::Pipeline(e.to_string()))?;
+            serde_json::from_slice(&par.broadcast_bytes(list)?)
+                .map_err(|e| TextError::Pipeline(format!("checkpoint steps from rank 0: {e}")))?
+        };
+        for (k, &step) in steps.iter().enumerate() {
+            if let Some((_, dir)) = kept.get(k) {
+                store.load_safetensors(&dir.join(MODEL_FILE))?;
+            }
+            par.broadcast_params(&store)?;
+            let e = evaluate(&par)?;
+            if par.is_main() {
+                eprintln!(
+                    "held-out at step {step}: perplexity {:.2}, masked accuracy {:.4}",
+                    e.perplexity, e.masked_accuracy
+                );
+            }
+            curve.push(HeldoutPoint::new(step, &e));
+        }
+        if par.is_main() {
+            let p = out.join(HELDOUT_FILE);
+            let mut text = String::new();
+            for point in &curve {
+                let line =
+                    serde_json::to_string(point).map_err(|e| TextError::Pipeline(e.to_string()))?;
+                text.push_str(&line);
+                text.push('\n');
+            }
+            std::fs::write(&p, text).map_err(io(&p))?;
+        }
+    }
+    let mut summary = TextRunSummary {
+        run: RunSummary::new(out, &report),
+        heldout: curve,
+        hf: None,
+    };
+    if !par.is_main() {
+        return Ok(summary);
+    }
+    // The newest weights, exported for transformers.
+    if let Some(ck) = &report.last_checkpoint {
+        store.load_safetensors(&ck.join(MODEL_FILE))?;
+    }
+    let hf = out.join("hf");
+    export_hf_dir(&cfg.model.config, &store, &tok, &hf)?;
+    summary.hf = Some(hf);
+    Ok(summary)
+}
