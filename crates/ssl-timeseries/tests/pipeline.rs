@@ -1,0 +1,146 @@
+//! The pipelines as library calls: pretrain, resume from the stored configuration, embed and
+//! evaluate, on small Parquet files written here.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Float32Array, Float32Builder, ListBuilder, StringArray};
+use arrow::record_batch::RecordBatch;
+use ssl_core::run_dir::RunOptions;
+use ssl_timeseries::pipeline::{features, timeseries};
+use ssl_timeseries::{FeaturesConfig, TimeseriesConfig, TimeseriesEvalReport};
+
+fn write(path: &Path, columns: Vec<(&str, ArrayRef)>) {
+    let batch = RecordBatch::try_from_iter(columns).unwrap();
+    let file = std::fs::File::create(path).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+}
+
+/// 24 labelled sine waves of 32 steps, two periods.
+fn labelled_series(path: &Path) -> Vec<String> {
+    let mut x = ListBuilder::new(Float32Builder::new());
+    let mut labels = Vec::new();
+    for i in 0..24 {
+        let period = [8.0f32, 3.0][i % 2];
+        let v: Vec<f32> = (0..32).map(|t| ((t + i) as f32 / period).sin()).collect();
+        x.values().append_slice(&v);
+        x.append(true);
+        labels.push(["slow", "fast"][i % 2]);
+    }
+    let labels: ArrayRef = Arc::new(StringArray::from(labels));
+    write(path, vec![("x", Arc::new(x.finish())), ("label", labels)]);
+    vec![path.display().to_string()]
+}
+
+#[test]
+fn features_pretrain_resume_embed_eval() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = labelled_series(&dir.path().join("d.parquet"));
+    let run = dir.path().join("run");
+    let mut cfg = FeaturesConfig::default();
+    (
+        cfg.train.max_steps,
+        cfg.train.warmup_steps,
+        cfg.train.batch_size,
+    ) = (3, 1, 8);
+    (
+        cfg.model.dim,
+        cfg.model.depth,
+        cfg.model.heads,
+        cfg.model.mlp_dim,
+    ) = (16, 1, 2, 32);
+    let s = features::pretrain(cfg.clone(), &data, &run, &RunOptions::default()).unwrap();
+    assert_eq!(s.step, 3);
+    assert!(s.last_loss.is_finite());
+    assert!(run.join("config.toml").is_file());
+
+    // The stored configuration has the data's width; more steps resume from step 3.
+    let (_, mut stored) = features::stored_config(&run).unwrap();
+    assert_eq!(stored.features, 1);
+    stored.train.max_steps = 4;
+    let opts = RunOptions {
+        resume: true,
+        ..RunOptions::default()
+    };
+    let s = features::pretrain(stored, &data, &run, &opts).unwrap();
+    assert_eq!((s.start_step, s.step), (3, 4));
+
+    let (ckpt, cfg) = features::stored_config(&run).unwrap();
+    let out = dir.path().join("e.parquet");
+    let e = features::embed(&ckpt, &cfg, &data, &out).unwrap();
+    assert_eq!((e.rows, e.dim), (24, 16));
+    assert!(out.is_file());
+    let r = features::eval(&ckpt, &cfg, &data, &[], None).unwrap();
+    let json = serde_json::to_value(&r).unwrap();
+    assert_eq!(json["n_classes"], 2);
+    assert_eq!(json["embedding_dim"], 16);
+    assert_eq!(r.n_train + r.n_test, 24);
+    assert!((0.0..=1.0).contains(&r.linear_probe_accuracy));
+
+    let err = features::eval(&ckpt, &cfg, &data, &[], Some("nope")).unwrap_err();
+    assert!(err.to_string().contains("nope"), "{err}");
+    let wrong = FeaturesConfig {
+        features: 3,
+        ..FeaturesConfig::default()
+    };
+    let err = features::pretrain(wrong, &data, &dir.path().join("r2"), &RunOptions::default())
+        .unwrap_err();
+    assert!(err.to_string().contains("features = 3"), "{err}");
+    let err = features::pretrain(cfg, &[], &run, &RunOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("no data"), "{err}");
+}
+
+#[test]
+fn forecasting_a_long_series_is_scored_against_naive_baselines() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("long.parquet");
+    let y: Vec<f32> = (0..200)
+        .map(|t| (t as f32 / 6.0).sin() + 0.01 * t as f32)
+        .collect();
+    write(
+        &path,
+        vec![("y", Arc::new(Float32Array::from(y)) as ArrayRef)],
+    );
+    let data = vec![path.display().to_string()];
+    let mut cfg = TimeseriesConfig::default();
+    cfg.data.long_column = "y".into();
+    cfg.task.kind = timeseries::TaskKind::Forecast;
+    (cfg.task.forecast.context, cfg.task.forecast.horizon) = (24, 4);
+    (
+        cfg.model.tcn.hidden,
+        cfg.model.tcn.output,
+        cfg.model.tcn.depth,
+    ) = (8, 8, 2);
+    (cfg.train.max_steps, cfg.train.warmup_steps) = (3, 1);
+    (cfg.eval.horizons, cfg.eval.season) = (vec![1, 4], 12);
+    let run = dir.path().join("run");
+    let s = timeseries::pretrain(cfg, &data, &run, &RunOptions::default()).unwrap();
+    assert_eq!(s.step, 3);
+    let (ckpt, cfg) = timeseries::stored_config(&run).unwrap();
+    assert_eq!(cfg.channels, 1);
+    let report = timeseries::eval(&ckpt, &cfg, &data, &[], None).unwrap();
+    let TimeseriesEvalReport::Forecast(f) = &report else {
+        panic!("not a forecast report: {report:?}")
+    };
+    assert!(f.test_windows > 0);
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["horizons"].as_array().unwrap().len(), 2, "{json}");
+    assert_eq!(json["horizons"][1]["horizon"], 4, "{json}");
+    assert!(json.get("checkpoint").is_some());
+}
+
+#[test]
+fn ts2vec_needs_a_per_timestep_encoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = labelled_series(&dir.path().join("d.parquet"));
+    let mut cfg = TimeseriesConfig::default();
+    cfg.model.kind = ssl_timeseries::EncoderKind::Patchtst;
+    let err = timeseries::pretrain(cfg, &data, &dir.path().join("run"), &RunOptions::default())
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("needs one token per timestep"),
+        "{err}"
+    );
+}
