@@ -49,14 +49,16 @@ mod vit;
 
 pub use augment::AugmentConfig;
 pub use contrastive::{SimClrConfig, SimClrTask};
+pub use detect::pipeline::{
+    detect_fit, detect_score, detector_config, DetectFitConfig, DetectFitReport, DetectScoreSummary,
+};
 pub use error::{Result, VisionError};
 pub use mae::{MaeConfig, MaeTask};
 pub use masking::{random_masking, MaskSample};
 pub use pipeline::{
-    channel_stats_over_ranks, embed, embed_images, eval, load_images, load_model,
-    load_rank_images, pretrain, stored_config, AnyVisionTask, EmbedSummary, FeatureProbe,
-    LoadedImages, VisionConfig, VisionDataConfig, VisionEvalReport, VisionRunSummary,
-    VisionTaskConfig, VisionTaskKind,
+    channel_stats_over_ranks, embed, embed_images, eval, load_images, load_model, load_rank_images,
+    pretrain, stored_config, AnyVisionTask, EmbedSummary, FeatureProbe, LoadedImages, VisionConfig,
+    VisionDataConfig, VisionEvalReport, VisionRunSummary, VisionTaskConfig, VisionTaskKind,
 };
 pub use recipe::{recipe_train_config, scaled_lr};
 pub use source::{ImageCursor, ImageSet, InMemoryImageSource};

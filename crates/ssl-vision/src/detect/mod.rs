@@ -17,6 +17,7 @@ pub mod calibrate;
 pub mod coreset;
 pub mod heatmap;
 pub mod patchcore;
+pub mod pipeline;
 pub mod recon;
 
 use std::collections::HashMap;

@@ -68,7 +68,11 @@ fn normalised_pixels(s: &ImageSet, a: &AugmentConfig) -> Vec<f32> {
         } else {
             a.mean[ch]
         };
-        let sd = if a.std.len() == 1 { a.std[0] } else { a.std[ch] };
+        let sd = if a.std.len() == 1 {
+            a.std[0]
+        } else {
+            a.std[ch]
+        };
         v[i] = (x - m) / sd;
     }
     v
@@ -110,9 +114,12 @@ pub fn eval(
     };
     let train_y = to_ids(&train.labels)?;
     let (tr_set, tr_y, te_set, te_y) = match &test {
-        Some(LoadedImages { images, labels, .. }) => {
-            (train.images.clone(), train_y, images.clone(), to_ids(labels)?)
-        }
+        Some(LoadedImages { images, labels, .. }) => (
+            train.images.clone(),
+            train_y,
+            images.clone(),
+            to_ids(labels)?,
+        ),
         None => {
             let (a, b) = probe_split(&train_y, cfg.train.seed)?;
             (

@@ -131,3 +131,91 @@ fn load_images_of(
         labels,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::VisionConfig;
+
+    /// The CLI's embedded sample: 1,500 Fashion-MNIST images (28x28 grey) with labels.
+    fn sample() -> Vec<u8> {
+        let p = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../ssl-cli/data/fashion_mnist_sample.parquet"
+        );
+        std::fs::read(p).unwrap()
+    }
+
+    /// Writes the Parquet file `bytes` to `path` again with row groups of `rows_per_group` rows.
+    fn regroup(bytes: &[u8], rows_per_group: usize, path: &std::path::Path) {
+        let src = path.with_extension("src");
+        std::fs::write(&src, bytes).unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(&src).unwrap(),
+        )
+        .unwrap()
+        .build()
+        .unwrap();
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_max_row_group_row_count(Some(rows_per_group))
+            .build();
+        let mut w = None;
+        for batch in reader {
+            let batch = batch.unwrap();
+            let w = w.get_or_insert_with(|| {
+                parquet::arrow::ArrowWriter::try_new(
+                    std::fs::File::create(path).unwrap(),
+                    batch.schema(),
+                    Some(props.clone()),
+                )
+                .unwrap()
+            });
+            w.write(&batch).unwrap();
+        }
+        w.unwrap().close().unwrap();
+    }
+
+    #[test]
+    fn ranks_read_their_images_with_global_caps_and_statistics() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("images.parquet");
+        // 1,500 images in row groups of 100 (15 groups).
+        regroup(&sample(), 100, &path);
+        let paths = vec![path.to_string_lossy().into_owned()];
+        let data = VisionDataConfig {
+            max_images: 1000,
+            ..VisionDataConfig::default()
+        };
+        let one = load_images(&paths, &data, None).unwrap();
+        assert_eq!(one.ids.len(), 1000);
+        // One process's normalisation statistics.
+        let single = Parallel::on_threads(1, |p| {
+            let mut c = VisionConfig::default();
+            c.complete(&one.images, &p).unwrap();
+            c.task.augment
+        });
+        let want_stats = &single[0];
+        let out = Parallel::on_threads(2, |p| {
+            let l = load_rank_images(&paths, &data, None, &p).unwrap();
+            let mut c = VisionConfig::default();
+            c.complete(&l.images, &p).unwrap();
+            (l.ids, c.task.augment.mean, c.task.augment.std)
+        });
+        let mut ids = Vec::new();
+        for (rank_ids, mean, std) in out {
+            // 5 groups of 100 below the cap on each rank.
+            assert_eq!(rank_ids.len(), 500);
+            ids.extend(rank_ids);
+            for (a, b) in mean.iter().zip(&want_stats.mean) {
+                assert!((a - b).abs() < 1e-6, "{mean:?}");
+            }
+            for (a, b) in std.iter().zip(&want_stats.std) {
+                assert!((a - b).abs() < 1e-6, "{std:?}");
+            }
+        }
+        let mut want = one.ids.clone();
+        want.sort();
+        ids.sort();
+        assert_eq!(ids, want);
+    }
+}

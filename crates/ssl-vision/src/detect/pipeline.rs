@@ -1,0 +1,273 @@
+//! Defect detection as library calls (what `ssl detect fit|score` run): a [`Detector`] fitted
+//! on the normal images of Parquet files with a pretrained MAE checkpoint, saved with the
+//! model and its vision configuration; then images scored, with one heat-map per image and a
+//! Parquet table of scores and flags.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use parquet::arrow::ArrowWriter;
+use serde::{Deserialize, Serialize};
+use ssl_core::checkpoint::MODEL_FILE;
+use ssl_core::parse_device;
+
+use super::heatmap::save_heatmap;
+use super::{Detector, DetectorConfig, ScorerStats};
+use crate::pipeline::{load_images, load_model, AnyVisionTask, VisionConfig, VisionDataConfig};
+use crate::{MaeTask, Result, VisionError};
+
+/// The vision configuration stored with a detector.
+pub const VISION_CONFIG_FILE: &str = "vision_config.json";
+/// Heat-map colour range in patch z-scores (blue at 0, red at this value).
+const HEAT_MAX_Z: f32 = 8.0;
+
+/// Settings of `ssl detect fit` (`--set detect.key=value`, `--set data.key=value`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectFitConfig {
+    /// The detector.
+    pub detect: DetectorConfig,
+    /// How the images are read (default: the checkpoint's).
+    pub data: VisionDataConfig,
+}
+
+impl DetectFitConfig {
+    /// The defaults for a model configured by `vcfg`: its seed, its data settings, and
+    /// PatchCore features from the middle layer of the encoder.
+    pub fn for_model(vcfg: &VisionConfig) -> Self {
+        DetectFitConfig {
+            detect: DetectorConfig {
+                seed: vcfg.train.seed,
+                // PatchCore's mid-level features: the middle layer of the encoder (on ELPV the
+                // final layer's features scored below the raw-pixel baseline; README).
+                patch_layer: vcfg.model.depth / 2,
+                ..DetectorConfig::default()
+            },
+            data: vcfg.data.clone(),
+        }
+    }
+}
+
+/// What [`detect_fit`] returns; serialises to the JSON object `ssl detect fit` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct DetectFitReport {
+    /// The checkpoint directory of the model.
+    pub checkpoint: String,
+    /// The detector directory written.
+    pub detector: String,
+    /// Memory-bank entries per scorer that has one.
+    pub memory_bank: BTreeMap<String, usize>,
+    /// Images held out for calibration.
+    pub n_calibration: usize,
+    /// Images fitted on.
+    pub n_fit: usize,
+    /// Each scorer's statistics on normal images.
+    pub stats: Vec<ScorerStats>,
+    /// The calibrated threshold of the combined score.
+    pub threshold: f64,
+}
+
+/// What [`detect_score`] wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct DetectScoreSummary {
+    /// The scores table (`id, score, flag, heatmap, score_<scorer>...`).
+    pub out: PathBuf,
+    /// The heat-map directory.
+    pub heatmaps: PathBuf,
+    /// Images scored.
+    pub scored: usize,
+    /// Images flagged (score above the threshold).
+    pub flagged: usize,
+    /// The detector's threshold.
+    pub threshold: f64,
+}
+
+/// The MAE of `task`, or a configuration error with the message `not_mae` gives.
+fn mae_of(task: &AnyVisionTask, not_mae: impl FnOnce() -> String) -> Result<&MaeTask> {
+    match task {
+        AnyVisionTask::Mae(mae) => Ok(mae),
+        AnyVisionTask::Simclr(_) => Err(VisionError::Config(not_mae())),
+    }
+}
+
+/// Fits a detector on the normal images of `data` with the MAE of checkpoint directory
+/// `ckpt` configured by `vcfg` (see [`crate::stored_config`]), reading the images as
+/// `cfg.data` says, and writes it to the directory `out` with a copy of the model and the
+/// vision configuration (`cfg.data` in place of the model's data settings).
+pub fn detect_fit(
+    ckpt: &Path,
+    mut vcfg: VisionConfig,
+    cfg: &DetectFitConfig,
+    data: &[String],
+    out: &Path,
+) -> Result<DetectFitReport> {
+    let (task, device) = load_model(ckpt, &vcfg)?;
+    let mae = mae_of(&task, || {
+        format!(
+            "{}: defect detection needs an MAE checkpoint (task.kind = \"mae\")",
+            ckpt.display()
+        )
+    })?;
+    vcfg.data = cfg.data.clone();
+    let loaded = load_images(data, &cfg.data, None)?;
+    vcfg.check_shape(&loaded.images)?;
+    eprintln!(
+        "fitting on {} normal images ({:.0}% held out for calibration); scorers {:?}",
+        loaded.images.len(),
+        cfg.detect.calibration_fraction * 100.0,
+        cfg.detect.scorers
+    );
+    let det = Detector::fit(mae, &loaded.images, &cfg.detect, &device)?;
+    det.save(out)?;
+    let model_src = ckpt.join(MODEL_FILE);
+    let model_dst = out.join(MODEL_FILE);
+    std::fs::copy(&model_src, &model_dst).map_err(|e| VisionError::io(&model_dst, e))?;
+    let vpath = out.join(VISION_CONFIG_FILE);
+    let text =
+        serde_json::to_string_pretty(&vcfg).map_err(|e| VisionError::Config(e.to_string()))?;
+    std::fs::write(&vpath, text).map_err(|e| VisionError::io(&vpath, e))?;
+    let (n_fit, n_calibration) = det.counts();
+    Ok(DetectFitReport {
+        checkpoint: ckpt.display().to_string(),
+        detector: out.display().to_string(),
+        memory_bank: det
+            .bank_sizes()
+            .iter()
+            .map(|(k, n)| (k.name().to_string(), *n))
+            .collect(),
+        n_calibration,
+        n_fit,
+        stats: det.stats().to_vec(),
+        threshold: det.threshold(),
+    })
+}
+
+/// The vision configuration stored with the detector in directory `detector`.
+pub fn detector_config(detector: &Path) -> Result<VisionConfig> {
+    let vpath = detector.join(VISION_CONFIG_FILE);
+    let text = std::fs::read_to_string(&vpath).map_err(|e| VisionError::io(&vpath, e))?;
+    serde_json::from_str(&text).map_err(|e| {
+        VisionError::Config(format!(
+            "{}: not a vision configuration: {e}",
+            vpath.display()
+        ))
+    })
+}
+
+/// Scores the images of `data` with the detector in directory `detector`, its model
+/// configured by `vcfg` (see [`detector_config`]): writes `id, score, flag, heatmap,
+/// score_<scorer>...` to the Parquet file `out` and one heat-map PNG per image into
+/// `heatmaps` (default: `<out stem>_heatmaps/` beside `out`).
+pub fn detect_score(
+    detector: &Path,
+    vcfg: &VisionConfig,
+    data: &[String],
+    out: &Path,
+    heatmaps: Option<&Path>,
+) -> Result<DetectScoreSummary> {
+    let device = parse_device(&vcfg.train.device)?;
+    let (store, task) = AnyVisionTask::build(vcfg, &device)?;
+    store.load_safetensors(&detector.join(MODEL_FILE))?;
+    let mae = mae_of(&task, || "the detector's model is not an MAE".into())?;
+    let det = Detector::load(detector)?;
+    let loaded = load_images(data, &vcfg.data, None)?;
+    vcfg.check_shape(&loaded.images)?;
+    let scores = det.score(mae, &loaded.images, &device)?;
+    let heat_dir: PathBuf = match heatmaps {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let stem = out
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "scores".into());
+            out.with_file_name(format!("{stem}_heatmaps"))
+        }
+    };
+    let [c, h, w] = loaded.images.shape;
+    let grid = vcfg.model.grid()?;
+    let per = loaded.images.image_len();
+    let mut paths = Vec::with_capacity(scores.len());
+    for (i, (s, id)) in scores.iter().zip(&loaded.ids).enumerate() {
+        let safe: String = id
+            .chars()
+            .map(|ch| {
+                if ch.is_ascii_alphanumeric() || ch == '-' || ch == '.' {
+                    ch
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let p = heat_dir.join(format!("{i:06}_{safe}.png"));
+        save_heatmap(
+            &p,
+            &loaded.images.data[i * per..(i + 1) * per],
+            c,
+            h,
+            w,
+            &s.patch_map,
+            grid,
+            (0.0, HEAT_MAX_Z),
+        )?;
+        paths.push(p.display().to_string());
+    }
+    let mut fields = vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("score", DataType::Float64, false),
+        Field::new("flag", DataType::Boolean, false),
+        Field::new("heatmap", DataType::Utf8, false),
+    ];
+    let mut cols: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(loaded.ids.clone())),
+        Arc::new(Float64Array::from(
+            scores.iter().map(|s| s.score).collect::<Vec<_>>(),
+        )),
+        Arc::new(BooleanArray::from(
+            scores.iter().map(|s| s.flag).collect::<Vec<_>>(),
+        )),
+        Arc::new(StringArray::from(paths)),
+    ];
+    for (k, kind) in det.config().scorers.iter().enumerate() {
+        fields.push(Field::new(
+            format!("score_{}", kind.name()),
+            DataType::Float64,
+            false,
+        ));
+        cols.push(Arc::new(Float64Array::from(
+            scores.iter().map(|s| s.per_scorer[k]).collect::<Vec<_>>(),
+        )));
+    }
+    let schema = Arc::new(Schema::new(fields));
+    let batch = RecordBatch::try_new(schema.clone(), cols)
+        .map_err(|e| VisionError::Config(format!("building the scores table: {e}")))?;
+    let tmp = out.with_extension("parquet.tmp");
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| VisionError::io(dir, e))?;
+    }
+    let file = File::create(&tmp).map_err(|e| VisionError::io(&tmp, e))?;
+    let pq_err =
+        |e: parquet::errors::ParquetError| VisionError::Config(format!("{}: {e}", out.display()));
+    let mut writer = ArrowWriter::try_new(file, schema, None).map_err(pq_err)?;
+    writer.write(&batch).map_err(pq_err)?;
+    writer.close().map_err(pq_err)?;
+    std::fs::rename(&tmp, out).map_err(|e| VisionError::io(out, e))?;
+    let flagged = scores.iter().filter(|s| s.flag).count();
+    eprintln!(
+        "scored {} images: {flagged} flagged (threshold {:.3}); wrote {} and heat-maps in {}",
+        scores.len(),
+        det.threshold(),
+        out.display(),
+        heat_dir.display()
+    );
+    Ok(DetectScoreSummary {
+        out: out.to_path_buf(),
+        heatmaps: heat_dir,
+        scored: scores.len(),
+        flagged,
+        threshold: det.threshold(),
+    })
+}
