@@ -108,6 +108,11 @@ impl CheckpointManager {
         &self.dir
     }
 
+    /// Where the checkpoint of `step` is (or will be) written.
+    pub fn path_for(&self, step: u64) -> PathBuf {
+        self.dir.join(step_name(step))
+    }
+
     /// Writes a checkpoint for `state.step` atomically and prunes old ones; returns its path.
     /// Refuses (with an error naming the parameter) when a parameter is not finite.
     pub fn save(
@@ -142,7 +147,7 @@ impl CheckpointManager {
         })?;
         write_synced(&state_path, &json)?;
         fsync_path(&tmp)?;
-        let final_dir = self.dir.join(&name);
+        let final_dir = self.path_for(state.step);
         if final_dir.exists() {
             fs::remove_dir_all(&final_dir)
                 .map_err(|e| CoreError::io("replacing", &final_dir, e))?;

@@ -59,6 +59,7 @@ mod encoder;
 mod error;
 pub mod guard;
 pub mod health;
+mod hook;
 pub mod linalg;
 pub mod loss;
 pub mod monitor;
@@ -89,6 +90,7 @@ pub use ctx::Ctx;
 pub use device::parse_device;
 pub use encoder::{Encoder, EncoderOutput};
 pub use error::{CoreError, Result};
+pub use hook::{HookCtx, TrainHook};
 #[cfg(feature = "mpi")]
 pub use mpi_collective::MpiCollective;
 #[cfg(feature = "nccl")]

@@ -12,6 +12,7 @@ use serde_json::{Map, Value};
 use crate::checkpoint::{read_state, CheckpointManager, TrainerState, MODEL_FILE, OPTIMIZER_FILE};
 use crate::guard::{DivergenceConfig, DivergenceDetector, NonFiniteAction, NonFiniteGuard};
 use crate::health::embedding_health;
+use crate::hook::{HookCtx, TrainHook};
 use crate::monitor::{MetricsLog, Progress};
 use crate::nn::MatmulPrecision;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, ScheduleKind};
@@ -426,8 +427,100 @@ impl<T: PretextTask> Trainer<T> for LoopTrainer {
         data: &mut dyn BatchSource<T::Batch>,
         heldout: Option<&T::Batch>,
     ) -> Result<TrainReport> {
-        let cfg = self.cfg.clone();
-        let main = self.collective.is_main();
+        self.fit_with_hooks(task, data, heldout, &mut [])
+    }
+}
+
+impl LoopTrainer {
+    /// [`Trainer::fit`] with `hooks` called after every step, at every checkpoint and at the
+    /// end of the run (see [`TrainHook`] for when, and what an error does). Hooks that leave
+    /// the run's random stream alone leave the training bit-identical to a run without them.
+    pub fn fit_with_hooks<T: PretextTask>(
+        &mut self,
+        task: &T,
+        data: &mut dyn BatchSource<T::Batch>,
+        heldout: Option<&T::Batch>,
+        hooks: &mut [&mut dyn TrainHook<T>],
+    ) -> Result<TrainReport> {
+        let mut run = Run::start(self, task, data, heldout)?;
+        while run.state.step < run.cfg.max_steps {
+            if run.stop_requested()? {
+                run.report.interrupted = true;
+                break;
+            }
+            let Some(mut record) = run.step()? else {
+                continue; // rolled back
+            };
+            for hook in hooks.iter_mut() {
+                hook.after_step(&run.hook_ctx(), &mut record)?;
+            }
+            run.log_step(&record)?;
+            if let Some(path) = run.checkpoint_if_due()? {
+                for hook in hooks.iter_mut() {
+                    hook.at_checkpoint(&run.hook_ctx(), &path)?;
+                }
+            }
+        }
+        run.finish(hooks)
+    }
+}
+
+/// One step's gradients, reduced over micro-batches and ranks, divided by the total weight
+/// and clipped, with the figures logged for it.
+struct StepGrads {
+    grads: Vec<Option<Tensor>>,
+    loss: f64,
+    grad_norm: f64,
+    samples: u64,
+    /// Task metrics, already divided by the total weight.
+    metrics: BTreeMap<String, f64>,
+    /// Seconds spent in the all-reduce.
+    comm_s: f64,
+}
+
+/// What the non-finite guard and the divergence detector make of a step.
+enum Verdict {
+    Apply,
+    Skip,
+    RolledBack,
+}
+
+/// The state of one `fit` call: what the loop's named parts share.
+struct Run<'r, T: PretextTask> {
+    trainer: &'r LoopTrainer,
+    task: &'r T,
+    data: &'r mut dyn BatchSource<T::Batch>,
+    heldout: Option<&'r T::Batch>,
+    cfg: TrainConfig,
+    main: bool,
+    opt: AdamW,
+    vars: Vec<Tensor>,
+    names: Vec<String>,
+    schedule: LrSchedule,
+    manager: Option<CheckpointManager>,
+    report: TrainReport,
+    state: TrainerState,
+    log: Option<MetricsLog>,
+    progress: Progress,
+    guard: NonFiniteGuard,
+    div_cfg: DivergenceConfig,
+    detector: DivergenceDetector,
+    last_saved_step: Option<u64>,
+    last_save_time: Instant,
+    first_step: bool,
+}
+
+impl<'r, T: PretextTask> Run<'r, T> {
+    /// Setup: the optimizer, resuming from the newest checkpoint (or refusing to overwrite
+    /// one), identical parameters on every rank, the metrics log, progress and guards.
+    fn start(
+        trainer: &'r LoopTrainer,
+        task: &'r T,
+        data: &'r mut dyn BatchSource<T::Batch>,
+        heldout: Option<&'r T::Batch>,
+    ) -> Result<Self> {
+        let cfg = trainer.cfg.clone();
+        let main = trainer.collective.is_main();
         if main
             && cfg.matmul_precision == MatmulPrecision::Bf16
             && !crate::nn::bf16_matmul_available()
@@ -441,29 +534,35 @@ impl<T: PretextTask> Trainer<T> for LoopTrainer {
         let vars: Vec<Tensor> = opt.vars().map(|v| v.as_tensor().clone()).collect();
         let names: Vec<String> = opt.names().map(str::to_string).collect();
         let schedule = cfg.schedule();
-        let manager = self.checkpoints();
+        let manager = trainer.checkpoints();
         let mut report = TrainReport::default();
-        let mut state =
-            TrainerState::new(SslRng::derived(cfg.seed, "train"), self.run_config.clone());
+        let mut state = TrainerState::new(
+            SslRng::derived(cfg.seed, "train"),
+            trainer.run_config.clone(),
+        );
 
         let existing = latest_checkpoint(&manager)?;
-        if let (Some(found), false) = (&existing, self.resume) {
+        if let (Some(found), false) = (&existing, trainer.resume) {
             return Err(CoreError::Config(format!(
                 "{} already holds checkpoints (newest {}): resume it or train into a new directory",
-                self.out_dir.as_deref().unwrap_or(Path::new(".")).display(),
+                trainer
+                    .out_dir
+                    .as_deref()
+                    .unwrap_or(Path::new("."))
+                    .display(),
                 found.display()
             )));
         }
         let resumed_from = existing;
         if let Some(ckpt) = &resumed_from {
-            state = self.restore(ckpt, params, &mut opt)?;
+            state = trainer.restore(ckpt, params, &mut opt)?;
             data.restore(&state.data_position)?;
             report.last_checkpoint = Some(ckpt.clone());
         }
-        crate::collective::broadcast_params(self.collective.as_ref(), params)?;
+        crate::collective::broadcast_params(trainer.collective.as_ref(), params)?;
         report.start_step = state.step;
 
-        let mut log = match (&self.out_dir, main) {
+        let log = match (&trainer.out_dir, main) {
             (Some(dir), true) => {
                 std::fs::create_dir_all(dir).map_err(|e| CoreError::io("creating", dir, e))?;
                 Some(MetricsLog::open(
@@ -477,7 +576,7 @@ impl<T: PretextTask> Trainer<T> for LoopTrainer {
             cfg.max_steps,
             state.step,
             cfg.log_every,
-            self.progress && main,
+            trainer.progress && main,
         );
         if let Some(ckpt) = &resumed_from {
             progress.println(&format!(
@@ -486,278 +585,373 @@ impl<T: PretextTask> Trainer<T> for LoopTrainer {
                 state.step
             ));
         }
-        let mut guard = NonFiniteGuard::new(cfg.max_nonfinite_in_a_row, state.skipped_steps);
+        let guard = NonFiniteGuard::new(cfg.max_nonfinite_in_a_row, state.skipped_steps);
         let div_cfg = DivergenceConfig {
             factor: cfg.divergence_factor,
             warmup_steps: cfg.divergence_warmup_steps,
             ..Default::default()
         };
-        let mut detector = DivergenceDetector::new(div_cfg, state.loss_ema, state.step);
-        let mut last_saved_step = resumed_from.as_ref().map(|_| state.step);
-        let mut last_save_time = Instant::now();
-        let mut first_step = true;
-
-        let (rank, world) = (self.collective.rank(), self.collective.world_size());
-        while state.step < cfg.max_steps {
-            // Ranks stop together: a signal seen by one rank alone would leave the others
-            // waiting in the next all-reduce.
-            let mut stop = [if self.stop.is_set() { 1f32 } else { 0.0 }];
-            if world > 1 {
-                self.collective.all_reduce_sum(&mut stop)?;
-            }
-            if stop[0] > 0.0 {
-                report.interrupted = true;
-                break;
-            }
-            let t0 = Instant::now();
-            let lr = schedule.lr(state.step) * state.lr_scale;
-            // With several ranks, each draws its own masks and dropout from a stream derived
-            // from the shared one, which advances equally everywhere (so a checkpoint of rank
-            // 0's state resumes every rank).
-            let mut rank_rng;
-            let rng = if world > 1 {
-                rank_rng = SslRng::derived(state.rng.next_u64(), &format!("rank-{rank}"));
-                &mut rank_rng
-            } else {
-                &mut state.rng
-            };
-            let acc = accumulate(
-                task,
-                data,
-                cfg.accum_steps,
-                &vars,
-                rng,
-                cfg.matmul_precision,
-            )?;
-            let (mut grads, loss_sum, weight_sum, samples, metric_sums) = (
-                acc.grads,
-                acc.loss_sum,
-                acc.weight_sum,
-                acc.samples,
-                acc.metric_sums,
-            );
-            if first_step {
-                report.params_without_grad = names
-                    .iter()
-                    .zip(&grads)
-                    .filter(|(_, g)| g.is_none())
-                    .map(|(n, _)| n.clone())
-                    .collect();
-                if !report.params_without_grad.is_empty() {
-                    progress.println(&format!(
-                        "warning: no gradient reaches {:?}",
-                        report.params_without_grad
-                    ));
-                }
-                first_step = false;
-            }
-            // Loss, weight and the task's metric sums are summed over ranks with the
-            // gradients (every rank's task reports the same metric names).
-            let mut scalars = vec![loss_sum, weight_sum];
-            scalars.extend(metric_sums.values());
-            let t_comm = Instant::now();
-            self.all_reduce(&mut grads, &vars, &mut scalars)?;
-            let comm_s = t_comm.elapsed().as_secs_f64();
-            let (loss_sum, weight_sum) = (scalars[0], scalars[1]);
-            let metric_sums: BTreeMap<String, f64> = metric_sums
-                .into_keys()
-                .zip(scalars[2..].iter().copied())
-                .collect();
-            let inv = 1.0 / weight_sum.max(f64::MIN_POSITIVE);
-            let mut grads = scale_grads(grads, inv)?;
-            let loss = loss_sum * inv;
-            let grad_norm = clip_grad_norm(&mut grads, cfg.grad_clip)?;
-
-            let mut record = Map::new();
-            let mut apply = true;
-            match guard.check(loss, grad_norm) {
-                Some(NonFiniteAction::Stop) => {
-                    return Err(CoreError::NonFinite {
-                        step: state.step,
-                        count: guard.in_a_row(),
-                        loss,
-                        grad_norm,
-                    });
-                }
-                Some(NonFiniteAction::Skip) => {
-                    apply = false;
-                    record.insert("event".into(), "skipped_non_finite".into());
-                    progress.println(&format!("step {}: non-finite loss {loss} or gradient norm {grad_norm}; update skipped", state.step + 1));
-                }
-                None => {
-                    if let Some(avg) = detector.observe(loss) {
-                        report.divergences += 1;
-                        record.insert("event".into(), "divergence".into());
-                        progress.println(&format!("step {}: loss {loss:.4e} is over {}x its moving average {avg:.4e}: training may be diverging", state.step + 1, cfg.divergence_factor));
-                        if cfg.rollback_on_divergence {
-                            if state.rollbacks >= cfg.max_rollbacks {
-                                return Err(CoreError::Diverged {
-                                    step: state.step,
-                                    loss,
-                                    average: avg,
-                                    rollbacks: state.rollbacks,
-                                });
-                            }
-                            let target = latest_checkpoint(&manager)?;
-                            let (rng, position, epoch) =
-                                (state.rng.clone(), data.position(), data.epoch());
-                            let diverged_at = state.step + 1;
-                            if let Some(ckpt) = target {
-                                let restored = self.restore(&ckpt, params, &mut opt)?;
-                                state.step = restored.step;
-                                state.loss_ema = restored.loss_ema;
-                                detector = DivergenceDetector::new(
-                                    div_cfg,
-                                    restored.loss_ema,
-                                    restored.step,
-                                );
-                                progress.println(&format!("rolled back to {}", ckpt.display()));
-                            }
-                            // The data and random streams move on, so the same batches are not replayed.
-                            state.rng = rng;
-                            state.data_position = position;
-                            state.epoch = epoch;
-                            state.rollbacks += 1;
-                            state.lr_scale *= cfg.rollback_lr_factor;
-                            progress
-                                .println(&format!("learning rate scaled to {}x", state.lr_scale));
-                            if let Some(log) = &mut log {
-                                record.insert("step".into(), diverged_at.into());
-                                record.insert("loss".into(), loss.into());
-                                record.insert("loss_average".into(), avg.into());
-                                record.insert("rolled_back_to".into(), state.step.into());
-                                record.insert("lr_scale".into(), state.lr_scale.into());
-                                log.write(&record)?;
-                            }
-                            continue;
-                        }
-                    }
-                }
-            }
-            if apply {
-                opt.step(&grads, lr)?;
-                task.after_step()?;
-            }
-            state.step += 1;
-            state.samples_seen += samples * self.collective.world_size() as u64;
-            let elapsed = t0.elapsed().as_secs_f64();
-            report.losses.push((state.step, loss));
-
-            record.insert("step".into(), state.step.into());
-            record.insert("epoch".into(), data.epoch().into());
-            record.insert("loss".into(), loss.into());
-            record.insert("lr".into(), lr.into());
-            record.insert("grad_norm".into(), grad_norm.into());
-            record.insert(
-                "samples_per_s".into(),
-                (samples as f64 * self.collective.world_size() as f64 / elapsed.max(1e-9)).into(),
-            );
-            record.insert("step_time_s".into(), elapsed.into());
-            if world > 1 {
-                // Flattening, all-reduce and unflattening of the gradients (rank 0's view).
-                record.insert("allreduce_s".into(), comm_s.into());
-            }
-            for (k, v) in metric_sums {
-                record.insert(k, (v * inv).into());
-            }
-            let last = state.step == cfg.max_steps;
-            if let Some(batch) = heldout {
-                if cfg.health_every > 0 && (state.step.is_multiple_of(cfg.health_every) || last) {
-                    let mut rng = SslRng::new(0);
-                    let emb = task.embed(
-                        batch,
-                        &mut Ctx::inference(&mut rng).with_precision(cfg.matmul_precision),
-                    )?;
-                    let (rows, dim) = emb.dims2()?;
-                    let flat = emb.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                    let h = embedding_health(&flat, rows, dim)?;
-                    record.insert("emb_std".into(), h.mean_std.into());
-                    record.insert("emb_std_normalized".into(), h.mean_std_normalized.into());
-                    record.insert("emb_effective_rank".into(), h.effective_rank.into());
-                }
-            }
-            if let Some(log) = &mut log {
-                log.write(&record)?;
-            }
-            progress.update(
-                state.step,
-                cfg.max_steps,
-                &format!("loss {loss:.4} lr {lr:.2e} |g| {grad_norm:.3}"),
-            );
-
-            let due_steps = cfg.checkpoint_every_steps > 0
-                && state.step.is_multiple_of(cfg.checkpoint_every_steps);
-            let due_time = cfg.checkpoint_every_minutes > 0.0
-                && last_save_time.elapsed().as_secs_f64() >= cfg.checkpoint_every_minutes * 60.0;
-            if due_steps || due_time {
-                self.save(
-                    &manager,
-                    params,
-                    &opt,
-                    &mut state,
-                    data,
-                    &guard,
-                    &detector,
-                    &mut report,
-                )?;
-                last_saved_step = Some(state.step);
-                last_save_time = Instant::now();
-            }
-        }
-        if last_saved_step != Some(state.step) {
-            self.save(
-                &manager,
-                params,
-                &opt,
-                &mut state,
-                data,
-                &guard,
-                &detector,
-                &mut report,
-            )?;
-        }
-        progress.finish();
-        if report.interrupted {
-            progress.println(&format!(
-                "stopped at step {} on request; checkpoint written",
-                state.step
-            ));
-        }
-        report.step = state.step;
-        report.skipped_steps = guard.skipped;
-        report.rollbacks = state.rollbacks;
-        if let (Some(dir), true) = (&self.out_dir, main) {
-            plot_run(dir)?;
-        }
-        self.collective.barrier()?;
-        Ok(report)
+        let detector = DivergenceDetector::new(div_cfg, state.loss_ema, state.step);
+        Ok(Run {
+            trainer,
+            task,
+            data,
+            heldout,
+            main,
+            opt,
+            vars,
+            names,
+            schedule,
+            manager,
+            report,
+            log,
+            progress,
+            guard,
+            div_cfg,
+            detector,
+            last_saved_step: resumed_from.as_ref().map(|_| state.step),
+            last_save_time: Instant::now(),
+            first_step: true,
+            state,
+            cfg,
+        })
     }
-}
 
-impl LoopTrainer {
-    #[allow(clippy::too_many_arguments)]
-    fn save<B>(
-        &self,
-        manager: &Option<CheckpointManager>,
-        params: &crate::ParamStore,
-        opt: &AdamW,
-        state: &mut TrainerState,
-        data: &dyn BatchSource<B>,
-        guard: &NonFiniteGuard,
-        detector: &DivergenceDetector,
-        report: &mut TrainReport,
-    ) -> Result<()> {
-        let Some(manager) = manager else {
-            return Ok(());
+    /// What hooks see now.
+    fn hook_ctx(&self) -> HookCtx<'_, T> {
+        HookCtx {
+            task: self.task,
+            step: self.state.step,
+            max_steps: self.cfg.max_steps,
+            heldout: self.heldout,
+            out_dir: self.trainer.out_dir.as_deref(),
+            rank: self.trainer.collective.rank(),
+            world_size: self.trainer.collective.world_size(),
+            precision: self.cfg.matmul_precision,
+            stop: &self.trainer.stop,
+        }
+    }
+
+    /// Whether any rank was asked to stop. Ranks stop together: a signal seen by one rank
+    /// alone would leave the others waiting in the next all-reduce.
+    fn stop_requested(&mut self) -> Result<bool> {
+        let collective = &self.trainer.collective;
+        let mut stop = [if self.trainer.stop.is_set() {
+            1f32
+        } else {
+            0.0
+        }];
+        if collective.world_size() > 1 {
+            collective.all_reduce_sum(&mut stop)?;
+        }
+        Ok(stop[0] > 0.0)
+    }
+
+    /// One optimizer step: gradients, the guards' verdict, the update. Returns the step's
+    /// record (not yet logged), or `None` when the step was rolled back.
+    fn step(&mut self) -> Result<Option<Map<String, Value>>> {
+        let t0 = Instant::now();
+        let lr = self.schedule.lr(self.state.step) * self.state.lr_scale;
+        let g = self.gradients()?;
+        let mut record = Map::new();
+        match self.judge(g.loss, g.grad_norm, &mut record)? {
+            Verdict::RolledBack => return Ok(None),
+            Verdict::Apply => {
+                self.opt.step(&g.grads, lr)?;
+                self.task.after_step()?;
+            }
+            Verdict::Skip => {}
+        }
+        let world = self.trainer.collective.world_size();
+        self.state.step += 1;
+        self.state.samples_seen += g.samples * world as u64;
+        let elapsed = t0.elapsed().as_secs_f64();
+        self.report.losses.push((self.state.step, g.loss));
+
+        record.insert("step".into(), self.state.step.into());
+        record.insert("epoch".into(), self.data.epoch().into());
+        record.insert("loss".into(), g.loss.into());
+        record.insert("lr".into(), lr.into());
+        record.insert("grad_norm".into(), g.grad_norm.into());
+        record.insert(
+            "samples_per_s".into(),
+            (g.samples as f64 * world as f64 / elapsed.max(1e-9)).into(),
+        );
+        record.insert("step_time_s".into(), elapsed.into());
+        if world > 1 {
+            // Flattening, all-reduce and unflattening of the gradients (rank 0's view).
+            record.insert("allreduce_s".into(), g.comm_s.into());
+        }
+        for (k, v) in g.metrics {
+            record.insert(k, v.into());
+        }
+        self.health(&mut record)?;
+        Ok(Some(record))
+    }
+
+    /// Forward and backward of the step's micro-batches, the first step's check that every
+    /// parameter gets a gradient, the all-reduce over ranks, the division by the total weight
+    /// and clipping.
+    fn gradients(&mut self) -> Result<StepGrads> {
+        let collective = &self.trainer.collective;
+        let (rank, world) = (collective.rank(), collective.world_size());
+        // With several ranks, each draws its own masks and dropout from a stream derived
+        // from the shared one, which advances equally everywhere (so a checkpoint of rank
+        // 0's state resumes every rank).
+        let mut rank_rng;
+        let rng = if world > 1 {
+            rank_rng = SslRng::derived(self.state.rng.next_u64(), &format!("rank-{rank}"));
+            &mut rank_rng
+        } else {
+            &mut self.state.rng
         };
-        state.data_position = data.position();
-        state.epoch = data.epoch();
-        state.skipped_steps = guard.skipped;
-        state.loss_ema = detector.average;
-        if self.collective.is_main() {
-            report.last_checkpoint = Some(manager.save(params, opt, state)?);
+        let acc = accumulate(
+            self.task,
+            &mut *self.data,
+            self.cfg.accum_steps,
+            &self.vars,
+            rng,
+            self.cfg.matmul_precision,
+        )?;
+        let mut grads = acc.grads;
+        if self.first_step {
+            self.report.params_without_grad = self
+                .names
+                .iter()
+                .zip(&grads)
+                .filter(|(_, g)| g.is_none())
+                .map(|(n, _)| n.clone())
+                .collect();
+            if !self.report.params_without_grad.is_empty() {
+                self.progress.println(&format!(
+                    "warning: no gradient reaches {:?}",
+                    self.report.params_without_grad
+                ));
+            }
+            self.first_step = false;
+        }
+        // Loss, weight and the task's metric sums are summed over ranks with the
+        // gradients (every rank's task reports the same metric names).
+        let mut scalars = vec![acc.loss_sum, acc.weight_sum];
+        scalars.extend(acc.metric_sums.values());
+        let t_comm = Instant::now();
+        self.trainer
+            .all_reduce(&mut grads, &self.vars, &mut scalars)?;
+        let comm_s = t_comm.elapsed().as_secs_f64();
+        let (loss_sum, weight_sum) = (scalars[0], scalars[1]);
+        let inv = 1.0 / weight_sum.max(f64::MIN_POSITIVE);
+        let metrics: BTreeMap<String, f64> = acc
+            .metric_sums
+            .into_keys()
+            .zip(scalars[2..].iter().map(|v| v * inv))
+            .collect();
+        let mut grads = scale_grads(grads, inv)?;
+        let loss = loss_sum * inv;
+        let grad_norm = clip_grad_norm(&mut grads, self.cfg.grad_clip)?;
+        Ok(StepGrads {
+            grads,
+            loss,
+            grad_norm,
+            samples: acc.samples,
+            metrics,
+            comm_s,
+        })
+    }
+
+    /// The non-finite guard and the divergence detector on the step's loss and gradient
+    /// norm: stop with an error, skip the update, roll back, or apply it.
+    fn judge(
+        &mut self,
+        loss: f64,
+        grad_norm: f64,
+        record: &mut Map<String, Value>,
+    ) -> Result<Verdict> {
+        match self.guard.check(loss, grad_norm) {
+            Some(NonFiniteAction::Stop) => Err(CoreError::NonFinite {
+                step: self.state.step,
+                count: self.guard.in_a_row(),
+                loss,
+                grad_norm,
+            }),
+            Some(NonFiniteAction::Skip) => {
+                record.insert("event".into(), "skipped_non_finite".into());
+                self.progress.println(&format!(
+                    "step {}: non-finite loss {loss} or gradient norm {grad_norm}; update skipped",
+                    self.state.step + 1
+                ));
+                Ok(Verdict::Skip)
+            }
+            None => {
+                let Some(avg) = self.detector.observe(loss) else {
+                    return Ok(Verdict::Apply);
+                };
+                self.report.divergences += 1;
+                record.insert("event".into(), "divergence".into());
+                self.progress.println(&format!(
+                    "step {}: loss {loss:.4e} is over {}x its moving average {avg:.4e}: training may be diverging",
+                    self.state.step + 1,
+                    self.cfg.divergence_factor
+                ));
+                if !self.cfg.rollback_on_divergence {
+                    return Ok(Verdict::Apply);
+                }
+                self.roll_back(loss, avg, record)?;
+                Ok(Verdict::RolledBack)
+            }
+        }
+    }
+
+    /// Restores the last checkpoint after a divergence and lowers the learning rate; the data
+    /// and random streams move on, so the same batches are not replayed.
+    fn roll_back(&mut self, loss: f64, avg: f64, record: &mut Map<String, Value>) -> Result<()> {
+        let state = &mut self.state;
+        if state.rollbacks >= self.cfg.max_rollbacks {
+            return Err(CoreError::Diverged {
+                step: state.step,
+                loss,
+                average: avg,
+                rollbacks: state.rollbacks,
+            });
+        }
+        let target = latest_checkpoint(&self.manager)?;
+        let (rng, position, epoch) = (state.rng.clone(), self.data.position(), self.data.epoch());
+        let diverged_at = state.step + 1;
+        if let Some(ckpt) = target {
+            let restored = self
+                .trainer
+                .restore(&ckpt, self.task.params(), &mut self.opt)?;
+            state.step = restored.step;
+            state.loss_ema = restored.loss_ema;
+            self.detector = DivergenceDetector::new(self.div_cfg, restored.loss_ema, restored.step);
+            self.progress
+                .println(&format!("rolled back to {}", ckpt.display()));
+        }
+        state.rng = rng;
+        state.data_position = position;
+        state.epoch = epoch;
+        state.rollbacks += 1;
+        state.lr_scale *= self.cfg.rollback_lr_factor;
+        self.progress
+            .println(&format!("learning rate scaled to {}x", state.lr_scale));
+        if let Some(log) = &mut self.log {
+            record.insert("step".into(), diverged_at.into());
+            record.insert("loss".into(), loss.into());
+            record.insert("loss_average".into(), avg.into());
+            record.insert("rolled_back_to".into(), state.step.into());
+            record.insert("lr_scale".into(), state.lr_scale.into());
+            log.write(record)?;
         }
         Ok(())
+    }
+
+    /// Embedding-health figures on the held-out batch, every `health_every` steps and at the
+    /// last one.
+    fn health(&self, record: &mut Map<String, Value>) -> Result<()> {
+        let Some(batch) = self.heldout else {
+            return Ok(());
+        };
+        let (step, every) = (self.state.step, self.cfg.health_every);
+        if every == 0 || !(step.is_multiple_of(every) || step == self.cfg.max_steps) {
+            return Ok(());
+        }
+        let mut rng = SslRng::new(0);
+        let emb = self.task.embed(
+            batch,
+            &mut Ctx::inference(&mut rng).with_precision(self.cfg.matmul_precision),
+        )?;
+        let (rows, dim) = emb.dims2()?;
+        let flat = emb.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let h = embedding_health(&flat, rows, dim)?;
+        record.insert("emb_std".into(), h.mean_std.into());
+        record.insert("emb_std_normalized".into(), h.mean_std_normalized.into());
+        record.insert("emb_effective_rank".into(), h.effective_rank.into());
+        Ok(())
+    }
+
+    /// Writes the step's record to `metrics.jsonl` and draws the progress line.
+    fn log_step(&mut self, record: &Map<String, Value>) -> Result<()> {
+        if let Some(log) = &mut self.log {
+            log.write(record)?;
+        }
+        let figure = |k: &str| record.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+        self.progress.update(
+            self.state.step,
+            self.cfg.max_steps,
+            &format!(
+                "loss {:.4} lr {:.2e} |g| {:.3}",
+                figure("loss"),
+                figure("lr"),
+                figure("grad_norm")
+            ),
+        );
+        Ok(())
+    }
+
+    /// Writes a checkpoint when one is due (every `checkpoint_every_steps` steps or
+    /// `checkpoint_every_minutes` minutes); returns its path.
+    fn checkpoint_if_due(&mut self) -> Result<Option<PathBuf>> {
+        let cfg = &self.cfg;
+        let due_steps = cfg.checkpoint_every_steps > 0
+            && self.state.step.is_multiple_of(cfg.checkpoint_every_steps);
+        let due_time = cfg.checkpoint_every_minutes > 0.0
+            && self.last_save_time.elapsed().as_secs_f64() >= cfg.checkpoint_every_minutes * 60.0;
+        if !(due_steps || due_time) {
+            return Ok(None);
+        }
+        let path = self.save()?;
+        self.last_save_time = Instant::now();
+        Ok(path)
+    }
+
+    /// Writes a checkpoint of the current step (when the run has an output directory);
+    /// returns its path (on ranks other than the main one, where the main one wrote it).
+    fn save(&mut self) -> Result<Option<PathBuf>> {
+        self.last_saved_step = Some(self.state.step);
+        let Some(manager) = &self.manager else {
+            return Ok(None);
+        };
+        let state = &mut self.state;
+        state.data_position = self.data.position();
+        state.epoch = self.data.epoch();
+        state.skipped_steps = self.guard.skipped;
+        state.loss_ema = self.detector.average;
+        if self.main {
+            let path = manager.save(self.task.params(), &self.opt, state)?;
+            self.report.last_checkpoint = Some(path.clone());
+            Ok(Some(path))
+        } else {
+            Ok(Some(manager.path_for(state.step)))
+        }
+    }
+
+    /// The end of the run: the final checkpoint (unless the last step has one), the report,
+    /// the plot, the end hooks, and a barrier so no rank leaves before the others.
+    fn finish(mut self, hooks: &mut [&mut dyn TrainHook<T>]) -> Result<TrainReport> {
+        if self.last_saved_step != Some(self.state.step) {
+            if let Some(path) = self.save()? {
+                for hook in hooks.iter_mut() {
+                    hook.at_checkpoint(&self.hook_ctx(), &path)?;
+                }
+            }
+        }
+        self.progress.finish();
+        if self.report.interrupted {
+            self.progress.println(&format!(
+                "stopped at step {} on request; checkpoint written",
+                self.state.step
+            ));
+        }
+        self.report.step = self.state.step;
+        self.report.skipped_steps = self.guard.skipped;
+        self.report.rollbacks = self.state.rollbacks;
+        if let (Some(dir), true) = (&self.trainer.out_dir, self.main) {
+            plot_run(dir)?;
+        }
+        for hook in hooks.iter_mut() {
+            hook.at_end(&self.hook_ctx(), &self.report)?;
+        }
+        self.trainer.collective.barrier()?;
+        Ok(self.report)
     }
 }
 
