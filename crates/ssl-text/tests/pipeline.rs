@@ -1,0 +1,130 @@
+//! The text pipeline through its public API: pretrain (and resume), embed, and eval with
+//! labels, on a small labelled Parquet file; the JSON keys `ssl eval text` prints and the
+//! lines of `heldout.jsonl`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, StringArray};
+use arrow::record_batch::RecordBatch;
+use ssl_core::run_dir::RunOptions;
+use ssl_text::{embed, eval, pretrain, stored_config, HeldoutPoint, TextConfig, HELDOUT_FILE};
+
+fn write_docs(path: &Path) {
+    let words = [
+        ["kernel", "driver", "module"],
+        ["licence", "warranty", "notice"],
+    ];
+    let texts: Vec<String> = (0..48)
+        .map(|i| {
+            format!(
+                "the {} of the {} {i}",
+                words[i % 2][i % 3],
+                words[i % 2][i / 2 % 3]
+            )
+        })
+        .collect();
+    let labels: Vec<&str> = (0..48).map(|i| ["code", "legal"][i % 2]).collect();
+    let batch = RecordBatch::try_from_iter([
+        ("text", Arc::new(StringArray::from(texts)) as ArrayRef),
+        ("label", Arc::new(StringArray::from(labels)) as ArrayRef),
+    ])
+    .unwrap();
+    let file = std::fs::File::create(path).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+}
+
+fn tiny() -> TextConfig {
+    let mut cfg = TextConfig::default();
+    cfg.train.max_steps = 4;
+    cfg.train.batch_size = 4;
+    cfg.train.checkpoint_every_steps = 2;
+    cfg.tokenizer.train.vocab_size = 120;
+    cfg.model.preset.clear();
+    let m = &mut cfg.model.config;
+    m.hidden_size = 16;
+    m.num_hidden_layers = 1;
+    m.num_attention_heads = 2;
+    m.intermediate_size = 32;
+    cfg.input.max_seq_len = 16;
+    cfg.data.heldout_fraction = 0.25;
+    cfg
+}
+
+#[test]
+fn pretrain_resume_embed_and_eval_with_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("docs.parquet");
+    write_docs(&path);
+    let data = vec![path.to_string_lossy().into_owned()];
+    let run = dir.path().join("run");
+
+    let s = pretrain(tiny(), &data, &run, &RunOptions::default()).unwrap();
+    assert_eq!(s.run.step, 4);
+    assert_eq!(s.hf.as_deref(), Some(run.join("hf").as_path()));
+    assert!(run.join("hf/model.safetensors").is_file());
+    // Before training, then the kept checkpoints; the file holds the same points.
+    let steps: Vec<u64> = s.heldout.iter().map(|p| p.step).collect();
+    assert_eq!(steps, [0, 2, 4]);
+    let text = std::fs::read_to_string(run.join(HELDOUT_FILE)).unwrap();
+    let lines: Vec<HeldoutPoint> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines, s.heldout);
+    assert!(text.starts_with("{\"loss\":"), "{text}");
+
+    // Resume to 6 steps from the stored configuration: no "before" point.
+    let (_, mut cfg) = stored_config(&run).unwrap();
+    cfg.train.max_steps = 6;
+    let opts = RunOptions {
+        resume: true,
+        ..RunOptions::default()
+    };
+    let s = pretrain(cfg, &data, &run, &opts).unwrap();
+    assert_eq!((s.run.start_step, s.run.step), (4, 6));
+    assert_eq!(s.heldout.first().map(|p| p.step), Some(2));
+
+    let (ckpt, cfg) = stored_config(&run).unwrap();
+    assert!(ckpt.ends_with("step-00000006"), "{}", ckpt.display());
+    let e = embed(&ckpt, &cfg, &data, &dir.path().join("emb.parquet")).unwrap();
+    assert_eq!((e.rows, e.dim), (48, 16));
+
+    let report = eval(&ckpt, &cfg, &data, &[], None).unwrap();
+    let v = serde_json::to_value(&report).unwrap();
+    let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "checkpoint",
+            "embedding_dim",
+            "knn_accuracy",
+            "layer",
+            "linear_probe_accuracy",
+            "masked_accuracy",
+            "masked_loss",
+            "masked_tokens",
+            "n_classes",
+            "n_test",
+            "n_train",
+            "perplexity",
+            "pooling"
+        ]
+    );
+    // The seeded stratified 20% split of 24 + 24 documents.
+    assert_eq!(
+        (v["n_train"].as_u64(), v["n_test"].as_u64()),
+        (Some(38), Some(10))
+    );
+    assert_eq!(v["pooling"], "mean");
+    // A test set: the probes train on every document of `data`.
+    let report = eval(&ckpt, &cfg, &data, &data, Some("label")).unwrap();
+    let probe = report.probe.unwrap();
+    assert_eq!((probe.n_train, probe.n_test, probe.n_classes), (48, 48, 2));
+    // Without the label column: the masked-LM figures only.
+    let v = serde_json::to_value(eval(&ckpt, &cfg, &data, &[], Some("nope")).unwrap()).unwrap();
+    assert!(v.get("knn_accuracy").is_none() && v["perplexity"].as_f64().unwrap() > 1.0);
+}
