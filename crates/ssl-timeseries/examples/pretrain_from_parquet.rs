@@ -3,7 +3,8 @@
 //! `cargo run --release -p ssl-timeseries --example pretrain_from_parquet`
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Float32Builder, ListBuilder, StringArray};
+use arrow::array::{ArrayRef, ListArray, StringArray};
+use arrow::datatypes::Float32Type;
 use arrow::record_batch::RecordBatch;
 use ssl_core::run_dir::RunOptions;
 use ssl_timeseries::pipeline::timeseries::stored_config;
@@ -12,21 +13,15 @@ use ssl_timeseries::{embed_timeseries, eval_timeseries, pretrain_timeseries, Tim
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let (file, run) = (dir.path().join("series.parquet"), dir.path().join("run"));
-    let (mut x, mut labels) = (ListBuilder::new(Float32Builder::new()), Vec::new());
-    for i in 0..40 {
-        let period = [16.0f32, 5.0][i % 2];
-        x.values().append_slice(
-            &(0..64)
-                .map(|t| ((t + i) as f32 / period).sin())
-                .collect::<Vec<_>>(),
-        );
-        x.append(true);
-        labels.push(["slow", "fast"][i % 2]);
-    }
-    let x: ArrayRef = Arc::new(x.finish());
+    // 40 series of 64 steps in a `list<f32>` column, labelled by their period.
+    let x =
+        ListArray::from_iter_primitive::<Float32Type, _, _>((0..40).map(|i| {
+            Some((0..64).map(move |t| Some(((t + i) as f32 / [16.0, 5.0][i % 2]).sin())))
+        }));
+    let label = StringArray::from_iter_values((0..40).map(|i| ["slow", "fast"][i % 2]));
     let batch = RecordBatch::try_from_iter([
-        ("x", x),
-        ("label", Arc::new(StringArray::from(labels)) as ArrayRef),
+        ("x", Arc::new(x) as ArrayRef),
+        ("label", Arc::new(label) as ArrayRef),
     ])?;
     let mut writer =
         parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&file)?, batch.schema(), None)?;
@@ -34,7 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     writer.close()?;
 
     let data = vec![file.display().to_string()];
-    let mut cfg = TimeseriesConfig::default();
+    let mut cfg = TimeseriesConfig::default(); // TS2Vec on a TCN; the TOML keys of `ssl config timeseries`
     (cfg.train.max_steps, cfg.train.warmup_steps) = (20, 2);
     (
         cfg.model.tcn.hidden,
@@ -46,8 +41,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let written = embed_timeseries(&ckpt, &cfg, &data, &dir.path().join("embeddings.parquet"))?;
     let report = eval_timeseries(&ckpt, &cfg, &data, &[], None)?;
     println!(
-        "loss {:.3} -> {:.3}; {} embeddings of dim {}",
-        summary.first_loss, summary.last_loss, written.rows, written.dim
+        "loss {:.3} -> {:.3}; {written:?}",
+        summary.first_loss, summary.last_loss
     );
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

@@ -15,6 +15,31 @@
 //! - **Evaluation**: linear probe / k-NN on frozen embeddings via ssl-core's probes, and
 //!   [`evaluate_forecast`] against naive and seasonal-naive forecasts.
 //!
+//! - **Pipelines** ([`pipeline`]): what the `ssl` binary runs as its `timeseries` and
+//!   `features` modalities, as library calls: typed configurations ([`TimeseriesConfig`],
+//!   [`FeaturesConfig`]), [`pretrain_timeseries`] / [`pretrain_features`] (a run directory
+//!   with checkpoints, metrics and plot), [`embed_timeseries`] / [`embed_features`] and
+//!   [`eval_timeseries`] / [`eval_features`] (reports that serialise to `ssl eval`'s JSON).
+//!
+//! ```no_run
+//! use ssl_core::run_dir::RunOptions;
+//! use ssl_timeseries::pipeline::timeseries::stored_config;
+//! use ssl_timeseries::{embed_timeseries, eval_timeseries, pretrain_timeseries, TimeseriesConfig};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let data = vec!["GunPoint_TRAIN.parquet".to_string()];
+//! let mut cfg = TimeseriesConfig::default();
+//! cfg.train.max_steps = 200;
+//! let summary = pretrain_timeseries(cfg, &data, "runs/ts".as_ref(), &RunOptions::default())?;
+//! let (ckpt, cfg) = stored_config(&summary.dir)?;
+//! embed_timeseries(&ckpt, &cfg, &data, "emb.parquet".as_ref())?;
+//! let report = eval_timeseries(&ckpt, &cfg, &data, &[], None)?;
+//! println!("{}", serde_json::to_string(&report)?);
+//! # Ok(()) }
+//! ```
+//!
+//! Or compose encoder, task and trainer by hand:
+//!
 //! ```no_run
 //! use ssl_core::{LoopTrainer, ParamStore, TrainConfig, Trainer};
 //! use ssl_core::seq::InMemorySeqSource;
