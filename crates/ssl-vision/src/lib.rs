@@ -12,7 +12,31 @@
 //! - [`augment`]: seeded random resized crop, horizontal flip, normalisation;
 //! - [`preview`]: PNG grids of original | masked | reconstruction;
 //! - [`detect`]: reconstruction-error and PatchCore-style scorers, threshold calibration
-//!   and heat-maps.
+//!   and heat-maps;
+//! - [`pipeline`]: what `ssl pretrain|embed|eval vision` run, as library calls ([`pretrain`],
+//!   [`embed`], [`eval`] with a typed [`VisionConfig`]), and [`detect::pipeline`] for
+//!   `ssl detect fit|score` ([`detect_fit`], [`detect_score`]).
+//!
+//! The pipeline, from Parquet images to the probe report:
+//!
+//! ```no_run
+//! use ssl_core::run_dir::RunOptions;
+//! use ssl_vision::{embed, eval, pretrain, stored_config, VisionConfig};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let data = vec!["images.parquet".to_string()]; // `image` (PNG/JPEG) and `label` columns
+//! let mut cfg = VisionConfig::default();
+//! cfg.train.max_steps = 600;
+//! let run = std::path::Path::new("runs/mae");
+//! pretrain(cfg, &data, run, &RunOptions::default())?;
+//! let (ckpt, cfg) = stored_config(run)?; // the completed configuration
+//! embed(&ckpt, &cfg, &data, "emb.parquet".as_ref())?;
+//! let report = eval(&ckpt, &cfg, &data, &[], None)?;
+//! println!("{}", serde_json::to_string(&report)?);
+//! # Ok(()) }
+//! ```
+//!
+//! The building blocks, trained by hand:
 //!
 //! ```no_run
 //! use candle_core::Device;
