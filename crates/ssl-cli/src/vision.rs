@@ -26,6 +26,7 @@ pub fn pretrain(
 ) -> Result<(), CliError> {
     let base = config::base_file(config_file, out, resume);
     let cfg: VisionConfig = config::resolve(&VisionConfig::default(), base.as_deref(), set)?;
+    // An unknown device stops the run before the embedded sample is announced, as before.
     ssl_core::parse_device(&cfg.train.device)?;
     let _embedded;
     let paths: Vec<String> = if data.is_empty() {
