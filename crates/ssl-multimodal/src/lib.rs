@@ -16,11 +16,11 @@
 //!   negative kept, with the same gradients as one big batch;
 //! - [`data`]: pairs from Parquet (image bytes + caption + label columns), a seeded hold-out
 //!   split, caption tokenization, a resumable batch source;
-//! - [`eval`]: recall@K both ways against chance, zero-shot classification from class names
+//! - [`eval`](mod@eval): recall@K both ways against chance, zero-shot classification from class names
 //!   with prompt templates; [`filter`]: dropping the lowest-scoring pairs;
 //! - [`toy`]: a synthetic coloured-shapes set for tests and examples;
 //! - [`pipeline`]: the whole pipeline as library calls, what `ssl pretrain|embed|eval
-//!   multimodal` run: [`MultimodalConfig`] (the TOML keys), [`pretrain`], [`embed`], [`eval`];
+//!   multimodal` run: [`MultimodalConfig`] (the TOML keys), [`pretrain`], [`embed`], [`eval()`];
 //!   towers start from text and vision runs through their typed configurations.
 //!
 //! ```no_run

@@ -109,3 +109,56 @@ fn pretrain_embed_and_eval_through_the_library() {
     }
     assert!((v["trained"]["chance"]["r@5"].as_f64().unwrap() - 5.0 / 80.0).abs() < 1e-12);
 }
+
+#[test]
+fn towers_start_from_text_and_vision_runs_and_a_run_filters_pairs() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = toy_file(dir.path(), 100);
+    let opts = RunOptions::default();
+    // A tiny MAE run on the toy images.
+    let mut v = ssl_vision::VisionConfig::default();
+    v.train.max_steps = 2;
+    v.train.batch_size = 32;
+    v.data.resize = vec![16, 16];
+    v.data.color = ssl_data::ColorMode::Rgb;
+    v.model.patch_size = 4;
+    v.model.dim = 32;
+    v.model.depth = 1;
+    v.model.heads = 2;
+    v.task.mae.decoder_dim = 16;
+    v.task.mae.decoder_depth = 1;
+    v.task.mae.decoder_heads = 2;
+    let vision_run = dir.path().join("vision");
+    ssl_vision::pretrain(v, &paths, &vision_run, &opts).unwrap();
+    // A tiny MLM run on the toy captions.
+    let mut t = ssl_text::TextConfig::default();
+    t.train.max_steps = 2;
+    t.train.batch_size = 16;
+    t.data.column = "caption".into();
+    t.tokenizer.train.vocab_size = 100;
+    let text_run = dir.path().join("text");
+    ssl_text::pretrain(t, &paths, &text_run, &opts).unwrap();
+    let (_, vision) = ssl_vision::stored_config(&vision_run).unwrap();
+    let (_, text) = ssl_text::stored_config(&text_run).unwrap();
+
+    let mut cfg = tiny_config();
+    cfg.init.image_from = vision_run.to_string_lossy().into_owned();
+    cfg.init.text_from = text_run.to_string_lossy().into_owned();
+    let run = dir.path().join("clip");
+    pretrain(cfg, &paths, &run, &opts).unwrap();
+    let (_, got) = stored_config(&run).unwrap();
+    assert_eq!(got.model.image, vision.model);
+    assert_eq!(got.model.image_mean, vision.task.augment.mean);
+    assert_eq!(got.model.image_std, vision.task.augment.std);
+    assert_eq!(got.model.text, text.model.config);
+    let tok = |f: &str| std::fs::read_to_string(f).unwrap();
+    assert_eq!(tok(&got.tokenizer.file), tok(&text.tokenizer.file));
+
+    // The trained run scores the pairs of a second run, which drops the lowest 10%.
+    let mut cfg = tiny_config();
+    cfg.data.filter_checkpoint = run.to_string_lossy().into_owned();
+    cfg.data.filter_drop_fraction = 0.1;
+    let (train, heldout) = ssl_multimodal::pipeline::split_pairs(&paths, &cfg).unwrap();
+    assert_eq!((train.len(), heldout.len()), (288, 80));
+    pretrain(cfg, &paths, &dir.path().join("filtered"), &opts).unwrap();
+}
