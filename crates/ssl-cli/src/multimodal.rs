@@ -26,6 +26,8 @@ pub fn pretrain(
     let base = config::base_file(config_file, out, resume);
     let cfg: MultimodalConfig =
         config::resolve(&MultimodalConfig::default(), base.as_deref(), set)?;
+    // An unknown device stops the run before the embedded sample is announced, as before.
+    ssl_core::parse_device(&cfg.train.device)?;
     let _embedded;
     let paths: Vec<String> = if data.is_empty() {
         let (dir, p) = config::write_embedded("emoji_sample.parquet", EMBEDDED_TRAIN)?;
