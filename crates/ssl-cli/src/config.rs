@@ -20,20 +20,6 @@ pub fn base_file(
     }
 }
 
-/// Creates the run directory `out` and writes its resolved `config.toml` (what `--resume`
-/// starts from).
-pub fn write_run_config(out: &std::path::Path, toml_text: &str) -> Result<(), CliError> {
-    std::fs::create_dir_all(out).map_err(|e| CliError::Io {
-        path: out.to_path_buf(),
-        source: e,
-    })?;
-    let stored = out.join("config.toml");
-    std::fs::write(&stored, toml_text).map_err(|e| CliError::Io {
-        path: stored,
-        source: e,
-    })
-}
-
 /// Resolves `checkpoint` (a run or checkpoint directory) and returns it with the configuration
 /// stored there, read as a `modality` configuration, with `overrides` applied.
 pub fn from_checkpoint<T: Serialize + DeserializeOwned>(
@@ -142,11 +128,6 @@ fn set_path(table: &mut Table, key: &str, value: Value) -> Result<(), CliError> 
         };
     }
     Ok(())
-}
-
-/// The configuration as TOML text.
-pub fn to_toml<T: Serialize>(cfg: &T) -> Result<String, CliError> {
-    toml::to_string_pretty(cfg).map_err(|e| CliError::Config(format!("writing config: {e}")))
 }
 
 #[cfg(test)]

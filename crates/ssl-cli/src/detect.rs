@@ -13,11 +13,7 @@ pub fn fit(checkpoint: &Path, data: &[String], out: &Path, set: &[String]) -> Re
     let (ckpt, vcfg): (_, VisionConfig) = config::from_checkpoint(checkpoint, "vision", &[])?;
     let cfg: DetectFitConfig = config::resolve(&DetectFitConfig::for_model(&vcfg), None, set)?;
     let report = ssl_vision::detect_fit(&ckpt, vcfg, &cfg, data, out)?;
-    // Through a JSON value: keys print sorted, as they always have.
-    println!(
-        "{}",
-        serde_json::to_value(&report).map_err(|e| CliError::Config(e.to_string()))?
-    );
+    println!("{}", crate::pipelines::json(&report)?);
     Ok(())
 }
 

@@ -17,15 +17,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod config;
 mod detect;
-mod embeddings;
 mod error;
-mod features;
-mod multimodal;
-mod parallel;
-mod series_common;
-mod text;
-mod timeseries;
-mod vision;
+mod modalities;
+mod pipelines;
+mod tokenizer;
 
 pub use error::CliError;
 
@@ -206,6 +201,34 @@ enum TokenizerCommand {
     },
 }
 
+/// Runs `$body` with `$p` naming the [`pipelines::Pipeline`] of `$modality`.
+macro_rules! with_pipeline {
+    ($modality:expr, $p:ident => $body:expr) => {
+        match $modality {
+            Modality::Features => {
+                type $p = modalities::Features;
+                $body
+            }
+            Modality::Timeseries => {
+                type $p = modalities::Timeseries;
+                $body
+            }
+            Modality::Text => {
+                type $p = modalities::Text;
+                $body
+            }
+            Modality::Vision => {
+                type $p = modalities::Vision;
+                $body
+            }
+            Modality::Multimodal => {
+                type $p = modalities::Multimodal;
+                $body
+            }
+        }
+    };
+}
+
 fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Pretrain {
@@ -215,29 +238,16 @@ fn run(cli: Cli) -> Result<(), CliError> {
             out,
             set,
             resume,
-        } => {
-            let pretrain = match modality {
-                Modality::Features => features::pretrain,
-                Modality::Timeseries => timeseries::pretrain,
-                Modality::Text => text::pretrain,
-                Modality::Vision => vision::pretrain,
-                Modality::Multimodal => multimodal::pretrain,
-            };
-            pretrain(config.as_deref(), &data, &out, &set, resume)
-        }
+        } => with_pipeline!(modality, P => {
+            pipelines::pretrain::<P>(config.as_deref(), &data, &out, &set, resume)
+        }),
         Command::Embed {
             modality,
             checkpoint,
             data,
             out,
             set,
-        } => match modality {
-            Modality::Features => features::embed(&checkpoint, &data, &out, &set),
-            Modality::Timeseries => timeseries::embed(&checkpoint, &data, &out, &set),
-            Modality::Text => text::embed(&checkpoint, &data, &out, &set),
-            Modality::Vision => vision::embed(&checkpoint, &data, &out, &set),
-            Modality::Multimodal => multimodal::embed(&checkpoint, &data, &out, &set),
-        },
+        } => with_pipeline!(modality, P => pipelines::embed::<P>(&checkpoint, &data, &out, &set)),
         Command::Eval {
             modality,
             checkpoint,
@@ -245,25 +255,14 @@ fn run(cli: Cli) -> Result<(), CliError> {
             test,
             label_column,
             set,
-        } => {
-            let eval = match modality {
-                Modality::Features => features::eval,
-                Modality::Timeseries => timeseries::eval,
-                Modality::Text => text::eval,
-                Modality::Vision => vision::eval,
-                Modality::Multimodal => multimodal::eval,
-            };
-            eval(&checkpoint, &data, &test, label_column.as_deref(), &set)
-        }
+        } => with_pipeline!(modality, P => {
+            pipelines::eval::<P>(&checkpoint, &data, &test, label_column.as_deref(), &set)
+        }),
         Command::Config { modality } => {
-            let text = match modality {
-                Modality::Features => config::to_toml(&features::FeaturesConfig::default())?,
-                Modality::Timeseries => config::to_toml(&timeseries::default_config())?,
-                Modality::Text => config::to_toml(&text::TextConfig::default())?,
-                Modality::Vision => config::to_toml(&vision::VisionConfig::default())?,
-                Modality::Multimodal => config::to_toml(&multimodal::MultimodalConfig::default())?,
-            };
-            print!("{text}");
+            print!(
+                "{}",
+                with_pipeline!(modality, P => pipelines::default_toml::<P>())?
+            );
             Ok(())
         }
         Command::Tokenizer {
@@ -277,7 +276,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                     heldout,
                     generic,
                 },
-        } => text::tokenizer_train(
+        } => tokenizer::train(
             config.as_deref(),
             &data,
             &column,

@@ -135,12 +135,15 @@ pub struct RunSummary {
     pub last_checkpoint: Option<PathBuf>,
     /// Parameters that received no gradient in the first step (a model bug when non-empty).
     pub params_without_grad: Vec<String>,
+    /// This process's rank (0 reports; every rank returns a summary).
+    pub rank: usize,
 }
 
 impl RunSummary {
-    /// The summary of a finished [`TrainReport`] of the run in `dir`.
-    pub fn new(dir: &Path, report: &TrainReport) -> Self {
+    /// The summary of a finished [`TrainReport`] of the run in `dir`, on rank `rank`.
+    pub fn new(dir: &Path, report: &TrainReport, rank: usize) -> Self {
         RunSummary {
+            rank,
             dir: dir.to_path_buf(),
             start_step: report.start_step,
             step: report.step,
@@ -152,9 +155,25 @@ impl RunSummary {
         }
     }
 
-    /// Prints what the command line prints at the end of a run: an interruption, parameters
-    /// without gradient, and the `done:` line with the checkpoint, metrics and plot.
+    /// Prints the end of a series run as `ssl pretrain` does: [`RunSummary::print_done`]
+    /// with the metrics and the plot.
     pub fn print(&self) {
+        self.print_done(
+            "",
+            &[
+                ("metrics", &self.dir.join("metrics.jsonl")),
+                ("plot", &self.dir.join("loss.png")),
+            ],
+        );
+    }
+
+    /// Prints, on rank 0 only, the end of a run: an interruption, parameters without
+    /// gradient, and the `done:` line with the step, the first and last loss (`loss_note`
+    /// appended inside the parentheses), the checkpoint and each of `files` (label, path).
+    pub fn print_done(&self, loss_note: &str, files: &[(&str, &Path)]) {
+        if self.rank != 0 {
+            return;
+        }
         if self.interrupted {
             eprintln!(
                 "interrupted at step {}: checkpoint written, continue with --resume",
@@ -167,8 +186,8 @@ impl RunSummary {
                 self.params_without_grad
             );
         }
-        eprintln!(
-            "done: step {} (loss {:.4} -> {:.4}); checkpoint {}; metrics {}; plot {}",
+        let mut line = format!(
+            "done: step {} (loss {:.4} -> {:.4}{loss_note}); checkpoint {}",
             self.step,
             self.first_loss,
             self.last_loss,
@@ -176,9 +195,11 @@ impl RunSummary {
                 .as_deref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
-            self.dir.join("metrics.jsonl").display(),
-            self.dir.join("loss.png").display()
         );
+        for (label, path) in files {
+            line.push_str(&format!("; {label} {}", path.display()));
+        }
+        eprintln!("{line}");
     }
 }
 

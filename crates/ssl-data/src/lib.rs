@@ -67,6 +67,6 @@ pub use position::Position;
 pub use read_all::{read_all, ReadOptions, Share, Table};
 pub use source::ParquetSource;
 pub use writer::{
-    read_embeddings, EmbeddingWriter, EmbeddingWriterOptions, Embeddings, EMBEDDING_COLUMN,
-    ID_COLUMN,
+    read_embeddings, write_embeddings, EmbedSummary, EmbeddingWriter, EmbeddingWriterOptions,
+    Embeddings, EMBEDDING_COLUMN, ID_COLUMN,
 };

@@ -395,3 +395,45 @@ pub fn read_embeddings(path: impl AsRef<Path>) -> Result<Embeddings, DataError> 
     }
     Ok(out)
 }
+
+/// What [`write_embeddings`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct EmbedSummary {
+    /// The Parquet file (`id`, `embedding`).
+    pub out: PathBuf,
+    /// Rows written.
+    pub rows: usize,
+    /// Embedding width.
+    pub dim: usize,
+}
+
+impl std::fmt::Display for EmbedSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "wrote {} embeddings of dimension {} to {}",
+            self.rows,
+            self.dim,
+            self.out.display()
+        )
+    }
+}
+
+/// Writes `(id, embedding)` rows (`emb` row-major, `dim` wide) to the Parquet file `out`
+/// with `meta` as key-value metadata, atomically (see [`EmbeddingWriter`]).
+pub fn write_embeddings(
+    out: &Path,
+    ids: &[String],
+    emb: &[f32],
+    dim: usize,
+    meta: BTreeMap<String, String>,
+) -> Result<EmbedSummary, DataError> {
+    let mut writer = EmbeddingWriter::create(out, dim, meta)?;
+    writer.write(ids, emb)?;
+    let rows = writer.finish()?;
+    Ok(EmbedSummary {
+        out: out.to_path_buf(),
+        rows,
+        dim,
+    })
+}

@@ -29,7 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     pretrain(cfg, &data, &run, &RunOptions::default())?.print();
     let (ckpt, cfg) = stored_config(&run)?;
     let e = embed(&ckpt, &cfg, &data, &dir.path().join("images.parquet"))?;
-    println!("{} image embeddings of dimension {}", e.rows, e.dim);
+    println!("{e}");
     let report = eval(&ckpt, &cfg, &data, &[], None)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

@@ -69,8 +69,8 @@ pub use filter::keep_best_pairs;
 pub use loss::{clip_loss, siglip_loss, LossConfig, LossKind};
 pub use model::{cosine_matrix, pair_scores, ClipConfig, ClipModel, TEXT_PREFIX, VISION_PREFIX};
 pub use pipeline::{
-    embed, eval, pretrain, stored_config, EmbedSummary, InitSection, LoadedRun, MmEmbedSection,
-    MmEvalSection, MmTokenizerSection, MultimodalConfig, MultimodalDataConfig,
+    embed, eval, pretrain, stored_config, InitSection, LoadedRun, MmEmbedSection, MmEvalSection,
+    MmTokenizerSection, MultimodalConfig, MultimodalDataConfig, MultimodalEmbedSummary,
     MultimodalEvalReport, MultimodalRunSummary, MultimodalScores, Tower,
 };
 pub use task::PairBatch;

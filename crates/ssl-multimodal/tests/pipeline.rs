@@ -91,7 +91,7 @@ fn pretrain_embed_and_eval_through_the_library() {
         cfg.embed.tower = tower;
         let out = dir.path().join(format!("{}.parquet", tower.name()));
         let e = embed(&ckpt, &cfg, &paths, &out).unwrap();
-        assert_eq!((e.rows, e.dim), (400, 16));
+        assert_eq!((e.written.rows, e.written.dim), (400, 16));
         let read = ssl_data::read_embeddings(&out).unwrap();
         assert_eq!(read.ids.len(), 400);
     }

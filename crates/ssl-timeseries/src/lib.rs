@@ -82,7 +82,6 @@ pub use forecast::{
 };
 pub use masked_patch::{patch_mask, MaskedPatchConfig, MaskedPatchTask};
 pub use patchtst::{num_patches, patchify, PatchTstConfig, PatchTstEncoder, Patches};
-pub use pipeline::common::EmbedSummary;
 pub use pipeline::features::{
     embed as embed_features, eval as eval_features, pretrain as pretrain_features, FeaturesConfig,
     FeaturesEvalReport, FeaturesTask,

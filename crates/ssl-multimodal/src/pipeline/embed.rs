@@ -1,11 +1,11 @@
 //! Embeddings of either tower of a trained run, in the shared space, to Parquet.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::DType;
 use serde::Serialize;
-use ssl_data::{read_all, ColumnSpec, EmbeddingWriter, ReadOptions};
+use ssl_data::{read_all, write_embeddings, ColumnSpec, EmbedSummary, ReadOptions};
 use ssl_text::SpecialIds;
 
 use super::{LoadedRun, MultimodalConfig, Tower};
@@ -13,17 +13,27 @@ use crate::{
     embed_images, embed_token_seqs, read_pairs, tokenize_captions, MultimodalError, Result,
 };
 
-/// What [`embed`] wrote.
+/// What [`embed`] wrote, and with which tower.
 #[derive(Debug, Clone, Serialize)]
-pub struct EmbedSummary {
-    /// The Parquet file written.
-    pub out: PathBuf,
-    /// Rows embedded.
-    pub rows: usize,
-    /// Embedding dimension (`model.embed_dim`).
-    pub dim: usize,
+pub struct MultimodalEmbedSummary {
+    /// The file, rows and width (`model.embed_dim`).
+    pub written: EmbedSummary,
     /// The tower that ran.
     pub tower: Tower,
+}
+
+impl std::fmt::Display for MultimodalEmbedSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let w = &self.written;
+        write!(
+            f,
+            "wrote {} {} embeddings of dimension {} to {}",
+            w.rows,
+            self.tower.name(),
+            w.dim,
+            w.out.display()
+        )
+    }
 }
 
 /// Checks that the images have the shape the model was trained on.
@@ -49,7 +59,7 @@ pub fn embed(
     cfg: &MultimodalConfig,
     data: &[String],
     out: &Path,
-) -> Result<EmbedSummary> {
+) -> Result<MultimodalEmbedSummary> {
     let run = LoadedRun::load(ckpt, cfg.clone())?;
     let bs = cfg.train.batch_size.max(1);
     let (ids, emb) = match cfg.embed.tower {
@@ -91,13 +101,8 @@ pub fn embed(
     meta.insert("checkpoint".to_string(), run.ckpt.display().to_string());
     meta.insert("tower".to_string(), tower.name().to_string());
     meta.insert("normalized".to_string(), "true".to_string());
-    let mut writer = EmbeddingWriter::create(out, dim, meta)?;
-    writer.write(&ids, &flat)?;
-    writer.finish()?;
-    Ok(EmbedSummary {
-        out: out.to_path_buf(),
-        rows: ids.len(),
-        dim,
+    Ok(MultimodalEmbedSummary {
+        written: write_embeddings(out, &ids, &flat, dim, meta)?,
         tower,
     })
 }

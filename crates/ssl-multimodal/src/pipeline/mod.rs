@@ -38,7 +38,7 @@ pub use config::{
     InitSection, MmEmbedSection, MmEvalSection, MmTokenizerSection, MultimodalConfig,
     MultimodalDataConfig, Tower,
 };
-pub use embed::{check_shape, embed, EmbedSummary};
+pub use embed::{check_shape, embed, MultimodalEmbedSummary};
 pub use eval::{eval, evaluate, MultimodalEvalReport, MultimodalScores, RecallAtK};
 pub use pretrain::{pretrain, MultimodalRunSummary};
 pub use run::{build_model, stored_config, LoadedRun};

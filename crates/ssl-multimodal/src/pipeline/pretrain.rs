@@ -19,36 +19,15 @@ pub struct MultimodalRunSummary {
     pub run: RunSummary,
     /// The model's `logit_scale` at the end (the similarity scale is its exponential).
     pub logit_scale: f64,
-    /// This process's rank (only rank 0 reports).
-    pub rank: usize,
 }
 
 impl MultimodalRunSummary {
     /// Prints what `ssl pretrain multimodal` prints at the end (rank 0 only): an interruption
     /// and the `done:` line with the losses, `logit_scale`, checkpoint and metrics.
     pub fn print(&self) {
-        if self.rank != 0 {
-            return;
-        }
-        let r = &self.run;
-        if r.interrupted {
-            eprintln!(
-                "interrupted at step {}: checkpoint written, continue with --resume",
-                r.step
-            );
-        }
-        eprintln!(
-            "done: step {} (loss {:.4} -> {:.4}, logit_scale {:.3}); checkpoint {}; metrics {}",
-            r.step,
-            r.first_loss,
-            r.last_loss,
-            self.logit_scale,
-            r.last_checkpoint
-                .as_deref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-            r.dir.join("metrics.jsonl").display()
-        );
+        let metrics = self.run.dir.join("metrics.jsonl");
+        let note = format!(", logit_scale {:.3}", self.logit_scale);
+        self.run.print_done(&note, &[("metrics", &metrics)]);
     }
 }
 
@@ -129,8 +108,7 @@ pub fn pretrain(
     let mut trainer = opts.trainer(&cfg.train, out, run_config, &mut par)?;
     let report = trainer.fit(&model, &mut source, health.as_ref())?;
     Ok(MultimodalRunSummary {
-        run: RunSummary::new(out, &report),
+        run: RunSummary::new(out, &report, rank),
         logit_scale: model.logit_scale_value()?,
-        rank,
     })
 }

@@ -5,11 +5,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use serde::Serialize;
 use ssl_core::checkpoint::MODEL_FILE;
 use ssl_core::run_dir;
 use ssl_core::{parse_device, Ctx, ParamStore, SslRng};
-use ssl_data::EmbeddingWriter;
+use ssl_data::{write_embeddings, EmbedSummary};
 use tokenizers::Tokenizer;
 
 use super::config::TextConfig;
@@ -123,17 +122,6 @@ impl TextModel {
     }
 }
 
-/// What [`embed`] wrote.
-#[derive(Debug, Clone, Serialize)]
-pub struct EmbedSummary {
-    /// The Parquet file (`id`, `embedding`).
-    pub out: PathBuf,
-    /// Rows written.
-    pub rows: usize,
-    /// Embedding width.
-    pub dim: usize,
-}
-
 /// Embeds the documents of `data` with the model of checkpoint directory `ckpt` configured
 /// by `cfg` (see [`stored_config`]; pooling and layer from `embed`) and writes `(id,
 /// embedding)` rows to the Parquet file `out`, with the model, checkpoint, pooling and layer
@@ -150,16 +138,5 @@ pub fn embed(ckpt: &Path, cfg: &TextConfig, data: &[String], out: &Path) -> Resu
         format!("{:?}", l.cfg.embed.pooling).to_lowercase(),
     );
     meta.insert("layer".to_string(), l.cfg.embed.layer.to_string());
-    let mut w = EmbeddingWriter::create(out, dim, meta)?;
-    w.write(&docs.ids, &emb)?;
-    let n = w.finish()?;
-    eprintln!(
-        "wrote {n} embeddings of dimension {dim} to {}",
-        out.display()
-    );
-    Ok(EmbedSummary {
-        out: out.to_path_buf(),
-        rows: n,
-        dim,
-    })
+    Ok(write_embeddings(out, &docs.ids, &emb, dim, meta)?)
 }

@@ -19,7 +19,7 @@ mod tokenizer;
 
 pub use config::{DataConfig, EmbedSection, ModelSection, TextConfig, TokenizerSection};
 pub use docs::{read_docs, read_docs_of, Docs};
-pub use embed::{embed, stored_config, EmbedSummary, TextModel};
+pub use embed::{embed, stored_config, TextModel};
 pub use eval::{eval, TextEvalReport, TextProbeReport};
 pub use heldout::{heldout_eval, HeldoutPoint};
 pub use pretrain::{build_model, pretrain, TextRunSummary, HELDOUT_FILE};

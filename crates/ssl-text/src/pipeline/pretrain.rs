@@ -41,21 +41,9 @@ impl TextRunSummary {
     /// Prints what `ssl pretrain text` prints at the end (rank 0 only): the `done:` line with
     /// the checkpoint and the Hugging Face export.
     pub fn print(&self) {
-        let Some(hf) = &self.hf else {
-            return;
-        };
-        let r = &self.run;
-        eprintln!(
-            "done: step {} (loss {:.4} -> {:.4}); checkpoint {}; Hugging Face export {}",
-            r.step,
-            r.first_loss,
-            r.last_loss,
-            r.last_checkpoint
-                .as_deref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-            hf.display()
-        );
+        if let Some(hf) = &self.hf {
+            self.run.print_done("", &[("Hugging Face export", hf)]);
+        }
     }
 }
 
@@ -231,12 +219,6 @@ pub fn pretrain(
     let run_config = serde_json::to_value(&cfg).map_err(|e| TextError::Pipeline(e.to_string()))?;
     let mut trainer = opts.trainer(&cfg.train, out, run_config, &mut par)?;
     let report = trainer.fit(&model, &mut source, None)?;
-    if par.is_main() && !report.params_without_grad.is_empty() {
-        eprintln!(
-            "warning: parameters without gradient: {:?}",
-            report.params_without_grad
-        );
-    }
     // Held-out perplexity of every kept checkpoint (and of the initial model): the curve.
     // With several ranks rank 0 loads each checkpoint and sends its weights to the others;
     // every rank evaluates its held-out share and the sums are added up.
@@ -285,7 +267,7 @@ pub fn pretrain(
         }
     }
     let mut summary = TextRunSummary {
-        run: RunSummary::new(out, &report),
+        run: RunSummary::new(out, &report, par.rank),
         heldout: curve,
         hf: None,
     };

@@ -1,8 +1,7 @@
 //! What the sequence pipelines ([`super::timeseries`], [`super::features`]) share: the
 //! training run, batched embedding, the pretext loss of a checkpoint, and writing embeddings.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device};
 use serde::Serialize;
@@ -10,7 +9,6 @@ use serde_json::Value;
 use ssl_core::run_dir::{RunOptions, RunSummary};
 use ssl_core::seq::{InMemorySeqSource, SeqBatch, SeqExample};
 use ssl_core::{Ctx, Parallel, PretextTask, SslRng, TrainConfig, Trainer};
-use ssl_data::EmbeddingWriter;
 
 use crate::{Result, TsError};
 
@@ -61,11 +59,7 @@ pub fn fit<T: PretextTask<Batch = SeqBatch>>(
     let mut source = InMemorySeqSource::new(examples, train.batch_size, train.seed, true, device)?;
     let mut trainer = opts.trainer(train, out, run_config, &mut par)?;
     let report = trainer.fit(task, &mut source, heldout.as_ref())?;
-    let summary = RunSummary::new(out, &report);
-    if par.is_main() {
-        summary.print();
-    }
-    Ok(summary)
+    Ok(RunSummary::new(out, &report, par.rank))
 }
 
 /// Pooled embeddings of `examples`, batch by batch, in evaluation mode: (values, dim).
@@ -107,47 +101,6 @@ pub fn pretext_loss<T: PretextTask<Batch = SeqBatch>>(
         weight += out.weight;
     }
     Ok(if weight > 0.0 { sum / weight } else { f64::NAN })
-}
-
-/// What an `embed` call wrote.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct EmbedSummary {
-    /// The Parquet file written.
-    pub out: PathBuf,
-    /// Rows (one per series or window).
-    pub rows: usize,
-    /// Embedding dimension.
-    pub dim: usize,
-}
-
-impl EmbedSummary {
-    /// Prints what the command line prints after embedding.
-    pub fn print(&self) {
-        eprintln!(
-            "wrote {} embeddings of dimension {} to {}",
-            self.rows,
-            self.dim,
-            self.out.display()
-        );
-    }
-}
-
-/// Writes `(id, embedding)` rows to `out` with `meta` in the file's metadata.
-pub(crate) fn write_embeddings(
-    out: &Path,
-    ids: &[String],
-    emb: &[f32],
-    dim: usize,
-    meta: BTreeMap<String, String>,
-) -> Result<EmbedSummary> {
-    let mut writer = EmbeddingWriter::create(out, dim, meta)?;
-    writer.write(ids, emb)?;
-    writer.finish()?;
-    Ok(EmbedSummary {
-        out: out.to_path_buf(),
-        rows: ids.len(),
-        dim,
-    })
 }
 
 /// Truncates `e` to `max_len` steps (0 = no limit).

@@ -1,28 +1,16 @@
 //! `embed`: pooled encoder embeddings of images, in batches, written to Parquet.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device};
-use serde::Serialize;
 use ssl_core::nn::MatmulPrecision;
-use ssl_data::EmbeddingWriter;
+use ssl_data::{write_embeddings, EmbedSummary};
 
 use super::config::VisionConfig;
 use super::images::load_images;
 use super::task::{load_model, AnyVisionTask};
 use crate::{ImageSet, Pooling, Result};
-
-/// What [`embed`] wrote.
-#[derive(Debug, Clone, Serialize)]
-pub struct EmbedSummary {
-    /// The Parquet file (`id`, `embedding`).
-    pub out: PathBuf,
-    /// Rows written.
-    pub rows: usize,
-    /// Embedding width.
-    pub dim: usize,
-}
 
 /// Pooled embeddings of every image of `images`, `batch` at a time, in evaluation mode:
 /// the row-major values and the embedding width.
@@ -72,17 +60,5 @@ pub fn embed(ckpt: &Path, cfg: &VisionConfig, data: &[String], out: &Path) -> Re
         "task".to_string(),
         format!("{:?}", cfg.task.kind).to_lowercase(),
     );
-    let mut writer = EmbeddingWriter::create(out, dim, meta)?;
-    writer.write(&loaded.ids, &emb)?;
-    writer.finish()?;
-    eprintln!(
-        "wrote {} embeddings of dimension {dim} to {}",
-        loaded.ids.len(),
-        out.display()
-    );
-    Ok(EmbedSummary {
-        out: out.to_path_buf(),
-        rows: loaded.ids.len(),
-        dim,
-    })
+    Ok(write_embeddings(out, &loaded.ids, &emb, dim, meta)?)
 }

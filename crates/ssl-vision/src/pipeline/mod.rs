@@ -20,7 +20,7 @@ mod stats;
 mod task;
 
 pub use config::{VisionConfig, VisionDataConfig, VisionTaskConfig, VisionTaskKind};
-pub use embed::{embed, embed_images, EmbedSummary};
+pub use embed::{embed, embed_images};
 pub use eval::{eval, FeatureProbe, VisionEvalReport};
 pub use images::{load_images, load_rank_images, LoadedImages};
 pub use pretrain::{pretrain, VisionRunSummary};

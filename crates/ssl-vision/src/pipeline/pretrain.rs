@@ -28,25 +28,9 @@ impl VisionRunSummary {
     /// Prints what `ssl pretrain vision` prints at the end: an interruption, and the `done:`
     /// line with the checkpoint, metrics and previews.
     pub fn print(&self) {
-        let r = &self.run;
-        if r.interrupted {
-            eprintln!(
-                "interrupted at step {}: checkpoint written, continue with --resume",
-                r.step
-            );
-        }
-        eprintln!(
-            "done: step {} (loss {:.4} -> {:.4}); checkpoint {}; metrics {}; previews {}",
-            r.step,
-            r.first_loss,
-            r.last_loss,
-            r.last_checkpoint
-                .as_deref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-            r.dir.join("metrics.jsonl").display(),
-            self.previews.display()
-        );
+        let metrics = self.run.dir.join("metrics.jsonl");
+        self.run
+            .print_done("", &[("metrics", &metrics), ("previews", &self.previews)]);
     }
 }
 
@@ -135,7 +119,7 @@ pub fn pretrain(
     let mut trainer = opts.trainer(&cfg.train, out, run_config, &mut par)?;
     let report = trainer.fit(&task, &mut source, heldout.as_ref())?;
     let summary = VisionRunSummary {
-        run: RunSummary::new(out, &report),
+        run: RunSummary::new(out, &report, par.rank),
         previews: preview_dir,
     };
     if !par.is_main() {
@@ -144,6 +128,5 @@ pub fn pretrain(
     if let (AnyVisionTask::Mae(t), Some(imgs)) = (&task, &preview_imgs) {
         save_reconstruction_grid(t, imgs, cfg.train.seed, &summary.previews.join("final.png"))?;
     }
-    summary.print();
     Ok(summary)
 }

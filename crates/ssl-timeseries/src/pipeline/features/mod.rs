@@ -22,8 +22,9 @@ use ssl_data::ReadOptions;
 pub use config::{DataConfig, FeaturesConfig, TaskConfig, TaskKind};
 pub use task::FeaturesTask;
 
-use super::common::{self, truncate, EmbedSummary, RunDir};
+use super::common::{self, truncate, RunDir};
 use crate::{read_series_with, Result, TsError};
+use ssl_data::{write_embeddings, EmbedSummary};
 
 /// The modality's name: in stored configurations and error messages.
 pub const MODALITY: &str = "features";
@@ -168,7 +169,7 @@ pub fn embed(
         "task".to_string(),
         format!("{:?}", cfg.task.kind).to_lowercase(),
     );
-    common::write_embeddings(out, &loaded.ids, &emb, dim, meta)
+    Ok(write_embeddings(out, &loaded.ids, &emb, dim, meta)?)
 }
 
 /// What [`eval`] measured: the pretext loss and the probes of the trained encoder.

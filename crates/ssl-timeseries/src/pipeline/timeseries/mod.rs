@@ -21,9 +21,10 @@ use ssl_core::seq::SeqExample;
 pub use config::{DataConfig, EvalConfig, TaskConfig, TaskKind, TimeseriesConfig};
 pub use task::TimeseriesTask;
 
-use super::common::{self, EmbedSummary, RunDir};
+use super::common::{self, RunDir};
 use crate::{evaluate_forecast, HorizonReport, Result, TsError};
 use load::{load, Part};
+use ssl_data::{write_embeddings, EmbedSummary};
 
 /// The modality's name: in stored configurations and error messages.
 pub const MODALITY: &str = "timeseries";
@@ -120,7 +121,7 @@ pub fn embed(
         "task".to_string(),
         format!("{:?}", cfg.task.kind).to_lowercase(),
     );
-    common::write_embeddings(out, &loaded.ids, &emb, dim, meta)
+    Ok(write_embeddings(out, &loaded.ids, &emb, dim, meta)?)
 }
 
 /// What [`eval`] measured: a forecast report or a probe report.

@@ -1,0 +1,124 @@
+//! `ssl pretrain|embed|eval|config <modality>`: one generic command each over the five library
+//! pipelines. Each modality is a [`Pipeline`]: its typed configuration, its embedded sample,
+//! and the calls of its crate's pipeline API. This module adds only what a command line does:
+//! layering the configuration (defaults, `--config`, `--set`), the sample when no `--data` is
+//! given, signals and a progress bar, and printing.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use ssl_core::run_dir::RunOptions;
+use ssl_core::TrainConfig;
+
+use crate::{config, CliError};
+
+/// An embedded data file, used when `ssl pretrain` gets no `--data`.
+pub struct Sample {
+    /// File name it is written under.
+    pub file: &'static str,
+    /// The Parquet bytes.
+    pub bytes: &'static [u8],
+    /// What it is, for the announcement.
+    pub what: &'static str,
+}
+
+/// One modality's library pipeline, as the commands see it.
+pub trait Pipeline {
+    /// The typed configuration (the TOML users write).
+    type Config: Serialize + DeserializeOwned + Default;
+    /// The embedded sample.
+    const SAMPLE: Sample;
+    /// The configuration's training loop settings (its device is checked first).
+    fn train(cfg: &Self::Config) -> &TrainConfig;
+    /// Trains into `out` and prints the run's summary.
+    fn pretrain(
+        cfg: Self::Config,
+        data: &[String],
+        out: &Path,
+        opts: &RunOptions,
+    ) -> Result<(), CliError>;
+    /// The checkpoint meant by `checkpoint` and the configuration stored with it.
+    fn stored_config(checkpoint: &Path) -> Result<(PathBuf, Self::Config), CliError>;
+    /// Writes the embeddings of `data` to `out` and says so.
+    fn embed(ckpt: &Path, cfg: &Self::Config, data: &[String], out: &Path) -> Result<(), CliError>;
+    /// The evaluation report as JSON.
+    fn eval(
+        ckpt: &Path,
+        cfg: &Self::Config,
+        data: &[String],
+        test: &[String],
+        label_column: Option<&str>,
+    ) -> Result<serde_json::Value, CliError>;
+}
+
+/// `ssl pretrain <modality>`: a new run in `out`, or with `resume` the run there continued
+/// from its newest checkpoint with its stored `config.toml` (unless `--config` is given).
+pub fn pretrain<P: Pipeline>(
+    config_file: Option<&Path>,
+    data: &[String],
+    out: &Path,
+    set: &[String],
+    resume: bool,
+) -> Result<(), CliError> {
+    let base = config::base_file(config_file, out, resume);
+    let cfg: P::Config = config::resolve(&P::Config::default(), base.as_deref(), set)?;
+    // An unknown device stops the run before the sample is announced.
+    ssl_core::parse_device(&P::train(&cfg).device)?;
+    let _sample_dir;
+    let paths = if data.is_empty() {
+        let (dir, path) = config::write_embedded(P::SAMPLE.file, P::SAMPLE.bytes)?;
+        eprintln!(
+            "no --data given: training on the embedded sample ({})",
+            P::SAMPLE.what
+        );
+        _sample_dir = dir;
+        vec![path]
+    } else {
+        data.to_vec()
+    };
+    P::pretrain(cfg, &paths, out, &RunOptions::interactive(resume)?)
+}
+
+/// The checkpoint and its stored configuration with `--set` applied.
+fn stored<P: Pipeline>(
+    checkpoint: &Path,
+    set: &[String],
+) -> Result<(PathBuf, P::Config), CliError> {
+    let (ckpt, stored) = P::stored_config(checkpoint)?;
+    Ok((ckpt, config::resolve(&stored, None, set)?))
+}
+
+/// `ssl embed <modality>`.
+pub fn embed<P: Pipeline>(
+    checkpoint: &Path,
+    data: &[String],
+    out: &Path,
+    set: &[String],
+) -> Result<(), CliError> {
+    let (ckpt, cfg) = stored::<P>(checkpoint, set)?;
+    P::embed(&ckpt, &cfg, data, out)
+}
+
+/// `ssl eval <modality>`: prints one JSON object (keys sorted).
+pub fn eval<P: Pipeline>(
+    checkpoint: &Path,
+    data: &[String],
+    test: &[String],
+    label_column: Option<&str>,
+    set: &[String],
+) -> Result<(), CliError> {
+    let (ckpt, cfg) = stored::<P>(checkpoint, set)?;
+    println!("{}", P::eval(&ckpt, &cfg, data, test, label_column)?);
+    Ok(())
+}
+
+/// `ssl config <modality>`: the default configuration as TOML.
+pub fn default_toml<P: Pipeline>() -> Result<String, CliError> {
+    Ok(ssl_core::run_dir::to_toml(&P::Config::default())?)
+}
+
+/// A report as a JSON value (its keys print sorted).
+pub fn json<T: Serialize>(report: &T) -> Result<serde_json::Value, CliError> {
+    serde_json::to_value(report).map_err(|e| CliError::Config(e.to_string()))
+}
