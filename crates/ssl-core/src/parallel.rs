@@ -159,7 +159,7 @@ impl Parallel {
     }
 
     /// The collective for the trainer.
-    pub fn take(&mut self) -> Box<dyn crate::Collective> {
+    pub fn take(&self) -> Box<dyn crate::Collective> {
         Box::new(self.collective.clone())
     }
 

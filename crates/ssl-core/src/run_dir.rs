@@ -105,7 +105,7 @@ impl RunOptions {
         train: &TrainConfig,
         dir: &Path,
         run_config: Value,
-        par: &mut Parallel,
+        par: &Parallel,
     ) -> Result<LoopTrainer> {
         Ok(LoopTrainer::new(train.clone(), Some(dir.to_path_buf()))?
             .resume(self.resume)

@@ -76,7 +76,7 @@ fn pretrain_resume_embed_and_eval_with_labels() {
     assert_eq!(lines, s.heldout);
     assert!(text.starts_with("{\"loss\":"), "{text}");
 
-    // Resume to 6 steps from the stored configuration: no "before" point.
+    // Resume to 6 steps from the stored configuration: the curve goes on from the file.
     let (_, mut cfg) = stored_config(&run).unwrap();
     cfg.train.max_steps = 6;
     let opts = RunOptions {
@@ -85,7 +85,10 @@ fn pretrain_resume_embed_and_eval_with_labels() {
     };
     let s = pretrain(cfg, &data, &run, &opts).unwrap();
     assert_eq!((s.run.start_step, s.run.step), (4, 6));
-    assert_eq!(s.heldout.first().map(|p| p.step), Some(2));
+    let steps: Vec<u64> = s.heldout.iter().map(|p| p.step).collect();
+    assert_eq!(steps, [0, 2, 4, 6]);
+    let text = std::fs::read_to_string(run.join(HELDOUT_FILE)).unwrap();
+    assert_eq!(text.lines().count(), 4, "{text}");
 
     let (ckpt, cfg) = stored_config(&run).unwrap();
     assert!(ckpt.ends_with("step-00000006"), "{}", ckpt.display());

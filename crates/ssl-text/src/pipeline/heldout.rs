@@ -1,9 +1,11 @@
 //! Held-out masked-LM evaluation over the ranks of a run, and the points of the held-out
 //! curve (`heldout.jsonl`).
 
+use std::path::{Path, PathBuf};
+
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
-use ssl_core::Parallel;
+use ssl_core::{HookCtx, Parallel, TrainHook};
 
 use crate::{evaluate_mlm, BertForMaskedLM, MlmEval, Result, TextError, TokenizedSeq};
 
@@ -83,6 +85,110 @@ pub fn heldout_eval(
         masked_accuracy: sums[2].round() / n.round(),
         masked_tokens: n.round() as usize,
     })
+}
+
+/// The held-out curve as a [`TrainHook`]: at every checkpoint the model is evaluated on the
+/// held-out sequences ([`heldout_eval`], over all ranks) and the point is added to the curve,
+/// which rank 0 writes to `heldout.jsonl` (atomically, after each point). A resumed run keeps
+/// the points the file already holds below its first new step.
+pub struct HeldoutCurve<'a> {
+    /// The run's ranks (every rank evaluates its share).
+    pub par: &'a Parallel,
+    /// This rank's held-out sequences.
+    pub seqs: &'a [TokenizedSeq],
+    /// Sequences per evaluation batch.
+    pub batch_size: usize,
+    /// The padding id.
+    pub pad: u32,
+    /// The masking seed (the same masks at every point).
+    pub seed: u64,
+    /// Where the model runs.
+    pub device: &'a Device,
+    /// The file rank 0 writes (`None`: keep the curve in memory only).
+    pub file: Option<PathBuf>,
+    /// The curve so far, in step order.
+    pub points: Vec<HeldoutPoint>,
+}
+
+impl HeldoutCurve<'_> {
+    /// Evaluates the model now and adds the point of `step` (replacing any later points, left
+    /// by a run that went further before being resumed from an earlier checkpoint).
+    pub fn add(&mut self, model: &BertForMaskedLM, step: u64) -> Result<HeldoutPoint> {
+        let e = heldout_eval(
+            self.par,
+            model,
+            self.seqs,
+            self.batch_size,
+            self.pad,
+            self.seed,
+            self.device,
+        )?;
+        let point = HeldoutPoint::new(step, &e);
+        self.points.retain(|p| p.step < step);
+        self.points.push(point);
+        if self.par.is_main() {
+            if let Some(file) = &self.file {
+                write_curve(file, &self.points)?;
+            }
+        }
+        Ok(point)
+    }
+}
+
+impl TrainHook<BertForMaskedLM> for HeldoutCurve<'_> {
+    fn at_checkpoint(
+        &mut self,
+        ctx: &HookCtx<'_, BertForMaskedLM>,
+        _checkpoint: &Path,
+    ) -> ssl_core::Result<()> {
+        let p = self.add(ctx.task, ctx.step)?;
+        if ctx.is_main() {
+            eprintln!(
+                "held-out at step {}: perplexity {:.2}, masked accuracy {:.4}",
+                p.step, p.perplexity, p.masked_accuracy
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The points of a `heldout.jsonl` file (none when it does not exist).
+pub fn read_curve(file: &Path) -> Result<Vec<HeldoutPoint>> {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(TextError::Io {
+                path: file.to_path_buf(),
+                source: e,
+            })
+        }
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| {
+                TextError::Pipeline(format!("{}, line {}: {e}", file.display(), i + 1))
+            })
+        })
+        .collect()
+}
+
+/// Writes the curve as one JSON object per line, through a temporary file and a rename.
+fn write_curve(file: &Path, points: &[HeldoutPoint]) -> Result<()> {
+    let mut text = String::new();
+    for p in points {
+        text.push_str(&serde_json::to_string(p).map_err(|e| TextError::Pipeline(e.to_string()))?);
+        text.push('\n');
+    }
+    let tmp = file.with_extension("jsonl.tmp");
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| TextError::Io { path, source }
+    };
+    std::fs::write(&tmp, text).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, file).map_err(io(file))
 }
 
 #[cfg(test)]

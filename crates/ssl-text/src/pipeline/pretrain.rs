@@ -5,15 +5,15 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use serde::Serialize;
-use ssl_core::checkpoint::{CheckpointManager, MODEL_FILE};
+use ssl_core::checkpoint::MODEL_FILE;
 use ssl_core::run_dir::{self, RunOptions, RunSummary};
-use ssl_core::{parse_device, Parallel, ParamStore, Trainer};
+use ssl_core::{parse_device, ParamStore, Trainer};
 use ssl_data::is_heldout;
 use tokenizers::Tokenizer;
 
 use super::config::TextConfig;
 use super::docs::read_docs_of;
-use super::heldout::{heldout_eval, HeldoutPoint};
+use super::heldout::{read_curve, HeldoutCurve, HeldoutPoint};
 use super::tokenizer::{shared_tokenizer, tokenize};
 use crate::{
     export_hf_dir, load_hf_dir, save_tokenizer, BertConfig, BertForMaskedLM, InMemoryTextSource,
@@ -133,7 +133,7 @@ pub fn pretrain(
     cfg.train.validate()?;
     cfg.masking.validate()?;
     let device = parse_device(&cfg.train.device)?;
-    let (mut par, device) = opts.parallel(device)?;
+    let (par, device) = opts.parallel(device)?;
     let paths = data;
     std::fs::create_dir_all(out).map_err(io(out))?;
     // Each rank reads its share of the rows; the held-out split and `max_docs` use global row
@@ -193,20 +193,32 @@ pub fn pretrain(
         cfg.model.config.hidden_size,
         store.num_elements()
     );
-    let eval_bs = cfg.train.batch_size.max(8);
+    // The held-out curve: before training (unless resumed) and at every checkpoint, through
+    // a trainer hook; every rank evaluates its share and the sums are added up.
     let held_total = par.sum_f64(&[held_seqs.len() as f64])?[0];
-    let evaluate =
-        |par: &Parallel| heldout_eval(par, &model, &held_seqs, eval_bs, sp.pad, seed, &device);
-    let before = if held_total == 0.0 || resume {
-        None
-    } else {
-        Some(evaluate(&par)?)
+    let file = out.join(HELDOUT_FILE);
+    let mut curve = HeldoutCurve {
+        par: &par,
+        seqs: &held_seqs,
+        batch_size: cfg.train.batch_size.max(8),
+        pad: sp.pad,
+        seed,
+        device: &device,
+        points: if resume {
+            read_curve(&file)?
+        } else {
+            Vec::new()
+        },
+        file: Some(file),
     };
-    if let (Some(b), true) = (&before, par.is_main()) {
-        eprintln!(
-            "held-out before training: perplexity {:.2}, masked accuracy {:.4}",
-            b.perplexity, b.masked_accuracy
-        );
+    if held_total > 0.0 && !resume {
+        let b = curve.add(&model, 0)?;
+        if par.is_main() {
+            eprintln!(
+                "held-out before training: perplexity {:.2}, masked accuracy {:.4}",
+                b.perplexity, b.masked_accuracy
+            );
+        }
     }
     let mut source = InMemoryTextSource::new(
         train_seqs,
@@ -217,55 +229,13 @@ pub fn pretrain(
         &device,
     )?;
     let run_config = serde_json::to_value(&cfg).map_err(|e| TextError::Pipeline(e.to_string()))?;
-    let mut trainer = opts.trainer(&cfg.train, out, run_config, &mut par)?;
-    let report = trainer.fit(&model, &mut source, None)?;
-    // Held-out perplexity of every kept checkpoint (and of the initial model): the curve.
-    // With several ranks rank 0 loads each checkpoint and sends its weights to the others;
-    // every rank evaluates its held-out share and the sums are added up.
-    let mut curve = Vec::new();
-    if let Some(b) = &before {
-        curve.push(HeldoutPoint::new(0, b));
-    }
-    if held_total > 0.0 {
-        let kept = if par.is_main() {
-            CheckpointManager::new(out.join("checkpoints"), cfg.train.keep_checkpoints).list()?
-        } else {
-            Vec::new()
-        };
-        let steps: Vec<u64> = if par.world == 1 {
-            kept.iter().map(|(s, _)| *s).collect()
-        } else {
-            let list = serde_json::to_vec(&kept.iter().map(|(s, _)| *s).collect::<Vec<_>>())
-                .map_err(|e| TextError::Pipeline(e.to_string()))?;
-            serde_json::from_slice(&par.broadcast_bytes(list)?)
-                .map_err(|e| TextError::Pipeline(format!("checkpoint steps from rank 0: {e}")))?
-        };
-        for (k, &step) in steps.iter().enumerate() {
-            if let Some((_, dir)) = kept.get(k) {
-                store.load_safetensors(&dir.join(MODEL_FILE))?;
-            }
-            par.broadcast_params(&store)?;
-            let e = evaluate(&par)?;
-            if par.is_main() {
-                eprintln!(
-                    "held-out at step {step}: perplexity {:.2}, masked accuracy {:.4}",
-                    e.perplexity, e.masked_accuracy
-                );
-            }
-            curve.push(HeldoutPoint::new(step, &e));
-        }
-        if par.is_main() {
-            let p = out.join(HELDOUT_FILE);
-            let mut text = String::new();
-            for point in &curve {
-                let line =
-                    serde_json::to_string(point).map_err(|e| TextError::Pipeline(e.to_string()))?;
-                text.push_str(&line);
-                text.push('\n');
-            }
-            std::fs::write(&p, text).map_err(io(&p))?;
-        }
-    }
+    let mut trainer = opts.trainer(&cfg.train, out, run_config, &par)?;
+    let report = if held_total > 0.0 {
+        trainer.fit_with_hooks(&model, &mut source, None, &mut [&mut curve])?
+    } else {
+        trainer.fit(&model, &mut source, None)?
+    };
+    let curve = curve.points;
     let mut summary = TextRunSummary {
         run: RunSummary::new(out, &report, par.rank),
         heldout: curve,
