@@ -80,9 +80,10 @@ pub use error::{Result, VisionError};
 pub use mae::{MaeConfig, MaeTask};
 pub use masking::{random_masking, MaskSample};
 pub use pipeline::{
-    channel_stats_over_ranks, embed, embed_images, eval, load_images, load_model, load_rank_images,
-    pretrain, stored_config, AnyVisionTask, FeatureProbe, LoadedImages, VisionConfig,
-    VisionDataConfig, VisionEvalReport, VisionRunSummary, VisionTaskConfig, VisionTaskKind,
+    build_task, channel_stats_over_ranks, embed, embed_images, eval, load_images, load_model,
+    load_rank_images, pretrain, stored_config, FeatureProbe, LoadedImages, VisionConfig,
+    VisionDataConfig, VisionEvalReport, VisionRunSummary, VisionTask, VisionTaskConfig,
+    VisionTaskKind,
 };
 pub use recipe::{recipe_train_config, scaled_lr};
 pub use source::{ImageCursor, ImageSet, InMemoryImageSource};

@@ -13,11 +13,10 @@ use arrow::datatypes::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
 use serde::{Deserialize, Serialize};
 use ssl_core::checkpoint::MODEL_FILE;
-use ssl_core::parse_device;
 
 use super::heatmap::save_heatmap;
 use super::{Detector, DetectorConfig, ScorerStats};
-use crate::pipeline::{load_images, load_model, AnyVisionTask, VisionConfig, VisionDataConfig};
+use crate::pipeline::{load_images, load_model, VisionConfig, VisionDataConfig, VisionTask};
 use crate::{MaeTask, Result, VisionError};
 
 /// The vision configuration stored with a detector.
@@ -87,11 +86,8 @@ pub struct DetectScoreSummary {
 }
 
 /// The MAE of `task`, or a configuration error with the message `not_mae` gives.
-fn mae_of(task: &AnyVisionTask, not_mae: impl FnOnce() -> String) -> Result<&MaeTask> {
-    match task {
-        AnyVisionTask::Mae(mae) => Ok(mae),
-        AnyVisionTask::Simclr(_) => Err(VisionError::Config(not_mae())),
-    }
+fn mae_of(task: &dyn VisionTask, not_mae: impl FnOnce() -> String) -> Result<&MaeTask> {
+    task.as_mae().ok_or_else(|| VisionError::Config(not_mae()))
 }
 
 /// Fits a detector on the normal images of `data` with the MAE of checkpoint directory
@@ -106,7 +102,7 @@ pub fn detect_fit(
     out: &Path,
 ) -> Result<DetectFitReport> {
     let (task, device) = load_model(ckpt, &vcfg)?;
-    let mae = mae_of(&task, || {
+    let mae = mae_of(task.as_ref(), || {
         format!(
             "{}: defect detection needs an MAE checkpoint (task.kind = \"mae\")",
             ckpt.display()
@@ -169,10 +165,10 @@ pub fn detect_score(
     out: &Path,
     heatmaps: Option<&Path>,
 ) -> Result<DetectScoreSummary> {
-    let device = parse_device(&vcfg.train.device)?;
-    let (store, task) = AnyVisionTask::build(vcfg, &device)?;
-    store.load_safetensors(&detector.join(MODEL_FILE))?;
-    let mae = mae_of(&task, || "the detector's model is not an MAE".into())?;
+    let (task, device) = load_model(detector, vcfg)?;
+    let mae = mae_of(task.as_ref(), || {
+        "the detector's model is not an MAE".into()
+    })?;
     let det = Detector::load(detector)?;
     let loaded = load_images(data, &vcfg.data, None)?;
     vcfg.check_shape(&loaded.images)?;

@@ -9,13 +9,13 @@ use ssl_data::{write_embeddings, EmbedSummary};
 
 use super::config::VisionConfig;
 use super::images::load_images;
-use super::task::{load_model, AnyVisionTask};
+use super::task::{load_model, VisionTask};
 use crate::{ImageSet, Pooling, Result};
 
 /// Pooled embeddings of every image of `images`, `batch` at a time, in evaluation mode:
 /// the row-major values and the embedding width.
 pub fn embed_images(
-    task: &AnyVisionTask,
+    task: &dyn VisionTask,
     images: &ImageSet,
     pooling: Pooling,
     batch: usize,
@@ -42,7 +42,7 @@ pub fn embed(ckpt: &Path, cfg: &VisionConfig, data: &[String], out: &Path) -> Re
     let loaded = load_images(data, &cfg.data, None)?;
     cfg.check_shape(&loaded.images)?;
     let (emb, dim) = embed_images(
-        &task,
+        task.as_ref(),
         &loaded.images,
         cfg.model.pooling,
         cfg.train.batch_size,

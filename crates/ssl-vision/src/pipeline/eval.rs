@@ -10,7 +10,7 @@ use ssl_core::probe::{probe_scores, probe_split, take_rows, ProbeScores};
 use super::config::VisionConfig;
 use super::embed::embed_images;
 use super::images::{load_images, LoadedImages};
-use super::task::{load_model, AnyVisionTask};
+use super::task::{build_task, load_model, VisionTask};
 use crate::{AugmentConfig, ImageSet, Result, VisionError};
 
 /// The probes of one set of features.
@@ -140,13 +140,13 @@ pub fn eval(
     let pooling = cfg.model.pooling;
     // The run's product precision (`train.matmul_precision`) applies to embedding too.
     let prec = cfg.train.matmul_precision;
-    let embed = |t: &AnyVisionTask, s: &ImageSet| embed_images(t, s, pooling, bs, &device, prec);
-    let (tr, dim) = embed(&task, &tr_set)?;
-    let (te, _) = embed(&task, &te_set)?;
+    let embed = |t: &dyn VisionTask, s: &ImageSet| embed_images(t, s, pooling, bs, &device, prec);
+    let (tr, dim) = embed(task.as_ref(), &tr_set)?;
+    let (te, _) = embed(task.as_ref(), &te_set)?;
     let pretrained = probe(&tr, &te, dim)?;
-    let (_, random) = AnyVisionTask::build(cfg, &device)?;
-    let (rtr, _) = embed(&random, &tr_set)?;
-    let (rte, _) = embed(&random, &te_set)?;
+    let (_, random) = build_task(cfg, &device, None)?;
+    let (rtr, _) = embed(random.as_ref(), &tr_set)?;
+    let (rte, _) = embed(random.as_ref(), &te_set)?;
     let random_init = probe(&rtr, &rte, dim)?;
     let a = &cfg.task.augment;
     let raw_pixels = probe(

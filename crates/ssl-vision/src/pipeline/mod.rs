@@ -25,4 +25,4 @@ pub use eval::{eval, FeatureProbe, VisionEvalReport};
 pub use images::{load_images, load_rank_images, LoadedImages};
 pub use pretrain::{pretrain, VisionRunSummary};
 pub use stats::channel_stats_over_ranks;
-pub use task::{load_model, stored_config, AnyVisionTask};
+pub use task::{build_task, load_model, stored_config, VisionTask};

@@ -11,7 +11,7 @@ use ssl_core::{parse_device, Trainer};
 use super::config::VisionConfig;
 use super::images::load_rank_images;
 use super::previews::PreviewSource;
-use super::task::AnyVisionTask;
+use super::task::build_task;
 use crate::preview::save_reconstruction_grid;
 use crate::{InMemoryImageSource, Result, VisionError};
 
@@ -54,18 +54,16 @@ pub fn pretrain(
         ));
     }
     let device = parse_device(&cfg.train.device)?;
-    let (mut par, device) = opts.parallel(device)?;
+    let (par, device) = opts.parallel(device)?;
     // Each rank reads its share of the rows (its row groups).
     let loaded = load_rank_images(data, &cfg.data, None, &par)?;
     cfg.complete(&loaded.images, &par)?;
     if par.is_main() {
         run_dir::write_config(out, &cfg)?;
     }
-    let (store, mut task) = AnyVisionTask::build(&cfg, &device)?;
-    if let (AnyVisionTask::Simclr(t), true) = (&mut task, par.world > 1) {
-        // NT-Xent's negatives span every rank: each step gathers all ranks' views.
-        t.gather_across(par.shared());
-    }
+    // SimCLR's NT-Xent negatives span every rank: each step gathers all ranks' views.
+    let ranks = (par.world > 1).then(|| par.shared());
+    let (store, task) = build_task(&cfg, &device, ranks)?;
     let n = loaded.images.len();
     eprintln!(
         "{n} images {}x{}x{}; {:?} task; lr {:.3e}; {} parameters",
@@ -107,7 +105,7 @@ pub fn pretrain(
     };
     let mut source = PreviewSource {
         inner,
-        task: &task,
+        mae: task.as_mae(),
         images: preview_imgs.clone(),
         every: cfg.task.preview_every,
         accum,
@@ -116,7 +114,7 @@ pub fn pretrain(
         seed: cfg.train.seed,
     };
     let run_config = serde_json::to_value(&cfg).map_err(|e| VisionError::Config(e.to_string()))?;
-    let mut trainer = opts.trainer(&cfg.train, out, run_config, &mut par)?;
+    let mut trainer = opts.trainer(&cfg.train, out, run_config, &par)?;
     let report = trainer.fit(&task, &mut source, heldout.as_ref())?;
     let summary = VisionRunSummary {
         run: RunSummary::new(out, &report, par.rank),
@@ -125,7 +123,7 @@ pub fn pretrain(
     if !par.is_main() {
         return Ok(summary);
     }
-    if let (AnyVisionTask::Mae(t), Some(imgs)) = (&task, &preview_imgs) {
+    if let (Some(t), Some(imgs)) = (task.as_mae(), &preview_imgs) {
         save_reconstruction_grid(t, imgs, cfg.train.seed, &summary.previews.join("final.png"))?;
     }
     Ok(summary)

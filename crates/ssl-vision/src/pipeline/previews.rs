@@ -5,9 +5,8 @@ use std::path::PathBuf;
 use serde_json::Value;
 use ssl_core::BatchSource;
 
-use super::task::AnyVisionTask;
 use crate::preview::save_reconstruction_grid;
-use crate::{Images, InMemoryImageSource};
+use crate::{Images, InMemoryImageSource, MaeTask};
 
 /// Wraps the training source and writes a reconstruction grid of `images` to
 /// `dir/step-NNNNNNNN.png` every `every` optimizer steps (MAE only; `accum` batches make one
@@ -15,8 +14,8 @@ use crate::{Images, InMemoryImageSource};
 pub(super) struct PreviewSource<'a> {
     /// The training batches.
     pub inner: InMemoryImageSource,
-    /// The task being trained.
-    pub task: &'a AnyVisionTask,
+    /// The MAE being trained (none: no previews).
+    pub mae: Option<&'a MaeTask>,
     /// The images of each grid (none: no previews).
     pub images: Option<Images>,
     /// Steps between grids (0: none).
@@ -33,7 +32,7 @@ pub(super) struct PreviewSource<'a> {
 
 impl BatchSource<Images> for PreviewSource<'_> {
     fn next_batch(&mut self) -> ssl_core::Result<Images> {
-        if let (AnyVisionTask::Mae(t), Some(imgs)) = (self.task, &self.images) {
+        if let (Some(t), Some(imgs)) = (self.mae, &self.images) {
             let step = self.pulled / self.accum;
             if self.every > 0
                 && self.pulled.is_multiple_of(self.accum)

@@ -1,58 +1,37 @@
-//! The pipeline's model: the encoder with its pretext task (MAE or SimCLR) behind one type,
-//! built from a [`VisionConfig`] or loaded from a checkpoint.
+//! The pipeline's model: the ViT with its pretext task (MAE or SimCLR), boxed as a
+//! [`VisionTask`], built from a [`VisionConfig`] or loaded from a checkpoint.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use ssl_core::checkpoint::MODEL_FILE;
 use ssl_core::nn::MatmulPrecision;
-use ssl_core::{parse_device, Ctx, ParamStore, PretextTask, SslRng};
+use ssl_core::{parse_device, Ctx, ParamStore, PretextTask, SharedCollective, SslRng};
 
 use super::config::{VisionConfig, VisionTaskKind};
-use crate::{Images, MaeTask, Pooling, Result, SimClrTask};
+use crate::{AugmentConfig, Images, MaeTask, Pooling, Result, SimClrTask, VisionTransformer};
 
-/// Encoder plus task behind one type.
-pub enum AnyVisionTask {
-    /// MAE.
-    Mae(MaeTask),
-    /// SimCLR.
-    Simclr(SimClrTask),
-}
-
-impl AnyVisionTask {
-    /// Builds the task of `cfg` with fresh parameters (seeded by `train.seed`).
-    pub fn build(cfg: &VisionConfig, device: &Device) -> Result<(ParamStore, Self)> {
-        let store = ParamStore::new(device);
-        let pb = store.builder(cfg.train.seed);
-        let task = match cfg.task.kind {
-            VisionTaskKind::Mae => AnyVisionTask::Mae(MaeTask::new(
-                &cfg.model,
-                &cfg.task.mae,
-                &cfg.task.augment,
-                &pb,
-            )?),
-            VisionTaskKind::Simclr => AnyVisionTask::Simclr(SimClrTask::new(
-                &cfg.model,
-                &cfg.task.simclr,
-                &cfg.task.augment,
-                &pb,
-            )?),
-        };
-        Ok((store, task))
+/// A pretext task on images with a ViT encoder: what the pipeline trains, embeds with and
+/// evaluates. `Box<dyn VisionTask>` is itself a [`PretextTask`] (ssl-core boxes forward).
+pub trait VisionTask: PretextTask<Batch = Images> {
+    /// The encoder.
+    fn encoder(&self) -> &VisionTransformer;
+    /// The augmentation and normalisation settings.
+    fn augment(&self) -> &AugmentConfig;
+    /// The MAE, when the task is one (reconstruction previews, defect detection).
+    fn as_mae(&self) -> Option<&MaeTask> {
+        None
     }
 
     /// Pooled embeddings with an explicit pooling (evaluation mode).
-    pub fn embed_with(
+    fn embed_with(
         &self,
         batch: &Images,
         pooling: Pooling,
         precision: MatmulPrecision,
     ) -> Result<Tensor> {
-        let (vit, augment) = match self {
-            AnyVisionTask::Mae(t) => (t.encoder(), t.augment()),
-            AnyVisionTask::Simclr(t) => (t.encoder(), t.augment()),
-        };
-        let pixels = crate::augment::normalize_batch(&batch.pixels, augment)?;
+        let vit = self.encoder();
+        let pixels = crate::augment::normalize_batch(&batch.pixels, self.augment())?;
         let mut rng = SslRng::new(0);
         let x = vit.embed_patches(&pixels)?;
         let (out, _) =
@@ -61,39 +40,49 @@ impl AnyVisionTask {
     }
 }
 
-impl PretextTask for AnyVisionTask {
-    type Batch = Images;
-    fn params(&self) -> &ParamStore {
-        match self {
-            AnyVisionTask::Mae(t) => t.params(),
-            AnyVisionTask::Simclr(t) => t.params(),
+impl VisionTask for MaeTask {
+    fn encoder(&self) -> &VisionTransformer {
+        MaeTask::encoder(self)
+    }
+    fn augment(&self) -> &AugmentConfig {
+        MaeTask::augment(self)
+    }
+    fn as_mae(&self) -> Option<&MaeTask> {
+        Some(self)
+    }
+}
+
+impl VisionTask for SimClrTask {
+    fn encoder(&self) -> &VisionTransformer {
+        SimClrTask::encoder(self)
+    }
+    fn augment(&self) -> &AugmentConfig {
+        SimClrTask::augment(self)
+    }
+}
+
+/// The task of `cfg` with fresh parameters (seeded by `train.seed`), and the store holding
+/// them. With `ranks`, SimCLR gathers every rank's views at each step (NT-Xent's negatives
+/// span the ranks); MAE ignores it.
+pub fn build_task(
+    cfg: &VisionConfig,
+    device: &Device,
+    ranks: Option<SharedCollective>,
+) -> Result<(ParamStore, Box<dyn VisionTask>)> {
+    let store = ParamStore::new(device);
+    let pb = store.builder(cfg.train.seed);
+    let (model, augment) = (&cfg.model, &cfg.task.augment);
+    let task: Box<dyn VisionTask> = match cfg.task.kind {
+        VisionTaskKind::Mae => Box::new(MaeTask::new(model, &cfg.task.mae, augment, &pb)?),
+        VisionTaskKind::Simclr => {
+            let mut task = SimClrTask::new(model, &cfg.task.simclr, augment, &pb)?;
+            if let Some(ranks) = ranks {
+                task.gather_across(ranks);
+            }
+            Box::new(task)
         }
-    }
-    fn forward(&self, batch: &Images, ctx: &mut Ctx) -> ssl_core::Result<ssl_core::TaskOutput> {
-        match self {
-            AnyVisionTask::Mae(t) => t.forward(batch, ctx),
-            AnyVisionTask::Simclr(t) => t.forward(batch, ctx),
-        }
-    }
-    fn forward_backward(
-        &self,
-        batch: &Images,
-        ctx: &mut Ctx,
-    ) -> ssl_core::Result<(ssl_core::TaskOutput, candle_core::backprop::GradStore)> {
-        match self {
-            AnyVisionTask::Mae(t) => t.forward_backward(batch, ctx),
-            AnyVisionTask::Simclr(t) => t.forward_backward(batch, ctx),
-        }
-    }
-    fn embed(&self, batch: &Images, ctx: &mut Ctx) -> ssl_core::Result<Tensor> {
-        match self {
-            AnyVisionTask::Mae(t) => t.embed(batch, ctx),
-            AnyVisionTask::Simclr(t) => t.embed(batch, ctx),
-        }
-    }
-    fn batch_len(&self, batch: &Images) -> usize {
-        batch.len()
-    }
+    };
+    Ok((store, task))
 }
 
 /// Resolves `checkpoint` (a run directory or one checkpoint directory) and reads the vision
@@ -102,11 +91,11 @@ pub fn stored_config(checkpoint: &Path) -> Result<(PathBuf, VisionConfig)> {
     Ok(ssl_core::run_dir::stored_config(checkpoint, "vision")?)
 }
 
-/// The model of `cfg` with the weights of checkpoint directory `ckpt` (as returned by
-/// [`stored_config`]), on `cfg.train.device`.
-pub fn load_model(ckpt: &Path, cfg: &VisionConfig) -> Result<(AnyVisionTask, Device)> {
+/// The model of `cfg` with the weights of the model file in directory `ckpt` (a checkpoint
+/// directory, as returned by [`stored_config`], or a detector's), on `cfg.train.device`.
+pub fn load_model(ckpt: &Path, cfg: &VisionConfig) -> Result<(Box<dyn VisionTask>, Device)> {
     let device = parse_device(&cfg.train.device)?;
-    let (store, task) = AnyVisionTask::build(cfg, &device)?;
+    let (store, task) = build_task(cfg, &device, None)?;
     store.load_safetensors(&ckpt.join(MODEL_FILE))?;
     Ok((task, device))
 }
