@@ -83,12 +83,13 @@ pub use forecast::{
 pub use masked_patch::{patch_mask, MaskedPatchConfig, MaskedPatchTask};
 pub use patchtst::{num_patches, patchify, PatchTstConfig, PatchTstEncoder, Patches};
 pub use pipeline::features::{
-    embed as embed_features, eval as eval_features, pretrain as pretrain_features, FeaturesConfig,
-    FeaturesEvalReport, FeaturesTask,
+    build_task as build_features_task, embed as embed_features, eval as eval_features,
+    pretrain as pretrain_features, FeaturesConfig, FeaturesEvalReport,
 };
 pub use pipeline::timeseries::{
-    embed as embed_timeseries, eval as eval_timeseries, pretrain as pretrain_timeseries,
-    TimeseriesConfig, TimeseriesEvalReport, TimeseriesTask,
+    build_forecast, build_task as build_timeseries_task, embed as embed_timeseries,
+    eval as eval_timeseries, pretrain as pretrain_timeseries, TimeseriesConfig,
+    TimeseriesEvalReport,
 };
 pub use revin::{Revin, RevinStats};
 pub use rnn::{RnnCell, RnnConfig, RnnEncoder};

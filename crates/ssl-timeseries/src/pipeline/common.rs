@@ -1,16 +1,109 @@
-//! What the sequence pipelines ([`super::timeseries`], [`super::features`]) share: the
-//! training run, batched embedding, the pretext loss of a checkpoint, and writing embeddings.
+//! What the sequence pipelines ([`super::timeseries`], [`super::features`]) share: the start
+//! of a run (device, ranks, stored configuration), reading one sequence per row, the training
+//! run, batched embedding and the embeddings file, the pretext loss and probes of a
+//! checkpoint.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device};
 use serde::Serialize;
 use serde_json::Value;
-use ssl_core::run_dir::{RunOptions, RunSummary};
+use ssl_core::checkpoint::MODEL_FILE;
+use ssl_core::probe::{probe_labelled, ProbeScores};
+use ssl_core::run_dir::{self, RunOptions, RunSummary};
 use ssl_core::seq::{InMemorySeqSource, SeqBatch, SeqExample};
-use ssl_core::{Ctx, Parallel, PretextTask, SslRng, TrainConfig, Trainer};
+use ssl_core::{
+    parse_device, Ctx, Parallel, ParamStore, PretextTask, SslRng, TrainConfig, Trainer,
+};
+use ssl_data::{write_embeddings, EmbedSummary, ReadOptions};
 
-use crate::{Result, TsError};
+use crate::{read_series_with, Result, SeriesSet, TsError};
+
+/// Sequences read from Parquet, as a task consumes them.
+pub(crate) struct Loaded {
+    pub examples: Vec<SeqExample>,
+    pub ids: Vec<String>,
+    pub labels: Option<Vec<String>>,
+    /// The examples are this rank's share already (read by row group); otherwise every rank
+    /// holds them all.
+    pub sharded: bool,
+}
+
+/// The start of a pretraining run on `data` (not empty) with `train`: the settings checked,
+/// the ranks and this rank's device.
+pub(crate) fn start(
+    train: &TrainConfig,
+    data: &[String],
+    opts: &RunOptions,
+) -> Result<(Parallel, Device)> {
+    train.validate()?;
+    if data.is_empty() {
+        return Err(TsError::InvalidInput(
+            "no data given: pass Parquet files, directories or globs".into(),
+        ));
+    }
+    let device = parse_device(&train.device)?;
+    Ok(opts.parallel(device)?)
+}
+
+/// The width of the data (`found`, e.g. channels) where the configuration's `key` says
+/// `configured` (0: whatever the data has): an error when they disagree.
+pub(crate) fn data_width(key: &str, configured: usize, found: usize, unit: &str) -> Result<usize> {
+    if configured != 0 && configured != found {
+        return Err(TsError::Pipeline(format!(
+            "the configuration says {key} = {configured} but the data has {found}{unit}"
+        )));
+    }
+    Ok(found)
+}
+
+/// Rank 0 writes `cfg` to the run directory `out`; every rank returns it as JSON (stored with
+/// every checkpoint).
+pub(crate) fn store_config<T: Serialize>(out: &Path, cfg: &T, par: &Parallel) -> Result<Value> {
+    if par.is_main() {
+        run_dir::write_config(out, cfg)?;
+    }
+    serde_json::to_value(cfg).map_err(|e| TsError::Pipeline(e.to_string()))
+}
+
+/// Reads one sequence per row: `column`, and the `label_column` and `id_column` when given,
+/// of `paths`; with `par`, this rank's share of the rows (reported on stderr as `what`).
+pub(crate) fn read_rows(
+    paths: &[String],
+    column: &str,
+    label_column: Option<&str>,
+    id_column: &str,
+    skip_bad_rows: bool,
+    par: Option<&Parallel>,
+    what: &str,
+) -> Result<SeriesSet> {
+    let options = match par {
+        Some(p) => ReadOptions::for_rank(p.rank, p.world, skip_bad_rows),
+        None => ReadOptions {
+            skip_bad_rows,
+            ..Default::default()
+        },
+    };
+    let set = read_series_with(paths, column, label_column, Some(id_column), &options)?;
+    if let Some(p) = par {
+        set.share.report(p.rank, p.world, set.row_index.len(), what);
+    }
+    Ok(set)
+}
+
+/// The task `build` makes on the device named `device` (`train.device`), with the weights of
+/// checkpoint directory `ckpt`.
+pub(crate) fn load_checkpoint<T>(
+    ckpt: &Path,
+    device: &str,
+    build: impl FnOnce(&Device) -> Result<(ParamStore, T)>,
+) -> Result<(T, Device)> {
+    let device = parse_device(device)?;
+    let (store, task) = build(&device)?;
+    store.load_safetensors(&ckpt.join(MODEL_FILE))?;
+    Ok((task, device))
+}
 
 /// Where a run writes and how its examples are spread over the ranks.
 pub struct RunDir<'a> {
@@ -42,7 +135,7 @@ pub fn fit<T: PretextTask<Batch = SeqBatch>>(
     let RunDir {
         path: out,
         config: run_config,
-        mut par,
+        par,
         sharded,
     } = run;
     let n_health = health_examples.min(examples.len());
@@ -57,7 +150,7 @@ pub fn fit<T: PretextTask<Batch = SeqBatch>>(
         par.shard(examples, "training series")?
     };
     let mut source = InMemorySeqSource::new(examples, train.batch_size, train.seed, true, device)?;
-    let mut trainer = opts.trainer(train, out, run_config, &mut par)?;
+    let mut trainer = opts.trainer(train, out, run_config, &par)?;
     let report = trainer.fit(task, &mut source, heldout.as_ref())?;
     Ok(RunSummary::new(out, &report, par.rank))
 }
@@ -115,17 +208,93 @@ pub(crate) fn truncate(e: SeqExample, max_len: usize) -> Result<SeqExample> {
     Ok(e)
 }
 
-/// The data paths a pipeline reads: an error when there are none.
-pub(crate) fn require_data(data: &[String]) -> Result<()> {
-    if data.is_empty() {
-        return Err(TsError::InvalidInput(
-            "no data given: pass Parquet files, directories or globs".into(),
-        ));
-    }
-    Ok(())
+/// Embeds `loaded` with `task` (checkpoint directory `ckpt`), `batch` sequences at a time, and
+/// writes `(id, embedding)` rows to the Parquet file `out`, with the checkpoint and `meta` in
+/// its metadata.
+pub(crate) fn write_embedded<T: PretextTask<Batch = SeqBatch>>(
+    task: &T,
+    loaded: &Loaded,
+    ckpt: &Path,
+    meta: &[(&str, String)],
+    batch: usize,
+    device: &Device,
+    out: &Path,
+) -> Result<EmbedSummary> {
+    let (emb, dim) = embed_all(task, &loaded.examples, batch, device)?;
+    let mut meta: BTreeMap<String, String> = meta
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    meta.insert("checkpoint".to_string(), ckpt.display().to_string());
+    Ok(write_embeddings(out, &loaded.ids, &emb, dim, meta)?)
 }
 
-/// The run's configuration as JSON (stored with every checkpoint).
-pub(crate) fn config_json<T: Serialize>(cfg: &T) -> Result<Value> {
-    serde_json::to_value(cfg).map_err(|e| TsError::Pipeline(e.to_string()))
+/// What `eval` probes: labelled training sequences and, when given, labelled test sequences
+/// (otherwise the probes split the training ones).
+pub(crate) struct Labelled {
+    train: Vec<SeqExample>,
+    train_labels: Vec<String>,
+    test: Option<(Vec<SeqExample>, Vec<String>)>,
+}
+
+impl Labelled {
+    /// Reads `data` and, when not empty, `test` with `load`; an error when `data` had no
+    /// labels in `label_column`.
+    pub fn read(
+        data: &[String],
+        test: &[String],
+        label_column: &str,
+        load: impl Fn(&[String]) -> Result<Loaded>,
+    ) -> Result<Self> {
+        let train = load(data)?;
+        let test = if test.is_empty() {
+            None
+        } else {
+            let t = load(test)?;
+            Some((t.examples, t.labels.unwrap_or_default()))
+        };
+        let train_labels = train.labels.ok_or_else(|| {
+            TsError::Pipeline(format!("no labels read from column `{label_column}`"))
+        })?;
+        Ok(Labelled {
+            train: train.examples,
+            train_labels,
+            test,
+        })
+    }
+
+    /// [`pretext_loss`] of `task` over the training and test sequences.
+    pub fn pretext_loss<T: PretextTask<Batch = SeqBatch>>(
+        &self,
+        task: &T,
+        batch: usize,
+        device: &Device,
+    ) -> Result<f64> {
+        let mut sets: Vec<&[SeqExample]> = vec![&self.train];
+        sets.extend(self.test.iter().map(|(t, _)| t.as_slice()));
+        pretext_loss(task, &sets, batch, device)
+    }
+
+    /// Linear-probe and k-NN scores of `task`'s embeddings (`seed` splits the training
+    /// sequences when there is no test set), and the embedding width.
+    pub fn probe<T: PretextTask<Batch = SeqBatch>>(
+        &self,
+        task: &T,
+        batch: usize,
+        device: &Device,
+        seed: u64,
+    ) -> Result<(ProbeScores, usize)> {
+        let (emb, dim) = embed_all(task, &self.train, batch, device)?;
+        let test = match &self.test {
+            Some((t, labels)) => Some((embed_all(task, t, batch, device)?.0, labels.as_slice())),
+            None => None,
+        };
+        let scores = probe_labelled(
+            (&emb, &self.train_labels),
+            test.as_ref().map(|(e, l)| (e.as_slice(), *l)),
+            dim,
+            seed,
+        )?;
+        Ok((scores, dim))
+    }
 }

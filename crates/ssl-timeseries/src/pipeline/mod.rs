@@ -7,10 +7,12 @@
 //!   forecasting);
 //! - [`features`]: numeric feature sequences on ssl-core's transformer with its masked,
 //!   contrastive or denoising task;
-//! - [`common`]: what both share (the training run, batched embedding, the pretext loss).
+//! - [`common`]: what both share (the start of a run, reading one sequence per row, the
+//!   training run, batched embedding, the pretext loss and probes).
 //!
 //! Each has `pretrain(cfg, data, out, &RunOptions)`, `stored_config(checkpoint)`,
-//! `embed(ckpt, &cfg, data, out)` and `eval(ckpt, &cfg, data, test, label_column)`.
+//! `embed(ckpt, &cfg, data, out)`, `eval(ckpt, &cfg, data, test, label_column)`, and
+//! `build_task`: the configured task, boxed (`Box<dyn PretextTask<Batch = SeqBatch>>`).
 
 pub mod common;
 pub mod features;

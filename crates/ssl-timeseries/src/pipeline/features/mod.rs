@@ -6,35 +6,21 @@
 mod config;
 mod task;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
 use serde::Serialize;
-use ssl_core::checkpoint::MODEL_FILE;
-use ssl_core::parse_device;
-use ssl_core::probe::probe_labelled;
 use ssl_core::run_dir::{self, RunOptions, RunSummary};
-use ssl_core::seq::SeqExample;
 use ssl_core::Parallel;
-use ssl_data::ReadOptions;
+use ssl_data::EmbedSummary;
 
 pub use config::{DataConfig, FeaturesConfig, TaskConfig, TaskKind};
-pub use task::FeaturesTask;
+pub use task::build_task;
 
-use super::common::{self, truncate, RunDir};
-use crate::{read_series_with, Result, TsError};
-use ssl_data::{write_embeddings, EmbedSummary};
+use super::common::{self, truncate, Labelled, Loaded, RunDir};
+use crate::Result;
 
 /// The modality's name: in stored configurations and error messages.
 pub const MODALITY: &str = "features";
-
-/// Sequences read from Parquet.
-struct Loaded {
-    examples: Vec<SeqExample>,
-    ids: Vec<String>,
-    labels: Option<Vec<String>>,
-}
 
 /// Reads a data set; with `par`, this rank's share of the rows.
 fn load(
@@ -43,25 +29,15 @@ fn load(
     label_column: Option<&str>,
     par: Option<&Parallel>,
 ) -> Result<Loaded> {
-    let options = match par {
-        Some(p) => ReadOptions::for_rank(p.rank, p.world, cfg.skip_bad_rows),
-        None => ReadOptions {
-            skip_bad_rows: cfg.skip_bad_rows,
-            ..Default::default()
-        },
-    };
-    let table = read_series_with(
+    let table = common::read_rows(
         paths,
         &cfg.column,
         label_column,
-        Some(&cfg.id_column),
-        &options,
+        &cfg.id_column,
+        cfg.skip_bad_rows,
+        par,
+        "sequences",
     )?;
-    if let Some(p) = par {
-        table
-            .share
-            .report(p.rank, p.world, table.row_index.len(), "sequences");
-    }
     let mut examples = Vec::with_capacity(table.series.len());
     for e in table.series {
         let mut e = truncate(e, cfg.max_len)?;
@@ -74,6 +50,7 @@ fn load(
         examples,
         ids: table.ids,
         labels: table.labels,
+        sharded: par.is_some(),
     })
 }
 
@@ -87,27 +64,15 @@ pub fn pretrain(
     out: &Path,
     opts: &RunOptions,
 ) -> Result<RunSummary> {
-    cfg.train.validate()?;
-    common::require_data(data)?;
-    let device = parse_device(&cfg.train.device)?;
-    let (par, device) = opts.parallel(device)?;
+    let (par, device) = common::start(&cfg.train, data, opts)?;
     let loaded = load(data, &cfg.data, None, Some(&par))?;
-    let features = loaded.examples.first().map_or(0, |e| e.features);
-    if cfg.features != 0 && cfg.features != features {
-        return Err(TsError::Pipeline(format!(
-            "the configuration says features = {} but the data has {features} per step",
-            cfg.features
-        )));
-    }
+    let found = loaded.examples.first().map_or(0, |e| e.features);
+    let features = common::data_width("features", cfg.features, found, " per step")?;
     cfg.features = features;
-    if par.is_main() {
-        run_dir::write_config(out, &cfg)?;
-    }
-    let (store, mut task) = FeaturesTask::build(&cfg, &device)?;
-    if let (FeaturesTask::Contrastive(t), true) = (&mut task, par.world > 1) {
-        // NT-Xent's negatives span every rank: each step gathers all ranks' views.
-        t.gather_across(par.shared());
-    }
+    let run_config = common::store_config(out, &cfg, &par)?;
+    // NT-Xent's negatives span every rank: each step gathers all ranks' views.
+    let ranks = (par.world > 1).then(|| par.shared());
+    let (store, task) = build_task(&cfg, &device, ranks)?;
     eprintln!(
         "{} sequences x {} steps (max) x {features} features; {:?} task; encoder {} parameters",
         loaded.examples.len(),
@@ -115,7 +80,6 @@ pub fn pretrain(
         cfg.task.kind,
         store.num_elements()
     );
-    let run_config = common::config_json(&cfg)?;
     common::fit(
         &task,
         loaded.examples,
@@ -125,7 +89,7 @@ pub fn pretrain(
             path: out,
             config: run_config,
             par,
-            sharded: true,
+            sharded: loaded.sharded,
         },
         opts,
         &device,
@@ -138,14 +102,6 @@ pub fn stored_config(checkpoint: &Path) -> Result<(PathBuf, FeaturesConfig)> {
     Ok(run_dir::stored_config(checkpoint, MODALITY)?)
 }
 
-/// The task of `cfg` with the weights of checkpoint directory `ckpt`.
-fn load_model(ckpt: &Path, cfg: &FeaturesConfig) -> Result<(FeaturesTask, Device)> {
-    let device = parse_device(&cfg.train.device)?;
-    let (store, task) = FeaturesTask::build(cfg, &device)?;
-    store.load_safetensors(&ckpt.join(MODEL_FILE))?;
-    Ok((task, device))
-}
-
 /// Embeds every sequence of `data` (mean-pooled) with the encoder of checkpoint directory
 /// `ckpt` (configuration `cfg`, e.g. from [`stored_config`]) and writes `(id, embedding)`
 /// rows to the Parquet file `out`.
@@ -155,21 +111,16 @@ pub fn embed(
     data: &[String],
     out: &Path,
 ) -> Result<EmbedSummary> {
-    let (task, device) = load_model(ckpt, cfg)?;
+    let (task, device) =
+        common::load_checkpoint(ckpt, &cfg.train.device, |d| build_task(cfg, d, None))?;
     let loaded = load(data, &cfg.data, None, None)?;
-    let (emb, dim) = common::embed_all(&task, &loaded.examples, cfg.train.batch_size, &device)?;
-    let mut meta = BTreeMap::new();
-    meta.insert(
-        "model".to_string(),
-        "ssl-core SeqTransformerEncoder".to_string(),
-    );
-    meta.insert("checkpoint".to_string(), ckpt.display().to_string());
-    meta.insert("pooling".to_string(), "mean".to_string());
-    meta.insert(
-        "task".to_string(),
-        format!("{:?}", cfg.task.kind).to_lowercase(),
-    );
-    Ok(write_embeddings(out, &loaded.ids, &emb, dim, meta)?)
+    let meta = [
+        ("model", "ssl-core SeqTransformerEncoder".to_string()),
+        ("pooling", "mean".to_string()),
+        ("task", format!("{:?}", cfg.task.kind).to_lowercase()),
+    ];
+    let bs = cfg.train.batch_size;
+    common::write_embedded(&task, &loaded, ckpt, &meta, bs, &device, out)
 }
 
 /// What [`eval`] measured: the pretext loss and the probes of the trained encoder.
@@ -206,35 +157,13 @@ pub fn eval(
     test: &[String],
     label_column: Option<&str>,
 ) -> Result<FeaturesEvalReport> {
-    let (task, device) = load_model(ckpt, cfg)?;
-    let label = label_column.unwrap_or(&cfg.data.label_column).to_string();
-    let train = load(data, &cfg.data, Some(&label), None)?;
-    let test = if test.is_empty() {
-        None
-    } else {
-        Some(load(test, &cfg.data, Some(&label), None)?)
-    };
-    let mut sets: Vec<&[SeqExample]> = vec![&train.examples];
-    sets.extend(test.iter().map(|t| t.examples.as_slice()));
-    let loss = common::pretext_loss(&task, &sets, cfg.train.batch_size, &device)?;
-    let (emb, dim) = common::embed_all(&task, &train.examples, cfg.train.batch_size, &device)?;
-    let train_labels = train
-        .labels
-        .ok_or_else(|| TsError::Pipeline(format!("no labels read from column `{label}`")))?;
-    let test_emb = match &test {
-        Some(t) => Some(common::embed_all(&task, &t.examples, cfg.train.batch_size, &device)?.0),
-        None => None,
-    };
-    let test_labels = test
-        .as_ref()
-        .and_then(|t| t.labels.clone())
-        .unwrap_or_default();
-    let scores = probe_labelled(
-        (&emb, &train_labels),
-        test_emb.as_deref().map(|e| (e, test_labels.as_slice())),
-        dim,
-        cfg.train.seed,
-    )?;
+    let (task, device) =
+        common::load_checkpoint(ckpt, &cfg.train.device, |d| build_task(cfg, d, None))?;
+    let label = label_column.unwrap_or(&cfg.data.label_column);
+    let sets = Labelled::read(data, test, label, |p| load(p, &cfg.data, Some(label), None))?;
+    let bs = cfg.train.batch_size;
+    let loss = sets.pretext_loss(&task, bs, &device)?;
+    let (scores, dim) = sets.probe(&task, bs, &device, cfg.train.seed)?;
     Ok(FeaturesEvalReport {
         checkpoint: ckpt.display().to_string(),
         pretext_loss: loss,

@@ -1,22 +1,10 @@
 //! Reading the series of a [`TimeseriesConfig`] from Parquet, as its task consumes them.
 
-use ssl_core::seq::SeqExample;
 use ssl_core::Parallel;
-use ssl_data::ReadOptions;
 
 use super::{TaskKind, TimeseriesConfig};
-use crate::pipeline::common::truncate;
-use crate::{chronological_split, read_long_series, read_series_with, windows, Result};
-
-/// Series, ids and labels of a data set, as the task consumes them.
-pub(crate) struct Loaded {
-    pub examples: Vec<SeqExample>,
-    pub ids: Vec<String>,
-    pub labels: Option<Vec<String>>,
-    /// The examples are this rank's share already (read by row group); otherwise every rank
-    /// holds them all.
-    pub sharded: bool,
-}
+use crate::pipeline::common::{read_rows, truncate, Loaded};
+use crate::{chronological_split, read_long_series, windows, Result};
 
 /// Which part of a long series.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -60,18 +48,15 @@ pub(crate) fn load(
             sharded: false,
         });
     }
-    let options = match par {
-        Some(p) => ReadOptions::for_rank(p.rank, p.world, d.skip_bad_rows),
-        None => ReadOptions {
-            skip_bad_rows: d.skip_bad_rows,
-            ..Default::default()
-        },
-    };
-    let set = read_series_with(paths, &d.column, label_column, Some(&d.id_column), &options)?;
-    if let Some(p) = par {
-        set.share
-            .report(p.rank, p.world, set.row_index.len(), "series");
-    }
+    let set = read_rows(
+        paths,
+        &d.column,
+        label_column,
+        &d.id_column,
+        d.skip_bad_rows,
+        par,
+        "series",
+    )?;
     let mut examples = Vec::with_capacity(set.series.len());
     let mut ids = Vec::new();
     for (e, id) in set.series.into_iter().zip(set.ids) {

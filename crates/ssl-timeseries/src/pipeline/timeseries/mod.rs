@@ -7,24 +7,18 @@ mod config;
 mod load;
 mod task;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
 use serde::Serialize;
-use ssl_core::checkpoint::MODEL_FILE;
-use ssl_core::parse_device;
-use ssl_core::probe::{probe_labelled, ProbeScores};
 use ssl_core::run_dir::{self, RunOptions, RunSummary};
-use ssl_core::seq::SeqExample;
+use ssl_data::EmbedSummary;
 
 pub use config::{DataConfig, EvalConfig, TaskConfig, TaskKind, TimeseriesConfig};
-pub use task::TimeseriesTask;
+pub use task::{build_forecast, build_task};
 
-use super::common::{self, RunDir};
-use crate::{evaluate_forecast, HorizonReport, Result, TsError};
+use super::common::{self, Labelled, RunDir};
+use crate::{evaluate_forecast, HorizonReport, Result};
 use load::{load, Part};
-use ssl_data::{write_embeddings, EmbedSummary};
 
 /// The modality's name: in stored configurations and error messages.
 pub const MODALITY: &str = "timeseries";
@@ -39,27 +33,15 @@ pub fn pretrain(
     out: &Path,
     opts: &RunOptions,
 ) -> Result<RunSummary> {
-    cfg.train.validate()?;
-    common::require_data(data)?;
-    let device = parse_device(&cfg.train.device)?;
-    let (par, device) = opts.parallel(device)?;
+    let (par, device) = common::start(&cfg.train, data, opts)?;
     let loaded = load(data, &cfg, None, Part::Train, Some(&par))?;
-    let channels = loaded.examples.first().map_or(0, |e| e.features);
-    if cfg.channels != 0 && cfg.channels != channels {
-        return Err(TsError::Pipeline(format!(
-            "the configuration says channels = {} but the data has {channels}",
-            cfg.channels
-        )));
-    }
+    let found = loaded.examples.first().map_or(0, |e| e.features);
+    let channels = common::data_width("channels", cfg.channels, found, "")?;
     cfg.channels = channels;
-    if par.is_main() {
-        run_dir::write_config(out, &cfg)?;
-    }
-    let (store, mut task) = TimeseriesTask::build(&cfg, &device, cfg.train.seed)?;
-    if let (TimeseriesTask::Ts2vec(t), true) = (&mut task, par.world > 1) {
-        // The instance terms' negatives span every rank: each step gathers all ranks' views.
-        t.gather_across(par.shared());
-    }
+    let run_config = common::store_config(out, &cfg, &par)?;
+    // The instance terms' negatives span every rank: each step gathers all ranks' views.
+    let ranks = (par.world > 1).then(|| par.shared());
+    let (store, task) = build_task(&cfg, &device, cfg.train.seed, ranks)?;
     eprintln!(
         "{} series x {} steps (max) x {channels} channels; {:?} encoder, {:?} task; {} parameters",
         loaded.examples.len(),
@@ -68,7 +50,6 @@ pub fn pretrain(
         cfg.task.kind,
         store.num_elements()
     );
-    let run_config = common::config_json(&cfg)?;
     common::fit(
         &task,
         loaded.examples,
@@ -91,14 +72,6 @@ pub fn stored_config(checkpoint: &Path) -> Result<(PathBuf, TimeseriesConfig)> {
     Ok(run_dir::stored_config(checkpoint, MODALITY)?)
 }
 
-/// The task of `cfg` with the weights of checkpoint directory `ckpt`.
-fn load_model(ckpt: &Path, cfg: &TimeseriesConfig) -> Result<(TimeseriesTask, Device)> {
-    let device = parse_device(&cfg.train.device)?;
-    let (store, task) = TimeseriesTask::build(cfg, &device, cfg.train.seed)?;
-    store.load_safetensors(&ckpt.join(MODEL_FILE))?;
-    Ok((task, device))
-}
-
 /// Embeds every series (or window of a long series) of `data` with the encoder of checkpoint
 /// directory `ckpt` (configuration `cfg`, e.g. from [`stored_config`]) and writes
 /// `(id, embedding)` rows to the Parquet file `out`.
@@ -108,20 +81,19 @@ pub fn embed(
     data: &[String],
     out: &Path,
 ) -> Result<EmbedSummary> {
-    let (task, device) = load_model(ckpt, cfg)?;
+    let seed = cfg.train.seed;
+    let (task, device) =
+        common::load_checkpoint(ckpt, &cfg.train.device, |d| build_task(cfg, d, seed, None))?;
     let loaded = load(data, cfg, None, Part::All, None)?;
-    let (emb, dim) = common::embed_all(&task, &loaded.examples, cfg.train.batch_size, &device)?;
-    let mut meta = BTreeMap::new();
-    meta.insert(
-        "model".to_string(),
-        format!("ssl-timeseries {:?}", cfg.model.kind).to_lowercase(),
-    );
-    meta.insert("checkpoint".to_string(), ckpt.display().to_string());
-    meta.insert(
-        "task".to_string(),
-        format!("{:?}", cfg.task.kind).to_lowercase(),
-    );
-    Ok(write_embeddings(out, &loaded.ids, &emb, dim, meta)?)
+    let meta = [
+        (
+            "model",
+            format!("ssl-timeseries {:?}", cfg.model.kind).to_lowercase(),
+        ),
+        ("task", format!("{:?}", cfg.task.kind).to_lowercase()),
+    ];
+    let bs = cfg.train.batch_size;
+    common::write_embedded(&task, &loaded, ckpt, &meta, bs, &device, out)
 }
 
 /// What [`eval`] measured: a forecast report or a probe report.
@@ -189,16 +161,19 @@ pub fn eval(
     test: &[String],
     label_column: Option<&str>,
 ) -> Result<TimeseriesEvalReport> {
-    let (task, device) = load_model(ckpt, cfg)?;
     let checkpoint = ckpt.display().to_string();
-    if let (TimeseriesTask::Forecast(f), false) = (&task, cfg.data.long_column.is_empty()) {
+    let seed = cfg.train.seed;
+    let bs = cfg.train.batch_size;
+    if cfg.task.kind == TaskKind::Forecast && !cfg.data.long_column.is_empty() {
+        let (task, _) =
+            common::load_checkpoint(ckpt, &cfg.train.device, |d| build_forecast(cfg, d, seed))?;
         let test_windows = load(data, cfg, None, Part::Test, None)?.examples;
         let horizons = evaluate_forecast(
-            f,
+            &task,
             &test_windows,
             &cfg.eval.horizons,
             cfg.eval.season,
-            cfg.train.batch_size,
+            bs,
         )?;
         return Ok(TimeseriesEvalReport::Forecast(ForecastEvalReport {
             checkpoint,
@@ -206,42 +181,17 @@ pub fn eval(
             horizons,
         }));
     }
-    let label = label_column.unwrap_or(&cfg.data.label_column).to_string();
-    let train = load(data, cfg, Some(&label), Part::All, None)?;
-    let test = if test.is_empty() {
-        None
-    } else {
-        Some(load(test, cfg, Some(&label), Part::All, None)?)
-    };
-    let mut sets: Vec<&[SeqExample]> = vec![&train.examples];
-    sets.extend(test.iter().map(|t| t.examples.as_slice()));
-    let loss = common::pretext_loss(&task, &sets, cfg.train.batch_size, &device)?;
-    let train_labels = train
-        .labels
-        .clone()
-        .ok_or_else(|| TsError::Pipeline(format!("no labels read from column `{label}`")))?;
-    let test_labels = test
-        .as_ref()
-        .and_then(|t| t.labels.clone())
-        .unwrap_or_default();
-    let score = |task: &TimeseriesTask| -> Result<(ProbeScores, usize)> {
-        let (emb, dim) = common::embed_all(task, &train.examples, cfg.train.batch_size, &device)?;
-        let test_emb = match &test {
-            Some(t) => Some(common::embed_all(task, &t.examples, cfg.train.batch_size, &device)?.0),
-            None => None,
-        };
-        let s = probe_labelled(
-            (&emb, &train_labels),
-            test_emb.as_deref().map(|e| (e, test_labels.as_slice())),
-            dim,
-            cfg.train.seed,
-        )?;
-        Ok((s, dim))
-    };
-    let (trained, dim) = score(&task)?;
+    let (task, device) =
+        common::load_checkpoint(ckpt, &cfg.train.device, |d| build_task(cfg, d, seed, None))?;
+    let label = label_column.unwrap_or(&cfg.data.label_column);
+    let sets = Labelled::read(data, test, label, |p| {
+        load(p, cfg, Some(label), Part::All, None)
+    })?;
+    let loss = sets.pretext_loss(&task, bs, &device)?;
+    let (trained, dim) = sets.probe(&task, bs, &device, seed)?;
     // The same architecture with fresh weights: what pretraining adds.
-    let (_, random_task) = TimeseriesTask::build(cfg, &device, cfg.train.seed.wrapping_add(1))?;
-    let (random, _) = score(&random_task)?;
+    let (_, random_task) = build_task(cfg, &device, seed.wrapping_add(1), None)?;
+    let (random, _) = sets.probe(&random_task, bs, &device, seed)?;
     Ok(TimeseriesEvalReport::Probe(ProbeEvalReport {
         checkpoint,
         encoder: format!("{:?}", cfg.model.kind).to_lowercase(),
