@@ -50,7 +50,7 @@ pub fn pretrain(
         ));
     }
     let device = parse_device(&cfg.train.device)?;
-    let (mut par, device) = opts.parallel(device)?;
+    let (par, device) = opts.parallel(device)?;
     let (train, heldout) = train_heldout(data, &cfg, &par)?;
     std::fs::create_dir_all(out).map_err(|e| MultimodalError::Io {
         path: out.to_path_buf(),
@@ -105,7 +105,7 @@ pub fn pretrain(
     let run_config =
         serde_json::to_value(&cfg).map_err(|e| MultimodalError::Config(e.to_string()))?;
     let rank = par.rank;
-    let mut trainer = opts.trainer(&cfg.train, out, run_config, &mut par)?;
+    let mut trainer = opts.trainer(&cfg.train, out, run_config, &par)?;
     let report = trainer.fit(&model, &mut source, health.as_ref())?;
     Ok(MultimodalRunSummary {
         run: RunSummary::new(out, &report, rank),

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use ssl_core::Parallel;
-use ssl_text::{load_tokenizer, save_tokenizer, train_from_texts};
+use ssl_text::{load_tokenizer, save_tokenizer, tokenizer_from_json, train_from_texts};
 use tokenizers::Tokenizer;
 
 use super::{text_run, MultimodalConfig};
@@ -45,11 +45,17 @@ pub fn run_tokenizer(
     if write {
         save_tokenizer(&tok, out)?;
     }
-    cfg.tokenizer.file = std::fs::canonicalize(&saved)
+    cfg.tokenizer.file = saved_path(out);
+    Ok(tok)
+}
+
+/// `out/tokenizer.json`, absolute where it exists: what `tokenizer.file` names after a run.
+fn saved_path(out: &Path) -> String {
+    let saved = out.join("tokenizer.json");
+    std::fs::canonicalize(&saved)
         .unwrap_or(saved)
         .to_string_lossy()
-        .into_owned();
-    Ok(tok)
+        .into_owned()
 }
 
 /// [`run_tokenizer`] over the ranks of `par`: rank 0 makes the tokenizer (training on its own
@@ -76,21 +82,7 @@ pub fn shared_tokenizer(
     let tok = tokenizer_from_json(&par.broadcast_bytes(json)?)?;
     if !par.is_main() {
         // Where rank 0 saved it (written before it was sent).
-        let saved = out.join("tokenizer.json");
-        cfg.tokenizer.file = std::fs::canonicalize(&saved)
-            .unwrap_or(saved)
-            .to_string_lossy()
-            .into_owned();
+        cfg.tokenizer.file = saved_path(out);
     }
-    Ok(tok)
-}
-
-/// A tokenizer from its JSON (as rank 0 sends it), without padding or truncation.
-fn tokenizer_from_json(json: &[u8]) -> Result<Tokenizer> {
-    let bad = |e: String| MultimodalError::Config(format!("the tokenizer sent by rank 0: {e}"));
-    let text = std::str::from_utf8(json).map_err(|e| bad(e.to_string()))?;
-    let mut tok: Tokenizer = text.parse().map_err(|e| bad(format!("{e}")))?;
-    tok.with_padding(None);
-    tok.with_truncation(None).map_err(|e| bad(format!("{e}")))?;
     Ok(tok)
 }
