@@ -4,15 +4,13 @@
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use ssl_core::checkpoint::{read_state, CheckpointManager};
 use ssl_core::run_dir::{self, RunOptions, RunSummary};
 use ssl_core::{parse_device, Trainer};
 
 use super::config::VisionConfig;
 use super::images::load_rank_images;
-use super::previews::PreviewSource;
+use super::previews::Previews;
 use super::task::build_task;
-use crate::preview::save_reconstruction_grid;
 use crate::{InMemoryImageSource, Result, VisionError};
 
 /// What [`pretrain`] returns: the run's summary and where its previews are.
@@ -89,42 +87,27 @@ pub fn pretrain(
     let preview_imgs = (n_prev > 0)
         .then(|| loaded.images.batch(0, n_prev, &device))
         .transpose()?;
-    let inner =
+    let mut source =
         InMemoryImageSource::new(loaded.images, cfg.train.batch_size, cfg.train.seed, &device)?;
     let preview_dir = out.join("previews");
-    // On resume, previews continue the step numbering of the checkpoint resumed from.
-    let accum = cfg.train.accum_steps.max(1) as u64;
-    let resumed_step = if opts.resume {
-        CheckpointManager::new(out.join("checkpoints"), 1)
-            .latest()?
-            .map(|c| read_state(&c).map(|s| s.step))
-            .transpose()?
-            .unwrap_or(0)
-    } else {
-        0
-    };
-    let mut source = PreviewSource {
-        inner,
-        mae: task.as_mae(),
-        images: preview_imgs.clone(),
-        every: cfg.task.preview_every,
-        accum,
-        pulled: resumed_step * accum,
-        dir: preview_dir.clone(),
-        seed: cfg.train.seed,
+    let mut previews = match (task.as_mae(), preview_imgs) {
+        (Some(mae), Some(images)) => Some(Previews {
+            mae,
+            images,
+            every: cfg.task.preview_every,
+            dir: preview_dir.clone(),
+            seed: cfg.train.seed,
+        }),
+        _ => None,
     };
     let run_config = serde_json::to_value(&cfg).map_err(|e| VisionError::Config(e.to_string()))?;
     let mut trainer = opts.trainer(&cfg.train, out, run_config, &par)?;
-    let report = trainer.fit(&task, &mut source, heldout.as_ref())?;
-    let summary = VisionRunSummary {
+    let report = match &mut previews {
+        Some(p) => trainer.fit_with_hooks(&task, &mut source, heldout.as_ref(), &mut [p])?,
+        None => trainer.fit(&task, &mut source, heldout.as_ref())?,
+    };
+    Ok(VisionRunSummary {
         run: RunSummary::new(out, &report, par.rank),
         previews: preview_dir,
-    };
-    if !par.is_main() {
-        return Ok(summary);
-    }
-    if let (Some(t), Some(imgs)) = (task.as_mae(), &preview_imgs) {
-        save_reconstruction_grid(t, imgs, cfg.train.seed, &summary.previews.join("final.png"))?;
-    }
-    Ok(summary)
+    })
 }
