@@ -9,6 +9,7 @@
 //! ssl detect fit   --checkpoint MAE_DIR --data NORMAL.parquet --out DET_DIR [--set detect.key=value...]
 //! ssl detect score --detector DET_DIR --data IMAGES.parquet --out SCORES.parquet
 //! ```
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;

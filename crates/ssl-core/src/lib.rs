@@ -47,8 +47,11 @@
 //! # }
 //! ```
 #![deny(missing_docs)]
+// No `unsafe` here (the kernels live in ssl-kernels), except that the MPI and NCCL handles
+// (features `mpi`, `nccl`) are declared `Send` and `Sync`, each impl allowed where it stands.
+#![cfg_attr(not(feature = "mpi"), forbid(unsafe_code))]
+#![cfg_attr(feature = "mpi", deny(unsafe_code))]
 
-mod alloc;
 pub mod checkpoint;
 mod collective;
 mod compose;
@@ -80,7 +83,6 @@ mod signal;
 mod task;
 mod trainer;
 
-pub use alloc::keep_freed_memory;
 pub use collective::{
     broadcast_params, gather_rows, Collective, SharedCollective, SingleProcess, ThreadGroup,
 };
@@ -99,6 +101,7 @@ pub use parallel::Parallel;
 pub use params::{read_safetensors, Init, LoadReport, Param, ParamBuilder, ParamStore};
 pub use rng::SslRng;
 pub use signal::StopFlag;
+pub use ssl_kernels::keep_freed_memory;
 pub use task::{BatchSource, PretextTask, TaskOutput};
 pub use trainer::{
     accumulate, plot_run, scale_grads, Accumulated, LoopTrainer, TrainConfig, TrainReport, Trainer,

@@ -18,11 +18,13 @@ pub struct MpiCollective {
     _universe: mpi::environment::Universe,
 }
 
-// The trainer calls collectives from one thread at a time; MPI is initialised with
+// SAFETY: the trainer calls collectives from one thread at a time; MPI is initialised with
 // `Threading::Serialized`, which allows exactly that from any thread.
+#[allow(unsafe_code)]
 unsafe impl Send for MpiCollective {}
-// Shared (as a `SharedCollective`) only between the trainer and its task, which call it in
-// turn on the training thread, never concurrently.
+// SAFETY: shared (as a `SharedCollective`) only between the trainer and its task, which call
+// it in turn on the training thread, never concurrently.
+#[allow(unsafe_code)]
 unsafe impl Sync for MpiCollective {}
 
 impl std::fmt::Debug for MpiCollective {

@@ -21,8 +21,12 @@ pub struct NcclCollective {
     mpi: MpiCollective,
 }
 
-// The trainer and its task call the collective in turn on the training thread.
+// SAFETY: the trainer and its task call the collective in turn on the training thread, never
+// concurrently (as for `MpiCollective`).
+#[allow(unsafe_code)]
 unsafe impl Send for NcclCollective {}
+// SAFETY: as above.
+#[allow(unsafe_code)]
 unsafe impl Sync for NcclCollective {}
 
 impl std::fmt::Debug for NcclCollective {

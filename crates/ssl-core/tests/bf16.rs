@@ -18,7 +18,7 @@ const T: usize = 64;
 const D: usize = 256;
 
 fn config(norm: NormPlacement, depth: usize) -> TransformerConfig {
-    // Large enough for bf16 to be chosen (see `BF16_MIN_DIM` in nn/fused/gemm.rs): the QKV
+    // Large enough for bf16 to be chosen (see `BF16_MIN_DIM` in ssl-kernels' gemm.rs): the QKV
     // and MLP products (128 x 768 x 256, 128 x 1024 x 256, and their backward products) and
     // the per-head attention products (64 x 64 x 128) run in bf16; the output projection
     // (128 x 256 x 256, under 16 M multiply-adds) stays f32.

@@ -16,6 +16,7 @@
 //! - [`pipeline`]: the whole pipeline as library calls: [`TextConfig`] (the TOML keys of
 //!   `ssl pretrain text`), pretraining, embedding, evaluation and tokenizer training.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod bert;
 pub mod data;

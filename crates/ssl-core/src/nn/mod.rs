@@ -1,6 +1,5 @@
 //! Neural-network building blocks whose gradients are known to flow (see DESIGN.md).
 
-pub(crate) mod fused;
 mod linear;
 mod norm;
 pub mod ops;

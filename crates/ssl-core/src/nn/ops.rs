@@ -49,7 +49,7 @@ pub fn add_broadcast(x: &Tensor, y: &Tensor) -> Result<Tensor> {
     if on_cpu_f32(x, &[y]) && !suffix.is_empty() && xd.len() >= yd.len() && xd.ends_with(suffix) {
         return Ok(x
             .contiguous()?
-            .apply_op2(&y.contiguous()?, crate::nn::fused::RowBroadcastAdd)?);
+            .apply_op2(&y.contiguous()?, ssl_kernels::RowBroadcastAdd)?);
     }
     Ok(x.broadcast_add(y)?)
 }
@@ -63,7 +63,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
         return Ok(x.contiguous()?.apply_op3(
             &weight.contiguous()?,
             &bias.contiguous()?,
-            crate::nn::fused::LayerNormOp { eps: eps as f32 },
+            ssl_kernels::LayerNormOp { eps: eps as f32 },
         )?);
     }
     layer_norm_composite(x, weight, bias, eps)
@@ -134,8 +134,7 @@ pub fn masked_mean(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         None => Ok(x.mean(1)?),
         Some(m) if on_cpu_f32(x, &[]) && x.rank() == 3 && !m.track_op() => {
             let m = m.to_dtype(DType::F32)?.contiguous()?;
-            Ok(x.contiguous()?
-                .apply_op2(&m, crate::nn::fused::MaskedMeanOp)?)
+            Ok(x.contiguous()?.apply_op2(&m, ssl_kernels::MaskedMeanOp)?)
         }
         Some(m) => {
             let m = m.to_dtype(x.dtype())?.unsqueeze(2)?;
@@ -165,7 +164,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let t = targets.to_dtype(DType::U32)?.contiguous()?;
         return Ok(logits
             .contiguous()?
-            .apply_op2(&t, crate::nn::fused::CrossEntropyOp)?);
+            .apply_op2(&t, ssl_kernels::CrossEntropyOp)?);
     }
     cross_entropy_composite(logits, targets)
 }
@@ -182,11 +181,11 @@ pub fn matmul_t(x: &Tensor, w: &Tensor, precision: MatmulPrecision) -> Result<Te
         && x.rank() == 2
         && w.rank() == 2
         && crate::nn::bf16_matmul_available()
-        && crate::nn::fused::linear_takes_bf16(x.dim(0)?, w.dim(0)?, x.dim(1)?)
+        && ssl_kernels::linear_takes_bf16(x.dim(0)?, w.dim(0)?, x.dim(1)?)
     {
         return Ok(x
             .contiguous()?
-            .apply_op2(&w.contiguous()?, crate::nn::fused::MatmulTBf16)?);
+            .apply_op2(&w.contiguous()?, ssl_kernels::MatmulTBf16)?);
     }
     Ok(x.matmul(&w.t()?)?)
 }
@@ -224,7 +223,7 @@ pub fn linear_cross_entropy(
         None => Tensor::zeros(w.dim(0)?, DType::F32, w.device())?,
     };
     let bf16 = precision == MatmulPrecision::Bf16 && crate::nn::bf16_matmul_available();
-    let op = crate::nn::fused::LinearCrossEntropyOp::new(
+    let op = ssl_kernels::LinearCrossEntropyOp::new(
         targets
             .to_dtype(DType::U32)?
             .flatten_all()?

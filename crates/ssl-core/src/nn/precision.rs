@@ -24,7 +24,7 @@ pub enum MatmulPrecision {
 
 /// True when this CPU has the bf16 kernels (AVX-512F and AVX-512 BF16).
 pub fn bf16_matmul_available() -> bool {
-    super::fused::bf16_available()
+    ssl_kernels::bf16_available()
 }
 
 /// Median seconds of `reps` bf16 products of shape `(m, n, k)` (`m x k` by `k x n`), each
@@ -38,5 +38,5 @@ pub fn bf16_product_seconds(
     threads: usize,
     reps: usize,
 ) -> Option<f64> {
-    super::fused::time_bf16_product(shape, transposed, threads, reps)
+    ssl_kernels::time_bf16_product(shape, transposed, threads, reps)
 }

@@ -13,22 +13,15 @@
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
+use ssl_kernels::{Act, BufferPool, FusedSpec, StackOp};
 
-use crate::nn::fused::{Act, BufferPool, FusedSpec, StackOp};
 use crate::nn::ops::{dropout, softmax_last_dim, Activation};
 use crate::nn::{LayerNorm, Linear, MatmulPrecision};
 use crate::{CoreError, Ctx, Init, ParamBuilder, Result};
 
-/// Where the layer norms sit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum NormPlacement {
-    /// Norm before attention and MLP, residual around them (ViT, MAE, CLIP).
-    #[default]
-    Pre,
-    /// Norm after each residual addition (BERT).
-    Post,
-}
+// Where the layer norms sit: defined with the kernels (the fused stack needs it), kept here
+// at its old path.
+pub use ssl_kernels::NormPlacement;
 
 /// Weight initialisation of the stack's linear layers.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]

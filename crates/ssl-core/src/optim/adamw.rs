@@ -12,8 +12,8 @@ use std::sync::{Mutex, PoisonError};
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor, Var};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use ssl_kernels::{adamw, AdamWCoeffs};
 
-use crate::nn::fused::simd::{self, AdamWCoeffs};
 use crate::params::read_safetensors;
 use crate::{CoreError, ParamStore, Result};
 
@@ -56,7 +56,7 @@ struct Slot {
     moments: Moments,
 }
 
-/// The in-place CPU update of one parameter (see [`simd::adamw`]).
+/// The in-place CPU update of one parameter (see [`adamw`]).
 struct HostUpdate<'a> {
     moments: Mutex<(&'a mut [f32], &'a mut [f32])>,
     grad: &'a [f32],
@@ -88,7 +88,7 @@ impl InplaceOp1 for HostUpdate<'_> {
             .zip(m.par_chunks_mut(CHUNK))
             .zip(v.par_chunks_mut(CHUNK))
             .zip(self.grad.par_chunks(CHUNK))
-            .for_each(|(((t, m), v), g)| simd::adamw(t, m, v, g, c));
+            .for_each(|(((t, m), v), g)| adamw(t, m, v, g, c));
         Ok(())
     }
 }

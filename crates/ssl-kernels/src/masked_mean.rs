@@ -12,7 +12,7 @@ const OP: &str = "masked mean";
 /// The op: `x` (B, T, D) and a 0/1 `mask` (B, T) give (B, D), each row the mean of the
 /// unmasked timesteps (a row without any gives zeros). The mask gets no gradient; the caller
 /// routes only constant masks here.
-pub(crate) struct MaskedMeanOp;
+pub struct MaskedMeanOp;
 
 /// `1 / max(count, 1)` of each sequence's mask.
 fn inverse_counts(mask: &[f32], b: usize, t: usize) -> Vec<f32> {

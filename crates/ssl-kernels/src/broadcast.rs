@@ -12,7 +12,7 @@ const OP: &str = "row-broadcast add";
 
 /// The op: `x` (any shape, `rows * width` elements) plus `y` (`width` elements) on every
 /// row; the output has `x`'s shape.
-pub(crate) struct RowBroadcastAdd;
+pub struct RowBroadcastAdd;
 
 impl CustomOp2 for RowBroadcastAdd {
     fn name(&self) -> &'static str {

@@ -1,6 +1,6 @@
 //! `x W^T` as one CPU op whose forward and backward products take the bf16 path: the large
 //! linear layers outside the fused stack (BERT's tied MLM decoder, 8000 words wide) under
-//! [`crate::nn::MatmulPrecision::Bf16`]. Candle's own matmul, with its f32 backward, serves
+//! `ssl_core::nn::MatmulPrecision::Bf16`. Candle's own matmul, with its f32 backward, serves
 //! every other case.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor};
@@ -8,8 +8,8 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor};
 use super::gemm::{matmul, threads, MatRef, Op};
 
 /// The op: `x` (m, k) times `w` (n, k) transposed gives (m, n); products in bf16 with f32
-/// sums where [`matmul`]'s size rule allows, f32 otherwise.
-pub(crate) struct MatmulTBf16;
+/// sums where [`crate::linear_takes_bf16`] says so, f32 otherwise.
+pub struct MatmulTBf16;
 
 fn matrix<'a>(
     s: &'a CpuStorage,

@@ -12,7 +12,7 @@ use super::gemm::{matmul, threads, MatRef, Op};
 use super::simd;
 
 /// The op; the mean over rows is its output.
-pub(crate) struct CrossEntropyOp;
+pub struct CrossEntropyOp;
 
 fn logits_of<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f32], usize, usize)> {
     let CpuStorage::F32(v) = s else {
@@ -153,7 +153,7 @@ struct LinearSaved {
 /// Forward: one product, then one pass per row (bias, maximum and arg-max, log-sum-exp);
 /// backward: one pass for `(softmax - onehot) / n`, the two products and the bias's column
 /// sums.
-pub(crate) struct LinearCrossEntropyOp {
+pub struct LinearCrossEntropyOp {
     targets: Vec<u32>,
     bf16: bool,
     saved: Mutex<Option<LinearSaved>>,
@@ -162,7 +162,7 @@ pub(crate) struct LinearCrossEntropyOp {
 
 impl LinearCrossEntropyOp {
     /// The op for `targets` (one class per row), products in bf16 when `bf16` (the caller
-    /// checked the CPU) and the size rule of [`matmul`] allows.
+    /// checked the CPU) and the size rule of [`crate::linear_takes_bf16`] allows.
     pub fn new(targets: Vec<u32>, bf16: bool) -> Self {
         LinearCrossEntropyOp {
             targets,

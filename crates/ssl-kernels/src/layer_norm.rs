@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use super::simd;
 
 /// The op over `(x, weight, bias)`, `x` of any rank with the normalised features last.
-pub(crate) struct LayerNormOp {
+pub struct LayerNormOp {
     /// Added to the variance.
     pub eps: f32,
 }

@@ -17,7 +17,7 @@ struct Inner {
 
 /// A pool of `f32` buffers shared by the ops of one stack.
 #[derive(Clone, Default)]
-pub(crate) struct BufferPool(Arc<Mutex<Inner>>);
+pub struct BufferPool(Arc<Mutex<Inner>>);
 
 impl BufferPool {
     fn lock(&self) -> MutexGuard<'_, Inner> {

@@ -1,11 +1,43 @@
-//! The fast CPU path of the transformer stack: every layer's forward and backward in one
-//! candle custom op on flat buffers, with `gemm`'s run-time-selected kernels for the products
-//! and fused, vectorised elementwise passes (bias + GELU, residual + layer norm, masked
-//! softmax, dropout from a counter-based hash). The composite-op stack in `transformer.rs`
-//! stays the reference (and the GPU path); tests hold the two together.
+//! # ssl-kernels
+//!
+//! The hand-written CPU kernels of the toolkit, as candle custom ops and plain functions on
+//! `f32` slices. It is the only crate of the workspace with `unsafe` code (each block carries a
+//! `SAFETY` comment); every other crate forbids it.
+//!
+//! - [`StackOp`]: a whole transformer stack, every layer's forward and backward, as one candle
+//!   custom op on flat buffers ([`FusedSpec`] says its shape, [`BufferPool`] keeps its buffers
+//!   between steps). `ssl_core::nn::TransformerStack` runs it on the CPU; its composite-op
+//!   stack stays the reference (and the GPU path), and tests hold the two together.
+//! - Matrix products through `gemm`'s kernels, or bf16 ones (operands rounded to bf16, f32
+//!   sums) on CPUs with AVX-512 BF16 ([`bf16_available`]), with bias and activation
+//!   epilogues applied to each block while it is in cache; [`MatmulTBf16`] is `x W^T` on that
+//!   path as an op of its own.
+//! - One-op versions of what surrounds the stack: [`LayerNormOp`], [`CrossEntropyOp`],
+//!   [`LinearCrossEntropyOp`] (a linear layer and its cross-entropy, the logits never built),
+//!   [`RowBroadcastAdd`], [`MaskedMeanOp`]; and the optimizer's in-place [`adamw`] pass.
+//! - Elementwise kernels written as plain loops, compiled for AVX-512, AVX2+FMA and the
+//!   baseline, and chosen at run time by CPU-feature detection: no `target-cpu=native`.
+//! - [`keep_freed_memory`]: mimalloc's setting for our binaries.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use ssl_kernels::LayerNormOp;
+//!
+//! # fn main() -> candle_core::Result<()> {
+//! let x = Tensor::new(&[[1f32, 2., 3., 4.], [2., 2., 2., 6.]], &Device::Cpu)?;
+//! let w = Tensor::ones(4, x.dtype(), x.device())?;
+//! let b = Tensor::zeros(4, x.dtype(), x.device())?;
+//! let y = x.apply_op3(&w, &b, LayerNormOp { eps: 1e-5 })?;
+//! let mean = y.mean_keepdim(1)?.abs()?.max_all()?.to_scalar::<f32>()?;
+//! assert!(mean < 1e-6);
+//! # Ok(())
+//! # }
+//! ```
+#![deny(missing_docs)]
 
 use rayon::prelude::*;
 
+mod alloc;
 mod bf16;
 mod broadcast;
 mod cross_entropy;
@@ -14,20 +46,26 @@ mod layer_norm;
 mod linear;
 mod masked_mean;
 mod pool;
-pub(crate) mod simd;
+mod simd;
 mod stack;
 
-pub(crate) use bf16::available as bf16_available;
-pub(crate) use bf16::time_product as time_bf16_product;
-pub(crate) use broadcast::RowBroadcastAdd;
-pub(crate) use cross_entropy::{CrossEntropyOp, LinearCrossEntropyOp};
-pub(crate) use gemm::linear_takes_bf16;
-pub(crate) use layer_norm::LayerNormOp;
-pub(crate) use linear::MatmulTBf16;
-pub(crate) use masked_mean::MaskedMeanOp;
-pub(crate) use pool::BufferPool;
-pub(crate) use simd::Act;
-pub(crate) use stack::{FusedSpec, StackOp};
+pub use alloc::keep_freed_memory;
+pub use bf16::available as bf16_available;
+pub use bf16::time_product as time_bf16_product;
+pub use broadcast::RowBroadcastAdd;
+pub use cross_entropy::{CrossEntropyOp, LinearCrossEntropyOp};
+pub use gemm::linear_takes_bf16;
+pub use layer_norm::LayerNormOp;
+pub use linear::MatmulTBf16;
+pub use masked_mean::MaskedMeanOp;
+pub use pool::BufferPool;
+pub use simd::{adamw, Act, AdamWCoeffs};
+pub use stack::{FusedSpec, NormPlacement, Offsets, StackOp};
+
+// The README's example runs as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctest;
 
 /// The f32 elements of a contiguous CPU storage view, or an error naming the op and operand.
 pub(crate) fn f32_slice<'a>(

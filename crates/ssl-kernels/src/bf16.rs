@@ -34,7 +34,7 @@ const MC: usize = 144;
 
 /// True when this CPU runs the bf16 kernels (AVX-512F, AVX-512BW and AVX-512 BF16), checked
 /// once.
-pub(crate) fn available() -> bool {
+pub fn available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
@@ -967,7 +967,7 @@ unsafe fn kernel(
 /// Median seconds of `reps` bf16 products `m x k` by `k x n` on constant operands, either
 /// operand stored transposed when asked, on `threads` threads; `None` without AVX-512 BF16.
 /// For `cargo bench -p ssl-core --bench stack -- gemm`.
-pub(crate) fn time_product(
+pub fn time_product(
     (m, n, k): (usize, usize, usize),
     (a_t, b_t): (bool, bool),
     threads: usize,

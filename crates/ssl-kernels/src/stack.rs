@@ -12,6 +12,7 @@ use std::sync::{Mutex, PoisonError};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use super::gemm::{
     linear_product, linear_takes_bf16, matmul, matmul_raw, mlp_product, mlp_takes_bf16, threads,
@@ -20,20 +21,40 @@ use super::gemm::{
 use super::pool::BufferPool;
 use super::simd::{self, Act};
 use super::{block_rows, col_sums_par, row_blocks};
-use crate::nn::NormPlacement;
+
+/// Where the layer norms sit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum NormPlacement {
+    /// Norm before attention and MLP, residual around them (ViT, MAE, CLIP).
+    #[default]
+    Pre,
+    /// Norm after each residual addition (BERT).
+    Post,
+}
 
 /// The stack's shape and options, as the kernels need them.
 #[derive(Debug, Clone)]
-pub(crate) struct FusedSpec {
+pub struct FusedSpec {
+    /// Number of layers.
     pub depth: usize,
+    /// Model width D.
     pub dim: usize,
+    /// Hidden width of the feed-forward block.
     pub mlp: usize,
+    /// Attention heads (must divide `dim`).
     pub heads: usize,
+    /// Pre- or post-norm.
     pub norm: NormPlacement,
+    /// Feed-forward activation.
     pub act: Act,
+    /// Dropout probability on the attention output and the feed-forward output.
     pub dropout: f32,
+    /// Dropout probability on the attention probabilities.
     pub attn_dropout: f32,
+    /// Layer-norm epsilon.
     pub eps: f32,
+    /// Causal attention (each position attends to itself and earlier ones).
     pub causal: bool,
     /// Every product in bf16 (f32 accumulation); the caller checked the CPU.
     pub bf16: bool,
@@ -42,18 +63,30 @@ pub(crate) struct FusedSpec {
 /// Offsets of one layer's parameters inside its block of the flat vector. Query, key and
 /// value weights are adjacent, so they form one (3D, D) matrix and one product.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Offsets {
+pub struct Offsets {
+    /// Query, key and value weights, (3D, D).
     pub wqkv: usize,
+    /// Query, key and value biases, (3D).
     pub bqkv: usize,
+    /// Attention output weight, (D, D).
     pub wo: usize,
+    /// Attention output bias, (D).
     pub bo: usize,
+    /// Weight of the norm around attention, (D).
     pub ln1w: usize,
+    /// Bias of the norm around attention, (D).
     pub ln1b: usize,
+    /// First feed-forward weight, (F, D).
     pub w1: usize,
+    /// First feed-forward bias, (F).
     pub b1: usize,
+    /// Second feed-forward weight, (D, F).
     pub w2: usize,
+    /// Second feed-forward bias, (D).
     pub b2: usize,
+    /// Weight of the norm around the MLP, (D).
     pub ln2w: usize,
+    /// Bias of the norm around the MLP, (D).
     pub ln2b: usize,
     /// Length of one layer's block.
     pub len: usize,
@@ -149,8 +182,15 @@ impl Drop for Saved {
     }
 }
 
-/// The fused stack op (one per forward pass).
-pub(crate) struct StackOp {
+/// The fused stack op (one per forward pass), applied as
+/// `x.apply_op3(&params, &mask, op)`: `x` (B, T, D) f32; `params` every layer's block of
+/// [`FusedSpec::offsets`] one after the other (`depth * offsets().len` f32 values); `mask`
+/// (B, T) f32, 1 = attend, 0 = padding. The output is (1, B, T, D), the last layer's output,
+/// or with `all_layers` (depth, B, T, D), every layer's. CPU only.
+///
+/// The op is stateful: its forward keeps the activations its own backward reads (when `keep`),
+/// so a forward is followed by at most one backward, of that forward.
+pub struct StackOp {
     spec: FusedSpec,
     all_layers: bool,
     train: bool,
@@ -1288,7 +1328,7 @@ mod tests {
     /// needs no probability buffer without backward.
     #[test]
     fn fused_attention_equals_the_two_products() {
-        if !crate::nn::fused::bf16::available() {
+        if !crate::bf16::available() {
             eprintln!("skipped: this CPU has no AVX-512 BF16");
             return;
         }

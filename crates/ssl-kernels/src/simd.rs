@@ -36,10 +36,10 @@ pub(crate) fn level() -> Level {
 
 /// Defines a kernel whose body is compiled for each [`Level`] and dispatched at run time.
 macro_rules! simd_kernel {
-    ($(#[$m:meta])* pub(crate) fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
         $(#[$m])*
         #[allow(clippy::too_many_arguments)]
-        pub(crate) fn $name($($a: $t),*) {
+        $vis fn $name($($a: $t),*) {
             #[inline(always)]
             #[allow(clippy::too_many_arguments)]
             fn inner($($a: $t),*) $body
@@ -158,7 +158,7 @@ fn gelu_tanh(x: f32) -> f32 {
 
 /// The feed-forward activation, as the fused kernels see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Act {
+pub enum Act {
     /// Exact GELU.
     GeluErf,
     /// GELU, tanh approximation.
@@ -629,23 +629,30 @@ simd_kernel! {
 
 /// The per-step coefficients of an AdamW update (see [`adamw`]).
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct AdamWCoeffs {
+pub struct AdamWCoeffs {
+    /// First-moment decay `beta1`.
     pub b1: f32,
+    /// `1 - beta1`.
     pub one_minus_b1: f32,
+    /// Second-moment decay `beta2`.
     pub b2: f32,
+    /// `1 - beta2`.
     pub one_minus_b2: f32,
-    /// Bias corrections `1 / (1 - beta^t)`.
+    /// Bias corrections `1 / (1 - beta^t)`: of the first moment,
     pub scale_m: f32,
+    /// and of the second.
     pub scale_v: f32,
     /// `1 - lr * weight_decay`.
     pub decay: f32,
+    /// The learning rate.
     pub lr: f32,
+    /// Added to the square root of the second moment.
     pub eps: f32,
 }
 
 simd_kernel! {
     /// One AdamW step in place, in one pass: moments, bias correction, decoupled decay.
-    pub(crate) fn adamw(theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], c: AdamWCoeffs) {
+    pub fn adamw(theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], c: AdamWCoeffs) {
         for (((p, mv), vv), gv) in theta.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
             let m1 = c.b1 * *mv + c.one_minus_b1 * gv;
             let v1 = c.b2 * *vv + c.one_minus_b2 * (gv * gv);

@@ -205,9 +205,9 @@ pub(crate) fn mlp_product(c: &mut [f32], x: MatRef, w1: MatRef, b1: &[f32], act:
     super::bf16::mlp_bf16(c, x.data, x.ld, (m, k, f, n), w1.data, b1, act, w2.data);
 }
 
-/// True when [`matmul`] runs an `m x k` by `k x n` product in bf16 when asked (and the CPU
-/// has the kernels): its size rule for whole-batch products.
-pub(crate) fn linear_takes_bf16(m: usize, n: usize, k: usize) -> bool {
+/// True when the kernels' products (`matmul`) run an `m x k` by `k x n` product in bf16 when
+/// asked (and the CPU has the kernels): their size rule for whole-batch products.
+pub fn linear_takes_bf16(m: usize, n: usize, k: usize) -> bool {
     m.min(n).min(k) >= BF16_MIN_DIM && m * n * k >= BF16_MIN_WORK_LINEAR
 }
 
