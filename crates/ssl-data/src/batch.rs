@@ -380,7 +380,7 @@ fn empty_column(kind: &crate::column::ColumnKind, classes: Option<Arc<[String]>>
     use crate::column::ColumnKind as K;
     match kind {
         K::Text | K::Id => BatchColumn::Text(Vec::new()),
-        K::Image { color, resize } => {
+        K::Image { color, resize, .. } => {
             let [h, w] = resize.unwrap_or([0, 0]);
             BatchColumn::Image(ImageBatch {
                 data: Vec::new(),

@@ -36,6 +36,14 @@ pub enum SeriesLength {
     Exact(usize),
 }
 
+/// The default limit on the pixels of one decoded image: 8192 x 8192 (64 Mpixel, 256 MB as
+/// RGB `f32`).
+pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 8192 * 8192;
+
+fn default_max_pixels() -> u64 {
+    DEFAULT_MAX_IMAGE_PIXELS
+}
+
 /// How a column is decoded. Serialised with a `kind` tag, e.g.
 /// `{ name = "image", kind = "image", color = "rgb", resize = [224, 224] }` in TOML.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,6 +61,11 @@ pub enum ColumnKind {
         /// batch must have the same size; a different one is a bad row.
         #[serde(default)]
         resize: Option<[usize; 2]>,
+        /// The largest image accepted, in pixels (width x height, read from the image's header
+        /// before anything is decoded; a larger one is [`crate::DataError::ImageTooLarge`]).
+        /// It also bounds `resize`. Default [`DEFAULT_MAX_IMAGE_PIXELS`].
+        #[serde(default = "default_max_pixels")]
+        max_pixels: u64,
     },
     /// Raw pixels as `list<u8>` of exactly `channels * height * width` values (row-major
     /// `C, H, W`), scaled to `[0, 1]` and delivered like [`ColumnKind::Image`].
@@ -137,9 +150,47 @@ impl ColumnSpec {
         Self::new(name, ColumnKind::Text)
     }
 
-    /// An encoded-image column in the given colour mode, optionally resized to `[h, w]`.
+    /// An encoded-image column in the given colour mode, optionally resized to `[h, w]`,
+    /// accepting images of up to [`DEFAULT_MAX_IMAGE_PIXELS`] pixels.
     pub fn image(name: impl Into<String>, color: ColorMode, resize: Option<[usize; 2]>) -> Self {
-        Self::new(name, ColumnKind::Image { color, resize })
+        Self::new(
+            name,
+            ColumnKind::Image {
+                color,
+                resize,
+                max_pixels: DEFAULT_MAX_IMAGE_PIXELS,
+            },
+        )
+    }
+
+    /// Checks an image column's `resize` target against its `max_pixels` limit (before any
+    /// row is read).
+    pub(crate) fn check_resize(&self) -> Result<(), crate::DataError> {
+        if let ColumnKind::Image {
+            resize: Some([h, w]),
+            max_pixels,
+            ..
+        } = self.kind
+        {
+            if h as u128 * w as u128 > u128::from(max_pixels) {
+                return Err(crate::DataError::ResizeTooLarge {
+                    column: self.name.clone(),
+                    height: h,
+                    width: w,
+                    limit: max_pixels,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// This image column with another limit on the pixels of one image (checked from the
+    /// header before decoding, and against `resize`); no effect on other kinds.
+    pub fn with_max_pixels(mut self, limit: u64) -> Self {
+        if let ColumnKind::Image { max_pixels, .. } = &mut self.kind {
+            *max_pixels = limit;
+        }
+        self
     }
 
     /// A raw-pixel column of shape `[channels, height, width]`.

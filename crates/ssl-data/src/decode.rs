@@ -11,7 +11,7 @@ use arrow::array::{
 use crate::bad_rows::BadRow;
 use crate::column::{ColumnKind, ColumnSpec};
 use crate::error::DataError;
-use crate::image_decode::{decode_image, raw_pixels, Pixels};
+use crate::image_decode::{decode_image, header_size, raw_pixels, Pixels};
 use crate::series::{build_series_row, SeriesRow};
 use crate::source::ParquetSource;
 
@@ -101,9 +101,14 @@ fn decode_value(col: &ResolvedColumn, c: &Col<'_>, i: usize) -> Result<Value, St
     match (&col.spec.kind, c) {
         (ColumnKind::Text, Col::Str(a)) => Ok(Value::Text(a.value(i).to_string())),
         (ColumnKind::Id, Col::Str(_)) => Ok(Value::Id),
-        (ColumnKind::Image { color, resize }, Col::Bin(a)) => {
-            decode_image(a.value(i), *color, *resize).map(Value::Pixels)
-        }
+        (
+            ColumnKind::Image {
+                color,
+                resize,
+                max_pixels,
+            },
+            Col::Bin(a),
+        ) => decode_image(a.value(i), *color, *resize, *max_pixels).map(Value::Pixels),
         (ColumnKind::RawPixels { shape }, Col::Bytes(list, values)) => {
             let r = list_range(list, i);
             if values
@@ -215,6 +220,22 @@ pub(crate) fn decode_row_group(
         let mut values = Vec::with_capacity(cols.len());
         let mut bad = None;
         for ((col, c), a) in columns.iter().zip(&cols).zip(&arrays) {
+            if let (ColumnKind::Image { max_pixels, .. }, Col::Bin(b)) = (&col.spec.kind, c) {
+                if !a.is_null(i) {
+                    if let Some((width, height)) = header_size(b.value(i)) {
+                        if u64::from(width) * u64::from(height) > *max_pixels {
+                            return Err(DataError::ImageTooLarge {
+                                path: f.path.clone(),
+                                row,
+                                column: col.spec.name.clone(),
+                                width,
+                                height,
+                                limit: *max_pixels,
+                            });
+                        }
+                    }
+                }
+            }
             let decoded = if a.is_null(i) {
                 Err(format!(
                     "null value (expected a {} value)",

@@ -97,6 +97,35 @@ pub enum DataError {
         /// What was expected and what was found.
         reason: String,
     },
+    /// An image's header declares more pixels than the column's `max_pixels` limit; found
+    /// before anything is decoded. Not a bad row: `skip_bad_rows` does not skip it.
+    #[error("image in row {row} of {path}, column '{column}', is {width}x{height} = {} pixels, over the limit of {limit} pixels (read from its header; nothing was decoded); raise the limit (data.max_image_pixels in the ssl pipelines, ColumnSpec::with_max_pixels in the library) or remove the row", *width as u64 * *height as u64)]
+    ImageTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// The row index within the file (0-based).
+        row: usize,
+        /// The column.
+        column: String,
+        /// The width the header declares.
+        width: u32,
+        /// The height the header declares.
+        height: u32,
+        /// The limit in pixels.
+        limit: u64,
+    },
+    /// An image column's `resize` target has more pixels than its `max_pixels` limit.
+    #[error("column '{column}': resize to [{height}, {width}] is {} pixels per image, over the limit of {limit} pixels; choose a smaller resize or raise the limit (data.max_image_pixels in the ssl pipelines, ColumnSpec::with_max_pixels in the library)", *height as u128 * *width as u128)]
+    ResizeTooLarge {
+        /// The column.
+        column: String,
+        /// The target height.
+        height: usize,
+        /// The target width.
+        width: usize,
+        /// The limit in pixels.
+        limit: u64,
+    },
     /// The loader or writer configuration is invalid.
     #[error("invalid configuration: {reason}")]
     InvalidConfig {

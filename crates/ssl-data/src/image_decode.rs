@@ -1,7 +1,9 @@
 //! Decoding encoded images (PNG, JPEG) into `f32` planes in `[0, 1]`.
 
+use std::io::Cursor;
+
 use image::imageops::FilterType;
-use image::DynamicImage;
+use image::{DynamicImage, ImageReader, Limits};
 
 use crate::column::ColorMode;
 
@@ -25,17 +27,51 @@ const UNIT: [f32; 256] = {
     t
 };
 
+/// `(width, height)` as the image's header declares them, reading nothing else; `None` when
+/// the header cannot be read (decoding then reports why).
+pub(crate) fn header_size(bytes: &[u8]) -> Option<(u32, u32)> {
+    // A PNG's size is in its first chunk (IHDR); the `png` decoder would read on to the
+    // first data chunk.
+    if bytes.len() >= 24 && bytes.starts_with(b"\x89PNG\r\n\x1a\n") && &bytes[12..16] == b"IHDR" {
+        let be = |at: usize| {
+            u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+        };
+        return Some((be(16), be(20)));
+    }
+    ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .ok()?
+        .into_dimensions()
+        .ok()
+}
+
 /// Decodes PNG or JPEG bytes, converts to `color` and resizes to `resize = [h, w]` (bilinear)
-/// when given and different. The error string says what went wrong.
+/// when given and different. The decoder refuses an image of more than `max_pixels` pixels
+/// (the caller checks [`header_size`] first for a typed error). The error string says what
+/// went wrong.
 pub(crate) fn decode_image(
     bytes: &[u8],
     color: ColorMode,
     resize: Option<[usize; 2]>,
+    max_pixels: u64,
 ) -> Result<Pixels, String> {
     if bytes.is_empty() {
         return Err("empty image bytes".into());
     }
-    let img = image::load_from_memory(bytes).map_err(|e| {
+    let decoded = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(image::ImageError::IoError)
+        .and_then(|mut reader| {
+            let mut limits = Limits::default();
+            let side = u32::try_from(max_pixels).unwrap_or(u32::MAX);
+            limits.max_image_width = Some(side);
+            limits.max_image_height = Some(side);
+            // Room for the decoded buffer at 4 bytes per channel and 4 channels.
+            limits.max_alloc = Some(max_pixels.saturating_mul(16).max(1 << 20));
+            reader.limits(limits);
+            reader.decode()
+        });
+    let img = decoded.map_err(|e| {
         let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
         format!(
             "cannot decode image ({} bytes starting {}): {e}; expected PNG or JPEG",
@@ -113,6 +149,8 @@ pub(crate) fn raw_pixels(values: &[u8], shape: [usize; 3]) -> Result<Pixels, Str
 mod tests {
     use super::*;
 
+    const M: u64 = crate::DEFAULT_MAX_IMAGE_PIXELS;
+
     fn png(w: u32, h: u32, rgb: bool) -> Vec<u8> {
         let mut out = std::io::Cursor::new(Vec::new());
         if rgb {
@@ -129,27 +167,41 @@ mod tests {
 
     #[test]
     fn grey_png_decodes_to_unit_range() {
-        let p = decode_image(&png(3, 2, false), ColorMode::Grey, None).unwrap();
+        let p = decode_image(&png(3, 2, false), ColorMode::Grey, None, M).unwrap();
         assert_eq!((p.channels, p.height, p.width), (1, 2, 3));
         assert_eq!(p.data[..3], [0.0, 50.0 / 255.0, 100.0 / 255.0]);
     }
 
     #[test]
     fn rgb_is_channel_major_and_resizes() {
-        let p = decode_image(&png(2, 2, true), ColorMode::Rgb, None).unwrap();
+        let p = decode_image(&png(2, 2, true), ColorMode::Rgb, None, M).unwrap();
         assert_eq!(p.data.len(), 12);
         assert_eq!(p.data[8..12], [1.0; 4]);
-        let r = decode_image(&png(4, 4, true), ColorMode::Rgb, Some([2, 3])).unwrap();
+        let r = decode_image(&png(4, 4, true), ColorMode::Rgb, Some([2, 3]), M).unwrap();
         assert_eq!((r.channels, r.height, r.width), (3, 2, 3));
-        let g = decode_image(&png(2, 2, true), ColorMode::Grey, None).unwrap();
+        let g = decode_image(&png(2, 2, true), ColorMode::Grey, None, M).unwrap();
         assert_eq!(g.channels, 1);
     }
 
     #[test]
+    fn header_size_reads_only_the_header() {
+        let bytes = png(5, 3, false);
+        assert_eq!(header_size(&bytes), Some((5, 3)));
+        // The first 24 bytes (signature and the start of IHDR) are enough.
+        assert_eq!(header_size(&bytes[..24]), Some((5, 3)));
+        let mut jpeg = std::io::Cursor::new(Vec::new());
+        image::RgbImage::new(7, 2)
+            .write_to(&mut jpeg, image::ImageFormat::Jpeg)
+            .unwrap();
+        assert_eq!(header_size(jpeg.get_ref()), Some((7, 2)));
+        assert_eq!(header_size(b"not an image"), None);
+    }
+
+    #[test]
     fn garbage_is_an_error_not_a_panic() {
-        let e = decode_image(b"not an image", ColorMode::Grey, None).unwrap_err();
+        let e = decode_image(b"not an image", ColorMode::Grey, None, M).unwrap_err();
         assert!(e.contains("cannot decode image"), "{e}");
-        assert!(decode_image(&[], ColorMode::Grey, None).is_err());
+        assert!(decode_image(&[], ColorMode::Grey, None, M).is_err());
         assert!(raw_pixels(&[1, 2, 3], [1, 2, 2]).is_err());
         assert_eq!(raw_pixels(&[255; 4], [1, 2, 2]).unwrap().data, vec![1.0; 4]);
     }

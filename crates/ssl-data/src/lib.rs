@@ -59,7 +59,7 @@ mod writer;
 
 pub use bad_rows::{BadRow, BadRowReport, MAX_BAD_ROW_EXAMPLES};
 pub use batch::{Batch, BatchColumn, ImageBatch, LabelBatch, SeriesBatch};
-pub use column::{ColorMode, ColumnKind, ColumnSpec, SeriesLength};
+pub use column::{ColorMode, ColumnKind, ColumnSpec, SeriesLength, DEFAULT_MAX_IMAGE_PIXELS};
 pub use error::DataError;
 pub use heldout::is_heldout;
 pub use loader::{DataLoader, LoaderConfig};

@@ -134,6 +134,9 @@ pub(crate) fn resolve_columns(
     source: &ParquetSource,
     columns: &[ColumnSpec],
 ) -> Result<Vec<ResolvedColumn>, DataError> {
+    for spec in columns {
+        spec.check_resize()?;
+    }
     source.check_columns(columns)?;
     let mut out = Vec::with_capacity(columns.len());
     for spec in columns {

@@ -239,3 +239,67 @@ fn label_outside_the_class_list() {
         "{err}"
     );
 }
+
+#[test]
+fn oversized_images_are_refused_from_the_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = vec![
+        Some(common::grey_png(4, 4, 1)),
+        Some(common::png_header(20_000, 20_000)),
+        Some(common::png_header(20_000, 20_000)),
+    ];
+    let arr: ArrayRef = Arc::new(BinaryArray::from_iter(rows));
+    let p = common::write(&dir.path().join("big.parquet"), vec![("image", arr)], 3);
+    let start = std::time::Instant::now();
+    // Even with skip_bad_rows the limit is an error, not a skipped row.
+    let cols = [ColumnSpec::image("image", ColorMode::Rgb, None)];
+    let err = read_all(&[&p], &cols, &skip()).unwrap_err();
+    assert!(start.elapsed().as_secs() < 5);
+    match &err {
+        DataError::ImageTooLarge {
+            row,
+            column,
+            width,
+            height,
+            limit,
+            ..
+        } => {
+            assert_eq!((*row, column.as_str()), (1, "image"));
+            assert_eq!((*width, *height), (20_000, 20_000));
+            assert_eq!(*limit, ssl_data::DEFAULT_MAX_IMAGE_PIXELS);
+        }
+        other => panic!("unexpected {other}"),
+    }
+    let msg = err.to_string();
+    assert!(
+        msg.contains("big.parquet") && msg.contains("max_image_pixels"),
+        "{msg}"
+    );
+    // A raised limit lets the first image through and stops at the header-only one, which
+    // then fails to decode as a bad row.
+    let cols = [ColumnSpec::image("image", ColorMode::Rgb, None).with_max_pixels(16)];
+    let t = read_all(&[&p], &cols, &skip());
+    assert!(matches!(t, Err(DataError::ImageTooLarge { row: 1, .. })));
+    let cols = [ColumnSpec::image("image", ColorMode::Rgb, None).with_max_pixels(15)];
+    let err = read_all(&[&p], &cols, &skip()).unwrap_err();
+    assert!(
+        matches!(err, DataError::ImageTooLarge { row: 0, .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_resize_over_the_pixel_limit_is_refused_before_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = images_with_corrupt_row(dir.path());
+    let cols = [ColumnSpec::image(
+        "image",
+        ColorMode::Grey,
+        Some([100_000, 100_000]),
+    )];
+    let err = read_all(&[&p], &cols, &ReadOptions::default()).unwrap_err();
+    assert!(matches!(err, DataError::ResizeTooLarge { .. }), "{err}");
+    assert!(err.to_string().contains("max_image_pixels"), "{err}");
+    let cols = [ColumnSpec::image("image", ColorMode::Grey, Some([8, 8])).with_max_pixels(64)];
+    assert!(read_all(&[&p], &cols, &skip()).is_ok());
+}
