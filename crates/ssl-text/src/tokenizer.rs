@@ -7,6 +7,7 @@
 //! `[MASK]`=4; single sequences are wrapped as `[CLS] text [SEP]` (BERT's template).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
 
@@ -44,6 +45,49 @@ pub enum TokenizerKind {
     Unigram,
 }
 
+/// The default [`TokenizerConfig::max_word_chars`].
+pub const DEFAULT_MAX_WORD_CHARS: usize = 100;
+
+fn default_max_word_chars() -> usize {
+    DEFAULT_MAX_WORD_CHARS
+}
+
+/// Splits every run of non-blank characters longer than `max` characters into chunks of
+/// `max` characters separated by a space (`max == 0`: no limit). Returns the text (borrowed
+/// when nothing was split) and the number of runs split.
+pub fn split_long_words(text: &str, max: usize) -> (std::borrow::Cow<'_, str>, usize) {
+    let too_long = |t: &str| {
+        let mut run = 0usize;
+        t.chars().any(|c| {
+            run = if c.is_whitespace() { 0 } else { run + 1 };
+            run > max
+        })
+    };
+    if max == 0 || text.len() <= max || !too_long(text) {
+        return (std::borrow::Cow::Borrowed(text), 0);
+    }
+    let mut out = String::with_capacity(text.len() + text.len() / max + 1);
+    let (mut run, mut split, mut counted) = (0usize, 0usize, false);
+    for c in text.chars() {
+        if c.is_whitespace() {
+            run = 0;
+            counted = false;
+        } else {
+            if run == max {
+                out.push(' ');
+                if !counted {
+                    split += 1;
+                    counted = true;
+                }
+                run = 0;
+            }
+            run += 1;
+        }
+        out.push(c);
+    }
+    (std::borrow::Cow::Owned(out), split)
+}
+
 /// How to train a tokenizer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -62,6 +106,11 @@ pub struct TokenizerConfig {
     pub strip_accents: bool,
     /// Use at most this many documents of the corpus (0: all).
     pub max_docs: usize,
+    /// Words (runs of non-blank characters) longer than this many characters are split into
+    /// chunks of this length before training, and counted: training time grows with the
+    /// square of a word's length (0: no limit).
+    #[serde(default = "default_max_word_chars")]
+    pub max_word_chars: usize,
 }
 
 impl Default for TokenizerConfig {
@@ -74,6 +123,7 @@ impl Default for TokenizerConfig {
             nfkc: true,
             strip_accents: false,
             max_docs: 0,
+            max_word_chars: DEFAULT_MAX_WORD_CHARS,
         }
     }
 }
@@ -225,6 +275,25 @@ fn finish(tok: &mut Tokenizer) -> Result<()> {
     Ok(())
 }
 
+/// [`split_long_words`] as an owned string, adding the runs split to `split`.
+fn limit_words(text: &str, max: usize, split: &AtomicUsize) -> String {
+    let (out, n) = split_long_words(text, max);
+    if n > 0 {
+        split.fetch_add(n, Ordering::Relaxed);
+    }
+    out.into_owned()
+}
+
+/// Says on stderr how many words were split before training.
+fn report_split(split: &AtomicUsize, max: usize) {
+    let n = split.load(Ordering::Relaxed);
+    if n > 0 {
+        eprintln!(
+            "tokenizer training: {n} word(s) longer than {max} characters split into chunks of {max} (tokenizer.train.max_word_chars; 0 for no limit)"
+        );
+    }
+}
+
 /// Trains a tokenizer on the texts of an iterator.
 pub fn train_from_texts<I, S>(texts: I, cfg: &TokenizerConfig) -> Result<Tokenizer>
 where
@@ -233,7 +302,10 @@ where
 {
     cfg.validate()?;
     let (mut tok, mut trainer) = untrained(cfg)?;
+    let split = AtomicUsize::new(0);
+    let texts = texts.map(|t| limit_words(t.as_ref(), cfg.max_word_chars, &split));
     tok.train(&mut trainer, texts).map_err(TextError::tok)?;
+    report_split(&split, cfg.max_word_chars);
     finish(&mut tok)?;
     Ok(tok)
 }
@@ -348,9 +420,14 @@ pub fn train_from_parquet(
     cfg.validate()?;
     let mut stream = TextStream::open(paths, column, cfg.max_docs, skip)?;
     let (mut tok, mut trainer) = untrained(cfg)?;
-    let trained = tok.train(&mut trainer, stream.texts()).map(|_| ());
+    let split = AtomicUsize::new(0);
+    let texts = stream
+        .texts()
+        .map(|t| limit_words(&t, cfg.max_word_chars, &split));
+    let trained = tok.train(&mut trainer, texts).map(|_| ());
     stream.finish()?;
     trained.map_err(TextError::tok)?;
+    report_split(&split, cfg.max_word_chars);
     finish(&mut tok)?;
     Ok(tok)
 }
@@ -533,5 +610,43 @@ mod tests {
             back.encode(s, true).unwrap().get_ids()
         );
         assert!(load_tokenizer(&dir.path().join("nope.json")).is_err());
+    }
+
+    #[test]
+    fn long_words_are_split_and_counted() {
+        let (t, n) = split_long_words("ab abcdefg abcd", 3);
+        assert_eq!((t.as_ref(), n), ("ab abc def g abc d", 2));
+        let (t, n) = split_long_words("short words only", 10);
+        assert!(matches!(t, std::borrow::Cow::Borrowed(_)));
+        assert_eq!(n, 0);
+        assert_eq!(split_long_words("éééé", 2).0, "éé éé");
+        assert_eq!(split_long_words("abcdef", 0).1, 0);
+    }
+
+    #[test]
+    fn a_huge_word_trains_quickly() {
+        // 200k characters of pseudo-random letters as one "word": unsplit, the trainer's time
+        // grows with the square of its length.
+        let mut x = 12345u32;
+        let word: String = (0..200_000)
+            .map(|_| {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                char::from(b'a' + ((x >> 16) % 26) as u8)
+            })
+            .collect();
+        let mut texts = corpus();
+        texts.push(word);
+        let start = std::time::Instant::now();
+        for kind in [TokenizerKind::WordPiece, TokenizerKind::Bpe] {
+            let cfg = TokenizerConfig {
+                kind,
+                vocab_size: 300,
+                ..Default::default()
+            };
+            train_from_texts(texts.iter(), &cfg).unwrap();
+        }
+        assert!(start.elapsed().as_secs() < 60, "{:?}", start.elapsed());
+        let old: TokenizerConfig = serde_json::from_str(r#"{"vocab_size": 100}"#).unwrap();
+        assert_eq!(old.max_word_chars, DEFAULT_MAX_WORD_CHARS);
     }
 }
