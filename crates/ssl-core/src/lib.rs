@@ -9,7 +9,8 @@
 //! - [`nn`]: the one transformer stack of every modality, built from ops whose gradients flow;
 //! - [`optim`]: AdamW with parameter groups and saveable state, LR schedules, clipping;
 //! - [`checkpoint`]: atomic, resumable checkpoints; [`StopFlag`] for SIGINT/SIGTERM;
-//! - [`monitor`], [`health`], [`plot`]: `metrics.jsonl`, progress, embedding health, curves;
+//! - [`monitor`], [`health`], [`plot`], [`tensorboard`]: `metrics.jsonl`, progress, embedding
+//!   health, curves, TensorBoard event files;
 //! - [`probe`]: linear and k-NN probes on frozen embeddings;
 //! - [`Collective`]: data-parallel communication ([`SingleProcess`] here);
 //! - [`seq`]: the generic pretext tasks on numeric feature sequences.
@@ -81,6 +82,7 @@ pub mod run_dir;
 pub mod seq;
 mod signal;
 mod task;
+pub mod tensorboard;
 mod trainer;
 
 pub use collective::{

@@ -2,8 +2,13 @@
 //!
 //! [`plot_training_curves`] draws one panel per [`CurveSeries`] (for example
 //! loss, learning rate and gradient norm), stacked vertically, 1000 px wide.
+//! [`plot_panels`] draws panels of several labelled lines each (raw and smoothed
+//! loss, held-out curves); [`run`] prepares a run's figures (`loss.png`,
+//! `metrics.png`, `health.png`) from its `metrics.jsonl`.
 //! Text is rendered with the DejaVu Sans font embedded in the binary, so no
 //! system fontconfig or font files are needed at run time.
+
+pub mod run;
 
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
@@ -74,6 +79,70 @@ pub struct CurveSeries {
     /// Use a logarithmic y axis.
     pub log_y: bool,
 }
+
+/// How a line of a [`Panel`] is drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LineKind {
+    /// A measured curve, drawn solid.
+    Main,
+    /// Raw values under a smoothed curve, drawn faint.
+    Raw,
+    /// Sparse points (held-out evaluations), drawn with markers.
+    Points,
+}
+
+/// One labelled line of a [`Panel`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Line {
+    /// Legend label (e.g. `"loss (smoothed)"`, `"eval_loss"`).
+    pub label: String,
+    /// `(step, value)` pairs; non-finite pairs are skipped (and `<= 0` on a log axis).
+    pub points: Vec<(f64, f64)>,
+    /// How it is drawn.
+    pub kind: LineKind,
+}
+
+/// A panel of one or more lines sharing axes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Panel {
+    /// Title and y-axis label.
+    pub title: String,
+    /// The lines, drawn in order (a legend names them when there are several).
+    pub lines: Vec<Line>,
+    /// Use a logarithmic y axis.
+    pub log_y: bool,
+}
+
+impl Panel {
+    /// A panel holding one solid line named like the panel.
+    pub fn single(title: &str, points: Vec<(f64, f64)>, log_y: bool) -> Self {
+        Panel {
+            title: title.to_string(),
+            lines: vec![Line {
+                label: title.to_string(),
+                points,
+                kind: LineKind::Main,
+            }],
+            log_y,
+        }
+    }
+}
+
+impl From<&CurveSeries> for Panel {
+    fn from(s: &CurveSeries) -> Self {
+        Panel::single(&s.name, s.points.clone(), s.log_y)
+    }
+}
+
+/// Line colours (matplotlib's tab10).
+const PALETTE: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
 
 fn ensure_font() -> Result<(), PlotError> {
     static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
@@ -168,20 +237,30 @@ fn draw_err<E: std::fmt::Display>(path: &Path) -> impl Fn(E) -> PlotError + '_ {
 }
 
 /// Draws one panel. `path` is only used in error messages.
-fn draw_panel(area: &Area<'_>, series: &CurveSeries, path: &Path) -> Result<(), PlotError> {
+fn draw_panel(area: &Area<'_>, panel: &Panel, path: &Path) -> Result<(), PlotError> {
     let err = draw_err(path);
-    let pts: Vec<(f64, f64)> = series
-        .points
+    let usable = |&(x, y): &(f64, f64)| x.is_finite() && y.is_finite() && (!panel.log_y || y > 0.0);
+    // Log axes are drawn as log10(value) on a linear axis whose tick labels
+    // show the original values; this gives evenly spread ticks at any range.
+    let lines: Vec<(&Line, Vec<(f64, f64)>)> = panel
+        .lines
         .iter()
-        .copied()
-        .filter(|(x, y)| x.is_finite() && y.is_finite() && (!series.log_y || *y > 0.0))
+        .map(|l| {
+            let pts = l.points.iter().copied().filter(usable);
+            let pts = if panel.log_y {
+                pts.map(|(x, y)| (x, y.log10())).collect()
+            } else {
+                pts.collect()
+            };
+            (l, pts)
+        })
         .collect();
-    let title = if series.log_y {
-        format!("{} (log scale)", series.name)
+    let title = if panel.log_y {
+        format!("{} (log scale)", panel.title)
     } else {
-        series.name.clone()
+        panel.title.clone()
     };
-    if pts.is_empty() {
+    if lines.iter().all(|(_, p)| p.is_empty()) {
         let area = area
             .titled(&title, (FONT_FAMILY, 22).into_font())
             .map_err(&err)?;
@@ -201,26 +280,19 @@ fn draw_panel(area: &Area<'_>, series: &CurveSeries, path: &Path) -> Result<(), 
         .map_err(&err)?;
         return Ok(());
     }
-    // Log axes are drawn as log10(value) on a linear axis whose tick labels
-    // show the original values; this gives evenly spread ticks at any range.
-    let plotted: Vec<(f64, f64)> = if series.log_y {
-        pts.iter().map(|&(x, y)| (x, y.log10())).collect()
-    } else {
-        pts
-    };
-    let (x_lo, x_hi) = padded_linear_x(min_max(plotted.iter().map(|p| p.0)));
+    let all = || lines.iter().flat_map(|(_, p)| p.iter());
+    let (x_lo, x_hi) = padded_linear_x(min_max(all().map(|p| p.0)));
     let (y_lo, y_hi) = {
-        let (lo, hi) = min_max(plotted.iter().map(|p| p.1));
-        if series.log_y && hi <= lo {
+        let (lo, hi) = min_max(all().map(|p| p.1));
+        if panel.log_y && hi <= lo {
             (lo - 0.5, hi + 0.5)
         } else {
             padded_linear(lo, hi)
         }
     };
-    let color = RGBColor(31, 119, 180);
     let x_fmt = |v: &f64| fmt_linear_tick(*v, x_lo, x_hi);
     let y_fmt = |v: &f64| {
-        if series.log_y {
+        if panel.log_y {
             fmt_significant(10f64.powf(*v))
         } else {
             fmt_linear_tick(*v, y_lo, y_hi)
@@ -236,7 +308,7 @@ fn draw_panel(area: &Area<'_>, series: &CurveSeries, path: &Path) -> Result<(), 
     chart
         .configure_mesh()
         .x_desc("step")
-        .y_desc(series.name.as_str())
+        .y_desc(panel.title.as_str())
         .x_label_formatter(&x_fmt)
         .y_label_formatter(&y_fmt)
         .label_style((FONT_FAMILY, 14))
@@ -245,15 +317,50 @@ fn draw_panel(area: &Area<'_>, series: &CurveSeries, path: &Path) -> Result<(), 
         .bold_line_style(BLACK.mix(0.15))
         .draw()
         .map_err(&err)?;
-    chart
-        .draw_series(LineSeries::new(
-            plotted.iter().copied(),
-            color.stroke_width(2),
-        ))
-        .map_err(&err)?;
-    if plotted.len() == 1 {
+    let mut colour = 0;
+    for (line, pts) in &lines {
+        // A raw line takes the colour of the smoothed line that follows it, faint.
+        let base = PALETTE[colour % PALETTE.len()];
+        let style = match line.kind {
+            LineKind::Raw => base.mix(0.3).stroke_width(1),
+            _ => {
+                colour += 1;
+                base.stroke_width(2)
+            }
+        };
+        let drawn = chart
+            .draw_series(LineSeries::new(pts.iter().copied(), style))
+            .map_err(&err)?;
+        if lines.len() > 1 {
+            drawn
+                .label(line.label.as_str())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+        }
+        if line.kind == LineKind::Points || pts.len() == 1 {
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, base.filled())))
+                .map_err(&err)?;
+        }
+    }
+    if lines.len() > 1 {
+        // The legend goes in the right-hand corner the curves' last third keeps clear.
+        let tail: Vec<f64> = all()
+            .filter(|p| p.0 >= x_lo + (x_hi - x_lo) * 2.0 / 3.0)
+            .map(|p| p.1)
+            .collect();
+        let high =
+            !tail.is_empty() && tail.iter().sum::<f64>() / tail.len() as f64 > (y_lo + y_hi) / 2.0;
         chart
-            .draw_series(plotted.iter().map(|&p| Circle::new(p, 4, color.filled())))
+            .configure_series_labels()
+            .position(if high {
+                SeriesLabelPosition::LowerRight
+            } else {
+                SeriesLabelPosition::UpperRight
+            })
+            .label_font((FONT_FAMILY, 14))
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK.mix(0.3))
+            .draw()
             .map_err(&err)?;
     }
     Ok(())
@@ -288,6 +395,23 @@ pub fn plot_training_curves(path: &Path, series: &[CurveSeries]) -> Result<(), P
             max: MAX_SERIES,
         });
     }
+    let panels: Vec<Panel> = series.iter().map(Panel::from).collect();
+    plot_panels(path, &panels)
+}
+
+/// Writes a PNG with one [`Panel`] per row, like [`plot_training_curves`] (same size,
+/// atomic write, "no data" panels), each panel drawing its lines with a legend when it has
+/// several.
+///
+/// # Errors
+/// As [`plot_training_curves`].
+pub fn plot_panels(path: &Path, panels: &[Panel]) -> Result<(), PlotError> {
+    if panels.len() > MAX_SERIES {
+        return Err(PlotError::TooManySeries {
+            got: panels.len(),
+            max: MAX_SERIES,
+        });
+    }
     let file_name = path
         .file_name()
         .ok_or_else(|| PlotError::BadPath(path.to_path_buf()))?;
@@ -301,7 +425,7 @@ pub fn plot_training_curves(path: &Path, series: &[CurveSeries]) -> Result<(), P
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
-    let result = render(&tmp, series, path);
+    let result = render(&tmp, panels, path);
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
@@ -316,22 +440,17 @@ pub fn plot_training_curves(path: &Path, series: &[CurveSeries]) -> Result<(), P
     })
 }
 
-fn render(tmp: &Path, series: &[CurveSeries], path: &Path) -> Result<(), PlotError> {
+fn render(tmp: &Path, panels: &[Panel], path: &Path) -> Result<(), PlotError> {
     let err = draw_err(path);
-    let panels = series.len().max(1) as u32;
-    let root = BitMapBackend::new(tmp, (FIGURE_WIDTH, PANEL_HEIGHT * panels)).into_drawing_area();
+    let rows = panels.len().max(1) as u32;
+    let root = BitMapBackend::new(tmp, (FIGURE_WIDTH, PANEL_HEIGHT * rows)).into_drawing_area();
     root.fill(&WHITE).map_err(&err)?;
-    if series.is_empty() {
-        let empty = CurveSeries {
-            name: "no series".to_string(),
-            points: Vec::new(),
-            log_y: false,
-        };
-        draw_panel(&root, &empty, path)?;
+    if panels.is_empty() {
+        draw_panel(&root, &Panel::single("no series", Vec::new(), false), path)?;
     } else {
-        let areas = root.split_evenly((series.len(), 1));
-        for (area, s) in areas.iter().zip(series) {
-            draw_panel(area, s, path)?;
+        let areas = root.split_evenly((panels.len(), 1));
+        for (area, p) in areas.iter().zip(panels) {
+            draw_panel(area, p, path)?;
         }
     }
     root.present().map_err(&err)?;

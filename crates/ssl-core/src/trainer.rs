@@ -16,7 +16,6 @@ use crate::hook::{HookCtx, TrainHook};
 use crate::monitor::{MetricsLog, Progress};
 use crate::nn::MatmulPrecision;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, ScheduleKind};
-use crate::plot::{plot_training_curves, CurveSeries};
 use crate::{
     BatchSource, Collective, CoreError, Ctx, PretextTask, Result, SingleProcess, SslRng, StopFlag,
 };
@@ -955,31 +954,9 @@ impl<'r, T: PretextTask> Run<'r, T> {
     }
 }
 
-/// Writes `loss.png` (loss, learning rate, gradient norm against step) from `metrics.jsonl`.
+/// Writes `loss.png` (raw and smoothed loss with the held-out losses, learning rate, gradient
+/// norm against step), and `metrics.png` / `health.png` (task metrics, embedding health) when
+/// logged, from `metrics.jsonl` (see [`crate::plot::run`]).
 pub fn plot_run(dir: &Path) -> Result<()> {
-    let path = dir.join("metrics.jsonl");
-    let text = std::fs::read_to_string(&path).map_err(|e| CoreError::io("reading", &path, e))?;
-    let mut series: Vec<CurveSeries> = [("loss", true), ("lr", false), ("grad_norm", true)]
-        .iter()
-        .map(|(n, log_y)| CurveSeries {
-            name: n.to_string(),
-            points: Vec::new(),
-            log_y: *log_y,
-        })
-        .collect();
-    for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<Value>(line) else {
-            continue;
-        };
-        let Some(step) = v.get("step").and_then(Value::as_f64) else {
-            continue;
-        };
-        for s in &mut series {
-            if let Some(y) = v.get(&s.name).and_then(Value::as_f64) {
-                s.points.push((step, y));
-            }
-        }
-    }
-    plot_training_curves(&dir.join("loss.png"), &series)?;
-    Ok(())
+    crate::plot::run::plot_run_dir(dir)
 }
