@@ -49,6 +49,10 @@ pub struct TrainerState {
     pub loss_ema: Option<f64>,
     /// Examples consumed so far.
     pub samples_seen: u64,
+    /// The best value of `train.best_metric` so far and early stopping's count (absent in
+    /// checkpoints of runs that never logged the metric).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best: Option<crate::best::BestState>,
 }
 
 impl TrainerState {
@@ -66,6 +70,7 @@ impl TrainerState {
             rollbacks: 0,
             loss_ema: None,
             samples_seen: 0,
+            best: None,
         }
     }
 }

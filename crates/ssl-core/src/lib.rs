@@ -53,6 +53,7 @@
 #![cfg_attr(not(feature = "mpi"), forbid(unsafe_code))]
 #![cfg_attr(feature = "mpi", deny(unsafe_code))]
 
+pub mod best;
 pub mod checkpoint;
 mod collective;
 mod compose;
@@ -61,6 +62,7 @@ mod ctx;
 mod device;
 mod encoder;
 mod error;
+mod eval_hook;
 pub mod guard;
 pub mod health;
 mod hook;
@@ -94,6 +96,7 @@ pub use ctx::Ctx;
 pub use device::parse_device;
 pub use encoder::{Encoder, EncoderOutput};
 pub use error::{CoreError, Result};
+pub use eval_hook::{EvalFigures, HeldoutEval, EVAL_PREFIX};
 pub use hook::{HookCtx, TrainHook};
 #[cfg(feature = "mpi")]
 pub use mpi_collective::MpiCollective;

@@ -9,6 +9,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::best::{save_best, BestMode, BestState, BEST_DIR};
 use crate::checkpoint::{read_state, CheckpointManager, TrainerState, MODEL_FILE, OPTIMIZER_FILE};
 use crate::guard::{DivergenceConfig, DivergenceDetector, NonFiniteAction, NonFiniteGuard};
 use crate::health::embedding_health;
@@ -60,6 +61,20 @@ pub struct TrainConfig {
     pub checkpoint_every_minutes: f64,
     /// Checkpoints kept.
     pub keep_checkpoints: usize,
+    /// Held-out evaluation (where the pipeline has a held-out split) every N steps and at the
+    /// last step; 0: at every `checkpoint_every_steps`-th step (and the last). Figures are
+    /// logged with an `eval_` prefix.
+    pub eval_every_steps: u64,
+    /// The logged figure that picks `checkpoints/best` (e.g. `eval_loss`,
+    /// `eval_masked_accuracy`); empty: no best checkpoint and no early stopping.
+    pub best_metric: String,
+    /// Whether a smaller (`min`) or larger (`max`) `best_metric` is better.
+    pub best_mode: BestMode,
+    /// Stop after this many evaluations without `best_metric` improving by more than
+    /// `early_stop_min_delta` (0: never stop early).
+    pub early_stop_patience: u32,
+    /// The smallest change of `best_metric` that counts as an improvement for early stopping.
+    pub early_stop_min_delta: f64,
     /// Progress line every N steps (when not on a terminal).
     pub log_every: u64,
     /// Embedding-health figures on the held-out batch every N steps (0: off).
@@ -104,6 +119,11 @@ impl Default for TrainConfig {
             checkpoint_every_steps: 500,
             checkpoint_every_minutes: 60.0,
             keep_checkpoints: 3,
+            eval_every_steps: 0,
+            best_metric: "eval_loss".into(),
+            best_mode: BestMode::Min,
+            early_stop_patience: 0,
+            early_stop_min_delta: 0.0,
             log_every: 10,
             health_every: 100,
             max_nonfinite_in_a_row: 5,
@@ -154,6 +174,20 @@ impl TrainConfig {
                 "must be in [0, 1]",
             );
         }
+        if !(self.early_stop_min_delta.is_finite() && self.early_stop_min_delta >= 0.0) {
+            return bad(
+                "early_stop_min_delta",
+                self.early_stop_min_delta.to_string(),
+                "must be a finite number >= 0",
+            );
+        }
+        if self.early_stop_patience > 0 && self.best_metric.is_empty() {
+            return bad(
+                "early_stop_patience",
+                self.early_stop_patience.to_string(),
+                "needs train.best_metric (the figure to watch)",
+            );
+        }
         if !(self.rollback_lr_factor > 0.0 && self.rollback_lr_factor <= 1.0) {
             return bad(
                 "rollback_lr_factor",
@@ -162,6 +196,16 @@ impl TrainConfig {
             );
         }
         Ok(())
+    }
+
+    /// Steps between held-out evaluations: `eval_every_steps`, or `checkpoint_every_steps`
+    /// when that is 0 (0: only at the last step).
+    pub fn eval_interval(&self) -> u64 {
+        if self.eval_every_steps > 0 {
+            self.eval_every_steps
+        } else {
+            self.checkpoint_every_steps
+        }
     }
 
     /// The learning-rate schedule over `max_steps`.
@@ -203,6 +247,11 @@ pub struct TrainReport {
     pub rollbacks: u32,
     /// True when a stop was requested (signal) before `max_steps`.
     pub interrupted: bool,
+    /// True when early stopping ended the run (`train.early_stop_patience`).
+    pub early_stopped: bool,
+    /// The watched metric's best value, its step and where `checkpoints/best` is (when a
+    /// value of `train.best_metric` was logged).
+    pub best: Option<(BestState, Option<PathBuf>)>,
     /// The last checkpoint written or resumed from.
     pub last_checkpoint: Option<PathBuf>,
     /// Parameters that received no gradient in the first step (a model bug when non-empty).
@@ -443,8 +492,10 @@ impl LoopTrainer {
     ) -> Result<TrainReport> {
         let mut run = Run::start(self, task, data, heldout)?;
         while run.state.step < run.cfg.max_steps {
-            if run.stop_requested()? {
-                run.report.interrupted = true;
+            let (signal, early) = run.stop_requested()?;
+            if signal || early {
+                run.report.interrupted = signal;
+                run.report.early_stopped = early && !signal;
                 break;
             }
             let Some(mut record) = run.step()? else {
@@ -453,6 +504,7 @@ impl LoopTrainer {
             for hook in hooks.iter_mut() {
                 hook.after_step(&run.hook_ctx(), &mut record)?;
             }
+            run.watch_best(&record)?;
             run.log_step(&record)?;
             if let Some(path) = run.checkpoint_if_due()? {
                 for hook in hooks.iter_mut() {
@@ -507,6 +559,9 @@ struct Run<'r, T: PretextTask> {
     last_saved_step: Option<u64>,
     last_save_time: Instant,
     first_step: bool,
+    /// Early stopping's patience ran out (on this rank's view; ranks agree at the next
+    /// stop check).
+    early_stop: bool,
 }
 
 impl<'r, T: PretextTask> Run<'r, T> {
@@ -611,6 +666,11 @@ impl<'r, T: PretextTask> Run<'r, T> {
             last_saved_step: resumed_from.as_ref().map(|_| state.step),
             last_save_time: Instant::now(),
             first_step: true,
+            // A resumed run that had already stopped early stops again at once (unless the
+            // patience was raised).
+            early_stop: state.best.as_ref().is_some_and(|b| {
+                b.metric == cfg.best_metric && b.exhausted(cfg.early_stop_patience)
+            }),
             state,
             cfg,
         })
@@ -631,19 +691,66 @@ impl<'r, T: PretextTask> Run<'r, T> {
         }
     }
 
-    /// Whether any rank was asked to stop. Ranks stop together: a signal seen by one rank
-    /// alone would leave the others waiting in the next all-reduce.
-    fn stop_requested(&mut self) -> Result<bool> {
+    /// Whether any rank was asked to stop (a signal) or ran out of early stopping's patience.
+    /// Ranks stop together: a signal seen by one rank alone would leave the others waiting in
+    /// the next all-reduce.
+    fn stop_requested(&mut self) -> Result<(bool, bool)> {
         let collective = &self.trainer.collective;
-        let mut stop = [if self.trainer.stop.is_set() {
-            1f32
-        } else {
-            0.0
-        }];
+        let flag = |b: bool| if b { 1f32 } else { 0.0 };
+        let mut stop = [flag(self.trainer.stop.is_set()), flag(self.early_stop)];
         if collective.world_size() > 1 {
             collective.all_reduce_sum(&mut stop)?;
         }
-        Ok(stop[0] > 0.0)
+        Ok((stop[0] > 0.0, stop[1] > 0.0))
+    }
+
+    /// The best checkpoint and early stopping: when the step's record holds
+    /// `train.best_metric`, a better value than any before writes `checkpoints/best` (rank 0,
+    /// runs with an output directory), and `train.early_stop_patience` values in a row
+    /// without an improvement of more than `train.early_stop_min_delta` stop the run before
+    /// the next step.
+    fn watch_best(&mut self, record: &Map<String, Value>) -> Result<()> {
+        let cfg = &self.cfg;
+        if cfg.best_metric.is_empty() {
+            return Ok(());
+        }
+        let Some(value) = record.get(&cfg.best_metric).and_then(Value::as_f64) else {
+            return Ok(());
+        };
+        let verdict = BestState::observe(
+            &mut self.state.best,
+            &cfg.best_metric,
+            cfg.best_mode,
+            self.state.step,
+            value,
+            cfg.early_stop_patience,
+            cfg.early_stop_min_delta,
+        );
+        if verdict.new_best {
+            if let (Some(manager), true) = (&self.manager, self.main) {
+                let state = &mut self.state;
+                state.data_position = self.data.position();
+                state.epoch = self.data.epoch();
+                state.skipped_steps = self.guard.skipped;
+                state.loss_ema = self.detector.average;
+                save_best(manager.dir(), self.task.params(), &self.opt, state)?;
+            }
+        }
+        if verdict.stop {
+            self.early_stop = true;
+            if let Some(b) = &self.state.best {
+                self.progress.println(&format!(
+                    "early stopping at step {}: {} has not improved by more than {} for {} evaluations (best {:.6} at step {})",
+                    self.state.step,
+                    b.metric,
+                    cfg.early_stop_min_delta,
+                    b.stale_evals,
+                    b.value,
+                    b.step
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// One optimizer step: gradients, the guards' verdict, the update. Returns the step's
@@ -941,6 +1048,10 @@ impl<'r, T: PretextTask> Run<'r, T> {
             ));
         }
         self.report.step = self.state.step;
+        self.report.best = self.state.best.clone().map(|b| {
+            let dir = self.manager.as_ref().map(|m| m.dir().join(BEST_DIR));
+            (b, dir.filter(|d| d.exists()))
+        });
         self.report.skipped_steps = self.guard.skipped;
         self.report.rollbacks = self.state.rollbacks;
         if let (Some(dir), true) = (&self.trainer.out_dir, self.main) {

@@ -53,6 +53,16 @@ fn tiny() -> TextConfig {
     cfg
 }
 
+/// The records of the run's metrics.jsonl holding held-out figures.
+fn eval_records(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("eval_loss").is_some())
+        .collect()
+}
+
 #[test]
 fn pretrain_resume_embed_and_eval_with_labels() {
     let dir = tempfile::tempdir().unwrap();
@@ -75,6 +85,23 @@ fn pretrain_resume_embed_and_eval_with_labels() {
         .collect();
     assert_eq!(lines, s.heldout);
     assert!(text.starts_with("{\"loss\":"), "{text}");
+    // The same evaluations in metrics.jsonl, with an `eval_` prefix, at the checkpoint
+    // interval (train.eval_every_steps = 0) and the end; the best of them is checkpoints/best.
+    let evals = eval_records(&run);
+    let steps: Vec<u64> = evals.iter().map(|e| e["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [2, 4]);
+    for (e, p) in evals.iter().zip(&s.heldout[1..]) {
+        assert_eq!(e["eval_loss"].as_f64(), Some(p.loss));
+        assert_eq!(e["eval_perplexity"].as_f64(), Some(p.perplexity));
+        assert_eq!(e["eval_masked_accuracy"].as_f64(), Some(p.masked_accuracy));
+    }
+    let best = if s.heldout[1].loss <= s.heldout[2].loss {
+        2
+    } else {
+        4
+    };
+    let best_state = ssl_core::checkpoint::read_state(&run.join("checkpoints/best")).unwrap();
+    assert_eq!(best_state.step, best);
 
     // Resume to 6 steps from the stored configuration: the curve goes on from the file.
     let (_, mut cfg) = stored_config(&run).unwrap();
@@ -89,6 +116,11 @@ fn pretrain_resume_embed_and_eval_with_labels() {
     assert_eq!(steps, [0, 2, 4, 6]);
     let text = std::fs::read_to_string(run.join(HELDOUT_FILE)).unwrap();
     assert_eq!(text.lines().count(), 4, "{text}");
+    let steps: Vec<u64> = eval_records(&run)
+        .iter()
+        .map(|e| e["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [2, 4, 6]);
 
     let (ckpt, cfg) = stored_config(&run).unwrap();
     assert!(ckpt.ends_with("step-00000006"), "{}", ckpt.display());

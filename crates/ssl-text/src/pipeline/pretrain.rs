@@ -8,6 +8,7 @@ use serde::Serialize;
 use ssl_core::checkpoint::MODEL_FILE;
 use ssl_core::run_dir::{self, RunOptions, RunSummary};
 use ssl_core::{parse_device, ParamStore, Trainer};
+use ssl_core::{EvalFigures, HeldoutEval, HookCtx};
 use ssl_data::is_heldout;
 use tokenizers::Tokenizer;
 
@@ -110,8 +111,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TextError + '_ {
 /// Pretrains the BERT of `cfg` by masked language modelling on the documents of `data`
 /// (Parquet files, directories or globs; at least one) into the run directory `out`:
 /// `config.toml` (the completed configuration), `tokenizer.json`, `checkpoints/`,
-/// `metrics.jsonl`, [`HELDOUT_FILE`] (held-out perplexity before training and at every kept
-/// checkpoint) and `hf/` (the newest weights as a Hugging Face directory).
+/// `metrics.jsonl` (with `eval_loss`, `eval_perplexity` and `eval_masked_accuracy` every
+/// `train.eval_every_steps` steps and at the end), [`HELDOUT_FILE`] (the same held-out points,
+/// and one before training) and `hf/` (the newest weights as a Hugging Face directory).
 ///
 /// A seeded hash of each document's global row index holds out `data.heldout_fraction` of
 /// them. The tokenizer is `model.init_from`'s, `tokenizer.file`, the run's own on resume, or
@@ -193,7 +195,7 @@ pub fn pretrain(
         cfg.model.config.hidden_size,
         store.num_elements()
     );
-    // The held-out curve: before training (unless resumed) and at every checkpoint, through
+    // The held-out curve: before training (unless resumed) and at every evaluation, through
     // a trainer hook; every rank evaluates its share and the sums are added up.
     let held_total = par.sum_f64(&[held_seqs.len() as f64])?[0];
     let file = out.join(HELDOUT_FILE);
@@ -231,7 +233,24 @@ pub fn pretrain(
     let run_config = serde_json::to_value(&cfg).map_err(|e| TextError::Pipeline(e.to_string()))?;
     let mut trainer = opts.trainer(&cfg.train, out, run_config, &par)?;
     let report = if held_total > 0.0 {
-        trainer.fit_with_hooks(&model, &mut source, None, &mut [&mut curve])?
+        // Held-out evaluation every `train.eval_every_steps` (default: at the checkpoint
+        // interval) and at the end: `eval_loss`, `eval_perplexity`, `eval_masked_accuracy` in
+        // metrics.jsonl, the point in heldout.jsonl.
+        let mut eval = HeldoutEval::new(&cfg.train, |ctx: &HookCtx<'_, BertForMaskedLM>| {
+            let p = curve.add(ctx.task, ctx.step)?;
+            if ctx.is_main() {
+                eprintln!(
+                    "held-out at step {}: perplexity {:.2}, masked accuracy {:.4}",
+                    p.step, p.perplexity, p.masked_accuracy
+                );
+            }
+            Ok(EvalFigures::from([
+                ("loss".to_string(), p.loss),
+                ("perplexity".to_string(), p.perplexity),
+                ("masked_accuracy".to_string(), p.masked_accuracy),
+            ]))
+        });
+        trainer.fit_with_hooks(&model, &mut source, None, &mut [&mut eval])?
     } else {
         trainer.fit(&model, &mut source, None)?
     };
