@@ -46,6 +46,20 @@ pub enum TextError {
         /// What is wrong.
         message: String,
     },
+    /// A tokenizer holds a token id outside `0..vocabulary size`: the model's embedding
+    /// table has one row per id, so such an id would index past it (or, taken as the size,
+    /// allocate a table of that many rows).
+    #[error("{path}: token {token:?} has id {id}, but the tokenizer has {vocab} tokens; every id must be below the vocabulary size (renumber the vocabulary 0..{vocab})", path = path.display())]
+    TokenIdOutOfRange {
+        /// The tokenizer file (or where it came from).
+        path: PathBuf,
+        /// The token.
+        token: String,
+        /// Its id.
+        id: u32,
+        /// The vocabulary size (added tokens included).
+        vocab: usize,
+    },
 }
 
 impl TextError {

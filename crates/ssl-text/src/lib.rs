@@ -42,6 +42,7 @@ pub use pipeline::{
     TextRunSummary, TokenizerSection, HELDOUT_FILE,
 };
 pub use tokenizer::{
-    fertility, load_tokenizer, save_tokenizer, train_from_parquet, train_from_texts, Fertility,
-    SpecialIds, TokenizerConfig, TokenizerKind,
+    check_token_ids, fertility, load_tokenizer, save_tokenizer, split_long_words,
+    train_from_parquet, train_from_texts, Fertility, SpecialIds, TokenizerConfig, TokenizerKind,
+    DEFAULT_MAX_WORD_CHARS,
 };

@@ -460,7 +460,29 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
         .map_err(|e| TextError::Tokenizer(format!("{}: {e}", path.display())))?;
     tok.with_padding(None);
     tok.with_truncation(None).map_err(TextError::tok)?;
+    check_token_ids(&tok, path)?;
     Ok(tok)
+}
+
+/// Checks that every token id of `tok` (added tokens included) is below its vocabulary size,
+/// the number of rows of the model's embedding table; `path` names the tokenizer in the
+/// error.
+pub fn check_token_ids(tok: &Tokenizer, path: &Path) -> Result<()> {
+    let vocab = tok.get_vocab_size(true);
+    let worst = tok
+        .get_vocab(true)
+        .into_iter()
+        .max_by_key(|&(_, id)| id)
+        .filter(|&(_, id)| id as usize >= vocab);
+    match worst {
+        Some((token, id)) => Err(TextError::TokenIdOutOfRange {
+            path: path.to_path_buf(),
+            token,
+            id,
+            vocab,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Fertility figures of a tokenizer on some text.
@@ -610,6 +632,29 @@ mod tests {
             back.encode(s, true).unwrap().get_ids()
         );
         assert!(load_tokenizer(&dir.path().join("nope.json")).is_err());
+    }
+
+    #[test]
+    fn a_token_id_past_the_vocabulary_is_refused_on_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = TokenizerConfig {
+            vocab_size: 60,
+            ..Default::default()
+        };
+        let tok = train_from_texts(corpus().into_iter(), &cfg).unwrap();
+        let path = save_tokenizer(&tok, dir.path()).unwrap();
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let vocab = json["model"]["vocab"].as_object_mut().unwrap();
+        let token = vocab.keys().find(|k| !k.starts_with('[')).unwrap().clone();
+        vocab.insert(token.clone(), serde_json::json!(2_000_000_000u32));
+        std::fs::write(&path, json.to_string()).unwrap();
+        let err = load_tokenizer(&path).unwrap_err();
+        assert!(
+            matches!(&err, TextError::TokenIdOutOfRange { id: 2_000_000_000, token: t, .. } if *t == token),
+            "{err}"
+        );
+        assert!(err.to_string().contains("tokenizer.json"), "{err}");
     }
 
     #[test]
