@@ -308,6 +308,8 @@ fn main() -> ExitCode {
     ssl_core::keep_freed_memory();
     ssl_core::candle_ops_on_caller();
     let cli = Cli::parse();
+    // Long library loops (embedding, evaluation, detection) report progress on stderr.
+    ssl_core::monitor::set_progress_enabled(true);
     // The whole command runs on a compute thread (see `ssl_core::on_compute_threads`); MPI and
     // CUDA state is created inside it, on that thread.
     match ssl_core::on_compute_threads(move || run(cli)) {

@@ -57,6 +57,33 @@ fn pretrain_embed_eval_detect_on_the_embedded_sample() {
     ]));
     assert!(run.join("previews/step-00000009.png").exists());
 
+    // TensorBoard: the loss of every step, and the preview grids as images (one event file
+    // per session).
+    use ssl_core::tensorboard::{event_files, read_events, SummaryData};
+    let files = event_files(&run.join("tensorboard")).unwrap();
+    assert!(files.len() >= 3, "{files:?}");
+    let (mut loss_steps, mut image_steps) = (Vec::new(), Vec::new());
+    for f in &files {
+        for ev in read_events(f).unwrap() {
+            for (tag, data) in ev.values {
+                match (tag.as_str(), data) {
+                    ("loss", SummaryData::Scalar(_)) => loss_steps.push(ev.step),
+                    ("mae_preview", SummaryData::Image { width, .. }) => {
+                        assert!(width > 0);
+                        image_steps.push(ev.step)
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    loss_steps.sort();
+    loss_steps.dedup();
+    assert_eq!(loss_steps, (1..=10).collect::<Vec<_>>());
+    for step in [3, 6, 9, 10] {
+        assert!(image_steps.contains(&step), "{image_steps:?}");
+    }
+
     let data = dir.path().join("fm.parquet");
     std::fs::write(
         &data,

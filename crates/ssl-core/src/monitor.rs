@@ -386,6 +386,15 @@ impl Progress {
         }
     }
 
+    /// Sets a loop's position (e.g. the items done before the current batch).
+    pub fn set_position(&self, pos: u64) {
+        self.pos.store(pos, Ordering::Relaxed);
+        match &self.bar {
+            Some(bar) => bar.set_position(pos),
+            None => self.plain_line(pos, ""),
+        }
+    }
+
     /// Sets a short message shown beside the bar (and in the next plain line).
     pub fn set_message(&self, msg: &str) {
         if let Some(bar) = &self.bar {
@@ -402,18 +411,24 @@ impl Progress {
         }
     }
 
-    /// Removes the bar; a plain display prints its final line when the end was not reached
-    /// through [`Progress::update`] or [`Progress::inc`] (e.g. an unknown total).
+    /// Removes the bar. A loop's display ([`Progress::task`]) counts as complete: a plain one
+    /// prints its final line unless the last [`Progress::inc`] / [`Progress::set_position`]
+    /// already reached the total.
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
+            if self.is_task && self.total > 0 {
+                bar.set_position(self.total);
+            }
             bar.finish();
             return;
         }
         let pos = self.pos.load(Ordering::Relaxed);
-        let unreported = self.total == 0 || pos < self.total;
-        if let (Some(plain), true) = (&self.plain, self.is_task && unreported) {
-            if let Ok(p) = plain.lock() {
-                eprintln!("{}", p.format(pos, "", Instant::now(), SystemTime::now()));
+        if let (Some(plain), true) = (&self.plain, self.is_task) {
+            if self.total == 0 || pos < self.total {
+                let end = if self.total > 0 { self.total } else { pos };
+                if let Ok(p) = plain.lock() {
+                    eprintln!("{}", p.format(end, "", Instant::now(), SystemTime::now()));
+                }
             }
         }
     }

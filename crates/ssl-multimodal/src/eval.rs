@@ -24,10 +24,13 @@ pub fn embed_images(
 ) -> Result<Tensor> {
     let mut rng = SslRng::new(0);
     let mut parts = Vec::new();
+    let progress = ssl_core::monitor::Progress::task("embed images", images.len() as u64, "images");
     for start in (0..images.len()).step_by(batch.max(1)) {
         let b = images.batch(start, batch.max(1), device)?;
         parts.push(model.encode_image(&b, &mut Ctx::inference(&mut rng))?);
+        progress.inc((images.len() - start).min(batch.max(1)) as u64);
     }
+    progress.finish();
     if parts.is_empty() {
         return Err(MultimodalError::InvalidInput("no images to embed".into()));
     }
@@ -44,6 +47,7 @@ pub fn embed_token_seqs(
 ) -> Result<Tensor> {
     let mut rng = SslRng::new(0);
     let mut parts = Vec::new();
+    let progress = ssl_core::monitor::Progress::task("embed texts", seqs.len() as u64, "texts");
     for chunk in seqs.chunks(batch.max(1)) {
         let input = TextBatch {
             seqs: chunk.to_vec(),
@@ -52,7 +56,9 @@ pub fn embed_token_seqs(
         }
         .tensors()?;
         parts.push(model.encode_text(&input, &mut Ctx::inference(&mut rng))?);
+        progress.inc(chunk.len() as u64);
     }
+    progress.finish();
     if parts.is_empty() {
         return Err(MultimodalError::InvalidInput("no captions to embed".into()));
     }

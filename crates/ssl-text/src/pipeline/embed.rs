@@ -95,6 +95,7 @@ impl TextModel {
         let mut dim = self.model.bert().config().hidden_size;
         let mut rng = SslRng::new(0);
         let bs = self.cfg.train.batch_size.max(16);
+        let progress = ssl_core::monitor::Progress::task("embed", texts.len() as u64, "texts");
         for chunk in texts.chunks(bs) {
             // Empty texts still get a row ([CLS] [SEP]).
             let mut seqs = Vec::with_capacity(chunk.len());
@@ -117,7 +118,9 @@ impl TextModel {
             let e = ssl_core::PretextTask::embed(&self.model, &batch, &mut ctx)?;
             dim = e.dim(1)?;
             out.extend(e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+            progress.inc(chunk.len() as u64);
         }
+        progress.finish();
         Ok((out, dim))
     }
 }

@@ -165,12 +165,15 @@ pub fn embed_all<T: PretextTask<Batch = SeqBatch>>(
     let mut out = Vec::new();
     let mut dim = 0;
     let mut rng = SslRng::new(0);
+    let progress = ssl_core::monitor::Progress::task("embed", examples.len() as u64, "series");
     for chunk in examples.chunks(batch.max(1)) {
         let b = SeqBatch::from_examples(&chunk.iter().collect::<Vec<_>>(), device)?;
         let e = task.embed(&b, &mut Ctx::inference(&mut rng))?;
         dim = e.dim(1)?;
         out.extend(e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        progress.inc(chunk.len() as u64);
     }
+    progress.finish();
     Ok((out, dim))
 }
 

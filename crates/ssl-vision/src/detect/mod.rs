@@ -231,8 +231,14 @@ fn raw_patch_scores(
     } else {
         Vec::new()
     };
+    let progress = ssl_core::monitor::Progress::task(
+        &format!("{} scores", kind.name()),
+        images.len() as u64,
+        "images",
+    );
     for start in (0..images.len()).step_by(cfg.batch_size.max(1)) {
         let batch = images.batch(start, cfg.batch_size.max(1), device)?;
+        progress.set_position(start as u64);
         let pixels = normalize_batch(&batch.pixels, task.augment())?;
         match kind {
             ScorerKind::Reconstruction => {
@@ -266,6 +272,7 @@ fn raw_patch_scores(
             }
         }
     }
+    progress.finish();
     Ok(out)
 }
 
@@ -355,13 +362,20 @@ impl Detector {
             }
             let mut feats = Vec::new();
             let mut bank_dim = 0;
+            let progress = ssl_core::monitor::Progress::task(
+                &format!("{} memory bank", kind.name()),
+                fit.len() as u64,
+                "images",
+            );
             for start in (0..fit.len()).step_by(cfg.batch_size.max(1)) {
                 let batch = fit.batch(start, cfg.batch_size.max(1), device)?;
+                progress.set_position(start as u64);
                 let pixels = normalize_batch(&batch.pixels, task.augment())?;
                 let (f, d) = bank_features(task, &pixels, kind, cfg)?;
                 bank_dim = d;
                 feats.extend(f);
             }
+            progress.finish();
             let total = feats.len() / bank_dim.max(1);
             let target = ((cfg.coreset_ratio * total as f64).ceil() as usize)
                 .clamp(1, cfg.coreset_max.max(1));

@@ -24,12 +24,15 @@ pub fn embed_images(
 ) -> Result<(Vec<f32>, usize)> {
     let mut out = Vec::new();
     let mut dim = 0;
+    let progress = ssl_core::monitor::Progress::task("embed", images.len() as u64, "images");
     for start in (0..images.len()).step_by(batch.max(1)) {
         let b = images.batch(start, batch.max(1), device)?;
         let e = task.embed_with(&b, pooling, precision)?;
         dim = e.dim(1)?;
         out.extend(e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        progress.inc((images.len() - start).min(batch.max(1)) as u64);
     }
+    progress.finish();
     Ok((out, dim))
 }
 

@@ -97,6 +97,7 @@ pub fn pretrain(
             every: cfg.task.preview_every,
             dir: preview_dir.clone(),
             seed: cfg.train.seed,
+            tensorboard: None,
         }),
         _ => None,
     };
