@@ -110,6 +110,9 @@ pub struct PairColumns {
     pub resize: Vec<usize>,
     /// Skip (and report) rows that cannot be decoded instead of stopping.
     pub skip_bad_rows: bool,
+    /// The largest image accepted, in pixels (checked from each image's header before
+    /// decoding; also bounds `resize`): `data.max_image_pixels`.
+    pub max_image_pixels: u64,
 }
 
 impl Default for PairColumns {
@@ -122,6 +125,7 @@ impl Default for PairColumns {
             color: ColorMode::Rgb,
             resize: vec![32, 32],
             skip_bad_rows: false,
+            max_image_pixels: ssl_data::DEFAULT_MAX_IMAGE_PIXELS,
         }
     }
 }
@@ -164,7 +168,8 @@ pub fn read_pairs_of(
         }
     };
     let mut specs = vec![
-        ColumnSpec::image(cols.image.as_str(), cols.color, resize),
+        ColumnSpec::image(cols.image.as_str(), cols.color, resize)
+            .with_max_pixels(cols.max_image_pixels),
         ColumnSpec::text(cols.caption.as_str()),
     ];
     for l in &cols.labels {

@@ -162,3 +162,26 @@ fn towers_start_from_text_and_vision_runs_and_a_run_filters_pairs() {
     assert_eq!((train.len(), heldout.len()), (288, 80));
     pretrain(cfg, &paths, &dir.path().join("filtered"), &opts).unwrap();
 }
+
+#[test]
+fn images_over_data_max_image_pixels_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = toy_file(dir.path(), 100);
+    let mut cfg = MultimodalConfig::default();
+    // The toy images are 16x16 = 256 pixels; `resize` is checked against the same limit.
+    cfg.data.resize = vec![];
+    cfg.data.max_image_pixels = 255;
+    let err = read_run_pairs(&paths, &cfg, &[]).unwrap_err().to_string();
+    assert!(
+        err.contains("16x16") && err.contains("data.max_image_pixels") && err.contains("row 0"),
+        "{err}"
+    );
+    cfg.data.max_image_pixels = 256;
+    assert!(read_run_pairs(&paths, &cfg, &[]).is_ok());
+    cfg.data.resize = vec![100_000, 100_000];
+    let err = read_run_pairs(&paths, &cfg, &[]).unwrap_err().to_string();
+    assert!(
+        err.contains("resize") && err.contains("data.max_image_pixels"),
+        "{err}"
+    );
+}

@@ -34,6 +34,9 @@ pub struct MultimodalDataConfig {
     pub filter_checkpoint: String,
     /// Drop this fraction of the training pairs, those the filter model scores lowest.
     pub filter_drop_fraction: f64,
+    /// The largest image accepted, in pixels (width x height, read from each image's header
+    /// before decoding; also bounds `resize`). A larger one stops the run with an error.
+    pub max_image_pixels: u64,
 }
 
 impl Default for MultimodalDataConfig {
@@ -49,6 +52,7 @@ impl Default for MultimodalDataConfig {
             heldout_fraction: 0.2,
             filter_checkpoint: String::new(),
             filter_drop_fraction: 0.0,
+            max_image_pixels: ssl_data::DEFAULT_MAX_IMAGE_PIXELS,
         }
     }
 }
@@ -64,6 +68,7 @@ impl MultimodalDataConfig {
             color: self.color,
             resize: self.resize.clone(),
             skip_bad_rows: self.skip_bad_rows,
+            max_image_pixels: self.max_image_pixels,
         }
     }
 }

@@ -42,6 +42,9 @@ pub struct VisionDataConfig {
     pub max_images: usize,
     /// Images held out from the start of the data for embedding-health figures and previews.
     pub health_examples: usize,
+    /// The largest image accepted, in pixels (width x height, read from each image's header
+    /// before decoding; also bounds `resize`). A larger one stops the run with an error.
+    pub max_image_pixels: u64,
 }
 
 impl Default for VisionDataConfig {
@@ -55,6 +58,7 @@ impl Default for VisionDataConfig {
             skip_bad_rows: false,
             max_images: 0,
             health_examples: 64,
+            max_image_pixels: ssl_data::DEFAULT_MAX_IMAGE_PIXELS,
         }
     }
 }

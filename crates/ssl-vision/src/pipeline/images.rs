@@ -60,7 +60,8 @@ fn load_images_of(
             )))
         }
     };
-    let mut columns = vec![ColumnSpec::image(cfg.column.as_str(), cfg.color, resize)];
+    let mut columns = vec![ColumnSpec::image(cfg.column.as_str(), cfg.color, resize)
+        .with_max_pixels(cfg.max_image_pixels)];
     if let Some(l) = label_column {
         columns.push(ColumnSpec::label(l));
     }
