@@ -113,3 +113,50 @@ impl<T: PretextTask> TrainHook<T> for HeldoutEval<'_, T> {
         Ok(())
     }
 }
+
+/// The pretext loss of `task` on held-out `batches` (every rank its own; collective: every
+/// rank must call it): the mean over all ranks' units (`loss`, weighted by
+/// [`crate::TaskOutput::weight`] as training does). In one process the task's own metrics
+/// are added, weighted the same way (with several ranks a rank may hold no batch, so only
+/// the loss is summed over ranks). Masks and augmentations come from `seed`, the same at
+/// every evaluation; forward passes run in inference mode with `precision`.
+pub fn heldout_task_loss<T: PretextTask>(
+    par: &crate::Parallel,
+    task: &T,
+    batches: &[T::Batch],
+    seed: u64,
+    precision: crate::nn::MatmulPrecision,
+) -> Result<EvalFigures> {
+    let mut rng = crate::SslRng::derived(seed, "heldout-eval");
+    let (mut loss, mut weight) = (0.0, 0.0);
+    let mut metrics = EvalFigures::new();
+    for b in batches {
+        let out = task.forward(
+            b,
+            &mut crate::Ctx::inference(&mut rng).with_precision(precision),
+        )?;
+        let l = out
+            .loss
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+        loss += l * out.weight;
+        weight += out.weight;
+        for (k, v) in out.metrics {
+            *metrics.entry(k).or_default() += v * out.weight;
+        }
+    }
+    let sums = par.sum_f64(&[loss, weight])?;
+    if sums[1] <= 0.0 {
+        return Err(CoreError::Config(
+            "held-out evaluation: the held-out split of every rank is empty".into(),
+        ));
+    }
+    let mut figures = EvalFigures::new();
+    if par.world == 1 {
+        for (k, v) in metrics {
+            figures.insert(k, v / weight);
+        }
+    }
+    figures.insert("loss".into(), sums[0] / sums[1]);
+    Ok(figures)
+}

@@ -96,7 +96,7 @@ pub use ctx::Ctx;
 pub use device::parse_device;
 pub use encoder::{Encoder, EncoderOutput};
 pub use error::{CoreError, Result};
-pub use eval_hook::{EvalFigures, HeldoutEval, EVAL_PREFIX};
+pub use eval_hook::{heldout_task_loss, EvalFigures, HeldoutEval, EVAL_PREFIX};
 pub use hook::{HookCtx, TrainHook};
 #[cfg(feature = "mpi")]
 pub use mpi_collective::MpiCollective;

@@ -42,6 +42,11 @@ pub struct VisionDataConfig {
     pub max_images: usize,
     /// Images held out from the start of the data for embedding-health figures and previews.
     pub health_examples: usize,
+    /// Fraction of images held out from pretraining, chosen by a seeded hash of the global row
+    /// index (`ssl_data::is_heldout`, as text does), for the held-out pretext loss
+    /// (`eval_loss` in metrics.jsonl every `train.eval_every_steps`). 0 (the default): train
+    /// on every image, as before, with no held-out evaluation.
+    pub heldout_fraction: f64,
     /// The largest image accepted, in pixels (width x height, read from each image's header
     /// before decoding; also bounds `resize`). A larger one stops the run with an error.
     pub max_image_pixels: u64,
@@ -58,6 +63,7 @@ impl Default for VisionDataConfig {
             skip_bad_rows: false,
             max_images: 0,
             health_examples: 64,
+            heldout_fraction: 0.0,
             max_image_pixels: ssl_data::DEFAULT_MAX_IMAGE_PIXELS,
         }
     }

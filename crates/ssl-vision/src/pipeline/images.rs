@@ -15,6 +15,8 @@ pub struct LoadedImages {
     pub ids: Vec<String>,
     /// Labels as class ids, when asked for.
     pub labels: Option<Vec<i64>>,
+    /// The global row index of each image (the held-out split is decided on it).
+    pub rows: Vec<usize>,
 }
 
 /// Reads the image column of every file, directory or glob in `paths` as `cfg` says (and
@@ -113,6 +115,7 @@ fn load_images_of(
             images,
             ids: keep.iter().map(|&k| batch.ids()[k].clone()).collect(),
             labels,
+            rows: keep.iter().map(|&k| table.row_index[k]).collect(),
         });
     }
     let keep = if cfg.max_images > 0 {
@@ -130,6 +133,7 @@ fn load_images_of(
         images,
         ids: batch.ids()[..keep].to_vec(),
         labels,
+        rows: table.row_index[..keep].to_vec(),
     })
 }
 

@@ -5,13 +5,17 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use ssl_core::run_dir::{self, RunOptions, RunSummary};
-use ssl_core::{parse_device, Trainer};
+use ssl_core::parse_device;
 
 use super::config::VisionConfig;
 use super::images::load_rank_images;
 use super::previews::Previews;
-use super::task::build_task;
-use crate::{InMemoryImageSource, Result, VisionError};
+use super::task::{build_task, VisionTask};
+use crate::{ImageSet, InMemoryImageSource, Result, VisionError};
+use ssl_core::{heldout_task_loss, HeldoutEval, HookCtx, TrainHook};
+use crate::{ImageSet, InMemoryImageSource, Result, VisionError};
+use ssl_core::{heldout_task_loss, HeldoutEval, HookCtx, TrainHook};
+use ssl_data::is_heldout;
 
 /// What [`pretrain`] returns: the run's summary and where its previews are.
 #[derive(Debug, Clone, Serialize)]
@@ -54,7 +58,10 @@ pub fn pretrain(
     let device = parse_device(&cfg.train.device)?;
     let (par, device) = opts.parallel(device)?;
     // Each rank reads its share of the rows (its row groups).
-    let loaded = load_rank_images(data, &cfg.data, None, &par)?;
+    let mut loaded = load_rank_images(data, &cfg.data, None, &par)?;
+    // The held-out split (`data.heldout_fraction`) by global row index, before the
+    // normalisation statistics, which are the training images'.
+    let held = split_heldout(&mut loaded, &cfg)?;
     cfg.complete(&loaded.images, &par)?;
     if par.is_main() {
         run_dir::write_config(out, &cfg)?;
@@ -103,12 +110,55 @@ pub fn pretrain(
     };
     let run_config = serde_json::to_value(&cfg).map_err(|e| VisionError::Config(e.to_string()))?;
     let mut trainer = opts.trainer(&cfg.train, out, run_config, &par)?;
-    let report = match &mut previews {
-        Some(p) => trainer.fit_with_hooks(&task, &mut source, heldout.as_ref(), &mut [p])?,
-        None => trainer.fit(&task, &mut source, heldout.as_ref())?,
-    };
+    // Held-out pretext loss (`eval_loss`: MAE's reconstruction loss, SimCLR's NT-Xent) every
+    // `train.eval_every_steps` and at the end, summed over ranks. SimCLR's forward gathers
+    // every rank's views, so with several ranks only MAE is evaluated.
+    let held_total = par.sum_f64(&[held.len() as f64])?[0];
+    let bs = cfg.train.batch_size;
+    let held_batches = (0..held.len())
+        .step_by(bs.max(1))
+        .map(|s| held.batch(s, bs.min(held.len() - s), &device))
+        .collect::<Result<Vec<_>>>()?;
+    let seed = cfg.train.seed;
+    let mut eval = (held_total > 0.0 && (par.world == 1 || task.as_mae().is_some())).then(|| {
+        HeldoutEval::new(&cfg.train, |ctx: &HookCtx<'_, Box<dyn VisionTask>>| {
+            heldout_task_loss(&par, ctx.task, &held_batches, seed, ctx.precision)
+        })
+    });
+    let mut hooks: Vec<&mut dyn TrainHook<Box<dyn VisionTask>>> = Vec::new();
+    if let Some(p) = &mut previews {
+        hooks.push(p);
+    }
+    if let Some(e) = &mut eval {
+        hooks.push(e);
+    }
+    let report = trainer.fit_with_hooks(&task, &mut source, heldout.as_ref(), &mut hooks)?;
     Ok(VisionRunSummary {
         run: RunSummary::new(out, &report, par.rank),
         previews: preview_dir,
     })
+}
+
+/// Takes the held-out images (`data.heldout_fraction`, by a seeded hash of each image's global
+/// row index) out of `loaded`; returns them.
+fn split_heldout(loaded: &mut LoadedImages, cfg: &VisionConfig) -> Result<ImageSet> {
+    let frac = cfg.data.heldout_fraction;
+    if !(0.0..1.0).contains(&frac) {
+        return Err(VisionError::Config(format!(
+            "data.heldout_fraction = {frac}: must be in [0, 1)"
+        )));
+    }
+    let (held, kept): (Vec<usize>, Vec<usize>) = (0..loaded.rows.len())
+        .partition(|&i| frac > 0.0 && is_heldout(loaded.rows[i], cfg.train.seed, frac));
+    let held_set = loaded.images.select(&held);
+    if !held.is_empty() {
+        loaded.images = loaded.images.select(&kept);
+        loaded.ids = kept.iter().map(|&i| loaded.ids[i].clone()).collect();
+        loaded.rows = kept.iter().map(|&i| loaded.rows[i]).collect();
+        loaded.labels = loaded
+            .labels
+            .take()
+            .map(|l| kept.iter().map(|&i| l[i]).collect());
+    }
+    Ok(held_set)
 }
