@@ -55,6 +55,13 @@ pub enum CoreError {
         /// The last gradient norm seen.
         grad_norm: f64,
     },
+    /// Every step of the run was skipped for a non-finite loss or gradient, so the model is
+    /// the untrained one; no final checkpoint is written.
+    #[error("no update was applied: all {steps} steps had a non-finite loss or gradient and were skipped, so the model is untrained; check the data for empty or all-missing examples, or lower the learning rate")]
+    NoUpdate {
+        /// Steps run (all skipped).
+        steps: u64,
+    },
     /// Training kept diverging after the configured number of rollbacks.
     #[error("training diverged at step {step} (loss {loss:.4e}, moving average {average:.4e}) after {rollbacks} rollbacks; lower train.lr")]
     Diverged {

@@ -170,6 +170,14 @@ impl ParamStore {
                         ));
                     }
                     let t = t.to_dtype(param.var.dtype())?.to_device(&self.device)?;
+                    // x * 0 is 0 for every finite x and NaN for NaN and infinity.
+                    let sum = t.affine(0.0, 0.0)?.sum_all()?.to_dtype(DType::F64)?;
+                    if !sum.to_scalar::<f64>()?.is_finite() {
+                        return Err(CoreError::checkpoint(
+                            source,
+                            format!("parameter `{name}` holds non-finite values (NaN or infinity)"),
+                        ));
+                    }
                     param.var.set(&t)?;
                     report.loaded.push(name.clone());
                 }
@@ -404,5 +412,23 @@ mod tests {
         missing.builder(0).get("v", 2, Init::Zeros).unwrap();
         let err = missing.load_safetensors(&path).unwrap_err().to_string();
         assert!(err.contains("`v`"), "{err}");
+    }
+
+    #[test]
+    fn non_finite_weights_in_a_file_are_refused_naming_the_file_and_parameter() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let store = ParamStore::new(&Device::Cpu);
+        store.builder(0).get("w", (2, 2), Init::Zeros).unwrap();
+        let nan = Tensor::new(&[[0f32, f32::NAN], [1.0, 2.0]], &Device::Cpu).unwrap();
+        store.get("w").unwrap().set(&nan).unwrap();
+        store.save_safetensors(&path).unwrap();
+        let other = ParamStore::new(&Device::Cpu);
+        other.builder(1).get("w", (2, 2), Init::Zeros).unwrap();
+        let err = other.load_safetensors(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("m.safetensors") && err.contains("`w`") && err.contains("non-finite"),
+            "{err}"
+        );
     }
 }

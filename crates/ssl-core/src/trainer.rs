@@ -1033,6 +1033,15 @@ impl<'r, T: PretextTask> Run<'r, T> {
     /// The end of the run: the final checkpoint (unless the last step has one), the report,
     /// the plot, the end hooks, and a barrier so no rank leaves before the others.
     fn finish(mut self, hooks: &mut [&mut dyn TrainHook<T>]) -> Result<TrainReport> {
+        // A run whose every step was skipped (this session's and any before a resume) applied
+        // no update: its model is the initial one, which no checkpoint should pass off as
+        // trained.
+        if self.state.step > self.report.start_step && self.guard.skipped >= self.state.step {
+            self.progress.finish();
+            return Err(CoreError::NoUpdate {
+                steps: self.state.step,
+            });
+        }
         if self.last_saved_step != Some(self.state.step) {
             if let Some(path) = self.save()? {
                 for hook in hooks.iter_mut() {

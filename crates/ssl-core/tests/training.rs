@@ -238,6 +238,37 @@ fn non_finite_steps_are_skipped_and_too_many_stop_with_a_clear_error() {
 }
 
 #[test]
+fn a_run_whose_every_step_was_skipped_fails_without_a_checkpoint() {
+    let (ex, _) = waves(48, 3);
+    let (_, inner) = masked_task(1, 0.0);
+    // Fewer steps than `max_nonfinite_in_a_row`: the in-a-row guard never fires.
+    let task = Sabotage {
+        inner,
+        calls: Cell::new(0),
+        nan_at: (1..100).collect(),
+        spike_at: vec![],
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let err = LoopTrainer::new(quick_train(3), Some(dir.path().to_path_buf()))
+        .unwrap()
+        .fit(&task, &mut source(ex, 16, true), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no update was applied") && err.contains("all 3 steps"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("checkpoints").exists()
+            || std::fs::read_dir(dir.path().join("checkpoints"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "no checkpoint of an untrained model"
+    );
+}
+
+#[test]
 fn divergence_rolls_back_to_the_last_checkpoint_with_a_lower_learning_rate() {
     let (ex, _) = waves(48, 4);
     let (_, inner) = masked_task(2, 0.0);

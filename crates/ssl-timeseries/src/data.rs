@@ -87,7 +87,14 @@ pub fn read_series_with<P: AsRef<Path>>(
         }
         series.push(SeqExample::new(values, steps, c)?);
     }
-    let labels = match label_column {
+    let keep = empty_series_policy(
+        &series,
+        batch.ids(),
+        &table.row_index,
+        column,
+        options.skip_bad_rows,
+    )?;
+    let labels: Option<Vec<String>> = match label_column {
         None => None,
         Some(name) => {
             let lb = batch.label_column(name)?;
@@ -105,13 +112,87 @@ pub fn read_series_with<P: AsRef<Path>>(
             )
         }
     };
+    let pick = |i: &usize| keep.is_empty() || keep[*i];
+    let series = series
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| pick(i))
+        .map(|(_, s)| s)
+        .collect();
+    let kept = |v: &[String]| -> Vec<String> {
+        v.iter()
+            .enumerate()
+            .filter(|(i, _)| pick(i))
+            .map(|(_, s)| s.clone())
+            .collect()
+    };
+    let labels = labels.map(|l| kept(&l));
+    let ids = kept(batch.ids());
+    let row_index = (table.row_index.iter().enumerate())
+        .filter(|(i, _)| pick(i))
+        .map(|(_, r)| *r)
+        .collect();
     Ok(SeriesSet {
         series,
-        ids: batch.ids().to_vec(),
+        ids,
         labels,
-        row_index: table.row_index.clone(),
+        row_index,
         share: table.share.clone(),
     })
+}
+
+/// Empty series (no steps) and series without one observed value (every step NaN or null)
+/// carry nothing to learn or embed: an error naming the row, or, with `skip_bad_rows`, a
+/// count on stderr. Returns which series to keep (empty when all are).
+fn empty_series_policy(
+    series: &[SeqExample],
+    ids: &[String],
+    row_index: &[usize],
+    column: &str,
+    skip_bad_rows: bool,
+) -> Result<Vec<bool>> {
+    let why = |s: &SeqExample| {
+        if s.steps == 0 {
+            Some("is empty (no steps)")
+        } else if !s.values.iter().any(|v| v.is_finite()) {
+            Some("has no observed value (every step is NaN or null)")
+        } else {
+            None
+        }
+    };
+    let bad: Vec<usize> = (0..series.len())
+        .filter(|&i| why(&series[i]).is_some())
+        .collect();
+    let Some(&first) = bad.first() else {
+        return Ok(Vec::new());
+    };
+    let name = |i: usize| {
+        let id = ids.get(i).map_or("?", String::as_str);
+        match row_index.get(i) {
+            Some(r) => format!("`{id}` (row {r})"),
+            None => format!("`{id}`"),
+        }
+    };
+    if !skip_bad_rows {
+        return Err(TsError::InvalidInput(format!(
+            "column `{column}`: the series of row {} {}; set data.skip_bad_rows = true to skip such rows ({} in all)",
+            name(first),
+            why(&series[first]).unwrap_or_default(),
+            bad.len()
+        )));
+    }
+    let shown: Vec<String> = bad.iter().take(5).map(|&i| name(i)).collect();
+    eprintln!(
+        "skipped {} empty or all-missing series in column `{column}`: {}{}",
+        bad.len(),
+        shown.join(", "),
+        if bad.len() > 5 { ", ..." } else { "" }
+    );
+    let mut keep = vec![true; series.len()];
+    for i in bad {
+        keep[i] = false;
+    }
+    Ok(keep)
 }
 
 /// Reads one long univariate series stored one observation per row (numeric column, file and

@@ -144,3 +144,63 @@ fn ts2vec_needs_a_per_timestep_encoder() {
         "{err}"
     );
 }
+
+/// Five series: rows 1 (empty) and 3 (every value null) carry nothing.
+fn series_with_empty_rows(path: &Path) -> Vec<String> {
+    let mut x = ListBuilder::new(Float32Builder::new());
+    let mut labels = Vec::new();
+    for i in 0..5 {
+        match i {
+            1 => {}
+            3 => {
+                for _ in 0..32 {
+                    x.values().append_null();
+                }
+            }
+            _ => {
+                let v: Vec<f32> = (0..32).map(|t| ((t + i) as f32 / 4.0).sin()).collect();
+                x.values().append_slice(&v);
+            }
+        }
+        x.append(true);
+        labels.push(["a", "b"][i % 2]);
+    }
+    let labels: ArrayRef = Arc::new(StringArray::from(labels));
+    write(path, vec![("x", Arc::new(x.finish())), ("label", labels)]);
+    vec![path.display().to_string()]
+}
+
+#[test]
+fn empty_and_all_missing_series_are_errors_or_skipped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = series_with_empty_rows(&dir.path().join("d.parquet"));
+    let err = ssl_timeseries::read_series(&data, "x", Some("label"), None, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("row 1") && err.contains("empty") && err.contains("data.skip_bad_rows"),
+        "{err}"
+    );
+    let set = ssl_timeseries::read_series(&data, "x", Some("label"), None, true).unwrap();
+    assert_eq!(set.series.len(), 3);
+    assert_eq!(set.row_index, [0, 2, 4]);
+    assert_eq!(set.labels.unwrap(), ["a", "a", "a"]);
+    assert_eq!(set.ids.len(), 3);
+
+    // The pipelines refuse them too (embed as well as pretrain).
+    let mut cfg = FeaturesConfig::default();
+    (cfg.train.max_steps, cfg.train.batch_size) = (1, 4);
+    let err = features::pretrain(cfg, &data, &dir.path().join("run"), &RunOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("skip_bad_rows"), "{err}");
+    let mut cfg = TimeseriesConfig::default();
+    cfg.train.max_steps = 1;
+    let err = timeseries::pretrain(cfg, &data, &dir.path().join("r2"), &RunOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no observed value") || err.contains("empty"),
+        "{err}"
+    );
+}

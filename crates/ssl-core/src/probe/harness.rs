@@ -28,6 +28,52 @@ pub struct ProbeScores {
     pub n_test: usize,
     /// Classes (over train and test).
     pub n_classes: usize,
+    /// Test rows whose class never occurs in the training rows: no probe can predict them,
+    /// so they count as errors (absent from the JSON when 0).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub unseen_test_rows: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// Test rows whose label does not occur among the training labels.
+pub fn unseen_test_rows<T: Ord>(train: &[T], test: &[T]) -> usize {
+    let seen: std::collections::BTreeSet<&T> = train.iter().collect();
+    test.iter().filter(|l| !seen.contains(l)).count()
+}
+
+/// The warning an evaluation prints (once) when test labels never occur in training:
+/// `None` when every test label was seen. Names up to five such labels.
+pub fn unseen_labels_warning<T: Ord + std::fmt::Display>(
+    train: &[T],
+    test: &[T],
+) -> Option<String> {
+    let seen: std::collections::BTreeSet<&T> = train.iter().collect();
+    let unseen: std::collections::BTreeSet<&T> =
+        test.iter().filter(|l| !seen.contains(l)).collect();
+    if unseen.is_empty() {
+        return None;
+    }
+    let rows = unseen_test_rows(train, test);
+    let mut names: Vec<String> = unseen.iter().take(5).map(|l| format!("`{l}`")).collect();
+    if unseen.len() > 5 {
+        names.push(format!("and {} more", unseen.len() - 5));
+    }
+    Some(format!(
+        "warning: {rows} of {} test rows have labels never seen in training ({}): no probe can predict them, so they count as errors",
+        test.len(),
+        names.join(", ")
+    ))
+}
+
+/// Prints [`unseen_labels_warning`] to stderr when there is one; returns the unseen rows.
+pub fn warn_unseen_labels<T: Ord + std::fmt::Display>(train: &[T], test: &[T]) -> usize {
+    if let Some(w) = unseen_labels_warning(train, test) {
+        eprintln!("{w}");
+    }
+    unseen_test_rows(train, test)
 }
 
 /// Class ids of label strings: positions in the sorted union of the training and test
@@ -106,6 +152,7 @@ pub fn probe_scores(
         n_train: train.1.len(),
         n_test: test.1.len(),
         n_classes,
+        unseen_test_rows: unseen_test_rows(train.1, test.1),
     })
 }
 
@@ -161,5 +208,11 @@ mod tests {
         assert_eq!(s.linear, 0.5);
         let ids = ClassIds::new(&y, Some(&test_y));
         assert_eq!(ids.ids(&test_y), vec![1, 2]);
+        assert_eq!(s.unseen_test_rows, 1);
+        let w = unseen_labels_warning(&y, &test_y).unwrap();
+        assert!(w.contains("1 of 2 test rows") && w.contains("`eel`"), "{w}");
+        assert!(unseen_labels_warning(&y, &y).is_none());
+        let json = serde_json::to_value(probe_labelled((&x, &y), None, 2, 0).unwrap()).unwrap();
+        assert!(json.get("unseen_test_rows").is_none(), "{json}");
     }
 }

@@ -10,7 +10,7 @@ use candle_core::{DType, Device};
 use serde::Serialize;
 use serde_json::Value;
 use ssl_core::checkpoint::MODEL_FILE;
-use ssl_core::probe::{probe_labelled, ProbeScores};
+use ssl_core::probe::{probe_labelled, warn_unseen_labels, ProbeScores};
 use ssl_core::run_dir::{self, RunOptions, RunSummary};
 use ssl_core::seq::{InMemorySeqSource, SeqBatch, SeqExample};
 use ssl_core::{
@@ -259,6 +259,9 @@ impl Labelled {
         let train_labels = train.labels.ok_or_else(|| {
             TsError::Pipeline(format!("no labels read from column `{label_column}`"))
         })?;
+        if let Some((_, test_labels)) = &test {
+            warn_unseen_labels(&train_labels, test_labels);
+        }
         Ok(Labelled {
             train: train.examples,
             train_labels,

@@ -75,7 +75,9 @@ impl Default for VisionDataConfig {
 pub struct VisionTaskConfig {
     /// The task.
     pub kind: VisionTaskKind,
-    /// When positive, `train.lr = base_lr x batch_size x accum_steps / 256` (MAE's rule).
+    /// MAE's rule: when `train.lr` is 0 (the default), the learning rate is
+    /// `base_lr x batch x accum_steps / 256`, with the real batch (`train.batch_size` capped
+    /// by the images a rank holds). A positive `train.lr` is used as given instead.
     pub base_lr: f64,
     /// MAE settings.
     pub mae: MaeConfig,
@@ -136,7 +138,8 @@ impl Default for VisionConfig {
             train: TrainConfig {
                 max_steps: 800,
                 batch_size: 64,
-                lr: 1e-3,
+                // 0: from `task.base_lr` scaled by the batch (see `VisionConfig::complete`).
+                lr: 0.0,
                 warmup_steps: 40,
                 beta1: 0.9,
                 beta2: 0.95,
@@ -169,11 +172,12 @@ impl VisionConfig {
     /// Fills the data-dependent parts of the configuration and checks it: the model's
     /// channels and image size from `images` (a non-zero setting must agree), the
     /// normalisation statistics when `task.augment.mean` / `std` are empty, and
-    /// `train.lr` from `task.base_lr` when that is positive.
+    /// `train.lr` from `task.base_lr` when it is 0 ([`VisionConfig::lr_rule`]).
     ///
     /// `images` is this rank's share: with several ranks the normalisation statistics are
     /// taken over every rank's images (moments added over ranks), as one process would.
-    pub fn complete(&mut self, images: &ImageSet, par: &Parallel) -> Result<()> {
+    /// Returns how the learning rate was chosen, in words (the pipeline prints it).
+    pub fn complete(&mut self, images: &ImageSet, par: &Parallel) -> Result<String> {
         let [c, h, w] = images.shape;
         for (key, have, want) in [
             ("model.channels", self.model.channels, c),
@@ -199,16 +203,49 @@ impl VisionConfig {
                 aug.std = s;
             }
         }
-        if self.task.base_lr > 0.0 {
-            self.train.lr = scaled_lr(
-                self.task.base_lr,
-                self.train.batch_size,
-                self.train.accum_steps,
-            );
-        }
+        // The batch a step really takes (a rank's images cap it), averaged over ranks so
+        // every rank computes the same rate.
+        let local_batch = self.train.batch_size.min(images.len()) as f64;
+        let real_batch = (par.sum_f64(&[local_batch])?[0] / par.world.max(1) as f64).round();
+        let rule = self.choose_lr(real_batch as usize)?;
         self.model.validate()?;
         self.train.validate()?;
-        Ok(())
+        Ok(rule)
+    }
+
+    /// Sets `train.lr` from `task.base_lr` and `real_batch` when `train.lr` is 0; returns the
+    /// rule applied, in words. Negative or non-finite rates are refused by key.
+    fn choose_lr(&mut self, real_batch: usize) -> Result<String> {
+        let (lr, base) = (self.train.lr, self.task.base_lr);
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(VisionError::Config(format!(
+                "train.lr = {lr}: must be a positive number (or 0: task.base_lr x batch / 256)"
+            )));
+        }
+        if lr > 0.0 {
+            return Ok(format!(
+                "train.lr {lr:.3e} as given (task.base_lr not used)"
+            ));
+        }
+        if !(base.is_finite() && base > 0.0) {
+            return Err(VisionError::Config(format!(
+                "task.base_lr = {base}: must be a positive number when train.lr is 0 (or set train.lr)"
+            )));
+        }
+        let accum = self.train.accum_steps;
+        self.train.lr = scaled_lr(base, real_batch, accum);
+        let capped = if real_batch < self.train.batch_size {
+            format!(
+                " (train.batch_size {} capped by the images)",
+                self.train.batch_size
+            )
+        } else {
+            String::new()
+        };
+        Ok(format!(
+            "task.base_lr {base:.3e} x batch {real_batch}{capped} x accum_steps {accum} / 256 = {:.3e} (set train.lr to use a rate as given)",
+            self.train.lr
+        ))
     }
 
     /// Checks that `images` match the model's shape, with a message naming the setting.
@@ -225,5 +262,63 @@ impl VisionConfig {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` grey 14x14 images with varied pixels.
+    fn images(n: usize) -> ImageSet {
+        let data = (0..n * 196).map(|i| (i % 7) as f32 / 7.0).collect();
+        ImageSet::new(data, [1, 14, 14]).unwrap()
+    }
+
+    fn completed(cfg: &mut VisionConfig, n: usize) -> Result<String> {
+        cfg.complete(&images(n), &Parallel::single())
+    }
+
+    #[test]
+    fn an_explicit_train_lr_is_used_as_given() {
+        let mut cfg = VisionConfig::default();
+        cfg.train.lr = 0.25;
+        let rule = completed(&mut cfg, 10).unwrap();
+        assert_eq!(cfg.train.lr, 0.25);
+        assert!(rule.contains("as given"), "{rule}");
+    }
+
+    #[test]
+    fn the_default_rate_scales_base_lr_by_the_real_batch() {
+        let mut cfg = VisionConfig::default();
+        cfg.train.batch_size = 64;
+        let rule = completed(&mut cfg, 100).unwrap();
+        assert!((cfg.train.lr - cfg.task.base_lr * 64.0 / 256.0).abs() < 1e-12);
+        assert!(
+            rule.contains("task.base_lr") && rule.contains("batch 64"),
+            "{rule}"
+        );
+        // A batch larger than the data is capped by it, and the rate with it.
+        let mut cfg = VisionConfig::default();
+        cfg.train.batch_size = 1_000_000_000;
+        let rule = completed(&mut cfg, 10).unwrap();
+        assert!((cfg.train.lr - cfg.task.base_lr * 10.0 / 256.0).abs() < 1e-12);
+        assert!(rule.contains("capped"), "{rule}");
+    }
+
+    #[test]
+    fn negative_or_missing_rates_are_refused_by_key() {
+        let mut cfg = VisionConfig::default();
+        cfg.train.lr = -1.0;
+        let err = completed(&mut cfg, 10).unwrap_err().to_string();
+        assert!(err.contains("train.lr = -1"), "{err}");
+        let mut cfg = VisionConfig::default();
+        cfg.task.base_lr = -1.0;
+        let err = completed(&mut cfg, 10).unwrap_err().to_string();
+        assert!(err.contains("task.base_lr = -1"), "{err}");
+        let mut cfg = VisionConfig::default();
+        cfg.task.base_lr = 0.0;
+        let err = completed(&mut cfg, 10).unwrap_err().to_string();
+        assert!(err.contains("task.base_lr = 0"), "{err}");
     }
 }

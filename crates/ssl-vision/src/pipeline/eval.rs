@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use serde::Serialize;
-use ssl_core::probe::{probe_scores, probe_split, take_rows, ProbeScores};
+use ssl_core::probe::{probe_scores, probe_split, take_rows, warn_unseen_labels, ProbeScores};
 
 use super::config::VisionConfig;
 use super::embed::embed_images;
@@ -53,6 +53,13 @@ pub struct VisionEvalReport {
     pub random_init: FeatureProbe,
     /// The raw pixels, normalised with the run's mean and standard deviation.
     pub raw_pixels: FeatureProbe,
+    /// Test rows whose label never occurs in training (absent when 0; a warning is printed).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub unseen_test_rows: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// The images' pixels normalised per channel with `a.mean` / `a.std` (one value: every
@@ -131,6 +138,11 @@ pub fn eval(
         }
     };
     let n_classes = tr_y.iter().chain(&te_y).max().map_or(0, |m| m + 1);
+    let unseen_test_rows = if test.is_some() {
+        warn_unseen_labels(&tr_y, &te_y)
+    } else {
+        0
+    };
     let seed = cfg.train.seed;
     let probe = |tr: &[f32], te: &[f32], dim: usize| -> Result<FeatureProbe> {
         let s = probe_scores((tr, &tr_y), (te, &te_y), dim, n_classes, seed)?;
@@ -163,5 +175,6 @@ pub fn eval(
         pretrained,
         random_init,
         raw_pixels,
+        unseen_test_rows,
     })
 }

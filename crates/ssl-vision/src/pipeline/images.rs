@@ -55,6 +55,11 @@ fn load_images_of(
 ) -> Result<LoadedImages> {
     let resize = match cfg.resize.as_slice() {
         [] => None,
+        [h, w] if *h == 0 || *w == 0 => {
+            return Err(VisionError::Config(format!(
+                "data.resize = [{h}, {w}]: height and width must be at least 1 (or [] to keep the images' size)"
+            )))
+        }
         [h, w] => Some([*h, *w]),
         other => {
             return Err(VisionError::Config(format!(
@@ -178,6 +183,19 @@ mod tests {
             w.write(&batch).unwrap();
         }
         w.unwrap().close().unwrap();
+    }
+
+    #[test]
+    fn a_zero_resize_is_refused_by_key() {
+        let data = VisionDataConfig {
+            resize: vec![0, 0],
+            ..VisionDataConfig::default()
+        };
+        let Err(err) = load_images(&["missing.parquet".to_string()], &data, None) else {
+            panic!("a zero resize was accepted");
+        };
+        let err = err.to_string();
+        assert!(err.contains("data.resize = [0, 0]"), "{err}");
     }
 
     #[test]

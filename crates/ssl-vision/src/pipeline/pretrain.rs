@@ -62,7 +62,10 @@ pub fn pretrain(
     // The held-out split (`data.heldout_fraction`) by global row index, before the
     // normalisation statistics, which are the training images'.
     let held = split_heldout(&mut loaded, &cfg)?;
-    cfg.complete(&loaded.images, &par)?;
+    let lr_rule = cfg.complete(&loaded.images, &par)?;
+    if par.is_main() {
+        eprintln!("learning rate: {lr_rule}");
+    }
     if par.is_main() {
         run_dir::write_config(out, &cfg)?;
     }

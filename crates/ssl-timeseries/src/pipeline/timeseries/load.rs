@@ -39,7 +39,14 @@ pub(crate) fn load(
             Part::Test => (test, 1),
             Part::All => (series, d.stride),
         };
-        let examples = windows(&s, len, stride)?;
+        let mut examples = windows(&s, len, stride)?;
+        // Windows are the examples here: normalised one by one as rows are (forecasting
+        // normalises with RevIN instead).
+        if d.normalize && !forecast {
+            for e in &mut examples {
+                e.normalize_instance();
+            }
+        }
         let ids = (0..examples.len()).map(|i| format!("window:{i}")).collect();
         return Ok(Loaded {
             examples,
@@ -85,4 +92,44 @@ pub(crate) fn load(
         labels,
         sharded: par.is_some(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{ArrayRef, Float32Array};
+    use arrow::record_batch::RecordBatch;
+
+    use super::*;
+
+    #[test]
+    fn windows_of_a_long_column_are_normalised_when_data_normalize_is_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("long.parquet");
+        let y: Vec<f32> = (0..120)
+            .map(|t| 50.0 + 10.0 * (t as f32 / 5.0).sin())
+            .collect();
+        let batch =
+            RecordBatch::try_from_iter([("y", Arc::new(Float32Array::from(y)) as ArrayRef)])
+                .unwrap();
+        let file = std::fs::File::create(&path).unwrap();
+        let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        let paths = vec![path.display().to_string()];
+        let mut cfg = TimeseriesConfig::default();
+        cfg.data.long_column = "y".into();
+        (cfg.data.window, cfg.data.stride) = (32, 8);
+        let mean = |cfg: &TimeseriesConfig| {
+            let l = load(&paths, cfg, None, Part::Train, None).unwrap();
+            assert!(!l.examples.is_empty());
+            let v = &l.examples[0].values;
+            v.iter().map(|x| f64::from(*x)).sum::<f64>() / v.len() as f64
+        };
+        cfg.data.normalize = true;
+        assert!(mean(&cfg).abs() < 1e-4, "{}", mean(&cfg));
+        cfg.data.normalize = false;
+        assert!(mean(&cfg) > 40.0, "{}", mean(&cfg));
+    }
 }
