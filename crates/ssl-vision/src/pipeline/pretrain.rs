@@ -5,17 +5,14 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use ssl_core::run_dir::{self, RunOptions, RunSummary};
-use ssl_core::parse_device;
+use ssl_core::{heldout_task_loss, parse_device, HeldoutEval, HookCtx, TrainHook};
+use ssl_data::is_heldout;
 
 use super::config::VisionConfig;
-use super::images::load_rank_images;
+use super::images::{load_rank_images, LoadedImages};
 use super::previews::Previews;
 use super::task::{build_task, VisionTask};
 use crate::{ImageSet, InMemoryImageSource, Result, VisionError};
-use ssl_core::{heldout_task_loss, HeldoutEval, HookCtx, TrainHook};
-use crate::{ImageSet, InMemoryImageSource, Result, VisionError};
-use ssl_core::{heldout_task_loss, HeldoutEval, HookCtx, TrainHook};
-use ssl_data::is_heldout;
 
 /// What [`pretrain`] returns: the run's summary and where its previews are.
 #[derive(Debug, Clone, Serialize)]
