@@ -198,10 +198,39 @@ pub fn read_pairs_of(
         labels.push((l.clone(), batch.text(l)?.to_vec()));
     }
     let set = PairSet::new(images, captions, batch.ids().to_vec(), labels)?;
+    // A blank caption is a pair with nothing to match: an error naming the row, or skipped
+    // and counted with `data.skip_bad_rows`.
+    let blank: Vec<usize> = (0..set.len())
+        .filter(|&i| set.captions[i].trim().is_empty())
+        .collect();
+    let (set, row_index) = match blank.first() {
+        None => (set, table.row_index),
+        Some(&first) if !cols.skip_bad_rows => {
+            return Err(MultimodalError::InvalidInput(format!(
+                "column `{}`: the caption of row {} (`{}`) is empty ({} such rows); set data.skip_bad_rows = true to skip them",
+                cols.caption,
+                table.row_index.get(first).copied().unwrap_or(first),
+                set.ids[first],
+                blank.len()
+            )))
+        }
+        Some(_) => {
+            let keep: Vec<usize> = (0..set.len())
+                .filter(|&i| !set.captions[i].trim().is_empty())
+                .collect();
+            eprintln!(
+                "skipped {} pairs with an empty caption in column `{}`",
+                blank.len(),
+                cols.caption
+            );
+            let rows = keep.iter().map(|&i| table.row_index[i]).collect();
+            (set.select(&keep), rows)
+        }
+    };
     Ok(PairsRead {
         set,
         bad_rows: table.bad_rows,
-        row_index: table.row_index,
+        row_index,
         share: table.share,
     })
 }

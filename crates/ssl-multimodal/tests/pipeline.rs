@@ -185,3 +185,43 @@ fn images_over_data_max_image_pixels_are_refused_by_name() {
         "{err}"
     );
 }
+
+#[test]
+fn empty_captions_are_errors_or_skipped_with_skip_bad_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pairs = toy::toy_pairs(6, 16, 3).unwrap();
+    pairs.captions[2] = "  ".into();
+    let path = dir.path().join("pairs.parquet");
+    toy::write_parquet(&pairs, &path, 100).unwrap();
+    let paths = vec![path.to_string_lossy().into_owned()];
+    let mut cols = PairColumns {
+        resize: vec![16, 16],
+        ..PairColumns::default()
+    };
+    let err = read_pairs(&paths, &cols).unwrap_err().to_string();
+    assert!(
+        err.contains("row 2") && err.contains("empty") && err.contains("data.skip_bad_rows"),
+        "{err}"
+    );
+    cols.skip_bad_rows = true;
+    let r = read_pairs_of(&paths, &cols, 0, 1).unwrap();
+    assert_eq!(r.set.len(), 5);
+    assert_eq!(r.row_index, [0, 1, 3, 4, 5]);
+}
+
+#[test]
+fn a_single_training_pair_is_refused_naming_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("one.parquet");
+    toy::write_parquet(&toy::toy_pairs(1, 16, 3).unwrap(), &path, 100).unwrap();
+    let paths = vec![path.to_string_lossy().into_owned()];
+    let mut cfg = tiny_config();
+    cfg.data.heldout_fraction = 0.0;
+    let err = pretrain(cfg, &paths, &dir.path().join("run"), &RunOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("at least 2 pairs") && err.contains("1 training pair"),
+        "{err}"
+    );
+}

@@ -111,6 +111,9 @@ pub struct TokenizerConfig {
     /// square of a word's length (0: no limit).
     #[serde(default = "default_max_word_chars")]
     pub max_word_chars: usize,
+    /// Skip (and count on stderr) rows whose text cannot be read (nulls, wrong types)
+    /// instead of stopping at the first.
+    pub skip_bad_rows: bool,
 }
 
 impl Default for TokenizerConfig {
@@ -124,6 +127,7 @@ impl Default for TokenizerConfig {
             strip_accents: false,
             max_docs: 0,
             max_word_chars: DEFAULT_MAX_WORD_CHARS,
+            skip_bad_rows: false,
         }
     }
 }
@@ -329,6 +333,17 @@ impl TextStream {
         max_docs: usize,
         skip: impl Fn(usize) -> bool + Send + 'static,
     ) -> Result<Self> {
+        Self::open_with(paths, column, max_docs, false, skip)
+    }
+
+    /// [`TextStream::open`] that skips (and reports) unreadable rows when `skip_bad_rows`.
+    pub fn open_with(
+        paths: &[String],
+        column: &str,
+        max_docs: usize,
+        skip_bad_rows: bool,
+        skip: impl Fn(usize) -> bool + Send + 'static,
+    ) -> Result<Self> {
         let source = ParquetSource::open(paths)?;
         let config = LoaderConfig {
             columns: vec![ColumnSpec::text(column)],
@@ -336,6 +351,7 @@ impl TextStream {
             shuffle: false,
             epochs: Some(1),
             prefetch: 2,
+            skip_bad_rows,
             ..LoaderConfig::default()
         };
         source.check_columns(&config.columns)?;
@@ -418,16 +434,32 @@ pub fn train_from_parquet(
     skip: impl Fn(usize) -> bool + Send + 'static,
 ) -> Result<Tokenizer> {
     cfg.validate()?;
-    let mut stream = TextStream::open(paths, column, cfg.max_docs, skip)?;
+    let mut stream = TextStream::open_with(paths, column, cfg.max_docs, cfg.skip_bad_rows, skip)?;
     let (mut tok, mut trainer) = untrained(cfg)?;
+    // Documents with a non-blank character: a tokenizer trained on none would hold only the
+    // special tokens.
+    let (seen, with_text) = (AtomicUsize::new(0), AtomicUsize::new(0));
     let split = AtomicUsize::new(0);
     let texts = stream
         .texts()
+        .inspect(|t| {
+            seen.fetch_add(1, Ordering::Relaxed);
+            if !t.trim().is_empty() {
+                with_text.fetch_add(1, Ordering::Relaxed);
+            }
+        })
         .map(|t| limit_words(&t, cfg.max_word_chars, &split));
     let trained = tok.train(&mut trainer, texts).map(|_| ());
     stream.finish()?;
     trained.map_err(TextError::tok)?;
     report_split(&split, cfg.max_word_chars);
+    if with_text.load(Ordering::Relaxed) == 0 {
+        return Err(TextError::InvalidInput(format!(
+            "no text to train the tokenizer on: column `{column}` of {} holds {} documents, all empty or blank",
+            paths.join(", "),
+            seen.load(Ordering::Relaxed)
+        )));
+    }
     finish(&mut tok)?;
     Ok(tok)
 }

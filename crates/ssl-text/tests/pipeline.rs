@@ -163,3 +163,75 @@ fn pretrain_resume_embed_and_eval_with_labels() {
     let v = serde_json::to_value(eval(&ckpt, &cfg, &data, &[], Some("nope")).unwrap()).unwrap();
     assert!(v.get("knn_accuracy").is_none() && v["perplexity"].as_f64().unwrap() > 1.0);
 }
+
+/// A Parquet file with one text column `text` holding `texts` (None: null).
+fn write_texts(path: &Path, texts: Vec<Option<&str>>) -> Vec<String> {
+    let batch =
+        RecordBatch::try_from_iter([("text", Arc::new(StringArray::from(texts)) as ArrayRef)])
+            .unwrap();
+    let file = std::fs::File::create(path).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    vec![path.display().to_string()]
+}
+
+#[test]
+fn a_tokenizer_is_not_trained_on_empty_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_texts(
+        &dir.path().join("e.parquet"),
+        vec![Some(""), Some("  "), Some("")],
+    );
+    let cfg = ssl_text::TokenizerConfig {
+        vocab_size: 100,
+        ..Default::default()
+    };
+    let err = ssl_text::train_from_parquet(&data, "text", &cfg, |_| false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no text to train the tokenizer on") && err.contains("3 documents"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_one_document_set_names_the_hold_out_as_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_texts(
+        &dir.path().join("one.parquet"),
+        vec![Some("the kernel driver")],
+    );
+    let mut cfg = tiny();
+    cfg.data.heldout_fraction = 0.5;
+    // A seed whose hold-out takes row 0, the only document.
+    cfg.train.seed = (0..1000)
+        .find(|&s| ssl_data::is_heldout(0, s, 0.5))
+        .unwrap();
+    let err = pretrain(cfg, &data, &dir.path().join("run"), &RunOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("held out") && err.contains("data.heldout_fraction"),
+        "{err}"
+    );
+}
+
+#[test]
+fn data_skip_bad_rows_skips_null_texts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_texts(
+        &dir.path().join("n.parquet"),
+        vec![Some("a kernel"), None, Some("a driver")],
+    );
+    let mut cfg = ssl_text::DataConfig::default();
+    let err = ssl_text::read_docs(&data, &cfg, None, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("skip_bad_rows"), "{err}");
+    cfg.skip_bad_rows = true;
+    let docs = ssl_text::read_docs(&data, &cfg, None, false).unwrap();
+    assert_eq!(docs.texts, ["a kernel", "a driver"]);
+    assert_eq!(docs.rows, [0, 2]);
+}

@@ -56,6 +56,7 @@ pub fn pretrain(
         path: out.to_path_buf(),
         source: e,
     })?;
+    check_pairs_per_step(train.len(), heldout.len(), &cfg, &par)?;
     let tok = shared_tokenizer(&mut cfg, &train.captions, out, opts.resume, &par)?;
     complete_config(&mut cfg, &train.images, &tok, &par)?;
     if par.is_main() {
@@ -111,4 +112,35 @@ pub fn pretrain(
         run: RunSummary::new(out, &report, rank),
         logit_scale: model.logit_scale_value()?,
     })
+}
+
+/// Contrastive training needs at least 2 pairs per step: a lone pair has no negative, so its
+/// loss is 0 and nothing is learned. Refuses fewer training pairs (over every rank), or a
+/// batch of 1, naming the cause.
+fn check_pairs_per_step(
+    train: usize,
+    held: usize,
+    cfg: &MultimodalConfig,
+    par: &ssl_core::Parallel,
+) -> Result<()> {
+    let step = train.min(cfg.train.batch_size);
+    let n = par.sum_f64(&[train as f64, held as f64, step as f64])?;
+    let (n_train, n_held, n_step) = (n[0] as usize, n[1] as usize, n[2] as usize);
+    if n_step >= 2 {
+        return Ok(());
+    }
+    let why = if n_train < 2 {
+        format!(
+            "{n_train} training pair(s) ({n_held} held out by data.heldout_fraction = {}); add pairs",
+            cfg.data.heldout_fraction
+        )
+    } else {
+        format!(
+            "train.batch_size = {}; set it to 2 or more",
+            cfg.train.batch_size
+        )
+    };
+    Err(MultimodalError::InvalidInput(format!(
+        "contrastive training needs at least 2 pairs per step (a lone pair has no negative, so its loss is 0): {why}"
+    )))
 }

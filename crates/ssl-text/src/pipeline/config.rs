@@ -28,6 +28,9 @@ pub struct DataConfig {
     /// `[[start, end], ...]` in characters, end exclusive ("" = none; null or "" = no spans).
     /// Used with `entity_terms` when both are given.
     pub entity_column: String,
+    /// Skip (and count on stderr) rows that cannot be read (a null or non-text cell)
+    /// instead of stopping at the first, here and in tokenizer training.
+    pub skip_bad_rows: bool,
 }
 
 impl Default for DataConfig {
@@ -41,6 +44,7 @@ impl Default for DataConfig {
             heldout_max_seqs: 512,
             entity_terms: Vec::new(),
             entity_column: String::new(),
+            skip_bad_rows: false,
         }
     }
 }

@@ -74,10 +74,20 @@ pub fn read_docs_of(
     if entities {
         cols.push(ColumnSpec::text(&cfg.entity_column));
     }
-    let options = par.map_or_else(ReadOptions::default, |p| {
-        ReadOptions::for_rank(p.rank, p.world, false)
-    });
+    let options = par.map_or_else(
+        || ReadOptions {
+            skip_bad_rows: cfg.skip_bad_rows,
+            ..ReadOptions::default()
+        },
+        |p| ReadOptions::for_rank(p.rank, p.world, cfg.skip_bad_rows),
+    );
     let table = read_all(paths, &cols, &options)?;
+    if table.bad_rows.count > 0 {
+        eprintln!(
+            "skipped {} bad rows: {}",
+            table.bad_rows.count, table.bad_rows
+        );
+    }
     if let Some(p) = par {
         table
             .share

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use serde::Serialize;
-use ssl_core::probe::probe_labelled;
+use ssl_core::probe::{probe_labelled, warn_unseen_labels};
 
 use super::config::TextConfig;
 use super::docs::read_docs;
@@ -32,6 +32,13 @@ pub struct TextProbeReport {
     pub pooling: Pooling,
     /// The hidden state pooled (`embed.layer`).
     pub layer: i64,
+    /// Test rows whose label never occurs in training (absent when 0; a warning is printed).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub unseen_test_rows: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// What `ssl eval text` prints, as one JSON object (these keys).
@@ -95,6 +102,9 @@ pub fn eval(
         } else {
             Some(read_docs(test, &l.cfg.data, Some(&label), false)?)
         };
+        if let Some(test_labels) = test_docs.as_ref().and_then(|t| t.labels.as_ref()) {
+            warn_unseen_labels(&train_labels, test_labels);
+        }
         let (emb, dim) = l.embed_texts(&docs.texts)?;
         let test_set = match &test_docs {
             Some(t) => Some((
@@ -118,6 +128,7 @@ pub fn eval(
             embedding_dim: dim,
             pooling: l.cfg.embed.pooling,
             layer: l.cfg.embed.layer,
+            unseen_test_rows: scores.unseen_test_rows,
         });
     }
     Ok(report)

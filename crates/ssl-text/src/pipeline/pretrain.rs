@@ -7,7 +7,7 @@ use candle_core::Device;
 use serde::Serialize;
 use ssl_core::checkpoint::MODEL_FILE;
 use ssl_core::run_dir::{self, RunOptions, RunSummary};
-use ssl_core::{parse_device, ParamStore, Trainer};
+use ssl_core::{parse_device, Parallel, ParamStore, Trainer};
 use ssl_core::{EvalFigures, HeldoutEval, HookCtx};
 use ssl_data::is_heldout;
 use tokenizers::Tokenizer;
@@ -156,6 +156,7 @@ pub fn pretrain(
             train_ents.push(e);
         }
     }
+    check_training_docs(&train_docs, held_docs.len(), frac, &par)?;
     // Tokenizer: the checkpoint's, a given file, or trained on the training documents. With
     // several ranks rank 0 alone makes it (training on its own share of the training
     // documents) and sends it to the others, so every rank uses the same one.
@@ -271,4 +272,29 @@ pub fn pretrain(
     export_hf_dir(&cfg.model.config, &store, &tok, &hf)?;
     summary.hf = Some(hf);
     Ok(summary)
+}
+
+/// Refuses a run with nothing to train on, naming the cause: no documents, every training
+/// document held out (`data.heldout_fraction` took them all, as with a one-document set), or
+/// every training document empty. Counts are over every rank.
+fn check_training_docs(train: &[String], held: usize, frac: f64, par: &Parallel) -> Result<()> {
+    let with_text = train.iter().filter(|t| !t.trim().is_empty()).count();
+    let n = par.sum_f64(&[train.len() as f64, held as f64, with_text as f64])?;
+    let (n_train, n_held, n_text) = (n[0] as usize, n[1] as usize, n[2] as usize);
+    if n_text > 0 {
+        return Ok(());
+    }
+    let why = if n_train + n_held == 0 {
+        "the data holds no documents".to_string()
+    } else if n_train == 0 {
+        format!(
+            "all {n_held} documents were held out for perplexity (data.heldout_fraction = {frac}); \
+             add documents or set data.heldout_fraction = 0"
+        )
+    } else {
+        format!("all {n_train} training documents are empty or blank")
+    };
+    Err(TextError::InvalidInput(format!(
+        "nothing to train on: {why}"
+    )))
 }

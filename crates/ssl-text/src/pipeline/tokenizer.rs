@@ -51,6 +51,7 @@ pub fn make_tokenizer(
     let (seed, frac, max_docs) = (cfg.train.seed, cfg.data.heldout_fraction, cfg.data.max_docs);
     let train_cfg = TokenizerConfig {
         max_docs: 0,
+        skip_bad_rows: cfg.tokenizer.train.skip_bad_rows || cfg.data.skip_bad_rows,
         ..cfg.tokenizer.train.clone()
     };
     let t0 = std::time::Instant::now();
