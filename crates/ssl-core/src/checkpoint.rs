@@ -134,11 +134,44 @@ impl CheckpointManager {
         }
         fs::create_dir_all(&self.dir).map_err(|e| CoreError::io("creating", &self.dir, e))?;
         let name = step_name(state.step);
-        let tmp = self.dir.join(format!(".tmp-{name}-{}", std::process::id()));
+        let tmp = self.dir.join(format!(
+            "{TMP_PREFIX}{:08}-{}",
+            state.step,
+            std::process::id()
+        ));
         if tmp.exists() {
             fs::remove_dir_all(&tmp).map_err(|e| CoreError::io("removing", &tmp, e))?;
         }
         fs::create_dir(&tmp).map_err(|e| CoreError::io("creating", &tmp, e))?;
+        let written = Self::write_into(&tmp, params, optimizer, state);
+        if written.is_err() {
+            // A failed write (a full disk) leaves no temporary folder behind.
+            let _ = fs::remove_dir_all(&tmp);
+        }
+        written?;
+        let final_dir = self.path_for(state.step);
+        if final_dir.exists() {
+            let doomed = self
+                .dir
+                .join(format!("{DEL_PREFIX}{name}-{}", std::process::id()));
+            fs::rename(&final_dir, &doomed)
+                .map_err(|e| CoreError::io("replacing", &final_dir, e))?;
+            remove_tree(&doomed)?;
+        }
+        fs::rename(&tmp, &final_dir)
+            .map_err(|e| CoreError::io("renaming into place", &final_dir, e))?;
+        fsync_path(&self.dir)?;
+        self.prune()?;
+        Ok(final_dir)
+    }
+
+    /// The three files of a checkpoint, each fsynced, and the folder.
+    fn write_into(
+        tmp: &Path,
+        params: &ParamStore,
+        optimizer: &AdamW,
+        state: &TrainerState,
+    ) -> Result<()> {
         let model = tmp.join(MODEL_FILE);
         params.save_safetensors(&model)?;
         fsync_path(&model)?;
@@ -151,17 +184,7 @@ impl CheckpointManager {
             source,
         })?;
         write_synced(&state_path, &json)?;
-        fsync_path(&tmp)?;
-        let final_dir = self.path_for(state.step);
-        if final_dir.exists() {
-            fs::remove_dir_all(&final_dir)
-                .map_err(|e| CoreError::io("replacing", &final_dir, e))?;
-        }
-        fs::rename(&tmp, &final_dir)
-            .map_err(|e| CoreError::io("renaming into place", &final_dir, e))?;
-        fsync_path(&self.dir)?;
-        self.prune()?;
-        Ok(final_dir)
+        fsync_path(tmp)
     }
 
     /// Complete checkpoints, oldest first.
@@ -198,25 +221,144 @@ impl CheckpointManager {
         Ok(self.list()?.pop().map(|(_, p)| p))
     }
 
-    fn prune(&self) -> Result<()> {
+    /// Checkpoint folders (`step-N`) that lack one of the three files, oldest first, with
+    /// the files they lack.
+    pub fn incomplete(&self) -> Result<Vec<(u64, PathBuf, Vec<&'static str>)>> {
+        let mut out = Vec::new();
+        for (step, p) in self.step_dirs()? {
+            let missing: Vec<&'static str> = [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE]
+                .into_iter()
+                .filter(|f| !p.join(f).is_file())
+                .collect();
+            if !missing.is_empty() {
+                out.push((step, p, missing));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every `step-N` folder, complete or not, oldest first.
+    fn step_dirs(&self) -> Result<Vec<(u64, PathBuf)>> {
+        if !self.dir.exists() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        let entries =
+            fs::read_dir(&self.dir).map_err(|e| CoreError::io("listing", &self.dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| CoreError::io("listing", &self.dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(step) = name
+                .strip_prefix("step-")
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                out.push((step, entry.path()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Repairs what a crash can leave (call once at the start of a run, by the one process
+    /// that writes checkpoints): temporary folders of interrupted writes and deletions,
+    /// incomplete checkpoint folders older than the newest complete one (a deletion cut
+    /// short), and complete checkpoints beyond the newest `keep_last` (a rotation cut short).
+    /// An incomplete folder newer than every complete checkpoint is left alone and reported
+    /// as skipped. Returns one line for each thing done or skipped.
+    pub fn recover(&self) -> Result<Vec<String>> {
+        let mut notes = Vec::new();
+        if !self.dir.exists() {
+            return Ok(notes);
+        }
+        let entries =
+            fs::read_dir(&self.dir).map_err(|e| CoreError::io("listing", &self.dir, e))?;
+        let mut stale: Vec<PathBuf> = entries
+            .flatten()
+            .filter(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.starts_with(TMP_PREFIX) || n.starts_with(DEL_PREFIX)
+            })
+            .map(|e| e.path())
+            .collect();
+        stale.sort();
+        for p in stale {
+            remove_tree(&p)?;
+            notes.push(format!(
+                "removed {}, left by an interrupted checkpoint write or rotation",
+                p.display()
+            ));
+        }
+        let newest = self.list()?.last().map(|(s, _)| *s);
+        for (step, p, missing) in self.incomplete()? {
+            if newest.is_some_and(|n| step < n) {
+                remove_tree(&p)?;
+                notes.push(format!(
+                    "removed {}, an incomplete checkpoint (no {}) left by an interrupted rotation",
+                    p.display(),
+                    missing.join(", ")
+                ));
+            } else {
+                notes.push(format!(
+                    "skipping {}: incomplete checkpoint (no {})",
+                    p.display(),
+                    missing.join(", ")
+                ));
+            }
+        }
+        for p in self.prune_excess()? {
+            notes.push(format!(
+                "removed {}, beyond the newest {} checkpoints (a rotation cut short)",
+                p.display(),
+                self.keep_last
+            ));
+        }
+        Ok(notes)
+    }
+
+    /// Removes complete checkpoints beyond the newest `keep_last`, oldest first; each is
+    /// renamed out of the `step-N` namespace before it is deleted, so a crash mid-deletion
+    /// never leaves a `step-N` folder that looks like a checkpoint. Returns what was removed.
+    fn prune_excess(&self) -> Result<Vec<PathBuf>> {
         let all = self.list()?;
         let excess = all.len().saturating_sub(self.keep_last);
-        for (_, p) in all.into_iter().take(excess) {
-            fs::remove_dir_all(&p).map_err(|e| CoreError::io("removing old checkpoint", &p, e))?;
+        let mut removed = Vec::new();
+        for (step, p) in all.into_iter().take(excess) {
+            let doomed = self.dir.join(format!(
+                "{DEL_PREFIX}{}-{}",
+                step_name(step),
+                std::process::id()
+            ));
+            fs::rename(&p, &doomed).map_err(|e| CoreError::io("removing old checkpoint", &p, e))?;
+            remove_tree(&doomed)?;
+            removed.push(p);
         }
+        Ok(removed)
+    }
+
+    fn prune(&self) -> Result<()> {
+        self.prune_excess()?;
         // Leftovers of interrupted writes by this or earlier processes.
         if let Ok(entries) = fs::read_dir(&self.dir) {
             for entry in entries.flatten() {
-                if entry
-                    .file_name()
-                    .to_string_lossy()
-                    .starts_with(".tmp-step-")
-                {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(TMP_PREFIX) || name.starts_with(DEL_PREFIX) {
                     let _ = fs::remove_dir_all(entry.path());
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// Name prefix of a checkpoint being written.
+const TMP_PREFIX: &str = ".tmp-step-";
+/// Name prefix of a checkpoint being deleted.
+const DEL_PREFIX: &str = ".del-";
+
+fn remove_tree(p: &Path) -> Result<()> {
+    match fs::remove_dir_all(p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(CoreError::io("removing", p, e)),
+        _ => Ok(()),
     }
 }
 

@@ -84,6 +84,15 @@ pub enum CoreError {
         /// The first parameter found with a non-finite value.
         name: String,
     },
+    /// The run directory cannot be used as asked (held by another process, nothing to
+    /// resume, checkpoints a fresh run would mix with).
+    #[error("run directory {path}: {message}", path = path.display())]
+    RunDir {
+        /// The run directory.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        message: String,
+    },
     /// A probe (linear / k-NN) failed.
     #[error(transparent)]
     Probe(#[from] crate::probe::ProbeError),

@@ -81,6 +81,7 @@ pub mod plot;
 pub mod probe;
 mod rng;
 pub mod run_dir;
+mod run_guard;
 pub mod seq;
 mod signal;
 mod task;

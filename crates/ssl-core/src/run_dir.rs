@@ -18,6 +18,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::checkpoint::{read_state, resolve_checkpoint};
+pub use crate::run_guard::{RunDir, LOCK_FILE};
 use crate::{
     CoreError, LoopTrainer, Parallel, Result, SharedCollective, StopFlag, TrainConfig, TrainReport,
 };
@@ -87,6 +88,13 @@ impl RunOptions {
             stop: StopFlag::from_signals()?,
             collective: None,
         })
+    }
+
+    /// Opens the run directory `out` for this run on `par`'s rank ([`RunDir::open`]: rank 0
+    /// creates and locks it): first thing a `pretrain` does after choosing its device,
+    /// before it writes anything.
+    pub fn run_dir(&self, out: &Path, par: &Parallel) -> Result<RunDir> {
+        RunDir::open(out, self.resume, par.is_main())
     }
 
     /// This process's place in the run and the device to train on.

@@ -595,7 +595,22 @@ impl<'r, T: PretextTask> Run<'r, T> {
             trainer.run_config.clone(),
         );
 
+        if let (Some(m), true) = (&manager, main) {
+            for note in m.recover()? {
+                eprintln!("{note}");
+            }
+        }
         let existing = latest_checkpoint(&manager)?;
+        if let (Some(m), None, true) = (&manager, &existing, trainer.resume) {
+            // Never a silent fresh start (which would also cut metrics.jsonl).
+            return Err(CoreError::RunDir {
+                path: trainer.out_dir.clone().unwrap_or_default(),
+                message: format!(
+                    "holds no complete checkpoint under {} to resume; train without resume to start afresh",
+                    m.dir().display()
+                ),
+            });
+        }
         if let (Some(found), false) = (&existing, trainer.resume) {
             return Err(CoreError::Config(format!(
                 "{} already holds checkpoints (newest {}): resume it or train into a new directory",

@@ -50,6 +50,7 @@ mod heldout;
 mod image_decode;
 mod loader;
 mod numeric;
+pub mod output;
 mod plan;
 mod position;
 mod read_all;

@@ -43,7 +43,7 @@ impl Default for EmbeddingWriterOptions {
 
 /// Streams embeddings into a Parquet file readable as is by pyarrow and pandas.
 ///
-/// Rows go to `<path>.tmp`; [`EmbeddingWriter::finish`] writes the footer and renames it to
+/// Rows go to a new temporary file beside `path`; [`EmbeddingWriter::finish`] writes the footer and renames it to
 /// `path`. Dropping the writer without `finish` removes the temporary file, so `path` only
 /// ever holds a complete file.
 pub struct EmbeddingWriter {
@@ -59,7 +59,8 @@ pub struct EmbeddingWriter {
 }
 
 impl EmbeddingWriter {
-    /// Creates `<path>.tmp` for embeddings of dimension `dim`, with key-value metadata (e.g.
+    /// Creates a temporary file beside `path` (refused when `path` exists and is not a regular
+    /// file) for embeddings of dimension `dim`, with key-value metadata (e.g.
     /// `model`, `checkpoint`, `pooling`); `dimension` is always added.
     pub fn create<K, V>(
         path: impl AsRef<Path>,
@@ -127,19 +128,15 @@ impl EmbeddingWriter {
                 meta.into_iter().map(|(k, v)| KeyValue::new(k, v)).collect(),
             ))
             .build();
-        let mut tmp = path.clone().into_os_string();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        let file = File::create(&tmp).map_err(|source| DataError::Io {
-            path: tmp.clone(),
-            source,
-        })?;
-        let writer = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|source| {
-            DataError::Parquet {
-                path: tmp.clone(),
-                source,
+        // Never through a link, device or directory at `path`: a new file beside it.
+        let (file, tmp) = crate::output::create_temp_beside(&path)?;
+        let writer = match ArrowWriter::try_new(file, schema.clone(), Some(props)) {
+            Ok(w) => w,
+            Err(source) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(DataError::Parquet { path: tmp, source });
             }
-        })?;
+        };
         Ok(Self {
             path,
             tmp,
@@ -219,25 +216,31 @@ impl EmbeddingWriter {
         Ok(())
     }
 
-    /// Writes the remaining rows and the footer, and renames `<path>.tmp` to `path`.
-    /// Returns the number of rows written.
+    /// Writes the remaining rows and the footer, and renames the temporary file to `path`
+    /// (still absent or a regular file). Returns the number of rows written. On failure the
+    /// temporary file is removed.
     pub fn finish(mut self) -> Result<usize, DataError> {
         self.flush()?;
         let tmp = self.tmp.clone();
         if let Some(w) = self.writer.take() {
-            let file = w.into_inner().map_err(|source| DataError::Parquet {
-                path: tmp.clone(),
-                source,
-            })?;
-            file.sync_all().map_err(|source| DataError::Io {
-                path: tmp.clone(),
-                source,
-            })?;
+            let synced = w
+                .into_inner()
+                .map_err(|source| DataError::Parquet {
+                    path: tmp.clone(),
+                    source,
+                })
+                .and_then(|file| {
+                    file.sync_all().map_err(|source| DataError::Io {
+                        path: tmp.clone(),
+                        source,
+                    })
+                });
+            if let Err(e) = synced {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
         }
-        std::fs::rename(&self.tmp, &self.path).map_err(|source| DataError::Io {
-            path: self.path.clone(),
-            source,
-        })?;
+        crate::output::move_into_place(&tmp, &self.path)?;
         Ok(self.rows_written)
     }
 }

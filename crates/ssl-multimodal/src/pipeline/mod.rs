@@ -45,5 +45,5 @@ pub use run::{build_model, stored_config, LoadedRun};
 pub use split::{
     eval_pairs, filter_scores, read_run_pairs, sharded_split, split_pairs, train_heldout,
 };
-pub use tokenizer::{run_tokenizer, shared_tokenizer};
+pub use tokenizer::{run_tokenizer, save_shared_tokenizer, shared_tokenizer};
 pub use towers::{init_towers, text_run, tower_settings_from_runs, vision_run};

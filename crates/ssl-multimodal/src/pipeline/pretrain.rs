@@ -8,7 +8,8 @@ use ssl_core::{parse_device, Trainer};
 use ssl_text::SpecialIds;
 
 use super::{
-    build_model, complete_config, init_towers, shared_tokenizer, train_heldout, MultimodalConfig,
+    build_model, complete_config, init_towers, save_shared_tokenizer, shared_tokenizer,
+    train_heldout, MultimodalConfig,
 };
 use crate::{pair_batch, tokenize_captions, InMemoryPairSource, MultimodalError, Result};
 
@@ -51,6 +52,8 @@ pub fn pretrain(
     }
     let device = parse_device(&cfg.train.device)?;
     let (par, device) = opts.parallel(device)?;
+    // Checked and locked before anything is written.
+    let run = opts.run_dir(out, &par)?;
     let (train, heldout) = train_heldout(data, &cfg, &par)?;
     std::fs::create_dir_all(out).map_err(|e| MultimodalError::Io {
         path: out.to_path_buf(),
@@ -59,10 +62,14 @@ pub fn pretrain(
     check_pairs_per_step(train.len(), heldout.len(), &cfg, &par)?;
     let tok = shared_tokenizer(&mut cfg, &train.captions, out, opts.resume, &par)?;
     complete_config(&mut cfg, &train.images, &tok, &par)?;
+    let (store, mut model) = build_model(&cfg, &device)?;
+    // A resumed run's model must match its checkpoint before the tokenizer and the
+    // configuration are replaced.
+    run.check_params(&store)?;
+    save_shared_tokenizer(&mut cfg, &tok, out, &par)?;
     if par.is_main() {
         run_dir::write_config(out, &cfg)?;
     }
-    let (store, mut model) = build_model(&cfg, &device)?;
     if !opts.resume {
         init_towers(&cfg, &model, &device)?;
     }
@@ -108,6 +115,7 @@ pub fn pretrain(
     let rank = par.rank;
     let mut trainer = opts.trainer(&cfg.train, out, run_config, &par)?;
     let report = trainer.fit(&model, &mut source, health.as_ref())?;
+    run.finish();
     Ok(MultimodalRunSummary {
         run: RunSummary::new(out, &report, rank),
         logit_scale: model.logit_scale_value()?,

@@ -59,8 +59,9 @@ fn saved_path(out: &Path) -> String {
 }
 
 /// [`run_tokenizer`] over the ranks of `par`: rank 0 makes the tokenizer (training on its own
-/// share of the captions), saves it to `out/tokenizer.json` and sends it; every rank returns
-/// it with `cfg.tokenizer.file` naming the saved file. Every rank must call it.
+/// share of the captions) and sends it; every rank returns it. Nothing is written:
+/// [`save_shared_tokenizer`] saves it once the run is known to be sound. Every rank must call
+/// it.
 pub fn shared_tokenizer(
     cfg: &mut MultimodalConfig,
     captions: &[String],
@@ -69,10 +70,10 @@ pub fn shared_tokenizer(
     par: &Parallel,
 ) -> Result<Tokenizer> {
     if par.world == 1 {
-        return run_tokenizer(cfg, captions, out, resume, true);
+        return run_tokenizer(cfg, captions, out, resume, false);
     }
     let json = if par.is_main() {
-        run_tokenizer(cfg, captions, out, resume, true)?
+        run_tokenizer(cfg, captions, out, resume, false)?
             .to_string(false)
             .map_err(|e| MultimodalError::Config(format!("cannot serialise the tokenizer: {e}")))?
             .into_bytes()
@@ -81,8 +82,26 @@ pub fn shared_tokenizer(
     };
     let tok = tokenizer_from_json(&par.broadcast_bytes(json)?)?;
     if !par.is_main() {
-        // Where rank 0 saved it (written before it was sent).
         cfg.tokenizer.file = saved_path(out);
     }
     Ok(tok)
+}
+
+/// Rank 0 saves `tok` to `out/tokenizer.json`; every rank sets `cfg.tokenizer.file` to the
+/// saved file's absolute path (sent by rank 0). Every rank must call it.
+pub fn save_shared_tokenizer(
+    cfg: &mut MultimodalConfig,
+    tok: &Tokenizer,
+    out: &Path,
+    par: &Parallel,
+) -> Result<()> {
+    let path = if par.is_main() {
+        save_tokenizer(tok, out)?;
+        saved_path(out).into_bytes()
+    } else {
+        Vec::new()
+    };
+    let path = par.broadcast_bytes(path)?;
+    cfg.tokenizer.file = String::from_utf8_lossy(&path).into_owned();
+    Ok(())
 }

@@ -137,6 +137,8 @@ pub fn pretrain(
     let device = parse_device(&cfg.train.device)?;
     let (par, device) = opts.parallel(device)?;
     let paths = data;
+    // Checked and locked before anything is written.
+    let run = opts.run_dir(out, &par)?;
     std::fs::create_dir_all(out).map_err(io(out))?;
     // Each rank reads its share of the rows; the held-out split and `max_docs` use global row
     // indices, so together the ranks hold out exactly the documents one process would.
@@ -162,16 +164,17 @@ pub fn pretrain(
     // documents) and sends it to the others, so every rank uses the same one.
     let tok_path = out.join("tokenizer.json");
     let tok = shared_tokenizer(&cfg, paths, &tok_path, resume, &train_docs, &par)?;
+    let sp = SpecialIds::of(&tok)?;
+    let (store, model) = build_model(&mut cfg, &tok, &device)?;
+    // A resumed run's model must match its checkpoint before the tokenizer and the
+    // configuration are replaced.
+    run.check_params(&store)?;
     if par.is_main() {
         save_tokenizer(&tok, out)?;
         cfg.tokenizer.file = std::fs::canonicalize(&tok_path)
             .map_err(io(&tok_path))?
             .to_string_lossy()
             .into_owned();
-    }
-    let sp = SpecialIds::of(&tok)?;
-    let (store, model) = build_model(&mut cfg, &tok, &device)?;
-    if par.is_main() {
         run_dir::write_config(out, &cfg)?;
     }
 
@@ -255,6 +258,7 @@ pub fn pretrain(
     } else {
         trainer.fit(&model, &mut source, None)?
     };
+    run.finish();
     let curve = curve.points;
     let mut summary = TextRunSummary {
         run: RunSummary::new(out, &report, par.rank),

@@ -30,13 +30,15 @@ pub(crate) struct Loaded {
     pub sharded: bool,
 }
 
-/// The start of a pretraining run on `data` (not empty) with `train`: the settings checked,
-/// the ranks and this rank's device.
+/// The start of a pretraining run on `data` (not empty) with `train` into `out`: the settings
+/// checked, the ranks, this rank's device and the run directory, checked and locked before
+/// anything is written.
 pub(crate) fn start(
     train: &TrainConfig,
     data: &[String],
+    out: &Path,
     opts: &RunOptions,
-) -> Result<(Parallel, Device)> {
+) -> Result<(Parallel, Device, run_dir::RunDir)> {
     train.validate()?;
     if data.is_empty() {
         return Err(TsError::InvalidInput(
@@ -44,7 +46,9 @@ pub(crate) fn start(
         ));
     }
     let device = parse_device(&train.device)?;
-    Ok(opts.parallel(device)?)
+    let (par, device) = opts.parallel(device)?;
+    let guard = opts.run_dir(out, &par)?;
+    Ok((par, device, guard))
 }
 
 /// The width of the data (`found`, e.g. channels) where the configuration's `key` says
@@ -58,9 +62,17 @@ pub(crate) fn data_width(key: &str, configured: usize, found: usize, unit: &str)
     Ok(found)
 }
 
-/// Rank 0 writes `cfg` to the run directory `out`; every rank returns it as JSON (stored with
+/// Rank 0 writes `cfg` to the run directory `out`, once the model in `store` is known to match
+/// the checkpoint a resumed run continues from; every rank returns it as JSON (stored with
 /// every checkpoint).
-pub(crate) fn store_config<T: Serialize>(out: &Path, cfg: &T, par: &Parallel) -> Result<Value> {
+pub(crate) fn store_config<T: Serialize>(
+    out: &Path,
+    cfg: &T,
+    par: &Parallel,
+    guard: &run_dir::RunDir,
+    store: &ParamStore,
+) -> Result<Value> {
+    guard.check_params(store)?;
     if par.is_main() {
         run_dir::write_config(out, cfg)?;
     }
@@ -116,6 +128,8 @@ pub struct RunDir<'a> {
     /// The examples are this rank's share already (read by row group); when false every rank
     /// holds them all and [`fit`] keeps every `world`-th.
     pub sharded: bool,
+    /// The run directory's guard, released when the run ends.
+    pub guard: run_dir::RunDir,
 }
 
 /// Trains `task` on `examples` with the shared loop (checkpoints, resume, stop flag, metrics,
@@ -137,6 +151,7 @@ pub fn fit<T: PretextTask<Batch = SeqBatch>>(
         config: run_config,
         par,
         sharded,
+        guard,
     } = run;
     let n_health = health_examples.min(examples.len());
     let heldout = (n_health >= 2)
@@ -152,6 +167,7 @@ pub fn fit<T: PretextTask<Batch = SeqBatch>>(
     let mut source = InMemorySeqSource::new(examples, train.batch_size, train.seed, true, device)?;
     let mut trainer = opts.trainer(train, out, run_config, &par)?;
     let report = trainer.fit(task, &mut source, heldout.as_ref())?;
+    guard.finish();
     Ok(RunSummary::new(out, &report, par.rank))
 }
 

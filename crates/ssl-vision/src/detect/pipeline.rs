@@ -4,7 +4,6 @@
 //! Parquet table of scores and flags.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -101,6 +100,8 @@ pub fn detect_fit(
     data: &[String],
     out: &Path,
 ) -> Result<DetectFitReport> {
+    // An unusable output directory is found before the fitting, not after it.
+    ssl_data::output::check_output_dir(out)?;
     let (task, device) = load_model(ckpt, &vcfg)?;
     let mae = mae_of(task.as_ref(), || {
         format!(
@@ -165,6 +166,8 @@ pub fn detect_score(
     out: &Path,
     heatmaps: Option<&Path>,
 ) -> Result<DetectScoreSummary> {
+    // Outputs are checked before any work: `out` absent or a regular file.
+    ssl_data::output::check_output_path(out)?;
     let (task, device) = load_model(detector, vcfg)?;
     let mae = mae_of(task.as_ref(), || {
         "the detector's model is not an MAE".into()
@@ -183,6 +186,7 @@ pub fn detect_score(
             out.with_file_name(format!("{stem}_heatmaps"))
         }
     };
+    ssl_data::output::check_output_dir(&heat_dir)?;
     let [c, h, w] = loaded.images.shape;
     let grid = vcfg.model.grid()?;
     let per = loaded.images.image_len();
@@ -240,17 +244,25 @@ pub fn detect_score(
     let schema = Arc::new(Schema::new(fields));
     let batch = RecordBatch::try_new(schema.clone(), cols)
         .map_err(|e| VisionError::Config(format!("building the scores table: {e}")))?;
-    let tmp = out.with_extension("parquet.tmp");
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| VisionError::io(dir, e))?;
     }
-    let file = File::create(&tmp).map_err(|e| VisionError::io(&tmp, e))?;
+    // A new file beside `out` (never written through a link or device there), moved into
+    // place when complete; removed when anything fails.
+    let (file, tmp) = ssl_data::output::create_temp_beside(out)?;
     let pq_err =
         |e: parquet::errors::ParquetError| VisionError::Config(format!("{}: {e}", out.display()));
-    let mut writer = ArrowWriter::try_new(file, schema, None).map_err(pq_err)?;
-    writer.write(&batch).map_err(pq_err)?;
-    writer.close().map_err(pq_err)?;
-    std::fs::rename(&tmp, out).map_err(|e| VisionError::io(out, e))?;
+    let written = ArrowWriter::try_new(file, schema, None)
+        .and_then(|mut writer| {
+            writer.write(&batch)?;
+            writer.close().map(|_| ())
+        })
+        .map_err(pq_err);
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    ssl_data::output::move_into_place(&tmp, out)?;
     let flagged = scores.iter().filter(|s| s.flag).count();
     eprintln!(
         "scored {} images: {flagged} flagged (threshold {:.3}); wrote {} and heat-maps in {}",

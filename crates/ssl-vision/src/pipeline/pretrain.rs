@@ -54,6 +54,8 @@ pub fn pretrain(
     }
     let device = parse_device(&cfg.train.device)?;
     let (par, device) = opts.parallel(device)?;
+    // Checked and locked before anything is written.
+    let run = opts.run_dir(out, &par)?;
     // Each rank reads its share of the rows (its row groups).
     let mut loaded = load_rank_images(data, &cfg.data, None, &par)?;
     // The held-out split (`data.heldout_fraction`) by global row index, before the
@@ -63,12 +65,14 @@ pub fn pretrain(
     if par.is_main() {
         eprintln!("learning rate: {lr_rule}");
     }
-    if par.is_main() {
-        run_dir::write_config(out, &cfg)?;
-    }
     // SimCLR's NT-Xent negatives span every rank: each step gathers all ranks' views.
     let ranks = (par.world > 1).then(|| par.shared());
     let (store, task) = build_task(&cfg, &device, ranks)?;
+    // A resumed run's model must match its checkpoint before the configuration is replaced.
+    run.check_params(&store)?;
+    if par.is_main() {
+        run_dir::write_config(out, &cfg)?;
+    }
     let n = loaded.images.len();
     eprintln!(
         "{n} images {}x{}x{}; {:?} task; lr {:.3e}; {} parameters",
@@ -133,6 +137,7 @@ pub fn pretrain(
         hooks.push(e);
     }
     let report = trainer.fit_with_hooks(&task, &mut source, heldout.as_ref(), &mut hooks)?;
+    run.finish();
     Ok(VisionRunSummary {
         run: RunSummary::new(out, &report, par.rank),
         previews: preview_dir,

@@ -64,15 +64,15 @@ pub fn pretrain(
     out: &Path,
     opts: &RunOptions,
 ) -> Result<RunSummary> {
-    let (par, device) = common::start(&cfg.train, data, opts)?;
+    let (par, device, guard) = common::start(&cfg.train, data, out, opts)?;
     let loaded = load(data, &cfg.data, None, Some(&par))?;
     let found = loaded.examples.first().map_or(0, |e| e.features);
     let features = common::data_width("features", cfg.features, found, " per step")?;
     cfg.features = features;
-    let run_config = common::store_config(out, &cfg, &par)?;
     // NT-Xent's negatives span every rank: each step gathers all ranks' views.
     let ranks = (par.world > 1).then(|| par.shared());
     let (store, task) = build_task(&cfg, &device, ranks)?;
+    let run_config = common::store_config(out, &cfg, &par, &guard, &store)?;
     eprintln!(
         "{} sequences x {} steps (max) x {features} features; {:?} task; encoder {} parameters",
         loaded.examples.len(),
@@ -90,6 +90,7 @@ pub fn pretrain(
             config: run_config,
             par,
             sharded: loaded.sharded,
+            guard,
         },
         opts,
         &device,

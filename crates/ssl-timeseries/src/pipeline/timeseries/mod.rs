@@ -33,15 +33,15 @@ pub fn pretrain(
     out: &Path,
     opts: &RunOptions,
 ) -> Result<RunSummary> {
-    let (par, device) = common::start(&cfg.train, data, opts)?;
+    let (par, device, guard) = common::start(&cfg.train, data, out, opts)?;
     let loaded = load(data, &cfg, None, Part::Train, Some(&par))?;
     let found = loaded.examples.first().map_or(0, |e| e.features);
     let channels = common::data_width("channels", cfg.channels, found, "")?;
     cfg.channels = channels;
-    let run_config = common::store_config(out, &cfg, &par)?;
     // The instance terms' negatives span every rank: each step gathers all ranks' views.
     let ranks = (par.world > 1).then(|| par.shared());
     let (store, task) = build_task(&cfg, &device, cfg.train.seed, ranks)?;
+    let run_config = common::store_config(out, &cfg, &par, &guard, &store)?;
     eprintln!(
         "{} series x {} steps (max) x {channels} channels; {:?} encoder, {:?} task; {} parameters",
         loaded.examples.len(),
@@ -60,6 +60,7 @@ pub fn pretrain(
             config: run_config,
             par,
             sharded: loaded.sharded,
+            guard,
         },
         opts,
         &device,
