@@ -219,3 +219,64 @@ fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_zero_then_resume_cont
         .collect();
     assert_eq!(steps, (1..=step + 3).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_refused_pretrain_leaves_the_run_intact_and_resume_needs_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let run_s = run.to_str().unwrap();
+    let first = ssl(&with_tiny(
+        vec!["pretrain", "features", "--out", run_s],
+        &["train.max_steps=2"],
+    ));
+    common::ok(&first);
+    let config = std::fs::read(run.join("config.toml")).unwrap();
+    // A fresh run over checkpoints, and a resume whose model changed, are refused before
+    // anything is written.
+    for (extra, resume, expect) in [
+        ("model.dim=32", false, "already holds checkpoints"),
+        (
+            "model.dim=32",
+            true,
+            "cannot resume with this configuration",
+        ),
+    ] {
+        let mut args = with_tiny(
+            vec!["pretrain", "features", "--out", run_s],
+            &[extra, "train.max_steps=3"],
+        );
+        if resume {
+            args.push("--resume");
+        }
+        let out = ssl(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(expect), "{err}");
+        assert_eq!(std::fs::read(run.join("config.toml")).unwrap(), config);
+    }
+    let resumed = ssl(&[
+        "pretrain",
+        "features",
+        "--out",
+        run_s,
+        "--resume",
+        "--set",
+        "train.max_steps=3",
+    ]);
+    common::ok(&resumed);
+    assert_eq!(metric_lines(&run).len(), 3);
+    // --resume where there is nothing to resume is an error and creates nothing.
+    let fresh = dir.path().join("fresh");
+    let out = ssl(&[
+        "pretrain",
+        "features",
+        "--out",
+        fresh.to_str().unwrap(),
+        "--resume",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no complete checkpoint"),
+        "{err}"
+    );
+    assert!(!fresh.exists());
+}
