@@ -14,7 +14,8 @@ use ssl_core::probe::{probe_labelled, warn_unseen_labels, ProbeScores};
 use ssl_core::run_dir::{self, RunOptions, RunSummary};
 use ssl_core::seq::{InMemorySeqSource, SeqBatch, SeqExample};
 use ssl_core::{
-    parse_device, Ctx, Parallel, ParamStore, PretextTask, SslRng, TrainConfig, Trainer,
+    heldout_task_loss, parse_device, Ctx, EvalFigures, HeldoutEval, HookCtx, Parallel, ParamStore,
+    PretextTask, SslRng, TrainConfig, TrainHook,
 };
 use ssl_data::{write_embeddings, EmbedSummary, ReadOptions};
 
@@ -25,9 +26,99 @@ pub(crate) struct Loaded {
     pub examples: Vec<SeqExample>,
     pub ids: Vec<String>,
     pub labels: Option<Vec<String>>,
+    /// Each example's global row index in the source (a long series' windows: their index).
+    pub rows: Vec<usize>,
     /// The examples are this rank's share already (read by row group); otherwise every rank
     /// holds them all.
     pub sharded: bool,
+    /// Examples held out of training by `data.heldout_fraction` (pretraining reads only;
+    /// empty otherwise), shared between the ranks as `examples` are.
+    pub heldout: Vec<SeqExample>,
+}
+
+impl Loaded {
+    /// Moves the examples of the rows held out by `fraction` (0: none; see [`row_heldout`])
+    /// into `heldout`, with their ids and labels; an error for a fraction outside [0, 1).
+    pub fn hold_out(&mut self, fraction: f64, seed: u64) -> Result<()> {
+        check_heldout_fraction(fraction)?;
+        if fraction == 0.0 {
+            return Ok(());
+        }
+        let keep: Vec<bool> = self
+            .rows
+            .iter()
+            .map(|&r| !row_heldout(r, seed, fraction))
+            .collect();
+        let mut kept = Vec::with_capacity(self.examples.len());
+        for (e, &k) in std::mem::take(&mut self.examples).into_iter().zip(&keep) {
+            if k {
+                kept.push(e);
+            } else {
+                self.heldout.push(e);
+            }
+        }
+        self.examples = kept;
+        keep_where(&mut self.rows, &keep);
+        keep_where(&mut self.ids, &keep);
+        if let Some(l) = &mut self.labels {
+            keep_where(l, &keep);
+        }
+        Ok(())
+    }
+}
+
+/// Keeps the items of `v` whose flag in `keep` is set.
+fn keep_where<X>(v: &mut Vec<X>, keep: &[bool]) {
+    let mut it = keep.iter();
+    v.retain(|_| *it.next().unwrap_or(&true));
+}
+
+/// Checks `data.heldout_fraction`: in [0, 1).
+pub(crate) fn check_heldout_fraction(fraction: f64) -> Result<()> {
+    if !(0.0..1.0).contains(&fraction) {
+        return Err(TsError::Config(format!(
+            "data.heldout_fraction = {fraction}: must be in [0, 1)"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether the row of global index `row` is held out of training by `data.heldout_fraction`
+/// (0: none), a seeded hash of the index ([`ssl_data::is_heldout`]).
+pub(crate) fn row_heldout(row: usize, seed: u64, fraction: f64) -> bool {
+    fraction > 0.0 && ssl_data::is_heldout(row, seed, fraction)
+}
+
+/// Figures computed on the held-out examples beyond the task's loss (the forecast errors):
+/// given the data-parallel context, the live task and this rank's held-out examples; every
+/// rank calls it and it returns the same figures everywhere (sums over ranks).
+pub type ExtraEval<'a, T> =
+    Box<dyn FnMut(&Parallel, &T, &[SeqExample]) -> ssl_core::Result<EvalFigures> + 'a>;
+
+/// What a run evaluates while it trains, every `train.eval_every_steps` and at the end (see
+/// [`fit`]): `eval_loss`, the task's loss on held-out examples, and any further figures.
+pub struct Heldout<'a, T> {
+    /// The held-out examples (`data.heldout_fraction`): this rank's share when the run's
+    /// examples are sharded, else every rank's, of which [`fit`] keeps its share. None: no
+    /// evaluation.
+    pub examples: Vec<SeqExample>,
+    /// Whether the task's loss is evaluated: false for a task that gathers every rank's views
+    /// in its forward pass when there are several ranks (ranks hold different numbers of
+    /// held-out batches, so the collective would not line up).
+    pub loss: bool,
+    /// Further figures (logged as `eval_<name>`).
+    pub extra: Option<ExtraEval<'a, T>>,
+}
+
+impl<T> Heldout<'_, T> {
+    /// No held-out evaluation.
+    pub fn none() -> Self {
+        Heldout {
+            examples: Vec::new(),
+            loss: false,
+            extra: None,
+        }
+    }
 }
 
 /// The start of a pretraining run on `data` (not empty) with `train` into `out`: the settings
@@ -135,11 +226,15 @@ pub struct RunDir<'a> {
 /// Trains `task` on `examples` with the shared loop (checkpoints, resume, stop flag, metrics,
 /// plot, as `opts` says); the first `health_examples` form the held-out batch for embedding
 /// health (on rank 0, which reads row group 0 first, so with several ranks they are the
-/// source's first examples when they fit in its first row group). Rank 0 prints the summary
-/// (the `done:` line).
+/// source's first examples when they fit in its first row group). `heldout` is evaluated
+/// every `train.eval_every_steps` and at the end (`eval_loss` and its further figures in
+/// `metrics.jsonl`; see [`ssl_core::HeldoutEval`]). Rank 0 prints the summary (the `done:`
+/// line).
+#[allow(clippy::too_many_arguments)]
 pub fn fit<T: PretextTask<Batch = SeqBatch>>(
     task: &T,
     examples: Vec<SeqExample>,
+    heldout: Heldout<'_, T>,
     train: &TrainConfig,
     health_examples: usize,
     run: RunDir<'_>,
@@ -153,6 +248,56 @@ pub fn fit<T: PretextTask<Batch = SeqBatch>>(
         sharded,
         guard,
     } = run;
+    let Heldout {
+        examples: held,
+        loss,
+        mut extra,
+    } = heldout;
+    let held: Vec<SeqExample> = if sharded {
+        held
+    } else {
+        let (rank, world) = (par.rank, par.world);
+        held.into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % world == rank)
+            .map(|(_, e)| e)
+            .collect()
+    };
+    // Held-out batches of the task's loss: a lone example forms no batch (a contrastive
+    // loss needs two), as in `pretext_loss`.
+    let held_batches = if loss {
+        heldout_batches(&held, train.batch_size, device)?
+    } else {
+        Vec::new()
+    };
+    let totals = par.sum_f64(&[held.len() as f64, held_batches.len() as f64])?;
+    let loss = loss && totals[1] > 0.0;
+    let seed = train.seed;
+    let mut eval = (totals[0] > 0.0 && (loss || extra.is_some())).then(|| {
+        HeldoutEval::new(train, |ctx: &HookCtx<'_, T>| {
+            let mut figures = if loss {
+                heldout_task_loss(&par, ctx.task, &held_batches, seed, ctx.precision)?
+            } else {
+                EvalFigures::new()
+            };
+            if let Some(f) = extra.as_mut() {
+                figures.extend(f(&par, ctx.task, &held)?);
+            }
+            Ok(figures)
+        })
+    });
+    if par.is_main() && totals[0] > 0.0 {
+        let what = match (loss, eval.is_some()) {
+            (true, _) => "eval_loss",
+            (false, true) => "forecast errors (no eval_loss: the task gathers every rank's views)",
+            (false, false) => "nothing (the task gathers every rank's views)",
+        };
+        eprintln!(
+            "{} held-out examples: {what} every {} steps and at the end",
+            totals[0],
+            train.eval_interval()
+        );
+    }
     let n_health = health_examples.min(examples.len());
     let heldout = (n_health >= 2)
         .then(|| {
@@ -166,9 +311,36 @@ pub fn fit<T: PretextTask<Batch = SeqBatch>>(
     };
     let mut source = InMemorySeqSource::new(examples, train.batch_size, train.seed, true, device)?;
     let mut trainer = opts.trainer(train, out, run_config, &par)?;
-    let report = trainer.fit(task, &mut source, heldout.as_ref())?;
+    let mut hooks: Vec<&mut dyn TrainHook<T>> = Vec::new();
+    if let Some(e) = &mut eval {
+        hooks.push(e);
+    }
+    let report = trainer.fit_with_hooks(task, &mut source, heldout.as_ref(), &mut hooks)?;
     guard.finish();
     Ok(RunSummary::new(out, &report, par.rank))
+}
+
+/// `examples` in batches of `batch` (at least 2) for [`heldout_task_loss`]; a last lone
+/// example joins the batch before it, or is left out when it is the only one.
+fn heldout_batches(
+    examples: &[SeqExample],
+    batch: usize,
+    device: &Device,
+) -> Result<Vec<SeqBatch>> {
+    let bs = batch.max(2);
+    let mut starts: Vec<usize> = (0..examples.len()).step_by(bs).collect();
+    if examples.len() % bs == 1 {
+        starts.pop();
+    }
+    starts
+        .iter()
+        .enumerate()
+        .map(|(k, &s)| {
+            let end = starts.get(k + 1).copied().unwrap_or(examples.len());
+            let refs: Vec<&SeqExample> = examples[s..end].iter().collect();
+            Ok(SeqBatch::from_examples(&refs, device)?)
+        })
+        .collect()
 }
 
 /// Pooled embeddings of `examples`, batch by batch, in evaluation mode: (values, dim).

@@ -36,6 +36,12 @@ pub struct DataConfig {
     pub normalize: bool,
     /// Examples held out from the start of the data for embedding-health figures.
     pub health_examples: usize,
+    /// Fraction of the sequences held out of pretraining for the held-out evaluation
+    /// (`eval_loss`, the task's loss, in metrics.jsonl every `train.eval_every_steps` and at
+    /// the end): rows chosen by a seeded hash of their global row index
+    /// (`ssl_data::is_heldout`). 0 (the default): train on everything, as before, with no
+    /// held-out evaluation.
+    pub heldout_fraction: f64,
 }
 
 impl Default for DataConfig {
@@ -48,6 +54,7 @@ impl Default for DataConfig {
             max_len: 0,
             normalize: true,
             health_examples: 64,
+            heldout_fraction: 0.0,
         }
     }
 }

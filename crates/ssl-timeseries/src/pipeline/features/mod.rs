@@ -16,7 +16,7 @@ use ssl_data::EmbedSummary;
 pub use config::{DataConfig, FeaturesConfig, TaskConfig, TaskKind};
 pub use task::build_task;
 
-use super::common::{self, truncate, Labelled, Loaded, RunDir};
+use super::common::{self, truncate, Heldout, Labelled, Loaded, RunDir};
 use crate::Result;
 
 /// The modality's name: in stored configurations and error messages.
@@ -50,7 +50,9 @@ fn load(
         examples,
         ids: table.ids,
         labels: table.labels,
+        rows: table.row_index,
         sharded: par.is_some(),
+        heldout: Vec::new(),
     })
 }
 
@@ -65,7 +67,8 @@ pub fn pretrain(
     opts: &RunOptions,
 ) -> Result<RunSummary> {
     let (par, device, guard) = common::start(&cfg.train, data, out, opts)?;
-    let loaded = load(data, &cfg.data, None, Some(&par))?;
+    let mut loaded = load(data, &cfg.data, None, Some(&par))?;
+    loaded.hold_out(cfg.data.heldout_fraction, cfg.train.seed)?;
     let found = loaded.examples.first().map_or(0, |e| e.features);
     let features = common::data_width("features", cfg.features, found, " per step")?;
     cfg.features = features;
@@ -80,9 +83,17 @@ pub fn pretrain(
         cfg.task.kind,
         store.num_elements()
     );
+    // NT-Xent's forward gathers every rank's views: with several ranks only the other tasks'
+    // held-out loss is evaluated.
+    let heldout = Heldout {
+        examples: loaded.heldout,
+        loss: par.world == 1 || cfg.task.kind != TaskKind::Contrastive,
+        extra: None,
+    };
     common::fit(
         &task,
         loaded.examples,
+        heldout,
         &cfg.train,
         cfg.data.health_examples,
         RunDir {

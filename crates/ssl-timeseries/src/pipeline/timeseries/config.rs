@@ -47,6 +47,14 @@ pub struct DataConfig {
     pub train_fraction: f64,
     /// Examples held out from the start of the data for embedding-health figures.
     pub health_examples: usize,
+    /// Fraction of the series held out of pretraining for the held-out evaluation
+    /// (`eval_loss`, the task's loss, and with `task.kind = "forecast"` `eval_mse` /
+    /// `eval_mae` against the naive forecast's `eval_naive_mse` / `eval_naive_mae`, in
+    /// metrics.jsonl every `train.eval_every_steps` and at the end): rows chosen by a seeded
+    /// hash of their global row index (`ssl_data::is_heldout`); with `long_column`, the last
+    /// part of the training steps (windows overlap, so the split is chronological). 0 (the
+    /// default): train on everything, as before, with no held-out evaluation.
+    pub heldout_fraction: f64,
 }
 
 impl Default for DataConfig {
@@ -63,6 +71,7 @@ impl Default for DataConfig {
             stride: 1,
             train_fraction: 0.8,
             health_examples: 64,
+            heldout_fraction: 0.0,
         }
     }
 }

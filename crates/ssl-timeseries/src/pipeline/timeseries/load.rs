@@ -1,10 +1,11 @@
 //! Reading the series of a [`TimeseriesConfig`] from Parquet, as its task consumes them.
 
+use ssl_core::seq::SeqExample;
 use ssl_core::Parallel;
 
 use super::{TaskKind, TimeseriesConfig};
-use crate::pipeline::common::{read_rows, truncate, Loaded};
-use crate::{chronological_split, read_long_series, windows, Result};
+use crate::pipeline::common::{check_heldout_fraction, read_rows, truncate, Loaded};
+use crate::{chronological_split, read_long_series, windows, Result, TsError};
 
 /// Which part of a long series.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -15,7 +16,9 @@ pub(crate) enum Part {
 }
 
 /// Reads a data set; with `par`, one-series-per-row data is read as this rank's share of the
-/// rows (a long series is always read whole: its windows are cut from all of it).
+/// rows (a long series is always read whole: its windows are cut from all of it). The
+/// training part (`Part::Train`) holds out `data.heldout_fraction` into `Loaded::heldout`:
+/// rows by global row index, or the last part of a long series' training steps.
 pub(crate) fn load(
     paths: &[String],
     cfg: &TimeseriesConfig,
@@ -34,25 +37,44 @@ pub(crate) fn load(
             0
         };
         let (train, test) = chronological_split(&series, d.train_fraction, context)?;
+        let mut held = None;
         let (s, stride) = match part {
+            Part::Train if d.heldout_fraction != 0.0 => {
+                check_heldout_fraction(d.heldout_fraction)?;
+                // Windows overlap: the held-out windows are the training steps' last part.
+                let (fit, tail) = chronological_split(&train, 1.0 - d.heldout_fraction, context)
+                    .map_err(|e| heldout_error(d.heldout_fraction, e))?;
+                held = Some(tail);
+                (fit, d.stride)
+            }
             Part::Train => (train, d.stride),
             Part::Test => (test, 1),
             Part::All => (series, d.stride),
         };
-        let mut examples = windows(&s, len, stride)?;
-        // Windows are the examples here: normalised one by one as rows are (forecasting
-        // normalises with RevIN instead).
-        if d.normalize && !forecast {
-            for e in &mut examples {
-                e.normalize_instance();
+        let cut = |s: &SeqExample| -> Result<Vec<SeqExample>> {
+            let mut examples = windows(s, len, stride)?;
+            // Windows are the examples here: normalised one by one as rows are (forecasting
+            // normalises with RevIN instead).
+            if d.normalize && !forecast {
+                for e in &mut examples {
+                    e.normalize_instance();
+                }
             }
-        }
+            Ok(examples)
+        };
+        let examples = cut(&s)?;
+        let heldout = match &held {
+            Some(tail) => cut(tail).map_err(|e| heldout_error(d.heldout_fraction, e))?,
+            None => Vec::new(),
+        };
         let ids = (0..examples.len()).map(|i| format!("window:{i}")).collect();
         return Ok(Loaded {
+            rows: (0..examples.len()).collect(),
             examples,
             ids,
             labels: None,
             sharded: false,
+            heldout,
         });
     }
     let set = read_rows(
@@ -66,7 +88,8 @@ pub(crate) fn load(
     )?;
     let mut examples = Vec::with_capacity(set.series.len());
     let mut ids = Vec::new();
-    for (e, id) in set.series.into_iter().zip(set.ids) {
+    let mut rows = Vec::with_capacity(set.series.len());
+    for ((e, id), row) in set.series.into_iter().zip(set.ids).zip(set.row_index) {
         let mut e = truncate(e, d.max_len)?;
         if forecast {
             // Forecasting on one-series-per-row data: every window of each row.
@@ -76,6 +99,7 @@ pub(crate) fn load(
             {
                 examples.push(w);
                 ids.push(format!("{id}:{k}"));
+                rows.push(row);
             }
             continue;
         }
@@ -84,14 +108,29 @@ pub(crate) fn load(
         }
         examples.push(e);
         ids.push(id);
+        rows.push(row);
     }
     let labels = if forecast { None } else { set.labels };
-    Ok(Loaded {
+    let mut loaded = Loaded {
         examples,
         ids,
         labels,
+        rows,
         sharded: par.is_some(),
-    })
+        heldout: Vec::new(),
+    };
+    if part == Part::Train {
+        // A forecasting row's windows stay together: all trained on or all held out.
+        loaded.hold_out(d.heldout_fraction, cfg.train.seed)?;
+    }
+    Ok(loaded)
+}
+
+/// A long series' held-out part that cannot be cut, naming `data.heldout_fraction`.
+fn heldout_error(fraction: f64, e: TsError) -> TsError {
+    TsError::Config(format!(
+        "data.heldout_fraction = {fraction}: the held-out end of the training steps cannot be cut into windows ({e}); lower it or give a longer series"
+    ))
 }
 
 #[cfg(test)]

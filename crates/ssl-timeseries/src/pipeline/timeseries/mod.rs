@@ -4,6 +4,7 @@
 //! forecasting), with classification probes and forecast evaluation.
 
 mod config;
+mod heldout;
 mod load;
 mod task;
 
@@ -16,8 +17,13 @@ use ssl_data::EmbedSummary;
 pub use config::{DataConfig, EvalConfig, TaskConfig, TaskKind, TimeseriesConfig};
 pub use task::{build_forecast, build_task};
 
-use super::common::{self, Labelled, RunDir};
+use candle_core::Device;
+use ssl_core::seq::SeqBatch;
+use ssl_core::{Parallel, ParamStore, PretextTask};
+
+use super::common::{self, Heldout, Labelled, RunDir};
 use crate::{evaluate_forecast, HorizonReport, Result};
+use heldout::forecast_errors;
 use load::{load, Part};
 
 /// The modality's name: in stored configurations and error messages.
@@ -34,25 +40,69 @@ pub fn pretrain(
     opts: &RunOptions,
 ) -> Result<RunSummary> {
     let (par, device, guard) = common::start(&cfg.train, data, out, opts)?;
-    let loaded = load(data, &cfg, None, Part::Train, Some(&par))?;
+    let mut loaded = load(data, &cfg, None, Part::Train, Some(&par))?;
     let found = loaded.examples.first().map_or(0, |e| e.features);
     let channels = common::data_width("channels", cfg.channels, found, "")?;
     cfg.channels = channels;
+    let examples = std::mem::take(&mut loaded.heldout);
+    if cfg.task.kind == TaskKind::Forecast && cfg.data.heldout_fraction > 0.0 {
+        // The forecaster typed (the same parameters as `build_task` makes), for the held-out
+        // forecast errors against the naive forecast.
+        let (store, task) = build_forecast(&cfg, &device, cfg.train.seed)?;
+        let (bs, dev) = (cfg.train.batch_size, device.clone());
+        let heldout = Heldout {
+            examples,
+            loss: true,
+            extra: Some(Box::new(move |par, task, held| {
+                forecast_errors(par, task, held, bs, &dev)
+            })),
+        };
+        return train(
+            &task, &store, &cfg, loaded, heldout, par, device, guard, out, opts,
+        );
+    }
     // The instance terms' negatives span every rank: each step gathers all ranks' views.
     let ranks = (par.world > 1).then(|| par.shared());
     let (store, task) = build_task(&cfg, &device, cfg.train.seed, ranks)?;
-    let run_config = common::store_config(out, &cfg, &par, &guard, &store)?;
+    let heldout = Heldout {
+        examples,
+        loss: par.world == 1 || cfg.task.kind != TaskKind::Ts2vec,
+        extra: None,
+    };
+    train(
+        &task, &store, &cfg, loaded, heldout, par, device, guard, out, opts,
+    )
+}
+
+/// Stores the configuration and trains `task` (parameters in `store`) on `loaded`,
+/// evaluating `heldout` while it trains.
+#[allow(clippy::too_many_arguments)]
+fn train<T: PretextTask<Batch = SeqBatch>>(
+    task: &T,
+    store: &ParamStore,
+    cfg: &TimeseriesConfig,
+    loaded: common::Loaded,
+    heldout: Heldout<'_, T>,
+    par: Parallel,
+    device: Device,
+    guard: run_dir::RunDir,
+    out: &Path,
+    opts: &RunOptions,
+) -> Result<RunSummary> {
+    let run_config = common::store_config(out, cfg, &par, &guard, store)?;
     eprintln!(
-        "{} series x {} steps (max) x {channels} channels; {:?} encoder, {:?} task; {} parameters",
+        "{} series x {} steps (max) x {} channels; {:?} encoder, {:?} task; {} parameters",
         loaded.examples.len(),
         loaded.examples.iter().map(|e| e.steps).max().unwrap_or(0),
+        cfg.channels,
         cfg.model.kind,
         cfg.task.kind,
         store.num_elements()
     );
     common::fit(
-        &task,
+        task,
         loaded.examples,
+        heldout,
         &cfg.train,
         cfg.data.health_examples,
         RunDir {
