@@ -4,14 +4,17 @@ use std::path::Path;
 
 use serde::Serialize;
 use ssl_core::run_dir::{self, RunOptions, RunSummary};
-use ssl_core::{parse_device, Trainer};
+use ssl_core::{heldout_task_loss, parse_device, HeldoutEval, HookCtx, TrainHook};
 use ssl_text::SpecialIds;
 
 use super::{
     build_model, complete_config, init_towers, save_shared_tokenizer, shared_tokenizer,
     train_heldout, MultimodalConfig,
 };
-use crate::{pair_batch, tokenize_captions, InMemoryPairSource, MultimodalError, Result};
+use crate::{
+    embed_images, embed_token_seqs, pair_batch, retrieval, tokenize_captions, ClipModel,
+    InMemoryPairSource, MultimodalError, Result,
+};
 
 /// What [`pretrain`] returns: where the run stands, with the learnt temperature.
 #[derive(Debug, Clone, Serialize)]
@@ -114,12 +117,78 @@ pub fn pretrain(
         serde_json::to_value(&cfg).map_err(|e| MultimodalError::Config(e.to_string()))?;
     let rank = par.rank;
     let mut trainer = opts.trainer(&cfg.train, out, run_config, &par)?;
-    let report = trainer.fit(&model, &mut source, health.as_ref())?;
+    // Held-out evaluation every `train.eval_every_steps` and at the end: the CLIP loss
+    // (`eval_loss`) and recall@K both ways on the held-out pairs. In one process only: the
+    // forward pass gathers every rank's embeddings and recall ranks all pairs together.
+    let held = HeldoutPairs::new(&heldout, &tok, &cfg, pad, &device)?;
+    let mut eval = (par.world == 1 && heldout.len() >= 2).then(|| {
+        let (seed, ks) = (cfg.train.seed, cfg.eval.ks.clone());
+        let bs = cfg.train.batch_size.max(1);
+        HeldoutEval::new(&cfg.train, move |ctx: &HookCtx<'_, ClipModel>| {
+            let mut figures =
+                heldout_task_loss(&par, ctx.task, &held.batches, seed, ctx.precision)?;
+            let img = embed_images(ctx.task, &heldout.images, bs, &device)?;
+            let txt = embed_token_seqs(ctx.task, &held.seqs, pad, bs, &device)?;
+            let r = retrieval(&img, &txt, &ks)?;
+            for (k, (i2t, t2i)) in r.k.iter().zip(r.image_to_text.iter().zip(&r.text_to_image)) {
+                figures.insert(format!("image_to_text_r@{k}"), *i2t);
+                figures.insert(format!("text_to_image_r@{k}"), *t2i);
+            }
+            Ok(figures)
+        })
+    });
+    let mut hooks: Vec<&mut dyn TrainHook<ClipModel>> = Vec::new();
+    if let Some(e) = &mut eval {
+        hooks.push(e);
+    }
+    let report = trainer.fit_with_hooks(&model, &mut source, health.as_ref(), &mut hooks)?;
     run.finish();
     Ok(MultimodalRunSummary {
         run: RunSummary::new(out, &report, rank),
         logit_scale: model.logit_scale_value()?,
     })
+}
+
+/// The held-out pairs as the evaluation reads them: tokenized captions, and batches of
+/// `train.batch_size` pairs (a last lone pair joins the batch before it: a contrastive loss
+/// needs two).
+struct HeldoutPairs {
+    seqs: Vec<ssl_text::TokenizedSeq>,
+    batches: Vec<crate::PairBatch>,
+}
+
+impl HeldoutPairs {
+    fn new(
+        heldout: &crate::PairSet,
+        tok: &tokenizers::Tokenizer,
+        cfg: &MultimodalConfig,
+        pad: u32,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let n = heldout.len();
+        if n < 2 {
+            return Ok(HeldoutPairs {
+                seqs: Vec::new(),
+                batches: Vec::new(),
+            });
+        }
+        let seqs = tokenize_captions(tok, &heldout.captions, &heldout.ids, cfg.max_seq_len)?;
+        let bs = cfg.train.batch_size.max(2);
+        let mut starts: Vec<usize> = (0..n).step_by(bs).collect();
+        if n % bs == 1 {
+            starts.pop();
+        }
+        let batches = starts
+            .iter()
+            .enumerate()
+            .map(|(k, &s)| {
+                let end = starts.get(k + 1).copied().unwrap_or(n);
+                let idx: Vec<usize> = (s..end).collect();
+                pair_batch(&heldout.images, &seqs, pad, &idx, device)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(HeldoutPairs { seqs, batches })
+    }
 }
 
 /// Contrastive training needs at least 2 pairs per step: a lone pair has no negative, so its
