@@ -18,7 +18,8 @@ pub fn fit(checkpoint: &Path, data: &[String], out: &Path, set: &[String]) -> Re
 }
 
 /// `ssl detect score`: writes `id, score, flag, heatmap, score_<scorer>...` to `out` and one
-/// heat-map PNG per image into `heatmaps` (default: `<out stem>_heatmaps/` beside `out`).
+/// heat-map PNG per image into `heatmaps` (default: `<out stem>_heatmaps/` beside `out`);
+/// prints image-level AUROC and F1 as one JSON line when the images have a label column.
 pub fn score(
     detector: &Path,
     data: &[String],
@@ -28,6 +29,10 @@ pub fn score(
 ) -> Result<(), CliError> {
     let stored = ssl_vision::detector_config(detector)?;
     let vcfg: VisionConfig = config::resolve(&stored, None, set)?;
-    ssl_vision::detect_score(detector, &vcfg, data, out, heatmaps)?;
+    let summary = ssl_vision::detect_score(detector, &vcfg, data, out, heatmaps)?;
+    // With a label column (`data.label_column`): image-level AUROC and F1, one JSON line.
+    if let Some(labelled) = &summary.labelled {
+        println!("{}", crate::pipelines::json(labelled)?);
+    }
     Ok(())
 }

@@ -86,6 +86,7 @@ fn ts2vec_on_a_tiny_tcn_pretrains_embeds_and_evaluates() {
         "linear_probe_accuracy",
         "knn_accuracy",
         "random_init_knn_accuracy",
+        "majority_class_rate",
     ] {
         let a = report[k].as_f64().unwrap_or(-1.0);
         assert!((0.0..=1.0).contains(&a), "{k} = {a} in {report}");

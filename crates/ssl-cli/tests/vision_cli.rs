@@ -116,6 +116,8 @@ fn pretrain_embed_eval_detect_on_the_embedded_sample() {
         }
     }
     assert_eq!(report["n_classes"], 10);
+    let m = report["majority_class_rate"].as_f64().unwrap_or(-1.0);
+    assert!((0.0..=1.0).contains(&m), "majority_class_rate = {m}");
 
     // Too few calibration images: a clear error, not a panic.
     let det = dir.path().join("det");
@@ -157,7 +159,7 @@ fn pretrain_embed_eval_detect_on_the_embedded_sample() {
         assert!(det.join(f).exists(), "{f} missing");
     }
     let scores = dir.path().join("scores.parquet");
-    ok(&ssl(&[
+    let out = ssl(&[
         "detect",
         "score",
         "--detector",
@@ -168,8 +170,14 @@ fn pretrain_embed_eval_detect_on_the_embedded_sample() {
         scores.to_str().unwrap(),
         "--set",
         "data.max_images=5",
-    ]));
+    ]);
+    ok(&out);
     assert!(scores.exists());
+    // The sample has a `label` column (0 counts as normal): one JSON line with AUROC and F1.
+    let labelled: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(labelled["label_column"], "label", "{labelled}");
+    let f1 = labelled["f1"].as_f64().unwrap_or(-1.0);
+    assert!((0.0..=1.0).contains(&f1), "{labelled}");
     let heat = dir.path().join("scores_heatmaps");
     assert_eq!(std::fs::read_dir(&heat).unwrap().count(), 5);
 }

@@ -139,6 +139,7 @@ fn pretrain_resume_embed_and_eval_with_labels() {
             "knn_accuracy",
             "layer",
             "linear_probe_accuracy",
+            "majority_class_rate",
             "masked_accuracy",
             "masked_loss",
             "masked_tokens",
@@ -146,9 +147,22 @@ fn pretrain_resume_embed_and_eval_with_labels() {
             "n_test",
             "n_train",
             "perplexity",
-            "pooling"
+            "pooling",
+            "random_init_knn_accuracy",
+            "random_init_linear_probe_accuracy"
         ]
     );
+    // Beside the probes: a randomly initialised BERT's and the majority-class rate.
+    for k in [
+        "random_init_knn_accuracy",
+        "random_init_linear_probe_accuracy",
+        "majority_class_rate",
+    ] {
+        let a = v[k].as_f64().unwrap_or(-1.0);
+        assert!((0.0..=1.0).contains(&a), "{k} = {a} in {v}");
+    }
+    // 24 + 24 documents: the stratified test rows are half of each class.
+    assert_eq!(v["majority_class_rate"], 0.5);
     // The seeded stratified 20% split of 24 + 24 documents.
     assert_eq!(
         (v["n_train"].as_u64(), v["n_test"].as_u64()),

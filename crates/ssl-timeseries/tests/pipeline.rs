@@ -78,6 +78,15 @@ fn features_pretrain_resume_embed_eval() {
     assert_eq!(json["embedding_dim"], 16);
     assert_eq!(r.n_train + r.n_test, 24);
     assert!((0.0..=1.0).contains(&r.linear_probe_accuracy));
+    // Beside the probes: a randomly initialised encoder's and the majority-class rate.
+    for k in [
+        "random_init_linear_probe_accuracy",
+        "random_init_knn_accuracy",
+        "majority_class_rate",
+    ] {
+        let a = json[k].as_f64().unwrap_or(-1.0);
+        assert!((0.0..=1.0).contains(&a), "{k} = {a} in {json}");
+    }
 
     let err = features::eval(&ckpt, &cfg, &data, &[], Some("nope")).unwrap_err();
     assert!(err.to_string().contains("nope"), "{err}");

@@ -167,3 +167,109 @@ fn bright_blob_scores_above_normal_images() {
         );
     }
 }
+
+/// A Parquet file at `path` with the grey images `imgs` (`S` x `S`, values in [0, 1]) as PNG
+/// bytes in column `image`, and the numeric column `defect_prob` when `labels` is given.
+fn write_images(path: &std::path::Path, imgs: &[Vec<f32>], labels: Option<&[f64]>) -> Vec<String> {
+    use arrow::array::{ArrayRef, BinaryArray, Float64Array, RecordBatch};
+    use std::sync::Arc;
+    let pngs: Vec<Vec<u8>> = imgs
+        .iter()
+        .map(|v| {
+            let px: Vec<u8> = v
+                .iter()
+                .map(|x| (x.clamp(0.0, 1.0) * 255.0) as u8)
+                .collect();
+            let img = image::GrayImage::from_raw(S as u32, S as u32, px).unwrap();
+            let mut out = std::io::Cursor::new(Vec::new());
+            img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+            out.into_inner()
+        })
+        .collect();
+    let mut cols: Vec<(&str, ArrayRef)> = vec![(
+        "image",
+        Arc::new(BinaryArray::from_iter_values(pngs.iter())) as ArrayRef,
+    )];
+    if let Some(l) = labels {
+        cols.push(("defect_prob", Arc::new(Float64Array::from(l.to_vec()))));
+    }
+    let batch = RecordBatch::try_from_iter(cols).unwrap();
+    let file = std::fs::File::create(path).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    vec![path.display().to_string()]
+}
+
+#[test]
+fn detect_score_with_a_label_column_reports_auroc_and_f1() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = SslRng::new(3);
+    let normal: Vec<Vec<f32>> = (0..60).map(|_| stripes(&mut rng)).collect();
+    let normal = write_images(&dir.path().join("normal.parquet"), &normal, None);
+    // 12 normal images (0), 12 with a blob (1 and 2/3), 4 uncertain ones (1/3) left out.
+    let (mut imgs, mut labels) = (Vec::new(), Vec::new());
+    for i in 0..28 {
+        let s = stripes(&mut rng);
+        match i % 7 {
+            0..=2 => (imgs.push(s), labels.push(0.0)),
+            3 => (imgs.push(s), labels.push(1.0 / 3.0)),
+            k => (
+                imgs.push(with_blob(s, &mut rng).0),
+                labels.push(if k == 4 { 2.0 / 3.0 } else { 1.0 }),
+            ),
+        };
+    }
+    let test = write_images(&dir.path().join("test.parquet"), &imgs, Some(&labels));
+
+    let mut cfg = VisionConfig::default();
+    (
+        cfg.model.image_height,
+        cfg.model.image_width,
+        cfg.model.patch_size,
+    ) = (S, S, 4);
+    (cfg.model.dim, cfg.model.depth, cfg.model.heads) = (16, 1, 2);
+    (cfg.task.mae.decoder_dim, cfg.task.mae.decoder_depth) = (16, 1);
+    cfg.task.mae.decoder_heads = 2;
+    (
+        cfg.train.max_steps,
+        cfg.train.batch_size,
+        cfg.train.warmup_steps,
+    ) = (2, 8, 1);
+    cfg.train.checkpoint_every_minutes = 0.0;
+    (cfg.data.health_examples, cfg.task.preview_images) = (0, 0);
+    let run = dir.path().join("run");
+    pretrain(cfg, &normal, &run, &Default::default()).unwrap();
+    let (ckpt, vcfg) = stored_config(&run).unwrap();
+    let mut fit = DetectFitConfig::for_model(&vcfg);
+    fit.detect.scorers = vec![ScorerKind::RawPixels];
+    fit.detect.threshold = ThresholdMethod::MeanStd { k: 3.0 };
+    let det = dir.path().join("det");
+    detect_fit(&ckpt, vcfg, &fit, &normal, &det).unwrap();
+
+    let mut vcfg = detector_config(&det).unwrap();
+    let out = dir.path().join("scores.parquet");
+    // The default label column (`label`) is not in the files: no report.
+    let s = detect_score(&det, &vcfg, &test, &out, None).unwrap();
+    assert!(s.labelled.is_none());
+    std::fs::remove_file(&out).unwrap();
+    vcfg.data.label_column = "defect_prob".into();
+    let s = detect_score(&det, &vcfg, &test, &out, None).unwrap();
+    let r = s.labelled.expect("a label report");
+    assert_eq!((r.n_normal, r.n_defect, r.n_excluded), (12, 12, 4), "{r:?}");
+    assert_eq!(r.threshold, s.threshold);
+    let auroc = r.auroc.unwrap();
+    assert!(auroc > 0.9, "{r:?}");
+    assert!((0.0..=1.0).contains(&r.f1) && r.f1 > 0.5, "{r:?}");
+    let v = serde_json::to_value(&r).unwrap();
+    for k in [
+        "auroc",
+        "f1",
+        "precision",
+        "recall",
+        "threshold",
+        "label_column",
+    ] {
+        assert!(v.get(k).is_some(), "{k} missing in {v}");
+    }
+}

@@ -32,6 +32,9 @@ pub struct ProbeScores {
     /// so they count as errors (absent from the JSON when 0).
     #[serde(skip_serializing_if = "is_zero")]
     pub unseen_test_rows: usize,
+    /// The accuracy of always predicting the most frequent training class: the floor every
+    /// probe should clear ([`majority_class_rate`]).
+    pub majority_class_rate: f64,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -42,6 +45,31 @@ fn is_zero(n: &usize) -> bool {
 pub fn unseen_test_rows<T: Ord>(train: &[T], test: &[T]) -> usize {
     let seen: std::collections::BTreeSet<&T> = train.iter().collect();
     test.iter().filter(|l| !seen.contains(l)).count()
+}
+
+/// The fraction of `test` labels equal to the most frequent `train` label (ties: the
+/// smallest label): the accuracy of a classifier that ignores its input. 0 when either set
+/// is empty.
+pub fn majority_class_rate<T: Ord>(train: &[T], test: &[T]) -> f64 {
+    let mut counts: std::collections::BTreeMap<&T, usize> = std::collections::BTreeMap::new();
+    for l in train {
+        *counts.entry(l).or_default() += 1;
+    }
+    // The first of the most frequent labels in sorted order.
+    let Some(top) = counts
+        .iter()
+        .fold(None::<(&T, usize)>, |best, (&l, &n)| match best {
+            Some((_, b)) if b >= n => best,
+            _ => Some((l, n)),
+        })
+        .map(|(l, _)| l)
+    else {
+        return 0.0;
+    };
+    if test.is_empty() {
+        return 0.0;
+    }
+    test.iter().filter(|&l| l == top).count() as f64 / test.len() as f64
 }
 
 /// The warning an evaluation prints (once) when test labels never occur in training:
@@ -153,6 +181,7 @@ pub fn probe_scores(
         n_test: test.1.len(),
         n_classes,
         unseen_test_rows: unseen_test_rows(train.1, test.1),
+        majority_class_rate: majority_class_rate(train.1, test.1),
     })
 }
 
@@ -214,5 +243,20 @@ mod tests {
         assert!(unseen_labels_warning(&y, &y).is_none());
         let json = serde_json::to_value(probe_labelled((&x, &y), None, 2, 0).unwrap()).unwrap();
         assert!(json.get("unseen_test_rows").is_none(), "{json}");
+        // Balanced classes: the majority class is half of the test rows.
+        assert_eq!(json["majority_class_rate"], 0.5);
+    }
+
+    #[test]
+    fn majority_class_rate_counts_test_rows_in_the_most_frequent_training_class() {
+        // Training: class 2 most frequent; test: 3 of 4 rows are class 2.
+        assert_eq!(majority_class_rate(&[0, 2, 2, 1, 2], &[2, 2, 0, 2]), 0.75);
+        // A tie in training goes to the smallest label.
+        assert_eq!(majority_class_rate(&["b", "a", "b", "a"], &["a", "b"]), 0.5);
+        assert_eq!(majority_class_rate(&[1, 0, 0, 1], &[0, 0, 0, 1]), 0.75);
+        // The training majority, not the test majority.
+        assert_eq!(majority_class_rate(&[1, 1, 0], &[0, 0, 0, 1]), 0.25);
+        assert_eq!(majority_class_rate::<u8>(&[], &[1]), 0.0);
+        assert_eq!(majority_class_rate::<u8>(&[1], &[]), 0.0);
     }
 }

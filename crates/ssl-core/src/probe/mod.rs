@@ -17,8 +17,9 @@
 mod harness;
 
 pub use harness::{
-    probe_labelled, probe_scores, probe_split, take_rows, unseen_labels_warning, unseen_test_rows,
-    warn_unseen_labels, ClassIds, ProbeScores, PROBE_TEST_FRACTION,
+    majority_class_rate, probe_labelled, probe_scores, probe_split, take_rows,
+    unseen_labels_warning, unseen_test_rows, warn_unseen_labels, ClassIds, ProbeScores,
+    PROBE_TEST_FRACTION,
 };
 
 use ndarray::{Array1, Array2, ArrayView2, Axis};

@@ -83,6 +83,26 @@ impl TextModel {
         })
     }
 
+    /// The same model with fresh weights: a randomly initialised BERT of this model's
+    /// configuration (initialised as a pretraining run seeded with `seed` starts), with the
+    /// same tokenizer, pooling and layer. The baseline of an evaluation.
+    pub fn random_init(&self, seed: u64) -> Result<Self> {
+        let sp = SpecialIds::of(&self.tok)?;
+        let store = ParamStore::new(&self.device);
+        let bert_cfg = self.model.bert().config().clone();
+        let mut model =
+            BertForMaskedLM::new(&bert_cfg, self.cfg.masking, sp.mask, &store.builder(seed))?;
+        let layer = (self.cfg.embed.layer >= 0).then_some(self.cfg.embed.layer as usize);
+        model.set_pooling(self.cfg.embed.pooling, layer)?;
+        Ok(TextModel {
+            cfg: self.cfg.clone(),
+            ckpt: self.ckpt.clone(),
+            tok: self.tok.clone(),
+            model,
+            device: self.device.clone(),
+        })
+    }
+
     /// Embeddings of whole documents (one sequence each, truncated to `input.max_seq_len`),
     /// in evaluation mode: the row-major values and the embedding width.
     pub fn embed_texts(&self, texts: &[String]) -> Result<(Vec<f32>, usize)> {

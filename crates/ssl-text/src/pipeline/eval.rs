@@ -1,5 +1,6 @@
 //! `eval`: held-out perplexity and masked accuracy of a trained model on documents, and with
-//! labels the linear-probe and k-NN accuracy of its pooled embeddings.
+//! labels the linear-probe and k-NN accuracy of its pooled embeddings, beside those of a
+//! randomly initialised model of the same shape and the majority-class rate.
 
 use std::path::Path;
 
@@ -20,6 +21,14 @@ pub struct TextProbeReport {
     pub linear_probe_accuracy: f64,
     /// Weighted cosine k-NN test accuracy.
     pub knn_accuracy: f64,
+    /// Linear probe test accuracy of a randomly initialised BERT of the same configuration
+    /// and tokenizer (seeded by `train.seed`), on the same rows.
+    pub random_init_linear_probe_accuracy: f64,
+    /// k-NN test accuracy of that randomly initialised BERT.
+    pub random_init_knn_accuracy: f64,
+    /// The accuracy of always predicting the most frequent training class: the floor of
+    /// every probe above.
+    pub majority_class_rate: f64,
     /// Training rows of the probes.
     pub n_train: usize,
     /// Test rows (the test set, or a seeded stratified 20% of the training documents).
@@ -119,9 +128,29 @@ pub fn eval(
             dim,
             l.cfg.train.seed,
         )?;
+        // The same configuration and tokenizer with fresh weights, probed on the same rows
+        // (the split is seeded alike): what pretraining adds.
+        let random = l.random_init(l.cfg.train.seed)?;
+        let (remb, rdim) = random.embed_texts(&docs.texts)?;
+        let rtest = match &test_docs {
+            Some(t) => Some((
+                random.embed_texts(&t.texts)?.0,
+                t.labels.clone().unwrap_or_default(),
+            )),
+            None => None,
+        };
+        let rscores = probe_labelled(
+            (&remb, &train_labels),
+            rtest.as_ref().map(|(x, y)| (&x[..], &y[..])),
+            rdim,
+            l.cfg.train.seed,
+        )?;
         report.probe = Some(TextProbeReport {
             linear_probe_accuracy: scores.linear,
             knn_accuracy: scores.knn,
+            random_init_linear_probe_accuracy: rscores.linear,
+            random_init_knn_accuracy: rscores.knn,
+            majority_class_rate: scores.majority_class_rate,
             n_train: scores.n_train,
             n_test: scores.n_test,
             n_classes: scores.n_classes,

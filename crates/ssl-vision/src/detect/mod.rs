@@ -16,6 +16,7 @@
 pub mod calibrate;
 pub mod coreset;
 pub mod heatmap;
+pub mod labelled;
 pub mod patchcore;
 pub mod pipeline;
 pub mod recon;

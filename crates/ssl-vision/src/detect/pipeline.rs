@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use ssl_core::checkpoint::MODEL_FILE;
 
 use super::heatmap::save_heatmap;
+use super::labelled::{label_report, DetectLabelReport};
 use super::{Detector, DetectorConfig, ScorerStats};
 use crate::pipeline::{load_images, load_model, VisionConfig, VisionDataConfig, VisionTask};
 use crate::{MaeTask, Result, VisionError};
@@ -82,6 +83,9 @@ pub struct DetectScoreSummary {
     pub flagged: usize,
     /// The detector's threshold.
     pub threshold: f64,
+    /// AUROC and F1 against the label column `data.label_column` (0 normal, >= 0.5
+    /// defective), when the images have one.
+    pub labelled: Option<DetectLabelReport>,
 }
 
 /// The MAE of `task`, or a configuration error with the message `not_mae` gives.
@@ -158,7 +162,9 @@ pub fn detector_config(detector: &Path) -> Result<VisionConfig> {
 /// Scores the images of `data` with the detector in directory `detector`, its model
 /// configured by `vcfg` (see [`detector_config`]): writes `id, score, flag, heatmap,
 /// score_<scorer>...` to the Parquet file `out` and one heat-map PNG per image into
-/// `heatmaps` (default: `<out stem>_heatmaps/` beside `out`).
+/// `heatmaps` (default: `<out stem>_heatmaps/` beside `out`). When the images have the
+/// label column `vcfg.data.label_column` (numeric: 0 normal, 0.5 or more defective; see
+/// [`super::labelled`]), the summary carries the image-level AUROC and the F1 of the flags.
 pub fn detect_score(
     detector: &Path,
     vcfg: &VisionConfig,
@@ -264,6 +270,12 @@ pub fn detect_score(
     }
     ssl_data::output::move_into_place(&tmp, out)?;
     let flagged = scores.iter().filter(|s| s.flag).count();
+    let labelled = image_labels(data, &vcfg.data.label_column, &loaded.rows)?.map(|labels| {
+        let flags: Vec<bool> = scores.iter().map(|s| s.flag).collect();
+        let values: Vec<f64> = scores.iter().map(|s| s.score).collect();
+        let col = &vcfg.data.label_column;
+        label_report(col, &values, &flags, &labels, det.threshold())
+    });
     eprintln!(
         "scored {} images: {flagged} flagged (threshold {:.3}); wrote {} and heat-maps in {}",
         scores.len(),
@@ -277,5 +289,37 @@ pub fn detect_score(
         scored: scores.len(),
         flagged,
         threshold: det.threshold(),
+        labelled,
     })
+}
+
+/// The numeric labels of the images at global `rows` of `data`, from the column `column`:
+/// `None` when `column` is empty, not in the files, or not numeric.
+fn image_labels(data: &[String], column: &str, rows: &[usize]) -> Result<Option<Vec<f64>>> {
+    if column.is_empty() {
+        return Ok(None);
+    }
+    let source = ssl_data::ParquetSource::open(data)?;
+    match source.schema().iter().find(|(n, _)| n == column) {
+        None => return Ok(None),
+        Some((_, dt)) if !dt.is_numeric() => {
+            eprintln!(
+                "note: label column `{column}` is {dt}, not numeric (0 normal, >= 0.5 defective): no AUROC / F1"
+            );
+            return Ok(None);
+        }
+        Some(_) => {}
+    }
+    let all = ssl_data::read_numeric_column(data, column)?;
+    rows.iter()
+        .map(|&r| {
+            all.get(r).copied().ok_or_else(|| {
+                VisionError::Config(format!(
+                    "label column `{column}` has {} rows, image row {r} has none",
+                    all.len()
+                ))
+            })
+        })
+        .collect::<Result<Vec<f64>>>()
+        .map(Some)
 }

@@ -1,11 +1,13 @@
 //! `eval`: linear-probe and k-NN accuracy of the pretrained encoder's embeddings, against a
 //! randomly initialised encoder of the same shape and against the raw (normalised) pixels,
-//! all on the same rows (ssl-core's probe harness).
+//! all on the same rows (ssl-core's probe harness), beside the majority-class rate.
 
 use std::path::Path;
 
 use serde::Serialize;
-use ssl_core::probe::{probe_scores, probe_split, take_rows, warn_unseen_labels, ProbeScores};
+use ssl_core::probe::{
+    majority_class_rate, probe_scores, probe_split, take_rows, warn_unseen_labels, ProbeScores,
+};
 
 use super::config::VisionConfig;
 use super::embed::embed_images;
@@ -53,6 +55,9 @@ pub struct VisionEvalReport {
     pub random_init: FeatureProbe,
     /// The raw pixels, normalised with the run's mean and standard deviation.
     pub raw_pixels: FeatureProbe,
+    /// The accuracy of always predicting the most frequent training class: the floor of
+    /// every probe above.
+    pub majority_class_rate: f64,
     /// Test rows whose label never occurs in training (absent when 0; a warning is printed).
     #[serde(skip_serializing_if = "is_zero")]
     pub unseen_test_rows: usize,
@@ -175,6 +180,7 @@ pub fn eval(
         pretrained,
         random_init,
         raw_pixels,
+        majority_class_rate: majority_class_rate(&tr_y, &te_y),
         unseen_test_rows,
     })
 }

@@ -135,7 +135,8 @@ pub fn embed(
     common::write_embedded(&task, &loaded, ckpt, &meta, bs, &device, out)
 }
 
-/// What [`eval`] measured: the pretext loss and the probes of the trained encoder.
+/// What [`eval`] measured: the pretext loss and the probes of the trained encoder, beside a
+/// randomly initialised one's and the majority-class rate.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FeaturesEvalReport {
     /// The checkpoint directory evaluated.
@@ -148,6 +149,14 @@ pub struct FeaturesEvalReport {
     pub linear_probe_l2: f64,
     /// k-NN test accuracy.
     pub knn_accuracy: f64,
+    /// Linear probe test accuracy of a randomly initialised encoder of the same shape (seeded
+    /// by `train.seed`, as the run started).
+    pub random_init_linear_probe_accuracy: f64,
+    /// k-NN test accuracy of that randomly initialised encoder.
+    pub random_init_knn_accuracy: f64,
+    /// The accuracy of always predicting the most frequent training class: the floor of
+    /// every probe above.
+    pub majority_class_rate: f64,
     /// Probe training rows.
     pub n_train: usize,
     /// Probe test rows.
@@ -161,7 +170,7 @@ pub struct FeaturesEvalReport {
 /// Evaluates checkpoint directory `ckpt` (configuration `cfg`): the pretext loss, and the
 /// linear-probe / k-NN accuracy of its embeddings with labels from `label_column` (default
 /// `data.label_column`), probed on `test` or, when it is empty, on a seeded stratified split
-/// of `data`.
+/// of `data`; the same probes of a randomly initialised encoder, and the majority-class rate.
 pub fn eval(
     ckpt: &Path,
     cfg: &FeaturesConfig,
@@ -176,12 +185,18 @@ pub fn eval(
     let bs = cfg.train.batch_size;
     let loss = sets.pretext_loss(&task, bs, &device)?;
     let (scores, dim) = sets.probe(&task, bs, &device, cfg.train.seed)?;
+    // The same architecture with the weights the run started from: what pretraining adds.
+    let (_, random_task) = build_task(cfg, &device, None)?;
+    let (random, _) = sets.probe(&random_task, bs, &device, cfg.train.seed)?;
     Ok(FeaturesEvalReport {
         checkpoint: ckpt.display().to_string(),
         pretext_loss: loss,
         linear_probe_accuracy: scores.linear,
         linear_probe_l2: scores.l2,
         knn_accuracy: scores.knn,
+        random_init_linear_probe_accuracy: random.linear,
+        random_init_knn_accuracy: random.knn,
+        majority_class_rate: scores.majority_class_rate,
         n_train: scores.n_train,
         n_test: scores.n_test,
         n_classes: scores.n_classes,

@@ -190,6 +190,9 @@ pub struct ProbeEvalReport {
     pub random_init_linear_probe_accuracy: f64,
     /// k-NN test accuracy of a randomly initialised encoder.
     pub random_init_knn_accuracy: f64,
+    /// The accuracy of always predicting the most frequent training class: the floor of
+    /// every probe above.
+    pub majority_class_rate: f64,
     /// Probe training rows.
     pub n_train: usize,
     /// Probe test rows.
@@ -253,6 +256,7 @@ pub fn eval(
         knn_accuracy: trained.knn,
         random_init_linear_probe_accuracy: random.linear,
         random_init_knn_accuracy: random.knn,
+        majority_class_rate: trained.majority_class_rate,
         n_train: trained.n_train,
         n_test: trained.n_test,
         n_classes: trained.n_classes,
