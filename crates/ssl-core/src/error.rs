@@ -93,6 +93,13 @@ pub enum CoreError {
         /// What is wrong and what to do.
         message: String,
     },
+    /// A configuration would need more memory than the machine has (or
+    /// `train.max_memory_gb` allows); the message names the keys that drive the estimate.
+    #[error("not enough memory: {message}")]
+    Memory {
+        /// What needs the memory, how much, the limit, and the keys to change.
+        message: String,
+    },
     /// A probe (linear / k-NN) failed.
     #[error(transparent)]
     Probe(#[from] crate::probe::ProbeError),

@@ -68,6 +68,7 @@ pub mod health;
 mod hook;
 pub mod linalg;
 pub mod loss;
+pub mod memory;
 pub mod monitor;
 #[cfg(feature = "mpi")]
 mod mpi_collective;

@@ -97,6 +97,10 @@ pub struct TrainConfig {
     /// or `bf16` (operands rounded to bf16, sums in f32, f32 master weights; on CPUs with
     /// AVX-512 BF16, f32 elsewhere). See [`crate::nn::MatmulPrecision`].
     pub matmul_precision: MatmulPrecision,
+    /// The memory, in GiB, a run's estimated dominant allocations (batch activations, series)
+    /// may take before it is refused at start; 0: what the machine has available
+    /// (`MemAvailable`). See [`crate::memory::check_fits`].
+    pub max_memory_gb: f64,
 }
 
 impl Default for TrainConfig {
@@ -134,11 +138,18 @@ impl Default for TrainConfig {
             max_rollbacks: 3,
             device: "cpu".into(),
             matmul_precision: MatmulPrecision::F32,
+            max_memory_gb: 0.0,
         }
     }
 }
 
 impl TrainConfig {
+    /// The memory limit `train.max_memory_gb` sets, in bytes, for
+    /// [`crate::memory::check_fits`]; `None` (0) means the machine's available memory.
+    pub fn memory_limit(&self) -> Option<u64> {
+        crate::memory::limit_from_gb(self.max_memory_gb)
+    }
+
     /// Checks the values that would make training meaningless.
     pub fn validate(&self) -> Result<()> {
         let bad = |k: &str, v: String, why: &str| {
@@ -186,6 +197,13 @@ impl TrainConfig {
                 "early_stop_patience",
                 self.early_stop_patience.to_string(),
                 "needs train.best_metric (the figure to watch)",
+            );
+        }
+        if !(self.max_memory_gb.is_finite() && self.max_memory_gb >= 0.0) {
+            return bad(
+                "max_memory_gb",
+                self.max_memory_gb.to_string(),
+                "must be a finite number >= 0 (0: the machine's available memory)",
             );
         }
         if !(self.rollback_lr_factor > 0.0 && self.rollback_lr_factor <= 1.0) {

@@ -60,6 +60,18 @@ pub enum TextError {
         /// The vocabulary size (added tokens included).
         vocab: usize,
     },
+    /// A tokenizer's vocabulary does not match the stored model's embedding table
+    /// (`vocab_size`): its ids would index past the table, or mean other tokens than those
+    /// the model was trained on.
+    #[error("{path}: the tokenizer has {tokenizer} tokens but the model's vocab_size is {model}; use the tokenizer the model was trained with (the run's tokenizer.json, tokenizer.file in its config.toml)", path = path.display())]
+    VocabMismatch {
+        /// The tokenizer file.
+        path: PathBuf,
+        /// The tokenizer's vocabulary size (added tokens included).
+        tokenizer: usize,
+        /// The model's `vocab_size`.
+        model: usize,
+    },
 }
 
 impl TextError {

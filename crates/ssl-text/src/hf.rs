@@ -11,7 +11,7 @@ use tokenizers::Tokenizer;
 
 use crate::bert::{BertConfig, BertForMaskedLM};
 use crate::masking::MaskingConfig;
-use crate::tokenizer::{load_tokenizer, save_tokenizer, SpecialIds};
+use crate::tokenizer::{check_vocab, load_tokenizer, save_tokenizer, SpecialIds};
 use crate::{Result, TextError};
 
 /// A model loaded from a Hugging Face directory.
@@ -52,6 +52,12 @@ pub fn load_hf_dir(
 ) -> Result<HfModel> {
     let config = BertConfig::from_hf_file(&dir.join("config.json"))?;
     let tokenizer = load_tokenizer(&dir.join("tokenizer.json"))?;
+    check_vocab(
+        &tokenizer,
+        &dir.join("tokenizer.json"),
+        config.vocab_size,
+        true,
+    )?;
     let sp = SpecialIds::of(&tokenizer)?;
     let weights = dir.join("model.safetensors");
     let raw = read_safetensors(&weights, device)?;

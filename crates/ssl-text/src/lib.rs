@@ -42,7 +42,7 @@ pub use pipeline::{
     TextRunSummary, TokenizerSection, HELDOUT_FILE,
 };
 pub use tokenizer::{
-    check_token_ids, fertility, load_tokenizer, save_tokenizer, split_long_words,
+    check_token_ids, check_vocab, fertility, load_tokenizer, save_tokenizer, split_long_words,
     train_from_parquet, train_from_texts, Fertility, SpecialIds, TokenizerConfig, TokenizerKind,
     DEFAULT_MAX_WORD_CHARS,
 };

@@ -469,7 +469,9 @@ pub fn train_from_parquet(
 pub fn save_tokenizer(tok: &Tokenizer, dir: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).map_err(|e| TextError::io(dir, e))?;
     let path = dir.join("tokenizer.json");
-    tok.save(&path, true).map_err(TextError::tok)?;
+    // Through a temporary file and a rename: an interrupted save leaves no partial file.
+    let json = tok.to_string(true).map_err(TextError::tok)?;
+    ssl_data::output::write_output(&path, json.as_bytes())?;
     let cfg = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
@@ -477,11 +479,12 @@ pub fn save_tokenizer(tok: &Tokenizer, dir: &Path) -> Result<PathBuf> {
         "model_max_length": 512,
     });
     let cpath = dir.join("tokenizer_config.json");
-    std::fs::write(
+    ssl_data::output::write_output(
         &cpath,
-        serde_json::to_string_pretty(&cfg).unwrap_or_default(),
-    )
-    .map_err(|e| TextError::io(&cpath, e))?;
+        serde_json::to_string_pretty(&cfg)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
     Ok(path)
 }
 
@@ -515,6 +518,28 @@ pub fn check_token_ids(tok: &Tokenizer, path: &Path) -> Result<()> {
         }),
         None => Ok(()),
     }
+}
+
+/// Checks that the tokenizer `tok` (read from `path`) belongs to a model whose embedding
+/// table has `model_vocab` rows: [`TextError::VocabMismatch`] when the sizes differ, or, with
+/// `allow_smaller` (a Hugging Face model whose table may be padded), only when the tokenizer
+/// is larger. Run before any text is embedded, so a wrong tokenizer is a named error instead
+/// of an index past the table.
+pub fn check_vocab(
+    tok: &Tokenizer,
+    path: &Path,
+    model_vocab: usize,
+    allow_smaller: bool,
+) -> Result<()> {
+    let vocab = tok.get_vocab_size(true);
+    if vocab == model_vocab || (allow_smaller && vocab < model_vocab) {
+        return Ok(());
+    }
+    Err(TextError::VocabMismatch {
+        path: path.to_path_buf(),
+        tokenizer: vocab,
+        model: model_vocab,
+    })
 }
 
 /// Fertility figures of a tokenizer on some text.

@@ -42,6 +42,39 @@ pub struct EncoderConfig {
     pub transformer: TransformerConfig,
 }
 
+impl EncoderConfig {
+    /// A coarse size, in bytes, of the activations one series of `steps` steps and
+    /// `channels` channels keeps for the backward pass: the transformer's (PatchTST per
+    /// channel over its patches, quadratic in their number), or `steps x hidden x layers`
+    /// values (times 8: gates, residuals, gradients) for TCN and the recurrent encoders.
+    pub fn activation_bytes(&self, steps: u64, channels: u64) -> u64 {
+        use ssl_core::memory::{product_bytes, transformer_activation_bytes};
+        match self.kind {
+            EncoderKind::Patchtst => {
+                let p = &self.patchtst;
+                let patches = crate::patchtst::num_patches(
+                    usize::try_from(steps).unwrap_or(usize::MAX),
+                    p.patch_len.max(1),
+                    p.stride.max(1),
+                ) as u64;
+                product_bytes(&[
+                    channels.max(1),
+                    transformer_activation_bytes(&p.transformer, patches),
+                ])
+            }
+            EncoderKind::Transformer => transformer_activation_bytes(&self.transformer, steps),
+            EncoderKind::Tcn => {
+                let t = &self.tcn;
+                product_bytes(&[steps, t.hidden.max(t.output) as u64, t.depth as u64, 8, 4])
+            }
+            EncoderKind::Gru | EncoderKind::Lstm => {
+                let r = &self.rnn;
+                product_bytes(&[steps, r.hidden as u64, r.layers as u64, 8, 4])
+            }
+        }
+    }
+}
+
 impl Default for EncoderConfig {
     fn default() -> Self {
         EncoderConfig {

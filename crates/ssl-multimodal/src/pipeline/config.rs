@@ -227,3 +227,42 @@ impl Default for MultimodalConfig {
         }
     }
 }
+
+impl MultimodalConfig {
+    /// A coarse estimate, in bytes, of a training step's activations in both towers once the
+    /// image size is known: per pair, the image tower's `patches x dim x depth x 16` and the
+    /// text tower's `max_seq_len x hidden x layers x 16` values of 4 bytes; `train.batch_size`
+    /// pairs (capped by the `pairs` a rank holds), or `model.micro_batch` of them when
+    /// gradient caching is on.
+    pub fn memory_estimate(&self, pairs: usize) -> u64 {
+        use ssl_core::memory::product_bytes;
+        let (im, tx) = (&self.model.image, &self.model.text);
+        let p = im.patch_size.max(1);
+        let patches = ((im.image_height / p).max(1) * (im.image_width / p).max(1)) as u64;
+        let image = product_bytes(&[patches, im.dim as u64, im.depth as u64, 16]);
+        let text = product_bytes(&[
+            self.max_seq_len as u64,
+            tx.hidden_size as u64,
+            tx.num_hidden_layers as u64,
+            16,
+        ]);
+        let mut batch = self.train.batch_size.min(pairs.max(1));
+        if self.model.micro_batch > 0 {
+            batch = batch.min(self.model.micro_batch);
+        }
+        product_bytes(&[batch as u64, image.saturating_add(text), 4])
+    }
+
+    /// Refuses, before the towers and batches are allocated, a configuration whose
+    /// [`memory_estimate`](Self::memory_estimate) exceeds the memory available (or
+    /// `train.max_memory_gb`).
+    pub fn check_memory(&self, pairs: usize) -> crate::Result<()> {
+        Ok(ssl_core::memory::check_fits(
+            self.memory_estimate(pairs),
+            "a multimodal training batch (both towers' activations)",
+            "train.batch_size (or model.micro_batch) x the image tower (image size / \
+             patch_size x dim x depth) and the text tower (max_seq_len x hidden_size x layers)",
+            self.train.memory_limit(),
+        )?)
+    }
+}

@@ -65,6 +65,7 @@ pub fn pretrain(
     check_pairs_per_step(train.len(), heldout.len(), &cfg, &par)?;
     let tok = shared_tokenizer(&mut cfg, &train.captions, out, opts.resume, &par)?;
     complete_config(&mut cfg, &train.images, &tok, &par)?;
+    cfg.check_memory(train.len())?;
     let (store, mut model) = build_model(&cfg, &device)?;
     // A resumed run's model must match its checkpoint before the tokenizer and the
     // configuration are replaced.

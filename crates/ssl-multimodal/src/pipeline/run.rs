@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use ssl_core::checkpoint::MODEL_FILE;
 use ssl_core::{parse_device, ParamStore};
-use ssl_text::load_tokenizer;
+use ssl_text::{check_vocab, load_tokenizer};
 use tokenizers::Tokenizer;
 
 use super::MultimodalConfig;
@@ -44,7 +44,9 @@ impl LoadedRun {
     /// weights, on `train.device`.
     pub fn load(ckpt: &Path, cfg: MultimodalConfig) -> Result<Self> {
         let device = parse_device(&cfg.train.device)?;
-        let tok = load_tokenizer(Path::new(&cfg.tokenizer.file))?;
+        let tok_path = Path::new(&cfg.tokenizer.file);
+        let tok = load_tokenizer(tok_path)?;
+        check_vocab(&tok, tok_path, cfg.model.text.vocab_size, false)?;
         let (store, model) = build_model(&cfg, &device)?;
         store.load_safetensors(&ckpt.join(MODEL_FILE))?;
         Ok(LoadedRun {

@@ -2,9 +2,10 @@
 //! `config.toml` in a run directory), with their defaults.
 
 use serde::{Deserialize, Serialize};
+use ssl_core::memory::{check_fits, product_bytes};
 use ssl_core::TrainConfig;
 
-use crate::{BertConfig, InputConfig, InputMode, MaskingConfig, Pooling, TokenizerConfig};
+use crate::{BertConfig, InputConfig, InputMode, MaskingConfig, Pooling, Result, TokenizerConfig};
 
 /// `[data]`: which columns to read, the held-out split and entity annotations.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -159,5 +160,48 @@ impl Default for TextConfig {
             masking: MaskingConfig::default(),
             embed: EmbedSection::default(),
         }
+    }
+}
+
+impl TextConfig {
+    /// A coarse estimate, in bytes, of a training step's dominant allocations: the batch's
+    /// activations over every layer and its vocabulary logits, `train.batch_size x
+    /// input.max_seq_len x (hidden x layers x 16 + vocabulary x 4) x 4` bytes (sizes from
+    /// `model.preset` or `model.config`, the vocabulary from `tokenizer.train.vocab_size` or
+    /// `model.config.vocab_size`, whichever is larger).
+    pub fn memory_estimate(&self) -> u64 {
+        let (layers, hidden) = match BertConfig::preset(&self.model.preset, 0) {
+            Ok(p) => (p.num_hidden_layers, p.hidden_size),
+            Err(_) => (
+                self.model.config.num_hidden_layers,
+                self.model.config.hidden_size,
+            ),
+        };
+        let vocab = self
+            .tokenizer
+            .train
+            .vocab_size
+            .max(self.model.config.vocab_size) as u64;
+        let per_token = product_bytes(&[hidden as u64, layers as u64, 16])
+            .saturating_add(vocab.saturating_mul(4));
+        product_bytes(&[
+            self.train.batch_size as u64,
+            self.input.max_seq_len as u64,
+            per_token,
+            4,
+        ])
+    }
+
+    /// Refuses, before anything is allocated, a configuration whose
+    /// [`memory_estimate`](Self::memory_estimate) exceeds the memory available (or
+    /// `train.max_memory_gb`).
+    pub fn check_memory(&self) -> Result<()> {
+        Ok(check_fits(
+            self.memory_estimate(),
+            "a text training batch (activations and logits)",
+            "train.batch_size x input.max_seq_len x the model's size (model.preset or \
+             model.config) and vocabulary (tokenizer.train.vocab_size)",
+            self.train.memory_limit(),
+        )?)
     }
 }

@@ -14,8 +14,8 @@ use tokenizers::Tokenizer;
 use super::config::TextConfig;
 use super::docs::read_docs;
 use crate::{
-    load_hf_dir, load_tokenizer, tokenize_texts, BertForMaskedLM, InputConfig, InputMode, Result,
-    SpecialIds, TextBatch, TokenizedSeq,
+    check_vocab, load_hf_dir, load_tokenizer, tokenize_texts, BertForMaskedLM, InputConfig,
+    InputMode, Result, SpecialIds, TextBatch, TokenizedSeq,
 };
 
 /// Whether `dir` is a Hugging Face model directory (it has a `config.json`).
@@ -67,7 +67,9 @@ impl TextModel {
                 device,
             });
         }
-        let tok = load_tokenizer(Path::new(&cfg.tokenizer.file))?;
+        let tok_path = Path::new(&cfg.tokenizer.file);
+        let tok = load_tokenizer(tok_path)?;
+        check_vocab(&tok, tok_path, cfg.model.config.vocab_size, false)?;
         let sp = SpecialIds::of(&tok)?;
         let store = ParamStore::new(&device);
         let mut model =

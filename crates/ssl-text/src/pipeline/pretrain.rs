@@ -134,6 +134,7 @@ pub fn pretrain(
     let resume = opts.resume;
     cfg.train.validate()?;
     cfg.masking.validate()?;
+    cfg.check_memory()?;
     let device = parse_device(&cfg.train.device)?;
     let (par, device) = opts.parallel(device)?;
     let paths = data;

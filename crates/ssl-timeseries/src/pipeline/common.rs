@@ -142,6 +142,27 @@ pub(crate) fn start(
     Ok((par, device, guard))
 }
 
+/// Refuses, before the model and batches are allocated, a run whose longest series would
+/// need more memory than the machine has available (or `train.max_memory_gb`): a batch of
+/// `train.batch_size` (capped by the examples) series of the longest length, each taking
+/// `per_series(steps)` bytes. `keys` names the model settings the estimate grows with.
+pub(crate) fn check_memory(
+    train: &TrainConfig,
+    examples: &[SeqExample],
+    per_series: impl Fn(u64) -> u64,
+    keys: &str,
+) -> Result<()> {
+    let steps = examples.iter().map(|e| e.steps).max().unwrap_or(0) as u64;
+    let batch = train.batch_size.min(examples.len()) as u64;
+    let estimate = ssl_core::memory::product_bytes(&[batch, per_series(steps)]);
+    Ok(ssl_core::memory::check_fits(
+        estimate,
+        &format!("a training batch of {batch} series of {steps} steps"),
+        &format!("train.batch_size x the longest series (data.max_len truncates) x {keys}"),
+        train.memory_limit(),
+    )?)
+}
+
 /// The width of the data (`found`, e.g. channels) where the configuration's `key` says
 /// `configured` (0: whatever the data has): an error when they disagree.
 pub(crate) fn data_width(key: &str, configured: usize, found: usize, unit: &str) -> Result<usize> {

@@ -3,6 +3,7 @@
 //! filled in before training (image shape, normalisation statistics, scaled learning rate).
 
 use serde::{Deserialize, Serialize};
+use ssl_core::memory::{check_fits, product_bytes};
 use ssl_core::{Parallel, TrainConfig};
 use ssl_data::ColorMode;
 
@@ -262,6 +263,44 @@ impl VisionConfig {
             )));
         }
         Ok(())
+    }
+}
+
+impl VisionConfig {
+    /// A coarse estimate, in bytes, of a training step's activations once the image size is
+    /// known ([`VisionConfig::complete`]): `batch x patches x model.dim x model.depth x 16 x
+    /// 4` bytes, twice for SimCLR's two views; `batch` is `train.batch_size` capped by the
+    /// `images` a rank holds.
+    pub fn memory_estimate(&self, images: usize) -> u64 {
+        let m = &self.model;
+        let p = m.patch_size.max(1);
+        let patches = ((m.image_height / p).max(1) * (m.image_width / p).max(1)) as u64;
+        let views = match self.task.kind {
+            VisionTaskKind::Simclr => 2,
+            VisionTaskKind::Mae => 1,
+        };
+        product_bytes(&[
+            self.train.batch_size.min(images.max(1)) as u64,
+            views,
+            patches,
+            m.dim as u64,
+            m.depth as u64,
+            16,
+            4,
+        ])
+    }
+
+    /// Refuses, before the model and batches are allocated, a configuration whose
+    /// [`memory_estimate`](Self::memory_estimate) exceeds the memory available (or
+    /// `train.max_memory_gb`).
+    pub fn check_memory(&self, images: usize) -> Result<()> {
+        Ok(check_fits(
+            self.memory_estimate(images),
+            "a vision training batch (activations)",
+            "train.batch_size x the patches per image (data.resize / model.patch_size) x \
+             model.dim x model.depth",
+            self.train.memory_limit(),
+        )?)
     }
 }
 

@@ -62,6 +62,7 @@ pub fn pretrain(
     // normalisation statistics, which are the training images'.
     let held = split_heldout(&mut loaded, &cfg)?;
     let lr_rule = cfg.complete(&loaded.images, &par)?;
+    cfg.check_memory(loaded.images.len())?;
     if par.is_main() {
         eprintln!("learning rate: {lr_rule}");
     }

@@ -72,6 +72,12 @@ pub fn pretrain(
     let found = loaded.examples.first().map_or(0, |e| e.features);
     let features = common::data_width("features", cfg.features, found, " per step")?;
     cfg.features = features;
+    common::check_memory(
+        &cfg.train,
+        &loaded.examples,
+        |steps| ssl_core::memory::transformer_activation_bytes(&cfg.model, steps),
+        "model.dim, model.depth, model.heads",
+    )?;
     // NT-Xent's negatives span every rank: each step gathers all ranks' views.
     let ranks = (par.world > 1).then(|| par.shared());
     let (store, task) = build_task(&cfg, &device, ranks)?;

@@ -44,6 +44,21 @@ pub fn pretrain(
     let found = loaded.examples.first().map_or(0, |e| e.features);
     let channels = common::data_width("channels", cfg.channels, found, "")?;
     cfg.channels = channels;
+    common::check_memory(
+        &cfg.train,
+        &loaded.examples,
+        |steps| {
+            // TS2Vec contrasts every timestep with every other one at each scale.
+            let temporal = match cfg.task.kind {
+                TaskKind::Ts2vec => ssl_core::memory::product_bytes(&[steps, steps, 16]),
+                _ => 0,
+            };
+            cfg.model
+                .activation_bytes(steps, channels as u64)
+                .saturating_add(temporal)
+        },
+        "the encoder's size (model.kind and its section) and, for TS2Vec, its square",
+    )?;
     let examples = std::mem::take(&mut loaded.heldout);
     if cfg.task.kind == TaskKind::Forecast && cfg.data.heldout_fraction > 0.0 {
         // The forecaster typed (the same parameters as `build_task` makes), for the held-out
