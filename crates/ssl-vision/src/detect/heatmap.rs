@@ -48,7 +48,8 @@ pub fn upsample(grid: &[f32], gh: usize, gw: usize, h: usize, w: usize) -> Vec<f
     out
 }
 
-/// Writes `image | heat-map overlay` as PNG. `pixels` are `[0, 1]`, `(C, H, W)`; `scores`
+/// Writes `image | heat-map overlay` as PNG, through a temporary file beside `path` and a
+/// rename (see [`ssl_data::output::write_output`]). `pixels` are `[0, 1]`, `(C, H, W)`; `scores`
 /// the `gh x gw` patch scores, mapped to colours linearly from `lo` (blue) to `hi` (red).
 #[allow(clippy::too_many_arguments)]
 pub fn save_heatmap(
@@ -90,7 +91,14 @@ pub fn save_heatmap(
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| VisionError::io(dir, e))?;
     }
-    img.save(path).map_err(|e| VisionError::io(path, e))
+    // Encoded in memory, then written through a fresh temporary file renamed into place: an
+    // existing link, device or directory at `path` is refused, and an interrupted write
+    // leaves no partial image.
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|e| VisionError::io(path, e))?;
+    ssl_data::output::write_output(path, &png)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -106,5 +114,33 @@ mod tests {
         assert!(u[5] > 0.0 && u[5] < 3.0);
         assert_eq!(colormap(0.0), [0, 0, 128]);
         assert_eq!(colormap(1.0), [230, 0, 0]);
+    }
+
+    #[test]
+    fn heatmaps_are_written_through_a_temporary_file_and_never_through_a_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("maps").join("a.png");
+        let (pixels, scores) = (vec![0.5f32; 3 * 4 * 4], [0.0f32, 1.0, 2.0, 3.0]);
+        save_heatmap(&path, &pixels, 3, 4, 4, &scores, (2, 2), (0.0, 3.0)).unwrap();
+        let img = image::open(&path).unwrap();
+        assert_eq!((img.width(), img.height()), (10, 4));
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["a.png"], "no temporary file is left");
+        // A symbolic link at the path is refused, its target untouched.
+        #[cfg(unix)]
+        {
+            let target = dir.path().join("target.txt");
+            std::fs::write(&target, "keep").unwrap();
+            let link = dir.path().join("maps").join("b.png");
+            std::os::unix::fs::symlink(&target, &link).unwrap();
+            let e = save_heatmap(&link, &pixels, 3, 4, 4, &scores, (2, 2), (0.0, 3.0))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("symbolic link"), "{e}");
+            assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+        }
     }
 }
