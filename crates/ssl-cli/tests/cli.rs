@@ -280,3 +280,49 @@ fn a_refused_pretrain_leaves_the_run_intact_and_resume_needs_a_checkpoint() {
     );
     assert!(!fresh.exists());
 }
+
+#[test]
+fn a_second_simultaneous_run_into_one_directory_is_refused_naming_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let run_s = run.to_str().unwrap();
+    let args = with_tiny(
+        vec!["pretrain", "features", "--out", run_s],
+        &[
+            "train.max_steps=1000000",
+            "train.checkpoint_every_steps=0",
+            "train.checkpoint_every_minutes=0",
+        ],
+    );
+    let mut first = Command::new(SSL)
+        .args(&args)
+        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Running, and so holding the lock, once it logs a step.
+    let started = Instant::now();
+    while !(run.join(".lock").exists() && !metric_lines(&run).is_empty()) {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the first run did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let config = std::fs::read(run.join("config.toml")).unwrap();
+    let second = ssl(&args);
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{stderr}");
+    assert!(stderr.contains("in use by another run"), "{stderr}");
+    assert!(stderr.contains(&format!("pid {}", first.id())), "{stderr}");
+    assert_eq!(std::fs::read(run.join("config.toml")).unwrap(), config);
+
+    let status = Command::new("kill")
+        .args(["-TERM", &first.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = first.wait().unwrap();
+    assert!(exit.success(), "the first run: {exit:?}");
+    assert!(run.join("checkpoints").is_dir());
+}
