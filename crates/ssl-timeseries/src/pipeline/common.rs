@@ -513,3 +513,85 @@ impl Labelled {
         Ok((scores, dim))
     }
 }
+
+/// What a probe `eval` measured ([`super::features::eval`], and [`super::timeseries::eval`]
+/// outside forecasting on a long series): the pretext loss and the probes of the trained
+/// encoder, beside a randomly initialised one's and the majority-class rate.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProbeEvalReport {
+    /// The checkpoint directory evaluated.
+    pub checkpoint: String,
+    /// The encoder kind (`tcn`, `patchtst`...); time-series runs only (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encoder: Option<String>,
+    /// The task kind (`ts2vec`, `masked`, `forecast`); time-series runs only (absent
+    /// otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// Mean pretext loss over the training and test sequences (NaN, written `null`, when none).
+    pub pretext_loss: f64,
+    /// Linear probe test accuracy of the trained encoder.
+    pub linear_probe_accuracy: f64,
+    /// The probe's chosen L2 strength.
+    pub linear_probe_l2: f64,
+    /// k-NN test accuracy of the trained encoder.
+    pub knn_accuracy: f64,
+    /// Linear probe test accuracy of a randomly initialised encoder of the same shape (seeded
+    /// from `train.seed`).
+    pub random_init_linear_probe_accuracy: f64,
+    /// k-NN test accuracy of that randomly initialised encoder.
+    pub random_init_knn_accuracy: f64,
+    /// The accuracy of always predicting the most frequent training class: the floor of
+    /// every probe above.
+    pub majority_class_rate: f64,
+    /// Probe training rows.
+    pub n_train: usize,
+    /// Probe test rows.
+    pub n_test: usize,
+    /// Classes.
+    pub n_classes: usize,
+    /// Embedding dimension.
+    pub embedding_dim: usize,
+}
+
+/// The probe evaluation of checkpoint directory `ckpt`: the task `trained` makes (on
+/// `train.device`) with the checkpoint's weights, its pretext loss over the sequences `load`
+/// reads from `data` and `test` (labels from `label_column`), and its probes (tested on `test`
+/// or, when it is empty, on a split seeded by `train.seed`) beside those of the task `random`
+/// makes, left as initialised. `encoder` and `task` are left `None`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn probe_eval<T: PretextTask<Batch = SeqBatch>>(
+    ckpt: &Path,
+    train: &TrainConfig,
+    trained: impl FnOnce(&Device) -> Result<(ParamStore, T)>,
+    random: impl FnOnce(&Device) -> Result<(ParamStore, T)>,
+    data: &[String],
+    test: &[String],
+    label_column: &str,
+    load: impl Fn(&[String]) -> Result<Loaded>,
+) -> Result<ProbeEvalReport> {
+    let (task, device) = load_checkpoint(ckpt, &train.device, trained)?;
+    let sets = Labelled::read(data, test, label_column, load)?;
+    let (bs, seed) = (train.batch_size, train.seed);
+    let loss = sets.pretext_loss(&task, bs, &device)?;
+    let (scores, dim) = sets.probe(&task, bs, &device, seed)?;
+    // The same architecture with fresh weights: what pretraining adds.
+    let (_, random_task) = random(&device)?;
+    let (random, _) = sets.probe(&random_task, bs, &device, seed)?;
+    Ok(ProbeEvalReport {
+        checkpoint: ckpt.display().to_string(),
+        encoder: None,
+        task: None,
+        pretext_loss: loss,
+        linear_probe_accuracy: scores.linear,
+        linear_probe_l2: scores.l2,
+        knn_accuracy: scores.knn,
+        random_init_linear_probe_accuracy: random.linear,
+        random_init_knn_accuracy: random.knn,
+        majority_class_rate: scores.majority_class_rate,
+        n_train: scores.n_train,
+        n_test: scores.n_test,
+        n_classes: scores.n_classes,
+        embedding_dim: dim,
+    })
+}

@@ -8,7 +8,6 @@ mod task;
 
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
 use ssl_core::run_dir::{self, RunOptions, RunSummary};
 use ssl_core::Parallel;
 use ssl_data::EmbedSummary;
@@ -16,7 +15,8 @@ use ssl_data::EmbedSummary;
 pub use config::{DataConfig, FeaturesConfig, TaskConfig, TaskKind};
 pub use task::build_task;
 
-use super::common::{self, truncate, Heldout, Labelled, Loaded, RunDir};
+pub use super::common::ProbeEvalReport;
+use super::common::{self, truncate, Heldout, Loaded, RunDir};
 use crate::Result;
 
 /// The modality's name: in stored configurations and error messages.
@@ -142,41 +142,15 @@ pub fn embed(
 }
 
 /// What [`eval`] measured: the pretext loss and the probes of the trained encoder, beside a
-/// randomly initialised one's and the majority-class rate.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct FeaturesEvalReport {
-    /// The checkpoint directory evaluated.
-    pub checkpoint: String,
-    /// Mean pretext loss over the training and test sequences (NaN, written `null`, when none).
-    pub pretext_loss: f64,
-    /// Linear probe test accuracy.
-    pub linear_probe_accuracy: f64,
-    /// The probe's chosen L2 strength.
-    pub linear_probe_l2: f64,
-    /// k-NN test accuracy.
-    pub knn_accuracy: f64,
-    /// Linear probe test accuracy of a randomly initialised encoder of the same shape (seeded
-    /// by `train.seed`, as the run started).
-    pub random_init_linear_probe_accuracy: f64,
-    /// k-NN test accuracy of that randomly initialised encoder.
-    pub random_init_knn_accuracy: f64,
-    /// The accuracy of always predicting the most frequent training class: the floor of
-    /// every probe above.
-    pub majority_class_rate: f64,
-    /// Probe training rows.
-    pub n_train: usize,
-    /// Probe test rows.
-    pub n_test: usize,
-    /// Classes.
-    pub n_classes: usize,
-    /// Embedding dimension.
-    pub embedding_dim: usize,
-}
+/// randomly initialised one's and the majority-class rate (`encoder` and `task` are `None`,
+/// and absent from its JSON).
+pub type FeaturesEvalReport = ProbeEvalReport;
 
 /// Evaluates checkpoint directory `ckpt` (configuration `cfg`): the pretext loss, and the
 /// linear-probe / k-NN accuracy of its embeddings with labels from `label_column` (default
 /// `data.label_column`), probed on `test` or, when it is empty, on a seeded stratified split
-/// of `data`; the same probes of a randomly initialised encoder, and the majority-class rate.
+/// of `data`; the same probes of a randomly initialised encoder (seeded by `train.seed`, as
+/// the run started), and the majority-class rate.
 pub fn eval(
     ckpt: &Path,
     cfg: &FeaturesConfig,
@@ -184,28 +158,15 @@ pub fn eval(
     test: &[String],
     label_column: Option<&str>,
 ) -> Result<FeaturesEvalReport> {
-    let (task, device) =
-        common::load_checkpoint(ckpt, &cfg.train.device, |d| build_task(cfg, d, None))?;
     let label = label_column.unwrap_or(&cfg.data.label_column);
-    let sets = Labelled::read(data, test, label, |p| load(p, &cfg.data, Some(label), None))?;
-    let bs = cfg.train.batch_size;
-    let loss = sets.pretext_loss(&task, bs, &device)?;
-    let (scores, dim) = sets.probe(&task, bs, &device, cfg.train.seed)?;
-    // The same architecture with the weights the run started from: what pretraining adds.
-    let (_, random_task) = build_task(cfg, &device, None)?;
-    let (random, _) = sets.probe(&random_task, bs, &device, cfg.train.seed)?;
-    Ok(FeaturesEvalReport {
-        checkpoint: ckpt.display().to_string(),
-        pretext_loss: loss,
-        linear_probe_accuracy: scores.linear,
-        linear_probe_l2: scores.l2,
-        knn_accuracy: scores.knn,
-        random_init_linear_probe_accuracy: random.linear,
-        random_init_knn_accuracy: random.knn,
-        majority_class_rate: scores.majority_class_rate,
-        n_train: scores.n_train,
-        n_test: scores.n_test,
-        n_classes: scores.n_classes,
-        embedding_dim: dim,
-    })
+    common::probe_eval(
+        ckpt,
+        &cfg.train,
+        |d| build_task(cfg, d, None),
+        |d| build_task(cfg, d, None),
+        data,
+        test,
+        label,
+        |p| load(p, &cfg.data, Some(label), None),
+    )
 }

@@ -21,7 +21,8 @@ use candle_core::Device;
 use ssl_core::seq::SeqBatch;
 use ssl_core::{Parallel, ParamStore, PretextTask};
 
-use super::common::{self, Heldout, Labelled, RunDir};
+pub use super::common::ProbeEvalReport;
+use super::common::{self, Heldout, RunDir};
 use crate::{evaluate_forecast, HorizonReport, Result};
 use heldout::forecast_errors;
 use load::{load, Part};
@@ -183,41 +184,6 @@ pub struct ForecastEvalReport {
     pub horizons: Vec<HorizonReport>,
 }
 
-/// Pretext loss and linear-probe / k-NN accuracy of the trained encoder and of the same
-/// architecture with fresh weights (what pretraining adds).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ProbeEvalReport {
-    /// The checkpoint directory evaluated.
-    pub checkpoint: String,
-    /// The encoder kind (`tcn`, `patchtst`...).
-    pub encoder: String,
-    /// The task kind (`ts2vec`, `masked`, `forecast`).
-    pub task: String,
-    /// Mean pretext loss over the training and test series (NaN, written `null`, when none).
-    pub pretext_loss: f64,
-    /// Linear probe test accuracy of the trained encoder.
-    pub linear_probe_accuracy: f64,
-    /// The probe's chosen L2 strength.
-    pub linear_probe_l2: f64,
-    /// k-NN test accuracy of the trained encoder.
-    pub knn_accuracy: f64,
-    /// Linear probe test accuracy of a randomly initialised encoder.
-    pub random_init_linear_probe_accuracy: f64,
-    /// k-NN test accuracy of a randomly initialised encoder.
-    pub random_init_knn_accuracy: f64,
-    /// The accuracy of always predicting the most frequent training class: the floor of
-    /// every probe above.
-    pub majority_class_rate: f64,
-    /// Probe training rows.
-    pub n_train: usize,
-    /// Probe test rows.
-    pub n_test: usize,
-    /// Classes.
-    pub n_classes: usize,
-    /// Embedding dimension.
-    pub embedding_dim: usize,
-}
-
 /// Evaluates checkpoint directory `ckpt` (configuration `cfg`). Forecasting runs on a long
 /// series are scored on its held-out end against naive baselines; otherwise the pretext loss
 /// and linear-probe / k-NN accuracy of the trained encoder and of a randomly initialised one,
@@ -250,31 +216,21 @@ pub fn eval(
             horizons,
         }));
     }
-    let (task, device) =
-        common::load_checkpoint(ckpt, &cfg.train.device, |d| build_task(cfg, d, seed, None))?;
     let label = label_column.unwrap_or(&cfg.data.label_column);
-    let sets = Labelled::read(data, test, label, |p| {
-        load(p, cfg, Some(label), Part::All, None)
-    })?;
-    let loss = sets.pretext_loss(&task, bs, &device)?;
-    let (trained, dim) = sets.probe(&task, bs, &device, seed)?;
-    // The same architecture with fresh weights: what pretraining adds.
-    let (_, random_task) = build_task(cfg, &device, seed.wrapping_add(1), None)?;
-    let (random, _) = sets.probe(&random_task, bs, &device, seed)?;
+    let report = common::probe_eval(
+        ckpt,
+        &cfg.train,
+        |d| build_task(cfg, d, seed, None),
+        // Fresh weights from another seed than the run started with.
+        |d| build_task(cfg, d, seed.wrapping_add(1), None),
+        data,
+        test,
+        label,
+        |p| load(p, cfg, Some(label), Part::All, None),
+    )?;
     Ok(TimeseriesEvalReport::Probe(ProbeEvalReport {
-        checkpoint,
-        encoder: format!("{:?}", cfg.model.kind).to_lowercase(),
-        task: format!("{:?}", cfg.task.kind).to_lowercase(),
-        pretext_loss: loss,
-        linear_probe_accuracy: trained.linear,
-        linear_probe_l2: trained.l2,
-        knn_accuracy: trained.knn,
-        random_init_linear_probe_accuracy: random.linear,
-        random_init_knn_accuracy: random.knn,
-        majority_class_rate: trained.majority_class_rate,
-        n_train: trained.n_train,
-        n_test: trained.n_test,
-        n_classes: trained.n_classes,
-        embedding_dim: dim,
+        encoder: Some(format!("{:?}", cfg.model.kind).to_lowercase()),
+        task: Some(format!("{:?}", cfg.task.kind).to_lowercase()),
+        ..report
     }))
 }
