@@ -42,6 +42,18 @@ fn evals(run: &std::path::Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
+/// (step, value) of the figure `key` in the run's metrics.jsonl.
+fn figure(run: &std::path::Path, key: &str) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            Some((v["step"].as_u64()?, v[key].as_f64()?))
+        })
+        .collect()
+}
+
 #[test]
 fn mae_heldout_loss_is_logged_at_eval_steps_and_best_is_kept() {
     let dir = tempfile::tempdir().unwrap();
@@ -52,6 +64,10 @@ fn mae_heldout_loss_is_logged_at_eval_steps_and_best_is_kept() {
     let e = evals(&run);
     let steps: Vec<u64> = e.iter().map(|x| x.0).collect();
     assert_eq!(steps, [2, 4, 5]);
+    // The sample has a label column: the online k-NN accuracy is logged beside eval_loss.
+    let knn = figure(&run, "eval_knn_accuracy");
+    assert_eq!(knn.iter().map(|x| x.0).collect::<Vec<_>>(), steps);
+    assert!(knn.iter().all(|x| (0.0..=1.0).contains(&x.1)), "{knn:?}");
     assert!(e.iter().all(|x| x.1.is_finite() && x.1 > 0.0), "{e:?}");
     let best = e.iter().fold(e[0], |b, x| if x.1 < b.1 { *x } else { b });
     assert_eq!(
@@ -63,5 +79,6 @@ fn mae_heldout_loss_is_logged_at_eval_steps_and_best_is_kept() {
     let run = dir.path().join("all");
     pretrain(tiny(), &sample(), &run, &RunOptions::default()).unwrap();
     assert!(evals(&run).is_empty());
+    assert!(figure(&run, "eval_knn_accuracy").is_empty());
     assert!(!run.join("checkpoints/best").exists());
 }

@@ -14,6 +14,7 @@ mod config;
 mod embed;
 mod eval;
 mod images;
+mod online_knn;
 mod pretrain;
 mod previews;
 mod stats;

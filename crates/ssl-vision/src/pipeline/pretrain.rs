@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use ssl_core::run_dir::{self, RunOptions, RunSummary};
 use ssl_core::{heldout_task_loss, parse_device, HeldoutEval, HookCtx, TrainHook};
-use ssl_data::is_heldout;
+use ssl_data::{is_heldout, ParquetSource};
 
 use super::config::VisionConfig;
 use super::images::{load_rank_images, LoadedImages};
+use super::online_knn::OnlineKnn;
 use super::previews::Previews;
 use super::task::{build_task, VisionTask};
 use crate::{ImageSet, InMemoryImageSource, Result, VisionError};
@@ -56,11 +57,13 @@ pub fn pretrain(
     let (par, device) = opts.parallel(device)?;
     // Checked and locked before anything is written.
     let run = opts.run_dir(out, &par)?;
-    // Each rank reads its share of the rows (its row groups).
-    let mut loaded = load_rank_images(data, &cfg.data, None, &par)?;
+    // Each rank reads its share of the rows (its row groups), with their labels when there
+    // are held-out images and the data has `data.label_column` (for the online k-NN).
+    let label = knn_label_column(data, &cfg)?;
+    let mut loaded = load_rank_images(data, &cfg.data, label.as_deref(), &par)?;
     // The held-out split (`data.heldout_fraction`) by global row index, before the
     // normalisation statistics, which are the training images'.
-    let held = split_heldout(&mut loaded, &cfg)?;
+    let (held, held_labels) = split_heldout(&mut loaded, &cfg)?;
     let lr_rule = cfg.complete(&loaded.images, &par)?;
     cfg.check_memory(loaded.images.len())?;
     if par.is_main() {
@@ -99,6 +102,26 @@ pub fn pretrain(
     let preview_imgs = (n_prev > 0)
         .then(|| loaded.images.batch(0, n_prev, &device))
         .transpose()?;
+    // The online k-NN accuracy (`eval_knn_accuracy`): a fixed bank of labelled training
+    // images against the held-out ones, in one process only (each rank holds a share).
+    let knn = match (&loaded.labels, &held_labels) {
+        (Some(ty), Some(hy)) if par.world == 1 => OnlineKnn::new(
+            &loaded.images,
+            ty,
+            held.clone(),
+            hy,
+            cfg.train.seed,
+            cfg.model.pooling,
+            cfg.train.batch_size,
+        ),
+        (Some(_), Some(_)) => {
+            if par.is_main() {
+                eprintln!("note: the held-out k-NN accuracy is computed in one process only; not with {} ranks", par.world);
+            }
+            None
+        }
+        _ => None,
+    };
     let mut source =
         InMemoryImageSource::new(loaded.images, cfg.train.batch_size, cfg.train.seed, &device)?;
     let preview_dir = out.join("previews");
@@ -127,7 +150,13 @@ pub fn pretrain(
     let seed = cfg.train.seed;
     let mut eval = (held_total > 0.0 && (par.world == 1 || task.as_mae().is_some())).then(|| {
         HeldoutEval::new(&cfg.train, |ctx: &HookCtx<'_, Box<dyn VisionTask>>| {
-            heldout_task_loss(&par, ctx.task, &held_batches, seed, ctx.precision)
+            let mut figures =
+                heldout_task_loss(&par, ctx.task, &held_batches, seed, ctx.precision)?;
+            if let Some(k) = &knn {
+                let acc = k.accuracy(ctx.task.as_ref(), &device, ctx.precision)?;
+                figures.insert("knn_accuracy".into(), acc);
+            }
+            Ok(figures)
         })
     });
     let mut hooks: Vec<&mut dyn TrainHook<Box<dyn VisionTask>>> = Vec::new();
@@ -145,9 +174,26 @@ pub fn pretrain(
     })
 }
 
+/// The label column to read for the online k-NN accuracy: `data.label_column` when images are
+/// held out (`data.heldout_fraction > 0`) and the data's first file has that column.
+fn knn_label_column(data: &[String], cfg: &VisionConfig) -> Result<Option<String>> {
+    let label = &cfg.data.label_column;
+    if cfg.data.heldout_fraction <= 0.0 || label.is_empty() {
+        return Ok(None);
+    }
+    let schema = ParquetSource::open(data)?.schema();
+    Ok(schema
+        .iter()
+        .any(|(n, _)| n == label)
+        .then(|| label.clone()))
+}
+
 /// Takes the held-out images (`data.heldout_fraction`, by a seeded hash of each image's global
-/// row index) out of `loaded`; returns them.
-fn split_heldout(loaded: &mut LoadedImages, cfg: &VisionConfig) -> Result<ImageSet> {
+/// row index) out of `loaded`; returns them with their labels (when `loaded` has labels).
+fn split_heldout(
+    loaded: &mut LoadedImages,
+    cfg: &VisionConfig,
+) -> Result<(ImageSet, Option<Vec<i64>>)> {
     let frac = cfg.data.heldout_fraction;
     if !(0.0..1.0).contains(&frac) {
         return Err(VisionError::Config(format!(
@@ -157,6 +203,10 @@ fn split_heldout(loaded: &mut LoadedImages, cfg: &VisionConfig) -> Result<ImageS
     let (held, kept): (Vec<usize>, Vec<usize>) = (0..loaded.rows.len())
         .partition(|&i| frac > 0.0 && is_heldout(loaded.rows[i], cfg.train.seed, frac));
     let held_set = loaded.images.select(&held);
+    let held_labels = loaded
+        .labels
+        .as_ref()
+        .map(|l| held.iter().map(|&i| l[i]).collect());
     if !held.is_empty() {
         loaded.images = loaded.images.select(&kept);
         loaded.ids = kept.iter().map(|&i| loaded.ids[i].clone()).collect();
@@ -166,5 +216,5 @@ fn split_heldout(loaded: &mut LoadedImages, cfg: &VisionConfig) -> Result<ImageS
             .take()
             .map(|l| kept.iter().map(|&i| l[i]).collect());
     }
-    Ok(held_set)
+    Ok((held_set, held_labels))
 }
