@@ -7,7 +7,7 @@
 //! `[MASK]`=4; single sequences are wrapped as `[CLS] text [SEP]` (BERT's template).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
 
@@ -426,7 +426,11 @@ impl Iterator for TextIter {
     }
 }
 
-/// Trains a tokenizer on `column` of Parquet data, streamed (see [`TextStream`]).
+/// Documents between two progress updates of [`train_from_parquet`].
+const PROGRESS_EVERY: usize = 256;
+
+/// Trains a tokenizer on `column` of Parquet data, streamed (see [`TextStream`]), reporting
+/// the documents read through [`ssl_core::monitor::Progress::task`].
 pub fn train_from_parquet(
     paths: &[String],
     column: &str,
@@ -434,22 +438,50 @@ pub fn train_from_parquet(
     skip: impl Fn(usize) -> bool + Send + 'static,
 ) -> Result<Tokenizer> {
     cfg.validate()?;
+    // The documents read are reported against the rows of the files' footers (capped at
+    // `max_docs`); rows left out by `skip` (a held-out split) are not counted, so the
+    // count may end below it.
+    let rows = ParquetSource::open(paths)?.num_rows();
+    let total = if cfg.max_docs > 0 {
+        rows.min(cfg.max_docs)
+    } else {
+        rows
+    };
     let mut stream = TextStream::open_with(paths, column, cfg.max_docs, cfg.skip_bad_rows, skip)?;
     let (mut tok, mut trainer) = untrained(cfg)?;
+    let progress = ssl_core::monitor::Progress::task("tokenizer", total as u64, "documents");
     // Documents with a non-blank character: a tokenizer trained on none would hold only the
     // special tokens.
     let (seen, with_text) = (AtomicUsize::new(0), AtomicUsize::new(0));
     let split = AtomicUsize::new(0);
+    let read_all = AtomicBool::new(false);
     let texts = stream
         .texts()
         .inspect(|t| {
-            seen.fetch_add(1, Ordering::Relaxed);
+            if (seen.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(PROGRESS_EVERY) {
+                progress.inc(PROGRESS_EVERY as u64);
+            }
             if !t.trim().is_empty() {
                 with_text.fetch_add(1, Ordering::Relaxed);
             }
         })
-        .map(|t| limit_words(&t, cfg.max_word_chars, &split));
+        .map(|t| limit_words(&t, cfg.max_word_chars, &split))
+        // Once every document is read the trainer computes the vocabulary: said on a line.
+        .chain(std::iter::from_fn(|| {
+            if !read_all.swap(true, Ordering::Relaxed) {
+                let n = seen.load(Ordering::Relaxed);
+                progress.inc((n % PROGRESS_EVERY) as u64);
+                progress.finish();
+                if ssl_core::monitor::progress_enabled() {
+                    eprintln!("tokenizer: {n} documents read; computing the vocabulary");
+                }
+            }
+            None
+        }));
     let trained = tok.train(&mut trainer, texts).map(|_| ());
+    if !read_all.load(Ordering::Relaxed) {
+        progress.finish();
+    }
     stream.finish()?;
     trained.map_err(TextError::tok)?;
     report_split(&split, cfg.max_word_chars);
