@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{write_synced, TrainerState, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE};
+use crate::checkpoint::{write_dir_atomic, TrainerState};
 use crate::optim::AdamW;
 use crate::{CoreError, ParamStore, Result};
 
@@ -122,12 +122,6 @@ impl BestState {
     }
 }
 
-fn fsync(path: &Path) -> Result<()> {
-    fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| CoreError::io("fsyncing", path, e))
-}
-
 /// Writes the checkpoint of `state.step` as `dir/best` (`dir`: the run's `checkpoints/`),
 /// replacing the previous best atomically like every checkpoint: the three files written
 /// under a temporary name and fsynced, the old best renamed aside, the new one renamed into
@@ -148,40 +142,11 @@ pub fn save_best(
     let pid = std::process::id();
     let tmp = dir.join(format!(".tmp-{BEST_DIR}-{pid}"));
     let old = dir.join(format!(".del-{BEST_DIR}-{pid}"));
-    for p in [&tmp, &old] {
-        if p.exists() {
-            fs::remove_dir_all(p).map_err(|e| CoreError::io("removing", p, e))?;
-        }
-    }
-    fs::create_dir(&tmp).map_err(|e| CoreError::io("creating", &tmp, e))?;
-    let written = (|| {
-        let model = tmp.join(MODEL_FILE);
-        params.save_safetensors(&model)?;
-        fsync(&model)?;
-        let opt = tmp.join(OPTIMIZER_FILE);
-        optimizer.save(&opt)?;
-        fsync(&opt)?;
-        let state_path = tmp.join(STATE_FILE);
-        let json = serde_json::to_vec_pretty(state).map_err(|source| CoreError::Json {
-            path: state_path.clone(),
-            source,
-        })?;
-        write_synced(&state_path, &json)?;
-        fsync(&tmp)
-    })();
-    if written.is_err() {
-        let _ = fs::remove_dir_all(&tmp);
-    }
-    written?;
-    let best = dir.join(BEST_DIR);
-    if best.exists() {
-        fs::rename(&best, &old).map_err(|e| CoreError::io("renaming aside", &best, e))?;
-    }
-    fs::rename(&tmp, &best).map_err(|e| CoreError::io("renaming into place", &best, e))?;
-    fsync(dir)?;
     if old.exists() {
         fs::remove_dir_all(&old).map_err(|e| CoreError::io("removing", &old, e))?;
     }
+    let best = dir.join(BEST_DIR);
+    write_dir_atomic(dir, &best, &tmp, &old, params, optimizer, state)?;
     Ok(best)
 }
 

@@ -99,6 +99,51 @@ pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     f.sync_all().map_err(|e| CoreError::io("fsyncing", path, e))
 }
 
+/// Writes the checkpoint of `params`, `optimizer` and `state` as the folder `dest` in `dir`,
+/// atomically: the three files written and fsynced in the fresh folder `tmp` (a stale one
+/// removed first; on failure it is removed and nothing else changes), a previous `dest`
+/// renamed to `aside`, `tmp` renamed into place, `dir` fsynced, then `aside` removed.
+pub(crate) fn write_dir_atomic(
+    dir: &Path,
+    dest: &Path,
+    tmp: &Path,
+    aside: &Path,
+    params: &ParamStore,
+    optimizer: &AdamW,
+    state: &TrainerState,
+) -> Result<()> {
+    if tmp.exists() {
+        fs::remove_dir_all(tmp).map_err(|e| CoreError::io("removing", tmp, e))?;
+    }
+    fs::create_dir(tmp).map_err(|e| CoreError::io("creating", tmp, e))?;
+    let written = (|| {
+        let model = tmp.join(MODEL_FILE);
+        params.save_safetensors(&model)?;
+        fsync_path(&model)?;
+        let opt = tmp.join(OPTIMIZER_FILE);
+        optimizer.save(&opt)?;
+        fsync_path(&opt)?;
+        let state_path = tmp.join(STATE_FILE);
+        let json = serde_json::to_vec_pretty(state).map_err(|source| CoreError::Json {
+            path: state_path.clone(),
+            source,
+        })?;
+        write_synced(&state_path, &json)?;
+        fsync_path(tmp)
+    })();
+    if written.is_err() {
+        // A failed write (a full disk) leaves no temporary folder behind.
+        let _ = fs::remove_dir_all(tmp);
+    }
+    written?;
+    if dest.exists() {
+        fs::rename(dest, aside).map_err(|e| CoreError::io("renaming aside", dest, e))?;
+    }
+    fs::rename(tmp, dest).map_err(|e| CoreError::io("renaming into place", dest, e))?;
+    fsync_path(dir)?;
+    remove_tree(aside)
+}
+
 impl CheckpointManager {
     /// Checkpoints under `dir`, keeping the newest `keep_last` (at least 1).
     pub fn new(dir: impl Into<PathBuf>, keep_last: usize) -> Self {
@@ -139,52 +184,15 @@ impl CheckpointManager {
             state.step,
             std::process::id()
         ));
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp).map_err(|e| CoreError::io("removing", &tmp, e))?;
-        }
-        fs::create_dir(&tmp).map_err(|e| CoreError::io("creating", &tmp, e))?;
-        let written = Self::write_into(&tmp, params, optimizer, state);
-        if written.is_err() {
-            // A failed write (a full disk) leaves no temporary folder behind.
-            let _ = fs::remove_dir_all(&tmp);
-        }
-        written?;
         let final_dir = self.path_for(state.step);
-        if final_dir.exists() {
-            let doomed = self
-                .dir
-                .join(format!("{DEL_PREFIX}{name}-{}", std::process::id()));
-            fs::rename(&final_dir, &doomed)
-                .map_err(|e| CoreError::io("replacing", &final_dir, e))?;
-            remove_tree(&doomed)?;
-        }
-        fs::rename(&tmp, &final_dir)
-            .map_err(|e| CoreError::io("renaming into place", &final_dir, e))?;
-        fsync_path(&self.dir)?;
+        let doomed = self
+            .dir
+            .join(format!("{DEL_PREFIX}{name}-{}", std::process::id()));
+        write_dir_atomic(
+            &self.dir, &final_dir, &tmp, &doomed, params, optimizer, state,
+        )?;
         self.prune()?;
         Ok(final_dir)
-    }
-
-    /// The three files of a checkpoint, each fsynced, and the folder.
-    fn write_into(
-        tmp: &Path,
-        params: &ParamStore,
-        optimizer: &AdamW,
-        state: &TrainerState,
-    ) -> Result<()> {
-        let model = tmp.join(MODEL_FILE);
-        params.save_safetensors(&model)?;
-        fsync_path(&model)?;
-        let opt = tmp.join(OPTIMIZER_FILE);
-        optimizer.save(&opt)?;
-        fsync_path(&opt)?;
-        let state_path = tmp.join(STATE_FILE);
-        let json = serde_json::to_vec_pretty(state).map_err(|source| CoreError::Json {
-            path: state_path.clone(),
-            source,
-        })?;
-        write_synced(&state_path, &json)?;
-        fsync_path(tmp)
     }
 
     /// Complete checkpoints, oldest first.
