@@ -2,35 +2,23 @@
 //! give `eval_loss` (the CLIP loss) and recall@K both ways every `train.eval_every_steps` and
 //! at the end; the best `eval_loss` is `checkpoints/best`.
 
+mod common;
+
 use std::path::Path;
 
 use ssl_core::checkpoint::read_state;
 use ssl_core::run_dir::RunOptions;
 use ssl_multimodal::*;
 
-/// A configuration small enough for a test: tiny towers, a few steps.
+/// The shared tiny configuration, five steps, evaluating a quarter of 120 pairs every two.
 fn tiny_config() -> MultimodalConfig {
-    let mut cfg = MultimodalConfig::default();
-    (cfg.train.max_steps, cfg.train.warmup_steps) = (5, 1);
-    cfg.train.batch_size = 32;
+    let mut cfg = common::tiny_config();
+    cfg.train.max_steps = 5;
     cfg.train.checkpoint_every_steps = 0;
     cfg.train.checkpoint_every_minutes = 0.0;
     cfg.train.eval_every_steps = 2;
     cfg.data.max_pairs = 120;
     cfg.data.heldout_fraction = 0.25;
-    cfg.data.resize = vec![16, 16];
-    cfg.tokenizer.train.vocab_size = 100;
-    cfg.max_seq_len = 12;
-    cfg.model.embed_dim = 16;
-    cfg.model.image.patch_size = 4;
-    cfg.model.image.dim = 32;
-    cfg.model.image.depth = 1;
-    cfg.model.image.heads = 2;
-    cfg.model.text.hidden_size = 32;
-    cfg.model.text.num_hidden_layers = 1;
-    cfg.model.text.num_attention_heads = 2;
-    cfg.model.text.intermediate_size = 64;
-    cfg.model.text.max_position_embeddings = 16;
     cfg.eval.ks = vec![1, 5];
     cfg
 }

@@ -1,6 +1,8 @@
 //! The pipeline as library calls: ranks split their rows as one process splits the source,
 //! and a tiny run pretrains, embeds both towers and evaluates from a Parquet file.
 
+mod common;
+
 use std::path::Path;
 
 use ssl_core::run_dir::RunOptions;
@@ -50,25 +52,10 @@ fn ranks_split_their_rows_as_one_process_splits_the_source() {
     }
 }
 
-/// A configuration small enough for a test: tiny towers, a few steps.
+/// The shared tiny configuration, four steps, zero-shot over `shape` and `color`.
 fn tiny_config() -> MultimodalConfig {
-    let mut cfg = MultimodalConfig::default();
+    let mut cfg = common::tiny_config();
     cfg.train.max_steps = 4;
-    cfg.train.warmup_steps = 1;
-    cfg.train.batch_size = 32;
-    cfg.data.resize = vec![16, 16];
-    cfg.tokenizer.train.vocab_size = 100;
-    cfg.max_seq_len = 12;
-    cfg.model.embed_dim = 16;
-    cfg.model.image.patch_size = 4;
-    cfg.model.image.dim = 32;
-    cfg.model.image.depth = 1;
-    cfg.model.image.heads = 2;
-    cfg.model.text.hidden_size = 32;
-    cfg.model.text.num_hidden_layers = 1;
-    cfg.model.text.num_attention_heads = 2;
-    cfg.model.text.intermediate_size = 64;
-    cfg.model.text.max_position_embeddings = 16;
     cfg.eval.zero_shot_columns = vec!["shape".into(), "color".into()];
     cfg.eval.templates = vec!["a {}".into()];
     cfg
