@@ -3,38 +3,13 @@
 //! them) is logged every `train.eval_every_steps` and at the end; a forecasting run also logs
 //! its error against the naive forecast's.
 
-use std::path::Path;
-use std::sync::Arc;
+mod common;
 
-use arrow::array::{ArrayRef, Float32Array, Float32Builder, ListBuilder, StringArray};
-use arrow::record_batch::RecordBatch;
+use std::path::Path;
+
 use ssl_core::run_dir::RunOptions;
 use ssl_timeseries::pipeline::{features, timeseries};
 use ssl_timeseries::{FeaturesConfig, TimeseriesConfig};
-
-fn write(path: &Path, columns: Vec<(&str, ArrayRef)>) {
-    let batch = RecordBatch::try_from_iter(columns).unwrap();
-    let file = std::fs::File::create(path).unwrap();
-    let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
-    w.write(&batch).unwrap();
-    w.close().unwrap();
-}
-
-/// 40 labelled sine waves of 32 steps, two periods.
-fn labelled_series(path: &Path) -> Vec<String> {
-    let mut x = ListBuilder::new(Float32Builder::new());
-    let mut labels = Vec::new();
-    for i in 0..40 {
-        let period = [8.0f32, 3.0][i % 2];
-        let v: Vec<f32> = (0..32).map(|t| ((t + i) as f32 / period).sin()).collect();
-        x.values().append_slice(&v);
-        x.append(true);
-        labels.push(["slow", "fast"][i % 2]);
-    }
-    let labels: ArrayRef = Arc::new(StringArray::from(labels));
-    write(path, vec![("x", Arc::new(x.finish())), ("label", labels)]);
-    vec![path.display().to_string()]
-}
 
 /// The metrics.jsonl records of `run` that hold `key`: (step, record).
 fn evals(run: &Path, key: &str) -> Vec<(u64, serde_json::Value)> {
@@ -73,7 +48,7 @@ fn tiny_features() -> FeaturesConfig {
 #[test]
 fn features_heldout_loss_is_logged_at_eval_steps() {
     let dir = tempfile::tempdir().unwrap();
-    let data = labelled_series(&dir.path().join("d.parquet"));
+    let data = common::labelled_series(&dir.path().join("d.parquet"), 40);
     let run = dir.path().join("run");
     let mut cfg = tiny_features();
     cfg.data.heldout_fraction = 0.25;
@@ -127,7 +102,7 @@ fn tiny_series() -> TimeseriesConfig {
 #[test]
 fn timeseries_heldout_loss_of_rows_is_logged_at_eval_steps() {
     let dir = tempfile::tempdir().unwrap();
-    let data = labelled_series(&dir.path().join("d.parquet"));
+    let data = common::labelled_series(&dir.path().join("d.parquet"), 40);
     for kind in [timeseries::TaskKind::Ts2vec, timeseries::TaskKind::Masked] {
         let run = dir.path().join(format!("{kind:?}"));
         let mut cfg = tiny_series();
@@ -149,15 +124,7 @@ fn timeseries_heldout_loss_of_rows_is_logged_at_eval_steps() {
 #[test]
 fn forecasting_logs_heldout_errors_against_the_naive_forecast() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("long.parquet");
-    let y: Vec<f32> = (0..240)
-        .map(|t| (t as f32 / 6.0).sin() + 0.01 * t as f32)
-        .collect();
-    write(
-        &path,
-        vec![("y", Arc::new(Float32Array::from(y)) as ArrayRef)],
-    );
-    let data = vec![path.display().to_string()];
+    let data = common::long_series(&dir.path().join("long.parquet"), 240);
     let mut cfg = tiny_series();
     cfg.data.long_column = "y".into();
     cfg.task.kind = timeseries::TaskKind::Forecast;

@@ -1,12 +1,13 @@
 //! A series too long for memory is refused at start with an error naming the keys, instead of
 //! the allocator aborting the process (issue 26 case 5).
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 use arrow::array::{ArrayRef, Float32Builder, ListBuilder};
-use arrow::record_batch::RecordBatch;
 use ssl_core::run_dir::RunOptions;
 use ssl_timeseries::pipeline::{features, timeseries};
 use ssl_timeseries::{FeaturesConfig, TimeseriesConfig};
@@ -19,11 +20,7 @@ fn long_series(path: &Path, steps: usize) -> Vec<String> {
         x.values().append_slice(&v);
         x.append(true);
     }
-    let batch = RecordBatch::try_from_iter(vec![("x", Arc::new(x.finish()) as ArrayRef)]).unwrap();
-    let file = std::fs::File::create(path).unwrap();
-    let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
-    w.write(&batch).unwrap();
-    w.close().unwrap();
+    common::write(path, vec![("x", Arc::new(x.finish()) as ArrayRef)]);
     vec![path.display().to_string()]
 }
 

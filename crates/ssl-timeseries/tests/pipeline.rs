@@ -1,43 +1,20 @@
 //! The pipelines as library calls: pretrain, resume from the stored configuration, embed and
 //! evaluate, on small Parquet files written here.
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Float32Array, Float32Builder, ListBuilder, StringArray};
-use arrow::record_batch::RecordBatch;
+use arrow::array::{ArrayRef, Float32Builder, ListBuilder, StringArray};
 use ssl_core::run_dir::RunOptions;
 use ssl_timeseries::pipeline::{features, timeseries};
 use ssl_timeseries::{FeaturesConfig, TimeseriesConfig, TimeseriesEvalReport};
 
-fn write(path: &Path, columns: Vec<(&str, ArrayRef)>) {
-    let batch = RecordBatch::try_from_iter(columns).unwrap();
-    let file = std::fs::File::create(path).unwrap();
-    let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
-    w.write(&batch).unwrap();
-    w.close().unwrap();
-}
-
-/// 24 labelled sine waves of 32 steps, two periods.
-fn labelled_series(path: &Path) -> Vec<String> {
-    let mut x = ListBuilder::new(Float32Builder::new());
-    let mut labels = Vec::new();
-    for i in 0..24 {
-        let period = [8.0f32, 3.0][i % 2];
-        let v: Vec<f32> = (0..32).map(|t| ((t + i) as f32 / period).sin()).collect();
-        x.values().append_slice(&v);
-        x.append(true);
-        labels.push(["slow", "fast"][i % 2]);
-    }
-    let labels: ArrayRef = Arc::new(StringArray::from(labels));
-    write(path, vec![("x", Arc::new(x.finish())), ("label", labels)]);
-    vec![path.display().to_string()]
-}
-
 #[test]
 fn features_pretrain_resume_embed_eval() {
     let dir = tempfile::tempdir().unwrap();
-    let data = labelled_series(&dir.path().join("d.parquet"));
+    let data = common::labelled_series(&dir.path().join("d.parquet"), 24);
     let run = dir.path().join("run");
     let mut cfg = FeaturesConfig::default();
     (
@@ -104,15 +81,7 @@ fn features_pretrain_resume_embed_eval() {
 #[test]
 fn forecasting_a_long_series_is_scored_against_naive_baselines() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("long.parquet");
-    let y: Vec<f32> = (0..200)
-        .map(|t| (t as f32 / 6.0).sin() + 0.01 * t as f32)
-        .collect();
-    write(
-        &path,
-        vec![("y", Arc::new(Float32Array::from(y)) as ArrayRef)],
-    );
-    let data = vec![path.display().to_string()];
+    let data = common::long_series(&dir.path().join("long.parquet"), 200);
     let mut cfg = TimeseriesConfig::default();
     cfg.data.long_column = "y".into();
     cfg.task.kind = timeseries::TaskKind::Forecast;
@@ -143,7 +112,7 @@ fn forecasting_a_long_series_is_scored_against_naive_baselines() {
 #[test]
 fn ts2vec_needs_a_per_timestep_encoder() {
     let dir = tempfile::tempdir().unwrap();
-    let data = labelled_series(&dir.path().join("d.parquet"));
+    let data = common::labelled_series(&dir.path().join("d.parquet"), 24);
     let mut cfg = TimeseriesConfig::default();
     cfg.model.kind = ssl_timeseries::EncoderKind::Patchtst;
     let err = timeseries::pretrain(cfg, &data, &dir.path().join("run"), &RunOptions::default())
@@ -175,7 +144,7 @@ fn series_with_empty_rows(path: &Path) -> Vec<String> {
         labels.push(["a", "b"][i % 2]);
     }
     let labels: ArrayRef = Arc::new(StringArray::from(labels));
-    write(path, vec![("x", Arc::new(x.finish())), ("label", labels)]);
+    common::write(path, vec![("x", Arc::new(x.finish())), ("label", labels)]);
     vec![path.display().to_string()]
 }
 
