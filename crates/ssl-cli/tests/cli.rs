@@ -4,7 +4,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{ssl, SSL};
@@ -25,6 +25,47 @@ fn with_tiny<'a>(mut args: Vec<&'a str>, extra: &[&'a str]) -> Vec<&'a str> {
         args.push(s);
     }
     args
+}
+
+/// The arguments of a tiny `ssl pretrain features` into `run` that runs until stopped (no
+/// step limit, no checkpoint interval).
+fn endless_features(run: &str) -> Vec<&str> {
+    with_tiny(
+        vec!["pretrain", "features", "--out", run],
+        &[
+            "train.max_steps=1000000",
+            "train.checkpoint_every_steps=0",
+            "train.checkpoint_every_minutes=0",
+        ],
+    )
+}
+
+/// Starts `ssl` with `args`, its stdout discarded and its stderr to `stderr`.
+fn spawn(args: &[&str], stderr: Stdio) -> Child {
+    Command::new(SSL)
+        .args(args)
+        .stderr(stderr)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until `ready`, checking every 50 ms; fails with `what` after two minutes.
+fn wait_until(what: &str, ready: impl Fn() -> bool) {
+    let started = Instant::now();
+    while !ready() {
+        assert!(started.elapsed() < Duration::from_secs(120), "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends SIGTERM to `child`.
+fn terminate(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
 }
 
 fn metric_lines(dir: &Path) -> Vec<serde_json::Value> {
@@ -152,33 +193,10 @@ fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_zero_then_resume_cont
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let run_s = run.to_str().unwrap();
-    let args = with_tiny(
-        vec!["pretrain", "features", "--out", run_s],
-        &[
-            "train.max_steps=1000000",
-            "train.checkpoint_every_steps=0",
-            "train.checkpoint_every_minutes=0",
-        ],
-    );
-    let mut child = Command::new(SSL)
-        .args(&args)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while metric_lines(&run).len() < 3 {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "training did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let args = endless_features(run_s);
+    let mut child = spawn(&args, Stdio::piped());
+    wait_until("training did not start", || metric_lines(&run).len() >= 3);
+    terminate(&child);
     let stderr: Vec<String> = BufReader::new(child.stderr.take().unwrap())
         .lines()
         .map_while(Result::ok)
@@ -286,29 +304,12 @@ fn a_second_simultaneous_run_into_one_directory_is_refused_naming_the_holder() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let run_s = run.to_str().unwrap();
-    let args = with_tiny(
-        vec!["pretrain", "features", "--out", run_s],
-        &[
-            "train.max_steps=1000000",
-            "train.checkpoint_every_steps=0",
-            "train.checkpoint_every_minutes=0",
-        ],
-    );
-    let mut first = Command::new(SSL)
-        .args(&args)
-        .stderr(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let args = endless_features(run_s);
+    let mut first = spawn(&args, Stdio::null());
     // Running, and so holding the lock, once it logs a step.
-    let started = Instant::now();
-    while !run.join(".lock").exists() || metric_lines(&run).is_empty() {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "the first run did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until("the first run did not start", || {
+        run.join(".lock").exists() && !metric_lines(&run).is_empty()
+    });
     let config = std::fs::read(run.join("config.toml")).unwrap();
     let second = ssl(&args);
     let stderr = String::from_utf8_lossy(&second.stderr);
@@ -317,11 +318,7 @@ fn a_second_simultaneous_run_into_one_directory_is_refused_naming_the_holder() {
     assert!(stderr.contains(&format!("pid {}", first.id())), "{stderr}");
     assert_eq!(std::fs::read(run.join("config.toml")).unwrap(), config);
 
-    let status = Command::new("kill")
-        .args(["-TERM", &first.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    terminate(&first);
     let exit = first.wait().unwrap();
     assert!(exit.success(), "the first run: {exit:?}");
     assert!(run.join("checkpoints").is_dir());
