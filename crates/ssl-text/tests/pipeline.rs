@@ -94,6 +94,9 @@ fn pretrain_resume_embed_and_eval_with_labels() {
         assert_eq!(e["eval_loss"].as_f64(), Some(p.loss));
         assert_eq!(e["eval_perplexity"].as_f64(), Some(p.perplexity));
         assert_eq!(e["eval_masked_accuracy"].as_f64(), Some(p.masked_accuracy));
+        // The data has a label column: the online k-NN accuracy of the held-out documents.
+        let knn = e["eval_knn_accuracy"].as_f64().unwrap_or(-1.0);
+        assert!((0.0..=1.0).contains(&knn), "{e}");
     }
     let best = if s.heldout[1].loss <= s.heldout[2].loss {
         2
@@ -179,6 +182,22 @@ fn pretrain_resume_embed_and_eval_with_labels() {
 }
 
 /// A Parquet file with one text column `text` holding `texts` (None: null).
+#[test]
+fn no_knn_accuracy_without_the_label_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("docs.parquet");
+    write_docs(&path);
+    let data = vec![path.to_string_lossy().into_owned()];
+    let run = dir.path().join("run");
+    let mut cfg = tiny();
+    cfg.train.max_steps = 2;
+    cfg.data.label_column = "topic".into();
+    pretrain(cfg, &data, &run, &RunOptions::default()).unwrap();
+    let evals = eval_records(&run);
+    assert_eq!(evals.len(), 1);
+    assert!(evals[0].get("eval_knn_accuracy").is_none(), "{}", evals[0]);
+}
+
 fn write_texts(path: &Path, texts: Vec<Option<&str>>) -> Vec<String> {
     let batch =
         RecordBatch::try_from_iter([("text", Arc::new(StringArray::from(texts)) as ArrayRef)])

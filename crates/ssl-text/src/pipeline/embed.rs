@@ -106,45 +106,66 @@ impl TextModel {
     }
 
     /// Embeddings of whole documents (one sequence each, truncated to `input.max_seq_len`),
-    /// in evaluation mode: the row-major values and the embedding width.
+    /// in evaluation mode, with a progress bar: the row-major values and the embedding width.
     pub fn embed_texts(&self, texts: &[String]) -> Result<(Vec<f32>, usize)> {
-        let input = InputConfig {
-            mode: InputMode::Document,
-            max_seq_len: self.cfg.input.max_seq_len,
-        };
-        let sp = SpecialIds::of(&self.tok)?;
-        let mut out = Vec::new();
-        let mut dim = self.model.bert().config().hidden_size;
-        let mut rng = SslRng::new(0);
-        let bs = self.cfg.train.batch_size.max(16);
-        let progress = ssl_core::monitor::Progress::task("embed", texts.len() as u64, "texts");
-        for chunk in texts.chunks(bs) {
-            // Empty texts still get a row ([CLS] [SEP]).
-            let mut seqs = Vec::with_capacity(chunk.len());
-            for t in chunk {
-                let s = tokenize_texts(&self.tok, std::slice::from_ref(t), &input, None, &[])?;
-                seqs.push(s.into_iter().next().unwrap_or(TokenizedSeq {
-                    ids: vec![sp.cls, sp.sep],
-                    word_ids: vec![None, None],
-                    special: vec![true, true],
-                    entities: vec![],
-                }));
-            }
-            let batch = TextBatch {
-                seqs,
-                pad_id: sp.pad,
-                device: self.device.clone(),
-            };
-            // The run's product precision (`train.matmul_precision`) applies to embedding too.
-            let mut ctx = Ctx::inference(&mut rng).with_precision(self.cfg.train.matmul_precision);
-            let e = ssl_core::PretextTask::embed(&self.model, &batch, &mut ctx)?;
-            dim = e.dim(1)?;
-            out.extend(e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
-            progress.inc(chunk.len() as u64);
-        }
-        progress.finish();
-        Ok((out, dim))
+        embed_documents(&self.model, &self.tok, texts, &self.cfg, &self.device, true)
     }
+}
+
+/// Embeddings of whole documents with `model` (any BERT, such as the one being trained):
+/// one sequence each, tokenized by `tok` and truncated to `cfg.input.max_seq_len`, batches of
+/// `cfg.train.batch_size` (at least 16), in inference mode at `train.matmul_precision`,
+/// pooled as the model is set to pool. Returns the row-major values and the embedding width;
+/// shows a progress bar only with `progress` (not while a training progress line is showing).
+pub fn embed_documents(
+    model: &BertForMaskedLM,
+    tok: &Tokenizer,
+    texts: &[String],
+    cfg: &TextConfig,
+    device: &Device,
+    progress: bool,
+) -> Result<(Vec<f32>, usize)> {
+    let input = InputConfig {
+        mode: InputMode::Document,
+        max_seq_len: cfg.input.max_seq_len,
+    };
+    let sp = SpecialIds::of(tok)?;
+    let mut out = Vec::new();
+    let mut dim = model.bert().config().hidden_size;
+    let mut rng = SslRng::new(0);
+    let bs = cfg.train.batch_size.max(16);
+    let bar =
+        progress.then(|| ssl_core::monitor::Progress::task("embed", texts.len() as u64, "texts"));
+    for chunk in texts.chunks(bs) {
+        // Empty texts still get a row ([CLS] [SEP]).
+        let mut seqs = Vec::with_capacity(chunk.len());
+        for t in chunk {
+            let s = tokenize_texts(tok, std::slice::from_ref(t), &input, None, &[])?;
+            seqs.push(s.into_iter().next().unwrap_or(TokenizedSeq {
+                ids: vec![sp.cls, sp.sep],
+                word_ids: vec![None, None],
+                special: vec![true, true],
+                entities: vec![],
+            }));
+        }
+        let batch = TextBatch {
+            seqs,
+            pad_id: sp.pad,
+            device: device.clone(),
+        };
+        // The run's product precision (`train.matmul_precision`) applies to embedding too.
+        let mut ctx = Ctx::inference(&mut rng).with_precision(cfg.train.matmul_precision);
+        let e = ssl_core::PretextTask::embed(model, &batch, &mut ctx)?;
+        dim = e.dim(1)?;
+        out.extend(e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        if let Some(b) = &bar {
+            b.inc(chunk.len() as u64);
+        }
+    }
+    if let Some(b) = bar {
+        b.finish();
+    }
+    Ok((out, dim))
 }
 
 /// Embeds the documents of `data` with the model of checkpoint directory `ckpt` configured

@@ -14,14 +14,16 @@ mod docs;
 mod embed;
 mod eval;
 mod heldout;
+mod online_knn;
 mod pretrain;
 mod tokenizer;
 
 pub use config::{DataConfig, EmbedSection, ModelSection, TextConfig, TokenizerSection};
 pub use docs::{read_docs, read_docs_of, Docs};
-pub use embed::{embed, stored_config, TextModel};
+pub use embed::{embed, embed_documents, stored_config, TextModel};
 pub use eval::{eval, TextEvalReport, TextProbeReport};
 pub use heldout::{heldout_eval, read_curve, HeldoutCurve, HeldoutPoint};
+pub use online_knn::{OnlineKnn, MAX_BANK};
 pub use pretrain::{build_model, pretrain, TextRunSummary, HELDOUT_FILE};
 pub use tokenizer::{
     make_tokenizer, shared_tokenizer, tokenize, tokenizer_from_json, train_tokenizer_report,

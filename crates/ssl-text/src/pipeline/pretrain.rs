@@ -9,12 +9,13 @@ use ssl_core::checkpoint::MODEL_FILE;
 use ssl_core::run_dir::{self, RunOptions, RunSummary};
 use ssl_core::{parse_device, Parallel, ParamStore, Trainer};
 use ssl_core::{EvalFigures, HeldoutEval, HookCtx};
-use ssl_data::is_heldout;
+use ssl_data::{is_heldout, ParquetSource};
 use tokenizers::Tokenizer;
 
 use super::config::TextConfig;
 use super::docs::read_docs_of;
 use super::heldout::{read_curve, HeldoutCurve, HeldoutPoint};
+use super::online_knn::OnlineKnn;
 use super::tokenizer::{shared_tokenizer, tokenize};
 use crate::{
     export_hf_dir, load_hf_dir, save_tokenizer, BertConfig, BertForMaskedLM, InMemoryTextSource,
@@ -112,7 +113,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TextError + '_ {
 /// (Parquet files, directories or globs; at least one) into the run directory `out`:
 /// `config.toml` (the completed configuration), `tokenizer.json`, `checkpoints/`,
 /// `metrics.jsonl` (with `eval_loss`, `eval_perplexity` and `eval_masked_accuracy` every
-/// `train.eval_every_steps` steps and at the end), [`HELDOUT_FILE`] (the same held-out points,
+/// `train.eval_every_steps` steps and at the end, and `eval_knn_accuracy` when the data has
+/// `data.label_column`), [`HELDOUT_FILE`] (the same held-out points,
 /// and one before training) and `hf/` (the newest weights as a Hugging Face directory).
 ///
 /// A seeded hash of each document's global row index holds out `data.heldout_fraction` of
@@ -143,20 +145,29 @@ pub fn pretrain(
     std::fs::create_dir_all(out).map_err(io(out))?;
     // Each rank reads its share of the rows; the held-out split and `max_docs` use global row
     // indices, so together the ranks hold out exactly the documents one process would.
-    let docs = read_docs_of(paths, &cfg.data, None, true, Some(&par))?;
+    // With held-out documents and `data.label_column` in the data, the labels too (for the
+    // online k-NN accuracy).
+    let label = knn_label_column(paths, &cfg)?;
+    let docs = read_docs_of(paths, &cfg.data, label.as_deref(), true, Some(&par))?;
     let (seed, frac) = (cfg.train.seed, cfg.data.heldout_fraction);
     let (mut train_docs, mut held_docs) = (Vec::new(), Vec::new());
     let (mut train_ents, mut held_ents) = (Vec::new(), Vec::new());
+    let (mut train_labels, mut held_labels) = (Vec::new(), Vec::new());
     let with_ents = docs.entities.is_some();
+    let with_labels = docs.labels.is_some();
     let mut ents = docs.entities.map(|e| e.into_iter());
+    let mut labels = docs.labels.map(|l| l.into_iter());
     for (t, &i) in docs.texts.into_iter().zip(&docs.rows) {
         let e = ents.as_mut().and_then(|e| e.next()).unwrap_or_default();
+        let l = labels.as_mut().and_then(|l| l.next()).unwrap_or_default();
         if is_heldout(i, seed, frac) {
             held_docs.push(t);
             held_ents.push(e);
+            held_labels.push(l);
         } else {
             train_docs.push(t);
             train_ents.push(e);
+            train_labels.push(l);
         }
     }
     check_training_docs(&train_docs, held_docs.len(), frac, &par)?;
@@ -166,7 +177,7 @@ pub fn pretrain(
     let tok_path = out.join("tokenizer.json");
     let tok = shared_tokenizer(&cfg, paths, &tok_path, resume, &train_docs, &par)?;
     let sp = SpecialIds::of(&tok)?;
-    let (store, model) = build_model(&mut cfg, &tok, &device)?;
+    let (store, mut model) = build_model(&mut cfg, &tok, &device)?;
     // A resumed run's model must match its checkpoint before the tokenizer and the
     // configuration are replaced.
     run.check_params(&store)?;
@@ -227,6 +238,26 @@ pub fn pretrain(
             );
         }
     }
+    // The online k-NN accuracy (`eval_knn_accuracy`): a fixed bank of labelled training
+    // documents against the held-out ones (at most `data.heldout_max_seqs` of them), pooled
+    // as `embed` pools, in one process only (each rank holds a share).
+    let knn = if with_labels && par.world == 1 {
+        if cfg.data.heldout_max_seqs > 0 {
+            held_docs.truncate(cfg.data.heldout_max_seqs);
+            held_labels.truncate(cfg.data.heldout_max_seqs);
+        }
+        let layer = (cfg.embed.layer >= 0).then_some(cfg.embed.layer as usize);
+        model.set_pooling(cfg.embed.pooling, layer)?;
+        OnlineKnn::new(&train_docs, &train_labels, held_docs, &held_labels, seed)
+    } else {
+        if with_labels && par.is_main() {
+            eprintln!(
+                "note: the held-out k-NN accuracy is computed in one process only; not with {} ranks",
+                par.world
+            );
+        }
+        None
+    };
     let mut source = InMemoryTextSource::new(
         train_seqs,
         cfg.train.batch_size,
@@ -249,11 +280,16 @@ pub fn pretrain(
                     p.step, p.perplexity, p.masked_accuracy
                 );
             }
-            Ok(EvalFigures::from([
+            let mut figures = EvalFigures::from([
                 ("loss".to_string(), p.loss),
                 ("perplexity".to_string(), p.perplexity),
                 ("masked_accuracy".to_string(), p.masked_accuracy),
-            ]))
+            ]);
+            if let Some(k) = &knn {
+                let acc = k.accuracy(ctx.task, &tok, &cfg, &device)?;
+                figures.insert("knn_accuracy".into(), acc);
+            }
+            Ok(figures)
         });
         trainer.fit_with_hooks(&model, &mut source, None, &mut [&mut eval])?
     } else {
@@ -277,6 +313,20 @@ pub fn pretrain(
     export_hf_dir(&cfg.model.config, &store, &tok, &hf)?;
     summary.hf = Some(hf);
     Ok(summary)
+}
+
+/// The label column to read for the online k-NN accuracy: `data.label_column` when documents
+/// are held out (`data.heldout_fraction > 0`) and the data's first file has that column.
+fn knn_label_column(data: &[String], cfg: &TextConfig) -> Result<Option<String>> {
+    let label = &cfg.data.label_column;
+    if cfg.data.heldout_fraction <= 0.0 || label.is_empty() {
+        return Ok(None);
+    }
+    let schema = ParquetSource::open(data)?.schema();
+    Ok(schema
+        .iter()
+        .any(|(n, _)| n == label)
+        .then(|| label.clone()))
 }
 
 /// Refuses a run with nothing to train on, naming the cause: no documents, every training
