@@ -2,14 +2,13 @@
 //! direction, and the state that decides both (kept in the trainer state, so it survives
 //! `--resume`).
 
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{write_dir_atomic, TrainerState};
 use crate::optim::AdamW;
-use crate::{CoreError, ParamStore, Result};
+use crate::{ParamStore, Result};
 
 /// The directory name of the best checkpoint under `checkpoints/`, outside the rotation of
 /// `step-NNNNNNNN` directories (never pruned, never resumed from).
@@ -132,19 +131,9 @@ pub fn save_best(
     optimizer: &AdamW,
     state: &TrainerState,
 ) -> Result<PathBuf> {
-    if let Some(name) = params.first_non_finite()? {
-        return Err(CoreError::NonFiniteParameters {
-            step: state.step,
-            name,
-        });
-    }
-    fs::create_dir_all(dir).map_err(|e| CoreError::io("creating", dir, e))?;
     let pid = std::process::id();
     let tmp = dir.join(format!(".tmp-{BEST_DIR}-{pid}"));
     let old = dir.join(format!(".del-{BEST_DIR}-{pid}"));
-    if old.exists() {
-        fs::remove_dir_all(&old).map_err(|e| CoreError::io("removing", &old, e))?;
-    }
     let best = dir.join(BEST_DIR);
     write_dir_atomic(dir, &best, &tmp, &old, params, optimizer, state)?;
     Ok(best)

@@ -99,10 +99,12 @@ pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     f.sync_all().map_err(|e| CoreError::io("fsyncing", path, e))
 }
 
-/// Writes the checkpoint of `params`, `optimizer` and `state` as the folder `dest` in `dir`,
-/// atomically: the three files written and fsynced in the fresh folder `tmp` (a stale one
-/// removed first; on failure it is removed and nothing else changes), a previous `dest`
-/// renamed to `aside`, `tmp` renamed into place, `dir` fsynced, then `aside` removed.
+/// Writes the checkpoint of `params`, `optimizer` and `state` as the folder `dest` in `dir`
+/// (created if absent), atomically: refused (with an error naming the parameter) when a
+/// parameter is not finite; stale `tmp` and `aside` folders removed; the three files written
+/// and fsynced in the fresh folder `tmp` (on failure it is removed and nothing else changes),
+/// a previous `dest` renamed to `aside`, `tmp` renamed into place, `dir` fsynced, then
+/// `aside` removed.
 pub(crate) fn write_dir_atomic(
     dir: &Path,
     dest: &Path,
@@ -112,8 +114,17 @@ pub(crate) fn write_dir_atomic(
     optimizer: &AdamW,
     state: &TrainerState,
 ) -> Result<()> {
-    if tmp.exists() {
-        fs::remove_dir_all(tmp).map_err(|e| CoreError::io("removing", tmp, e))?;
+    if let Some(name) = params.first_non_finite()? {
+        return Err(CoreError::NonFiniteParameters {
+            step: state.step,
+            name,
+        });
+    }
+    fs::create_dir_all(dir).map_err(|e| CoreError::io("creating", dir, e))?;
+    for p in [tmp, aside] {
+        if p.exists() {
+            fs::remove_dir_all(p).map_err(|e| CoreError::io("removing", p, e))?;
+        }
     }
     fs::create_dir(tmp).map_err(|e| CoreError::io("creating", tmp, e))?;
     let written = (|| {
@@ -171,13 +182,6 @@ impl CheckpointManager {
         optimizer: &AdamW,
         state: &TrainerState,
     ) -> Result<PathBuf> {
-        if let Some(name) = params.first_non_finite()? {
-            return Err(CoreError::NonFiniteParameters {
-                step: state.step,
-                name,
-            });
-        }
-        fs::create_dir_all(&self.dir).map_err(|e| CoreError::io("creating", &self.dir, e))?;
         let name = step_name(state.step);
         let tmp = self.dir.join(format!(
             "{TMP_PREFIX}{:08}-{}",
@@ -197,30 +201,12 @@ impl CheckpointManager {
 
     /// Complete checkpoints, oldest first.
     pub fn list(&self) -> Result<Vec<(u64, PathBuf)>> {
-        if !self.dir.exists() {
-            return Ok(Vec::new());
-        }
-        let mut out = Vec::new();
-        let entries =
-            fs::read_dir(&self.dir).map_err(|e| CoreError::io("listing", &self.dir, e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| CoreError::io("listing", &self.dir, e))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(step) = name
-                .strip_prefix("step-")
-                .and_then(|s| s.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            let p = entry.path();
-            if [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE]
+        let mut out = self.step_dirs()?;
+        out.retain(|(_, p)| {
+            [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE]
                 .iter()
                 .all(|f| p.join(f).is_file())
-            {
-                out.push((step, p));
-            }
-        }
-        out.sort();
+        });
         Ok(out)
     }
 
