@@ -61,6 +61,13 @@ fn features_heldout_loss_is_logged_at_eval_steps() {
         "{e:?}"
     );
     assert!(run.join("checkpoints/best").is_dir());
+    // The rows have labels: the online k-NN accuracy of the held-out rows, at the same steps.
+    let k = evals(&run, "eval_knn_accuracy");
+    assert_eq!(steps(&k), [2, 4, 5]);
+    for (step, v) in &k {
+        let a = v["eval_knn_accuracy"].as_f64().unwrap_or(-1.0);
+        assert!((0.0..=1.0).contains(&a), "step {step}: {v}");
+    }
 
     // The contrastive task too (NT-Xent on held-out pairs of views).
     let run = dir.path().join("contrastive");
@@ -69,6 +76,15 @@ fn features_heldout_loss_is_logged_at_eval_steps() {
     cfg.data.heldout_fraction = 0.25;
     features::pretrain(cfg, &data, &run, &RunOptions::default()).unwrap();
     assert_eq!(steps(&evals(&run, "eval_loss")), [2, 4, 5]);
+
+    // Without the label column in the data: no k-NN accuracy.
+    let run = dir.path().join("unlabelled");
+    let mut cfg = tiny_features();
+    cfg.data.label_column = "topic".into();
+    cfg.data.heldout_fraction = 0.25;
+    features::pretrain(cfg, &data, &run, &RunOptions::default()).unwrap();
+    assert_eq!(steps(&evals(&run, "eval_loss")), [2, 4, 5]);
+    assert!(evals(&run, "eval_knn_accuracy").is_empty());
 
     // The default (no held-out fraction): nothing is evaluated and the metrics are those of
     // the same run before held-out evaluation existed.
@@ -116,8 +132,16 @@ fn timeseries_heldout_loss_of_rows_is_logged_at_eval_steps() {
                 .all(|(_, v)| v["eval_loss"].as_f64().is_some_and(|x| x.is_finite())),
             "{kind:?}: {e:?}"
         );
-        // Not a forecasting task: no forecast errors.
+        // Not a forecasting task: no forecast errors; labelled rows: the k-NN accuracy.
         assert!(evals(&run, "eval_mse").is_empty());
+        let k = evals(&run, "eval_knn_accuracy");
+        assert_eq!(steps(&k), [2, 4, 5], "{kind:?}");
+        assert!(
+            k.iter().all(|(_, v)| v["eval_knn_accuracy"]
+                .as_f64()
+                .is_some_and(|a| (0.0..=1.0).contains(&a))),
+            "{kind:?}: {k:?}"
+        );
     }
 }
 
@@ -140,6 +164,8 @@ fn forecasting_logs_heldout_errors_against_the_naive_forecast() {
             let x = v[k].as_f64().unwrap_or(f64::NAN);
             assert!(x.is_finite() && x >= 0.0, "step {step}: {k} = {v}");
         }
+        // A long series has no labels.
+        assert!(v.get("eval_knn_accuracy").is_none(), "{v}");
     }
     // The naive forecast does not depend on the model: the same at every evaluation.
     let naive: Vec<f64> = e

@@ -34,11 +34,14 @@ pub(crate) struct Loaded {
     /// Examples held out of training by `data.heldout_fraction` (pretraining reads only;
     /// empty otherwise), shared between the ranks as `examples` are.
     pub heldout: Vec<SeqExample>,
+    /// The labels of `heldout`, when `labels` were read (for the online k-NN accuracy).
+    pub heldout_labels: Option<Vec<String>>,
 }
 
 impl Loaded {
     /// Moves the examples of the rows held out by `fraction` (0: none; see [`row_heldout`])
-    /// into `heldout`, with their ids and labels; an error for a fraction outside [0, 1).
+    /// into `heldout`, their labels into `heldout_labels`; an error for a fraction outside
+    /// [0, 1).
     pub fn hold_out(&mut self, fraction: f64, seed: u64) -> Result<()> {
         check_heldout_fraction(fraction)?;
         if fraction == 0.0 {
@@ -61,6 +64,8 @@ impl Loaded {
         keep_where(&mut self.rows, &keep);
         keep_where(&mut self.ids, &keep);
         if let Some(l) = &mut self.labels {
+            let held = l.iter().zip(&keep).filter(|(_, &k)| !k).map(|(x, _)| x);
+            self.heldout_labels = Some(held.cloned().collect());
             keep_where(l, &keep);
         }
         Ok(())
@@ -371,18 +376,35 @@ pub fn embed_all<T: PretextTask<Batch = SeqBatch>>(
     batch: usize,
     device: &Device,
 ) -> Result<(Vec<f32>, usize)> {
+    embed_examples(task, examples, batch, device, true)
+}
+
+/// [`embed_all`], with a progress bar only when `progress` is set (not while a training
+/// progress line is showing).
+pub(crate) fn embed_examples<T: PretextTask<Batch = SeqBatch>>(
+    task: &T,
+    examples: &[SeqExample],
+    batch: usize,
+    device: &Device,
+    progress: bool,
+) -> Result<(Vec<f32>, usize)> {
     let mut out = Vec::new();
     let mut dim = 0;
     let mut rng = SslRng::new(0);
-    let progress = ssl_core::monitor::Progress::task("embed", examples.len() as u64, "series");
+    let bar = progress
+        .then(|| ssl_core::monitor::Progress::task("embed", examples.len() as u64, "series"));
     for chunk in examples.chunks(batch.max(1)) {
         let b = SeqBatch::from_examples(&chunk.iter().collect::<Vec<_>>(), device)?;
         let e = task.embed(&b, &mut Ctx::inference(&mut rng))?;
         dim = e.dim(1)?;
         out.extend(e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
-        progress.inc(chunk.len() as u64);
+        if let Some(p) = &bar {
+            p.inc(chunk.len() as u64);
+        }
     }
-    progress.finish();
+    if let Some(p) = bar {
+        p.finish();
+    }
     Ok((out, dim))
 }
 

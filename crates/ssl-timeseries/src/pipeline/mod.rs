@@ -16,4 +16,5 @@
 
 pub mod common;
 pub mod features;
+mod online_knn;
 pub mod timeseries;

@@ -17,6 +17,7 @@ pub use task::build_task;
 
 pub use super::common::ProbeEvalReport;
 use super::common::{self, truncate, Heldout, Loaded, RunDir};
+use super::online_knn::{knn_label_column, online_knn};
 use crate::Result;
 
 /// The modality's name: in stored configurations and error messages.
@@ -53,6 +54,7 @@ fn load(
         rows: table.row_index,
         sharded: par.is_some(),
         heldout: Vec::new(),
+        heldout_labels: None,
     })
 }
 
@@ -67,7 +69,11 @@ pub fn pretrain(
     opts: &RunOptions,
 ) -> Result<RunSummary> {
     let (par, device, guard) = common::start(&cfg.train, data, out, opts)?;
-    let mut loaded = load(data, &cfg.data, None, Some(&par))?;
+    // With held-out rows and `data.label_column` in the data, the labels too (for the online
+    // k-NN accuracy).
+    let d = &cfg.data;
+    let label = knn_label_column(data, &d.label_column, d.heldout_fraction)?;
+    let mut loaded = load(data, d, label.as_deref(), Some(&par))?;
     loaded.hold_out(cfg.data.heldout_fraction, cfg.train.seed)?;
     let found = loaded.examples.first().map_or(0, |e| e.features);
     let features = common::data_width("features", cfg.features, found, " per step")?;
@@ -89,12 +95,14 @@ pub fn pretrain(
         cfg.task.kind,
         store.num_elements()
     );
+    // The online k-NN accuracy (`eval_knn_accuracy`) when the rows have labels.
+    let knn = online_knn(&loaded, &par, cfg.train.seed, cfg.train.batch_size, &device);
     // NT-Xent's forward gathers every rank's views: with several ranks only the other tasks'
     // held-out loss is evaluated.
     let heldout = Heldout {
         examples: loaded.heldout,
         loss: par.world == 1 || cfg.task.kind != TaskKind::Contrastive,
-        extra: None,
+        extra: knn,
     };
     common::fit(
         &task,

@@ -75,6 +75,7 @@ pub(crate) fn load(
             labels: None,
             sharded: false,
             heldout,
+            heldout_labels: None,
         });
     }
     let set = read_rows(
@@ -118,6 +119,7 @@ pub(crate) fn load(
         rows,
         sharded: par.is_some(),
         heldout: Vec::new(),
+        heldout_labels: None,
     };
     if part == Part::Train {
         // A forecasting row's windows stay together: all trained on or all held out.

@@ -23,6 +23,7 @@ use ssl_core::{Parallel, ParamStore, PretextTask};
 
 pub use super::common::ProbeEvalReport;
 use super::common::{self, Heldout, RunDir};
+use super::online_knn::{knn_label_column, online_knn};
 use crate::{evaluate_forecast, HorizonReport, Result};
 use heldout::forecast_errors;
 use load::{load, Part};
@@ -41,7 +42,14 @@ pub fn pretrain(
     opts: &RunOptions,
 ) -> Result<RunSummary> {
     let (par, device, guard) = common::start(&cfg.train, data, out, opts)?;
-    let mut loaded = load(data, &cfg, None, Part::Train, Some(&par))?;
+    // With held-out rows and `data.label_column` in one-series-per-row data, the labels too
+    // (for the online k-NN accuracy).
+    let label = if cfg.data.long_column.is_empty() && cfg.task.kind != TaskKind::Forecast {
+        knn_label_column(data, &cfg.data.label_column, cfg.data.heldout_fraction)?
+    } else {
+        None
+    };
+    let mut loaded = load(data, &cfg, label.as_deref(), Part::Train, Some(&par))?;
     let found = loaded.examples.first().map_or(0, |e| e.features);
     let channels = common::data_width("channels", cfg.channels, found, "")?;
     cfg.channels = channels;
@@ -60,6 +68,8 @@ pub fn pretrain(
         },
         "the encoder's size (model.kind and its section) and, for TS2Vec, its square",
     )?;
+    // The online k-NN accuracy (`eval_knn_accuracy`) when the rows have labels.
+    let knn = online_knn(&loaded, &par, cfg.train.seed, cfg.train.batch_size, &device);
     let examples = std::mem::take(&mut loaded.heldout);
     if cfg.task.kind == TaskKind::Forecast && cfg.data.heldout_fraction > 0.0 {
         // The forecaster typed (the same parameters as `build_task` makes), for the held-out
@@ -83,7 +93,7 @@ pub fn pretrain(
     let heldout = Heldout {
         examples,
         loss: par.world == 1 || cfg.task.kind != TaskKind::Ts2vec,
-        extra: None,
+        extra: knn,
     };
     train(
         &task, &store, &cfg, loaded, heldout, par, device, guard, out, opts,
