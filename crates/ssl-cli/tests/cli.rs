@@ -41,13 +41,41 @@ fn endless_features(run: &str) -> Vec<&str> {
 }
 
 /// Starts `ssl` with `args`, its stdout discarded and its stderr to `stderr`.
-fn spawn(args: &[&str], stderr: Stdio) -> Child {
-    Command::new(SSL)
-        .args(args)
-        .stderr(stderr)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap()
+fn spawn(args: &[&str], stderr: Stdio) -> Running {
+    Running(
+        Command::new(SSL)
+            .args(args)
+            .stderr(stderr)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// A child `ssl` process that is killed if the test ends (or fails) while it still runs, so a
+/// failed assertion never leaves an endless run behind.
+struct Running(Child);
+
+impl std::ops::Deref for Running {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 /// Waits until `ready`, checking every 50 ms; fails with `what` after two minutes.
