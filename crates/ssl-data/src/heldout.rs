@@ -2,6 +2,8 @@
 //! source, so every reader (each rank of a data-parallel run, a streaming pass, a later
 //! evaluation) agrees on which rows are held out without seeing the others.
 
+use crate::{DataError, ParquetSource};
+
 /// Whether global row `i` is held out: a seeded hash of the index below `fraction`.
 pub fn is_heldout(i: usize, seed: u64, fraction: f64) -> bool {
     if fraction <= 0.0 {
@@ -12,6 +14,22 @@ pub fn is_heldout(i: usize, seed: u64, fraction: f64) -> bool {
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^= z >> 31;
     (z as f64 / u64::MAX as f64) < fraction
+}
+
+/// The label column to read beside the held-out rows (for an online k-NN accuracy of their
+/// embeddings): `label_column` when rows are held out (`heldout_fraction > 0`) and the first
+/// file of `paths` has that column; `None` otherwise (without opening the data when nothing
+/// is held out).
+pub fn heldout_label_column(
+    paths: &[String],
+    label_column: &str,
+    heldout_fraction: f64,
+) -> Result<Option<String>, DataError> {
+    if heldout_fraction <= 0.0 || label_column.is_empty() {
+        return Ok(None);
+    }
+    let present = ParquetSource::open(paths)?.has_column(label_column);
+    Ok(present.then(|| label_column.to_string()))
 }
 
 #[cfg(test)]

@@ -62,7 +62,7 @@ pub use bad_rows::{BadRow, BadRowReport, MAX_BAD_ROW_EXAMPLES};
 pub use batch::{Batch, BatchColumn, ImageBatch, LabelBatch, SeriesBatch};
 pub use column::{ColorMode, ColumnKind, ColumnSpec, SeriesLength, DEFAULT_MAX_IMAGE_PIXELS};
 pub use error::DataError;
-pub use heldout::is_heldout;
+pub use heldout::{heldout_label_column, is_heldout};
 pub use loader::{DataLoader, LoaderConfig};
 pub use numeric::read_numeric_column;
 pub use position::Position;

@@ -331,6 +331,16 @@ impl ParquetSource {
             .collect()
     }
 
+    /// Whether the first file has a column named `name`.
+    pub fn has_column(&self, name: &str) -> bool {
+        self.files[0]
+            .meta
+            .schema()
+            .fields()
+            .iter()
+            .any(|f| f.name() == name)
+    }
+
     pub(crate) fn file(&self, index: usize) -> &SourceFile {
         &self.files[index]
     }

@@ -27,5 +27,15 @@ pub enum TsError {
     Pipeline(String),
 }
 
+impl From<TsError> for ssl_core::CoreError {
+    fn from(e: TsError) -> Self {
+        match e {
+            TsError::Core(c) => c,
+            TsError::Candle(c) => ssl_core::CoreError::Candle(c),
+            other => ssl_core::CoreError::InvalidInput(other.to_string()),
+        }
+    }
+}
+
 /// Result with [`TsError`].
 pub type Result<T> = std::result::Result<T, TsError>;

@@ -15,12 +15,14 @@
 //! [`ProbeError`] that says what is wrong instead of panicking.
 
 mod harness;
+mod online_knn;
 
 pub use harness::{
     majority_class_rate, probe_labelled, probe_scores, probe_split, take_rows,
     unseen_labels_warning, unseen_test_rows, warn_unseen_labels, ClassIds, ProbeScores,
     PROBE_TEST_FRACTION,
 };
+pub use online_knn::{knn_bank_rows, KnnLabels, KNN_BANK_MAX};
 
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 use rand::seq::SliceRandom;

@@ -82,10 +82,7 @@ pub fn eval(
 ) -> Result<TextEvalReport> {
     let l = TextModel::load(ckpt, cfg)?;
     let label = label_column.unwrap_or(&l.cfg.data.label_column).to_string();
-    let has_label = {
-        let src = ssl_data::ParquetSource::open(data)?;
-        src.schema().iter().any(|(n, _)| *n == label)
-    };
+    let has_label = ssl_data::ParquetSource::open(data)?.has_column(&label);
     let docs = read_docs(data, &l.cfg.data, has_label.then_some(label.as_str()), true)?;
     let sp = SpecialIds::of(&l.tok)?;
     let seqs = tokenize(&l.tok, &docs.texts, docs.entities.as_deref(), &l.cfg)?;

@@ -23,7 +23,7 @@ pub use docs::{read_docs, read_docs_of, Docs};
 pub use embed::{embed, embed_documents, stored_config, TextModel};
 pub use eval::{eval, TextEvalReport, TextProbeReport};
 pub use heldout::{heldout_eval, read_curve, HeldoutCurve, HeldoutPoint};
-pub use online_knn::{OnlineKnn, MAX_BANK};
+pub use online_knn::OnlineKnn;
 pub use pretrain::{build_model, pretrain, TextRunSummary, HELDOUT_FILE};
 pub use tokenizer::{
     make_tokenizer, shared_tokenizer, tokenize, tokenizer_from_json, train_tokenizer_report,

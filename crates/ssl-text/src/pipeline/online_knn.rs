@@ -1,34 +1,26 @@
 //! The online k-NN accuracy of held-out documents while pretraining (`eval_knn_accuracy`,
-//! solo-learn style): at each held-out evaluation a fixed sample of the labelled training
-//! documents (the bank) and the held-out documents (the queries) are embedded with the live
-//! model in inference mode, and each query is classified by its neighbours in the bank.
+//! see [`ssl_core::probe::KnnLabels`]): a fixed bank of labelled training documents and the
+//! held-out documents, embedded with the live model in inference mode at each evaluation.
 
 use candle_core::Device;
-use ssl_core::probe::{knn_accuracy, ClassIds, KnnConfig};
-use ssl_core::SslRng;
+use ssl_core::probe::{knn_bank_rows, KnnLabels};
 use tokenizers::Tokenizer;
 
 use super::config::TextConfig;
 use super::embed::embed_documents;
 use crate::BertForMaskedLM;
 
-/// At most this many training documents form the bank.
-pub const MAX_BANK: usize = 2000;
-
 /// The bank and the queries of the online k-NN accuracy, chosen once per run.
 pub struct OnlineKnn {
     bank: Vec<String>,
-    bank_y: Vec<usize>,
     queries: Vec<String>,
-    query_y: Vec<usize>,
-    n_classes: usize,
+    labels: KnnLabels,
 }
 
 impl OnlineKnn {
-    /// A bank of at most [`MAX_BANK`] of the training documents `train` (chosen with `seed`)
-    /// and the held-out documents `held` as queries, with their labels. Labels are classes by
-    /// their text (the sorted union of the bank's and the queries'). `None` when either side
-    /// is empty or the labels are not one per document.
+    /// A bank of the training documents `train` ([`knn_bank_rows`] with `seed`) and the
+    /// held-out documents `held` as queries, with their labels (classes by their text).
+    /// `None` when either side is empty or the labels are not one per document.
     pub fn new(
         train: &[String],
         train_y: &[String],
@@ -42,21 +34,13 @@ impl OnlineKnn {
         if train.len() != train_y.len() || held.len() != held_y.len() {
             return None;
         }
-        let mut idx: Vec<usize> = (0..train.len()).collect();
-        if idx.len() > MAX_BANK {
-            SslRng::derived(seed, "online-knn-bank").shuffle(&mut idx);
-            idx.truncate(MAX_BANK);
-            idx.sort_unstable();
-        }
+        let idx = knn_bank_rows(train.len(), seed);
         let bank: Vec<String> = idx.iter().map(|&i| train[i].clone()).collect();
         let bank_labels: Vec<String> = idx.iter().map(|&i| train_y[i].clone()).collect();
-        let classes = ClassIds::new(&bank_labels, Some(held_y));
         Some(OnlineKnn {
             bank,
-            bank_y: classes.ids(&bank_labels),
             queries: held,
-            query_y: classes.ids(held_y),
-            n_classes: classes.classes.len(),
+            labels: KnnLabels::from_labels(&bank_labels, held_y),
         })
     }
 
@@ -65,9 +49,9 @@ impl OnlineKnn {
         (self.bank.len(), self.queries.len())
     }
 
-    /// The k-NN accuracy ([`KnnConfig::default`]) of the queries against the bank, both
-    /// embedded with `model` (pooled as it is set to pool) in inference mode, quietly (the
-    /// training progress line is showing).
+    /// The k-NN accuracy of the queries against the bank, both embedded with `model` (pooled
+    /// as it is set to pool) in inference mode, quietly (the training progress line is
+    /// showing).
     pub fn accuracy(
         &self,
         model: &BertForMaskedLM,
@@ -77,14 +61,6 @@ impl OnlineKnn {
     ) -> ssl_core::Result<f64> {
         let (bank, dim) = embed_documents(model, tok, &self.bank, cfg, device, false)?;
         let (queries, _) = embed_documents(model, tok, &self.queries, cfg, device, false)?;
-        Ok(knn_accuracy(
-            &bank,
-            &self.bank_y,
-            &queries,
-            &self.query_y,
-            dim,
-            self.n_classes,
-            &KnnConfig::default(),
-        )?)
+        Ok(self.labels.accuracy(&bank, &queries, dim)?)
     }
 }

@@ -9,7 +9,7 @@ use ssl_core::checkpoint::MODEL_FILE;
 use ssl_core::run_dir::{self, RunOptions, RunSummary};
 use ssl_core::{parse_device, Parallel, ParamStore, Trainer};
 use ssl_core::{EvalFigures, HeldoutEval, HookCtx};
-use ssl_data::{is_heldout, ParquetSource};
+use ssl_data::{heldout_label_column, is_heldout};
 use tokenizers::Tokenizer;
 
 use super::config::TextConfig;
@@ -147,7 +147,8 @@ pub fn pretrain(
     // indices, so together the ranks hold out exactly the documents one process would.
     // With held-out documents and `data.label_column` in the data, the labels too (for the
     // online k-NN accuracy).
-    let label = knn_label_column(paths, &cfg)?;
+    let d = &cfg.data;
+    let label = heldout_label_column(paths, &d.label_column, d.heldout_fraction)?;
     let docs = read_docs_of(paths, &cfg.data, label.as_deref(), true, Some(&par))?;
     let (seed, frac) = (cfg.train.seed, cfg.data.heldout_fraction);
     let (mut train_docs, mut held_docs) = (Vec::new(), Vec::new());
@@ -313,20 +314,6 @@ pub fn pretrain(
     export_hf_dir(&cfg.model.config, &store, &tok, &hf)?;
     summary.hf = Some(hf);
     Ok(summary)
-}
-
-/// The label column to read for the online k-NN accuracy: `data.label_column` when documents
-/// are held out (`data.heldout_fraction > 0`) and the data's first file has that column.
-fn knn_label_column(data: &[String], cfg: &TextConfig) -> Result<Option<String>> {
-    let label = &cfg.data.label_column;
-    if cfg.data.heldout_fraction <= 0.0 || label.is_empty() {
-        return Ok(None);
-    }
-    let schema = ParquetSource::open(data)?.schema();
-    Ok(schema
-        .iter()
-        .any(|(n, _)| n == label)
-        .then(|| label.clone()))
 }
 
 /// Refuses a run with nothing to train on, naming the cause: no documents, every training

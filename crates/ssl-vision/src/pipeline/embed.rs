@@ -22,17 +22,36 @@ pub fn embed_images(
     device: &Device,
     precision: MatmulPrecision,
 ) -> Result<(Vec<f32>, usize)> {
+    embed_image_batches(task, images, pooling, batch, device, precision, true)
+}
+
+/// [`embed_images`], with a progress bar only when `progress` is set (not while a training
+/// progress line is showing).
+pub(crate) fn embed_image_batches(
+    task: &dyn VisionTask,
+    images: &ImageSet,
+    pooling: Pooling,
+    batch: usize,
+    device: &Device,
+    precision: MatmulPrecision,
+    progress: bool,
+) -> Result<(Vec<f32>, usize)> {
     let mut out = Vec::new();
     let mut dim = 0;
-    let progress = ssl_core::monitor::Progress::task("embed", images.len() as u64, "images");
+    let bar =
+        progress.then(|| ssl_core::monitor::Progress::task("embed", images.len() as u64, "images"));
     for start in (0..images.len()).step_by(batch.max(1)) {
         let b = images.batch(start, batch.max(1), device)?;
         let e = task.embed_with(&b, pooling, precision)?;
         dim = e.dim(1)?;
         out.extend(e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
-        progress.inc((images.len() - start).min(batch.max(1)) as u64);
+        if let Some(p) = &bar {
+            p.inc((images.len() - start).min(batch.max(1)) as u64);
+        }
     }
-    progress.finish();
+    if let Some(p) = bar {
+        p.finish();
+    }
     Ok((out, dim))
 }
 

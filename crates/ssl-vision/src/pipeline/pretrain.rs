@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use ssl_core::run_dir::{self, RunOptions, RunSummary};
 use ssl_core::{heldout_task_loss, parse_device, HeldoutEval, HookCtx, TrainHook};
-use ssl_data::{is_heldout, ParquetSource};
+use ssl_data::{heldout_label_column, is_heldout};
 
 use super::config::VisionConfig;
 use super::images::{load_rank_images, LoadedImages};
@@ -59,7 +59,8 @@ pub fn pretrain(
     let run = opts.run_dir(out, &par)?;
     // Each rank reads its share of the rows (its row groups), with their labels when there
     // are held-out images and the data has `data.label_column` (for the online k-NN).
-    let label = knn_label_column(data, &cfg)?;
+    let d = &cfg.data;
+    let label = heldout_label_column(data, &d.label_column, d.heldout_fraction)?;
     let mut loaded = load_rank_images(data, &cfg.data, label.as_deref(), &par)?;
     // The held-out split (`data.heldout_fraction`) by global row index, before the
     // normalisation statistics, which are the training images'.
@@ -172,20 +173,6 @@ pub fn pretrain(
         run: RunSummary::new(out, &report, par.rank),
         previews: preview_dir,
     })
-}
-
-/// The label column to read for the online k-NN accuracy: `data.label_column` when images are
-/// held out (`data.heldout_fraction > 0`) and the data's first file has that column.
-fn knn_label_column(data: &[String], cfg: &VisionConfig) -> Result<Option<String>> {
-    let label = &cfg.data.label_column;
-    if cfg.data.heldout_fraction <= 0.0 || label.is_empty() {
-        return Ok(None);
-    }
-    let schema = ParquetSource::open(data)?.schema();
-    Ok(schema
-        .iter()
-        .any(|(n, _)| n == label)
-        .then(|| label.clone()))
 }
 
 /// Takes the held-out images (`data.heldout_fraction`, by a seeded hash of each image's global

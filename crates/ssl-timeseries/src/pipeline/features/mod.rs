@@ -17,7 +17,7 @@ pub use task::build_task;
 
 pub use super::common::ProbeEvalReport;
 use super::common::{self, truncate, Heldout, Loaded, RunDir};
-use super::online_knn::{knn_label_column, online_knn};
+use super::online_knn::online_knn;
 use crate::Result;
 
 /// The modality's name: in stored configurations and error messages.
@@ -72,7 +72,7 @@ pub fn pretrain(
     // With held-out rows and `data.label_column` in the data, the labels too (for the online
     // k-NN accuracy).
     let d = &cfg.data;
-    let label = knn_label_column(data, &d.label_column, d.heldout_fraction)?;
+    let label = ssl_data::heldout_label_column(data, &d.label_column, d.heldout_fraction)?;
     let mut loaded = load(data, d, label.as_deref(), Some(&par))?;
     loaded.hold_out(cfg.data.heldout_fraction, cfg.train.seed)?;
     let found = loaded.examples.first().map_or(0, |e| e.features);

@@ -23,7 +23,7 @@ use ssl_core::{Parallel, ParamStore, PretextTask};
 
 pub use super::common::ProbeEvalReport;
 use super::common::{self, Heldout, RunDir};
-use super::online_knn::{knn_label_column, online_knn};
+use super::online_knn::online_knn;
 use crate::{evaluate_forecast, HorizonReport, Result};
 use heldout::forecast_errors;
 use load::{load, Part};
@@ -45,7 +45,7 @@ pub fn pretrain(
     // With held-out rows and `data.label_column` in one-series-per-row data, the labels too
     // (for the online k-NN accuracy).
     let label = if cfg.data.long_column.is_empty() && cfg.task.kind != TaskKind::Forecast {
-        knn_label_column(data, &cfg.data.label_column, cfg.data.heldout_fraction)?
+        ssl_data::heldout_label_column(data, &cfg.data.label_column, cfg.data.heldout_fraction)?
     } else {
         None
     };
