@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use serde::Serialize;
-use ssl_core::probe::{probe_labelled, warn_unseen_labels};
+use ssl_core::probe::{probe_labelled, warn_unseen_labels, ProbeScores};
 
 use super::config::TextConfig;
 use super::docs::read_docs;
@@ -111,37 +111,23 @@ pub fn eval(
         if let Some(test_labels) = test_docs.as_ref().and_then(|t| t.labels.as_ref()) {
             warn_unseen_labels(&train_labels, test_labels);
         }
-        let (emb, dim) = l.embed_texts(&docs.texts)?;
-        let test_set = match &test_docs {
-            Some(t) => Some((
-                l.embed_texts(&t.texts)?.0,
-                t.labels.clone().unwrap_or_default(),
-            )),
-            None => None,
+        // The model's probes, and the same configuration and tokenizer with fresh weights
+        // probed on the same rows (the split is seeded alike): what pretraining adds.
+        let seed = l.cfg.train.seed;
+        let probe = |m: &TextModel| -> Result<(ProbeScores, usize)> {
+            let (emb, dim) = m.embed_texts(&docs.texts)?;
+            let test_set = match &test_docs {
+                Some(t) => Some((
+                    m.embed_texts(&t.texts)?.0,
+                    t.labels.clone().unwrap_or_default(),
+                )),
+                None => None,
+            };
+            let test = test_set.as_ref().map(|(x, y)| (&x[..], &y[..]));
+            Ok((probe_labelled((&emb, &train_labels), test, dim, seed)?, dim))
         };
-        let scores = probe_labelled(
-            (&emb, &train_labels),
-            test_set.as_ref().map(|(x, y)| (&x[..], &y[..])),
-            dim,
-            l.cfg.train.seed,
-        )?;
-        // The same configuration and tokenizer with fresh weights, probed on the same rows
-        // (the split is seeded alike): what pretraining adds.
-        let random = l.random_init(l.cfg.train.seed)?;
-        let (remb, rdim) = random.embed_texts(&docs.texts)?;
-        let rtest = match &test_docs {
-            Some(t) => Some((
-                random.embed_texts(&t.texts)?.0,
-                t.labels.clone().unwrap_or_default(),
-            )),
-            None => None,
-        };
-        let rscores = probe_labelled(
-            (&remb, &train_labels),
-            rtest.as_ref().map(|(x, y)| (&x[..], &y[..])),
-            rdim,
-            l.cfg.train.seed,
-        )?;
+        let (scores, dim) = probe(&l)?;
+        let (rscores, _) = probe(&l.random_init(seed)?)?;
         report.probe = Some(TextProbeReport {
             linear_probe_accuracy: scores.linear,
             knn_accuracy: scores.knn,
