@@ -182,13 +182,7 @@ fn write_curve(file: &Path, points: &[HeldoutPoint]) -> Result<()> {
         text.push_str(&serde_json::to_string(p).map_err(|e| TextError::Pipeline(e.to_string()))?);
         text.push('\n');
     }
-    let tmp = file.with_extension("jsonl.tmp");
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| TextError::Io { path, source }
-    };
-    std::fs::write(&tmp, text).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, file).map_err(io(file))
+    Ok(ssl_data::output::write_output(file, text.as_bytes())?)
 }
 
 #[cfg(test)]
