@@ -9,14 +9,11 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use super::{plot_panels, Line, LineKind, Panel, MAX_SERIES};
-use crate::{CoreError, Result};
+use crate::{CoreError, Result, EVAL_PREFIX};
 
 /// Weight of the exponential moving average of the smoothed training loss (TensorBoard's
 /// smoothing, debiased at the start).
 pub const SMOOTHING: f64 = 0.9;
-
-/// The prefix of held-out metrics.
-pub const EVAL_PREFIX: &str = "eval_";
 
 /// Bookkeeping keys of `metrics.jsonl` that no figure shows.
 const NOT_PLOTTED: &[&str] = &[
