@@ -35,11 +35,11 @@ pub use error::{Result, TextError};
 pub use hf::{export_hf_dir, load_hf_dir, HfModel};
 pub use masking::{mask_sequence, MaskStrategy, Masked, MaskingConfig};
 pub use pipeline::{
-    build_model, embed, eval, heldout_eval, make_tokenizer, pretrain, read_curve, read_docs,
-    read_docs_of, shared_tokenizer, stored_config, tokenize, tokenizer_from_json,
-    train_tokenizer_report, DataConfig, Docs, EmbedSection, FertilityReport, HeldoutCurve,
-    HeldoutPoint, ModelSection, TextConfig, TextEvalReport, TextModel, TextProbeReport,
-    TextRunSummary, TokenizerSection, HELDOUT_FILE,
+    broadcast_tokenizer, build_model, embed, eval, heldout_eval, make_tokenizer, pretrain,
+    read_curve, read_docs, read_docs_of, shared_tokenizer, stored_config, tokenize,
+    tokenizer_from_json, train_tokenizer_report, DataConfig, Docs, EmbedSection, FertilityReport,
+    HeldoutCurve, HeldoutPoint, ModelSection, TextConfig, TextEvalReport, TextModel,
+    TextProbeReport, TextRunSummary, TokenizerSection, HELDOUT_FILE,
 };
 pub use tokenizer::{
     check_token_ids, check_vocab, fertility, load_tokenizer, save_tokenizer, split_long_words,

@@ -5,11 +5,11 @@
 use std::path::Path;
 
 use ssl_core::Parallel;
-use ssl_text::{load_tokenizer, save_tokenizer, tokenizer_from_json, train_from_texts};
+use ssl_text::{broadcast_tokenizer, load_tokenizer, save_tokenizer, train_from_texts};
 use tokenizers::Tokenizer;
 
 use super::{text_run, MultimodalConfig};
-use crate::{MultimodalError, Result};
+use crate::Result;
 
 /// The tokenizer of a run: `tokenizer.file`, the tokenizer of the `init.text_from` run, a
 /// resumed run's `out/tokenizer.json`, or one trained on `captions`; saved to
@@ -69,18 +69,7 @@ pub fn shared_tokenizer(
     resume: bool,
     par: &Parallel,
 ) -> Result<Tokenizer> {
-    if par.world == 1 {
-        return run_tokenizer(cfg, captions, out, resume, false);
-    }
-    let json = if par.is_main() {
-        run_tokenizer(cfg, captions, out, resume, false)?
-            .to_string(false)
-            .map_err(|e| MultimodalError::Config(format!("cannot serialise the tokenizer: {e}")))?
-            .into_bytes()
-    } else {
-        Vec::new()
-    };
-    let tok = tokenizer_from_json(&par.broadcast_bytes(json)?)?;
+    let tok = broadcast_tokenizer(par, || run_tokenizer(cfg, captions, out, resume, false))?;
     if !par.is_main() {
         cfg.tokenizer.file = saved_path(out);
     }

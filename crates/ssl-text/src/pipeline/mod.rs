@@ -26,6 +26,6 @@ pub use heldout::{heldout_eval, read_curve, HeldoutCurve, HeldoutPoint};
 pub use online_knn::OnlineKnn;
 pub use pretrain::{build_model, pretrain, TextRunSummary, HELDOUT_FILE};
 pub use tokenizer::{
-    make_tokenizer, shared_tokenizer, tokenize, tokenizer_from_json, train_tokenizer_report,
-    FertilityReport,
+    broadcast_tokenizer, make_tokenizer, shared_tokenizer, tokenize, tokenizer_from_json,
+    train_tokenizer_report, FertilityReport,
 };

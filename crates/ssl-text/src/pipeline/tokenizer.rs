@@ -87,15 +87,31 @@ pub fn shared_tokenizer(
     if par.world == 1 {
         return make_tokenizer(cfg, paths, tok_path, resume, None);
     }
+    broadcast_tokenizer(par, || {
+        make_tokenizer(cfg, paths, tok_path, resume, Some(train_docs))
+    })
+}
+
+/// The tokenizer `make` returns on rank 0, on every rank: rank 0 alone calls `make` and sends
+/// the result (as `tokenizer.json` text) to the others; a single process just calls it.
+/// Every rank must call it.
+pub fn broadcast_tokenizer<E: From<TextError>>(
+    par: &Parallel,
+    make: impl FnOnce() -> std::result::Result<Tokenizer, E>,
+) -> std::result::Result<Tokenizer, E> {
+    if par.world == 1 {
+        return make();
+    }
     let json = if par.is_main() {
-        let tok = make_tokenizer(cfg, paths, tok_path, resume, Some(train_docs))?;
-        tok.to_string(false)
+        make()?
+            .to_string(false)
             .map_err(|e| TextError::Pipeline(format!("cannot serialise the tokenizer: {e}")))?
             .into_bytes()
     } else {
         Vec::new()
     };
-    tokenizer_from_json(&par.broadcast_bytes(json)?)
+    let json = par.broadcast_bytes(json).map_err(TextError::from)?;
+    Ok(tokenizer_from_json(&json)?)
 }
 
 /// A tokenizer from its `tokenizer.json` text (as rank 0 sends it), set up as
