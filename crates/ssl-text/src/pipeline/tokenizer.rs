@@ -191,3 +191,43 @@ pub fn train_tokenizer_report(
     }
     Ok((path, Some(report)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{train_from_texts, TokenizerConfig};
+
+    #[test]
+    fn every_rank_gets_rank_0s_tokenizer_and_only_rank_0_makes_it() {
+        let corpus = |words: &[&str]| -> Vec<String> {
+            (0..40)
+                .map(|i| format!("{} {i}", words[i % words.len()]))
+                .collect()
+        };
+        let cfg = TokenizerConfig {
+            vocab_size: 120,
+            ..TokenizerConfig::default()
+        };
+        let out = Parallel::on_threads(3, |par| {
+            // Each rank would train a different tokenizer on its own words.
+            let words: &[&str] = match par.rank {
+                0 => &["kernel module", "driver"],
+                1 => &["licence", "warranty"],
+                _ => &["apple", "pear"],
+            };
+            let mut calls = 0;
+            let tok = broadcast_tokenizer::<TextError>(&par, || {
+                calls += 1;
+                train_from_texts(corpus(words).iter(), &cfg)
+            })
+            .unwrap();
+            (par.rank, calls, tok.to_string(false).unwrap())
+        });
+        let rank0 = &out[0].2;
+        for (rank, calls, json) in &out {
+            assert_eq!(*calls, usize::from(*rank == 0), "rank {rank}");
+            assert_eq!(json, rank0, "rank {rank}");
+        }
+        assert!(rank0.contains("kernel"));
+    }
+}
