@@ -37,6 +37,46 @@ fn err(dir: &Path, message: impl Into<String>) -> CoreError {
     }
 }
 
+/// The checkpoint a run in `dir` (its checkpoints in `checkpoints`) starts from: with
+/// `resume`, the newest complete one (an error when there is none, naming an incomplete
+/// one); without, none (an error when `dir` already holds checkpoints, which a fresh run
+/// would mix with its own). Changes nothing.
+pub(crate) fn checkpoint_to_start_from(
+    dir: &Path,
+    checkpoints: &CheckpointManager,
+    resume: bool,
+) -> Result<Option<PathBuf>> {
+    match (resume, checkpoints.latest()?) {
+        (false, Some(found)) => Err(err(
+            dir,
+            format!(
+                "already holds checkpoints (newest {}): resume it with --resume or train into a new directory",
+                found.display()
+            ),
+        )),
+        (true, None) => {
+            let mut message = "holds no complete checkpoint to resume".to_string();
+            if let Some((_, p, missing)) = checkpoints.incomplete()?.pop() {
+                message.push_str(&format!(
+                    " ({} is incomplete: no {}",
+                    p.display(),
+                    missing.join(", ")
+                ));
+                if !missing.contains(&MODEL_FILE) {
+                    message.push_str(&format!(
+                        "; its {MODEL_FILE} can still be embedded or used as model.init_from"
+                    ));
+                }
+                message.push(')');
+            }
+            message.push_str("; train without --resume to start afresh");
+            Err(err(dir, message))
+        }
+        (true, found) => Ok(found),
+        (false, None) => Ok(None),
+    }
+}
+
 /// Who holds a lock: `pid N on HOST since UNIX-SECONDS`.
 fn holder_line() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -80,38 +120,7 @@ impl RunDir {
             guard.lock = Some(Self::lock(dir)?);
         }
         let manager = CheckpointManager::new(dir.join("checkpoints"), usize::MAX);
-        let newest = manager.latest()?;
-        match (resume, newest) {
-            (false, Some(found)) => {
-                return Err(err(
-                    dir,
-                    format!(
-                        "already holds checkpoints (newest {}): resume it with --resume or train into a new directory",
-                        found.display()
-                    ),
-                ))
-            }
-            (true, None) => {
-                let mut message = "holds no complete checkpoint to resume".to_string();
-                if let Some((_, p, missing)) = manager.incomplete()?.pop() {
-                    message.push_str(&format!(
-                        " ({} is incomplete: no {}",
-                        p.display(),
-                        missing.join(", ")
-                    ));
-                    if !missing.contains(&MODEL_FILE) {
-                        message.push_str(&format!(
-                            "; its {MODEL_FILE} can still be embedded or used as model.init_from"
-                        ));
-                    }
-                    message.push(')');
-                }
-                message.push_str("; train without --resume to start afresh");
-                return Err(err(dir, message));
-            }
-            (true, Some(found)) => guard.resume_from = Some(found),
-            (false, None) => {}
-        }
+        guard.resume_from = checkpoint_to_start_from(dir, &manager, resume)?;
         Ok(guard)
     }
 

@@ -17,6 +17,7 @@ use crate::hook::{HookCtx, TrainHook};
 use crate::monitor::{MetricsLog, Progress};
 use crate::nn::MatmulPrecision;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, ScheduleKind};
+use crate::run_guard::checkpoint_to_start_from;
 use crate::{
     BatchSource, Collective, CoreError, Ctx, PretextTask, Result, SingleProcess, SslRng, StopFlag,
 };
@@ -618,29 +619,12 @@ impl<'r, T: PretextTask> Run<'r, T> {
                 eprintln!("{note}");
             }
         }
-        let existing = latest_checkpoint(&manager)?;
-        if let (Some(m), None, true) = (&manager, &existing, trainer.resume) {
-            // Never a silent fresh start (which would also cut metrics.jsonl).
-            return Err(CoreError::RunDir {
-                path: trainer.out_dir.clone().unwrap_or_default(),
-                message: format!(
-                    "holds no complete checkpoint under {} to resume; train without resume to start afresh",
-                    m.dir().display()
-                ),
-            });
-        }
-        if let (Some(found), false) = (&existing, trainer.resume) {
-            return Err(CoreError::Config(format!(
-                "{} already holds checkpoints (newest {}): resume it or train into a new directory",
-                trainer
-                    .out_dir
-                    .as_deref()
-                    .unwrap_or(Path::new("."))
-                    .display(),
-                found.display()
-            )));
-        }
-        let resumed_from = existing;
+        // Never a silent fresh start over an earlier run's checkpoints, nor from step 0 on a
+        // resume with nothing to resume (which would also cut metrics.jsonl).
+        let resumed_from = match (&manager, &trainer.out_dir) {
+            (Some(m), Some(dir)) => checkpoint_to_start_from(dir, m, trainer.resume)?,
+            _ => None,
+        };
         if let Some(ckpt) = &resumed_from {
             state = trainer.restore(ckpt, params, &mut opt)?;
             data.restore(&state.data_position)?;
