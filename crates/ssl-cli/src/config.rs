@@ -20,19 +20,6 @@ pub fn base_file(
     }
 }
 
-/// Resolves `checkpoint` (a run or checkpoint directory) and returns it with the configuration
-/// stored there, read as a `modality` configuration, with `overrides` applied.
-pub fn from_checkpoint<T: Serialize + DeserializeOwned>(
-    checkpoint: &std::path::Path,
-    modality: &str,
-    overrides: &[String],
-) -> Result<(std::path::PathBuf, T), CliError> {
-    let (ckpt, stored): (std::path::PathBuf, T) =
-        ssl_core::run_dir::stored_config(checkpoint, modality)?;
-    let cfg = resolve(&stored, None, overrides)?;
-    Ok((ckpt, cfg))
-}
-
 /// Writes an embedded default data file as `name` into a fresh temporary directory; returns
 /// the directory guard (the file lives as long as it) and the file's path.
 pub fn write_embedded(name: &str, bytes: &[u8]) -> Result<(tempfile::TempDir, String), CliError> {

@@ -10,7 +10,7 @@ use crate::{config, CliError};
 
 /// `ssl detect fit`.
 pub fn fit(checkpoint: &Path, data: &[String], out: &Path, set: &[String]) -> Result<(), CliError> {
-    let (ckpt, vcfg): (_, VisionConfig) = config::from_checkpoint(checkpoint, "vision", &[])?;
+    let (ckpt, vcfg) = ssl_vision::stored_config(checkpoint)?;
     let cfg: DetectFitConfig = config::resolve(&DetectFitConfig::for_model(&vcfg), None, set)?;
     let report = ssl_vision::detect_fit(&ckpt, vcfg, &cfg, data, out)?;
     println!("{}", crate::pipelines::json(&report)?);
