@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
-use ssl_core::{HookCtx, Parallel, TrainHook};
+use ssl_core::Parallel;
 
 use crate::{evaluate_mlm, BertForMaskedLM, MlmEval, Result, TextError, TokenizedSeq};
 
@@ -87,10 +87,11 @@ pub fn heldout_eval(
     })
 }
 
-/// The held-out curve as a [`TrainHook`]: at every checkpoint the model is evaluated on the
-/// held-out sequences ([`heldout_eval`], over all ranks) and the point is added to the curve,
-/// which rank 0 writes to `heldout.jsonl` (atomically, after each point). A resumed run keeps
-/// the points the file already holds below its first new step.
+/// The held-out curve: at each evaluation (the pipeline calls [`HeldoutCurve::add`] from
+/// its `ssl_core::HeldoutEval` hook) the model is evaluated on the held-out sequences
+/// ([`heldout_eval`], over all ranks) and the point is added to the curve, which rank 0 writes
+/// to `heldout.jsonl` (atomically, after each point). A resumed run keeps the points the file
+/// already holds below its first new step.
 pub struct HeldoutCurve<'a> {
     /// The run's ranks (every rank evaluates its share).
     pub par: &'a Parallel,
@@ -132,23 +133,6 @@ impl HeldoutCurve<'_> {
             }
         }
         Ok(point)
-    }
-}
-
-impl TrainHook<BertForMaskedLM> for HeldoutCurve<'_> {
-    fn at_checkpoint(
-        &mut self,
-        ctx: &HookCtx<'_, BertForMaskedLM>,
-        _checkpoint: &Path,
-    ) -> ssl_core::Result<()> {
-        let p = self.add(ctx.task, ctx.step)?;
-        if ctx.is_main() {
-            eprintln!(
-                "held-out at step {}: perplexity {:.2}, masked accuracy {:.4}",
-                p.step, p.perplexity, p.masked_accuracy
-            );
-        }
-        Ok(())
     }
 }
 
