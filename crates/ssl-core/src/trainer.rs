@@ -27,8 +27,12 @@ use crate::{
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
-    /// Optimizer steps to run.
+    /// Optimizer steps to run (replaced by the count `max_epochs` gives when that is set).
     pub max_steps: u64,
+    /// Passes over the training data; 0: off (`max_steps` decides). The pipeline turns it
+    /// into `max_steps` from the data's row count ([`TrainConfig::apply_epochs`]), so the
+    /// learning-rate schedule knows its length before the first step.
+    pub max_epochs: f64,
     /// Examples per micro-batch (read by the data source).
     pub batch_size: usize,
     /// Peak learning rate.
@@ -108,6 +112,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             max_steps: 1000,
+            max_epochs: 0.0,
             batch_size: 32,
             lr: 1e-3,
             seed: 0,
@@ -151,11 +156,33 @@ impl TrainConfig {
         crate::memory::limit_from_gb(self.max_memory_gb)
     }
 
+    /// Sets `max_steps` from `max_epochs` when that is set: `examples_per_epoch` (over every
+    /// rank; from the Parquet footers' row counts, or an estimate where examples are not rows,
+    /// as packed text sequences) divided by the examples one optimizer step takes over
+    /// `world` ranks (`batch_size x accum_steps x world`), rounded up, times the epochs.
+    /// Returns the step count it set, or `None` when `max_epochs` is off.
+    pub fn apply_epochs(&mut self, examples_per_epoch: u64, world: usize) -> Option<u64> {
+        if self.max_epochs <= 0.0 {
+            return None;
+        }
+        let per_step = (self.batch_size.max(1) * self.accum_steps.max(1) * world.max(1)) as f64;
+        let steps_per_epoch = (examples_per_epoch as f64 / per_step).ceil().max(1.0);
+        self.max_steps = (steps_per_epoch * self.max_epochs).ceil() as u64;
+        Some(self.max_steps)
+    }
+
     /// Checks the values that would make training meaningless.
     pub fn validate(&self) -> Result<()> {
         let bad = |k: &str, v: String, why: &str| {
             Err(CoreError::Config(format!("train.{k} = {v}: {why}")))
         };
+        if !(self.max_epochs.is_finite() && self.max_epochs >= 0.0) {
+            return bad(
+                "max_epochs",
+                self.max_epochs.to_string(),
+                "must be a number >= 0 (0: max_steps decides)",
+            );
+        }
         if self.batch_size == 0 {
             return bad("batch_size", "0".into(), "must be at least 1");
         }
@@ -1096,4 +1123,29 @@ impl<'r, T: PretextTask> Run<'r, T> {
 /// logged, from `metrics.jsonl` (see [`crate::plot::run`]).
 pub fn plot_run(dir: &Path) -> Result<()> {
     crate::plot::run::plot_run_dir(dir)
+}
+
+#[cfg(test)]
+mod epoch_tests {
+    use super::TrainConfig;
+
+    #[test]
+    fn epochs_become_steps_over_every_rank() {
+        let mut c = TrainConfig {
+            batch_size: 8,
+            accum_steps: 2,
+            ..TrainConfig::default()
+        };
+        assert_eq!(c.apply_epochs(1000, 1), None);
+        assert_eq!(c.max_steps, 1000);
+        c.max_epochs = 3.0;
+        // 1000 / (8 * 2 * 2) = 31.25 -> 32 steps an epoch.
+        assert_eq!(c.apply_epochs(1000, 2), Some(96));
+        c.max_epochs = 0.5;
+        assert_eq!(c.apply_epochs(1000, 2), Some(16));
+        c.max_epochs = 1.0;
+        assert_eq!(c.apply_epochs(3, 1), Some(1));
+        c.max_epochs = -1.0;
+        assert!(c.validate().is_err());
+    }
 }

@@ -83,8 +83,8 @@ pub struct Batch {
     ids: Vec<String>,
     columns: Vec<(String, BatchColumn)>,
     position: Position,
-    /// Where each row came from: (file index in the source, row index within the file).
-    origins: Vec<(usize, usize)>,
+    /// Each row's global row index (over the source's files in order).
+    rows: Vec<usize>,
 }
 
 impl Batch {
@@ -118,9 +118,10 @@ impl Batch {
         self.columns.iter().find(|(n, _)| n == name).map(|(_, c)| c)
     }
 
-    /// Where each row came from: (file index in the source, row index within the file).
-    pub(crate) fn origins(&self) -> &[(usize, usize)] {
-        &self.origins
+    /// Each row's global row index: its position in the source's files read in order (the
+    /// index [`crate::is_heldout`] and row caps use), whatever the shuffle and the rank.
+    pub fn rows(&self) -> &[usize] {
+        &self.rows
     }
 
     /// The rows at `keep` (indices into this batch, in the order given).
@@ -172,7 +173,7 @@ impl Batch {
             ids: keep.iter().map(|&i| self.ids[i].clone()).collect(),
             columns,
             position: self.position,
-            origins: keep.iter().map(|&i| self.origins[i]).collect(),
+            rows: keep.iter().map(|&i| self.rows[i]).collect(),
         }
     }
 
@@ -234,13 +235,16 @@ impl Batch {
 /// Collects rows into a batch; the first row fixes image sizes and series channel counts.
 pub(crate) struct BatchBuilder {
     columns: Arc<Vec<ResolvedColumn>>,
+    /// Global index of each file's first row.
+    file_first_rows: Arc<[usize]>,
     rows: Vec<Row>,
 }
 
 impl BatchBuilder {
-    pub(crate) fn new(columns: Arc<Vec<ResolvedColumn>>) -> Self {
+    pub(crate) fn new(columns: Arc<Vec<ResolvedColumn>>, file_first_rows: Arc<[usize]>) -> Self {
         Self {
             columns,
+            file_first_rows,
             rows: Vec::new(),
         }
     }
@@ -368,7 +372,10 @@ impl BatchBuilder {
             columns.push((name, column));
         }
         Batch {
-            origins: rows.iter().map(|r| (r.file, r.row)).collect(),
+            rows: rows
+                .iter()
+                .map(|r| self.file_first_rows[r.file] + r.row)
+                .collect(),
             ids: rows.into_iter().map(|r| r.id).collect(),
             columns,
             position,

@@ -56,6 +56,7 @@ mod position;
 mod read_all;
 mod series;
 mod source;
+mod stream;
 mod writer;
 
 pub use bad_rows::{BadRow, BadRowReport, MAX_BAD_ROW_EXAMPLES};
@@ -68,6 +69,7 @@ pub use numeric::read_numeric_column;
 pub use position::Position;
 pub use read_all::{read_all, ReadOptions, Share, Table};
 pub use source::ParquetSource;
+pub use stream::{ExampleStream, StreamPosition};
 pub use writer::{
     read_embeddings, write_embeddings, EmbedSummary, EmbeddingWriter, EmbeddingWriterOptions,
     Embeddings, EMBEDDING_COLUMN, ID_COLUMN,

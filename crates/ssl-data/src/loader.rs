@@ -186,6 +186,8 @@ struct Ctx {
     columns: Arc<Vec<ResolvedColumn>>,
     config: LoaderConfig,
     row_groups: Vec<RowGroupRef>,
+    /// Global index of each file's first row.
+    file_first_rows: Arc<[usize]>,
     stop: Arc<AtomicBool>,
 }
 
@@ -429,7 +431,8 @@ impl Assembler {
 
     fn run(&mut self) -> Result<(), DataError> {
         let cfg = self.ctx.config.clone();
-        let mut builder = BatchBuilder::new(self.ctx.columns.clone());
+        let mut builder =
+            BatchBuilder::new(self.ctx.columns.clone(), self.ctx.file_first_rows.clone());
         let mut epoch_good = 0usize;
         let mut epoch_from_start = self.planner.skip == 0 && self.planner.next_win == 0;
         loop {
@@ -576,6 +579,7 @@ impl DataLoader {
             columns: columns.clone(),
             config,
             row_groups: source.row_groups(),
+            file_first_rows: file_first_rows(source).into(),
             stop: stop.clone(),
         });
         let planner = Planner::new(ctx.clone(), position)?;
@@ -667,6 +671,18 @@ impl DataLoader {
             .find(|c| c.spec.name == column)
             .and_then(|c| c.classes.clone())
     }
+}
+
+/// Global index of the first row of each file of the source.
+pub(crate) fn file_first_rows(source: &ParquetSource) -> Vec<usize> {
+    let mut acc = 0;
+    (0..source.files().len())
+        .map(|f| {
+            let first = acc;
+            acc += source.file(f).rg_rows.iter().sum::<usize>();
+            first
+        })
+        .collect()
 }
 
 fn spawn<F: FnOnce() + Send + 'static>(name: String, f: F) -> Result<JoinHandle<()>, DataError> {

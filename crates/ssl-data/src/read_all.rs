@@ -165,12 +165,7 @@ pub fn read_all<P: AsRef<Path>>(
                 source.describe_files()
             ),
         })?;
-    let first_row = file_first_rows(&source);
-    let global: Vec<usize> = batch
-        .origins()
-        .iter()
-        .map(|&(file, row)| first_row[file] + row)
-        .collect();
+    let global: Vec<usize> = batch.rows().to_vec();
     let (batch, row_index, share) = if world == 1 {
         (batch, global, Share::All)
     } else if by_groups {
@@ -209,16 +204,4 @@ pub fn read_all<P: AsRef<Path>>(
         bad_rows: loader.bad_rows(),
         class_names,
     })
-}
-
-/// Global index of the first row of each file of the source.
-fn file_first_rows(source: &ParquetSource) -> Vec<usize> {
-    let mut acc = 0;
-    (0..source.files().len())
-        .map(|f| {
-            let first = acc;
-            acc += source.file(f).rg_rows.iter().sum::<usize>();
-            first
-        })
-        .collect()
 }
