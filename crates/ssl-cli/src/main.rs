@@ -315,8 +315,44 @@ fn main() -> ExitCode {
     match ssl_core::on_compute_threads(move || run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("{}", error_report(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `error: <message>` and one `  caused by: <cause>` line for each cause in the error's
+/// chain whose text the message above it does not already carry.
+fn error_report(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = format!("error: {e}");
+    let mut shown = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !shown.contains(&text) {
+            out.push_str(&format!("\n  caused by: {text}"));
+        }
+        shown = text;
+        cause = c.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_report;
+
+    #[test]
+    fn causes_are_shown_once() {
+        let io = std::io::Error::other("disk on fire");
+        let e = ssl_core::CoreError::io("writing", "/tmp/x", io);
+        let text = error_report(&e);
+        assert_eq!(text.matches("disk on fire").count(), 1, "{text}");
+        assert!(text.starts_with("error: "), "{text}");
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer failed")]
+        struct Outer(#[source] std::io::Error);
+        let text = error_report(&Outer(std::io::Error::other("inner cause")));
+        assert_eq!(text, "error: outer failed\n  caused by: inner cause");
     }
 }

@@ -192,11 +192,10 @@ impl ParamStore {
         Ok(report)
     }
 
-    /// Writes all parameters to a safetensors file under their own names.
+    /// Writes all parameters to a safetensors file under their own names, with the header
+    /// metadata `{"format": "pt"}` (see [`write_safetensors`]).
     pub fn save_safetensors(&self, path: &Path) -> Result<()> {
-        let tensors = self.tensors()?;
-        candle_core::safetensors::save(&tensors, path)
-            .map_err(|e| CoreError::checkpoint(path, format!("writing safetensors: {e}")))
+        write_safetensors(&self.tensors()?, path)
     }
 
     /// Loads every parameter from a safetensors file; missing keys or shape mismatches are
@@ -344,6 +343,20 @@ impl ParamBuilder {
     }
 }
 
+/// Writes `tensors` to a safetensors file (names sorted, as every reader expects) with the
+/// header metadata `{"format": "pt"}`, which transformers' loaders require of the files they
+/// read (older versions refuse a file without it). The file gets the process's ordinary
+/// creation mode (0644 under the usual umask; `safetensors::serialize_to_file`, which candle's
+/// `save` calls, creates it 0600).
+pub fn write_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let mut sorted: Vec<(&String, &Tensor)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let bytes = safetensors::serialize(sorted, Some(metadata))
+        .map_err(|e| CoreError::checkpoint(path, format!("serialising safetensors: {e}")))?;
+    std::fs::write(path, bytes).map_err(|e| CoreError::io("writing", path, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,6 +400,23 @@ mod tests {
             .get("w", (2, 2), Init::Normal(1.0))
             .unwrap();
         store.save_safetensors(&path).unwrap();
+        // transformers reads the header's metadata: {"format": "pt"}.
+        let bytes = std::fs::read(&path).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let format = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("format").cloned());
+        assert_eq!(format.as_deref(), Some("pt"));
+        // An ordinary file mode: that of a file written with std::fs::write beside it.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let plain = dir.path().join("plain");
+            std::fs::write(&plain, b"x").unwrap();
+            let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode(&path), mode(&plain));
+        }
         let other = ParamStore::new(&Device::Cpu);
         other.builder(9).get("w", (2, 2), Init::Zeros).unwrap();
         other.load_safetensors(&path).unwrap();

@@ -264,8 +264,7 @@ impl AdamW {
 
     /// Writes the moments to a safetensors file (the step count lives in the trainer state).
     pub fn save(&self, path: &Path) -> Result<()> {
-        candle_core::safetensors::save(&self.state_tensors(), path)
-            .map_err(|e| CoreError::checkpoint(path, format!("writing optimizer state: {e}")))
+        crate::params::write_safetensors(&self.state_tensors(), path)
     }
 
     /// Restores moments from [`AdamW::save`]'s file and the step count `t`.
