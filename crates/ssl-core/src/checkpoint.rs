@@ -53,6 +53,10 @@ pub struct TrainerState {
     /// checkpoints of runs that never logged the metric).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best: Option<crate::best::BestState>,
+    /// The precision the run's products took (`train.matmul_precision` after the CPU check),
+    /// kept by a resumed run; absent in older checkpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matmul_precision: Option<crate::nn::MatmulPrecision>,
 }
 
 impl TrainerState {
@@ -71,6 +75,7 @@ impl TrainerState {
             loss_ema: None,
             samples_seen: 0,
             best: None,
+            matmul_precision: None,
         }
     }
 }

@@ -102,6 +102,11 @@ pub struct TrainConfig {
     /// or `bf16` (operands rounded to bf16, sums in f32, f32 master weights; on CPUs with
     /// AVX-512 BF16, f32 elsewhere). See [`crate::nn::MatmulPrecision`].
     pub matmul_precision: MatmulPrecision,
+    /// With `matmul_precision = "bf16"`, first time bf16 and f32 products on this CPU (about
+    /// 0.2 s, once per process) and keep f32, saying so, where bf16 is slower (Intel Xeons
+    /// without an AMX kernel); `false` uses bf16 wherever the CPU has it. A resumed run keeps
+    /// the precision its checkpoint recorded.
+    pub bf16_check: bool,
     /// The memory, in GiB, a run's estimated dominant allocations (batch activations, series)
     /// may take before it is refused at start; 0: what the machine has available
     /// (`MemAvailable`). See [`crate::memory::check_fits`].
@@ -144,6 +149,7 @@ impl Default for TrainConfig {
             max_rollbacks: 3,
             device: "cpu".into(),
             matmul_precision: MatmulPrecision::F32,
+            bf16_check: true,
             max_memory_gb: 0.0,
         }
     }
@@ -619,16 +625,8 @@ impl<'r, T: PretextTask> Run<'r, T> {
         data: &'r mut dyn BatchSource<T::Batch>,
         heldout: Option<&'r T::Batch>,
     ) -> Result<Self> {
-        let cfg = trainer.cfg.clone();
+        let mut cfg = trainer.cfg.clone();
         let main = trainer.collective.is_main();
-        if main
-            && cfg.matmul_precision == MatmulPrecision::Bf16
-            && !crate::nn::bf16_matmul_available()
-        {
-            eprintln!(
-                "train.matmul_precision = bf16: this CPU has no AVX-512 BF16, so the products stay f32"
-            );
-        }
         let params = task.params();
         let mut opt = AdamW::new(params, cfg.adamw())?;
         let vars: Vec<Tensor> = opt.vars().map(|v| v.as_tensor().clone()).collect();
@@ -658,6 +656,9 @@ impl<'r, T: PretextTask> Run<'r, T> {
             report.last_checkpoint = Some(ckpt.clone());
         }
         crate::collective::broadcast_params(trainer.collective.as_ref(), params)?;
+        cfg.matmul_precision =
+            resolve_precision(&cfg, state.matmul_precision, trainer.collective.as_ref())?;
+        state.matmul_precision = Some(cfg.matmul_precision);
         report.start_step = state.step;
 
         let log = match (&trainer.out_dir, main) {
@@ -1123,6 +1124,56 @@ impl<'r, T: PretextTask> Run<'r, T> {
 /// logged, from `metrics.jsonl` (see [`crate::plot::run`]).
 pub fn plot_run(dir: &Path) -> Result<()> {
     crate::plot::run::plot_run_dir(dir)
+}
+
+/// The precision a run's products take: the checkpoint's on a resume; f32 where bf16 was
+/// asked for but the CPU lacks the kernels or, with `train.bf16_check`, they are slower than
+/// f32 on it (on any rank: ranks decide together, so they stay bit-identical). Rank 0 says why
+/// when it keeps f32.
+fn resolve_precision(
+    cfg: &TrainConfig,
+    recorded: Option<MatmulPrecision>,
+    collective: &dyn Collective,
+) -> Result<MatmulPrecision> {
+    if let Some(p) = recorded {
+        return Ok(p);
+    }
+    if cfg.matmul_precision != MatmulPrecision::Bf16 {
+        return Ok(cfg.matmul_precision);
+    }
+    let main = collective.is_main();
+    if !crate::nn::bf16_matmul_available() {
+        if main {
+            eprintln!(
+                "train.matmul_precision = bf16: this CPU has no AVX-512 BF16, so the products stay f32"
+            );
+        }
+        return Ok(MatmulPrecision::F32);
+    }
+    if !cfg.bf16_check {
+        return Ok(MatmulPrecision::Bf16);
+    }
+    let check = ssl_kernels::bf16_check();
+    let slower = check.is_some_and(|c| !c.bf16_faster());
+    let mut votes = [f32::from(u8::from(slower))];
+    collective.all_reduce_sum(&mut votes)?;
+    if votes[0] == 0.0 {
+        return Ok(MatmulPrecision::Bf16);
+    }
+    if main {
+        match check {
+            Some(c) if slower => eprintln!(
+                "train.matmul_precision = bf16: bf16 products take {:.1} ms against {:.1} ms in f32 on this CPU ({}), so the products stay f32 (train.bf16_check = false forces bf16)",
+                c.bf16_seconds * 1e3,
+                c.f32_seconds * 1e3,
+                ssl_kernels::cpu_name()
+            ),
+            _ => eprintln!(
+                "train.matmul_precision = bf16: bf16 products are slower than f32 on another rank's CPU, so the products stay f32 (train.bf16_check = false forces bf16)"
+            ),
+        }
+    }
+    Ok(MatmulPrecision::F32)
 }
 
 #[cfg(test)]

@@ -346,3 +346,45 @@ fn outputs_metrics_health_plot_and_checkpoints() {
         .collect();
     assert_eq!(names, ["step-00000008", "step-00000010"]);
 }
+
+/// `train.matmul_precision = bf16` becomes bf16 only where the CPU has the kernels and (with
+/// `train.bf16_check`) they are at least as fast as f32; the checkpoint records the choice and
+/// a resume keeps it whatever the configuration now says.
+#[test]
+fn the_run_records_its_precision_and_a_resume_keeps_it() {
+    use ssl_core::nn::{bf16_matmul_available, MatmulPrecision};
+    let (ex, _) = waves(40, 1);
+    let recorded = |dir: &std::path::Path| {
+        read_state(&resolve_checkpoint(dir).unwrap())
+            .unwrap()
+            .matmul_precision
+    };
+    for check in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = quick_train(2);
+        cfg.checkpoint_every_steps = 2;
+        cfg.matmul_precision = MatmulPrecision::Bf16;
+        cfg.bf16_check = check;
+        let (_, task) = masked_task(3, 0.0);
+        LoopTrainer::new(cfg.clone(), Some(dir.path().to_path_buf()))
+            .unwrap()
+            .fit(&task, &mut source(ex.clone(), 16, true), None)
+            .unwrap();
+        let faster = !check || ssl_kernels::bf16_check().is_some_and(|c| c.bf16_faster());
+        let expected = if bf16_matmul_available() && faster {
+            MatmulPrecision::Bf16
+        } else {
+            MatmulPrecision::F32
+        };
+        assert_eq!(recorded(dir.path()), Some(expected), "bf16_check = {check}");
+
+        cfg.max_steps = 4;
+        cfg.matmul_precision = MatmulPrecision::F32;
+        LoopTrainer::new(cfg, Some(dir.path().to_path_buf()))
+            .unwrap()
+            .resume(true)
+            .fit(&task, &mut source(ex.clone(), 16, true), None)
+            .unwrap();
+        assert_eq!(recorded(dir.path()), Some(expected), "after the resume");
+    }
+}

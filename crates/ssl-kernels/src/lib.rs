@@ -46,6 +46,7 @@ mod layer_norm;
 mod linear;
 mod masked_mean;
 mod pool;
+mod precision;
 mod simd;
 mod stack;
 
@@ -59,6 +60,7 @@ pub use layer_norm::LayerNormOp;
 pub use linear::MatmulTBf16;
 pub use masked_mean::MaskedMeanOp;
 pub use pool::BufferPool;
+pub use precision::{bf16_check, cpu_name, Bf16Check};
 pub use simd::{adamw, Act, AdamWCoeffs};
 pub use stack::{FusedSpec, NormPlacement, Offsets, StackOp};
 

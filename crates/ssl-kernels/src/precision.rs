@@ -1,0 +1,116 @@
+//! Whether this CPU's bf16 products are faster than its f32 ones: measured once per process.
+//!
+//! AVX-512 BF16 does not make bf16 products faster everywhere: on AMD Zen 4 and Zen 5 our
+//! bf16 kernel is 1.3-1.5x faster than f32, while on Intel Xeons (Sapphire and Granite
+//! Rapids), where `vdpbf16ps` issues at half the rate of f32 FMAs, whole models ran 1.3-1.4x
+//! slower in bf16. So the trainer asks [`bf16_check`] before using bf16: three products of
+//! the shapes transformer layers have, timed in both precisions on the current rayon pool.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use crate::gemm::{matmul, threads, MatRef, Op};
+
+/// What [`bf16_check`] measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bf16Check {
+    /// Seconds of the three bf16 products (sum of medians).
+    pub bf16_seconds: f64,
+    /// Seconds of the same products in f32.
+    pub f32_seconds: f64,
+}
+
+impl Bf16Check {
+    /// True when bf16 is at least as fast as f32 (within 2%, so a tie keeps bf16's
+    /// memory saving).
+    pub fn bf16_faster(&self) -> bool {
+        self.bf16_seconds <= self.f32_seconds * 1.02
+    }
+}
+
+/// The measurement, taken once per process (about 0.1-0.3 s); `None` on a CPU without the
+/// bf16 kernels ([`crate::bf16_available`]).
+pub fn bf16_check() -> Option<&'static Bf16Check> {
+    static CHECK: OnceLock<Option<Bf16Check>> = OnceLock::new();
+    CHECK
+        .get_or_init(|| crate::bf16_available().then(measure))
+        .as_ref()
+}
+
+/// Median seconds of `reps` products `m x k` by `k x n` (the weight transposed, as in a
+/// linear layer) in the given precision, after one warm-up.
+fn time_product(m: usize, n: usize, k: usize, bf16: bool, reps: usize) -> f64 {
+    let a: Vec<f32> = (0..m * k)
+        .map(|i| ((i % 97) as f32 - 48.0) / 64.0)
+        .collect();
+    let w: Vec<f32> = (0..n * k)
+        .map(|i| ((i % 89) as f32 - 44.0) / 64.0)
+        .collect();
+    let mut c = vec![0f32; m * n];
+    let mut run = || {
+        let t0 = Instant::now();
+        matmul(
+            &mut c,
+            n,
+            MatRef::dense(&a, m, k),
+            Op::N,
+            MatRef::dense(&w, n, k),
+            Op::T,
+            1.0,
+            false,
+            threads(),
+            bf16,
+        );
+        t0.elapsed().as_secs_f64()
+    };
+    run();
+    let mut times: Vec<f64> = (0..reps.max(1)).map(|_| run()).collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+fn measure() -> Bf16Check {
+    // A layer of width 512 on 1,024 tokens: the attention projections, the MLP's up and
+    // down products.
+    let shapes = [(1024, 512, 512), (1024, 2048, 512), (1024, 512, 2048)];
+    let (mut b, mut f) = (0.0, 0.0);
+    for (m, n, k) in shapes {
+        b += time_product(m, n, k, true, 5);
+        f += time_product(m, n, k, false, 5);
+    }
+    Bf16Check {
+        bf16_seconds: b,
+        f32_seconds: f,
+    }
+}
+
+/// The CPU's model name (`/proc/cpuinfo`'s `model name`), or "unknown CPU".
+pub fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_measures_both_precisions_once() {
+        match bf16_check() {
+            None => assert!(!crate::bf16_available()),
+            Some(c) => {
+                assert!(c.bf16_seconds > 0.0 && c.f32_seconds > 0.0, "{c:?}");
+                // Measured once: the same reference every call.
+                assert!(std::ptr::eq(c, bf16_check().unwrap()));
+            }
+        }
+        assert!(!cpu_name().is_empty());
+    }
+}
