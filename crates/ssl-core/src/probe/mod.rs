@@ -16,6 +16,7 @@
 
 mod harness;
 mod online_knn;
+mod svm;
 
 pub use harness::{
     majority_class_rate, probe_labelled, probe_scores, probe_split, take_rows,
@@ -23,6 +24,7 @@ pub use harness::{
     PROBE_TEST_FRACTION,
 };
 pub use online_knn::{knn_bank_rows, KnnLabels, KNN_BANK_MAX};
+pub use svm::{svm_probe, SvmScore, SVM_C_GRID, SVM_MAX_TRAIN_ROWS};
 
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 use rand::seq::SliceRandom;
