@@ -307,6 +307,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
 fn main() -> ExitCode {
     ssl_core::keep_freed_memory();
     ssl_core::candle_ops_on_caller();
+    if let Some(msg) = misplaced_modality(&std::env::args().collect::<Vec<_>>()) {
+        eprintln!("error: {msg}");
+        return ExitCode::from(2);
+    }
     let cli = Cli::parse();
     // Long library loops (embedding, evaluation, detection) report progress on stderr.
     ssl_core::monitor::set_progress_enabled(true);
@@ -319,6 +323,29 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A modality written after the options (`ssl pretrain --data x.parquet text`), where an
+/// option such as `--data` would take it for its value: the message to print instead of
+/// clap's "missing <MODALITY>".
+fn misplaced_modality(args: &[String]) -> Option<String> {
+    let command = args.get(1)?;
+    if !matches!(command.as_str(), "pretrain" | "embed" | "eval") {
+        return None;
+    }
+    let is_modality = |a: &str| Modality::from_str(a, true).is_ok();
+    if args
+        .get(2)
+        .is_none_or(|a| is_modality(a) || !a.starts_with("--"))
+    {
+        return None;
+    }
+    let word = args[2..]
+        .iter()
+        .find(|a| is_modality(a) && !std::path::Path::new(a).exists())?;
+    Some(format!(
+        "the modality goes right after the command: `ssl {command} {word} --data ...` ('{word}' after the options would be read as an option's value, e.g. a data path)"
+    ))
 }
 
 /// `error: <message>` and one `  caused by: <cause>` line for each cause in the error's
@@ -340,7 +367,23 @@ fn error_report(e: &(dyn std::error::Error + 'static)) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::error_report;
+    use super::{error_report, misplaced_modality};
+
+    #[test]
+    fn a_modality_after_data_is_named() {
+        let args = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        let msg = misplaced_modality(&args("ssl pretrain --data x.parquet text")).unwrap();
+        assert!(msg.contains("ssl pretrain text --data"), "{msg}");
+        assert_eq!(
+            misplaced_modality(&args("ssl pretrain text --data x.parquet")),
+            None
+        );
+        assert_eq!(misplaced_modality(&args("ssl config text")), None);
+        assert_eq!(
+            misplaced_modality(&args("ssl eval --data a.parquet --test vision")).unwrap(),
+            "the modality goes right after the command: `ssl eval vision --data ...` ('vision' after the options would be read as an option's value, e.g. a data path)"
+        );
+    }
 
     #[test]
     fn causes_are_shown_once() {
