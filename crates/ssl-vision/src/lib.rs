@@ -81,10 +81,9 @@ pub use error::{Result, VisionError};
 pub use mae::{MaeConfig, MaeTask};
 pub use masking::{random_masking, MaskSample};
 pub use pipeline::{
-    build_task, channel_stats_over_ranks, embed, embed_images, eval, load_images, load_model,
-    load_rank_images, pretrain, stored_config, FeatureProbe, LoadedImages, VisionConfig,
-    VisionDataConfig, VisionEvalReport, VisionRunSummary, VisionTask, VisionTaskConfig,
-    VisionTaskKind,
+    build_task, channel_stats_over_ranks, embed, embed_images, eval, load_model, pretrain,
+    stored_config, FeatureProbe, RowSample, StreamingImageSource, VisionConfig, VisionDataConfig,
+    VisionEvalReport, VisionRunSummary, VisionTask, VisionTaskConfig, VisionTaskKind,
 };
 pub use recipe::{recipe_train_config, scaled_lr};
 pub use source::{ImageCursor, ImageSet, InMemoryImageSource};

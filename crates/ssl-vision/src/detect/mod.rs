@@ -101,6 +101,10 @@ pub struct DetectorConfig {
     pub coreset_max: usize,
     /// Random-projection width of the coreset search (0: full width).
     pub coreset_proj_dim: usize,
+    /// Patch features sampled (seeded, uniformly over the fitting images' patches) as the
+    /// coreset's candidates, at most (and at most [`BANK_POOL_BYTES`] of them): what bounds
+    /// fitting's memory whatever the number of normal images.
+    pub bank_pool: usize,
     /// Fraction of the highest patch scores averaged into the image score (at least 1 patch).
     pub top_fraction: f64,
     /// How the threshold is set on held-out normal scores.
@@ -128,6 +132,7 @@ impl Default for DetectorConfig {
             coreset_ratio: 0.1,
             coreset_max: 20_000,
             coreset_proj_dim: 64,
+            bank_pool: 200_000,
             top_fraction: 0.02,
             threshold: ThresholdMethod::default(),
             calibration_fraction: 0.2,
@@ -211,97 +216,164 @@ fn bank_features(
     }
 }
 
-/// Raw patch scores `(N x L)` of one scorer.
-fn raw_patch_scores(
+/// The complementary-mask partitions of the reconstruction scorer (none for the others).
+fn recon_partitions(
+    kind: ScorerKind,
+    l: usize,
+    cfg: &DetectorConfig,
+) -> Result<Vec<Vec<Vec<u32>>>> {
+    if kind != ScorerKind::Reconstruction {
+        return Ok(Vec::new());
+    }
+    (0..cfg.recon_repeats.max(1) as u64)
+        .map(|r| recon::complementary_groups(l, cfg.recon_masks, cfg.seed.wrapping_add(r)))
+        .collect()
+}
+
+/// Raw patch scores `(B x L)` of one scorer on one batch of normalised `pixels`.
+fn raw_batch_scores(
     task: &MaeTask,
-    images: &ImageSet,
+    pixels: &Tensor,
     kind: ScorerKind,
     cfg: &DetectorConfig,
     bank: Option<&MemoryBank>,
+    partitions: &[Vec<Vec<u32>>],
     device: &Device,
 ) -> Result<Vec<f32>> {
-    let name = kind.name();
     let vit = task.encoder().config();
     let l = vit.num_patches()?;
     let (gh, gw) = vit.grid()?;
-    let mut out = Vec::with_capacity(images.len() * l);
-    let partitions = if kind == ScorerKind::Reconstruction {
-        (0..cfg.recon_repeats.max(1) as u64)
-            .map(|r| recon::complementary_groups(l, cfg.recon_masks, cfg.seed.wrapping_add(r)))
-            .collect::<Result<Vec<_>>>()?
-    } else {
-        Vec::new()
-    };
-    let progress = ssl_core::monitor::Progress::task(
-        &format!("{} scores", kind.name()),
-        images.len() as u64,
-        "images",
-    );
-    for start in (0..images.len()).step_by(cfg.batch_size.max(1)) {
-        let batch = images.batch(start, cfg.batch_size.max(1), device)?;
-        progress.set_position(start as u64);
-        let pixels = normalize_batch(&batch.pixels, task.augment())?;
-        match kind {
-            ScorerKind::Reconstruction => {
-                let mut acc: Vec<f32> = Vec::new();
-                for groups in &partitions {
-                    let e = recon::reconstruction_errors(task, &pixels, groups)?;
-                    if acc.is_empty() {
-                        acc = e;
-                    } else {
-                        acc.iter_mut().zip(&e).for_each(|(a, v)| *a += v);
-                    }
+    match kind {
+        ScorerKind::Reconstruction => {
+            let mut acc: Vec<f32> = Vec::new();
+            for groups in partitions {
+                let e = recon::reconstruction_errors(task, pixels, groups)?;
+                if acc.is_empty() {
+                    acc = e;
+                } else {
+                    acc.iter_mut().zip(&e).for_each(|(a, v)| *a += v);
                 }
-                let r = partitions.len() as f32;
-                acc.iter_mut().for_each(|a| *a /= r);
-                let b = acc.len() / l.max(1);
-                out.extend(patchcore::aggregate(
-                    &acc,
-                    b,
-                    gh,
-                    gw,
-                    1,
-                    cfg.recon_neighbourhood,
-                ));
             }
-            ScorerKind::PatchCore | ScorerKind::RawPixels => {
-                let bank = bank.ok_or_else(|| {
-                    VisionError::InvalidInput(format!("scorer {name} needs a memory bank"))
-                })?;
-                let (f, _) = bank_features(task, &pixels, kind, cfg)?;
-                out.extend(bank.nearest_distances(&f, device)?);
-            }
+            let r = partitions.len() as f32;
+            acc.iter_mut().for_each(|a| *a /= r);
+            let b = acc.len() / l.max(1);
+            Ok(patchcore::aggregate(
+                &acc,
+                b,
+                gh,
+                gw,
+                1,
+                cfg.recon_neighbourhood,
+            ))
+        }
+        ScorerKind::PatchCore | ScorerKind::RawPixels => {
+            let bank = bank.ok_or_else(|| {
+                VisionError::InvalidInput(format!("scorer {} needs a memory bank", kind.name()))
+            })?;
+            let (f, _) = bank_features(task, pixels, kind, cfg)?;
+            bank.nearest_distances(&f, device)
         }
     }
-    progress.finish();
-    Ok(out)
 }
 
-/// Per-position mean and standard deviation of `(N x l)` errors, each floored at a small
-/// fraction of the global value so that a position where every normal error vanishes (a flat
-/// border) cannot divide by zero.
-fn position_stats(errs: &[f32], l: usize) -> (Vec<f32>, Vec<f32>) {
-    let n = (errs.len() / l.max(1)).max(1) as f64;
-    let (mut s1, mut s2) = (vec![0f64; l], vec![0f64; l]);
-    for row in errs.chunks(l) {
-        for (i, e) in row.iter().enumerate() {
-            s1[i] += f64::from(*e);
-            s2[i] += f64::from(*e) * f64::from(*e);
+/// Per-position sums of reconstruction errors, accumulated batch by batch.
+#[derive(Debug, Clone)]
+struct PositionMoments {
+    s1: Vec<f64>,
+    s2: Vec<f64>,
+    n: usize,
+}
+
+impl PositionMoments {
+    fn new(l: usize) -> Self {
+        PositionMoments {
+            s1: vec![0.0; l],
+            s2: vec![0.0; l],
+            n: 0,
         }
     }
-    let mean: Vec<f64> = s1.iter().map(|s| s / n).collect();
-    let std: Vec<f64> = s2
-        .iter()
-        .zip(&mean)
-        .map(|(s, m)| (s / n - m * m).max(0.0).sqrt())
-        .collect();
-    let floor = |v: &[f64]| {
-        let g = v.iter().sum::<f64>() / l.max(1) as f64;
-        v.iter()
-            .map(|x| x.max(1e-3 * g).max(1e-12) as f32)
-            .collect::<Vec<f32>>()
-    };
-    (floor(&mean), floor(&std))
+
+    /// Adds `(B x l)` errors.
+    fn add(&mut self, errs: &[f32]) {
+        let l = self.s1.len().max(1);
+        for row in errs.chunks(l) {
+            for (i, e) in row.iter().enumerate() {
+                self.s1[i] += f64::from(*e);
+                self.s2[i] += f64::from(*e) * f64::from(*e);
+            }
+            self.n += 1;
+        }
+    }
+
+    /// Mean and standard deviation per position, each floored at a small fraction of the
+    /// global value so that a position where every normal error vanishes (a flat border)
+    /// cannot divide by zero.
+    fn finish(&self) -> (Vec<f32>, Vec<f32>) {
+        let l = self.s1.len();
+        let n = self.n.max(1) as f64;
+        let mean: Vec<f64> = self.s1.iter().map(|s| s / n).collect();
+        let std: Vec<f64> = self
+            .s2
+            .iter()
+            .zip(&mean)
+            .map(|(s, m)| (s / n - m * m).max(0.0).sqrt())
+            .collect();
+        let floor = |v: &[f64]| {
+            let g = v.iter().sum::<f64>() / l.max(1) as f64;
+            v.iter()
+                .map(|x| x.max(1e-3 * g).max(1e-12) as f32)
+                .collect::<Vec<f32>>()
+        };
+        (floor(&mean), floor(&std))
+    }
+}
+
+/// A seeded uniform sample (reservoir, Algorithm R) of at most `cap` feature rows of a
+/// stream: the memory bank's candidates, bounded whatever the number of normal images. While
+/// the stream holds no more than `cap` rows it keeps all of them, in order.
+#[derive(Debug)]
+struct Reservoir {
+    rows: Vec<f32>,
+    dim: usize,
+    cap: usize,
+    seen: usize,
+    rng: SslRng,
+}
+
+impl Reservoir {
+    fn new(cap: usize, seed: u64) -> Self {
+        Reservoir {
+            rows: Vec::new(),
+            dim: 0,
+            cap: cap.max(1),
+            seen: 0,
+            rng: SslRng::derived(seed, "memory-bank-reservoir"),
+        }
+    }
+
+    fn add(&mut self, feats: &[f32], dim: usize) {
+        self.dim = dim;
+        for row in feats.chunks(dim.max(1)) {
+            let kept = self.rows.len() / dim.max(1);
+            if kept < self.cap {
+                self.rows.extend_from_slice(row);
+            } else {
+                let j = self.rng.below(self.seen + 1);
+                if j < self.cap {
+                    self.rows[j * dim..(j + 1) * dim].copy_from_slice(row);
+                }
+            }
+            self.seen += 1;
+        }
+    }
+}
+
+/// Per-position mean and standard deviation of `(N x l)` errors ([`PositionMoments`]).
+#[cfg(test)]
+fn position_stats(errs: &[f32], l: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut m = PositionMoments::new(l);
+    m.add(errs);
+    m.finish()
 }
 
 /// Mean of the top `fraction` of `scores` (at least one).
@@ -312,16 +384,31 @@ pub fn top_mean(scores: &[f32], fraction: f64) -> f64 {
     v.iter().take(k).map(|x| f64::from(*x)).sum::<f64>() / k as f64
 }
 
+/// A set of images given batch by batch: called with a visitor, it calls the visitor with
+/// each batch of the set in order (e.g. a stream read from Parquet), and may be called again
+/// for another pass.
+pub type ImageBatches<'a> = dyn FnMut(&mut dyn FnMut(&ImageSet) -> Result<()>) -> Result<()> + 'a;
+
+/// Memory-bank candidates kept at most, in bytes, whatever `detect.bank_pool` says.
+pub const BANK_POOL_BYTES: usize = 256 << 20;
+
+/// Visits `set` in batches of `bs` images.
+fn visit_batches(
+    set: &ImageSet,
+    bs: usize,
+    visit: &mut dyn FnMut(&ImageSet) -> Result<()>,
+) -> Result<()> {
+    for start in (0..set.len()).step_by(bs.max(1)) {
+        let idx: Vec<usize> = (start..(start + bs.max(1)).min(set.len())).collect();
+        visit(&set.select(&idx))?;
+    }
+    Ok(())
+}
+
 impl Detector {
-    /// Fits on normal images: splits off `calibration_fraction` for calibration, builds the
-    /// memory bank and the reconstruction statistics from the rest, sets the threshold on
-    /// the calibration images. Errors when the calibration set is too small.
-    pub fn fit(
-        task: &MaeTask,
-        normal: &ImageSet,
-        cfg: &DetectorConfig,
-        device: &Device,
-    ) -> Result<Self> {
+    /// Checks the detector settings and the calibration size for `n` normal images; returns
+    /// the number of calibration images, `round(calibration_fraction x n)`.
+    pub fn calibration_count(cfg: &DetectorConfig, n: usize) -> Result<usize> {
         if cfg.scorers.is_empty() {
             return Err(VisionError::Config(
                 "detect.scorers is empty: name reconstruction and/or patch_core".into(),
@@ -333,7 +420,6 @@ impl Detector {
                 cfg.calibration_fraction
             )));
         }
-        let n = normal.len();
         let n_cal = (cfg.calibration_fraction * n as f64).round() as usize;
         if n_cal < cfg.min_calibration.max(2) {
             return Err(VisionError::CalibrationTooSmall {
@@ -350,57 +436,122 @@ impl Detector {
                 "no normal images left to fit on".into(),
             ));
         }
+        Ok(n_cal)
+    }
+
+    /// Fits on normal images held in memory: splits off `calibration_fraction` for
+    /// calibration (a seeded shuffle), then [`Detector::fit_streamed`]. Errors when the
+    /// calibration set is too small.
+    pub fn fit(
+        task: &MaeTask,
+        normal: &ImageSet,
+        cfg: &DetectorConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        let n = normal.len();
+        let n_cal = Self::calibration_count(cfg, n)?;
         let mut order: Vec<usize> = (0..n).collect();
         SslRng::derived(cfg.seed, "detector-split").shuffle(&mut order);
         let cal = normal.select(&order[..n_cal]);
         let fit = normal.select(&order[n_cal..]);
-        let l = task.encoder().config().num_patches()?;
+        let bs = cfg.batch_size;
+        Self::fit_streamed(
+            task,
+            cfg,
+            device,
+            (fit.len(), &mut |v| visit_batches(&fit, bs, v)),
+            (cal.len(), &mut |v| visit_batches(&cal, bs, v)),
+        )
+    }
 
+    /// Fits on normal images given batch by batch, in two passes: over the `fit` images
+    /// (their expected count first, for progress), a seeded uniform sample of at most
+    /// `detect.bank_pool` patch features per memory bank (and [`BANK_POOL_BYTES`]), reduced by
+    /// greedy coreset to the bank, and the per-position reconstruction statistics; then over
+    /// the `cal` images, each scorer's normal statistics and the threshold (which keeps one
+    /// score per calibration image and scorer). Memory is bounded by the pool, a batch and
+    /// the calibration scores, not by the number of images.
+    pub fn fit_streamed(
+        task: &MaeTask,
+        cfg: &DetectorConfig,
+        device: &Device,
+        fit: (usize, &mut ImageBatches<'_>),
+        cal: (usize, &mut ImageBatches<'_>),
+    ) -> Result<Self> {
+        let l = task.encoder().config().num_patches()?;
+        let mut bank_kinds: Vec<ScorerKind> = Vec::new();
+        for &k in cfg.scorers.iter().filter(|k| k.uses_bank()) {
+            if !bank_kinds.contains(&k) {
+                bank_kinds.push(k);
+            }
+        }
+        let mut pools: Vec<Reservoir> = bank_kinds
+            .iter()
+            .map(|_| Reservoir::new(cfg.bank_pool, cfg.seed))
+            .collect();
+        let recon_stats = cfg.scorers.contains(&ScorerKind::Reconstruction)
+            && cfg.recon_position_norm != PositionNorm::None;
+        let recon_parts = recon_partitions(ScorerKind::Reconstruction, l, cfg)?;
+        let mut moments = PositionMoments::new(l);
+        let progress =
+            ssl_core::monitor::Progress::task("detect fit: normal images", fit.0 as u64, "images");
+        let mut n_fit = 0;
+        (fit.1)(&mut |set: &ImageSet| {
+            let batch = set.batch(0, set.len(), device)?;
+            let pixels = normalize_batch(&batch.pixels, task.augment())?;
+            for (kind, pool) in bank_kinds.iter().zip(pools.iter_mut()) {
+                let (f, d) = bank_features(task, &pixels, *kind, cfg)?;
+                if pool.dim == 0 {
+                    pool.cap = pool.cap.min((BANK_POOL_BYTES / (d * 4).max(1)).max(1));
+                }
+                pool.add(&f, d);
+            }
+            if recon_stats {
+                let errs = raw_batch_scores(
+                    task,
+                    &pixels,
+                    ScorerKind::Reconstruction,
+                    cfg,
+                    None,
+                    &recon_parts,
+                    device,
+                )?;
+                moments.add(&errs);
+            }
+            n_fit += set.len();
+            progress.inc(set.len() as u64);
+            Ok(())
+        })?;
+        progress.finish();
+        if n_fit == 0 {
+            return Err(VisionError::InvalidInput(
+                "no normal images left to fit on".into(),
+            ));
+        }
         let mut banks = Vec::new();
-        for &kind in cfg.scorers.iter().filter(|k| k.uses_bank()) {
-            if banks.iter().any(|(k, _)| *k == kind) {
-                continue;
-            }
-            let mut feats = Vec::new();
-            let mut bank_dim = 0;
-            let progress = ssl_core::monitor::Progress::task(
-                &format!("{} memory bank", kind.name()),
-                fit.len() as u64,
-                "images",
-            );
-            for start in (0..fit.len()).step_by(cfg.batch_size.max(1)) {
-                let batch = fit.batch(start, cfg.batch_size.max(1), device)?;
-                progress.set_position(start as u64);
-                let pixels = normalize_batch(&batch.pixels, task.augment())?;
-                let (f, d) = bank_features(task, &pixels, kind, cfg)?;
-                bank_dim = d;
-                feats.extend(f);
-            }
-            progress.finish();
-            let total = feats.len() / bank_dim.max(1);
-            let target = ((cfg.coreset_ratio * total as f64).ceil() as usize)
+        for (kind, pool) in bank_kinds.iter().zip(pools) {
+            let dim = pool.dim;
+            let target = ((cfg.coreset_ratio * pool.seen as f64).ceil() as usize)
                 .clamp(1, cfg.coreset_max.max(1));
             let picked =
-                coreset::greedy_coreset(&feats, bank_dim, target, cfg.coreset_proj_dim, cfg.seed);
-            let mut kept = Vec::with_capacity(picked.len() * bank_dim);
+                coreset::greedy_coreset(&pool.rows, dim, target, cfg.coreset_proj_dim, cfg.seed);
+            let mut kept = Vec::with_capacity(picked.len() * dim);
             for i in picked {
-                kept.extend_from_slice(&feats[i * bank_dim..(i + 1) * bank_dim]);
+                kept.extend_from_slice(&pool.rows[i * dim..(i + 1) * dim]);
             }
             banks.push((
-                kind,
+                *kind,
                 MemoryBank {
                     features: kept,
-                    dim: bank_dim,
+                    dim,
                 },
             ));
         }
-        let (mut recon_position_mean, mut recon_position_std) = (Vec::new(), Vec::new());
-        if cfg.scorers.contains(&ScorerKind::Reconstruction)
-            && cfg.recon_position_norm != PositionNorm::None
-        {
-            let errs = raw_patch_scores(task, &fit, ScorerKind::Reconstruction, cfg, None, device)?;
-            (recon_position_mean, recon_position_std) = position_stats(&errs, l);
-        }
+        let (recon_position_mean, recon_position_std) = if recon_stats {
+            moments.finish()
+        } else {
+            (Vec::new(), Vec::new())
+        };
         let mut det = Detector {
             state: DetectorState {
                 cfg: cfg.clone(),
@@ -408,19 +559,48 @@ impl Detector {
                 threshold: f64::NAN,
                 recon_position_mean,
                 recon_position_std,
-                n_fit: fit.len(),
-                n_calibration: cal.len(),
+                n_fit,
+                n_calibration: 0,
             },
             banks,
         };
         // Calibration: per-scorer normal statistics, then the threshold on combined scores.
-        let mut per_scorer_patches = Vec::new();
-        for &kind in &cfg.scorers {
-            let p = det.patch_scores(task, &cal, kind, device)?;
-            let img: Vec<f64> = p.chunks(l).map(|r| top_mean(r, cfg.top_fraction)).collect();
-            let (im, is) = mean_std(&img);
-            let pv: Vec<f64> = p.iter().map(|v| f64::from(*v)).collect();
-            let (pm, ps) = mean_std(&pv);
+        let parts: Vec<Vec<Vec<Vec<u32>>>> = cfg
+            .scorers
+            .iter()
+            .map(|&k| recon_partitions(k, l, cfg))
+            .collect::<Result<_>>()?;
+        let s = cfg.scorers.len();
+        let mut image_scores: Vec<Vec<f64>> = vec![Vec::new(); s];
+        let mut patch_sums = vec![(0f64, 0f64, 0usize); s];
+        let progress = ssl_core::monitor::Progress::task(
+            "detect fit: calibration images",
+            cal.0 as u64,
+            "images",
+        );
+        (cal.1)(&mut |set: &ImageSet| {
+            let batch = set.batch(0, set.len(), device)?;
+            let pixels = normalize_batch(&batch.pixels, task.augment())?;
+            for (k, &kind) in cfg.scorers.iter().enumerate() {
+                let p = det.batch_patch_scores(task, &pixels, kind, &parts[k], device)?;
+                image_scores[k].extend(p.chunks(l).map(|r| top_mean(r, cfg.top_fraction)));
+                let sums = &mut patch_sums[k];
+                for v in &p {
+                    sums.0 += f64::from(*v);
+                    sums.1 += f64::from(*v) * f64::from(*v);
+                }
+                sums.2 += p.len();
+            }
+            progress.inc(set.len() as u64);
+            Ok(())
+        })?;
+        progress.finish();
+        for (k, &kind) in cfg.scorers.iter().enumerate() {
+            let (im, is) = mean_std(&image_scores[k]);
+            let (s1, s2, n) = patch_sums[k];
+            let n = n.max(1) as f64;
+            let pm = s1 / n;
+            let ps = (s2 / n - pm * pm).max(0.0).sqrt();
             det.state.stats.push(ScorerStats {
                 kind,
                 image_mean: im,
@@ -428,36 +608,33 @@ impl Detector {
                 patch_mean: pm,
                 patch_std: ps.max(1e-12),
             });
-            per_scorer_patches.push(p);
         }
-        let combined: Vec<f64> = (0..cal.len())
-            .map(|i| {
-                det.combine(
-                    &per_scorer_patches
-                        .iter()
-                        .map(|p| top_mean(&p[i * l..(i + 1) * l], cfg.top_fraction))
-                        .collect::<Vec<_>>(),
-                )
-            })
+        let n_cal = image_scores.first().map_or(0, Vec::len);
+        det.state.n_calibration = n_cal;
+        let combined: Vec<f64> = (0..n_cal)
+            .map(|i| det.combine(&image_scores.iter().map(|v| v[i]).collect::<Vec<_>>()))
             .collect();
         det.state.threshold = calibrate_threshold(&combined, cfg.threshold, cfg.min_calibration)?;
         Ok(det)
     }
 
-    /// Patch scores `(N x L)` of one scorer, position-normalised for reconstruction.
-    fn patch_scores(
+    /// Patch scores `(B x L)` of one scorer on normalised `pixels`, position-normalised for
+    /// reconstruction.
+    fn batch_patch_scores(
         &self,
         task: &MaeTask,
-        images: &ImageSet,
+        pixels: &Tensor,
         kind: ScorerKind,
+        partitions: &[Vec<Vec<u32>>],
         device: &Device,
     ) -> Result<Vec<f32>> {
-        let mut p = raw_patch_scores(
+        let mut p = raw_batch_scores(
             task,
-            images,
+            pixels,
             kind,
             &self.state.cfg,
             self.banks.iter().find(|(k, _)| *k == kind).map(|(_, b)| b),
+            partitions,
             device,
         )?;
         let (mean, std) = (
@@ -495,41 +672,61 @@ impl Detector {
         z / image_scores.len().max(1) as f64
     }
 
-    /// Scores images: combined score, flag, per-scorer scores, patch map.
+    /// Scores images: combined score, flag, per-scorer scores, patch map; in batches of
+    /// `detect.batch_size`, with a progress bar when there is more than one.
     pub fn score(
         &self,
         task: &MaeTask,
         images: &ImageSet,
         device: &Device,
     ) -> Result<Vec<ImageScore>> {
+        let cfg = &self.state.cfg;
         let l = task.encoder().config().num_patches()?;
-        let per: Vec<Vec<f32>> = self
-            .state
-            .cfg
+        let parts: Vec<Vec<Vec<Vec<u32>>>> = cfg
             .scorers
             .iter()
-            .map(|&k| self.patch_scores(task, images, k, device))
+            .map(|&k| recon_partitions(k, l, cfg))
             .collect::<Result<_>>()?;
+        let bs = cfg.batch_size.max(1);
+        let progress = (images.len() > bs)
+            .then(|| ssl_core::monitor::Progress::task("scores", images.len() as u64, "images"));
         let mut out = Vec::with_capacity(images.len());
-        for i in 0..images.len() {
-            let raw: Vec<f64> = per
+        visit_batches(images, bs, &mut |set: &ImageSet| {
+            let batch = set.batch(0, set.len(), device)?;
+            let pixels = normalize_batch(&batch.pixels, task.augment())?;
+            let per: Vec<Vec<f32>> = cfg
+                .scorers
                 .iter()
-                .map(|p| top_mean(&p[i * l..(i + 1) * l], self.state.cfg.top_fraction))
-                .collect();
-            let score = self.combine(&raw);
-            let mut map = vec![0f32; l];
-            for (p, st) in per.iter().zip(&self.state.stats) {
-                for (m, v) in map.iter_mut().zip(&p[i * l..(i + 1) * l]) {
-                    *m +=
-                        ((f64::from(*v) - st.patch_mean) / st.patch_std) as f32 / per.len() as f32;
+                .zip(&parts)
+                .map(|(&k, p)| self.batch_patch_scores(task, &pixels, k, p, device))
+                .collect::<Result<_>>()?;
+            for i in 0..set.len() {
+                let raw: Vec<f64> = per
+                    .iter()
+                    .map(|p| top_mean(&p[i * l..(i + 1) * l], cfg.top_fraction))
+                    .collect();
+                let score = self.combine(&raw);
+                let mut map = vec![0f32; l];
+                for (p, st) in per.iter().zip(&self.state.stats) {
+                    for (m, v) in map.iter_mut().zip(&p[i * l..(i + 1) * l]) {
+                        *m += ((f64::from(*v) - st.patch_mean) / st.patch_std) as f32
+                            / per.len() as f32;
+                    }
                 }
+                out.push(ImageScore {
+                    score,
+                    flag: score > self.state.threshold,
+                    per_scorer: raw,
+                    patch_map: map,
+                });
             }
-            out.push(ImageScore {
-                score,
-                flag: score > self.state.threshold,
-                per_scorer: raw,
-                patch_map: map,
-            });
+            if let Some(p) = &progress {
+                p.inc(set.len() as u64);
+            }
+            Ok(())
+        })?;
+        if let Some(p) = progress {
+            p.finish();
         }
         Ok(out)
     }

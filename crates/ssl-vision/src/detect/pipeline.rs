@@ -16,13 +16,17 @@ use ssl_core::checkpoint::MODEL_FILE;
 use super::heatmap::save_heatmap;
 use super::labelled::{label_report, DetectLabelReport};
 use super::{Detector, DetectorConfig, ScorerStats};
-use crate::pipeline::{load_images, load_model, VisionConfig, VisionDataConfig, VisionTask};
-use crate::{MaeTask, Result, VisionError};
+use crate::pipeline::stream::{check_example_shape, ImageReader, Split};
+use crate::pipeline::{load_model, RowSample, VisionConfig, VisionDataConfig, VisionTask};
+use crate::{ImageSet, MaeTask, Result, VisionError};
+use ssl_data::StreamPosition;
 
 /// The vision configuration stored with a detector.
 pub const VISION_CONFIG_FILE: &str = "vision_config.json";
 /// Heat-map colour range in patch z-scores (blue at 0, red at this value).
 const HEAT_MAX_Z: f32 = 8.0;
+/// Rows per row group of the scores table (written as the images are scored).
+const SCORE_ROWS: usize = 4096;
 
 /// Settings of `ssl detect fit` (`--set detect.key=value`, `--set data.key=value`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -114,15 +118,38 @@ pub fn detect_fit(
         )
     })?;
     vcfg.data = cfg.data.clone();
-    let loaded = load_images(data, &cfg.data, None)?;
-    vcfg.check_shape(&loaded.images)?;
+    // The normal images stream twice (fitting, then calibration); the calibration images are
+    // a seeded sample of exactly round(calibration_fraction x n) of the kept rows.
+    let reader = ImageReader::open(data, &cfg.data, None, cfg.detect.seed)?;
+    let n = reader.kept_rows();
+    let n_cal = Detector::calibration_count(&cfg.detect, n)?;
+    let cal_rows = RowSample::smallest(
+        reader.source().num_rows(),
+        n_cal,
+        cfg.detect.seed,
+        0x4341_4c49,
+        Some(reader.sample().clone()),
+    );
     eprintln!(
-        "fitting on {} normal images ({:.0}% held out for calibration); scorers {:?}",
-        loaded.images.len(),
+        "fitting on {n} normal images ({:.0}% held out for calibration); scorers {:?}",
         cfg.detect.calibration_fraction * 100.0,
         cfg.detect.scorers
     );
-    let det = Detector::fit(mae, &loaded.images, &cfg.detect, &device)?;
+    let shape = [
+        vcfg.model.channels,
+        vcfg.model.image_height,
+        vcfg.model.image_width,
+    ];
+    let bs = cfg.detect.batch_size.max(1);
+    let fit_reader = reader.clone().excluding(cal_rows.clone());
+    let cal_reader = reader.with_sample(cal_rows);
+    let det = Detector::fit_streamed(
+        mae,
+        &cfg.detect,
+        &device,
+        (n - n_cal, &mut |v| visit_stream(&fit_reader, bs, shape, v)),
+        (n_cal, &mut |v| visit_stream(&cal_reader, bs, shape, v)),
+    )?;
     det.save(out)?;
     let model_src = ckpt.join(MODEL_FILE);
     let model_dst = out.join(MODEL_FILE);
@@ -179,9 +206,7 @@ pub fn detect_score(
         "the detector's model is not an MAE".into()
     })?;
     let det = Detector::load(detector)?;
-    let loaded = load_images(data, &vcfg.data, None)?;
-    vcfg.check_shape(&loaded.images)?;
-    let scores = det.score(mae, &loaded.images, &device)?;
+    let reader = ImageReader::open(data, &vcfg.data, None, vcfg.train.seed)?;
     let heat_dir: PathBuf = match heatmaps {
         Some(p) => p.to_path_buf(),
         None => {
@@ -193,92 +218,138 @@ pub fn detect_score(
         }
     };
     ssl_data::output::check_output_dir(&heat_dir)?;
-    let [c, h, w] = loaded.images.shape;
+    let shape = [
+        vcfg.model.channels,
+        vcfg.model.image_height,
+        vcfg.model.image_width,
+    ];
+    let [c, h, w] = shape;
     let grid = vcfg.model.grid()?;
-    let per = loaded.images.image_len();
-    let mut paths = Vec::with_capacity(scores.len());
-    for (i, (s, id)) in scores.iter().zip(&loaded.ids).enumerate() {
-        let safe: String = id
-            .chars()
-            .map(|ch| {
-                if ch.is_ascii_alphanumeric() || ch == '-' || ch == '.' {
-                    ch
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        let p = heat_dir.join(format!("{i:06}_{safe}.png"));
-        save_heatmap(
-            &p,
-            &loaded.images.data[i * per..(i + 1) * per],
-            c,
-            h,
-            w,
-            &s.patch_map,
-            grid,
-            (0.0, HEAT_MAX_Z),
-        )?;
-        paths.push(p.display().to_string());
-    }
     let mut fields = vec![
         Field::new("id", DataType::Utf8, false),
         Field::new("score", DataType::Float64, false),
         Field::new("flag", DataType::Boolean, false),
         Field::new("heatmap", DataType::Utf8, false),
     ];
-    let mut cols: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from(loaded.ids.clone())),
-        Arc::new(Float64Array::from(
-            scores.iter().map(|s| s.score).collect::<Vec<_>>(),
-        )),
-        Arc::new(BooleanArray::from(
-            scores.iter().map(|s| s.flag).collect::<Vec<_>>(),
-        )),
-        Arc::new(StringArray::from(paths)),
-    ];
-    for (k, kind) in det.config().scorers.iter().enumerate() {
+    for kind in &det.config().scorers {
         fields.push(Field::new(
             format!("score_{}", kind.name()),
             DataType::Float64,
             false,
         ));
-        cols.push(Arc::new(Float64Array::from(
-            scores.iter().map(|s| s.per_scorer[k]).collect::<Vec<_>>(),
-        )));
     }
     let schema = Arc::new(Schema::new(fields));
-    let batch = RecordBatch::try_new(schema.clone(), cols)
-        .map_err(|e| VisionError::Config(format!("building the scores table: {e}")))?;
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| VisionError::io(dir, e))?;
     }
     // A new file beside `out` (never written through a link or device there), moved into
-    // place when complete; removed when anything fails.
+    // place when complete; removed when anything fails. Each batch of scores is written as
+    // it is computed (row groups of SCORE_ROWS rows).
     let (file, tmp) = ssl_data::output::create_temp_beside(out)?;
     let pq_err =
         |e: parquet::errors::ParquetError| VisionError::Config(format!("{}: {e}", out.display()));
-    let written = ArrowWriter::try_new(file, schema, None)
-        .and_then(|mut writer| {
-            writer.write(&batch)?;
-            writer.close().map(|_| ())
-        })
-        .map_err(pq_err);
-    if let Err(e) = written {
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_max_row_group_row_count(Some(SCORE_ROWS))
+        .build();
+    let mut writer = match ArrowWriter::try_new(file, schema.clone(), Some(props)) {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(pq_err(e));
+        }
+    };
+    // What the label report needs: one (row, score, flag) per image.
+    let (mut rows, mut values, mut flags) = (Vec::new(), Vec::new(), Vec::new());
+    let bs = det.config().batch_size.max(1);
+    let mut stream = reader.stream(
+        reader.loader(bs, false, Some(1)),
+        Split::All,
+        StreamPosition::default(),
+        true,
+    )?;
+    let progress =
+        ssl_core::monitor::Progress::task("detect score", reader.kept_rows() as u64, "images");
+    let mut scored = 0usize;
+    let result = (|| -> Result<()> {
+        loop {
+            let examples = stream.take(bs)?;
+            if examples.is_empty() {
+                return Ok(());
+            }
+            let mut set = Vec::with_capacity(examples.len() * c * h * w);
+            for e in &examples {
+                check_example_shape(e, shape)?;
+                set.extend_from_slice(&e.pixels);
+            }
+            let set = ImageSet::new(set, shape)?;
+            let scores = det.score(mae, &set, &device)?;
+            let per = set.image_len();
+            let mut paths = Vec::with_capacity(scores.len());
+            for (k, (s, e)) in scores.iter().zip(&examples).enumerate() {
+                let safe: String =
+                    e.id.chars()
+                        .map(|ch| {
+                            if ch.is_ascii_alphanumeric() || ch == '-' || ch == '.' {
+                                ch
+                            } else {
+                                '_'
+                            }
+                        })
+                        .collect();
+                let p = heat_dir.join(format!("{:06}_{safe}.png", scored + k));
+                save_heatmap(
+                    &p,
+                    &set.data[k * per..(k + 1) * per],
+                    c,
+                    h,
+                    w,
+                    &s.patch_map,
+                    grid,
+                    (0.0, HEAT_MAX_Z),
+                )?;
+                paths.push(p.display().to_string());
+            }
+            let mut cols: Vec<ArrayRef> = vec![
+                Arc::new(StringArray::from_iter_values(
+                    examples.iter().map(|e| e.id.as_str()),
+                )),
+                Arc::new(Float64Array::from(
+                    scores.iter().map(|s| s.score).collect::<Vec<_>>(),
+                )),
+                Arc::new(BooleanArray::from(
+                    scores.iter().map(|s| s.flag).collect::<Vec<_>>(),
+                )),
+                Arc::new(StringArray::from(paths)),
+            ];
+            for k in 0..det.config().scorers.len() {
+                cols.push(Arc::new(Float64Array::from(
+                    scores.iter().map(|s| s.per_scorer[k]).collect::<Vec<_>>(),
+                )));
+            }
+            let batch = RecordBatch::try_new(schema.clone(), cols)
+                .map_err(|e| VisionError::Config(format!("building the scores table: {e}")))?;
+            writer.write(&batch).map_err(pq_err)?;
+            rows.extend(examples.iter().map(|e| e.row));
+            values.extend(scores.iter().map(|s| s.score));
+            flags.extend(scores.iter().map(|s| s.flag));
+            scored += examples.len();
+            progress.inc(examples.len() as u64);
+        }
+    })()
+    .and_then(|()| writer.close().map(|_| ()).map_err(pq_err));
+    progress.finish();
+    if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
     ssl_data::output::move_into_place(&tmp, out)?;
-    let flagged = scores.iter().filter(|s| s.flag).count();
-    let labelled = image_labels(data, &vcfg.data.label_column, &loaded.rows)?.map(|labels| {
-        let flags: Vec<bool> = scores.iter().map(|s| s.flag).collect();
-        let values: Vec<f64> = scores.iter().map(|s| s.score).collect();
+    let flagged = flags.iter().filter(|f| **f).count();
+    let labelled = image_labels(data, &vcfg.data.label_column, &rows)?.map(|labels| {
         let col = &vcfg.data.label_column;
         label_report(col, &values, &flags, &labels, det.threshold())
     });
     eprintln!(
-        "scored {} images: {flagged} flagged (threshold {:.3}); wrote {} and heat-maps in {}",
-        scores.len(),
+        "scored {scored} images: {flagged} flagged (threshold {:.3}); wrote {} and heat-maps in {}",
         det.threshold(),
         out.display(),
         heat_dir.display()
@@ -286,11 +357,39 @@ pub fn detect_score(
     Ok(DetectScoreSummary {
         out: out.to_path_buf(),
         heatmaps: heat_dir,
-        scored: scores.len(),
+        scored,
         flagged,
         threshold: det.threshold(),
         labelled,
     })
+}
+
+/// Streams the images `reader` keeps (file order, one epoch) to `visit` in batches of `bs`,
+/// each image checked against `shape`.
+fn visit_stream(
+    reader: &ImageReader,
+    bs: usize,
+    shape: [usize; 3],
+    visit: &mut dyn FnMut(&ImageSet) -> Result<()>,
+) -> Result<()> {
+    let mut stream = reader.stream(
+        reader.loader(bs, false, Some(1)),
+        Split::All,
+        StreamPosition::default(),
+        false,
+    )?;
+    loop {
+        let examples = stream.take(bs)?;
+        if examples.is_empty() {
+            return Ok(());
+        }
+        let mut data = Vec::with_capacity(examples.len() * shape.iter().product::<usize>());
+        for e in &examples {
+            check_example_shape(e, shape)?;
+            data.extend_from_slice(&e.pixels);
+        }
+        visit(&ImageSet::new(data, shape)?)?;
+    }
 }
 
 /// The numeric labels of the images at global `rows` of `data`, from the column `column`:

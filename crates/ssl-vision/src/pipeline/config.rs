@@ -39,10 +39,23 @@ pub struct VisionDataConfig {
     pub resize: Vec<usize>,
     /// Skip (and report) rows that cannot be decoded instead of stopping.
     pub skip_bad_rows: bool,
-    /// Use at most this many images (0: all).
+    /// Use at most this many images (0: all): a seeded sample of exactly this many global row
+    /// indices (by `train.seed`, decided from the footers' row count), not the first rows.
     pub max_images: usize,
-    /// Images held out from the start of the data for embedding-health figures and previews.
+    /// Training images (the first of the normalisation sample) for embedding-health figures.
     pub health_examples: usize,
+    /// Training images the normalisation statistics are measured on (when
+    /// `task.augment.mean` / `std` are empty): the first ones of a seeded pass over the
+    /// row groups (one row group at a time, rows shuffled), this many over all ranks together
+    /// (each rank reads its share and the moments are summed). Bounds the preparation's time.
+    pub stats_images: usize,
+    /// Decoded pixels of one training shuffle window, in MiB: the loader decodes a whole
+    /// window of row groups before it emits a row, so this bounds that memory (a window is
+    /// at least one row group: write large images in row groups of a few hundred rows).
+    pub shuffle_buffer_mb: f64,
+    /// Held-out images kept for the held-out evaluation (over all ranks; read at the start,
+    /// in row order, until this many are found), also bounded to 256 MiB of pixels.
+    pub heldout_max_images: usize,
     /// Fraction of images held out from pretraining, chosen by a seeded hash of the global row
     /// index (`ssl_data::is_heldout`, as text does), for the held-out pretext loss
     /// (`eval_loss` in metrics.jsonl every `train.eval_every_steps`). 0 (the default): train
@@ -64,6 +77,9 @@ impl Default for VisionDataConfig {
             skip_bad_rows: false,
             max_images: 0,
             health_examples: 64,
+            stats_images: 4096,
+            shuffle_buffer_mb: 256.0,
+            heldout_max_images: 1000,
             heldout_fraction: 0.0,
             max_image_pixels: ssl_data::DEFAULT_MAX_IMAGE_PIXELS,
         }
@@ -180,6 +196,26 @@ impl VisionConfig {
     /// Returns how the learning rate was chosen, in words (the pipeline prints it).
     pub fn complete(&mut self, images: &ImageSet, par: &Parallel) -> Result<String> {
         let [c, h, w] = images.shape;
+        self.complete_with(
+            images.shape,
+            || channel_stats_over_ranks(par, &images.data, c, h * w),
+            images.len(),
+            par,
+        )
+    }
+
+    /// [`VisionConfig::complete`] from what a streaming pass measured: the images' `shape`,
+    /// `stats` (called, on every rank alike, only when `task.augment.mean` / `std` are empty;
+    /// it returns the statistics over every rank) and the images this rank holds
+    /// (`usize::MAX` when it holds more than a batch: the batch is not capped).
+    pub(crate) fn complete_with(
+        &mut self,
+        shape: [usize; 3],
+        stats: impl FnOnce() -> Result<(Vec<f32>, Vec<f32>)>,
+        local_images: usize,
+        par: &Parallel,
+    ) -> Result<String> {
+        let [c, h, w] = shape;
         for (key, have, want) in [
             ("model.channels", self.model.channels, c),
             ("model.image_height", self.model.image_height, h),
@@ -196,7 +232,7 @@ impl VisionConfig {
         self.model.image_width = w;
         let aug = &mut self.task.augment;
         if aug.mean.is_empty() || aug.std.is_empty() {
-            let (m, s) = channel_stats_over_ranks(par, &images.data, c, h * w)?;
+            let (m, s) = stats()?;
             if aug.mean.is_empty() {
                 aug.mean = m;
             }
@@ -206,7 +242,7 @@ impl VisionConfig {
         }
         // The batch a step really takes (a rank's images cap it), averaged over ranks so
         // every rank computes the same rate.
-        let local_batch = self.train.batch_size.min(images.len()) as f64;
+        let local_batch = self.train.batch_size.min(local_images) as f64;
         let real_batch = (par.sum_f64(&[local_batch])?[0] / par.world.max(1) as f64).round();
         let rule = self.choose_lr(real_batch as usize)?;
         self.model.validate()?;

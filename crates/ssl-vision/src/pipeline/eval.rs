@@ -9,11 +9,15 @@ use ssl_core::probe::{
     majority_class_rate, probe_scores, probe_split, take_rows, warn_unseen_labels, ProbeScores,
 };
 
+use candle_core::DType;
+use ssl_core::monitor::Progress;
+use ssl_data::StreamPosition;
+
 use super::config::VisionConfig;
-use super::embed::embed_images;
-use super::images::{load_images, LoadedImages};
+use super::embed::examples_batch;
+use super::stream::{ImageReader, Split};
 use super::task::{build_task, load_model, VisionTask};
-use crate::{AugmentConfig, ImageSet, Result, VisionError};
+use crate::{AugmentConfig, Result, VisionError};
 
 /// The probes of one set of features.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -67,13 +71,11 @@ fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
-/// The images' pixels normalised per channel with `a.mean` / `a.std` (one value: every
-/// channel), flattened row-major.
-fn normalised_pixels(s: &ImageSet, a: &AugmentConfig) -> Vec<f32> {
-    let mut v = s.data.clone();
-    let c = s.shape[0];
-    let hw = s.shape[1] * s.shape[2];
-    for (i, x) in s.data.iter().enumerate() {
+/// `pixels` (flat `(N, C, H, W)` of `c` channels of `hw` pixels) normalised per channel with
+/// `a.mean` / `a.std` (one value: every channel), appended to `out`.
+fn push_normalised(out: &mut Vec<f32>, pixels: &[f32], c: usize, hw: usize, a: &AugmentConfig) {
+    out.reserve(pixels.len());
+    for (i, x) in pixels.iter().enumerate() {
         let ch = (i / hw) % c;
         let m = if a.mean.len() == 1 {
             a.mean[0]
@@ -85,9 +87,92 @@ fn normalised_pixels(s: &ImageSet, a: &AugmentConfig) -> Vec<f32> {
         } else {
             a.std[ch]
         };
-        v[i] = (x - m) / sd;
+        out.push((x - m) / sd);
     }
-    v
+}
+
+/// The three feature sets of the rows of one data set, with their labels.
+#[derive(Default)]
+struct Features {
+    pretrained: Vec<f32>,
+    random: Vec<f32>,
+    pixels: Vec<f32>,
+    labels: Vec<usize>,
+}
+
+impl Features {
+    fn select(&self, idx: &[usize], dim: usize, pixel_dim: usize) -> Features {
+        Features {
+            pretrained: take_rows(&self.pretrained, dim, idx),
+            random: take_rows(&self.random, dim, idx),
+            pixels: take_rows(&self.pixels, pixel_dim, idx),
+            labels: take_rows(&self.labels, 1, idx),
+        }
+    }
+}
+
+/// Streams the labelled images of `data` (file order, `data.max_images` as a seeded sample)
+/// through both encoders, keeping only the features and labels.
+#[allow(clippy::too_many_arguments)]
+fn stream_features(
+    data: &[String],
+    cfg: &VisionConfig,
+    label: &str,
+    pretrained: &dyn VisionTask,
+    random: &dyn VisionTask,
+    device: &candle_core::Device,
+    what: &str,
+) -> Result<Features> {
+    let reader = ImageReader::open(data, &cfg.data, Some(label), cfg.train.seed)?;
+    let bs = cfg.train.batch_size.max(1);
+    let mut stream = reader.stream(
+        reader.loader(bs, false, Some(1)),
+        Split::All,
+        StreamPosition::default(),
+        false,
+    )?;
+    let shape = [
+        cfg.model.channels,
+        cfg.model.image_height,
+        cfg.model.image_width,
+    ];
+    let (pooling, prec) = (cfg.model.pooling, cfg.train.matmul_precision);
+    let bar = Progress::task(what, reader.kept_rows() as u64, "images");
+    let mut f = Features::default();
+    loop {
+        let examples = stream.take(bs)?;
+        if examples.is_empty() {
+            break;
+        }
+        for e in &examples {
+            let v = e.label.unwrap_or(-1);
+            f.labels.push(usize::try_from(v).map_err(|_| {
+                VisionError::Config(format!(
+                    "label {v} in column `{label}` (global row {}) is negative",
+                    e.row
+                ))
+            })?);
+        }
+        let (_, batch) = examples_batch(&examples, shape, device)?;
+        let emb = |t: &dyn VisionTask| -> Result<Vec<f32>> {
+            let e = t.embed_with(&batch, pooling, prec)?;
+            Ok(e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        f.pretrained.extend(emb(pretrained)?);
+        f.random.extend(emb(random)?);
+        for e in &examples {
+            push_normalised(
+                &mut f.pixels,
+                &e.pixels,
+                shape[0],
+                shape[1] * shape[2],
+                &cfg.task.augment,
+            );
+        }
+        bar.inc(examples.len() as u64);
+    }
+    bar.finish();
+    Ok(f)
 }
 
 /// Evaluates the model of checkpoint directory `ckpt` configured by `cfg` (see
@@ -95,6 +180,12 @@ fn normalised_pixels(s: &ImageSet, a: &AugmentConfig) -> Vec<f32> {
 /// and test on `test`, or, when `test` is empty, on a seeded stratified split of `data`.
 /// Labels come from `label_column` (default `data.label_column`) and must be non-negative
 /// integers.
+///
+/// The images stream (file order, `data.max_images` as a seeded sample) through the
+/// pretrained and the random-init encoder; what is held for the probes is each row's
+/// features: two embeddings and the normalised pixels (`C x H x W` values, the raw-pixel
+/// baseline's features), so memory grows with the rows evaluated (cap them with
+/// `data.max_images`).
 pub fn eval(
     ckpt: &Path,
     cfg: &VisionConfig,
@@ -103,84 +194,61 @@ pub fn eval(
     label_column: Option<&str>,
 ) -> Result<VisionEvalReport> {
     let (task, device) = load_model(ckpt, cfg)?;
+    let (_, random) = build_task(cfg, &device, None)?;
     let label = label_column.unwrap_or(&cfg.data.label_column).to_string();
-    let train = load_images(data, &cfg.data, Some(&label))?;
-    cfg.check_shape(&train.images)?;
-    let test = if test.is_empty() {
-        None
+    let dim = task.encoder().config().dim;
+    let pixel_dim = cfg.model.channels * cfg.model.image_height * cfg.model.image_width;
+    let features = |paths: &[String], what: &str| {
+        stream_features(
+            paths,
+            cfg,
+            &label,
+            task.as_ref(),
+            random.as_ref(),
+            &device,
+            what,
+        )
+    };
+    let train = features(data, "eval: embed")?;
+    let (tr, te, split) = if test.is_empty() {
+        let (a, b) = probe_split(&train.labels, cfg.train.seed)?;
+        (
+            train.select(&a, dim, pixel_dim),
+            train.select(&b, dim, pixel_dim),
+            true,
+        )
     } else {
-        let t = load_images(test, &cfg.data, Some(&label))?;
-        cfg.check_shape(&t.images)?;
-        Some(t)
+        (train, features(test, "eval: embed test")?, false)
     };
-    let to_ids = |l: &Option<Vec<i64>>| -> Result<Vec<usize>> {
-        l.as_ref()
-            .ok_or_else(|| VisionError::Config(format!("no labels read from column `{label}`")))?
-            .iter()
-            .map(|&v| {
-                usize::try_from(v).map_err(|_| {
-                    VisionError::Config(format!("label {v} in column `{label}` is negative"))
-                })
-            })
-            .collect()
-    };
-    let train_y = to_ids(&train.labels)?;
-    let (tr_set, tr_y, te_set, te_y) = match &test {
-        Some(LoadedImages { images, labels, .. }) => (
-            train.images.clone(),
-            train_y,
-            images.clone(),
-            to_ids(labels)?,
-        ),
-        None => {
-            let (a, b) = probe_split(&train_y, cfg.train.seed)?;
-            (
-                train.images.select(&a),
-                take_rows(&train_y, 1, &a),
-                train.images.select(&b),
-                take_rows(&train_y, 1, &b),
-            )
-        }
-    };
-    let n_classes = tr_y.iter().chain(&te_y).max().map_or(0, |m| m + 1);
-    let unseen_test_rows = if test.is_some() {
-        warn_unseen_labels(&tr_y, &te_y)
-    } else {
+    let n_classes = tr
+        .labels
+        .iter()
+        .chain(&te.labels)
+        .max()
+        .map_or(0, |m| m + 1);
+    let unseen_test_rows = if split {
         0
+    } else {
+        warn_unseen_labels(&tr.labels, &te.labels)
     };
     let seed = cfg.train.seed;
-    let probe = |tr: &[f32], te: &[f32], dim: usize| -> Result<FeatureProbe> {
-        let s = probe_scores((tr, &tr_y), (te, &te_y), dim, n_classes, seed)?;
+    let probe = |a: &[f32], b: &[f32], dim: usize| -> Result<FeatureProbe> {
+        let s = probe_scores((a, &tr.labels), (b, &te.labels), dim, n_classes, seed)?;
         Ok(FeatureProbe::new(s, dim))
     };
-    let bs = cfg.train.batch_size;
-    let pooling = cfg.model.pooling;
-    // The run's product precision (`train.matmul_precision`) applies to embedding too.
-    let prec = cfg.train.matmul_precision;
-    let embed = |t: &dyn VisionTask, s: &ImageSet| embed_images(t, s, pooling, bs, &device, prec);
-    let (tr, dim) = embed(task.as_ref(), &tr_set)?;
-    let (te, _) = embed(task.as_ref(), &te_set)?;
-    let pretrained = probe(&tr, &te, dim)?;
-    let (_, random) = build_task(cfg, &device, None)?;
-    let (rtr, _) = embed(random.as_ref(), &tr_set)?;
-    let (rte, _) = embed(random.as_ref(), &te_set)?;
-    let random_init = probe(&rtr, &rte, dim)?;
-    let a = &cfg.task.augment;
-    let raw_pixels = probe(
-        &normalised_pixels(&tr_set, a),
-        &normalised_pixels(&te_set, a),
-        tr_set.image_len(),
-    )?;
+    let pretrained = probe(&tr.pretrained, &te.pretrained, dim)?;
+    let random_init = probe(&tr.random, &te.random, dim)?;
+    let raw_pixels = probe(&tr.pixels, &te.pixels, pixel_dim)?;
     Ok(VisionEvalReport {
         checkpoint: ckpt.display().to_string(),
         n_classes,
-        n_test: te_y.len(),
-        n_train: tr_y.len(),
-        pooling: format!("{pooling:?}").to_lowercase(),
+        n_test: te.labels.len(),
+        n_train: tr.labels.len(),
+        pooling: format!("{:?}", cfg.model.pooling).to_lowercase(),
         pretrained,
         random_init,
         raw_pixels,
-        majority_class_rate: majority_class_rate(&tr_y, &te_y),
+        majority_class_rate: majority_class_rate(&tr.labels, &te.labels),
         unseen_test_rows,
     })
 }

@@ -4,16 +4,23 @@
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
+use ssl_core::probe::KNN_BANK_MAX;
 use ssl_core::run_dir::{self, RunOptions, RunSummary};
 use ssl_core::{heldout_task_loss, parse_device, HeldoutEval, HookCtx, TrainHook};
-use ssl_data::{heldout_label_column, is_heldout};
+use ssl_data::heldout_label_column;
 
 use super::config::VisionConfig;
-use super::images::{load_rank_images, LoadedImages};
+use super::heldout::read_heldout;
 use super::online_knn::OnlineKnn;
 use super::previews::Previews;
+use super::stats::sample_training_images;
+use super::stream::{ImageReader, StreamingImageSource};
 use super::task::{build_task, VisionTask};
-use crate::{ImageSet, InMemoryImageSource, Result, VisionError};
+use crate::{ImageSet, Result, VisionError};
+
+/// Pixels of the preparation pass's images kept for the health batch, the previews and the
+/// online k-NN bank, at most (the bank shrinks to fit).
+const SAMPLE_BYTES: usize = 64 << 20;
 
 /// What [`pretrain`] returns: the run's summary and where its previews are.
 #[derive(Debug, Clone, Serialize)]
@@ -57,16 +64,58 @@ pub fn pretrain(
     let (par, device) = opts.parallel(device)?;
     // Checked and locked before anything is written.
     let run = opts.run_dir(out, &par)?;
-    // Each rank reads its share of the rows (its row groups), with their labels when there
-    // are held-out images and the data has `data.label_column` (for the online k-NN).
+    // The images stream: the footers are read here (the `data.max_images` sample is decided
+    // from their row count), the pixels only by the passes below and the training stream.
+    // Labels are read when there are held-out images and the data has `data.label_column`
+    // (for the online k-NN).
     let d = &cfg.data;
     let label = heldout_label_column(data, &d.label_column, d.heldout_fraction)?;
-    let mut loaded = load_rank_images(data, &cfg.data, label.as_deref(), &par)?;
-    // The held-out split (`data.heldout_fraction`) by global row index, before the
-    // normalisation statistics, which are the training images'.
-    let (held, held_labels) = split_heldout(&mut loaded, &cfg)?;
-    let lr_rule = cfg.complete(&loaded.images, &par)?;
-    cfg.check_memory(loaded.images.len())?;
+    let reader = ImageReader::open(data, &cfg.data, label.as_deref(), cfg.train.seed)?;
+    // The online k-NN accuracy (`eval_knn_accuracy`) runs in one process only (each rank
+    // would hold a share of the bank).
+    let knn_wanted = label.is_some() && par.world == 1;
+    if label.is_some() && !knn_wanted && par.is_main() {
+        eprintln!(
+            "note: the held-out k-NN accuracy is computed in one process only; not with {} ranks",
+            par.world
+        );
+    }
+    // The preparation pass: normalisation statistics from the first `data.stats_images`
+    // training images (seeded order, summed over ranks), keeping the few images the run
+    // shows (health batch, previews, the k-NN bank) within SAMPLE_BYTES.
+    let (n_health, n_prev) = (cfg.data.health_examples, cfg.task.preview_images);
+    let keep = |shape: [usize; 3]| {
+        let bank = if knn_wanted { KNN_BANK_MAX } else { 0 };
+        let per = (shape.iter().product::<usize>() * 4).max(1);
+        n_health
+            .max(n_prev)
+            .max(bank)
+            .min((SAMPLE_BYTES / per).max(n_health.max(n_prev)))
+    };
+    let sample = sample_training_images(&reader, cfg.data.stats_images, keep, &par)?;
+    let (held, held_labels) = if cfg.data.heldout_fraction > 0.0 {
+        read_heldout(&reader, sample.shape, cfg.data.heldout_max_images, &par)?
+    } else {
+        (ImageSet::new(Vec::new(), sample.shape)?, None)
+    };
+    let lr_rule = cfg.complete_with(
+        sample.shape,
+        || sample.stats_over_ranks(&par),
+        sample.local_images(),
+        &par,
+    )?;
+    // Epochs: the schedule's steps from the footers' row count (the kept rows less the
+    // held-out fraction), before the trainer is built.
+    let per_epoch = reader.training_rows();
+    if let Some(steps) = cfg.train.apply_epochs(per_epoch, par.world) {
+        if par.is_main() {
+            eprintln!(
+                "train.max_epochs {} x {per_epoch} training images (from the Parquet footers) / (batch {} x accum_steps {} x {} rank(s)) = {steps} steps",
+                cfg.train.max_epochs, cfg.train.batch_size, cfg.train.accum_steps, par.world
+            );
+        }
+    }
+    cfg.check_memory(sample.local_images())?;
     if par.is_main() {
         eprintln!("learning rate: {lr_rule}");
     }
@@ -77,37 +126,33 @@ pub fn pretrain(
     run.check_params(&store)?;
     if par.is_main() {
         run_dir::write_config(out, &cfg)?;
+        eprintln!(
+            "{per_epoch} images {}x{}x{}; {:?} task; lr {:.3e}; {} parameters",
+            cfg.model.channels,
+            cfg.model.image_height,
+            cfg.model.image_width,
+            cfg.task.kind,
+            cfg.train.lr,
+            store.num_elements()
+        );
     }
-    let n = loaded.images.len();
-    eprintln!(
-        "{n} images {}x{}x{}; {:?} task; lr {:.3e}; {} parameters",
-        cfg.model.channels,
-        cfg.model.image_height,
-        cfg.model.image_width,
-        cfg.task.kind,
-        cfg.train.lr,
-        store.num_elements()
-    );
-    // The health batch and the previews are rank 0's first images: rank 0 reads row group 0,
-    // so they are the source's first images as in one process as long as they fit in it.
-    let n_health = cfg.data.health_examples.min(n);
+    // The health batch and the previews are the first images of the preparation pass
+    // (rank 0's are the ones written).
+    let n = sample.images.len();
+    let n_health = n_health.min(n);
     let heldout = (n_health >= 2)
-        .then(|| loaded.images.batch(0, n_health, &device))
+        .then(|| sample.images.batch(0, n_health, &device))
         .transpose()?;
     // Previews are written by rank 0 only.
-    let n_prev = if par.is_main() {
-        cfg.task.preview_images.min(n)
-    } else {
-        0
-    };
+    let n_prev = if par.is_main() { n_prev.min(n) } else { 0 };
     let preview_imgs = (n_prev > 0)
-        .then(|| loaded.images.batch(0, n_prev, &device))
+        .then(|| sample.images.batch(0, n_prev, &device))
         .transpose()?;
-    // The online k-NN accuracy (`eval_knn_accuracy`): a fixed bank of labelled training
-    // images against the held-out ones, in one process only (each rank holds a share).
-    let knn = match (&loaded.labels, &held_labels) {
-        (Some(ty), Some(hy)) if par.world == 1 => OnlineKnn::new(
-            &loaded.images,
+    // The online k-NN accuracy: a bank of the sample's labelled training images against the
+    // held-out ones.
+    let knn = match (&sample.labels, &held_labels) {
+        (Some(ty), Some(hy)) if knn_wanted => OnlineKnn::new(
+            &sample.images,
             ty,
             held.clone(),
             hy,
@@ -115,16 +160,13 @@ pub fn pretrain(
             cfg.model.pooling,
             cfg.train.batch_size,
         ),
-        (Some(_), Some(_)) => {
-            if par.is_main() {
-                eprintln!("note: the held-out k-NN accuracy is computed in one process only; not with {} ranks", par.world);
-            }
-            None
-        }
         _ => None,
     };
-    let mut source =
-        InMemoryImageSource::new(loaded.images, cfg.train.batch_size, cfg.train.seed, &device)?;
+    // The batch a step takes: `train.batch_size`, capped by this rank's images when it holds
+    // fewer (as the learning-rate rule assumed).
+    let batch = cfg.train.batch_size.min(sample.local_images()).max(1);
+    let mut source = StreamingImageSource::from_reader(reader, &cfg, batch, &par, &device)?;
+    drop(sample);
     let preview_dir = out.join("previews");
     let mut previews = match (task.as_mae(), preview_imgs) {
         (Some(mae), Some(images)) => Some(Previews {
@@ -173,35 +215,4 @@ pub fn pretrain(
         run: RunSummary::new(out, &report, par.rank),
         previews: preview_dir,
     })
-}
-
-/// Takes the held-out images (`data.heldout_fraction`, by a seeded hash of each image's global
-/// row index) out of `loaded`; returns them with their labels (when `loaded` has labels).
-fn split_heldout(
-    loaded: &mut LoadedImages,
-    cfg: &VisionConfig,
-) -> Result<(ImageSet, Option<Vec<i64>>)> {
-    let frac = cfg.data.heldout_fraction;
-    if !(0.0..1.0).contains(&frac) {
-        return Err(VisionError::Config(format!(
-            "data.heldout_fraction = {frac}: must be in [0, 1)"
-        )));
-    }
-    let (held, kept): (Vec<usize>, Vec<usize>) = (0..loaded.rows.len())
-        .partition(|&i| frac > 0.0 && is_heldout(loaded.rows[i], cfg.train.seed, frac));
-    let held_set = loaded.images.select(&held);
-    let held_labels = loaded
-        .labels
-        .as_ref()
-        .map(|l| held.iter().map(|&i| l[i]).collect());
-    if !held.is_empty() {
-        loaded.images = loaded.images.select(&kept);
-        loaded.ids = kept.iter().map(|&i| loaded.ids[i].clone()).collect();
-        loaded.rows = kept.iter().map(|&i| loaded.rows[i]).collect();
-        loaded.labels = loaded
-            .labels
-            .take()
-            .map(|l| kept.iter().map(|&i| l[i]).collect());
-    }
-    Ok((held_set, held_labels))
 }
