@@ -14,8 +14,11 @@
 //!   loss with a learnable bias, in-batch alignment accuracy;
 //! - gradient caching ([`ClipModel::grad_cache`]): batches larger than memory with every
 //!   negative kept, with the same gradients as one big batch;
-//! - [`data`]: pairs from Parquet (image bytes + caption + label columns), a seeded hold-out
-//!   split, caption tokenization, a resumable batch source;
+//! - [`data`]: pairs from Parquet into memory (image bytes + caption + label columns), caption
+//!   tokenization, an in-memory resumable batch source; [`stream`]: the streaming training
+//!   source ([`StreamingPairSource`]: sharded, shuffled in a window bounded in bytes, resumable
+//!   mid-epoch) and bounded reads; [`RowSplit`]: the seeded `data.max_pairs` sample and
+//!   hold-out by global row index;
 //! - [`eval`](mod@eval): recall@K both ways against chance, zero-shot classification from class names
 //!   with prompt templates; [`filter`]: dropping the lowest-scoring pairs;
 //! - [`toy`]: a synthetic coloured-shapes set for tests and examples;
@@ -54,6 +57,8 @@ pub mod filter;
 pub mod loss;
 mod model;
 pub mod pipeline;
+mod rows;
+pub mod stream;
 mod task;
 pub mod toy;
 
@@ -74,6 +79,8 @@ pub use pipeline::{
     MmTokenizerSection, MultimodalConfig, MultimodalDataConfig, MultimodalEmbedSummary,
     MultimodalEvalReport, MultimodalRunSummary, MultimodalScores, Tower,
 };
+pub use rows::RowSplit;
+pub use stream::{PairFilter, PairStreamConfig, StreamingPairSource};
 pub use task::PairBatch;
 
 /// Trains a WordPiece tokenizer (lower-cased, BERT's special tokens) of at most `vocab_size`

@@ -7,7 +7,9 @@ use std::path::Path;
 
 use ssl_core::run_dir::RunOptions;
 use ssl_core::Parallel;
-use ssl_multimodal::pipeline::{read_run_pairs, sharded_split};
+use ssl_multimodal::pipeline::{
+    filter_scores, pair_filter, read_run_pairs, row_split, training_sample,
+};
 use ssl_multimodal::*;
 
 /// 400 toy pairs (16x16) in row groups of `rows_per_group`.
@@ -18,38 +20,39 @@ fn toy_file(dir: &Path, rows_per_group: usize) -> Vec<String> {
 }
 
 #[test]
-fn ranks_split_their_rows_as_one_process_splits_the_source() {
+fn max_pairs_is_a_seeded_sample_spread_over_the_source() {
     let dir = tempfile::tempdir().unwrap();
     // 400 pairs in row groups of 30 (14 groups).
     let paths = toy_file(dir.path(), 30);
     let mut cfg = MultimodalConfig::default();
     cfg.data.max_pairs = 300;
-    cfg.data.heldout_fraction = 0.1;
-    // One process, as `pretrain` splits with one rank.
-    let all = read_run_pairs(&paths, &cfg, &[]).unwrap();
-    let (tr, he) = holdout_split(all.len(), cfg.data.heldout_fraction, cfg.train.seed).unwrap();
-    let ids = |set: &PairSet| -> Vec<String> {
-        let mut v = set.ids.clone();
-        v.sort();
-        v
-    };
-    let (want_train, want_held) = (ids(&all.select(&tr)), ids(&all.select(&he)));
-    assert_eq!((want_train.len(), want_held.len()), (270, 30));
-    for world in [1, 3] {
-        let out = Parallel::on_threads(world, |p| sharded_split(&paths, &cfg, &p).unwrap());
-        let (mut train, mut held) = (Vec::new(), Vec::new());
-        for (t, h) in &out {
-            train.extend(t.ids.clone());
-            held.extend(h.ids.clone());
-        }
-        train.sort();
-        held.sort();
-        assert_eq!(train, want_train, "world {world}");
-        assert_eq!(held, want_held, "world {world}");
-        if world > 1 {
-            assert!(out.iter().all(|(t, _)| t.len() < 270));
-        }
-    }
+    cfg.data.resize = vec![16, 16];
+    let all = read_run_pairs(
+        &paths,
+        &MultimodalConfig {
+            data: MultimodalDataConfig {
+                max_pairs: 0,
+                ..cfg.data.clone()
+            },
+            ..cfg.clone()
+        },
+        &[],
+    )
+    .unwrap();
+    assert_eq!(all.len(), 400);
+    let some = read_run_pairs(&paths, &cfg, &[]).unwrap();
+    assert!((260..340).contains(&some.len()), "{}", some.len());
+    let split = row_split(&cfg, &ssl_data::ParquetSource::open(&paths).unwrap()).unwrap();
+    let want: Vec<String> = (0..400)
+        .filter(|&i| split.in_sample(i))
+        .map(|i| all.ids[i].clone())
+        .collect();
+    assert_eq!(some.ids, want);
+    // Not the first rows: rows of the last tenth are in the sample too.
+    assert!((360..400).any(|i| split.in_sample(i)));
+    cfg.train.seed = 1;
+    let other = read_run_pairs(&paths, &cfg, &[]).unwrap();
+    assert_ne!(other.ids, some.ids, "the seed picks the sample");
 }
 
 /// The shared tiny configuration, four steps, zero-shot over `shape` and `color`.
@@ -83,7 +86,11 @@ fn pretrain_embed_and_eval_through_the_library() {
         assert_eq!(read.ids.len(), 400);
     }
     let report = eval(&ckpt, &cfg, &paths, &[], None).unwrap();
-    assert_eq!(report.n_heldout, 80);
+    // The run's held-out rows (by global row index), all of them under data.max_heldout_pairs.
+    let split = row_split(&cfg, &ssl_data::ParquetSource::open(&paths).unwrap()).unwrap();
+    let n_held = split.counts().1;
+    assert!((50..110).contains(&n_held), "{n_held}");
+    assert_eq!(report.n_heldout, n_held);
     let v = serde_json::to_value(&report).unwrap();
     for side in ["trained", "untrained"] {
         for k in ["r@1", "r@5", "r@10"] {
@@ -94,7 +101,8 @@ fn pretrain_embed_and_eval_through_the_library() {
             assert!(v[side]["zero_shot"][c]["accuracy"].is_number(), "{v}");
         }
     }
-    assert!((v["trained"]["chance"]["r@5"].as_f64().unwrap() - 5.0 / 80.0).abs() < 1e-12);
+    let chance = 5.0 / n_held as f64;
+    assert!((v["trained"]["chance"]["r@5"].as_f64().unwrap() - chance).abs() < 1e-12);
 }
 
 #[test]
@@ -141,12 +149,22 @@ fn towers_start_from_text_and_vision_runs_and_a_run_filters_pairs() {
     let tok = |f: &str| std::fs::read_to_string(f).unwrap();
     assert_eq!(tok(&got.tokenizer.file), tok(&text.tokenizer.file));
 
-    // The trained run scores the pairs of a second run, which drops the lowest 10%.
+    // The trained run scores the pairs of a second run, which drops the lowest 10%: the
+    // threshold is the 10% quantile of a sample's scores (here the sample is every training
+    // pair), applied pair by pair as they stream.
     let mut cfg = tiny_config();
     cfg.data.filter_checkpoint = run.to_string_lossy().into_owned();
     cfg.data.filter_drop_fraction = 0.1;
-    let (train, heldout) = ssl_multimodal::pipeline::split_pairs(&paths, &cfg).unwrap();
-    assert_eq!((train.len(), heldout.len()), (288, 80));
+    let source = ssl_data::ParquetSource::open(&paths).unwrap();
+    let split = row_split(&cfg, &source).unwrap();
+    let sample = training_sample(&source, &cfg, &split).unwrap();
+    assert_eq!(sample.len(), split.counts().0);
+    let filter = pair_filter(&cfg, &sample, &Parallel::single())
+        .unwrap()
+        .unwrap();
+    let scores = filter_scores(&pipeline::LoadedRun::open(&run).unwrap(), &sample).unwrap();
+    let dropped = scores.iter().filter(|&&s| s < filter.threshold).count();
+    assert_eq!(dropped, (sample.len() as f64 * 0.1).round() as usize);
     pretrain(cfg, &paths, &dir.path().join("filtered"), &opts).unwrap();
 }
 

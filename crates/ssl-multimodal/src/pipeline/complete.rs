@@ -9,8 +9,10 @@ use super::{tower_settings_from_runs, MultimodalConfig};
 use crate::{MultimodalError, Result};
 
 /// Fills the data-dependent parts of the configuration (image shape, normalisation,
-/// vocabulary; the tower settings of `init.*`) and checks it. `train_images` is this rank's
-/// share: the normalisation statistics are taken over every rank's training images.
+/// vocabulary; the tower settings of `init.*`) and checks it. `train_images` is a sample of
+/// training images (the same on every rank, see
+/// [`training_sample`](super::training_sample)): the normalisation statistics are taken over
+/// every rank's sample.
 pub fn complete_config(
     cfg: &mut MultimodalConfig,
     train_images: &ImageSet,

@@ -25,14 +25,28 @@ pub struct MultimodalDataConfig {
     pub resize: Vec<usize>,
     /// Skip (and report) rows that cannot be decoded instead of stopping.
     pub skip_bad_rows: bool,
-    /// Use at most the first this many pairs for training and evaluation (0: all; `ssl embed`
-    /// embeds every row).
+    /// Use about this many pairs for training and evaluation: a seeded sample of the rows by
+    /// global row index, spread over the whole source (0: all; `ssl embed` embeds every row).
     pub max_pairs: usize,
-    /// Fraction of pairs held out (seeded by `train.seed`) from training, for `ssl eval`.
+    /// Fraction of pairs held out (seeded by `train.seed`, by global row index) from
+    /// training, for `ssl eval` and the evaluation during training.
     pub heldout_fraction: f64,
+    /// The held-out set read for evaluation (recall@K, zero-shot, `eval_loss`): the first this
+    /// many held-out pairs in file order (0: all; each is decoded and held in memory).
+    pub max_heldout_pairs: usize,
+    /// Training pairs in the seeded sample that fixes the image shape, the pixel
+    /// normalisation (`model.image_mean` / `image_std` when empty) and the pair filter's
+    /// score threshold.
+    pub sample_pairs: usize,
+    /// Bound, in MiB, of the decoded shuffle window of the training stream: the loader decodes
+    /// whole row groups holding about this many bytes of pixels and shuffles rows within
+    /// them (at least one batch).
+    pub shuffle_buffer_mb: usize,
     /// A trained multimodal run or checkpoint that scores the training pairs for filtering.
     pub filter_checkpoint: String,
-    /// Drop this fraction of the training pairs, those the filter model scores lowest.
+    /// Drop this fraction of the training pairs, those the filter model scores lowest: the
+    /// score threshold is this quantile of the sampled pairs' scores (`data.sample_pairs`),
+    /// applied to each pair as it streams.
     pub filter_drop_fraction: f64,
     /// The largest image accepted, in pixels (width x height, read from each image's header
     /// before decoding; also bounds `resize`). A larger one stops the run with an error.
@@ -50,6 +64,9 @@ impl Default for MultimodalDataConfig {
             skip_bad_rows: false,
             max_pairs: 0,
             heldout_fraction: 0.2,
+            max_heldout_pairs: 1000,
+            sample_pairs: 1000,
+            shuffle_buffer_mb: crate::stream::DEFAULT_SHUFFLE_BUFFER_MB,
             filter_checkpoint: String::new(),
             filter_drop_fraction: 0.0,
             max_image_pixels: ssl_data::DEFAULT_MAX_IMAGE_PIXELS,
@@ -77,7 +94,8 @@ impl MultimodalDataConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MmTokenizerSection {
-    /// An existing `tokenizer.json` ("" = train one on the training captions).
+    /// An existing `tokenizer.json` ("" = train one on the training captions, streamed, at
+    /// most `train.max_docs` of them).
     pub file: String,
     /// Training settings.
     pub train: TokenizerConfig,
@@ -90,6 +108,7 @@ impl Default for MmTokenizerSection {
             train: TokenizerConfig {
                 vocab_size: 1000,
                 min_frequency: 1,
+                max_docs: 100_000,
                 ..TokenizerConfig::default()
             },
         }

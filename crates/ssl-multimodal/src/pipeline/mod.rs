@@ -1,7 +1,14 @@
 //! The whole multimodal pipeline as library calls, what `ssl pretrain|embed|eval multimodal`
 //! run: [`MultimodalConfig`] (the TOML keys, stored with every checkpoint), [`pretrain`]
-//! (pairs from Parquet to a run directory), [`embed`] (either tower to Parquet) and [`eval`]
-//! (recall@K both ways and zero-shot accuracy against untrained towers).
+//! (pairs streamed from Parquet to a run directory), [`embed`] (either tower to Parquet,
+//! streamed) and [`eval`] (recall@K both ways and zero-shot accuracy against untrained
+//! towers, on a held-out set read until `data.max_heldout_pairs`).
+//!
+//! Nothing holds the data set: training pairs stream ([`crate::StreamingPairSource`]), the
+//! tokenizer trains on a capped caption stream, the image statistics and the pair filter's
+//! threshold come from a bounded seeded sample ([`training_sample`]), the held-out split is
+//! by global row index ([`crate::RowSplit`]) and `train.max_epochs` becomes steps from the
+//! Parquet footers' row counts.
 //!
 //! Towers can start from other runs (`[init]`): their stored configurations are read as
 //! [`ssl_text::TextConfig`] and [`ssl_vision::VisionConfig`].
@@ -43,7 +50,8 @@ pub use eval::{eval, evaluate, MultimodalEvalReport, MultimodalScores, RecallAtK
 pub use pretrain::{pretrain, MultimodalRunSummary};
 pub use run::{build_model, stored_config, LoadedRun};
 pub use split::{
-    eval_pairs, filter_scores, read_run_pairs, sharded_split, split_pairs, train_heldout,
+    eval_pairs, filter_scores, filter_threshold, filtering, heldout_pairs, pair_filter,
+    read_run_pairs, row_split, shuffle_bytes, training_sample,
 };
 pub use tokenizer::{run_tokenizer, save_shared_tokenizer, shared_tokenizer};
 pub use towers::{init_towers, text_run, tower_settings_from_runs, vision_run};

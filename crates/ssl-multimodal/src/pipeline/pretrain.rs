@@ -7,13 +7,17 @@ use ssl_core::run_dir::{self, RunOptions, RunSummary};
 use ssl_core::{heldout_task_loss, parse_device, HeldoutEval, HookCtx, TrainHook};
 use ssl_text::SpecialIds;
 
+use ssl_data::ParquetSource;
+use ssl_vision::ImageSet;
+
 use super::{
-    build_model, complete_config, init_towers, save_shared_tokenizer, shared_tokenizer,
-    train_heldout, MultimodalConfig,
+    build_model, complete_config, heldout_pairs, init_towers, pair_filter, row_split,
+    save_shared_tokenizer, shared_tokenizer, shuffle_bytes, training_sample, MultimodalConfig,
 };
+use crate::stream::pair_specs;
 use crate::{
     embed_images, embed_token_seqs, pair_batch, retrieval, tokenize_captions, ClipModel,
-    InMemoryPairSource, MultimodalError, Result,
+    MultimodalError, PairSet, PairStreamConfig, Result, StreamingPairSource,
 };
 
 /// What [`pretrain`] returns: where the run stands, with the learnt temperature.
@@ -36,12 +40,15 @@ impl MultimodalRunSummary {
 }
 
 /// Trains a CLIP model on the image-caption pairs of the Parquet files, directories or globs
-/// in `data` (non-empty) into the run directory `out`: splits off `data.heldout_fraction` of
-/// the pairs (and filters the rest with `data.filter_checkpoint`), makes the tokenizer
-/// (`out/tokenizer.json`), completes `cfg` from the data and the `[init]` runs, writes it to
-/// `out/config.toml`, loads the `[init]` towers and trains, with checkpoints and metrics in
-/// `out`. Progress goes to stderr. With several ranks every rank reads its own share of the
-/// rows and the negatives span every rank.
+/// in `data` (non-empty) into the run directory `out`, streaming them: holds out
+/// `data.heldout_fraction` of the rows (by global row index), makes the tokenizer
+/// (`out/tokenizer.json`, trained on a capped stream of training captions), reads a bounded
+/// seeded sample of training pairs (image shape, normalisation, the pair filter's
+/// threshold), completes `cfg` (with `train.max_epochs` turned into steps from the footers'
+/// row counts), writes it to `out/config.toml`, loads the `[init]` towers and trains from a
+/// [`StreamingPairSource`], with checkpoints (and the stream's position) and metrics in `out`.
+/// Progress goes to stderr. With several ranks every rank streams its own row groups and the
+/// negatives span every rank.
 pub fn pretrain(
     mut cfg: MultimodalConfig,
     data: &[String],
@@ -57,15 +64,43 @@ pub fn pretrain(
     let (par, device) = opts.parallel(device)?;
     // Checked and locked before anything is written.
     let run = opts.run_dir(out, &par)?;
-    let (train, heldout) = train_heldout(data, &cfg, &par)?;
+    let source = ParquetSource::open(data)?;
+    source.check_columns(&pair_specs(&cfg.data.columns(&[]), true, true)?)?;
+    let split = row_split(&cfg, &source)?;
+    let (n_train, n_held) = split.counts();
+    check_pairs_per_step(n_train, n_held, &cfg)?;
     std::fs::create_dir_all(out).map_err(|e| MultimodalError::Io {
         path: out.to_path_buf(),
         source: e,
     })?;
-    check_pairs_per_step(train.len(), heldout.len(), &cfg, &par)?;
-    let tok = shared_tokenizer(&mut cfg, &train.captions, out, opts.resume, &par)?;
-    complete_config(&mut cfg, &train.images, &tok, &par)?;
-    cfg.check_memory(train.len())?;
+    let tok = shared_tokenizer(&mut cfg, data, split, out, opts.resume, &par)?;
+    let sample = training_sample(&source, &cfg, &split)?;
+    if sample.is_empty() {
+        return Err(MultimodalError::InvalidInput(format!(
+            "no training pair could be read from {} (every training row was skipped)",
+            data.join(", ")
+        )));
+    }
+    complete_config(&mut cfg, &sample.images, &tok, &par)?;
+    let filter = pair_filter(&cfg, &sample, &par)?;
+    let kept = if filter.is_some() {
+        1.0 - cfg.data.filter_drop_fraction
+    } else {
+        1.0
+    };
+    let per_epoch = ((n_train as f64) * kept).round() as u64;
+    if let Some(steps) = cfg.train.apply_epochs(per_epoch, par.world) {
+        if par.is_main() {
+            eprintln!(
+                "train.max_epochs = {}: {steps} steps of {} pairs over {} rank(s) (about {per_epoch} training pairs an epoch, from the footers' {} rows)",
+                cfg.train.max_epochs,
+                cfg.train.batch_size,
+                par.world,
+                source.num_rows()
+            );
+        }
+    }
+    cfg.check_memory(n_train)?;
     let (store, mut model) = build_model(&cfg, &device)?;
     // A resumed run's model must match its checkpoint before the tokenizer and the
     // configuration are replaced.
@@ -81,15 +116,50 @@ pub fn pretrain(
         // Negatives span every rank: each step gathers all ranks' embeddings.
         model.gather_across(par.shared());
     }
-    let seqs = tokenize_captions(&tok, &train.captions, &train.ids, cfg.max_seq_len)?;
     let pad = SpecialIds::of(&tok)?.pad;
+    // The held-out set, bounded by data.max_heldout_pairs (rank 0 evaluates alone).
+    let heldout = if par.world == 1 && n_held >= 2 {
+        heldout_pairs(data, &cfg, &[])?
+    } else {
+        PairSet::new(
+            ImageSet::new(Vec::new(), sample.images.shape)?,
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        )?
+    };
+    let m = &cfg.model.image;
+    let shape = [m.channels, m.image_height, m.image_width];
+    let mut source = StreamingPairSource::new(
+        &source,
+        PairStreamConfig {
+            columns: cfg.data.columns(&[]),
+            split,
+            batch_size: cfg.train.batch_size,
+            seed: cfg.train.seed,
+            rank: par.rank,
+            world: par.world,
+            max_seq_len: cfg.max_seq_len,
+            shape,
+            shuffle_bytes: shuffle_bytes(&cfg),
+            workers: 0,
+        },
+        &tok,
+        filter,
+        &device,
+    )?;
     eprintln!(
-        "{} training pairs ({} held out) {}x{}x{}; {:?} loss; micro-batch {}; {} parameters",
-        train.len(),
-        heldout.len(),
+        "{n_train} training pairs ({n_held} held out{}) {}x{}x{}, streamed (shuffle window {} pairs: data.shuffle_buffer_mb = {}); {:?} loss; micro-batch {}; {} parameters",
+        if heldout.len() < n_held && !heldout.is_empty() {
+            format!(", {} of them evaluated: data.max_heldout_pairs", heldout.len())
+        } else {
+            String::new()
+        },
         cfg.model.image.channels,
         cfg.model.image.image_height,
         cfg.model.image.image_width,
+        source.window_rows(),
+        cfg.data.shuffle_buffer_mb,
         cfg.model.loss.kind,
         if cfg.model.micro_batch == 0 {
             "off".to_string()
@@ -106,14 +176,6 @@ pub fn pretrain(
     } else {
         None
     };
-    let mut source = InMemoryPairSource::new(
-        train.images.clone(),
-        seqs,
-        &tok,
-        cfg.train.batch_size,
-        cfg.train.seed,
-        &device,
-    )?;
     let run_config =
         serde_json::to_value(&cfg).map_err(|e| MultimodalError::Config(e.to_string()))?;
     let rank = par.rank;
@@ -143,6 +205,19 @@ pub fn pretrain(
         hooks.push(e);
     }
     let report = trainer.fit_with_hooks(&model, &mut source, health.as_ref(), &mut hooks)?;
+    if source.blank_captions() > 0 {
+        eprintln!(
+            "skipped {} training rows with an empty caption in column `{}` (data.skip_bad_rows)",
+            source.blank_captions(),
+            cfg.data.caption_column
+        );
+    }
+    if source.filtered() > 0 && rank == 0 {
+        eprintln!(
+            "pair filter: dropped {} training pairs as they streamed",
+            source.filtered()
+        );
+    }
     run.finish();
     Ok(MultimodalRunSummary {
         run: RunSummary::new(out, &report, rank),
@@ -193,18 +268,10 @@ impl HeldoutPairs {
 }
 
 /// Contrastive training needs at least 2 pairs per step: a lone pair has no negative, so its
-/// loss is 0 and nothing is learned. Refuses fewer training pairs (over every rank), or a
-/// batch of 1, naming the cause.
-fn check_pairs_per_step(
-    train: usize,
-    held: usize,
-    cfg: &MultimodalConfig,
-    par: &ssl_core::Parallel,
-) -> Result<()> {
-    let step = train.min(cfg.train.batch_size);
-    let n = par.sum_f64(&[train as f64, held as f64, step as f64])?;
-    let (n_train, n_held, n_step) = (n[0] as usize, n[1] as usize, n[2] as usize);
-    if n_step >= 2 {
+/// loss is 0 and nothing is learned. Refuses fewer training pairs (the whole source's, from
+/// the row selection), or a batch of 1, naming the cause.
+fn check_pairs_per_step(n_train: usize, n_held: usize, cfg: &MultimodalConfig) -> Result<()> {
+    if n_train.min(cfg.train.batch_size) >= 2 {
         return Ok(());
     }
     let why = if n_train < 2 {

@@ -1,34 +1,63 @@
-//! Reading a run's pairs and splitting them into training and held-out pairs (seeded by
-//! `train.seed`), with the optional pair filter, in one process or over the ranks of a
-//! data-parallel run with the same result.
+//! Which pairs a run trains on and which it holds out, read in bounded memory: the seeded
+//! row selection ([`RowSplit`]: `data.max_pairs` sample, `data.heldout_fraction` held out,
+//! by global row index), a bounded seeded sample of training pairs (image shape and
+//! normalisation statistics, the pair filter's score threshold), and the held-out set
+//! (read in file order until `data.max_heldout_pairs` are found).
 
 use std::path::Path;
 
 use ssl_core::Parallel;
+use ssl_data::ParquetSource;
 
 use super::{LoadedRun, MultimodalConfig};
+use crate::stream::{collect_pairs, window_rows, CollectOrder, PairFilter};
 use crate::{
-    embed_images, embed_token_seqs, holdout_split, keep_best_pairs, read_pairs, read_pairs_of,
-    tokenize_captions, MultimodalError, PairSet, Result,
+    embed_images, embed_token_seqs, keep_best_pairs, tokenize_captions, MultimodalError, PairSet,
+    Result, RowSplit,
 };
 use ssl_text::SpecialIds;
 
-/// Reads every pair of `paths` with the label columns `labels` (skipped rows reported on
-/// stderr), keeping the first `data.max_pairs`.
+/// Salt of the statistics sample's shuffle, apart from the training stream's.
+const SAMPLE_SALT: u64 = 0x7361_6d70_6c65;
+
+/// The row selection of `cfg` over `source` (`train.seed`, `data.heldout_fraction`,
+/// `data.max_pairs`, the footers' row count).
+pub fn row_split(cfg: &MultimodalConfig, source: &ParquetSource) -> Result<RowSplit> {
+    if !(0.0..1.0).contains(&cfg.data.heldout_fraction) {
+        return Err(MultimodalError::Config(format!(
+            "data.heldout_fraction = {} must be in [0, 1)",
+            cfg.data.heldout_fraction
+        )));
+    }
+    Ok(RowSplit {
+        seed: cfg.train.seed,
+        heldout_fraction: cfg.data.heldout_fraction,
+        max_pairs: cfg.data.max_pairs,
+        num_rows: source.num_rows(),
+    })
+}
+
+/// Reads every pair of `paths` with the label columns `labels` into memory (skipped rows
+/// reported on stderr), keeping the seeded `data.max_pairs` sample of rows: for small sets
+/// and tests; the pipeline streams.
 pub fn read_run_pairs(
     paths: &[String],
     cfg: &MultimodalConfig,
     labels: &[String],
 ) -> Result<PairSet> {
-    let (mut set, bad) = read_pairs(paths, &cfg.data.columns(labels))?;
-    if bad.count > 0 {
-        eprintln!("skipped {} bad rows: {bad}", bad.count);
+    let r = crate::read_pairs_of(paths, &cfg.data.columns(labels), 0, 1)?;
+    if r.bad_rows.count > 0 {
+        eprintln!("skipped {} bad rows: {}", r.bad_rows.count, r.bad_rows);
     }
-    if cfg.data.max_pairs > 0 && set.len() > cfg.data.max_pairs {
-        let idx: Vec<usize> = (0..cfg.data.max_pairs).collect();
-        set = set.select(&idx);
-    }
-    Ok(set)
+    let split = row_split(cfg, &ParquetSource::open(paths)?)?;
+    let keep: Vec<usize> = (0..r.set.len())
+        .filter(|&k| split.in_sample(r.row_index[k]))
+        .collect();
+    Ok(if keep.len() == r.set.len() {
+        r.set
+    } else {
+        r.set.select(&keep)
+    })
 }
 
 /// Quality scores (image-caption cosine) of `pairs` under another run's model.
@@ -42,130 +71,175 @@ pub fn filter_scores(run: &LoadedRun, pairs: &PairSet) -> Result<Vec<f32>> {
 }
 
 /// True when `data.filter_checkpoint` and a positive `data.filter_drop_fraction` ask for it.
-fn filtering(cfg: &MultimodalConfig) -> bool {
+pub fn filtering(cfg: &MultimodalConfig) -> bool {
     !cfg.data.filter_checkpoint.is_empty() && cfg.data.filter_drop_fraction > 0.0
 }
 
-/// (training, held-out) pairs of `paths` for `par`'s rank: the whole source in one process
-/// ([`split_pairs`]), this rank's rows with several ([`sharded_split`]).
-pub fn train_heldout(
-    paths: &[String],
-    cfg: &MultimodalConfig,
-    par: &Parallel,
-) -> Result<(PairSet, PairSet)> {
-    if par.world == 1 {
-        split_pairs(paths, cfg)
-    } else {
-        sharded_split(paths, cfg, par)
-    }
+/// Bytes of the decoded shuffle window (`data.shuffle_buffer_mb`).
+pub fn shuffle_bytes(cfg: &MultimodalConfig) -> usize {
+    cfg.data.shuffle_buffer_mb.max(1).saturating_mul(1 << 20)
 }
 
-/// Reads all pairs and splits them into (training, held-out) in one process, dropping the
-/// training pairs the filter model scores lowest (the worst captions are printed).
-pub fn split_pairs(paths: &[String], cfg: &MultimodalConfig) -> Result<(PairSet, PairSet)> {
-    let all = read_run_pairs(paths, cfg, &[])?;
-    let (mut train_idx, heldout_idx) =
-        holdout_split(all.len(), cfg.data.heldout_fraction, cfg.train.seed)?;
-    if filtering(cfg) {
-        let filt = LoadedRun::open(Path::new(&cfg.data.filter_checkpoint))?;
-        let cand = all.select(&train_idx);
-        let scores = filter_scores(&filt, &cand)?;
-        let keep = keep_best_pairs(&scores, cfg.data.filter_drop_fraction)?;
-        let mut dropped: Vec<usize> = (0..cand.len())
-            .filter(|i| keep.binary_search(i).is_err())
-            .collect();
-        dropped.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-        let worst: Vec<String> = dropped
+/// A seeded sample of at most `data.sample_pairs` training pairs: the first training pairs
+/// of a shuffled pass (row groups in a seeded order, rows shuffled within a window of about
+/// the sample's size), so only a few row groups are decoded whatever the source's size.
+/// Every rank reads the same sample. Progress: `sample pairs`.
+pub fn training_sample(
+    source: &ParquetSource,
+    cfg: &MultimodalConfig,
+    split: &RowSplit,
+) -> Result<PairSet> {
+    let n = cfg.data.sample_pairs.max(2);
+    let window = match cfg.data.resize.as_slice() {
+        [h, w] => window_rows([cfg.data.color.channels(), *h, *w], shuffle_bytes(cfg), 1).min(n),
+        _ => n,
+    };
+    let order = CollectOrder {
+        shuffle: Some(cfg.train.seed ^ SAMPLE_SALT),
+        window,
+    };
+    let got = collect_pairs(
+        source,
+        &cfg.data.columns(&[]),
+        order,
+        |i| split.is_training(i),
+        n,
+        "sample pairs",
+    )?;
+    if got.bad_rows.count > 0 {
+        eprintln!(
+            "sample: skipped {} bad rows: {}",
+            got.bad_rows.count, got.bad_rows
+        );
+    }
+    Ok(got.set)
+}
+
+/// The held-out pairs of `paths` with the label columns `labels`: the rows the run holds
+/// out, read in file order until `data.max_heldout_pairs` are found (0: all), so the read
+/// is bounded whatever the source's size. Progress: `held-out pairs`.
+pub fn heldout_pairs(
+    paths: &[String],
+    cfg: &MultimodalConfig,
+    labels: &[String],
+) -> Result<PairSet> {
+    let source = ParquetSource::open(paths)?;
+    let split = row_split(cfg, &source)?;
+    read_bounded(
+        &source,
+        cfg,
+        labels,
+        |i| split.is_heldout(i),
+        "held-out pairs",
+    )
+}
+
+/// The rows of `source` that `keep` selects, in file order, at most `data.max_heldout_pairs`.
+fn read_bounded(
+    source: &ParquetSource,
+    cfg: &MultimodalConfig,
+    labels: &[String],
+    keep: impl Fn(usize) -> bool,
+    label: &str,
+) -> Result<PairSet> {
+    let order = CollectOrder {
+        shuffle: None,
+        window: cfg.train.batch_size.max(64),
+    };
+    let got = collect_pairs(
+        source,
+        &cfg.data.columns(labels),
+        order,
+        keep,
+        cfg.data.max_heldout_pairs,
+        label,
+    )?;
+    if got.bad_rows.count > 0 {
+        eprintln!("skipped {} bad rows: {}", got.bad_rows.count, got.bad_rows);
+    }
+    if got.blank_captions > 0 {
+        eprintln!(
+            "skipped {} pairs with an empty caption in column `{}`",
+            got.blank_captions, cfg.data.caption_column
+        );
+    }
+    Ok(got.set)
+}
+
+/// The pair filter of `cfg` (`data.filter_checkpoint`, `data.filter_drop_fraction`), or
+/// `None`: rank 0 scores the training `sample` with the filter run's model and takes the
+/// `filter_drop_fraction` quantile of the scores as the threshold (printed with the
+/// lowest-scoring captions); every rank gets rank 0's threshold. The stream then drops each
+/// training pair scoring under it. Every rank must call it (it is collective).
+pub fn pair_filter(
+    cfg: &MultimodalConfig,
+    sample: &PairSet,
+    par: &Parallel,
+) -> Result<Option<PairFilter>> {
+    if !filtering(cfg) {
+        return Ok(None);
+    }
+    let filt = LoadedRun::open(Path::new(&cfg.data.filter_checkpoint))?;
+    let threshold = if par.is_main() {
+        let scores = filter_scores(&filt, sample)?;
+        let t = filter_threshold(&scores, cfg.data.filter_drop_fraction)?;
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+        let worst: Vec<String> = order
             .iter()
             .take(5)
-            .map(|&i| format!("{:?} ({:.3})", cand.captions[i], scores[i]))
+            .map(|&i| format!("{:?} ({:.3})", sample.captions[i], scores[i]))
             .collect();
         eprintln!(
-            "pair filter ({}): dropped {} of {} training pairs; lowest: {}",
+            "pair filter ({}): threshold {t:.4} (the {:.0}% quantile of {} sampled training pairs' scores); pairs under it are dropped as they stream; lowest: {}",
             filt.ckpt.display(),
-            dropped.len(),
-            cand.len(),
+            cfg.data.filter_drop_fraction * 100.0,
+            scores.len(),
             worst.join(", ")
         );
-        train_idx = keep.iter().map(|&i| train_idx[i]).collect();
-    }
-    let train = all.select(&train_idx);
-    let heldout = all.select(&heldout_idx);
-    Ok((train, heldout))
+        t.to_le_bytes().to_vec()
+    } else {
+        Vec::new()
+    };
+    let bytes = par.broadcast_bytes(threshold)?;
+    let threshold = f32::from_le_bytes(bytes.as_slice().try_into().map_err(|_| {
+        MultimodalError::Config(format!(
+            "internal: the pair filter threshold came as {} bytes",
+            bytes.len()
+        ))
+    })?);
+    Ok(Some(PairFilter {
+        model: filt.model,
+        tok: filt.tok,
+        max_seq_len: filt.cfg.max_seq_len,
+        device: filt.device,
+        threshold,
+    }))
 }
 
-/// This rank's share of the pairs (its row groups), split into (training, held-out) exactly
-/// as one process splits the whole source: the global row indices of every rank's good rows
-/// are gathered, and a row's position among them decides `data.max_pairs`, the hold-out split
-/// and, with a pair filter, the score quantile (scores are gathered too). Every rank must
-/// call it (it is collective).
-pub fn sharded_split(
-    paths: &[String],
-    cfg: &MultimodalConfig,
-    par: &Parallel,
-) -> Result<(PairSet, PairSet)> {
-    let r = read_pairs_of(paths, &cfg.data.columns(&[]), par.rank, par.world)?;
-    r.share
-        .report(par.rank, par.world, r.row_index.len(), "pairs");
-    if r.bad_rows.count > 0 {
-        eprintln!(
-            "rank {}: skipped {} bad rows: {}",
-            par.rank, r.bad_rows.count, r.bad_rows
-        );
+/// The score under which a pair is dropped so that `drop_fraction` of pairs scoring like
+/// `scores` are: halfway between the highest dropped and the lowest kept score of
+/// [`keep_best_pairs`] (the lowest score minus one when nothing is dropped).
+pub fn filter_threshold(scores: &[f32], drop_fraction: f64) -> Result<f32> {
+    let keep = keep_best_pairs(scores, drop_fraction)?;
+    if scores.is_empty() {
+        return Err(MultimodalError::InvalidInput(
+            "no sampled pairs to set the pair filter's threshold from".into(),
+        ));
     }
-    let mut good = par.gather_indices(&r.row_index)?;
-    good.sort_unstable();
-    let pos = r
-        .row_index
-        .iter()
-        .map(|i| {
-            good.binary_search(i).map_err(|_| {
-                MultimodalError::Config(format!(
-                    "internal: row {i} is missing from the gathered rows"
-                ))
-            })
-        })
-        .collect::<Result<Vec<usize>>>()?;
-    let n = match cfg.data.max_pairs {
-        0 => good.len(),
-        m => good.len().min(m),
-    };
-    let (train_pos, held_pos) = holdout_split(n, cfg.data.heldout_fraction, cfg.train.seed)?;
-    let in_set = |set: &[usize]| -> Vec<usize> {
-        (0..pos.len())
-            .filter(|&k| set.binary_search(&pos[k]).is_ok())
-            .collect()
-    };
-    let mut train_k = in_set(&train_pos);
-    let held_k = in_set(&held_pos);
-    if filtering(cfg) {
-        let filt = LoadedRun::open(Path::new(&cfg.data.filter_checkpoint))?;
-        let scores = filter_scores(&filt, &r.set.select(&train_k))?;
-        let cand_pos: Vec<usize> = train_k.iter().map(|&k| pos[k]).collect();
-        let all_pos = par.gather_indices(&cand_pos)?;
-        let all_scores = par.gather_f32(&scores)?;
-        // The candidates in one process's order (by position), their scores, the kept ones.
-        let mut order: Vec<usize> = (0..all_pos.len()).collect();
-        order.sort_unstable_by_key(|&j| all_pos[j]);
-        let sorted: Vec<f32> = order.iter().map(|&j| all_scores[j]).collect();
-        let keep = keep_best_pairs(&sorted, cfg.data.filter_drop_fraction)?;
-        let mut kept: Vec<usize> = keep.iter().map(|&i| all_pos[order[i]]).collect();
-        kept.sort_unstable();
-        if par.is_main() {
-            eprintln!(
-                "pair filter ({}): dropped {} of {} training pairs (over all ranks)",
-                filt.ckpt.display(),
-                sorted.len() - kept.len(),
-                sorted.len()
-            );
-        }
-        train_k.retain(|&k| kept.binary_search(&pos[k]).is_ok());
-    }
-    Ok((r.set.select(&train_k), r.set.select(&held_k)))
+    let mut sorted = scores.to_vec();
+    sorted.sort_by(f32::total_cmp);
+    let dropped = scores.len() - keep.len();
+    Ok(match dropped {
+        0 => sorted[0] - 1.0,
+        d if d >= sorted.len() => sorted[sorted.len() - 1] + 1.0,
+        d => 0.5 * (sorted[d - 1] + sorted[d]),
+    })
 }
 
-/// The held-out pairs `ssl eval` scores: `test` when given, else the run's seeded hold-out of
-/// `data` (at least two pairs), with the label columns `labels`.
+/// The held-out pairs `ssl eval` scores: the rows of `test` when given (at most
+/// `data.max_heldout_pairs`, in file order), else the run's seeded hold-out of `data`
+/// (bounded alike; at least two pairs), with the label columns `labels`.
 pub fn eval_pairs(
     cfg: &MultimodalConfig,
     data: &[String],
@@ -173,17 +247,37 @@ pub fn eval_pairs(
     labels: &[String],
 ) -> Result<PairSet> {
     if !test.is_empty() {
-        return read_run_pairs(test, cfg, labels);
+        let source = ParquetSource::open(test)?;
+        let split = RowSplit {
+            heldout_fraction: 0.0,
+            ..row_split(cfg, &source)?
+        };
+        return read_bounded(&source, cfg, labels, |i| split.in_sample(i), "test pairs");
     }
-    let all = read_run_pairs(data, cfg, labels)?;
-    let (_, idx) = holdout_split(all.len(), cfg.data.heldout_fraction, cfg.train.seed)?;
-    if idx.len() < 2 {
+    let set = heldout_pairs(data, cfg, labels)?;
+    if set.len() < 2 {
         return Err(MultimodalError::Config(format!(
-            "data.heldout_fraction = {} holds out {} of {} pairs: give --test or a larger fraction",
+            "data.heldout_fraction = {} holds out {} pairs of {}: give --test or a larger fraction",
             cfg.data.heldout_fraction,
-            idx.len(),
-            all.len()
+            set.len(),
+            data.join(", ")
         )));
     }
-    Ok(all.select(&idx))
+    Ok(set)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_threshold_drops_the_asked_fraction_of_the_sample() {
+        let s = [0.5, -0.2, 0.9, 0.1, 0.3];
+        let t = filter_threshold(&s, 0.4).unwrap();
+        assert!((t - 0.2).abs() < 1e-6, "{t}");
+        assert_eq!(s.iter().filter(|&&x| x >= t).count(), 3);
+        let t = filter_threshold(&s, 0.0).unwrap();
+        assert!(s.iter().all(|&x| x >= t));
+        assert!(filter_threshold(&[], 0.1).is_err());
+    }
 }
