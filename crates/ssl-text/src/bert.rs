@@ -602,36 +602,93 @@ pub fn evaluate_mlm(
     seed: u64,
     device: &candle_core::Device,
 ) -> Result<MlmEval> {
-    let mut rng = ssl_core::SslRng::derived(seed, "mlm-eval");
-    let mut drop_rng = ssl_core::SslRng::new(0);
-    let (mut sum, mut n, mut correct) = (0.0, 0usize, 0usize);
-    for chunk in seqs.chunks(batch_size.max(1)) {
-        let batch = TextBatch {
-            seqs: chunk.to_vec(),
+    let mut acc = MlmAccum::new(batch_size, pad_id, seed, device);
+    acc.add(model, seqs.to_vec())?;
+    acc.finish(model)
+}
+
+/// [`evaluate_mlm`] over sequences that arrive in parts (a stream): sequences are evaluated in
+/// batches of `batch_size` as they fill, with one masking RNG, so the figures are those of
+/// [`evaluate_mlm`] on all the sequences in the order given.
+pub struct MlmAccum {
+    rng: ssl_core::SslRng,
+    drop_rng: ssl_core::SslRng,
+    batch_size: usize,
+    pad_id: u32,
+    device: candle_core::Device,
+    pending: Vec<crate::data::TokenizedSeq>,
+    sum: f64,
+    n: usize,
+    correct: usize,
+}
+
+impl MlmAccum {
+    /// An empty accumulator (masks drawn from `seed`).
+    pub fn new(batch_size: usize, pad_id: u32, seed: u64, device: &candle_core::Device) -> Self {
+        MlmAccum {
+            rng: ssl_core::SslRng::derived(seed, "mlm-eval"),
+            drop_rng: ssl_core::SslRng::new(0),
+            batch_size: batch_size.max(1),
             pad_id,
             device: device.clone(),
+            pending: Vec::new(),
+            sum: 0.0,
+            n: 0,
+            correct: 0,
+        }
+    }
+
+    fn run(&mut self, model: &BertForMaskedLM, seqs: Vec<crate::data::TokenizedSeq>) -> Result<()> {
+        let batch = TextBatch {
+            seqs,
+            pad_id: self.pad_id,
+            device: self.device.clone(),
         };
         if batch.seqs.iter().all(|s| s.special.iter().all(|x| *x)) {
-            continue;
+            return Ok(());
         }
-        let mb = model.mask_batch(&batch, &mut rng)?;
-        let (loss, k, c) = model.masked_loss(&mb, &mut Ctx::inference(&mut drop_rng))?;
-        sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * k as f64;
-        n += k;
-        correct += c;
+        let mb = model.mask_batch(&batch, &mut self.rng)?;
+        let (loss, k, c) = model.masked_loss(&mb, &mut Ctx::inference(&mut self.drop_rng))?;
+        self.sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * k as f64;
+        self.n += k;
+        self.correct += c;
+        Ok(())
     }
-    if n == 0 {
-        return Err(TextError::InvalidInput(
-            "no maskable token in the evaluation data".into(),
-        ));
+
+    /// Adds sequences, evaluating every full batch.
+    pub fn add(
+        &mut self,
+        model: &BertForMaskedLM,
+        seqs: Vec<crate::data::TokenizedSeq>,
+    ) -> Result<()> {
+        self.pending.extend(seqs);
+        while self.pending.len() >= self.batch_size {
+            let rest = self.pending.split_off(self.batch_size);
+            let full = std::mem::replace(&mut self.pending, rest);
+            self.run(model, full)?;
+        }
+        Ok(())
     }
-    let loss = sum / n as f64;
-    Ok(MlmEval {
-        loss,
-        perplexity: loss.exp(),
-        masked_accuracy: correct as f64 / n as f64,
-        masked_tokens: n,
-    })
+
+    /// Evaluates the last, partial batch and returns the figures.
+    pub fn finish(mut self, model: &BertForMaskedLM) -> Result<MlmEval> {
+        let last = std::mem::take(&mut self.pending);
+        if !last.is_empty() {
+            self.run(model, last)?;
+        }
+        if self.n == 0 {
+            return Err(TextError::InvalidInput(
+                "no maskable token in the evaluation data".into(),
+            ));
+        }
+        let loss = self.sum / self.n as f64;
+        Ok(MlmEval {
+            loss,
+            perplexity: loss.exp(),
+            masked_accuracy: self.correct as f64 / self.n as f64,
+            masked_tokens: self.n,
+        })
+    }
 }
 
 #[cfg(test)]

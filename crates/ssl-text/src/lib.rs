@@ -8,7 +8,8 @@
 //! - [`masking`]: token, whole-word, span (SpanBERT) and entity-aware masking as pure
 //!   functions of the tokens and a seeded RNG;
 //! - [`data`]: documents, lines or packed blocks of `max_seq_len` (`group_texts`), truncation,
-//!   dynamic padding, a resumable in-memory batch source;
+//!   dynamic padding, a resumable in-memory batch source (the streaming one the pipeline
+//!   trains from is [`StreamingTextSource`]);
 //! - [`bert`]: `BertForMaskedLM` on ssl-core's shared transformer stack with Hugging Face key
 //!   names, implementing [`ssl_core::Encoder`] and [`ssl_core::PretextTask`];
 //! - [`hf`]: load a Hugging Face directory (fresh MLM head when it has none) and export one
@@ -26,7 +27,7 @@ pub mod masking;
 pub mod pipeline;
 pub mod tokenizer;
 
-pub use bert::{evaluate_mlm, BertConfig, BertForMaskedLM, BertModel, MlmEval, Pooling};
+pub use bert::{evaluate_mlm, BertConfig, BertForMaskedLM, BertModel, MlmAccum, MlmEval, Pooling};
 pub use data::{
     tokenize_texts, BertInput, CharSpans, InMemoryTextSource, InputConfig, InputMode, TextBatch,
     TokenizedSeq,
@@ -37,9 +38,10 @@ pub use masking::{mask_sequence, MaskStrategy, Masked, MaskingConfig};
 pub use pipeline::{
     broadcast_tokenizer, build_model, embed, eval, heldout_eval, make_tokenizer, pretrain,
     read_curve, read_docs, read_docs_of, shared_tokenizer, stored_config, tokenize,
-    tokenizer_from_json, train_tokenizer_report, DataConfig, Docs, EmbedSection, FertilityReport,
-    HeldoutCurve, HeldoutPoint, ModelSection, TextConfig, TextEvalReport, TextModel,
-    TextProbeReport, TextRunSummary, TokenizerSection, HELDOUT_FILE,
+    tokenizer_from_json, train_tokenizer_report, DataConfig, DocPacker, Docs, EmbedSection,
+    FertilityReport, HeldoutCurve, HeldoutPoint, ModelSection, RowFilter, StreamingTextSource,
+    TextConfig, TextEvalReport, TextModel, TextProbeReport, TextRunSummary, TokenizerSection,
+    HELDOUT_FILE,
 };
 pub use tokenizer::{
     check_token_ids, check_vocab, fertility, load_tokenizer, save_tokenizer, split_long_words,

@@ -2,9 +2,10 @@
 //! spans and global row indices (what the held-out split and `data.max_docs` count).
 
 use ssl_core::Parallel;
-use ssl_data::{read_all, ColumnSpec, ReadOptions};
+use ssl_data::{read_all, Batch, ColumnSpec, ParquetSource, ReadOptions};
 
 use super::config::DataConfig;
+use super::stream::RowFilter;
 use crate::{CharSpans, Result, TextError};
 
 /// Documents read from Parquet, one entry per kept row, in source order.
@@ -41,9 +42,73 @@ fn parse_spans(cell: &str, column: &str, row: usize) -> Result<CharSpans> {
     Ok(spans)
 }
 
+/// The columns a text run reads: the text column, the id column (`data.id_column`, when set),
+/// the `label` column when given and, with `entities`, the entity-span column
+/// (`data.entity_column`, when set).
+pub fn doc_columns(cfg: &DataConfig, label: Option<&str>, entities: bool) -> Vec<ColumnSpec> {
+    let mut cols = vec![ColumnSpec::text(&cfg.column)];
+    if !cfg.id_column.is_empty() {
+        cols.push(ColumnSpec::text(&cfg.id_column));
+    }
+    if let Some(l) = label {
+        cols.push(ColumnSpec::text(l));
+    }
+    if entities && !cfg.entity_column.is_empty() {
+        cols.push(ColumnSpec::text(&cfg.entity_column));
+    }
+    cols
+}
+
+/// The documents of `batch` (read with [`doc_columns`] of the same arguments) whose global row
+/// index (`rows[k]` for the batch's row `k`) satisfies `keep`, in batch order.
+pub fn docs_of_batch(
+    batch: &Batch,
+    rows: &[usize],
+    cfg: &DataConfig,
+    label: Option<&str>,
+    entities: bool,
+    keep: impl Fn(usize) -> bool,
+) -> Result<Docs> {
+    let entities = entities && !cfg.entity_column.is_empty();
+    let keep: Vec<usize> = (0..rows.len()).filter(|&k| keep(rows[k])).collect();
+    let pick = |v: &[String]| -> Vec<String> { keep.iter().map(|&k| v[k].clone()).collect() };
+    let texts = pick(batch.text(&cfg.column)?);
+    let kept_rows: Vec<usize> = keep.iter().map(|&k| rows[k]).collect();
+    let ids: Vec<String> = if cfg.id_column.is_empty() {
+        kept_rows.iter().map(|i| i.to_string()).collect()
+    } else {
+        pick(batch.text(&cfg.id_column)?)
+    };
+    let labels = match label {
+        Some(l) => Some(pick(batch.text(l)?)),
+        None => None,
+    };
+    let spans = if entities {
+        let col = &cfg.entity_column;
+        let cells = batch.text(col)?;
+        Some(
+            keep.iter()
+                .map(|&k| parse_spans(&cells[k], col, rows[k]))
+                .collect::<Result<Vec<_>>>()?,
+        )
+    } else {
+        None
+    };
+    Ok(Docs {
+        texts,
+        ids,
+        labels,
+        entities: spans,
+        rows: kept_rows,
+    })
+}
+
 /// Reads the text column of `paths` (and the id column, the `label` column when given and,
-/// with `entities`, the entity-span column `data.entity_column`), keeping the rows whose
-/// global index is below `data.max_docs` (all when 0).
+/// with `entities`, the entity-span column `data.entity_column`), keeping the rows of the
+/// `data.max_docs` sample (all when 0; see [`RowFilter`]) drawn with `seed`.
+///
+/// This holds every document in memory: the pipeline streams instead (pretraining, `embed`
+/// and `eval`); it serves small sets (the fertility report of `ssl tokenizer train`, tests).
 pub fn read_docs(
     paths: &[String],
     cfg: &DataConfig,
@@ -54,8 +119,8 @@ pub fn read_docs(
 }
 
 /// [`read_docs`] for this rank's share of the rows when `par` is given (every row otherwise).
-/// `data.max_docs` counts global row indices: the documents kept are the rows whose index in
-/// the whole source is below it, whichever rank reads them.
+/// `data.max_docs` samples global row indices (with seed 0, as [`RowFilter::new`] with seed 0
+/// does): the documents kept are the same whichever rank reads them.
 pub fn read_docs_of(
     paths: &[String],
     cfg: &DataConfig,
@@ -63,17 +128,7 @@ pub fn read_docs_of(
     entities: bool,
     par: Option<&Parallel>,
 ) -> Result<Docs> {
-    let entities = entities && !cfg.entity_column.is_empty();
-    let mut cols = vec![ColumnSpec::text(&cfg.column)];
-    if !cfg.id_column.is_empty() {
-        cols.push(ColumnSpec::text(&cfg.id_column));
-    }
-    if let Some(l) = label {
-        cols.push(ColumnSpec::text(l));
-    }
-    if entities {
-        cols.push(ColumnSpec::text(&cfg.entity_column));
-    }
+    let cols = doc_columns(cfg, label, entities);
     let options = par.map_or_else(
         || ReadOptions {
             skip_bad_rows: cfg.skip_bad_rows,
@@ -81,6 +136,12 @@ pub fn read_docs_of(
         },
         |p| ReadOptions::for_rank(p.rank, p.world, cfg.skip_bad_rows),
     );
+    let num_rows = if cfg.max_docs > 0 {
+        ParquetSource::open(paths)?.num_rows()
+    } else {
+        0
+    };
+    let filter = RowFilter::new(cfg, 0, num_rows);
     let table = read_all(paths, &cols, &options)?;
     if table.bad_rows.count > 0 {
         eprintln!(
@@ -93,39 +154,8 @@ pub fn read_docs_of(
             .share
             .report(p.rank, p.world, table.row_index.len(), "documents");
     }
-    // Positions (in this table) of the rows kept under `max_docs`, in order.
-    let keep: Vec<usize> = (0..table.row_index.len())
-        .filter(|&k| cfg.max_docs == 0 || table.row_index[k] < cfg.max_docs)
-        .collect();
-    let pick = |v: &[String]| -> Vec<String> { keep.iter().map(|&k| v[k].clone()).collect() };
-    let texts = pick(table.batch.text(&cfg.column)?);
-    let rows: Vec<usize> = keep.iter().map(|&k| table.row_index[k]).collect();
-    let ids: Vec<String> = if cfg.id_column.is_empty() {
-        rows.iter().map(|i| i.to_string()).collect()
-    } else {
-        pick(table.batch.text(&cfg.id_column)?)
-    };
-    let labels = match label {
-        Some(l) => Some(pick(table.batch.text(l)?)),
-        None => None,
-    };
-    let spans = if entities {
-        let col = &cfg.entity_column;
-        let cells = table.batch.text(col)?;
-        Some(
-            keep.iter()
-                .map(|&k| parse_spans(&cells[k], col, table.row_index[k]))
-                .collect::<Result<Vec<_>>>()?,
-        )
-    } else {
-        None
-    };
-    Ok(Docs {
-        texts,
-        ids,
-        labels,
-        entities: spans,
-        rows,
+    docs_of_batch(&table.batch, &table.row_index, cfg, label, entities, |i| {
+        filter.sampled(i)
     })
 }
 
@@ -264,7 +294,11 @@ mod tests {
             ..DataConfig::default()
         };
         let one = read_docs(&paths, &cfg, None, false).unwrap();
-        assert_eq!(one.rows, (0..25).collect::<Vec<_>>());
+        // A seeded sample of about 25 of the 30 rows, by row index.
+        let filter = RowFilter::new(&cfg, 0, 30);
+        let want: Vec<usize> = (0..30).filter(|&i| filter.sampled(i)).collect();
+        assert_eq!(one.rows, want);
+        assert!((18..30).contains(&want.len()), "{want:?}");
         let shares = Parallel::on_threads(3, |p| {
             let d = read_docs_of(&paths, &cfg, None, false, Some(&p)).unwrap();
             (p.rank, d.rows, d.texts, d.ids)
@@ -273,7 +307,8 @@ mod tests {
         for (rank, rows, docs, ids) in shares {
             // Row groups of 4 rows dealt round robin: row i is in group i / 4.
             assert!(
-                rows.iter().all(|&i| (i / 4) % 3 == rank && i < 25),
+                rows.iter()
+                    .all(|&i| (i / 4) % 3 == rank && filter.sampled(i)),
                 "{rows:?}"
             );
             for ((&i, t), id) in rows.iter().zip(&docs).zip(&ids) {

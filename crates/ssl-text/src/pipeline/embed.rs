@@ -8,11 +8,12 @@ use candle_core::{DType, Device};
 use ssl_core::checkpoint::MODEL_FILE;
 use ssl_core::run_dir;
 use ssl_core::{parse_device, Ctx, ParamStore, SslRng};
-use ssl_data::{write_embeddings, EmbedSummary};
+use ssl_data::{DataLoader, EmbedSummary, EmbeddingWriter, LoaderConfig, ParquetSource};
 use tokenizers::Tokenizer;
 
 use super::config::TextConfig;
-use super::docs::read_docs;
+use super::docs::{doc_columns, docs_of_batch};
+use super::stream::RowFilter;
 use crate::{
     check_vocab, load_hf_dir, load_tokenizer, tokenize_texts, BertForMaskedLM, InputConfig,
     InputMode, Result, SpecialIds, TextBatch, TokenizedSeq,
@@ -110,6 +111,18 @@ impl TextModel {
     pub fn embed_texts(&self, texts: &[String]) -> Result<(Vec<f32>, usize)> {
         embed_documents(&self.model, &self.tok, texts, &self.cfg, &self.device, true)
     }
+
+    /// [`TextModel::embed_texts`] without a progress bar (the caller shows its own).
+    pub fn embed_quietly(&self, texts: &[String]) -> Result<(Vec<f32>, usize)> {
+        embed_documents(
+            &self.model,
+            &self.tok,
+            texts,
+            &self.cfg,
+            &self.device,
+            false,
+        )
+    }
 }
 
 /// Embeddings of whole documents with `model` (any BERT, such as the one being trained):
@@ -168,14 +181,48 @@ pub fn embed_documents(
     Ok((out, dim))
 }
 
+/// A one-epoch, file-order loader over the documents of `source` (with `label` and, with
+/// `entities`, the entity spans), in batches of `rows` rows, and the `data.max_docs` sample of
+/// `cfg` (seeded by `train.seed`).
+pub(super) fn doc_loader(
+    source: &ParquetSource,
+    cfg: &TextConfig,
+    label: Option<&str>,
+    entities: bool,
+    rows: usize,
+) -> Result<(DataLoader, RowFilter)> {
+    let loader = LoaderConfig {
+        columns: doc_columns(&cfg.data, label, entities),
+        batch_size: rows.max(1),
+        shuffle: false,
+        epochs: Some(1),
+        skip_bad_rows: cfg.data.skip_bad_rows,
+        prefetch: 2,
+        ..LoaderConfig::default()
+    };
+    let filter = RowFilter::new(&cfg.data, cfg.train.seed, source.num_rows());
+    Ok((DataLoader::new(source, loader)?, filter))
+}
+
+/// Says on stderr how many rows a loader skipped under `data.skip_bad_rows`.
+pub(super) fn report_bad_rows(loader: &DataLoader) {
+    let bad = loader.bad_rows();
+    if bad.count > 0 {
+        eprintln!("skipped {} bad rows: {bad}", bad.count);
+    }
+}
+
 /// Embeds the documents of `data` with the model of checkpoint directory `ckpt` configured
 /// by `cfg` (see [`stored_config`]; pooling and layer from `embed`) and writes `(id,
 /// embedding)` rows to the Parquet file `out`, with the model, checkpoint, pooling and layer
-/// in its metadata.
+/// in its metadata. The documents are streamed in file order and the embeddings written in
+/// row groups as they are computed: memory does not grow with the number of rows. The rows
+/// are those of the `data.max_docs` sample (all when 0).
 pub fn embed(ckpt: &Path, cfg: &TextConfig, data: &[String], out: &Path) -> Result<EmbedSummary> {
     let l = TextModel::load(ckpt, cfg)?;
-    let docs = read_docs(data, &l.cfg.data, None, false)?;
-    let (emb, dim) = l.embed_texts(&docs.texts)?;
+    let source = ParquetSource::open(data)?;
+    let rows = l.cfg.train.batch_size.max(16) * 4;
+    let (mut loader, filter) = doc_loader(&source, &l.cfg, None, false, rows)?;
     let mut meta = BTreeMap::new();
     meta.insert("model".to_string(), "ssl-text BertForMaskedLM".to_string());
     meta.insert("checkpoint".to_string(), l.ckpt.display().to_string());
@@ -184,5 +231,35 @@ pub fn embed(ckpt: &Path, cfg: &TextConfig, data: &[String], out: &Path) -> Resu
         format!("{:?}", l.cfg.embed.pooling).to_lowercase(),
     );
     meta.insert("layer".to_string(), l.cfg.embed.layer.to_string());
-    Ok(write_embeddings(out, &docs.ids, &emb, dim, meta)?)
+    let bar = ssl_core::monitor::Progress::task("embed", source.num_rows() as u64, "rows");
+    let mut writer: Option<EmbeddingWriter> = None;
+    while let Some(batch) = loader.next_batch()? {
+        let docs = docs_of_batch(&batch, batch.rows(), &l.cfg.data, None, false, |i| {
+            filter.sampled(i)
+        })?;
+        bar.inc(batch.len() as u64);
+        if docs.texts.is_empty() {
+            continue;
+        }
+        let (emb, dim) = l.embed_quietly(&docs.texts)?;
+        if writer.is_none() {
+            writer = Some(EmbeddingWriter::create(out, dim, meta.clone())?);
+        }
+        if let Some(w) = writer.as_mut() {
+            w.write(&docs.ids, &emb)?;
+        }
+    }
+    bar.finish();
+    report_bad_rows(&loader);
+    let writer = match writer {
+        Some(w) => w,
+        None => EmbeddingWriter::create(out, l.model.bert().config().hidden_size, meta)?,
+    };
+    let dim = writer.dim();
+    let rows = writer.finish()?;
+    Ok(EmbedSummary {
+        out: out.to_path_buf(),
+        rows,
+        dim,
+    })
 }

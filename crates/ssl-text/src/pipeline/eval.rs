@@ -7,11 +7,14 @@ use std::path::Path;
 use serde::Serialize;
 use ssl_core::probe::{probe_labelled, warn_unseen_labels, ProbeScores};
 
+use ssl_data::ParquetSource;
+
 use super::config::TextConfig;
-use super::docs::read_docs;
-use super::embed::TextModel;
+use super::docs::docs_of_batch;
+use super::embed::{doc_loader, report_bad_rows, TextModel};
+use super::stream::LOADER_BATCH_ROWS;
 use super::tokenizer::tokenize;
-use crate::{evaluate_mlm, Pooling, Result, SpecialIds};
+use crate::{MlmAccum, Pooling, Result, SpecialIds};
 
 /// The probe part of [`TextEvalReport`]: linear-probe and k-NN accuracy of the pooled
 /// embeddings (present when the documents have labels).
@@ -68,11 +71,70 @@ pub struct TextEvalReport {
     pub probe: Option<TextProbeReport>,
 }
 
+/// Pooled embeddings and labels of labelled documents, gathered while streaming.
+#[derive(Default)]
+struct Probed {
+    emb: Vec<f32>,
+    random_emb: Vec<f32>,
+    labels: Vec<String>,
+    dim: usize,
+}
+
+impl Probed {
+    /// Embeds `texts` with the model and the randomly initialised one and keeps their labels.
+    fn add(
+        &mut self,
+        l: &TextModel,
+        random: &TextModel,
+        texts: &[String],
+        labels: Vec<String>,
+    ) -> Result<()> {
+        if texts.is_empty() {
+            return Ok(());
+        }
+        let (e, dim) = l.embed_quietly(texts)?;
+        self.emb.extend(e);
+        self.random_emb.extend(random.embed_quietly(texts)?.0);
+        self.labels.extend(labels);
+        self.dim = dim;
+        Ok(())
+    }
+}
+
+/// Streams the labelled documents of `data` (the `data.max_docs` sample) into `probed`.
+fn embed_labelled(
+    l: &TextModel,
+    random: &TextModel,
+    data: &[String],
+    label: &str,
+    probed: &mut Probed,
+) -> Result<()> {
+    let source = ParquetSource::open(data)?;
+    let rows = LOADER_BATCH_ROWS;
+    let (mut loader, filter) = doc_loader(&source, &l.cfg, Some(label), false, rows)?;
+    let bar = ssl_core::monitor::Progress::task("eval test", source.num_rows() as u64, "rows");
+    while let Some(batch) = loader.next_batch()? {
+        let docs = docs_of_batch(&batch, batch.rows(), &l.cfg.data, Some(label), false, |i| {
+            filter.sampled(i)
+        })?;
+        probed.add(l, random, &docs.texts, docs.labels.unwrap_or_default())?;
+        bar.inc(batch.len() as u64);
+    }
+    bar.finish();
+    report_bad_rows(&loader);
+    Ok(())
+}
+
 /// Evaluates the model of checkpoint directory `ckpt` configured by `cfg` (see
 /// [`super::stored_config`]) on the documents of `data`: masked-LM perplexity and masked
 /// accuracy (masking seeded by `train.seed`), and when `data` has the label column
 /// (`label_column`, else `data.label_column`) the linear probe and k-NN on the pooled
 /// embeddings, tested on `test` when given, else on a seeded stratified split of `data`.
+///
+/// The documents are streamed (tokenized and packed per loader batch of
+/// [`LOADER_BATCH_ROWS`] rows, as training packs them) and never held whole; the probes hold
+/// the pooled embeddings (N x D floats, for the model and the random-init baseline) and the
+/// labels of every labelled document, as fitting them needs.
 pub fn eval(
     ckpt: &Path,
     cfg: &TextConfig,
@@ -82,18 +144,36 @@ pub fn eval(
 ) -> Result<TextEvalReport> {
     let l = TextModel::load(ckpt, cfg)?;
     let label = label_column.unwrap_or(&l.cfg.data.label_column).to_string();
-    let has_label = ssl_data::ParquetSource::open(data)?.has_column(&label);
-    let docs = read_docs(data, &l.cfg.data, has_label.then_some(label.as_str()), true)?;
+    let source = ParquetSource::open(data)?;
+    let has_label = source.has_column(&label);
+    let label_opt = has_label.then_some(label.as_str());
     let sp = SpecialIds::of(&l.tok)?;
-    let seqs = tokenize(&l.tok, &docs.texts, docs.entities.as_deref(), &l.cfg)?;
-    let mlm = evaluate_mlm(
-        &l.model,
-        &seqs,
-        l.cfg.train.batch_size.max(8),
-        sp.pad,
-        l.cfg.train.seed,
-        &l.device,
-    )?;
+    let seed = l.cfg.train.seed;
+    // The same configuration and tokenizer with fresh weights, probed on the same rows (the
+    // split is seeded alike): what pretraining adds.
+    let random = if has_label {
+        Some(l.random_init(seed)?)
+    } else {
+        None
+    };
+    let mut mlm = MlmAccum::new(l.cfg.train.batch_size.max(8), sp.pad, seed, &l.device);
+    let mut train = Probed::default();
+    let (mut loader, filter) = doc_loader(&source, &l.cfg, label_opt, true, LOADER_BATCH_ROWS)?;
+    let bar = ssl_core::monitor::Progress::task("eval", source.num_rows() as u64, "rows");
+    while let Some(batch) = loader.next_batch()? {
+        let docs = docs_of_batch(&batch, batch.rows(), &l.cfg.data, label_opt, true, |i| {
+            filter.sampled(i)
+        })?;
+        let seqs = tokenize(&l.tok, &docs.texts, docs.entities.as_deref(), &l.cfg)?;
+        mlm.add(&l.model, seqs)?;
+        if let Some(r) = &random {
+            train.add(&l, r, &docs.texts, docs.labels.unwrap_or_default())?;
+        }
+        bar.inc(batch.len() as u64);
+    }
+    bar.finish();
+    report_bad_rows(&loader);
+    let mlm = mlm.finish(&l.model)?;
     let mut report = TextEvalReport {
         checkpoint: l.ckpt.display().to_string(),
         perplexity: mlm.perplexity,
@@ -102,46 +182,49 @@ pub fn eval(
         masked_tokens: mlm.masked_tokens,
         probe: None,
     };
-    if let Some(train_labels) = docs.labels {
-        let test_docs = if test.is_empty() {
-            None
-        } else {
-            Some(read_docs(test, &l.cfg.data, Some(&label), false)?)
-        };
-        if let Some(test_labels) = test_docs.as_ref().and_then(|t| t.labels.as_ref()) {
-            warn_unseen_labels(&train_labels, test_labels);
-        }
-        // The model's probes, and the same configuration and tokenizer with fresh weights
-        // probed on the same rows (the split is seeded alike): what pretraining adds.
-        let seed = l.cfg.train.seed;
-        let probe = |m: &TextModel| -> Result<(ProbeScores, usize)> {
-            let (emb, dim) = m.embed_texts(&docs.texts)?;
-            let test_set = match &test_docs {
-                Some(t) => Some((
-                    m.embed_texts(&t.texts)?.0,
-                    t.labels.clone().unwrap_or_default(),
-                )),
-                None => None,
-            };
-            let test = test_set.as_ref().map(|(x, y)| (&x[..], &y[..]));
-            Ok((probe_labelled((&emb, &train_labels), test, dim, seed)?, dim))
-        };
-        let (scores, dim) = probe(&l)?;
-        let (rscores, _) = probe(&l.random_init(seed)?)?;
-        report.probe = Some(TextProbeReport {
-            linear_probe_accuracy: scores.linear,
-            knn_accuracy: scores.knn,
-            random_init_linear_probe_accuracy: rscores.linear,
-            random_init_knn_accuracy: rscores.knn,
-            majority_class_rate: scores.majority_class_rate,
-            n_train: scores.n_train,
-            n_test: scores.n_test,
-            n_classes: scores.n_classes,
-            embedding_dim: dim,
-            pooling: l.cfg.embed.pooling,
-            layer: l.cfg.embed.layer,
-            unseen_test_rows: scores.unseen_test_rows,
-        });
-    }
+    let Some(random) = random else {
+        return Ok(report);
+    };
+    let test_set = if test.is_empty() {
+        None
+    } else {
+        let mut t = Probed::default();
+        embed_labelled(&l, &random, test, &label, &mut t)?;
+        warn_unseen_labels(&train.labels, &t.labels);
+        Some(t)
+    };
+    let dim = if train.dim > 0 {
+        train.dim
+    } else {
+        l.model.bert().config().hidden_size
+    };
+    let scores = probe_labelled(
+        (&train.emb, &train.labels),
+        test_set.as_ref().map(|t| (&t.emb[..], &t.labels[..])),
+        dim,
+        seed,
+    )?;
+    let rscores: ProbeScores = probe_labelled(
+        (&train.random_emb, &train.labels),
+        test_set
+            .as_ref()
+            .map(|t| (&t.random_emb[..], &t.labels[..])),
+        dim,
+        seed,
+    )?;
+    report.probe = Some(TextProbeReport {
+        linear_probe_accuracy: scores.linear,
+        knn_accuracy: scores.knn,
+        random_init_linear_probe_accuracy: rscores.linear,
+        random_init_knn_accuracy: rscores.knn,
+        majority_class_rate: scores.majority_class_rate,
+        n_train: scores.n_train,
+        n_test: scores.n_test,
+        n_classes: scores.n_classes,
+        embedding_dim: dim,
+        pooling: l.cfg.embed.pooling,
+        layer: l.cfg.embed.layer,
+        unseen_test_rows: scores.unseen_test_rows,
+    });
     Ok(report)
 }

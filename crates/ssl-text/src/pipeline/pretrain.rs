@@ -7,19 +7,21 @@ use candle_core::Device;
 use serde::Serialize;
 use ssl_core::checkpoint::MODEL_FILE;
 use ssl_core::run_dir::{self, RunOptions, RunSummary};
-use ssl_core::{parse_device, Parallel, ParamStore, Trainer};
+use ssl_core::{parse_device, ParamStore, Trainer};
 use ssl_core::{EvalFigures, HeldoutEval, HookCtx};
-use ssl_data::{heldout_label_column, is_heldout};
+use ssl_data::{heldout_label_column, ParquetSource};
 use tokenizers::Tokenizer;
 
 use super::config::TextConfig;
-use super::docs::read_docs_of;
 use super::heldout::{read_curve, HeldoutCurve, HeldoutPoint};
 use super::online_knn::OnlineKnn;
-use super::tokenizer::{shared_tokenizer, tokenize};
+use super::stream::{
+    estimate_epoch, read_heldout, read_knn_bank, DocPacker, RowFilter, StreamingTextSource,
+};
+use super::tokenizer::shared_tokenizer;
 use crate::{
-    export_hf_dir, load_hf_dir, save_tokenizer, BertConfig, BertForMaskedLM, InMemoryTextSource,
-    Result, SpecialIds, TextError,
+    export_hf_dir, load_hf_dir, save_tokenizer, BertConfig, BertForMaskedLM, Result, SpecialIds,
+    TextError,
 };
 
 /// The held-out curve's file in a run directory.
@@ -117,11 +119,15 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TextError + '_ {
 /// `data.label_column`), [`HELDOUT_FILE`] (the same held-out points,
 /// and one before training) and `hf/` (the newest weights as a Hugging Face directory).
 ///
-/// A seeded hash of each document's global row index holds out `data.heldout_fraction` of
-/// them. The tokenizer is `model.init_from`'s, `tokenizer.file`, the run's own on resume, or
-/// trained on the training documents. With several ranks each reads its share of the rows,
-/// rank 0 makes the tokenizer and sends it, the held-out figures add every rank's sums, and
-/// rank 0 writes the configuration, curve and export. Progress goes to stderr.
+/// The documents are streamed ([`StreamingTextSource`]), never held whole: training starts
+/// after the held-out set (capped by `data.heldout_max_seqs`) is read. A seeded hash of each
+/// document's global row index holds out `data.heldout_fraction` of them; `data.max_docs` is a
+/// seeded sample of the rows ([`RowFilter`]). With `train.max_epochs` the step count comes
+/// from an estimate of the sequences per epoch ([`estimate_epoch`]), printed. The tokenizer is
+/// `model.init_from`'s, `tokenizer.file`, the run's own on resume, or trained on the training
+/// rows (streamed). With several ranks each streams its share of the row groups, rank 0
+/// makes the tokenizer and sends it, the held-out figures add every rank's sums, and rank 0
+/// writes the configuration, curve and export. Progress goes to stderr.
 pub fn pretrain(
     mut cfg: TextConfig,
     data: &[String],
@@ -143,45 +149,52 @@ pub fn pretrain(
     // Checked and locked before anything is written.
     let run = opts.run_dir(out, &par)?;
     std::fs::create_dir_all(out).map_err(io(out))?;
-    // Each rank reads its share of the rows; the held-out split and `max_docs` use global row
-    // indices, so together the ranks hold out exactly the documents one process would.
-    // With held-out documents and `data.label_column` in the data, the labels too (for the
-    // online k-NN accuracy).
-    let d = &cfg.data;
-    let label = heldout_label_column(paths, &d.label_column, d.heldout_fraction)?;
-    let docs = read_docs_of(paths, &cfg.data, label.as_deref(), true, Some(&par))?;
+    // The documents are streamed, never held whole: the held-out split and the `max_docs`
+    // sample use global row indices, so together the ranks train on and hold out exactly the
+    // documents one process would. With held-out documents and `data.label_column` in the
+    // data, the labels too (for the online k-NN accuracy).
+    let source = ParquetSource::open(paths)?;
     let (seed, frac) = (cfg.train.seed, cfg.data.heldout_fraction);
-    let (mut train_docs, mut held_docs) = (Vec::new(), Vec::new());
-    let (mut train_ents, mut held_ents) = (Vec::new(), Vec::new());
-    let (mut train_labels, mut held_labels) = (Vec::new(), Vec::new());
-    let with_ents = docs.entities.is_some();
-    let with_labels = docs.labels.is_some();
-    let mut ents = docs.entities.map(|e| e.into_iter());
-    let mut labels = docs.labels.map(|l| l.into_iter());
-    for (t, &i) in docs.texts.into_iter().zip(&docs.rows) {
-        let e = ents.as_mut().and_then(|e| e.next()).unwrap_or_default();
-        let l = labels.as_mut().and_then(|l| l.next()).unwrap_or_default();
-        if is_heldout(i, seed, frac) {
-            held_docs.push(t);
-            held_ents.push(e);
-            held_labels.push(l);
-        } else {
-            train_docs.push(t);
-            train_ents.push(e);
-            train_labels.push(l);
-        }
-    }
-    check_training_docs(&train_docs, held_docs.len(), frac, &par)?;
-    // Tokenizer: the checkpoint's, a given file, or trained on the training documents. With
-    // several ranks rank 0 alone makes it (training on its own share of the training
-    // documents) and sends it to the others, so every rank uses the same one.
+    let filter = RowFilter::new(&cfg.data, seed, source.num_rows());
+    let label = heldout_label_column(paths, &cfg.data.label_column, frac)?;
+    check_training_rows(source.num_rows(), &filter, frac)?;
+    // Tokenizer: the checkpoint's, a given file, or trained on the training rows (streamed,
+    // by rank 0, which sends it to the others).
     let tok_path = out.join("tokenizer.json");
-    let tok = shared_tokenizer(&cfg, paths, &tok_path, resume, &train_docs, &par)?;
+    let tok = shared_tokenizer(&cfg, paths, &tok_path, resume, &par)?;
     let sp = SpecialIds::of(&tok)?;
     let (store, mut model) = build_model(&mut cfg, &tok, &device)?;
     // A resumed run's model must match its checkpoint before the tokenizer and the
     // configuration are replaced.
     run.check_params(&store)?;
+    let packer = DocPacker::new(&tok, &cfg, filter, label.as_deref());
+    // Training source first: it refuses data without rows before anything else is read.
+    let source_train = StreamingTextSource::new(
+        &source,
+        packer.clone(),
+        par.rank,
+        par.world,
+        sp.pad,
+        &device,
+    )?;
+    if cfg.train.max_epochs > 0.0 {
+        // Sequences are not rows: sequences per document are estimated from a sample.
+        let est = estimate_epoch(&source, &packer)?;
+        if let Some(steps) = cfg.train.apply_epochs(est.seqs, par.world) {
+            if par.is_main() {
+                eprintln!(
+                    "train.max_epochs = {}: about {} training sequences per epoch (an estimate: \
+                     {:.0} training documents x {:.2} sequences per document, measured on {} \
+                     documents) -> train.max_steps = {steps}",
+                    cfg.train.max_epochs,
+                    est.seqs,
+                    est.train_docs,
+                    est.seqs_per_doc,
+                    est.sample_docs
+                );
+            }
+        }
+    }
     if par.is_main() {
         save_tokenizer(&tok, out)?;
         cfg.tokenizer.file = std::fs::canonicalize(&tok_path)
@@ -190,23 +203,29 @@ pub fn pretrain(
             .into_owned();
         run_dir::write_config(out, &cfg)?;
     }
-
-    let train_seqs = tokenize(
-        &tok,
-        &train_docs,
-        with_ents.then_some(&train_ents[..]),
-        &cfg,
+    // The held-out set, read until the cap (with several ranks each reads at most its part of
+    // it), and for the online k-NN (one process only) up to as many labelled documents.
+    let knn_wanted = label.is_some() && par.world == 1;
+    let cap = cfg.data.heldout_max_seqs;
+    let held = read_heldout(
+        &source,
+        &packer,
+        par.rank,
+        par.world,
+        cap.div_ceil(par.world),
+        match (knn_wanted, cap) {
+            (false, _) => 0,
+            (true, 0) => usize::MAX,
+            (true, c) => c,
+        },
     )?;
-    let mut held_seqs = tokenize(&tok, &held_docs, with_ents.then_some(&held_ents[..]), &cfg)?;
-    if cfg.data.heldout_max_seqs > 0 {
-        // With several ranks each evaluates at most its part of the cap.
-        held_seqs.truncate(cfg.data.heldout_max_seqs.div_ceil(par.world));
-    }
+    let held_seqs = held.seqs;
     eprintln!(
-        "{} training documents -> {} sequences; {} held-out documents -> {} sequences; BERT {} layers x {} ({} parameters)",
-        train_docs.len(),
-        train_seqs.len(),
-        held_docs.len(),
+        "streaming {} rows ({} of them training documents, expected); {} held-out documents read -> {} sequences; BERT {} layers x {} ({} parameters)",
+        source.num_rows(),
+        (source.num_rows() as f64 * filter.sample_fraction() * (1.0 - frac.clamp(0.0, 1.0)))
+            .round(),
+        held.docs,
         held_seqs.len(),
         cfg.model.config.num_hidden_layers,
         cfg.model.config.hidden_size,
@@ -240,18 +259,18 @@ pub fn pretrain(
         }
     }
     // The online k-NN accuracy (`eval_knn_accuracy`): a fixed bank of labelled training
-    // documents against the held-out ones (at most `data.heldout_max_seqs` of them), pooled
-    // as `embed` pools, in one process only (each rank holds a share).
-    let knn = if with_labels && par.world == 1 {
-        if cfg.data.heldout_max_seqs > 0 {
-            held_docs.truncate(cfg.data.heldout_max_seqs);
-            held_labels.truncate(cfg.data.heldout_max_seqs);
-        }
+    // documents (at most ssl_core::probe::KNN_BANK_MAX, from a seeded shuffled pass) against
+    // the held-out ones (at most `data.heldout_max_seqs` of them), pooled as `embed` pools, in
+    // one process only (each rank holds a share).
+    let knn = if knn_wanted {
+        let bank = read_knn_bank(&source, &packer)?;
+        let (bank, bank_y): (Vec<String>, Vec<String>) = bank.into_iter().unzip();
+        let (queries, query_y): (Vec<String>, Vec<String>) = held.labelled.into_iter().unzip();
         let layer = (cfg.embed.layer >= 0).then_some(cfg.embed.layer as usize);
         model.set_pooling(cfg.embed.pooling, layer)?;
-        OnlineKnn::new(&train_docs, &train_labels, held_docs, &held_labels, seed)
+        OnlineKnn::new(&bank, &bank_y, queries, &query_y, seed)
     } else {
-        if with_labels && par.is_main() {
+        if label.is_some() && par.is_main() {
             eprintln!(
                 "note: the held-out k-NN accuracy is computed in one process only; not with {} ranks",
                 par.world
@@ -259,14 +278,7 @@ pub fn pretrain(
         }
         None
     };
-    let mut source = InMemoryTextSource::new(
-        train_seqs,
-        cfg.train.batch_size,
-        seed,
-        true,
-        sp.pad,
-        &device,
-    )?;
+    let mut source = source_train;
     let run_config = serde_json::to_value(&cfg).map_err(|e| TextError::Pipeline(e.to_string()))?;
     let mut trainer = opts.trainer(&cfg.train, out, run_config, &par)?;
     let report = if held_total > 0.0 {
@@ -316,25 +328,24 @@ pub fn pretrain(
     Ok(summary)
 }
 
-/// Refuses a run with nothing to train on, naming the cause: no documents, every training
-/// document held out (`data.heldout_fraction` took them all, as with a one-document set), or
-/// every training document empty. Counts are over every rank.
-fn check_training_docs(train: &[String], held: usize, frac: f64, par: &Parallel) -> Result<()> {
-    let with_text = train.iter().filter(|t| !t.trim().is_empty()).count();
-    let n = par.sum_f64(&[train.len() as f64, held as f64, with_text as f64])?;
-    let (n_train, n_held, n_text) = (n[0] as usize, n[1] as usize, n[2] as usize);
-    if n_text > 0 {
+/// Refuses, from the row indices alone (before anything is read), a run with no training row:
+/// no rows, or every row held out (`data.heldout_fraction` took them all, as with a
+/// one-document set) or outside the `data.max_docs` sample. Blank documents are found by the
+/// stream (see [`StreamingTextSource`]).
+fn check_training_rows(rows: usize, filter: &RowFilter, frac: f64) -> Result<()> {
+    if (0..rows).any(|i| filter.training(i)) {
         return Ok(());
     }
-    let why = if n_train + n_held == 0 {
+    let held = (0..rows).filter(|&i| filter.heldout(i)).count();
+    let why = if rows == 0 {
         "the data holds no documents".to_string()
-    } else if n_train == 0 {
+    } else if held > 0 {
         format!(
-            "all {n_held} documents were held out for perplexity (data.heldout_fraction = {frac}); \
+            "all {held} documents were held out for perplexity (data.heldout_fraction = {frac}); \
              add documents or set data.heldout_fraction = 0"
         )
     } else {
-        format!("all {n_train} training documents are empty or blank")
+        format!("none of the {rows} rows is in the data.max_docs sample")
     };
     Err(TextError::InvalidInput(format!(
         "nothing to train on: {why}"

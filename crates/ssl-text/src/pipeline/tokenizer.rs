@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use ssl_core::Parallel;
-use ssl_data::is_heldout;
+use ssl_data::ParquetSource;
 use tokenizers::Tokenizer;
 
 use super::config::{DataConfig, TextConfig};
 use super::docs::read_docs;
+use super::stream::RowFilter;
 use crate::{
     fertility, load_tokenizer, save_tokenizer, tokenize_texts, train_from_parquet,
     train_from_texts, CharSpans, Fertility, Result, TextError, TokenizedSeq, TokenizerConfig,
@@ -30,8 +31,9 @@ pub fn tokenize(
 
 /// The tokenizer of a pretraining run: the checkpoint's (`model.init_from`), a given file,
 /// the run's own `tok_path` on resume, or a new one trained on the training documents:
-/// streamed from `paths` (skipping held-out rows and rows past `data.max_docs`) when `docs`
-/// is `None`, else trained on `docs`.
+/// streamed from `paths` (the rows of the `data.max_docs` sample that are not held out, at
+/// most `tokenizer.train.max_docs` of them when set, with progress on stderr) when `docs` is
+/// `None`, else trained on `docs`.
 pub fn make_tokenizer(
     cfg: &TextConfig,
     paths: &[String],
@@ -48,17 +50,19 @@ pub fn make_tokenizer(
     if resume && tok_path.is_file() {
         return load_tokenizer(tok_path);
     }
-    let (seed, frac, max_docs) = (cfg.train.seed, cfg.data.heldout_fraction, cfg.data.max_docs);
     let train_cfg = TokenizerConfig {
-        max_docs: 0,
         skip_bad_rows: cfg.tokenizer.train.skip_bad_rows || cfg.data.skip_bad_rows,
         ..cfg.tokenizer.train.clone()
     };
     let t0 = std::time::Instant::now();
     let tok = match docs {
-        None => train_from_parquet(paths, &cfg.data.column, &train_cfg, move |i| {
-            is_heldout(i, seed, frac) || (max_docs > 0 && i >= max_docs)
-        }),
+        None => {
+            let rows = ParquetSource::open(paths)?.num_rows();
+            let filter = RowFilter::new(&cfg.data, cfg.train.seed, rows);
+            train_from_parquet(paths, &cfg.data.column, &train_cfg, move |i| {
+                !filter.training(i)
+            })
+        }
         Some(d) => train_from_texts(d.iter(), &train_cfg),
     }?;
     eprintln!(
@@ -66,30 +70,23 @@ pub fn make_tokenizer(
         cfg.tokenizer.train.kind,
         tok.get_vocab_size(true),
         t0.elapsed().as_secs_f64(),
-        docs.map(|d| format!(" on rank 0's {} training documents", d.len()))
+        docs.map(|d| format!(" on {} documents", d.len()))
             .unwrap_or_default()
     );
     Ok(tok)
 }
 
-/// [`make_tokenizer`] over the ranks of `par`: with one rank it trains on the streamed
-/// training rows of `paths`; with several, rank 0 alone makes it (training on its own share
-/// of the training documents, `train_docs`) and sends it to the others, so every rank uses
-/// the same one. Every rank must call it.
+/// [`make_tokenizer`] over the ranks of `par`: rank 0 alone makes it (training one on the
+/// training rows of `paths`, streamed, as a single process would) and sends it to the others,
+/// so every rank uses the same one. Every rank must call it.
 pub fn shared_tokenizer(
     cfg: &TextConfig,
     paths: &[String],
     tok_path: &Path,
     resume: bool,
-    train_docs: &[String],
     par: &Parallel,
 ) -> Result<Tokenizer> {
-    if par.world == 1 {
-        return make_tokenizer(cfg, paths, tok_path, resume, None);
-    }
-    broadcast_tokenizer(par, || {
-        make_tokenizer(cfg, paths, tok_path, resume, Some(train_docs))
-    })
+    broadcast_tokenizer(par, || make_tokenizer(cfg, paths, tok_path, resume, None))
 }
 
 /// The tokenizer `make` returns on rank 0, on every rank: rank 0 alone calls `make` and sends

@@ -1,0 +1,213 @@
+//! Streaming text pretraining: a run resumed from a checkpoint taken in the middle of an epoch
+//! (and in the middle of a loader batch's sequences) continues bit-identically, and the
+//! streaming source serves the same sequences after `restore` as without it.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, StringArray};
+use arrow::record_batch::RecordBatch;
+use candle_core::Device;
+use ssl_core::run_dir::RunOptions;
+use ssl_core::BatchSource;
+use ssl_data::ParquetSource;
+use ssl_text::{
+    pretrain, save_tokenizer, train_from_texts, DocPacker, InputMode, RowFilter, SpecialIds,
+    StreamingTextSource, TextConfig, TokenizerConfig,
+};
+
+/// `n` documents in row groups of `group` rows.
+fn write_docs(path: &Path, n: usize, group: usize) -> Vec<String> {
+    let words = [
+        "kernel", "driver", "module", "licence", "warranty", "notice",
+    ];
+    let texts: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                "the {} of the {} number {i} and the {}",
+                words[i % 6],
+                words[(i / 2) % 6],
+                words[(i / 3) % 6]
+            )
+        })
+        .collect();
+    let batch = RecordBatch::try_from_iter([(
+        "text",
+        Arc::new(StringArray::from(texts.clone())) as ArrayRef,
+    )])
+    .unwrap();
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_max_row_group_row_count(Some(group))
+        .build();
+    let file = std::fs::File::create(path).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), Some(props)).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    texts
+}
+
+fn tiny(tok_file: &Path) -> TextConfig {
+    let mut cfg = TextConfig::default();
+    cfg.train.batch_size = 4;
+    cfg.train.warmup_steps = 1;
+    cfg.tokenizer.file = tok_file.display().to_string();
+    cfg.model.preset.clear();
+    let m = &mut cfg.model.config;
+    m.hidden_size = 16;
+    m.num_hidden_layers = 1;
+    m.num_attention_heads = 2;
+    m.intermediate_size = 32;
+    cfg.input.max_seq_len = 16;
+    cfg.data.heldout_fraction = 0.25;
+    cfg
+}
+
+fn model_bytes(run: &Path, step: u64) -> Vec<u8> {
+    std::fs::read(run.join(format!("checkpoints/step-{step:08}/model.safetensors"))).unwrap()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+/// The sequences of one epoch of `docs` documents (one loader batch holds them all): the
+/// training documents tokenized and packed together.
+fn epoch_seqs(tok: &tokenizers::Tokenizer, cfg: &TextConfig, texts: &[String]) -> usize {
+    let filter = RowFilter::new(&cfg.data, cfg.train.seed, texts.len());
+    let train: Vec<String> = (0..texts.len())
+        .filter(|&i| filter.training(i))
+        .map(|i| texts[i].clone())
+        .collect();
+    ssl_text::tokenize(tok, &train, None, cfg).unwrap().len()
+}
+
+/// Trains 7 steps, then resumes a copy of the run from its step-4 checkpoint (with the later
+/// ones removed, as if stopped there) and checks steps 5 to 7 are bit-identical. The number
+/// of documents is chosen so an epoch holds 9 to 15 sequences (about 3 batches of 4, never a
+/// multiple of 4): step 4 then stops inside an epoch.
+fn resume_is_bit_identical(mode: InputMode) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("docs.parquet");
+    let all = write_docs(&path, 60, 4);
+    let tok = train_from_texts(
+        all.iter(),
+        &TokenizerConfig {
+            vocab_size: 120,
+            ..TokenizerConfig::default()
+        },
+    )
+    .unwrap();
+    let tok_file = save_tokenizer(&tok, &dir.path().join("tok")).unwrap();
+    let mut cfg = tiny(&tok_file);
+    cfg.input.mode = mode;
+    let docs = (4..60)
+        .find(|&n| (9..=15).contains(&epoch_seqs(&tok, &cfg, &all[..n])))
+        .expect("a document count giving 9 to 15 sequences per epoch");
+    write_docs(&path, docs, 4);
+    let data = vec![path.display().to_string()];
+    cfg.train.max_steps = 7;
+    cfg.train.checkpoint_every_steps = 1;
+    cfg.train.keep_checkpoints = 10;
+    let a = dir.path().join("a");
+    let s = pretrain(cfg, &data, &a, &RunOptions::default()).unwrap();
+    assert_eq!(s.run.step, 7);
+
+    // Where step 4 stood: inside a loader batch's sequences (one loader batch holds a whole
+    // epoch of these few rows), so in the middle of an epoch.
+    let state = ssl_core::checkpoint::read_state(&a.join("checkpoints/step-00000004")).unwrap();
+    let pos = &state.data_position["stream"];
+    assert!(pos["skip"].as_u64().unwrap() > 0, "{}", state.data_position);
+
+    let b = dir.path().join("b");
+    copy_dir(&a, &b);
+    for step in 5..=7 {
+        std::fs::remove_dir_all(b.join(format!("checkpoints/step-{step:08}"))).unwrap();
+    }
+    let _ = std::fs::remove_dir_all(b.join("checkpoints/best"));
+    let (_, cfg) = ssl_text::stored_config(&b).unwrap();
+    let opts = RunOptions {
+        resume: true,
+        ..RunOptions::default()
+    };
+    let s = pretrain(cfg, &data, &b, &opts).unwrap();
+    assert_eq!((s.run.start_step, s.run.step), (4, 7));
+    for step in 5..=7 {
+        assert!(
+            model_bytes(&a, step) == model_bytes(&b, step),
+            "step {step} differs after resuming at step 4 ({mode:?})"
+        );
+    }
+}
+
+#[test]
+fn a_run_resumed_mid_epoch_is_bit_identical_documents() {
+    resume_is_bit_identical(InputMode::Document);
+}
+
+#[test]
+fn a_run_resumed_mid_epoch_is_bit_identical_packed() {
+    resume_is_bit_identical(InputMode::Packed);
+}
+
+#[test]
+fn the_streaming_source_restores_to_the_same_sequences() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("docs.parquet");
+    let texts = write_docs(&path, 40, 4);
+    let tok = train_from_texts(texts.iter(), &TokenizerConfig::default()).unwrap();
+    let mut cfg = tiny(Path::new(""));
+    cfg.input.mode = InputMode::Document;
+    let source = ParquetSource::open(&[&path]).unwrap();
+    let filter = RowFilter::new(&cfg.data, cfg.train.seed, source.num_rows());
+    let packer = DocPacker::new(&tok, &cfg, filter, None);
+    let pad = SpecialIds::of(&tok).unwrap().pad;
+    let make = || StreamingTextSource::new(&source, packer.clone(), 0, 1, pad, &Device::Cpu);
+    let mut a = make().unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        seen.extend(a.next_batch().unwrap().seqs);
+    }
+    // The first epoch: the training documents, each once, shuffled (document mode: one
+    // sequence each).
+    let train: Vec<String> = (0..40)
+        .filter(|&i| filter.training(i))
+        .map(|i| texts[i].clone())
+        .collect();
+    let mut want: Vec<Vec<u32>> = ssl_text::tokenize(&tok, &train, None, &cfg)
+        .unwrap()
+        .into_iter()
+        .map(|s| s.ids)
+        .collect();
+    assert!(seen.len() > train.len());
+    let mut first: Vec<Vec<u32>> = seen
+        .iter()
+        .take(train.len())
+        .map(|s| s.ids.clone())
+        .collect();
+    assert_ne!(first, want, "the rows are shuffled");
+    first.sort();
+    want.sort();
+    assert_eq!(first, want);
+    let pos = a.position();
+    let mut b = make().unwrap();
+    b.restore(&pos).unwrap();
+    for _ in 0..12 {
+        assert_eq!(a.next_batch().unwrap().seqs, b.next_batch().unwrap().seqs);
+    }
+    assert!(a.epoch() >= 1);
+    // An in-memory source's position is refused with a message.
+    let e = b
+        .restore(&serde_json::json!({"epoch": 0, "cursor": 3}))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("stream"), "{e}");
+}
