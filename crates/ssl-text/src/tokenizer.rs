@@ -362,12 +362,10 @@ impl TextStream {
         let handle = std::thread::spawn(move || {
             let run = || -> Result<()> {
                 let mut loader = DataLoader::new(&source, config)?;
-                let mut row = 0usize;
                 let mut sent = 0usize;
                 while let Some(batch) = loader.next_batch()? {
-                    for text in batch.text(&column)? {
-                        let i = row;
-                        row += 1;
+                    // Global row indices (rows skipped as bad under `skip_bad_rows` leave gaps).
+                    for (text, &i) in batch.text(&column)?.iter().zip(batch.rows()) {
                         if skip(i) {
                             continue;
                         }

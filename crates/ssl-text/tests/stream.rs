@@ -211,3 +211,50 @@ fn the_streaming_source_restores_to_the_same_sequences() {
         .to_string();
     assert!(e.contains("stream"), "{e}");
 }
+
+/// Pretraining over 2 ranks (threads): rank 0 trains the tokenizer from the files and sends
+/// it, each rank streams its row groups (or, with fewer row groups than ranks, its rows), the
+/// held-out figures are summed over ranks, and both ranks end at the same step.
+fn two_ranks(group: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("docs.parquet");
+    write_docs(&path, 32, group);
+    let data = vec![path.display().to_string()];
+    let mut cfg = tiny(Path::new(""));
+    cfg.tokenizer.train.vocab_size = 120;
+    cfg.train.max_steps = 3;
+    cfg.train.checkpoint_every_steps = 3;
+    let run = dir.path().join("run");
+    let outs: Vec<(u64, usize, bool)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = ssl_core::ThreadGroup::new(2)
+            .into_iter()
+            .map(|c| {
+                let (cfg, data, run) = (cfg.clone(), data.clone(), run.clone());
+                sc.spawn(move || {
+                    let opts = RunOptions {
+                        collective: Some(Arc::new(c)),
+                        ..RunOptions::default()
+                    };
+                    let s = pretrain(cfg, &data, &run, &opts).unwrap();
+                    (s.run.step, s.heldout.len(), s.hf.is_some())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(outs, [(3, 2, true), (3, 2, false)]);
+    assert!(run.join("tokenizer.json").is_file());
+    assert!(run
+        .join("checkpoints/step-00000003/model.safetensors")
+        .is_file());
+}
+
+#[test]
+fn two_ranks_stream_their_row_groups() {
+    two_ranks(4);
+}
+
+#[test]
+fn two_ranks_share_the_rows_of_a_single_row_group() {
+    two_ranks(64);
+}
