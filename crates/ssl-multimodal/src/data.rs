@@ -77,6 +77,29 @@ impl PairSet {
         }
     }
 
+    /// Appends the pairs of `other` (same image shape and label columns, else an error naming
+    /// `other`'s first row).
+    pub fn append(&mut self, other: PairSet) -> Result<()> {
+        let names = |p: &PairSet| p.labels.iter().map(|(c, _)| c.clone()).collect::<Vec<_>>();
+        if other.images.shape != self.images.shape || names(&other) != names(self) {
+            return Err(MultimodalError::Config(format!(
+                "the images of rows from {} are {:?} (channels, height, width) with label columns {:?} but earlier ones {:?} with {:?}; set data.resize",
+                other.ids.first().map(String::as_str).unwrap_or("?"),
+                other.images.shape,
+                names(&other),
+                self.images.shape,
+                names(self)
+            )));
+        }
+        self.images.data.extend(other.images.data);
+        self.captions.extend(other.captions);
+        self.ids.extend(other.ids);
+        for ((_, l), (_, m)) in self.labels.iter_mut().zip(other.labels) {
+            l.extend(m);
+        }
+        Ok(())
+    }
+
     /// The labels of column `name`.
     pub fn label_column(&self, name: &str) -> Result<&[String]> {
         self.labels

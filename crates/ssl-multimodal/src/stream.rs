@@ -420,18 +420,32 @@ pub struct CollectOrder {
     pub window: usize,
 }
 
+/// What a bounded pass ([`visit_pairs`]) met besides the pairs.
+#[derive(Debug, Clone, Default)]
+pub struct PassReport {
+    /// Pairs kept (handed to the visitor).
+    pub kept: usize,
+    /// Kept rows with an empty caption, skipped under `skip_bad_rows`.
+    pub blank_captions: usize,
+    /// Rows the loader skipped as undecodable under `skip_bad_rows`.
+    pub bad_rows: ssl_data::BadRowReport,
+}
+
 /// Reads the pairs of `source` whose global row index satisfies `keep`, one pass at most,
-/// stopping once `cap` pairs are kept (0: no cap): a bounded read (the statistics sample, the
-/// held-out set). Every row's columns of `cols` are decoded (label columns too). Progress is
-/// reported as `label` (a line every few seconds in a log).
-pub fn collect_pairs(
+/// stopping once `cap` pairs are kept (0: no cap), and hands them to `visit` a loader batch
+/// at a time with their global row indices: a bounded read in constant memory (the
+/// statistics sample, the held-out set, `ssl eval`'s input). Every row's columns of `cols`
+/// are decoded (label columns too). Progress is reported as `label` (a line every few
+/// seconds in a log).
+pub fn visit_pairs(
     source: &ParquetSource,
     cols: &PairColumns,
     order: CollectOrder,
     keep: impl Fn(usize) -> bool,
     cap: usize,
     label: &str,
-) -> Result<Collected> {
+    mut visit: impl FnMut(PairSet, Vec<usize>) -> Result<()>,
+) -> Result<PassReport> {
     let config = LoaderConfig {
         columns: pair_specs(cols, true, true)?,
         batch_size: order.window.clamp(1, 1024),
@@ -447,18 +461,13 @@ pub fn collect_pairs(
     let progress = ssl_core::monitor::Progress::task(label, total as u64, "pairs");
     let mut loader = ssl_data::DataLoader::new(source, config)?;
     let blanks = AtomicUsize::new(0);
-    let (mut px, mut captions, mut ids, mut rows) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut labels: Vec<(String, Vec<String>)> = cols
-        .labels
-        .iter()
-        .map(|l| (l.clone(), Vec::new()))
-        .collect();
-    let mut shape = None;
-    'read: while let Some(batch) = loader.next_batch()? {
-        let img = batch_images(&batch, cols, shape)?;
+    let mut kept = 0;
+    while let Some(batch) = loader.next_batch()? {
+        if cap > 0 && kept >= cap {
+            break;
+        }
+        let img = batch_images(&batch, cols, None)?;
         let [_, c, h, w] = img.shape;
-        shape = Some([c, h, w]);
         let per = c * h * w;
         let caps = batch.text(&cols.caption)?;
         let label_cols = cols
@@ -466,9 +475,10 @@ pub fn collect_pairs(
             .iter()
             .map(|l| batch.text(l))
             .collect::<std::result::Result<Vec<_>, DataError>>()?;
+        let mut take = Vec::new();
         for (k, &row) in batch.rows().iter().enumerate() {
-            if cap > 0 && rows.len() >= cap {
-                break 'read;
+            if cap > 0 && kept + take.len() >= cap {
+                break;
             }
             if !keep(row) {
                 continue;
@@ -477,28 +487,82 @@ pub fn collect_pairs(
                 blank_caption(cols, row, &batch.ids()[k], &blanks)?;
                 continue;
             }
-            px.extend_from_slice(&img.data[k * per..(k + 1) * per]);
-            captions.push(caps[k].clone());
-            ids.push(batch.ids()[k].clone());
-            rows.push(row);
-            for (j, l) in label_cols.iter().enumerate() {
-                labels[j].1.push(l[k].clone());
-            }
-            progress.inc(1);
+            take.push(k);
         }
+        if take.is_empty() {
+            continue;
+        }
+        let px: Vec<f32> = take
+            .iter()
+            .flat_map(|&k| img.data[k * per..(k + 1) * per].iter().copied())
+            .collect();
+        let labels = cols
+            .labels
+            .iter()
+            .zip(&label_cols)
+            .map(|(name, l)| (name.clone(), take.iter().map(|&k| l[k].clone()).collect()))
+            .collect();
+        let set = PairSet::new(
+            ImageSet::new(px, [c, h, w])?,
+            take.iter().map(|&k| caps[k].clone()).collect(),
+            take.iter().map(|&k| batch.ids()[k].clone()).collect(),
+            labels,
+        )?;
+        let rows = take.iter().map(|&k| batch.rows()[k]).collect();
+        kept += take.len();
+        progress.inc(take.len() as u64);
+        visit(set, rows)?;
     }
     progress.finish();
-    let bad_rows = loader.bad_rows();
-    drop(loader);
-    let shape = shape.unwrap_or(match cols.resize.as_slice() {
-        [h, w] => [cols.color.channels(), *h, *w],
-        _ => [cols.color.channels(), 1, 1],
-    });
-    let set = PairSet::new(ImageSet::new(px, shape)?, captions, ids, labels)?;
+    Ok(PassReport {
+        kept,
+        blank_captions: blanks.load(Ordering::Relaxed),
+        bad_rows: loader.bad_rows(),
+    })
+}
+
+/// [`visit_pairs`] collecting the pairs in memory (all images of one shape, else an error
+/// naming the rows): for bounded sets.
+pub fn collect_pairs(
+    source: &ParquetSource,
+    cols: &PairColumns,
+    order: CollectOrder,
+    keep: impl Fn(usize) -> bool,
+    cap: usize,
+    label: &str,
+) -> Result<Collected> {
+    let mut all: Option<PairSet> = None;
+    let mut rows_all = Vec::new();
+    let report = visit_pairs(source, cols, order, keep, cap, label, |set, rows| {
+        rows_all.extend(rows);
+        match &mut all {
+            None => all = Some(set),
+            Some(a) => a.append(set)?,
+        }
+        Ok(())
+    })?;
+    let set = match all {
+        Some(s) => s,
+        None => {
+            let shape = match cols.resize.as_slice() {
+                [h, w] => [cols.color.channels(), *h, *w],
+                _ => [cols.color.channels(), 1, 1],
+            };
+            PairSet::new(
+                ImageSet::new(Vec::new(), shape)?,
+                Vec::new(),
+                Vec::new(),
+                cols.labels
+                    .iter()
+                    .map(|l| (l.clone(), Vec::new()))
+                    .collect(),
+            )?
+        }
+    };
     Ok(Collected {
         set,
-        rows,
-        blank_captions: blanks.load(Ordering::Relaxed),
-        bad_rows,
+        rows: rows_all,
+        blank_captions: report.blank_captions,
+        bad_rows: report.bad_rows,
     })
 }

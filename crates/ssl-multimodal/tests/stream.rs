@@ -195,3 +195,62 @@ fn ranks_stream_disjoint_training_rows_and_never_held_out_ones() {
         assert!(want.contains(&norm(c)), "{c} is not a training caption");
     }
 }
+
+#[test]
+fn max_epochs_sets_the_steps_from_the_footers_row_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = toy_file(dir.path());
+    let mut cfg = common::tiny_config();
+    cfg.train.max_epochs = 2.0;
+    cfg.train.checkpoint_every_steps = 0;
+    let run = dir.path().join("run");
+    let s = pretrain(cfg.clone(), &paths, &run, &RunOptions::default()).unwrap();
+    let split = row_split(&cfg, &ParquetSource::open(&paths).unwrap()).unwrap();
+    let steps = 2 * split.counts().0.div_ceil(32) as u64;
+    assert_eq!(s.run.step, steps);
+    let (_, stored) = stored_config(&run).unwrap();
+    assert_eq!(stored.train.max_steps, steps);
+}
+
+#[test]
+fn an_empty_caption_met_mid_stream_names_its_row_or_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = pairs();
+    let mut cfg = common::tiny_config();
+    cfg.train.max_steps = 3;
+    cfg.train.checkpoint_every_steps = 0;
+    // Outside the statistics sample (its first 10 training pairs), inside the stream.
+    cfg.data.sample_pairs = 10;
+    let source_rows = 100;
+    let split = ssl_multimodal::RowSplit {
+        seed: 0,
+        heldout_fraction: 0.2,
+        max_pairs: 0,
+        num_rows: source_rows,
+    };
+    let path = dir.path().join("pairs.parquet");
+    toy::write_parquet(&p, &path, 10).unwrap();
+    let paths = vec![path.to_string_lossy().into_owned()];
+    let sample = training_sample(&ParquetSource::open(&paths).unwrap(), &cfg, &split).unwrap();
+    let blank = (0..source_rows)
+        .filter(|&i| split.is_training(i))
+        .find(|&i| !sample.captions.contains(&p.captions[i]))
+        .unwrap();
+    p.captions[blank] = "   ".into();
+    toy::write_parquet(&p, &path, 10).unwrap();
+    let err = pretrain(
+        cfg.clone(),
+        &paths,
+        &dir.path().join("a"),
+        &RunOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains(&format!("row {blank} ")) && err.contains("data.skip_bad_rows"),
+        "{err}"
+    );
+    cfg.data.skip_bad_rows = true;
+    let s = pretrain(cfg, &paths, &dir.path().join("b"), &RunOptions::default()).unwrap();
+    assert_eq!(s.run.step, 3);
+}

@@ -1,18 +1,20 @@
 //! Evaluation of a trained run on held-out pairs: recall@K both ways and zero-shot
-//! classification, for the trained model and for untrained towers of the same shape.
+//! classification, for the trained model and for untrained towers of the same shape. The
+//! pairs stream and are embedded as they come; only their embeddings and labels are held.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use serde::Serialize;
-use ssl_text::SpecialIds;
+use ssl_core::{Ctx, SslRng};
+use ssl_text::{SpecialIds, TextBatch};
 use tokenizers::Tokenizer;
 
-use super::{build_model, check_shape, eval_pairs, LoadedRun, MultimodalConfig};
+use super::{build_model, check_shape, visit_eval_pairs, LoadedRun, MultimodalConfig};
 use crate::{
-    embed_images, embed_token_seqs, retrieval, tokenize_captions, zero_shot, ClipModel, PairSet,
-    Result, ZeroShotReport,
+    embed_images, embed_token_seqs, retrieval, tokenize_captions, zero_shot, ClipModel,
+    MultimodalError, PairSet, Result, ZeroShotReport,
 };
 
 /// Recall@K keyed `r@K` (`r@1`, `r@5`, ...).
@@ -63,7 +65,32 @@ pub fn evaluate(
     let seqs = tokenize_captions(tok, &heldout.captions, &heldout.ids, cfg.max_seq_len)?;
     let pad = SpecialIds::of(tok)?.pad;
     let txt = embed_token_seqs(model, &seqs, pad, bs, device)?;
-    let r = retrieval(&img, &txt, &cfg.eval.ks)?;
+    scores_of_embeddings(
+        model,
+        tok,
+        cfg,
+        &img,
+        &txt,
+        &heldout.labels,
+        columns,
+        device,
+    )
+}
+
+/// Retrieval and zero-shot figures from the held-out pairs' embeddings under `model`
+/// (`image` and `text`, row `i` a pair) and their `labels` (zero-shot over `columns`).
+#[allow(clippy::too_many_arguments)]
+pub fn scores_of_embeddings(
+    model: &ClipModel,
+    tok: &Tokenizer,
+    cfg: &MultimodalConfig,
+    image: &Tensor,
+    text: &Tensor,
+    labels: &[(String, Vec<String>)],
+    columns: &[String],
+    device: &Device,
+) -> Result<MultimodalScores> {
+    let r = retrieval(image, text, &cfg.eval.ks)?;
     let named = |v: &[f64]| -> RecallAtK {
         r.k.iter()
             .zip(v)
@@ -72,12 +99,18 @@ pub fn evaluate(
     };
     let mut zs = BTreeMap::new();
     for c in columns {
-        let labels = heldout.label_column(c)?;
+        let l = labels
+            .iter()
+            .find(|(n, _)| n == c)
+            .map(|(_, l)| l.as_slice())
+            .ok_or_else(|| {
+                MultimodalError::InvalidInput(format!("label column `{c}` was not read"))
+            })?;
         let z = zero_shot(
             model,
             tok,
-            &img,
-            labels,
+            image,
+            l,
             &cfg.eval.templates,
             cfg.max_seq_len,
             device,
@@ -94,9 +127,12 @@ pub fn evaluate(
 
 /// Evaluates the checkpoint `ckpt` (trained with `cfg`, see
 /// [`stored_config`](super::stored_config)) on the held-out pairs: `test` when given, else
-/// the run's seeded hold-out of `data`. Zero-shot classification runs over `label_column`,
-/// or `eval.zero_shot_columns` without one. The trained model and untrained towers of the
-/// same shape are scored alike.
+/// the run's seeded hold-out of `data`, at most `data.max_heldout_pairs` of them. Zero-shot
+/// classification runs over `label_column`, or `eval.zero_shot_columns` without one. The
+/// trained model and untrained towers of the same shape are scored alike. The pairs stream
+/// (a batch decoded at a time, embedded by both models as it comes); the `(N, embed_dim)`
+/// embeddings and the labels are held for recall@K and zero-shot, which rank all pairs
+/// together.
 pub fn eval(
     ckpt: &Path,
     cfg: &MultimodalConfig,
@@ -109,14 +145,58 @@ pub fn eval(
         Some(l) => vec![l.to_string()],
         None => cfg.eval.zero_shot_columns.clone(),
     };
-    let heldout = eval_pairs(cfg, data, test, &columns)?;
-    check_shape(&heldout, cfg)?;
-    let trained = evaluate(&run.model, &run.tok, cfg, &heldout, &columns, &run.device)?;
     let (_, fresh) = build_model(cfg, &run.device)?;
-    let untrained = evaluate(&fresh, &run.tok, cfg, &heldout, &columns, &run.device)?;
+    let models = [&run.model, &fresh];
+    let pad = SpecialIds::of(&run.tok)?.pad;
+    let mut rng = SslRng::new(0);
+    let (mut img, mut txt): ([Vec<Tensor>; 2], [Vec<Tensor>; 2]) = Default::default();
+    let mut labels: Vec<(String, Vec<String>)> =
+        columns.iter().map(|c| (c.clone(), Vec::new())).collect();
+    let n = visit_eval_pairs(cfg, data, test, &columns, |set, _| {
+        check_shape(&set, cfg)?;
+        let images = set.images.batch(0, set.len(), &run.device)?;
+        let seqs = tokenize_captions(&run.tok, &set.captions, &set.ids, cfg.max_seq_len)?;
+        let text = TextBatch {
+            seqs,
+            pad_id: pad,
+            device: run.device.clone(),
+        }
+        .tensors()?;
+        for (m, model) in models.iter().enumerate() {
+            img[m].push(model.encode_image(&images, &mut Ctx::inference(&mut rng))?);
+            txt[m].push(model.encode_text(&text, &mut Ctx::inference(&mut rng))?);
+        }
+        for ((_, l), (_, m)) in labels.iter_mut().zip(set.labels) {
+            l.extend(m);
+        }
+        Ok(())
+    })?;
+    if n == 0 {
+        return Err(MultimodalError::InvalidInput(format!(
+            "no pairs to evaluate in {}",
+            if test.is_empty() { data } else { test }.join(", ")
+        )));
+    }
+    let mut scores = Vec::with_capacity(2);
+    for (m, model) in models.iter().enumerate() {
+        let i = Tensor::cat(&img[m], 0)?;
+        let t = Tensor::cat(&txt[m], 0)?;
+        scores.push(scores_of_embeddings(
+            model,
+            &run.tok,
+            cfg,
+            &i,
+            &t,
+            &labels,
+            &columns,
+            &run.device,
+        )?);
+    }
+    let untrained = scores.pop().expect("two models");
+    let trained = scores.pop().expect("two models");
     Ok(MultimodalEvalReport {
         checkpoint: run.ckpt.display().to_string(),
-        n_heldout: heldout.len(),
+        n_heldout: n,
         logit_scale: run.model.logit_scale_value()?,
         templates: cfg.eval.templates.clone(),
         trained,

@@ -46,12 +46,14 @@ pub use config::{
     MultimodalDataConfig, Tower,
 };
 pub use embed::{check_shape, embed, MultimodalEmbedSummary};
-pub use eval::{eval, evaluate, MultimodalEvalReport, MultimodalScores, RecallAtK};
+pub use eval::{
+    eval, evaluate, scores_of_embeddings, MultimodalEvalReport, MultimodalScores, RecallAtK,
+};
 pub use pretrain::{pretrain, MultimodalRunSummary};
 pub use run::{build_model, stored_config, LoadedRun};
 pub use split::{
     eval_pairs, filter_scores, filter_threshold, filtering, heldout_pairs, pair_filter,
-    read_run_pairs, row_split, shuffle_bytes, training_sample,
+    read_run_pairs, row_split, shuffle_bytes, training_sample, visit_eval_pairs,
 };
 pub use tokenizer::{run_tokenizer, save_shared_tokenizer, shared_tokenizer};
 pub use towers::{init_towers, text_run, tower_settings_from_runs, vision_run};

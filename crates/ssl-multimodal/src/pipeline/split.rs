@@ -10,7 +10,7 @@ use ssl_core::Parallel;
 use ssl_data::ParquetSource;
 
 use super::{LoadedRun, MultimodalConfig};
-use crate::stream::{collect_pairs, window_rows, CollectOrder, PairFilter};
+use crate::stream::{collect_pairs, visit_pairs, window_rows, CollectOrder, PairFilter};
 use crate::{
     embed_images, embed_token_seqs, keep_best_pairs, tokenize_captions, MultimodalError, PairSet,
     Result, RowSplit,
@@ -125,45 +125,37 @@ pub fn heldout_pairs(
 ) -> Result<PairSet> {
     let source = ParquetSource::open(paths)?;
     let split = row_split(cfg, &source)?;
-    read_bounded(
+    let got = collect_pairs(
         &source,
-        cfg,
-        labels,
+        &cfg.data.columns(labels),
+        eval_order(cfg),
         |i| split.is_heldout(i),
+        cfg.data.max_heldout_pairs,
         "held-out pairs",
-    )
+    )?;
+    report_pass(cfg, &got.bad_rows, got.blank_captions);
+    Ok(got.set)
 }
 
-/// The rows of `source` that `keep` selects, in file order, at most `data.max_heldout_pairs`.
-fn read_bounded(
-    source: &ParquetSource,
-    cfg: &MultimodalConfig,
-    labels: &[String],
-    keep: impl Fn(usize) -> bool,
-    label: &str,
-) -> Result<PairSet> {
-    let order = CollectOrder {
+/// File order, a batch of `train.batch_size` decoded at a time.
+fn eval_order(cfg: &MultimodalConfig) -> CollectOrder {
+    CollectOrder {
         shuffle: None,
-        window: cfg.train.batch_size.max(64),
-    };
-    let got = collect_pairs(
-        source,
-        &cfg.data.columns(labels),
-        order,
-        keep,
-        cfg.data.max_heldout_pairs,
-        label,
-    )?;
-    if got.bad_rows.count > 0 {
-        eprintln!("skipped {} bad rows: {}", got.bad_rows.count, got.bad_rows);
+        window: cfg.train.batch_size.max(2),
     }
-    if got.blank_captions > 0 {
+}
+
+/// Says on stderr what a bounded pass skipped.
+fn report_pass(cfg: &MultimodalConfig, bad: &ssl_data::BadRowReport, blanks: usize) {
+    if bad.count > 0 {
+        eprintln!("skipped {} bad rows: {bad}", bad.count);
+    }
+    if blanks > 0 {
         eprintln!(
-            "skipped {} pairs with an empty caption in column `{}`",
-            got.blank_captions, cfg.data.caption_column
+            "skipped {blanks} pairs with an empty caption in column `{}`",
+            cfg.data.caption_column
         );
     }
-    Ok(got.set)
 }
 
 /// The pair filter of `cfg` (`data.filter_checkpoint`, `data.filter_drop_fraction`), or
@@ -237,33 +229,75 @@ pub fn filter_threshold(scores: &[f32], drop_fraction: f64) -> Result<f32> {
     })
 }
 
-/// The held-out pairs `ssl eval` scores: the rows of `test` when given (at most
-/// `data.max_heldout_pairs`, in file order), else the run's seeded hold-out of `data`
-/// (bounded alike; at least two pairs), with the label columns `labels`.
+/// Streams the pairs `ssl eval` scores to `visit`, a batch at a time: the rows of `test`
+/// when given (the `data.max_pairs` sample), else the run's seeded hold-out of `data`; in
+/// file order, at most `data.max_heldout_pairs` (0: all), with the label columns `labels`.
+/// Returns the number of pairs; fewer than two held-out pairs is an error.
+pub fn visit_eval_pairs(
+    cfg: &MultimodalConfig,
+    data: &[String],
+    test: &[String],
+    labels: &[String],
+    visit: impl FnMut(PairSet, Vec<usize>) -> Result<()>,
+) -> Result<usize> {
+    let is_test = !test.is_empty();
+    let source = ParquetSource::open(if is_test { test } else { data })?;
+    let split = row_split(cfg, &source)?;
+    let keep = move |i| {
+        if is_test {
+            split.in_sample(i)
+        } else {
+            split.is_heldout(i)
+        }
+    };
+    let label = if is_test {
+        "test pairs"
+    } else {
+        "held-out pairs"
+    };
+    let cols = cfg.data.columns(labels);
+    let r = visit_pairs(
+        &source,
+        &cols,
+        eval_order(cfg),
+        keep,
+        cfg.data.max_heldout_pairs,
+        label,
+        visit,
+    )?;
+    report_pass(cfg, &r.bad_rows, r.blank_captions);
+    if !is_test && r.kept < 2 {
+        return Err(MultimodalError::Config(format!(
+            "data.heldout_fraction = {} holds out {} pairs of {}: give --test or a larger fraction",
+            cfg.data.heldout_fraction,
+            r.kept,
+            data.join(", ")
+        )));
+    }
+    Ok(r.kept)
+}
+
+/// The pairs of [`visit_eval_pairs`] collected in memory (bounded by
+/// `data.max_heldout_pairs`).
 pub fn eval_pairs(
     cfg: &MultimodalConfig,
     data: &[String],
     test: &[String],
     labels: &[String],
 ) -> Result<PairSet> {
-    if !test.is_empty() {
-        let source = ParquetSource::open(test)?;
-        let split = RowSplit {
-            heldout_fraction: 0.0,
-            ..row_split(cfg, &source)?
-        };
-        return read_bounded(&source, cfg, labels, |i| split.in_sample(i), "test pairs");
+    let mut parts: Vec<PairSet> = Vec::new();
+    visit_eval_pairs(cfg, data, test, labels, |set, _| {
+        parts.push(set);
+        Ok(())
+    })?;
+    let mut it = parts.into_iter();
+    let mut all = it.next().ok_or_else(|| {
+        MultimodalError::InvalidInput(format!("no pairs to evaluate in {}", test.join(", ")))
+    })?;
+    for p in it {
+        all.append(p)?;
     }
-    let set = heldout_pairs(data, cfg, labels)?;
-    if set.len() < 2 {
-        return Err(MultimodalError::Config(format!(
-            "data.heldout_fraction = {} holds out {} pairs of {}: give --test or a larger fraction",
-            cfg.data.heldout_fraction,
-            set.len(),
-            data.join(", ")
-        )));
-    }
-    Ok(set)
+    Ok(all)
 }
 
 #[cfg(test)]
