@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use ssl_core::seq::SeqExample;
-use ssl_data::{read_all, read_numeric_column, ColumnSpec, ReadOptions, Share};
+use ssl_data::{read_all, read_numeric_column, ColumnSpec, ReadOptions, SeriesBatch, Share};
 
 use crate::{Result, TsError};
 
@@ -71,22 +71,7 @@ pub fn read_series_with<P: AsRef<Path>>(
         );
     }
     let batch = &table.batch;
-    let s = batch.series(column)?;
-    let (b, c, l) = (batch.len(), s.channels, s.length);
-    let mut series = Vec::with_capacity(b);
-    for i in 0..b {
-        let steps = s.lengths[i];
-        let mut values = vec![f32::NAN; steps * c];
-        for ch in 0..c {
-            for t in 0..steps {
-                let k = (i * c + ch) * l + t;
-                if s.mask[k] != 0 {
-                    values[t * c + ch] = s.values[k];
-                }
-            }
-        }
-        series.push(SeqExample::new(values, steps, c)?);
-    }
+    let series = series_examples(batch.series(column)?)?;
     let keep = empty_series_policy(
         &series,
         batch.ids(),
@@ -141,6 +126,37 @@ pub fn read_series_with<P: AsRef<Path>>(
     })
 }
 
+/// The rows of a decoded series column as examples (steps x channels, gaps NaN).
+pub(crate) fn series_examples(s: &SeriesBatch) -> Result<Vec<SeqExample>> {
+    let (b, c, l) = (s.lengths.len(), s.channels, s.length);
+    let mut series = Vec::with_capacity(b);
+    for i in 0..b {
+        let steps = s.lengths[i];
+        let mut values = vec![f32::NAN; steps * c];
+        for ch in 0..c {
+            for t in 0..steps {
+                let k = (i * c + ch) * l + t;
+                if s.mask[k] != 0 {
+                    values[t * c + ch] = s.values[k];
+                }
+            }
+        }
+        series.push(SeqExample::new(values, steps, c)?);
+    }
+    Ok(series)
+}
+
+/// Why a series carries nothing to learn or embed: empty, or without one observed value.
+pub(crate) fn empty_series_reason(s: &SeqExample) -> Option<&'static str> {
+    if s.steps == 0 {
+        Some("is empty (no steps)")
+    } else if !s.values.iter().any(|v| v.is_finite()) {
+        Some("has no observed value (every step is NaN or null)")
+    } else {
+        None
+    }
+}
+
 /// Empty series (no steps) and series without one observed value (every step NaN or null)
 /// carry nothing to learn or embed: an error naming the row, or, with `skip_bad_rows`, a
 /// count on stderr. Returns which series to keep (empty when all are).
@@ -151,15 +167,7 @@ fn empty_series_policy(
     column: &str,
     skip_bad_rows: bool,
 ) -> Result<Vec<bool>> {
-    let why = |s: &SeqExample| {
-        if s.steps == 0 {
-            Some("is empty (no steps)")
-        } else if !s.values.iter().any(|v| v.is_finite()) {
-            Some("has no observed value (every step is NaN or null)")
-        } else {
-            None
-        }
-    };
+    let why = empty_series_reason;
     let bad: Vec<usize> = (0..series.len())
         .filter(|&i| why(&series[i]).is_some())
         .collect();

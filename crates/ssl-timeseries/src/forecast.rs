@@ -287,16 +287,58 @@ pub fn evaluate_forecast<E: Encoder<Input = SeqBatch>>(
     period: usize,
     batch_size: usize,
 ) -> Result<Vec<HorizonReport>> {
-    let (l, hmax) = (task.cfg.context, task.cfg.horizon);
-    if let Some(h) = horizons.iter().find(|&&h| h == 0 || h > hmax) {
-        return Err(CoreError::Config(format!(
-            "evaluation lead {h} is outside the model's horizon 1..={hmax}"
-        )));
-    }
-    let c = task.channels;
-    let mut acc = vec![[0f64; 7]; horizons.len()]; // n, mse x3, mae x3
-    let mut rng = SslRng::new(0);
+    let mut scorer = ForecastScorer::new(task, horizons, period)?;
     for chunk in windows.chunks(batch_size.max(1)) {
+        scorer.add(task, chunk)?;
+    }
+    Ok(scorer.finish())
+}
+
+/// [`evaluate_forecast`]'s running sums, fed one batch of test windows at a time (a stream of
+/// windows is scored in constant memory); the same figures as [`evaluate_forecast`] on the
+/// windows concatenated in the same batches.
+#[derive(Debug, Clone)]
+pub struct ForecastScorer {
+    horizons: Vec<usize>,
+    period: usize,
+    /// Per lead: n, mse x3, mae x3 (model, naive, seasonal naive).
+    acc: Vec<[f64; 7]>,
+    rng: SslRng,
+}
+
+impl ForecastScorer {
+    /// A scorer of `task`'s forecasts at `horizons` (each within its horizon) against naive and
+    /// seasonal-naive (`period`) forecasts.
+    pub fn new<E: Encoder<Input = SeqBatch>>(
+        task: &ForecastTask<E>,
+        horizons: &[usize],
+        period: usize,
+    ) -> Result<Self> {
+        let hmax = task.cfg.horizon;
+        if let Some(h) = horizons.iter().find(|&&h| h == 0 || h > hmax) {
+            return Err(CoreError::Config(format!(
+                "evaluation lead {h} is outside the model's horizon 1..={hmax}"
+            )));
+        }
+        Ok(ForecastScorer {
+            horizons: horizons.to_vec(),
+            period,
+            acc: vec![[0f64; 7]; horizons.len()],
+            rng: SslRng::new(0),
+        })
+    }
+
+    /// Scores one batch of test windows.
+    pub fn add<E: Encoder<Input = SeqBatch>>(
+        &mut self,
+        task: &ForecastTask<E>,
+        chunk: &[SeqExample],
+    ) -> Result<()> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        let (l, hmax) = (task.cfg.context, task.cfg.horizon);
+        let c = task.channels;
         let contexts: Vec<SeqExample> = chunk
             .iter()
             .map(|w| {
@@ -316,15 +358,15 @@ pub fn evaluate_forecast<E: Encoder<Input = SeqBatch>>(
             task.head.weight().device(),
         )?;
         let pred = task
-            .predict(&batch, &mut Ctx::eval(&mut rng))?
+            .predict(&batch, &mut Ctx::eval(&mut self.rng))?
             .to_dtype(DType::F32)?
             .to_vec3::<f32>()?;
         for (i, w) in chunk.iter().enumerate() {
-            for (k, &h) in horizons.iter().enumerate() {
+            for (k, &h) in self.horizons.iter().enumerate() {
                 for (ch, &m) in pred[i][h - 1].iter().enumerate().take(c) {
                     let y = w.values[(l + h - 1) * c + ch];
                     let naive = naive_forecast(&contexts[i], ch);
-                    let seasonal = seasonal_naive_forecast(&contexts[i], ch, h, period);
+                    let seasonal = seasonal_naive_forecast(&contexts[i], ch, h, self.period);
                     let (Some(nv), Some(sv)) = (naive, seasonal) else {
                         continue;
                     };
@@ -332,7 +374,7 @@ pub fn evaluate_forecast<E: Encoder<Input = SeqBatch>>(
                         continue;
                     }
                     let (y, m, nv, sv) = (f64::from(y), f64::from(m), f64::from(nv), f64::from(sv));
-                    let a = &mut acc[k];
+                    let a = &mut self.acc[k];
                     a[0] += 1.0;
                     for (j, p) in [m, nv, sv].iter().enumerate() {
                         a[1 + j] += (p - y).powi(2);
@@ -341,25 +383,30 @@ pub fn evaluate_forecast<E: Encoder<Input = SeqBatch>>(
                 }
             }
         }
+        Ok(())
     }
-    Ok(horizons
-        .iter()
-        .zip(acc)
-        .map(|(&h, a)| {
-            let n = a[0].max(1.0);
-            let e = |j: usize| Errors {
-                mse: a[1 + j] / n,
-                mae: a[4 + j] / n,
-            };
-            HorizonReport {
-                horizon: h,
-                n: a[0] as usize,
-                model: e(0),
-                naive: e(1),
-                seasonal_naive: e(2),
-            }
-        })
-        .collect())
+
+    /// The errors per lead time.
+    pub fn finish(self) -> Vec<HorizonReport> {
+        self.horizons
+            .iter()
+            .zip(self.acc)
+            .map(|(&h, a)| {
+                let n = a[0].max(1.0);
+                let e = |j: usize| Errors {
+                    mse: a[1 + j] / n,
+                    mae: a[4 + j] / n,
+                };
+                HorizonReport {
+                    horizon: h,
+                    n: a[0] as usize,
+                    model: e(0),
+                    naive: e(1),
+                    seasonal_naive: e(2),
+                }
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

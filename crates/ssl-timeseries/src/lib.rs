@@ -64,13 +64,17 @@ pub mod data;
 mod encoder;
 mod error;
 mod forecast;
+mod locate;
+mod long_column;
 mod masked_patch;
 mod patchtst;
 pub mod pipeline;
 mod revin;
 mod rnn;
+mod row_source;
 mod tcn;
 mod ts2vec;
+mod window_source;
 
 pub use data::{
     chronological_split, read_long_series, read_series, read_series_with, windows, SeriesSet,
@@ -79,8 +83,10 @@ pub use encoder::{EncoderConfig, EncoderKind, SeriesEncoder};
 pub use error::{Result, TsError};
 pub use forecast::{
     evaluate_forecast, naive_forecast, seasonal_naive_forecast, Errors, ForecastConfig,
-    ForecastHead, ForecastTask, HorizonReport,
+    ForecastHead, ForecastScorer, ForecastTask, HorizonReport,
 };
+pub use locate::RowLocator;
+pub use long_column::{LongColumn, LongSplit, WindowPlan};
 pub use masked_patch::{patch_mask, MaskedPatchConfig, MaskedPatchTask};
 pub use patchtst::{num_patches, patchify, PatchTstConfig, PatchTstEncoder, Patches};
 pub use pipeline::features::{
@@ -94,8 +100,13 @@ pub use pipeline::timeseries::{
 };
 pub use revin::{Revin, RevinStats};
 pub use rnn::{RnnCell, RnnConfig, RnnEncoder};
+pub use row_source::{
+    row_stream, shuffle_rows, RowExample, RowTransform, SeriesRowSource, Split,
+    DEFAULT_SHUFFLE_BUFFER_MB, MAX_SHUFFLE_ROWS,
+};
 pub use tcn::{masked_max, TcnConfig, TcnEncoder};
 pub use ts2vec::{
     hierarchical_contrastive_loss, hierarchical_contrastive_loss_across, instance_contrastive_loss,
     overlapping_crops, temporal_contrastive_loss, Ts2VecConfig, Ts2VecTask,
 };
+pub use window_source::{LongWindowPosition, LongWindowSource, LongWindows, LONG_BLOCK_ROWS};

@@ -4,7 +4,10 @@
 //! checkpoint.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Instant;
 
 use candle_core::{DType, Device};
 use serde::Serialize;
@@ -12,71 +15,19 @@ use serde_json::Value;
 use ssl_core::checkpoint::MODEL_FILE;
 use ssl_core::probe::{probe_labelled, warn_unseen_labels, ProbeScores};
 use ssl_core::run_dir::{self, RunOptions, RunSummary};
-use ssl_core::seq::{InMemorySeqSource, SeqBatch, SeqExample};
+use ssl_core::seq::{SeqBatch, SeqExample};
 use ssl_core::{
-    heldout_task_loss, parse_device, Ctx, EvalFigures, HeldoutEval, HookCtx, Parallel, ParamStore,
-    PretextTask, SslRng, TrainConfig, TrainHook,
+    heldout_task_loss, parse_device, BatchSource, Ctx, EvalFigures, HeldoutEval, HookCtx, Parallel,
+    ParamStore, PretextTask, SslRng, TrainConfig, TrainHook,
 };
-use ssl_data::{write_embeddings, EmbedSummary, ReadOptions};
+use ssl_data::{
+    ColumnSpec, EmbedSummary, EmbeddingWriter, LoaderConfig, ParquetSource, StreamPosition,
+};
 
-use crate::{read_series_with, Result, SeriesSet, TsError};
-
-/// Sequences read from Parquet, as a task consumes them.
-pub(crate) struct Loaded {
-    pub examples: Vec<SeqExample>,
-    pub ids: Vec<String>,
-    pub labels: Option<Vec<String>>,
-    /// Each example's global row index in the source (a long series' windows: their index).
-    pub rows: Vec<usize>,
-    /// The examples are this rank's share already (read by row group); otherwise every rank
-    /// holds them all.
-    pub sharded: bool,
-    /// Examples held out of training by `data.heldout_fraction` (pretraining reads only;
-    /// empty otherwise), shared between the ranks as `examples` are.
-    pub heldout: Vec<SeqExample>,
-    /// The labels of `heldout`, when `labels` were read (for the online k-NN accuracy).
-    pub heldout_labels: Option<Vec<String>>,
-}
-
-impl Loaded {
-    /// Moves the examples of the rows held out by `fraction` (0: none; see [`row_heldout`])
-    /// into `heldout`, their labels into `heldout_labels`; an error for a fraction outside
-    /// [0, 1).
-    pub fn hold_out(&mut self, fraction: f64, seed: u64) -> Result<()> {
-        check_heldout_fraction(fraction)?;
-        if fraction == 0.0 {
-            return Ok(());
-        }
-        let keep: Vec<bool> = self
-            .rows
-            .iter()
-            .map(|&r| !row_heldout(r, seed, fraction))
-            .collect();
-        let mut kept = Vec::with_capacity(self.examples.len());
-        for (e, &k) in std::mem::take(&mut self.examples).into_iter().zip(&keep) {
-            if k {
-                kept.push(e);
-            } else {
-                self.heldout.push(e);
-            }
-        }
-        self.examples = kept;
-        keep_where(&mut self.rows, &keep);
-        keep_where(&mut self.ids, &keep);
-        if let Some(l) = &mut self.labels {
-            let held = l.iter().zip(&keep).filter(|(_, &k)| !k).map(|(x, _)| x);
-            self.heldout_labels = Some(held.cloned().collect());
-            keep_where(l, &keep);
-        }
-        Ok(())
-    }
-}
-
-/// Keeps the items of `v` whose flag in `keep` is set.
-fn keep_where<X>(v: &mut Vec<X>, keep: &[bool]) {
-    let mut it = keep.iter();
-    v.retain(|_| *it.next().unwrap_or(&true));
-}
+use crate::{
+    row_stream, shuffle_rows, Result, RowExample, RowLocator, RowTransform, SeriesRowSource, Split,
+    TsError,
+};
 
 /// Checks `data.heldout_fraction`: in [0, 1).
 pub(crate) fn check_heldout_fraction(fraction: f64) -> Result<()> {
@@ -86,12 +37,6 @@ pub(crate) fn check_heldout_fraction(fraction: f64) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// Whether the row of global index `row` is held out of training by `data.heldout_fraction`
-/// (0: none), a seeded hash of the index ([`ssl_data::is_heldout`]).
-pub(crate) fn row_heldout(row: usize, seed: u64, fraction: f64) -> bool {
-    fraction > 0.0 && ssl_data::is_heldout(row, seed, fraction)
 }
 
 /// Figures computed on the held-out examples beyond the task's loss (the forecast errors):
@@ -149,16 +94,17 @@ pub(crate) fn start(
 
 /// Refuses, before the model and batches are allocated, a run whose longest series would
 /// need more memory than the machine has available (or `train.max_memory_gb`): a batch of
-/// `train.batch_size` (capped by the examples) series of the longest length, each taking
-/// `per_series(steps)` bytes. `keys` names the model settings the estimate grows with.
+/// `train.batch_size` series of `steps` steps (the longest of the sample read before
+/// training, see [`prepare_rows`]), each taking `per_series(steps)` bytes. `keys` names the
+/// model settings the estimate grows with.
 pub(crate) fn check_memory(
     train: &TrainConfig,
-    examples: &[SeqExample],
+    steps: usize,
     per_series: impl Fn(u64) -> u64,
     keys: &str,
 ) -> Result<()> {
-    let steps = examples.iter().map(|e| e.steps).max().unwrap_or(0) as u64;
-    let batch = train.batch_size.min(examples.len()) as u64;
+    let steps = steps as u64;
+    let batch = train.batch_size as u64;
     let estimate = ssl_core::memory::product_bytes(&[batch, per_series(steps)]);
     Ok(ssl_core::memory::check_fits(
         estimate,
@@ -196,29 +142,290 @@ pub(crate) fn store_config<T: Serialize>(
     serde_json::to_value(cfg).map_err(|e| TsError::Pipeline(e.to_string()))
 }
 
-/// Reads one sequence per row: `column`, and the `label_column` and `id_column` when given,
-/// of `paths`; with `par`, this rank's share of the rows (reported on stderr as `what`).
-pub(crate) fn read_rows(
-    paths: &[String],
-    column: &str,
-    label_column: Option<&str>,
-    id_column: &str,
-    skip_bad_rows: bool,
-    par: Option<&Parallel>,
-    what: &str,
-) -> Result<SeriesSet> {
-    let options = match par {
-        Some(p) => ReadOptions::for_rank(p.rank, p.world, skip_bad_rows),
-        None => ReadOptions {
-            skip_bad_rows,
-            ..Default::default()
-        },
-    };
-    let set = read_series_with(paths, column, label_column, Some(id_column), &options)?;
-    if let Some(p) = par {
-        set.share.report(p.rank, p.world, set.row_index.len(), what);
+/// At most this many held-out examples are evaluated while training (over every rank): the
+/// held-out rows met first in file order (a long series: windows spread evenly over its
+/// held-out end), so the held-out set is read in constant memory.
+pub const MAX_HELDOUT_EXAMPLES: usize = 4096;
+
+/// Series of the sample read before training (the longest sets the memory check, the first
+/// sets the width and the shuffle window's bytes per row).
+const SAMPLE_EXAMPLES: usize = 256;
+
+/// How a pipeline reads one series per row.
+#[derive(Debug, Clone)]
+pub(crate) struct RowsSpec {
+    /// The series column.
+    pub column: String,
+    /// The label column, when labels are read.
+    pub label_column: Option<String>,
+    /// Truncate series to this many steps (0: no limit).
+    pub max_len: usize,
+    /// Z-normalise each series.
+    pub normalize: bool,
+    /// Forecasting on rows: every window `(len, stride)` of each row.
+    pub windows: Option<(usize, usize)>,
+    /// Skip (and count) bad rows.
+    pub skip_bad_rows: bool,
+    /// `data.heldout_fraction`.
+    pub heldout_fraction: f64,
+    /// The held-out split's seed (`train.seed`).
+    pub seed: u64,
+    /// `data.shuffle_buffer_mb`.
+    pub shuffle_buffer_mb: f64,
+}
+
+impl RowsSpec {
+    /// The transform of `source`'s batches keeping `split`.
+    pub fn transform(&self, source: &ParquetSource, split: Split) -> Result<RowTransform> {
+        Ok(RowTransform {
+            column: self.column.clone(),
+            label_column: self.label_column.clone(),
+            max_len: self.max_len,
+            normalize: self.normalize,
+            windows: self.windows,
+            heldout: (self.seed, self.heldout_fraction),
+            split,
+            skip_bad_rows: self.skip_bad_rows,
+            locator: Arc::new(RowLocator::new(source)?),
+            skipped: Arc::new(AtomicUsize::new(0)),
+        })
     }
-    Ok(set)
+}
+
+/// A loader in file order, one pass, over this rank's share (`rank`, `world`) of `columns`.
+pub(crate) fn ordered_loader(
+    columns: Vec<ColumnSpec>,
+    batch: usize,
+    rank: usize,
+    world: usize,
+    skip_bad_rows: bool,
+) -> LoaderConfig {
+    LoaderConfig {
+        batch_size: batch.max(1),
+        shuffle: false,
+        // Without shuffling, one row group at a time.
+        shuffle_buffer: 1,
+        epochs: Some(1),
+        rank,
+        world_size: world,
+        skip_bad_rows,
+        ..LoaderConfig::new(columns)
+    }
+}
+
+/// Calls `f` with the examples of `paths` (one series per row, read by `transform` in file
+/// order), `batch` at a time, while it returns true; with a progress line every couple of
+/// seconds when the pass takes longer (`what` names it).
+pub(crate) fn rows_pass(
+    paths: &[String],
+    transform: impl FnOnce(&ParquetSource) -> Result<RowTransform>,
+    id_column: &str,
+    batch: usize,
+    what: &str,
+    mut f: impl FnMut(Vec<RowExample>) -> Result<bool>,
+) -> Result<()> {
+    let source = ParquetSource::open(paths)?;
+    let transform = transform(&source)?;
+    let loader = ordered_loader(
+        transform.columns(id_column),
+        batch,
+        0,
+        1,
+        transform.skip_bad_rows,
+    );
+    let mut stream = row_stream(&source, loader, StreamPosition::default(), transform)?;
+    let bar = ssl_core::monitor::Progress::task(what, source.num_rows() as u64, "rows");
+    loop {
+        let examples = stream.take(batch.max(1))?;
+        if examples.is_empty() {
+            break;
+        }
+        if let Some(last) = examples.last() {
+            bar.set_position(last.row as u64 + 1);
+        }
+        if !f(examples)? {
+            break;
+        }
+    }
+    bar.finish();
+    Ok(())
+}
+
+/// What a streaming pretraining run knows before its first step.
+pub(crate) struct Prepared {
+    /// The trainer's batches.
+    pub source: Box<dyn BatchSource<SeqBatch>>,
+    /// The first training examples (for embedding health).
+    pub health: Vec<SeqExample>,
+    /// Held-out examples (at most [`MAX_HELDOUT_EXAMPLES`] over the ranks).
+    pub heldout: Vec<SeqExample>,
+    /// `heldout` is this rank's share already (else every rank holds them all).
+    pub heldout_sharded: bool,
+    /// The online k-NN's bank (training examples and their labels) and the held-out labels,
+    /// when labels were read.
+    pub knn: Option<(Vec<SeqExample>, Vec<String>, Vec<String>)>,
+    /// Channels (features) per step, from the first example.
+    pub width: usize,
+    /// The longest example of the sample (steps).
+    pub longest: usize,
+    /// Examples (training) per epoch over every rank: from the footers' row counts.
+    pub examples_per_epoch: u64,
+    /// What the examples are, for the printed summary ("N series").
+    pub what: String,
+}
+
+/// Prepares a streaming run on one-series-per-row data: one ordered pass over this rank's
+/// share reads a sample (the width, the longest series, the bytes of a row), the first
+/// `health` training examples, the held-out examples (up to this rank's part of
+/// [`MAX_HELDOUT_EXAMPLES`]) and, with labels in one process, the online k-NN's bank (the first
+/// [`ssl_core::probe::KNN_BANK_MAX`] training examples); it stops as soon as it has them. Then
+/// the training source: an endless shuffled stream of this rank's row groups.
+pub(crate) fn prepare_rows(
+    paths: &[String],
+    spec: &RowsSpec,
+    train: &TrainConfig,
+    health: usize,
+    par: &Parallel,
+    device: &Device,
+) -> Result<Prepared> {
+    check_heldout_fraction(spec.heldout_fraction)?;
+    let source = ParquetSource::open(paths)?;
+    let transform = spec.transform(&source, Split::All)?;
+    let loader = ordered_loader(
+        transform.columns(""),
+        train.batch_size,
+        par.rank,
+        par.world,
+        spec.skip_bad_rows,
+    );
+    let knn = spec.label_column.is_some() && par.world == 1;
+    let held_cap = if spec.heldout_fraction > 0.0 {
+        MAX_HELDOUT_EXAMPLES.div_ceil(par.world)
+    } else {
+        0
+    };
+    let want_train = health.max(SAMPLE_EXAMPLES).max(if knn {
+        ssl_core::probe::KNN_BANK_MAX
+    } else {
+        0
+    });
+    let mut stream = row_stream(&source, loader, StreamPosition::default(), transform)?;
+    let (mut trained, mut held) = (Vec::new(), Vec::new());
+    let (mut longest, mut rows_seen, mut examples_seen) = (0usize, 0usize, 0usize);
+    let mut last_row = 0usize;
+    let started = Instant::now();
+    let mut said = started;
+    while trained.len() < want_train || held.len() < held_cap {
+        let batch = stream.take(train.batch_size.max(1))?;
+        if batch.is_empty() {
+            break;
+        }
+        for e in batch {
+            if e.row != last_row || examples_seen == 0 {
+                rows_seen += 1;
+                last_row = e.row;
+            }
+            examples_seen += 1;
+            longest = longest.max(e.example.steps);
+            if e.heldout {
+                if held.len() < held_cap {
+                    held.push(e);
+                }
+            } else if trained.len() < want_train {
+                trained.push(e);
+            }
+        }
+        if said.elapsed().as_secs_f64() >= 2.0 && par.is_main() {
+            eprintln!(
+                "reading the sample and held-out series: row {last_row} of {}, {} held out so far ({:.0} s)",
+                source.num_rows(),
+                held.len(),
+                started.elapsed().as_secs_f64()
+            );
+            said = Instant::now();
+        }
+    }
+    drop(stream);
+    let first = trained.first().or(held.first()).ok_or_else(|| {
+        TsError::InvalidInput(format!(
+            "no series read from column `{}` of {}",
+            spec.column,
+            paths.join(", ")
+        ))
+    })?;
+    let width = first.example.features;
+    let row_bytes = longest.max(1) * width * 5;
+    // Examples per epoch from the footers: the rows not held out, times a row's windows
+    // (forecasting on rows: their mean over the sample).
+    let per_row = (examples_seen as f64 / rows_seen.max(1) as f64).max(1.0);
+    let examples_per_epoch =
+        (source.num_rows() as f64 * (1.0 - spec.heldout_fraction) * per_row).round() as u64;
+    let training = RowTransform {
+        split: Split::Train,
+        ..spec.transform(&source, Split::Train)?
+    };
+    let loader = LoaderConfig {
+        batch_size: train.batch_size.max(1),
+        seed: train.seed,
+        shuffle: true,
+        shuffle_buffer: shuffle_rows(spec.shuffle_buffer_mb, row_bytes, train.batch_size),
+        epochs: None,
+        rank: par.rank,
+        world_size: par.world,
+        skip_bad_rows: spec.skip_bad_rows,
+        ..LoaderConfig::new(training.columns(""))
+    };
+    let rows_source = SeriesRowSource::new(&source, loader, training, train.batch_size, device)?;
+    let knn = if knn {
+        let bank: Vec<&RowExample> = trained.iter().take(ssl_core::probe::KNN_BANK_MAX).collect();
+        let labels = |v: &[&RowExample]| -> Option<Vec<String>> {
+            v.iter().map(|e| e.label.clone()).collect()
+        };
+        let held_refs: Vec<&RowExample> = held.iter().collect();
+        match (labels(&bank), labels(&held_refs)) {
+            (Some(bl), Some(hl)) => {
+                Some((bank.iter().map(|e| e.example.clone()).collect(), bl, hl))
+            }
+            _ => None,
+        }
+    } else {
+        None
+    };
+    let health = trained
+        .iter()
+        .take(health)
+        .map(|e| e.example.clone())
+        .collect();
+    let what = if spec.windows.is_some() {
+        format!("{examples_per_epoch} windows of {} rows", source.num_rows())
+    } else {
+        format!("{examples_per_epoch} series")
+    };
+    Ok(Prepared {
+        source: Box::new(rows_source),
+        health,
+        heldout: held.into_iter().map(|e| e.example).collect(),
+        heldout_sharded: true,
+        knn,
+        width,
+        longest,
+        examples_per_epoch,
+        what,
+    })
+}
+
+/// Sets `train.max_steps` from `train.max_epochs` (when set) and the examples per epoch, and
+/// says so on rank 0.
+pub(crate) fn apply_epochs(train: &mut TrainConfig, examples_per_epoch: u64, par: &Parallel) {
+    let epochs = train.max_epochs;
+    if let Some(steps) = train.apply_epochs(examples_per_epoch, par.world) {
+        if par.is_main() {
+            eprintln!(
+                "train.max_epochs = {epochs}: {steps} steps ({examples_per_epoch} examples per epoch from the Parquet footers, {} per step)",
+                train.batch_size * train.accum_steps.max(1) * par.world
+            );
+        }
+    }
 }
 
 /// The task `build` makes on the device named `device` (`train.device`), with the weights of
@@ -242,27 +449,27 @@ pub struct RunDir<'a> {
     pub config: Value,
     /// Data-parallel context (gives the trainer its collective).
     pub par: Parallel,
-    /// The examples are this rank's share already (read by row group); when false every rank
-    /// holds them all and [`fit`] keeps every `world`-th.
+    /// The held-out examples are this rank's share already; when false every rank holds them
+    /// all and [`fit`] keeps every `world`-th.
     pub sharded: bool,
     /// The run directory's guard, released when the run ends.
     pub guard: run_dir::RunDir,
 }
 
-/// Trains `task` on `examples` with the shared loop (checkpoints, resume, stop flag, metrics,
-/// plot, as `opts` says); the first `health_examples` form the held-out batch for embedding
-/// health (on rank 0, which reads row group 0 first, so with several ranks they are the
-/// source's first examples when they fit in its first row group). `heldout` is evaluated
+/// Trains `task` on the batches of `data` (a streaming source: this rank's share, resumable)
+/// with the shared loop (checkpoints, resume, stop flag, metrics, plot, as `opts` says);
+/// `health` (the first training examples, at least 2 to count) forms the held-out batch for
+/// embedding health. `heldout` is evaluated
 /// every `train.eval_every_steps` and at the end (`eval_loss` and its further figures in
 /// `metrics.jsonl`; see [`ssl_core::HeldoutEval`]). Rank 0 prints the summary (the `done:`
 /// line).
 #[allow(clippy::too_many_arguments)]
 pub fn fit<T: PretextTask<Batch = SeqBatch>>(
     task: &T,
-    examples: Vec<SeqExample>,
+    data: &mut dyn BatchSource<SeqBatch>,
+    health: &[SeqExample],
     heldout: Heldout<'_, T>,
     train: &TrainConfig,
-    health_examples: usize,
     run: RunDir<'_>,
     opts: &RunOptions,
     device: &Device,
@@ -324,24 +531,15 @@ pub fn fit<T: PretextTask<Batch = SeqBatch>>(
             train.eval_interval()
         );
     }
-    let n_health = health_examples.min(examples.len());
-    let heldout = (n_health >= 2)
-        .then(|| {
-            SeqBatch::from_examples(&examples.iter().take(n_health).collect::<Vec<_>>(), device)
-        })
+    let heldout = (health.len() >= 2)
+        .then(|| SeqBatch::from_examples(&health.iter().collect::<Vec<_>>(), device))
         .transpose()?;
-    let examples = if sharded {
-        examples
-    } else {
-        par.shard(examples, "training series")?
-    };
-    let mut source = InMemorySeqSource::new(examples, train.batch_size, train.seed, true, device)?;
     let mut trainer = opts.trainer(train, out, run_config, &par)?;
     let mut hooks: Vec<&mut dyn TrainHook<T>> = Vec::new();
     if let Some(e) = &mut eval {
         hooks.push(e);
     }
-    let report = trainer.fit_with_hooks(task, &mut source, heldout.as_ref(), &mut hooks)?;
+    let report = trainer.fit_with_hooks(task, data, heldout.as_ref(), &mut hooks)?;
     guard.finish();
     Ok(RunSummary::new(out, &report, par.rank))
 }
@@ -430,110 +628,196 @@ pub fn pretext_loss<T: PretextTask<Batch = SeqBatch>>(
     Ok(if weight > 0.0 { sum / weight } else { f64::NAN })
 }
 
-/// Truncates `e` to `max_len` steps (0 = no limit).
-pub(crate) fn truncate(e: SeqExample, max_len: usize) -> Result<SeqExample> {
-    if max_len > 0 && e.steps > max_len {
-        return Ok(SeqExample::new(
-            e.values[..max_len * e.features].to_vec(),
-            max_len,
-            e.features,
-        )?);
-    }
-    Ok(e)
+/// Embeddings written to a Parquet file as they are computed (row groups of
+/// [`ssl_data::EmbeddingWriterOptions::rows_per_group`]); the file is created at the first
+/// batch, when the width is known, and appears at `out` only once finished.
+pub(crate) struct EmbedOut {
+    out: PathBuf,
+    meta: BTreeMap<String, String>,
+    writer: Option<EmbeddingWriter>,
+    dim: usize,
 }
 
-/// Embeds `loaded` with `task` (checkpoint directory `ckpt`), `batch` sequences at a time, and
-/// writes `(id, embedding)` rows to the Parquet file `out`, with the checkpoint and `meta` in
-/// its metadata.
-pub(crate) fn write_embedded<T: PretextTask<Batch = SeqBatch>>(
+impl EmbedOut {
+    /// A writer of `out` with the checkpoint `ckpt` and `meta` in its metadata.
+    pub fn new(out: &Path, ckpt: &Path, meta: &[(&str, String)]) -> Self {
+        let mut meta: BTreeMap<String, String> = meta
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        meta.insert("checkpoint".to_string(), ckpt.display().to_string());
+        EmbedOut {
+            out: out.to_path_buf(),
+            meta,
+            writer: None,
+            dim: 0,
+        }
+    }
+
+    /// Embeds `examples` (one batch) with `task` and writes them with their `ids`.
+    pub fn write<T: PretextTask<Batch = SeqBatch>>(
+        &mut self,
+        task: &T,
+        examples: &[&SeqExample],
+        ids: &[String],
+        device: &Device,
+    ) -> Result<()> {
+        if examples.is_empty() {
+            return Ok(());
+        }
+        let mut rng = SslRng::new(0);
+        let b = SeqBatch::from_examples(examples, device)?;
+        let e = task.embed(&b, &mut Ctx::inference(&mut rng))?;
+        let dim = e.dim(1)?;
+        let values = e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        if self.writer.is_none() {
+            self.writer = Some(EmbeddingWriter::create(
+                &self.out,
+                dim,
+                std::mem::take(&mut self.meta),
+            )?);
+            self.dim = dim;
+        }
+        if let Some(w) = &mut self.writer {
+            w.write(ids, &values)?;
+        }
+        Ok(())
+    }
+
+    /// Finishes the file: an error when nothing was written.
+    pub fn finish(self) -> Result<EmbedSummary> {
+        let Some(w) = self.writer else {
+            return Err(TsError::InvalidInput(
+                "no series to embed: the data has no rows with an observed value".into(),
+            ));
+        };
+        let rows = w.finish()?;
+        Ok(EmbedSummary {
+            out: self.out,
+            rows,
+            dim: self.dim,
+        })
+    }
+}
+
+/// Embeds every series of `paths` (one per row, read in file order by the transform `make`
+/// builds; ids from `id_column`) with `task` (checkpoint directory `ckpt`), `batch` series at
+/// a time, writing each batch's `(id, embedding)` rows to the Parquet file `out` as it is
+/// computed (constant memory for any row count), with the checkpoint and `meta` in its
+/// metadata.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn embed_rows<T: PretextTask<Batch = SeqBatch>>(
     task: &T,
-    loaded: &Loaded,
+    paths: &[String],
+    make: impl FnOnce(&ParquetSource) -> Result<RowTransform>,
+    id_column: &str,
     ckpt: &Path,
     meta: &[(&str, String)],
     batch: usize,
     device: &Device,
     out: &Path,
 ) -> Result<EmbedSummary> {
-    let (emb, dim) = embed_all(task, &loaded.examples, batch, device)?;
-    let mut meta: BTreeMap<String, String> = meta
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.clone()))
-        .collect();
-    meta.insert("checkpoint".to_string(), ckpt.display().to_string());
-    Ok(write_embeddings(out, &loaded.ids, &emb, dim, meta)?)
+    let mut writer = EmbedOut::new(out, ckpt, meta);
+    rows_pass(paths, make, id_column, batch, "embed", |examples| {
+        let refs: Vec<&SeqExample> = examples.iter().map(|e| &e.example).collect();
+        let ids: Vec<String> = examples.iter().map(|e| e.id.clone()).collect();
+        writer.write(task, &refs, &ids, device)?;
+        Ok(true)
+    })?;
+    writer.finish()
 }
 
-/// What `eval` probes: labelled training sequences and, when given, labelled test sequences
-/// (otherwise the probes split the training ones).
-pub(crate) struct Labelled {
-    train: Vec<SeqExample>,
-    train_labels: Vec<String>,
-    test: Option<(Vec<SeqExample>, Vec<String>)>,
+/// The embeddings of one labelled data set read in one pass, for the probes: the trained and
+/// the randomly initialised encoder's, and the labels (only these are held, never the
+/// series).
+#[derive(Default)]
+struct Embedded {
+    trained: Vec<f32>,
+    random: Vec<f32>,
+    dim: usize,
+    labels: Vec<String>,
 }
 
-impl Labelled {
-    /// Reads `data` and, when not empty, `test` with `load`; an error when `data` had no
-    /// labels in `label_column`.
-    pub fn read(
-        data: &[String],
-        test: &[String],
-        label_column: &str,
-        load: impl Fn(&[String]) -> Result<Loaded>,
-    ) -> Result<Self> {
-        let train = load(data)?;
-        let test = if test.is_empty() {
-            None
-        } else {
-            let t = load(test)?;
-            Some((t.examples, t.labels.unwrap_or_default()))
-        };
-        let train_labels = train.labels.ok_or_else(|| {
-            TsError::Pipeline(format!("no labels read from column `{label_column}`"))
-        })?;
-        if let Some((_, test_labels)) = &test {
-            warn_unseen_labels(&train_labels, test_labels);
+/// The pretext loss's running sums (evaluation mode, one seeded stream over every set).
+struct LossSums {
+    rng: SslRng,
+    sum: f64,
+    weight: f64,
+}
+
+impl LossSums {
+    fn new() -> Self {
+        LossSums {
+            rng: SslRng::new(12345),
+            sum: 0.0,
+            weight: 0.0,
         }
-        Ok(Labelled {
-            train: train.examples,
-            train_labels,
-            test,
-        })
     }
 
-    /// [`pretext_loss`] of `task` over the training and test sequences.
-    pub fn pretext_loss<T: PretextTask<Batch = SeqBatch>>(
-        &self,
+    /// Adds the loss of one batch (skipped below 2 examples: a contrastive loss needs two).
+    fn add<T: PretextTask<Batch = SeqBatch>>(
+        &mut self,
         task: &T,
-        batch: usize,
+        chunk: &[&SeqExample],
         device: &Device,
-    ) -> Result<f64> {
-        let mut sets: Vec<&[SeqExample]> = vec![&self.train];
-        sets.extend(self.test.iter().map(|(t, _)| t.as_slice()));
-        pretext_loss(task, &sets, batch, device)
+    ) -> Result<()> {
+        if chunk.len() < 2 {
+            return Ok(());
+        }
+        let b = SeqBatch::from_examples(chunk, device)?;
+        let mut ctx = Ctx::inference(&mut self.rng);
+        let out = task.forward(&b, &mut ctx)?;
+        self.sum += out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * out.weight;
+        self.weight += out.weight;
+        Ok(())
     }
 
-    /// Linear-probe and k-NN scores of `task`'s embeddings (`seed` splits the training
-    /// sequences when there is no test set), and the embedding width.
-    pub fn probe<T: PretextTask<Batch = SeqBatch>>(
-        &self,
-        task: &T,
-        batch: usize,
-        device: &Device,
-        seed: u64,
-    ) -> Result<(ProbeScores, usize)> {
-        let (emb, dim) = embed_all(task, &self.train, batch, device)?;
-        let test = match &self.test {
-            Some((t, labels)) => Some((embed_all(task, t, batch, device)?.0, labels.as_slice())),
-            None => None,
-        };
-        let scores = probe_labelled(
-            (&emb, &self.train_labels),
-            test.as_ref().map(|(e, l)| (e.as_slice(), *l)),
-            dim,
-            seed,
-        )?;
-        Ok((scores, dim))
+    fn mean(&self) -> f64 {
+        if self.weight > 0.0 {
+            self.sum / self.weight
+        } else {
+            f64::NAN
+        }
     }
+}
+
+/// Reads the labelled series of `paths` in one streaming pass: the pretext loss of `task`
+/// (into `loss`), and the embeddings of `task` and `random`, `batch` at a time.
+#[allow(clippy::too_many_arguments)]
+fn embed_labelled<T: PretextTask<Batch = SeqBatch>>(
+    task: &T,
+    random: &T,
+    paths: &[String],
+    make: impl FnOnce(&ParquetSource) -> Result<RowTransform>,
+    batch: usize,
+    device: &Device,
+    loss: &mut LossSums,
+    what: &str,
+) -> Result<Embedded> {
+    let mut out = Embedded::default();
+    // Batches of `max(batch, 2)` for the loss (as `pretext_loss` cuts a set), each embedded
+    // `batch` at a time (as `embed_all` does).
+    rows_pass(paths, make, "", batch.max(2), what, |examples| {
+        let refs: Vec<&SeqExample> = examples.iter().map(|e| &e.example).collect();
+        loss.add(task, &refs, device)?;
+        for chunk in refs.chunks(batch.max(1)) {
+            let owned: Vec<SeqExample> = chunk.iter().map(|e| (*e).clone()).collect();
+            let (e, dim) = embed_examples(task, &owned, batch, device, false)?;
+            let (r, _) = embed_examples(random, &owned, batch, device, false)?;
+            out.trained.extend(e);
+            out.random.extend(r);
+            out.dim = dim;
+        }
+        for e in &examples {
+            out.labels.push(
+                e.label.clone().ok_or_else(|| {
+                    TsError::Pipeline("no labels read from the label column".into())
+                })?,
+            );
+        }
+        Ok(true)
+    })?;
+    Ok(out)
 }
 
 /// What a probe `eval` measured ([`super::features::eval`], and [`super::timeseries::eval`]
@@ -577,10 +861,11 @@ pub struct ProbeEvalReport {
 }
 
 /// The probe evaluation of checkpoint directory `ckpt`: the task `trained` makes (on
-/// `train.device`) with the checkpoint's weights, its pretext loss over the sequences `load`
-/// reads from `data` and `test` (labels from `label_column`), and its probes (tested on `test`
-/// or, when it is empty, on a split seeded by `train.seed`) beside those of the task `random`
-/// makes, left as initialised. `encoder` and `task` are left `None`.
+/// `train.device`) with the checkpoint's weights, its pretext loss over the series of `data`
+/// and `test` (read in one streaming pass each by the transform `make` builds for a source and
+/// the label column `label_column`; only the embeddings and labels are held), and its probes
+/// (tested on `test` or, when it is empty, on a split seeded by `train.seed`) beside those of
+/// the task `random` makes, left as initialised. `encoder` and `task` are left `None`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn probe_eval<T: PretextTask<Batch = SeqBatch>>(
     ckpt: &Path,
@@ -590,21 +875,65 @@ pub(crate) fn probe_eval<T: PretextTask<Batch = SeqBatch>>(
     data: &[String],
     test: &[String],
     label_column: &str,
-    load: impl Fn(&[String]) -> Result<Loaded>,
+    make: impl Fn(&ParquetSource, &str) -> Result<RowTransform>,
 ) -> Result<ProbeEvalReport> {
     let (task, device) = load_checkpoint(ckpt, &train.device, trained)?;
-    let sets = Labelled::read(data, test, label_column, load)?;
-    let (bs, seed) = (train.batch_size, train.seed);
-    let loss = sets.pretext_loss(&task, bs, &device)?;
-    let (scores, dim) = sets.probe(&task, bs, &device, seed)?;
     // The same architecture with fresh weights: what pretraining adds.
     let (_, random_task) = random(&device)?;
-    let (random, _) = sets.probe(&random_task, bs, &device, seed)?;
+    let (bs, seed) = (train.batch_size, train.seed);
+    let mut loss = LossSums::new();
+    let label_error = |e: TsError| match e {
+        TsError::Pipeline(_) => {
+            TsError::Pipeline(format!("no labels read from column `{label_column}`"))
+        }
+        other => other,
+    };
+    let train_set = embed_labelled(
+        &task,
+        &random_task,
+        data,
+        |s| make(s, label_column),
+        bs,
+        &device,
+        &mut loss,
+        "eval",
+    )
+    .map_err(label_error)?;
+    let test_set = if test.is_empty() {
+        None
+    } else {
+        Some(
+            embed_labelled(
+                &task,
+                &random_task,
+                test,
+                |s| make(s, label_column),
+                bs,
+                &device,
+                &mut loss,
+                "eval (test)",
+            )
+            .map_err(label_error)?,
+        )
+    };
+    if let Some(t) = &test_set {
+        warn_unseen_labels(&train_set.labels, &t.labels);
+    }
+    let probe = |pick: fn(&Embedded) -> &[f32]| {
+        probe_labelled(
+            (pick(&train_set), &train_set.labels),
+            test_set.as_ref().map(|t| (pick(t), t.labels.as_slice())),
+            train_set.dim,
+            seed,
+        )
+    };
+    let scores: ProbeScores = probe(|e| &e.trained)?;
+    let random = probe(|e| &e.random)?;
     Ok(ProbeEvalReport {
         checkpoint: ckpt.display().to_string(),
         encoder: None,
         task: None,
-        pretext_loss: loss,
+        pretext_loss: loss.mean(),
         linear_probe_accuracy: scores.linear,
         linear_probe_l2: scores.l2,
         knn_accuracy: scores.knn,
@@ -614,6 +943,6 @@ pub(crate) fn probe_eval<T: PretextTask<Batch = SeqBatch>>(
         n_train: scores.n_train,
         n_test: scores.n_test,
         n_classes: scores.n_classes,
-        embedding_dim: dim,
+        embedding_dim: train_set.dim,
     })
 }

@@ -1,32 +1,30 @@
 //! The online k-NN accuracy of held-out series while pretraining (`eval_knn_accuracy`, see
 //! [`ssl_core::probe::KnnLabels`]), for one-series-per-row data with a label column: a fixed
-//! bank of labelled training series and the held-out series, embedded with the live encoder
-//! in inference mode at each evaluation.
+//! bank of labelled training series (the first [`ssl_core::probe::KNN_BANK_MAX`] in file order,
+//! read before training) and the held-out series, embedded with the live encoder in inference
+//! mode at each evaluation.
 
 use candle_core::Device;
-use ssl_core::probe::{knn_bank_rows, KnnLabels};
+use ssl_core::probe::KnnLabels;
 use ssl_core::seq::{SeqBatch, SeqExample};
 use ssl_core::{CoreError, EvalFigures, Parallel, PretextTask};
 
-use super::common::{embed_examples, ExtraEval, Loaded};
+use super::common::{embed_examples, ExtraEval};
 
-/// The online k-NN accuracy as a further held-out figure (`knn_accuracy`), when `loaded` has
-/// labels for its training and held-out examples: a bank of training examples
-/// ([`knn_bank_rows`] with `seed`) against the held-out ones, embedded `batch` at a time on
-/// `device`. In one process only (each rank holds a share): `None`, with a note, with several
-/// ranks; `None` too without labels or when either side is empty.
+/// The online k-NN accuracy as a further held-out figure (`knn_accuracy`), given `knn`: the
+/// bank's examples, their labels and the held-out examples' labels (see
+/// `common::Prepared::knn`), embedded `batch` at a time on `device`. In one process only (each
+/// rank holds a share): `None`, with a note when `labelled`, with several ranks; `None` too
+/// without labels or when either side is empty.
 pub(crate) fn online_knn<'a, T: PretextTask<Batch = SeqBatch> + 'a>(
-    loaded: &Loaded,
+    knn: Option<(Vec<SeqExample>, Vec<String>, Vec<String>)>,
+    labelled: bool,
     par: &Parallel,
-    seed: u64,
     batch: usize,
     device: &Device,
 ) -> Option<ExtraEval<'a, T>> {
-    let (Some(train_y), Some(held_y)) = (&loaded.labels, &loaded.heldout_labels) else {
-        return None;
-    };
     if par.world > 1 {
-        if par.is_main() {
+        if labelled && par.is_main() {
             eprintln!(
                 "note: the held-out k-NN accuracy is computed in one process only; not with {} ranks",
                 par.world
@@ -34,13 +32,11 @@ pub(crate) fn online_knn<'a, T: PretextTask<Batch = SeqBatch> + 'a>(
         }
         return None;
     }
-    if loaded.examples.is_empty() || loaded.heldout.is_empty() {
+    let (bank, bank_labels, held_y) = knn?;
+    if bank.is_empty() || held_y.is_empty() {
         return None;
     }
-    let idx = knn_bank_rows(loaded.examples.len().min(train_y.len()), seed);
-    let bank: Vec<SeqExample> = idx.iter().map(|&i| loaded.examples[i].clone()).collect();
-    let bank_labels: Vec<String> = idx.iter().map(|&i| train_y[i].clone()).collect();
-    let labels = KnnLabels::from_labels(&bank_labels, held_y);
+    let labels = KnnLabels::from_labels(&bank_labels, &held_y);
     let device = device.clone();
     Some(Box::new(move |_par, task: &T, held: &[SeqExample]| {
         if held.len() != labels.n_queries() {

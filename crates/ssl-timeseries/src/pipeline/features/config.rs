@@ -34,14 +34,20 @@ pub struct DataConfig {
     pub max_len: usize,
     /// Z-normalise each feature of each sequence (per-instance normalisation).
     pub normalize: bool,
-    /// Examples held out from the start of the data for embedding-health figures.
+    /// The first training sequences (in file order) form the embedding-health batch.
     pub health_examples: usize,
     /// Fraction of the sequences held out of pretraining for the held-out evaluation
     /// (`eval_loss`, the task's loss, in metrics.jsonl every `train.eval_every_steps` and at
     /// the end): rows chosen by a seeded hash of their global row index
-    /// (`ssl_data::is_heldout`). 0 (the default): train on everything, as before, with no
+    /// (`ssl_data::is_heldout`). At most
+    /// `ssl_timeseries::pipeline::common::MAX_HELDOUT_EXAMPLES` are evaluated (the first
+    /// held-out rows in file order). 0 (the default): train on everything, as before, with no
     /// held-out evaluation.
     pub heldout_fraction: f64,
+    /// Decoded rows a training shuffle window may hold, in MiB (default 256): the loader
+    /// decodes a window of whole row groups before emitting, shuffled together, so this
+    /// bounds memory; windows hold at most 10,000 rows (`ssl_timeseries::MAX_SHUFFLE_ROWS`).
+    pub shuffle_buffer_mb: f64,
 }
 
 impl Default for DataConfig {
@@ -55,6 +61,7 @@ impl Default for DataConfig {
             normalize: true,
             health_examples: 64,
             heldout_fraction: 0.0,
+            shuffle_buffer_mb: crate::DEFAULT_SHUFFLE_BUFFER_MB,
         }
     }
 }

@@ -9,53 +9,33 @@ mod task;
 use std::path::{Path, PathBuf};
 
 use ssl_core::run_dir::{self, RunOptions, RunSummary};
-use ssl_core::Parallel;
 use ssl_data::EmbedSummary;
 
 pub use config::{DataConfig, FeaturesConfig, TaskConfig, TaskKind};
 pub use task::build_task;
 
 pub use super::common::ProbeEvalReport;
-use super::common::{self, truncate, Heldout, Loaded, RunDir};
+use super::common::{self, Heldout, RowsSpec, RunDir};
 use super::online_knn::online_knn;
-use crate::Result;
+use crate::{Result, Split};
 
 /// The modality's name: in stored configurations and error messages.
 pub const MODALITY: &str = "features";
 
-/// Reads a data set; with `par`, this rank's share of the rows.
-fn load(
-    paths: &[String],
-    cfg: &DataConfig,
-    label_column: Option<&str>,
-    par: Option<&Parallel>,
-) -> Result<Loaded> {
-    let table = common::read_rows(
-        paths,
-        &cfg.column,
-        label_column,
-        &cfg.id_column,
-        cfg.skip_bad_rows,
-        par,
-        "sequences",
-    )?;
-    let mut examples = Vec::with_capacity(table.series.len());
-    for e in table.series {
-        let mut e = truncate(e, cfg.max_len)?;
-        if cfg.normalize {
-            e.normalize_instance();
-        }
-        examples.push(e);
+/// How the pipeline reads its sequences (labels from `label_column` when given).
+fn rows_spec(cfg: &FeaturesConfig, label_column: Option<&str>) -> RowsSpec {
+    let d = &cfg.data;
+    RowsSpec {
+        column: d.column.clone(),
+        label_column: label_column.map(str::to_string),
+        max_len: d.max_len,
+        normalize: d.normalize,
+        windows: None,
+        skip_bad_rows: d.skip_bad_rows,
+        heldout_fraction: d.heldout_fraction,
+        seed: cfg.train.seed,
+        shuffle_buffer_mb: d.shuffle_buffer_mb,
     }
-    Ok(Loaded {
-        examples,
-        ids: table.ids,
-        labels: table.labels,
-        rows: table.row_index,
-        sharded: par.is_some(),
-        heldout: Vec::new(),
-        heldout_labels: None,
-    })
 }
 
 /// Pretrains the encoder and task of `cfg` on the sequences in `data` (Parquet files,
@@ -73,48 +53,61 @@ pub fn pretrain(
     // k-NN accuracy).
     let d = &cfg.data;
     let label = ssl_data::heldout_label_column(data, &d.label_column, d.heldout_fraction)?;
-    let mut loaded = load(data, d, label.as_deref(), Some(&par))?;
-    loaded.hold_out(cfg.data.heldout_fraction, cfg.train.seed)?;
-    let found = loaded.examples.first().map_or(0, |e| e.features);
-    let features = common::data_width("features", cfg.features, found, " per step")?;
+    let spec = rows_spec(&cfg, label.as_deref());
+    let mut prep = common::prepare_rows(
+        data,
+        &spec,
+        &cfg.train,
+        cfg.data.health_examples,
+        &par,
+        &device,
+    )?;
+    let features = common::data_width("features", cfg.features, prep.width, " per step")?;
     cfg.features = features;
     common::check_memory(
         &cfg.train,
-        &loaded.examples,
+        prep.longest,
         |steps| ssl_core::memory::transformer_activation_bytes(&cfg.model, steps),
         "model.dim, model.depth, model.heads",
     )?;
+    common::apply_epochs(&mut cfg.train, prep.examples_per_epoch, &par);
     // NT-Xent's negatives span every rank: each step gathers all ranks' views.
     let ranks = (par.world > 1).then(|| par.shared());
     let (store, task) = build_task(&cfg, &device, ranks)?;
     let run_config = common::store_config(out, &cfg, &par, &guard, &store)?;
     eprintln!(
-        "{} sequences x {} steps (max) x {features} features; {:?} task; encoder {} parameters",
-        loaded.examples.len(),
-        loaded.examples.iter().map(|e| e.steps).max().unwrap_or(0),
+        "{} x {} steps (max) x {features} features; {:?} task; encoder {} parameters",
+        prep.what.replace("series", "sequences"),
+        prep.longest,
         cfg.task.kind,
         store.num_elements()
     );
     // The online k-NN accuracy (`eval_knn_accuracy`) when the rows have labels.
-    let knn = online_knn(&loaded, &par, cfg.train.seed, cfg.train.batch_size, &device);
+    let knn = online_knn(
+        prep.knn.take(),
+        label.is_some(),
+        &par,
+        cfg.train.batch_size,
+        &device,
+    );
     // NT-Xent's forward gathers every rank's views: with several ranks only the other tasks'
     // held-out loss is evaluated.
     let heldout = Heldout {
-        examples: loaded.heldout,
+        examples: std::mem::take(&mut prep.heldout),
         loss: par.world == 1 || cfg.task.kind != TaskKind::Contrastive,
         extra: knn,
     };
     common::fit(
         &task,
-        loaded.examples,
+        prep.source.as_mut(),
+        &prep.health,
         heldout,
         &cfg.train,
-        cfg.data.health_examples,
         RunDir {
             path: out,
             config: run_config,
             par,
-            sharded: loaded.sharded,
+            sharded: prep.heldout_sharded,
             guard,
         },
         opts,
@@ -130,7 +123,8 @@ pub fn stored_config(checkpoint: &Path) -> Result<(PathBuf, FeaturesConfig)> {
 
 /// Embeds every sequence of `data` (mean-pooled) with the encoder of checkpoint directory
 /// `ckpt` (configuration `cfg`, e.g. from [`stored_config`]) and writes `(id, embedding)`
-/// rows to the Parquet file `out`.
+/// rows to the Parquet file `out`, streaming: rows are read in file order and written in row
+/// groups as they are embedded (constant memory for any row count).
 pub fn embed(
     ckpt: &Path,
     cfg: &FeaturesConfig,
@@ -139,14 +133,23 @@ pub fn embed(
 ) -> Result<EmbedSummary> {
     let (task, device) =
         common::load_checkpoint(ckpt, &cfg.train.device, |d| build_task(cfg, d, None))?;
-    let loaded = load(data, &cfg.data, None, None)?;
     let meta = [
         ("model", "ssl-core SeqTransformerEncoder".to_string()),
         ("pooling", "mean".to_string()),
         ("task", format!("{:?}", cfg.task.kind).to_lowercase()),
     ];
-    let bs = cfg.train.batch_size;
-    common::write_embedded(&task, &loaded, ckpt, &meta, bs, &device, out)
+    let spec = rows_spec(cfg, None);
+    common::embed_rows(
+        &task,
+        data,
+        |s| spec.transform(s, Split::All),
+        &cfg.data.id_column,
+        ckpt,
+        &meta,
+        cfg.train.batch_size,
+        &device,
+        out,
+    )
 }
 
 /// What [`eval`] measured: the pretext loss and the probes of the trained encoder, beside a
@@ -154,7 +157,9 @@ pub fn embed(
 /// and absent from its JSON).
 pub type FeaturesEvalReport = ProbeEvalReport;
 
-/// Evaluates checkpoint directory `ckpt` (configuration `cfg`): the pretext loss, and the
+/// Evaluates checkpoint directory `ckpt` (configuration `cfg`), reading `data` and `test` in
+/// one streaming pass each and holding only the embeddings (N x D) and labels: the pretext
+/// loss, and the
 /// linear-probe / k-NN accuracy of its embeddings with labels from `label_column` (default
 /// `data.label_column`), probed on `test` or, when it is empty, on a seeded stratified split
 /// of `data`; the same probes of a randomly initialised encoder (seeded by `train.seed`, as
@@ -175,6 +180,6 @@ pub fn eval(
         data,
         test,
         label,
-        |p| load(p, &cfg.data, Some(label), None),
+        |s, label| rows_spec(cfg, Some(label)).transform(s, Split::All),
     )
 }

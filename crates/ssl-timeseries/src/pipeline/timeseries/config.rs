@@ -45,16 +45,24 @@ pub struct DataConfig {
     pub stride: usize,
     /// Chronological training fraction of a long series (`eval` scores the rest).
     pub train_fraction: f64,
-    /// Examples held out from the start of the data for embedding-health figures.
+    /// The first training series (in file order) form the embedding-health batch.
     pub health_examples: usize,
     /// Fraction of the series held out of pretraining for the held-out evaluation
     /// (`eval_loss`, the task's loss, and with `task.kind = "forecast"` `eval_mse` /
     /// `eval_mae` against the naive forecast's `eval_naive_mse` / `eval_naive_mae`, in
     /// metrics.jsonl every `train.eval_every_steps` and at the end): rows chosen by a seeded
     /// hash of their global row index (`ssl_data::is_heldout`); with `long_column`, the last
-    /// part of the training steps (windows overlap, so the split is chronological). 0 (the
+    /// part of the training steps (windows overlap, so the split is chronological). At most
+    /// `ssl_timeseries::pipeline::common::MAX_HELDOUT_EXAMPLES` are evaluated (the first
+    /// held-out rows in file order; a long series' held-out windows spread evenly). 0 (the
     /// default): train on everything, as before, with no held-out evaluation.
     pub heldout_fraction: f64,
+    /// Decoded rows a training shuffle window may hold, in MiB (default 256): the loader
+    /// decodes a window of whole row groups before emitting, shuffled together, so this
+    /// bounds memory; windows hold at most 10,000 rows (`ssl_timeseries::MAX_SHUFFLE_ROWS`).
+    /// A long series (`long_column`) is shuffled in blocks of
+    /// `ssl_timeseries::LONG_BLOCK_ROWS` rows instead.
+    pub shuffle_buffer_mb: f64,
 }
 
 impl Default for DataConfig {
@@ -72,6 +80,7 @@ impl Default for DataConfig {
             train_fraction: 0.8,
             health_examples: 64,
             heldout_fraction: 0.0,
+            shuffle_buffer_mb: crate::DEFAULT_SHUFFLE_BUFFER_MB,
         }
     }
 }

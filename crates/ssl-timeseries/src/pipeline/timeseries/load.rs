@@ -1,131 +1,138 @@
-//! Reading the series of a [`TimeseriesConfig`] from Parquet, as its task consumes them.
+//! Reading the series of a [`TimeseriesConfig`] from Parquet, as its task consumes them,
+//! streaming: one series per row through the loader ([`RowsSpec`]), or the windows of a long
+//! column cut lazily by global row index ([`LongWindows`]), neither ever held whole.
 
-use ssl_core::seq::SeqExample;
-use ssl_core::Parallel;
+use candle_core::Device;
+use ssl_core::{Parallel, TrainConfig};
 
 use super::{TaskKind, TimeseriesConfig};
-use crate::pipeline::common::{check_heldout_fraction, read_rows, truncate, Loaded};
-use crate::{chronological_split, read_long_series, windows, Result, TsError};
+use crate::pipeline::common::{check_heldout_fraction, Prepared, RowsSpec, MAX_HELDOUT_EXAMPLES};
+use crate::{LongColumn, LongSplit, LongWindowSource, LongWindows, Result, TsError, WindowPlan};
 
 /// Which part of a long series.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Part {
+    /// The training steps (less the held-out end, with `data.heldout_fraction`).
     Train,
+    /// The test end (`1 - data.train_fraction`, with the context before it), every step.
     Test,
+    /// The whole series.
     All,
 }
 
-/// Reads a data set; with `par`, one-series-per-row data is read as this rank's share of the
-/// rows (a long series is always read whole: its windows are cut from all of it). The
-/// training part (`Part::Train`) holds out `data.heldout_fraction` into `Loaded::heldout`:
-/// rows by global row index, or the last part of a long series' training steps.
-pub(crate) fn load(
-    paths: &[String],
-    cfg: &TimeseriesConfig,
-    label_column: Option<&str>,
-    part: Part,
-    par: Option<&Parallel>,
-) -> Result<Loaded> {
+/// How the pipeline reads one series per row (labels from `label_column` when given):
+/// forecasting cuts every window of each row, the other tasks take rows whole (normalised
+/// with `data.normalize`).
+pub(crate) fn rows_spec(cfg: &TimeseriesConfig, label_column: Option<&str>) -> RowsSpec {
     let d = &cfg.data;
     let forecast = cfg.task.kind == TaskKind::Forecast;
-    if !d.long_column.is_empty() {
-        let series = read_long_series(paths, &d.long_column)?;
-        let len = cfg.window_len();
-        let context = if forecast {
-            cfg.task.forecast.context
-        } else {
-            0
-        };
-        let (train, test) = chronological_split(&series, d.train_fraction, context)?;
-        let mut held = None;
-        let (s, stride) = match part {
-            Part::Train if d.heldout_fraction != 0.0 => {
-                check_heldout_fraction(d.heldout_fraction)?;
-                // Windows overlap: the held-out windows are the training steps' last part.
-                let (fit, tail) = chronological_split(&train, 1.0 - d.heldout_fraction, context)
-                    .map_err(|e| heldout_error(d.heldout_fraction, e))?;
-                held = Some(tail);
-                (fit, d.stride)
-            }
-            Part::Train => (train, d.stride),
-            Part::Test => (test, 1),
-            Part::All => (series, d.stride),
-        };
-        let cut = |s: &SeqExample| -> Result<Vec<SeqExample>> {
-            let mut examples = windows(s, len, stride)?;
-            // Windows are the examples here: normalised one by one as rows are (forecasting
-            // normalises with RevIN instead).
-            if d.normalize && !forecast {
-                for e in &mut examples {
-                    e.normalize_instance();
-                }
-            }
-            Ok(examples)
-        };
-        let examples = cut(&s)?;
-        let heldout = match &held {
-            Some(tail) => cut(tail).map_err(|e| heldout_error(d.heldout_fraction, e))?,
-            None => Vec::new(),
-        };
-        let ids = (0..examples.len()).map(|i| format!("window:{i}")).collect();
-        return Ok(Loaded {
-            rows: (0..examples.len()).collect(),
-            examples,
-            ids,
-            labels: None,
-            sharded: false,
-            heldout,
-            heldout_labels: None,
-        });
+    RowsSpec {
+        column: d.column.clone(),
+        label_column: label_column.map(str::to_string),
+        max_len: d.max_len,
+        normalize: d.normalize,
+        windows: forecast.then_some((cfg.window_len(), d.stride)),
+        skip_bad_rows: d.skip_bad_rows,
+        heldout_fraction: d.heldout_fraction,
+        seed: cfg.train.seed,
+        shuffle_buffer_mb: d.shuffle_buffer_mb,
     }
-    let set = read_rows(
-        paths,
-        &d.column,
-        label_column,
-        &d.id_column,
-        d.skip_bad_rows,
-        par,
-        "series",
-    )?;
-    let mut examples = Vec::with_capacity(set.series.len());
-    let mut ids = Vec::new();
-    let mut rows = Vec::with_capacity(set.series.len());
-    for ((e, id), row) in set.series.into_iter().zip(set.ids).zip(set.row_index) {
-        let mut e = truncate(e, d.max_len)?;
-        if forecast {
-            // Forecasting on one-series-per-row data: every window of each row.
-            for (k, w) in windows(&e, cfg.window_len(), d.stride)?
-                .into_iter()
-                .enumerate()
-            {
-                examples.push(w);
-                ids.push(format!("{id}:{k}"));
-                rows.push(row);
-            }
-            continue;
-        }
-        if d.normalize {
-            e.normalize_instance();
-        }
-        examples.push(e);
-        ids.push(id);
-        rows.push(row);
+}
+
+/// Steps of context before the held-out and test parts (forecasting's context, else none).
+fn context(cfg: &TimeseriesConfig) -> usize {
+    if cfg.task.kind == TaskKind::Forecast {
+        cfg.task.forecast.context
+    } else {
+        0
     }
-    let labels = if forecast { None } else { set.labels };
-    let mut loaded = Loaded {
-        examples,
-        ids,
-        labels,
-        rows,
-        sharded: par.is_some(),
-        heldout: Vec::new(),
-        heldout_labels: None,
+}
+
+/// The long column of `cfg` in `paths` and its chronological split (held-out end included).
+fn long_split(paths: &[String], cfg: &TimeseriesConfig) -> Result<(LongColumn, LongSplit)> {
+    let d = &cfg.data;
+    let column = LongColumn::open(paths, &d.long_column)?;
+    let split = LongSplit::new(column.num_rows(), d.train_fraction, context(cfg))?;
+    check_heldout_fraction(d.heldout_fraction)?;
+    let split = split
+        .hold_out(d.heldout_fraction)
+        .map_err(|e| heldout_error(d.heldout_fraction, e))?;
+    Ok((column, split))
+}
+
+/// The windows of `part` of the long column of `cfg`: training windows every `data.stride`
+/// steps, test windows every step, each z-normalised when `data.normalize` is set (forecasting
+/// normalises with RevIN instead).
+pub(crate) fn long_windows(
+    paths: &[String],
+    cfg: &TimeseriesConfig,
+    part: Part,
+) -> Result<LongWindows> {
+    let d = &cfg.data;
+    let (column, split) = long_split(paths, cfg)?;
+    let len = cfg.window_len();
+    let plan = match part {
+        Part::Train => WindowPlan::new(0, split.fit, len, d.stride)?,
+        Part::Test => {
+            let (a, b) = split.test();
+            WindowPlan::new(a, b, len, 1)?
+        }
+        Part::All => WindowPlan::new(0, split.rows, len, d.stride)?,
     };
-    if part == Part::Train {
-        // A forecasting row's windows stay together: all trained on or all held out.
-        loaded.hold_out(d.heldout_fraction, cfg.train.seed)?;
-    }
-    Ok(loaded)
+    let normalize = d.normalize && cfg.task.kind != TaskKind::Forecast;
+    Ok(LongWindows::new(column, plan, normalize))
+}
+
+/// Prepares a streaming run on the long column of `cfg`: the training windows (every rank
+/// reads each block and takes its share of the block's windows), the first
+/// `data.health_examples` of them for embedding health, and the held-out windows (at most
+/// [`MAX_HELDOUT_EXAMPLES`], spread evenly over the held-out end; every rank holds them and
+/// evaluates its share).
+pub(crate) fn prepare_long(
+    paths: &[String],
+    cfg: &TimeseriesConfig,
+    train: &TrainConfig,
+    par: &Parallel,
+    device: &Device,
+) -> Result<Prepared> {
+    let d = &cfg.data;
+    let windows = long_windows(paths, cfg, Part::Train)?;
+    let (column, split) = long_split(paths, cfg)?;
+    let heldout = match split.heldout() {
+        Some((a, b)) => {
+            let plan = WindowPlan::new(a, b, cfg.window_len(), d.stride)
+                .map_err(|e| heldout_error(d.heldout_fraction, e))?;
+            LongWindows::new(column, plan, windows_normalised(cfg)).spread(MAX_HELDOUT_EXAMPLES)?
+        }
+        None => Vec::new(),
+    };
+    let health = windows.first(d.health_examples)?;
+    let count = windows.count();
+    let what = format!("{count} windows of a {}-step series", split.rows);
+    let source = LongWindowSource::new(
+        windows,
+        train.seed,
+        par.rank,
+        par.world,
+        train.batch_size,
+        device,
+    )?;
+    Ok(Prepared {
+        source: Box::new(source),
+        health,
+        heldout,
+        heldout_sharded: false,
+        knn: None,
+        width: 1,
+        longest: cfg.window_len(),
+        examples_per_epoch: count as u64,
+        what,
+    })
+}
+
+/// Whether windows are z-normalised one by one (`data.normalize`, not forecasting).
+fn windows_normalised(cfg: &TimeseriesConfig) -> bool {
+    cfg.data.normalize && cfg.task.kind != TaskKind::Forecast
 }
 
 /// A long series' held-out part that cannot be cut, naming `data.heldout_fraction`.
@@ -163,14 +170,27 @@ mod tests {
         cfg.data.long_column = "y".into();
         (cfg.data.window, cfg.data.stride) = (32, 8);
         let mean = |cfg: &TimeseriesConfig| {
-            let l = load(&paths, cfg, None, Part::Train, None).unwrap();
-            assert!(!l.examples.is_empty());
-            let v = &l.examples[0].values;
+            let w = long_windows(&paths, cfg, Part::Train)
+                .unwrap()
+                .first(1)
+                .unwrap();
+            assert!(!w.is_empty());
+            let v = &w[0].values;
             v.iter().map(|x| f64::from(*x)).sum::<f64>() / v.len() as f64
         };
         cfg.data.normalize = true;
         assert!(mean(&cfg).abs() < 1e-4, "{}", mean(&cfg));
         cfg.data.normalize = false;
         assert!(mean(&cfg) > 40.0, "{}", mean(&cfg));
+
+        // The lazily cut windows are exactly those of the series read whole.
+        let series = crate::read_long_series(&paths, "y").unwrap();
+        let (train, _) = crate::chronological_split(&series, 0.8, 0).unwrap();
+        let want = crate::windows(&train, 32, 8).unwrap();
+        let got = long_windows(&paths, &cfg, Part::Train)
+            .unwrap()
+            .first(100)
+            .unwrap();
+        assert_eq!(got, want);
     }
 }

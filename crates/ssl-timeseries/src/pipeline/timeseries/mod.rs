@@ -18,15 +18,15 @@ pub use config::{DataConfig, EvalConfig, TaskConfig, TaskKind, TimeseriesConfig}
 pub use task::{build_forecast, build_task};
 
 use candle_core::Device;
-use ssl_core::seq::SeqBatch;
+use ssl_core::seq::{SeqBatch, SeqExample};
 use ssl_core::{Parallel, ParamStore, PretextTask};
 
 pub use super::common::ProbeEvalReport;
 use super::common::{self, Heldout, RunDir};
 use super::online_knn::online_knn;
-use crate::{evaluate_forecast, HorizonReport, Result};
+use crate::{ForecastScorer, HorizonReport, Result, Split};
 use heldout::forecast_errors;
-use load::{load, Part};
+use load::{long_windows, prepare_long, rows_spec, Part};
 
 /// The modality's name: in stored configurations and error messages.
 pub const MODALITY: &str = "timeseries";
@@ -49,13 +49,23 @@ pub fn pretrain(
     } else {
         None
     };
-    let mut loaded = load(data, &cfg, label.as_deref(), Part::Train, Some(&par))?;
-    let found = loaded.examples.first().map_or(0, |e| e.features);
-    let channels = common::data_width("channels", cfg.channels, found, "")?;
+    let mut prep = if cfg.data.long_column.is_empty() {
+        common::prepare_rows(
+            data,
+            &rows_spec(&cfg, label.as_deref()),
+            &cfg.train,
+            cfg.data.health_examples,
+            &par,
+            &device,
+        )?
+    } else {
+        prepare_long(data, &cfg, &cfg.train, &par, &device)?
+    };
+    let channels = common::data_width("channels", cfg.channels, prep.width, "")?;
     cfg.channels = channels;
     common::check_memory(
         &cfg.train,
-        &loaded.examples,
+        prep.longest,
         |steps| {
             // TS2Vec contrasts every timestep with every other one at each scale.
             let temporal = match cfg.task.kind {
@@ -68,9 +78,16 @@ pub fn pretrain(
         },
         "the encoder's size (model.kind and its section) and, for TS2Vec, its square",
     )?;
+    common::apply_epochs(&mut cfg.train, prep.examples_per_epoch, &par);
     // The online k-NN accuracy (`eval_knn_accuracy`) when the rows have labels.
-    let knn = online_knn(&loaded, &par, cfg.train.seed, cfg.train.batch_size, &device);
-    let examples = std::mem::take(&mut loaded.heldout);
+    let knn = online_knn(
+        prep.knn.take(),
+        label.is_some(),
+        &par,
+        cfg.train.batch_size,
+        &device,
+    );
+    let examples = std::mem::take(&mut prep.heldout);
     if cfg.task.kind == TaskKind::Forecast && cfg.data.heldout_fraction > 0.0 {
         // The forecaster typed (the same parameters as `build_task` makes), for the held-out
         // forecast errors against the naive forecast.
@@ -84,7 +101,7 @@ pub fn pretrain(
             })),
         };
         return train(
-            &task, &store, &cfg, loaded, heldout, par, device, guard, out, opts,
+            &task, &store, &cfg, prep, heldout, par, device, guard, out, opts,
         );
     }
     // The instance terms' negatives span every rank: each step gathers all ranks' views.
@@ -96,18 +113,18 @@ pub fn pretrain(
         extra: knn,
     };
     train(
-        &task, &store, &cfg, loaded, heldout, par, device, guard, out, opts,
+        &task, &store, &cfg, prep, heldout, par, device, guard, out, opts,
     )
 }
 
-/// Stores the configuration and trains `task` (parameters in `store`) on `loaded`,
+/// Stores the configuration and trains `task` (parameters in `store`) on `prep`'s stream,
 /// evaluating `heldout` while it trains.
 #[allow(clippy::too_many_arguments)]
 fn train<T: PretextTask<Batch = SeqBatch>>(
     task: &T,
     store: &ParamStore,
     cfg: &TimeseriesConfig,
-    loaded: common::Loaded,
+    mut prep: common::Prepared,
     heldout: Heldout<'_, T>,
     par: Parallel,
     device: Device,
@@ -117,9 +134,9 @@ fn train<T: PretextTask<Batch = SeqBatch>>(
 ) -> Result<RunSummary> {
     let run_config = common::store_config(out, cfg, &par, &guard, store)?;
     eprintln!(
-        "{} series x {} steps (max) x {} channels; {:?} encoder, {:?} task; {} parameters",
-        loaded.examples.len(),
-        loaded.examples.iter().map(|e| e.steps).max().unwrap_or(0),
+        "{} x {} steps (max) x {} channels; {:?} encoder, {:?} task; {} parameters",
+        prep.what,
+        prep.longest,
         cfg.channels,
         cfg.model.kind,
         cfg.task.kind,
@@ -127,15 +144,15 @@ fn train<T: PretextTask<Batch = SeqBatch>>(
     );
     common::fit(
         task,
-        loaded.examples,
+        prep.source.as_mut(),
+        &prep.health,
         heldout,
         &cfg.train,
-        cfg.data.health_examples,
         RunDir {
             path: out,
             config: run_config,
             par,
-            sharded: loaded.sharded,
+            sharded: prep.heldout_sharded,
             guard,
         },
         opts,
@@ -151,7 +168,9 @@ pub fn stored_config(checkpoint: &Path) -> Result<(PathBuf, TimeseriesConfig)> {
 
 /// Embeds every series (or window of a long series) of `data` with the encoder of checkpoint
 /// directory `ckpt` (configuration `cfg`, e.g. from [`stored_config`]) and writes
-/// `(id, embedding)` rows to the Parquet file `out`.
+/// `(id, embedding)` rows to the Parquet file `out`, streaming: series are read in file order
+/// (a long series' windows cut block by block) and written in row groups as they are embedded,
+/// in constant memory for any row count.
 pub fn embed(
     ckpt: &Path,
     cfg: &TimeseriesConfig,
@@ -161,7 +180,6 @@ pub fn embed(
     let seed = cfg.train.seed;
     let (task, device) =
         common::load_checkpoint(ckpt, &cfg.train.device, |d| build_task(cfg, d, seed, None))?;
-    let loaded = load(data, cfg, None, Part::All, None)?;
     let meta = [
         (
             "model",
@@ -170,7 +188,41 @@ pub fn embed(
         ("task", format!("{:?}", cfg.task.kind).to_lowercase()),
     ];
     let bs = cfg.train.batch_size;
-    common::write_embedded(&task, &loaded, ckpt, &meta, bs, &device, out)
+    if cfg.data.long_column.is_empty() {
+        let spec = rows_spec(cfg, None);
+        return common::embed_rows(
+            &task,
+            data,
+            |s| spec.transform(s, Split::All),
+            &cfg.data.id_column,
+            ckpt,
+            &meta,
+            bs,
+            &device,
+            out,
+        );
+    }
+    // A long series: every window, in order (ids `window:i`, i counting the windows kept).
+    let windows = long_windows(data, cfg, Part::All)?;
+    let mut writer = common::EmbedOut::new(out, ckpt, &meta);
+    let bar = ssl_core::monitor::Progress::task("embed", windows.count() as u64, "windows");
+    let mut n = 0usize;
+    windows.for_each_block(|block| {
+        for chunk in block.chunks(bs.max(1)) {
+            let refs: Vec<&SeqExample> = chunk.iter().map(|(_, e)| e).collect();
+            let ids: Vec<String> = (n..n + chunk.len())
+                .map(|i| format!("window:{i}"))
+                .collect();
+            writer.write(&task, &refs, &ids, &device)?;
+            n += chunk.len();
+            if let Some((k, _)) = chunk.last() {
+                bar.set_position(*k as u64 + 1);
+            }
+        }
+        Ok(true)
+    })?;
+    bar.finish();
+    writer.finish()
 }
 
 /// What [`eval`] measured: a forecast report or a probe report.
@@ -196,7 +248,8 @@ pub struct ForecastEvalReport {
 
 /// Evaluates checkpoint directory `ckpt` (configuration `cfg`). Forecasting runs on a long
 /// series are scored on its held-out end against naive baselines; otherwise the pretext loss
-/// and linear-probe / k-NN accuracy of the trained encoder and of a randomly initialised one,
+/// and linear-probe / k-NN accuracy of the trained encoder and of a randomly initialised one
+/// (the data read in one streaming pass; only the embeddings and labels are held),
 /// with labels from `label_column` (default `data.label_column`), probed on `test` or, when
 /// it is empty, on a seeded stratified split of `data`.
 pub fn eval(
@@ -212,17 +265,25 @@ pub fn eval(
     if cfg.task.kind == TaskKind::Forecast && !cfg.data.long_column.is_empty() {
         let (task, _) =
             common::load_checkpoint(ckpt, &cfg.train.device, |d| build_forecast(cfg, d, seed))?;
-        let test_windows = load(data, cfg, None, Part::Test, None)?.examples;
-        let horizons = evaluate_forecast(
-            &task,
-            &test_windows,
-            &cfg.eval.horizons,
-            cfg.eval.season,
-            bs,
-        )?;
+        // The test end's windows, streamed block by block into the running errors.
+        let windows = long_windows(data, cfg, Part::Test)?;
+        let mut scorer = ForecastScorer::new(&task, &cfg.eval.horizons, cfg.eval.season)?;
+        let bar = ssl_core::monitor::Progress::task("eval", windows.count() as u64, "windows");
+        let mut test_windows = 0usize;
+        windows.for_each_block(|block| {
+            let examples: Vec<SeqExample> = block.into_iter().map(|(_, e)| e).collect();
+            for chunk in examples.chunks(bs.max(1)) {
+                scorer.add(&task, chunk)?;
+            }
+            test_windows += examples.len();
+            bar.set_position(test_windows as u64);
+            Ok(true)
+        })?;
+        bar.finish();
+        let horizons = scorer.finish();
         return Ok(TimeseriesEvalReport::Forecast(ForecastEvalReport {
             checkpoint,
-            test_windows: test_windows.len(),
+            test_windows,
             horizons,
         }));
     }
@@ -236,7 +297,7 @@ pub fn eval(
         data,
         test,
         label,
-        |p| load(p, cfg, Some(label), Part::All, None),
+        |s, label| rows_spec(cfg, Some(label)).transform(s, Split::All),
     )?;
     Ok(TimeseriesEvalReport::Probe(ProbeEvalReport {
         encoder: Some(format!("{:?}", cfg.model.kind).to_lowercase()),
