@@ -19,9 +19,12 @@ pub struct DataConfig {
     pub id_column: String,
     /// Fraction of documents held out (seeded hash of the row index) for perplexity.
     pub heldout_fraction: f64,
-    /// Use at most this many documents (0: all).
+    /// Use about this many documents (0: all): a seeded sample of the rows by global row
+    /// index (row `i` kept when a hash of `i` and `train.seed` falls below `max_docs / rows`),
+    /// spread over the whole data, not the first rows; the held-out split applies within it.
     pub max_docs: usize,
-    /// Evaluate held-out perplexity on at most this many sequences (0: all).
+    /// Evaluate held-out perplexity on at most this many sequences (0: all); the held-out
+    /// documents are read (in file order) only until this many sequences are collected.
     pub heldout_max_seqs: usize,
     /// Terms whose occurrences are entities for entity-aware masking (case-insensitive).
     pub entity_terms: Vec<String>,
