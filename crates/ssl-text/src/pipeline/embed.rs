@@ -125,6 +125,34 @@ impl TextModel {
     }
 }
 
+/// The sequence of one document truncated to `input.max_seq_len` (document mode), as
+/// [`tokenize_texts`] makes it, without tokenizing the whole of a long document: a prefix cut
+/// at a whitespace (pre-tokenizers split there, so the prefix's tokens are the document's
+/// first tokens) is tokenized first, and the whole text only when the prefix does not fill the
+/// sequence. `None` for a document without tokens.
+fn document_seq(tok: &Tokenizer, text: &str, input: &InputConfig) -> Result<Option<TokenizedSeq>> {
+    let one = |t: &str| -> Result<Option<TokenizedSeq>> {
+        Ok(tokenize_texts(tok, &[t], input, None, &[])?
+            .into_iter()
+            .next())
+    };
+    let max_bytes = input.max_seq_len.saturating_mul(16).saturating_add(64);
+    if text.len() > max_bytes {
+        let mut cut = max_bytes;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        if let Some(ws) = text[..cut].rfind(char::is_whitespace) {
+            if let Some(seq) = one(&text[..ws])? {
+                if seq.len() >= input.max_seq_len {
+                    return Ok(Some(seq));
+                }
+            }
+        }
+    }
+    one(text)
+}
+
 /// Embeddings of whole documents with `model` (any BERT, such as the one being trained):
 /// one sequence each, tokenized by `tok` and truncated to `cfg.input.max_seq_len`, batches of
 /// `cfg.train.batch_size` (at least 16), in inference mode at `train.matmul_precision`,
@@ -153,8 +181,7 @@ pub fn embed_documents(
         // Empty texts still get a row ([CLS] [SEP]).
         let mut seqs = Vec::with_capacity(chunk.len());
         for t in chunk {
-            let s = tokenize_texts(tok, std::slice::from_ref(t), &input, None, &[])?;
-            seqs.push(s.into_iter().next().unwrap_or(TokenizedSeq {
+            seqs.push(document_seq(tok, t, &input)?.unwrap_or(TokenizedSeq {
                 ids: vec![sp.cls, sp.sep],
                 word_ids: vec![None, None],
                 special: vec![true, true],
@@ -262,4 +289,49 @@ pub fn embed(ckpt: &Path, cfg: &TextConfig, data: &[String], out: &Path) -> Resu
         rows,
         dim,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{train_from_texts, TokenizerConfig, TokenizerKind};
+
+    #[test]
+    fn a_long_document_gives_the_sequence_of_its_whole_text() {
+        let words = [
+            "kernel",
+            "page-cache",
+            "écrit",
+            "workqueue",
+            "x",
+            "irq_handler()",
+        ];
+        let long: String = (0..3000)
+            .map(|i| format!("{}{}", words[i % 6], if i % 7 == 0 { "\n\t" } else { "  " }))
+            .collect();
+        let short = "a short kernel document".to_string();
+        for kind in [
+            TokenizerKind::Bpe,
+            TokenizerKind::WordPiece,
+            TokenizerKind::Unigram,
+        ] {
+            let cfg = TokenizerConfig {
+                kind,
+                vocab_size: 200,
+                ..TokenizerConfig::default()
+            };
+            let tok = train_from_texts([long.as_str(), short.as_str()].iter(), &cfg).unwrap();
+            for max_seq_len in [8, 64, 300] {
+                let input = InputConfig {
+                    mode: InputMode::Document,
+                    max_seq_len,
+                };
+                for text in [&long, &short] {
+                    let whole = tokenize_texts(&tok, &[text], &input, None, &[]).unwrap();
+                    let fast = document_seq(&tok, text, &input).unwrap();
+                    assert_eq!(fast.as_ref(), whole.first(), "{kind:?} {max_seq_len}");
+                }
+            }
+        }
+    }
 }
