@@ -6,6 +6,8 @@ use std::path::PathBuf;
 ///
 /// Every variant names the file (and, where it applies, the column and row) together with what
 /// was expected and what was found, so a user can fix the data without reading the code.
+/// A file read from object storage is named by its URL (`s3://bucket/key.parquet`) in the
+/// `path` fields.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// A path given by the user does not exist.
@@ -157,6 +159,21 @@ pub enum DataError {
         path: PathBuf,
         /// What was expected and what was found.
         reason: String,
+    },
+    /// Object storage (an `s3://`, `gs://`, `az://` or `http(s)://` URL) failed: the store could
+    /// not be set up, a prefix not listed, or a footer or row group not read.
+    #[error("object storage: {what} {url}: {source} ({hint})")]
+    ObjectStore {
+        /// The object, prefix or pattern URL.
+        url: String,
+        /// What was being done: "cannot list", "cannot read row group 3 (bytes 4..1200) of"...
+        what: String,
+        /// What to check: the URL, or the environment variables of the store's credentials,
+        /// region and endpoint.
+        hint: String,
+        /// The store client's error (boxed: it is large).
+        #[source]
+        source: Box<object_store::Error>,
     },
     /// A background worker thread panicked (a bug: please report it).
     #[error("a data loader worker thread panicked: {0}")]

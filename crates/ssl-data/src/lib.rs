@@ -54,6 +54,7 @@ pub mod output;
 mod plan;
 mod position;
 mod read_all;
+mod remote;
 mod series;
 mod source;
 mod stream;
@@ -68,7 +69,7 @@ pub use loader::{DataLoader, LoaderConfig};
 pub use numeric::read_numeric_column;
 pub use position::Position;
 pub use read_all::{read_all, ReadOptions, Share, Table};
-pub use source::ParquetSource;
+pub use source::{FileChunks, FileRead, ParquetSource};
 pub use stream::{ExampleStream, StreamPosition};
 pub use writer::{
     read_embeddings, write_embeddings, EmbedSummary, EmbeddingWriter, EmbeddingWriterOptions,

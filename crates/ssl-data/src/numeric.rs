@@ -1,19 +1,18 @@
 //! One numeric column read whole, in row order: the shape of a long series stored one
 //! observation per row (a sensor log, a weekly CO2 record), which windowing then cuts up.
 
-use std::fs::File;
 use std::path::Path;
 
 use arrow::array::{Array, Float64Array};
 use arrow::compute::cast;
 use arrow::datatypes::DataType;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::ProjectionMask;
 
 use crate::{DataError, ParquetSource};
 
 /// Reads a numeric (integer or float) column of every file, in file and row order, as `f64`.
-/// Nulls become NaN, so gaps stay where they were.
+/// Nulls become NaN, so gaps stay where they were. `paths` are what [`ParquetSource::open`]
+/// takes: files, directories, globs and object-store URLs; the column is read row group by
+/// row group (by ranged GETs for a remote object).
 ///
 /// Errors name the file and column: a missing column, or a column that is not numeric.
 pub fn read_numeric_column<P: AsRef<Path>>(
@@ -22,20 +21,13 @@ pub fn read_numeric_column<P: AsRef<Path>>(
 ) -> Result<Vec<f64>, DataError> {
     let source = ParquetSource::open(paths)?;
     let mut out = Vec::with_capacity(source.num_rows());
-    for path in source.files() {
-        let file = File::open(path).map_err(|e| DataError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
-        let parquet_err = |e| DataError::Parquet {
-            path: path.to_path_buf(),
-            source: e,
-        };
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet_err)?;
-        let fields = builder.schema().fields().clone();
+    for file in 0..source.num_files() {
+        let f = source.file(file);
+        let path = &f.path;
+        let fields = f.meta.schema().fields().clone();
         let Some(idx) = fields.iter().position(|f| f.name() == column) else {
             return Err(DataError::MissingColumn {
-                path: path.to_path_buf(),
+                path: path.clone(),
                 column: column.to_string(),
                 available: fields.iter().map(|f| f.name().clone()).collect(),
             });
@@ -43,41 +35,36 @@ pub fn read_numeric_column<P: AsRef<Path>>(
         let dt = fields[idx].data_type();
         if !dt.is_numeric() {
             return Err(DataError::WrongColumnType {
-                path: path.to_path_buf(),
+                path: path.clone(),
                 column: column.to_string(),
                 expected: "a numeric column (integer or float), one observation per row".into(),
                 found: dt.to_string(),
             });
         }
-        let mask = ProjectionMask::roots(builder.parquet_schema(), [idx]);
-        let reader = builder.with_projection(mask).build().map_err(parquet_err)?;
-        for batch in reader {
-            let batch = batch.map_err(|e| DataError::Arrow {
-                path: path.to_path_buf(),
-                column: column.to_string(),
-                source: e,
-            })?;
-            let arrow_err = |e| DataError::Arrow {
-                path: path.to_path_buf(),
-                column: column.to_string(),
-                source: e,
-            };
-            let col = cast(batch.column(0), &DataType::Float64).map_err(arrow_err)?;
-            let Some(values) = col.as_any().downcast_ref::<Float64Array>() else {
-                return Err(DataError::WrongColumnType {
-                    path: path.to_path_buf(),
+        for row_group in 0..f.rg_rows.len() {
+            for batch in source.read_batches(file, row_group, &[idx])? {
+                let arrow_err = |e| DataError::Arrow {
+                    path: path.clone(),
                     column: column.to_string(),
-                    expected: "Float64 after casting".into(),
-                    found: col.data_type().to_string(),
-                });
-            };
-            out.extend((0..values.len()).map(|i| {
-                if values.is_null(i) {
-                    f64::NAN
-                } else {
-                    values.value(i)
-                }
-            }));
+                    source: e,
+                };
+                let col = cast(batch.column(0), &DataType::Float64).map_err(arrow_err)?;
+                let Some(values) = col.as_any().downcast_ref::<Float64Array>() else {
+                    return Err(DataError::WrongColumnType {
+                        path: path.clone(),
+                        column: column.to_string(),
+                        expected: "Float64 after casting".into(),
+                        found: col.data_type().to_string(),
+                    });
+                };
+                out.extend((0..values.len()).map(|i| {
+                    if values.is_null(i) {
+                        f64::NAN
+                    } else {
+                        values.value(i)
+                    }
+                }));
+            }
         }
     }
     Ok(out)
@@ -90,6 +77,7 @@ mod tests {
     use arrow::datatypes::{Field, Schema};
     use arrow::record_batch::RecordBatch;
     use parquet::arrow::ArrowWriter;
+    use std::fs::File;
     use std::sync::Arc;
 
     #[test]

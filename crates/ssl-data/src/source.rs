@@ -1,4 +1,5 @@
-//! A set of Parquet files read as one data set: path resolution, schema checks, row groups.
+//! A set of Parquet files read as one data set: path and URL resolution, schema checks, row
+//! groups.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -11,14 +12,29 @@ use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
 };
 use parquet::arrow::ProjectionMask;
+use parquet::file::reader::{ChunkReader, Length};
 
 use crate::column::{ColumnKind, ColumnSpec};
 use crate::error::DataError;
+use crate::remote::{self, RemoteObject};
+
+/// Where a file's bytes are.
+#[derive(Debug, Clone)]
+pub(crate) enum Location {
+    /// A local file (at `SourceFile::path`).
+    Local,
+    /// An object in object storage.
+    Remote(Arc<RemoteObject>),
+}
 
 /// One Parquet file of a source, with its footer already parsed.
 #[derive(Debug, Clone)]
 pub(crate) struct SourceFile {
+    /// The file's name in messages: its local path, or its URL for a remote object.
     pub(crate) path: PathBuf,
+    /// The same as text, as [`ParquetSource::files`] gives it.
+    pub(crate) name: String,
+    pub(crate) location: Location,
     /// File name without extension, used for default row ids (`stem:row`).
     pub(crate) stem: String,
     pub(crate) meta: ArrowReaderMetadata,
@@ -80,43 +96,35 @@ fn collect_dir(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
     Ok(())
 }
 
-/// Expands files, directories (recursively, `*.parquet`, sorted) and glob patterns (sorted).
-pub(crate) fn resolve_paths<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<PathBuf>, DataError> {
+/// A file or object named by the user's paths and URLs.
+#[derive(Debug)]
+pub(crate) enum Resolved {
+    Local(PathBuf),
+    Remote(Arc<RemoteObject>),
+}
+
+/// Expands files, directories (recursively, `*.parquet`, sorted), glob patterns (sorted) and
+/// object-store URLs (see [`remote::resolve_url`]; `file://` URLs are local paths).
+pub(crate) fn resolve_paths<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<Resolved>, DataError> {
     let mut out = Vec::new();
     for p in paths {
         let p = p.as_ref();
         let text = p.to_string_lossy();
-        if p.is_file() {
-            out.push(p.to_path_buf());
-        } else if p.is_dir() {
-            let before = out.len();
-            collect_dir(p, &mut out)?;
-            if out.len() == before {
-                return Err(DataError::NoFiles {
-                    pattern: text.into_owned(),
-                });
-            }
-        } else if has_glob_chars(&text) {
-            let entries = glob::glob(&text).map_err(|e| DataError::Glob {
-                pattern: text.to_string(),
-                reason: e.to_string(),
-            })?;
-            let mut found: Vec<PathBuf> = entries
-                .filter_map(Result::ok)
-                .filter(|p| p.is_file())
-                .collect();
-            found.sort();
-            if found.is_empty() {
-                return Err(DataError::NoFiles {
-                    pattern: text.into_owned(),
-                });
-            }
-            out.extend(found);
-        } else {
-            return Err(DataError::FileNotFound {
-                path: p.to_path_buf(),
-            });
+        if let Some(local) = remote::file_url_path(&text) {
+            out.extend(resolve_paths(&[local])?);
+            continue;
         }
+        if remote::is_url(&text) && !p.exists() {
+            out.extend(
+                remote::resolve_url(&text)?
+                    .into_iter()
+                    .map(|o| Resolved::Remote(Arc::new(o))),
+            );
+            continue;
+        }
+        let mut local = Vec::new();
+        resolve_local(p, &text, &mut local)?;
+        out.extend(local.into_iter().map(Resolved::Local));
     }
     if out.is_empty() {
         return Err(DataError::NoFiles {
@@ -126,7 +134,68 @@ pub(crate) fn resolve_paths<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<PathBuf>,
     Ok(out)
 }
 
-fn open_file(path: PathBuf) -> Result<SourceFile, DataError> {
+/// Expands one local file, directory or glob pattern into `out`.
+fn resolve_local(p: &Path, text: &str, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
+    if p.is_file() {
+        out.push(p.to_path_buf());
+    } else if p.is_dir() {
+        let before = out.len();
+        collect_dir(p, out)?;
+        if out.len() == before {
+            return Err(DataError::NoFiles {
+                pattern: text.to_string(),
+            });
+        }
+    } else if has_glob_chars(text) {
+        let entries = glob::glob(text).map_err(|e| DataError::Glob {
+            pattern: text.to_string(),
+            reason: e.to_string(),
+        })?;
+        let mut found: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .filter(|p| p.is_file())
+            .collect();
+        found.sort();
+        if found.is_empty() {
+            return Err(DataError::NoFiles {
+                pattern: text.to_string(),
+            });
+        }
+        out.extend(found);
+    } else {
+        return Err(DataError::FileNotFound {
+            path: p.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+/// Opens every resolved file: local footers read in turn, remote ones fetched concurrently.
+fn open_files(resolved: Vec<Resolved>) -> Result<Vec<SourceFile>, DataError> {
+    let mut remote = Vec::new();
+    let mut files = Vec::with_capacity(resolved.len());
+    for (i, r) in resolved.into_iter().enumerate() {
+        match r {
+            Resolved::Local(path) => files.push(Some(open_local(path)?)),
+            Resolved::Remote(object) => {
+                remote.push((i, object));
+                files.push(None);
+            }
+        }
+    }
+    if !remote.is_empty() {
+        let objects: Vec<Arc<RemoteObject>> = remote.iter().map(|(_, o)| o.clone()).collect();
+        let metas = remote::load_metadata(&objects)?;
+        for ((i, object), meta) in remote.into_iter().zip(metas) {
+            let path = PathBuf::from(&object.url);
+            let stem = object.stem();
+            files[i] = Some(source_file(path, stem, Location::Remote(object), meta));
+        }
+    }
+    Ok(files.into_iter().flatten().collect())
+}
+
+fn open_local(path: PathBuf) -> Result<SourceFile, DataError> {
     let file = File::open(&path).map_err(|source| DataError::Io {
         path: path.clone(),
         source,
@@ -137,6 +206,19 @@ fn open_file(path: PathBuf) -> Result<SourceFile, DataError> {
             source,
         }
     })?;
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(source_file(path, stem, Location::Local, meta))
+}
+
+fn source_file(
+    path: PathBuf,
+    stem: String,
+    location: Location,
+    meta: ArrowReaderMetadata,
+) -> SourceFile {
     let mut rg_rows = Vec::new();
     let mut rg_first_row = Vec::new();
     let mut first = 0usize;
@@ -146,17 +228,82 @@ fn open_file(path: PathBuf) -> Result<SourceFile, DataError> {
         rg_rows.push(rows);
         first += rows;
     }
-    let stem = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    Ok(SourceFile {
+    let name = match &location {
+        Location::Remote(object) => object.url.clone(),
+        Location::Local => path.display().to_string(),
+    };
+    SourceFile {
         path,
+        name,
+        location,
         stem,
         meta,
         rg_rows,
         rg_first_row,
-    })
+    }
+}
+
+/// The bytes of one file of a [`ParquetSource`] for the `parquet` crate's readers (see
+/// [`ParquetSource::reader_builder`]): a local file, or the column chunks fetched from an object
+/// in object storage (any other range is fetched when read).
+pub struct FileChunks(Chunks);
+
+enum Chunks {
+    Local(File),
+    Remote(remote::RemoteReader),
+}
+
+/// A sequential read of a [`FileChunks`], as the `parquet` crate's readers ask for one.
+pub struct FileRead(ReadInner);
+
+enum ReadInner {
+    Local(<File as ChunkReader>::T),
+    Remote(remote::RemoteRead),
+}
+
+impl std::io::Read for FileRead {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match &mut self.0 {
+            ReadInner::Local(r) => r.read(buf),
+            ReadInner::Remote(r) => r.read(buf),
+        }
+    }
+}
+
+impl Length for FileChunks {
+    fn len(&self) -> u64 {
+        match &self.0 {
+            Chunks::Local(f) => f.len(),
+            Chunks::Remote(r) => r.len(),
+        }
+    }
+}
+
+impl ChunkReader for FileChunks {
+    type T = FileRead;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<FileRead> {
+        Ok(FileRead(match &self.0 {
+            Chunks::Local(f) => ReadInner::Local(f.get_read(start)?),
+            Chunks::Remote(r) => ReadInner::Remote(r.get_read(start)?),
+        }))
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<bytes::Bytes> {
+        match &self.0 {
+            Chunks::Local(f) => f.get_bytes(start, length),
+            Chunks::Remote(r) => r.get_bytes(start, length),
+        }
+    }
+}
+
+impl std::fmt::Debug for FileChunks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Chunks::Local(file) => f.debug_tuple("FileChunks::Local").field(file).finish(),
+            Chunks::Remote(_) => f.write_str("FileChunks::Remote"),
+        }
+    }
 }
 
 fn is_int(t: &DataType) -> bool {
@@ -264,17 +411,25 @@ pub(crate) fn canonicalize(
 }
 
 impl ParquetSource {
-    /// Opens a source from files, directories (all `*.parquet` below, sorted) and glob patterns
-    /// (e.g. `data/ucr/*_TRAIN.parquet`), in the order given.
+    /// Opens a source from files, directories (all `*.parquet` below, sorted), glob patterns
+    /// (e.g. `data/ucr/*_TRAIN.parquet`) and object-store URLs, in the order given.
     ///
-    /// Errors when a path does not exist, a pattern matches nothing, a file is not Parquet, or
-    /// the files hold no rows at all.
+    /// A URL (`s3://bucket/prefix/`, `gs://`, `az://`, `http(s)://`) names objects in object
+    /// storage: a key ending in `/` (or none) every `*.parquet` object under it, sorted by key; a
+    /// key with `*`, `?` or `[` the objects it matches; any other key the object with that key,
+    /// or when there is none every `*.parquet` object under it. Credentials, region and endpoint
+    /// come from the store's usual environment variables: for S3 and S3-compatible servers
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION` (or
+    /// `AWS_DEFAULT_REGION`), `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT`) and `AWS_ALLOW_HTTP`; for
+    /// Google Cloud Storage `GOOGLE_*`, for Azure `AZURE_*`. Opening reads each object's footer
+    /// by one ranged GET (many objects at once); data is read later, row group by row group,
+    /// by ranged GETs of the requested columns' chunks. `file://` URLs are local paths.
+    ///
+    /// Errors when a path does not exist, a pattern or prefix matches nothing, a file is not
+    /// Parquet, the files hold no rows at all, or object storage fails (naming the URL and the
+    /// environment variables to check).
     pub fn open<P: AsRef<Path>>(paths: &[P]) -> Result<Self, DataError> {
-        let resolved = resolve_paths(paths)?;
-        let files = resolved
-            .into_iter()
-            .map(open_file)
-            .collect::<Result<Vec<_>, _>>()?;
+        let files = open_files(resolve_paths(paths)?)?;
         let source = Self {
             files: Arc::new(files),
         };
@@ -288,12 +443,7 @@ impl ParquetSource {
 
     /// "a.parquet, b.parquet" (shortened when there are many files), for messages.
     pub(crate) fn describe_files(&self) -> String {
-        let names: Vec<String> = self
-            .files
-            .iter()
-            .take(5)
-            .map(|f| f.path.display().to_string())
-            .collect();
+        let names: Vec<String> = self.files.iter().take(5).map(|f| f.name.clone()).collect();
         let more = self.files.len().saturating_sub(5);
         if more > 0 {
             format!("{} and {more} more files", names.join(", "))
@@ -302,9 +452,15 @@ impl ParquetSource {
         }
     }
 
-    /// The files of the source, in reading order.
-    pub fn files(&self) -> Vec<&Path> {
-        self.files.iter().map(|f| f.path.as_path()).collect()
+    /// The files of the source, in reading order: local paths, and URLs for objects in object
+    /// storage (`s3://bucket/data/part-0.parquet`).
+    pub fn files(&self) -> Vec<&str> {
+        self.files.iter().map(|f| f.name.as_str()).collect()
+    }
+
+    /// Number of files (local files and remote objects).
+    pub fn num_files(&self) -> usize {
+        self.files.len()
     }
 
     /// Total number of rows over all files.
@@ -411,28 +567,7 @@ impl ParquetSource {
                 })?;
             roots.push(idx);
         }
-        let parquet_err = |source| DataError::Parquet {
-            path: f.path.clone(),
-            source,
-        };
-        let handle = File::open(&f.path).map_err(|source| DataError::Io {
-            path: f.path.clone(),
-            source,
-        })?;
-        let mask = ProjectionMask::roots(f.meta.parquet_schema(), roots.iter().copied());
-        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(handle, f.meta.clone())
-            .with_projection(mask)
-            .with_row_groups(vec![row_group])
-            .with_batch_size(f.rg_rows[row_group].max(1))
-            .build()
-            .map_err(parquet_err)?;
-        let mut batches: Vec<RecordBatch> = Vec::new();
-        for batch in reader {
-            batches.push(batch.map_err(|e| DataError::Parquet {
-                path: f.path.clone(),
-                source: parquet::errors::ParquetError::ArrowError(e.to_string()),
-            })?);
-        }
+        let batches = self.read_batches(file, row_group, &roots)?;
         let mut out = Vec::with_capacity(columns.len());
         for spec in columns {
             let arrow_err = |source| DataError::Arrow {
@@ -460,6 +595,111 @@ impl ParquetSource {
             out.push(canonicalize(&spec.kind, array).map_err(arrow_err)?);
         }
         Ok(out)
+    }
+
+    /// Reads the root columns `roots` (indices in the file's Arrow schema) of one row group as
+    /// record batches.
+    pub(crate) fn read_batches(
+        &self,
+        file: usize,
+        row_group: usize,
+        roots: &[usize],
+    ) -> Result<Vec<RecordBatch>, DataError> {
+        let f = &self.files[file];
+        let batches = self
+            .reader_builder(file, &[row_group], roots)?
+            .with_batch_size(f.rg_rows[row_group].max(1))
+            .build()
+            .map_err(|source| DataError::Parquet {
+                path: f.path.clone(),
+                source,
+            })?;
+        batches
+            .map(|batch| {
+                batch.map_err(|e| DataError::Parquet {
+                    path: f.path.clone(),
+                    source: parquet::errors::ParquetError::ArrowError(format!(
+                        "row group {row_group}: {e}"
+                    )),
+                })
+            })
+            .collect()
+    }
+
+    /// The `parquet` crate's Arrow reader over some row groups of one file of the source,
+    /// reading the root columns `roots` (indices in the file's Arrow schema, as in
+    /// [`ParquetSource::file_schema`]), for readers this crate does not provide (row
+    /// selections, other batch sizes). The caller may set more options and `build()` it.
+    ///
+    /// A local file is read through its handle; for an object in object storage the column
+    /// chunks of those columns in `row_groups` are fetched now, by ranged GETs, and held in
+    /// memory by the reader: pass a few row groups at a time.
+    pub fn reader_builder(
+        &self,
+        file: usize,
+        row_groups: &[usize],
+        roots: &[usize],
+    ) -> Result<ParquetRecordBatchReaderBuilder<FileChunks>, DataError> {
+        let f = self
+            .files
+            .get(file)
+            .ok_or_else(|| DataError::InvalidConfig {
+                reason: format!(
+                    "file index {file} is out of range: the source has {} files",
+                    self.files.len()
+                ),
+            })?;
+        let groups = f.rg_rows.len();
+        if let Some(&bad) = row_groups.iter().find(|&&g| g >= groups) {
+            return Err(DataError::InvalidConfig {
+                reason: format!(
+                    "row group {bad} is out of range: {} has {groups} row groups",
+                    f.name
+                ),
+            });
+        }
+        let width = f.meta.schema().fields().len();
+        if let Some(&bad) = roots.iter().find(|&&c| c >= width) {
+            return Err(DataError::InvalidConfig {
+                reason: format!(
+                    "column index {bad} is out of range: {} has {width} columns",
+                    f.name
+                ),
+            });
+        }
+        let mask = ProjectionMask::roots(f.meta.parquet_schema(), roots.iter().copied());
+        let chunks = match &f.location {
+            Location::Local => {
+                FileChunks(Chunks::Local(File::open(&f.path).map_err(|source| {
+                    DataError::Io {
+                        path: f.path.clone(),
+                        source,
+                    }
+                })?))
+            }
+            Location::Remote(object) => FileChunks(Chunks::Remote(remote::row_groups_reader(
+                object,
+                f.meta.metadata(),
+                row_groups,
+                &mask,
+            )?)),
+        };
+        Ok(
+            ParquetRecordBatchReaderBuilder::new_with_metadata(chunks, f.meta.clone())
+                .with_projection(mask)
+                .with_row_groups(row_groups.to_vec()),
+        )
+    }
+
+    /// The Arrow schema of file `file` (whose column indices [`ParquetSource::reader_builder`]
+    /// takes), or `None` past the last file.
+    pub fn file_schema(&self, file: usize) -> Option<&arrow::datatypes::SchemaRef> {
+        self.files.get(file).map(|f| f.meta.schema())
+    }
+
+    /// Rows of each row group of file `file`, from its footer (empty past the last file).
+    pub fn row_group_rows(&self, file: usize) -> &[usize] {
+        self.files.get(file).map_or(&[], |f| f.rg_rows.as_slice())
     }
 
     /// Sorted distinct non-null values of a string column over the whole source (all files,
@@ -527,5 +767,24 @@ mod tests {
         assert!(err.to_string().contains("/definitely/not/here.parquet"));
         let err = resolve_paths(&["/definitely/not/*.parquet"]).unwrap_err();
         assert!(matches!(err, DataError::NoFiles { .. }));
+        let err = resolve_paths(&["file:///definitely/not/here.parquet"]).unwrap_err();
+        assert!(matches!(err, DataError::FileNotFound { .. }), "{err:?}");
+        let err = resolve_paths(&["ftp://host/x.parquet"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ftp://host/x.parquet") && err.contains("unsupported scheme"));
+    }
+
+    #[test]
+    fn file_urls_are_local_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.parquet");
+        std::fs::write(&path, b"x").unwrap();
+        let url = format!("file://{}", path.display());
+        let resolved = resolve_paths(&[url]).unwrap();
+        assert!(
+            matches!(&resolved[..], [Resolved::Local(p)] if *p == path),
+            "{resolved:?}"
+        );
     }
 }
