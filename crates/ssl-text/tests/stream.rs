@@ -258,3 +258,44 @@ fn two_ranks_stream_their_row_groups() {
 fn two_ranks_share_the_rows_of_a_single_row_group() {
     two_ranks(64);
 }
+
+/// A null text mid-stream stops training with an error naming the file (and
+/// `data.skip_bad_rows`); with `data.skip_bad_rows` the row is skipped and training goes on.
+#[test]
+fn a_null_text_mid_stream_is_named_or_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nulls.parquet");
+    let texts: Vec<Option<String>> = (0..24)
+        .map(|i| (i != 13).then(|| format!("the kernel driver number {i} loads a module")))
+        .collect();
+    let batch = RecordBatch::try_from_iter([(
+        "text",
+        Arc::new(StringArray::from(texts.clone())) as ArrayRef,
+    )])
+    .unwrap();
+    let file = std::fs::File::create(&path).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let good: Vec<String> = texts.into_iter().flatten().collect();
+    let tok = train_from_texts(good.iter(), &TokenizerConfig::default()).unwrap();
+    let tok_file = save_tokenizer(&tok, &dir.path().join("tok")).unwrap();
+    let data = vec![path.display().to_string()];
+    let mut cfg = tiny(&tok_file);
+    cfg.train.max_steps = 2;
+    let e = pretrain(
+        cfg.clone(),
+        &data,
+        &dir.path().join("a"),
+        &RunOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("nulls.parquet") && e.contains("row 13") && e.contains("skip_bad_rows"),
+        "{e}"
+    );
+    cfg.data.skip_bad_rows = true;
+    let s = pretrain(cfg, &data, &dir.path().join("b"), &RunOptions::default()).unwrap();
+    assert_eq!(s.run.step, 2);
+}
