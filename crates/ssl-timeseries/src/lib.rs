@@ -3,7 +3,9 @@
 //!
 //! - **Data** ([`data`]): one series per row (`list<f32|f64>` or channels x length, ragged
 //!   allowed) or one long series per column cut into [`data::windows`]; gaps (NaN, null) are
-//!   masked, never fed to a model as numbers.
+//!   masked, never fed to a model as numbers. Streamed for training: [`SeriesRowSource`]
+//!   (rows through `ssl_data::ExampleStream`) and [`LongWindowSource`] (a long column's
+//!   windows cut lazily by row range, [`LongColumn`]), both resumable.
 //! - **Encoders** ([`SeriesEncoder`], all `ssl_core::Encoder`): [`PatchTstEncoder`] (patches,
 //!   channel independence, shared transformer), [`TcnEncoder`] (TS2Vec's dilated
 //!   convolutions, optionally causal), [`RnnEncoder`] (GRU / LSTM) and ssl-core's

@@ -2,8 +2,8 @@
 //! [`WindowPlan`]) come in blocks of consecutive windows, each block read on demand from the
 //! Parquet row groups that hold its rows (so windows span row-group and file boundaries, and
 //! the column is never held whole). [`LongWindowSource`] trains on them (block order shuffled
-//! each epoch, windows shuffled within a block, resumable); [`LongWindows::for_each_block`]
-//! visits them in order (embedding, evaluation).
+//! each epoch, windows shuffled within a block, resumable); [`LongWindows::for_each_chunk`]
+//! visits them in order, a chunk at a time (embedding, evaluation).
 
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
@@ -101,10 +101,17 @@ impl LongWindows {
     /// The first `n` windows with an observed value, in order.
     pub fn first(&self, n: usize) -> Result<Vec<SeqExample>> {
         let mut out = Vec::new();
-        self.for_each_block(|w| {
-            out.extend(w.into_iter().map(|(_, e)| e).take(n - out.len()));
-            Ok(out.len() < n)
-        })?;
+        if n == 0 {
+            return Ok(out);
+        }
+        self.for_each_chunk(
+            n,
+            |_| true,
+            |w| {
+                out.extend(w.into_iter().map(|(_, e)| e));
+                Ok(false)
+            },
+        )?;
         Ok(out)
     }
 
@@ -113,33 +120,42 @@ impl LongWindows {
     pub fn spread(&self, n: usize) -> Result<Vec<SeqExample>> {
         let every = self.count().div_ceil(n.max(1)).max(1);
         let mut out = Vec::new();
-        self.for_each_block(|w| {
-            out.extend(
-                w.into_iter()
-                    .filter(|(k, _)| k % every == 0)
-                    .map(|(_, e)| e),
-            );
-            Ok(true)
-        })?;
+        self.for_each_chunk(
+            n.max(1),
+            |k| k % every == 0,
+            |w| {
+                out.extend(w.into_iter().map(|(_, e)| e));
+                Ok(true)
+            },
+        )?;
         out.truncate(n);
         Ok(out)
     }
 
-    /// Calls `f` with each block's windows that have an observed value, `(window index,
-    /// window)` in order, while it returns true.
-    pub fn for_each_block(
+    /// Calls `f` with the windows that have an observed value and whose index passes `keep`,
+    /// `(window index, window)` in order, at most `chunk` at a time (only those are cut and
+    /// held), while it returns true.
+    pub fn for_each_chunk(
         &self,
+        chunk: usize,
+        keep: impl Fn(usize) -> bool,
         mut f: impl FnMut(Vec<(usize, SeqExample)>) -> Result<bool>,
     ) -> Result<()> {
+        let chunk = chunk.max(1);
         for j in 0..self.num_blocks() {
             let block = self.read_block(j)?;
-            let windows = block
-                .kept
-                .iter()
-                .map(|&i| Ok((block.k0 + i, self.cut(&block, i)?)))
-                .collect::<Result<Vec<_>>>()?;
-            if !f(windows)? {
-                break;
+            let mut out = Vec::with_capacity(chunk);
+            for &i in &block.kept {
+                if !keep(block.k0 + i) {
+                    continue;
+                }
+                out.push((block.k0 + i, self.cut(&block, i)?));
+                if out.len() == chunk && !f(std::mem::take(&mut out))? {
+                    return Ok(());
+                }
+            }
+            if !out.is_empty() && !f(out)? {
+                return Ok(());
             }
         }
         Ok(())

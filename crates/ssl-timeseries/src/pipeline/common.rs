@@ -1,7 +1,8 @@
 //! What the sequence pipelines ([`super::timeseries`], [`super::features`]) share: the start
-//! of a run (device, ranks, stored configuration), reading one sequence per row, the training
-//! run, batched embedding and the embeddings file, the pretext loss and probes of a
-//! checkpoint.
+//! of a run (device, ranks, stored configuration), streaming one sequence per row (the pass
+//! before training that reads a sample, the health and held-out examples; the trainer's
+//! [`SeriesRowSource`]), the training run, embedding written as computed, the pretext loss and
+//! probes of a checkpoint read in one pass.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

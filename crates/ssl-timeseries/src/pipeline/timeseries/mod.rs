@@ -207,8 +207,10 @@ pub fn embed(
     let mut writer = common::EmbedOut::new(out, ckpt, &meta);
     let bar = ssl_core::monitor::Progress::task("embed", windows.count() as u64, "windows");
     let mut n = 0usize;
-    windows.for_each_block(|block| {
-        for chunk in block.chunks(bs.max(1)) {
+    windows.for_each_chunk(
+        bs,
+        |_| true,
+        |chunk| {
             let refs: Vec<&SeqExample> = chunk.iter().map(|(_, e)| e).collect();
             let ids: Vec<String> = (n..n + chunk.len())
                 .map(|i| format!("window:{i}"))
@@ -218,9 +220,9 @@ pub fn embed(
             if let Some((k, _)) = chunk.last() {
                 bar.set_position(*k as u64 + 1);
             }
-        }
-        Ok(true)
-    })?;
+            Ok(true)
+        },
+    )?;
     bar.finish();
     writer.finish()
 }
@@ -270,15 +272,17 @@ pub fn eval(
         let mut scorer = ForecastScorer::new(&task, &cfg.eval.horizons, cfg.eval.season)?;
         let bar = ssl_core::monitor::Progress::task("eval", windows.count() as u64, "windows");
         let mut test_windows = 0usize;
-        windows.for_each_block(|block| {
-            let examples: Vec<SeqExample> = block.into_iter().map(|(_, e)| e).collect();
-            for chunk in examples.chunks(bs.max(1)) {
-                scorer.add(&task, chunk)?;
-            }
-            test_windows += examples.len();
-            bar.set_position(test_windows as u64);
-            Ok(true)
-        })?;
+        windows.for_each_chunk(
+            bs,
+            |_| true,
+            |chunk| {
+                let examples: Vec<SeqExample> = chunk.into_iter().map(|(_, e)| e).collect();
+                scorer.add(&task, &examples)?;
+                test_windows += examples.len();
+                bar.set_position(test_windows as u64);
+                Ok(true)
+            },
+        )?;
         bar.finish();
         let horizons = scorer.finish();
         return Ok(TimeseriesEvalReport::Forecast(ForecastEvalReport {
