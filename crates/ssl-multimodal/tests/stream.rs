@@ -254,3 +254,44 @@ fn an_empty_caption_met_mid_stream_names_its_row_or_is_skipped() {
     let s = pretrain(cfg, &paths, &dir.path().join("b"), &RunOptions::default()).unwrap();
     assert_eq!(s.run.step, 3);
 }
+
+/// Pretraining over 2 ranks (threads) with gradient caching and a pair filter: rank 0 makes
+/// the tokenizer and the filter threshold and sends them, each rank streams its row groups,
+/// the loss gathers both ranks' embeddings, and both end at the same step.
+#[test]
+fn two_ranks_stream_with_gradient_caching_and_a_pair_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = toy_file(dir.path());
+    let mut cfg = common::tiny_config();
+    cfg.train.max_steps = 2;
+    let filter_run = dir.path().join("filter");
+    pretrain(cfg.clone(), &paths, &filter_run, &RunOptions::default()).unwrap();
+    cfg.train.max_steps = 3;
+    cfg.train.batch_size = 16;
+    cfg.train.checkpoint_every_steps = 3;
+    cfg.model.micro_batch = 8;
+    cfg.data.filter_checkpoint = filter_run.to_string_lossy().into_owned();
+    cfg.data.filter_drop_fraction = 0.2;
+    let run = dir.path().join("run");
+    let steps: Vec<u64> = std::thread::scope(|sc| {
+        let hs: Vec<_> = ssl_core::ThreadGroup::new(2)
+            .into_iter()
+            .map(|c| {
+                let (cfg, paths, run) = (cfg.clone(), paths.clone(), run.clone());
+                sc.spawn(move || {
+                    let opts = RunOptions {
+                        collective: Some(std::sync::Arc::new(c)),
+                        ..RunOptions::default()
+                    };
+                    pretrain(cfg, &paths, &run, &opts).unwrap().run.step
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(steps, [3, 3]);
+    assert!(run.join("tokenizer.json").is_file());
+    assert!(run
+        .join("checkpoints/step-00000003/model.safetensors")
+        .is_file());
+}
