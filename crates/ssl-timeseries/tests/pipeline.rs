@@ -181,4 +181,19 @@ fn empty_and_all_missing_series_are_errors_or_skipped_and_counted() {
         err.contains("no observed value") || err.contains("empty"),
         "{err}"
     );
+    // Met mid-stream, the error names the file, row group and row.
+    assert!(err.contains("d.parquet, row group 0, row"), "{err}");
+
+    // With data.skip_bad_rows the stream skips them and trains on the other three.
+    let mut cfg = TimeseriesConfig::default();
+    (cfg.train.max_steps, cfg.train.batch_size) = (2, 2);
+    (
+        cfg.model.tcn.hidden,
+        cfg.model.tcn.output,
+        cfg.model.tcn.depth,
+    ) = (8, 8, 2);
+    cfg.data.skip_bad_rows = true;
+    let s =
+        timeseries::pretrain(cfg, &data, &dir.path().join("r3"), &RunOptions::default()).unwrap();
+    assert_eq!(s.step, 2);
 }
