@@ -49,9 +49,11 @@ pub struct VisionDataConfig {
     /// row groups (one row group at a time, rows shuffled), this many over all ranks together
     /// (each rank reads its share and the moments are summed). Bounds the preparation's time.
     pub stats_images: usize,
-    /// Decoded pixels of one training shuffle window, in MiB: the loader decodes a whole
-    /// window of row groups before it emits a row, so this bounds that memory (a window is
-    /// at least one row group: write large images in row groups of a few hundred rows).
+    /// Decoded pixels of one training shuffle window, in MiB (default 256): the loader
+    /// decodes a whole window of row groups before it emits a row, and decodes the next
+    /// window while the current one is consumed, so about twice this is resident. Rows are
+    /// shuffled within a window (and row groups across the epoch). A window is at least one
+    /// row group and one batch: write large images in row groups of a few hundred rows.
     pub shuffle_buffer_mb: f64,
     /// Held-out images kept for the held-out evaluation (over all ranks; read at the start,
     /// in row order, until this many are found), also bounded to 256 MiB of pixels.
