@@ -191,3 +191,33 @@ fn max_epochs_sets_the_steps_from_the_footers() {
     let (_, stored) = ssl_vision::stored_config(&run).unwrap();
     assert_eq!(stored.train.max_steps, 10);
 }
+
+#[test]
+fn two_ranks_stream_their_share_and_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    // 12 row groups of 4: 6 for each rank.
+    let data = write_images(&dir.path().join("images.parquet"), 48, 4);
+    let run = dir.path().join("run");
+    let mut cfg = tiny(VisionTaskKind::Mae);
+    cfg.train.max_steps = 4;
+    cfg.train.eval_every_steps = 2;
+    let out = Parallel::on_threads(2, |p| {
+        let opts = RunOptions {
+            collective: Some(p.shared()),
+            ..RunOptions::default()
+        };
+        let s = pretrain(cfg.clone(), &data, &run, &opts).unwrap();
+        (s.run.step, s.run.first_loss, s.run.last_loss)
+    });
+    assert_eq!(out[0], out[1]);
+    assert_eq!(out[0].0, 4);
+    assert!(out[0].2.is_finite());
+    // The statistics are the ranks' together: those of one process over every training image
+    // (the sample is larger than the data).
+    let (_, two) = ssl_vision::stored_config(&run).unwrap();
+    let one_run = dir.path().join("one");
+    pretrain(cfg, &data, &one_run, &RunOptions::default()).unwrap();
+    let (_, one) = ssl_vision::stored_config(&one_run).unwrap();
+    assert!((two.task.augment.mean[0] - one.task.augment.mean[0]).abs() < 1e-6);
+    assert!((two.task.augment.std[0] - one.task.augment.std[0]).abs() < 1e-6);
+}
