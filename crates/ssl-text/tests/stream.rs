@@ -299,3 +299,26 @@ fn a_null_text_mid_stream_is_named_or_skipped() {
     let s = pretrain(cfg, &data, &dir.path().join("b"), &RunOptions::default()).unwrap();
     assert_eq!(s.run.step, 2);
 }
+
+/// `train.max_epochs` sets the steps from the estimated sequences per epoch (document mode:
+/// one sequence per document, so 32 rows x (1 - 0.25) = 24 sequences, 6 batches of 4 per
+/// epoch), and the completed configuration stores them.
+#[test]
+fn max_epochs_sets_the_steps_from_the_estimated_sequences() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("docs.parquet");
+    let texts = write_docs(&path, 32, 8);
+    let tok = train_from_texts(texts.iter(), &TokenizerConfig::default()).unwrap();
+    let tok_file = save_tokenizer(&tok, &dir.path().join("tok")).unwrap();
+    let mut cfg = tiny(&tok_file);
+    cfg.input.mode = InputMode::Document;
+    cfg.train.max_epochs = 1.5;
+    cfg.train.max_steps = 1000;
+    cfg.train.checkpoint_every_steps = 100;
+    let run = dir.path().join("run");
+    let data = vec![path.display().to_string()];
+    let s = pretrain(cfg, &data, &run, &RunOptions::default()).unwrap();
+    assert_eq!(s.run.step, 9);
+    let (_, stored) = ssl_text::stored_config(&run).unwrap();
+    assert_eq!(stored.train.max_steps, 9);
+}

@@ -29,7 +29,8 @@ pub use online_knn::OnlineKnn;
 pub use pretrain::{build_model, pretrain, TextRunSummary, HELDOUT_FILE};
 pub use stream::{
     estimate_epoch, read_heldout, read_knn_bank, DocPacker, EpochEstimate, HeldoutSet, RowFilter,
-    StreamingTextSource, EPOCH_ESTIMATE_DOCS, LOADER_BATCH_ROWS, SHUFFLE_ROWS,
+    StreamingTextSource, EPOCH_ESTIMATE_BYTES, EPOCH_ESTIMATE_DOCS, LOADER_BATCH_ROWS,
+    SHUFFLE_ROWS,
 };
 pub use tokenizer::{
     broadcast_tokenizer, make_tokenizer, shared_tokenizer, tokenize, tokenizer_from_json,

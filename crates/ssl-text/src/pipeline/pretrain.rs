@@ -179,11 +179,17 @@ pub fn pretrain(
     )?;
     if cfg.train.max_epochs > 0.0 {
         // Sequences are not rows: sequences per document are estimated from a sample.
+        if par.is_main() {
+            eprintln!(
+                "train.max_epochs = {}: estimating sequences per document from the first training documents",
+                cfg.train.max_epochs
+            );
+        }
         let est = estimate_epoch(&source, &packer)?;
         if let Some(steps) = cfg.train.apply_epochs(est.seqs, par.world) {
             if par.is_main() {
                 eprintln!(
-                    "train.max_epochs = {}: about {} training sequences per epoch (an estimate: \
+                    "train.max_epochs = {}: about {} training sequences per epoch (estimated: \
                      {:.0} training documents x {:.2} sequences per document, measured on {} \
                      documents) -> train.max_steps = {steps}",
                     cfg.train.max_epochs,

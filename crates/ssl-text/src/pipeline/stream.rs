@@ -28,8 +28,13 @@ pub const LOADER_BATCH_ROWS: usize = 256;
 /// memory a stream holds is about this many documents' text (plus one row group).
 pub const SHUFFLE_ROWS: usize = 4096;
 
-/// Documents tokenized to estimate sequences per document for `train.max_epochs`.
+/// Documents tokenized (at most) to estimate sequences per document for `train.max_epochs`.
 pub const EPOCH_ESTIMATE_DOCS: usize = 2048;
+
+/// Bytes of text tokenized (at most, whole loader batches) for the same estimate: long
+/// documents make a smaller sample (one loader batch at least), so the estimate takes a few
+/// seconds at most.
+pub const EPOCH_ESTIMATE_BYTES: usize = 1 << 20;
 
 /// Salt of the `data.max_docs` sample's hash (so it is independent of the held-out split).
 const MAX_DOCS_SALT: u64 = 0x6d61_785f_646f_6373;
@@ -414,12 +419,13 @@ pub struct EpochEstimate {
     pub seqs: u64,
 }
 
-/// Estimates the training sequences of one epoch: the first [`EPOCH_ESTIMATE_DOCS`] training
-/// documents (file order) tokenized and packed as training packs them give sequences per
-/// document, times the expected training documents of the source.
+/// Estimates the training sequences of one epoch: the first training documents (file order;
+/// [`EPOCH_ESTIMATE_DOCS`] documents or [`EPOCH_ESTIMATE_BYTES`] bytes of text, whichever
+/// comes first, in whole loader batches) tokenized and packed as training packs them give
+/// sequences per document, times the expected training documents of the source.
 pub fn estimate_epoch(source: &ParquetSource, packer: &DocPacker) -> Result<EpochEstimate> {
     let p = packer.clone();
-    let mut stream: ExampleStream<(usize, usize), TextError> = ExampleStream::new(
+    let mut stream: ExampleStream<(usize, usize, usize), TextError> = ExampleStream::new(
         source,
         packer.loader(),
         StreamPosition::default(),
@@ -427,15 +433,17 @@ pub fn estimate_epoch(source: &ParquetSource, packer: &DocPacker) -> Result<Epoc
         move |b: Batch| {
             let f = p.filter;
             let docs = p.docs(&b, |i| f.training(i))?;
-            Ok(vec![(docs.texts.len(), p.pack(&docs)?.len())])
+            let bytes = docs.texts.iter().map(String::len).sum();
+            Ok(vec![(docs.texts.len(), bytes, p.pack(&docs)?.len())])
         },
     )?;
-    let (mut docs, mut seqs) = (0usize, 0usize);
-    while docs < EPOCH_ESTIMATE_DOCS {
-        let Some((d, s)) = stream.take(1)?.pop() else {
+    let (mut docs, mut bytes, mut seqs) = (0usize, 0usize, 0usize);
+    while docs < EPOCH_ESTIMATE_DOCS && bytes < EPOCH_ESTIMATE_BYTES {
+        let Some((d, b, s)) = stream.take(1)?.pop() else {
             break;
         };
         docs += d;
+        bytes += b;
         seqs += s;
     }
     if docs == 0 || seqs == 0 {
