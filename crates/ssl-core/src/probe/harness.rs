@@ -207,6 +207,29 @@ pub fn probe_labelled(
     }
 }
 
+/// TS2Vec's SVM probe ([`super::svm_probe`]) with label strings, on the same rows as
+/// [`probe_labelled`]: trained on `train` and tested on `test`, or on the same seeded
+/// stratified split of `train` when there is no test set.
+pub fn svm_labelled(
+    train: (&[f32], &[String]),
+    test: Option<(&[f32], &[String])>,
+    dim: usize,
+    seed: u64,
+) -> Result<super::SvmScore, ProbeError> {
+    let classes = ClassIds::new(train.1, test.map(|t| t.1));
+    let train_y = classes.ids(train.1);
+    let n = classes.classes.len();
+    match test {
+        Some((x, l)) => super::svm_probe((train.0, &train_y), (x, &classes.ids(l)), dim, n, seed),
+        None => {
+            let (tr, te) = probe_split(&train_y, seed)?;
+            let (tr_x, te_x) = (take_rows(train.0, dim, &tr), take_rows(train.0, dim, &te));
+            let (tr_y, te_y) = (take_rows(&train_y, 1, &tr), take_rows(&train_y, 1, &te));
+            super::svm_probe((&tr_x, &tr_y), (&te_x, &te_y), dim, n, seed)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +251,7 @@ mod tests {
         }
         let s = probe_labelled((&x, &y), None, 2, 0).unwrap();
         assert_eq!((s.n_train, s.n_test, s.n_classes), (32, 8, 2));
+        assert_eq!(svm_labelled((&x, &y), None, 2, 0).unwrap().accuracy, 1.0);
         assert_eq!(s.linear, 1.0);
         assert_eq!(s.knn, 1.0);
         // With a test set whose labels include a class unseen in training.

@@ -19,7 +19,7 @@ mod online_knn;
 mod svm;
 
 pub use harness::{
-    majority_class_rate, probe_labelled, probe_scores, probe_split, take_rows,
+    majority_class_rate, probe_labelled, probe_scores, probe_split, svm_labelled, take_rows,
     unseen_labels_warning, unseen_test_rows, warn_unseen_labels, ClassIds, ProbeScores,
     PROBE_TEST_FRACTION,
 };
