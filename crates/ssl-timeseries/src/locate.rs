@@ -1,11 +1,9 @@
 //! Where a global row index lies (file, row group, row within the file): what a data error
 //! met mid-stream names.
 
-use std::fs::File;
 use std::path::PathBuf;
 
-use parquet::file::reader::{FileReader, SerializedFileReader};
-use ssl_data::{DataError, ParquetSource};
+use ssl_data::ParquetSource;
 
 use crate::Result;
 
@@ -19,25 +17,13 @@ pub struct RowLocator {
 }
 
 impl RowLocator {
-    /// Reads the footers of `source`'s files. A file that is not local (an object-store URL)
-    /// leaves the locator empty: rows are then named by their global index only.
+    /// The row groups of `source`'s files (from the footers it read on opening; local files
+    /// and objects in object storage alike).
     pub fn new(source: &ParquetSource) -> Result<Self> {
         let mut files = Vec::new();
         let mut first = 0;
-        for path in source.files() {
-            let Ok(file) = File::open(path) else {
-                return Ok(RowLocator::default());
-            };
-            let reader = SerializedFileReader::new(file).map_err(|e| DataError::Parquet {
-                path: PathBuf::from(path),
-                source: e,
-            })?;
-            let groups: Vec<usize> = reader
-                .metadata()
-                .row_groups()
-                .iter()
-                .map(|g| g.num_rows().max(0) as usize)
-                .collect();
+        for (i, path) in source.files().into_iter().enumerate() {
+            let groups = source.row_group_rows(i).to_vec();
             let n: usize = groups.iter().sum();
             files.push((PathBuf::from(path), first, groups));
             first += n;

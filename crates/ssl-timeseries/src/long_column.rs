@@ -3,17 +3,12 @@
 //! they touch, rows outside skipped), so windows are cut lazily and the column is never held
 //! whole. The chronological split and the windows are positions in this index.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use arrow::array::{Array, Float64Array};
 use arrow::compute::cast;
 use arrow::datatypes::DataType;
-use parquet::arrow::arrow_reader::{
-    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection,
-    RowSelector,
-};
-use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::{RowSelection, RowSelector};
 use ssl_data::{DataError, ParquetSource};
 
 use crate::{Result, TsError};
@@ -21,8 +16,10 @@ use crate::{Result, TsError};
 /// One file of a [`LongColumn`].
 #[derive(Debug, Clone)]
 struct LongFile {
+    /// The file's path or URL.
     path: PathBuf,
-    meta: ArrowReaderMetadata,
+    /// Its index in the source.
+    index: usize,
     /// The column's index among the file's root fields.
     field: usize,
     /// Rows of each row group.
@@ -42,6 +39,8 @@ impl LongFile {
 #[derive(Debug, Clone)]
 pub struct LongColumn {
     column: String,
+    /// The files (local or in object storage), opened once (footers).
+    source: ParquetSource,
     files: Vec<LongFile>,
     rows: usize,
 }
@@ -53,19 +52,11 @@ impl LongColumn {
         let source = ParquetSource::open(paths)?;
         let mut files = Vec::new();
         let mut first_row = 0;
-        for path in source.files() {
-            let io = |e| DataError::Io {
-                path: PathBuf::from(path),
-                source: e,
-            };
-            let parquet_err = |e| DataError::Parquet {
-                path: PathBuf::from(path),
-                source: e,
-            };
-            let file = File::open(path).map_err(io)?;
-            let meta =
-                ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).map_err(parquet_err)?;
-            let fields = meta.schema().fields().clone();
+        for (index, path) in source.files().into_iter().enumerate() {
+            let fields = source
+                .file_schema(index)
+                .map(|s| s.fields().clone())
+                .unwrap_or_default();
             let Some(field) = fields.iter().position(|f| f.name() == column) else {
                 return Err(DataError::MissingColumn {
                     path: PathBuf::from(path),
@@ -84,17 +75,11 @@ impl LongColumn {
                 }
                 .into());
             }
-            let rg_rows: Vec<usize> = meta
-                .metadata()
-                .row_groups()
-                .iter()
-                .map(|rg| rg.num_rows().max(0) as usize)
-                .collect();
             let f = LongFile {
                 path: PathBuf::from(path),
-                meta,
+                index,
                 field,
-                rg_rows,
+                rg_rows: source.row_group_rows(index).to_vec(),
                 first_row,
             };
             first_row += f.rows();
@@ -102,6 +87,7 @@ impl LongColumn {
         }
         Ok(LongColumn {
             column: column.to_string(),
+            source,
             files,
             rows: first_row,
         })
@@ -182,15 +168,8 @@ impl LongColumn {
                 selectors.push(RowSelector::skip(hi - e));
             }
         }
-        let file = File::open(&f.path).map_err(|e| DataError::Io {
-            path: f.path.clone(),
-            source: e,
-        })?;
-        let builder = ParquetRecordBatchReaderBuilder::new_with_metadata(file, f.meta.clone());
-        let mask = ProjectionMask::roots(builder.parquet_schema(), [f.field]);
+        let builder = self.source.reader_builder(f.index, &groups, &[f.field])?;
         let reader = builder
-            .with_projection(mask)
-            .with_row_groups(groups)
             .with_row_selection(RowSelection::from(selectors))
             .with_batch_size(64 * 1024)
             .build()
