@@ -820,6 +820,29 @@ mod tests {
     }
 
     #[test]
+    fn the_bank_pool_is_a_bounded_seeded_sample() {
+        // Under the cap: every row, in order.
+        let mut r = Reservoir::new(10, 1);
+        let rows: Vec<f32> = (0..16).map(|v| v as f32).collect();
+        r.add(&rows, 2);
+        assert_eq!(r.rows, rows);
+        // Over it: `cap` rows of the stream, seeded, spread over the whole stream.
+        let sample = |seed| {
+            let mut r = Reservoir::new(10, seed);
+            for start in (0..1000).step_by(50) {
+                let batch: Vec<f32> = (start..start + 50).map(|v| v as f32).collect();
+                r.add(&batch, 1);
+            }
+            assert_eq!((r.rows.len(), r.seen), (10, 1000));
+            r.rows
+        };
+        let a = sample(3);
+        assert_eq!(a, sample(3));
+        assert_ne!(a, sample(4));
+        assert!(a.iter().any(|&v| v >= 500.0), "{a:?}");
+    }
+
+    #[test]
     fn position_stats_are_per_position_and_floored() {
         // Two positions over three images: (1, 0), (2, 0), (3, 0).
         let (m, s) = position_stats(&[1.0, 0.0, 2.0, 0.0, 3.0, 0.0], 2);

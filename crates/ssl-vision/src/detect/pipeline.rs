@@ -101,6 +101,10 @@ fn mae_of(task: &dyn VisionTask, not_mae: impl FnOnce() -> String) -> Result<&Ma
 /// `ckpt` configured by `vcfg` (see [`crate::stored_config`]), reading the images as
 /// `cfg.data` says, and writes it to the directory `out` with a copy of the model and the
 /// vision configuration (`cfg.data` in place of the model's data settings).
+///
+/// The images stream twice ([`Detector::fit_streamed`]): the fitting images (a bounded,
+/// seeded sample of their patch features becomes the memory bank), then the calibration
+/// images, a seeded sample of exactly `round(calibration_fraction x n)` of the kept rows.
 pub fn detect_fit(
     ckpt: &Path,
     mut vcfg: VisionConfig,
@@ -192,6 +196,10 @@ pub fn detector_config(detector: &Path) -> Result<VisionConfig> {
 /// `heatmaps` (default: `<out stem>_heatmaps/` beside `out`). When the images have the
 /// label column `vcfg.data.label_column` (numeric: 0 normal, 0.5 or more defective; see
 /// [`super::labelled`]), the summary carries the image-level AUROC and the F1 of the flags.
+///
+/// The images stream in file order; each batch's scores are written as they are computed.
+/// What grows with the images is a (row, score, flag) per image for the summary, and the
+/// label column (read whole, 8 bytes a row) when there is one.
 pub fn detect_score(
     detector: &Path,
     vcfg: &VisionConfig,
