@@ -14,7 +14,7 @@ use candle_core::{DType, Device};
 use serde::Serialize;
 use serde_json::Value;
 use ssl_core::checkpoint::MODEL_FILE;
-use ssl_core::probe::{probe_labelled, warn_unseen_labels, ProbeScores};
+use ssl_core::probe::{probe_labelled, svm_labelled, warn_unseen_labels, ProbeScores};
 use ssl_core::run_dir::{self, RunOptions, RunSummary};
 use ssl_core::seq::{SeqBatch, SeqExample};
 use ssl_core::{
@@ -859,6 +859,34 @@ pub struct ProbeEvalReport {
     pub n_classes: usize,
     /// Embedding dimension.
     pub embedding_dim: usize,
+    /// TS2Vec's evaluation protocol on the same rows: an RBF SVM with C chosen by 5-fold
+    /// cross-validation ([`ssl_core::probe::svm_probe`]); absent above
+    /// [`SVM_EVAL_MAX_ROWS`] probe training rows (its cost grows with their square).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub svm_accuracy: Option<f64>,
+    /// The SVM's C (`null` for a hard margin, TS2Vec's choice on sets too small to split).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub svm_c: Option<SvmC>,
+    /// The SVM probe of the randomly initialised encoder.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub random_init_svm_accuracy: Option<f64>,
+}
+
+/// The SVM probe runs when the probe has at most this many training rows.
+pub const SVM_EVAL_MAX_ROWS: usize = 10_000;
+
+/// An SVM's C: a number, or `null` in JSON for infinity (a hard margin).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SvmC(pub f64);
+
+impl Serialize for SvmC {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        if self.0.is_finite() {
+            s.serialize_f64(self.0)
+        } else {
+            s.serialize_none()
+        }
+    }
 }
 
 /// The probe evaluation of checkpoint directory `ckpt`: the task `trained` makes (on
@@ -930,6 +958,27 @@ pub(crate) fn probe_eval<T: PretextTask<Batch = SeqBatch>>(
     };
     let scores: ProbeScores = probe(|e| &e.trained)?;
     let random = probe(|e| &e.random)?;
+    let svm = |pick: fn(&Embedded) -> &[f32]| {
+        svm_labelled(
+            (pick(&train_set), &train_set.labels),
+            test_set.as_ref().map(|t| (pick(t), t.labels.as_slice())),
+            train_set.dim,
+            seed,
+        )
+    };
+    let (svm_trained, svm_random) = if scores.n_train <= SVM_EVAL_MAX_ROWS {
+        eprintln!(
+            "eval: SVM probes (TS2Vec's protocol) on {} training rows",
+            scores.n_train
+        );
+        (Some(svm(|e| &e.trained)?), Some(svm(|e| &e.random)?))
+    } else {
+        eprintln!(
+            "eval: no SVM probe: {} probe training rows, above {SVM_EVAL_MAX_ROWS}",
+            scores.n_train
+        );
+        (None, None)
+    };
     Ok(ProbeEvalReport {
         checkpoint: ckpt.display().to_string(),
         encoder: None,
@@ -945,5 +994,8 @@ pub(crate) fn probe_eval<T: PretextTask<Batch = SeqBatch>>(
         n_test: scores.n_test,
         n_classes: scores.n_classes,
         embedding_dim: train_set.dim,
+        svm_accuracy: svm_trained.map(|s| s.accuracy),
+        svm_c: svm_trained.map(|s| SvmC(s.c)),
+        random_init_svm_accuracy: svm_random.map(|s| s.accuracy),
     })
 }
