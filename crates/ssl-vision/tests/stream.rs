@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, BinaryArray, Int64Array, RecordBatch};
+use arrow::array::{Array, ArrayRef, BinaryArray, Int64Array, RecordBatch};
 use candle_core::Device;
 use ssl_core::run_dir::RunOptions;
 use ssl_core::{BatchSource, Parallel};
@@ -220,4 +220,72 @@ fn two_ranks_stream_their_share_and_agree() {
     let (_, one) = ssl_vision::stored_config(&one_run).unwrap();
     assert!((two.task.augment.mean[0] - one.task.augment.mean[0]).abs() < 1e-6);
     assert!((two.task.augment.std[0] - one.task.augment.std[0]).abs() < 1e-6);
+}
+
+#[test]
+fn a_bad_image_mid_stream_is_named_or_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("images.parquet");
+    let good = write_images(&dir.path().join("good.parquet"), 40, 4);
+    // The same images with row 29's bytes broken.
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        std::fs::File::open(&good[0]).unwrap(),
+    )
+    .unwrap()
+    .build()
+    .unwrap();
+    let batch = reader.map(|b| b.unwrap()).next().unwrap();
+    let images = batch
+        .column(0)
+        .as_any()
+        .downcast_ref::<BinaryArray>()
+        .unwrap();
+    let broken: Vec<&[u8]> = (0..images.len())
+        .map(|i| {
+            if i == 29 {
+                &b"not a png"[..]
+            } else {
+                images.value(i)
+            }
+        })
+        .collect();
+    let batch = RecordBatch::try_from_iter([
+        (
+            "image",
+            Arc::new(BinaryArray::from_iter_values(broken)) as ArrayRef,
+        ),
+        ("label", batch.column(1).clone()),
+    ])
+    .unwrap();
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_max_row_group_row_count(Some(4))
+        .build();
+    let mut w = parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(&path).unwrap(),
+        batch.schema(),
+        Some(props),
+    )
+    .unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let data = vec![path.display().to_string()];
+    let mut cfg = tiny(VisionTaskKind::Mae);
+    cfg.data.heldout_fraction = 0.0;
+    cfg.data.stats_images = 8;
+    cfg.train.max_steps = 12;
+    let err = pretrain(
+        cfg.clone(),
+        &data,
+        &dir.path().join("a"),
+        &RunOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("images.parquet") && err.contains("29"),
+        "{err}"
+    );
+    cfg.data.skip_bad_rows = true;
+    let s = pretrain(cfg, &data, &dir.path().join("b"), &RunOptions::default()).unwrap();
+    assert_eq!(s.run.step, 12);
 }
