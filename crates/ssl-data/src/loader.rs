@@ -664,6 +664,12 @@ impl DataLoader {
         self.report.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
+    /// The shared report behind [`DataLoader::bad_rows`], for a reader that moves the loader
+    /// to another thread.
+    pub(crate) fn bad_row_report(&self) -> Arc<Mutex<BadRowReport>> {
+        self.report.clone()
+    }
+
     /// Class names of a label column (indexed by class id), when known.
     pub fn class_names(&self, column: &str) -> Option<Arc<[String]>> {
         self.columns

@@ -11,12 +11,13 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Receiver};
 use serde::{Deserialize, Serialize};
 
+use crate::bad_rows::BadRowReport;
 use crate::batch::Batch;
 use crate::error::DataError;
 use crate::loader::{DataLoader, LoaderConfig};
@@ -58,6 +59,8 @@ pub struct ExampleStream<E, Er> {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     finished: bool,
+    /// The loader's report of rows skipped under `skip_bad_rows`.
+    report: Arc<Mutex<BadRowReport>>,
 }
 
 impl<E: Send + 'static, Er: From<DataError> + Send + 'static> ExampleStream<E, Er> {
@@ -85,6 +88,7 @@ impl<E: Send + 'static, Er: From<DataError> + Send + 'static> ExampleStream<E, E
             config.world_size = 1;
         }
         let mut loader = DataLoader::resume(source, config, position.loader)?;
+        let report = loader.bad_row_report();
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = bounded(ahead.max(1));
         let stop_t = stop.clone();
@@ -136,6 +140,7 @@ impl<E: Send + 'static, Er: From<DataError> + Send + 'static> ExampleStream<E, E
             stop,
             thread: Some(thread),
             finished: false,
+            report,
         })
     }
 
@@ -212,6 +217,13 @@ impl<E: Send + 'static, Er: From<DataError> + Send + 'static> ExampleStream<E, E
             },
             None => self.start,
         }
+    }
+
+    /// Rows the loader skipped so far under `skip_bad_rows` (rows it could not decode; rows
+    /// the transform drops are its own to count). It reads ahead of the consumer, so the
+    /// count may include rows of batches not yet taken.
+    pub fn bad_rows(&self) -> BadRowReport {
+        self.report.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
     /// The epoch of the next example (that of the position).

@@ -119,3 +119,32 @@ fn transform_errors_reach_the_consumer() {
     let e = s.take(3).unwrap_err();
     assert!(e.to_string().contains("boom"), "{e}");
 }
+
+#[test]
+fn rows_the_loader_skips_are_counted() {
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let ids: arrow::array::ArrayRef = Arc::new(arrow::array::StringArray::from_iter_values(
+        (0..12).map(|i| format!("r{i}")),
+    ));
+    let values: arrow::array::ArrayRef = Arc::new(arrow::array::Int64Array::from_iter(
+        (0..12).map(|i| (i != 7).then_some(i as i64)),
+    ));
+    let path = common::write(
+        &dir.path().join("bad.parquet"),
+        vec![("id", ids), ("value", values)],
+        4,
+    );
+    let source = ParquetSource::open(&[path]).unwrap();
+    let mut cfg = config(5, 0, 1);
+    cfg.epochs = Some(1);
+    cfg.skip_bad_rows = true;
+    let mut s = ExampleStream::new(&source, cfg, StreamPosition::default(), 1, |b| {
+        Ok::<_, DataError>(b.rows().to_vec())
+    })
+    .unwrap();
+    let mut rows = s.take(100).unwrap();
+    rows.sort();
+    assert_eq!(rows, (0..12).filter(|&r| r != 7).collect::<Vec<_>>());
+    assert_eq!(s.bad_rows().count, 1);
+}
