@@ -211,6 +211,15 @@ pub fn pretrain(
     }
     let report = trainer.fit_with_hooks(&task, &mut source, heldout.as_ref(), &mut hooks)?;
     run.finish();
+    let bad = source.bad_rows();
+    if bad.count > 0 {
+        let who = if par.world > 1 {
+            format!("rank {}: ", par.rank)
+        } else {
+            String::new()
+        };
+        eprintln!("{who}training images: {bad}");
+    }
     Ok(VisionRunSummary {
         run: RunSummary::new(out, &report, par.rank),
         previews: preview_dir,

@@ -407,6 +407,14 @@ pub struct StreamingImageSource {
 }
 
 impl StreamingImageSource {
+    /// Rows the loader skipped so far under `data.skip_bad_rows` (undecodable images).
+    pub fn bad_rows(&self) -> ssl_data::BadRowReport {
+        self.stream
+            .as_ref()
+            .map(ExampleStream::bad_rows)
+            .unwrap_or_default()
+    }
+
     /// The training stream of the images of `paths` for the completed configuration `cfg`
     /// (image shape filled in, see [`VisionConfig::complete`]), this rank's share under `par`,
     /// batches of `batch_size` on `device`. Nothing is read until the first batch.
