@@ -25,7 +25,7 @@ pub const VISION_CONFIG_FILE: &str = "vision_config.json";
 const HEAT_MAX_Z: f32 = 8.0;
 
 /// Settings of `ssl detect fit` (`--set detect.key=value`, `--set data.key=value`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct DetectFitConfig {
     /// The detector.
