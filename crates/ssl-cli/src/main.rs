@@ -16,6 +16,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod commented;
 mod config;
 mod detect;
 mod error;
@@ -57,6 +58,36 @@ enum Modality {
     /// Image-caption pairs: CLIP-style contrastive training of a ViT and a BERT tower
     /// (`ssl embed multimodal --set embed.tower=text` for the captions' embeddings).
     Multimodal,
+}
+
+/// What `ssl config` prints: a modality's configuration or the detector's.
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum ConfigTarget {
+    /// `ssl pretrain features`.
+    Features,
+    /// `ssl pretrain timeseries`.
+    Timeseries,
+    /// `ssl pretrain text`.
+    Text,
+    /// `ssl pretrain vision`.
+    Vision,
+    /// `ssl pretrain multimodal`.
+    Multimodal,
+    /// `ssl detect fit` (its `detect.*` and `data.*` keys).
+    Detect,
+}
+
+impl ConfigTarget {
+    fn modality(self) -> Option<Modality> {
+        match self {
+            ConfigTarget::Features => Some(Modality::Features),
+            ConfigTarget::Timeseries => Some(Modality::Timeseries),
+            ConfigTarget::Text => Some(Modality::Text),
+            ConfigTarget::Vision => Some(Modality::Vision),
+            ConfigTarget::Multimodal => Some(Modality::Multimodal),
+            ConfigTarget::Detect => None,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -124,10 +155,10 @@ enum Command {
         #[command(subcommand)]
         command: TokenizerCommand,
     },
-    /// Print the full default configuration of a modality.
+    /// Print a modality's (or the detector's) default configuration as commented TOML.
     Config {
-        /// What kind of data.
-        modality: Modality,
+        /// A modality, or `detect` for `ssl detect fit`'s settings.
+        modality: ConfigTarget,
     },
     /// Defect detection learned from normal images only, on a pretrained MAE.
     Detect {
@@ -260,10 +291,14 @@ fn run(cli: Cli) -> Result<(), CliError> {
             pipelines::eval::<P>(&checkpoint, &data, &test, label_column.as_deref(), &set)
         }),
         Command::Config { modality } => {
-            print!(
-                "{}",
-                with_pipeline!(modality, P => pipelines::default_toml::<P>())?
-            );
+            let text = match modality.modality() {
+                Some(m) => {
+                    let name = format!("{m:?}").to_lowercase();
+                    with_pipeline!(m, P => pipelines::default_toml::<P>(&name))?
+                }
+                None => detect::default_toml()?,
+            };
+            print!("{text}");
             Ok(())
         }
         Command::Tokenizer {

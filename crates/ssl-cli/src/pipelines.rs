@@ -26,7 +26,7 @@ pub struct Sample {
 /// One modality's library pipeline, as the commands see it.
 pub trait Pipeline {
     /// The typed configuration (the TOML users write).
-    type Config: Serialize + DeserializeOwned + Default;
+    type Config: Serialize + DeserializeOwned + Default + schemars::JsonSchema;
     /// The embedded sample.
     const SAMPLE: Sample;
     /// The configuration's training loop settings (its device is checked first).
@@ -113,9 +113,14 @@ pub fn eval<P: Pipeline>(
     Ok(())
 }
 
-/// `ssl config <modality>`: the default configuration as TOML.
-pub fn default_toml<P: Pipeline>() -> Result<String, CliError> {
-    Ok(ssl_core::run_dir::to_toml(&P::Config::default())?)
+/// `ssl config <modality>`: the default configuration as TOML, every key commented from
+/// the config types' doc comments.
+pub fn default_toml<P: Pipeline>(name: &str) -> Result<String, CliError> {
+    crate::commented::commented_toml::<P::Config>(&format!(
+        "The default configuration of `ssl pretrain {name}`. Every key is optional: a file given\n\
+         with --config overrides these defaults and `--set key=value` overrides the file. Run\n\
+         `ssl pretrain {name} --config this.toml` after editing; unknown keys are refused."
+    ))
 }
 
 /// A report as a JSON value (its keys print sorted).

@@ -117,6 +117,12 @@ fn config_prints_defaults_and_unknown_keys_are_rejected_by_name() {
     ] {
         assert!(text.contains(key), "{key} missing from:\n{text}");
     }
+    // Commented: every key with its explanation (tested against the types in the binary's
+    // unit tests); the detector's settings too.
+    assert!(text.contains("# Optimizer steps to run"), "{text}");
+    let detect = ssl(&["config", "detect"]);
+    assert!(detect.status.success());
+    assert!(String::from_utf8_lossy(&detect.stdout).contains("[detect.threshold]"));
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("run");
     let out = ssl(&[

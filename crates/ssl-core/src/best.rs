@@ -15,7 +15,9 @@ use crate::{ParamStore, Result};
 pub const BEST_DIR: &str = "best";
 
 /// Whether a smaller or a larger value of the watched metric is better.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum BestMode {
     /// Smaller is better (losses, perplexity, errors).

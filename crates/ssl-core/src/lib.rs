@@ -105,7 +105,9 @@ pub use mpi_collective::MpiCollective;
 #[cfg(feature = "nccl")]
 pub use nccl_collective::NcclCollective;
 pub use parallel::Parallel;
-pub use params::{read_safetensors, write_safetensors, Init, LoadReport, Param, ParamBuilder, ParamStore};
+pub use params::{
+    read_safetensors, write_safetensors, Init, LoadReport, Param, ParamBuilder, ParamStore,
+};
 pub use rng::SslRng;
 pub use signal::StopFlag;
 pub use ssl_kernels::keep_freed_memory;

@@ -24,7 +24,7 @@ use crate::{
 
 /// Training hyper-parameters and machinery settings (`[train]` in the CLI's TOML).
 /// Zero disables the settings documented as such.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
     /// Optimizer steps to run (replaced by the count `max_epochs` gives when that is set).

@@ -3,7 +3,9 @@
 use serde::{Deserialize, Serialize};
 
 /// Colour mode of decoded images.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ColorMode {
     /// One channel (luma). Colour images are converted.

@@ -23,7 +23,9 @@ use super::simd::{self, Act};
 use super::{block_rows, col_sums_par, row_blocks};
 
 /// Where the layer norms sit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum NormPlacement {
     /// Norm before attention and MLP, residual around them (ViT, MAE, CLIP).

@@ -13,7 +13,9 @@ use ssl_core::nn::ops::cross_entropy;
 use crate::{MultimodalError, Result};
 
 /// Which contrastive objective.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum LossKind {
     /// Symmetric softmax cross-entropy (CLIP).
@@ -24,7 +26,7 @@ pub enum LossKind {
 }
 
 /// Settings of the loss and of its learnable temperature (defaults: CLIP's).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LossConfig {
     /// `clip` or `siglip`.

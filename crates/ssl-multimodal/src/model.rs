@@ -26,7 +26,7 @@ pub const VISION_PREFIX: &str = "vision_model";
 pub const TEXT_PREFIX: &str = "text_model";
 
 /// Configuration of a [`ClipModel`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClipConfig {
     /// Width of the shared embedding space.

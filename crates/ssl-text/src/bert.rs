@@ -26,7 +26,7 @@ use crate::masking::{mask_sequence, MaskInput, MaskVocab, MaskingConfig, IGNORE_
 use crate::{Result, TextError};
 
 /// A BERT configuration with Hugging Face's `config.json` field names.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct BertConfig {
     /// Vocabulary size.
@@ -182,7 +182,9 @@ impl BertConfig {
 }
 
 /// How [`BertModel`] pools a sequence into one vector.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Pooling {
     /// Mean over the non-padding tokens (sentence-transformers).

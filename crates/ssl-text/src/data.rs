@@ -13,7 +13,9 @@ use crate::tokenizer::SpecialIds;
 use crate::{Result, TextError};
 
 /// How documents become model sequences.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum InputMode {
     /// Every document is one sequence, truncated to `max_seq_len`.
@@ -28,7 +30,7 @@ pub enum InputMode {
 }
 
 /// Input settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct InputConfig {
     /// How documents become sequences.

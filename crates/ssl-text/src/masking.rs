@@ -26,7 +26,9 @@ use crate::{Result, TextError};
 pub const IGNORE_INDEX: i64 = -100;
 
 /// Which positions to mask.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum MaskStrategy {
     /// Independent tokens (BERT).
@@ -41,7 +43,7 @@ pub enum MaskStrategy {
 }
 
 /// Masking settings (defaults: BERT's 15% and 80/10/10, SpanBERT's Geometric(0.2) clipped at 10).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MaskingConfig {
     /// The strategy.

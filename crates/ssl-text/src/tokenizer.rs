@@ -33,7 +33,9 @@ use crate::{Result, TextError};
 pub const SPECIAL_TOKENS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
 
 /// The subword model to train.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum TokenizerKind {
     /// Byte-level BPE (GPT-2/RoBERTa style): never produces `[UNK]`.
@@ -89,7 +91,7 @@ pub fn split_long_words(text: &str, max: usize) -> (std::borrow::Cow<'_, str>, u
 }
 
 /// How to train a tokenizer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TokenizerConfig {
     /// The subword model.

@@ -11,7 +11,7 @@ use crate::rnn::{RnnCell, RnnConfig, RnnEncoder};
 use crate::tcn::{TcnConfig, TcnEncoder};
 
 /// Which encoder.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EncoderKind {
     /// PatchTST: patches, channel independence, transformer.
@@ -27,7 +27,7 @@ pub enum EncoderKind {
 }
 
 /// `[model]`: the encoder and the settings of each kind (only the chosen one is used).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EncoderConfig {
     /// The encoder.

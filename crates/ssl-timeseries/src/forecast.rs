@@ -16,7 +16,7 @@ use ssl_core::{
 use crate::revin::Revin;
 
 /// What the forecasting head reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ForecastHead {
     /// Every token, flattened (PatchTST's flatten head): needs a fixed context length.
@@ -26,7 +26,7 @@ pub enum ForecastHead {
 }
 
 /// Settings of [`ForecastTask`].
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ForecastConfig {
     /// Steps of context the model sees.

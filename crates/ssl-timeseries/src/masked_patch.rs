@@ -14,7 +14,7 @@ use ssl_core::{
 use crate::patchtst::PatchTstEncoder;
 
 /// Settings of [`MaskedPatchTask`].
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MaskedPatchConfig {
     /// Fraction of each channel's observed patches hidden (PatchTST: 0.4).

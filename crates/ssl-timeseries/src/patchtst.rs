@@ -10,7 +10,7 @@ use ssl_core::seq::{sincos_positions, SeqBatch};
 use ssl_core::{CoreError, Ctx, Encoder, EncoderOutput, Init, ParamBuilder, Result};
 
 /// Configuration of a [`PatchTstEncoder`] (the channel count comes from the data).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PatchTstConfig {
     /// Steps per patch.

@@ -20,7 +20,7 @@ pub enum RnnCell {
 }
 
 /// Configuration of an [`RnnEncoder`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RnnConfig {
     /// Hidden width.

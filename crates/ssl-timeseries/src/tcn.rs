@@ -11,7 +11,7 @@ use ssl_core::seq::SeqBatch;
 use ssl_core::{CoreError, Ctx, Encoder, EncoderOutput, Init, ParamBuilder, Result};
 
 /// Configuration of a [`TcnEncoder`] (TS2Vec's defaults: hidden 64, output 320, depth 10).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TcnConfig {
     /// Width of the hidden blocks.

@@ -15,7 +15,7 @@ use ssl_core::{
 };
 
 /// Settings of [`Ts2VecTask`] (defaults as the reference).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Ts2VecConfig {
     /// Weight of the instance term; the temporal term gets 1 - alpha.

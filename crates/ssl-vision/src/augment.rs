@@ -9,7 +9,7 @@ use crate::{Result, VisionError};
 
 /// Augmentation and normalisation settings (MAE's pretraining transform by default:
 /// `RandomResizedCrop(scale=(0.2, 1))`, `RandomHorizontalFlip`, `Normalize`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AugmentConfig {
     /// Random resized crop on (off: the whole image).

@@ -12,7 +12,7 @@ use crate::vit::{Images, ViTConfig, VisionTransformer};
 use crate::Result;
 
 /// Settings of [`SimClrTask`].
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SimClrConfig {
     /// NT-Xent temperature (SimCLR: 0.1-0.5).

@@ -20,7 +20,7 @@ use crate::vit::{Images, ViTConfig, VisionTransformer};
 use crate::{Result, VisionError};
 
 /// Settings of [`MaeTask`] (defaults: MAE's; the decoder of `mae_vit_base_patch16`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MaeConfig {
     /// Fraction of patches masked (0.75; 0.5-0.6 for X-ray-like data).

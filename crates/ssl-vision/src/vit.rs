@@ -51,7 +51,9 @@ impl Images {
 }
 
 /// How [`VisionTransformer`] pools tokens into one embedding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Pooling {
     /// The class token's output.
@@ -62,7 +64,7 @@ pub enum Pooling {
 }
 
 /// Configuration of a [`VisionTransformer`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ViTConfig {
     /// Image height.

@@ -84,7 +84,9 @@ pub fn layer_norm_composite(
 }
 
 /// The activation of a feed-forward block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Activation {
     /// GELU with the exact error function (BERT's `gelu`, ViT).

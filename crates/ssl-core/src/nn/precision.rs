@@ -4,7 +4,9 @@
 use serde::{Deserialize, Serialize};
 
 /// How the fused CPU transformer stack multiplies matrices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum MatmulPrecision {
     /// f32 operands and accumulation (the default).

@@ -24,7 +24,7 @@ use crate::{CoreError, Ctx, Init, ParamBuilder, Result};
 pub use ssl_kernels::NormPlacement;
 
 /// Weight initialisation of the stack's linear layers.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum StackInit {
     /// Normal with this standard deviation (BERT: 0.02).
@@ -35,7 +35,7 @@ pub enum StackInit {
 }
 
 /// Configuration of a [`TransformerStack`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TransformerConfig {
     /// Model width D.

@@ -3,7 +3,9 @@
 use serde::{Deserialize, Serialize};
 
 /// The shape of the learning-rate curve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ScheduleKind {
     /// The base rate throughout (after the optional warmup).

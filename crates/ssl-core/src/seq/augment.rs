@@ -57,7 +57,7 @@ pub fn timestep_mask(
 }
 
 /// Augmentations for contrastive views of sequences.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SeqAugmentConfig {
     /// Standard deviation of additive Gaussian jitter (0: off).

@@ -10,7 +10,7 @@ use crate::seq::SeqBatch;
 use crate::{Ctx, Encoder, ParamBuilder, ParamStore, PretextTask, Result, TaskOutput};
 
 /// Settings of [`ContrastiveTask`].
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ContrastiveConfig {
     /// Softmax temperature of NT-Xent.

@@ -9,7 +9,7 @@ use crate::seq::SeqBatch;
 use crate::{Ctx, Encoder, Init, ParamBuilder, ParamStore, PretextTask, Result, TaskOutput};
 
 /// Settings of [`DenoisingTask`].
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DenoisingConfig {
     /// Standard deviation of the additive Gaussian noise (on normalised features).

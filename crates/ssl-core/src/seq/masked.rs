@@ -10,7 +10,7 @@ use crate::seq::SeqBatch;
 use crate::{Ctx, Encoder, Init, ParamBuilder, ParamStore, PretextTask, Result, TaskOutput};
 
 /// Settings of [`MaskedFeatureTask`].
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MaskedFeatureConfig {
     /// Fraction of valid timesteps hidden.

@@ -10,7 +10,7 @@ use ssl_vision::ViTConfig;
 use crate::{ClipConfig, PairColumns};
 
 /// `[data]`: where the pairs are.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MultimodalDataConfig {
     /// Image column (PNG/JPEG bytes or a `{bytes, path}` struct).
@@ -93,7 +93,7 @@ impl MultimodalDataConfig {
 }
 
 /// `[tokenizer]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MmTokenizerSection {
     /// An existing `tokenizer.json` ("" = train one on the training captions, streamed, at
@@ -118,7 +118,7 @@ impl Default for MmTokenizerSection {
 }
 
 /// `[init]`: start the towers from other runs.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct InitSection {
     /// An `ssl pretrain vision` MAE run or checkpoint: its encoder (`vit.*`) becomes the image
@@ -130,7 +130,7 @@ pub struct InitSection {
 }
 
 /// `[eval]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MmEvalSection {
     /// Recall@K cut-offs.
@@ -156,7 +156,9 @@ impl Default for MmEvalSection {
 }
 
 /// Which tower [`embed`](crate::embed) runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Tower {
     /// Images (the image column).
@@ -177,7 +179,7 @@ impl Tower {
 }
 
 /// `[embed]`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MmEmbedSection {
     /// `image` or `text` (`--set embed.tower=text`).
@@ -185,7 +187,7 @@ pub struct MmEmbedSection {
 }
 
 /// The whole configuration of a multimodal run (`ssl pretrain multimodal`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MultimodalConfig {
     /// Training loop (`accum_steps` must stay 1: use `model.micro_batch` for gradient caching,

@@ -8,7 +8,7 @@ use ssl_core::TrainConfig;
 use crate::{BertConfig, InputConfig, InputMode, MaskingConfig, Pooling, Result, TokenizerConfig};
 
 /// `[data]`: which columns to read, the held-out split and entity annotations.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
     /// Text column.
@@ -54,7 +54,7 @@ impl Default for DataConfig {
 }
 
 /// `[tokenizer]`: an existing tokenizer, or how to train one.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TokenizerSection {
     /// An existing `tokenizer.json` ("" = train one on the training documents).
@@ -77,7 +77,7 @@ impl Default for TokenizerSection {
 
 /// `[model]`: the BERT to pretrain (a size preset, explicit sizes, or a Hugging Face
 /// directory to adapt).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
     /// Size preset (tiny, mini, small, base); "" = use `config` as given.
@@ -100,7 +100,7 @@ impl Default for ModelSection {
 }
 
 /// `[embed]`: how `embed` and `eval` pool a document into one vector.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EmbedSection {
     /// Mean over non-padding tokens, or the `[CLS]` token.
@@ -120,7 +120,7 @@ impl Default for EmbedSection {
 
 /// The whole configuration of a text run (`ssl pretrain text`; stored as the run's
 /// `config.toml` and in every checkpoint).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TextConfig {
     /// Training loop.

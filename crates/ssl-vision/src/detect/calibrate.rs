@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::{Result, VisionError};
 
 /// How the threshold is set from the scores of held-out normal images.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "method", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ThresholdMethod {
     /// The `q` quantile of the normal scores (linear interpolation, as numpy's default).

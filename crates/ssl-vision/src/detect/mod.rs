@@ -35,7 +35,7 @@ use calibrate::{calibrate_threshold, mean_std, ThresholdMethod};
 use patchcore::{patch_embeddings, MemoryBank};
 
 /// A patch scorer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
+#[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
 #[serde(rename_all = "snake_case")]
 pub enum ScorerKind {
     /// MAE reconstruction error with complementary masks.
@@ -65,7 +65,7 @@ impl ScorerKind {
 /// How reconstruction errors are normalised per patch position, from the errors of the
 /// normal fitting images at that position (aligned imagery such as solar cells or PCBs has
 /// structures, e.g. busbars or edges, that are always hard to predict).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PositionNorm {
     /// Raw errors.
@@ -77,7 +77,7 @@ pub enum PositionNorm {
 }
 
 /// Settings of a [`Detector`] (`[detect]` in the CLI).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DetectorConfig {
     /// Scorers to use; several are combined by the mean of their z-scores.

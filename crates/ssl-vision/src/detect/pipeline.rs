@@ -29,7 +29,7 @@ const HEAT_MAX_Z: f32 = 8.0;
 const SCORE_ROWS: usize = 4096;
 
 /// Settings of `ssl detect fit` (`--set detect.key=value`, `--set data.key=value`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct DetectFitConfig {
     /// The detector.

@@ -14,7 +14,7 @@ use crate::{
 };
 
 /// Which pretext task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VisionTaskKind {
     /// Masked autoencoder.
@@ -24,7 +24,7 @@ pub enum VisionTaskKind {
 }
 
 /// `[data]`: where the images are.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct VisionDataConfig {
     /// Image column (binary PNG/JPEG or a `{bytes, path}` struct).
@@ -89,7 +89,7 @@ impl Default for VisionDataConfig {
 }
 
 /// `[task]`: which pretext task and its settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct VisionTaskConfig {
     /// The task.
@@ -137,7 +137,7 @@ impl Default for VisionTaskConfig {
 }
 
 /// The whole configuration of a vision run (`ssl pretrain vision`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct VisionConfig {
     /// Training loop (MAE's recipe: AdamW betas (0.9, 0.95), weight decay 0.05, cosine).

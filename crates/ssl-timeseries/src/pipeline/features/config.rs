@@ -7,7 +7,7 @@ use ssl_core::seq::{ContrastiveConfig, DenoisingConfig, MaskedFeatureConfig};
 use ssl_core::TrainConfig;
 
 /// Which pretext task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskKind {
     /// Hide timesteps, predict their features.
@@ -19,7 +19,7 @@ pub enum TaskKind {
 }
 
 /// `[data]`: where the sequences are.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
     /// Column of `list<f32|f64>` or `list<list<f32|f64>>` (features x length).
@@ -67,7 +67,7 @@ impl Default for DataConfig {
 }
 
 /// `[task]`: which pretext task and its settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TaskConfig {
     /// The task.
@@ -97,7 +97,7 @@ impl Default for TaskConfig {
 }
 
 /// The whole configuration of the feature-sequence pipeline (`ssl pretrain features`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FeaturesConfig {
     /// Training loop.

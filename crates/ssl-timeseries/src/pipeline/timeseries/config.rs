@@ -7,7 +7,7 @@ use ssl_core::TrainConfig;
 use crate::{EncoderConfig, ForecastConfig, MaskedPatchConfig, Ts2VecConfig};
 
 /// Which pretext task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskKind {
     /// TS2Vec: overlapping crops, timestamp masking, hierarchical contrastive loss.
@@ -20,7 +20,7 @@ pub enum TaskKind {
 }
 
 /// `[data]`: where the series are.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
     /// Column of `list<f32|f64>` or `list<list<f32|f64>>` (channels x length), one series per row.
@@ -86,7 +86,7 @@ impl Default for DataConfig {
 }
 
 /// `[task]`: which pretext task and the settings of each.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TaskConfig {
     /// The task.
@@ -117,7 +117,7 @@ impl Default for TaskConfig {
 }
 
 /// `[eval]`: forecast evaluation settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvalConfig {
     /// Lead times scored (each at most the task's horizon).
@@ -136,7 +136,7 @@ impl Default for EvalConfig {
 }
 
 /// The whole configuration of the time-series pipeline (`ssl pretrain timeseries`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TimeseriesConfig {
     /// Training loop.
