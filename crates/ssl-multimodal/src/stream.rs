@@ -334,6 +334,12 @@ impl StreamingPairSource {
         self.loader.shuffle_buffer
     }
 
+    /// Rows the loader skipped so far under `data.skip_bad_rows` (undecodable images or
+    /// captions).
+    pub fn bad_rows(&self) -> ssl_data::BadRowReport {
+        self.stream.bad_rows()
+    }
+
     /// Training rows met so far with an empty caption (skipped under `data.skip_bad_rows`).
     pub fn blank_captions(&self) -> usize {
         self.transform.blanks.load(Ordering::Relaxed)

@@ -205,6 +205,10 @@ pub fn pretrain(
         hooks.push(e);
     }
     let report = trainer.fit_with_hooks(&model, &mut source, health.as_ref(), &mut hooks)?;
+    let bad = source.bad_rows();
+    if bad.count > 0 {
+        eprintln!("training pairs: {bad}");
+    }
     if source.blank_captions() > 0 {
         eprintln!(
             "skipped {} training rows with an empty caption in column `{}` (data.skip_bad_rows)",

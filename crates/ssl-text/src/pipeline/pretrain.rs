@@ -315,6 +315,15 @@ pub fn pretrain(
         trainer.fit(&model, &mut source, None)?
     };
     run.finish();
+    let bad = source.bad_rows();
+    if bad.count > 0 {
+        let who = if par.world > 1 {
+            format!("rank {}: ", par.rank)
+        } else {
+            String::new()
+        };
+        eprintln!("{who}training documents: {bad}");
+    }
     let curve = curve.points;
     let mut summary = TextRunSummary {
         run: RunSummary::new(out, &report, par.rank),

@@ -199,6 +199,11 @@ pub struct StreamingTextSource {
 }
 
 impl StreamingTextSource {
+    /// Rows the loader skipped so far under `data.skip_bad_rows` (null or non-text cells).
+    pub fn bad_rows(&self) -> ssl_data::BadRowReport {
+        self.stream.bad_rows()
+    }
+
     /// A source over `source` for rank `rank` of `world`, with the packer's tokenizer and
     /// configuration (`train.batch_size`, `train.seed`, `data.skip_bad_rows`).
     pub fn new(
