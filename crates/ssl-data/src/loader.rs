@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 use serde::{Deserialize, Serialize};
 
 use crate::bad_rows::{BadRow, BadRowReport};
@@ -411,10 +411,26 @@ impl Assembler {
             if let Some(rows) = self.done.remove(&seq) {
                 return Ok(rows);
             }
-            let (s, r) = self
-                .results
-                .recv()
-                .map_err(|_| DataError::WorkerPanicked("decoding threads exited early".into()))?;
+            // A decoding thread that sees the stop flag exits without answering its job, so
+            // waiting must watch the flag too (or a dropped loader would never join).
+            let (s, r) = loop {
+                match self
+                    .results
+                    .recv_timeout(std::time::Duration::from_millis(20))
+                {
+                    Ok(v) => break v,
+                    Err(RecvTimeoutError::Timeout) if self.ctx.stop.load(Ordering::Relaxed) => {
+                        // Nobody reads this error: the consumer is gone.
+                        return Err(DataError::WorkerPanicked("the loader was stopped".into()));
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => {
+                        return Err(DataError::WorkerPanicked(
+                            "decoding threads exited early".into(),
+                        ))
+                    }
+                }
+            };
             self.in_flight -= 1;
             self.done.insert(s, r?);
             self.dispatch()?;

@@ -180,6 +180,37 @@ fn dropping_a_busy_loader_stops_its_threads() {
     assert!(t.elapsed().as_secs() < 5);
 }
 
+/// Dropped at any moment (here right after the first batch, many times, with several decoding
+/// threads), a loader joins its threads: a worker that sees the stop flag leaves its job
+/// unanswered, and the batch thread must not wait for it forever.
+#[test]
+fn dropping_a_loader_mid_window_never_hangs() {
+    let dir = tempfile::tempdir().unwrap();
+    // Row groups large enough that decoding one takes a while.
+    let path = common::id_file(dir.path(), "big", 120_000, 20_000);
+    let src = ParquetSource::open(&[path]).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for i in 0..200 {
+            let cfg = LoaderConfig {
+                epochs: None,
+                prefetch: 1,
+                workers: 3,
+                shuffle_buffer: 1,
+                seed: i,
+                columns: vec![ColumnSpec::id("id"), ColumnSpec::label("value")],
+                ..config(1)
+            };
+            let mut loader = DataLoader::new(&src, cfg).unwrap();
+            loader.next_batch().unwrap();
+            drop(loader);
+        }
+        tx.send(()).unwrap();
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(120))
+        .expect("200 loaders dropped mid-stream within 2 minutes (a hang otherwise)");
+}
+
 #[test]
 fn invalid_configs_and_positions_are_explained() {
     let dir = tempfile::tempdir().unwrap();
