@@ -51,6 +51,23 @@ pub struct LabelBatch {
     pub classes: Option<Arc<[String]>>,
 }
 
+impl LabelBatch {
+    /// Each row's label as text: its class name when the column's classes are known (a
+    /// string column), else the integer id written out.
+    pub fn strings(&self) -> Vec<String> {
+        self.ids
+            .iter()
+            .map(|&id| {
+                self.classes
+                    .as_ref()
+                    .and_then(|names| usize::try_from(id).ok().and_then(|k| names.get(k)))
+                    .cloned()
+                    .unwrap_or_else(|| id.to_string())
+            })
+            .collect()
+    }
+}
+
 /// One column of a batch.
 #[derive(Debug, Clone, PartialEq)]
 pub enum BatchColumn {

@@ -81,21 +81,7 @@ pub fn read_series_with<P: AsRef<Path>>(
     )?;
     let labels: Option<Vec<String>> = match label_column {
         None => None,
-        Some(name) => {
-            let lb = batch.label_column(name)?;
-            Some(
-                lb.ids
-                    .iter()
-                    .map(|&id| match &lb.classes {
-                        Some(names) => names
-                            .get(id as usize)
-                            .cloned()
-                            .unwrap_or_else(|| id.to_string()),
-                        None => id.to_string(),
-                    })
-                    .collect(),
-            )
-        }
+        Some(name) => Some(batch.label_column(name)?.strings()),
     };
     let pick = |i: &usize| keep.is_empty() || keep[*i];
     let series = series

@@ -100,21 +100,7 @@ impl RowTransform {
         let series = series_examples(batch.series(&self.column)?)?;
         let labels: Option<Vec<String>> = match &self.label_column {
             None => None,
-            Some(name) => {
-                let lb = batch.label_column(name)?;
-                Some(
-                    lb.ids
-                        .iter()
-                        .map(|&id| match &lb.classes {
-                            Some(names) => names
-                                .get(id as usize)
-                                .cloned()
-                                .unwrap_or_else(|| id.to_string()),
-                            None => id.to_string(),
-                        })
-                        .collect(),
-                )
-            }
+            Some(name) => Some(batch.label_column(name)?.strings()),
         };
         let mut out = Vec::with_capacity(series.len());
         for (i, e) in series.into_iter().enumerate() {
