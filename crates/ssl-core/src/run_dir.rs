@@ -211,9 +211,95 @@ impl RunSummary {
     }
 }
 
+/// Copies the run directory `src` to `dst` as it stood when checkpoint `step` was the
+/// newest: every file, without the checkpoints of later steps (nor `checkpoints/best`, which
+/// may be one of them). `ssl pretrain --resume` into `dst` then continues from that step, as
+/// the original run did (a branch of a run, or the check that a resume repeats it).
+/// Refuses a `dst` that exists, or a `step` with no checkpoint in `src`.
+pub fn fork_run(src: &Path, dst: &Path, step: u64) -> Result<()> {
+    let checkpoints = src.join("checkpoints");
+    let keep = format!("step-{step:08}");
+    if !checkpoints.join(&keep).is_dir() {
+        return Err(CoreError::Config(format!(
+            "{} has no checkpoint of step {step}",
+            src.display()
+        )));
+    }
+    if dst.exists() {
+        return Err(CoreError::Config(format!(
+            "{} exists: a fork goes to a new directory",
+            dst.display()
+        )));
+    }
+    copy_tree(src, dst, &|path: &Path| {
+        let Ok(rel) = path.strip_prefix(&checkpoints) else {
+            // Not the lock of a run that may still hold `src`.
+            return path.file_name().is_none_or(|n| n != ".lock");
+        };
+        let name = rel
+            .components()
+            .next()
+            .map(|c| c.as_os_str().to_string_lossy());
+        match name.as_deref().and_then(|n| n.strip_prefix("step-")) {
+            Some(n) => n.parse::<u64>().is_ok_and(|n| n <= step),
+            None => !rel.starts_with("best"),
+        }
+    })
+}
+
+fn copy_tree(from: &Path, to: &Path, keep: &dyn Fn(&Path) -> bool) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(|e| CoreError::io("creating", to, e))?;
+    for entry in std::fs::read_dir(from).map_err(|e| CoreError::io("reading", from, e))? {
+        let entry = entry.map_err(|e| CoreError::io("reading", from, e))?;
+        let path = entry.path();
+        if !keep(&path) {
+            continue;
+        }
+        let dest = to.join(entry.file_name());
+        let kind = entry
+            .file_type()
+            .map_err(|e| CoreError::io("reading", &path, e))?;
+        if kind.is_dir() {
+            copy_tree(&path, &dest, keep)?;
+        } else if kind.is_file() {
+            std::fs::copy(&path, &dest).map_err(|e| CoreError::io("copying", &path, e))?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fork_keeps_the_run_up_to_its_checkpoint() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("run");
+        for d in [
+            "checkpoints/step-00000004",
+            "checkpoints/step-00000008",
+            "checkpoints/best",
+        ] {
+            std::fs::create_dir_all(src.join(d)).unwrap();
+            std::fs::write(src.join(d).join("model.safetensors"), d).unwrap();
+        }
+        std::fs::write(src.join("config.toml"), "x = 1").unwrap();
+        std::fs::write(src.join(".lock"), "pid").unwrap();
+        let dst = tmp.path().join("fork");
+        fork_run(&src, &dst, 4).unwrap();
+        assert!(dst
+            .join("checkpoints/step-00000004/model.safetensors")
+            .is_file());
+        assert!(dst.join("config.toml").is_file());
+        for gone in ["checkpoints/step-00000008", "checkpoints/best", ".lock"] {
+            assert!(!dst.join(gone).exists(), "{gone}");
+        }
+        // A fork needs a new directory and an existing checkpoint.
+        assert!(fork_run(&src, &dst, 4).is_err());
+        let e = fork_run(&src, &tmp.path().join("other"), 5).unwrap_err();
+        assert!(e.to_string().contains("step 5"), "{e}");
+    }
 
     #[derive(Debug, PartialEq, Serialize, serde::Deserialize)]
     struct Cfg {

@@ -34,19 +34,6 @@ fn model_bytes(ckpt: &Path) -> Vec<u8> {
     std::fs::read(ckpt.join("model.safetensors")).unwrap()
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dst = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dst);
-        } else {
-            std::fs::copy(e.path(), dst).unwrap();
-        }
-    }
-}
-
 #[test]
 fn a_run_resumed_mid_epoch_is_bit_identical_to_an_uninterrupted_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -72,18 +59,7 @@ fn a_run_resumed_mid_epoch_is_bit_identical_to_an_uninterrupted_one() {
 
     // The run as a stop at step 4 leaves it: checkpoints up to 4 only.
     let cut = dir.path().join("cut");
-    copy_dir(&full, &cut);
-    for e in std::fs::read_dir(cut.join("checkpoints")).unwrap() {
-        let p = e.unwrap().path();
-        let name = p.file_name().unwrap().to_string_lossy().into_owned();
-        if name != "step-00000004" {
-            if p.is_dir() {
-                std::fs::remove_dir_all(&p).unwrap();
-            } else {
-                std::fs::remove_file(&p).unwrap();
-            }
-        }
-    }
+    ssl_core::run_dir::fork_run(&full, &cut, 4).unwrap();
     let (_, stored) = stored_config(&cut).unwrap();
     let opts = RunOptions {
         resume: true,

@@ -66,19 +66,6 @@ fn model_bytes(run: &Path, step: u64) -> Vec<u8> {
     std::fs::read(run.join(format!("checkpoints/step-{step:08}/model.safetensors"))).unwrap()
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dest = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dest);
-        } else {
-            std::fs::copy(e.path(), dest).unwrap();
-        }
-    }
-}
-
 /// The sequences of one epoch of `docs` documents (one loader batch holds them all): the
 /// training documents tokenized and packed together.
 fn epoch_seqs(tok: &tokenizers::Tokenizer, cfg: &TextConfig, texts: &[String]) -> usize {
@@ -128,11 +115,7 @@ fn resume_is_bit_identical(mode: InputMode) {
     assert!(pos["skip"].as_u64().unwrap() > 0, "{}", state.data_position);
 
     let b = dir.path().join("b");
-    copy_dir(&a, &b);
-    for step in 5..=7 {
-        std::fs::remove_dir_all(b.join(format!("checkpoints/step-{step:08}"))).unwrap();
-    }
-    let _ = std::fs::remove_dir_all(b.join("checkpoints/best"));
+    ssl_core::run_dir::fork_run(&a, &b, 4).unwrap();
     let (_, cfg) = ssl_text::stored_config(&b).unwrap();
     let opts = RunOptions {
         resume: true,

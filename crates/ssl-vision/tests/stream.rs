@@ -72,19 +72,6 @@ fn model_bytes(run: &Path, step: u64) -> Vec<u8> {
     std::fs::read(run.join(format!("checkpoints/step-{step:08}/model.safetensors"))).unwrap()
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dest = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dest);
-        } else {
-            std::fs::copy(e.path(), dest).unwrap();
-        }
-    }
-}
-
 /// Trains 7 steps, then resumes a copy of the run from its step-4 checkpoint (the later ones
 /// removed, as if stopped there) and checks steps 5 to 7 are bit-identical.
 fn resume_is_bit_identical(kind: VisionTaskKind) {
@@ -110,11 +97,7 @@ fn resume_is_bit_identical(kind: VisionTaskKind) {
     assert!(inside, "{pos}");
 
     let b = dir.path().join("b");
-    copy_dir(&a, &b);
-    for step in 5..=7 {
-        std::fs::remove_dir_all(b.join(format!("checkpoints/step-{step:08}"))).unwrap();
-    }
-    let _ = std::fs::remove_dir_all(b.join("checkpoints/best"));
+    ssl_core::run_dir::fork_run(&a, &b, 4).unwrap();
     let (_, cfg) = ssl_vision::stored_config(&b).unwrap();
     let opts = RunOptions {
         resume: true,
