@@ -41,8 +41,8 @@ pub fn score(
 /// defaults for a model the detector knows nothing of yet; `fit` completes them from the
 /// MAE run).
 pub fn default_toml() -> Result<String, CliError> {
-    crate::commented::commented_toml::<DetectFitConfig>(
+    Ok(ssl_core::config_doc::commented_toml::<DetectFitConfig>(
         "The default settings of `ssl detect fit`. Pass any of them as --set key=value, e.g.\n\
          --set detect.scorers='[\"patchcore\"]'; keys not set keep these defaults.",
-    )
+    )?)
 }

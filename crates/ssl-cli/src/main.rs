@@ -16,7 +16,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-mod commented;
 mod config;
 mod detect;
 mod error;

@@ -116,14 +116,51 @@ pub fn eval<P: Pipeline>(
 /// `ssl config <modality>`: the default configuration as TOML, every key commented from
 /// the config types' doc comments.
 pub fn default_toml<P: Pipeline>(name: &str) -> Result<String, CliError> {
-    crate::commented::commented_toml::<P::Config>(&format!(
+    Ok(ssl_core::config_doc::commented_toml::<P::Config>(
+        &format!(
         "The default configuration of `ssl pretrain {name}`. Every key is optional: a file given\n\
          with --config overrides these defaults and `--set key=value` overrides the file. Run\n\
          `ssl pretrain {name} --config this.toml` after editing; unknown keys are refused."
-    ))
+    ),
+    )?)
 }
 
 /// A report as a JSON value (its keys print sorted).
 pub fn json<T: Serialize>(report: &T) -> Result<serde_json::Value, CliError> {
     serde_json::to_value(report).map_err(|e| CliError::Config(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::de::DeserializeOwned;
+    use serde::Serialize;
+    use ssl_core::config_doc::{commented_toml, undocumented_keys};
+    use toml::Table;
+
+    fn check_commented<T>()
+    where
+        T: Serialize + schemars::JsonSchema + Default + DeserializeOwned,
+    {
+        let text = commented_toml::<T>("title").unwrap();
+        // It parses back to the defaults.
+        let back: T = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(
+            Table::try_from(back).unwrap(),
+            Table::try_from(T::default()).unwrap()
+        );
+        // Every key and table has a comment.
+        let missing = undocumented_keys(&text);
+        assert!(missing.is_empty(), "keys without a comment: {missing:?}");
+    }
+
+    /// Every modality's configuration and the detector's print commented, and parse back.
+    #[test]
+    fn every_configuration_is_commented() {
+        check_commented::<ssl_text::TextConfig>();
+        check_commented::<ssl_vision::VisionConfig>();
+        check_commented::<ssl_timeseries::TimeseriesConfig>();
+        check_commented::<ssl_timeseries::FeaturesConfig>();
+        check_commented::<ssl_multimodal::MultimodalConfig>();
+        check_commented::<ssl_vision::DetectFitConfig>();
+    }
 }

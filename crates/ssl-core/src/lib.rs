@@ -58,6 +58,7 @@ pub mod checkpoint;
 mod collective;
 mod compose;
 mod compute;
+pub mod config_doc;
 mod ctx;
 mod device;
 mod encoder;

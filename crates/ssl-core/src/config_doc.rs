@@ -1,13 +1,13 @@
-//! `ssl config`'s output: the default configuration as TOML with every key explained, the
-//! explanations taken from the config types' doc comments (through their JSON schema), so
-//! they cannot drift from the code.
+//! A configuration type's defaults as TOML with every key explained (what `ssl config`
+//! prints), the explanations taken from the type's doc comments through its JSON schema
+//! (`#[derive(schemars::JsonSchema)]`), so they cannot drift from the code.
 
 use schemars::JsonSchema;
 use serde::Serialize;
 use serde_json::{Map, Value as Json};
 use toml::{Table, Value};
 
-use crate::CliError;
+use crate::{CoreError, Result};
 
 /// Width the comments are wrapped to.
 const WIDTH: usize = 96;
@@ -15,11 +15,9 @@ const WIDTH: usize = 96;
 /// The default of `T` as commented TOML: each table and key preceded by its doc comment and,
 /// for a choice, its allowed values; `title` opens the file. The text parses back to the
 /// defaults.
-pub fn commented_toml<T: Serialize + JsonSchema + Default>(
-    title: &str,
-) -> Result<String, CliError> {
+pub fn commented_toml<T: Serialize + JsonSchema + Default>(title: &str) -> Result<String> {
     let table = Table::try_from(T::default())
-        .map_err(|e| CliError::Config(format!("serialising defaults: {e}")))?;
+        .map_err(|e| CoreError::Config(format!("serialising defaults: {e}")))?;
     let schema = schemars::schema_for!(T);
     let root = schema.as_value().clone();
     let defs = root
@@ -229,9 +227,10 @@ fn wrap_indented(out: &mut String, text: &str) {
     wrap_with(out, text, "#   ", "#     ");
 }
 
-/// Keys (dotted paths) of `table`'s plain values that `text` has no comment line for.
-#[cfg(test)]
-fn undocumented(text: &str) -> Vec<String> {
+/// The keys (dotted paths) and `[tables]` of a commented TOML text that have no comment line
+/// right above them: for a test that every key of a configuration type is documented
+/// (`undocumented_keys(&commented_toml::<MyConfig>("")?)` is empty).
+pub fn undocumented_keys(text: &str) -> Vec<String> {
     let mut missing = Vec::new();
     let mut section = String::new();
     let mut prev_comment = false;
@@ -255,23 +254,6 @@ fn undocumented(text: &str) -> Vec<String> {
         }
     }
     missing
-}
-
-#[cfg(test)]
-fn check_commented<T>(title: &str)
-where
-    T: Serialize + JsonSchema + Default + serde::de::DeserializeOwned,
-{
-    let text = commented_toml::<T>(title).unwrap();
-    // It parses back to the defaults.
-    let back: T = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-    assert_eq!(
-        Table::try_from(back).unwrap(),
-        Table::try_from(T::default()).unwrap()
-    );
-    // Every key and table has a comment.
-    let missing = undocumented(&text);
-    assert!(missing.is_empty(), "keys without a comment: {missing:?}");
 }
 
 #[cfg(test)]
@@ -310,17 +292,6 @@ mod tests {
         name: String,
     }
 
-    /// Every modality's configuration and the detector's print commented, and parse back.
-    #[test]
-    fn every_configuration_is_commented() {
-        check_commented::<ssl_text::TextConfig>("text");
-        check_commented::<ssl_vision::VisionConfig>("vision");
-        check_commented::<ssl_timeseries::TimeseriesConfig>("timeseries");
-        check_commented::<ssl_timeseries::FeaturesConfig>("features");
-        check_commented::<ssl_multimodal::MultimodalConfig>("multimodal");
-        check_commented::<ssl_vision::DetectFitConfig>("detect");
-    }
-
     #[test]
     fn keys_get_their_doc_comments_and_choices() {
         let text = commented_toml::<Top>("Title line").unwrap();
@@ -329,7 +300,7 @@ mod tests {
         assert!(text.lines().all(|l| l.len() <= WIDTH + 8), "{text}");
         assert!(text.contains("# The inner part.\n[inner]\n"), "{text}");
         assert!(text.contains("#   \"cosine\": Half a cosine."), "{text}");
-        assert_eq!(undocumented(&text), vec!["name".to_string()]);
+        assert_eq!(undocumented_keys(&text), vec!["name".to_string()]);
         let back: Top = toml::from_str(&text).unwrap();
         assert_eq!(back, Top::default());
     }
