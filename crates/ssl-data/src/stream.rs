@@ -180,25 +180,26 @@ impl<E: Send + 'static, Er: From<DataError> + Send + 'static> ExampleStream<E, E
     pub fn take(&mut self, n: usize) -> Result<Vec<E>, Er> {
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
-            if self.queue.front().is_none_or(|c| c.examples.is_empty()) {
-                if let Some(c) = self.queue.front() {
-                    if c.examples.is_empty() {
-                        let c = self.queue.pop_front().expect("front exists");
-                        self.start = StreamPosition {
-                            loader: c.after,
-                            skip: 0,
-                        };
+            match self.queue.front_mut() {
+                Some(c) if !c.examples.is_empty() => {
+                    let k = (n - out.len()).min(c.examples.len());
+                    out.extend(c.examples.drain(..k));
+                    c.taken += k;
+                }
+                // A used-up chunk: the stream now stands after it.
+                Some(c) => {
+                    self.start = StreamPosition {
+                        loader: c.after,
+                        skip: 0,
+                    };
+                    self.queue.pop_front();
+                }
+                None => {
+                    if !self.pull()? {
+                        break;
                     }
                 }
-                if self.queue.is_empty() && !self.pull()? {
-                    break;
-                }
-                continue;
             }
-            let c = self.queue.front_mut().expect("front exists");
-            let k = (n - out.len()).min(c.examples.len());
-            out.extend(c.examples.drain(..k));
-            c.taken += k;
         }
         Ok(out)
     }
