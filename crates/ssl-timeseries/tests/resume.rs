@@ -93,6 +93,16 @@ fn opts(resume: bool) -> RunOptions {
     }
 }
 
+/// `steps` steps of batches of 8 with a checkpoint every 4; the stop at step 4 is
+/// `max_steps = 4`, so the schedule must not depend on it (constant).
+fn stop_at_4(train: &mut ssl_core::TrainConfig, steps: u64) {
+    (train.max_steps, train.warmup_steps) = (steps, 1);
+    train.batch_size = 8;
+    train.checkpoint_every_steps = 4;
+    train.checkpoint_every_minutes = 0.0;
+    train.schedule = ScheduleKind::Constant;
+}
+
 #[test]
 fn series_per_row_resume_mid_epoch_bit_identically() {
     let dir = tempfile::tempdir().unwrap();
@@ -104,12 +114,7 @@ fn series_per_row_resume_mid_epoch_bit_identically() {
             cfg.model.tcn.output,
             cfg.model.tcn.depth,
         ) = (8, 8, 2);
-        (cfg.train.max_steps, cfg.train.warmup_steps) = (steps, 1);
-        cfg.train.batch_size = 8;
-        cfg.train.checkpoint_every_steps = 4;
-        cfg.train.checkpoint_every_minutes = 0.0;
-        // The stop at step 4 is `max_steps = 4`: a schedule that does not depend on it.
-        cfg.train.schedule = ScheduleKind::Constant;
+        stop_at_4(&mut cfg.train, steps);
         cfg.data.health_examples = 4;
         cfg.data.heldout_fraction = 0.1;
         timeseries::pretrain(cfg, &data, run, &opts(resume)).unwrap()
@@ -122,12 +127,7 @@ fn features_resume_mid_epoch_bit_identically() {
     let data = rows(&dir.path().join("rows.parquet"));
     assert_resume_is_bit_identical(dir.path(), |steps, resume, run| {
         let mut cfg = FeaturesConfig::default();
-        (cfg.train.max_steps, cfg.train.warmup_steps) = (steps, 1);
-        cfg.train.batch_size = 8;
-        cfg.train.checkpoint_every_steps = 4;
-        cfg.train.checkpoint_every_minutes = 0.0;
-        // The stop at step 4 is `max_steps = 4`: a schedule that does not depend on it.
-        cfg.train.schedule = ScheduleKind::Constant;
+        stop_at_4(&mut cfg.train, steps);
         cfg.task.kind = features::TaskKind::Contrastive;
         (
             cfg.model.dim,
@@ -165,12 +165,7 @@ fn long_column_windows_resume_mid_epoch_bit_identically() {
             cfg.model.tcn.output,
             cfg.model.tcn.depth,
         ) = (8, 8, 2);
-        (cfg.train.max_steps, cfg.train.warmup_steps) = (steps, 1);
-        cfg.train.batch_size = 8;
-        cfg.train.checkpoint_every_steps = 4;
-        cfg.train.checkpoint_every_minutes = 0.0;
-        // The stop at step 4 is `max_steps = 4`: a schedule that does not depend on it.
-        cfg.train.schedule = ScheduleKind::Constant;
+        stop_at_4(&mut cfg.train, steps);
         cfg.data.health_examples = 4;
         timeseries::pretrain(cfg, &data, run, &opts(resume)).unwrap()
     });
