@@ -100,6 +100,10 @@ where
     fn after_step(&self) -> Result<()> {
         self.task.after_step()
     }
+
+    fn lr_scale(&self, name: &str) -> f64 {
+        self.task.lr_scale(name)
+    }
 }
 
 struct Part<B> {

@@ -12,6 +12,8 @@
 //! - [`monitor`], [`health`], [`plot`], [`tensorboard`]: `metrics.jsonl`, progress, embedding
 //!   health, curves, TensorBoard event files;
 //! - [`probe`]: linear and k-NN probes on frozen embeddings;
+//! - [`finetune`]: a classification head on any encoder, fine-tuned (layer-wise decay, label
+//!   smoothing, frozen or full) on label fractions, against random initialisation;
 //! - [`Collective`]: data-parallel communication ([`SingleProcess`] here);
 //! - [`seq`]: the generic pretext tasks on numeric feature sequences.
 //!
@@ -64,6 +66,7 @@ mod device;
 mod encoder;
 mod error;
 mod eval_hook;
+pub mod finetune;
 pub mod guard;
 pub mod health;
 mod hook;

@@ -58,6 +58,13 @@ pub trait PretextTask {
     fn after_step(&self) -> Result<()> {
         Ok(())
     }
+
+    /// The learning rate's factor for parameter `name` (default 1): layer-wise learning-rate
+    /// decay in fine-tuning; 0 freezes the parameter (the trainer does not update it, nor
+    /// warn that no gradient reaches it).
+    fn lr_scale(&self, _name: &str) -> f64 {
+        1.0
+    }
 }
 
 /// A boxed task is a task: every method forwards to the box's content, the overridable ones
@@ -94,6 +101,10 @@ impl<T: PretextTask + ?Sized> PretextTask for Box<T> {
 
     fn after_step(&self) -> Result<()> {
         (**self).after_step()
+    }
+
+    fn lr_scale(&self, name: &str) -> f64 {
+        (**self).lr_scale(name)
     }
 }
 

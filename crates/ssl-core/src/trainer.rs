@@ -629,6 +629,7 @@ impl<'r, T: PretextTask> Run<'r, T> {
         let main = trainer.collective.is_main();
         let params = task.params();
         let mut opt = AdamW::new(params, cfg.adamw())?;
+        opt.set_lr_scales(|name| task.lr_scale(name))?;
         let vars: Vec<Tensor> = opt.vars().map(|v| v.as_tensor().clone()).collect();
         let names: Vec<String> = opt.names().map(str::to_string).collect();
         let schedule = cfg.schedule();
@@ -870,7 +871,7 @@ impl<'r, T: PretextTask> Run<'r, T> {
                 .names
                 .iter()
                 .zip(&grads)
-                .filter(|(_, g)| g.is_none())
+                .filter(|(n, g)| g.is_none() && self.task.lr_scale(n) != 0.0)
                 .map(|(n, _)| n.clone())
                 .collect();
             if !self.report.params_without_grad.is_empty() {
