@@ -187,7 +187,8 @@ pub(crate) fn decode_row_group(
         return Ok(vec![None; n]);
     }
     let specs: Vec<ColumnSpec> = columns.iter().map(|c| c.spec.clone()).collect();
-    let arrays = source.read_row_group(file, row_group, &specs)?;
+    let read = source.read_row_group(file, row_group, &specs)?;
+    let arrays = &read.arrays;
     let mut cols = Vec::with_capacity(arrays.len());
     for (a, spec) in arrays.iter().zip(&specs) {
         if a.len() != n {
@@ -210,6 +211,11 @@ pub(crate) fn decode_row_group(
     }
     let id_col = columns.iter().position(|c| c.spec.kind == ColumnKind::Id);
     let first = f.rg_first_row[row_group];
+    // Rows that could not be parsed or read, by row: (column index or the whole row, reason).
+    let mut broken: HashMap<usize, (Option<usize>, &str)> = HashMap::new();
+    for p in &read.problems {
+        broken.entry(p.row).or_insert((p.column, p.reason.as_str()));
+    }
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         if needed.is_some_and(|m| !m[i]) {
@@ -217,15 +223,24 @@ pub(crate) fn decode_row_group(
             continue;
         }
         let row = first + i;
+        if let Some(&(column, reason)) = broken.get(&i) {
+            out.push(Some(Err(BadRow {
+                path: f.path.clone(),
+                row,
+                column: specs[column.unwrap_or(0)].name.clone(),
+                reason: reason.to_string(),
+            })));
+            continue;
+        }
         let mut values = Vec::with_capacity(cols.len());
         let mut bad = None;
-        for ((col, c), a) in columns.iter().zip(&cols).zip(&arrays) {
+        for ((col, c), a) in columns.iter().zip(&cols).zip(arrays) {
             if let (ColumnKind::Image { max_pixels, .. }, Col::Bin(b)) = (&col.spec.kind, c) {
                 if !a.is_null(i) {
                     if let Some((width, height)) = header_size(b.value(i)) {
                         if u64::from(width) * u64::from(height) > *max_pixels {
                             return Err(DataError::ImageTooLarge {
-                                path: f.path.clone(),
+                                path: read.image_file(i).unwrap_or_else(|| f.path.clone()),
                                 row,
                                 column: col.spec.name.clone(),
                                 width,
@@ -251,7 +266,10 @@ pub(crate) fn decode_row_group(
                         path: f.path.clone(),
                         row,
                         column: col.spec.name.clone(),
-                        reason,
+                        reason: match read.locate(i) {
+                            Some(place) => format!("{place}: {reason}"),
+                            None => reason,
+                        },
                     });
                     break;
                 }

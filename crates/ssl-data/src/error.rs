@@ -16,8 +16,8 @@ pub enum DataError {
         /// The path as given.
         path: PathBuf,
     },
-    /// A glob pattern or directory matched no Parquet file.
-    #[error("no Parquet files found for '{pattern}' (expected a file, a directory holding *.parquet files or a glob)")]
+    /// A glob pattern or directory matched no file this crate reads.
+    #[error("no data files found for '{pattern}' (expected a file, a glob, or a directory holding *.parquet, *.jsonl, *.csv, *.tsv or *.txt files, or image files)")]
     NoFiles {
         /// The pattern or directory as given.
         pattern: String,
@@ -47,6 +47,23 @@ pub enum DataError {
         /// The underlying error.
         #[source]
         source: parquet::errors::ParquetError,
+    },
+    /// A JSON Lines, CSV or text file cannot be read as a whole (its header, its layout, or it
+    /// changed while being read). Single bad records are bad rows instead.
+    #[error("cannot read {path}, line {line}: {reason}")]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// The line (1-based) where the problem is.
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A file whose extension names no format this crate reads and which is not Parquet.
+    #[error("cannot read {path}: it is not a Parquet file and its extension names no other format read here (.parquet, .jsonl / .ndjson / .json, .csv, .tsv, .txt, or image files: .png, .jpg)")]
+    UnknownFormat {
+        /// The file.
+        path: PathBuf,
     },
     /// Arrow failed on a column of a file (for instance while converting its type).
     #[error("cannot convert column '{column}' of {path}: {source}")]

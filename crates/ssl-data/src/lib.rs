@@ -1,7 +1,9 @@
 //! Parquet in and Parquet out for the SSL toolkit.
 //!
 //! * [`ParquetSource`]: one file, a list, a directory or a glob of Parquet files; only the
-//!   requested columns are read, row groups are the unit of work.
+//!   requested columns are read, row groups are the unit of work. Local JSON Lines, CSV / TSV
+//!   and text files and image folders are read too, cut into units of records or images that
+//!   stand in for row groups (see the README's "Other inputs").
 //! * [`DataLoader`]: sharded by rank, seeded shuffling (row-group order each epoch plus a
 //!   shuffle window), epochs or an endless stream, a resumable [`Position`], decoding in
 //!   background threads with a bounded prefetch queue. Yields [`Batch`]es of flat buffers:
@@ -48,6 +50,8 @@ mod decode;
 mod error;
 mod heldout;
 mod image_decode;
+mod images;
+mod lines;
 mod loader;
 mod numeric;
 pub mod output;

@@ -24,7 +24,7 @@ pub fn read_numeric_column<P: AsRef<Path>>(
     for file in 0..source.num_files() {
         let f = source.file(file);
         let path = &f.path;
-        let fields = f.meta.schema().fields().clone();
+        let fields = f.schema.fields().clone();
         let Some(idx) = fields.iter().position(|f| f.name() == column) else {
             return Err(DataError::MissingColumn {
                 path: path.clone(),

@@ -1,5 +1,9 @@
-//! A set of Parquet files read as one data set: path and URL resolution, schema checks, row
-//! groups.
+//! A set of files read as one data set: path and URL resolution, schema checks, row groups.
+//!
+//! Parquet files are read through their footers and row groups; JSON Lines, CSV, TSV and text
+//! files ([`crate::lines`]) and image folders ([`crate::images`]) are cut into units that
+//! stand in for row groups, so everything downstream (the plan, the loader, positions) is
+//! the same for every format.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -7,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
-use arrow::datatypes::{DataType, Field};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
 };
@@ -16,6 +20,8 @@ use parquet::file::reader::{ChunkReader, Length};
 
 use crate::column::{ColumnKind, ColumnSpec};
 use crate::error::DataError;
+use crate::images::{is_image, ImageSet};
+use crate::lines::{LineFile, LineFormat, RowProblem};
 use crate::remote::{self, RemoteObject};
 
 /// Where a file's bytes are.
@@ -27,17 +33,35 @@ pub(crate) enum Location {
     Remote(Arc<RemoteObject>),
 }
 
-/// One Parquet file of a source, with its footer already parsed.
+/// What a file of a source is, with what opening it found.
+#[derive(Debug, Clone)]
+pub(crate) enum FileKind {
+    /// A Parquet file, its footer parsed.
+    Parquet {
+        /// Where its bytes are.
+        location: Location,
+        /// Its footer.
+        meta: ArrowReaderMetadata,
+    },
+    /// A JSON Lines, CSV, TSV or text file, scanned into units.
+    Lines(Arc<LineFile>),
+    /// A folder (or list) of image files.
+    Images(Arc<ImageSet>),
+}
+
+/// One file of a source (a Parquet file, a line-based file or an image folder), opened.
 #[derive(Debug, Clone)]
 pub(crate) struct SourceFile {
     /// The file's name in messages: its local path, or its URL for a remote object.
     pub(crate) path: PathBuf,
     /// The same as text, as [`ParquetSource::files`] gives it.
     pub(crate) name: String,
-    pub(crate) location: Location,
     /// File name without extension, used for default row ids (`stem:row`).
     pub(crate) stem: String,
-    pub(crate) meta: ArrowReaderMetadata,
+    /// Its columns.
+    pub(crate) schema: SchemaRef,
+    /// Its format and what opening it found.
+    pub(crate) kind: FileKind,
     /// Rows of each row group.
     pub(crate) rg_rows: Vec<usize>,
     /// Index (within the file) of the first row of each row group.
@@ -55,10 +79,13 @@ pub(crate) struct RowGroupRef {
     pub(crate) rows: usize,
 }
 
-/// A data set made of one or more Parquet files.
+/// A data set made of one or more files: Parquet, JSON Lines, CSV / TSV, plain text, or image
+/// folders.
 ///
-/// Opening reads only the footers (schema and row-group sizes); data is read later, one row
-/// group at a time, and only for the requested columns. Cheap to clone.
+/// Opening reads only the Parquet footers (schema and row-group sizes), scans line-based files
+/// for their record boundaries and lists image folders; data is read later, one row group (or
+/// unit of records or images, which stands in for one) at a time, and only for the requested
+/// columns. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ParquetSource {
     files: Arc<Vec<SourceFile>>,
@@ -76,7 +103,18 @@ fn is_parquet(path: &Path) -> bool {
             .is_some_and(|e| e.eq_ignore_ascii_case("parquet") || e.eq_ignore_ascii_case("parq"))
 }
 
-fn collect_dir(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
+/// The files below a directory, by kind, each list sorted by path.
+#[derive(Default)]
+struct Found {
+    parquet: Vec<PathBuf>,
+    lines: Vec<PathBuf>,
+    /// Image files with their sizes.
+    images: Vec<(PathBuf, u64)>,
+}
+
+/// Collects the Parquet files, the line-based files and the image files (with their sizes)
+/// below `dir`, recursively, sorted by path.
+fn collect_dir(dir: &Path, found: &mut Found) -> Result<(), DataError> {
     let io = |source| DataError::Io {
         path: dir.to_path_buf(),
         source,
@@ -88,9 +126,16 @@ fn collect_dir(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
     entries.sort();
     for path in entries {
         if path.is_dir() {
-            collect_dir(&path, out)?;
+            collect_dir(&path, found)?;
         } else if is_parquet(&path) {
-            out.push(path);
+            found.parquet.push(path);
+        } else if !path.is_file() {
+            continue;
+        } else if LineFormat::from_path(&path).is_some() {
+            found.lines.push(path);
+        } else if is_image(&path) {
+            let size = std::fs::metadata(&path).map_err(io)?.len();
+            found.images.push((path, size));
         }
     }
     Ok(())
@@ -101,10 +146,19 @@ fn collect_dir(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
 pub(crate) enum Resolved {
     Local(PathBuf),
     Remote(Arc<RemoteObject>),
+    /// Image files: a folder's (`root` the folder) or ones named one by one (`root` empty),
+    /// with their sizes.
+    Images {
+        root: PathBuf,
+        images: Vec<(PathBuf, u64)>,
+    },
 }
 
-/// Expands files, directories (recursively, `*.parquet`, sorted), glob patterns (sorted) and
-/// object-store URLs (see [`remote::resolve_url`]; `file://` URLs are local paths).
+/// Expands files, directories (recursively, sorted: the Parquet files below, or when there
+/// are none the line-based files, or when there are none of those the image files, as one
+/// image folder), glob patterns (sorted) and object-store URLs
+/// (see [`remote::resolve_url`]; `file://` URLs are local paths). Image files named directly
+/// or by a glob form one image set with the image files next to them in the list.
 pub(crate) fn resolve_paths<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<Resolved>, DataError> {
     let mut out = Vec::new();
     for p in paths {
@@ -122,9 +176,7 @@ pub(crate) fn resolve_paths<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<Resolved>
             );
             continue;
         }
-        let mut local = Vec::new();
-        resolve_local(p, &text, &mut local)?;
-        out.extend(local.into_iter().map(Resolved::Local));
+        resolve_local(p, &text, &mut out)?;
     }
     if out.is_empty() {
         return Err(DataError::NoFiles {
@@ -134,14 +186,51 @@ pub(crate) fn resolve_paths<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<Resolved>
     Ok(out)
 }
 
+/// Adds one local file to `out`: an image joins the image list at the end of `out` (or
+/// starts one).
+fn push_file(path: PathBuf, out: &mut Vec<Resolved>) -> Result<(), DataError> {
+    if !is_image(&path) {
+        out.push(Resolved::Local(path));
+        return Ok(());
+    }
+    let size = std::fs::metadata(&path)
+        .map_err(|source| DataError::Io {
+            path: path.clone(),
+            source,
+        })?
+        .len();
+    match out.last_mut() {
+        Some(Resolved::Images { root, images }) if root.as_os_str().is_empty() => {
+            images.push((path, size));
+        }
+        _ => out.push(Resolved::Images {
+            root: PathBuf::new(),
+            images: vec![(path, size)],
+        }),
+    }
+    Ok(())
+}
+
 /// Expands one local file, directory or glob pattern into `out`.
-fn resolve_local(p: &Path, text: &str, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
+fn resolve_local(p: &Path, text: &str, out: &mut Vec<Resolved>) -> Result<(), DataError> {
     if p.is_file() {
-        out.push(p.to_path_buf());
+        push_file(p.to_path_buf(), out)?;
     } else if p.is_dir() {
-        let before = out.len();
-        collect_dir(p, out)?;
-        if out.len() == before {
+        // The Parquet files below, or when there are none the JSON Lines, CSV and text files,
+        // or when there are none of those either the images (so a README.txt or labels.csv
+        // beside Parquet files is not read as data).
+        let mut found = Found::default();
+        collect_dir(p, &mut found)?;
+        if !found.parquet.is_empty() {
+            out.extend(found.parquet.into_iter().map(Resolved::Local));
+        } else if !found.lines.is_empty() {
+            out.extend(found.lines.into_iter().map(Resolved::Local));
+        } else if !found.images.is_empty() {
+            out.push(Resolved::Images {
+                root: p.to_path_buf(),
+                images: found.images,
+            });
+        } else {
             return Err(DataError::NoFiles {
                 pattern: text.to_string(),
             });
@@ -161,7 +250,9 @@ fn resolve_local(p: &Path, text: &str, out: &mut Vec<PathBuf>) -> Result<(), Dat
                 pattern: text.to_string(),
             });
         }
-        out.extend(found);
+        for path in found {
+            push_file(path, out)?;
+        }
     } else {
         return Err(DataError::FileNotFound {
             path: p.to_path_buf(),
@@ -177,7 +268,17 @@ fn open_files(resolved: Vec<Resolved>) -> Result<Vec<SourceFile>, DataError> {
     for (i, r) in resolved.into_iter().enumerate() {
         match r {
             Resolved::Local(path) => files.push(Some(open_local(path)?)),
+            Resolved::Images { root, images } => files.push(Some(open_images(root, images))),
             Resolved::Remote(object) => {
+                let key = Path::new(&object.url);
+                if LineFormat::from_path(key).is_some() || is_image(key) {
+                    return Err(DataError::InvalidConfig {
+                        reason: format!(
+                            "{}: JSON Lines, CSV, text and image files are read from local paths only (object storage serves Parquet); copy it locally or convert it to Parquet",
+                            object.url
+                        ),
+                    });
+                }
                 remote.push((i, object));
                 files.push(None);
             }
@@ -189,57 +290,162 @@ fn open_files(resolved: Vec<Resolved>) -> Result<Vec<SourceFile>, DataError> {
         for ((i, object), meta) in remote.into_iter().zip(metas) {
             let path = PathBuf::from(&object.url);
             let stem = object.stem();
-            files[i] = Some(source_file(path, stem, Location::Remote(object), meta));
+            files[i] = Some(parquet_file(path, stem, Location::Remote(object), meta));
         }
     }
     Ok(files.into_iter().flatten().collect())
 }
 
+fn file_stem(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 fn open_local(path: PathBuf) -> Result<SourceFile, DataError> {
+    if let Some(format) = LineFormat::from_path(&path) {
+        let lines = LineFile::open(&path, format)?;
+        let rows: Vec<usize> = lines.units().iter().map(|u| u.rows).collect();
+        let stem = file_stem(&path);
+        return Ok(source_file(
+            path,
+            stem,
+            lines.schema().clone(),
+            FileKind::Lines(Arc::new(lines)),
+            rows,
+        ));
+    }
     let file = File::open(&path).map_err(|source| DataError::Io {
         path: path.clone(),
         source,
     })?;
     let meta = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).map_err(|source| {
-        DataError::Parquet {
-            path: path.clone(),
-            source,
+        if is_parquet(&path) {
+            DataError::Parquet {
+                path: path.clone(),
+                source,
+            }
+        } else {
+            DataError::UnknownFormat { path: path.clone() }
         }
     })?;
-    let stem = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    Ok(source_file(path, stem, Location::Local, meta))
+    let stem = file_stem(&path);
+    Ok(parquet_file(path, stem, Location::Local, meta))
 }
 
-fn source_file(
+/// An image set as a file of the source, named by its folder (or its first image).
+fn open_images(root: PathBuf, images: Vec<(PathBuf, u64)>) -> SourceFile {
+    let path = if root.as_os_str().is_empty() {
+        images.first().map(|(p, _)| p.clone()).unwrap_or_default()
+    } else {
+        root.clone()
+    };
+    let set = ImageSet::new(root, images);
+    let stem = path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "images".into());
+    let rows = set.unit_rows();
+    source_file(
+        path,
+        stem,
+        set.schema().clone(),
+        FileKind::Images(Arc::new(set)),
+        rows,
+    )
+}
+
+fn parquet_file(
     path: PathBuf,
     stem: String,
     location: Location,
     meta: ArrowReaderMetadata,
 ) -> SourceFile {
-    let mut rg_rows = Vec::new();
-    let mut rg_first_row = Vec::new();
-    let mut first = 0usize;
-    for rg in meta.metadata().row_groups() {
-        let rows = usize::try_from(rg.num_rows()).unwrap_or(0);
-        rg_first_row.push(first);
-        rg_rows.push(rows);
-        first += rows;
-    }
+    let rg_rows = meta
+        .metadata()
+        .row_groups()
+        .iter()
+        .map(|rg| usize::try_from(rg.num_rows()).unwrap_or(0))
+        .collect();
     let name = match &location {
         Location::Remote(object) => object.url.clone(),
         Location::Local => path.display().to_string(),
     };
-    SourceFile {
+    let schema = meta.schema().clone();
+    let mut f = source_file(
         path,
-        name,
-        location,
         stem,
-        meta,
+        schema,
+        FileKind::Parquet { location, meta },
+        rg_rows,
+    );
+    f.name = name;
+    f
+}
+
+fn source_file(
+    path: PathBuf,
+    stem: String,
+    schema: SchemaRef,
+    kind: FileKind,
+    rg_rows: Vec<usize>,
+) -> SourceFile {
+    let mut rg_first_row = Vec::with_capacity(rg_rows.len());
+    let mut first = 0usize;
+    for &rows in &rg_rows {
+        rg_first_row.push(first);
+        first += rows;
+    }
+    SourceFile {
+        name: path.display().to_string(),
+        path,
+        stem,
+        schema,
+        kind,
         rg_rows,
         rg_first_row,
+    }
+}
+
+/// The columns of one row group of a source, with what was found wrong in its rows and where
+/// each row is (for messages).
+#[derive(Debug)]
+pub(crate) struct GroupRead {
+    /// One array per requested column, converted to its kind's canonical type.
+    pub(crate) arrays: Vec<ArrayRef>,
+    /// Rows that could not be parsed (line-based files) or read (image files).
+    pub(crate) problems: Vec<RowProblem>,
+    place: Place,
+}
+
+/// Where the rows of a [`GroupRead`] are.
+#[derive(Debug)]
+enum Place {
+    /// Rows of a Parquet row group: the row index says it all.
+    Rows,
+    /// Line numbers of the records of a line-based file.
+    Lines(Vec<usize>),
+    /// Images of an image set, from this one on.
+    Images(Arc<ImageSet>, usize),
+}
+
+impl GroupRead {
+    /// Where row `row` (within the group) is: "line 17", "image cat/x.png"; `None` for
+    /// Parquet.
+    pub(crate) fn locate(&self, row: usize) -> Option<String> {
+        match &self.place {
+            Place::Rows => None,
+            Place::Lines(lines) => lines.get(row).map(|l| format!("line {l}")),
+            Place::Images(set, first) => Some(format!("image {}", set.relative(first + row))),
+        }
+    }
+
+    /// The image file of row `row` of an image set.
+    pub(crate) fn image_file(&self, row: usize) -> Option<PathBuf> {
+        match &self.place {
+            Place::Images(set, first) => Some(set.file(first + row)),
+            _ => None,
+        }
     }
 }
 
@@ -414,6 +620,11 @@ impl ParquetSource {
     /// Opens a source from files, directories (all `*.parquet` below, sorted), glob patterns
     /// (e.g. `data/ucr/*_TRAIN.parquet`) and object-store URLs, in the order given.
     ///
+    /// Local files may also be JSON Lines (`.jsonl`, `.ndjson`, `.json`), CSV (`.csv`), TSV
+    /// (`.tsv`) or text (`.txt`, a document per line), and a directory without Parquet files
+    /// is read for those, or when it has none of them as an image folder (`image`, `path` and,
+    /// with class subfolders, `label` columns); see the crate README's "Other inputs".
+    ///
     /// A URL (`s3://bucket/prefix/`, `gs://`, `az://`, `http(s)://`) names objects in object
     /// storage: a key ending in `/` (or none) every `*.parquet` object under it, sorted by key; a
     /// key with `*`, `?` or `[` the objects it matches; any other key the object with that key,
@@ -426,7 +637,7 @@ impl ParquetSource {
     /// by ranged GETs of the requested columns' chunks. `file://` URLs are local paths.
     ///
     /// Errors when a path does not exist, a pattern or prefix matches nothing, a file is not
-    /// Parquet, the files hold no rows at all, or object storage fails (naming the URL and the
+    /// of a format read here (or not valid Parquet), the files hold no rows at all, or object storage fails (naming the URL and the
     /// environment variables to check).
     pub fn open<P: AsRef<Path>>(paths: &[P]) -> Result<Self, DataError> {
         let files = open_files(resolve_paths(paths)?)?;
@@ -479,8 +690,7 @@ impl ParquetSource {
     /// Column names and Arrow types of the first file.
     pub fn schema(&self) -> Vec<(String, DataType)> {
         self.files[0]
-            .meta
-            .schema()
+            .schema
             .fields()
             .iter()
             .map(|f| (f.name().clone(), f.data_type().clone()))
@@ -490,8 +700,7 @@ impl ParquetSource {
     /// Whether the first file has a column named `name`.
     pub fn has_column(&self, name: &str) -> bool {
         self.files[0]
-            .meta
-            .schema()
+            .schema
             .fields()
             .iter()
             .any(|f| f.name() == name)
@@ -519,7 +728,7 @@ impl ParquetSource {
     /// Checks that every file has every column with a type that fits its kind.
     pub fn check_columns(&self, columns: &[ColumnSpec]) -> Result<(), DataError> {
         for f in self.files.iter() {
-            let schema = f.meta.schema();
+            let schema = &f.schema;
             for spec in columns {
                 let field =
                     schema
@@ -547,15 +756,15 @@ impl ParquetSource {
     }
 
     /// Reads the given columns of one row group, each converted to its kind's canonical type,
-    /// in the order of `columns`.
+    /// in the order of `columns`, with the rows found broken (line-based files, image files).
     pub(crate) fn read_row_group(
         &self,
         file: usize,
         row_group: usize,
         columns: &[ColumnSpec],
-    ) -> Result<Vec<ArrayRef>, DataError> {
+    ) -> Result<GroupRead, DataError> {
         let f = &self.files[file];
-        let schema = f.meta.schema();
+        let schema = &f.schema;
         let mut roots = Vec::with_capacity(columns.len());
         for spec in columns {
             let idx = schema
@@ -566,6 +775,38 @@ impl ParquetSource {
                     available: schema.fields().iter().map(|f| f.name().clone()).collect(),
                 })?;
             roots.push(idx);
+        }
+        let convert = |arrays: Vec<ArrayRef>| -> Result<Vec<ArrayRef>, DataError> {
+            arrays
+                .into_iter()
+                .zip(columns)
+                .map(|(a, spec)| {
+                    canonicalize(&spec.kind, a).map_err(|source| DataError::Arrow {
+                        path: f.path.clone(),
+                        column: spec.name.clone(),
+                        source,
+                    })
+                })
+                .collect()
+        };
+        match &f.kind {
+            FileKind::Parquet { .. } => {}
+            FileKind::Lines(lines) => {
+                let unit = lines.read_unit(row_group, &roots)?;
+                return Ok(GroupRead {
+                    arrays: convert(unit.arrays)?,
+                    problems: unit.problems,
+                    place: Place::Lines(unit.lines),
+                });
+            }
+            FileKind::Images(set) => {
+                let (arrays, problems) = set.read_unit(row_group, &roots)?;
+                return Ok(GroupRead {
+                    arrays: convert(arrays)?,
+                    problems,
+                    place: Place::Images(set.clone(), set.unit_start(row_group)),
+                });
+            }
         }
         let batches = self.read_batches(file, row_group, &roots)?;
         let mut out = Vec::with_capacity(columns.len());
@@ -594,12 +835,56 @@ impl ParquetSource {
             };
             out.push(canonicalize(&spec.kind, array).map_err(arrow_err)?);
         }
-        Ok(out)
+        Ok(GroupRead {
+            arrays: out,
+            problems: Vec::new(),
+            place: Place::Rows,
+        })
     }
 
     /// Reads the root columns `roots` (indices in the file's Arrow schema) of one row group as
     /// record batches.
     pub(crate) fn read_batches(
+        &self,
+        file: usize,
+        row_group: usize,
+        roots: &[usize],
+    ) -> Result<Vec<RecordBatch>, DataError> {
+        let f = &self.files[file];
+        let (arrays, problems) = match &f.kind {
+            FileKind::Parquet { .. } => return self.read_parquet_batches(file, row_group, roots),
+            FileKind::Lines(lines) => {
+                let unit = lines.read_unit(row_group, roots)?;
+                (unit.arrays, unit.problems)
+            }
+            FileKind::Images(set) => set.read_unit(row_group, roots)?,
+        };
+        let fields: Vec<Field> = roots.iter().map(|&r| f.schema.field(r).clone()).collect();
+        if let Some(p) = problems.first() {
+            let column = p.column.map_or_else(
+                || fields.first().map(|c| c.name().clone()).unwrap_or_default(),
+                |k| fields[k].name().clone(),
+            );
+            return Err(DataError::BadRow {
+                path: f.path.clone(),
+                row: f.rg_first_row[row_group] + p.row,
+                column,
+                reason: p.reason.clone(),
+            });
+        }
+        let batch =
+            RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays).map_err(|source| {
+                DataError::Arrow {
+                    path: f.path.clone(),
+                    column: String::new(),
+                    source,
+                }
+            })?;
+        Ok(vec![batch])
+    }
+
+    /// [`ParquetSource::read_batches`] for a Parquet file.
+    fn read_parquet_batches(
         &self,
         file: usize,
         row_group: usize,
@@ -649,6 +934,18 @@ impl ParquetSource {
                     self.files.len()
                 ),
             })?;
+        let (location, meta) = match &f.kind {
+            FileKind::Parquet { location, meta } => (location, meta),
+            _ => {
+                return Err(DataError::InvalidConfig {
+                    reason: format!(
+                        "{} is {}, not Parquet: the Parquet reader cannot read it (ParquetSource::read_columns reads any format)",
+                        f.name,
+                        self.format(file).unwrap_or("not Parquet"),
+                    ),
+                })
+            }
+        };
         let groups = f.rg_rows.len();
         if let Some(&bad) = row_groups.iter().find(|&&g| g >= groups) {
             return Err(DataError::InvalidConfig {
@@ -658,7 +955,7 @@ impl ParquetSource {
                 ),
             });
         }
-        let width = f.meta.schema().fields().len();
+        let width = f.schema.fields().len();
         if let Some(&bad) = roots.iter().find(|&&c| c >= width) {
             return Err(DataError::InvalidConfig {
                 reason: format!(
@@ -667,8 +964,8 @@ impl ParquetSource {
                 ),
             });
         }
-        let mask = ProjectionMask::roots(f.meta.parquet_schema(), roots.iter().copied());
-        let chunks = match &f.location {
+        let mask = ProjectionMask::roots(meta.parquet_schema(), roots.iter().copied());
+        let chunks = match location {
             Location::Local => {
                 FileChunks(Chunks::Local(File::open(&f.path).map_err(|source| {
                     DataError::Io {
@@ -679,13 +976,13 @@ impl ParquetSource {
             }
             Location::Remote(object) => FileChunks(Chunks::Remote(remote::row_groups_reader(
                 object,
-                f.meta.metadata(),
+                meta.metadata(),
                 row_groups,
                 &mask,
             )?)),
         };
         Ok(
-            ParquetRecordBatchReaderBuilder::new_with_metadata(chunks, f.meta.clone())
+            ParquetRecordBatchReaderBuilder::new_with_metadata(chunks, meta.clone())
                 .with_projection(mask)
                 .with_row_groups(row_groups.to_vec()),
         )
@@ -694,7 +991,57 @@ impl ParquetSource {
     /// The Arrow schema of file `file` (whose column indices [`ParquetSource::reader_builder`]
     /// takes), or `None` past the last file.
     pub fn file_schema(&self, file: usize) -> Option<&arrow::datatypes::SchemaRef> {
-        self.files.get(file).map(|f| f.meta.schema())
+        self.files.get(file).map(|f| &f.schema)
+    }
+
+    /// The format of file `file`: "Parquet", "JSON Lines", "CSV", "TSV", "text" or "image
+    /// folder"; `None` past the last file.
+    pub fn format(&self, file: usize) -> Option<&'static str> {
+        self.files.get(file).map(|f| match &f.kind {
+            FileKind::Parquet { .. } => "Parquet",
+            FileKind::Lines(lines) => lines.format().name(),
+            FileKind::Images(_) => "image folder",
+        })
+    }
+
+    /// Reads the root columns `roots` (indices in [`ParquetSource::file_schema`]) of one row
+    /// group of file `file` (for a line-based file or an image folder, one unit of records or
+    /// images), whatever the file's format, as record batches. A row that cannot be parsed or
+    /// read is an error naming the file and its line (or image).
+    pub fn read_columns(
+        &self,
+        file: usize,
+        row_group: usize,
+        roots: &[usize],
+    ) -> Result<Vec<RecordBatch>, DataError> {
+        let f = self
+            .files
+            .get(file)
+            .ok_or_else(|| DataError::InvalidConfig {
+                reason: format!(
+                    "file index {file} is out of range: the source has {} files",
+                    self.files.len()
+                ),
+            })?;
+        let groups = f.rg_rows.len();
+        if row_group >= groups {
+            return Err(DataError::InvalidConfig {
+                reason: format!(
+                    "row group {row_group} is out of range: {} has {groups} row groups",
+                    f.name
+                ),
+            });
+        }
+        let width = f.schema.fields().len();
+        if let Some(&bad) = roots.iter().find(|&&c| c >= width) {
+            return Err(DataError::InvalidConfig {
+                reason: format!(
+                    "column index {bad} is out of range: {} has {width} columns",
+                    f.name
+                ),
+            });
+        }
+        self.read_batches(file, row_group, roots)
     }
 
     /// Rows of each row group of file `file`, from its footer (empty past the last file).
@@ -712,16 +1059,15 @@ impl ParquetSource {
         let mut names = BTreeSet::new();
         for (file, f) in self.files.iter().enumerate() {
             let field_type = f
-                .meta
-                .schema()
+                .schema
                 .field_with_name(column)
                 .map(|f| f.data_type().clone());
             if field_type.as_ref().is_ok_and(is_int) {
                 return Ok(None);
             }
             for rg in 0..f.rg_rows.len() {
-                let arrays = self.read_row_group(file, rg, std::slice::from_ref(&spec))?;
-                let strings = arrays[0].as_string::<i32>();
+                let read = self.read_row_group(file, rg, std::slice::from_ref(&spec))?;
+                let strings = read.arrays[0].as_string::<i32>();
                 for v in strings.iter().flatten() {
                     if !names.contains(v) {
                         names.insert(v.to_string());

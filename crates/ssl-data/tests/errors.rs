@@ -25,7 +25,7 @@ fn missing_file_and_empty_glob() {
     assert!(matches!(err, DataError::FileNotFound { .. }));
     assert!(err.to_string().contains("nope.parquet"), "{err}");
     let err = ParquetSource::open(&[dir.path().join("*.parquet")]).unwrap_err();
-    assert!(err.to_string().contains("no Parquet files found"), "{err}");
+    assert!(err.to_string().contains("no data files found"), "{err}");
     let err = ParquetSource::open(&[dir.path()]).unwrap_err();
     assert!(matches!(err, DataError::NoFiles { .. }), "{err}");
 }
