@@ -69,6 +69,7 @@ mod forecast;
 mod locate;
 mod long_column;
 mod masked_patch;
+pub mod normalize;
 mod patchtst;
 pub mod pipeline;
 mod revin;
@@ -90,6 +91,7 @@ pub use forecast::{
 pub use locate::RowLocator;
 pub use long_column::{LongColumn, LongSplit, WindowPlan};
 pub use masked_patch::{patch_mask, MaskedPatchConfig, MaskedPatchTask};
+pub use normalize::{ChannelMoments, ChannelStats, Normalization, NormalizeMode};
 pub use patchtst::{num_patches, patchify, PatchTstConfig, PatchTstEncoder, Patches};
 pub use pipeline::features::{
     build_task as build_features_task, embed as embed_features, eval as eval_features,

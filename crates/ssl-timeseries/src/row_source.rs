@@ -16,7 +16,7 @@ use ssl_core::{BatchSource, CoreError};
 use ssl_data::{Batch, ColumnSpec, ExampleStream, LoaderConfig, ParquetSource, StreamPosition};
 
 use crate::data::{empty_series_reason, series_examples};
-use crate::{windows, Result, RowLocator, TsError};
+use crate::{windows, Normalization, Result, RowLocator, TsError};
 
 /// The default bound on the decoded rows a shuffle window holds (`data.shuffle_buffer_mb`).
 pub const DEFAULT_SHUFFLE_BUFFER_MB: f64 = 256.0;
@@ -45,8 +45,8 @@ pub struct RowTransform {
     pub label_column: Option<String>,
     /// Truncate series to this many steps (0: no limit).
     pub max_len: usize,
-    /// Z-normalise each channel of each series (not forecasting windows).
-    pub normalize: bool,
+    /// How each series is scaled (`data.normalize`; not forecasting windows).
+    pub normalization: Normalization,
     /// Forecasting on rows: every window of `(len, stride)` of each row (ids `id:k`).
     pub windows: Option<(usize, usize)>,
     /// `(seed, fraction)` of the held-out split by global row index (fraction 0: none).
@@ -146,9 +146,13 @@ impl RowTransform {
                 }
                 continue;
             }
-            if self.normalize {
-                e.normalize_instance();
-            }
+            self.normalization.apply(&mut e).map_err(|err| {
+                TsError::InvalidInput(format!(
+                    "column `{}`: row {row} ({}): {err}",
+                    self.column,
+                    self.locator.locate(row)
+                ))
+            })?;
             out.push(RowExample {
                 example: e,
                 row,

@@ -11,7 +11,7 @@ use serde_json::Value;
 use ssl_core::seq::{SeqBatch, SeqExample};
 use ssl_core::{BatchSource, CoreError, SslRng};
 
-use crate::{LongColumn, Result, TsError, WindowPlan};
+use crate::{LongColumn, Normalization, Result, TsError, WindowPlan};
 
 /// Rows a block of windows spans at most (about 4 MB of `f32`): the shuffle window of a long
 /// series. A part shorter than this is one block, shuffled whole each epoch.
@@ -22,7 +22,7 @@ pub const LONG_BLOCK_ROWS: usize = 1 << 20;
 pub struct LongWindows {
     column: LongColumn,
     plan: WindowPlan,
-    normalize: bool,
+    normalization: Normalization,
     block: usize,
 }
 
@@ -37,13 +37,13 @@ struct Block {
 }
 
 impl LongWindows {
-    /// The windows `plan` cuts from `column`, each z-normalised when `normalize` is set.
-    pub fn new(column: LongColumn, plan: WindowPlan, normalize: bool) -> Self {
+    /// The windows `plan` cuts from `column`, each scaled by `normalization`.
+    pub fn new(column: LongColumn, plan: WindowPlan, normalization: Normalization) -> Self {
         let block = ((LONG_BLOCK_ROWS.saturating_sub(plan.len)) / plan.stride).max(1);
         LongWindows {
             column,
             plan,
-            normalize,
+            normalization,
             block,
         }
     }
@@ -92,9 +92,7 @@ impl LongWindows {
             self.plan.len,
             1,
         )?;
-        if self.normalize {
-            e.normalize_instance();
-        }
+        self.normalization.apply(&mut e)?;
         Ok(e)
     }
 

@@ -26,8 +26,8 @@ use ssl_data::{
 };
 
 use crate::{
-    row_stream, shuffle_rows, Result, RowExample, RowLocator, RowTransform, SeriesRowSource, Split,
-    TsError,
+    row_stream, shuffle_rows, Normalization, Result, RowExample, RowLocator, RowTransform,
+    SeriesRowSource, Split, TsError,
 };
 
 /// Checks `data.heldout_fraction`: in [0, 1).
@@ -161,8 +161,8 @@ pub(crate) struct RowsSpec {
     pub label_column: Option<String>,
     /// Truncate series to this many steps (0: no limit).
     pub max_len: usize,
-    /// Z-normalise each series.
-    pub normalize: bool,
+    /// How each series is scaled (`data.normalize` resolved with the run's statistics).
+    pub normalization: Normalization,
     /// Forecasting on rows: every window `(len, stride)` of each row.
     pub windows: Option<(usize, usize)>,
     /// Skip (and count) bad rows.
@@ -182,7 +182,7 @@ impl RowsSpec {
             column: self.column.clone(),
             label_column: self.label_column.clone(),
             max_len: self.max_len,
-            normalize: self.normalize,
+            normalization: self.normalization.clone(),
             windows: self.windows,
             heldout: (self.seed, self.heldout_fraction),
             split,

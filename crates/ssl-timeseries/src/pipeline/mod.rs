@@ -17,4 +17,5 @@
 pub mod common;
 pub mod features;
 mod online_knn;
+mod stats;
 pub mod timeseries;

@@ -6,6 +6,9 @@ use ssl_core::nn::TransformerConfig;
 use ssl_core::seq::{ContrastiveConfig, DenoisingConfig, MaskedFeatureConfig};
 use ssl_core::TrainConfig;
 
+use crate::normalize::DEFAULT_STATS_SERIES;
+use crate::NormalizeMode;
+
 /// Which pretext task.
 #[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -32,8 +35,22 @@ pub struct DataConfig {
     pub skip_bad_rows: bool,
     /// Truncate sequences to this many steps (0 = no limit).
     pub max_len: usize,
-    /// Z-normalise each feature of each sequence (per-instance normalisation).
-    pub normalize: bool,
+    /// How sequences are scaled before the model sees them: "channel" standardises each
+    /// feature with the training data's mean and standard deviation (measured at pretraining
+    /// on at most `stats_series` training sequences and stored below as `channel_mean` /
+    /// `channel_std`, so embed and eval scale new data alike; features in different units
+    /// keep their relative scale across rows), "series" z-normalises each feature of each
+    /// sequence on its own, "none" leaves the values as read. Older configurations' booleans
+    /// still read: true = "series", false = "none".
+    pub normalize: NormalizeMode,
+    /// Training sequences read (a seeded sample over the row groups, summed over ranks) to
+    /// measure the statistics of `normalize = "channel"`.
+    pub stats_series: usize,
+    /// Per-feature mean for `normalize = "channel"`: measured at pretraining when empty and
+    /// stored with the run; set it (with `channel_std`) to fix the statistics yourself.
+    pub channel_mean: Vec<f32>,
+    /// Per-feature standard deviation for `normalize = "channel"` (see `channel_mean`).
+    pub channel_std: Vec<f32>,
     /// The first training sequences (in file order) form the embedding-health batch.
     pub health_examples: usize,
     /// Fraction of the sequences held out of pretraining for the held-out evaluation
@@ -58,7 +75,10 @@ impl Default for DataConfig {
             id_column: String::new(),
             skip_bad_rows: false,
             max_len: 0,
-            normalize: true,
+            normalize: NormalizeMode::Channel,
+            stats_series: DEFAULT_STATS_SERIES,
+            channel_mean: Vec::new(),
+            channel_std: Vec::new(),
             health_examples: 64,
             heldout_fraction: 0.0,
             shuffle_buffer_mb: crate::DEFAULT_SHUFFLE_BUFFER_MB,

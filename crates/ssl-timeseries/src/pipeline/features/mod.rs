@@ -17,25 +17,50 @@ pub use task::build_task;
 pub use super::common::ProbeEvalReport;
 use super::common::{self, Heldout, RowsSpec, RunDir};
 use super::online_knn::online_knn;
-use crate::{Result, Split};
+use crate::{Normalization, Result, Split};
 
 /// The modality's name: in stored configurations and error messages.
 pub const MODALITY: &str = "features";
 
-/// How the pipeline reads its sequences (labels from `label_column` when given).
-fn rows_spec(cfg: &FeaturesConfig, label_column: Option<&str>) -> RowsSpec {
+/// How the pipeline reads its sequences (labels from `label_column` when given), scaled by
+/// `normalization`.
+fn rows_spec_with(
+    cfg: &FeaturesConfig,
+    label_column: Option<&str>,
+    normalization: Normalization,
+) -> RowsSpec {
     let d = &cfg.data;
     RowsSpec {
         column: d.column.clone(),
         label_column: label_column.map(str::to_string),
         max_len: d.max_len,
-        normalize: d.normalize,
+        normalization,
         windows: None,
         skip_bad_rows: d.skip_bad_rows,
         heldout_fraction: d.heldout_fraction,
         seed: cfg.train.seed,
         shuffle_buffer_mb: d.shuffle_buffer_mb,
     }
+}
+
+/// How the pipeline reads its sequences, scaled as `data.normalize` says.
+fn rows_spec(cfg: &FeaturesConfig, label_column: Option<&str>) -> Result<RowsSpec> {
+    Ok(rows_spec_with(cfg, label_column, normalization(cfg)?))
+}
+
+/// What is done to each sequence that `cfg`'s model reads: `data.normalize` with the stored
+/// per-feature statistics (an error for `"channel"` without them: a configuration never
+/// pretrained).
+pub fn normalization(cfg: &FeaturesConfig) -> Result<Normalization> {
+    let d = &cfg.data;
+    Normalization::resolve(d.normalize, &d.channel_mean, &d.channel_std, "data")
+}
+
+/// The normalisation stored with the run of `checkpoint` (a run directory or one checkpoint
+/// directory), as [`embed`] and [`eval`] apply it.
+pub fn stored_normalization(checkpoint: &Path) -> Result<Normalization> {
+    let (_, cfg) = stored_config(checkpoint)?;
+    normalization(&cfg)
 }
 
 /// Pretrains the encoder and task of `cfg` on the sequences in `data` (Parquet files,
@@ -53,7 +78,20 @@ pub fn pretrain(
     // k-NN accuracy).
     let d = &cfg.data;
     let label = ssl_data::heldout_label_column(data, &d.label_column, d.heldout_fraction)?;
-    let spec = rows_spec(&cfg, label.as_deref());
+    // `data.normalize = "channel"`: the training data's statistics, stored with the run.
+    if let Some(stats) = super::stats::channel_stats_for_run(
+        d.normalize,
+        (&d.channel_mean, &d.channel_std),
+        "data",
+        data,
+        &rows_spec_with(&cfg, None, Normalization::None),
+        d.stats_series,
+        &par,
+    )? {
+        cfg.data.channel_mean = stats.mean;
+        cfg.data.channel_std = stats.std;
+    }
+    let spec = rows_spec(&cfg, label.as_deref())?;
     let mut prep = common::prepare_rows(
         data,
         &spec,
@@ -138,7 +176,7 @@ pub fn embed(
         ("pooling", "mean".to_string()),
         ("task", format!("{:?}", cfg.task.kind).to_lowercase()),
     ];
-    let spec = rows_spec(cfg, None);
+    let spec = rows_spec(cfg, None)?;
     common::embed_rows(
         &task,
         data,
@@ -180,6 +218,6 @@ pub fn eval(
         data,
         test,
         label,
-        |s, label| rows_spec(cfg, Some(label)).transform(s, Split::All),
+        |s, label| rows_spec(cfg, Some(label))?.transform(s, Split::All),
     )
 }

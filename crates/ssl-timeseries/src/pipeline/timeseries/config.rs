@@ -4,7 +4,8 @@ use serde::{Deserialize, Serialize};
 use ssl_core::seq::MaskedFeatureConfig;
 use ssl_core::TrainConfig;
 
-use crate::{EncoderConfig, ForecastConfig, MaskedPatchConfig, Ts2VecConfig};
+use crate::normalize::DEFAULT_STATS_SERIES;
+use crate::{EncoderConfig, ForecastConfig, MaskedPatchConfig, NormalizeMode, Ts2VecConfig};
 
 /// Which pretext task.
 #[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,8 +37,22 @@ pub struct DataConfig {
     pub skip_bad_rows: bool,
     /// Truncate series to this many steps (0 = no limit).
     pub max_len: usize,
-    /// Z-normalise each channel of each series (classification data; forecasting uses RevIN).
-    pub normalize: bool,
+    /// How series are scaled before the model sees them (forecasting uses RevIN instead):
+    /// "channel" standardises each channel with the training data's mean and standard
+    /// deviation (TS2Vec's reference; measured at pretraining on at most `stats_series`
+    /// training series and stored below as `channel_mean` / `channel_std`, so embed and eval
+    /// scale new data alike), "series" z-normalises each channel of each series on its own
+    /// (removes the amplitude), "none" leaves the values as read. Older configurations'
+    /// booleans still read: true = "series", false = "none".
+    pub normalize: NormalizeMode,
+    /// Training series read (a seeded sample over the row groups, summed over ranks) to
+    /// measure the channel statistics of `normalize = "channel"`.
+    pub stats_series: usize,
+    /// Per-channel mean for `normalize = "channel"`: measured at pretraining when empty and
+    /// stored with the run; set it (with `channel_std`) to fix the statistics yourself.
+    pub channel_mean: Vec<f32>,
+    /// Per-channel standard deviation for `normalize = "channel"` (see `channel_mean`).
+    pub channel_std: Vec<f32>,
     /// Window length for long series with the non-forecast tasks (forecasting windows are
     /// context + horizon).
     pub window: usize,
@@ -74,7 +89,10 @@ impl Default for DataConfig {
             id_column: String::new(),
             skip_bad_rows: false,
             max_len: 0,
-            normalize: true,
+            normalize: NormalizeMode::Channel,
+            stats_series: DEFAULT_STATS_SERIES,
+            channel_mean: Vec::new(),
+            channel_std: Vec::new(),
             window: 128,
             stride: 1,
             train_fraction: 0.8,

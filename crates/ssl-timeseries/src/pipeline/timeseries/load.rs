@@ -7,7 +7,11 @@ use ssl_core::{Parallel, TrainConfig};
 
 use super::{TaskKind, TimeseriesConfig};
 use crate::pipeline::common::{check_heldout_fraction, Prepared, RowsSpec, MAX_HELDOUT_EXAMPLES};
-use crate::{LongColumn, LongSplit, LongWindowSource, LongWindows, Result, TsError, WindowPlan};
+use crate::pipeline::stats::channel_stats_for_run;
+use crate::{
+    ChannelMoments, ChannelStats, LongColumn, LongSplit, LongWindowSource, LongWindows,
+    Normalization, NormalizeMode, Result, TsError, WindowPlan,
+};
 
 /// Which part of a long series.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -21,22 +25,99 @@ pub(crate) enum Part {
 }
 
 /// How the pipeline reads one series per row (labels from `label_column` when given):
-/// forecasting cuts every window of each row, the other tasks take rows whole (normalised
-/// with `data.normalize`).
-pub(crate) fn rows_spec(cfg: &TimeseriesConfig, label_column: Option<&str>) -> RowsSpec {
+/// forecasting cuts every window of each row, the other tasks take rows whole (scaled as
+/// `data.normalize` says, with the run's channel statistics).
+pub(crate) fn rows_spec(cfg: &TimeseriesConfig, label_column: Option<&str>) -> Result<RowsSpec> {
+    Ok(rows_spec_with(cfg, label_column, normalization(cfg)?))
+}
+
+/// [`rows_spec`] with the series scaled by `normalization`.
+pub(crate) fn rows_spec_with(
+    cfg: &TimeseriesConfig,
+    label_column: Option<&str>,
+    normalization: Normalization,
+) -> RowsSpec {
     let d = &cfg.data;
     let forecast = cfg.task.kind == TaskKind::Forecast;
     RowsSpec {
         column: d.column.clone(),
         label_column: label_column.map(str::to_string),
         max_len: d.max_len,
-        normalize: d.normalize,
+        normalization,
         windows: forecast.then_some((cfg.window_len(), d.stride)),
         skip_bad_rows: d.skip_bad_rows,
         heldout_fraction: d.heldout_fraction,
         seed: cfg.train.seed,
         shuffle_buffer_mb: d.shuffle_buffer_mb,
     }
+}
+
+/// What is done to each series (or window of a long series) that `cfg`'s model reads:
+/// `data.normalize` with the stored channel statistics; nothing for forecasting (RevIN
+/// scales its windows). An error for `"channel"` without statistics (a configuration never
+/// pretrained).
+pub fn normalization(cfg: &TimeseriesConfig) -> Result<Normalization> {
+    if cfg.task.kind == TaskKind::Forecast {
+        return Ok(Normalization::None);
+    }
+    let d = &cfg.data;
+    Normalization::resolve(d.normalize, &d.channel_mean, &d.channel_std, "data")
+}
+
+/// Fills in `cfg.data.channel_mean` / `channel_std` for `data.normalize = "channel"` when
+/// they are empty, measured on the training data of `paths` (one series per row: a seeded
+/// sample of at most `data.stats_series` series summed over the ranks of `par`; a long
+/// column: that many training windows spread evenly over its training steps, the same on
+/// every rank). Nothing for the other modes or forecasting.
+pub(crate) fn measure_normalization(
+    paths: &[String],
+    cfg: &mut TimeseriesConfig,
+    par: &Parallel,
+) -> Result<()> {
+    let d = &cfg.data;
+    if d.normalize != NormalizeMode::Channel || cfg.task.kind == TaskKind::Forecast {
+        return Ok(());
+    }
+    if !d.channel_mean.is_empty() || !d.channel_std.is_empty() {
+        // Configured (or stored by the run resumed): checked, kept.
+        ChannelStats::new(d.channel_mean.clone(), d.channel_std.clone(), "data")?;
+        return Ok(());
+    }
+    let stats = if d.long_column.is_empty() {
+        let spec = rows_spec_with(cfg, None, Normalization::None);
+        let configured = (d.channel_mean.as_slice(), d.channel_std.as_slice());
+        channel_stats_for_run(
+            d.normalize,
+            configured,
+            "data",
+            paths,
+            &spec,
+            d.stats_series,
+            par,
+        )?
+    } else {
+        let (column, split) = long_split(paths, cfg)?;
+        let plan = WindowPlan::new(0, split.fit, cfg.window_len(), d.stride)?;
+        let mut moments = ChannelMoments::new();
+        for w in
+            LongWindows::new(column, plan, Normalization::None).spread(d.stats_series.max(1))?
+        {
+            moments.add(&w)?;
+        }
+        if par.is_main() {
+            eprintln!(
+                "data.normalize = \"channel\": mean / std measured on {} training windows",
+                moments.series()
+            );
+        }
+        // Every rank read the same windows: no sum over ranks.
+        Some(moments.stats_over_ranks(&Parallel::single(), 1)?)
+    };
+    if let Some(s) = stats {
+        cfg.data.channel_mean = s.mean;
+        cfg.data.channel_std = s.std;
+    }
+    Ok(())
 }
 
 /// Steps of context before the held-out and test parts (forecasting's context, else none).
@@ -61,7 +142,7 @@ fn long_split(paths: &[String], cfg: &TimeseriesConfig) -> Result<(LongColumn, L
 }
 
 /// The windows of `part` of the long column of `cfg`: training windows every `data.stride`
-/// steps, test windows every step, each z-normalised when `data.normalize` is set (forecasting
+/// steps, test windows every step, each scaled as `data.normalize` says (forecasting
 /// normalises with RevIN instead).
 pub(crate) fn long_windows(
     paths: &[String],
@@ -79,8 +160,7 @@ pub(crate) fn long_windows(
         }
         Part::All => WindowPlan::new(0, split.rows, len, d.stride)?,
     };
-    let normalize = d.normalize && cfg.task.kind != TaskKind::Forecast;
-    Ok(LongWindows::new(column, plan, normalize))
+    Ok(LongWindows::new(column, plan, normalization(cfg)?))
 }
 
 /// Prepares a streaming run on the long column of `cfg`: the training windows (every rank
@@ -102,7 +182,7 @@ pub(crate) fn prepare_long(
         Some((a, b)) => {
             let plan = WindowPlan::new(a, b, cfg.window_len(), d.stride)
                 .map_err(|e| heldout_error(d.heldout_fraction, e))?;
-            LongWindows::new(column, plan, windows_normalised(cfg)).spread(MAX_HELDOUT_EXAMPLES)?
+            LongWindows::new(column, plan, normalization(cfg)?).spread(MAX_HELDOUT_EXAMPLES)?
         }
         None => Vec::new(),
     };
@@ -128,11 +208,6 @@ pub(crate) fn prepare_long(
         examples_per_epoch: count as u64,
         what,
     })
-}
-
-/// Whether windows are z-normalised one by one (`data.normalize`, not forecasting).
-fn windows_normalised(cfg: &TimeseriesConfig) -> bool {
-    cfg.data.normalize && cfg.task.kind != TaskKind::Forecast
 }
 
 /// A long series' held-out part that cannot be cut, naming `data.heldout_fraction`.
@@ -178,12 +253,30 @@ mod tests {
             let v = &w[0].values;
             v.iter().map(|x| f64::from(*x)).sum::<f64>() / v.len() as f64
         };
-        cfg.data.normalize = true;
+        cfg.data.normalize = NormalizeMode::Series;
         assert!(mean(&cfg).abs() < 1e-4, "{}", mean(&cfg));
-        cfg.data.normalize = false;
+        cfg.data.normalize = NormalizeMode::None;
         assert!(mean(&cfg) > 40.0, "{}", mean(&cfg));
+        // "channel": the training part's statistics, measured once, then every window
+        // scaled by them (its level against the others kept).
+        cfg.data.normalize = NormalizeMode::Channel;
+        assert!(normalization(&cfg).is_err(), "no statistics yet");
+        measure_normalization(&paths, &mut cfg, &Parallel::single()).unwrap();
+        let (m, s) = (cfg.data.channel_mean[0], cfg.data.channel_std[0]);
+        assert!((m - 50.0).abs() < 1.0 && (s - 7.07).abs() < 0.5, "{m} {s}");
+        let first = long_windows(&paths, &cfg, Part::Train)
+            .unwrap()
+            .first(1)
+            .unwrap();
+        let raw: Vec<f32> = (0..32)
+            .map(|t| 50.0 + 10.0 * (t as f32 / 5.0).sin())
+            .collect();
+        for (got, want) in first[0].values.iter().zip(&raw) {
+            assert!((got - (want - m) / s).abs() < 1e-4, "{got} against {want}");
+        }
 
         // The lazily cut windows are exactly those of the series read whole.
+        cfg.data.normalize = NormalizeMode::None;
         let series = crate::read_long_series(&paths, "y").unwrap();
         let (train, _) = crate::chronological_split(&series, 0.8, 0).unwrap();
         let want = crate::windows(&train, 32, 8).unwrap();

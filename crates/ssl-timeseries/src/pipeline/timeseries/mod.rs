@@ -26,7 +26,8 @@ use super::common::{self, Heldout, RunDir};
 use super::online_knn::online_knn;
 use crate::{ForecastScorer, HorizonReport, Result, Split};
 use heldout::forecast_errors;
-use load::{long_windows, prepare_long, rows_spec, Part};
+pub use load::normalization;
+use load::{long_windows, measure_normalization, prepare_long, rows_spec, Part};
 
 /// The modality's name: in stored configurations and error messages.
 pub const MODALITY: &str = "timeseries";
@@ -49,10 +50,12 @@ pub fn pretrain(
     } else {
         None
     };
+    // `data.normalize = "channel"`: the training data's statistics, stored with the run.
+    measure_normalization(data, &mut cfg, &par)?;
     let mut prep = if cfg.data.long_column.is_empty() {
         common::prepare_rows(
             data,
-            &rows_spec(&cfg, label.as_deref()),
+            &rows_spec(&cfg, label.as_deref())?,
             &cfg.train,
             cfg.data.health_examples,
             &par,
@@ -166,6 +169,16 @@ pub fn stored_config(checkpoint: &Path) -> Result<(PathBuf, TimeseriesConfig)> {
     Ok(run_dir::stored_config(checkpoint, MODALITY)?)
 }
 
+/// The normalisation stored with the run of `checkpoint` (a run directory or one checkpoint
+/// directory): what [`embed`] and [`eval`] apply to each series before the encoder sees it
+/// (`data.normalize` with the channel statistics measured at pretraining), for any other
+/// reader of data for that run (e.g. fine-tuning) to apply alike with
+/// [`Normalization::apply`](crate::Normalization::apply).
+pub fn stored_normalization(checkpoint: &Path) -> Result<crate::Normalization> {
+    let (_, cfg) = stored_config(checkpoint)?;
+    normalization(&cfg)
+}
+
 /// Embeds every series (or window of a long series) of `data` with the encoder of checkpoint
 /// directory `ckpt` (configuration `cfg`, e.g. from [`stored_config`]) and writes
 /// `(id, embedding)` rows to the Parquet file `out`, streaming: series are read in file order
@@ -189,7 +202,7 @@ pub fn embed(
     ];
     let bs = cfg.train.batch_size;
     if cfg.data.long_column.is_empty() {
-        let spec = rows_spec(cfg, None);
+        let spec = rows_spec(cfg, None)?;
         return common::embed_rows(
             &task,
             data,
@@ -301,7 +314,7 @@ pub fn eval(
         data,
         test,
         label,
-        |s, label| rows_spec(cfg, Some(label)).transform(s, Split::All),
+        |s, label| rows_spec(cfg, Some(label))?.transform(s, Split::All),
     )?;
     Ok(TimeseriesEvalReport::Probe(ProbeEvalReport {
         encoder: Some(format!("{:?}", cfg.model.kind).to_lowercase()),
