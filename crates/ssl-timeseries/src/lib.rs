@@ -99,8 +99,9 @@ pub use pipeline::features::{
 };
 pub use pipeline::timeseries::{
     build_forecast, build_task as build_timeseries_task, embed as embed_timeseries,
-    eval as eval_timeseries, pretrain as pretrain_timeseries, TimeseriesConfig,
-    TimeseriesEvalReport,
+    eval as eval_timeseries, finetune as finetune_timeseries,
+    finetune_config as finetune_timeseries_config, pretrain as pretrain_timeseries,
+    SeriesFinetuneEncoder, TimeseriesConfig, TimeseriesEvalReport,
 };
 pub use revin::{Revin, RevinStats};
 pub use rnn::{RnnCell, RnnConfig, RnnEncoder};

@@ -4,6 +4,7 @@
 //! forecasting), with classification probes and forecast evaluation.
 
 mod config;
+mod finetune;
 mod heldout;
 mod load;
 mod task;
@@ -15,6 +16,9 @@ use ssl_core::run_dir::{self, RunOptions, RunSummary};
 use ssl_data::EmbedSummary;
 
 pub use config::{DataConfig, EvalConfig, TaskConfig, TaskKind, TimeseriesConfig};
+pub use finetune::{
+    finetune, finetune_config, finetune_encoder, finetune_run_dir, SeriesFinetuneEncoder,
+};
 pub use task::{build_forecast, build_task};
 
 use candle_core::Device;
