@@ -6,6 +6,10 @@ median), printed as one JSON object per model plus the peak matmul line. Float32
 
     python bench/torch_suite.py [--steps N] [--only a,b] [--threads T] [--precision f32|bf16]
 
+`ts2vec_train` is ported from the official TS2Vec code (github.com/zhihanyue/ts2vec): its
+TSEncoder, hierarchical_contrastive_loss and the crops of its fit loop; it times at least 20
+steps (its crops are random, so the step's work varies).
+
 Ports of the existing single-model scripts: crates/ssl-text/scripts/bench_step_torch.py
 (transformers' BertForMaskedLM; a hand-written equivalent when transformers is missing),
 crates/ssl-vision/bench/mae_step_torch.py, crates/ssl-timeseries/bench/train_step_torch.py
@@ -30,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 WARMUP = 2
-MODELS = ["mlm_train", "mae_train", "series_train", "clip_train", "mlm_embed"]
+MODELS = ["mlm_train", "mae_train", "series_train", "clip_train", "ts2vec_train", "mlm_embed"]
 
 
 def layer_flops(b, n, d, f):
@@ -333,6 +337,173 @@ def series_train(steps):
     return time_steps(steps, step), model, "hand-written PatchTST (nn.TransformerEncoderLayer)"
 
 
+# ---- TS2Vec (port of the official reference, github.com/zhihanyue/ts2vec: models/encoder.py,
+# models/dilated_conv.py, models/losses.py and the crops of ts2vec.py's fit loop) ----
+TSB, TSLEN, TSH, TSO, TSDEPTH, TSMIN_STEPS = 8, 256, 64, 320, 10, 20
+
+
+def ts2vec_flops():
+    """Expected forward matmul FLOPs over the reference's crop draw (suite.rs's formula): the
+    encoder on both views (E[l1 + l2] = 2 c + (T - c) / 2 for a crop of c steps) and the
+    hierarchical loss's similarity products on the overlap, averaged over c uniform in [2, T]."""
+    k = 3
+    row = (mm(1, 1, TSH) + TSDEPTH * 2 * mm(1, k * TSH, TSH)
+           + mm(1, k * TSH, TSO) + mm(1, k * TSO, TSO) + mm(1, TSH, TSO))
+    total = 0.0
+    for c in range(2, TSLEN + 1):
+        f = TSB * (2 * c + (TSLEN - c) / 2) * row
+        n = c
+        while n > 1:
+            f += n * mm(2 * TSB, TSO, 2 * TSB) + TSB * mm(2 * n, TSO, 2 * n)
+            n //= 2
+        if n == 1:
+            f += mm(2 * TSB, TSO, 2 * TSB)
+        total += f
+    return total / (TSLEN - 1)
+
+
+class SamePadConv(nn.Module):
+    def __init__(self, in_channels, out_channels, kernel_size, dilation=1):
+        super().__init__()
+        self.receptive_field = (kernel_size - 1) * dilation + 1
+        padding = self.receptive_field // 2
+        self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, padding=padding,
+                              dilation=dilation)
+        self.remove = 1 if self.receptive_field % 2 == 0 else 0
+
+    def forward(self, x):
+        out = self.conv(x)
+        if self.remove > 0:
+            out = out[:, :, :-self.remove]
+        return out
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, in_channels, out_channels, kernel_size, dilation, final=False):
+        super().__init__()
+        self.conv1 = SamePadConv(in_channels, out_channels, kernel_size, dilation=dilation)
+        self.conv2 = SamePadConv(out_channels, out_channels, kernel_size, dilation=dilation)
+        self.projector = (nn.Conv1d(in_channels, out_channels, 1)
+                          if in_channels != out_channels or final else None)
+
+    def forward(self, x):
+        residual = x if self.projector is None else self.projector(x)
+        x = F.gelu(x)
+        x = self.conv1(x)
+        x = F.gelu(x)
+        x = self.conv2(x)
+        return x + residual
+
+
+class TSEncoder(nn.Module):
+    """The reference's TSEncoder (binomial timestamp masking in training); dropout 0 as every
+    model of the suite (the reference's repr_dropout is 0.1)."""
+
+    def __init__(self, input_dims=1, output_dims=TSO, hidden_dims=TSH, depth=TSDEPTH):
+        super().__init__()
+        self.input_fc = nn.Linear(input_dims, hidden_dims)
+        channels = [hidden_dims] * depth + [output_dims]
+        self.feature_extractor = nn.Sequential(*[
+            ConvBlock(channels[i - 1] if i > 0 else hidden_dims, channels[i], 3, 2 ** i,
+                      final=(i == len(channels) - 1))
+            for i in range(len(channels))])
+        self.repr_dropout = nn.Dropout(p=0.0)
+
+    def forward(self, x):
+        nan_mask = ~x.isnan().any(axis=-1)
+        x = x.masked_fill(~nan_mask.unsqueeze(-1), 0)
+        x = self.input_fc(x)
+        mask = torch.from_numpy(np.random.binomial(1, 0.5, size=(x.size(0), x.size(1)))).to(
+            torch.bool)
+        mask &= nan_mask
+        x = x.masked_fill(~mask.unsqueeze(-1), 0)
+        x = x.transpose(1, 2)
+        x = self.repr_dropout(self.feature_extractor(x))
+        return x.transpose(1, 2)
+
+
+def instance_contrastive_loss(z1, z2):
+    B = z1.size(0)
+    if B == 1:
+        return z1.new_tensor(0.)
+    z = torch.cat([z1, z2], dim=0).transpose(0, 1)  # T x 2B x C
+    sim = torch.matmul(z, z.transpose(1, 2))
+    logits = torch.tril(sim, diagonal=-1)[:, :, :-1]
+    logits += torch.triu(sim, diagonal=1)[:, :, 1:]
+    logits = -F.log_softmax(logits, dim=-1)
+    i = torch.arange(B)
+    return (logits[:, i, B + i - 1].mean() + logits[:, B + i, i].mean()) / 2
+
+
+def temporal_contrastive_loss(z1, z2):
+    T = z1.size(1)
+    if T == 1:
+        return z1.new_tensor(0.)
+    z = torch.cat([z1, z2], dim=1)  # B x 2T x C
+    sim = torch.matmul(z, z.transpose(1, 2))
+    logits = torch.tril(sim, diagonal=-1)[:, :, :-1]
+    logits += torch.triu(sim, diagonal=1)[:, :, 1:]
+    logits = -F.log_softmax(logits, dim=-1)
+    t = torch.arange(T)
+    return (logits[:, t, T + t - 1].mean() + logits[:, T + t, t].mean()) / 2
+
+
+def hierarchical_contrastive_loss(z1, z2, alpha=0.5, temporal_unit=0):
+    loss = torch.tensor(0.)
+    d = 0
+    while z1.size(1) > 1:
+        if alpha != 0:
+            loss = loss + alpha * instance_contrastive_loss(z1, z2)
+        if d >= temporal_unit and 1 - alpha != 0:
+            loss = loss + (1 - alpha) * temporal_contrastive_loss(z1, z2)
+        d += 1
+        z1 = F.max_pool1d(z1.transpose(1, 2), kernel_size=2).transpose(1, 2)
+        z2 = F.max_pool1d(z2.transpose(1, 2), kernel_size=2).transpose(1, 2)
+    if z1.size(1) == 1:
+        if alpha != 0:
+            loss = loss + alpha * instance_contrastive_loss(z1, z2)
+        d += 1
+    return loss / d
+
+
+def take_per_row(A, indx, num_elem):
+    all_indx = indx[:, None] + np.arange(num_elem)
+    return A[torch.arange(all_indx.shape[0])[:, None], all_indx]
+
+
+def ts2vec_train(steps):
+    model = TSEncoder()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    data = series_data(64, TSLEN, 3)
+    rng = np.random.default_rng(0)
+    temporal_unit = 0
+
+    def step():
+        x = data[rng.choice(len(data), TSB, replace=False)]
+        # The reference's crops (ts2vec.py, TS2Vec.fit).
+        ts_l = x.size(1)
+        crop_l = np.random.randint(low=2 ** (temporal_unit + 1), high=ts_l + 1)
+        crop_left = np.random.randint(ts_l - crop_l + 1)
+        crop_right = crop_left + crop_l
+        crop_eleft = np.random.randint(crop_left + 1)
+        crop_eright = np.random.randint(low=crop_right, high=ts_l + 1)
+        crop_offset = np.random.randint(low=-crop_eleft, high=ts_l - crop_eright + 1,
+                                        size=x.size(0))
+        opt.zero_grad(set_to_none=True)
+        out1 = model(take_per_row(x, crop_offset + crop_eleft, crop_right - crop_eleft))
+        out1 = out1[:, -crop_l:]
+        out2 = model(take_per_row(x, crop_offset + crop_left, crop_eright - crop_left))
+        out2 = out2[:, :crop_l]
+        loss = hierarchical_contrastive_loss(out1, out2, temporal_unit=temporal_unit)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    np.random.seed(0)
+    return (time_steps(max(steps, TSMIN_STEPS), step), model,
+            "TS2Vec reference TSEncoder (nn.Conv1d) + hierarchical_contrastive_loss")
+
+
 # ---- CLIP (port of crates/ssl-multimodal/bench/train_step_torch.py) ----
 CB, CSEQ, CVOCAB, CD, CE = 64, 16, 1000, 64, 64
 
@@ -491,6 +662,7 @@ def main():
         "mae_train": (mae_train, lambda: 3 * mae_flops()),
         "series_train": (series_train, lambda: 3 * series_flops()),
         "clip_train": (clip_train, lambda: 3 * clip_flops()),
+        "ts2vec_train": (ts2vec_train, lambda: 3 * ts2vec_flops()),
         "mlm_embed": (mlm_embed, mlm_encoder_flops),
     }
     for name in MODELS:

@@ -1,4 +1,4 @@
-//! The cross-implementation benchmark suite, our side: five models timed step by step, each
+//! The cross-implementation benchmark suite, our side: six models timed step by step, each
 //! printed as one JSON object so `bench/run` can set it against `bench/torch_suite.py`, which
 //! runs the same models in PyTorch.
 //!
@@ -34,6 +34,14 @@
 //!   64 pairs, images 3 x 32 x 32, ViT patch 8, width 64, depth 2, 4 heads, MLP 128; captions
 //!   of 16 tokens, BERT width 64, 2 layers, 4 heads, feed-forward 128, vocab 1000; projections
 //!   to 64; the trainer's step with clipping at 1.0, AdamW and the `logit_scale` clamp.
+//! - `ts2vec_train`: TS2Vec (as `ssl-timeseries`' bench, the reference's defaults): the
+//!   dilated convolution encoder (hidden 64, output 320, depth 10, kernel 3; dropout 0),
+//!   batch 8 of 64 noisy sines of 256 steps x 1 channel, two overlapping crops drawn as the
+//!   reference draws them, timestamp masking 0.5, the hierarchical contrastive loss (alpha
+//!   0.5); the trainer's step with clipping at 1.0 and AdamW. The crops are random, so the
+//!   step's work varies: it times at least 20 steps, and its FLOPs are the expectation over
+//!   the crop draw (the encoder on both views, `E[l1 + l2] = 2c + (T - c) / 2` rows for a
+//!   crop of `c` steps, and the loss's similarity products, averaged over `c` in `[2, T]`).
 //! - `mlm_embed`: inference only: the `mlm_train` encoder in evaluation mode with no backward to
 //!   follow (`Ctx::inference`), mean pooling, batch 16 x 128 (`PretextTask::embed`).
 //! - `peak_matmul`: candle's CPU matmul (gemm 0.19), 1024 x 1024 x 1024 f32.
@@ -56,7 +64,10 @@ use ssl_core::seq::{InMemorySeqSource, SeqExample};
 use ssl_core::{accumulate, scale_grads, BatchSource, Ctx, ParamStore, PretextTask, SslRng};
 use ssl_multimodal::{ClipConfig, ClipModel, PairBatch};
 use ssl_text::{BertConfig, BertForMaskedLM, BertInput, MaskingConfig, TextBatch, TokenizedSeq};
-use ssl_timeseries::{MaskedPatchConfig, MaskedPatchTask, PatchTstConfig, PatchTstEncoder};
+use ssl_timeseries::{
+    MaskedPatchConfig, MaskedPatchTask, PatchTstConfig, PatchTstEncoder, TcnConfig, TcnEncoder,
+    Ts2VecConfig, Ts2VecTask,
+};
 use ssl_vision::{AugmentConfig, Images, MaeConfig, MaeTask, ViTConfig};
 
 #[global_allocator]
@@ -65,11 +76,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 type Res<T> = Result<T, Box<dyn Error>>;
 
 const WARMUP: usize = 2;
-const MODELS: [&str; 5] = [
+const MODELS: [&str; 6] = [
     "mlm_train",
     "mae_train",
     "series_train",
     "clip_train",
+    "ts2vec_train",
     "mlm_embed",
 ];
 
@@ -329,6 +341,63 @@ fn series(steps: usize) -> Res<(Vec<f64>, usize)> {
     let vars: Vec<Tensor> = opt.vars().map(|v| v.as_tensor().clone()).collect();
     let mut rng = SslRng::new(0);
     let times = time_steps(steps, || {
+        trainer_step(&task, &mut src, &mut opt, &vars, &mut rng)
+    })?;
+    Ok((times, store.num_elements()))
+}
+
+// ---- TS2Vec ----
+const TS2VEC_BATCH: usize = 8;
+const TS2VEC_LEN: usize = 256;
+/// Fewest timed steps: the crops are random, so one step's work varies.
+const TS2VEC_MIN_STEPS: usize = 20;
+
+/// Expected forward FLOPs over the crop draw (see the module documentation).
+fn ts2vec_flops() -> f64 {
+    let cfg = TcnConfig::default();
+    let (h, o, k) = (cfg.hidden as f64, cfg.output as f64, cfg.kernel as f64);
+    let row = mm(1.0, 1.0, h)
+        + cfg.depth as f64 * 2.0 * mm(1.0, k * h, h)
+        + mm(1.0, k * h, o)
+        + mm(1.0, k * o, o)
+        + mm(1.0, h, o);
+    let (b, t) = (TS2VEC_BATCH as f64, TS2VEC_LEN as f64);
+    let mut total = 0.0;
+    for c in 2..=TS2VEC_LEN {
+        let mut f = b * (2.0 * c as f64 + (t - c as f64) / 2.0) * row;
+        let mut n = c;
+        while n > 1 {
+            let nf = n as f64;
+            f += nf * mm(2.0 * b, o, 2.0 * b) + b * mm(2.0 * nf, o, 2.0 * nf);
+            n /= 2;
+        }
+        if n == 1 {
+            f += mm(2.0 * b, o, 2.0 * b);
+        }
+        total += f;
+    }
+    total / (TS2VEC_LEN - 1) as f64
+}
+
+fn ts2vec(steps: usize) -> Res<(Vec<f64>, usize)> {
+    let store = ParamStore::new(device());
+    let cfg = TcnConfig {
+        dropout: 0.0,
+        ..TcnConfig::default()
+    };
+    let enc = TcnEncoder::new(&cfg, 1, &store.builder(0))?;
+    let task = Ts2VecTask::new(enc, Ts2VecConfig::default(), &store)?;
+    let mut src = InMemorySeqSource::new(
+        series_data(64, TS2VEC_LEN, 3)?,
+        TS2VEC_BATCH,
+        0,
+        true,
+        device(),
+    )?;
+    let mut opt = AdamW::new(&store, trainer_adamw())?;
+    let vars: Vec<Tensor> = opt.vars().map(|v| v.as_tensor().clone()).collect();
+    let mut rng = SslRng::new(0);
+    let times = time_steps(steps.max(TS2VEC_MIN_STEPS), || {
         trainer_step(&task, &mut src, &mut opt, &vars, &mut rng)
     })?;
     Ok((times, store.num_elements()))
@@ -623,6 +692,10 @@ fn run(args: &Args) -> Res<()> {
             "clip_train" => {
                 let (t, p) = clip(args.steps)?;
                 (t, p, 3.0 * clip_flops())
+            }
+            "ts2vec_train" => {
+                let (t, p) = ts2vec(args.steps)?;
+                (t, p, 3.0 * ts2vec_flops())
             }
             "mlm_embed" => {
                 let (t, p) = mlm(args.steps, false)?;

@@ -8,6 +8,9 @@
 //!   custom op on flat buffers ([`FusedSpec`] says its shape, [`BufferPool`] keeps its buffers
 //!   between steps). `ssl_core::nn::TransformerStack` runs it on the CPU; its composite-op
 //!   stack stays the reference (and the GPU path), and tests hold the two together.
+//! - [`TcnOp`]: TS2Vec's dilated convolution stack (every residual block, forward and
+//!   backward) as one custom op ([`TcnSpec`] says its shape); `ssl_timeseries`' TCN encoder
+//!   runs it on the CPU and keeps its composite-op path as the reference.
 //! - Matrix products through `gemm`'s kernels, or bf16 ones (operands rounded to bf16, f32
 //!   sums) on CPUs with AVX-512 BF16 ([`bf16_available`]), with bias and activation
 //!   epilogues applied to each block while it is in cache; [`MatmulTBf16`] is `x W^T` on that
@@ -49,6 +52,7 @@ mod pool;
 mod precision;
 mod simd;
 mod stack;
+mod tcn;
 
 pub use alloc::keep_freed_memory;
 pub use bf16::available as bf16_available;
@@ -63,6 +67,7 @@ pub use pool::BufferPool;
 pub use precision::{bf16_check, cpu_name, Bf16Check};
 pub use simd::{adamw, Act, AdamWCoeffs};
 pub use stack::{FusedSpec, NormPlacement, Offsets, StackOp};
+pub use tcn::{TcnBlock, TcnOp, TcnSpec};
 
 // The README's example runs as a doctest.
 #[cfg(doctest)]

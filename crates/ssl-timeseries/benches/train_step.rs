@@ -3,7 +3,9 @@
 //! the same models in PyTorch (`OMP_NUM_THREADS=2 python bench/train_step_torch.py`); the crate README reports the ratio.
 //!
 //! - TS2Vec: dilated convolutions (hidden 64, output 320, depth 10), batch 8 x 150 steps x 1
-//!   channel (GunPoint's shape), hierarchical contrastive loss on random overlapping crops.
+//!   channel (GunPoint's shape), hierarchical contrastive loss on random overlapping crops;
+//!   timed twice, with the composite candle-op blocks and with the fused `TcnOp` (before and
+//!   after the fused op; the same seeds, so the same crops).
 //! - PatchTST: masked-patch reconstruction, batch 32 x 336 steps x 1 channel, patches of 12,
 //!   dim 64, depth 3, 4 heads, MLP 128, mask ratio 0.4.
 //!
@@ -12,7 +14,7 @@
 use std::time::Instant;
 
 use candle_core::Device;
-use ssl_core::nn::TransformerConfig;
+use ssl_core::nn::{StackKernel, TransformerConfig};
 use ssl_core::seq::{InMemorySeqSource, SeqExample};
 use ssl_core::{LoopTrainer, ParamStore, PretextTask, SslRng, TrainConfig, Trainer};
 use ssl_timeseries::*;
@@ -76,10 +78,18 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(20u64);
 
-    let store = ParamStore::new(&Device::Cpu);
-    let enc = TcnEncoder::new(&TcnConfig::default(), 1, &store.builder(0)).expect("encoder");
-    let task = Ts2VecTask::new(enc, Ts2VecConfig::default(), &store).expect("task");
-    time_steps("ts2vec_tcn b8x150", &task, series(64, 150, 1), 8, steps);
+    // Before and after the fused TCN op: the composite candle-op blocks, then the fused op.
+    for (label, kernel) in [
+        ("ts2vec_tcn b8x150 (composite ops)", StackKernel::Reference),
+        ("ts2vec_tcn b8x150 (fused TcnOp)", StackKernel::Fused),
+    ] {
+        let store = ParamStore::new(&Device::Cpu);
+        let mut enc =
+            TcnEncoder::new(&TcnConfig::default(), 1, &store.builder(0)).expect("encoder");
+        enc.set_kernel(kernel);
+        let task = Ts2VecTask::new(enc, Ts2VecConfig::default(), &store).expect("task");
+        time_steps(label, &task, series(64, 150, 1), 8, steps);
+    }
 
     let store = ParamStore::new(&Device::Cpu);
     let pb = store.builder(0);

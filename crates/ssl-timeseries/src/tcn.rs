@@ -2,13 +2,19 @@
 //! then residual blocks of two kernel-3 convolutions with dilation 2^i and GELU before each,
 //! a 1x1 projection on the residual of the last block. Unobserved steps are zeroed after the
 //! input projection (TS2Vec's NaN mask). Optionally causal (left padding only).
+//!
+//! On the CPU in f32 the blocks run as one fused op with a hand-written backward
+//! ([`ssl_kernels::TcnOp`]); the composite candle-op path below is the reference (any device
+//! and dtype), and tests hold the two together. [`TcnEncoder::set_kernel`] or
+//! `SSL_STACK_KERNEL` (`auto`, `fused`, `reference`, as for the transformer stack) chooses.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 use ssl_core::nn::ops::{add_broadcast, dropout, Activation};
-use ssl_core::nn::Linear;
+use ssl_core::nn::{bf16_matmul_available, Linear, MatmulPrecision, StackKernel};
 use ssl_core::seq::SeqBatch;
 use ssl_core::{CoreError, Ctx, Encoder, EncoderOutput, Init, ParamBuilder, Result};
+use ssl_kernels::{BufferPool, TcnOp, TcnSpec};
 
 /// Configuration of a [`TcnEncoder`] (TS2Vec's defaults: hidden 64, output 320, depth 10).
 #[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -114,6 +120,24 @@ pub struct TcnEncoder {
     channels: usize,
     input_fc: Linear,
     blocks: Vec<Block>,
+    kernel: StackKernel,
+    /// Buffers the fused op reuses from step to step.
+    pool: BufferPool,
+}
+
+/// Reads `SSL_STACK_KERNEL` (`auto`, `fused`, `reference`); `Auto` when unset.
+fn kernel_from_env() -> Result<StackKernel> {
+    match std::env::var("SSL_STACK_KERNEL") {
+        Err(_) => Ok(StackKernel::Auto),
+        Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Ok(StackKernel::Auto),
+            "fused" => Ok(StackKernel::Fused),
+            "reference" => Ok(StackKernel::Reference),
+            other => Err(CoreError::Config(format!(
+                "SSL_STACK_KERNEL = {other:?}: expected auto, fused or reference"
+            ))),
+        },
+    }
 }
 
 impl TcnEncoder {
@@ -163,12 +187,72 @@ impl TcnEncoder {
             channels,
             input_fc,
             blocks,
+            kernel: kernel_from_env()?,
+            pool: BufferPool::default(),
         })
     }
 
     /// The configuration.
     pub fn config(&self) -> &TcnConfig {
         &self.cfg
+    }
+
+    /// Chooses the blocks' implementation: `Auto` and `Fused` run the fused CPU op for f32
+    /// on the CPU (without hidden states), `Reference` the composite candle ops; the default
+    /// comes from `SSL_STACK_KERNEL`, else `Auto`.
+    pub fn set_kernel(&mut self, kernel: StackKernel) {
+        self.kernel = kernel;
+    }
+
+    /// The implementation chosen by [`Self::set_kernel`] or the environment.
+    pub fn kernel(&self) -> StackKernel {
+        self.kernel
+    }
+
+    /// Whether the blocks run through the fused op for `h` in `ctx`: f32 on the CPU, no
+    /// hidden states asked for (the op returns the last block's output only).
+    fn runs_fused(&self, h: &Tensor, ctx: &Ctx) -> bool {
+        self.kernel != StackKernel::Reference
+            && matches!(h.device(), Device::Cpu)
+            && h.dtype() == DType::F32
+            && !ctx.output_hidden_states
+    }
+
+    /// The blocks as one fused op: every block's parameters concatenated in the op's layout
+    /// (their gradients flow back through the concatenation to each variable).
+    fn blocks_fused(&self, h: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let mut parts = Vec::with_capacity(6 * self.blocks.len());
+        for block in &self.blocks {
+            for conv in [
+                Some(&block.conv1),
+                Some(&block.conv2),
+                block.projector.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                parts.push(conv.weight.flatten_all()?);
+                parts.push(conv.bias.clone());
+            }
+        }
+        let flat = Tensor::cat(&parts, 0)?;
+        let spec = TcnSpec {
+            hidden: self.cfg.hidden,
+            output: self.cfg.output,
+            depth: self.cfg.depth,
+            kernel: self.cfg.kernel,
+            causal: self.cfg.causal,
+            bf16: ctx.precision == MatmulPrecision::Bf16 && bf16_matmul_available(),
+        };
+        if flat.elem_count() != spec.param_len() {
+            return Err(CoreError::Config(format!(
+                "tcn parameters: {} values, the fused op's layout has {}",
+                flat.elem_count(),
+                spec.param_len()
+            )));
+        }
+        let op = TcnOp::new(spec, ctx.backward, self.pool.clone());
+        Ok(h.contiguous()?.apply_op2(&flat, op)?)
     }
 }
 
@@ -190,11 +274,21 @@ impl Encoder for TcnEncoder {
                 self.channels
             )));
         }
-        let m = input.valid.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
+        let m = input
+            .valid
+            .to_dtype(input.x.dtype())?
+            .unsqueeze(D::Minus1)?;
         let mut h = self.input_fc.forward(&input.x)?.broadcast_mul(&m)?; // (B, T, H)
+                                                                         // The fused op runs every block; the composite loop below then has none left.
+        let composite: &[Block] = if self.runs_fused(&h, ctx) {
+            h = self.blocks_fused(&h, ctx)?;
+            &[]
+        } else {
+            &self.blocks
+        };
         let gelu = Activation::GeluErf;
         let mut hidden_states = Vec::new();
-        for block in &self.blocks {
+        for block in composite {
             if ctx.output_hidden_states {
                 hidden_states.push(h.clone());
             }
@@ -323,5 +417,183 @@ mod tests {
         assert!(out.pooled.to_vec2::<f32>().unwrap()[0]
             .iter()
             .all(|x| x.is_finite()));
+    }
+
+    /// The encoder with `kernel` on a store of `dtype` (same seed, same values).
+    fn build(cfg: &TcnConfig, dtype: DType, kernel: StackKernel) -> (ParamStore, TcnEncoder) {
+        let store = ParamStore::with_dtype(&Device::Cpu, dtype);
+        let mut enc = TcnEncoder::new(cfg, 2, &store.builder(5)).unwrap();
+        enc.set_kernel(kernel);
+        (store, enc)
+    }
+
+    /// The objective's value, each parameter's gradient by name, and the input's gradient.
+    type Measured = (f64, Vec<(String, Vec<f64>)>, Vec<f64>);
+
+    /// `sum(w * tokens)` for two series of 6 steps x 2 channels (one step of the first
+    /// unobserved), its value and the gradients of every parameter and of the input, in f64.
+    fn objective_and_gradients(
+        store: &ParamStore,
+        enc: &TcnEncoder,
+        dtype: DType,
+        x_shift: Option<(usize, f64)>,
+    ) -> Measured {
+        let (b, t) = (2, 6);
+        let mut xv: Vec<f64> = (0..b * t * 2).map(|i| (i as f64 * 0.77).sin()).collect();
+        if let Some((k, d)) = x_shift {
+            xv[k] += d;
+        }
+        let mut valid = vec![1f32; b * t];
+        valid[3] = 0.0;
+        let dev = Device::Cpu;
+        let x = candle_core::Var::from_tensor(
+            &Tensor::from_vec(xv, (b, t, 2), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap(),
+        )
+        .unwrap();
+        let batch = SeqBatch {
+            x: x.as_tensor().clone(),
+            valid: Tensor::from_vec(valid, (b, t), &dev).unwrap(),
+        };
+        let mut rng = SslRng::new(0);
+        let tokens = enc.encode(&batch, &mut Ctx::eval(&mut rng)).unwrap().tokens;
+        let d = tokens.dim(2).unwrap();
+        let w: Vec<f64> = (0..b * t * d).map(|i| (i as f64 * 0.41).cos()).collect();
+        let w = Tensor::from_vec(w, (b, t, d), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let loss = (tokens * w).unwrap().sum_all().unwrap();
+        let value = loss
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let f64s = |t: &Tensor| -> Vec<f64> {
+            t.flatten_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        };
+        let params = store
+            .vars()
+            .into_iter()
+            .map(|(name, v)| {
+                let g = grads
+                    .get(v.as_tensor())
+                    .expect("every parameter has a gradient");
+                (name, f64s(g))
+            })
+            .collect();
+        let dx = f64s(grads.get(x.as_tensor()).unwrap());
+        (value, params, dx)
+    }
+
+    fn small(causal: bool, kernel: usize) -> TcnConfig {
+        // Dilations 1, 2, 4, 8 on 6 steps: the last block's outer taps read padding only.
+        TcnConfig {
+            hidden: 4,
+            output: 5,
+            depth: 3,
+            kernel,
+            causal,
+            dropout: 0.0,
+        }
+    }
+
+    /// The fused f32 op against the composite path in f64: the objective, every parameter's
+    /// gradient and the input's, causal or not, kernel 3 and 5, with an unobserved step.
+    #[test]
+    fn fused_blocks_match_the_f64_composite() {
+        for (causal, kernel) in [(false, 3), (true, 3), (false, 5)] {
+            let cfg = small(causal, kernel);
+            let (s32, e32) = build(&cfg, DType::F32, StackKernel::Fused);
+            let (s64, e64) = build(&cfg, DType::F64, StackKernel::Reference);
+            let (v32, p32, x32) = objective_and_gradients(&s32, &e32, DType::F32, None);
+            let (v64, p64, x64) = objective_and_gradients(&s64, &e64, DType::F64, None);
+            assert!(
+                (v32 - v64).abs() < 1e-4 * (1.0 + v64.abs()),
+                "{v32} vs {v64}"
+            );
+            assert_eq!(p32.len(), p64.len());
+            let close = |a: &[f64], b: &[f64], what: &str| {
+                let scale = b.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
+                for (x, y) in a.iter().zip(b) {
+                    assert!(
+                        (x - y).abs() < 1e-4 * scale,
+                        "causal {causal} kernel {kernel}: {what}: {x} vs {y}"
+                    );
+                }
+            };
+            for ((n32, g32), (n64, g64)) in p32.iter().zip(&p64) {
+                assert_eq!(n32, n64);
+                close(g32, g64, n32);
+            }
+            close(&x32, &x64, "input");
+            // The unobserved step's input gets no gradient.
+            assert!(x32[6..8].iter().all(|g| *g == 0.0), "{:?}", &x32[6..8]);
+        }
+    }
+
+    /// The f64 composite path's input gradient against central differences (it is the
+    /// reference the fused op is held to).
+    #[test]
+    fn f64_composite_gradients_match_finite_differences() {
+        let cfg = small(true, 3);
+        let (s64, e64) = build(&cfg, DType::F64, StackKernel::Reference);
+        let (_, _, dx) = objective_and_gradients(&s64, &e64, DType::F64, None);
+        let h = 1e-5;
+        for k in [0, 5, 13, 23] {
+            let up = objective_and_gradients(&s64, &e64, DType::F64, Some((k, h))).0;
+            let down = objective_and_gradients(&s64, &e64, DType::F64, Some((k, -h))).0;
+            let fd = (up - down) / (2.0 * h);
+            assert!(
+                (fd - dx[k]).abs() < 1e-6 * (1.0 + fd.abs()),
+                "{k}: {fd} vs {}",
+                dx[k]
+            );
+        }
+    }
+
+    /// Hidden states (which the fused op does not return) and inference contexts work with
+    /// the fused kernel chosen, and give the composite path's tokens.
+    #[test]
+    fn hidden_states_and_inference_under_the_fused_kernel() {
+        let cfg = small(false, 3);
+        let (_, fused) = build(&cfg, DType::F32, StackKernel::Fused);
+        let (_, reference) = build(&cfg, DType::F32, StackKernel::Reference);
+        let v: Vec<f32> = (0..24).map(|i| (i as f32 * 0.3).sin()).collect();
+        let e = ssl_core::seq::SeqExample::new(v, 12, 2).unwrap();
+        let b = SeqBatch::from_examples(&[&e], &Device::Cpu).unwrap();
+        let mut rng = SslRng::new(0);
+        let hs = fused
+            .encode(&b, &mut Ctx::eval(&mut rng).with_hidden_states())
+            .unwrap();
+        assert_eq!(hs.hidden_states.len(), cfg.depth + 2);
+        let inf = fused.encode(&b, &mut Ctx::inference(&mut rng)).unwrap();
+        let r = reference.encode(&b, &mut Ctx::eval(&mut rng)).unwrap();
+        let diff = (inf.tokens - &r.tokens)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
+        let diff = (hs.tokens - r.tokens)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
     }
 }
