@@ -83,6 +83,7 @@ pub mod optim;
 pub mod parallel;
 mod params;
 pub mod plot;
+pub mod preset;
 pub mod probe;
 mod rng;
 pub mod run_dir;

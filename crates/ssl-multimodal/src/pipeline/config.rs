@@ -186,6 +186,97 @@ pub struct MmEmbedSection {
     pub tower: Tower,
 }
 
+/// The CLIP sizes `model.preset` names: each sets `model.embed_dim`, the image tower's
+/// `dim`, `depth`, `heads` and `mlp_ratio` and the text tower's `hidden_size`,
+/// `num_hidden_layers`, `num_attention_heads` and `intermediate_size` (patch size, image
+/// size, positions and vocabulary depend on the data and are not part of a preset).
+#[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClipPreset {
+    /// Embedding 64; image 64 wide, 2 layers, 4 heads, mlp_ratio 2; text 64 wide, 2 layers,
+    /// 4 heads, feed-forward 128: the default, sized for the embedded sample (about a minute
+    /// on 2 cores).
+    Micro,
+    /// Embedding 384; image ViT-S (384, 12 layers, 6 heads, mlp_ratio 4); text 384 wide, 12
+    /// layers, 6 heads, feed-forward 1536.
+    Small,
+    /// CLIP ViT-B: embedding 512; image ViT-B (768, 12 layers, 12 heads, mlp_ratio 4); text
+    /// 512 wide, 12 layers, 8 heads, feed-forward 2048.
+    Base,
+}
+
+impl ClipPreset {
+    /// Every preset.
+    pub const ALL: [ClipPreset; 3] = [ClipPreset::Micro, ClipPreset::Small, ClipPreset::Base];
+
+    /// `model` with this preset's sizes.
+    pub fn apply(self, model: &ClipConfig) -> ClipConfig {
+        // (embed_dim, image (dim, depth, heads, mlp_ratio), text (hidden, layers, heads, ffn))
+        let (embed, (dim, depth, heads, mlp), (hidden, layers, theads, ffn)) = match self {
+            ClipPreset::Micro => (64, (64, 2, 4, 2.0), (64, 2, 4, 128)),
+            ClipPreset::Small => (384, (384, 12, 6, 4.0), (384, 12, 6, 1536)),
+            ClipPreset::Base => (512, (768, 12, 12, 4.0), (512, 12, 8, 2048)),
+        };
+        let mut m = model.clone();
+        m.embed_dim = embed;
+        (m.image.dim, m.image.depth, m.image.heads, m.image.mlp_ratio) = (dim, depth, heads, mlp);
+        m.text.hidden_size = hidden;
+        m.text.num_hidden_layers = layers;
+        m.text.num_attention_heads = theads;
+        m.text.intermediate_size = ffn;
+        m
+    }
+}
+
+/// The multimodal pipeline's `[model]`: a preset's sizes under the explicit keys
+/// ([`ssl_core::preset`]); every other key at [`MultimodalConfig`]'s default.
+impl ssl_core::preset::Presets for ClipConfig {
+    type Table = ClipConfig;
+    type Name = ClipPreset;
+    const ALL: &'static [ClipPreset] = &ClipPreset::ALL;
+    const DEFAULT: ClipPreset = ClipPreset::Micro;
+    const KEYS: &'static [&'static str] = &[
+        "embed_dim",
+        "image.dim",
+        "image.depth",
+        "image.heads",
+        "image.mlp_ratio",
+        "text.hidden_size",
+        "text.num_hidden_layers",
+        "text.num_attention_heads",
+        "text.intermediate_size",
+    ];
+    fn preset(name: ClipPreset) -> Self {
+        name.apply(&default_model())
+    }
+}
+
+/// The `[model]` table as `ssl config multimodal` documents it: `preset` beside the keys.
+#[derive(schemars::JsonSchema)]
+#[allow(dead_code)]
+struct ClipModelSchema {
+    /// Size preset of both towers and the embedding: sets the keys its values name; any of
+    /// them given explicitly wins over it ("" = none: those keys as given).
+    preset: ClipPreset,
+    #[serde(flatten)]
+    clip: ClipConfig,
+}
+
+fn default_model() -> ClipConfig {
+    let clip = ClipConfig::default();
+    ClipPreset::Micro.apply(&ClipConfig {
+        image: ViTConfig {
+            image_height: 0,
+            image_width: 0,
+            channels: 0,
+            ..clip.image.clone()
+        },
+        image_mean: Vec::new(),
+        image_std: Vec::new(),
+        ..clip
+    })
+}
+
 /// The whole configuration of a multimodal run (`ssl pretrain multimodal`).
 #[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -201,6 +292,11 @@ pub struct MultimodalConfig {
     pub max_seq_len: usize,
     /// The two towers, the projections and the loss (image size and channels come from
     /// the data, vocabulary from the tokenizer, empty image_mean/std are measured).
+    #[serde(
+        serialize_with = "ssl_core::preset::serialize::<ClipConfig, _>",
+        deserialize_with = "ssl_core::preset::deserialize::<ClipConfig, _>"
+    )]
+    #[schemars(with = "ClipModelSchema")]
     pub model: ClipConfig,
     /// Tower initialisation from other runs.
     pub init: InitSection,
@@ -233,17 +329,7 @@ impl Default for MultimodalConfig {
             data: MultimodalDataConfig::default(),
             tokenizer: MmTokenizerSection::default(),
             max_seq_len: 24,
-            model: ClipConfig {
-                image: ViTConfig {
-                    image_height: 0,
-                    image_width: 0,
-                    channels: 0,
-                    ..ClipConfig::default().image
-                },
-                image_mean: Vec::new(),
-                image_std: Vec::new(),
-                ..ClipConfig::default()
-            },
+            model: default_model(),
             init: InitSection::default(),
             eval: MmEvalSection::default(),
             embed: MmEmbedSection::default(),
@@ -287,5 +373,45 @@ impl MultimodalConfig {
              patch_size x dim x depth) and the text tower (max_seq_len x hidden_size x layers)",
             self.train.memory_limit(),
         )?)
+    }
+}
+
+#[cfg(test)]
+mod preset_tests {
+    use super::*;
+
+    /// The defaults with `model` keys set over them, as `--set` layers them.
+    fn with_model(keys: serde_json::Value) -> std::result::Result<ClipConfig, String> {
+        let mut cfg = serde_json::to_value(MultimodalConfig::default()).unwrap();
+        for (k, v) in keys.as_object().unwrap() {
+            cfg["model"][k] = v.clone();
+        }
+        serde_json::from_value::<MultimodalConfig>(cfg)
+            .map(|c| c.model)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn presets_size_both_towers_and_explicit_keys_win() {
+        assert_eq!(MultimodalConfig::default().model, default_model());
+        let m = with_model(serde_json::json!({ "preset": "base" })).unwrap();
+        assert_eq!(
+            (m.embed_dim, m.image.dim, m.text.hidden_size),
+            (512, 768, 512)
+        );
+        assert_eq!(m.image.patch_size, default_model().image.patch_size);
+        let m = with_model(
+            serde_json::json!({ "preset": "small", "text": { "num_hidden_layers": 2 } }),
+        )
+        .unwrap();
+        assert_eq!(
+            (m.image.depth, m.text.num_hidden_layers, m.text.hidden_size),
+            (12, 2, 384)
+        );
+        let err = with_model(serde_json::json!({ "preset": "large" })).unwrap_err();
+        assert!(
+            err.contains("large") && err.contains("micro, small, base"),
+            "{err}"
+        );
     }
 }

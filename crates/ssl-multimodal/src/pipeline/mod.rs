@@ -42,7 +42,7 @@ mod towers;
 
 pub use complete::complete_config;
 pub use config::{
-    InitSection, MmEmbedSection, MmEvalSection, MmTokenizerSection, MultimodalConfig,
+    ClipPreset, InitSection, MmEmbedSection, MmEvalSection, MmTokenizerSection, MultimodalConfig,
     MultimodalDataConfig, Tower,
 };
 pub use embed::{check_shape, embed, MultimodalEmbedSummary};

@@ -136,6 +136,91 @@ impl Default for VisionTaskConfig {
     }
 }
 
+/// The ViT sizes `model.preset` names: each sets `model.dim`, `depth`, `heads` and
+/// `mlp_ratio` (the patch size, image size and channels depend on the data and are not part
+/// of a preset).
+#[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VitPreset {
+    /// dim 64, depth 4, heads 4, mlp_ratio 2: the default, sized for 28x28 images (the
+    /// embedded sample trains in about a minute on 2 cores).
+    Micro,
+    /// ViT-Ti (DeiT, MAE): dim 192, depth 12, heads 3, mlp_ratio 4.
+    Tiny,
+    /// ViT-S: dim 384, depth 12, heads 6, mlp_ratio 4.
+    Small,
+    /// ViT-B: dim 768, depth 12, heads 12, mlp_ratio 4.
+    Base,
+}
+
+impl VitPreset {
+    /// Every preset.
+    pub const ALL: [VitPreset; 4] = [
+        VitPreset::Micro,
+        VitPreset::Tiny,
+        VitPreset::Small,
+        VitPreset::Base,
+    ];
+
+    /// `(dim, depth, heads, mlp_ratio)`.
+    pub fn sizes(self) -> (usize, usize, usize, f64) {
+        match self {
+            VitPreset::Micro => (64, 4, 4, 2.0),
+            VitPreset::Tiny => (192, 12, 3, 4.0),
+            VitPreset::Small => (384, 12, 6, 4.0),
+            VitPreset::Base => (768, 12, 12, 4.0),
+        }
+    }
+
+    /// `model` with this preset's sizes.
+    pub fn apply(self, model: &ViTConfig) -> ViTConfig {
+        let (dim, depth, heads, mlp_ratio) = self.sizes();
+        ViTConfig {
+            dim,
+            depth,
+            heads,
+            mlp_ratio,
+            ..model.clone()
+        }
+    }
+}
+
+/// The vision pipeline's `[model]`: a preset's sizes under the explicit keys
+/// ([`ssl_core::preset`]); every other key at [`VisionConfig`]'s default.
+impl ssl_core::preset::Presets for ViTConfig {
+    type Table = ViTConfig;
+    type Name = VitPreset;
+    const ALL: &'static [VitPreset] = &VitPreset::ALL;
+    const DEFAULT: VitPreset = VitPreset::Micro;
+    const KEYS: &'static [&'static str] = &["dim", "depth", "heads", "mlp_ratio"];
+    fn preset(name: VitPreset) -> Self {
+        name.apply(&default_model())
+    }
+}
+
+/// The `[model]` table as `ssl config vision` documents it: `preset` beside the ViT's keys.
+#[derive(schemars::JsonSchema)]
+#[allow(dead_code)]
+struct VisionModelSchema {
+    /// Size preset: sets `dim`, `depth`, `heads` and `mlp_ratio`; any of them given
+    /// explicitly wins over it ("" = none: those keys as given).
+    preset: VitPreset,
+    #[serde(flatten)]
+    vit: ViTConfig,
+}
+
+fn default_model() -> ViTConfig {
+    VitPreset::Micro.apply(&ViTConfig {
+        image_height: 0,
+        image_width: 0,
+        channels: 0,
+        patch_size: 7,
+        layer_norm_eps: 1e-6,
+        pooling: Pooling::Cls,
+        ..ViTConfig::default()
+    })
+}
+
 /// The whole configuration of a vision run (`ssl pretrain vision`).
 #[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -145,6 +230,11 @@ pub struct VisionConfig {
     /// Data.
     pub data: VisionDataConfig,
     /// The ViT (image size and channels are filled in from the data).
+    #[serde(
+        serialize_with = "ssl_core::preset::serialize::<ViTConfig, _>",
+        deserialize_with = "ssl_core::preset::deserialize::<ViTConfig, _>"
+    )]
+    #[schemars(with = "VisionModelSchema")]
     pub model: ViTConfig,
     /// The pretext task.
     pub task: VisionTaskConfig,
@@ -170,18 +260,7 @@ impl Default for VisionConfig {
                 ..TrainConfig::default()
             },
             data: VisionDataConfig::default(),
-            model: ViTConfig {
-                image_height: 0,
-                image_width: 0,
-                channels: 0,
-                patch_size: 7,
-                dim: 64,
-                depth: 4,
-                heads: 4,
-                mlp_ratio: 2.0,
-                layer_norm_eps: 1e-6,
-                pooling: Pooling::Cls,
-            },
+            model: default_model(),
             task: VisionTaskConfig::default(),
         }
     }
@@ -354,6 +433,60 @@ mod tests {
 
     fn completed(cfg: &mut VisionConfig, n: usize) -> Result<String> {
         cfg.complete(&images(n), &Parallel::single())
+    }
+
+    /// The defaults with `model` keys set over them, as `ssl pretrain vision --set` layers
+    /// them.
+    fn with_model(keys: serde_json::Value) -> std::result::Result<ViTConfig, String> {
+        let mut cfg = serde_json::to_value(VisionConfig::default()).unwrap();
+        for (k, v) in keys.as_object().unwrap() {
+            cfg["model"][k] = v.clone();
+        }
+        serde_json::from_value::<VisionConfig>(cfg)
+            .map(|c| c.model)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_preset_sets_the_sizes_and_explicit_keys_win() {
+        assert_eq!(VisionConfig::default().model, default_model());
+        for p in VitPreset::ALL {
+            let name = serde_json::to_value(p).unwrap();
+            let m = with_model(serde_json::json!({ "preset": name })).unwrap();
+            let (dim, depth, heads, mlp) = p.sizes();
+            assert_eq!(
+                (m.dim, m.depth, m.heads, m.mlp_ratio),
+                (dim, depth, heads, mlp)
+            );
+            // The data-dependent keys are the defaults'.
+            assert_eq!(m.patch_size, default_model().patch_size);
+        }
+        let m = with_model(serde_json::json!({ "preset": "small", "depth": 6 })).unwrap();
+        assert_eq!((m.dim, m.depth, m.heads), (384, 6, 6));
+        // Without a preset the keys are used as given.
+        let m = with_model(serde_json::json!({ "preset": "", "dim": 32 })).unwrap();
+        assert_eq!((m.dim, m.depth), (32, 4));
+    }
+
+    #[test]
+    fn an_unknown_preset_is_an_error_naming_the_valid_ones() {
+        let err = with_model(serde_json::json!({ "preset": "huge" })).unwrap_err();
+        assert!(
+            err.contains("huge") && err.contains("micro, tiny, small, base"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_stored_configuration_rebuilds_the_same_model() {
+        let mut cfg = VisionConfig::default();
+        cfg.model = VitPreset::Base.apply(&cfg.model);
+        cfg.model.depth = 2;
+        // No preset has these sizes: every key is written, with `preset = ""`.
+        let text = serde_json::to_string(&cfg).unwrap();
+        assert!(text.contains(r#""preset":"""#), "{text}");
+        let back: VisionConfig = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, cfg);
     }
 
     #[test]

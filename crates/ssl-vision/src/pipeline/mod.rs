@@ -26,7 +26,7 @@ mod stats;
 pub(crate) mod stream;
 mod task;
 
-pub use config::{VisionConfig, VisionDataConfig, VisionTaskConfig, VisionTaskKind};
+pub use config::{VisionConfig, VisionDataConfig, VisionTaskConfig, VisionTaskKind, VitPreset};
 pub use embed::{embed, embed_images};
 pub use eval::{eval, FeatureProbe, VisionEvalReport};
 pub use pretrain::{pretrain, VisionRunSummary};

@@ -116,6 +116,78 @@ impl Default for TaskConfig {
     }
 }
 
+/// The transformer sizes `model.preset` names: each sets `model.dim`, `depth`, `heads` and
+/// `mlp_dim`.
+#[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeaturesPreset {
+    /// dim 32, depth 1, heads 2, mlp_dim 64.
+    Tiny,
+    /// dim 64, depth 2, heads 4, mlp_dim 128: the default, sized for the embedded sample.
+    Small,
+    /// dim 128, depth 4, heads 8, mlp_dim 512.
+    Base,
+}
+
+impl FeaturesPreset {
+    /// Every preset.
+    pub const ALL: [FeaturesPreset; 3] = [
+        FeaturesPreset::Tiny,
+        FeaturesPreset::Small,
+        FeaturesPreset::Base,
+    ];
+
+    /// `model` with this preset's sizes.
+    pub fn apply(self, model: &TransformerConfig) -> TransformerConfig {
+        let (dim, depth, heads, mlp_dim) = match self {
+            FeaturesPreset::Tiny => (32, 1, 2, 64),
+            FeaturesPreset::Small => (64, 2, 4, 128),
+            FeaturesPreset::Base => (128, 4, 8, 512),
+        };
+        TransformerConfig {
+            dim,
+            depth,
+            heads,
+            mlp_dim,
+            ..model.clone()
+        }
+    }
+}
+
+/// The features pipeline's `[model]` presets ([`ssl_core::preset`]; the table is ssl-core's
+/// [`TransformerConfig`], so a marker type carries them): a preset's sizes under the explicit
+/// keys, every other key at [`FeaturesConfig`]'s default.
+pub struct FeaturesModel;
+
+impl ssl_core::preset::Presets for FeaturesModel {
+    type Table = TransformerConfig;
+    type Name = FeaturesPreset;
+    const ALL: &'static [FeaturesPreset] = &FeaturesPreset::ALL;
+    const DEFAULT: FeaturesPreset = FeaturesPreset::Small;
+    const KEYS: &'static [&'static str] = &["dim", "depth", "heads", "mlp_dim"];
+    fn preset(name: FeaturesPreset) -> TransformerConfig {
+        name.apply(&default_model())
+    }
+}
+
+/// The `[model]` table as `ssl config features` documents it: `preset` beside the keys.
+#[derive(schemars::JsonSchema)]
+#[allow(dead_code)]
+struct FeaturesModelSchema {
+    /// Size preset: sets `dim`, `depth`, `heads` and `mlp_dim`; any of them given explicitly
+    /// wins over it ("" = none: those keys as given).
+    preset: FeaturesPreset,
+    #[serde(flatten)]
+    transformer: TransformerConfig,
+}
+
+fn default_model() -> TransformerConfig {
+    FeaturesPreset::Small.apply(&TransformerConfig {
+        dropout: 0.1,
+        ..TransformerConfig::default()
+    })
+}
+
 /// The whole configuration of the feature-sequence pipeline (`ssl pretrain features`).
 #[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -125,6 +197,11 @@ pub struct FeaturesConfig {
     /// Data.
     pub data: DataConfig,
     /// The transformer encoder (its input width comes from the data).
+    #[serde(
+        serialize_with = "ssl_core::preset::serialize::<FeaturesModel, _>",
+        deserialize_with = "ssl_core::preset::deserialize::<FeaturesModel, _>"
+    )]
+    #[schemars(with = "FeaturesModelSchema")]
     pub model: TransformerConfig,
     /// The pretext task.
     pub task: TaskConfig,
@@ -146,16 +223,40 @@ impl Default for FeaturesConfig {
                 ..TrainConfig::default()
             },
             data: DataConfig::default(),
-            model: TransformerConfig {
-                dim: 64,
-                depth: 2,
-                heads: 4,
-                mlp_dim: 128,
-                dropout: 0.1,
-                ..TransformerConfig::default()
-            },
+            model: default_model(),
             task: TaskConfig::default(),
             features: 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod preset_tests {
+    use super::*;
+
+    /// The defaults with `model` keys set over them, as `--set` layers them.
+    fn with_model(keys: serde_json::Value) -> std::result::Result<TransformerConfig, String> {
+        let mut cfg = serde_json::to_value(FeaturesConfig::default()).unwrap();
+        for (k, v) in keys.as_object().unwrap() {
+            cfg["model"][k] = v.clone();
+        }
+        serde_json::from_value::<FeaturesConfig>(cfg)
+            .map(|c| c.model)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn presets_set_the_sizes_and_explicit_keys_win() {
+        assert_eq!(FeaturesConfig::default().model, default_model());
+        let m = with_model(serde_json::json!({ "preset": "base" })).unwrap();
+        assert_eq!((m.dim, m.depth, m.heads, m.mlp_dim), (128, 4, 8, 512));
+        assert_eq!(m.dropout, default_model().dropout);
+        let m = with_model(serde_json::json!({ "preset": "tiny", "heads": 4 })).unwrap();
+        assert_eq!((m.dim, m.heads), (32, 4));
+        let err = with_model(serde_json::json!({ "preset": "xl" })).unwrap_err();
+        assert!(
+            err.contains("xl") && err.contains("tiny, small, base"),
+            "{err}"
+        );
     }
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use ssl_core::run_dir::{self, RunOptions, RunSummary};
 use ssl_data::EmbedSummary;
 
-pub use config::{DataConfig, FeaturesConfig, TaskConfig, TaskKind};
+pub use config::{DataConfig, FeaturesConfig, FeaturesModel, FeaturesPreset, TaskConfig, TaskKind};
 pub use task::build_task;
 
 pub use super::common::ProbeEvalReport;

@@ -153,6 +153,95 @@ impl Default for EvalConfig {
     }
 }
 
+/// The encoder sizes `model.preset` names, for every encoder kind at once (`model.kind`
+/// is not part of a preset): the TCN's `hidden`, `output` and `depth`, PatchTST's and the
+/// per-timestep transformer's `dim`, `depth`, `heads` and `mlp_dim`, the recurrent
+/// encoders' `hidden` and `layers`.
+#[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SeriesPreset {
+    /// TCN 32 hidden, 128 output, 6 blocks; PatchTST 32/2 layers/4 heads/64; transformer
+    /// 32/2/4/64; GRU/LSTM 64 x 1.
+    Small,
+    /// The default and TS2Vec's reference size: TCN 64 hidden, 320 output, 10 blocks; PatchTST
+    /// 64/3 layers/4 heads/128; transformer 64/2/4/256; GRU/LSTM 128 x 1.
+    Ts2vec,
+    /// TCN 128 hidden, 640 output, 10 blocks; PatchTST 128/3 layers/16 heads/256 (the
+    /// PatchTST paper's); transformer 128/4/8/512; GRU/LSTM 256 x 2.
+    Large,
+}
+
+impl SeriesPreset {
+    /// Every preset.
+    pub const ALL: [SeriesPreset; 3] = [
+        SeriesPreset::Small,
+        SeriesPreset::Ts2vec,
+        SeriesPreset::Large,
+    ];
+
+    /// `model` with this preset's sizes.
+    pub fn apply(self, model: &EncoderConfig) -> EncoderConfig {
+        // (tcn (hidden, output, depth), patchtst (dim, depth, heads, mlp), transformer
+        // (dim, depth, heads, mlp), rnn (hidden, layers))
+        let ((th, to, td), pt, tr, (rh, rl)) = match self {
+            SeriesPreset::Small => ((32, 128, 6), (32, 2, 4, 64), (32, 2, 4, 64), (64, 1)),
+            SeriesPreset::Ts2vec => ((64, 320, 10), (64, 3, 4, 128), (64, 2, 4, 256), (128, 1)),
+            SeriesPreset::Large => (
+                (128, 640, 10),
+                (128, 3, 16, 256),
+                (128, 4, 8, 512),
+                (256, 2),
+            ),
+        };
+        let mut m = model.clone();
+        (m.tcn.hidden, m.tcn.output, m.tcn.depth) = (th, to, td);
+        let p = &mut m.patchtst.transformer;
+        (p.dim, p.depth, p.heads, p.mlp_dim) = pt;
+        let t = &mut m.transformer;
+        (t.dim, t.depth, t.heads, t.mlp_dim) = tr;
+        (m.rnn.hidden, m.rnn.layers) = (rh, rl);
+        m
+    }
+}
+
+/// The time-series pipeline's `[model]`: a preset's sizes under the explicit keys
+/// ([`ssl_core::preset`]); every other key at its default.
+impl ssl_core::preset::Presets for EncoderConfig {
+    type Table = EncoderConfig;
+    type Name = SeriesPreset;
+    const ALL: &'static [SeriesPreset] = &SeriesPreset::ALL;
+    const DEFAULT: SeriesPreset = SeriesPreset::Ts2vec;
+    const KEYS: &'static [&'static str] = &[
+        "tcn.hidden",
+        "tcn.output",
+        "tcn.depth",
+        "patchtst.transformer.dim",
+        "patchtst.transformer.depth",
+        "patchtst.transformer.heads",
+        "patchtst.transformer.mlp_dim",
+        "transformer.dim",
+        "transformer.depth",
+        "transformer.heads",
+        "transformer.mlp_dim",
+        "rnn.hidden",
+        "rnn.layers",
+    ];
+    fn preset(name: SeriesPreset) -> EncoderConfig {
+        name.apply(&EncoderConfig::default())
+    }
+}
+
+/// The `[model]` table as `ssl config timeseries` documents it: `preset` beside the keys.
+#[derive(schemars::JsonSchema)]
+#[allow(dead_code)]
+struct SeriesModelSchema {
+    /// Size preset of every encoder kind: sets the sizes its values name; any of them given
+    /// explicitly wins over it ("" = none: those keys as given).
+    preset: SeriesPreset,
+    #[serde(flatten)]
+    encoder: EncoderConfig,
+}
+
 /// The whole configuration of the time-series pipeline (`ssl pretrain timeseries`).
 #[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -162,6 +251,11 @@ pub struct TimeseriesConfig {
     /// Data.
     pub data: DataConfig,
     /// The encoder.
+    #[serde(
+        serialize_with = "ssl_core::preset::serialize::<EncoderConfig, _>",
+        deserialize_with = "ssl_core::preset::deserialize::<EncoderConfig, _>"
+    )]
+    #[schemars(with = "SeriesModelSchema")]
     pub model: EncoderConfig,
     /// The pretext task.
     pub task: TaskConfig,
@@ -201,5 +295,46 @@ impl TimeseriesConfig {
             TaskKind::Forecast => self.task.forecast.context + self.task.forecast.horizon,
             _ => self.data.window,
         }
+    }
+}
+
+#[cfg(test)]
+mod preset_tests {
+    use super::*;
+
+    /// The defaults with `model` keys set over them, as `--set` layers them.
+    fn with_model(keys: serde_json::Value) -> std::result::Result<EncoderConfig, String> {
+        let mut cfg = serde_json::to_value(TimeseriesConfig::default()).unwrap();
+        for (k, v) in keys.as_object().unwrap() {
+            cfg["model"][k] = v.clone();
+        }
+        serde_json::from_value::<TimeseriesConfig>(cfg)
+            .map(|c| c.model)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn presets_size_every_encoder_and_explicit_keys_win() {
+        assert_eq!(
+            TimeseriesConfig::default().model,
+            SeriesPreset::Ts2vec.apply(&EncoderConfig::default())
+        );
+        let m = with_model(serde_json::json!({ "preset": "large" })).unwrap();
+        assert_eq!(
+            (m.tcn.hidden, m.tcn.output, m.patchtst.transformer.heads),
+            (128, 640, 16)
+        );
+        assert_eq!(m.kind, EncoderConfig::default().kind);
+        let m =
+            with_model(serde_json::json!({ "preset": "small", "tcn": { "depth": 3 } })).unwrap();
+        assert_eq!((m.tcn.hidden, m.tcn.depth, m.rnn.hidden), (32, 3, 64));
+        // No preset: what is not given is the default's.
+        let m = with_model(serde_json::json!({ "preset": "", "tcn": { "hidden": 8 } })).unwrap();
+        assert_eq!((m.tcn.hidden, m.patchtst.transformer.depth), (8, 3));
+        let err = with_model(serde_json::json!({ "preset": "huge" })).unwrap_err();
+        assert!(
+            err.contains("huge") && err.contains("small, ts2vec, large"),
+            "{err}"
+        );
     }
 }

@@ -15,7 +15,7 @@ use serde::Serialize;
 use ssl_core::run_dir::{self, RunOptions, RunSummary};
 use ssl_data::EmbedSummary;
 
-pub use config::{DataConfig, EvalConfig, TaskConfig, TaskKind, TimeseriesConfig};
+pub use config::{DataConfig, EvalConfig, SeriesPreset, TaskConfig, TaskKind, TimeseriesConfig};
 pub use finetune::{
     finetune, finetune_config, finetune_encoder, finetune_run_dir, SeriesFinetuneEncoder,
 };
