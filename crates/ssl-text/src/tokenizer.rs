@@ -16,16 +16,16 @@ use ssl_data::{ColumnSpec, DataLoader, LoaderConfig, ParquetSource};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::decoders::metaspace::Metaspace as MetaspaceDecoder;
 use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
-use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::bpe::{BpeTrainer, BpeTrainerBuilder, BPE};
 use tokenizers::models::unigram::{Unigram, UnigramTrainerBuilder};
-use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainerBuilder};
-use tokenizers::models::TrainerWrapper;
+use tokenizers::models::wordpiece::WordPiece;
+use tokenizers::models::{ModelWrapper, TrainerWrapper};
 use tokenizers::normalizers::{Lowercase, Sequence, StripAccents, NFD, NFKC};
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::{AddedToken, NormalizerWrapper, Tokenizer};
+use tokenizers::{AddedToken, NormalizerWrapper, Tokenizer, Trainer};
 
 use crate::{Result, TextError};
 
@@ -203,11 +203,234 @@ fn special_added_tokens() -> Vec<AddedToken> {
         .collect()
 }
 
+/// The trainer of each kind, made deterministic: the same texts and settings give the same
+/// `tokenizer.json` in every process. Hugging Face's trainers keep their counts in hash maps
+/// seeded per process, and two of them let the maps' order reach the result:
+///
+/// - WordPiece (BPE with a `##` continuing-subword prefix, then converted) gives each `##c`
+///   symbol its id in the order it meets the words, and BPE breaks ties between pairs of
+///   equal count by their symbols' ids, so the merges chosen, and the vocabulary, changed
+///   from run to run. [`WordPieceTrainer`] registers every `##c` before the merges, in
+///   character order; ties are then broken by the lower id, i.e. in the order: special
+///   tokens, `##c` symbols by character, single characters by character, then merged tokens
+///   in the order they were made.
+/// - Unigram trains on its word counts in the order of a hash map, and sums them in floating
+///   point (in parallel chunks), so the pieces' scores differed in their last bits, and it
+///   lists its pieces in the order of a hash set. [`UnigramTrainer`] trains on the words
+///   sorted, on one thread; [`canonical_unigram`] deals the scores of the characters it
+///   had to add by character and sorts the pieces by score (highest first), then by text.
+///
+/// Byte-level BPE meets no symbol outside its sorted alphabet and is deterministic as it is.
+/// (Tested by training in separate processes: `tests/determinism.rs`.)
+enum SubwordTrainer {
+    /// Byte-level BPE, as Hugging Face trains it.
+    Hf(TrainerWrapper),
+    /// Unigram on sorted words, on one thread.
+    Unigram(UnigramTrainer),
+    /// WordPiece with symbol ids fixed before the merges.
+    WordPiece(WordPieceTrainer),
+}
+
+impl Trainer for SubwordTrainer {
+    type Model = ModelWrapper;
+
+    fn should_show_progress(&self) -> bool {
+        false
+    }
+
+    fn train(&self, model: &mut ModelWrapper) -> tokenizers::Result<Vec<AddedToken>> {
+        match self {
+            SubwordTrainer::Hf(t) => t.train(model),
+            SubwordTrainer::Unigram(t) => t.train(model),
+            SubwordTrainer::WordPiece(t) => t.train(model),
+        }
+    }
+
+    fn feed<I, S, F>(&mut self, iterator: I, process: F) -> tokenizers::Result<()>
+    where
+        I: Iterator<Item = S> + Send,
+        S: AsRef<str> + Send,
+        F: Fn(&str) -> tokenizers::Result<Vec<String>> + Sync,
+    {
+        match self {
+            SubwordTrainer::Hf(t) => t.feed(iterator, process),
+            SubwordTrainer::Unigram(t) => t.feed(iterator, process),
+            SubwordTrainer::WordPiece(t) => t.feed(iterator, process),
+        }
+    }
+}
+
+/// WordPiece training as Hugging Face's `WordPieceTrainer` does it (BPE merges with the `##`
+/// continuing-subword prefix, the vocabulary then read by WordPiece's greedy longest match),
+/// except that every `##c` symbol is registered, in character order, before the merges, so
+/// symbol ids, and with them the tie-breaks between equally frequent pairs, do not depend on
+/// the order of a hash map. The vocabulary holds the same symbols as Hugging Face's (the
+/// `##c` of every character met after a word's first), only their ids differ.
+struct WordPieceTrainer {
+    /// The BPE trainer (`##` prefix, BERT's special tokens first).
+    bpe: BpeTrainer,
+    /// The special tokens to add to the tokenizer (the `##c` symbols are plain vocabulary).
+    specials: Vec<AddedToken>,
+    /// Characters met after the first of a word.
+    continuations: Mutex<std::collections::BTreeSet<char>>,
+}
+
+impl WordPieceTrainer {
+    fn new(bpe: BpeTrainer) -> Self {
+        WordPieceTrainer {
+            specials: bpe.special_tokens.clone(),
+            bpe,
+            continuations: Mutex::new(std::collections::BTreeSet::new()),
+        }
+    }
+
+    fn feed<I, S, F>(&mut self, iterator: I, process: F) -> tokenizers::Result<()>
+    where
+        I: Iterator<Item = S> + Send,
+        S: AsRef<str> + Send,
+        F: Fn(&str) -> tokenizers::Result<Vec<String>> + Sync,
+    {
+        let continuations = &self.continuations;
+        self.bpe.feed(iterator, |text| {
+            let words = process(text)?;
+            let mut seen = std::collections::BTreeSet::new();
+            for w in &words {
+                seen.extend(w.chars().skip(1));
+            }
+            if !seen.is_empty() {
+                continuations
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(seen);
+            }
+            Ok(words)
+        })?;
+        let prefix = self
+            .bpe
+            .continuing_subword_prefix
+            .clone()
+            .unwrap_or_default();
+        let symbols = self
+            .continuations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|c| AddedToken::from(format!("{prefix}{c}"), true))
+            .collect::<Vec<_>>();
+        // Registered as the BPE trainer's special tokens: the first ids, in this order. Only
+        // BERT's are returned to the tokenizer as special tokens (see `train`).
+        self.bpe.special_tokens = self.specials.iter().cloned().chain(symbols).collect();
+        Ok(())
+    }
+
+    fn train(&self, model: &mut ModelWrapper) -> tokenizers::Result<Vec<AddedToken>> {
+        let mut bpe = BPE::default();
+        self.bpe.train(&mut bpe)?;
+        let mut wordpiece = WordPiece::from_bpe(&bpe);
+        if let ModelWrapper::WordPiece(old) = model {
+            // Keep the untrained model's settings (unknown token, longest word).
+            wordpiece.unk_token = old.unk_token.clone();
+            wordpiece.max_input_chars_per_word = old.max_input_chars_per_word;
+        }
+        *model = ModelWrapper::WordPiece(wordpiece);
+        Ok(self.specials.clone())
+    }
+}
+
+/// Hugging Face's Unigram training (EM with pruning) made independent of hash order and
+/// thread count: the words are counted here, handed to it sorted, and it runs on a pool of
+/// one thread, so every floating-point sum adds the same terms in the same order in every
+/// process and on every machine.
+struct UnigramTrainer {
+    /// Hugging Face's trainer (its own word counts are not used).
+    inner: tokenizers::models::unigram::UnigramTrainer,
+    /// Pre-tokenized words and their counts.
+    words: std::collections::HashMap<String, u32>,
+}
+
+impl UnigramTrainer {
+    fn feed<I, S, F>(&mut self, iterator: I, process: F) -> tokenizers::Result<()>
+    where
+        I: Iterator<Item = S> + Send,
+        S: AsRef<str> + Send,
+        F: Fn(&str) -> tokenizers::Result<Vec<String>> + Sync,
+    {
+        for text in iterator {
+            for word in process(text.as_ref())? {
+                *self.words.entry(word).or_default() += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn train(&self, model: &mut ModelWrapper) -> tokenizers::Result<Vec<AddedToken>> {
+        let mut sentences: Vec<(String, u32)> =
+            self.words.iter().map(|(w, n)| (w.clone(), *n)).collect();
+        sentences.sort_unstable();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
+        let mut unigram = Unigram::default();
+        let specials = pool.install(|| self.inner.do_train(sentences, &mut unigram))?;
+        *model = ModelWrapper::Unigram(unigram);
+        Ok(specials)
+    }
+}
+
+/// Sorts a trained Unigram model's pieces into a canonical order: the special tokens first,
+/// in [`SPECIAL_TOKENS`]' order, then by score (highest first), then by text. The trainer
+/// lists pieces in the order of a hash set, which differs from process to process, and gives
+/// the characters it had to add its lowest scores in that order too (dealt again here).
+fn canonical_unigram(tok: &mut Tokenizer) -> Result<()> {
+    let ModelWrapper::Unigram(u) = tok.get_model() else {
+        return Ok(());
+    };
+    let rank = |t: &str| SPECIAL_TOKENS.iter().position(|s| *s == t);
+    let mut pieces: Vec<(String, f64)> = u.iter().cloned().collect();
+    // The trainer gives each character its corpus needs but its model lacks the score
+    // `min + k x 1e-4`, k counting those characters in the order of a hash set: the same
+    // scores go to the same characters, shuffled. They are dealt again here by character
+    // (the highest to the first), which every process does alike.
+    const PENALTY_STEP: f64 = 0.0001; // `min_score_penalty_delta` in `UnigramTrainer::finalize`
+    let min = pieces
+        .iter()
+        .filter(|(t, _)| rank(t).is_none())
+        .map(|(_, s)| *s)
+        .fold(f64::INFINITY, f64::min);
+    let single: Vec<usize> = (0..pieces.len())
+        .filter(|&i| rank(&pieces[i].0).is_none() && pieces[i].0.chars().count() == 1)
+        .collect();
+    let mut penalties = std::collections::HashSet::new();
+    let mut penalty = 0.0;
+    for _ in 0..=single.len() {
+        penalties.insert((min + penalty).to_bits());
+        penalty += PENALTY_STEP;
+    }
+    let mut dealt: Vec<usize> = single
+        .into_iter()
+        .filter(|&i| penalties.contains(&pieces[i].1.to_bits()))
+        .collect();
+    let mut scores: Vec<f64> = dealt.iter().map(|&i| pieces[i].1).collect();
+    scores.sort_by(|a, b| b.total_cmp(a));
+    dealt.sort_by(|&a, &b| pieces[a].0.cmp(&pieces[b].0));
+    for (i, score) in dealt.into_iter().zip(scores) {
+        pieces[i].1 = score;
+    }
+    pieces.sort_by(|(a, sa), (b, sb)| match (rank(a), rank(b)) {
+        (Some(x), Some(y)) => x.cmp(&y),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => sb.total_cmp(sa).then_with(|| a.cmp(b)),
+    });
+    let unk = pieces.iter().position(|(t, _)| t == "[UNK]");
+    let model = Unigram::from(pieces, unk, u.byte_fallback()).map_err(TextError::tok)?;
+    tok.with_model(model);
+    Ok(())
+}
+
 /// An untrained tokenizer with the normaliser, pre-tokenizer and decoder of `cfg.kind`, and
 /// the matching trainer.
-fn untrained(cfg: &TokenizerConfig) -> Result<(Tokenizer, TrainerWrapper)> {
+fn untrained(cfg: &TokenizerConfig) -> Result<(Tokenizer, SubwordTrainer)> {
     let specials = special_added_tokens();
-    let (mut tok, trainer): (Tokenizer, TrainerWrapper) = match cfg.kind {
+    let (mut tok, trainer): (Tokenizer, SubwordTrainer) = match cfg.kind {
         TokenizerKind::Bpe => {
             let model = BPE::builder()
                 .unk_token("[UNK]".into())
@@ -223,7 +446,7 @@ fn untrained(cfg: &TokenizerConfig) -> Result<(Tokenizer, TrainerWrapper)> {
                 .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
                 .show_progress(false)
                 .build();
-            (tok, trainer.into())
+            (tok, SubwordTrainer::Hf(trainer.into()))
         }
         TokenizerKind::WordPiece => {
             let model = WordPiece::builder()
@@ -234,13 +457,14 @@ fn untrained(cfg: &TokenizerConfig) -> Result<(Tokenizer, TrainerWrapper)> {
             let mut tok = Tokenizer::new(model);
             tok.with_pre_tokenizer(Some(BertPreTokenizer));
             tok.with_decoder(Some(WordPieceDecoder::default()));
-            let trainer = WordPieceTrainerBuilder::new()
+            let bpe = BpeTrainerBuilder::new()
                 .vocab_size(cfg.vocab_size)
                 .min_frequency(cfg.min_frequency)
                 .special_tokens(specials)
+                .continuing_subword_prefix("##".into())
                 .show_progress(false)
                 .build();
-            (tok, trainer.into())
+            (tok, SubwordTrainer::WordPiece(WordPieceTrainer::new(bpe)))
         }
         TokenizerKind::Unigram => {
             let mut tok = Tokenizer::new(Unigram::default());
@@ -257,7 +481,13 @@ fn untrained(cfg: &TokenizerConfig) -> Result<(Tokenizer, TrainerWrapper)> {
                 .show_progress(false)
                 .build()
                 .map_err(TextError::tok)?;
-            (tok, trainer.into())
+            (
+                tok,
+                SubwordTrainer::Unigram(UnigramTrainer {
+                    inner: trainer,
+                    words: std::collections::HashMap::new(),
+                }),
+            )
         }
     };
     tok.with_normalizer(normalizer(cfg));
@@ -267,6 +497,7 @@ fn untrained(cfg: &TokenizerConfig) -> Result<(Tokenizer, TrainerWrapper)> {
 /// Adds BERT's `[CLS] $A [SEP]` / `[CLS] $A [SEP] $B [SEP]` post-processor and registers
 /// the special tokens so they are never split.
 fn finish(tok: &mut Tokenizer) -> Result<()> {
+    canonical_unigram(tok)?;
     tok.add_special_tokens(&special_added_tokens());
     let ids = SpecialIds::of(tok)?;
     let post = TemplateProcessing::builder()
