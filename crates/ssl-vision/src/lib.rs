@@ -14,7 +14,8 @@
 //! - [`detect`]: reconstruction-error and PatchCore-style scorers, threshold calibration
 //!   and heat-maps;
 //! - [`pipeline`]: what `ssl pretrain|embed|eval vision` run, as library calls ([`pretrain`],
-//!   [`embed`], [`eval`] with a typed [`VisionConfig`]), and [`detect::pipeline`] for
+//!   [`embed`], [`eval`], [`finetune`] with a typed [`VisionConfig`]), and
+//!   [`detect::pipeline`] for
 //!   `ssl detect fit|score` ([`detect_fit`], [`detect_score`]).
 //!
 //! The pipeline, from Parquet images to the probe report:
@@ -81,9 +82,10 @@ pub use error::{Result, VisionError};
 pub use mae::{MaeConfig, MaeTask};
 pub use masking::{random_masking, MaskSample};
 pub use pipeline::{
-    build_task, channel_stats_over_ranks, embed, embed_images, eval, load_model, pretrain,
-    stored_config, FeatureProbe, RowSample, StreamingImageSource, VisionConfig, VisionDataConfig,
-    VisionEvalReport, VisionRunSummary, VisionTask, VisionTaskConfig, VisionTaskKind,
+    build_task, channel_stats_over_ranks, embed, embed_images, eval, finetune, finetune_config,
+    load_model, pretrain, stored_config, FeatureProbe, RowSample, StreamingImageSource,
+    VisionConfig, VisionDataConfig, VisionEvalReport, VisionRunSummary, VisionTask,
+    VisionTaskConfig, VisionTaskKind, VitBatch, VitEncoder, FINETUNE_BASE_LR,
 };
 pub use recipe::{recipe_train_config, scaled_lr};
 pub use source::{ImageCursor, ImageSet, InMemoryImageSource};

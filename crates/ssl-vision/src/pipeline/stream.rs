@@ -152,6 +152,9 @@ pub(crate) struct ImageExample {
     pub id: String,
     /// The label's class id, when a label column is read.
     pub label: Option<i64>,
+    /// The label as text (its class name, or the integer written out), when a label column
+    /// is read: what fine-tuning maps to class ids over the training and test sets together.
+    pub label_text: Option<String>,
 }
 
 /// `data.resize` as the loader's `[height, width]`, checked.
@@ -334,7 +337,8 @@ fn examples_of(
     ids: bool,
 ) -> Result<Vec<ImageExample>> {
     let img = batch.image(image)?;
-    let labels = label.map(|l| batch.labels(l)).transpose()?;
+    let labels = label.map(|l| batch.label_column(l)).transpose()?;
+    let label_texts = labels.map(|l| l.strings());
     let [_, c, h, w] = img.shape;
     let per = c * h * w;
     let mut out = Vec::new();
@@ -351,7 +355,8 @@ fn examples_of(
             } else {
                 String::new()
             },
-            label: labels.map(|l| l[k]),
+            label: labels.map(|l| l.ids[k]),
+            label_text: label_texts.as_ref().map(|t| t[k].clone()),
         });
     }
     Ok(out)

@@ -5,8 +5,12 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use ssl_core::checkpoint::MODEL_FILE;
+use ssl_core::finetune::HEAD_PREFIX;
 use ssl_core::nn::MatmulPrecision;
-use ssl_core::{parse_device, Ctx, ParamStore, PretextTask, SharedCollective, SslRng};
+use ssl_core::{
+    parse_device, read_safetensors, CoreError, Ctx, ParamStore, PretextTask, SharedCollective,
+    SslRng,
+};
 
 use super::config::{VisionConfig, VisionTaskKind};
 use crate::{AugmentConfig, Images, MaeTask, Pooling, Result, SimClrTask, VisionTransformer};
@@ -93,9 +97,36 @@ pub fn stored_config(checkpoint: &Path) -> Result<(PathBuf, VisionConfig)> {
 
 /// The model of `cfg` with the weights of the model file in directory `ckpt` (a checkpoint
 /// directory, as returned by [`stored_config`], or a detector's), on `cfg.train.device`.
+///
+/// Every parameter must be in the file, except for a fine-tuned classifier's checkpoint
+/// (one holding `classifier.weight`, written by [`crate::finetune`]): it holds the encoder
+/// (`vit.*`) and the head only, so the pretext task's own parameters (MAE's decoder,
+/// SimCLR's projection) keep their initialisation. Embedding and probing use the encoder
+/// alone; MAE's reconstructions (previews, the reconstruction scorer) need a pretrained run.
 pub fn load_model(ckpt: &Path, cfg: &VisionConfig) -> Result<(Box<dyn VisionTask>, Device)> {
     let device = parse_device(&cfg.train.device)?;
     let (store, task) = build_task(cfg, &device, None)?;
-    store.load_safetensors(&ckpt.join(MODEL_FILE))?;
+    let path = ckpt.join(MODEL_FILE);
+    let values = read_safetensors(&path, &device)?;
+    let report = store.load_from(&values, &path)?;
+    let fine_tuned = values.contains_key(&format!("{HEAD_PREFIX}.weight"));
+    let mut missing = report
+        .missing
+        .iter()
+        .filter(|name| !fine_tuned || name.starts_with(ENCODER_PREFIX));
+    if let Some(name) = missing.next() {
+        return Err(CoreError::checkpoint(
+            &path,
+            format!(
+                "parameter `{name}` is not in the file ({} of {} missing)",
+                missing.count() + 1,
+                store.len()
+            ),
+        )
+        .into());
+    }
     Ok((task, device))
 }
+
+/// The key prefix of the ViT encoder's parameters in every vision task's store.
+pub(crate) const ENCODER_PREFIX: &str = "vit.";
