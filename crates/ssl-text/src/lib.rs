@@ -15,7 +15,8 @@
 //! - [`hf`]: load a Hugging Face directory (fresh MLM head when it has none) and export one
 //!   that `transformers.BertForMaskedLM.from_pretrained` loads;
 //! - [`pipeline`]: the whole pipeline as library calls: [`TextConfig`] (the TOML keys of
-//!   `ssl pretrain text`), pretraining, embedding, evaluation and tokenizer training.
+//!   `ssl pretrain text`), pretraining, embedding, evaluation, fine-tuning for classification
+//!   ([`finetune`]) and tokenizer training.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
@@ -36,12 +37,13 @@ pub use error::{Result, TextError};
 pub use hf::{export_hf_dir, load_hf_dir, HfModel};
 pub use masking::{mask_sequence, MaskStrategy, Masked, MaskingConfig};
 pub use pipeline::{
-    broadcast_tokenizer, build_model, embed, eval, heldout_eval, make_tokenizer, pretrain,
-    read_curve, read_docs, read_docs_of, shared_tokenizer, stored_config, tokenize,
-    tokenizer_from_json, train_tokenizer_report, DataConfig, DocPacker, Docs, EmbedSection,
-    FertilityReport, HeldoutCurve, HeldoutPoint, ModelSection, RowFilter, StreamingTextSource,
-    TextConfig, TextEvalReport, TextModel, TextProbeReport, TextRunSummary, TokenizerSection,
-    HELDOUT_FILE,
+    broadcast_tokenizer, build_model, embed, eval, finetune, finetune_config, finetune_lr,
+    finetune_run_dir, heldout_eval, make_tokenizer, pretrain, read_curve, read_docs, read_docs_of,
+    shared_tokenizer, stored_config, tokenize, tokenizer_from_json, train_tokenizer_report,
+    BertFeatures, DataConfig, DocPacker, Docs, EmbedSection, FertilityReport, HeldoutCurve,
+    HeldoutPoint, ModelSection, RowFilter, StreamingTextSource, TextClassifier, TextConfig,
+    TextEvalReport, TextModel, TextProbeReport, TextRunSummary, TokenizerSection, ADAPT_LR,
+    FINETUNE_REPORT_FILE, HELDOUT_FILE, SCRATCH_LR,
 };
 pub use tokenizer::{
     check_token_ids, check_vocab, fertility, load_tokenizer, save_tokenizer, split_long_words,

@@ -130,7 +130,11 @@ impl TextModel {
 /// at a whitespace (pre-tokenizers split there, so the prefix's tokens are the document's
 /// first tokens) is tokenized first, and the whole text only when the prefix does not fill the
 /// sequence. `None` for a document without tokens.
-fn document_seq(tok: &Tokenizer, text: &str, input: &InputConfig) -> Result<Option<TokenizedSeq>> {
+pub(super) fn document_seq(
+    tok: &Tokenizer,
+    text: &str,
+    input: &InputConfig,
+) -> Result<Option<TokenizedSeq>> {
     let one = |t: &str| -> Result<Option<TokenizedSeq>> {
         Ok(tokenize_texts(tok, &[t], input, None, &[])?
             .into_iter()

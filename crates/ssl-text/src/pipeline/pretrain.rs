@@ -127,7 +127,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TextError + '_ {
 /// `model.init_from`'s, `tokenizer.file`, the run's own on resume, or trained on the training
 /// rows (streamed). With several ranks each streams its share of the row groups, rank 0
 /// makes the tokenizer and sends it, the held-out figures add every rank's sums, and rank 0
-/// writes the configuration, curve and export. Progress goes to stderr.
+/// writes the configuration, curve and export. Progress goes to stderr. `train.lr = 0` (the
+/// default) becomes the from-scratch or the adaptation rate ([`TextConfig::resolve_lr`]).
 pub fn pretrain(
     mut cfg: TextConfig,
     data: &[String],
@@ -140,6 +141,7 @@ pub fn pretrain(
         ));
     }
     let resume = opts.resume;
+    cfg.resolve_lr();
     cfg.train.validate()?;
     cfg.masking.validate()?;
     cfg.check_memory()?;
