@@ -4,7 +4,8 @@
 //! ssl pretrain <modality> [--config FILE] [--data PATH...] [--out DIR] [--set key=value...] [--resume]
 //! ssl embed    <modality> --checkpoint DIR --data PATH... --out FILE.parquet
 //! ssl eval     <modality> --checkpoint DIR --data PATH... [--test PATH...] [--label-column NAME]
-//! ssl config   <modality>
+//! ssl finetune <modality> --checkpoint DIR --data TRAIN... [--test TEST...] --out DIR [--label-fraction F...] [--frozen]
+//! ssl config   <modality> [--finetune]
 //! ssl tokenizer train --data PATH... --column text --out DIR [--heldout PATH...] [--set key=value...]
 //! ssl detect fit   --checkpoint MAE_DIR --data NORMAL.parquet --out DET_DIR [--set detect.key=value...]
 //! ssl detect score --detector DET_DIR --data IMAGES.parquet --out SCORES.parquet
@@ -148,6 +149,46 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// Fine-tune a classifier from a pretrained run (text, vision, timeseries) on label
+    /// fractions, against the same model from random initialisation; prints the report
+    /// (also OUT/report.json), each run's checkpoints under OUT/fraction-F/{pretrained,scratch}.
+    Finetune {
+        /// What kind of data.
+        modality: Modality,
+        /// A pretrained run directory, a checkpoint directory, or (text) a Hugging Face BERT
+        /// directory.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Labelled training data (Parquet files, directories or globs).
+        #[arg(long, num_args = 1.., required = true)]
+        data: Vec<String>,
+        /// Test data (default: a seeded stratified 20% hold-out of --data).
+        #[arg(long, num_args = 1..)]
+        test: Vec<String>,
+        /// Directory of the fine-tuning runs and the report.
+        #[arg(long)]
+        out: PathBuf,
+        /// Label column (default: finetune.label_column, "label").
+        #[arg(long)]
+        label_column: Option<String>,
+        /// Fractions of the labelled rows, each its own run, e.g. --label-fraction 0.01 0.1 1
+        /// (drawn per class, seeded by finetune.seed).
+        #[arg(long, num_args = 1..)]
+        label_fraction: Vec<f64>,
+        /// Train the head only, the encoder frozen (default: full fine-tuning).
+        #[arg(long)]
+        frozen: bool,
+        /// TOML of fine-tuning settings (`ssl config <modality> --finetune` prints them).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a setting: finetune.* keys (e.g. finetune.train.lr=1e-4) or the
+        /// checkpoint's data.* keys (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Continue the runs in --out from their newest checkpoints.
+        #[arg(long)]
+        resume: bool,
+    },
     /// Tokenizer commands.
     Tokenizer {
         /// What to do.
@@ -158,6 +199,9 @@ enum Command {
     Config {
         /// A modality, or `detect` for `ssl detect fit`'s settings.
         modality: ConfigTarget,
+        /// Print the modality's `ssl finetune` settings instead.
+        #[arg(long)]
+        finetune: bool,
     },
     /// Defect detection learned from normal images only, on a pretrained MAE.
     Detect {
@@ -289,13 +333,47 @@ fn run(cli: Cli) -> Result<(), CliError> {
         } => with_pipeline!(modality, P => {
             pipelines::eval::<P>(&checkpoint, &data, &test, label_column.as_deref(), &set)
         }),
-        Command::Config { modality } => {
-            let text = match modality.modality() {
-                Some(m) => {
+        Command::Finetune {
+            modality,
+            checkpoint,
+            data,
+            test,
+            out,
+            label_column,
+            label_fraction,
+            frozen,
+            config,
+            set,
+            resume,
+        } => {
+            let args = pipelines::FinetuneArgs {
+                config: config.as_deref(),
+                label_column: label_column.as_deref(),
+                fractions: &label_fraction,
+                frozen,
+                set: &set,
+                resume,
+            };
+            with_pipeline!(modality, P => {
+                pipelines::finetune::<P>(&checkpoint, &data, &test, &out, &args)
+            })
+        }
+        Command::Config { modality, finetune } => {
+            let text = match (modality.modality(), finetune) {
+                (Some(m), false) => {
                     let name = format!("{m:?}").to_lowercase();
                     with_pipeline!(m, P => pipelines::default_toml::<P>(&name))?
                 }
-                None => detect::default_toml()?,
+                (Some(m), true) => {
+                    let name = format!("{m:?}").to_lowercase();
+                    with_pipeline!(m, P => pipelines::finetune_toml::<P>(&name))?
+                }
+                (None, false) => detect::default_toml()?,
+                (None, true) => {
+                    return Err(CliError::Config(
+                        "the detector has no fine-tuning settings".into(),
+                    ))
+                }
             };
             print!("{text}");
             Ok(())
@@ -364,7 +442,7 @@ fn main() -> ExitCode {
 /// clap's "missing <MODALITY>".
 fn misplaced_modality(args: &[String]) -> Option<String> {
     let command = args.get(1)?;
-    if !matches!(command.as_str(), "pretrain" | "embed" | "eval") {
+    if !matches!(command.as_str(), "pretrain" | "embed" | "eval" | "finetune") {
         return None;
     }
     let is_modality = |a: &str| Modality::from_str(a, true).is_ok();

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use ssl_core::finetune::{FinetuneConfig, FinetuneReport};
 use ssl_core::run_dir::RunOptions;
 use ssl_core::TrainConfig;
 
@@ -14,7 +15,8 @@ use crate::CliError;
 /// `$file` (`$what`) and the crate functions `$pretrain`, `$stored`, `$embed`, `$eval`.
 macro_rules! pipeline {
     ($(#[$doc:meta])* $name:ident: $cfg:ty, $file:literal, $what:literal,
-     $pretrain:path, $stored:path, $embed:path, $eval:path) => {
+     $pretrain:path, $stored:path, $embed:path, $eval:path
+     $(, finetune: $ft_defaults:path, $finetune:path)?) => {
         $(#[$doc])*
         pub struct $name;
 
@@ -53,6 +55,22 @@ macro_rules! pipeline {
             ) -> Result<serde_json::Value, CliError> {
                 json(&$eval(ckpt, cfg, data, test, label)?)
             }
+            $(
+            fn finetune_defaults() -> Option<FinetuneConfig> {
+                Some($ft_defaults())
+            }
+            fn finetune(
+                ckpt: &Path,
+                cfg: &$cfg,
+                ft: &FinetuneConfig,
+                data: &[String],
+                test: &[String],
+                out: &Path,
+                opts: &RunOptions,
+            ) -> Result<FinetuneReport, CliError> {
+                Ok($finetune(ckpt, cfg, ft, data, test, out, opts)?)
+            }
+            )?
         }
     };
 }
@@ -76,7 +94,8 @@ pipeline!(
     ssl_timeseries::pretrain_timeseries,
     ssl_timeseries::pipeline::timeseries::stored_config,
     ssl_timeseries::embed_timeseries,
-    ssl_timeseries::eval_timeseries
+    ssl_timeseries::eval_timeseries,
+    finetune: ssl_timeseries::finetune_timeseries_config, ssl_timeseries::finetune_timeseries
 );
 
 pipeline!(
@@ -87,7 +106,8 @@ pipeline!(
     ssl_text::pretrain,
     ssl_text::stored_config,
     ssl_text::embed,
-    ssl_text::eval
+    ssl_text::eval,
+    finetune: ssl_text::finetune_config, ssl_text::finetune
 );
 
 pipeline!(
@@ -98,7 +118,8 @@ pipeline!(
     ssl_vision::pretrain,
     ssl_vision::stored_config,
     ssl_vision::embed,
-    ssl_vision::eval
+    ssl_vision::eval,
+    finetune: ssl_vision::finetune_config, ssl_vision::finetune
 );
 
 pipeline!(

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use ssl_core::finetune::{FinetuneConfig, FinetuneMode, FinetuneReport};
 use ssl_core::run_dir::RunOptions;
 use ssl_core::TrainConfig;
 
@@ -50,6 +51,24 @@ pub trait Pipeline {
         test: &[String],
         label_column: Option<&str>,
     ) -> Result<serde_json::Value, CliError>;
+    /// The modality's fine-tuning defaults; `None` where it offers no fine-tuning.
+    fn finetune_defaults() -> Option<FinetuneConfig> {
+        None
+    }
+    /// Fine-tunes classifiers from the checkpoint into `out` (see `ssl_core::finetune`).
+    fn finetune(
+        _ckpt: &Path,
+        _cfg: &Self::Config,
+        _ft: &FinetuneConfig,
+        _data: &[String],
+        _test: &[String],
+        _out: &Path,
+        _opts: &RunOptions,
+    ) -> Result<FinetuneReport, CliError> {
+        Err(CliError::Config(
+            "this modality offers no fine-tuning (text, vision and timeseries do)".into(),
+        ))
+    }
 }
 
 /// `ssl pretrain <modality>`: a new run in `out`, or with `resume` the run there continued
@@ -113,6 +132,91 @@ pub fn eval<P: Pipeline>(
     Ok(())
 }
 
+/// What `ssl finetune` is asked on its command line besides the data.
+pub struct FinetuneArgs<'a> {
+    /// A TOML file of `[finetune]` keys (as `ssl config <modality> --finetune` prints).
+    pub config: Option<&'a Path>,
+    /// `--label-column`.
+    pub label_column: Option<&'a str>,
+    /// `--label-fraction` values (empty: the configuration's).
+    pub fractions: &'a [f64],
+    /// `--frozen`: train the head only.
+    pub frozen: bool,
+    /// `--set` overrides: `finetune.*` keys go to the fine-tuning settings, the others to
+    /// the checkpoint's stored configuration (its `data.*` keys).
+    pub set: &'a [String],
+    /// `--resume`: continue the runs in `out` from their newest checkpoints.
+    pub resume: bool,
+}
+
+/// The fine-tuning settings: the modality's defaults, the `--config` file, the `finetune.*`
+/// overrides, then the options that have their own flag.
+fn finetune_settings<P: Pipeline>(args: &FinetuneArgs) -> Result<FinetuneConfig, CliError> {
+    let defaults = P::finetune_defaults().ok_or_else(|| {
+        CliError::Config(
+            "this modality offers no fine-tuning (text, vision and timeseries do)".into(),
+        )
+    })?;
+    let own: Vec<String> = args
+        .set
+        .iter()
+        .filter_map(|s| s.strip_prefix("finetune.").map(str::to_string))
+        .collect();
+    let mut ft: FinetuneConfig = config::resolve(&defaults, args.config, &own)?;
+    if let Some(label) = args.label_column {
+        ft.label_column = label.to_string();
+    }
+    if !args.fractions.is_empty() {
+        ft.label_fractions = args.fractions.to_vec();
+    }
+    if args.frozen {
+        ft.mode = FinetuneMode::Frozen;
+    }
+    ft.validate()?;
+    Ok(ft)
+}
+
+/// `ssl finetune <modality>`: classifiers fine-tuned from the checkpoint on each label
+/// fraction (and from random initialisation), their runs under `out`; prints the report.
+pub fn finetune<P: Pipeline>(
+    checkpoint: &Path,
+    data: &[String],
+    test: &[String],
+    out: &Path,
+    args: &FinetuneArgs,
+) -> Result<(), CliError> {
+    // Every setting is checked before the checkpoint is read or anything trains.
+    let ft = finetune_settings::<P>(args)?;
+    let rest: Vec<String> = args
+        .set
+        .iter()
+        .filter(|s| !s.starts_with("finetune."))
+        .cloned()
+        .collect();
+    let (ckpt, cfg) = stored::<P>(checkpoint, &rest)?;
+    ssl_core::parse_device(&ft.train.device)?;
+    let opts = RunOptions::interactive(args.resume)?;
+    let report = P::finetune(&ckpt, &cfg, &ft, data, test, out, &opts)?;
+    println!("{}", json(&report)?);
+    Ok(())
+}
+
+/// `ssl config <modality> --finetune`: the modality's fine-tuning defaults, commented.
+pub fn finetune_toml<P: Pipeline>(name: &str) -> Result<String, CliError> {
+    let defaults = P::finetune_defaults().ok_or_else(|| {
+        CliError::Config(format!(
+            "{name} offers no fine-tuning (text, vision and timeseries do)"
+        ))
+    })?;
+    Ok(ssl_core::config_doc::commented_toml_of(
+        &defaults,
+        &format!(
+            "The fine-tuning defaults of `ssl finetune {name}`. Give this file (edited) with\n\
+         --config, or single keys with `--set finetune.key=value`."
+        ),
+    )?)
+}
+
 /// `ssl config <modality>`: the default configuration as TOML, every key commented from
 /// the config types' doc comments.
 pub fn default_toml<P: Pipeline>(name: &str) -> Result<String, CliError> {
@@ -162,5 +266,6 @@ mod tests {
         check_commented::<ssl_timeseries::FeaturesConfig>();
         check_commented::<ssl_multimodal::MultimodalConfig>();
         check_commented::<ssl_vision::DetectFitConfig>();
+        check_commented::<ssl_core::finetune::FinetuneConfig>();
     }
 }

@@ -16,7 +16,13 @@ const WIDTH: usize = 96;
 /// for a choice, its allowed values; `title` opens the file. The text parses back to the
 /// defaults.
 pub fn commented_toml<T: Serialize + JsonSchema + Default>(title: &str) -> Result<String> {
-    let table = Table::try_from(T::default())
+    commented_toml_of(&T::default(), title)
+}
+
+/// [`commented_toml`] of the values `cfg` holds instead of the type's defaults (e.g. the
+/// defaults one pipeline chooses for a configuration type several share).
+pub fn commented_toml_of<T: Serialize + JsonSchema>(cfg: &T, title: &str) -> Result<String> {
+    let table = Table::try_from(cfg)
         .map_err(|e| CoreError::Config(format!("serialising defaults: {e}")))?;
     let schema = schemars::schema_for!(T);
     let root = schema.as_value().clone();
