@@ -6,7 +6,8 @@
 //! `cargo run --release -p ssl-timeseries --example finetune_timeseries`
 //!
 //! On a pretrained run and your data (`label` column; fractions default to 0.1,1.0):
-//! `cargo run --release -p ssl-timeseries --example finetune_timeseries -- RUN TRAIN.parquet TEST.parquet OUT [0.1,1.0] [full|frozen]`
+//! `cargo run --release -p ssl-timeseries --example finetune_timeseries -- RUN TRAIN.parquet TEST.parquet OUT [0.1,1.0] [full|frozen] [SEED]`
+//! (SEED: `finetune.seed`, the seed of the label-fraction draw)
 use std::path::Path;
 use std::sync::Arc;
 
@@ -54,6 +55,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         if args.get(5).map(String::as_str) == Some("frozen") {
             ft.mode = FinetuneMode::Frozen;
+        }
+        if let Some(seed) = args.get(6) {
+            ft.seed = seed.parse()?; // the label-fraction draw
         }
         let p = |s: &String| Path::new(s).to_path_buf();
         (p(&args[0]), args[1].clone(), args[2].clone(), p(&args[3]))
