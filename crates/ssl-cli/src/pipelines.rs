@@ -238,6 +238,7 @@ pub fn json<T: Serialize>(report: &T) -> Result<serde_json::Value, CliError> {
 mod tests {
     use serde::de::DeserializeOwned;
     use serde::Serialize;
+    use crate::config::resolve;
     use ssl_core::config_doc::{commented_toml, undocumented_keys};
     use toml::Table;
 
@@ -267,5 +268,49 @@ mod tests {
         check_commented::<ssl_multimodal::MultimodalConfig>();
         check_commented::<ssl_vision::DetectFitConfig>();
         check_commented::<ssl_core::finetune::FinetuneConfig>();
+    }
+
+    /// Every recipe under `configs/` reads into its modality's configuration (unknown keys
+    /// are errors there, so a renamed key fails here).
+    #[test]
+    fn every_recipe_reads_into_its_configuration() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            // The header names the command: `ssl pretrain <modality> --config configs/...`.
+            let modality = text
+                .split("ssl pretrain ")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .unwrap_or_else(|| panic!("{}: no `ssl pretrain` line", path.display()));
+            let read = |p: &std::path::Path| -> Result<(), crate::CliError> {
+                match modality {
+                    "text" => drop(resolve(&ssl_text::TextConfig::default(), Some(p), &[])?),
+                    "vision" => {
+                        drop(resolve(&ssl_vision::VisionConfig::default(), Some(p), &[])?)
+                    }
+                    "timeseries" => drop(resolve(
+                        &ssl_timeseries::TimeseriesConfig::default(),
+                        Some(p),
+                        &[],
+                    )?),
+                    "multimodal" => drop(resolve(
+                        &ssl_multimodal::MultimodalConfig::default(),
+                        Some(p),
+                        &[],
+                    )?),
+                    other => panic!("{}: unknown modality {other}", path.display()),
+                }
+                Ok(())
+            };
+            read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            seen += 1;
+        }
+        assert!(seen >= 4, "{seen} recipes in {}", dir.display());
     }
 }

@@ -565,8 +565,9 @@ pub struct RunScores {
     pub test: ClassScores,
     /// Optimizer steps trained.
     pub steps: u64,
-    /// Final training loss (mean of the last 10 logged steps).
-    pub final_train_loss: f64,
+    /// Final training loss (mean of the last 10 steps this process trained; `None` when it
+    /// trained none, e.g. a resumed run that had already finished).
+    pub final_train_loss: Option<f64>,
     /// Wall-clock seconds of training and scoring.
     pub seconds: f64,
     /// The run directory.
@@ -681,13 +682,13 @@ pub fn run_plan(
     })
 }
 
-/// Mean of the last (up to) 10 losses of a training report.
-pub fn final_loss(losses: &[(u64, f64)]) -> f64 {
+/// Mean of the last (up to) 10 losses of a training report; `None` without any.
+pub fn final_loss(losses: &[(u64, f64)]) -> Option<f64> {
     let tail = &losses[losses.len().saturating_sub(10)..];
     if tail.is_empty() {
-        return f64::NAN;
+        return None;
     }
-    tail.iter().map(|(_, l)| l).sum::<f64>() / tail.len() as f64
+    Some(tail.iter().map(|(_, l)| l).sum::<f64>() / tail.len() as f64)
 }
 
 #[cfg(test)]

@@ -142,7 +142,7 @@ fn fine_tuning_runs_end_to_end_and_its_runs_embed() {
             let run = finetune_run_dir(&out, r.label_fraction, start);
             assert_eq!(s.dir, run);
             assert_eq!(s.test.examples, 24);
-            assert!(s.final_train_loss.is_finite());
+            assert!(s.final_train_loss.is_some_and(f64::is_finite));
             // min_steps 10 for 12 examples; 4 epochs of 48 in batches of 8 = 24 steps.
             let want = if r.train_examples == 12 { 10 } else { 24 };
             assert_eq!(s.steps, want, "{}", run.display());

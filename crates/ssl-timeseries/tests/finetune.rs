@@ -87,7 +87,7 @@ fn fine_tuning_runs_the_plan_writes_runs_that_embed_and_draws_the_fractions() {
             assert_eq!(scores.steps, 5);
             assert_eq!(scores.test.examples, 10);
             assert!((0.0..=1.0).contains(&scores.test.accuracy));
-            assert!(scores.final_train_loss.is_finite());
+            assert!(scores.final_train_loss.is_some_and(f64::is_finite));
         }
         assert_eq!(
             run.pretrained.dir,
