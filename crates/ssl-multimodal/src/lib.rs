@@ -22,6 +22,8 @@
 //! - [`eval`](mod@eval): recall@K both ways against chance, zero-shot classification from class names
 //!   with prompt templates; [`filter`]: dropping the lowest-scoring pairs;
 //! - [`toy`]: a synthetic coloured-shapes set for tests and examples;
+//! - [`export`]: the towers as Hugging Face directories (`ViTModel`, `BertModel`) with the
+//!   projections beside them ([`export_hf`]; `pretrain` writes them to `RUN/hf`);
 //! - [`pipeline`]: the whole pipeline as library calls, what `ssl pretrain|embed|eval
 //!   multimodal` run: [`MultimodalConfig`] (the TOML keys), [`pretrain`], [`embed`], [`eval()`];
 //!   towers start from text and vision runs through their typed configurations.
@@ -53,6 +55,7 @@
 pub mod data;
 mod error;
 pub mod eval;
+pub mod export;
 pub mod filter;
 pub mod loss;
 mod model;
@@ -71,6 +74,7 @@ pub use eval::{
     embed_images, embed_texts, embed_token_seqs, recall_at_k, retrieval, zero_shot,
     RetrievalReport, ZeroShotReport,
 };
+pub use export::{export_hf, write_clip_hf_dir};
 pub use filter::keep_best_pairs;
 pub use loss::{clip_loss, siglip_loss, LossConfig, LossKind};
 pub use model::{cosine_matrix, pair_scores, ClipConfig, ClipModel, TEXT_PREFIX, VISION_PREFIX};

@@ -11,6 +11,8 @@
 //! - [`SimClrTask`]: SimCLR-style two-view contrastive learning with NT-Xent on the same ViT;
 //! - [`augment`]: seeded random resized crop, horizontal flip, normalisation;
 //! - [`preview`]: PNG grids of original | masked | reconstruction;
+//! - [`export`]: the encoder as a Hugging Face directory `transformers.ViTModel` loads
+//!   ([`export_hf`]; `pretrain` writes one to `RUN/hf`);
 //! - [`detect`]: reconstruction-error and PatchCore-style scorers, threshold calibration
 //!   and heat-maps;
 //! - [`pipeline`]: what `ssl pretrain|embed|eval vision` run, as library calls ([`pretrain`],
@@ -63,6 +65,7 @@ pub mod augment;
 mod contrastive;
 pub mod detect;
 mod error;
+pub mod export;
 mod mae;
 pub mod masking;
 pub mod patch;
@@ -79,6 +82,7 @@ pub use detect::pipeline::{
     detect_fit, detect_score, detector_config, DetectFitConfig, DetectFitReport, DetectScoreSummary,
 };
 pub use error::{Result, VisionError};
+pub use export::{export_hf, write_vit_hf_dir, Normalisation};
 pub use mae::{MaeConfig, MaeTask};
 pub use masking::{random_masking, MaskSample};
 pub use pipeline::{

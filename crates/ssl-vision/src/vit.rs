@@ -251,6 +251,13 @@ impl VisionTransformer {
         &self.cfg
     }
 
+    /// The fixed position embeddings `(1, 1 + L, D)`: the class token's slot (zeros, as MAE)
+    /// first, then the patches in row-major grid order (what Hugging Face ViT's
+    /// `embeddings.position_embeddings` holds).
+    pub fn position_embeddings(&self) -> &Tensor {
+        &self.pos_embed
+    }
+
     /// Patch embeddings plus position embeddings `(B, L, D)` of normalised pixels.
     pub fn embed_patches(&self, pixels: &Tensor) -> Result<Tensor> {
         let (_, c, h, w) = pixels.dims4()?;

@@ -1,6 +1,10 @@
 //! Contrastive pretraining of a multimodal run: pairs in, a run directory out.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use ssl_core::checkpoint::MODEL_FILE;
+use ssl_core::read_safetensors;
 
 use serde::Serialize;
 use ssl_core::run_dir::{self, RunOptions, RunSummary};
@@ -14,6 +18,7 @@ use super::{
     build_model, complete_config, heldout_pairs, init_towers, pair_filter, row_split,
     save_shared_tokenizer, shared_tokenizer, shuffle_bytes, training_sample, MultimodalConfig,
 };
+use crate::export::{write_clip_hf_dir, HF_DIR};
 use crate::stream::pair_specs;
 use crate::{
     embed_images, embed_token_seqs, pair_batch, retrieval, tokenize_captions, ClipModel,
@@ -27,6 +32,9 @@ pub struct MultimodalRunSummary {
     pub run: RunSummary,
     /// The model's `logit_scale` at the end (the similarity scale is its exponential).
     pub logit_scale: f64,
+    /// The towers exported for transformers (`out/hf`, see [`crate::export`]) from the newest
+    /// weights; `None` on ranks other than 0.
+    pub hf: Option<PathBuf>,
 }
 
 impl MultimodalRunSummary {
@@ -35,7 +43,11 @@ impl MultimodalRunSummary {
     pub fn print(&self) {
         let metrics = self.run.dir.join("metrics.jsonl");
         let note = format!(", logit_scale {:.3}", self.logit_scale);
-        self.run.print_done(&note, &[("metrics", &metrics)]);
+        let mut files: Vec<(&str, &Path)> = vec![("metrics", &metrics)];
+        if let Some(hf) = &self.hf {
+            files.push(("Hugging Face export", hf));
+        }
+        self.run.print_done(&note, &files);
     }
 }
 
@@ -223,9 +235,25 @@ pub fn pretrain(
         );
     }
     run.finish();
+    // The newest weights (those of the last checkpoint), exported for transformers.
+    let hf = if rank == 0 {
+        let (params, source) = match &report.last_checkpoint {
+            Some(ck) => {
+                let path = ck.join(MODEL_FILE);
+                (read_safetensors(&path, &Device::Cpu)?, path)
+            }
+            None => (store.tensors()?, out.to_path_buf()),
+        };
+        let dir = out.join(HF_DIR);
+        write_clip_hf_dir(&cfg, &params, &tok, &source, &dir)?;
+        Some(dir)
+    } else {
+        None
+    };
     Ok(MultimodalRunSummary {
         run: RunSummary::new(out, &report, rank),
         logit_scale: model.logit_scale_value()?,
+        hf,
     })
 }
 

@@ -16,7 +16,11 @@ use super::previews::Previews;
 use super::stats::sample_training_images;
 use super::stream::{ImageReader, StreamingImageSource};
 use super::task::{build_task, VisionTask};
+use crate::export::{run_normalisation, write_vit_hf_dir, HF_DIR, VISION_RUN_PREFIX};
 use crate::{ImageSet, Result, VisionError};
+use candle_core::Device;
+use ssl_core::checkpoint::MODEL_FILE;
+use ssl_core::read_safetensors;
 
 /// Pixels of the preparation pass's images kept for the health batch, the previews and the
 /// online k-NN bank, at most (the bank shrinks to fit).
@@ -29,6 +33,9 @@ pub struct VisionRunSummary {
     pub run: RunSummary,
     /// The reconstruction grids (`step-NNNNNNNN.png`, `final.png`; MAE only).
     pub previews: PathBuf,
+    /// The Hugging Face directory (`out/hf`, see [`crate::export`]) of the newest weights;
+    /// `None` on ranks other than 0.
+    pub hf: Option<PathBuf>,
 }
 
 impl VisionRunSummary {
@@ -36,8 +43,12 @@ impl VisionRunSummary {
     /// line with the checkpoint, metrics and previews.
     pub fn print(&self) {
         let metrics = self.run.dir.join("metrics.jsonl");
-        self.run
-            .print_done("", &[("metrics", &metrics), ("previews", &self.previews)]);
+        let mut files: Vec<(&str, &Path)> =
+            vec![("metrics", &metrics), ("previews", &self.previews)];
+        if let Some(hf) = &self.hf {
+            files.push(("Hugging Face export", hf));
+        }
+        self.run.print_done("", &files);
     }
 }
 
@@ -220,8 +231,31 @@ pub fn pretrain(
         };
         eprintln!("{who}training images: {bad}");
     }
+    // The newest weights (those of the last checkpoint), exported for transformers.
+    let hf = if par.is_main() {
+        let (params, source) = match &report.last_checkpoint {
+            Some(ck) => {
+                let path = ck.join(MODEL_FILE);
+                (read_safetensors(&path, &Device::Cpu)?, path)
+            }
+            None => (store.tensors()?, out.to_path_buf()),
+        };
+        let dir = out.join(HF_DIR);
+        write_vit_hf_dir(
+            &cfg.model,
+            &params,
+            VISION_RUN_PREFIX,
+            run_normalisation(&cfg),
+            &source,
+            &dir,
+        )?;
+        Some(dir)
+    } else {
+        None
+    };
     Ok(VisionRunSummary {
         run: RunSummary::new(out, &report, par.rank),
         previews: preview_dir,
+        hf,
     })
 }
