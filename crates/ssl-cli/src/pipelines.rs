@@ -236,9 +236,9 @@ pub fn json<T: Serialize>(report: &T) -> Result<serde_json::Value, CliError> {
 
 #[cfg(test)]
 mod tests {
+    use crate::config::resolve;
     use serde::de::DeserializeOwned;
     use serde::Serialize;
-    use crate::config::resolve;
     use ssl_core::config_doc::{commented_toml, undocumented_keys};
     use toml::Table;
 
@@ -291,9 +291,7 @@ mod tests {
             let read = |p: &std::path::Path| -> Result<(), crate::CliError> {
                 match modality {
                     "text" => drop(resolve(&ssl_text::TextConfig::default(), Some(p), &[])?),
-                    "vision" => {
-                        drop(resolve(&ssl_vision::VisionConfig::default(), Some(p), &[])?)
-                    }
+                    "vision" => drop(resolve(&ssl_vision::VisionConfig::default(), Some(p), &[])?),
                     "timeseries" => drop(resolve(
                         &ssl_timeseries::TimeseriesConfig::default(),
                         Some(p),

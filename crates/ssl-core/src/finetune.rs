@@ -75,7 +75,8 @@ pub struct FinetuneConfig {
     pub min_steps: u64,
     /// Training settings of each run. `train.max_epochs` sets the length from the run's
     /// labelled rows (at least `finetune.min_steps`); with `max_epochs = 0`, `train.max_steps`
-    /// does. The warm-up is at most a fifth of the run.
+    /// does. The warm-up is at most a fifth of the run. `train.lr = 0` asks the modality for
+    /// its rule (text: by the model's width).
     pub train: TrainConfig,
 }
 
@@ -147,9 +148,15 @@ impl FinetuneConfig {
                 "must be a number >= 0",
             );
         }
-        self.train
-            .validate()
-            .map_err(|e| CoreError::Config(format!("finetune.{e}")))
+        // `train.lr = 0` leaves the rate to the modality's rule (e.g. text's by model width).
+        let mut train = self.train.clone();
+        if train.lr == 0.0 {
+            train.lr = 1.0;
+        }
+        train.validate().map_err(|e| match e {
+            CoreError::Config(msg) => CoreError::Config(format!("finetune.{msg}")),
+            other => other,
+        })
     }
 }
 
@@ -927,6 +934,22 @@ mod tests {
         s0.sort_unstable();
         assert_eq!(s0, (0..10).collect::<Vec<_>>());
         assert_ne!(e0, e1);
+    }
+
+    #[test]
+    fn validation_names_the_key_and_leaves_a_zero_rate_to_the_modality() {
+        let mut cfg = FinetuneConfig::default();
+        cfg.train.lr = 0.0;
+        cfg.validate().unwrap();
+        cfg.train.lr = -1.0;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("finetune.train.lr"), "{err}");
+        let cfg = FinetuneConfig {
+            label_fractions: vec![0.5, 0.0],
+            ..FinetuneConfig::default()
+        };
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("finetune.label_fractions"), "{err}");
     }
 
     #[test]
