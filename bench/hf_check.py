@@ -12,6 +12,8 @@ Cases:
   vision-simclr-mean  ssl pretrain vision (SimCLR, mean pooling), fashion-MNIST sample
   clip-image          ssl pretrain multimodal, emoji sample: RUN/hf/vision + visual_projection
   clip-text           the same run: RUN/hf/text + text_projection
+  text-mlm            ssl pretrain text (MLM), licence-text sample: ssl-text's RUN/hf
+                      (a BertForMaskedLM directory) read as a BertModel, mean pooling
 
 Usage (from the repository root; a python with torch, transformers, pyarrow, pillow):
   cargo build -p ssl-cli
@@ -27,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -101,15 +104,19 @@ def vit_features(hf, images):
     return pooled, type(proc).__name__, tuple(pixels.shape)
 
 
-def bert_features(hf, captions):
+def bert_features(hf, captions, max_seq_len=None):
+    """Mean-pooled BertModel features of texts wrapped as ours: [CLS] + at most
+    max_seq_len - 2 tokens + [SEP] (max_seq_len: config.json's ssl_max_seq_len by default)."""
     model, info = BertModel.from_pretrained(hf, add_pooling_layer=False, output_loading_info=True)
     model.eval()
+    # A masked-LM directory's head (cls.*) is not part of a BertModel.
+    info["unexpected_keys"] = [k for k in info.get("unexpected_keys", []) if not k.startswith("cls.")]
     bad = {k: v for k, v in info.items() if v}
     assert not bad, f"{hf}: loading reported {bad}"
     conf = json.load(open(os.path.join(hf, "config.json")))
     tok = Tokenizer.from_file(os.path.join(hf, "tokenizer.json"))
     cls, sep, pad = (tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]"))
-    room = conf["ssl_max_seq_len"] - 2
+    room = (max_seq_len or conf["ssl_max_seq_len"]) - 2
     seqs = [[cls] + tok.encode(c, add_special_tokens=False).ids[:room] + [sep] for c in captions]
     t = max(len(s) for s in seqs)
     ids = torch.tensor([s + [pad] * (t - len(s)) for s in seqs])
@@ -187,6 +194,23 @@ def main():
     f = bert_features(os.path.join(hf, "text"), captions)
     f = torch.nn.functional.normalize(f @ proj["text_projection.weight"].T, dim=-1)
     results.append(compare("clip-text", e, f, a.tol, "[BertModel + tokenizer.json]"))
+
+    licences = os.path.join(SAMPLES, "spdx_licenses_sample.parquet")
+    out = os.path.join(a.work, "text-mlm")
+    run([a.ssl, "pretrain", "text", "--data", licences, "--out", out,
+         "--set", f"train.max_steps={a.steps}", "--set", "train.batch_size=16",
+         "--set", "tokenizer.train.vocab_size=1000"])
+    emb = os.path.join(a.work, "text-mlm.parquet")
+    run([a.ssl, "embed", "text", "--checkpoint", out, "--data", licences, "--out", emb])
+    _, e = ours(emb, n)
+    with open(os.path.join(out, "config.toml"), "rb") as f:
+        conf = tomllib.load(f)
+    assert conf["embed"]["pooling"] == "mean" and conf["embed"]["layer"] == -1, conf["embed"]
+    hf = os.path.join(out, "hf")
+    mode = check_metadata(os.path.join(hf, "model.safetensors"))
+    texts = pq.read_table(licences, columns=["text"]).column("text").to_pylist()[:n]
+    f = bert_features(hf, texts, conf["input"]["max_seq_len"])
+    results.append(compare("text-mlm", e, f, a.tol, f"[BertModel, model.safetensors {mode}]"))
 
     print(f"{sum(results)} of {len(results)} cases within {a.tol:g}")
     sys.exit(0 if all(results) else 1)
