@@ -14,6 +14,9 @@ Cases:
   clip-text           the same run: RUN/hf/text + text_projection
   text-mlm            ssl pretrain text (MLM), licence-text sample: ssl-text's RUN/hf
                       (a BertForMaskedLM directory) read as a BertModel, mean pooling
+  vision-resize       (information, not a pass/fail case) the MAE run embedding images
+                      resized 28 -> 20: our decoder's resize (the image crate's triangle
+                      filter) against the processor's (PIL bilinear)
 
 Usage (from the repository root; a python with torch, transformers, pyarrow, pillow):
   cargo build -p ssl-cli
@@ -127,12 +130,14 @@ def bert_features(hf, captions, max_seq_len=None):
     return (h * m).sum(1) / m.sum(1)
 
 
-def compare(name, a, b, tol, extra):
+def compare(name, a, b, tol, extra, info=False):
     d = (a - b).abs().max().item()
     scale = b.abs().max().item()
     ok = d <= tol
+    verdict = "INFO" if info else ("PASS" if ok else "FAIL")
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item()
     print(f"{name:<20} rows {a.shape[0]:>3}  dim {a.shape[1]:>3}  max|ours - transformers| {d:.2e}"
-          f"  (max|ours| {scale:.2f})  {'PASS' if ok else 'FAIL'}  {extra}", flush=True)
+          f"  (max|ours| {scale:.2f}, 1 - min cosine {1 - cos:.1e})  {verdict}  {extra}", flush=True)
     return ok
 
 
@@ -170,6 +175,18 @@ def main():
         mode = check_metadata(os.path.join(hf, "model.safetensors"))
         f, proc, shape = vit_features(hf, images_of(fashion, n))
         results.append(compare(name, e, f, a.tol, f"[{proc}, pixels {shape}, model.safetensors {mode}]"))
+
+    # Information: the same encoder on images both sides resize (a model trained at 20x20).
+    name = "vision-resize"
+    out = os.path.join(a.work, name)
+    run([a.ssl, "pretrain", "vision", "--data", fashion, "--out", out, "--set", "data.resize=[20,20]",
+         "--set", "model.patch_size=4", "--set", f"train.max_steps={a.steps}", "--set", "train.batch_size=32"]
+        + small_vit)
+    emb = os.path.join(a.work, name + ".parquet")
+    run([a.ssl, "embed", "vision", "--checkpoint", out, "--data", fashion, "--out", emb])
+    _, e = ours(emb, n)
+    f, proc, shape = vit_features(os.path.join(out, "hf"), images_of(fashion, n))
+    compare(name, e, f, a.tol, f"[{proc}, pixels {shape}]", info=True)
 
     emoji = os.path.join(SAMPLES, "emoji_sample.parquet")
     out = os.path.join(a.work, "clip")
