@@ -253,3 +253,81 @@ pub fn export_hf(checkpoint: &Path, out_dir: &Path) -> Result<PathBuf> {
     let tok = load_tokenizer(Path::new(&cfg.tokenizer.file))?;
     write_clip_hf_dir(&cfg, &params, &tok, &path, out_dir)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ClipModel, LossKind};
+
+    fn tiny(kind: LossKind) -> MultimodalConfig {
+        let mut cfg = MultimodalConfig::default();
+        let m = &mut cfg.model;
+        (m.embed_dim, m.loss.kind) = (8, kind);
+        (
+            m.image.image_height,
+            m.image.image_width,
+            m.image.patch_size,
+        ) = (8, 8, 4);
+        (m.image.dim, m.image.depth, m.image.heads) = (16, 1, 2);
+        // Filled in from the data in a run.
+        (m.image.channels, m.image_mean, m.image_std) = (3, vec![0.5], vec![0.25]);
+        (
+            m.text.vocab_size,
+            m.text.hidden_size,
+            m.text.intermediate_size,
+        ) = (30, 12, 24);
+        (m.text.num_hidden_layers, m.text.num_attention_heads) = (1, 2);
+        m.text.max_position_embeddings = 8;
+        cfg
+    }
+
+    fn params(cfg: &MultimodalConfig) -> HashMap<String, Tensor> {
+        let store = ParamStore::new(&Device::Cpu);
+        ClipModel::new(&cfg.model, &store.builder(0)).unwrap();
+        store.tensors().unwrap()
+    }
+
+    #[test]
+    fn projections_carry_siglips_bias_and_missing_tensors_are_named() {
+        let clip = tiny(LossKind::Clip);
+        let p = projection_tensors(&clip, &params(&clip), Path::new("m")).unwrap();
+        let mut names: Vec<_> = p.keys().cloned().collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "logit_scale",
+                "text_projection.weight",
+                "visual_projection.weight"
+            ]
+        );
+        assert_eq!(p["text_projection.weight"].dims(), [8, 12]);
+        let siglip = tiny(LossKind::Siglip);
+        let p = projection_tensors(&siglip, &params(&siglip), Path::new("m")).unwrap();
+        assert_eq!(p.len(), 4);
+        assert_eq!(p["logit_bias"].dims(), [0usize; 0]);
+
+        let mut bad = params(&clip);
+        bad.remove("text_model.encoder.layer.0.output.dense.bias");
+        let err = text_tower_store(&clip, &bad, Path::new("m.safetensors"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("text_model.encoder.layer.0.output.dense.bias")
+                && err.contains("m.safetensors"),
+            "{err}"
+        );
+        bad.insert(
+            "visual_projection.weight".into(),
+            Tensor::zeros((8, 3), DType::F32, &Device::Cpu).unwrap(),
+        );
+        let err = projection_tensors(&clip, &bad, Path::new("m"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("visual_projection.weight") && err.contains("[8, 16]"),
+            "{err}"
+        );
+    }
+}
