@@ -5,7 +5,9 @@ use serde::{Deserialize, Serialize};
 use ssl_core::memory::{check_fits, product_bytes};
 use ssl_core::TrainConfig;
 
-use crate::{BertConfig, InputConfig, InputMode, MaskingConfig, Pooling, Result, TokenizerConfig};
+use crate::{
+    BertConfig, InputConfig, InputMode, MaskingConfig, Pooling, Result, TextError, TokenizerConfig,
+};
 
 /// `[data]`: which columns to read, the held-out split and entity annotations.
 #[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -84,7 +86,8 @@ pub struct ModelSection {
     pub preset: String,
     /// A Hugging Face directory to adapt (config.json, model.safetensors, tokenizer.json).
     pub init_from: String,
-    /// The BERT configuration (Hugging Face names); sizes come from the preset when set,
+    /// The BERT configuration (Hugging Face names); sizes come from the preset when set (other
+    /// sizes written here with a preset set are refused: set `preset = ""` to use them),
     /// vocab_size and pad_token_id from the tokenizer.
     pub config: BertConfig,
 }
@@ -192,6 +195,42 @@ impl TextConfig {
         }
     }
 
+    /// The model's sizes: `model.preset`'s, or `model.config`'s when the preset is `""`.
+    /// A preset together with sizes in `model.config` that are neither the default preset's
+    /// (untouched) nor the preset's own is refused, naming both keys: the preset would
+    /// silently replace the sizes the user wrote. An unknown preset is refused by name.
+    pub fn model_sizes(&self) -> Result<BertConfig> {
+        let m = &self.model;
+        if m.preset.is_empty() {
+            return Ok(m.config.clone());
+        }
+        let p = BertConfig::preset(&m.preset, 0)?;
+        let untouched = BertConfig::preset(&ModelSection::default().preset, 0)?;
+        let sizes = |b: &BertConfig| {
+            (
+                b.hidden_size,
+                b.num_hidden_layers,
+                b.num_attention_heads,
+                b.intermediate_size,
+            )
+        };
+        let given = sizes(&m.config);
+        if given != sizes(&untouched) && given != sizes(&p) {
+            return Err(TextError::Config(format!(
+                "model.preset = \"{}\" sets the sizes, and model.config gives others \
+                 (hidden_size {}, num_hidden_layers {}, num_attention_heads {}, \
+                 intermediate_size {}): set model.preset = \"\" to use model.config's sizes",
+                m.preset, given.0, given.1, given.2, given.3
+            )));
+        }
+        let mut c = m.config.clone();
+        c.hidden_size = p.hidden_size;
+        c.num_hidden_layers = p.num_hidden_layers;
+        c.num_attention_heads = p.num_attention_heads;
+        c.intermediate_size = p.intermediate_size;
+        Ok(c)
+    }
+
     /// A coarse estimate, in bytes, of a training step's dominant allocations: the batch's
     /// activations over every layer and its vocabulary logits, `train.batch_size x
     /// input.max_seq_len x (hidden x layers x 16 + vocabulary x 4) x 4` bytes (sizes from
@@ -224,6 +263,7 @@ impl TextConfig {
     /// [`memory_estimate`](Self::memory_estimate) exceeds the memory available (or
     /// `train.max_memory_gb`).
     pub fn check_memory(&self) -> Result<()> {
+        self.model_sizes()?;
         Ok(check_fits(
             self.memory_estimate(),
             "a text training batch (activations and logits)",
@@ -231,5 +271,30 @@ impl TextConfig {
              model.config) and vocabulary (tokenizer.train.vocab_size)",
             self.train.memory_limit(),
         )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_preset_never_silently_replaces_sizes_the_user_wrote() {
+        let mut cfg = TextConfig::default();
+        assert_eq!(cfg.model_sizes().unwrap().hidden_size, 128); // tiny
+        cfg.model.preset = "mini".into();
+        assert_eq!(cfg.model_sizes().unwrap().num_hidden_layers, 4);
+        // Sizes written by the user with a preset still set: refused, naming both keys.
+        cfg.model.config.hidden_size = 96;
+        let err = cfg.check_memory().unwrap_err().to_string();
+        assert!(
+            err.contains("model.preset") && err.contains("hidden_size 96"),
+            "{err}"
+        );
+        // Without a preset, the written sizes are the model.
+        cfg.model.preset.clear();
+        assert_eq!(cfg.model_sizes().unwrap().hidden_size, 96);
+        cfg.model.preset = "huge".into();
+        assert!(cfg.model_sizes().unwrap_err().to_string().contains("huge"));
     }
 }

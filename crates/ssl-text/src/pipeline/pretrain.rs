@@ -20,8 +20,7 @@ use super::stream::{
 };
 use super::tokenizer::shared_tokenizer;
 use crate::{
-    export_hf_dir, load_hf_dir, save_tokenizer, BertConfig, BertForMaskedLM, Result, SpecialIds,
-    TextError,
+    export_hf_dir, load_hf_dir, save_tokenizer, BertForMaskedLM, Result, SpecialIds, TextError,
 };
 
 /// The held-out curve's file in a run directory.
@@ -87,12 +86,7 @@ pub fn build_model(
         return Ok((hf.store, hf.model));
     }
     if !cfg.model.preset.is_empty() {
-        let p = BertConfig::preset(&cfg.model.preset, 0)?;
-        let c = &mut cfg.model.config;
-        c.hidden_size = p.hidden_size;
-        c.num_hidden_layers = p.num_hidden_layers;
-        c.num_attention_heads = p.num_attention_heads;
-        c.intermediate_size = p.intermediate_size;
+        cfg.model.config = cfg.model_sizes()?;
         cfg.model.preset.clear();
     }
     cfg.model.config.vocab_size = tok.get_vocab_size(true);
