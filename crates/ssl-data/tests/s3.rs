@@ -326,9 +326,10 @@ fn missing_buckets_keys_and_prefixes_name_the_url() {
     assert!(matches!(e, DataError::NoFiles { .. }), "{e:?}");
     let (e, _) = error(&format!("s3://{bucket}/data/*.csv"));
     assert!(matches!(e, DataError::NoFiles { .. }), "{e:?}");
-    // An object that is not Parquet.
-    let (e, _) = error(&format!("s3://{bucket}/data/readme.txt"));
-    assert!(matches!(e, DataError::Parquet { .. }), "{e:?}");
+    // A text object: the other formats are read from local paths only, said so.
+    let (e, text) = error(&format!("s3://{bucket}/data/readme.txt"));
+    assert!(matches!(e, DataError::InvalidConfig { .. }), "{e:?}");
+    assert!(text.contains("local paths only"), "{text}");
     // A missing column names the object's URL.
     let url = format!("s3://{bucket}/data/b.parquet");
     let e = read_all(
