@@ -925,15 +925,7 @@ impl ParquetSource {
         row_groups: &[usize],
         roots: &[usize],
     ) -> Result<ParquetRecordBatchReaderBuilder<FileChunks>, DataError> {
-        let f = self
-            .files
-            .get(file)
-            .ok_or_else(|| DataError::InvalidConfig {
-                reason: format!(
-                    "file index {file} is out of range: the source has {} files",
-                    self.files.len()
-                ),
-            })?;
+        let f = self.checked(file, row_groups, roots)?;
         let (location, meta) = match &f.kind {
             FileKind::Parquet { location, meta } => (location, meta),
             _ => {
@@ -946,24 +938,6 @@ impl ParquetSource {
                 })
             }
         };
-        let groups = f.rg_rows.len();
-        if let Some(&bad) = row_groups.iter().find(|&&g| g >= groups) {
-            return Err(DataError::InvalidConfig {
-                reason: format!(
-                    "row group {bad} is out of range: {} has {groups} row groups",
-                    f.name
-                ),
-            });
-        }
-        let width = f.schema.fields().len();
-        if let Some(&bad) = roots.iter().find(|&&c| c >= width) {
-            return Err(DataError::InvalidConfig {
-                reason: format!(
-                    "column index {bad} is out of range: {} has {width} columns",
-                    f.name
-                ),
-            });
-        }
         let mask = ProjectionMask::roots(meta.parquet_schema(), roots.iter().copied());
         let chunks = match location {
             Location::Local => {
@@ -1014,6 +988,18 @@ impl ParquetSource {
         row_group: usize,
         roots: &[usize],
     ) -> Result<Vec<RecordBatch>, DataError> {
+        self.checked(file, &[row_group], roots)?;
+        self.read_batches(file, row_group, roots)
+    }
+
+    /// File `file`, once `row_groups` and the root columns `roots` are known to be in it
+    /// (each out-of-range index an error naming the file).
+    fn checked(
+        &self,
+        file: usize,
+        row_groups: &[usize],
+        roots: &[usize],
+    ) -> Result<&SourceFile, DataError> {
         let f = self
             .files
             .get(file)
@@ -1024,10 +1010,10 @@ impl ParquetSource {
                 ),
             })?;
         let groups = f.rg_rows.len();
-        if row_group >= groups {
+        if let Some(&bad) = row_groups.iter().find(|&&g| g >= groups) {
             return Err(DataError::InvalidConfig {
                 reason: format!(
-                    "row group {row_group} is out of range: {} has {groups} row groups",
+                    "row group {bad} is out of range: {} has {groups} row groups",
                     f.name
                 ),
             });
@@ -1041,7 +1027,7 @@ impl ParquetSource {
                 ),
             });
         }
-        self.read_batches(file, row_group, roots)
+        Ok(f)
     }
 
     /// Rows of each row group of file `file`, from its footer (empty past the last file).
