@@ -614,6 +614,24 @@ pub fn fraction_dir(out: &Path, fraction: f64) -> PathBuf {
     out.join(format!("fraction-{fraction}"))
 }
 
+impl Start {
+    /// The run directory's name for this start: `pretrained` or `scratch`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Start::Pretrained => "pretrained",
+            Start::Scratch => "scratch",
+        }
+    }
+}
+
+/// The directory of one run of a plan: `out/fraction-F/{pretrained,scratch}`.
+pub fn run_dir(out: &Path, fraction: f64, start: Start) -> PathBuf {
+    fraction_dir(out, fraction).join(start.name())
+}
+
+/// The report's file in a fine-tuning output directory.
+pub const REPORT_FILE: &str = "report.json";
+
 /// The run's length: `train.max_epochs` over its rows (at least `min_steps`), or
 /// `train.max_steps` when epochs are off; warm-up at most a fifth of it.
 pub fn run_train_config(cfg: &FinetuneConfig, rows: usize) -> TrainConfig {
@@ -645,15 +663,12 @@ pub fn run_plan(
         let rows = draw_label_fraction(labels, fraction, cfg.seed)?;
         let train = run_train_config(cfg, rows.len());
         let mut one = |start: Start| -> Result<RunScores> {
-            let name = match start {
-                Start::Pretrained => "pretrained",
-                Start::Scratch => "scratch",
-            };
+            let name = start.name();
             let spec = RunSpec {
                 fraction,
                 start,
                 rows: rows.clone(),
-                dir: fraction_dir(out, fraction).join(name),
+                dir: run_dir(out, fraction, start),
                 train: train.clone(),
             };
             let scores = run(&spec)?;

@@ -457,7 +457,7 @@ impl Plan<'_> {
 }
 
 /// The report's file in the output directory of [`finetune`].
-pub const FINETUNE_REPORT_FILE: &str = "report.json";
+pub const FINETUNE_REPORT_FILE: &str = ssl_core::finetune::REPORT_FILE;
 
 /// Fine-tunes the text model of `checkpoint` (a run's checkpoint directory or a Hugging Face
 /// BERT directory) configured by `cfg` (both from [`super::stored_config`]) to classify the
@@ -587,8 +587,5 @@ pub fn finetune(
 /// The directory of one run of [`finetune`]'s output (`out/fraction-F/pretrained` or
 /// `.../scratch`).
 pub fn finetune_run_dir(out: &Path, fraction: f64, start: Start) -> PathBuf {
-    ssl_core::finetune::fraction_dir(out, fraction).join(match start {
-        Start::Pretrained => "pretrained",
-        Start::Scratch => "scratch",
-    })
+    ssl_core::finetune::run_dir(out, fraction, start)
 }

@@ -385,7 +385,7 @@ pub fn finetune(
     if par.is_main() {
         let json = serde_json::to_vec_pretty(&report)
             .map_err(|e| VisionError::Config(format!("writing the report: {e}")))?;
-        ssl_data::output::write_output(&out.join("report.json"), &json)?;
+        ssl_data::output::write_output(&out.join(ssl_core::finetune::REPORT_FILE), &json)?;
     }
     Ok(report)
 }

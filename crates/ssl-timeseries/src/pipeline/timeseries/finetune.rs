@@ -420,7 +420,7 @@ pub fn finetune(
     if main {
         let json = serde_json::to_vec_pretty(&report)
             .map_err(|e| TsError::Pipeline(format!("writing the report: {e}")))?;
-        ssl_data::output::write_output(&out.join("report.json"), &json)?;
+        ssl_data::output::write_output(&out.join(ssl_core::finetune::REPORT_FILE), &json)?;
         let toml = run_dir::to_toml(ft)?;
         ssl_data::output::write_output(&out.join("finetune.toml"), toml.as_bytes())?;
     }
@@ -467,9 +467,5 @@ fn predict(
 
 /// The directory of one run of a plan written by [`finetune`] into `out`.
 pub fn finetune_run_dir(out: &Path, fraction: f64, start: Start) -> PathBuf {
-    let name = match start {
-        Start::Pretrained => "pretrained",
-        Start::Scratch => "scratch",
-    };
-    ssl_core::finetune::fraction_dir(out, fraction).join(name)
+    ssl_core::finetune::run_dir(out, fraction, start)
 }
