@@ -98,9 +98,10 @@ pub struct TrainConfig {
     pub max_rollbacks: u32,
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
-    /// Precision of the fused CPU transformer stack's linear-layer products: `f32` (default)
-    /// or `bf16` (operands rounded to bf16, sums in f32, f32 master weights; on CPUs with
-    /// AVX-512 BF16, f32 elsewhere). See [`crate::nn::MatmulPrecision`].
+    /// Precision of the transformer stack's products: `f32` (default) or `bf16` (operands
+    /// rounded to bf16, sums in f32, f32 master weights; on the CPU the fused stack's large
+    /// products, with AVX-512 BF16, f32 on other CPUs; on a GPU every product of the stack,
+    /// through cuBLAS). See [`crate::nn::MatmulPrecision`].
     pub matmul_precision: MatmulPrecision,
     /// With `matmul_precision = "bf16"`, first time bf16 and f32 products on this CPU (about
     /// 0.2 s, once per process) and keep f32, saying so, where bf16 is slower (Intel Xeons
@@ -657,8 +658,12 @@ impl<'r, T: PretextTask> Run<'r, T> {
             report.last_checkpoint = Some(ckpt.clone());
         }
         crate::collective::broadcast_params(trainer.collective.as_ref(), params)?;
-        cfg.matmul_precision =
-            resolve_precision(&cfg, state.matmul_precision, trainer.collective.as_ref())?;
+        cfg.matmul_precision = resolve_precision(
+            &cfg,
+            state.matmul_precision,
+            params.device().is_cuda(),
+            trainer.collective.as_ref(),
+        )?;
         state.matmul_precision = Some(cfg.matmul_precision);
         report.start_step = state.step;
 
@@ -1127,19 +1132,21 @@ pub fn plot_run(dir: &Path) -> Result<()> {
     crate::plot::run::plot_run_dir(dir)
 }
 
-/// The precision a run's products take: the checkpoint's on a resume; f32 where bf16 was
-/// asked for but the CPU lacks the kernels or, with `train.bf16_check`, they are slower than
-/// f32 on it (on any rank: ranks decide together, so they stay bit-identical). Rank 0 says why
-/// when it keeps f32.
+/// The precision a run's products take: the checkpoint's on a resume; as asked on a GPU
+/// (cuBLAS multiplies bf16 on every GPU candle runs on); f32 where bf16 was asked for but the
+/// CPU lacks the kernels or, with `train.bf16_check`, they are slower than f32 on it (on any
+/// rank: ranks decide together, so they stay bit-identical). Rank 0 says why when it keeps
+/// f32.
 fn resolve_precision(
     cfg: &TrainConfig,
     recorded: Option<MatmulPrecision>,
+    on_gpu: bool,
     collective: &dyn Collective,
 ) -> Result<MatmulPrecision> {
     if let Some(p) = recorded {
         return Ok(p);
     }
-    if cfg.matmul_precision != MatmulPrecision::Bf16 {
+    if cfg.matmul_precision != MatmulPrecision::Bf16 || on_gpu {
         return Ok(cfg.matmul_precision);
     }
     let main = collective.is_main();

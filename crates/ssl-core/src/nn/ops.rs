@@ -2,9 +2,10 @@
 //!
 //! candle's fused `softmax_last_dim`, `layer_norm` and `rms_norm` silently cut gradients
 //! (DESIGN.md), so the stack is built from these composite versions, whose backward is
-//! candle's ordinary autograd.
+//! candle's ordinary autograd. On a GPU [`softmax_last_dim`] runs candle's fused softmax
+//! kernel inside an op of ours that has a backward.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::nn::MatmulPrecision;
@@ -19,11 +20,145 @@ fn on_cpu_f32(t: &Tensor, also: &[&Tensor]) -> bool {
 }
 
 /// Softmax over the last dimension, shifted by the (gradient-free) row maximum for stability.
+///
+/// On a CUDA device it is one op ([`softmax_last_dim_fused`]: candle's softmax kernel forward,
+/// `y * (g - sum(g * y))` backward); elsewhere [`softmax_last_dim_composite`].
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cuda() {
+        return softmax_last_dim_fused(x);
+    }
+    softmax_last_dim_composite(x)
+}
+
+/// [`softmax_last_dim`] from candle ops (max, subtract, exp, sum, divide) on every device.
+pub fn softmax_last_dim_composite(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let s = e.sum_keepdim(D::Minus1)?;
     Ok(e.broadcast_div(&s)?)
+}
+
+/// [`softmax_last_dim`] as one op with a backward, on any device: the forward is one pass
+/// per row (on a GPU candle's fused softmax kernel, whose own wrapper
+/// `candle_nn::ops::softmax_last_dim` cuts gradients), the backward `y * (g - sum(g * y))`
+/// from the saved output `y`. f32, f64, bf16 and f16 on a GPU; f32 and f64 on the CPU.
+pub fn softmax_last_dim_fused(x: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(SoftmaxLastDim)?)
+}
+
+/// The op of [`softmax_last_dim_fused`].
+struct SoftmaxLastDim;
+
+impl CustomOp1 for SoftmaxLastDim {
+    fn name(&self) -> &'static str {
+        "ssl-softmax-last-dim"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        // Each row in f64 (the CPU side serves tests and small tensors: the CPU stack has its
+        // own fused kernels).
+        fn rows<T: candle_core::WithDType>(
+            src: &[T],
+            layout: &Layout,
+        ) -> candle_core::Result<Vec<T>> {
+            let Some((o1, o2)) = layout.contiguous_offsets() else {
+                candle_core::bail!("softmax: input has to be contiguous")
+            };
+            let n = layout.dims().last().copied().unwrap_or(1).max(1);
+            let mut dst = Vec::with_capacity(o2 - o1);
+            let mut e = vec![0f64; n];
+            for row in src[o1..o2].chunks(n) {
+                let max = row.iter().fold(f64::NEG_INFINITY, |m, v| m.max(v.to_f64()));
+                let mut sum = 0.0;
+                for (ei, v) in e.iter_mut().zip(row) {
+                    *ei = (v.to_f64() - max).exp();
+                    sum += *ei;
+                }
+                dst.extend(e[..row.len()].iter().map(|ei| T::from_f64(ei / sum)));
+            }
+            Ok(dst)
+        }
+        let shape = layout.shape().clone();
+        match storage {
+            CpuStorage::F32(v) => Ok((CpuStorage::F32(rows(v, layout)?), shape)),
+            CpuStorage::F64(v) => Ok((CpuStorage::F64(rows(v, layout)?), shape)),
+            other => {
+                use candle_core::backend::BackendStorage;
+                candle_core::bail!("softmax: {:?} on the CPU", other.dtype())
+            }
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        // candle-nn 0.11's `SoftmaxLastDim::cuda_fwd`, which launches candle's kernel.
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{
+            CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+        };
+        use candle_core::cuda_backend::{kernel_name, kernels, Map1, WrapErr};
+        use candle_core::{CudaDevice, WithDType};
+
+        struct S;
+        impl Map1 for S {
+            fn f<T: DeviceRepr + WithDType>(
+                &self,
+                src: &CudaSlice<T>,
+                dev: &CudaDevice,
+                layout: &Layout,
+            ) -> candle_core::Result<CudaSlice<T>> {
+                let Some((o1, o2)) = layout.contiguous_offsets() else {
+                    candle_core::bail!("softmax: input has to be contiguous")
+                };
+                let src = src.slice(o1..o2);
+                let el = layout.shape().elem_count();
+                let n_cols = layout.dims().last().copied().unwrap_or(1).max(1);
+                let cfg = LaunchConfig {
+                    grid_dim: ((el / n_cols) as u32, 1, 1),
+                    block_dim: (1, 32, 1),
+                    shared_mem_bytes: 0,
+                };
+                let func = dev.get_or_load_func(&kernel_name::<T>("softmax"), &kernels::REDUCE)?;
+                // SAFETY: every element is written by the kernel below.
+                let dst = unsafe { dev.alloc::<T>(el)? };
+                let mut builder = func.builder();
+                builder.arg(&src);
+                builder.arg(&dst);
+                candle_core::builder_arg!(builder, n_cols as i32);
+                // SAFETY: the kernel's arguments are the two buffers of `el` elements and the
+                // row length, as candle-nn passes them.
+                unsafe { builder.launch(cfg) }.w()?;
+                Ok(dst)
+            }
+        }
+        let dev = storage.device();
+        let slice = S.map(&storage.slice, dev, layout)?;
+        Ok((
+            candle_core::CudaStorage {
+                slice,
+                device: dev.clone(),
+            },
+            layout.shape().clone(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let dot = (grad_res * res)?.sum_keepdim(D::Minus1)?;
+        Ok(Some(res.mul(&grad_res.broadcast_sub(&dot)?)?))
+    }
 }
 
 /// Log-softmax over the last dimension.
@@ -175,9 +310,14 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 ///
 /// Under [`MatmulPrecision::Bf16`], with f32 operands on a CPU that has the bf16 kernels, one op
 /// computes it and its two backward products with bf16 operands and f32 sums (where the
-/// product reaches the fused stack's size rule, at least 16 M multiply-adds); otherwise it is
-/// candle's f32 matmul.
+/// product reaches the fused stack's size rule, at least 16 M multiply-adds); with f32
+/// operands on a GPU, cuBLAS multiplies them rounded to bf16 with f32 sums (every size, as
+/// [`matmul`]); otherwise it is candle's f32 matmul.
 pub fn matmul_t(x: &Tensor, w: &Tensor, precision: MatmulPrecision) -> Result<Tensor> {
+    if gpu_bf16(x, &[w], precision) {
+        let (x, w) = (x.to_dtype(DType::BF16)?, w.to_dtype(DType::BF16)?);
+        return Ok(x.matmul(&w.t()?)?.to_dtype(DType::F32)?);
+    }
     if precision == MatmulPrecision::Bf16
         && on_cpu_f32(x, &[w])
         && x.rank() == 2
@@ -190,6 +330,34 @@ pub fn matmul_t(x: &Tensor, w: &Tensor, precision: MatmulPrecision) -> Result<Te
             .apply_op2(&w.contiguous()?, ssl_kernels::MatmulTBf16)?);
     }
     Ok(x.matmul(&w.t()?)?)
+}
+
+/// `a.matmul(b)` (batched as candle's), in `precision`: under [`MatmulPrecision::Bf16`] f32
+/// operands on a GPU are rounded to bf16 and multiplied by cuBLAS with f32 sums, the product
+/// returned in f32 (PyTorch's CUDA autocast); otherwise candle's matmul in the operands' dtype.
+/// The attention products of the transformer stack's composite path.
+pub fn matmul(a: &Tensor, b: &Tensor, precision: MatmulPrecision) -> Result<Tensor> {
+    if gpu_bf16(a, &[b], precision) {
+        return bf16_product(a, b);
+    }
+    Ok(a.matmul(b)?)
+}
+
+/// True when `precision` is bf16 and `t` and every tensor of `also` are f32 on a GPU: the
+/// products then take bf16 operands (cuBLAS bf16 with f32 sums).
+fn gpu_bf16(t: &Tensor, also: &[&Tensor], precision: MatmulPrecision) -> bool {
+    precision == MatmulPrecision::Bf16
+        && t.device().is_cuda()
+        && t.dtype() == DType::F32
+        && also.iter().all(|a| a.dtype() == DType::F32)
+}
+
+/// `a.matmul(b)` with both operands cast to bf16 and the product cast back to f32; the casts
+/// are differentiable (the gradients come back in f32, the backward products in bf16).
+fn bf16_product(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(a.to_dtype(DType::BF16)?
+        .matmul(&b.to_dtype(DType::BF16)?)?
+        .to_dtype(DType::F32)?)
 }
 
 /// The cross-entropy of a linear layer's logits `x W^T + b` (`x` (n, k), `w` (c, k), `b`
@@ -301,7 +469,42 @@ mod tests {
     #[test]
     fn softmax_gradient_matches_finite_differences() {
         finite_diff_check(softmax_last_dim, data(12), &[3, 4]);
+        finite_diff_check(softmax_last_dim_fused, data(12), &[3, 4]);
         finite_diff_check(log_softmax_last_dim, data(12), &[3, 4]);
+    }
+
+    #[test]
+    fn fused_softmax_matches_the_composite_in_value_and_gradient() {
+        // The op the GPU path takes (its CPU forward here), against the composite, f32 and a
+        // row of large values; the gradient through a weighted sum of the outputs.
+        let dev = Device::Cpu;
+        let mut v: Vec<f32> = data(40).iter().map(|&x| x as f32 * 3.0).collect();
+        v[5] = 80.0;
+        v[6] = 79.5;
+        for f in [softmax_last_dim_composite, softmax_last_dim_fused] {
+            let x = Var::from_vec(v.clone(), (2, 4, 5), &dev).unwrap();
+            let y = f(x.as_tensor()).unwrap();
+            let sums = y.sum(D::Minus1).unwrap().flatten_all().unwrap();
+            for s in sums.to_vec1::<f32>().unwrap() {
+                assert!((s - 1.0).abs() < 1e-6, "row sums to {s}");
+            }
+        }
+        let run = |f: fn(&Tensor) -> Result<Tensor>| {
+            let x = Var::from_vec(v.clone(), (2, 4, 5), &dev).unwrap();
+            let y = f(x.as_tensor()).unwrap();
+            let w: Vec<f32> = (0..40).map(|i| ((i * 7 % 11) as f32) / 5.0 - 1.0).collect();
+            let w = Tensor::from_vec(w, (2, 4, 5), &dev).unwrap();
+            let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let g = g.get(x.as_tensor()).expect("no gradient").clone();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (flat(&y), flat(&g))
+        };
+        let (y0, g0) = run(softmax_last_dim_composite);
+        let (y1, g1) = run(softmax_last_dim_fused);
+        for (a, b) in y0.iter().zip(&y1).chain(g0.iter().zip(&g1)) {
+            assert!((a - b).abs() < 1e-6, "composite {a} fused {b}");
+        }
+        assert!(g1.iter().any(|g| g.abs() > 1e-3), "the gradient is cut");
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The precision of the fused CPU stack's matrix products, chosen per forward pass through
+//! The precision of the transformer stack's matrix products, chosen per forward pass through
 //! [`crate::Ctx`] (the trainer takes it from `TrainConfig::matmul_precision`).
 
 use serde::{Deserialize, Serialize};
@@ -19,8 +19,10 @@ pub enum MatmulPrecision {
     /// (nearest even), sum in f32 and return f32: PyTorch's CPU autocast for matmuls.
     /// Parameters, gradients, optimizer state, softmax, norms and every other elementwise
     /// pass stay f32 (f32 master weights).
-    /// Used only on CPUs with AVX-512 BF16 (see [`bf16_matmul_available`]); elsewhere, and on
-    /// the composite (reference or GPU) path, the products stay f32.
+    /// On the CPU used only with AVX-512 BF16 (see [`bf16_matmul_available`]); elsewhere, and
+    /// on the CPU's composite (reference) path, the products stay f32. On a GPU every product
+    /// of the stack (linear layers and attention) and of [`super::ops::matmul_t`] takes bf16
+    /// operands through cuBLAS with f32 sums (PyTorch's CUDA autocast for matmuls).
     Bf16,
 }
 

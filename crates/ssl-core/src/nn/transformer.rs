@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use ssl_kernels::{Act, BufferPool, FusedSpec, StackOp};
 
-use crate::nn::ops::{dropout, softmax_last_dim, Activation};
+use crate::nn::ops::{dropout, matmul, softmax_last_dim, Activation};
 use crate::nn::{LayerNorm, Linear, MatmulPrecision};
 use crate::{CoreError, Ctx, Init, ParamBuilder, Result};
 
@@ -409,23 +409,28 @@ impl TransformerStack {
         let split = |y: Tensor| -> Result<Tensor> {
             Ok(y.reshape((b, t, h, dh))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = split(layer.query.forward(x)?)?;
-        let k = split(layer.key.forward(x)?)?;
-        let v = split(layer.value.forward(x)?)?;
+        let p = composite_precision(x, ctx);
+        let q = split(layer.query.forward_with(x, p)?)?;
+        let k = split(layer.key.forward_with(x, p)?)?;
+        let v = split(layer.value.forward_with(x, p)?)?;
         let scale = 1.0 / (dh as f64).sqrt();
-        let mut scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+        let mut scores = (matmul(&q, &k.t()?.contiguous()?, p)? * scale)?;
         if let Some(bias) = bias {
             scores = scores.broadcast_add(bias)?;
         }
         let probs = softmax_last_dim(&scores)?;
         let probs = dropout(&probs, self.cfg.attn_dropout, ctx.train, ctx.rng)?;
-        let ctx_v = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
-        layer.attn_out.forward(&ctx_v)
+        let ctx_v = matmul(&probs, &v, p)?.transpose(1, 2)?.reshape((b, t, d))?;
+        layer.attn_out.forward_with(&ctx_v, p)
     }
 
-    fn mlp(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
-        let y = self.cfg.activation.forward(&layer.fc1.forward(x)?)?;
-        layer.fc2.forward(&y)
+    fn mlp(&self, layer: &Layer, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let p = composite_precision(x, ctx);
+        let y = self
+            .cfg
+            .activation
+            .forward(&layer.fc1.forward_with(x, p)?)?;
+        layer.fc2.forward_with(&y, p)
     }
 
     fn layer_forward(
@@ -440,7 +445,7 @@ impl TransformerStack {
             NormPlacement::Pre => {
                 let a = self.attention(layer, &layer.norm_attn.forward_composite(x)?, bias, ctx)?;
                 let x = (x + dropout(&a, p, ctx.train, ctx.rng)?)?;
-                let m = self.mlp(layer, &layer.norm_mlp.forward_composite(&x)?)?;
+                let m = self.mlp(layer, &layer.norm_mlp.forward_composite(&x)?, ctx)?;
                 Ok((&x + dropout(&m, p, ctx.train, ctx.rng)?)?)
             }
             NormPlacement::Post => {
@@ -448,12 +453,23 @@ impl TransformerStack {
                 let x = layer
                     .norm_attn
                     .forward_composite(&(x + dropout(&a, p, ctx.train, ctx.rng)?)?)?;
-                let m = self.mlp(layer, &x)?;
+                let m = self.mlp(layer, &x, ctx)?;
                 layer
                     .norm_mlp
                     .forward_composite(&(&x + dropout(&m, p, ctx.train, ctx.rng)?)?)
             }
         }
+    }
+}
+
+/// The precision of the composite path's products: the context's on a GPU (bf16 there is
+/// cuBLAS with bf16 operands, see [`matmul`]); f32 on the CPU, where the composite path is
+/// the reference the fused op is checked against.
+fn composite_precision(x: &Tensor, ctx: &Ctx) -> MatmulPrecision {
+    if x.device().is_cuda() {
+        ctx.precision
+    } else {
+        MatmulPrecision::F32
     }
 }
 
