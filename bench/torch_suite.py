@@ -3,8 +3,11 @@
 median), printed as one JSON object per model plus the peak matmul line. Float32, CPU;
 `--precision bf16` runs every model step (not the peak matmul) under
 `torch.autocast("cpu", dtype=torch.bfloat16)`, the counterpart of our `--precision bf16`.
+`--device cuda` runs on the first GPU (autocast on "cuda" under bf16), each step timed until
+the GPU has finished it.
 
     python bench/torch_suite.py [--steps N] [--only a,b] [--threads T] [--precision f32|bf16]
+                                [--device cpu|cuda]
 
 `ts2vec_train` is ported from the official TS2Vec code (github.com/zhihanyue/ts2vec): its
 TSEncoder, hierarchical_contrastive_loss and the crops of its fit loop; it times at least 20
@@ -62,7 +65,7 @@ def time_steps(steps, step, autocast=None):
 
     def run():
         if autocast:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(DEVICE, dtype=torch.bfloat16):
                 step()
         else:
             step()
@@ -638,8 +641,6 @@ def main():
     AUTOCAST = args.precision == "bf16"
     DEVICE = args.device
     if DEVICE == "cuda":
-        if AUTOCAST:
-            sys.exit("--precision bf16 is the CPU autocast comparison; on a GPU run f32")
         if not torch.cuda.is_available():
             sys.exit("--device cuda: this PyTorch sees no CUDA GPU")
         torch.set_default_device("cuda")
@@ -653,7 +654,8 @@ def main():
     torch.manual_seed(0)
     print(json.dumps({"side": "pytorch", "name": "versions", "torch": torch.__version__,
                       "threads": torch.get_num_threads(), "precision": args.precision,
-                      "device": DEVICE}),
+                      "device": DEVICE,
+                      "gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else None}),
           flush=True)
     report("peak_matmul", peak_matmul(max(args.steps, 10)), mm(PEAK_N, PEAK_N, PEAK_N),
            desc="torch.mm")
