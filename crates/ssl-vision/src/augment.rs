@@ -1,4 +1,5 @@
-//! Seeded image augmentations: random resized crop, horizontal flip, normalisation.
+//! Seeded image augmentations: random resized crop, horizontal flip, normalisation (and a
+//! hook for per-image extras: SimCLR's photometric views, [`crate::photometric`]).
 //! Pure functions of the pixels and an [`SslRng`], applied on the CPU.
 
 use candle_core::Tensor;
@@ -162,6 +163,19 @@ pub fn resize_crop(
 
 /// One augmented, normalised view of a batch of raw `[0, 1]` images `(B, C, H, W)`.
 pub fn augment_batch(images: &Tensor, cfg: &AugmentConfig, rng: &mut SslRng) -> Result<Tensor> {
+    augment_batch_with(images, cfg, rng, |_, _, _| {})
+}
+
+/// [`augment_batch`] with `extra` applied to each image after its crop and flip, before
+/// normalisation: `extra(pixels, [C, H, W], rng)` edits one image's raw `[0, 1]` values
+/// (planar, `C x H x W`) in place and draws from the same `rng` (SimCLR's colour jitter,
+/// grey-scale and blur). The draws interleave per image: crop, flip, then `extra`'s.
+pub fn augment_batch_with(
+    images: &Tensor,
+    cfg: &AugmentConfig,
+    rng: &mut SslRng,
+    mut extra: impl FnMut(&mut [f32], [usize; 3], &mut SslRng),
+) -> Result<Tensor> {
     let (b, c, h, w) = images.dims4()?;
     let src = images.flatten_all()?.to_vec1::<f32>()?;
     let per = c * h * w;
@@ -174,11 +188,13 @@ pub fn augment_batch(images: &Tensor, cfg: &AugmentConfig, rng: &mut SslRng) -> 
             (0, 0, h, w)
         };
         let flip = cfg.hflip && rng.bernoulli(0.5);
+        let start = out.len();
         if crop == (0, 0, h, w) && !flip {
             out.extend_from_slice(img);
         } else {
             out.extend(resize_crop(img, c, h, w, crop, h, w, flip));
         }
+        extra(&mut out[start..], [c, h, w], rng);
     }
     let mut out_norm = out;
     normalize_images(&mut out_norm, b, c, h * w, cfg);

@@ -8,8 +8,10 @@
 //!   size, patch size and channel count, with presets (tiny, small, base);
 //! - [`MaeTask`]: the masked autoencoder of facebookresearch/mae as an
 //!   [`ssl_core::PretextTask`]; [`random_masking`] is its pure per-sample masking;
-//! - [`SimClrTask`]: SimCLR-style two-view contrastive learning with NT-Xent on the same ViT;
+//! - [`SimClrTask`]: SimCLR-style two-view contrastive learning with NT-Xent on the same ViT,
+//!   its views crop + flip then colour jitter, grey-scale and blur ([`SimClrConfig`]);
 //! - [`augment`]: seeded random resized crop, horizontal flip, normalisation;
+//! - [`photometric`]: torchvision's colour jitter ops, grey-scale and Gaussian blur;
 //! - [`preview`]: PNG grids of original | masked | reconstruction;
 //! - [`export`]: the encoder as a Hugging Face directory `transformers.ViTModel` loads
 //!   ([`export_hf`]; `pretrain` writes one to `RUN/hf`);
@@ -69,6 +71,7 @@ pub mod export;
 mod mae;
 pub mod masking;
 pub mod patch;
+pub mod photometric;
 pub mod pipeline;
 pub mod pos_embed;
 pub mod preview;

@@ -297,6 +297,7 @@ impl VisionConfig {
         par: &Parallel,
     ) -> Result<String> {
         let [c, h, w] = shape;
+        self.task.simclr.validate()?;
         for (key, have, want) in [
             ("model.channels", self.model.channels, c),
             ("model.image_height", self.model.image_height, h),
