@@ -191,8 +191,9 @@ pub fn add_broadcast(x: &Tensor, y: &Tensor) -> Result<Tensor> {
 
 /// Layer normalisation over the last dimension: `(x - mean) / sqrt(var + eps) * w + b`.
 ///
-/// f32 tensors on the CPU go through one fused op (one pass forward, a few backward); other
-/// devices and dtypes through [`layer_norm_composite`], which it is tested against.
+/// f32 tensors on the CPU go through one fused op (one pass forward, a few backward); on a
+/// GPU through [`layer_norm_fused`] (candle's layer-norm kernel forward); other devices and
+/// dtypes through [`layer_norm_composite`], which both are tested against.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     if on_cpu_f32(x, &[weight, bias]) && x.rank() >= 1 {
         return Ok(x.contiguous()?.apply_op3(
@@ -201,7 +202,201 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
             ssl_kernels::LayerNormOp { eps: eps as f32 },
         )?);
     }
+    if x.device().is_cuda() && x.rank() >= 1 {
+        return layer_norm_fused(x, weight, bias, eps);
+    }
     layer_norm_composite(x, weight, bias, eps)
+}
+
+/// [`layer_norm`] as one op with a backward, on any device: the forward one pass per row (on
+/// a GPU candle's layer-norm kernel, whose own wrapper `candle_nn::ops::layer_norm` cuts
+/// gradients), the backward from the input, recomputing the row statistics:
+/// `dx = rstd * (g w - mean(g w) - x^ mean(g w x^))`, `dw = sum(g x^)`, `db = sum(g)` over the
+/// rows. f32, bf16 and f16 on a GPU; f32 and f64 on the CPU.
+pub fn layer_norm_fused(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    if weight.dims() != [d] || bias.dims() != [d] {
+        return Err(crate::CoreError::InvalidInput(format!(
+            "layer norm of width {d}: weight {:?} and bias {:?}",
+            weight.dims(),
+            bias.dims()
+        )));
+    }
+    Ok(x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        LayerNormFused { eps },
+    )?)
+}
+
+/// The op of [`layer_norm_fused`].
+struct LayerNormFused {
+    eps: f64,
+}
+
+impl candle_core::CustomOp3 for LayerNormFused {
+    fn name(&self) -> &'static str {
+        "ssl-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        // Each row in f64 (the CPU side serves tests: the CPU has its own fused kernels).
+        fn rows<T: candle_core::WithDType>(
+            x: &[T],
+            l1: &Layout,
+            w: &[T],
+            l2: &Layout,
+            b: &[T],
+            l3: &Layout,
+            eps: f64,
+        ) -> candle_core::Result<Vec<T>> {
+            let (Some((o1, o2)), Some((w1, w2)), Some((b1, b2))) = (
+                l1.contiguous_offsets(),
+                l2.contiguous_offsets(),
+                l3.contiguous_offsets(),
+            ) else {
+                candle_core::bail!("layer norm: inputs have to be contiguous")
+            };
+            let (w, b) = (&w[w1..w2], &b[b1..b2]);
+            let n = w.len().max(1);
+            let mut dst = Vec::with_capacity(o2 - o1);
+            for row in x[o1..o2].chunks(n) {
+                let mean = row.iter().map(|v| v.to_f64()).sum::<f64>() / n as f64;
+                let var = row.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / n as f64;
+                let rstd = 1.0 / (var + eps).sqrt();
+                dst.extend(row.iter().zip(w).zip(b).map(|((v, w), b)| {
+                    T::from_f64((v.to_f64() - mean) * rstd * w.to_f64() + b.to_f64())
+                }));
+            }
+            Ok(dst)
+        }
+        let shape = l1.shape().clone();
+        match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                Ok((CpuStorage::F32(rows(x, l1, w, l2, b, l3, self.eps)?), shape))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                Ok((CpuStorage::F64(rows(x, l1, w, l2, b, l3, self.eps)?), shape))
+            }
+            _ => candle_core::bail!("layer norm: f32 or f64 inputs of one dtype on the CPU"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        // candle-nn 0.11's `LayerNorm::cuda_fwd`, which launches candle's kernel.
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{
+            CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+        };
+        use candle_core::cuda_backend::{kernel_name, kernels, Map3, WrapErr};
+        use candle_core::{CudaDevice, WithDType};
+
+        struct S {
+            eps: f32,
+        }
+        impl Map3 for S {
+            #[allow(clippy::too_many_arguments)]
+            fn f<T: DeviceRepr + WithDType>(
+                &self,
+                src: &CudaSlice<T>,
+                layout: &Layout,
+                alpha: &CudaSlice<T>,
+                alpha_layout: &Layout,
+                beta: &CudaSlice<T>,
+                beta_layout: &Layout,
+                dev: &CudaDevice,
+            ) -> candle_core::Result<CudaSlice<T>> {
+                let (Some((o1, o2)), Some((a1, a2)), Some((b1, b2))) = (
+                    layout.contiguous_offsets(),
+                    alpha_layout.contiguous_offsets(),
+                    beta_layout.contiguous_offsets(),
+                ) else {
+                    candle_core::bail!("layer norm: inputs have to be contiguous")
+                };
+                let (src, alpha, beta) =
+                    (src.slice(o1..o2), alpha.slice(a1..a2), beta.slice(b1..b2));
+                let el = layout.shape().elem_count();
+                let n_cols = layout.dims().last().copied().unwrap_or(1).max(1);
+                let block_size: u32 = if n_cols < 1024 { 32 } else { 1024 };
+                let cfg = LaunchConfig {
+                    grid_dim: ((el / n_cols) as u32, 1, 1),
+                    block_dim: (block_size, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let func =
+                    dev.get_or_load_func(&kernel_name::<T>("layernorm"), &kernels::REDUCE)?;
+                // SAFETY: every element is written by the kernel below.
+                let dst = unsafe { dev.alloc::<T>(el)? };
+                let mut builder = func.builder();
+                builder.arg(&src);
+                builder.arg(&dst);
+                builder.arg(&alpha);
+                builder.arg(&beta);
+                candle_core::builder_arg!(builder, n_cols as i32, block_size as i32, self.eps);
+                // SAFETY: the kernel's arguments as candle-nn passes them: the input and
+                // output of `el` elements, weight and bias of a row's length, the row length,
+                // the block size and epsilon.
+                unsafe { builder.launch(cfg) }.w()?;
+                Ok(dst)
+            }
+        }
+        let dev = s1.device();
+        let slice = S {
+            eps: self.eps as f32,
+        }
+        .map(&s1.slice, l1, &s2.slice, l2, &s3.slice, l3, dev)?;
+        Ok((
+            candle_core::CudaStorage {
+                slice,
+                device: dev.clone(),
+            },
+            l1.shape().clone(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / d.max(1);
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let rstd = (var + self.eps)?.sqrt()?.recip()?;
+        let xhat = xc.broadcast_mul(&rstd)?;
+        let gw = g.broadcast_mul(w)?;
+        let m1 = gw.mean_keepdim(D::Minus1)?;
+        let m2 = (&gw * &xhat)?.mean_keepdim(D::Minus1)?;
+        let dx = gw
+            .broadcast_sub(&m1)?
+            .sub(&xhat.broadcast_mul(&m2)?)?
+            .broadcast_mul(&rstd)?;
+        let dw = (g * &xhat)?.reshape((rows, d))?.sum(0)?;
+        let db = g.reshape((rows, d))?.sum(0)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
 }
 
 /// [`layer_norm`] from candle ops (any device and dtype).
@@ -471,6 +666,54 @@ mod tests {
         finite_diff_check(softmax_last_dim, data(12), &[3, 4]);
         finite_diff_check(softmax_last_dim_fused, data(12), &[3, 4]);
         finite_diff_check(log_softmax_last_dim, data(12), &[3, 4]);
+    }
+
+    #[test]
+    fn gpu_layer_norm_op_matches_the_composite_and_finite_differences() {
+        // The op the GPU path takes (its CPU forward here): gradients of input, weight and
+        // bias against finite differences in f64, and values and gradients against the
+        // composite in f32.
+        let dev = Device::Cpu;
+        let w = Tensor::from_vec(vec![1.5f64, -0.5, 2.0, 0.7], 4, &dev).unwrap();
+        let b = Tensor::from_vec(vec![0.1f64, 0.2, -0.3, 0.0], 4, &dev).unwrap();
+        finite_diff_check(|x| layer_norm_fused(x, &w, &b, 1e-5), data(12), &[3, 4]);
+        let x = Tensor::from_vec(data(12), (3, 4), &dev).unwrap();
+        finite_diff_check(
+            |w| layer_norm_fused(&x, w, &b, 1e-5),
+            vec![1.5, -0.5, 2.0, 0.7],
+            &[4],
+        );
+        finite_diff_check(
+            |b| layer_norm_fused(&x, &w, b, 1e-5),
+            vec![0.1, 0.2, -0.3, 0.0],
+            &[4],
+        );
+        let v: Vec<f32> = data(2 * 3 * 8)
+            .iter()
+            .map(|&x| x as f32 * 2.0 + 0.5)
+            .collect();
+        let run = |f: fn(&Tensor, &Tensor, &Tensor, f64) -> Result<Tensor>| {
+            let x = Var::from_vec(v.clone(), (2, 3, 8), &dev).unwrap();
+            let w = Var::from_vec((0..8).map(|i| 1.0 + i as f32 * 0.1).collect(), 8, &dev).unwrap();
+            let b = Var::from_vec((0..8).map(|i| i as f32 * -0.05).collect(), 8, &dev).unwrap();
+            let y = f(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-6).unwrap();
+            let c: Vec<f32> = (0..48).map(|i| ((i * 7 % 11) as f32) / 5.0 - 1.0).collect();
+            let c = Tensor::from_vec(c, (2, 3, 8), &dev).unwrap();
+            let grads = (&y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mut out = flat(&y);
+            for var in [&x, &w, &b] {
+                out.extend(flat(grads.get(var.as_tensor()).expect("no gradient")));
+            }
+            out
+        };
+        let (a, f) = (run(layer_norm_composite), run(layer_norm_fused));
+        for (p, q) in a.iter().zip(&f) {
+            assert!(
+                (p - q).abs() < 1e-5 * (1.0 + p.abs()),
+                "composite {p} fused {q}"
+            );
+        }
     }
 
     #[test]

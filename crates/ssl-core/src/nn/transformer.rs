@@ -111,8 +111,10 @@ impl TransformerConfig {
 ///
 /// Both compute the same function with the same parameters. `Fused` runs every layer's
 /// forward and backward as one candle custom op on flat buffers (CPU, f32 only; several times
-/// faster); `Reference` composes candle ops (any device and dtype; the GPU path). With
-/// dropout the two draw different (equally distributed) masks.
+/// faster); `Reference` composes candle ops (any device and dtype; the GPU path, where its
+/// softmax and layer norms are candle's fused kernels inside ops of ours with a backward, and
+/// `MatmulPrecision::Bf16` gives its products bf16 operands). With dropout the two draw
+/// different (equally distributed) masks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum StackKernel {
@@ -443,22 +445,35 @@ impl TransformerStack {
         let p = self.cfg.dropout;
         match self.cfg.norm {
             NormPlacement::Pre => {
-                let a = self.attention(layer, &layer.norm_attn.forward_composite(x)?, bias, ctx)?;
+                let a = self.attention(layer, &norm(&layer.norm_attn, x)?, bias, ctx)?;
                 let x = (x + dropout(&a, p, ctx.train, ctx.rng)?)?;
-                let m = self.mlp(layer, &layer.norm_mlp.forward_composite(&x)?, ctx)?;
+                let m = self.mlp(layer, &norm(&layer.norm_mlp, &x)?, ctx)?;
                 Ok((&x + dropout(&m, p, ctx.train, ctx.rng)?)?)
             }
             NormPlacement::Post => {
                 let a = self.attention(layer, x, bias, ctx)?;
-                let x = layer
-                    .norm_attn
-                    .forward_composite(&(x + dropout(&a, p, ctx.train, ctx.rng)?)?)?;
+                let x = norm(
+                    &layer.norm_attn,
+                    &(x + dropout(&a, p, ctx.train, ctx.rng)?)?,
+                )?;
                 let m = self.mlp(layer, &x, ctx)?;
-                layer
-                    .norm_mlp
-                    .forward_composite(&(&x + dropout(&m, p, ctx.train, ctx.rng)?)?)
+                norm(
+                    &layer.norm_mlp,
+                    &(&x + dropout(&m, p, ctx.train, ctx.rng)?)?,
+                )
             }
         }
+    }
+}
+
+/// A layer norm of the composite path: the fused op with a backward on a GPU (candle's
+/// kernel, see [`crate::nn::ops::layer_norm_fused`]), the composite on the CPU (the reference
+/// the fused CPU op is checked against).
+fn norm(ln: &LayerNorm, x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cuda() {
+        ln.forward(x)
+    } else {
+        ln.forward_composite(x)
     }
 }
 
