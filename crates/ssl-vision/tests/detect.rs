@@ -273,3 +273,25 @@ fn detect_score_with_a_label_column_reports_auroc_and_f1() {
         assert!(v.get(k).is_some(), "{k} missing in {v}");
     }
 }
+
+#[test]
+fn detect_fit_defaults_follow_the_cross_set_rule() {
+    use ssl_vision::detect::pipeline::default_patch_layer;
+    // 3 x depth / 4, rounded down: the layer the cross-set rule chose (README).
+    for (depth, layer) in [(1, 0), (2, 1), (4, 3), (6, 4), (12, 9)] {
+        assert_eq!(default_patch_layer(depth), layer, "depth {depth}");
+    }
+    for depth in 1..=32 {
+        assert!(default_patch_layer(depth) < depth, "depth {depth}");
+    }
+    let mut vcfg = VisionConfig::default();
+    vcfg.model.depth = 4;
+    vcfg.train.seed = 7;
+    let fit = DetectFitConfig::for_model(&vcfg);
+    assert_eq!(fit.detect.patch_layer, 3);
+    assert_eq!(fit.detect.seed, 7);
+    assert_eq!(
+        fit.detect.scorers,
+        vec![ScorerKind::Reconstruction, ScorerKind::PatchCore]
+    );
+}
