@@ -73,7 +73,9 @@ pub struct ViTConfig {
     pub image_width: usize,
     /// Channels (1 grey, 3 RGB, or any count).
     pub channels: usize,
-    /// Square patch side (must divide height and width).
+    /// Square patch side (must divide height and width). 0 in `ssl pretrain vision`: chosen
+    /// from the image size, ViT's 16 or less so that the grid keeps at least 4 patches a side
+    /// (28x28 -> 7, 32 -> 8, 64 and larger -> 16).
     pub patch_size: usize,
     /// Width D (a multiple of 4 for the 2-D sin-cos positions).
     pub dim: usize,
@@ -85,7 +87,8 @@ pub struct ViTConfig {
     pub mlp_ratio: f64,
     /// Layer-norm epsilon (MAE: 1e-6).
     pub layer_norm_eps: f64,
-    /// Pooled embedding: class token or mean of patch tokens.
+    /// Pooled embedding: class token or mean of patch tokens (`ssl pretrain vision`: the
+    /// mean, since MAE trains the patch tokens and never the class token).
     pub pooling: Pooling,
 }
 

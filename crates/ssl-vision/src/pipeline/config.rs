@@ -118,7 +118,9 @@ impl Default for VisionTaskConfig {
             base_lr: 1.5e-3 * 4.0,
             mae: MaeConfig {
                 mask_ratio: 0.75,
-                norm_pix_loss: false,
+                // MAE's recipe: per-patch normalised targets; on Fashion-MNIST (3,000 steps,
+                // mean pooling) k-NN 0.754 against 0.743 without (crates/ssl-vision/README.md).
+                norm_pix_loss: true,
                 decoder_dim: 64,
                 decoder_depth: 2,
                 decoder_heads: 4,
@@ -214,9 +216,12 @@ fn default_model() -> ViTConfig {
         image_height: 0,
         image_width: 0,
         channels: 0,
-        patch_size: 7,
+        // 0: chosen from the image size by `auto_patch_size` when the data is seen.
+        patch_size: 0,
         layer_norm_eps: 1e-6,
-        pooling: Pooling::Cls,
+        // MAE trains the patch tokens, never the class token: on Fashion-MNIST the mean of
+        // the patch tokens probes 2-3 points above it at every length measured (README).
+        pooling: Pooling::Mean,
         ..ViTConfig::default()
     })
 }
@@ -245,7 +250,9 @@ impl Default for VisionConfig {
         VisionConfig {
             // Sized for the embedded sample: about a minute in release on 2 cores (README).
             train: TrainConfig {
-                max_steps: 800,
+                // 2,000 steps: on Fashion-MNIST 800 gave a linear probe of 0.765, 2,000 0.777,
+                // 3,000 0.782 (README); about 40 s on 2 cores for 28x28 images.
+                max_steps: 2000,
                 batch_size: 64,
                 // 0: from `task.base_lr` scaled by the batch (see `VisionConfig::complete`).
                 lr: 0.0,
@@ -312,6 +319,9 @@ impl VisionConfig {
         self.model.channels = c;
         self.model.image_height = h;
         self.model.image_width = w;
+        if self.model.patch_size == 0 {
+            self.model.patch_size = auto_patch_size(h, w)?;
+        }
         let aug = &mut self.task.augment;
         if aug.mean.is_empty() || aug.std.is_empty() {
             let (m, s) = stats()?;
@@ -382,6 +392,37 @@ impl VisionConfig {
         }
         Ok(())
     }
+}
+
+/// The largest patch side ViT images use.
+const MAX_AUTO_PATCH: usize = 16;
+/// The fewest patches per side the automatic patch size leaves.
+const MIN_AUTO_GRID: usize = 4;
+/// The most patches per side the automatic patch size accepts.
+const MAX_AUTO_GRID: usize = 32;
+
+/// `model.patch_size = 0`: ViT's 16-pixel patches, smaller for small images so that the
+/// grid keeps at least 4 patches a side: the largest common divisor `p` of `height` and
+/// `width` with `p <= 16` and `min(height, width) / p >= 4` (28x28 -> 7, 32 -> 8, 64 -> 16,
+/// 96 -> 16, 224 -> 16, 300 -> 15). On Fashion-MNIST patches of 7 (a 4x4 grid) probe as
+/// well as patches of 4 (7x7) for a quarter of the time (README). Refused, naming the keys
+/// that fix it, when no such divisor leaves at most 32 patches a side (a side under 4, or
+/// sizes such as 37x37 or 1000x1000 whose common divisors are too small).
+pub(crate) fn auto_patch_size(height: usize, width: usize) -> Result<usize> {
+    let (short, long) = (height.min(width), height.max(width));
+    (1..=MAX_AUTO_PATCH.min(short))
+        .rev()
+        .find(|&p| {
+            height.is_multiple_of(p) && width.is_multiple_of(p) && short / p >= MIN_AUTO_GRID
+        })
+        .filter(|&p| long / p <= MAX_AUTO_GRID)
+        .ok_or_else(|| {
+            VisionError::Config(format!(
+                "no patch size fits {height}x{width} images (model.patch_size = 0 looks for a \
+                 common divisor of at most {MAX_AUTO_PATCH} leaving {MIN_AUTO_GRID} to \
+                 {MAX_AUTO_GRID} patches a side); set model.patch_size, or data.resize"
+            ))
+        })
 }
 
 impl VisionConfig {
@@ -467,6 +508,42 @@ mod tests {
         // Without a preset the keys are used as given.
         let m = with_model(serde_json::json!({ "preset": "", "dim": 32 })).unwrap();
         assert_eq!((m.dim, m.depth), (32, 4));
+    }
+
+    #[test]
+    fn the_automatic_patch_size_keeps_a_grid_of_four_to_thirty_two() {
+        for (h, w, p) in [
+            (28, 28, 7),
+            (32, 32, 8),
+            (64, 64, 16),
+            (96, 96, 16),
+            (224, 224, 16),
+            (300, 300, 15),
+            (14, 14, 2),
+            (28, 56, 7),
+            (4, 4, 1),
+        ] {
+            assert_eq!(auto_patch_size(h, w).unwrap(), p, "{h}x{w}");
+            let grid = (h.min(w) / p, h.max(w) / p);
+            assert!(grid.0 >= 4 && grid.1 <= 32, "{h}x{w}: {grid:?}");
+        }
+        for (h, w) in [(3, 3), (37, 37), (1000, 1000), (4, 200)] {
+            let err = auto_patch_size(h, w).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("{h}x{w}")) && err.contains("model.patch_size"),
+                "{err}"
+            );
+        }
+        // The default leaves it to the data; a completed configuration has a real size.
+        assert_eq!(VisionConfig::default().model.patch_size, 0);
+        let mut cfg = VisionConfig::default();
+        completed(&mut cfg, 10).unwrap();
+        assert_eq!(cfg.model.patch_size, 2);
+        // An explicit size is kept.
+        let mut cfg = VisionConfig::default();
+        cfg.model.patch_size = 7;
+        completed(&mut cfg, 10).unwrap();
+        assert_eq!(cfg.model.patch_size, 7);
     }
 
     #[test]
