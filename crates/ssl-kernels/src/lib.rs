@@ -1,6 +1,6 @@
 //! # ssl-kernels
 //!
-//! The hand-written CPU kernels of the toolkit, as candle custom ops and plain functions on
+//! The hand-written CPU kernels of the toolkit (and the GPU launches of two of candle's), as candle custom ops and plain functions on
 //! `f32` slices. It is the only crate of the workspace with `unsafe` code (each block carries a
 //! `SAFETY` comment); every other crate forbids it.
 //!
@@ -18,6 +18,9 @@
 //! - One-op versions of what surrounds the stack: [`LayerNormOp`], [`CrossEntropyOp`],
 //!   [`LinearCrossEntropyOp`] (a linear layer and its cross-entropy, the logits never built),
 //!   [`RowBroadcastAdd`], [`MaskedMeanOp`]; and the optimizer's in-place [`adamw`] pass.
+//! - [`SoftmaxLastDimOp`] and [`LayerNormFusedOp`]: candle's fused GPU softmax and layer-norm
+//!   kernels (with the `cuda` feature) in ops that have a backward; the GPU path of
+//!   `ssl_core`'s stack.
 //! - Elementwise kernels written as plain loops, compiled for AVX-512, AVX2+FMA and the
 //!   baseline, and chosen at run time by CPU-feature detection: no `target-cpu=native`.
 //! - [`keep_freed_memory`]: mimalloc's setting for our binaries.
@@ -45,6 +48,7 @@ mod bf16;
 mod broadcast;
 mod cross_entropy;
 mod gemm;
+mod gpu;
 mod layer_norm;
 mod linear;
 mod masked_mean;
@@ -60,6 +64,7 @@ pub use bf16::time_product as time_bf16_product;
 pub use broadcast::RowBroadcastAdd;
 pub use cross_entropy::{CrossEntropyOp, LinearCrossEntropyOp};
 pub use gemm::linear_takes_bf16;
+pub use gpu::{LayerNormFusedOp, SoftmaxLastDimOp};
 pub use layer_norm::LayerNormOp;
 pub use linear::MatmulTBf16;
 pub use masked_mean::MaskedMeanOp;
