@@ -1,8 +1,8 @@
 //! # ssl-kernels
 //!
-//! The hand-written CPU kernels of the toolkit (and the GPU launches of two of candle's), as candle custom ops and plain functions on
-//! `f32` slices. It is the only crate of the workspace with `unsafe` code (each block carries a
-//! `SAFETY` comment); every other crate forbids it.
+//! The hand-written CPU kernels of the toolkit (and the GPU launches of two of candle's), as
+//! candle custom ops and plain functions on `f32` slices. It is the only crate of the workspace
+//! with `unsafe` code (each block carries a `SAFETY` comment); every other crate forbids it.
 //!
 //! - [`StackOp`]: a whole transformer stack, every layer's forward and backward, as one candle
 //!   custom op on flat buffers ([`FusedSpec`] says its shape, [`BufferPool`] keeps its buffers
