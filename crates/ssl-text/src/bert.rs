@@ -357,6 +357,7 @@ pub struct BertForMaskedLM {
     masking: MaskingConfig,
     mask_id: u32,
     store: ParamStore,
+    head_lr_scale: f64,
 }
 
 /// Ids, labels and how many positions were selected for one masked batch.
@@ -405,7 +406,16 @@ impl BertForMaskedLM {
             masking,
             mask_id,
             store: pb.store().clone(),
+            head_lr_scale: 1.0,
         })
+    }
+
+    /// Sets the learning rate's factor for the MLM head's own parameters (`cls.predictions.*`;
+    /// the decoder is tied to the word embeddings and keeps the encoder's rate): 1 by default,
+    /// [`crate::TextConfig::fresh_head_lr_scale`] when adaptation starts from a checkpoint
+    /// without an MLM head. Read by the trainer through [`PretextTask::lr_scale`].
+    pub fn set_head_lr_scale(&mut self, scale: f64) {
+        self.head_lr_scale = scale;
     }
 
     /// The encoder.
@@ -578,6 +588,14 @@ impl PretextTask for BertForMaskedLM {
 
     fn batch_len(&self, batch: &TextBatch) -> usize {
         batch.len()
+    }
+
+    fn lr_scale(&self, name: &str) -> f64 {
+        if name.starts_with("cls.") {
+            self.head_lr_scale
+        } else {
+            1.0
+        }
     }
 }
 

@@ -207,6 +207,29 @@ mod tests {
         .unwrap();
         let l2 = load_hf_dir(bare.path(), MaskingConfig::default(), 9, &Device::Cpu).unwrap();
         assert!(l2.fresh_head);
+        // Adapting it at the default rate: the fresh head's own parameters train at the
+        // from-scratch rate (factor 40 on 5e-5), the rest (the tied decoder is the word
+        // embeddings) at the checkpoint's.
+        use ssl_core::PretextTask;
+        let mut cfg = crate::TextConfig::default();
+        cfg.model.init_from = bare.path().to_string_lossy().into_owned();
+        cfg.resolve_lr();
+        let tok = load_tokenizer(&bare.path().join("tokenizer.json")).unwrap();
+        let (store, model) = crate::build_model(&mut cfg, &tok, &Device::Cpu).unwrap();
+        let mut heads = 0;
+        for (name, _) in store.vars() {
+            let fresh = name.starts_with("cls.predictions.");
+            heads += usize::from(fresh);
+            let want = if fresh { 40.0 } else { 1.0 };
+            assert!((model.lr_scale(&name) - want).abs() < 1e-9, "{name}");
+        }
+        assert_eq!(heads, 5); // dense weight and bias, LayerNorm weight and bias, bias
+                              // A checkpoint with its head keeps one rate for everything.
+        let mut cfg = crate::TextConfig::default();
+        cfg.model.init_from = dir.path().to_string_lossy().into_owned();
+        cfg.resolve_lr();
+        let (_, with_head) = crate::build_model(&mut cfg, &tok, &Device::Cpu).unwrap();
+        assert_eq!(with_head.lr_scale("cls.predictions.bias"), 1.0);
         assert_eq!(l2.unused, vec!["bert.pooler.dense.bias".to_string()]);
         // Missing encoder weights are an error naming the key.
         t.remove("embeddings.word_embeddings.weight");

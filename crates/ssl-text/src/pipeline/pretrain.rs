@@ -50,10 +50,12 @@ impl TextRunSummary {
     }
 }
 
-/// Builds the model of a configuration: from `model.init_from` (a Hugging Face directory),
-/// or fresh with the tokenizer's vocabulary and the preset's sizes. Completes `cfg` with what
-/// it used (the checkpoint's configuration, or the preset's sizes, vocabulary size and
-/// padding id), so the stored configuration rebuilds the same model.
+/// Builds the model of a configuration: from `model.init_from` (a Hugging Face directory;
+/// without an MLM head there, the fresh head's rate factor is
+/// [`TextConfig::fresh_head_lr_scale`], so call [`TextConfig::resolve_lr`] first), or fresh
+/// with the tokenizer's vocabulary and the preset's sizes. Completes `cfg` with what it used
+/// (the checkpoint's configuration, or the preset's sizes, vocabulary size and padding id), so
+/// the stored configuration rebuilds the same model.
 pub fn build_model(
     cfg: &mut TextConfig,
     tok: &Tokenizer,
@@ -83,7 +85,13 @@ pub fn build_model(
         );
         cfg.model.config = hf.config.clone();
         cfg.model.preset.clear();
-        return Ok((hf.store, hf.model));
+        let mut model = hf.model;
+        if hf.fresh_head {
+            // A random head at the adaptation rate learns too slowly and sends noise into
+            // the encoder: it trains at least at the from-scratch rate.
+            model.set_head_lr_scale(cfg.fresh_head_lr_scale());
+        }
+        return Ok((hf.store, model));
     }
     if !cfg.model.preset.is_empty() {
         cfg.model.config = cfg.model_sizes()?;
