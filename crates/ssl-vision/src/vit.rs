@@ -74,8 +74,8 @@ pub struct ViTConfig {
     /// Channels (1 grey, 3 RGB, or any count).
     pub channels: usize,
     /// Square patch side (must divide height and width). 0 in `ssl pretrain vision`: chosen
-    /// from the image size, ViT's 16 or less so that the grid keeps at least 4 patches a side
-    /// (28x28 -> 7, 32 -> 8, 64 and larger -> 16).
+    /// from the image size, ViT's 16 or less so that the grid keeps at least 8 patches a side
+    /// (4 under 32 pixels: 28x28 -> 7, 32 -> 4, 64 -> 8, 224 -> 16).
     pub patch_size: usize,
     /// Width D (a multiple of 4 for the 2-D sin-cos positions).
     pub dim: usize,

@@ -396,30 +396,38 @@ impl VisionConfig {
 
 /// The largest patch side ViT images use.
 const MAX_AUTO_PATCH: usize = 16;
-/// The fewest patches per side the automatic patch size leaves.
-const MIN_AUTO_GRID: usize = 4;
+/// The fewest patches per side the automatic patch size leaves (images of 32 pixels a side
+/// and more; smaller ones keep [`MIN_AUTO_GRID_SMALL`]).
+const MIN_AUTO_GRID: usize = 8;
+/// The fewest patches per side for images under 32 pixels a side.
+const MIN_AUTO_GRID_SMALL: usize = 4;
 /// The most patches per side the automatic patch size accepts.
 const MAX_AUTO_GRID: usize = 32;
 
 /// `model.patch_size = 0`: ViT's 16-pixel patches, smaller for small images so that the
-/// grid keeps at least 4 patches a side: the largest common divisor `p` of `height` and
-/// `width` with `p <= 16` and `min(height, width) / p >= 4` (28x28 -> 7, 32 -> 8, 64 -> 16,
-/// 96 -> 16, 224 -> 16, 300 -> 15). On Fashion-MNIST patches of 7 (a 4x4 grid) probe as
-/// well as patches of 4 (7x7) for a quarter of the time (README). Refused, naming the keys
-/// that fix it, when no such divisor leaves at most 32 patches a side (a side under 4, or
-/// sizes such as 37x37 or 1000x1000 whose common divisors are too small).
+/// grid keeps at least 8 patches a side (4 under 32 pixels): the largest common divisor `p`
+/// of `height` and `width` with `p <= 16` and `min(height, width) / p` at least that
+/// (28x28 -> 7, 32 -> 4, 64 -> 8, 96 -> 12, 224 -> 16, 300 -> 15). Measured (README): on
+/// Fashion-MNIST patches of 7 (a 4x4 grid) probe as well as patches of 4 (7x7) for a quarter
+/// of the time; on the 64x64 emoji patches of 8 (8x8) probe above patches of 16 (4x4).
+/// Refused, naming the keys that fix it, when no such divisor leaves at most 32 patches a
+/// side (a side under 4, or sizes such as 37x37 or 1000x1000 whose common divisors are too
+/// small).
 pub(crate) fn auto_patch_size(height: usize, width: usize) -> Result<usize> {
     let (short, long) = (height.min(width), height.max(width));
+    let min_grid = if short >= 32 {
+        MIN_AUTO_GRID
+    } else {
+        MIN_AUTO_GRID_SMALL
+    };
     (1..=MAX_AUTO_PATCH.min(short))
         .rev()
-        .find(|&p| {
-            height.is_multiple_of(p) && width.is_multiple_of(p) && short / p >= MIN_AUTO_GRID
-        })
+        .find(|&p| height.is_multiple_of(p) && width.is_multiple_of(p) && short / p >= min_grid)
         .filter(|&p| long / p <= MAX_AUTO_GRID)
         .ok_or_else(|| {
             VisionError::Config(format!(
                 "no patch size fits {height}x{width} images (model.patch_size = 0 looks for a \
-                 common divisor of at most {MAX_AUTO_PATCH} leaving {MIN_AUTO_GRID} to \
+                 common divisor of at most {MAX_AUTO_PATCH} leaving {min_grid} to \
                  {MAX_AUTO_GRID} patches a side); set model.patch_size, or data.resize"
             ))
         })
@@ -511,12 +519,12 @@ mod tests {
     }
 
     #[test]
-    fn the_automatic_patch_size_keeps_a_grid_of_four_to_thirty_two() {
+    fn the_automatic_patch_size_keeps_a_grid_of_eight_to_thirty_two() {
         for (h, w, p) in [
             (28, 28, 7),
-            (32, 32, 8),
-            (64, 64, 16),
-            (96, 96, 16),
+            (32, 32, 4),
+            (64, 64, 8),
+            (96, 96, 12),
             (224, 224, 16),
             (300, 300, 15),
             (14, 14, 2),
@@ -525,7 +533,8 @@ mod tests {
         ] {
             assert_eq!(auto_patch_size(h, w).unwrap(), p, "{h}x{w}");
             let grid = (h.min(w) / p, h.max(w) / p);
-            assert!(grid.0 >= 4 && grid.1 <= 32, "{h}x{w}: {grid:?}");
+            let min = if h.min(w) >= 32 { 8 } else { 4 };
+            assert!(grid.0 >= min && grid.1 <= 32, "{h}x{w}: {grid:?}");
         }
         for (h, w) in [(3, 3), (37, 37), (1000, 1000), (4, 200)] {
             let err = auto_patch_size(h, w).unwrap_err().to_string();
