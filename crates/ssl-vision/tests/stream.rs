@@ -272,3 +272,22 @@ fn a_bad_image_mid_stream_is_named_or_skipped() {
     let s = pretrain(cfg, &data, &dir.path().join("b"), &RunOptions::default()).unwrap();
     assert_eq!(s.run.step, 12);
 }
+
+#[test]
+fn a_bad_simclr_setting_is_refused_before_any_data_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny(VisionTaskKind::Simclr);
+    cfg.task.simclr.jitter_p = 2.0;
+    // The data does not exist: the setting must be named, not the file.
+    let missing = vec![dir.path().join("missing.parquet").display().to_string()];
+    let err = pretrain(
+        cfg,
+        &missing,
+        &dir.path().join("run"),
+        &RunOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("task.simclr.jitter_p"), "{err}");
+    assert!(!dir.path().join("run").exists(), "nothing is written");
+}

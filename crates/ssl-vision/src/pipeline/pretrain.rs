@@ -71,6 +71,8 @@ pub fn pretrain(
             "no image data given: pass at least one Parquet file, directory or glob".into(),
         ));
     }
+    // Settings that need no data are checked before any is read.
+    cfg.task.simclr.validate()?;
     let device = parse_device(&cfg.train.device)?;
     let (par, device) = opts.parallel(device)?;
     // Checked and locked before anything is written.
