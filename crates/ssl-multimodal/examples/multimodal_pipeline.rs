@@ -2,7 +2,7 @@
 //! evaluates retrieval and zero-shot accuracy, through the pipeline API alone.
 //!
 //! ```sh
-//! cargo run --release -p ssl-multimodal --example pretrain_from_parquet
+//! cargo run --release -p ssl-multimodal --example multimodal_pipeline
 //! ```
 
 use ssl_core::run_dir::RunOptions;

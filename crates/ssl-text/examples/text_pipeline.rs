@@ -1,5 +1,5 @@
 //! Pretrains a tiny BERT on a small labelled Parquet file, embeds and evaluates it, through the
-//! public pipeline API: `cargo run --release -p ssl-text --example pretrain_from_parquet`.
+//! public pipeline API: `cargo run --release -p ssl-text --example text_pipeline`.
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, StringArray};

@@ -1,6 +1,6 @@
 //! Pretrain, embed and evaluate through the pipeline API only: writes a small Parquet file of
 //! labelled sine waves, pretrains a tiny TS2Vec/TCN for a few steps, embeds, probes.
-//! `cargo run --release -p ssl-timeseries --example pretrain_from_parquet`
+//! `cargo run --release -p ssl-timeseries --example timeseries_pipeline`
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, ListArray, StringArray};

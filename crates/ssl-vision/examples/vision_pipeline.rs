@@ -1,6 +1,6 @@
 //! A tiny MAE pretrained on the Fashion-MNIST sample that ships with ssl-cli (Parquet, PNG
 //! bytes and labels), then embeddings and the probe report, through the library alone:
-//! `cargo run --release -p ssl-vision --example pretrain_from_parquet`.
+//! `cargo run --release -p ssl-vision --example vision_pipeline`.
 
 use ssl_core::run_dir::RunOptions;
 use ssl_vision::{embed, eval, pretrain, stored_config, VisionConfig};
