@@ -223,8 +223,9 @@ mod tests {
             let want = if fresh { 40.0 } else { 1.0 };
             assert!((model.lr_scale(&name) - want).abs() < 1e-9, "{name}");
         }
-        assert_eq!(heads, 5); // dense weight and bias, LayerNorm weight and bias, bias
-                              // A checkpoint with its head keeps one rate for everything.
+        // Dense weight and bias, LayerNorm weight and bias, the output bias.
+        assert_eq!(heads, 5);
+        // A checkpoint with its head keeps one rate for everything.
         let mut cfg = crate::TextConfig::default();
         cfg.model.init_from = dir.path().to_string_lossy().into_owned();
         cfg.resolve_lr();
