@@ -9,7 +9,8 @@
 //!
 //! The recipe follows MAE's `main_finetune.py` (AdamW, layer-wise decay, label smoothing 0.1,
 //! warm-up then cosine decay, a head initialised near zero) and its `main_linprobe.py` for the
-//! frozen mode (the encoder in evaluation mode, only the head trained).
+//! frozen mode (the encoder in evaluation mode, the features standardised without an affine
+//! part as its `BatchNorm1d(affine=False)` before the head, only the head trained).
 //!
 //! A modality implements [`FinetuneEncoder`] for its encoder (features of a batch, which
 //! layer a parameter belongs to) and calls [`run_plan`] with a closure that trains and scores
@@ -38,8 +39,9 @@ pub enum FinetuneMode {
     /// Every parameter trains (the reference recipes' fine-tuning), the encoder's layers with
     /// layer-wise learning-rate decay (`finetune.layer_decay`).
     Full,
-    /// The encoder stays as it is (evaluation mode, no gradient): only the head trains, as
-    /// MAE's linear probing.
+    /// The encoder stays as it is (evaluation mode, no gradient): only the head trains, on
+    /// features standardised with their training statistics ([`Classifier::fit_standardizer`]),
+    /// as MAE's linear probing.
     Frozen,
 }
 
@@ -236,13 +238,31 @@ pub enum Start {
     Scratch,
 }
 
-/// Prefix of the head's parameters in the store (`classifier.weight`, `classifier.bias`).
+/// Prefix of the head's parameters in the store (`classifier.weight`, `classifier.bias`, and
+/// in `frozen` mode the feature statistics `classifier.feature_mean`,
+/// `classifier.feature_inv_std`).
 pub const HEAD_PREFIX: &str = "classifier";
+
+/// Names (under [`HEAD_PREFIX`]) of the frozen mode's feature statistics: stored with the
+/// checkpoints, never trained.
+const STAT_NAMES: [&str; 2] = ["feature_mean", "feature_inv_std"];
+
+/// Added to the features' variance before its square root (MAE's linear probe's BatchNorm
+/// uses 1e-6).
+const STANDARDIZE_EPS: f64 = 1e-6;
+
+/// The frozen mode's standardisation of the features: `(x - mean) * inv_std`, per feature.
+struct Standardizer {
+    mean: Tensor,
+    inv_std: Tensor,
+}
 
 /// A classification head on an encoder, trained as a [`PretextTask`] whose batches carry
 /// labels (loss: cross-entropy with label smoothing; metric: `accuracy`).
 pub struct Classifier<E> {
     encoder: E,
+    /// `frozen` mode only: the features' training statistics, applied before the head.
+    standardizer: Option<Standardizer>,
     head: Linear,
     classes: usize,
     mode: FinetuneMode,
@@ -272,19 +292,25 @@ impl<E: FinetuneEncoder> Classifier<E> {
                 "the classifier's head must be built in the encoder's parameter store".into(),
             ));
         }
-        let head = Linear::new(
-            encoder.feature_dim(),
-            classes,
-            true,
-            Init::Normal(cfg.head_init_std),
-            &pb.pp(HEAD_PREFIX),
-        )?;
+        let dim = encoder.feature_dim();
+        let hp = pb.pp(HEAD_PREFIX);
+        let head = Linear::new(dim, classes, true, Init::Normal(cfg.head_init_std), &hp)?;
+        // Identity until `fit_standardizer` measures the features (or a checkpoint restores
+        // them).
+        let standardizer = match cfg.mode {
+            FinetuneMode::Full => None,
+            FinetuneMode::Frozen => Some(Standardizer {
+                mean: hp.get_with_decay(STAT_NAMES[0], dim, Init::Zeros, false)?,
+                inv_std: hp.get_with_decay(STAT_NAMES[1], dim, Init::Ones, false)?,
+            }),
+        };
         let layer_decay = match start {
             Start::Pretrained => cfg.layer_decay,
             Start::Scratch => 1.0,
         };
         Ok(Classifier {
             encoder,
+            standardizer,
             head,
             classes,
             mode: cfg.mode,
@@ -303,23 +329,120 @@ impl<E: FinetuneEncoder> Classifier<E> {
         self.classes
     }
 
-    /// Logits (B, classes) of `inputs`. In `frozen` mode the encoder runs in evaluation mode
-    /// and no gradient reaches it.
-    pub fn logits(&self, inputs: &E::Batch, ctx: &mut Ctx) -> Result<Tensor> {
-        let features = match self.mode {
-            FinetuneMode::Full => self.encoder.features(inputs, ctx)?,
-            FinetuneMode::Frozen => {
-                let mut frozen = Ctx {
-                    train: false,
-                    output_hidden_states: false,
-                    rng: &mut *ctx.rng,
-                    precision: ctx.precision,
-                    backward: false,
-                };
-                self.encoder.features(inputs, &mut frozen)?.detach()
-            }
+    /// The encoder's features of `inputs` in evaluation mode with no backward to follow (the
+    /// `frozen` mode's features, before standardisation).
+    fn frozen_features(&self, inputs: &E::Batch, ctx: &mut Ctx) -> Result<Tensor> {
+        let mut frozen = Ctx {
+            train: false,
+            output_hidden_states: false,
+            rng: &mut *ctx.rng,
+            precision: ctx.precision,
+            backward: false,
         };
-        self.head.forward(&features.to_dtype(DType::F32)?)
+        Ok(self
+            .encoder
+            .features(inputs, &mut frozen)?
+            .detach()
+            .to_dtype(DType::F32)?)
+    }
+
+    /// Logits (B, classes) of `inputs`. In `frozen` mode the encoder runs in evaluation mode,
+    /// no gradient reaches it, and its features are standardised before the head.
+    pub fn logits(&self, inputs: &E::Batch, ctx: &mut Ctx) -> Result<Tensor> {
+        let features = match &self.standardizer {
+            None => self.encoder.features(inputs, ctx)?.to_dtype(DType::F32)?,
+            Some(s) => self
+                .frozen_features(inputs, ctx)?
+                .broadcast_sub(&s.mean.detach())?
+                .broadcast_mul(&s.inv_std.detach())?,
+        };
+        self.head.forward(&features)
+    }
+
+    /// `frozen` mode: measures the mean and standard deviation of every feature over examples
+    /// `0..n` (`make` builds the encoder's batch of the given example indices, `batch` at a
+    /// time, as the test data is prepared: no augmentation) and stores them, so the head
+    /// trains and predicts on standardised features (MAE's linear probe puts a
+    /// `BatchNorm1d(affine=False)` before its head; with a frozen encoder, statistics measured
+    /// once over the training examples are what its running averages converge to). Features
+    /// of a frozen encoder have no common scale (a max-pooled TCN, a ViT's mean token), and a
+    /// near-zero head on unscaled features learns far more slowly than on standardised ones.
+    /// Give every rank the same examples (the run's, not a shard) so that ranks agree. A
+    /// constant feature gets `inv_std` 1 / sqrt(eps). In `full` mode it does nothing and
+    /// returns `false`.
+    pub fn fit_standardizer(
+        &self,
+        n: usize,
+        batch: usize,
+        mut make: impl FnMut(&[usize]) -> Result<E::Batch>,
+        rng: &mut SslRng,
+    ) -> Result<bool> {
+        let Some(s) = &self.standardizer else {
+            return Ok(false);
+        };
+        if n == 0 {
+            return Err(CoreError::InvalidInput(
+                "the features' statistics need at least one example".into(),
+            ));
+        }
+        let dim = self.encoder.feature_dim();
+        let (mut sum, mut sq) = (vec![0f64; dim], vec![0f64; dim]);
+        let mut ctx = Ctx::inference(rng);
+        let idx: Vec<usize> = (0..n).collect();
+        // Centred on the first batch's mean, so the sums of squares do not cancel.
+        let mut shift: Option<Vec<f64>> = None;
+        for chunk in idx.chunks(batch.max(1)) {
+            let x = self.frozen_features(&make(chunk)?, &mut ctx)?;
+            let rows = x.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+            let shift = shift.get_or_insert_with(|| {
+                let mut m = vec![0f64; dim];
+                for r in &rows {
+                    m.iter_mut().zip(r).for_each(|(m, v)| *m += v);
+                }
+                m.iter_mut().for_each(|m| *m /= rows.len().max(1) as f64);
+                m
+            });
+            for r in &rows {
+                if r.len() != dim {
+                    return Err(CoreError::InvalidInput(format!(
+                        "the encoder gave {} features where it declares {dim}",
+                        r.len()
+                    )));
+                }
+                for (((s, q), v), c) in sum.iter_mut().zip(&mut sq).zip(r).zip(shift.iter()) {
+                    let d = v - c;
+                    *s += d;
+                    *q += d * d;
+                }
+            }
+        }
+        let shift = shift.unwrap_or_else(|| vec![0.0; dim]);
+        let nf = n as f64;
+        let mean: Vec<f32> = sum
+            .iter()
+            .zip(&shift)
+            .map(|(s, c)| (c + s / nf) as f32)
+            .collect();
+        let inv_std: Vec<f32> = sum
+            .iter()
+            .zip(&sq)
+            .map(|(s, q)| {
+                let var = (q / nf - (s / nf) * (s / nf)).max(0.0);
+                (1.0 / (var + STANDARDIZE_EPS).sqrt()) as f32
+            })
+            .collect();
+        let device = s.mean.device();
+        let set = |name: &str, values: Vec<f32>| -> Result<()> {
+            let full = format!("{HEAD_PREFIX}.{name}");
+            let var = self.encoder.params().get(&full).ok_or_else(|| {
+                CoreError::InvalidInput(format!("the classifier's `{full}` is not in its store"))
+            })?;
+            var.set(&Tensor::from_vec(values, dim, device)?)?;
+            Ok(())
+        };
+        set(STAT_NAMES[0], mean)?;
+        set(STAT_NAMES[1], inv_std)?;
+        Ok(true)
     }
 
     /// The predicted class of every example of `inputs` (evaluation mode, no backward).
@@ -376,8 +499,9 @@ impl<E: FinetuneEncoder> PretextTask for Classifier<E> {
     }
 
     fn lr_scale(&self, name: &str) -> f64 {
-        if name.starts_with(&format!("{HEAD_PREFIX}.")) {
-            return 1.0;
+        if let Some(rest) = name.strip_prefix(&format!("{HEAD_PREFIX}.")) {
+            // The frozen mode's feature statistics are measured, never trained.
+            return if STAT_NAMES.contains(&rest) { 0.0 } else { 1.0 };
         }
         match self.mode {
             FinetuneMode::Frozen => 0.0,
@@ -838,7 +962,7 @@ mod tests {
     fn train_classifier(mode: FinetuneMode) -> (Classifier<Mlp>, Vec<(String, Tensor)>) {
         let enc = Mlp::new(1);
         // Copies: the store's tensors share storage with the parameters updated in place.
-        let before: Vec<(String, Tensor)> = enc
+        let mut before: Vec<(String, Tensor)> = enc
             .store
             .tensors()
             .unwrap()
@@ -854,6 +978,17 @@ mod tests {
         let clf = Classifier::new(enc, 2, &cfg, Start::Pretrained, &pb).unwrap();
         let (x, y) = points(256);
         let x = Tensor::from_vec(x, (256, 2), &Device::Cpu).unwrap();
+        let fitted = clf
+            .fit_standardizer(256, 48, |idx| rows_of(&x, idx), &mut SslRng::new(0))
+            .unwrap();
+        assert_eq!(fitted, mode == FinetuneMode::Frozen);
+        if fitted {
+            for name in STAT_NAMES {
+                let full = format!("{HEAD_PREFIX}.{name}");
+                let t = clf.encoder().store.get(&full).unwrap();
+                before.push((full, t.as_tensor().copy().unwrap()));
+            }
+        }
         let mut src = LabelledSource::new(256, 32, 5, |idx: &[usize]| {
             let ids = Tensor::from_vec(
                 idx.iter().map(|&i| i as u32).collect::<Vec<_>>(),
@@ -879,6 +1014,75 @@ mod tests {
         (clf, before)
     }
 
+    fn rows_of(x: &Tensor, idx: &[usize]) -> Result<Tensor> {
+        let ids: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
+        Ok(x.index_select(&Tensor::from_vec(ids, idx.len(), x.device())?, 0)?)
+    }
+
+    fn stat(clf: &Classifier<Mlp>, name: &str) -> Vec<f32> {
+        let var = clf.encoder().store.get(&format!("{HEAD_PREFIX}.{name}"));
+        var.unwrap().as_tensor().to_vec1::<f32>().unwrap()
+    }
+
+    #[test]
+    fn frozen_features_are_standardised_with_their_training_statistics() {
+        let enc = Mlp::new(1);
+        let cfg = FinetuneConfig {
+            mode: FinetuneMode::Frozen,
+            ..FinetuneConfig::default()
+        };
+        let pb = enc.store.builder(2);
+        let clf = Classifier::new(enc, 2, &cfg, Start::Pretrained, &pb).unwrap();
+        // Before the measurement the standardisation is the identity.
+        assert!(stat(&clf, "feature_mean").iter().all(|&m| m == 0.0));
+        assert!(stat(&clf, "feature_inv_std").iter().all(|&s| s == 1.0));
+        let (x, _) = points(300);
+        let x = Tensor::from_vec(x, (300, 2), &Device::Cpu).unwrap();
+        // Uneven batches (300 = 7 x 41 + 13) give the statistics of the whole set.
+        clf.fit_standardizer(300, 41, |idx| rows_of(&x, idx), &mut SslRng::new(0))
+            .unwrap();
+        let f = clf
+            .encoder()
+            .l1
+            .forward(&clf.encoder().l0.forward(&x).unwrap().tanh().unwrap());
+        let f = f.unwrap().tanh().unwrap().to_dtype(DType::F64).unwrap();
+        let f = f.to_vec2::<f64>().unwrap();
+        let (mean, inv_std) = (stat(&clf, "feature_mean"), stat(&clf, "feature_inv_std"));
+        for j in 0..8 {
+            let m = f.iter().map(|r| r[j]).sum::<f64>() / 300.0;
+            let v = f.iter().map(|r| (r[j] - m).powi(2)).sum::<f64>() / 300.0;
+            assert!(
+                (mean[j] as f64 - m).abs() < 1e-6,
+                "mean {j}: {} vs {m}",
+                mean[j]
+            );
+            let want = 1.0 / (v + STANDARDIZE_EPS).sqrt();
+            assert!(
+                ((inv_std[j] as f64) / want - 1.0).abs() < 1e-5,
+                "feature {j}"
+            );
+        }
+        // Measured, never trained; saved with the head.
+        assert_eq!(clf.lr_scale("classifier.feature_mean"), 0.0);
+        assert_eq!(clf.lr_scale("classifier.feature_inv_std"), 0.0);
+        assert_eq!(clf.lr_scale("classifier.weight"), 1.0);
+        let names = clf.encoder().store.tensors().unwrap();
+        assert!(names.contains_key("classifier.feature_mean"));
+        // Full fine-tuning has no standardisation.
+        let enc = Mlp::new(1);
+        let pb = enc.store.builder(2);
+        let full = Classifier::new(enc, 2, &FinetuneConfig::default(), Start::Pretrained, &pb);
+        let full = full.unwrap();
+        assert!(!full
+            .fit_standardizer(300, 41, |i| rows_of(&x, i), &mut SslRng::new(0))
+            .unwrap());
+        assert!(full
+            .encoder()
+            .store
+            .get("classifier.feature_mean")
+            .is_none());
+    }
+
     fn accuracy(clf: &Classifier<Mlp>) -> f64 {
         let (x, y) = points(512);
         let x = Tensor::from_vec(x, (512, 2), &Device::Cpu).unwrap();
@@ -893,7 +1097,13 @@ mod tests {
         let (a_full, a_frozen) = (accuracy(&full), accuracy(&frozen));
         assert!(a_full > 0.9, "full fine-tuning reached {a_full}");
         assert!(a_full > a_frozen + 0.05, "full {a_full}, frozen {a_frozen}");
-        // Frozen: the encoder's parameters are exactly as they were, the head moved.
+        // Frozen: the encoder's parameters are exactly as they were, the head moved; the
+        // feature statistics, measured before training, did not move either.
+        let (mean, inv_std) = (
+            stat(&frozen, "feature_mean"),
+            stat(&frozen, "feature_inv_std"),
+        );
+        assert!(mean.iter().any(|&m| m != 0.0) && inv_std.iter().any(|&s| s != 1.0));
         let after = frozen.encoder().store.tensors().unwrap();
         for (name, t) in &before {
             let diff = (after[name].clone() - t)

@@ -207,6 +207,12 @@ fn frozen_fine_tuning_leaves_the_encoder_as_it_was() {
     }
     let head = &after["classifier.weight"];
     assert!(head.dims() == [2, 16]);
+    // The head trained on standardised features: their measured statistics are stored with it.
+    let mean = after["classifier.feature_mean"].to_vec1::<f32>().unwrap();
+    assert!(
+        mean.iter().any(|&m| m != 0.0),
+        "feature statistics never measured"
+    );
     assert_eq!(stored_config(&run).unwrap().1.train.lr, finetune_lr(16));
     // BERT's rate at BERT-base's width, more for narrower models, capped.
     assert_eq!(finetune_lr(768), 5e-5);

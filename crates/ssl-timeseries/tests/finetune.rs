@@ -156,6 +156,12 @@ fn a_frozen_encoder_stays_as_pretrained_and_a_missing_test_set_is_split_off() {
         assert_eq!(max_abs_diff(t, &after[name]), 0.0, "{name} moved");
     }
     assert!(after.contains_key("classifier.bias"));
+    // The head trained on standardised features: their measured statistics are stored with it.
+    let mean = after["classifier.feature_mean"].to_vec1::<f32>().unwrap();
+    assert!(
+        mean.iter().any(|&m| m != 0.0),
+        "feature statistics never measured"
+    );
 }
 
 #[test]

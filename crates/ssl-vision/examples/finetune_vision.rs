@@ -12,7 +12,7 @@
 //! pretrained on `TRAIN` with the defaults and `pretrain_steps` steps. Keys: `fractions=0.01,0.1`,
 //! `mode=full|frozen`, `epochs=E` (or `steps=N`: a fixed length), `min_steps=N`, `lr=X`,
 //! `batch=N`, `max_images=N` (a seeded sample of the training images), `scratch=false`,
-//! `pretrain_steps=N`, `pooling=cls|mean`.
+//! `pretrain_steps=N`, `pooling=cls|mean`, `crop=true|false` (the training images' random crops).
 
 use std::path::{Path, PathBuf};
 
@@ -52,7 +52,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut ft = finetune_config();
     ft.label_fractions = vec![0.1, 1.0];
     let mut pretrain_steps = 300;
-    let (mut max_images, mut pooling) = (0, None);
+    let (mut max_images, mut pooling, mut crop) = (0, None, None);
     for kv in keys {
         let (k, v) = kv
             .split_once('=')
@@ -76,6 +76,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "max_images" => max_images = v.parse()?,
             "scratch" => ft.compare_scratch = v.parse()?,
             "pretrain_steps" => pretrain_steps = v.parse()?,
+            "crop" => crop = Some(v.parse()?),
             "pooling" => {
                 pooling = Some(match v {
                     "cls" => Pooling::Cls,
@@ -99,6 +100,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     cfg.data.max_images = max_images;
     if let Some(p) = pooling {
         cfg.model.pooling = p;
+    }
+    if let Some(c) = crop {
+        cfg.task.augment.crop = c;
     }
     let opts = RunOptions {
         progress: false,

@@ -191,6 +191,12 @@ fn a_frozen_encoder_keeps_its_weights_and_a_held_out_split_scores() {
         encoder += 1;
     }
     assert!(encoder > 10);
+    // The head trained on standardised features: their measured statistics are stored with it.
+    let mean = after["classifier.feature_mean"].to_vec1::<f32>().unwrap();
+    assert!(
+        mean.iter().any(|&m| m != 0.0),
+        "feature statistics never measured"
+    );
     let head = &after["classifier.weight"];
     let init_scale = head
         .abs()

@@ -415,11 +415,28 @@ impl Plan<'_> {
                 .into_owned();
             run_dir::write_config(&spec.dir, &run_cfg)?;
         }
+        let pad = SpecialIds::of(&tok)?.pad;
+        if !opts.resume {
+            // Frozen mode: the features' statistics over the run's documents, on every rank
+            // (a resumed run has them in its checkpoint).
+            let clf = task.classifier();
+            clf.fit_standardizer(
+                spec.rows.len(),
+                train.batch_size,
+                |idx| {
+                    let ids: Vec<&[u32]> = idx
+                        .iter()
+                        .map(|&i| self.train.ids[spec.rows[i]].as_slice())
+                        .collect();
+                    Ok(inputs(&ids, pad, &device)?)
+                },
+                &mut SslRng::new(train.seed),
+            )?;
+        }
         // This rank's share of the run's rows, held as token ids, padded per batch.
         let rows = self
             .par
             .shard(spec.rows.clone(), "labelled training documents")?;
-        let pad = SpecialIds::of(&tok)?.pad;
         let mut source = LabelledSource::new(rows.len(), train.batch_size, train.seed, |idx| {
             let ids: Vec<&[u32]> = idx
                 .iter()

@@ -379,6 +379,20 @@ pub fn finetune(
             .map_err(|e| ssl_core::CoreError::InvalidInput(e.to_string()))?;
         let mut trainer = run_opts.trainer(&spec.train, &spec.dir, config, &par)?;
         let (dev, train_series, row_ids) = (&device, &series, &ids);
+        if !resume {
+            // Frozen mode: the features' statistics over the run's series (a resumed run
+            // has them in its checkpoint).
+            clf.fit_standardizer(
+                rows.len(),
+                bs,
+                |idx: &[usize]| {
+                    let refs: Vec<&SeqExample> =
+                        idx.iter().map(|&i| &train_series[rows[i]]).collect();
+                    SeqBatch::from_examples(&refs, dev)
+                },
+                &mut SslRng::new(seed),
+            )?;
+        }
         let mut source = LabelledSource::new(
             rows.len(),
             spec.train.batch_size.max(1),
