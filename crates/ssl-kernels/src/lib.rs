@@ -11,6 +11,9 @@
 //! - [`TcnOp`]: TS2Vec's dilated convolution stack (every residual block, forward and
 //!   backward) as one custom op ([`TcnSpec`] says its shape); `ssl_timeseries`' TCN encoder
 //!   runs it on the CPU and keeps its composite-op path as the reference.
+//! - [`Ts2VecLossOp`]: TS2Vec's hierarchical contrastive loss and its gradient in one pass,
+//!   each group's similarities in one buffer (the composite builds and differentiates
+//!   several tensors of every similarity matrix's size).
 //! - Matrix products through `gemm`'s kernels, or bf16 ones (operands rounded to bf16, f32
 //!   sums) on CPUs with AVX-512 BF16 ([`bf16_available`]), with bias and activation
 //!   epilogues applied to each block while it is in cache; [`MatmulTBf16`] is `x W^T` on that
@@ -57,6 +60,7 @@ mod precision;
 mod simd;
 mod stack;
 mod tcn;
+mod ts2vec_loss;
 
 pub use alloc::keep_freed_memory;
 pub use bf16::available as bf16_available;
@@ -73,6 +77,7 @@ pub use precision::{bf16_check, cpu_name, Bf16Check};
 pub use simd::{adamw, Act, AdamWCoeffs};
 pub use stack::{FusedSpec, NormPlacement, Offsets, StackOp};
 pub use tcn::{TcnBlock, TcnOp, TcnSpec};
+pub use ts2vec_loss::Ts2VecLossOp;
 
 // The README's example runs as a doctest.
 #[cfg(doctest)]

@@ -125,21 +125,6 @@ pub struct TcnEncoder {
     pool: BufferPool,
 }
 
-/// Reads `SSL_STACK_KERNEL` (`auto`, `fused`, `reference`); `Auto` when unset.
-fn kernel_from_env() -> Result<StackKernel> {
-    match std::env::var("SSL_STACK_KERNEL") {
-        Err(_) => Ok(StackKernel::Auto),
-        Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
-            "" | "auto" => Ok(StackKernel::Auto),
-            "fused" => Ok(StackKernel::Fused),
-            "reference" => Ok(StackKernel::Reference),
-            other => Err(CoreError::Config(format!(
-                "SSL_STACK_KERNEL = {other:?}: expected auto, fused or reference"
-            ))),
-        },
-    }
-}
-
 impl TcnEncoder {
     /// Creates the encoder for `channels` input channels under `pb`.
     pub fn new(cfg: &TcnConfig, channels: usize, pb: &ParamBuilder) -> Result<Self> {
@@ -187,7 +172,7 @@ impl TcnEncoder {
             channels,
             input_fc,
             blocks,
-            kernel: kernel_from_env()?,
+            kernel: StackKernel::from_env()?,
             pool: BufferPool::default(),
         })
     }

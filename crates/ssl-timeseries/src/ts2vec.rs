@@ -8,11 +8,13 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 use ssl_core::nn::ops::log_softmax_last_dim;
+use ssl_core::nn::StackKernel;
 use ssl_core::seq::SeqBatch;
 use ssl_core::{
     gather_rows, Collective, CoreError, Ctx, Encoder, ParamStore, PretextTask, Result,
     SharedCollective, SslRng, TaskOutput,
 };
+use ssl_kernels::Ts2VecLossOp;
 
 /// Settings of [`Ts2VecTask`] (defaults as the reference).
 #[derive(schemars::JsonSchema, Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -192,6 +194,20 @@ pub fn hierarchical_contrastive_loss_across(
     temporal_unit: usize,
     ranks: Option<&dyn Collective>,
 ) -> Result<Tensor> {
+    let single = ranks.is_none_or(|r| r.world_size() <= 1);
+    if single
+        && matches!(z1.device(), Device::Cpu)
+        && z1.dtype() == DType::F32
+        && z2.dtype() == DType::F32
+        && StackKernel::from_env()? != StackKernel::Reference
+    {
+        // One op for the loss and its gradient (`ssl_kernels::Ts2VecLossOp`); the composite
+        // below stays the reference (other devices and dtypes, ranks, SSL_STACK_KERNEL).
+        let backward = z1.track_op() || z2.track_op();
+        let op = Ts2VecLossOp::new(alpha, temporal_unit, backward);
+        let v = valid.to_dtype(DType::F32)?.contiguous()?;
+        return Ok(z1.contiguous()?.apply_op3(&z2.contiguous()?, &v, op)?);
+    }
     let valid = valid.to_dtype(z1.dtype())?;
     let (mut z1, mut z2, mut v) = (z1.clone(), z2.clone(), valid);
     let mut loss = Tensor::zeros((), z1.dtype(), z1.device())?;
@@ -556,6 +572,66 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(h.is_finite());
+    }
+
+    /// The fused op (f32) against the composite loss in f64 (itself checked against the
+    /// reference above): the loss and both views' gradients, with gaps, an odd length, both
+    /// weights and a temporal unit.
+    #[test]
+    fn the_fused_loss_matches_the_composite_in_f64() {
+        let dev = Device::Cpu;
+        let mut rng = SslRng::new(9);
+        for &(b, t, d, alpha, unit) in &[(3, 13, 6, 0.5, 0), (4, 9, 5, 0.5, 1), (2, 6, 4, 1.0, 0)] {
+            let v1: Vec<f32> = (0..b * t * d).map(|_| rng.normal()).collect();
+            let v2: Vec<f32> = (0..b * t * d).map(|_| rng.normal()).collect();
+            let mut valid = vec![1f32; b * t];
+            valid[1] = 0.0;
+            valid[2] = 0.0;
+            valid[b * t - 1] = 0.0;
+            let valid = Tensor::from_vec(valid, (b, t), &dev).unwrap();
+            let grads_of = |dtype: DType, fused: bool| -> (f64, Vec<f64>, Vec<f64>) {
+                let var = |v: &[f32]| {
+                    let t = Tensor::from_vec(v.to_vec(), (b, t, d), &dev).unwrap();
+                    candle_core::Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
+                };
+                let (z1, z2) = (var(&v1), var(&v2));
+                let loss = if fused {
+                    let op = Ts2VecLossOp::new(alpha, unit, true);
+                    z1.as_tensor()
+                        .apply_op3(z2.as_tensor(), &valid, op)
+                        .unwrap()
+                } else {
+                    let v = valid.to_dtype(dtype).unwrap();
+                    hierarchical_contrastive_loss(&z1, &z2, &v, alpha, unit).unwrap()
+                };
+                let g = loss.backward().unwrap();
+                let flat = |x: &candle_core::Var| -> Vec<f64> {
+                    let t = g.get(x).unwrap().to_dtype(DType::F64).unwrap();
+                    t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+                };
+                let l = loss
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                (l, flat(&z1), flat(&z2))
+            };
+            let (want, w1, w2) = grads_of(DType::F64, false);
+            let (got, g1, g2) = grads_of(DType::F32, true);
+            assert!(
+                (got - want).abs() < 1e-5 * want.abs().max(1.0),
+                "{got} vs {want}"
+            );
+            let scale = w1.iter().chain(&w2).fold(0f64, |m, x| m.max(x.abs()));
+            for (g, w) in g1.iter().chain(&g2).zip(w1.iter().chain(&w2)) {
+                assert!(
+                    (g - w).abs() < 1e-5 * scale.max(1e-3),
+                    "{g} vs {w} (b {b}, t {t})"
+                );
+            }
+            // Steps that are invalid in every view of a pair get no gradient.
+            assert!(g1[d..3 * d].iter().all(|&x| x == 0.0));
+        }
     }
 
     #[test]

@@ -129,8 +129,9 @@ pub enum StackKernel {
 }
 
 impl StackKernel {
-    /// Reads `SSL_STACK_KERNEL`; `Auto` when unset.
-    fn from_env() -> Result<Self> {
+    /// Reads `SSL_STACK_KERNEL`; `Auto` when unset (also the choice of the other fused ops
+    /// that keep a composite reference, such as the time-series TCN and TS2Vec loss).
+    pub fn from_env() -> Result<Self> {
         match std::env::var("SSL_STACK_KERNEL") {
             Err(_) => Ok(StackKernel::Auto),
             Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
