@@ -67,6 +67,11 @@ pub struct FinetuneConfig {
     /// Standard deviation of the head's initial weights (near zero, as MAE's 2e-5, so the
     /// first steps do not disturb the pretrained features; its bias starts at zero).
     pub head_init_std: f64,
+    /// The peak learning rate of `frozen` mode, where only the head trains, on standardised
+    /// features (`train.lr` is the rate of full fine-tuning, set for the encoder: BERT's 5e-5
+    /// left a frozen head near its initialisation). MAE's linear probe trains its head at a
+    /// far higher rate than its fine-tuning too.
+    pub frozen_lr: f64,
     /// Also train the same model from random initialisation with the same budget and
     /// settings for every fraction, and report both.
     pub compare_scratch: bool,
@@ -91,6 +96,7 @@ impl Default for FinetuneConfig {
             layer_decay: 0.75,
             label_smoothing: 0.1,
             head_init_std: 2e-5,
+            frozen_lr: 1e-2,
             compare_scratch: true,
             seed: 0,
             min_steps: 100,
@@ -148,6 +154,13 @@ impl FinetuneConfig {
                 "head_init_std",
                 self.head_init_std.to_string(),
                 "must be a number >= 0",
+            );
+        }
+        if !(self.frozen_lr.is_finite() && self.frozen_lr > 0.0) {
+            return bad(
+                "frozen_lr",
+                self.frozen_lr.to_string(),
+                "must be a number > 0",
             );
         }
         // `train.lr = 0` leaves the rate to the modality's rule (e.g. text's by model width).
@@ -756,10 +769,14 @@ pub fn run_dir(out: &Path, fraction: f64, start: Start) -> PathBuf {
 /// The report's file in a fine-tuning output directory.
 pub const REPORT_FILE: &str = "report.json";
 
-/// The run's length: `train.max_epochs` over its rows (at least `min_steps`), or
-/// `train.max_steps` when epochs are off; warm-up at most a fifth of it.
+/// The run's training settings: its length, `train.max_epochs` over its rows (at least
+/// `min_steps`), or `train.max_steps` when epochs are off; warm-up at most a fifth of it; in
+/// `frozen` mode the rate `frozen_lr`.
 pub fn run_train_config(cfg: &FinetuneConfig, rows: usize) -> TrainConfig {
     let mut train = cfg.train.clone();
+    if cfg.mode == FinetuneMode::Frozen {
+        train.lr = cfg.frozen_lr;
+    }
     if train.apply_epochs(rows as u64, 1).is_some() {
         train.max_steps = train.max_steps.max(cfg.min_steps);
         train.max_epochs = 0.0;
@@ -1194,5 +1211,19 @@ mod tests {
         };
         let t = run_train_config(&fixed, 10_000);
         assert_eq!((t.max_steps, t.warmup_steps), (40, 8));
+        assert_eq!(t.lr, fixed.train.lr);
+        // A frozen head trains at its own rate.
+        let frozen = FinetuneConfig {
+            mode: FinetuneMode::Frozen,
+            frozen_lr: 0.02,
+            ..fixed
+        };
+        assert_eq!(run_train_config(&frozen, 10_000).lr, 0.02);
+        let bad = FinetuneConfig {
+            frozen_lr: 0.0,
+            ..frozen
+        };
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("finetune.frozen_lr"), "{err}");
     }
 }

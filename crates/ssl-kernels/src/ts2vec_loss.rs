@@ -145,6 +145,7 @@ fn contrast_group(
             row.fill(0.0);
             continue;
         }
+        let picked = row[p];
         let mut mx = f32::NEG_INFINITY;
         for (j, &s) in row.iter().enumerate() {
             if j != i && cand[j] && s > mx {
@@ -161,9 +162,9 @@ fn contrast_group(
                 *s = 0.0;
             }
         }
-        // The partner is a candidate, so `sum` >= its term > 0.
-        let picked = f64::from(row[p]);
-        total += -(picked / sum).ln();
+        // -log softmax at the partner, in log space: its exponential may underflow (the
+        // partner is a candidate, so `sum` >= exp(0) = 1 at the row's maximum).
+        total += f64::from(mx) + sum.ln() - f64::from(picked);
         if scale.is_some() {
             let inv = (1.0 / sum) as f32;
             row.iter_mut().for_each(|s| *s *= inv);
@@ -609,6 +610,24 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn large_similarities_stay_finite() {
+        // Representations of a trained encoder are not normalised: similarities far apart
+        // make the partner's exponential underflow, which a ratio of exponentials cannot take.
+        let dims = (3, 9, 6);
+        let (z1, z2, v) = data(3, 9, 6, 5);
+        let (z1, z2): (Vec<f64>, Vec<f64>) = (
+            z1.iter().map(|x| 40.0 * x).collect(),
+            z2.iter().map(|x| 40.0 * x).collect(),
+        );
+        let want = reference(&z1, &z2, &v, dims, 0.5, 0);
+        let (got, grads) = loss_and_grads(&f32s(&z1), &f32s(&z2), &f32s(&v), dims, 0.5, 0, true);
+        assert!(want.is_finite() && want > 100.0, "{want}");
+        assert!((got - want).abs() < 1e-5 * want, "{got} vs {want}");
+        let (g1, g2) = grads.unwrap();
+        assert!(g1.iter().chain(&g2).all(|g| g.is_finite()));
     }
 
     #[test]

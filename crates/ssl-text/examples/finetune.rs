@@ -8,7 +8,7 @@
 //! With arguments it fine-tunes an existing run or Hugging Face BERT directory:
 //! `cargo run --release -p ssl-text --example finetune -- CHECKPOINT DATA OUT [key=value ...]`
 //! where the keys are `test=FILE`, `fractions=0.01,0.1,1`, `epochs=3`, `min_steps=100`,
-//! `lr=2e-4`, `batch=32`, `max_docs=N` (the `data.max_docs` sample), `max_seq_len=N`,
+//! `lr=2e-4` (full), `frozen_lr=1e-2` (frozen), `batch=32`, `max_docs=N` (the `data.max_docs` sample), `max_seq_len=N`,
 //! `label=COLUMN`, `mode=full|frozen`, `layer_decay=X`, `scratch=true|false`, and
 //! `pretrain_steps=N`: first pretrain the default configuration (the tiny preset, batch 32)
 //! on DATA for N steps into CHECKPOINT.
@@ -103,6 +103,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "epochs" => ft.train.max_epochs = v.parse()?,
             "min_steps" => ft.min_steps = v.parse()?,
             "lr" => ft.train.lr = v.parse()?,
+            "frozen_lr" => ft.frozen_lr = v.parse()?,
             "batch" => ft.train.batch_size = v.parse()?,
             "max_docs" => cfg.data.max_docs = v.parse()?,
             "max_seq_len" => cfg.input.max_seq_len = v.parse()?,

@@ -122,7 +122,10 @@ fn fine_tuning_runs_end_to_end_and_its_runs_embed() {
     let (data, test) = setup(dir.path(), false);
     let (ckpt, cfg) = stored_config(&dir.path().join("run")).unwrap();
     let out = dir.path().join("ft");
-    let ft = ft_cfg(&[0.25, 1.0], FinetuneMode::Full);
+    let mut ft = ft_cfg(&[0.25, 1.0], FinetuneMode::Full);
+    // The default rate: by the model's width (3e-3 at width 16), stored in each run.
+    ft.train.lr = finetune_config().train.lr;
+    assert_eq!(ft.train.lr, 0.0);
     let report = finetune(&ckpt, &cfg, &ft, &data, &test, &out, &RunOptions::default()).unwrap();
 
     assert_eq!(report.classes, ["code", "legal"]);
@@ -166,6 +169,7 @@ fn fine_tuning_runs_end_to_end_and_its_runs_embed() {
     let run = finetune_run_dir(&out, 1.0, Start::Pretrained);
     let (ft_ckpt, ft_cfg) = stored_config(&run).unwrap();
     assert_eq!(ft_cfg.model.config, cfg.model.config);
+    assert_eq!(ft_cfg.train.lr, finetune_lr(16));
     let emb = embed(&ft_ckpt, &ft_cfg, &data, &dir.path().join("emb.parquet")).unwrap();
     assert_eq!((emb.rows, emb.dim), (48, 16));
     let before = tensors(&ckpt.join("model.safetensors"));
@@ -187,9 +191,8 @@ fn frozen_fine_tuning_leaves_the_encoder_as_it_was() {
     let out = dir.path().join("ft");
     let mut ft = ft_cfg(&[1.0], FinetuneMode::Frozen);
     ft.compare_scratch = false;
-    // The default rate: by the model's width, stored in the run's configuration.
+    // The encoder's rate is left to the width rule; a frozen head trains at its own.
     ft.train.lr = finetune_config().train.lr;
-    assert_eq!(ft.train.lr, 0.0);
     let report = finetune(&ckpt, &cfg, &ft, &data, &[], &out, &RunOptions::default()).unwrap();
     assert_eq!(report.classes, ["0", "1"]);
     assert_eq!(report.train_rows + report.test_rows, 48);
@@ -213,7 +216,7 @@ fn frozen_fine_tuning_leaves_the_encoder_as_it_was() {
         mean.iter().any(|&m| m != 0.0),
         "feature statistics never measured"
     );
-    assert_eq!(stored_config(&run).unwrap().1.train.lr, finetune_lr(16));
+    assert_eq!(stored_config(&run).unwrap().1.train.lr, ft.frozen_lr);
     // BERT's rate at BERT-base's width, more for narrower models, capped.
     assert_eq!(finetune_lr(768), 5e-5);
     assert!(finetune_lr(384) > finetune_lr(768) && finetune_lr(128) > finetune_lr(384));

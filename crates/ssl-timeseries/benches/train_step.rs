@@ -78,16 +78,30 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(20u64);
 
-    // Before and after the fused TCN op: the composite candle-op blocks, then the fused op.
-    for (label, kernel) in [
-        ("ts2vec_tcn b8x150 (composite ops)", StackKernel::Reference),
-        ("ts2vec_tcn b8x150 (fused TcnOp)", StackKernel::Fused),
+    // The composite candle ops, the fused TCN op with the composite loss, then both fused.
+    for (label, kernel, loss) in [
+        (
+            "ts2vec_tcn b8x150 (composite ops)",
+            StackKernel::Reference,
+            StackKernel::Reference,
+        ),
+        (
+            "ts2vec_tcn b8x150 (fused TcnOp, composite loss)",
+            StackKernel::Fused,
+            StackKernel::Reference,
+        ),
+        (
+            "ts2vec_tcn b8x150 (fused TcnOp and Ts2VecLossOp)",
+            StackKernel::Fused,
+            StackKernel::Fused,
+        ),
     ] {
         let store = ParamStore::new(&Device::Cpu);
         let mut enc =
             TcnEncoder::new(&TcnConfig::default(), 1, &store.builder(0)).expect("encoder");
         enc.set_kernel(kernel);
-        let task = Ts2VecTask::new(enc, Ts2VecConfig::default(), &store).expect("task");
+        let mut task = Ts2VecTask::new(enc, Ts2VecConfig::default(), &store).expect("task");
+        task.set_loss_kernel(loss);
         time_steps(label, &task, series(64, 150, 1), 8, steps);
     }
 

@@ -7,7 +7,8 @@
 //!
 //! On a pretrained run and your data (`label` column; fractions default to 0.1,1.0):
 //! `cargo run --release -p ssl-timeseries --example finetune_timeseries -- RUN TRAIN.parquet TEST.parquet OUT [0.1,1.0] [full|frozen] [SEED] [LR]`
-//! (SEED: `finetune.seed`, the seed of the label-fraction draw; LR: `finetune.train.lr`)
+//! (SEED: `finetune.seed`, the seed of the label-fraction draw; LR: the peak rate,
+//! `finetune.train.lr`, or `finetune.frozen_lr` in frozen mode)
 use std::path::Path;
 use std::sync::Arc;
 
@@ -60,7 +61,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ft.seed = seed.parse()?; // the label-fraction draw
         }
         if let Some(lr) = args.get(7) {
-            ft.train.lr = lr.parse()?;
+            (ft.train.lr, ft.frozen_lr) = (lr.parse()?, lr.parse()?);
         }
         let p = |s: &String| Path::new(s).to_path_buf();
         (p(&args[0]), args[1].clone(), args[2].clone(), p(&args[3]))

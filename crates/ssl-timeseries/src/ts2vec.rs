@@ -3,6 +3,10 @@
 //! at every scale (max-pooling the overlap by 2 until one step is left) an instance-wise term
 //! (the same timestamp of the other view against the other series) and a temporal term (the
 //! same timestamp of the other view against other timestamps of the same series).
+//!
+//! On the CPU in f32 (one process) the loss and its gradient run as one op
+//! (`ssl_kernels::Ts2VecLossOp`); the composite candle ops below stay the reference, used on
+//! other devices, in f64, across ranks, or with `SSL_STACK_KERNEL=reference`.
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, D};
@@ -194,12 +198,27 @@ pub fn hierarchical_contrastive_loss_across(
     temporal_unit: usize,
     ranks: Option<&dyn Collective>,
 ) -> Result<Tensor> {
+    let kernel = StackKernel::from_env()?;
+    hierarchical_loss(z1, z2, valid, alpha, temporal_unit, ranks, kernel)
+}
+
+/// [`hierarchical_contrastive_loss_across`] with the implementation chosen by `kernel`: the
+/// fused op for f32 on the CPU in one process unless `Reference`, else the composite ops.
+fn hierarchical_loss(
+    z1: &Tensor,
+    z2: &Tensor,
+    valid: &Tensor,
+    alpha: f64,
+    temporal_unit: usize,
+    ranks: Option<&dyn Collective>,
+    kernel: StackKernel,
+) -> Result<Tensor> {
     let single = ranks.is_none_or(|r| r.world_size() <= 1);
     if single
         && matches!(z1.device(), Device::Cpu)
         && z1.dtype() == DType::F32
         && z2.dtype() == DType::F32
-        && StackKernel::from_env()? != StackKernel::Reference
+        && kernel != StackKernel::Reference
     {
         // One op for the loss and its gradient (`ssl_kernels::Ts2VecLossOp`); the composite
         // below stays the reference (other devices and dtypes, ranks, SSL_STACK_KERNEL).
@@ -259,6 +278,7 @@ pub struct Ts2VecTask<E> {
     cfg: Ts2VecConfig,
     store: ParamStore,
     ranks: Option<SharedCollective>,
+    loss_kernel: StackKernel,
 }
 
 impl<E: Encoder<Input = SeqBatch>> Ts2VecTask<E> {
@@ -276,7 +296,15 @@ impl<E: Encoder<Input = SeqBatch>> Ts2VecTask<E> {
             cfg,
             store: store.clone(),
             ranks: None,
+            loss_kernel: StackKernel::from_env()?,
         })
+    }
+
+    /// Chooses the loss's implementation: `Auto` and `Fused` run `ssl_kernels::Ts2VecLossOp`
+    /// for f32 on the CPU in one process, `Reference` the composite candle ops; the default
+    /// comes from `SSL_STACK_KERNEL`, else `Auto`.
+    pub fn set_loss_kernel(&mut self, kernel: StackKernel) {
+        self.loss_kernel = kernel;
     }
 
     /// Data-parallel training: every step pads the batch to the longest series of any rank,
@@ -444,13 +472,14 @@ impl<E: Encoder<Input = SeqBatch>> PretextTask for Ts2VecTask<E> {
             .flat_map(|i| obs1[i * l1 + l1 - crop_l..(i + 1) * l1].to_vec())
             .collect();
         let ov = Tensor::from_vec(ov, (b, crop_l), &device)?;
-        let loss = hierarchical_contrastive_loss_across(
+        let loss = hierarchical_loss(
             &z1,
             &z2,
             &ov,
             self.cfg.alpha,
             self.cfg.temporal_unit,
             ranks,
+            self.loss_kernel,
         )?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         Ok(TaskOutput {

@@ -10,7 +10,8 @@
 //!
 //! `RUN` is a vision run directory (`ssl pretrain vision --out RUN`); without a checkpoint it is
 //! pretrained on `TRAIN` with the defaults and `pretrain_steps` steps. Keys: `fractions=0.01,0.1`,
-//! `mode=full|frozen`, `epochs=E` (or `steps=N`: a fixed length), `min_steps=N`, `lr=X`,
+//! `mode=full|frozen`, `epochs=E` (or `steps=N`: a fixed length), `min_steps=N`, `lr=X`
+//! (full fine-tuning), `frozen_lr=X` (frozen mode),
 //! `batch=N`, `max_images=N` (a seeded sample of the training images), `scratch=false`,
 //! `pretrain_steps=N`, `pooling=cls|mean`, `crop=true|false` (the training images' random crops).
 
@@ -72,6 +73,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "steps" => (ft.train.max_epochs, ft.train.max_steps) = (0.0, v.parse()?),
             "min_steps" => ft.min_steps = v.parse()?,
             "lr" => ft.train.lr = v.parse()?,
+            "frozen_lr" => ft.frozen_lr = v.parse()?,
             "batch" => ft.train.batch_size = v.parse()?,
             "max_images" => max_images = v.parse()?,
             "scratch" => ft.compare_scratch = v.parse()?,

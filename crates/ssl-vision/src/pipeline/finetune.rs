@@ -79,8 +79,8 @@ pub fn finetune_config() -> FinetuneConfig {
 }
 
 /// A batch for [`VitEncoder`]: raw `[0, 1]` images, and whether to augment them (training
-/// batches: random resized crop and flip from the trainer's random stream, also in frozen
-/// mode, as MAE's linear probing does) or only normalise them (prediction).
+/// batches: the run's random resized crop, off in frozen mode, and flip, from the trainer's
+/// random stream) or only normalise them (prediction).
 #[derive(Debug, Clone)]
 pub struct VitBatch {
     /// The images, raw pixels `(B, C, H, W)` in `[0, 1]`.
