@@ -205,84 +205,92 @@ fn anchors(v: &[f32]) -> f64 {
     2.0 * v.iter().filter(|&&x| x > 0.5).count() as f64
 }
 
-/// Adds the instance term of `lvl` (weight `w` over the whole loss): its loss into the
-/// returned value and, with `grads`, its gradient into them.
-fn instance_term(lvl: &Level, bsz: usize, d: usize, w: f64, grads: Option<&mut Grads>) -> f64 {
-    let t = lvl.t;
-    let count = anchors(&lvl.v);
-    if bsz < 2 || count == 0.0 {
+/// One term of a level (weight `w` over the whole loss; `count` anchors in all): `groups`
+/// groups of `r` rows, each gathered by `gather` (rows and candidate flags) and contrasted in
+/// parallel, with `partner` pairing the rows; returns the term's loss and, with `grads`, adds
+/// each group's gradient through `scatter`.
+#[allow(clippy::too_many_arguments)]
+fn term(
+    d: usize,
+    w: f64,
+    count: f64,
+    grads: Option<&mut Grads>,
+    (groups, r): (usize, usize),
+    gather: impl Fn(usize) -> (Vec<f32>, Vec<bool>) + Sync,
+    partner: impl Fn(usize) -> usize + Sync + Copy,
+    scatter: impl Fn(usize, &[f32], &mut Grads),
+) -> f64 {
+    if count == 0.0 {
         return 0.0;
     }
     let scale = grads.is_some().then_some((w / count) as f32);
-    let r = 2 * bsz;
-    let parts: Vec<(f64, Option<Vec<f32>>)> = (0..t)
+    let parts: Vec<(f64, Option<Vec<f32>>)> = (0..groups)
         .into_par_iter()
-        .map(|s| {
-            let mut z = vec![0f32; r * d];
-            let mut cand = vec![false; r];
-            for i in 0..r {
-                let (src, b) = if i < bsz {
-                    (&lvl.a, i)
-                } else {
-                    (&lvl.b, i - bsz)
-                };
-                let at = (b * t + s) * d;
-                z[i * d..(i + 1) * d].copy_from_slice(&src[at..at + d]);
-                cand[i] = lvl.v[b * t + s] > 0.5;
-            }
-            contrast_group(&z, r, d, &cand, |i| (i + bsz) % r, scale)
+        .map(|g| {
+            let (z, cand) = gather(g);
+            contrast_group(&z, r, d, &cand, partner, scale)
         })
         .collect();
     let mut total = 0f64;
     let mut grads = grads;
-    for (s, (loss, dz)) in parts.into_iter().enumerate() {
+    for (g, (loss, dz)) in parts.into_iter().enumerate() {
         total += loss;
-        if let (Some((ga, gb)), Some(dz)) = (grads.as_deref_mut(), dz) {
-            for i in 0..r {
-                let (dst, b) = if i < bsz {
-                    (&mut *ga, i)
-                } else {
-                    (&mut *gb, i - bsz)
-                };
-                let at = (b * t + s) * d;
-                add_assign(&mut dst[at..at + d], &dz[i * d..(i + 1) * d]);
-            }
+        if let (Some(gr), Some(dz)) = (grads.as_deref_mut(), dz) {
+            scatter(g, &dz, gr);
         }
     }
     w * total / count
 }
 
-/// Adds the temporal term of `lvl` (weight `w`), as [`instance_term`].
-fn temporal_term(lvl: &Level, bsz: usize, d: usize, w: f64, grads: Option<&mut Grads>) -> f64 {
-    let t = lvl.t;
-    let count = anchors(&lvl.v);
-    if t < 2 || count == 0.0 {
+/// The instance term of `lvl`: at each timestamp, the `2B` rows of both views.
+fn instance_term(lvl: &Level, bsz: usize, d: usize, w: f64, grads: Option<&mut Grads>) -> f64 {
+    if bsz < 2 {
         return 0.0;
     }
-    let scale = grads.is_some().then_some((w / count) as f32);
-    let r = 2 * t;
-    let parts: Vec<(f64, Option<Vec<f32>>)> = (0..bsz)
-        .into_par_iter()
-        .map(|b| {
-            let mut z = Vec::with_capacity(r * d);
-            z.extend_from_slice(&lvl.a[b * t * d..(b + 1) * t * d]);
-            z.extend_from_slice(&lvl.b[b * t * d..(b + 1) * t * d]);
-            let vb = &lvl.v[b * t..(b + 1) * t];
-            let cand: Vec<bool> = vb.iter().chain(vb).map(|&x| x > 0.5).collect();
-            contrast_group(&z, r, d, &cand, |i| (i + t) % r, scale)
-        })
-        .collect();
-    let mut total = 0f64;
-    let mut grads = grads;
-    for (b, (loss, dz)) in parts.into_iter().enumerate() {
-        total += loss;
-        if let (Some((ga, gb)), Some(dz)) = (grads.as_deref_mut(), dz) {
-            let n = t * d;
-            add_assign(&mut ga[b * n..(b + 1) * n], &dz[..n]);
-            add_assign(&mut gb[b * n..(b + 1) * n], &dz[n..]);
+    let (t, r) = (lvl.t, 2 * bsz);
+    // Row `i` of timestamp `s`: view 1 of series `i` for `i < B`, else view 2 of `i - B`.
+    let at = |i: usize, s: usize| ((i % bsz) * t + s) * d;
+    let gather = |s: usize| {
+        let mut z = vec![0f32; r * d];
+        for (i, row) in z.chunks_mut(d).enumerate() {
+            let src = if i < bsz { &lvl.a } else { &lvl.b };
+            row.copy_from_slice(&src[at(i, s)..at(i, s) + d]);
         }
+        let cand = (0..r).map(|i| lvl.v[(i % bsz) * t + s] > 0.5).collect();
+        (z, cand)
+    };
+    let scatter = |s: usize, dz: &[f32], (ga, gb): &mut Grads| {
+        for (i, row) in dz.chunks(d).enumerate() {
+            let dst = if i < bsz { &mut *ga } else { &mut *gb };
+            add_assign(&mut dst[at(i, s)..at(i, s) + d], row);
+        }
+    };
+    let partner = move |i: usize| (i + bsz) % r;
+    let count = anchors(&lvl.v);
+    term(d, w, count, grads, (t, r), gather, partner, scatter)
+}
+
+/// The temporal term of `lvl`: in each series, the `2T` rows of both views.
+fn temporal_term(lvl: &Level, bsz: usize, d: usize, w: f64, grads: Option<&mut Grads>) -> f64 {
+    let t = lvl.t;
+    if t < 2 {
+        return 0.0;
     }
-    w * total / count
+    let n = t * d;
+    let gather = |b: usize| {
+        let mut z = Vec::with_capacity(2 * n);
+        z.extend_from_slice(&lvl.a[b * n..(b + 1) * n]);
+        z.extend_from_slice(&lvl.b[b * n..(b + 1) * n]);
+        let vb = &lvl.v[b * t..(b + 1) * t];
+        (z, vb.iter().chain(vb).map(|&x| x > 0.5).collect())
+    };
+    let scatter = |b: usize, dz: &[f32], (ga, gb): &mut Grads| {
+        add_assign(&mut ga[b * n..(b + 1) * n], &dz[..n]);
+        add_assign(&mut gb[b * n..(b + 1) * n], &dz[n..]);
+    };
+    let partner = move |i: usize| (i + t) % (2 * t);
+    let count = anchors(&lvl.v);
+    term(d, w, count, grads, (bsz, 2 * t), gather, partner, scatter)
 }
 
 /// The gradients of one level's two views.
