@@ -450,7 +450,7 @@ impl<E: FinetuneEncoder> Classifier<E> {
             let var = self.encoder.params().get(&full).ok_or_else(|| {
                 CoreError::InvalidInput(format!("the classifier's `{full}` is not in its store"))
             })?;
-            var.set(&Tensor::from_vec(values, dim, device)?)?;
+            var.set(&Tensor::from_vec(values, dim, device)?.to_dtype(var.dtype())?)?;
             Ok(())
         };
         set(STAT_NAMES[0], mean)?;
