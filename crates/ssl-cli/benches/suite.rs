@@ -45,7 +45,9 @@
 //!   crop of `c` steps, and the loss's similarity products, averaged over `c` in `[2, T]`).
 //! - `mlm_embed`: inference only: the `mlm_train` encoder in evaluation mode with no backward to
 //!   follow (`Ctx::inference`), mean pooling, batch 16 x 128 (`PretextTask::embed`).
-//! - `peak_matmul`: candle's CPU matmul (gemm 0.19), 1024 x 1024 x 1024 f32.
+//! - `peak_matmul`: candle's CPU matmul (gemm 0.19), 1024 x 1024 x 1024 f32; on a CPU with
+//!   AMX also `peak_amx_bf16`, the same product on AMX tiles in bf16 (`bench/run` prints it
+//!   under the peak line, ours only).
 //!
 //! FLOPs per step are analytic and count matmuls only (2·m·n·k per product), summed over the
 //! forward pass; a training step counts 3x its forward pass (backward = 2x forward). A
@@ -478,6 +480,31 @@ fn peak_matmul(reps: usize) -> Res<Vec<f64>> {
     })
 }
 
+/// The same product on AMX tiles in bf16 (`ssl_kernels::amx_matmul_bt`, packing included),
+/// on CPUs that have them; not yet used by any model.
+fn peak_amx(reps: usize) -> Res<Vec<f64>> {
+    let a: Vec<f32> = (0..PEAK_N * PEAK_N).map(|i| (i as f32).sin()).collect();
+    let b: Vec<f32> = (0..PEAK_N * PEAK_N).map(|i| (i as f32).cos()).collect();
+    let mut c = vec![0f32; PEAK_N * PEAK_N];
+    let dims = (PEAK_N, PEAK_N, PEAK_N);
+    time_steps(reps, || {
+        let ran = ssl_kernels::amx_matmul_bt(
+            &mut c,
+            PEAK_N,
+            (&a, PEAK_N),
+            (&b, PEAK_N),
+            dims,
+            1.0,
+            false,
+        );
+        if ran {
+            Ok(())
+        } else {
+            Err("AMX became unavailable".into())
+        }
+    })
+}
+
 /// `WARMUP` untimed calls of `step`, then `steps` timed ones: milliseconds per call.
 fn time_steps(steps: usize, mut step: impl FnMut() -> Res<()>) -> Res<Vec<f64>> {
     for _ in 0..WARMUP {
@@ -667,6 +694,10 @@ fn run(args: &Args) -> Res<()> {
     let peak = peak_matmul(args.steps.max(10))?;
     let n = PEAK_N as f64;
     report(args.json, "peak_matmul", &peak, mm(n, n, n), None);
+    if !args.cuda && ssl_kernels::amx_available() {
+        let amx = peak_amx(args.steps.max(10))?;
+        report(args.json, "peak_amx_bf16", &amx, mm(n, n, n), None);
+    }
     for name in MODELS {
         if args
             .only

@@ -53,7 +53,7 @@ pub fn available() -> bool {
 /// `x` rounded to bf16 (nearest, ties to even), as the upper half of an f32's bits. NaN
 /// stays NaN.
 #[inline(always)]
-fn to_bf16(x: f32) -> u32 {
+pub(crate) fn to_bf16(x: f32) -> u32 {
     let b = x.to_bits();
     if x.is_nan() {
         return (b >> 16) | 0x40;

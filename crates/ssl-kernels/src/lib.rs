@@ -27,6 +27,9 @@
 //! - Elementwise kernels written as plain loops, compiled for AVX-512, AVX2+FMA and the
 //!   baseline, and chosen at run time by CPU-feature detection: no `target-cpu=native`.
 //! - [`keep_freed_memory`]: mimalloc's setting for our binaries.
+//! - [`amx_matmul_bt`]: bf16 products on Intel AMX tiles where the CPU has them
+//!   ([`amx_available`]); tested everywhere through an emulation of the tile instructions,
+//!   not yet used by the stack (no AMX machine has measured it).
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -47,6 +50,7 @@
 use rayon::prelude::*;
 
 mod alloc;
+mod amx;
 mod bf16;
 mod broadcast;
 mod cross_entropy;
@@ -63,6 +67,7 @@ mod tcn;
 mod ts2vec_loss;
 
 pub use alloc::keep_freed_memory;
+pub use amx::{available as amx_available, matmul_bt as amx_matmul_bt};
 pub use bf16::available as bf16_available;
 pub use bf16::time_product as time_bf16_product;
 pub use broadcast::RowBroadcastAdd;
