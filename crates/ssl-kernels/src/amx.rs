@@ -386,21 +386,11 @@ fn product(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bf16::round_bf16;
 
-    /// The product of the bf16-rounded operands in f64.
+    /// The exact product of the bf16-rounded operands, in f64 (`B` given as n x k).
     fn reference(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
-        let mut c = vec![0f64; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                c[i * n + j] = (0..k)
-                    .map(|p| {
-                        f64::from(round_bf16(a[i * k + p])) * f64::from(round_bf16(b[j * k + p]))
-                    })
-                    .sum();
-            }
-        }
-        c
+        let bt: Vec<f32> = (0..k * n).map(|i| b[(i % n) * k + i / n]).collect();
+        crate::bf16::tests::reference(a, &bt, m, k, n)
     }
 
     fn check(backend: Backend) {
