@@ -175,7 +175,8 @@ enum Command {
         /// (drawn per class, seeded by finetune.seed).
         #[arg(long, num_args = 1..)]
         label_fraction: Vec<f64>,
-        /// Train the head only, the encoder frozen (default: full fine-tuning).
+        /// Train the head only, on the frozen encoder's standardised features, at
+        /// finetune.frozen_lr (default: full fine-tuning).
         #[arg(long)]
         frozen: bool,
         /// TOML of fine-tuning settings (`ssl config <modality> --finetune` prints them).
