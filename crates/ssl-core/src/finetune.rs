@@ -381,8 +381,9 @@ impl<E: FinetuneEncoder> Classifier<E> {
     /// of a frozen encoder have no common scale (a max-pooled TCN, a ViT's mean token), and a
     /// near-zero head on unscaled features learns far more slowly than on standardised ones.
     /// Give every rank the same examples (the run's, not a shard) so that ranks agree. A
-    /// constant feature gets `inv_std` 1 / sqrt(eps). In `full` mode it does nothing and
-    /// returns `false`.
+    /// feature constant over the examples gets `inv_std` 0 (as the probes' standardisation;
+    /// BatchNorm's 1 / sqrt(eps) would multiply its test-time deviations by 1,000 under a
+    /// weight no training signal moved). In `full` mode it does nothing and returns `false`.
     pub fn fit_standardizer(
         &self,
         n: usize,
@@ -440,8 +441,13 @@ impl<E: FinetuneEncoder> Classifier<E> {
             .iter()
             .zip(&sq)
             .map(|(s, q)| {
+                // Sums of deviations from the first batch's mean: exactly 0 when constant.
                 let var = (q / nf - (s / nf) * (s / nf)).max(0.0);
-                (1.0 / (var + STANDARDIZE_EPS).sqrt()) as f32
+                if var > 0.0 {
+                    (1.0 / (var + STANDARDIZE_EPS).sqrt()) as f32
+                } else {
+                    0.0
+                }
             })
             .collect();
         let device = s.mean.device();
@@ -1048,6 +1054,11 @@ mod tests {
             mode: FinetuneMode::Frozen,
             ..FinetuneConfig::default()
         };
+        // Feature 0 constant: its weights zero, so it is tanh(bias) for every input.
+        let w = enc.store.get("block.0.weight").unwrap();
+        let mut wv = w.as_tensor().to_vec2::<f32>().unwrap();
+        wv[0].iter_mut().for_each(|x| *x = 0.0);
+        w.set(&Tensor::new(wv, &Device::Cpu).unwrap()).unwrap();
         let pb = enc.store.builder(2);
         let clf = Classifier::new(enc, 2, &cfg, Start::Pretrained, &pb).unwrap();
         // Before the measurement the standardisation is the identity.
@@ -1073,6 +1084,11 @@ mod tests {
                 "mean {j}: {} vs {m}",
                 mean[j]
             );
+            if j == 0 {
+                // The constant feature is dropped, not magnified.
+                assert_eq!((v, inv_std[0]), (0.0, 0.0));
+                continue;
+            }
             let want = 1.0 / (v + STANDARDIZE_EPS).sqrt();
             assert!(
                 ((inv_std[j] as f64) / want - 1.0).abs() < 1e-5,

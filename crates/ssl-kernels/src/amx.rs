@@ -360,7 +360,10 @@ fn product(
     );
     let pa = pack_a(a, m, k, lda, mp, kp);
     let pb = pack_b(b, n, k, ldb, np, kp);
-    c.par_chunks_mut(BLOCK * ldc)
+    // Only the matrix's own rows: a longer `c` (a view into a larger buffer) must neither
+    // give row blocks past `m` nor be written beyond it.
+    c[..(m - 1) * ldc + n]
+        .par_chunks_mut(BLOCK * ldc)
         .enumerate()
         .for_each(|(ib, rows)| {
             with_tiles(backend, || {
@@ -441,6 +444,25 @@ mod tests {
     #[test]
     fn the_tile_layout_gives_the_rounded_product() {
         check(Backend::Emulated);
+    }
+
+    #[test]
+    fn a_longer_output_slice_is_left_alone_past_the_matrix() {
+        // m = 1 row in a 40-element buffer: one row block, nothing written past (0, n).
+        let (a, b) = ([2.0f32, 1.0], [3.0f32, 1.0, 0.5, 4.0]);
+        let mut c = vec![7f32; 40];
+        product(
+            Backend::Emulated,
+            &mut c,
+            2,
+            (&a, 2),
+            (&b, 2),
+            (1, 2, 2),
+            1.0,
+            false,
+        );
+        assert_eq!(&c[..2], &[7.0, 5.0]);
+        assert!(c[2..].iter().all(|&x| x == 7.0));
     }
 
     #[test]

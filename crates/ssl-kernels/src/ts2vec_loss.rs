@@ -70,7 +70,8 @@ struct Level {
 /// Max-pools `z` (B, t, D) by 2 over time as the composite does: `max(z + (v - 1) 1e4)` over
 /// each pair, times the pair's validity `max(v)`; the odd last step is dropped. Returns the
 /// pooled values and, per output element, whether the second of its pair won (ties: the
-/// first).
+/// first, which alone gets the gradient; candle's `max` backward, in the composite, gives it
+/// to both, a difference only for exactly equal values).
 fn max_pool2(z: &[f32], v: &[f32], bsz: usize, t: usize, d: usize) -> (Vec<f32>, Vec<bool>) {
     let t2 = t / 2;
     let mut out = vec![0f32; bsz * t2 * d];

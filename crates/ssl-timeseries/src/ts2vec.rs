@@ -199,19 +199,29 @@ pub fn hierarchical_contrastive_loss_across(
     ranks: Option<&dyn Collective>,
 ) -> Result<Tensor> {
     let kernel = StackKernel::from_env()?;
-    hierarchical_loss(z1, z2, valid, alpha, temporal_unit, ranks, kernel)
+    let backward = z1.track_op() || z2.track_op();
+    hierarchical_loss(
+        z1,
+        z2,
+        valid,
+        (alpha, temporal_unit),
+        ranks,
+        kernel,
+        backward,
+    )
 }
 
 /// [`hierarchical_contrastive_loss_across`] with the implementation chosen by `kernel`: the
-/// fused op for f32 on the CPU in one process unless `Reference`, else the composite ops.
+/// fused op for f32 on the CPU in one process unless `Reference` (its gradient computed only
+/// when `backward`: a backward pass will follow), else the composite ops.
 fn hierarchical_loss(
     z1: &Tensor,
     z2: &Tensor,
     valid: &Tensor,
-    alpha: f64,
-    temporal_unit: usize,
+    (alpha, temporal_unit): (f64, usize),
     ranks: Option<&dyn Collective>,
     kernel: StackKernel,
+    backward: bool,
 ) -> Result<Tensor> {
     let single = ranks.is_none_or(|r| r.world_size() <= 1);
     if single
@@ -222,7 +232,6 @@ fn hierarchical_loss(
     {
         // One op for the loss and its gradient (`ssl_kernels::Ts2VecLossOp`); the composite
         // below stays the reference (other devices and dtypes, ranks, SSL_STACK_KERNEL).
-        let backward = z1.track_op() || z2.track_op();
         let op = Ts2VecLossOp::new(alpha, temporal_unit, backward);
         let v = valid.to_dtype(DType::F32)?.contiguous()?;
         return Ok(z1.contiguous()?.apply_op3(&z2.contiguous()?, &v, op)?);
@@ -476,10 +485,10 @@ impl<E: Encoder<Input = SeqBatch>> PretextTask for Ts2VecTask<E> {
             &z1,
             &z2,
             &ov,
-            self.cfg.alpha,
-            self.cfg.temporal_unit,
+            (self.cfg.alpha, self.cfg.temporal_unit),
             ranks,
             self.loss_kernel,
+            ctx.backward && (z1.track_op() || z2.track_op()),
         )?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         Ok(TaskOutput {
