@@ -24,6 +24,7 @@
 //! similarities live in one buffer per thread, the anchors' `softmax - onehot` replaces them in
 //! place, and one more product gives the group's gradient.
 
+use std::borrow::Cow;
 use std::sync::{Mutex, PoisonError};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
@@ -56,12 +57,13 @@ impl Ts2VecLossOp {
     }
 }
 
-/// One level of the pyramid: both views (B, t, D) and the validity (B, t); for a pooled
-/// level, which of each pair won (per element, `true`: the second), for the backward.
-struct Level {
-    a: Vec<f32>,
-    b: Vec<f32>,
-    v: Vec<f32>,
+/// One level of the pyramid: both views (B, t, D) and the validity (B, t), borrowed from the
+/// op's inputs at level 0; for a pooled level, which of each pair won (per element, `true`:
+/// the second), for the backward.
+struct Level<'a> {
+    a: Cow<'a, [f32]>,
+    b: Cow<'a, [f32]>,
+    v: Cow<'a, [f32]>,
     t: usize,
     second_a: Vec<bool>,
     second_b: Vec<bool>,
@@ -317,9 +319,9 @@ pub(crate) fn loss_and_grads(
         return (0.0, zero);
     }
     let mut levels = vec![Level {
-        a: z1.to_vec(),
-        b: z2.to_vec(),
-        v: valid.to_vec(),
+        a: Cow::Borrowed(z1),
+        b: Cow::Borrowed(z2),
+        v: Cow::Borrowed(valid),
         t,
         second_a: Vec::new(),
         second_b: Vec::new(),
@@ -336,9 +338,9 @@ pub(crate) fn loss_and_grads(
             }
         }
         levels.push(Level {
-            a,
-            b,
-            v,
+            a: Cow::Owned(a),
+            b: Cow::Owned(b),
+            v: Cow::Owned(v),
             t: t2,
             second_a,
             second_b,

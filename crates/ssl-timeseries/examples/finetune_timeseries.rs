@@ -61,7 +61,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ft.seed = seed.parse()?; // the label-fraction draw
         }
         if let Some(lr) = args.get(7) {
-            (ft.train.lr, ft.frozen_lr) = (lr.parse()?, lr.parse()?);
+            let lr: f64 = lr.parse()?;
+            (ft.train.lr, ft.frozen_lr) = (lr, lr);
         }
         let p = |s: &String| Path::new(s).to_path_buf();
         (p(&args[0]), args[1].clone(), args[2].clone(), p(&args[3]))

@@ -416,20 +416,21 @@ impl Plan<'_> {
             run_dir::write_config(&spec.dir, &run_cfg)?;
         }
         let pad = SpecialIds::of(&tok)?.pad;
+        // The padded token ids of `idx` (indices into `rows`, a list of the run's rows).
+        let docs = |rows: &[usize], idx: &[usize]| -> ssl_core::Result<BertInput> {
+            let ids: Vec<&[u32]> = idx
+                .iter()
+                .map(|&i| self.train.ids[rows[i]].as_slice())
+                .collect();
+            Ok(inputs(&ids, pad, &device)?)
+        };
         if !opts.resume {
             // Frozen mode: the features' statistics over the run's documents, on every rank
             // (a resumed run has them in its checkpoint).
-            let clf = task.classifier();
-            clf.fit_standardizer(
+            task.classifier().fit_standardizer(
                 spec.rows.len(),
                 train.batch_size,
-                |idx| {
-                    let ids: Vec<&[u32]> = idx
-                        .iter()
-                        .map(|&i| self.train.ids[spec.rows[i]].as_slice())
-                        .collect();
-                    Ok(inputs(&ids, pad, &device)?)
-                },
+                |idx| docs(&spec.rows, idx),
                 &mut SslRng::new(train.seed),
             )?;
         }
@@ -438,12 +439,8 @@ impl Plan<'_> {
             .par
             .shard(spec.rows.clone(), "labelled training documents")?;
         let mut source = LabelledSource::new(rows.len(), train.batch_size, train.seed, |idx| {
-            let ids: Vec<&[u32]> = idx
-                .iter()
-                .map(|&i| self.train.ids[rows[i]].as_slice())
-                .collect();
             let y: Vec<usize> = idx.iter().map(|&i| self.y[rows[i]]).collect();
-            Labelled::new(inputs(&ids, pad, &device)?, &y, &device)
+            Labelled::new(docs(&rows, idx)?, &y, &device)
         })?;
         let run_config =
             serde_json::to_value(&run_cfg).map_err(|e| TextError::Pipeline(e.to_string()))?;

@@ -446,19 +446,21 @@ impl PlanCtx<'_> {
         }
         let (held, device) = (self.held, self.device);
         let (idx, ids) = (self.train_idx, self.train_ids);
+        // The images of `k` (indices into `rows`, a list of the run's rows).
+        let images = |rows: &[usize], k: &[usize], augment: bool| -> ssl_core::Result<VitBatch> {
+            let examples: Vec<usize> = k.iter().map(|&j| idx[rows[j]]).collect();
+            Ok(VitBatch {
+                images: held.batch(&examples, device)?,
+                augment,
+            })
+        };
         if !opts.resume {
             // Frozen mode: the features' statistics over the run's whole images, on every
             // rank (a resumed run has them in its checkpoint).
             clf.fit_standardizer(
                 spec.rows.len(),
                 spec.train.batch_size,
-                |k: &[usize]| {
-                    let examples: Vec<usize> = k.iter().map(|&j| idx[spec.rows[j]]).collect();
-                    Ok(VitBatch {
-                        images: held.batch(&examples, device)?,
-                        augment: false,
-                    })
-                },
+                |k: &[usize]| images(&spec.rows, k, false),
                 &mut SslRng::new(spec.train.seed),
             )?;
         }
@@ -469,17 +471,8 @@ impl PlanCtx<'_> {
             spec.train.batch_size,
             spec.train.seed,
             |k: &[usize]| -> ssl_core::Result<Labelled<VitBatch>> {
-                let examples: Vec<usize> = k.iter().map(|&j| idx[rows[j]]).collect();
                 let labels: Vec<usize> = k.iter().map(|&j| ids[rows[j]]).collect();
-                let images = held.batch(&examples, device)?;
-                Labelled::new(
-                    VitBatch {
-                        images,
-                        augment: true,
-                    },
-                    &labels,
-                    device,
-                )
+                Labelled::new(images(&rows, k, true)?, &labels, device)
             },
         )?;
         let run_config =

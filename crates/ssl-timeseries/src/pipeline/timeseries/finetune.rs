@@ -379,28 +379,23 @@ pub fn finetune(
             .map_err(|e| ssl_core::CoreError::InvalidInput(e.to_string()))?;
         let mut trainer = run_opts.trainer(&spec.train, &spec.dir, config, &par)?;
         let (dev, train_series, row_ids) = (&device, &series, &ids);
+        // The batch of the run's examples `idx` (indices into `rows`), for both passes.
+        let batch_of = |idx: &[usize]| -> ssl_core::Result<SeqBatch> {
+            let refs: Vec<&SeqExample> = idx.iter().map(|&i| &train_series[rows[i]]).collect();
+            SeqBatch::from_examples(&refs, dev)
+        };
         if !resume {
             // Frozen mode: the features' statistics over the run's series (a resumed run
             // has them in its checkpoint).
-            clf.fit_standardizer(
-                rows.len(),
-                bs,
-                |idx: &[usize]| {
-                    let refs: Vec<&SeqExample> =
-                        idx.iter().map(|&i| &train_series[rows[i]]).collect();
-                    SeqBatch::from_examples(&refs, dev)
-                },
-                &mut SslRng::new(seed),
-            )?;
+            clf.fit_standardizer(rows.len(), bs, batch_of, &mut SslRng::new(seed))?;
         }
         let mut source = LabelledSource::new(
             rows.len(),
             spec.train.batch_size.max(1),
             seed ^ (par.rank as u64),
             |idx: &[usize]| {
-                let refs: Vec<&SeqExample> = idx.iter().map(|&i| &train_series[rows[i]]).collect();
                 let labels: Vec<usize> = idx.iter().map(|&i| row_ids[rows[i]]).collect();
-                Labelled::new(SeqBatch::from_examples(&refs, dev)?, &labels, dev)
+                Labelled::new(batch_of(idx)?, &labels, dev)
             },
         )?;
         let report = trainer.fit(&clf, &mut source, None)?;
