@@ -197,3 +197,30 @@ fn empty_and_all_missing_series_are_errors_or_skipped_and_counted() {
         timeseries::pretrain(cfg, &data, &dir.path().join("r3"), &RunOptions::default()).unwrap();
     assert_eq!(s.step, 2);
 }
+
+#[test]
+fn the_default_length_is_ts2vecs_rule_and_is_stored() {
+    // 24 series x 32 steps x 1 channel = 768 values: 200 steps (TS2Vec's rule, small data).
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::labelled_series(&dir.path().join("d.parquet"), 24);
+    let mut cfg = TimeseriesConfig::default();
+    assert_eq!(cfg.train.max_steps, 0, "the default is the rule");
+    (
+        cfg.model.tcn.hidden,
+        cfg.model.tcn.output,
+        cfg.model.tcn.depth,
+    ) = (4, 4, 1);
+    (cfg.train.batch_size, cfg.train.health_every) = (2, 0);
+    cfg.data.heldout_fraction = 0.0;
+    let run = dir.path().join("run");
+    let s = timeseries::pretrain(cfg.clone(), &data, &run, &RunOptions::default()).unwrap();
+    assert_eq!(s.step, 200);
+    // The run's configuration holds the resolved length, so a resume trains no further.
+    let (_, stored) = timeseries::stored_config(&run).unwrap();
+    assert_eq!(stored.train.max_steps, 200);
+    // An explicit length is kept.
+    cfg.train.max_steps = 3;
+    let s =
+        timeseries::pretrain(cfg, &data, &dir.path().join("r2"), &RunOptions::default()).unwrap();
+    assert_eq!(s.step, 3);
+}

@@ -429,6 +429,30 @@ pub(crate) fn apply_epochs(train: &mut TrainConfig, examples_per_epoch: u64, par
     }
 }
 
+/// Resolves `train.max_steps = 0` (a time-series run's default) by TS2Vec's rule
+/// ([`super::timeseries::auto_max_steps`]) and says so on rank 0; any other value is kept.
+pub(crate) fn apply_auto_steps(
+    train: &mut TrainConfig,
+    examples: u64,
+    longest: usize,
+    channels: usize,
+    par: &Parallel,
+) {
+    if train.max_steps != 0 {
+        return;
+    }
+    train.max_steps = super::timeseries::auto_max_steps(examples, longest, channels);
+    if par.is_main() {
+        eprintln!(
+            "train.max_steps = 0 (TS2Vec's rule): {} steps for {examples} examples x {longest} steps x {channels} values per step = {} values ({} {})",
+            train.max_steps,
+            (examples as u128) * (longest as u128) * (channels as u128),
+            if train.max_steps == 200 { "at most" } else { "over" },
+            super::timeseries::AUTO_STEPS_VALUES,
+        );
+    }
+}
+
 /// The task `build` makes on the device named `device` (`train.device`), with the weights of
 /// checkpoint directory `ckpt`.
 pub(crate) fn load_checkpoint<T>(
@@ -482,6 +506,14 @@ pub fn fit<T: PretextTask<Batch = SeqBatch>>(
         sharded,
         guard,
     } = run;
+    if train.max_steps == 0 {
+        // The pipelines resolve the default 0 from the data (`apply_auto_steps`); a caller of
+        // `fit` has to say how long to train.
+        return Err(TsError::InvalidInput(
+            "train.max_steps = 0: set the number of steps (pretrain resolves 0 by TS2Vec's rule)"
+                .into(),
+        ));
+    }
     let Heldout {
         examples: held,
         loss,

@@ -246,7 +246,8 @@ struct SeriesModelSchema {
 #[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TimeseriesConfig {
-    /// Training loop.
+    /// Training loop. `train.max_steps = 0` (the default) follows TS2Vec's rule from the
+    /// data's size (see [`auto_max_steps`]); any other value is the step count.
     pub train: TrainConfig,
     /// Data.
     pub data: DataConfig,
@@ -269,7 +270,7 @@ impl Default for TimeseriesConfig {
     fn default() -> Self {
         TimeseriesConfig {
             train: TrainConfig {
-                max_steps: 200,
+                max_steps: 0,
                 batch_size: 8,
                 lr: 1e-3,
                 warmup_steps: 10,
@@ -287,6 +288,27 @@ impl Default for TimeseriesConfig {
     }
 }
 
+/// Training values (series x longest series x channels) above which [`auto_max_steps`] gives
+/// the longer schedule: TS2Vec's threshold.
+pub const AUTO_STEPS_VALUES: u64 = 100_000;
+
+/// TS2Vec's training length, the default (`train.max_steps = 0`) of a time-series run: 200
+/// steps when the training data holds at most [`AUTO_STEPS_VALUES`] values, 600 above it (the
+/// official `train.py`: `200 if train_data.size <= 100000 else 600`, the size of the padded
+/// array). `examples` is the training examples per epoch (the Parquet footers' row counts, or
+/// the windows), `longest` the longest series of the sample read before training, `channels`
+/// the values per step.
+pub fn auto_max_steps(examples: u64, longest: usize, channels: usize) -> u64 {
+    let values = examples
+        .saturating_mul(longest as u64)
+        .saturating_mul(channels as u64);
+    if values <= AUTO_STEPS_VALUES {
+        200
+    } else {
+        600
+    }
+}
+
 impl TimeseriesConfig {
     /// Steps per window cut from a long series: context + horizon for forecasting, else
     /// `data.window`.
@@ -299,7 +321,7 @@ impl TimeseriesConfig {
 }
 
 #[cfg(test)]
-mod preset_tests {
+mod tests {
     use super::*;
 
     /// The defaults with `model` keys set over them, as `--set` layers them.
@@ -336,5 +358,18 @@ mod preset_tests {
             err.contains("huge") && err.contains("small, ts2vec, large"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn auto_steps_follow_ts2vecs_threshold() {
+        assert_eq!(auto_max_steps(100, 1000, 1), 200); // exactly 100,000 values
+        assert_eq!(auto_max_steps(100_001, 1, 1), 600);
+        // The dev sets as the official code sizes them (series x padded length x channels).
+        assert_eq!(auto_max_steps(50, 150, 1), 200); // GunPoint
+        assert_eq!(auto_max_steps(40, 100, 6), 200); // BasicMotions
+        assert_eq!(auto_max_steps(270, 29, 12), 200); // JapaneseVowels
+        assert_eq!(auto_max_steps(100, 1460, 1), 600); // ACSF1
+        assert_eq!(auto_max_steps(u64::MAX, usize::MAX, 2), 600); // no overflow
+        assert_eq!(TimeseriesConfig::default().train.max_steps, 0);
     }
 }

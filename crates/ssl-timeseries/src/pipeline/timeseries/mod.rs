@@ -15,7 +15,10 @@ use serde::Serialize;
 use ssl_core::run_dir::{self, RunOptions, RunSummary};
 use ssl_data::EmbedSummary;
 
-pub use config::{DataConfig, EvalConfig, SeriesPreset, TaskConfig, TaskKind, TimeseriesConfig};
+pub use config::{
+    auto_max_steps, DataConfig, EvalConfig, SeriesPreset, TaskConfig, TaskKind, TimeseriesConfig,
+    AUTO_STEPS_VALUES,
+};
 pub use finetune::{
     finetune, finetune_config, finetune_encoder, finetune_run_dir, SeriesFinetuneEncoder,
 };
@@ -86,6 +89,13 @@ pub fn pretrain(
         "the encoder's size (model.kind and its section) and, for TS2Vec, its square",
     )?;
     common::apply_epochs(&mut cfg.train, prep.examples_per_epoch, &par);
+    common::apply_auto_steps(
+        &mut cfg.train,
+        prep.examples_per_epoch,
+        prep.longest,
+        channels,
+        &par,
+    );
     // The online k-NN accuracy (`eval_knn_accuracy`) when the rows have labels.
     let knn = online_knn(
         prep.knn.take(),
