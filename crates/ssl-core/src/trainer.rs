@@ -27,7 +27,8 @@ use crate::{
 #[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
-    /// Optimizer steps to run (replaced by the count `max_epochs` gives when that is set).
+    /// Optimizer steps to run (replaced by the count `max_epochs` gives when that is set; 0
+    /// where a pipeline resolves it from the data, as the time-series pipeline's default).
     pub max_steps: u64,
     /// Passes over the training data; 0: off (`max_steps` decides). The pipeline turns it
     /// into `max_steps` from the data's row count ([`TrainConfig::apply_epochs`]), so the

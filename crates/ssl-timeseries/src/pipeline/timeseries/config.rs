@@ -246,8 +246,9 @@ struct SeriesModelSchema {
 #[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TimeseriesConfig {
-    /// Training loop. `train.max_steps = 0` (the default) follows TS2Vec's rule from the
-    /// data's size (see [`auto_max_steps`]); any other value is the step count.
+    /// Training loop. `max_steps = 0` (the default) is TS2Vec's rule: 200 steps, or 600 when
+    /// the training data holds over 100,000 values (series x longest series x channels;
+    /// `auto_max_steps`); any other value is the step count.
     pub train: TrainConfig,
     /// Data.
     pub data: DataConfig,
