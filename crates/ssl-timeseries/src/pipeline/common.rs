@@ -431,16 +431,23 @@ pub(crate) fn apply_epochs(train: &mut TrainConfig, examples_per_epoch: u64, par
 
 /// Resolves `train.max_steps = 0` (a time-series run's default) by TS2Vec's rule
 /// ([`super::timeseries::auto_max_steps`]) and says so on rank 0; any other value is kept.
+/// `longest` is this rank's sample's; the rule takes the longest over the ranks, so every
+/// rank trains the same number of steps.
 pub(crate) fn apply_auto_steps(
     train: &mut TrainConfig,
     examples: u64,
     longest: usize,
     channels: usize,
     par: &Parallel,
-) {
+) -> Result<()> {
     if train.max_steps != 0 {
-        return;
+        return Ok(());
     }
+    let longest = par
+        .gather_indices(&[longest])?
+        .into_iter()
+        .max()
+        .unwrap_or(longest);
     train.max_steps = super::timeseries::auto_max_steps(examples, longest, channels);
     if par.is_main() {
         eprintln!(
@@ -451,6 +458,7 @@ pub(crate) fn apply_auto_steps(
             super::timeseries::AUTO_STEPS_VALUES,
         );
     }
+    Ok(())
 }
 
 /// The task `build` makes on the device named `device` (`train.device`), with the weights of
@@ -1030,4 +1038,35 @@ pub(crate) fn probe_eval<T: PretextTask<Batch = SeqBatch>>(
         svm_c: svm_trained.map(|s| SvmC(s.c)),
         random_init_svm_accuracy: svm_random.map(|s| s.accuracy),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_steps_agree_over_ranks() {
+        // Rank 0's sample has 900-step series (90,000 values with 100 examples), rank 1's
+        // 1,100 (110,000): both take the longest, so both train 600 steps.
+        let steps = Parallel::on_threads(2, |par| {
+            let mut t = TrainConfig {
+                max_steps: 0,
+                ..TrainConfig::default()
+            };
+            apply_auto_steps(&mut t, 100, [900, 1100][par.rank], 1, &par).unwrap();
+            t.max_steps
+        });
+        assert_eq!(steps, vec![600, 600]);
+        // One process: its own sample decides; an explicit length is kept.
+        let par = Parallel::single();
+        let mut t = TrainConfig {
+            max_steps: 0,
+            ..TrainConfig::default()
+        };
+        apply_auto_steps(&mut t, 100, 900, 1, &par).unwrap();
+        assert_eq!(t.max_steps, 200);
+        t.max_steps = 7;
+        apply_auto_steps(&mut t, 100, 1100, 1, &par).unwrap();
+        assert_eq!(t.max_steps, 7);
+    }
 }

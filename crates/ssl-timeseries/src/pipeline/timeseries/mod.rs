@@ -95,7 +95,7 @@ pub fn pretrain(
         prep.longest,
         channels,
         &par,
-    );
+    )?;
     // The online k-NN accuracy (`eval_knn_accuracy`) when the rows have labels.
     let knn = online_knn(
         prep.knn.take(),
