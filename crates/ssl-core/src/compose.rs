@@ -319,7 +319,9 @@ impl<B> PretextTask for ComposedTask<B> {
         let mut metrics = Vec::new();
         let mut loss: Option<Tensor> = None;
         for part in &self.parts {
-            let (out, grads) = part.task.forward_backward(batch, ctx)?;
+            let (out, mut grads) = part.task.forward_backward(batch, ctx)?;
+            // Before the part's gradients are scaled: what its fused ops delivered aside.
+            ctx.collect_grads(&mut grads)?;
             let Some(t) = Self::term(part, &out, &mut metrics)? else {
                 continue;
             };

@@ -1,7 +1,13 @@
 //! The context a forward pass runs in.
 
+use std::sync::{Arc, Mutex, PoisonError};
+
+use candle_core::backprop::GradStore;
+use candle_core::Tensor;
+use ssl_kernels::ParamGradMailbox;
+
 use crate::nn::MatmulPrecision;
-use crate::SslRng;
+use crate::{CoreError, Result, SslRng};
 
 /// Training or evaluation mode plus the random stream for dropout, masks and augmentations.
 ///
@@ -21,6 +27,88 @@ pub struct Ctx<'a> {
     /// activations backward needs, writes less memory and frees its buffers layer by layer;
     /// a backward pass through its output is then an error.
     pub backward: bool,
+    /// Where fused ops hand their parameters' gradients over outside candle's graph (the
+    /// trainer sets one; `None`: every gradient goes through the graph). A pass that
+    /// transforms its [`GradStore`] after `backward` calls [`Ctx::collect_grads`] first.
+    pub grad_sink: Option<GradSink>,
+}
+
+/// Parameter gradients that fused ops deliver outside candle's graph, waiting to be added to
+/// a backward pass's [`GradStore`].
+///
+/// candle accumulates every gradient as a zero-filled tensor plus an add at each node it
+/// passes, so a fused op's packed parameters (concatenated from each layer's variables) cost
+/// three such passes over every parameter per step. With a sink the fused transformer stack
+/// packs its parameters detached, its backward leaves the packed gradient in a mailbox, and
+/// [`GradSink::drain_into`] gives each variable its slice of it, with no copy. The gradients
+/// are the same: bit for bit when the stack runs once in a loss, up to the order of the sum
+/// when it runs several times.
+#[derive(Clone, Default)]
+pub struct GradSink(Arc<Mutex<Vec<PendingGrads>>>);
+
+/// One fused op's parameters (in packing order) and the mailbox its backward fills.
+struct PendingGrads {
+    params: Vec<Tensor>,
+    mailbox: ParamGradMailbox,
+}
+
+impl GradSink {
+    /// An empty sink.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a fused op over `params` (the variables it packs, in order) and returns the
+    /// mailbox its backward fills with the packed gradient.
+    pub fn register(&self, params: Vec<Tensor>) -> ParamGradMailbox {
+        let mailbox = ParamGradMailbox::default();
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(PendingGrads {
+                params,
+                mailbox: mailbox.clone(),
+            });
+        mailbox
+    }
+
+    /// Adds every gradient delivered since the last call to `grads` (each variable's slice of
+    /// its op's packed gradient, added to the gradient `grads` has for it) and forgets the
+    /// registered ops, those whose backward never ran included.
+    pub fn drain_into(&self, grads: &mut GradStore) -> Result<()> {
+        let pending = std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner));
+        for p in pending {
+            let packed = p
+                .mailbox
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            let Some(packed) = packed else { continue };
+            let total: usize = p.params.iter().map(Tensor::elem_count).sum();
+            if packed.elem_count() != total {
+                return Err(CoreError::InvalidInput(format!(
+                    "a fused op delivered {} gradient values for {total} parameter values",
+                    packed.elem_count()
+                )));
+            }
+            let packed = packed.flatten_all()?;
+            let mut offset = 0;
+            for param in &p.params {
+                let n = param.elem_count();
+                let mut piece = packed.narrow(0, offset, n)?.reshape(param.shape())?;
+                offset += n;
+                if piece.dtype() != param.dtype() {
+                    piece = piece.to_dtype(param.dtype())?;
+                }
+                let sum = match grads.get(param) {
+                    Some(before) => (before + &piece)?,
+                    None => piece,
+                };
+                grads.insert(param, sum);
+            }
+        }
+        Ok(())
+    }
 }
 
 impl<'a> Ctx<'a> {
@@ -32,6 +120,7 @@ impl<'a> Ctx<'a> {
             rng,
             precision: MatmulPrecision::F32,
             backward: true,
+            grad_sink: None,
         }
     }
 
@@ -43,6 +132,7 @@ impl<'a> Ctx<'a> {
             rng,
             precision: MatmulPrecision::F32,
             backward: true,
+            grad_sink: None,
         }
     }
 
@@ -59,6 +149,22 @@ impl<'a> Ctx<'a> {
     pub fn with_precision(mut self, precision: MatmulPrecision) -> Self {
         self.precision = precision;
         self
+    }
+
+    /// The same context, with fused ops' parameter gradients delivered to `sink` (see
+    /// [`GradSink`]).
+    pub fn with_grad_sink(mut self, sink: GradSink) -> Self {
+        self.grad_sink = Some(sink);
+        self
+    }
+
+    /// Adds the gradients fused ops delivered to this context's sink (if any) to `grads`:
+    /// call it after `backward` and before anything that reads or scales `grads`.
+    pub fn collect_grads(&self, grads: &mut GradStore) -> Result<()> {
+        match &self.grad_sink {
+            Some(sink) => sink.drain_into(grads),
+            None => Ok(()),
+        }
     }
 
     /// The same context, asking for every layer's hidden state.

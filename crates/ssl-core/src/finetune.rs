@@ -351,6 +351,7 @@ impl<E: FinetuneEncoder> Classifier<E> {
             rng: &mut *ctx.rng,
             precision: ctx.precision,
             backward: false,
+            grad_sink: None,
         };
         Ok(self
             .encoder

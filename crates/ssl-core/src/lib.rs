@@ -99,7 +99,7 @@ pub use collective::{
 };
 pub use compose::{ComposedTask, MapBatch};
 pub use compute::{candle_ops_on_caller, on_compute_threads};
-pub use ctx::Ctx;
+pub use ctx::{Ctx, GradSink};
 pub use device::parse_device;
 pub use encoder::{Encoder, EncoderOutput};
 pub use error::{CoreError, Result};

@@ -19,7 +19,8 @@ use crate::nn::MatmulPrecision;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, ScheduleKind};
 use crate::run_guard::checkpoint_to_start_from;
 use crate::{
-    BatchSource, Collective, CoreError, Ctx, PretextTask, Result, SingleProcess, SslRng, StopFlag,
+    BatchSource, Collective, CoreError, Ctx, GradSink, PretextTask, Result, SingleProcess, SslRng,
+    StopFlag,
 };
 
 /// Training hyper-parameters and machinery settings (`[train]` in the CLI's TOML).
@@ -486,11 +487,17 @@ pub fn accumulate<T: PretextTask>(
         samples: 0,
         metric_sums: BTreeMap::new(),
     };
+    // Fused ops hand their parameters' gradients to the sink instead of candle's graph
+    // (the same values, without candle's zero-fill and add at every packed piece).
+    let sink = GradSink::new();
     for _ in 0..micro_batches {
         let batch = data.next_batch()?;
         acc.samples += task.batch_len(&batch) as u64;
-        let (out, grads) =
-            task.forward_backward(&batch, &mut Ctx::train(rng).with_precision(precision))?;
+        let mut ctx = Ctx::train(rng)
+            .with_precision(precision)
+            .with_grad_sink(sink.clone());
+        let (out, mut grads) = task.forward_backward(&batch, &mut ctx)?;
+        ctx.collect_grads(&mut grads)?;
         let w = out.weight;
         acc.loss_sum += scalar(&out.loss)? * w;
         acc.weight_sum += w;

@@ -80,7 +80,7 @@ pub use masked_mean::MaskedMeanOp;
 pub use pool::BufferPool;
 pub use precision::{bf16_check, cpu_name, Bf16Check};
 pub use simd::{adamw, Act, AdamWCoeffs};
-pub use stack::{FusedSpec, NormPlacement, Offsets, StackOp};
+pub use stack::{FusedSpec, NormPlacement, Offsets, ParamGradMailbox, StackOp};
 pub use tcn::{TcnBlock, TcnOp, TcnSpec};
 pub use ts2vec_loss::Ts2VecLossOp;
 

@@ -8,7 +8,7 @@
 //! The op is stateful: its forward saves the activations its backward needs inside the op,
 //! which candle keeps alive in the graph of the output tensor; they are freed with that graph.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
@@ -184,6 +184,10 @@ impl Drop for Saved {
     }
 }
 
+/// Where a [`StackOp`]'s backward leaves the packed parameters' gradient when it is not to go
+/// through candle's graph (see [`StackOp::param_grad_to`]).
+pub type ParamGradMailbox = Arc<Mutex<Option<Tensor>>>;
+
 /// The fused stack op (one per forward pass), applied as
 /// `x.apply_op3(&params, &mask, op)`: `x` (B, T, D) f32; `params` every layer's block of
 /// [`FusedSpec::offsets`] one after the other (`depth * offsets().len` f32 values); `mask`
@@ -201,6 +205,7 @@ pub struct StackOp {
     seed: u64,
     pool: BufferPool,
     saved: Mutex<Option<Saved>>,
+    mailbox: Option<ParamGradMailbox>,
 }
 
 fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
@@ -416,7 +421,18 @@ impl StackOp {
             seed,
             pool,
             saved: Mutex::new(None),
+            mailbox: None,
         }
+    }
+
+    /// Makes the backward leave the parameters' gradient in `mailbox` (added to what is
+    /// there) and return none for them to candle. For a caller that passes the parameters
+    /// detached and hands their gradient to each variable itself: candle would otherwise
+    /// zero-fill and add it at the packed tensor and again at every piece it was packed from.
+    /// The backward still runs only when `x` tracks a gradient.
+    pub fn param_grad_to(mut self, mailbox: ParamGradMailbox) -> Self {
+        self.mailbox = Some(mailbox);
+        self
     }
 
     fn drops(&self) -> bool {
@@ -1300,6 +1316,14 @@ impl CustomOp3 for StackOp {
         self.pool.forget(dx.len());
         let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
         let dp = Tensor::from_vec(grads, params.shape(), params.device())?;
+        if let Some(mailbox) = &self.mailbox {
+            let mut slot = mailbox.lock().unwrap_or_else(PoisonError::into_inner);
+            *slot = Some(match slot.take() {
+                Some(before) => (before + dp)?,
+                None => dp,
+            });
+            return Ok((Some(dx), None, None));
+        }
         Ok((Some(dx), Some(dp), None))
     }
 }

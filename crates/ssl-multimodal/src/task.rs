@@ -204,6 +204,7 @@ impl ClipModel {
                 rng: &mut rng,
                 precision: ctx.precision,
                 backward: true,
+                grad_sink: ctx.grad_sink.clone(),
             };
             let part = batch.narrow(s, l)?;
             let e_img = self.encode_image(&part.images, &mut replay)?;

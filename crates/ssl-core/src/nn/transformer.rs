@@ -276,8 +276,10 @@ impl TransformerStack {
         })
     }
 
-    /// The fused path: every layer's parameters concatenated (their gradients flow back
-    /// through the concatenation to each variable) and one custom op.
+    /// The fused path: every layer's parameters concatenated and one custom op. Their
+    /// gradients flow back through the concatenation to each variable, or, with a gradient
+    /// sink in `ctx` (the trainer's), the concatenation is detached and the op's backward
+    /// hands the packed gradient to the sink, which gives each variable its slice.
     fn forward_fused(
         &self,
         x: &Tensor,
@@ -300,27 +302,42 @@ impl TransformerStack {
                 .cloned()
                 .ok_or_else(|| CoreError::Config("stack linear layer without bias".into()))
         };
-        let mut parts = Vec::with_capacity(16 * self.layers.len());
+        // Every layer's parameters in the op's packing order (`FusedSpec::offsets`).
+        let mut params = Vec::with_capacity(16 * self.layers.len());
         for layer in &self.layers {
             let qkv = [&layer.query, &layer.key, &layer.value];
             for l in qkv {
-                parts.push(l.weight().flatten_all()?);
+                params.push(l.weight().clone());
             }
             for l in qkv {
-                parts.push(bias(l)?);
+                params.push(bias(l)?);
             }
-            parts.push(layer.attn_out.weight().flatten_all()?);
-            parts.push(bias(&layer.attn_out)?);
-            parts.push(layer.norm_attn.weight().clone());
-            parts.push(layer.norm_attn.bias().clone());
-            parts.push(layer.fc1.weight().flatten_all()?);
-            parts.push(bias(&layer.fc1)?);
-            parts.push(layer.fc2.weight().flatten_all()?);
-            parts.push(bias(&layer.fc2)?);
-            parts.push(layer.norm_mlp.weight().clone());
-            parts.push(layer.norm_mlp.bias().clone());
+            params.push(layer.attn_out.weight().clone());
+            params.push(bias(&layer.attn_out)?);
+            params.push(layer.norm_attn.weight().clone());
+            params.push(layer.norm_attn.bias().clone());
+            params.push(layer.fc1.weight().clone());
+            params.push(bias(&layer.fc1)?);
+            params.push(layer.fc2.weight().clone());
+            params.push(bias(&layer.fc2)?);
+            params.push(layer.norm_mlp.weight().clone());
+            params.push(layer.norm_mlp.bias().clone());
         }
+        let parts = params
+            .iter()
+            .map(Tensor::flatten_all)
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let flat = Tensor::cat(&parts, 0)?.to_dtype(DType::F32)?;
+        // The sink needs the op in the graph through `x` (with the parameters detached, only
+        // `x` puts it there).
+        let sink = ctx
+            .grad_sink
+            .as_ref()
+            .filter(|_| ctx.backward && x.track_op());
+        let (flat, mailbox) = match sink {
+            Some(sink) => (flat.detach(), Some(sink.register(params))),
+            None => (flat, None),
+        };
         let cfg = &self.cfg;
         let dropping = ctx.train && (cfg.dropout > 0.0 || cfg.attn_dropout > 0.0);
         let seed = if dropping { ctx.rng.next_u64() } else { 0 };
@@ -342,7 +359,10 @@ impl TransformerStack {
             bf16: ctx.precision == MatmulPrecision::Bf16 && super::bf16_matmul_available(),
         };
         let all = ctx.output_hidden_states;
-        let op = StackOp::new(spec, all, ctx.train, ctx.backward, seed, self.pool.clone());
+        let mut op = StackOp::new(spec, all, ctx.train, ctx.backward, seed, self.pool.clone());
+        if let Some(mailbox) = mailbox {
+            op = op.param_grad_to(mailbox);
+        }
         let out = x.contiguous()?.apply_op3(&flat, &mask, op)?;
         let last = out.get(out.dim(0)? - 1)?;
         let mut hidden = Vec::new();
@@ -537,6 +557,79 @@ mod tests {
                     .unwrap();
                 assert!(n > 0.0, "{name} has a zero gradient");
             }
+        }
+    }
+
+    #[test]
+    fn a_grad_sink_gives_the_graphs_gradients() {
+        use crate::GradSink;
+        use candle_core::Var;
+        let store = ParamStore::new(&Device::Cpu);
+        let stack = TransformerStack::new(&cfg(NormPlacement::Pre), &store.builder(3)).unwrap();
+        let mut rng = SslRng::new(0);
+        let x =
+            Var::from_vec(rng.normal_vec(2 * 5 * 8, 0.0, 1.0), (2, 5, 8), &Device::Cpu).unwrap();
+        let w =
+            Tensor::from_vec(rng.normal_vec(2 * 5 * 8, 0.0, 1.0), (2, 5, 8), &Device::Cpu).unwrap();
+        // `passes` = 1: the stack once on a tracked input. 3: twice more, on another tracked
+        // input and on a plain one (that pass stays in the graph), so each parameter's
+        // gradient sums three contributions.
+        let loss = |ctx: &mut Ctx, passes: usize| -> Tensor {
+            let a = stack.forward(x.as_tensor(), None, ctx).unwrap().last;
+            let mut l = a.sqr().unwrap().sum_all().unwrap();
+            if passes == 3 {
+                let twice = (x.as_tensor() * 2.0).unwrap();
+                let b = stack.forward(&twice, None, ctx).unwrap().last;
+                let c = stack.forward(&w, None, ctx).unwrap().last;
+                l = (l + (b * &w).unwrap().sum_all().unwrap()).unwrap();
+                l = (l + c.sum_all().unwrap()).unwrap();
+            }
+            l
+        };
+        let flat = |g: &Tensor| g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut tensors: Vec<(String, Tensor)> = store
+            .vars()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect();
+        tensors.push(("x".into(), x.as_tensor().clone()));
+        let (first_name, first) = tensors[0].clone();
+        for passes in [1, 3] {
+            let mut rng = SslRng::new(1);
+            let plain = loss(&mut Ctx::train(&mut rng), passes).backward().unwrap();
+            let sink = GradSink::new();
+            let mut rng = SslRng::new(1);
+            let mut ctx = Ctx::train(&mut rng).with_grad_sink(sink.clone());
+            let mut sunk = loss(&mut ctx, passes).backward().unwrap();
+            // Before collection the tracked passes' share waits in the sink.
+            let waiting = sunk.get(&first).map(flat);
+            assert_ne!(
+                waiting,
+                plain.get(&first).map(flat),
+                "{first_name}, {passes}"
+            );
+            ctx.collect_grads(&mut sunk).unwrap();
+            for (name, t) in &tensors {
+                let (a, b) = (plain.get(t).unwrap(), sunk.get(t).unwrap());
+                assert_eq!(a.dims(), b.dims(), "{name}");
+                let (a, b) = (flat(a), flat(b));
+                if passes == 1 {
+                    // One delivery: candle's zero-fill + add is exact, so bit for bit.
+                    assert_eq!(a, b, "{name}");
+                } else {
+                    // Several: the same terms summed in another order.
+                    for (u, v) in a.iter().zip(&b) {
+                        assert!(
+                            (u - v).abs() <= 1e-5 * (1.0 + u.abs()),
+                            "{name}: {u} vs {v}"
+                        );
+                    }
+                }
+            }
+            // Drained: a second collection adds nothing.
+            let again = flat(sunk.get(&first).unwrap());
+            ctx.collect_grads(&mut sunk).unwrap();
+            assert_eq!(again, flat(sunk.get(&first).unwrap()));
         }
     }
 
