@@ -218,6 +218,15 @@ fn the_default_length_is_ts2vecs_rule_and_is_stored() {
     // The run's configuration holds the resolved length, so a resume trains no further.
     let (_, stored) = timeseries::stored_config(&run).unwrap();
     assert_eq!(stored.train.max_steps, 200);
+    // A long series cut into overlapping windows counts its own steps: 3,000 (of which
+    // the training part is trained on), not ~2,400 windows x 64 = 150,000: still 200.
+    let long = common::long_series(&dir.path().join("long.parquet"), 3000);
+    let mut lc = cfg.clone();
+    lc.data.long_column = "y".into();
+    (lc.data.window, lc.data.stride) = (64, 1);
+    let s = timeseries::pretrain(lc, &long, &dir.path().join("r3"), &RunOptions::default())
+        .unwrap();
+    assert_eq!(s.step, 200);
     // An explicit length is kept.
     cfg.train.max_steps = 3;
     let s =

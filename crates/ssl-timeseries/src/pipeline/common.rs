@@ -271,6 +271,10 @@ pub(crate) struct Prepared {
     pub longest: usize,
     /// Examples (training) per epoch over every rank: from the footers' row counts.
     pub examples_per_epoch: u64,
+    /// The training data's size in values as TS2Vec counts it (series x steps x channels of
+    /// the series windows are cut from, not of the overlapping windows): the input of
+    /// [`super::timeseries::auto_max_steps`].
+    pub values: u64,
     /// What the examples are, for the printed summary ("N series").
     pub what: String,
 }
@@ -359,8 +363,15 @@ pub(crate) fn prepare_rows(
     // Examples per epoch from the footers: the rows not held out, times a row's windows
     // (forecasting on rows: their mean over the sample).
     let per_row = (examples_seen as f64 / rows_seen.max(1) as f64).max(1.0);
-    let examples_per_epoch =
-        (source.num_rows() as f64 * (1.0 - spec.heldout_fraction) * per_row).round() as u64;
+    let training_rows = source.num_rows() as f64 * (1.0 - spec.heldout_fraction);
+    let examples_per_epoch = (training_rows * per_row).round() as u64;
+    // TS2Vec's size: rows x the longest row x channels; a row cut into windows counts its
+    // own steps (the mean row the sample's windows per row imply), not every window's.
+    let row_steps = match spec.windows {
+        Some((len, stride)) => (per_row - 1.0) * stride as f64 + len as f64,
+        None => longest as f64,
+    };
+    let values = (training_rows * row_steps * width as f64).round() as u64;
     let training = RowTransform {
         split: Split::Train,
         ..spec.transform(&source, Split::Train)?
@@ -411,6 +422,7 @@ pub(crate) fn prepare_rows(
         width,
         longest,
         examples_per_epoch,
+        values,
         what,
     })
 }
@@ -430,30 +442,25 @@ pub(crate) fn apply_epochs(train: &mut TrainConfig, examples_per_epoch: u64, par
 }
 
 /// Resolves `train.max_steps = 0` (a time-series run's default) by TS2Vec's rule
-/// ([`super::timeseries::auto_max_steps`]) and says so on rank 0; any other value is kept.
-/// `longest` is this rank's sample's; the rule takes the longest over the ranks, so every
-/// rank trains the same number of steps.
-pub(crate) fn apply_auto_steps(
-    train: &mut TrainConfig,
-    examples: u64,
-    longest: usize,
-    channels: usize,
-    par: &Parallel,
-) -> Result<()> {
+/// ([`super::timeseries::auto_max_steps`]) on `values` ([`Prepared::values`]) and says so on
+/// rank 0; any other value is kept. Each rank measured its own share's sample, so the rule
+/// takes the largest over the ranks: every rank trains the same number of steps.
+pub(crate) fn apply_auto_steps(train: &mut TrainConfig, values: u64, par: &Parallel) -> Result<()> {
     if train.max_steps != 0 {
         return Ok(());
     }
-    let longest = par
-        .gather_indices(&[longest])?
+    // gather_indices carries values below 2^48; the rule only looks near 100,000.
+    const CAP: u64 = (1 << 48) - 1;
+    let values = par
+        .gather_indices(&[values.min(CAP) as usize])?
         .into_iter()
         .max()
-        .unwrap_or(longest);
-    train.max_steps = super::timeseries::auto_max_steps(examples, longest, channels);
+        .map_or(values, |v| v as u64);
+    train.max_steps = super::timeseries::auto_max_steps(values);
     if par.is_main() {
         eprintln!(
-            "train.max_steps = 0 (TS2Vec's rule): {} steps for {examples} examples x {longest} steps x {channels} values per step = {} values ({} {})",
+            "train.max_steps = 0 (TS2Vec's rule): {} steps for {values} training values (series x steps x channels; {} {})",
             train.max_steps,
-            (examples as u128) * (longest as u128) * (channels as u128),
             if train.max_steps == 200 { "at most" } else { "over" },
             super::timeseries::AUTO_STEPS_VALUES,
         );
@@ -518,7 +525,8 @@ pub fn fit<T: PretextTask<Batch = SeqBatch>>(
         // The pipelines resolve the default 0 from the data (`apply_auto_steps`); a caller of
         // `fit` has to say how long to train.
         return Err(TsError::InvalidInput(
-            "train.max_steps = 0: set the number of steps (pretrain resolves 0 by TS2Vec's rule)"
+            "train.max_steps = 0: set a number of steps or train.max_epochs (the time-series \
+             pipeline's pretrain resolves 0 by TS2Vec's rule)"
                 .into(),
         ));
     }
@@ -1046,27 +1054,30 @@ mod tests {
 
     #[test]
     fn auto_steps_agree_over_ranks() {
-        // Rank 0's sample has 900-step series (90,000 values with 100 examples), rank 1's
-        // 1,100 (110,000): both take the longest, so both train 600 steps.
+        // Rank 0's sample gives 90,000 values, rank 1's 110,000: both take the largest, so
+        // both train 600 steps.
         let steps = Parallel::on_threads(2, |par| {
             let mut t = TrainConfig {
                 max_steps: 0,
                 ..TrainConfig::default()
             };
-            apply_auto_steps(&mut t, 100, [900, 1100][par.rank], 1, &par).unwrap();
+            apply_auto_steps(&mut t, [90_000, 110_000][par.rank], &par).unwrap();
             t.max_steps
         });
         assert_eq!(steps, vec![600, 600]);
-        // One process: its own sample decides; an explicit length is kept.
+        // One process: its own sample decides; an explicit length is kept; huge sizes pass.
         let par = Parallel::single();
         let mut t = TrainConfig {
             max_steps: 0,
             ..TrainConfig::default()
         };
-        apply_auto_steps(&mut t, 100, 900, 1, &par).unwrap();
+        apply_auto_steps(&mut t, 90_000, &par).unwrap();
         assert_eq!(t.max_steps, 200);
         t.max_steps = 7;
-        apply_auto_steps(&mut t, 100, 1100, 1, &par).unwrap();
+        apply_auto_steps(&mut t, 110_000, &par).unwrap();
         assert_eq!(t.max_steps, 7);
+        t.max_steps = 0;
+        apply_auto_steps(&mut t, u64::MAX, &par).unwrap();
+        assert_eq!(t.max_steps, 600);
     }
 }

@@ -295,14 +295,11 @@ pub const AUTO_STEPS_VALUES: u64 = 100_000;
 
 /// TS2Vec's training length, the default (`train.max_steps = 0`) of a time-series run: 200
 /// steps when the training data holds at most [`AUTO_STEPS_VALUES`] values, 600 above it (the
-/// official `train.py`: `200 if train_data.size <= 100000 else 600`, the size of the padded
-/// array). `examples` is the training examples per epoch (the Parquet footers' row counts, or
-/// the windows), `longest` the longest series of the sample read before training, `channels`
-/// the values per step.
-pub fn auto_max_steps(examples: u64, longest: usize, channels: usize) -> u64 {
-    let values = examples
-        .saturating_mul(longest as u64)
-        .saturating_mul(channels as u64);
+/// reference's `n_iters = 200 if train_data.size <= 100000 else 600`, the size of its padded
+/// array of series x steps x channels). The pipeline measures `values` as the training rows
+/// x the longest series of the sample read before training x the channels; a long series cut
+/// into windows counts its own training steps, not every window's.
+pub fn auto_max_steps(values: u64) -> u64 {
     if values <= AUTO_STEPS_VALUES {
         200
     } else {
@@ -363,14 +360,13 @@ mod tests {
 
     #[test]
     fn auto_steps_follow_ts2vecs_threshold() {
-        assert_eq!(auto_max_steps(100, 1000, 1), 200); // exactly 100,000 values
-        assert_eq!(auto_max_steps(100_001, 1, 1), 600);
-        // The dev sets as the official code sizes them (series x padded length x channels).
-        assert_eq!(auto_max_steps(50, 150, 1), 200); // GunPoint
-        assert_eq!(auto_max_steps(40, 100, 6), 200); // BasicMotions
-        assert_eq!(auto_max_steps(270, 29, 12), 200); // JapaneseVowels
-        assert_eq!(auto_max_steps(100, 1460, 1), 600); // ACSF1
-        assert_eq!(auto_max_steps(u64::MAX, usize::MAX, 2), 600); // no overflow
+        assert_eq!(auto_max_steps(100_000), 200);
+        assert_eq!(auto_max_steps(100_001), 600);
+        // The dev sets as the reference sizes them (series x padded length x channels).
+        assert_eq!(auto_max_steps(50 * 150), 200); // GunPoint
+        assert_eq!(auto_max_steps(40 * 100 * 6), 200); // BasicMotions
+        assert_eq!(auto_max_steps(270 * 29 * 12), 200); // JapaneseVowels
+        assert_eq!(auto_max_steps(100 * 1460), 600); // ACSF1
         assert_eq!(TimeseriesConfig::default().train.max_steps, 0);
     }
 }

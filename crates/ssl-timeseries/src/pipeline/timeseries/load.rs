@@ -206,6 +206,8 @@ pub(crate) fn prepare_long(
         width: 1,
         longest: cfg.window_len(),
         examples_per_epoch: count as u64,
+        // TS2Vec sizes a long series by its own steps, not by its overlapping windows.
+        values: split.fit as u64,
         what,
     })
 }

@@ -89,13 +89,7 @@ pub fn pretrain(
         "the encoder's size (model.kind and its section) and, for TS2Vec, its square",
     )?;
     common::apply_epochs(&mut cfg.train, prep.examples_per_epoch, &par);
-    common::apply_auto_steps(
-        &mut cfg.train,
-        prep.examples_per_epoch,
-        prep.longest,
-        channels,
-        &par,
-    )?;
+    common::apply_auto_steps(&mut cfg.train, prep.values, &par)?;
     // The online k-NN accuracy (`eval_knn_accuracy`) when the rows have labels.
     let knn = online_knn(
         prep.knn.take(),
