@@ -224,8 +224,8 @@ fn the_default_length_is_ts2vecs_rule_and_is_stored() {
     let mut lc = cfg.clone();
     lc.data.long_column = "y".into();
     (lc.data.window, lc.data.stride) = (64, 1);
-    let s = timeseries::pretrain(lc, &long, &dir.path().join("r3"), &RunOptions::default())
-        .unwrap();
+    let s =
+        timeseries::pretrain(lc, &long, &dir.path().join("r3"), &RunOptions::default()).unwrap();
     assert_eq!(s.step, 200);
     // An explicit length is kept.
     cfg.train.max_steps = 3;
