@@ -118,6 +118,19 @@ fn composed_gradients_are_the_weighted_sum_of_the_parts() {
     let by_hand = grad_values(&store, &(&sum * units).unwrap().backward().unwrap());
     assert_close("forward_backward", &composed, &by_hand);
 
+    // With the trainer's gradient sink: each part's fused-stack gradients are collected
+    // before the part is scaled (the contrastive part's own backward does not collect), and
+    // the trainer collects what is left; the same gradients.
+    let mut rng = SslRng::new(9);
+    let mut ctx = Ctx::train(&mut rng).with_grad_sink(ssl_core::GradSink::new());
+    let (_, mut sunk) = task.forward_backward(&b, &mut ctx).unwrap();
+    ctx.collect_grads(&mut sunk).unwrap();
+    assert_close(
+        "forward_backward with a sink",
+        &grad_values(&store, &sunk),
+        &by_hand,
+    );
+
     // Every variable, the heads of both parts included, and the shared encoder's gradient
     // gets both parts' contributions.
     let alone = ParamStore::new(&Device::Cpu);
