@@ -345,14 +345,7 @@ impl<E: FinetuneEncoder> Classifier<E> {
     /// The encoder's features of `inputs` in evaluation mode with no backward to follow (the
     /// `frozen` mode's features, before standardisation).
     fn frozen_features(&self, inputs: &E::Batch, ctx: &mut Ctx) -> Result<Tensor> {
-        let mut frozen = Ctx {
-            train: false,
-            output_hidden_states: false,
-            rng: &mut *ctx.rng,
-            precision: ctx.precision,
-            backward: false,
-            grad_sink: None,
-        };
+        let mut frozen = Ctx::inference(&mut *ctx.rng).with_precision(ctx.precision);
         Ok(self
             .encoder
             .features(inputs, &mut frozen)?
