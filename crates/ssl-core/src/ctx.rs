@@ -27,9 +27,11 @@ pub struct Ctx<'a> {
     /// activations backward needs, writes less memory and frees its buffers layer by layer;
     /// a backward pass through its output is then an error.
     pub backward: bool,
-    /// Where fused ops hand their parameters' gradients over outside candle's graph (the
-    /// trainer sets one; `None`: every gradient goes through the graph). A pass that
-    /// transforms its [`GradStore`] after `backward` calls [`Ctx::collect_grads`] first.
+    /// Where fused ops hand their parameters' gradients over outside candle's graph (`None`:
+    /// every gradient goes through the graph). Set for the span of [`Ctx::sinking`] (which the
+    /// default [`crate::PretextTask::forward_backward`] uses) or by [`Ctx::with_grad_sink`];
+    /// whoever sets one adds what it collects ([`Ctx::collect_grads`]) before reading or
+    /// scaling the gradients.
     pub grad_sink: Option<GradSink>,
 }
 
@@ -165,6 +167,33 @@ impl<'a> Ctx<'a> {
             Some(sink) => sink.drain_into(grads),
             None => Ok(()),
         }
+    }
+
+    /// Runs `f`, a forward pass and its backward, with fused ops' parameter gradients
+    /// delivered to a sink ([`GradSink`]), and adds them to the gradients `f` returns before
+    /// returning them: the gradients of the graph, computed with less of candle's bookkeeping.
+    /// `f` must return the gradients of its backward unchanged (scaling the loss before
+    /// `backward` is fine; scaling the [`GradStore`] after it is not: do that after this call).
+    /// Inside a context that already has a sink, `f` uses it and the call collects it.
+    ///
+    /// The default [`crate::PretextTask::forward_backward`] runs in one, so a task's override
+    /// gets no sink, and every gradient through the graph, unless it asks for one here.
+    pub fn sinking<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<(T, GradStore)>,
+    ) -> Result<(T, GradStore)> {
+        let owned = self.grad_sink.is_none();
+        if owned {
+            self.grad_sink = Some(GradSink::new());
+        }
+        let res = f(self).and_then(|(out, mut grads)| {
+            self.collect_grads(&mut grads)?;
+            Ok((out, grads))
+        });
+        if owned {
+            self.grad_sink = None;
+        }
+        res
     }
 
     /// The same context, asking for every layer's hidden state.

@@ -42,19 +42,20 @@ pub trait PretextTask {
     /// the gradients of `loss * weight`. The default back-propagates through the graph of
     /// `forward`. Tasks whose loss couples every example of the batch override it to bound
     /// memory, e.g. CLIP's gradient caching (embed every chunk without a graph, take the
-    /// loss's gradient w.r.t. the embeddings, then back-propagate chunk by chunk). An
-    /// override that reads or scales its [`GradStore`] after `backward` calls
-    /// [`Ctx::collect_grads`] first (the gradients fused ops deliver outside the graph); the
-    /// trainer collects whatever is left after it.
+    /// loss's gradient w.r.t. the embeddings, then back-propagate chunk by chunk). The default
+    /// runs inside [`Ctx::sinking`] (fused ops' parameter gradients delivered aside, the same
+    /// values); an override gets every gradient through the graph unless it wraps its forward
+    /// and backward in [`Ctx::sinking`] too.
     fn forward_backward(
         &self,
         batch: &Self::Batch,
         ctx: &mut Ctx,
     ) -> Result<(TaskOutput, GradStore)> {
-        let out = self.forward(batch, ctx)?;
-        let mut grads = (&out.loss * out.weight)?.backward()?;
-        ctx.collect_grads(&mut grads)?;
-        Ok((out, grads))
+        ctx.sinking(|ctx| {
+            let out = self.forward(batch, ctx)?;
+            let grads = (&out.loss * out.weight)?.backward()?;
+            Ok((out, grads))
+        })
     }
 
     /// Called by the trainer after every applied optimizer step (default: nothing), for

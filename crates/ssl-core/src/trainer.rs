@@ -19,8 +19,7 @@ use crate::nn::MatmulPrecision;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, ScheduleKind};
 use crate::run_guard::checkpoint_to_start_from;
 use crate::{
-    BatchSource, Collective, CoreError, Ctx, GradSink, PretextTask, Result, SingleProcess, SslRng,
-    StopFlag,
+    BatchSource, Collective, CoreError, Ctx, PretextTask, Result, SingleProcess, SslRng, StopFlag,
 };
 
 /// Training hyper-parameters and machinery settings (`[train]` in the CLI's TOML).
@@ -487,17 +486,14 @@ pub fn accumulate<T: PretextTask>(
         samples: 0,
         metric_sums: BTreeMap::new(),
     };
-    // Fused ops hand their parameters' gradients to the sink instead of candle's graph
-    // (the same values, without candle's zero-fill and add at every packed piece).
-    let sink = GradSink::new();
     for _ in 0..micro_batches {
         let batch = data.next_batch()?;
         acc.samples += task.batch_len(&batch) as u64;
-        let mut ctx = Ctx::train(rng)
-            .with_precision(precision)
-            .with_grad_sink(sink.clone());
-        let (out, mut grads) = task.forward_backward(&batch, &mut ctx)?;
-        ctx.collect_grads(&mut grads)?;
+        // No gradient sink here: the task's `forward_backward` takes one where it knows its
+        // gradients are the graph's (`Ctx::sinking`), so an override that scales its
+        // gradients after `backward` still gets the graph's.
+        let mut ctx = Ctx::train(rng).with_precision(precision);
+        let (out, grads) = task.forward_backward(&batch, &mut ctx)?;
         let w = out.weight;
         acc.loss_sum += scalar(&out.loss)? * w;
         acc.weight_sum += w;

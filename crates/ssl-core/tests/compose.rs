@@ -306,3 +306,101 @@ fn a_boxed_task_trains_like_the_task() {
         .fold(0f64, f64::max);
     assert!(diff < 1e-5, "one-part composition drifts by {diff}");
 }
+
+/// Scales its gradients after its own backward, knowing nothing of gradient sinks.
+struct ScaledAfter<T>(T);
+
+impl<T: PretextTask> PretextTask for ScaledAfter<T> {
+    type Batch = T::Batch;
+    fn params(&self) -> &ParamStore {
+        self.0.params()
+    }
+    fn forward(&self, batch: &T::Batch, ctx: &mut Ctx) -> ssl_core::Result<TaskOutput> {
+        self.0.forward(batch, ctx)
+    }
+    fn forward_backward(
+        &self,
+        batch: &T::Batch,
+        ctx: &mut Ctx,
+    ) -> ssl_core::Result<(TaskOutput, GradStore)> {
+        let out = self.forward(batch, ctx)?;
+        let mut grads = (&out.loss * out.weight)?.backward()?;
+        for (_, v) in self.params().vars() {
+            if let Some(g) = grads.remove(v.as_tensor()) {
+                grads.insert(v.as_tensor(), (g * 3.0)?);
+            }
+        }
+        Ok((out, grads))
+    }
+    fn embed(&self, batch: &T::Batch, ctx: &mut Ctx) -> ssl_core::Result<Tensor> {
+        self.0.embed(batch, ctx)
+    }
+    fn batch_len(&self, batch: &T::Batch) -> usize {
+        self.0.batch_len(batch)
+    }
+}
+
+/// One batch, forever.
+struct Repeat(SeqBatch);
+
+impl ssl_core::BatchSource<SeqBatch> for Repeat {
+    fn next_batch(&mut self) -> ssl_core::Result<SeqBatch> {
+        Ok(self.0.clone())
+    }
+    fn epoch(&self) -> u64 {
+        0
+    }
+    fn position(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    fn restore(&mut self, _: &serde_json::Value) -> ssl_core::Result<()> {
+        Ok(())
+    }
+}
+
+/// The trainer's step gives an override the graph's gradients to transform as it likes: the
+/// fused stack's parameters included (a gradient sink the override did not ask for would
+/// deliver those aside, unscaled).
+#[test]
+fn an_override_that_scales_its_gradients_gets_them_all_through_the_trainer() {
+    let store = ParamStore::new(&Device::Cpu);
+    let task = ScaledAfter(masked(&store.builder(4)));
+    let b = batch();
+    let vars: Vec<Tensor> = store
+        .vars()
+        .iter()
+        .map(|(_, v)| v.as_tensor().clone())
+        .collect();
+    let mut rng = SslRng::new(6);
+    let acc = ssl_core::accumulate(
+        &task,
+        &mut Repeat(b.clone()),
+        1,
+        &vars,
+        &mut rng,
+        ssl_core::nn::MatmulPrecision::F32,
+    )
+    .unwrap();
+    let mut rng = SslRng::new(6);
+    let out = task.0.forward(&b, &mut Ctx::train(&mut rng)).unwrap();
+    let want = (&out.loss * (out.weight * 3.0))
+        .unwrap()
+        .backward()
+        .unwrap();
+    let names: Vec<String> = store.vars().into_iter().map(|(n, _)| n).collect();
+    let got: Vec<(String, Vec<f32>)> = names
+        .iter()
+        .zip(&acc.grads)
+        .map(|(n, g)| {
+            let g = g.as_ref().unwrap_or_else(|| panic!("no gradient for {n}"));
+            (
+                n.clone(),
+                g.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            )
+        })
+        .collect();
+    assert!(names
+        .iter()
+        .any(|n| n.contains("stack") || n.contains("layer")));
+    assert_close("scaled after backward", &got, &grad_values(&store, &want));
+}

@@ -242,16 +242,20 @@ impl PretextTask for ClipModel {
         batch: &PairBatch,
         ctx: &mut Ctx,
     ) -> ssl_core::Result<(TaskOutput, GradStore)> {
-        if self.rank_world().1 > 1 {
-            return Ok(self.forward_backward_gathered(batch, ctx)?);
-        }
-        let micro = self.cfg.micro_batch;
-        if micro > 0 && micro < batch.len() {
-            return Ok(self.grad_cache(batch, micro, ctx)?);
-        }
-        let out = self.forward_pairs(batch, ctx)?;
-        let grads = (&out.loss * out.weight)?.backward()?;
-        Ok((out, grads))
+        // Each path returns its backward's gradients unscaled (the factors scale the loss):
+        // fused ops may deliver theirs aside.
+        ctx.sinking(|ctx| {
+            if self.rank_world().1 > 1 {
+                return Ok(self.forward_backward_gathered(batch, ctx)?);
+            }
+            let micro = self.cfg.micro_batch;
+            if micro > 0 && micro < batch.len() {
+                return Ok(self.grad_cache(batch, micro, ctx)?);
+            }
+            let out = self.forward_pairs(batch, ctx)?;
+            let grads = (&out.loss * out.weight)?.backward()?;
+            Ok((out, grads))
+        })
     }
 
     /// The image embeddings (normalised, in the shared space).

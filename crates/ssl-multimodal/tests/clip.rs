@@ -2,6 +2,7 @@
 //! temperature is clamped after optimizer steps, every parameter gets a gradient, frozen
 //! towers get none, and training aligns the toy pairs.
 
+use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 use ssl_core::{
     Collective, Ctx, LoopTrainer, ParamStore, PretextTask, SharedCollective, SslRng, ThreadGroup,
@@ -56,7 +57,16 @@ fn grads_of(model: &ClipModel, b: &PairBatch, micro: Option<usize>) -> LossAndGr
     grads_with(model, b, micro, false)
 }
 
-/// [`grads_of`], optionally with the trainer's gradient sink (the fused stacks' parameter
+/// The loss and gradients of one graph: `forward`, then `backward` of `loss * weight`, with
+/// no gradient sink.
+fn graph_grads(model: &ClipModel, b: &PairBatch) -> LossAndGrads {
+    let mut rng = SslRng::new(5);
+    let out = model.forward(b, &mut Ctx::train(&mut rng)).unwrap();
+    let grads = (&out.loss * out.weight).unwrap().backward().unwrap();
+    named(model, &out, &grads)
+}
+
+/// [`grads_of`], optionally with a caller's gradient sink (the fused stacks' parameter
 /// gradients delivered aside, collected after the backward pass as the trainer does).
 fn grads_with(model: &ClipModel, b: &PairBatch, micro: Option<usize>, sink: bool) -> LossAndGrads {
     let mut rng = SslRng::new(5);
@@ -69,6 +79,11 @@ fn grads_with(model: &ClipModel, b: &PairBatch, micro: Option<usize>, sink: bool
         None => model.forward_backward(b, &mut ctx).unwrap(),
     };
     ctx.collect_grads(&mut grads).unwrap();
+    named(model, &out, &grads)
+}
+
+/// The loss and every parameter's gradient, by name.
+fn named(model: &ClipModel, out: &ssl_core::TaskOutput, grads: &GradStore) -> LossAndGrads {
     let loss = out.loss.to_scalar::<f32>().unwrap() as f64;
     let g = model
         .store()
@@ -97,9 +112,11 @@ fn grad_cache_equals_one_big_batch() {
         cfg.loss.kind = kind;
         let store = ParamStore::new(&Device::Cpu);
         let model = ClipModel::new(&cfg, &store.builder(3)).unwrap();
-        let (l_full, g_full) = grads_of(&model, &b, None);
-        // The trainer's gradient sink gives the graph's gradients: bit for bit without
-        // chunks (each tower's stack runs once).
+        let (l_full, g_full) = graph_grads(&model, &b);
+        // `forward_backward` (which takes a gradient sink of its own) and a caller's sink
+        // give the graph's gradients: bit for bit without chunks (each tower's stack runs
+        // once).
+        assert_eq!(grads_of(&model, &b, None), (l_full, g_full.clone()));
         assert_eq!(grads_with(&model, &b, None, true), (l_full, g_full.clone()));
         // 12 pairs in chunks of 5, 5 and 2 (each chunk's replay delivers to the sink).
         let (l_gc, g_gc) = grads_with(&model, &b, Some(5), true);

@@ -505,8 +505,12 @@ impl<E: Encoder<Input = SeqBatch>> PretextTask for Ts2VecTask<E> {
     /// number of ranks: the trainer's sum over ranks divided by the summed weight is then the
     /// one-process gradient of the combined batch.
     fn forward_backward(&self, batch: &SeqBatch, ctx: &mut Ctx) -> Result<(TaskOutput, GradStore)> {
-        let out = self.forward(batch, ctx)?;
-        ssl_core::loss::backward_across(out, self.world())
+        // The gradients are the graph's (the world factor scales the loss): fused ops may
+        // deliver theirs aside.
+        ctx.sinking(|ctx| {
+            let out = self.forward(batch, ctx)?;
+            ssl_core::loss::backward_across(out, self.world())
+        })
     }
 
     fn embed(&self, batch: &SeqBatch, ctx: &mut Ctx) -> Result<Tensor> {

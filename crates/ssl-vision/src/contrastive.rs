@@ -249,8 +249,12 @@ impl PretextTask for SimClrTask {
         batch: &Images,
         ctx: &mut Ctx,
     ) -> ssl_core::Result<(TaskOutput, candle_core::backprop::GradStore)> {
-        let out = self.forward(batch, ctx)?;
-        backward_across(out, self.ranks.as_ref().map_or(1, |r| r.world_size()))
+        // The gradients are the graph's (the world factor scales the loss): fused ops may
+        // deliver theirs aside.
+        ctx.sinking(|ctx| {
+            let out = self.forward(batch, ctx)?;
+            backward_across(out, self.ranks.as_ref().map_or(1, |r| r.world_size()))
+        })
     }
 
     fn embed(&self, batch: &Images, ctx: &mut Ctx) -> ssl_core::Result<Tensor> {

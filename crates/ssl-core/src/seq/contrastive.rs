@@ -106,8 +106,12 @@ impl<E: Encoder<Input = SeqBatch>> PretextTask for ContrastiveTask<E> {
         batch: &SeqBatch,
         ctx: &mut Ctx,
     ) -> Result<(TaskOutput, candle_core::backprop::GradStore)> {
-        let out = self.forward(batch, ctx)?;
-        backward_across(out, self.ranks.as_ref().map_or(1, |r| r.world_size()))
+        // The gradients are the graph's (the world factor scales the loss): fused ops may
+        // deliver theirs aside.
+        ctx.sinking(|ctx| {
+            let out = self.forward(batch, ctx)?;
+            backward_across(out, self.ranks.as_ref().map_or(1, |r| r.world_size()))
+        })
     }
 
     fn embed(&self, batch: &SeqBatch, ctx: &mut Ctx) -> Result<Tensor> {
