@@ -47,7 +47,11 @@
 //!   follow (`Ctx::inference`), mean pooling, batch 16 x 128 (`PretextTask::embed`).
 //! - `peak_matmul`: candle's CPU matmul (gemm 0.19), 1024 x 1024 x 1024 f32; on a CPU with
 //!   AMX also `peak_amx_bf16`, the same product on AMX tiles in bf16 (`bench/run` prints it
-//!   under the peak line, ours only).
+//!   under the peak line, ours only). With `--precision bf16` on the CPU also `peak_bf16`,
+//!   the product in our AVX-512 BF16 kernel (`ssl_kernels::MatmulTBf16`, operands rounded
+//!   while packed, f32 sums), and one `bf16_check` object: the trainer's measurement
+//!   (`ssl_kernels::bf16_check`) of bf16 against f32 products, which decides whether
+//!   `train.matmul_precision = "bf16"` runs bf16 kernels or stays f32 on this CPU.
 //!
 //! FLOPs per step are analytic and count matmuls only (2·m·n·k per product), summed over the
 //! forward pass; a training step counts 3x its forward pass (backward = 2x forward). A
@@ -505,6 +509,44 @@ fn peak_amx(reps: usize) -> Res<Vec<f64>> {
     })
 }
 
+/// The same product in our AVX-512 BF16 kernel (bf16 operands rounded while packed, f32
+/// sums), as the stack's and the MLM head's products take it under `--precision bf16`.
+fn peak_bf16(reps: usize) -> Res<Vec<f64>> {
+    let a = Tensor::randn(0f32, 1.0, (PEAK_N, PEAK_N), &CPU)?;
+    let b = Tensor::randn(0f32, 1.0, (PEAK_N, PEAK_N), &CPU)?;
+    if !ssl_kernels::linear_takes_bf16(PEAK_N, PEAK_N, PEAK_N) {
+        return Err("the bf16 kernel's size rule excludes the peak product".into());
+    }
+    time_steps(reps, || {
+        let c = a.apply_op2_no_bwd(&b, &ssl_kernels::MatmulTBf16)?;
+        debug_assert_eq!(c.dims(), &[PEAK_N, PEAK_N]);
+        Ok(())
+    })
+}
+
+/// Prints what the trainer's bf16 check measured on this CPU (three transformer-layer
+/// products in each precision) and so what `train.matmul_precision = "bf16"` runs here.
+fn report_bf16_check(json: bool) -> Res<()> {
+    let c = ssl_kernels::bf16_check().ok_or("--precision bf16: no AVX-512 BF16 kernels")?;
+    let (b, f) = (c.bf16_seconds * 1e3, c.f32_seconds * 1e3);
+    if json {
+        let o = json!({
+            "side": "ours",
+            "name": "bf16_check",
+            "bf16_ms": (b * 1000.0).round() / 1000.0,
+            "f32_ms": (f * 1000.0).round() / 1000.0,
+            "bf16_faster": c.bf16_faster(),
+        });
+        println!("{o}");
+    } else {
+        println!(
+            "bf16 check     bf16 {b:.2} ms  f32 {f:.2} ms: train.matmul_precision = bf16 runs {} here",
+            if c.bf16_faster() { "bf16" } else { "f32" }
+        );
+    }
+    Ok(())
+}
+
 /// `WARMUP` untimed calls of `step`, then `steps` timed ones: milliseconds per call.
 fn time_steps(steps: usize, mut step: impl FnMut() -> Res<()>) -> Res<Vec<f64>> {
     for _ in 0..WARMUP {
@@ -697,6 +739,11 @@ fn run(args: &Args) -> Res<()> {
     if !args.cuda && ssl_kernels::amx_available() {
         let amx = peak_amx(args.steps.max(10))?;
         report(args.json, "peak_amx_bf16", &amx, mm(n, n, n), None);
+    }
+    if !args.cuda && args.precision == MatmulPrecision::Bf16 {
+        let bf16 = peak_bf16(args.steps.max(10))?;
+        report(args.json, "peak_bf16", &bf16, mm(n, n, n), None);
+        report_bf16_check(args.json)?;
     }
     for name in MODELS {
         if args
