@@ -1,10 +1,13 @@
 //! Whether this CPU's bf16 products are faster than its f32 ones: measured once per process.
 //!
 //! AVX-512 BF16 does not make bf16 products faster everywhere: on AMD Zen 4 and Zen 5 our
-//! bf16 kernel is 1.3-1.5x faster than f32, while on Intel Xeons (Sapphire and Granite
-//! Rapids), where `vdpbf16ps` issues at half the rate of f32 FMAs, whole models ran 1.3-1.4x
-//! slower in bf16. So the trainer asks [`bf16_check`] before using bf16: three products of
-//! the shapes transformer layers have, timed in both precisions on the current rayon pool.
+//! bf16 kernel is 1.3-1.5x faster than f32, while on Intel Xeons (Sapphire, Emerald and
+//! Granite Rapids) whole models ran 1.3-1.5x slower in bf16. There `vdpbf16ps` retires a
+//! quarter as many instructions per cycle as `vfmadd231ps` (measured on family 6 model 207,
+//! one core, 24 independent accumulators: 1.35e9 against 5.5e9 per second), and each does
+//! twice the multiply-adds, so bf16 peaks at half the f32 rate (our 1024^3 product: 110
+//! against 285 GFLOP/s). So the trainer asks [`bf16_check`] before using bf16: three products
+//! of the shapes transformer layers have, timed in both precisions on the current rayon pool.
 
 use std::sync::OnceLock;
 use std::time::Instant;
