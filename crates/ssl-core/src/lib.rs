@@ -118,5 +118,6 @@ pub use signal::StopFlag;
 pub use ssl_kernels::keep_freed_memory;
 pub use task::{BatchSource, PretextTask, TaskOutput};
 pub use trainer::{
-    accumulate, plot_run, scale_grads, Accumulated, LoopTrainer, TrainConfig, TrainReport, Trainer,
+    accumulate, inference_precision, plot_run, scale_grads, Accumulated, LoopTrainer, TrainConfig,
+    TrainReport, Trainer,
 };

@@ -1136,11 +1136,58 @@ pub fn plot_run(dir: &Path) -> Result<()> {
     crate::plot::run::plot_run_dir(dir)
 }
 
-/// The precision a run's products take: the checkpoint's on a resume; as asked on a GPU
-/// (cuBLAS multiplies bf16 on every GPU candle runs on); f32 where bf16 was asked for but the
-/// CPU lacks the kernels or, with `train.bf16_check`, they are slower than f32 on it (on any
-/// rank: ranks decide together, so they stay bit-identical). Rank 0 says why when it keeps
-/// f32.
+/// What this machine's products take for `cfg.matmul_precision`, decided locally: as asked
+/// on a GPU (cuBLAS multiplies bf16 on every GPU candle runs on) or when f32 is asked; f32
+/// where bf16 was asked for but the CPU lacks the kernels or, with `train.bf16_check`, they
+/// are slower than f32 on it ([`ssl_kernels::bf16_check`], measured once per process). The
+/// second value says why when bf16 was asked for and f32 is kept.
+fn local_precision(cfg: &TrainConfig, on_gpu: bool) -> (MatmulPrecision, Option<String>) {
+    if cfg.matmul_precision != MatmulPrecision::Bf16 || on_gpu {
+        return (cfg.matmul_precision, None);
+    }
+    if !crate::nn::bf16_matmul_available() {
+        return (
+            MatmulPrecision::F32,
+            Some(
+                "train.matmul_precision = bf16: this CPU has no AVX-512 BF16, so the products stay f32"
+                    .into(),
+            ),
+        );
+    }
+    if !cfg.bf16_check {
+        return (MatmulPrecision::Bf16, None);
+    }
+    match ssl_kernels::bf16_check() {
+        Some(c) if !c.bf16_faster() => (
+            MatmulPrecision::F32,
+            Some(format!(
+                "train.matmul_precision = bf16: bf16 products take {:.1} ms against {:.1} ms in f32 on this CPU ({}), so the products stay f32 (train.bf16_check = false forces bf16)",
+                c.bf16_seconds * 1e3,
+                c.f32_seconds * 1e3,
+                ssl_kernels::cpu_name()
+            )),
+        ),
+        _ => (MatmulPrecision::Bf16, None),
+    }
+}
+
+/// The precision embedding and evaluation passes of a run take on `device`: the run's
+/// `train.matmul_precision`, by the trainer's rule (bf16 only where this machine's bf16
+/// products are at least as fast as f32, unless `train.bf16_check = false`). A model trained
+/// with bf16 products on one CPU is embedded in f32 on a CPU where bf16 is slower. Says why on
+/// stderr, once per process, when it keeps f32.
+pub fn inference_precision(cfg: &TrainConfig, device: &candle_core::Device) -> MatmulPrecision {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    let (p, why) = local_precision(cfg, device.is_cuda());
+    if let Some(why) = why {
+        SAID.call_once(|| eprintln!("{why}"));
+    }
+    p
+}
+
+/// The precision a run's products take: the checkpoint's on a resume; else
+/// [`local_precision`]'s rule, decided on every rank together (f32 if bf16 is slower on any
+/// rank's CPU), so ranks stay bit-identical. Rank 0 says why when it keeps f32.
 fn resolve_precision(
     cfg: &TrainConfig,
     recorded: Option<MatmulPrecision>,
@@ -1150,37 +1197,29 @@ fn resolve_precision(
     if let Some(p) = recorded {
         return Ok(p);
     }
-    if cfg.matmul_precision != MatmulPrecision::Bf16 || on_gpu {
-        return Ok(cfg.matmul_precision);
-    }
     let main = collective.is_main();
-    if !crate::nn::bf16_matmul_available() {
-        if main {
-            eprintln!(
-                "train.matmul_precision = bf16: this CPU has no AVX-512 BF16, so the products stay f32"
-            );
+    let (local, why) = local_precision(cfg, on_gpu);
+    if cfg.matmul_precision != MatmulPrecision::Bf16 || on_gpu {
+        return Ok(local);
+    }
+    if !crate::nn::bf16_matmul_available() || !cfg.bf16_check {
+        // Without the kernels every rank keeps f32 (each CPU alone decides); with the check
+        // off every rank forces bf16.
+        if let (true, Some(why)) = (main, &why) {
+            eprintln!("{why}");
         }
-        return Ok(MatmulPrecision::F32);
+        return Ok(local);
     }
-    if !cfg.bf16_check {
-        return Ok(MatmulPrecision::Bf16);
-    }
-    let check = ssl_kernels::bf16_check();
-    let slower = check.is_some_and(|c| !c.bf16_faster());
+    let slower = local == MatmulPrecision::F32;
     let mut votes = [f32::from(u8::from(slower))];
     collective.all_reduce_sum(&mut votes)?;
     if votes[0] == 0.0 {
         return Ok(MatmulPrecision::Bf16);
     }
     if main {
-        match check {
-            Some(c) if slower => eprintln!(
-                "train.matmul_precision = bf16: bf16 products take {:.1} ms against {:.1} ms in f32 on this CPU ({}), so the products stay f32 (train.bf16_check = false forces bf16)",
-                c.bf16_seconds * 1e3,
-                c.f32_seconds * 1e3,
-                ssl_kernels::cpu_name()
-            ),
-            _ => eprintln!(
+        match why {
+            Some(why) => eprintln!("{why}"),
+            None => eprintln!(
                 "train.matmul_precision = bf16: bf16 products are slower than f32 on another rank's CPU, so the products stay f32 (train.bf16_check = false forces bf16)"
             ),
         }
@@ -1210,5 +1249,48 @@ mod epoch_tests {
         assert_eq!(c.apply_epochs(3, 1), Some(1));
         c.max_epochs = -1.0;
         assert!(c.validate().is_err());
+    }
+}
+
+#[cfg(test)]
+mod precision_tests {
+    use super::*;
+
+    #[test]
+    fn embedding_takes_the_precision_a_training_run_takes_here() {
+        let dev = candle_core::Device::Cpu;
+        let mut cfg = TrainConfig {
+            matmul_precision: MatmulPrecision::F32,
+            ..TrainConfig::default()
+        };
+        assert_eq!(inference_precision(&cfg, &dev), MatmulPrecision::F32);
+        cfg.matmul_precision = MatmulPrecision::Bf16;
+        // bf16 only where this CPU's bf16 products are at least as fast as its f32 ones.
+        let want = match ssl_kernels::bf16_check() {
+            Some(c) if c.bf16_faster() => MatmulPrecision::Bf16,
+            _ => MatmulPrecision::F32,
+        };
+        assert_eq!(inference_precision(&cfg, &dev), want);
+        assert_eq!(
+            resolve_precision(&cfg, None, false, &SingleProcess).unwrap(),
+            want
+        );
+        // A resumed run keeps what its checkpoint recorded.
+        assert_eq!(
+            resolve_precision(&cfg, Some(MatmulPrecision::F32), false, &SingleProcess).unwrap(),
+            MatmulPrecision::F32
+        );
+        // Without the check, bf16 wherever the kernels exist.
+        cfg.bf16_check = false;
+        let forced = if crate::nn::bf16_matmul_available() {
+            MatmulPrecision::Bf16
+        } else {
+            MatmulPrecision::F32
+        };
+        assert_eq!(inference_precision(&cfg, &dev), forced);
+        assert_eq!(
+            resolve_precision(&cfg, None, false, &SingleProcess).unwrap(),
+            forced
+        );
     }
 }

@@ -159,8 +159,8 @@ pub(super) fn document_seq(
 
 /// Embeddings of whole documents with `model` (any BERT, such as the one being trained):
 /// one sequence each, tokenized by `tok` and truncated to `cfg.input.max_seq_len`, batches of
-/// `cfg.train.batch_size` (at least 16), in inference mode at `train.matmul_precision`,
-/// pooled as the model is set to pool. Returns the row-major values and the embedding width;
+/// `cfg.train.batch_size` (at least 16), in inference mode at `train.matmul_precision` by the
+/// trainer's rule ([`ssl_core::inference_precision`]), pooled as the model is set to pool. Returns the row-major values and the embedding width;
 /// shows a progress bar only with `progress` (not while a training progress line is showing).
 pub fn embed_documents(
     model: &BertForMaskedLM,
@@ -178,6 +178,8 @@ pub fn embed_documents(
     let mut out = Vec::new();
     let mut dim = model.bert().config().hidden_size;
     let mut rng = SslRng::new(0);
+    // The run's product precision applies to embedding too, where it is not slower here.
+    let precision = ssl_core::inference_precision(&cfg.train, device);
     let bs = cfg.train.batch_size.max(16);
     let bar =
         progress.then(|| ssl_core::monitor::Progress::task("embed", texts.len() as u64, "texts"));
@@ -197,8 +199,7 @@ pub fn embed_documents(
             pad_id: sp.pad,
             device: device.clone(),
         };
-        // The run's product precision (`train.matmul_precision`) applies to embedding too.
-        let mut ctx = Ctx::inference(&mut rng).with_precision(cfg.train.matmul_precision);
+        let mut ctx = Ctx::inference(&mut rng).with_precision(precision);
         let e = ssl_core::PretextTask::embed(model, &batch, &mut ctx)?;
         dim = e.dim(1)?;
         out.extend(e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);

@@ -66,6 +66,8 @@ pub(crate) fn embed_image_batches(
 /// row groups: memory stays that of a few batches whatever the row count.
 pub fn embed(ckpt: &Path, cfg: &VisionConfig, data: &[String], out: &Path) -> Result<EmbedSummary> {
     let (task, device) = load_model(ckpt, cfg)?;
+    // The run's product precision, where it is not slower on this machine.
+    let precision = ssl_core::inference_precision(&cfg.train, &device);
     let mut meta = BTreeMap::new();
     meta.insert("model".to_string(), "ssl-vision ViT".to_string());
     meta.insert("checkpoint".to_string(), ckpt.display().to_string());
@@ -99,7 +101,7 @@ pub fn embed(ckpt: &Path, cfg: &VisionConfig, data: &[String], out: &Path) -> Re
             break;
         }
         let (ids, batch) = examples_batch(&examples, shape, &device)?;
-        let e = task.embed_with(&batch, cfg.model.pooling, cfg.train.matmul_precision)?;
+        let e = task.embed_with(&batch, cfg.model.pooling, precision)?;
         let values = e.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         writer.write(&ids, &values)?;
         bar.inc(examples.len() as u64);

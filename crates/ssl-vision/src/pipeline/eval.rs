@@ -136,7 +136,8 @@ fn stream_features(
         cfg.model.image_height,
         cfg.model.image_width,
     ];
-    let (pooling, prec) = (cfg.model.pooling, cfg.train.matmul_precision);
+    let prec = ssl_core::inference_precision(&cfg.train, device);
+    let pooling = cfg.model.pooling;
     let bar = Progress::task(what, reader.kept_rows() as u64, "images");
     let mut f = Features::default();
     loop {
