@@ -485,7 +485,8 @@ fn peak_matmul(reps: usize) -> Res<Vec<f64>> {
 }
 
 /// The same product on AMX tiles in bf16 (`ssl_kernels::amx_matmul_bt`, packing included),
-/// on CPUs that have them; not yet used by any model.
+/// on CPUs that have them: the path every bf16 product takes there (where
+/// `ssl_kernels::amx_usable`).
 fn peak_amx(reps: usize) -> Res<Vec<f64>> {
     let a: Vec<f32> = (0..PEAK_N * PEAK_N).map(|i| (i as f32).sin()).collect();
     let b: Vec<f32> = (0..PEAK_N * PEAK_N).map(|i| (i as f32).cos()).collect();

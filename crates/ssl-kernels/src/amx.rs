@@ -3,12 +3,17 @@
 //! contiguous (a linear layer's `x W^T`), operands rounded to bf16 (nearest, ties to even),
 //! sums in f32 (`TDPBF16PS`).
 //!
-//! Not yet used by the stack: no machine of this project with AMX has run it, so it is not
-//! measured. What runs everywhere is the same code with the tile instructions replaced by
+//! Where [`usable`] holds, every bf16 product of the kernels (`bf16::gemm_bf16`: the stack's
+//! linear layers and per-head attention, the MLM head) runs here through [`gemm`], which takes
+//! any strides; the trainer's bf16 check then times the tiles against f32. No machine of this
+//! project with AMX has run it yet, so [`usable`] first runs one product on the tiles and
+//! compares it with the exactly rounded one, and keeps the AVX-512 BF16 kernel if they
+//! disagree. What runs everywhere is the same code with the tile instructions replaced by
 //! their definition ([`Backend::Emulated`]): operand packing (rows of `A` as they are, `B` in
-//! the pairs-interleaved layout `TDPBF16PS` reads), tiling, edges and the epilogue are tested
-//! on any CPU against the exactly rounded product; on a CPU with AMX (and a kernel granting
-//! the tile-data permission) the tests also run the tile instructions themselves.
+//! the pairs-interleaved layout `TDPBF16PS` reads), tiling, edges, strides and the epilogue
+//! are tested on any CPU against the exactly rounded product and against the AVX-512 BF16
+//! kernel; on a CPU with AMX (and a kernel granting the tile-data permission) the tests also
+//! run the tile instructions themselves.
 //!
 //! Layout. `A` is packed as `mp x kp` bf16 (rows and depth padded with zeros to multiples of
 //! 32), so a tile of 16 rows x 32 depth values is a strided load of 64 bytes per row. `B` is
@@ -32,11 +37,10 @@ const TILE_ROWS: usize = 16;
 
 /// How the tile product runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Backend {
+pub(crate) enum Backend {
     /// The AMX instructions (only where [`available`] is true).
     Tiles,
     /// The same steps in scalar code, `TDPBF16PS` by its definition (any CPU; for tests).
-    #[cfg_attr(not(test), allow(dead_code))]
     Emulated,
 }
 
@@ -58,6 +62,94 @@ pub fn available() -> bool {
             false
         }
     })
+}
+
+/// True when [`available`] holds and a product on the tiles agrees with the exactly rounded
+/// one (checked once per process): where it does, every bf16 product of the kernels takes the
+/// tiles. Says on stderr when the tiles are present but disagree (they are then not used).
+pub fn usable() -> bool {
+    static USABLE: OnceLock<bool> = OnceLock::new();
+    *USABLE.get_or_init(|| {
+        if !available() {
+            return false;
+        }
+        let worst = self_check(Backend::Tiles);
+        let ok = worst < 1e-4;
+        if !ok {
+            eprintln!(
+                "AMX tiles present, but their product differs from the exactly rounded one by {worst:e} (relative): bf16 products keep the AVX-512 BF16 kernel"
+            );
+        }
+        ok
+    })
+}
+
+/// Where the kernels' bf16 products run on the tile layout: `Tiles` where [`usable`] holds;
+/// `Emulated` (the tile instruction by its definition, slow) where the environment variable
+/// `SSL_AMX_EMULATE=1` asks for it on a CPU with AVX-512 BF16, so the dispatch of the stack,
+/// the attention and the MLM head to the tiles can be tested on any such CPU (`.ci/run` runs
+/// `tests/bf16.rs` so); `None` otherwise. Decided once per process.
+pub(crate) fn backend() -> Option<Backend> {
+    static BACKEND: OnceLock<Option<Backend>> = OnceLock::new();
+    *BACKEND.get_or_init(|| {
+        if usable() {
+            Some(Backend::Tiles)
+        } else if std::env::var_os("SSL_AMX_EMULATE").is_some_and(|v| v == "1")
+            && super::bf16::available()
+        {
+            eprintln!("SSL_AMX_EMULATE=1: bf16 products on the AMX tile layout, emulated");
+            Some(Backend::Emulated)
+        } else {
+            None
+        }
+    })
+}
+
+/// The largest difference, relative to the largest exact entry, between `backend`'s product
+/// and the exactly rounded one (f64 sums of the bf16-rounded operands), on a product with
+/// partial blocks, two depth steps and both operand layouts a linear layer's backward uses.
+fn self_check(backend: Backend) -> f64 {
+    let (m, n, k) = (45, 37, 70);
+    let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin() * 2.0).collect();
+    let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.61).cos()).collect();
+    let r = |x: f32| f64::from(f32::from_bits(to_bf16(x) << 16));
+    let mut c = vec![0f32; m * n];
+    // A row-major (m x k), B row-major k x n: B^T is read with swapped strides.
+    let bt = Strided {
+        ptr: b.as_ptr(),
+        rs: 1,
+        cs: n as isize,
+    };
+    // SAFETY: the views lie inside `a` and `b`; `c` holds m x n and is ours.
+    unsafe {
+        gemm(
+            backend,
+            c.as_mut_ptr(),
+            n,
+            (m, n, k),
+            Strided::rows(&a, k),
+            bt,
+            1.0,
+            false,
+            super::gemm::Epilogue::None,
+            // No rayon here: `usable` may be first asked from inside a parallel job.
+            false,
+        )
+    };
+    let mut worst = 0f64;
+    let mut scale = 0f64;
+    let mut diffs = Vec::with_capacity(m * n);
+    for i in 0..m {
+        for j in 0..n {
+            let want: f64 = (0..k).map(|p| r(a[i * k + p]) * r(b[p * n + j])).sum();
+            scale = scale.max(want.abs());
+            diffs.push((f64::from(c[i * n + j]) - want).abs());
+        }
+    }
+    for d in diffs {
+        worst = worst.max(d / scale.max(f64::MIN_POSITIVE));
+    }
+    worst
 }
 
 /// Asks Linux for the AMX tile-data state (without it the first tile instruction faults).
@@ -90,35 +182,110 @@ fn round_up(x: usize, m: usize) -> usize {
     x.div_ceil(m) * m
 }
 
-/// `A` (m x k, row stride `lda`) as `mp x kp` bf16, zero-padded.
-fn pack_a(a: &[f32], m: usize, k: usize, lda: usize, mp: usize, kp: usize) -> Vec<u16> {
+/// A read-only strided matrix: element `(i, p)` at `ptr + i * rs + p * cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct Strided {
+    /// Element `(0, 0)`.
+    pub ptr: *const f32,
+    /// Step between rows.
+    pub rs: isize,
+    /// Step between columns.
+    pub cs: isize,
+}
+// SAFETY: only read, by jobs that each read their own rows (see `gemm`).
+unsafe impl Send for Strided {}
+// SAFETY: as above.
+unsafe impl Sync for Strided {}
+
+impl Strided {
+    /// A row-major slice with leading dimension `ld`.
+    fn rows(v: &[f32], ld: usize) -> Self {
+        Strided {
+            ptr: v.as_ptr(),
+            rs: ld as isize,
+            cs: 1,
+        }
+    }
+
+    /// Element `(i, p)` rounded to bf16.
+    ///
+    /// # Safety
+    /// The element must be valid.
+    #[inline(always)]
+    unsafe fn bf16_at(&self, i: usize, p: usize) -> u16 {
+        // SAFETY: forwarded from the caller.
+        let x = unsafe { *self.ptr.offset(i as isize * self.rs + p as isize * self.cs) };
+        to_bf16(x) as u16
+    }
+}
+
+/// The output, written by jobs in disjoint row blocks.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: jobs write disjoint rows (see `gemm`).
+unsafe impl Send for Out {}
+// SAFETY: as above.
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The pointer (a method, so closures capture the whole wrapper).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `A` (m x k) as `mp x kp` bf16, zero-padded.
+///
+/// # Safety
+/// `a`'s `m x k` elements must be valid.
+unsafe fn pack_a(a: Strided, m: usize, k: usize, mp: usize, kp: usize, parallel: bool) -> Vec<u16> {
     let mut out = vec![0u16; mp * kp];
-    out.par_chunks_mut(kp)
-        .take(m)
-        .enumerate()
-        .for_each(|(i, row)| {
-            for (o, &x) in row.iter_mut().zip(&a[i * lda..i * lda + k]) {
-                *o = to_bf16(x) as u16;
-            }
-        });
+    let pack = |(i, row): (usize, &mut [u16])| {
+        for (p, o) in row[..k].iter_mut().enumerate() {
+            // SAFETY: (i, p) lies in the m x k view (the caller's guarantee).
+            *o = unsafe { a.bf16_at(i, p) };
+        }
+    };
+    if parallel {
+        out.par_chunks_mut(kp).take(m).enumerate().for_each(pack);
+    } else {
+        out.chunks_mut(kp).take(m).enumerate().for_each(pack);
+    }
     out
 }
 
-/// `B` (n x k, row stride `ldb`) in blocks of 16 rows, each `kp / 2` lines of 16 pairs.
-fn pack_b(b: &[f32], n: usize, k: usize, ldb: usize, np: usize, kp: usize) -> Vec<u16> {
+/// `B^T` (n x k: row `j` is output column `j`) in blocks of 16 rows, each `kp / 2` lines of 16
+/// pairs.
+///
+/// # Safety
+/// `bt`'s `n x k` elements must be valid.
+unsafe fn pack_b(
+    bt: Strided,
+    n: usize,
+    k: usize,
+    np: usize,
+    kp: usize,
+    parallel: bool,
+) -> Vec<u16> {
     let block = kp * TILE_ROWS;
     let mut out = vec![0u16; np * kp];
-    out.par_chunks_mut(block).enumerate().for_each(|(jb, blk)| {
+    let pack = |(jb, blk): (usize, &mut [u16])| {
         for j in 0..TILE_ROWS {
             let row = jb * TILE_ROWS + j;
             if row >= n {
                 break;
             }
-            for (p, &x) in b[row * ldb..row * ldb + k].iter().enumerate() {
-                blk[(p / 2) * 2 * TILE_ROWS + 2 * j + p % 2] = to_bf16(x) as u16;
+            for p in 0..k {
+                // SAFETY: (row, p) lies in the n x k view (the caller's guarantee).
+                blk[(p / 2) * 2 * TILE_ROWS + 2 * j + p % 2] = unsafe { bt.bf16_at(row, p) };
             }
         }
-    });
+    };
+    if parallel {
+        out.par_chunks_mut(block).enumerate().for_each(pack);
+    } else {
+        out.chunks_mut(block).enumerate().for_each(pack);
+    }
     out
 }
 
@@ -339,10 +506,6 @@ fn product(
     alpha: f32,
     accumulate: bool,
 ) {
-    assert!(
-        backend == Backend::Emulated || available(),
-        "AMX tiles asked for on a CPU without them"
-    );
     if m == 0 || n == 0 {
         return;
     }
@@ -353,37 +516,98 @@ fn product(
     assert!((m - 1) * lda + k <= a.len(), "A out of bounds");
     assert!((n - 1) * ldb + k <= b.len(), "B out of bounds");
     assert!((m - 1) * ldc + n <= c.len(), "C out of bounds");
+    // SAFETY: the views were checked to lie inside their slices; `c` is borrowed mutably.
+    unsafe {
+        gemm(
+            backend,
+            c.as_mut_ptr(),
+            ldc,
+            (m, n, k),
+            Strided::rows(a, lda),
+            Strided::rows(b, ldb),
+            alpha,
+            accumulate,
+            super::gemm::Epilogue::None,
+            true,
+        )
+    }
+}
+
+/// `C = alpha * A B` (plus `C` when `accumulate`) with `A` (m x k) and `bt` = `B^T` (n x k) any
+/// strided views, `C` row-major with leading dimension `ldc`, then `epilogue` on each finished
+/// block of 32 rows: `bf16::gemm_bf16`'s contract, on `backend`; the packing and the blocks of
+/// rows spread over rayon's pool when `parallel`.
+///
+/// # Safety
+/// Every addressed element of `a` and `bt` must be valid; `C`'s `m x n` view must be valid and
+/// neither read nor written by anyone else during the call (the elements between its rows
+/// are not touched); `Tiles` only where [`available`] holds.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm(
+    backend: Backend,
+    c: *mut f32,
+    ldc: usize,
+    (m, n, k): (usize, usize, usize),
+    a: Strided,
+    bt: Strided,
+    alpha: f32,
+    accumulate: bool,
+    epilogue: super::gemm::Epilogue,
+    parallel: bool,
+) {
+    assert!(
+        backend == Backend::Emulated || available(),
+        "AMX tiles asked for on a CPU without them"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
     let (mp, np, kp) = (
         round_up(m, BLOCK),
         round_up(n, BLOCK),
         round_up(k.max(1), KSTEP),
     );
-    let pa = pack_a(a, m, k, lda, mp, kp);
-    let pb = pack_b(b, n, k, ldb, np, kp);
-    // Only the matrix's own rows: a longer `c` (a view into a larger buffer) must neither
-    // give row blocks past `m` nor be written beyond it.
-    c[..(m - 1) * ldc + n]
-        .par_chunks_mut(BLOCK * ldc)
-        .enumerate()
-        .for_each(|(ib, rows)| {
-            with_tiles(backend, || {
-                let mut acc = [0f32; BLOCK * BLOCK];
-                for jb in 0..np / BLOCK {
-                    block_product(backend, &pa, &pb, kp, ib * BLOCK, 2 * jb, &mut acc);
-                    let (j0, width) = (jb * BLOCK, BLOCK.min(n - jb * BLOCK));
-                    for (r, out) in rows.chunks_mut(ldc).take(m - ib * BLOCK).enumerate() {
-                        let src = &acc[r * BLOCK..r * BLOCK + width];
-                        for (d, &s) in out[j0..j0 + width].iter_mut().zip(src) {
-                            *d = if accumulate {
-                                *d + alpha * s
-                            } else {
-                                alpha * s
-                            };
-                        }
+    // SAFETY: the views' elements are valid (the caller's guarantee).
+    let (pa, pb) = unsafe {
+        (
+            pack_a(a, m, k, mp, kp, parallel),
+            pack_b(bt, n, k, np, kp, parallel),
+        )
+    };
+    let out = Out(c);
+    let job = |ib: usize| {
+        let (i0, rows) = (ib * BLOCK, BLOCK.min(m - ib * BLOCK));
+        with_tiles(backend, || {
+            let mut acc = [0f32; BLOCK * BLOCK];
+            for jb in 0..np / BLOCK {
+                block_product(backend, &pa, &pb, kp, i0, 2 * jb, &mut acc);
+                let (j0, width) = (jb * BLOCK, BLOCK.min(n - jb * BLOCK));
+                for r in 0..rows {
+                    // SAFETY: row i0 + r < m, columns j0..j0 + width <= n of C: this job's
+                    // rows, valid and ours (the caller's guarantee).
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(out.ptr().add((i0 + r) * ldc + j0), width)
+                    };
+                    let src = &acc[r * BLOCK..r * BLOCK + width];
+                    for (d, &s) in dst.iter_mut().zip(src) {
+                        *d = if accumulate {
+                            *d + alpha * s
+                        } else {
+                            alpha * s
+                        };
                     }
                 }
-            })
+            }
         });
+        // The block of rows is finished and still in cache.
+        // SAFETY: rows i0..i0 + rows x columns 0..n belong to this job alone.
+        unsafe { epilogue.apply(out.ptr(), ldc, i0, rows, 0, n) };
+    };
+    if parallel {
+        (0..mp / BLOCK).into_par_iter().for_each(job);
+    } else {
+        (0..mp / BLOCK).for_each(job);
+    }
 }
 
 #[cfg(test)]
@@ -465,6 +689,188 @@ mod tests {
         assert!(c[2..].iter().all(|&x| x == 7.0));
     }
 
+    /// `A` (m x k) and `B` (k x n), each also as stored (as is or transposed), with the
+    /// strides `gemm_bf16` gets: `[a_rs, a_cs, b_rs, b_cs]`.
+    struct Operands {
+        a: Vec<f32>,
+        b: Vec<f32>,
+        a_store: Vec<f32>,
+        b_store: Vec<f32>,
+        strides: [isize; 4],
+    }
+
+    /// [`Operands`] of the given shape, `A` stored transposed when `a_t`, `B` when `b_t`.
+    fn operands((m, n, k): (usize, usize, usize), a_t: bool, b_t: bool) -> Operands {
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.29).sin() * 2.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.53).cos()).collect();
+        // Stored layouts: A^T is k x m, B^T is n x k.
+        let a_store: Vec<f32> = if a_t {
+            (0..k * m).map(|x| a[(x % m) * k + x / m]).collect()
+        } else {
+            a.clone()
+        };
+        let b_store: Vec<f32> = if b_t {
+            (0..n * k).map(|x| b[(x % k) * n + x / k]).collect()
+        } else {
+            b.clone()
+        };
+        let (a_rs, a_cs) = if a_t {
+            (1, m as isize)
+        } else {
+            (k as isize, 1)
+        };
+        let (b_rs, b_cs) = if b_t {
+            (1, k as isize)
+        } else {
+            (n as isize, 1)
+        };
+        Operands {
+            a,
+            b,
+            a_store,
+            b_store,
+            strides: [a_rs, a_cs, b_rs, b_cs],
+        }
+    }
+
+    #[test]
+    fn any_strides_and_the_epilogue_give_the_rounded_product() {
+        let (m, n, k) = (37, 50, 45);
+        let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.1 - 2.0).collect();
+        for (a_t, b_t) in [(false, false), (false, true), (true, false), (true, true)] {
+            let Operands {
+                a,
+                b,
+                a_store,
+                b_store,
+                strides: [a_rs, a_cs, b_rs, b_cs],
+            } = operands((m, n, k), a_t, b_t);
+            let want = crate::bf16::tests::reference(&a, &b, m, k, n);
+            let ldc = n + 3;
+            for (alpha, accumulate) in [(1.0f32, false), (0.5, true)] {
+                let mut c = vec![1f32; m * ldc];
+                // SAFETY: the views lie inside the stored operands; `c` holds m x ldc.
+                unsafe {
+                    gemm(
+                        Backend::Emulated,
+                        c.as_mut_ptr(),
+                        ldc,
+                        (m, n, k),
+                        Strided {
+                            ptr: a_store.as_ptr(),
+                            rs: a_rs,
+                            cs: a_cs,
+                        },
+                        Strided {
+                            ptr: b_store.as_ptr(),
+                            rs: b_cs,
+                            cs: b_rs,
+                        },
+                        alpha,
+                        accumulate,
+                        crate::gemm::Epilogue::Bias(&bias),
+                        true,
+                    )
+                };
+                for i in 0..m {
+                    for j in 0..n {
+                        let base = if accumulate { 1.0 } else { 0.0 };
+                        let w = base + f64::from(alpha) * want[i * n + j] + f64::from(bias[j]);
+                        let got = f64::from(c[i * ldc + j]);
+                        assert!(
+                            (got - w).abs() < 1e-5 * (k as f64) * (1.0 + w.abs()),
+                            "a_t {a_t} b_t {b_t} at ({i}, {j}): {got} vs {w}"
+                        );
+                    }
+                    assert_eq!(&c[i * ldc + n..i * ldc + ldc], &[1.0; 3]);
+                }
+            }
+        }
+    }
+
+    /// What the kernels' bf16 entry point computes on AVX-512 BF16, the tile layout computes
+    /// too, for the orientations a linear layer's forward and backward use (the same rounded
+    /// operands; f32 sums in another order).
+    #[test]
+    fn the_tile_path_agrees_with_the_avx512_bf16_kernel() {
+        if !crate::bf16::available() {
+            eprintln!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        }
+        let (m, n, k) = (70, 48, 96);
+        for (a_t, b_t) in [(false, true), (false, false), (true, false)] {
+            let Operands {
+                a_store,
+                b_store,
+                strides: [a_rs, a_cs, b_rs, b_cs],
+                ..
+            } = operands((m, n, k), a_t, b_t);
+            let mut tiles = vec![0f32; m * n];
+            let mut avx = vec![0f32; m * n];
+            // SAFETY: as above; the CPU has AVX-512 BF16 (checked).
+            unsafe {
+                gemm(
+                    Backend::Emulated,
+                    tiles.as_mut_ptr(),
+                    n,
+                    (m, n, k),
+                    Strided {
+                        ptr: a_store.as_ptr(),
+                        rs: a_rs,
+                        cs: a_cs,
+                    },
+                    Strided {
+                        ptr: b_store.as_ptr(),
+                        rs: b_cs,
+                        cs: b_rs,
+                    },
+                    1.0,
+                    false,
+                    crate::gemm::Epilogue::None,
+                    false,
+                );
+                if backend().is_none() {
+                    crate::bf16::gemm_bf16(
+                        avx.as_mut_ptr(),
+                        n,
+                        m,
+                        n,
+                        k,
+                        a_store.as_ptr(),
+                        a_rs,
+                        a_cs,
+                        b_store.as_ptr(),
+                        b_rs,
+                        b_cs,
+                        1.0,
+                        false,
+                        2,
+                        crate::gemm::Epilogue::None,
+                    );
+                } else {
+                    eprintln!("gemm_bf16 itself runs on the tile layout here");
+                    avx.copy_from_slice(&tiles);
+                }
+            }
+            let scale = avx.iter().fold(0f32, |s, x| s.max(x.abs()));
+            for (x, y) in tiles.iter().zip(&avx) {
+                assert!(
+                    (x - y).abs() <= 1e-5 * scale,
+                    "a_t {a_t} b_t {b_t}: {x} vs {y}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_self_check_passes_on_the_tile_layout() {
+        assert!(self_check(Backend::Emulated) < 1e-6);
+        // On a CPU without AMX nothing takes the tiles.
+        if !available() {
+            assert!(!usable());
+        }
+    }
+
     #[test]
     fn the_amx_tiles_give_the_rounded_product() {
         if !available() {
@@ -478,7 +884,8 @@ mod tests {
     fn the_b_layout_is_pairs_interleaved() {
         // B = 2 x 3 (n x k): block 0, line q holds (B[j][2q], B[j][2q+1]) for j = 0..16.
         let b = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
-        let p = pack_b(&b, 2, 3, 3, 32, 32);
+        // SAFETY: the 2 x 3 view lies inside `b`.
+        let p = unsafe { pack_b(Strided::rows(&b, 3), 2, 3, 32, 32, false) };
         let w = |i: usize| f32::from_bits(u32::from(p[i]) << 16);
         assert_eq!([w(0), w(1), w(2), w(3)], [1.0, 2.0, 4.0, 5.0]);
         assert_eq!([w(32), w(33), w(34), w(35)], [3.0, 0.0, 6.0, 0.0]);

@@ -686,6 +686,35 @@ pub(crate) unsafe fn gemm_bf16(
         unsafe { epilogue.apply(c, ldc, 0, m, 0, n) };
         return;
     }
+    if let Some(backend) = super::amx::backend() {
+        // The same product on AMX tiles: B (k x n) read as B^T (n x k) with swapped strides.
+        let a = super::amx::Strided {
+            ptr: a,
+            rs: a_rs,
+            cs: a_cs,
+        };
+        let bt = super::amx::Strided {
+            ptr: b,
+            rs: b_cs,
+            cs: b_rs,
+        };
+        // SAFETY: forwarded from the caller; `Tiles` only where `available`.
+        unsafe {
+            super::amx::gemm(
+                backend,
+                c,
+                ldc,
+                (m, n, k),
+                a,
+                bt,
+                alpha,
+                accumulate,
+                epilogue,
+                threads > 1,
+            )
+        };
+        return;
+    }
     let av = View {
         ptr: a,
         rs: a_rs,

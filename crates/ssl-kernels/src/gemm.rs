@@ -180,9 +180,13 @@ pub(crate) fn linear_product(c: &mut [f32], x: MatRef, w: MatRef, epilogue: Epil
 }
 
 /// True when [`mlp_product`] may run: both of the MLP's products (`m` rows, width `k`, hidden
-/// `f`, output `n`) take bf16 under [`linear_takes_bf16`], and the CPU has the kernels.
+/// `f`, output `n`) take bf16 under [`linear_takes_bf16`], and the CPU has the AVX-512 BF16
+/// kernels and no usable AMX (with AMX each product runs on the tiles instead).
 pub(crate) fn mlp_takes_bf16(m: usize, k: usize, f: usize, n: usize) -> bool {
-    linear_takes_bf16(m, f, k) && linear_takes_bf16(m, n, f) && super::bf16::available()
+    linear_takes_bf16(m, f, k)
+        && linear_takes_bf16(m, n, f)
+        && super::bf16::available()
+        && super::amx::backend().is_none()
 }
 
 /// `c = act(x W1^T + b1) W2^T` with both products in bf16, each block of rows taken through

@@ -28,8 +28,9 @@
 //!   baseline, and chosen at run time by CPU-feature detection: no `target-cpu=native`.
 //! - [`keep_freed_memory`]: mimalloc's setting for our binaries.
 //! - [`amx_matmul_bt`]: bf16 products on Intel AMX tiles where the CPU has them
-//!   ([`amx_available`]); tested everywhere through an emulation of the tile instructions,
-//!   not yet used by the stack (no AMX machine has measured it).
+//!   ([`amx_available`]); where [`amx_usable`] every bf16 product of the kernels runs there;
+//!   tested everywhere through an emulation of the tile instructions (no AMX machine has
+//!   measured it yet).
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -67,7 +68,7 @@ mod tcn;
 mod ts2vec_loss;
 
 pub use alloc::keep_freed_memory;
-pub use amx::{available as amx_available, matmul_bt as amx_matmul_bt};
+pub use amx::{available as amx_available, matmul_bt as amx_matmul_bt, usable as amx_usable};
 pub use bf16::available as bf16_available;
 pub use bf16::time_product as time_bf16_product;
 pub use broadcast::RowBroadcastAdd;

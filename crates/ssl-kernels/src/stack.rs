@@ -470,9 +470,12 @@ impl StackOp {
     }
 
     /// Whether the attention of sequences of `t` runs as one bf16 kernel per head
-    /// ([`super::bf16::attention_head`]): when both its products would run in bf16.
+    /// ([`super::bf16::attention_head`]): when both its products would run in bf16 and the
+    /// CPU has no usable AMX (with AMX each head's two products run on the tiles instead).
     fn fused_attention(&self, t: usize) -> bool {
-        self.spec.bf16 && super::gemm::per_head_bf16(t, t, self.spec.dim / self.spec.heads)
+        self.spec.bf16
+            && super::gemm::per_head_bf16(t, t, self.spec.dim / self.spec.heads)
+            && super::amx::backend().is_none()
     }
 
     /// Scaled dot-product attention for every (batch, head): fills `p` (B, H, T, T), `pd`
