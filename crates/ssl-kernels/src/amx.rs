@@ -234,28 +234,76 @@ impl Out {
     }
 }
 
-/// `A` (m x k) as `mp x kp` bf16, zero-padded.
+/// `A` (m x k) as `mp x kp` bf16 (`kp / 2` pair words per row), zero-padded: AVX-512 BF16
+/// conversion where the CPU has it (AMX CPUs do), straight for depth-contiguous rows, through
+/// [`super::bf16::pack_pairs`] and a transpose for other strides; else scalar.
 ///
 /// # Safety
 /// `a`'s `m x k` elements must be valid.
-unsafe fn pack_a(a: Strided, m: usize, k: usize, mp: usize, kp: usize, parallel: bool) -> Vec<u16> {
-    let mut out = vec![0u16; mp * kp];
-    let pack = |(i, row): (usize, &mut [u16])| {
-        for (p, o) in row[..k].iter_mut().enumerate() {
-            // SAFETY: (i, p) lies in the m x k view (the caller's guarantee).
-            *o = unsafe { a.bf16_at(i, p) };
+unsafe fn pack_a(a: Strided, m: usize, k: usize, mp: usize, kp: usize, parallel: bool) -> Vec<u32> {
+    // SAFETY: forwarded.
+    unsafe { pack_a_on(super::bf16::available(), a, m, k, mp, kp, parallel) }
+}
+
+/// [`pack_a`], on the vector paths when `vector` (which needs AVX-512 BF16), else scalar.
+///
+/// # Safety
+/// As [`pack_a`].
+unsafe fn pack_a_on(
+    vector: bool,
+    a: Strided,
+    m: usize,
+    k: usize,
+    mp: usize,
+    kp: usize,
+    parallel: bool,
+) -> Vec<u32> {
+    let (kp2, kc2) = (kp / 2, k.div_ceil(2));
+    let mut out = vec![0u32; mp * kp2];
+    let pack = |(g, chunk): (usize, &mut [u32])| {
+        let (i0, rows) = (g * TILE_ROWS, TILE_ROWS.min(m - g * TILE_ROWS));
+        // SAFETY (all arms): rows i0..i0 + rows x depth 0..k lie in the view (the caller's
+        // guarantee); `chunk` holds 16 rows of kp2 >= kc2 words; the vector paths run only
+        // where the CPU has AVX-512 BF16.
+        if vector && a.cs == 1 {
+            unsafe { super::bf16::convert_rows((a.ptr, a.rs), i0, rows, k, chunk, kp2) };
+        } else if vector {
+            let mut pairs = vec![0u32; kc2 * TILE_ROWS];
+            unsafe {
+                super::bf16::pack_pairs((a.ptr, a.rs, a.cs), i0, rows, k, &mut pairs, TILE_ROWS)
+            };
+            for (q, line) in pairs.chunks(TILE_ROWS).enumerate() {
+                for (l, &w) in line[..rows].iter().enumerate() {
+                    chunk[l * kp2 + q] = w;
+                }
+            }
+        } else {
+            for l in 0..rows {
+                for p in 0..k {
+                    let x = unsafe { a.bf16_at(i0 + l, p) };
+                    chunk[l * kp2 + p / 2] |= u32::from(x) << (16 * (p % 2));
+                }
+            }
         }
     };
+    let groups = m.div_ceil(TILE_ROWS);
     if parallel {
-        out.par_chunks_mut(kp).take(m).enumerate().for_each(pack);
+        out.par_chunks_mut(TILE_ROWS * kp2)
+            .take(groups)
+            .enumerate()
+            .for_each(pack);
     } else {
-        out.chunks_mut(kp).take(m).enumerate().for_each(pack);
+        out.chunks_mut(TILE_ROWS * kp2)
+            .take(groups)
+            .enumerate()
+            .for_each(pack);
     }
     out
 }
 
 /// `B^T` (n x k: row `j` is output column `j`) in blocks of 16 rows, each `kp / 2` lines of 16
-/// pairs.
+/// pair words (`TDPBF16PS`'s layout): [`super::bf16::pack_pairs`] where the CPU has AVX-512
+/// BF16, else scalar.
 ///
 /// # Safety
 /// `bt`'s `n x k` elements must be valid.
@@ -266,27 +314,64 @@ unsafe fn pack_b(
     np: usize,
     kp: usize,
     parallel: bool,
-) -> Vec<u16> {
-    let block = kp * TILE_ROWS;
-    let mut out = vec![0u16; np * kp];
-    let pack = |(jb, blk): (usize, &mut [u16])| {
-        for j in 0..TILE_ROWS {
-            let row = jb * TILE_ROWS + j;
-            if row >= n {
-                break;
-            }
-            for p in 0..k {
-                // SAFETY: (row, p) lies in the n x k view (the caller's guarantee).
-                blk[(p / 2) * 2 * TILE_ROWS + 2 * j + p % 2] = unsafe { bt.bf16_at(row, p) };
+) -> Vec<u32> {
+    // SAFETY: forwarded.
+    unsafe { pack_b_on(super::bf16::available(), bt, n, k, np, kp, parallel) }
+}
+
+/// [`pack_b`], on the vector path when `vector` (which needs AVX-512 BF16), else scalar.
+///
+/// # Safety
+/// As [`pack_b`].
+unsafe fn pack_b_on(
+    vector: bool,
+    bt: Strided,
+    n: usize,
+    k: usize,
+    np: usize,
+    kp: usize,
+    parallel: bool,
+) -> Vec<u32> {
+    let kp2 = kp / 2;
+    let mut out = vec![0u32; np * kp2];
+    let pack = |(jb, blk): (usize, &mut [u32])| {
+        let (j0, count) = (jb * TILE_ROWS, TILE_ROWS.min(n - jb * TILE_ROWS));
+        if vector {
+            // SAFETY: lines j0..j0 + count x depth 0..k lie in the view (the caller's
+            // guarantee); `blk` holds kp2 >= ceil(k / 2) lines of 16 words; AVX-512 BF16.
+            unsafe {
+                super::bf16::pack_pairs((bt.ptr, bt.rs, bt.cs), j0, count, k, blk, TILE_ROWS)
+            };
+        } else {
+            for j in 0..count {
+                for p in 0..k {
+                    // SAFETY: (j0 + j, p) lies in the n x k view (the caller's guarantee).
+                    let x = unsafe { bt.bf16_at(j0 + j, p) };
+                    blk[(p / 2) * TILE_ROWS + j] |= u32::from(x) << (16 * (p % 2));
+                }
             }
         }
     };
+    let blocks = n.div_ceil(TILE_ROWS);
     if parallel {
-        out.par_chunks_mut(block).enumerate().for_each(pack);
+        out.par_chunks_mut(TILE_ROWS * kp2)
+            .take(blocks)
+            .enumerate()
+            .for_each(pack);
     } else {
-        out.chunks_mut(block).enumerate().for_each(pack);
+        out.chunks_mut(TILE_ROWS * kp2)
+            .take(blocks)
+            .enumerate()
+            .for_each(pack);
     }
     out
+}
+
+/// The bf16 halves of pair words, in memory order (low half first on x86-64).
+fn halves(words: &[u32]) -> &[u16] {
+    // SAFETY: u16 has no invalid values and a weaker alignment than u32; the length covers
+    // exactly the words' bytes.
+    unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u16>(), words.len() * 2) }
 }
 
 /// One 32 x 32 block of `A B^T` into `acc` (row-major, 32 wide): rows `i0..i0 + 32` of the
@@ -574,13 +659,14 @@ pub(crate) unsafe fn gemm(
             pack_b(bt, n, k, np, kp, parallel),
         )
     };
+    let (pa, pb) = (halves(&pa), halves(&pb));
     let out = Out(c);
     let job = |ib: usize| {
         let (i0, rows) = (ib * BLOCK, BLOCK.min(m - ib * BLOCK));
         with_tiles(backend, || {
             let mut acc = [0f32; BLOCK * BLOCK];
             for jb in 0..np / BLOCK {
-                block_product(backend, &pa, &pb, kp, i0, 2 * jb, &mut acc);
+                block_product(backend, pa, pb, kp, i0, 2 * jb, &mut acc);
                 let (j0, width) = (jb * BLOCK, BLOCK.min(n - jb * BLOCK));
                 for r in 0..rows {
                     // SAFETY: row i0 + r < m, columns j0..j0 + width <= n of C: this job's
@@ -862,6 +948,43 @@ mod tests {
         }
     }
 
+    /// The vector packing (AVX-512 BF16) gives the scalar packing's words exactly, for
+    /// depth-contiguous, line-contiguous and general strides, odd depths and partial blocks.
+    #[test]
+    fn vector_and_scalar_packing_agree() {
+        if !crate::bf16::available() {
+            eprintln!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        }
+        let (rows, k) = (37, 45);
+        let data: Vec<f32> = (0..3 * rows * k)
+            .map(|i| (i as f32 * 0.71).sin() * 5.0)
+            .collect();
+        let (mp, kp) = (round_up(rows, BLOCK), round_up(k, KSTEP));
+        for (rs, cs) in [(k as isize, 1), (1, rows as isize), (3 * k as isize, 2)] {
+            let v = Strided {
+                ptr: data.as_ptr(),
+                rs,
+                cs,
+            };
+            for parallel in [false, true] {
+                // SAFETY: every view addresses at most index 3 * k * (rows - 1) + 2 * (k - 1)
+                // < data.len(); the vector paths run on AVX-512 BF16 (checked).
+                let (a_vec, a_sc, b_vec, b_sc) = unsafe {
+                    (
+                        pack_a_on(true, v, rows, k, mp, kp, parallel),
+                        pack_a_on(false, v, rows, k, mp, kp, parallel),
+                        pack_b_on(true, v, rows, k, mp, kp, parallel),
+                        pack_b_on(false, v, rows, k, mp, kp, parallel),
+                    )
+                };
+                assert!(a_vec == a_sc, "A, strides ({rs}, {cs})");
+                assert!(b_vec == b_sc, "B, strides ({rs}, {cs})");
+                assert!(a_sc.iter().any(|&w| w != 0));
+            }
+        }
+    }
+
     #[test]
     fn the_self_check_passes_on_the_tile_layout() {
         assert!(self_check(Backend::Emulated) < 1e-6);
@@ -885,7 +1008,8 @@ mod tests {
         // B = 2 x 3 (n x k): block 0, line q holds (B[j][2q], B[j][2q+1]) for j = 0..16.
         let b = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
         // SAFETY: the 2 x 3 view lies inside `b`.
-        let p = unsafe { pack_b(Strided::rows(&b, 3), 2, 3, 32, 32, false) };
+        let words = unsafe { pack_b(Strided::rows(&b, 3), 2, 3, 32, 32, false) };
+        let p = halves(&words);
         let w = |i: usize| f32::from_bits(u32::from(p[i]) << 16);
         assert_eq!([w(0), w(1), w(2), w(3)], [1.0, 2.0, 4.0, 5.0]);
         assert_eq!([w(32), w(33), w(34), w(35)], [3.0, 0.0, 6.0, 0.0]);

@@ -159,6 +159,79 @@ fn pack_panel(
     }
 }
 
+/// Packs lines `[l0, l0 + count)` (`count <= stride`) of the strided matrix `(ptr, rs, cs)`
+/// (element `(line, p)` at `ptr + line * rs + p * cs`) over depth `[0, k)` into pair words
+/// `out[q * stride + l]`: the bf16 of `(l0 + l, 2q)` in the low half, of `(l0 + l, 2q + 1)` in
+/// the high half (zero past `k`), the layout `TDPBF16PS` reads its `B` tile in (AMX, with
+/// `stride` 16). Any strides; the vector paths of [`gemm_bf16`]'s packing.
+///
+/// # Safety
+/// [`available`] must be true; the `count x k` elements must be valid; `out` holds
+/// `ceil(k / 2) * stride` words.
+pub(crate) unsafe fn pack_pairs(
+    (ptr, rs, cs): (*const f32, isize, isize),
+    l0: usize,
+    count: usize,
+    k: usize,
+    out: &mut [u32],
+    stride: usize,
+) {
+    pack_panel(View { ptr, rs, cs }, l0, count, 0, k, out, stride);
+}
+
+/// Converts rows `[i0, i0 + rows)` of the row-major matrix `(ptr, rs)` (depth contiguous)
+/// over depth `[0, k)` to bf16 pair words, row `r` at `out[r * ld..]` (word `q` = the bf16 of
+/// `2q` low, `2q + 1` high, zero past `k`): the layout of AMX's `A` tile rows.
+///
+/// # Safety
+/// [`available`] must be true; the `rows x k` elements must be valid; `out` holds
+/// `(rows - 1) * ld + ceil(k / 2)` words.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub(crate) unsafe fn convert_rows(
+    (ptr, rs): (*const f32, isize),
+    i0: usize,
+    rows: usize,
+    k: usize,
+    out: &mut [u32],
+    ld: usize,
+) {
+    let kc2 = k.div_ceil(2);
+    assert!(
+        rows == 0 || out.len() >= (rows - 1) * ld + kc2,
+        "pair buffer too small"
+    );
+    for r in 0..rows {
+        // SAFETY: row i0 + r holds k valid elements (the caller's guarantee); loads are
+        // masked to them, stores to the row's kc2 words inside `out` (asserted).
+        unsafe {
+            let src = ptr.offset((i0 + r) as isize * rs);
+            let dst = out.as_mut_ptr().add(r * ld);
+            for q0 in (0..kc2).step_by(16) {
+                let left = k - 2 * q0;
+                let (m0, m1) = (lanes(left), lanes(left.saturating_sub(16)));
+                let x0 = _mm512_maskz_loadu_ps(m0, src.add(2 * q0));
+                // `wrapping_add`: with an empty mask the address may lie past the row.
+                let x1 = _mm512_maskz_loadu_ps(m1, src.wrapping_add(2 * q0 + 16));
+                let w = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(x1, x0));
+                _mm512_mask_storeu_epi32(dst.add(q0).cast(), lanes(kc2 - q0), w);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) unsafe fn convert_rows(
+    _a: (*const f32, isize),
+    _i0: usize,
+    _rows: usize,
+    _k: usize,
+    _out: &mut [u32],
+    _ld: usize,
+) {
+    unreachable!("bf16 kernels run only where `available()` is true (x86-64 with AVX-512 BF16)")
+}
+
 /// Packs rows `[i0, i0 + rows)` x depth `[p0, pend)` of `a` (element `(i, p)`) into panels of
 /// `MR` rows: `out[panel][q][r]`. The buffer only grows and is not cleared (see
 /// [`pack_panel`] on a partial panel's stale words).
