@@ -48,8 +48,8 @@
 //! - `peak_matmul`: candle's CPU matmul (gemm 0.19), 1024 x 1024 x 1024 f32; on a CPU with
 //!   AMX also `peak_amx_bf16`, the same product on AMX tiles in bf16 (`bench/run` prints it
 //!   under the peak line, ours only). With `--precision bf16` on the CPU also `peak_bf16`,
-//!   the product in our AVX-512 BF16 kernel (`ssl_kernels::MatmulTBf16`, operands rounded
-//!   while packed, f32 sums), and one `bf16_check` object: the trainer's measurement
+//!   the product in our bf16 path (`ssl_kernels::MatmulTBf16`, operands rounded while
+//!   packed, f32 sums; the AVX-512 BF16 kernel, or AMX tiles where usable), and one `bf16_check` object: the trainer's measurement
 //!   (`ssl_kernels::bf16_check`) of bf16 against f32 products, which decides whether
 //!   `train.matmul_precision = "bf16"` runs bf16 kernels or stays f32 on this CPU.
 //!
@@ -510,8 +510,9 @@ fn peak_amx(reps: usize) -> Res<Vec<f64>> {
     })
 }
 
-/// The same product in our AVX-512 BF16 kernel (bf16 operands rounded while packed, f32
-/// sums), as the stack's and the MLM head's products take it under `--precision bf16`.
+/// The same product on our bf16 path (bf16 operands rounded while packed, f32 sums: the
+/// AVX-512 BF16 kernel, or AMX tiles where `ssl_kernels::amx_usable`), as the stack's and the
+/// MLM head's products take it under `--precision bf16`.
 fn peak_bf16(reps: usize) -> Res<Vec<f64>> {
     let a = Tensor::randn(0f32, 1.0, (PEAK_N, PEAK_N), &CPU)?;
     let b = Tensor::randn(0f32, 1.0, (PEAK_N, PEAK_N), &CPU)?;
@@ -525,7 +526,7 @@ fn peak_bf16(reps: usize) -> Res<Vec<f64>> {
     })
 }
 
-/// Prints what the trainer's bf16 check measured on this CPU (three transformer-layer
+/// Prints what the trainer's bf16 check measured on this CPU (a linear layer's three
 /// products in each precision) and so what `train.matmul_precision = "bf16"` runs here.
 fn report_bf16_check(json: bool) -> Res<()> {
     let c = ssl_kernels::bf16_check().ok_or("--precision bf16: no AVX-512 BF16 kernels")?;

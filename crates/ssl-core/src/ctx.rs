@@ -154,7 +154,10 @@ impl<'a> Ctx<'a> {
     }
 
     /// The same context, with fused ops' parameter gradients delivered to `sink` (see
-    /// [`GradSink`]).
+    /// [`GradSink`]) by the forward passes run with it outside [`Ctx::sinking`]: the caller
+    /// adds them ([`Ctx::collect_grads`]) after `backward` and before reading or scaling the
+    /// gradients, so code that scales its [`GradStore`] must not be run with a sink it does not
+    /// collect first.
     pub fn with_grad_sink(mut self, sink: GradSink) -> Self {
         self.grad_sink = Some(sink);
         self
@@ -174,7 +177,8 @@ impl<'a> Ctx<'a> {
     /// returning them: the gradients of the graph, computed with less of candle's bookkeeping.
     /// `f` must return the gradients of its backward unchanged (scaling the loss before
     /// `backward` is fine; scaling the [`GradStore`] after it is not: do that after this call).
-    /// Inside a context that already has a sink, `f` uses it and the call collects it.
+    /// `f` gets a sink of its own even inside a context that has one, which is left as it was
+    /// (what fused ops delivered to it before is collected by whoever set it).
     ///
     /// The default [`crate::PretextTask::forward_backward`] runs in one, so a task's override
     /// gets no sink, and every gradient through the graph, unless it asks for one here.
@@ -182,18 +186,13 @@ impl<'a> Ctx<'a> {
         &mut self,
         f: impl FnOnce(&mut Self) -> Result<(T, GradStore)>,
     ) -> Result<(T, GradStore)> {
-        let owned = self.grad_sink.is_none();
-        if owned {
-            self.grad_sink = Some(GradSink::new());
-        }
-        let res = f(self).and_then(|(out, mut grads)| {
-            self.collect_grads(&mut grads)?;
-            Ok((out, grads))
-        });
-        if owned {
-            self.grad_sink = None;
-        }
-        res
+        let sink = GradSink::new();
+        let outer = self.grad_sink.replace(sink.clone());
+        let res = f(self);
+        self.grad_sink = outer;
+        let (out, mut grads) = res?;
+        sink.drain_into(&mut grads)?;
+        Ok((out, grads))
     }
 
     /// The same context, asking for every layer's hidden state.

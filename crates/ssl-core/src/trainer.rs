@@ -106,8 +106,8 @@ pub struct TrainConfig {
     pub matmul_precision: MatmulPrecision,
     /// With `matmul_precision = "bf16"`, first time bf16 and f32 products on this CPU (about
     /// 0.2 s, once per process) and keep f32, saying so, where bf16 is slower (Intel Xeons
-    /// without an AMX kernel); `false` uses bf16 wherever the CPU has it. A resumed run keeps
-    /// the precision its checkpoint recorded.
+    /// whose AMX tiles are absent or not granted); `false` uses bf16 wherever the CPU has it.
+    /// A resumed run keeps the precision its checkpoint recorded.
     pub bf16_check: bool,
     /// The memory, in GiB, a run's estimated dominant allocations (batch activations, series)
     /// may take before it is refused at start; 0: what the machine has available
@@ -1186,8 +1186,9 @@ pub fn inference_precision(cfg: &TrainConfig, device: &candle_core::Device) -> M
 }
 
 /// The precision a run's products take: the checkpoint's on a resume; else
-/// [`local_precision`]'s rule, decided on every rank together (f32 if bf16 is slower on any
-/// rank's CPU), so ranks stay bit-identical. Rank 0 says why when it keeps f32.
+/// [`local_precision`]'s rule, decided on every rank together (f32 if any rank's CPU keeps
+/// f32: no kernels, or bf16 slower there), so ranks take the same precision. Rank 0 says why
+/// when it keeps f32.
 fn resolve_precision(
     cfg: &TrainConfig,
     recorded: Option<MatmulPrecision>,
@@ -1202,14 +1203,7 @@ fn resolve_precision(
     if cfg.matmul_precision != MatmulPrecision::Bf16 || on_gpu {
         return Ok(local);
     }
-    if !crate::nn::bf16_matmul_available() || !cfg.bf16_check {
-        // Without the kernels every rank keeps f32 (each CPU alone decides); with the check
-        // off every rank forces bf16.
-        if let (true, Some(why)) = (main, &why) {
-            eprintln!("{why}");
-        }
-        return Ok(local);
-    }
+    // Every rank votes (a rank that decided alone would leave the others waiting here).
     let slower = local == MatmulPrecision::F32;
     let mut votes = [f32::from(u8::from(slower))];
     collective.all_reduce_sum(&mut votes)?;
@@ -1220,7 +1214,7 @@ fn resolve_precision(
         match why {
             Some(why) => eprintln!("{why}"),
             None => eprintln!(
-                "train.matmul_precision = bf16: bf16 products are slower than f32 on another rank's CPU, so the products stay f32 (train.bf16_check = false forces bf16)"
+                "train.matmul_precision = bf16: another rank's CPU keeps f32 (no AVX-512 BF16 there, or bf16 products slower), so every rank's products stay f32"
             ),
         }
     }

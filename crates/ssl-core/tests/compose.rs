@@ -118,9 +118,9 @@ fn composed_gradients_are_the_weighted_sum_of_the_parts() {
     let by_hand = grad_values(&store, &(&sum * units).unwrap().backward().unwrap());
     assert_close("forward_backward", &composed, &by_hand);
 
-    // With the trainer's gradient sink: each part's fused-stack gradients are collected
-    // before the part is scaled (the contrastive part's own backward does not collect), and
-    // the trainer collects what is left; the same gradients.
+    // With a caller's gradient sink: each part's `forward_backward` takes a sink of its own
+    // (`Ctx::sinking`) and collects it before the part is scaled; the caller's stays empty.
+    // The same gradients.
     let mut rng = SslRng::new(9);
     let mut ctx = Ctx::train(&mut rng).with_grad_sink(ssl_core::GradSink::new());
     let (_, mut sunk) = task.forward_backward(&b, &mut ctx).unwrap();

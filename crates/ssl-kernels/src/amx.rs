@@ -19,8 +19,9 @@
 //! 32), so a tile of 16 rows x 32 depth values is a strided load of 64 bytes per row. `B` is
 //! packed per block of 16 of its rows (output columns): `kp / 2` lines of 32 values, line `q`
 //! holding `B[j][2q], B[j][2q + 1]` for `j` = 0..16, which is `TDPBF16PS`'s "VNNI" layout. Each
-//! job computes a 32 x 32 block of `C` in four accumulator tiles (`tmm0`..`tmm3`) from two tiles
-//! of `A` (`tmm4`, `tmm5`) and two of `B` (`tmm6`, `tmm7`) per 32-deep step.
+//! job computes a stripe of 32 rows of `C`, block by block of 32 columns, each block in four
+//! accumulator tiles (`tmm0`..`tmm3`) from two tiles of `A` (`tmm4`, `tmm5`) and two of `B`
+//! (`tmm6`, `tmm7`) per 32-deep step.
 
 use std::sync::OnceLock;
 

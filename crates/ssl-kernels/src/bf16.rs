@@ -464,8 +464,9 @@ struct AttentionBuf {
 ///
 /// `q`, `k` and `v` are `t x dh` with row stride `ld`; `ctx` is `t x dh` with row stride
 /// `ldc`. Each output element comes from the same micro-kernel over the same depth order as
-/// [`gemm_bf16`] with one k block, so for `t, dh <= KC` the result equals two `gemm_bf16`
-/// calls with a softmax between them, bit for bit.
+/// [`gemm_bf16`]'s AVX-512 path with one k block, so for `t, dh <= KC` the result equals two
+/// such `gemm_bf16` calls with a softmax between them, bit for bit (not used where the
+/// products take AMX tiles).
 ///
 /// # Safety
 /// [`available`] must be true; the `t x dh` views of `q`, `k`, `v` and `ctx` must be valid,
@@ -866,8 +867,9 @@ thread_local! {
 /// with both products in bf16 (f32 sums). Each job takes a block of rows through both
 /// products: its `rows x f` hidden block stays in this thread's buffer (in L2) from the first
 /// product, through the activation, into the second, instead of going out to memory and
-/// back. Every element is computed as by the two [`gemm_bf16`] calls with the activation
-/// between them, bit for bit. Panics without AVX-512 BF16 ([`available`]).
+/// back. Every element is computed as by the two [`gemm_bf16`] calls (on AVX-512 BF16, not
+/// AMX) with the activation between them, bit for bit. Panics without AVX-512 BF16
+/// ([`available`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn mlp_bf16(
     c: &mut [f32],

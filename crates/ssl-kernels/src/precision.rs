@@ -6,8 +6,9 @@
 //! quarter as many instructions per cycle as `vfmadd231ps` (measured on family 6 model 207,
 //! one core, 24 independent accumulators: 1.35e9 against 5.5e9 per second), and each does
 //! twice the multiply-adds, so bf16 peaks at half the f32 rate (our 1024^3 product: 110
-//! against 285 GFLOP/s). So the trainer asks [`bf16_check`] before using bf16: three products
-//! of the shapes transformer layers have, timed in both precisions on the current rayon pool.
+//! against 285 GFLOP/s). So the trainer asks [`bf16_check`] before using bf16: the three products
+//! of a linear layer's training step (forward, input and weight gradients, each operand
+//! orientation), timed in both precisions on the current rayon pool.
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -40,25 +41,38 @@ pub fn bf16_check() -> Option<&'static Bf16Check> {
         .as_ref()
 }
 
-/// Median seconds of `reps` products `m x k` by `k x n` (the weight transposed, as in a
-/// linear layer) in the given precision, after one warm-up.
-fn time_product(m: usize, n: usize, k: usize, bf16: bool, reps: usize) -> f64 {
+/// Median seconds of `reps` products `op_a(A) op_b(B)` of `m x k` by `k x n` (each operand
+/// stored so that `op` gives that shape) in the given precision, after one warm-up.
+fn time_product(
+    (m, n, k): (usize, usize, usize),
+    (op_a, op_b): (Op, Op),
+    bf16: bool,
+    reps: usize,
+) -> f64 {
     let a: Vec<f32> = (0..m * k)
         .map(|i| ((i % 97) as f32 - 48.0) / 64.0)
         .collect();
-    let w: Vec<f32> = (0..n * k)
+    let b: Vec<f32> = (0..n * k)
         .map(|i| ((i % 89) as f32 - 44.0) / 64.0)
         .collect();
+    let a_ref = match op_a {
+        Op::N => MatRef::dense(&a, m, k),
+        Op::T => MatRef::dense(&a, k, m),
+    };
+    let b_ref = match op_b {
+        Op::N => MatRef::dense(&b, k, n),
+        Op::T => MatRef::dense(&b, n, k),
+    };
     let mut c = vec![0f32; m * n];
     let mut run = || {
         let t0 = Instant::now();
         matmul(
             &mut c,
             n,
-            MatRef::dense(&a, m, k),
-            Op::N,
-            MatRef::dense(&w, n, k),
-            Op::T,
+            a_ref,
+            op_a,
+            b_ref,
+            op_b,
             1.0,
             false,
             threads(),
@@ -73,13 +87,18 @@ fn time_product(m: usize, n: usize, k: usize, bf16: bool, reps: usize) -> f64 {
 }
 
 fn measure() -> Bf16Check {
-    // A layer of width 512 on 1,024 tokens: the attention projections, the MLP's up and
-    // down products.
-    let shapes = [(1024, 512, 512), (1024, 2048, 512), (1024, 512, 2048)];
+    // A linear layer 512 -> 2048 on 1,024 tokens as a training step runs it: the forward
+    // `x W^T`, the input gradient `g W` and the weight gradient `g^T x`, each orientation its
+    // own packing (AMX packs transposed operands slower than contiguous ones).
+    let products = [
+        ((1024, 2048, 512), (Op::N, Op::T)),
+        ((1024, 512, 2048), (Op::N, Op::N)),
+        ((2048, 512, 1024), (Op::T, Op::N)),
+    ];
     let (mut b, mut f) = (0.0, 0.0);
-    for (m, n, k) in shapes {
-        b += time_product(m, n, k, true, 5);
-        f += time_product(m, n, k, false, 5);
+    for (shape, ops) in products {
+        b += time_product(shape, ops, true, 5);
+        f += time_product(shape, ops, false, 5);
     }
     Bf16Check {
         bf16_seconds: b,

@@ -67,7 +67,7 @@ fn graph_grads(model: &ClipModel, b: &PairBatch) -> LossAndGrads {
 }
 
 /// [`grads_of`], optionally with a caller's gradient sink (the fused stacks' parameter
-/// gradients delivered aside, collected after the backward pass as the trainer does).
+/// gradients delivered aside, collected after the backward pass).
 fn grads_with(model: &ClipModel, b: &PairBatch, micro: Option<usize>, sink: bool) -> LossAndGrads {
     let mut rng = SslRng::new(5);
     let mut ctx = Ctx::train(&mut rng);

@@ -633,6 +633,59 @@ mod tests {
         }
     }
 
+    /// `Ctx::sinking` inside a context that has a sink: the inner backward gets the graph's
+    /// gradients, and a forward pass run before it under the outer sink, whose backward comes
+    /// after, keeps its delivery for the outer collection.
+    #[test]
+    fn a_nested_sinking_leaves_the_outer_sink_alone() {
+        use crate::GradSink;
+        let store = ParamStore::new(&Device::Cpu);
+        let stack = TransformerStack::new(&cfg(NormPlacement::Post), &store.builder(5)).unwrap();
+        let mut rng = SslRng::new(0);
+        let x = candle_core::Var::from_vec(
+            rng.normal_vec(2 * 5 * 8, 0.0, 1.0),
+            (2, 5, 8),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let y = (x.as_tensor() * 0.5).unwrap();
+        let loss = |t: &Tensor, ctx: &mut Ctx| -> Tensor {
+            let h = stack.forward(t, None, ctx).unwrap().last;
+            h.sqr().unwrap().sum_all().unwrap()
+        };
+        let flat = |g: &candle_core::backprop::GradStore| -> Vec<Vec<f32>> {
+            store
+                .vars()
+                .into_iter()
+                .map(|(n, v)| {
+                    g.get(v.as_tensor())
+                        .unwrap_or_else(|| panic!("no gradient for {n}"))
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                })
+                .collect()
+        };
+        let mut rng = SslRng::new(1);
+        let plain_a = loss(x.as_tensor(), &mut Ctx::train(&mut rng))
+            .backward()
+            .unwrap();
+        let plain_b = loss(&y, &mut Ctx::train(&mut rng)).backward().unwrap();
+
+        let outer = GradSink::new();
+        let mut rng = SslRng::new(1);
+        let mut ctx = Ctx::train(&mut rng).with_grad_sink(outer.clone());
+        let la = loss(x.as_tensor(), &mut ctx);
+        let ((), inner) = ctx
+            .sinking(|ctx| Ok(((), loss(&y, ctx).backward()?)))
+            .unwrap();
+        assert_eq!(flat(&inner), flat(&plain_b));
+        let mut ga = la.backward().unwrap();
+        ctx.collect_grads(&mut ga).unwrap();
+        assert_eq!(flat(&ga), flat(&plain_a));
+    }
+
     #[test]
     fn padding_is_invisible_to_real_tokens() {
         let store = ParamStore::new(&Device::Cpu);

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use ssl_core::checkpoint::MODEL_FILE;
+use ssl_core::nn::MatmulPrecision;
 use ssl_core::run_dir;
 use ssl_core::{parse_device, Ctx, ParamStore, SslRng};
 use ssl_data::{DataLoader, EmbedSummary, EmbeddingWriter, LoaderConfig, ParquetSource};
@@ -109,7 +110,21 @@ impl TextModel {
     /// Embeddings of whole documents (one sequence each, truncated to `input.max_seq_len`),
     /// in evaluation mode, with a progress bar: the row-major values and the embedding width.
     pub fn embed_texts(&self, texts: &[String]) -> Result<(Vec<f32>, usize)> {
-        embed_documents(&self.model, &self.tok, texts, &self.cfg, &self.device, true)
+        embed_documents(
+            &self.model,
+            &self.tok,
+            texts,
+            &self.cfg,
+            &self.device,
+            self.precision(),
+            true,
+        )
+    }
+
+    /// The products' precision for embedding: the run's `train.matmul_precision` where it is
+    /// not slower on this machine ([`ssl_core::inference_precision`]).
+    fn precision(&self) -> MatmulPrecision {
+        ssl_core::inference_precision(&self.cfg.train, &self.device)
     }
 
     /// [`TextModel::embed_texts`] without a progress bar (the caller shows its own).
@@ -120,6 +135,7 @@ impl TextModel {
             texts,
             &self.cfg,
             &self.device,
+            self.precision(),
             false,
         )
     }
@@ -159,8 +175,9 @@ pub(super) fn document_seq(
 
 /// Embeddings of whole documents with `model` (any BERT, such as the one being trained):
 /// one sequence each, tokenized by `tok` and truncated to `cfg.input.max_seq_len`, batches of
-/// `cfg.train.batch_size` (at least 16), in inference mode at `train.matmul_precision` by the
-/// trainer's rule ([`ssl_core::inference_precision`]), pooled as the model is set to pool. Returns the row-major values and the embedding width;
+/// `cfg.train.batch_size` (at least 16), in inference mode with products in `precision` (a
+/// run's own during training; [`ssl_core::inference_precision`] of `train.matmul_precision`
+/// for a stored model), pooled as the model is set to pool. Returns the row-major values and the embedding width;
 /// shows a progress bar only with `progress` (not while a training progress line is showing).
 pub fn embed_documents(
     model: &BertForMaskedLM,
@@ -168,6 +185,7 @@ pub fn embed_documents(
     texts: &[String],
     cfg: &TextConfig,
     device: &Device,
+    precision: MatmulPrecision,
     progress: bool,
 ) -> Result<(Vec<f32>, usize)> {
     let input = InputConfig {
@@ -178,8 +196,6 @@ pub fn embed_documents(
     let mut out = Vec::new();
     let mut dim = model.bert().config().hidden_size;
     let mut rng = SslRng::new(0);
-    // The run's product precision applies to embedding too, where it is not slower here.
-    let precision = ssl_core::inference_precision(&cfg.train, device);
     let bs = cfg.train.batch_size.max(16);
     let bar =
         progress.then(|| ssl_core::monitor::Progress::task("embed", texts.len() as u64, "texts"));

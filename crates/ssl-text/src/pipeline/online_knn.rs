@@ -3,6 +3,7 @@
 //! held-out documents, embedded with the live model in inference mode at each evaluation.
 
 use candle_core::Device;
+use ssl_core::nn::MatmulPrecision;
 use ssl_core::probe::{knn_bank_rows, KnnLabels};
 use tokenizers::Tokenizer;
 
@@ -50,17 +51,20 @@ impl OnlineKnn {
     }
 
     /// The k-NN accuracy of the queries against the bank, both embedded with `model` (pooled
-    /// as it is set to pool) in inference mode, quietly (the training progress line is
-    /// showing).
+    /// as it is set to pool) in inference mode with products in `precision` (the run's),
+    /// quietly (the training progress line is showing).
     pub fn accuracy(
         &self,
         model: &BertForMaskedLM,
         tok: &Tokenizer,
         cfg: &TextConfig,
         device: &Device,
+        precision: MatmulPrecision,
     ) -> ssl_core::Result<f64> {
-        let (bank, dim) = embed_documents(model, tok, &self.bank, cfg, device, false)?;
-        let (queries, _) = embed_documents(model, tok, &self.queries, cfg, device, false)?;
+        let embed =
+            |texts: &[String]| embed_documents(model, tok, texts, cfg, device, precision, false);
+        let (bank, dim) = embed(&self.bank)?;
+        let (queries, _) = embed(&self.queries)?;
         Ok(self.labels.accuracy(&bank, &queries, dim)?)
     }
 }

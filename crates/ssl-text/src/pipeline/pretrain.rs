@@ -309,7 +309,7 @@ pub fn pretrain(
                 ("masked_accuracy".to_string(), p.masked_accuracy),
             ]);
             if let Some(k) = &knn {
-                let acc = k.accuracy(ctx.task, &tok, &cfg, &device)?;
+                let acc = k.accuracy(ctx.task, &tok, &cfg, &device, ctx.precision)?;
                 figures.insert("knn_accuracy".into(), acc);
             }
             Ok(figures)
