@@ -169,17 +169,21 @@ fn composed_gradients_are_the_weighted_sum_of_the_parts() {
     assert_close("forward", &one_graph, &by_hand);
 }
 
-/// Adds a factor of its own on top of `loss x weight` in its backward, as a gathered
-/// contrastive loss does across ranks.
-struct Tripled<T>(T);
+/// Triples its gradients in its own `forward_backward`, knowing nothing of gradient sinks:
+/// the loss before `backward` (as a gathered contrastive loss scales by the ranks), or the
+/// gradients after it (`after`).
+struct Tripled<T> {
+    task: T,
+    after: bool,
+}
 
 impl<T: PretextTask> PretextTask for Tripled<T> {
     type Batch = T::Batch;
     fn params(&self) -> &ParamStore {
-        self.0.params()
+        self.task.params()
     }
     fn forward(&self, batch: &T::Batch, ctx: &mut Ctx) -> ssl_core::Result<TaskOutput> {
-        self.0.forward(batch, ctx)
+        self.task.forward(batch, ctx)
     }
     fn forward_backward(
         &self,
@@ -187,14 +191,23 @@ impl<T: PretextTask> PretextTask for Tripled<T> {
         ctx: &mut Ctx,
     ) -> ssl_core::Result<(TaskOutput, GradStore)> {
         let out = self.forward(batch, ctx)?;
-        let grads = (&out.loss * (out.weight * 3.0))?.backward()?;
+        if !self.after {
+            let grads = (&out.loss * (out.weight * 3.0))?.backward()?;
+            return Ok((out, grads));
+        }
+        let mut grads = (&out.loss * out.weight)?.backward()?;
+        for (_, v) in self.params().vars() {
+            if let Some(g) = grads.remove(v.as_tensor()) {
+                grads.insert(v.as_tensor(), (g * 3.0)?);
+            }
+        }
         Ok((out, grads))
     }
     fn embed(&self, batch: &T::Batch, ctx: &mut Ctx) -> ssl_core::Result<Tensor> {
-        self.0.embed(batch, ctx)
+        self.task.embed(batch, ctx)
     }
     fn batch_len(&self, batch: &T::Batch) -> usize {
-        self.0.batch_len(batch)
+        self.task.batch_len(batch)
     }
 }
 
@@ -202,7 +215,11 @@ impl<T: PretextTask> PretextTask for Tripled<T> {
 fn a_part_that_overrides_its_backward_keeps_it() {
     let store = ParamStore::new(&Device::Cpu);
     let pb = store.builder(2);
-    let task = ComposedTask::new("masked", 0.5, Tripled(masked(&pb))).unwrap();
+    let tripled = Tripled {
+        task: masked(&pb),
+        after: false,
+    };
+    let task = ComposedTask::new("masked", 0.5, tripled).unwrap();
     let b = batch();
     let mut rng = SslRng::new(3);
     let (_, grads) = task
@@ -307,39 +324,6 @@ fn a_boxed_task_trains_like_the_task() {
     assert!(diff < 1e-5, "one-part composition drifts by {diff}");
 }
 
-/// Scales its gradients after its own backward, knowing nothing of gradient sinks.
-struct ScaledAfter<T>(T);
-
-impl<T: PretextTask> PretextTask for ScaledAfter<T> {
-    type Batch = T::Batch;
-    fn params(&self) -> &ParamStore {
-        self.0.params()
-    }
-    fn forward(&self, batch: &T::Batch, ctx: &mut Ctx) -> ssl_core::Result<TaskOutput> {
-        self.0.forward(batch, ctx)
-    }
-    fn forward_backward(
-        &self,
-        batch: &T::Batch,
-        ctx: &mut Ctx,
-    ) -> ssl_core::Result<(TaskOutput, GradStore)> {
-        let out = self.forward(batch, ctx)?;
-        let mut grads = (&out.loss * out.weight)?.backward()?;
-        for (_, v) in self.params().vars() {
-            if let Some(g) = grads.remove(v.as_tensor()) {
-                grads.insert(v.as_tensor(), (g * 3.0)?);
-            }
-        }
-        Ok((out, grads))
-    }
-    fn embed(&self, batch: &T::Batch, ctx: &mut Ctx) -> ssl_core::Result<Tensor> {
-        self.0.embed(batch, ctx)
-    }
-    fn batch_len(&self, batch: &T::Batch) -> usize {
-        self.0.batch_len(batch)
-    }
-}
-
 /// One batch, forever.
 struct Repeat(SeqBatch);
 
@@ -364,7 +348,10 @@ impl ssl_core::BatchSource<SeqBatch> for Repeat {
 #[test]
 fn an_override_that_scales_its_gradients_gets_them_all_through_the_trainer() {
     let store = ParamStore::new(&Device::Cpu);
-    let task = ScaledAfter(masked(&store.builder(4)));
+    let task = Tripled {
+        task: masked(&store.builder(4)),
+        after: true,
+    };
     let b = batch();
     let vars: Vec<Tensor> = store
         .vars()
@@ -382,7 +369,7 @@ fn an_override_that_scales_its_gradients_gets_them_all_through_the_trainer() {
     )
     .unwrap();
     let mut rng = SslRng::new(6);
-    let out = task.0.forward(&b, &mut Ctx::train(&mut rng)).unwrap();
+    let out = task.task.forward(&b, &mut Ctx::train(&mut rng)).unwrap();
     let want = (&out.loss * (out.weight * 3.0))
         .unwrap()
         .backward()

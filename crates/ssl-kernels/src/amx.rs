@@ -239,18 +239,12 @@ impl Out {
 /// conversion where the CPU has it (AMX CPUs do), straight for depth-contiguous rows, through
 /// [`super::bf16::pack_pairs`] and a transpose for other strides; else scalar.
 ///
-/// # Safety
-/// `a`'s `m x k` elements must be valid.
-unsafe fn pack_a(a: Strided, m: usize, k: usize, mp: usize, kp: usize, parallel: bool) -> Vec<u32> {
-    // SAFETY: forwarded.
-    unsafe { pack_a_on(super::bf16::available(), a, m, k, mp, kp, parallel) }
-}
-
-/// [`pack_a`], on the vector paths when `vector` (which needs AVX-512 BF16), else scalar.
+/// `vector` (which needs AVX-512 BF16) picks the vector paths; [`gemm`] passes
+/// [`super::bf16::available`].
 ///
 /// # Safety
-/// As [`pack_a`].
-unsafe fn pack_a_on(
+/// `a`'s `m x k` elements must be valid.
+unsafe fn pack_a(
     vector: bool,
     a: Strided,
     m: usize,
@@ -260,7 +254,6 @@ unsafe fn pack_a_on(
     parallel: bool,
 ) -> Vec<u32> {
     let (kp2, kc2) = (kp / 2, k.div_ceil(2));
-    let mut out = vec![0u32; mp * kp2];
     let pack = |(g, chunk): (usize, &mut [u32])| {
         let (i0, rows) = (g * TILE_ROWS, TILE_ROWS.min(m - g * TILE_ROWS));
         // SAFETY (all arms): rows i0..i0 + rows x depth 0..k lie in the view (the caller's
@@ -287,14 +280,27 @@ unsafe fn pack_a_on(
             }
         }
     };
-    let groups = m.div_ceil(TILE_ROWS);
+    packed(mp * kp2, kp2, m.div_ceil(TILE_ROWS), parallel, pack)
+}
+
+/// A zeroed buffer of `len` words with `pack(g, chunk)` run on each of its first `groups`
+/// chunks of 16 lines of `kp2` words, on rayon's pool when `parallel`.
+fn packed(
+    len: usize,
+    kp2: usize,
+    groups: usize,
+    parallel: bool,
+    pack: impl Fn((usize, &mut [u32])) + Send + Sync,
+) -> Vec<u32> {
+    let mut out = vec![0u32; len];
+    let chunks = TILE_ROWS * kp2;
     if parallel {
-        out.par_chunks_mut(TILE_ROWS * kp2)
+        out.par_chunks_mut(chunks)
             .take(groups)
             .enumerate()
             .for_each(pack);
     } else {
-        out.chunks_mut(TILE_ROWS * kp2)
+        out.chunks_mut(chunks)
             .take(groups)
             .enumerate()
             .for_each(pack);
@@ -304,27 +310,11 @@ unsafe fn pack_a_on(
 
 /// `B^T` (n x k: row `j` is output column `j`) in blocks of 16 rows, each `kp / 2` lines of 16
 /// pair words (`TDPBF16PS`'s layout): [`super::bf16::pack_pairs`] where the CPU has AVX-512
-/// BF16, else scalar.
+/// BF16 (`vector`), else scalar.
 ///
 /// # Safety
 /// `bt`'s `n x k` elements must be valid.
 unsafe fn pack_b(
-    bt: Strided,
-    n: usize,
-    k: usize,
-    np: usize,
-    kp: usize,
-    parallel: bool,
-) -> Vec<u32> {
-    // SAFETY: forwarded.
-    unsafe { pack_b_on(super::bf16::available(), bt, n, k, np, kp, parallel) }
-}
-
-/// [`pack_b`], on the vector path when `vector` (which needs AVX-512 BF16), else scalar.
-///
-/// # Safety
-/// As [`pack_b`].
-unsafe fn pack_b_on(
     vector: bool,
     bt: Strided,
     n: usize,
@@ -334,7 +324,6 @@ unsafe fn pack_b_on(
     parallel: bool,
 ) -> Vec<u32> {
     let kp2 = kp / 2;
-    let mut out = vec![0u32; np * kp2];
     let pack = |(jb, blk): (usize, &mut [u32])| {
         let (j0, count) = (jb * TILE_ROWS, TILE_ROWS.min(n - jb * TILE_ROWS));
         if vector {
@@ -353,19 +342,7 @@ unsafe fn pack_b_on(
             }
         }
     };
-    let blocks = n.div_ceil(TILE_ROWS);
-    if parallel {
-        out.par_chunks_mut(TILE_ROWS * kp2)
-            .take(blocks)
-            .enumerate()
-            .for_each(pack);
-    } else {
-        out.chunks_mut(TILE_ROWS * kp2)
-            .take(blocks)
-            .enumerate()
-            .for_each(pack);
-    }
-    out
+    packed(np * kp2, kp2, n.div_ceil(TILE_ROWS), parallel, pack)
 }
 
 /// The bf16 halves of pair words, in memory order (low half first on x86-64).
@@ -653,11 +630,13 @@ pub(crate) unsafe fn gemm(
         round_up(n, BLOCK),
         round_up(k.max(1), KSTEP),
     );
-    // SAFETY: the views' elements are valid (the caller's guarantee).
+    let vector = super::bf16::available();
+    // SAFETY: the views' elements are valid (the caller's guarantee); the vector paths only
+    // with AVX-512 BF16.
     let (pa, pb) = unsafe {
         (
-            pack_a(a, m, k, mp, kp, parallel),
-            pack_b(bt, n, k, np, kp, parallel),
+            pack_a(vector, a, m, k, mp, kp, parallel),
+            pack_b(vector, bt, n, k, np, kp, parallel),
         )
     };
     let (pa, pb) = (halves(&pa), halves(&pb));
@@ -973,10 +952,10 @@ mod tests {
                 // < data.len(); the vector paths run on AVX-512 BF16 (checked).
                 let (a_vec, a_sc, b_vec, b_sc) = unsafe {
                     (
-                        pack_a_on(true, v, rows, k, mp, kp, parallel),
-                        pack_a_on(false, v, rows, k, mp, kp, parallel),
-                        pack_b_on(true, v, rows, k, mp, kp, parallel),
-                        pack_b_on(false, v, rows, k, mp, kp, parallel),
+                        pack_a(true, v, rows, k, mp, kp, parallel),
+                        pack_a(false, v, rows, k, mp, kp, parallel),
+                        pack_b(true, v, rows, k, mp, kp, parallel),
+                        pack_b(false, v, rows, k, mp, kp, parallel),
                     )
                 };
                 assert!(a_vec == a_sc, "A, strides ({rs}, {cs})");
@@ -1009,7 +988,7 @@ mod tests {
         // B = 2 x 3 (n x k): block 0, line q holds (B[j][2q], B[j][2q+1]) for j = 0..16.
         let b = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
         // SAFETY: the 2 x 3 view lies inside `b`.
-        let words = unsafe { pack_b(Strided::rows(&b, 3), 2, 3, 32, 32, false) };
+        let words = unsafe { pack_b(false, Strided::rows(&b, 3), 2, 3, 32, 32, false) };
         let p = halves(&words);
         let w = |i: usize| f32::from_bits(u32::from(p[i]) << 16);
         assert_eq!([w(0), w(1), w(2), w(3)], [1.0, 2.0, 4.0, 5.0]);

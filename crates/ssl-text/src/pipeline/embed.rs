@@ -110,33 +110,27 @@ impl TextModel {
     /// Embeddings of whole documents (one sequence each, truncated to `input.max_seq_len`),
     /// in evaluation mode, with a progress bar: the row-major values and the embedding width.
     pub fn embed_texts(&self, texts: &[String]) -> Result<(Vec<f32>, usize)> {
-        embed_documents(
-            &self.model,
-            &self.tok,
-            texts,
-            &self.cfg,
-            &self.device,
-            self.precision(),
-            true,
-        )
-    }
-
-    /// The products' precision for embedding: the run's `train.matmul_precision` where it is
-    /// not slower on this machine ([`ssl_core::inference_precision`]).
-    fn precision(&self) -> MatmulPrecision {
-        ssl_core::inference_precision(&self.cfg.train, &self.device)
+        self.embed_documents(texts, true)
     }
 
     /// [`TextModel::embed_texts`] without a progress bar (the caller shows its own).
     pub fn embed_quietly(&self, texts: &[String]) -> Result<(Vec<f32>, usize)> {
+        self.embed_documents(texts, false)
+    }
+
+    /// [`embed_documents`] with this model, its configuration and device, and the run's
+    /// `train.matmul_precision` where it is not slower on this machine
+    /// ([`ssl_core::inference_precision`]).
+    fn embed_documents(&self, texts: &[String], progress: bool) -> Result<(Vec<f32>, usize)> {
+        let precision = ssl_core::inference_precision(&self.cfg.train, &self.device);
         embed_documents(
             &self.model,
             &self.tok,
             texts,
             &self.cfg,
             &self.device,
-            self.precision(),
-            false,
+            precision,
+            progress,
         )
     }
 }
