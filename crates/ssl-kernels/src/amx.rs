@@ -765,6 +765,24 @@ mod tests {
         strides: [isize; 4],
     }
 
+    impl Operands {
+        /// The views `gemm` takes: `A` and `B^T` (`B`'s strides swapped).
+        fn views(&self) -> (Strided, Strided) {
+            let [a_rs, a_cs, b_rs, b_cs] = self.strides;
+            let a = Strided {
+                ptr: self.a_store.as_ptr(),
+                rs: a_rs,
+                cs: a_cs,
+            };
+            let bt = Strided {
+                ptr: self.b_store.as_ptr(),
+                rs: b_cs,
+                cs: b_rs,
+            };
+            (a, bt)
+        }
+    }
+
     /// [`Operands`] of the given shape, `A` stored transposed when `a_t`, `B` when `b_t`.
     fn operands((m, n, k): (usize, usize, usize), a_t: bool, b_t: bool) -> Operands {
         let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.29).sin() * 2.0).collect();
@@ -804,13 +822,9 @@ mod tests {
         let (m, n, k) = (37, 50, 45);
         let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.1 - 2.0).collect();
         for (a_t, b_t) in [(false, false), (false, true), (true, false), (true, true)] {
-            let Operands {
-                a,
-                b,
-                a_store,
-                b_store,
-                strides: [a_rs, a_cs, b_rs, b_cs],
-            } = operands((m, n, k), a_t, b_t);
+            let ops = operands((m, n, k), a_t, b_t);
+            let (av, btv) = ops.views();
+            let Operands { a, b, .. } = ops;
             let want = crate::bf16::tests::reference(&a, &b, m, k, n);
             let ldc = n + 3;
             for (alpha, accumulate) in [(1.0f32, false), (0.5, true)] {
@@ -822,16 +836,8 @@ mod tests {
                         c.as_mut_ptr(),
                         ldc,
                         (m, n, k),
-                        Strided {
-                            ptr: a_store.as_ptr(),
-                            rs: a_rs,
-                            cs: a_cs,
-                        },
-                        Strided {
-                            ptr: b_store.as_ptr(),
-                            rs: b_cs,
-                            cs: b_rs,
-                        },
+                        av,
+                        btv,
                         alpha,
                         accumulate,
                         crate::gemm::Epilogue::Bias(&bias),
@@ -865,12 +871,14 @@ mod tests {
         }
         let (m, n, k) = (70, 48, 96);
         for (a_t, b_t) in [(false, true), (false, false), (true, false)] {
+            let ops = operands((m, n, k), a_t, b_t);
+            let (av, btv) = ops.views();
             let Operands {
                 a_store,
                 b_store,
                 strides: [a_rs, a_cs, b_rs, b_cs],
                 ..
-            } = operands((m, n, k), a_t, b_t);
+            } = ops;
             let mut tiles = vec![0f32; m * n];
             let mut avx = vec![0f32; m * n];
             // SAFETY: as above; the CPU has AVX-512 BF16 (checked).
@@ -880,16 +888,8 @@ mod tests {
                     tiles.as_mut_ptr(),
                     n,
                     (m, n, k),
-                    Strided {
-                        ptr: a_store.as_ptr(),
-                        rs: a_rs,
-                        cs: a_cs,
-                    },
-                    Strided {
-                        ptr: b_store.as_ptr(),
-                        rs: b_cs,
-                        cs: b_rs,
-                    },
+                    av,
+                    btv,
                     1.0,
                     false,
                     crate::gemm::Epilogue::None,
