@@ -68,7 +68,9 @@ use serde_json::json;
 use ssl_core::nn::{bf16_matmul_available, MatmulPrecision, TransformerConfig};
 use ssl_core::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use ssl_core::seq::{InMemorySeqSource, SeqExample};
-use ssl_core::{accumulate, scale_grads, BatchSource, Ctx, ParamStore, PretextTask, SslRng};
+use ssl_core::{
+    accumulate, scale_grads, BatchSource, Ctx, ParamStore, PretextTask, RepeatBatch, SslRng,
+};
 use ssl_multimodal::{ClipConfig, ClipModel, PairBatch};
 use ssl_text::{BertConfig, BertForMaskedLM, BertInput, MaskingConfig, TextBatch, TokenizedSeq};
 use ssl_timeseries::{
@@ -424,24 +426,6 @@ fn clip_flops() -> f64 {
         + mm(b, 64.0, b) // logits
 }
 
-/// The same batch every step (the suite times compute, not data).
-struct Fixed(PairBatch);
-
-impl BatchSource<PairBatch> for Fixed {
-    fn next_batch(&mut self) -> ssl_core::Result<PairBatch> {
-        Ok(self.0.clone())
-    }
-    fn epoch(&self) -> u64 {
-        0
-    }
-    fn position(&self) -> serde_json::Value {
-        serde_json::Value::Null
-    }
-    fn restore(&mut self, _: &serde_json::Value) -> ssl_core::Result<()> {
-        Ok(())
-    }
-}
-
 fn clip(steps: usize) -> Res<(Vec<f64>, usize)> {
     let dev = device().clone();
     let mut cfg = ClipConfig::default();
@@ -461,7 +445,8 @@ fn clip(steps: usize) -> Res<(Vec<f64>, usize)> {
             token_type_ids: Tensor::zeros((CLIP_BATCH, CLIP_SEQ), DType::U32, &dev)?,
         },
     )?;
-    let mut src = Fixed(batch);
+    // The same batch every step (the suite times compute, not data).
+    let mut src = RepeatBatch(batch);
     let mut opt = AdamW::new(&store, trainer_adamw())?;
     let vars: Vec<Tensor> = opt.vars().map(|v| v.as_tensor().clone()).collect();
     let times = time_steps(steps, || {

@@ -116,7 +116,7 @@ pub use params::{
 pub use rng::SslRng;
 pub use signal::StopFlag;
 pub use ssl_kernels::keep_freed_memory;
-pub use task::{BatchSource, PretextTask, TaskOutput};
+pub use task::{BatchSource, PretextTask, RepeatBatch, TaskOutput};
 pub use trainer::{
     accumulate, inference_precision, plot_run, scale_grads, Accumulated, LoopTrainer, TrainConfig,
     TrainReport, Trainer,

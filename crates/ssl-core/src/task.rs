@@ -127,3 +127,26 @@ pub trait BatchSource<B> {
     /// Continues from a position returned by [`BatchSource::position`].
     fn restore(&mut self, position: &Value) -> Result<()>;
 }
+
+/// The same batch at every step, never advancing (its position is null): for benchmarks and
+/// checks that exercise the compute of a training step, not the data.
+#[derive(Debug, Clone)]
+pub struct RepeatBatch<B>(pub B);
+
+impl<B: Clone> BatchSource<B> for RepeatBatch<B> {
+    fn next_batch(&mut self) -> Result<B> {
+        Ok(self.0.clone())
+    }
+
+    fn epoch(&self) -> u64 {
+        0
+    }
+
+    fn position(&self) -> Value {
+        Value::Null
+    }
+
+    fn restore(&mut self, _: &Value) -> Result<()> {
+        Ok(())
+    }
+}

@@ -118,9 +118,9 @@ fn composed_gradients_are_the_weighted_sum_of_the_parts() {
     let by_hand = grad_values(&store, &(&sum * units).unwrap().backward().unwrap());
     assert_close("forward_backward", &composed, &by_hand);
 
-    // With a caller's gradient sink: each part's `forward_backward` takes a sink of its own
-    // (`Ctx::sinking`) and collects it before the part is scaled; the caller's stays empty.
-    // The same gradients.
+    // With a caller's gradient sink: the parts run without it, each part's `forward_backward`
+    // taking a sink of its own (`Ctx::sinking`) and collecting it before the part is scaled;
+    // the caller's stays empty. The same gradients.
     let mut rng = SslRng::new(9);
     let mut ctx = Ctx::train(&mut rng).with_grad_sink(ssl_core::GradSink::new());
     let (_, mut sunk) = task.forward_backward(&b, &mut ctx).unwrap();
@@ -324,24 +324,6 @@ fn a_boxed_task_trains_like_the_task() {
     assert!(diff < 1e-5, "one-part composition drifts by {diff}");
 }
 
-/// One batch, forever.
-struct Repeat(SeqBatch);
-
-impl ssl_core::BatchSource<SeqBatch> for Repeat {
-    fn next_batch(&mut self) -> ssl_core::Result<SeqBatch> {
-        Ok(self.0.clone())
-    }
-    fn epoch(&self) -> u64 {
-        0
-    }
-    fn position(&self) -> serde_json::Value {
-        serde_json::Value::Null
-    }
-    fn restore(&mut self, _: &serde_json::Value) -> ssl_core::Result<()> {
-        Ok(())
-    }
-}
-
 /// The trainer's step gives an override the graph's gradients to transform as it likes: the
 /// fused stack's parameters included (a gradient sink the override did not ask for would
 /// deliver those aside, unscaled).
@@ -361,7 +343,7 @@ fn an_override_that_scales_its_gradients_gets_them_all_through_the_trainer() {
     let mut rng = SslRng::new(6);
     let acc = ssl_core::accumulate(
         &task,
-        &mut Repeat(b.clone()),
+        &mut ssl_core::RepeatBatch(b.clone()),
         1,
         &vars,
         &mut rng,

@@ -12,7 +12,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use ssl_core::{BatchSource, LoopTrainer, ParamStore, SslRng, TrainConfig, Trainer};
+use ssl_core::{LoopTrainer, ParamStore, RepeatBatch, SslRng, TrainConfig, Trainer};
 use ssl_multimodal::{ClipConfig, ClipModel, PairBatch};
 use ssl_text::BertInput;
 use ssl_vision::Images;
@@ -20,24 +20,6 @@ use ssl_vision::Images;
 const BATCH: usize = 64;
 const SEQ: usize = 16;
 const VOCAB: usize = 1000;
-
-/// The same random batch every step (the bench times compute, not data).
-struct Fixed(PairBatch);
-
-impl BatchSource<PairBatch> for Fixed {
-    fn next_batch(&mut self) -> ssl_core::Result<PairBatch> {
-        Ok(self.0.clone())
-    }
-    fn epoch(&self) -> u64 {
-        0
-    }
-    fn position(&self) -> serde_json::Value {
-        serde_json::Value::Null
-    }
-    fn restore(&mut self, _: &serde_json::Value) -> ssl_core::Result<()> {
-        Ok(())
-    }
-}
 
 fn batch() -> PairBatch {
     let dev = Device::Cpu;
@@ -79,7 +61,8 @@ fn time(name: &str, micro_batch: usize, steps: u64) {
             grad_clip: 1.0,
             ..TrainConfig::default()
         };
-        let mut src = Fixed(b.clone());
+        // The same random batch every step (the bench times compute, not data).
+        let mut src = RepeatBatch(b.clone());
         let t0 = Instant::now();
         LoopTrainer::new(train, None)
             .expect("trainer")
