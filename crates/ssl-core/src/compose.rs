@@ -319,9 +319,13 @@ impl<B> PretextTask for ComposedTask<B> {
         let mut metrics = Vec::new();
         let mut loss: Option<Tensor> = None;
         for part in &self.parts {
-            let (out, mut grads) = part.task.forward_backward(batch, ctx)?;
-            // Before the part's gradients are scaled: what its fused ops delivered aside.
-            ctx.collect_grads(&mut grads)?;
+            // Each part's gradients are scaled below, so none may wait in a caller's gradient
+            // sink: the parts run without it (a part's default `forward_backward` takes a sink
+            // of its own and collects it before returning).
+            let outer = ctx.grad_sink.take();
+            let res = part.task.forward_backward(batch, ctx);
+            ctx.grad_sink = outer;
+            let (out, grads) = res?;
             let Some(t) = Self::term(part, &out, &mut metrics)? else {
                 continue;
             };
