@@ -150,7 +150,11 @@ struct LayerSaved {
     g: Vec<f32>,
 }
 
+/// What one part's backward needs (the batch runs as one or two parts: [`StackOp::parts`]).
 struct Saved {
+    /// The part's first sequence in the batch (dropout masks are indexed over the batch).
+    seq0: usize,
+    /// Its sequences.
     b: usize,
     t: usize,
     /// The stack's input and every layer's output.
@@ -204,8 +208,50 @@ pub struct StackOp {
     keep: bool,
     seed: u64,
     pool: BufferPool,
-    saved: Mutex<Option<Saved>>,
+    saved: Mutex<Option<Vec<Saved>>>,
+    /// Most parts the batch is split into (2; 1 in tests comparing against the whole batch).
+    max_parts: usize,
     mailbox: Option<ParamGradMailbox>,
+}
+
+/// Runs `a` and `b`, each on a pool of its own holding half of the current pool's threads
+/// (so each half's parallel loops and products split over its own threads only), or one
+/// after the other on one thread. The two pools are built once per thread count.
+fn run_halves<A: Send, B: Send>(
+    a: impl FnOnce() -> A + Send,
+    b: impl FnOnce() -> B + Send,
+) -> (A, B) {
+    type Halves = Arc<[rayon::ThreadPool; 2]>;
+    static POOLS: Mutex<Option<(usize, Option<Halves>)>> = Mutex::new(None);
+    let threads = rayon::current_num_threads();
+    if threads < 2 {
+        return (a(), b());
+    }
+    let pools = {
+        let mut slot = POOLS.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*slot {
+            Some((n, pools)) if *n == threads => pools.clone(),
+            _ => {
+                let build = |i: usize, n: usize| {
+                    rayon::ThreadPoolBuilder::new()
+                        .num_threads(n)
+                        .thread_name(move |j| format!("ssl-half{i}-{j}"))
+                        .build()
+                        .ok()
+                };
+                let pools = build(0, threads.div_ceil(2))
+                    .zip(build(1, threads / 2))
+                    .map(|(p0, p1)| Arc::new([p0, p1]));
+                *slot = Some((threads, pools.clone()));
+                pools
+            }
+        }
+    };
+    match pools {
+        Some(p) => rayon::join(|| p[0].install(a), || p[1].install(b)),
+        // Where a pool cannot be built: both halves here, in turn.
+        None => (a(), b()),
+    }
 }
 
 fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
@@ -263,12 +309,12 @@ fn layer_norm_backward_par(
     });
 }
 
-fn dropout_par(x: &mut [f32], seed: u32, p: f32) {
+fn dropout_par(x: &mut [f32], seed: u32, p: f32, base: usize) {
     let thr = simd::drop_threshold(p);
     let scale = 1.0 / (1.0 - p);
     let chunk = 1 << 14;
     x.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| {
-        simd::dropout(c, seed, (i * chunk) as u32, thr, scale);
+        simd::dropout(c, seed, (base + i * chunk) as u32, thr, scale);
     });
 }
 
@@ -315,13 +361,14 @@ struct NormOut<'a> {
 
 /// The epilogue of an output projection, one parallel pass over row blocks of `a` (rows of
 /// width `bias.len()`): `a = dropout(a + bias) + resid` in place (dropout at `drop = (seed,
-/// p)`, element-indexed as [`dropout_par`], so backward regenerates the same mask), then, with
+/// p)`, element-indexed from `base` as [`dropout_par`], so backward regenerates the same mask), then, with
 /// `norm`, the layer norm of each row into `norm.y`, `norm.xhat` (unless empty), `norm.rstd`. Replaces a bias
 /// pass, a dropout pass, a serial residual sum and a layer-norm pass.
 fn residual_epilogue(
     a: &mut [f32],
     bias: &[f32],
     drop: Option<(u32, f32)>,
+    base: usize,
     resid: &[f32],
     norm: Option<NormOut>,
 ) {
@@ -332,7 +379,7 @@ fn residual_epilogue(
     let block = |i: usize, ac: &mut [f32]| {
         simd::add_bias(ac, bias);
         if let Some((seed, thr, scale)) = drop {
-            simd::dropout(ac, seed, (i * rb * d) as u32, thr, scale);
+            simd::dropout(ac, seed, (base + i * rb * d) as u32, thr, scale);
         }
         simd::add_assign(ac, &resid[i * rb * d..i * rb * d + ac.len()]);
     };
@@ -421,6 +468,7 @@ impl StackOp {
             seed,
             pool,
             saved: Mutex::new(None),
+            max_parts: 2,
             mailbox: None,
         }
     }
@@ -487,6 +535,7 @@ impl StackOp {
         &self,
         fused: bool,
         layer: usize,
+        seq0: usize,
         b: usize,
         t: usize,
         qkv: &[f32],
@@ -508,6 +557,8 @@ impl StackOp {
             simd::drop_threshold(self.spec.attn_dropout),
             1.0 / (1.0 - self.spec.attn_dropout),
         );
+        // Dropout indices of this part's probabilities within the whole batch's.
+        let drop0 = seq0 * h * t * t;
         if fused {
             let keep_p = !p.is_empty();
             (0..b * h).into_par_iter().for_each(|bh| {
@@ -536,7 +587,7 @@ impl StackOp {
                                     .copy_from_slice(scores);
                             }
                             if let Some(pd_ptr) = pd_ptr {
-                                simd::dropout(scores, seed, at as u32, thr, dscale);
+                                simd::dropout(scores, seed, (drop0 + at) as u32, thr, dscale);
                                 std::slice::from_raw_parts_mut(pd_ptr.ptr().add(at), scores.len())
                                     .copy_from_slice(scores);
                             }
@@ -576,7 +627,7 @@ impl StackOp {
                         let pdb =
                             std::slice::from_raw_parts_mut(pd_ptr.ptr().add(bh * t * t), t * t);
                         pdb.copy_from_slice(pb);
-                        simd::dropout(pdb, seed, (bh * t * t) as u32, thr, dscale);
+                        simd::dropout(pdb, seed, (drop0 + bh * t * t) as u32, thr, dscale);
                         pdb
                     }
                     None => pb,
@@ -674,7 +725,13 @@ impl StackOp {
                     self.spec.bf16,
                 );
                 if drop {
-                    simd::dropout(&mut ds, seed, (bh * t * t) as u32, thr, dscale);
+                    simd::dropout(
+                        &mut ds,
+                        seed,
+                        ((s.seq0 * h + bh) * t * t) as u32,
+                        thr,
+                        dscale,
+                    );
                 }
                 simd::softmax_backward_rows(&mut ds, p, t);
                 // dQ = scale dS K
@@ -718,9 +775,11 @@ impl StackOp {
         dqkv
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn forward_layer(
         &self,
         layer: usize,
+        seq0: usize,
         b: usize,
         t: usize,
         xin: &[f32],
@@ -774,6 +833,7 @@ impl StackOp {
         self.attention(
             fused,
             layer,
+            seq0,
             b,
             t,
             &qkv,
@@ -797,6 +857,7 @@ impl StackOp {
             &mut ao,
             &w[o.bo..o.ln1w],
             drop0,
+            seq0 * t * d,
             xin,
             Some(NormOut {
                 w: &w[lnw..lnw + d],
@@ -855,7 +916,7 @@ impl StackOp {
         let out = match x1 {
             // Pre-norm: out = x1 + dropout(mo + b2).
             Some(x1) => {
-                residual_epilogue(&mut mo, &w[o.b2..o.ln2w], drop1, &x1, None);
+                residual_epilogue(&mut mo, &w[o.b2..o.ln2w], drop1, seq0 * t * d, &x1, None);
                 pool.put(x1);
                 mo
             }
@@ -866,6 +927,7 @@ impl StackOp {
                     &mut mo,
                     &w[o.b2..o.ln2w],
                     drop1,
+                    seq0 * t * d,
                     &m_in,
                     Some(NormOut {
                         w: &w[o.ln2w..o.ln2w + d],
@@ -1008,6 +1070,103 @@ impl StackOp {
         out
     }
 
+    /// How many parts the batch runs as: two halves (each on half the threads, see
+    /// [`run_halves`]) wherever there are two sequences and layers and the products run in
+    /// f32, except, without backward, on one thread (where halves gain nothing). Not in
+    /// bf16: there the size rule that picks bf16 or f32 for each product counts the whole
+    /// batch's rows (and [`Self::layer_blocked`] runs one job per sequence). Each half goes through every
+    /// layer, forward and backward, with no hand-off between the threads at each of a
+    /// layer's dozen steps. The halves give the same outputs and input gradients, bit for
+    /// bit, as the whole batch would (every row takes the same kernels); the parameters'
+    /// gradients are the two halves' sums added. With backward the batch is halved on one
+    /// thread too, so a run's result does not depend on the thread count.
+    fn parts(&self, b: usize) -> usize {
+        let halve = b >= 2
+            && self.spec.depth > 0
+            && !self.spec.bf16
+            && (self.keep || rayon::current_num_threads() >= 2);
+        if halve {
+            self.max_parts.min(2)
+        } else {
+            1
+        }
+    }
+
+    /// Every layer's forward over sequences `seq0..seq0 + b` (`x` and `key_bias` their
+    /// rows). The returned part's `outs` hold the input's copy (with backward) and then every
+    /// layer's output, or, without backward or `all_layers`, only the last output.
+    fn forward_part(
+        &self,
+        seq0: usize,
+        b: usize,
+        t: usize,
+        x: &[f32],
+        params: &[f32],
+        key_bias: &[f32],
+    ) -> Saved {
+        let depth = self.spec.depth;
+        let mut outs: Vec<Vec<f32>> = Vec::with_capacity(depth + 1);
+        if self.keep {
+            outs.push(self.pool.copy_of(x));
+        }
+        let mut layers = Vec::with_capacity(depth);
+        for l in 0..depth {
+            let input: &[f32] = outs.last().map_or(x, Vec::as_slice);
+            let out = if self.layer_blocked(b, t) {
+                self.forward_layer_blocked(l, b, t, input, params, key_bias)
+            } else {
+                let (out, saved) = self.forward_layer(l, seq0, b, t, input, params, key_bias);
+                if self.keep {
+                    layers.push(saved);
+                } else {
+                    saved.recycle(&self.pool);
+                }
+                out
+            };
+            if !self.keep && !self.all_layers {
+                if let Some(prev) = outs.pop() {
+                    self.pool.put(prev);
+                }
+            }
+            outs.push(out);
+        }
+        Saved {
+            seq0,
+            b,
+            t,
+            outs,
+            layers,
+            pool: self.pool.clone(),
+        }
+    }
+
+    /// Backward through every layer of one part: adds its parameters' gradients into
+    /// `grads` and returns the gradient of its input. `own(l)` is the gradient arriving at
+    /// layer `l`'s output from outside the stack, if any.
+    fn backward_part<'g>(
+        &self,
+        s: &Saved,
+        own: impl Fn(usize) -> Option<&'g [f32]>,
+        params: &[f32],
+        grads: &mut [f32],
+    ) -> Vec<f32> {
+        let n = s.b * s.t * self.spec.dim;
+        let mut carry: Option<Vec<f32>> = None;
+        for l in (0..self.spec.depth).rev() {
+            let dout = match (carry.take(), own(l)) {
+                (Some(mut c), Some(g)) => {
+                    simd::add_assign(&mut c, g);
+                    c
+                }
+                (Some(c), None) => c,
+                (None, Some(g)) => self.pool.copy_of(g),
+                (None, None) => self.pool.zeros(n),
+            };
+            carry = Some(self.backward_layer(l, s, params, grads, dout));
+        }
+        carry.unwrap_or_else(|| self.pool.zeros(n))
+    }
+
     /// Backward through layer `layer`: writes its parameter gradients into `grads` (the
     /// layer's block) and returns the gradient of its input.
     fn backward_layer(
@@ -1049,7 +1208,12 @@ impl StackOp {
         // The MLP output's gradient: dx1 itself, or a masked copy under dropout.
         let dmo_masked = self.drops().then(|| {
             let mut v = pool.copy_of(&dx1);
-            dropout_par(&mut v, self.site_seed(layer, 1), sp.dropout);
+            dropout_par(
+                &mut v,
+                self.site_seed(layer, 1),
+                sp.dropout,
+                s.seq0 * s.t * d,
+            );
             v
         });
         let mut dg = {
@@ -1126,7 +1290,12 @@ impl StackOp {
         // dx1 is now the gradient of (layer input + attention output).
         let dao_masked = self.drops().then(|| {
             let mut v = pool.copy_of(&dx1);
-            dropout_par(&mut v, self.site_seed(layer, 0), sp.dropout);
+            dropout_par(
+                &mut v,
+                self.site_seed(layer, 0),
+                sp.dropout,
+                s.seq0 * s.t * d,
+            );
             v
         });
         let dctx = {
@@ -1211,57 +1380,47 @@ impl CustomOp3 for StackOp {
             candle_core::bail!("fused transformer stack: inputs do not match the configuration");
         }
         let key_bias: Vec<f32> = mask.iter().map(|m| (1.0 - m) * -1e9).collect();
-        // The input of every layer, then the last layer's output. Backward reads layer l's
-        // input at outs[l]; without backward, layer 0 reads `x` itself and outs starts with
-        // layer 0's output.
-        let mut outs = Vec::with_capacity(sp.depth + 1);
-        if self.keep {
-            outs.push(self.pool.copy_of(x));
-        }
-        let first_out = usize::from(self.keep);
-        let mut layers = Vec::with_capacity(sp.depth);
-        for l in 0..sp.depth {
-            let input: &[f32] = if self.keep || l > 0 {
-                &outs[outs.len() - 1]
-            } else {
-                x
-            };
-            if self.layer_blocked(b, t) {
-                let out = self.forward_layer_blocked(l, b, t, input, params, &key_bias);
-                outs.push(out);
-                continue;
-            }
-            let (out, saved) = self.forward_layer(l, b, t, input, params, &key_bias);
-            outs.push(out);
-            if self.keep {
-                layers.push(saved);
-            } else {
-                saved.recycle(&self.pool);
-            }
-        }
+        let mut parts = if self.parts(b) == 2 {
+            let h = b / 2;
+            let (kb, row) = (&key_bias, t * d);
+            let (p0, p1) = run_halves(
+                || self.forward_part(0, h, t, &x[..h * row], params, &kb[..h * t]),
+                || self.forward_part(h, b - h, t, &x[h * row..], params, &kb[h * t..]),
+            );
+            vec![p0, p1]
+        } else {
+            vec![self.forward_part(0, b, t, x, params, &key_bias)]
+        };
         let n = b * t * d;
         let (count, result) = if self.all_layers {
+            // Layer l's output sits at outs[l + 1] with backward (after the input), else
+            // at outs[l].
+            let first = usize::from(self.keep);
             let mut r = Vec::with_capacity(sp.depth * n);
-            for o in &outs[first_out..] {
-                r.extend_from_slice(o);
+            for l in 0..sp.depth {
+                for part in &parts {
+                    r.extend_from_slice(&part.outs[first + l]);
+                }
             }
             (sp.depth, r)
-        } else {
-            // The last output goes to candle as it is (backward never reads it); no layers
-            // (and no backward): the input.
-            let last = outs.pop().unwrap_or_else(|| self.pool.copy_of(x));
+        } else if let [part] = parts.as_mut_slice() {
+            // The last output goes to candle as it is (backward never reads it); with no
+            // layers (and no backward): the input.
+            let last = part.outs.pop().unwrap_or_else(|| self.pool.copy_of(x));
             self.pool.forget(last.len());
             (1, last)
-        };
-        let saved = Saved {
-            b,
-            t,
-            outs,
-            layers,
-            pool: self.pool.clone(),
+        } else {
+            let mut r = Vec::with_capacity(n);
+            for part in &mut parts {
+                if let Some(o) = part.outs.pop() {
+                    r.extend_from_slice(&o);
+                    self.pool.put(o);
+                }
+            }
+            (1, r)
         };
         if self.keep {
-            *self.saved.lock().unwrap_or_else(PoisonError::into_inner) = Some(saved);
+            *self.saved.lock().unwrap_or_else(PoisonError::into_inner) = Some(parts);
         }
         Ok((CpuStorage::F32(result), Shape::from((count, b, t, d))))
     }
@@ -1275,7 +1434,7 @@ impl CustomOp3 for StackOp {
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let guard = self.saved.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(s) = guard.as_ref() else {
+        let Some(parts) = guard.as_ref() else {
             if !self.keep {
                 candle_core::bail!(
                     "fused transformer stack: backward through a forward pass that kept no \
@@ -1285,38 +1444,62 @@ impl CustomOp3 for StackOp {
             candle_core::bail!("fused transformer stack: backward before forward");
         };
         let sp = &self.spec;
-        let n = s.b * s.t * sp.dim;
+        let row = parts.first().map_or(0, |p| p.t * sp.dim);
+        let n: usize = parts.iter().map(|p| p.b * row).sum();
         let gres = tensor_vec(grad_res)?;
         let (pstore, playout) = params.storage_and_layout();
         let pvec = match &*pstore {
             Storage::Cpu(c) => contiguous(c, playout, "parameters")?,
             _ => candle_core::bail!("fused transformer stack: parameters left the CPU"),
         };
-        let mut grads = vec![0f32; pvec.len()];
-        let mut carry: Option<Vec<f32>> = None;
-        for l in (0..sp.depth).rev() {
-            let own = if self.all_layers {
-                Some(&gres[l * n..(l + 1) * n])
+        // The gradient from outside at layer l's output, rows of sequences [s0, s1).
+        let own = |l: usize, s0: usize, s1: usize| -> Option<&[f32]> {
+            let at = if self.all_layers {
+                l * n
             } else if l + 1 == sp.depth {
-                Some(&gres[..n])
+                0
             } else {
-                None
+                return None;
             };
-            let dout = match (carry.take(), own) {
-                (Some(mut c), Some(g)) => {
-                    simd::add_assign(&mut c, g);
-                    c
-                }
-                (Some(c), None) => c,
-                (None, Some(g)) => self.pool.copy_of(g),
-                (None, None) => self.pool.zeros(n),
-            };
-            carry = Some(self.backward_layer(l, s, pvec, &mut grads, dout));
-        }
+            Some(&gres[at + s0 * row..at + s1 * row])
+        };
+        let mut grads = vec![0f32; pvec.len()];
+        let dx = match parts.as_slice() {
+            [p0, p1] => {
+                let g0 = &mut grads;
+                let (dx0, (dx1, g1)) = run_halves(
+                    || self.backward_part(p0, |l| own(l, p0.seq0, p0.seq0 + p0.b), pvec, g0),
+                    || {
+                        let mut g1 = self.pool.zeros(pvec.len());
+                        let dx = self.backward_part(
+                            p1,
+                            |l| own(l, p1.seq0, p1.seq0 + p1.b),
+                            pvec,
+                            &mut g1,
+                        );
+                        (dx, g1)
+                    },
+                );
+                add_assign_par(&mut grads, &g1);
+                self.pool.put(g1);
+                let mut dx = Vec::with_capacity(n);
+                dx.extend_from_slice(&dx0);
+                dx.extend_from_slice(&dx1);
+                self.pool.put(dx0);
+                self.pool.put(dx1);
+                dx
+            }
+            _ => {
+                let dx = match parts.first() {
+                    Some(p) => self.backward_part(p, |l| own(l, 0, p.b), pvec, &mut grads),
+                    None => self.pool.zeros(n),
+                };
+                // It leaves the pool for good, as a candle tensor.
+                self.pool.forget(dx.len());
+                dx
+            }
+        };
         drop(pstore);
-        let dx = carry.unwrap_or_else(|| self.pool.zeros(n));
-        // It leaves the pool for good, as a candle tensor.
-        self.pool.forget(dx.len());
         let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
         let dp = Tensor::from_vec(grads, params.shape(), params.device())?;
         if let Some(mailbox) = &self.mailbox {
@@ -1400,6 +1583,7 @@ mod tests {
                 op.attention(
                     fused,
                     0,
+                    0,
                     b,
                     t,
                     &qkv,
@@ -1430,6 +1614,7 @@ mod tests {
             op.attention(
                 true,
                 0,
+                0,
                 b,
                 t,
                 &qkv,
@@ -1439,6 +1624,94 @@ mod tests {
                 &mut ctx2,
             );
             assert_eq!(ctx1, ctx2);
+        }
+    }
+
+    /// The batch in two halves against the whole batch: the same outputs and input
+    /// gradient bit for bit, parameter gradients within f32 rounding (each half's sum, then
+    /// the two added); with dropout (masks indexed over the whole batch), padding, an odd
+    /// batch, both norm placements, every layer's output or the last, on one and two
+    /// threads; and the halves give the same parameter gradients, bit for bit, on one thread
+    /// as on two (so a run does not depend on the thread count).
+    #[test]
+    fn halves_equal_the_whole_batch() {
+        use candle_core::{Device, Var};
+        let dev = Device::Cpu;
+        let (t, dim, heads) = (9, 32, 4);
+        for &(b, norm, drop, all_layers, threads) in &[
+            (3, NormPlacement::Post, 0.1, false, 2),
+            (4, NormPlacement::Pre, 0.0, true, 2),
+            (5, NormPlacement::Pre, 0.2, false, 1),
+            (2, NormPlacement::Post, 0.0, true, 1),
+        ] {
+            let sp = FusedSpec {
+                depth: 2,
+                dim,
+                mlp: 3 * dim,
+                heads,
+                norm,
+                act: Act::GeluErf,
+                dropout: drop,
+                attn_dropout: drop,
+                eps: 1e-5,
+                causal: false,
+                bf16: false,
+            };
+            let len = sp.depth * sp.offsets().len;
+            let params: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin() * 0.2).collect();
+            let x: Vec<f32> = (0..b * t * dim).map(|i| (i as f32 * 0.11).cos()).collect();
+            // The last two positions of the first sequence are padding.
+            let mask: Vec<f32> = (0..b * t)
+                .map(|i| if i < t && i >= t - 2 { 0.0 } else { 1.0 })
+                .collect();
+            let out_len = if all_layers { sp.depth } else { 1 } * b * t * dim;
+            let r: Vec<f32> = (0..out_len).map(|i| (i as f32 * 0.53).sin()).collect();
+            let run = |parts: usize, threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| {
+                    let xv = Var::from_vec(x.clone(), (b, t, dim), &dev).unwrap();
+                    let pv = Var::from_vec(params.clone(), len, &dev).unwrap();
+                    let mt = Tensor::from_vec(mask.clone(), (b, t), &dev).unwrap();
+                    let mut op =
+                        StackOp::new(sp.clone(), all_layers, true, true, 5, BufferPool::default());
+                    op.max_parts = parts;
+                    assert_eq!(op.parts(b), parts);
+                    let out = xv.as_tensor().apply_op3(pv.as_tensor(), &mt, op).unwrap();
+                    let rt = Tensor::from_vec(r.clone(), out.shape(), &dev).unwrap();
+                    let g = (&out * &rt).unwrap().sum_all().unwrap().backward().unwrap();
+                    let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    (
+                        v(&out),
+                        v(g.get(xv.as_tensor()).unwrap()),
+                        v(g.get(pv.as_tensor()).unwrap()),
+                    )
+                })
+            };
+            let (o1, dx1, dp1) = run(1, threads);
+            let (o2, dx2, dp2) = run(2, threads);
+            let other = run(2, 3 - threads);
+            assert!(
+                other == (o2.clone(), dx2.clone(), dp2.clone()),
+                "halves on {} threads differ from {threads}",
+                3 - threads
+            );
+            let case = format!("b {b}, {norm:?}, dropout {drop}, {threads} threads");
+            assert_eq!(o1, o2, "outputs, {case}");
+            assert_eq!(dx1, dx2, "input gradients, {case}");
+            let scale = dp1.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (i, (p, q)) in dp1.iter().zip(&dp2).enumerate() {
+                assert!(
+                    (p - q).abs() <= 1e-5 * scale,
+                    "parameter gradient {i}, {case}: {p} vs {q}"
+                );
+            }
+            assert!(
+                dp1 != vec![0f32; len],
+                "the parameters got no gradient, {case}"
+            );
         }
     }
 }
