@@ -317,3 +317,71 @@ fn inference_mode_matches_eval_and_refuses_backward() {
         }
     }
 }
+
+/// `forward_rows` (the last layer at chosen rows, asked out of order) against the full
+/// forward gathered at those rows, on the fused and the reference kernels: the same values
+/// and the same gradients of a loss that reads them; a repeated row takes the gathering
+/// path and still answers.
+#[test]
+fn forward_rows_equals_the_gathered_full_output() {
+    let c = Case {
+        norm: NormPlacement::Post,
+        activation: Activation::GeluErf,
+        causal: false,
+        mask: true,
+        hidden: false,
+    };
+    let rows: [u32; 4] = [7, 1, 3, 9];
+    let (x, mask, _) = inputs(DType::F32);
+    let mut rng = SslRng::new(5);
+    let r = Tensor::from_vec(
+        rng.normal_vec(rows.len() * D, 0.0, 1.0),
+        (rows.len(), D),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for kernel in [StackKernel::Fused, StackKernel::Reference] {
+        let (store, stack) = build(&c, DType::F32, kernel, 0.0);
+        let run = |sparse: bool, rows: &[u32]| {
+            let xv = candle_core::Var::from_tensor(&x).unwrap();
+            let mut rng = SslRng::new(0);
+            let mut ctx = Ctx::eval(&mut rng);
+            let picked = if sparse {
+                stack
+                    .forward_rows(xv.as_tensor(), Some(&mask), rows, &mut ctx)
+                    .unwrap()
+            } else {
+                let out = stack
+                    .forward(xv.as_tensor(), Some(&mask), &mut ctx)
+                    .unwrap();
+                let idx = Tensor::new(rows, &Device::Cpu).unwrap();
+                out.last
+                    .reshape((B * T, D))
+                    .unwrap()
+                    .index_select(&idx, 0)
+                    .unwrap()
+            };
+            let values: Vec<f32> = picked.flatten_all().unwrap().to_vec1().unwrap();
+            let r = r.narrow(0, 0, rows.len()).unwrap();
+            let loss = (&picked * &r).unwrap().sum_all().unwrap();
+            (values, common::loss_and_gradients_f64(&loss, &xv, &store).1)
+        };
+        let (v_full, g_full) = run(false, &rows);
+        let (v_rows, g_rows) = run(true, &rows);
+        for (a, b) in v_full.iter().zip(&v_rows) {
+            assert!((a - b).abs() <= 1e-5, "{kernel:?}: value {a} vs {b}");
+        }
+        for ((name, a), (_, b)) in g_full.iter().zip(&g_rows) {
+            for (p, q) in a.iter().zip(b) {
+                assert!(
+                    (p - q).abs() <= 1e-4 * (1.0 + p.abs()),
+                    "{kernel:?} {name}: {p} vs {q}"
+                );
+            }
+        }
+        let repeated = [2u32, 2, 8];
+        let (v_full, _) = run(false, &repeated);
+        let (v_rows, _) = run(true, &repeated);
+        assert_eq!(v_full, v_rows, "{kernel:?}, repeated rows");
+    }
+}

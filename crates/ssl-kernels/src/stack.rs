@@ -157,6 +157,9 @@ struct Saved {
     /// Its sequences.
     b: usize,
     t: usize,
+    /// The rows (indices into the part's) its last layer computed, if not all
+    /// ([`StackOp::last_rows`]).
+    rows: Option<Vec<usize>>,
     /// The stack's input and every layer's output.
     outs: Vec<Vec<f32>>,
     layers: Vec<LayerSaved>,
@@ -211,6 +214,8 @@ pub struct StackOp {
     saved: Mutex<Option<Vec<Saved>>>,
     /// Most parts the batch is split into (2; 1 in tests comparing against the whole batch).
     max_parts: usize,
+    /// The rows the last layer computes (see [`StackOp::last_rows`]).
+    rows: Option<Vec<usize>>,
     mailbox: Option<ParamGradMailbox>,
 }
 
@@ -309,9 +314,20 @@ fn layer_norm_backward_par(
     });
 }
 
-fn dropout_par(x: &mut [f32], seed: u32, p: f32, base: usize) {
+/// Inverted dropout in place, element `i` of `x` indexed `base + i` in the mask; with `rows`
+/// (`x` then holds those rows, of width `d`, of a larger matrix), each row at its index in
+/// that matrix, so the rows take the masks the whole matrix would give them.
+fn dropout_par(x: &mut [f32], seed: u32, p: f32, base: usize, rows: Option<(&[usize], usize)>) {
     let thr = simd::drop_threshold(p);
     let scale = 1.0 / (1.0 - p);
+    if let Some((rows, d)) = rows {
+        x.par_chunks_mut(d)
+            .zip(rows.par_iter())
+            .for_each(|(c, &r)| {
+                simd::dropout(c, seed, (base + r * d) as u32, thr, scale);
+            });
+        return;
+    }
     let chunk = 1 << 14;
     x.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| {
         simd::dropout(c, seed, (base + i * chunk) as u32, thr, scale);
@@ -319,6 +335,28 @@ fn dropout_par(x: &mut [f32], seed: u32, p: f32, base: usize) {
 }
 
 /// `acc += x` elementwise, in parallel blocks.
+/// Rows `rows` of `x` (rows of width `d`), in that order, in a buffer of `pool`.
+fn gather_rows(pool: &BufferPool, x: &[f32], d: usize, rows: &[usize]) -> Vec<f32> {
+    let mut out = pool.take(rows.len() * d);
+    out.par_chunks_mut(d)
+        .zip(rows.par_iter())
+        .for_each(|(o, &r)| o.copy_from_slice(&x[r * d..(r + 1) * d]));
+    out
+}
+
+/// The runs of `rows` (sorted row indices of sequences of `t` rows) that fall in each
+/// sequence: `(sequence, first index into rows, count)`, sequences without rows left out.
+fn row_groups(rows: &[usize], t: usize) -> Vec<(usize, usize, usize)> {
+    let mut groups: Vec<(usize, usize, usize)> = Vec::new();
+    for (j, &r) in rows.iter().enumerate() {
+        match groups.last_mut() {
+            Some(g) if g.0 == r / t => g.2 += 1,
+            _ => groups.push((r / t, j, 1)),
+        }
+    }
+    groups
+}
+
 fn add_assign_par(acc: &mut [f32], x: &[f32]) {
     let chunk = 1 << 14;
     acc.par_chunks_mut(chunk)
@@ -361,7 +399,8 @@ struct NormOut<'a> {
 
 /// The epilogue of an output projection, one parallel pass over row blocks of `a` (rows of
 /// width `bias.len()`): `a = dropout(a + bias) + resid` in place (dropout at `drop = (seed,
-/// p)`, element-indexed from `base` as [`dropout_par`], so backward regenerates the same mask), then, with
+/// p)`, element-indexed from `base` as [`dropout_par`] (with `at_rows`, `a` holds those rows of a
+/// larger matrix, each masked as its row there), so backward regenerates the same mask), then, with
 /// `norm`, the layer norm of each row into `norm.y`, `norm.xhat` (unless empty), `norm.rstd`. Replaces a bias
 /// pass, a dropout pass, a serial residual sum and a layer-norm pass.
 fn residual_epilogue(
@@ -369,6 +408,7 @@ fn residual_epilogue(
     bias: &[f32],
     drop: Option<(u32, f32)>,
     base: usize,
+    at_rows: Option<&[usize]>,
     resid: &[f32],
     norm: Option<NormOut>,
 ) {
@@ -379,7 +419,15 @@ fn residual_epilogue(
     let block = |i: usize, ac: &mut [f32]| {
         simd::add_bias(ac, bias);
         if let Some((seed, thr, scale)) = drop {
-            simd::dropout(ac, seed, (base + i * rb * d) as u32, thr, scale);
+            match at_rows {
+                None => simd::dropout(ac, seed, (base + i * rb * d) as u32, thr, scale),
+                Some(at_rows) => {
+                    for (k, row) in ac.chunks_mut(d).enumerate() {
+                        let at = base + at_rows[i * rb + k] * d;
+                        simd::dropout(row, seed, at as u32, thr, scale);
+                    }
+                }
+            }
         }
         simd::add_assign(ac, &resid[i * rb * d..i * rb * d + ac.len()]);
     };
@@ -469,6 +517,7 @@ impl StackOp {
             pool,
             saved: Mutex::new(None),
             max_parts: 2,
+            rows: None,
             mailbox: None,
         }
     }
@@ -480,6 +529,18 @@ impl StackOp {
     /// The backward still runs only when `x` tracks a gradient.
     pub fn param_grad_to(mut self, mailbox: ParamGradMailbox) -> Self {
         self.mailbox = Some(mailbox);
+        self
+    }
+
+    /// Makes the last layer compute its output only at `rows` (indices into the batch's B x T
+    /// rows, strictly increasing), for a loss that reads only those (MLM's masked
+    /// positions): keys and values still come from every row, everything after them runs on
+    /// these rows alone, so the last layer costs about a quarter of a full one at 15%
+    /// of the rows. The output is then (1, rows, D), equal to those rows of the full output.
+    /// Only for the last layer's output (not `all_layers`) and non-causal attention (the
+    /// forward fails otherwise).
+    pub fn last_rows(mut self, rows: Vec<usize>) -> Self {
+        self.rows = Some(rows);
         self
     }
 
@@ -653,6 +714,236 @@ impl StackOp {
         });
     }
 
+    /// [`Self::attention`] for the queries at `rows` only (sorted indices into the part's
+    /// rows; not causal): fills `p` and `pd` (rows, H, T; within each sequence's run of
+    /// rows, head-major) and `ctx` (rows, D) from `qkv` (N, 3D). Each row's probabilities
+    /// take the dropout mask the whole layer would give them.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_rows(
+        &self,
+        layer: usize,
+        seq0: usize,
+        t: usize,
+        qkv: &[f32],
+        key_bias: &[f32],
+        rows: &[usize],
+        p: &mut [f32],
+        pd: Option<&mut [f32]>,
+        ctx: &mut [f32],
+    ) {
+        let (d, h) = (self.spec.dim, self.spec.heads);
+        let dh = d / h;
+        let scale = 1.0 / (dh as f32).sqrt();
+        let ld = 3 * d;
+        // The selected queries, gathered: (rows, D) with row stride d.
+        let q: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| &qkv[r * ld..r * ld + d])
+            .copied()
+            .collect();
+        let p_ptr = OutSlice::new(p);
+        let pd_ptr = pd.map(OutSlice::new);
+        let ctx_ptr = OutSlice::new(ctx);
+        let seed = self.site_seed(layer, 2);
+        let (thr, dscale) = (
+            simd::drop_threshold(self.spec.attn_dropout),
+            1.0 / (1.0 - self.spec.attn_dropout),
+        );
+        let groups = row_groups(rows, t);
+        (0..groups.len() * h).into_par_iter().for_each(|gh| {
+            let ((bi, j0, k), hi) = (groups[gh / h], gh % h);
+            let kv = bi * t * ld + hi * dh;
+            let at = j0 * h * t + hi * k * t;
+            // SAFETY: task `gh` alone touches its (k, T) block of `p`/`pd` and the (its rows,
+            // head `hi`'s columns) block of `ctx`; reads stay inside `q` and `qkv`.
+            unsafe {
+                let pb = std::slice::from_raw_parts_mut(p_ptr.ptr().add(at), k * t);
+                matmul_raw(
+                    pb.as_mut_ptr(),
+                    t,
+                    k,
+                    t,
+                    dh,
+                    q.as_ptr().add(j0 * d + hi * dh),
+                    d as isize,
+                    1,
+                    qkv.as_ptr().add(kv + d),
+                    1,
+                    ld as isize,
+                    scale,
+                    false,
+                    gemm::Parallelism::None,
+                    self.spec.bf16,
+                );
+                simd::softmax_rows(pb, &key_bias[bi * t..(bi + 1) * t], false, 0);
+                let probs: &[f32] = match pd_ptr {
+                    Some(pd_ptr) => {
+                        let pdb = std::slice::from_raw_parts_mut(pd_ptr.ptr().add(at), k * t);
+                        pdb.copy_from_slice(pb);
+                        for (i, row) in pdb.chunks_mut(t).enumerate() {
+                            let pos = rows[j0 + i] % t;
+                            let idx = ((seq0 + bi) * h + hi) * t * t + pos * t;
+                            simd::dropout(row, seed, idx as u32, thr, dscale);
+                        }
+                        pdb
+                    }
+                    None => pb,
+                };
+                matmul_raw(
+                    ctx_ptr.ptr().add(j0 * d + hi * dh),
+                    d,
+                    k,
+                    dh,
+                    t,
+                    probs.as_ptr(),
+                    t as isize,
+                    1,
+                    qkv.as_ptr().add(kv + 2 * d),
+                    ld as isize,
+                    1,
+                    1.0,
+                    false,
+                    gemm::Parallelism::None,
+                    self.spec.bf16,
+                );
+            }
+        });
+    }
+
+    /// Backward of [`Self::attention_rows`]: `dqkv` (N, 3D) from `dctx` (rows, D), the
+    /// queries' gradient zero outside `rows`.
+    fn attention_backward_rows(
+        &self,
+        layer: usize,
+        s: &Saved,
+        ls: &LayerSaved,
+        rows: &[usize],
+        dctx: &[f32],
+    ) -> Vec<f32> {
+        let t = s.t;
+        let (d, h) = (self.spec.dim, self.spec.heads);
+        let dh = d / h;
+        let scale = 1.0 / (dh as f32).sqrt();
+        let ld = 3 * d;
+        let qkv = &ls.qkv;
+        let q: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| &qkv[r * ld..r * ld + d])
+            .copied()
+            .collect();
+        // Sequences without a selected row get no key or value gradient: zeros.
+        let mut dqkv = self.pool.zeros(s.b * t * ld);
+        let mut dq = vec![0f32; rows.len() * d];
+        let dqkv_ptr = OutSlice::new(&mut dqkv);
+        let dq_ptr = OutSlice::new(&mut dq);
+        let seed = self.site_seed(layer, 2);
+        let (thr, dscale) = (
+            simd::drop_threshold(self.spec.attn_dropout),
+            1.0 / (1.0 - self.spec.attn_dropout),
+        );
+        let groups = row_groups(rows, t);
+        (0..groups.len() * h).into_par_iter().for_each(|gh| {
+            let ((bi, j0, k), hi) = (groups[gh / h], gh % h);
+            let kv = bi * t * ld + hi * dh;
+            let at = j0 * h * t + hi * k * t;
+            let p = &ls.p[at..at + k * t];
+            let probs = match &ls.pd {
+                Some(pd) => &pd[at..at + k * t],
+                None => p,
+            };
+            let mut ds = vec![0f32; k * t];
+            // SAFETY: task `gh` alone writes the (sequence `bi`'s rows, head `hi`'s columns)
+            // blocks of dk and dv and the (its rows, head `hi`) block of `dq`; reads stay
+            // inside their buffers.
+            unsafe {
+                // dP = dctx V^T
+                matmul_raw(
+                    ds.as_mut_ptr(),
+                    t,
+                    k,
+                    t,
+                    dh,
+                    dctx.as_ptr().add(j0 * d + hi * dh),
+                    d as isize,
+                    1,
+                    qkv.as_ptr().add(kv + 2 * d),
+                    1,
+                    ld as isize,
+                    1.0,
+                    false,
+                    gemm::Parallelism::None,
+                    self.spec.bf16,
+                );
+                // dV = P^T dctx
+                matmul_raw(
+                    dqkv_ptr.ptr().add(kv + 2 * d),
+                    ld,
+                    t,
+                    dh,
+                    k,
+                    probs.as_ptr(),
+                    1,
+                    t as isize,
+                    dctx.as_ptr().add(j0 * d + hi * dh),
+                    d as isize,
+                    1,
+                    1.0,
+                    false,
+                    gemm::Parallelism::None,
+                    self.spec.bf16,
+                );
+                if ls.pd.is_some() {
+                    for (i, row) in ds.chunks_mut(t).enumerate() {
+                        let pos = rows[j0 + i] % t;
+                        let idx = ((s.seq0 + bi) * h + hi) * t * t + pos * t;
+                        simd::dropout(row, seed, idx as u32, thr, dscale);
+                    }
+                }
+                simd::softmax_backward_rows(&mut ds, p, t);
+                // dQ = scale dS K
+                matmul_raw(
+                    dq_ptr.ptr().add(j0 * d + hi * dh),
+                    d,
+                    k,
+                    dh,
+                    t,
+                    ds.as_ptr(),
+                    t as isize,
+                    1,
+                    qkv.as_ptr().add(kv + d),
+                    ld as isize,
+                    1,
+                    scale,
+                    false,
+                    gemm::Parallelism::None,
+                    self.spec.bf16,
+                );
+                // dK = scale dS^T Q
+                matmul_raw(
+                    dqkv_ptr.ptr().add(kv + d),
+                    ld,
+                    t,
+                    dh,
+                    k,
+                    ds.as_ptr(),
+                    1,
+                    t as isize,
+                    q.as_ptr().add(j0 * d + hi * dh),
+                    d as isize,
+                    1,
+                    scale,
+                    false,
+                    gemm::Parallelism::None,
+                    self.spec.bf16,
+                );
+            }
+        });
+        for (j, &r) in rows.iter().enumerate() {
+            dqkv[r * ld..r * ld + d].copy_from_slice(&dq[j * d..(j + 1) * d]);
+        }
+        dqkv
+    }
+
     /// Backward of [`Self::attention`]: returns `dqkv` (N, 3D) from `dctx` (N, D).
     fn attention_backward(
         &self,
@@ -775,6 +1066,11 @@ impl StackOp {
         dqkv
     }
 
+    /// Layer `layer` over sequences `seq0..seq0 + b` (`xin` their rows): its output and what
+    /// its backward needs. With `rows` (sorted row indices into `xin`, non-causal), the
+    /// output only at those rows: keys and values come from every row, everything after
+    /// them (queries' attention, output projection, residual, norms, MLP) runs on those
+    /// rows alone, and the output has `rows.len()` rows.
     #[allow(clippy::too_many_arguments)]
     fn forward_layer(
         &self,
@@ -785,19 +1081,23 @@ impl StackOp {
         xin: &[f32],
         params: &[f32],
         key_bias: &[f32],
+        rows: Option<&[usize]>,
     ) -> (Vec<f32>, LayerSaved) {
         let sp = &self.spec;
         let (d, m, n) = (sp.dim, sp.mlp, b * t);
+        // Rows after attention.
+        let nr = rows.map_or(n, <[usize]>::len);
         let o = sp.offsets();
         let w = &params[layer * o.len..(layer + 1) * o.len];
         let pre = sp.norm == NormPlacement::Pre;
         let pool = &self.pool;
-        // Normalised inputs only for backward; empty buffers are not written.
-        let xhat_len = if self.keep { n * d } else { 0 };
-        let mut xhat1 = pool.take(xhat_len);
-        let mut rstd1 = pool.take(n);
-        let mut xhat2 = pool.take(xhat_len);
-        let mut rstd2 = pool.take(n);
+        // Normalised inputs only for backward; empty buffers are not written. The norm
+        // around attention sees every row before it (pre) or the rows after it (post).
+        let n1 = if pre { n } else { nr };
+        let mut xhat1 = pool.take(if self.keep { n1 * d } else { 0 });
+        let mut rstd1 = pool.take(n1);
+        let mut xhat2 = pool.take(if self.keep { nr * d } else { 0 });
+        let mut rstd2 = pool.take(nr);
         let a_in = pre.then(|| {
             let mut y = pool.take(n * d);
             layer_norm_par(
@@ -822,32 +1122,49 @@ impl StackOp {
             sp.bf16,
         );
         let heads = sp.heads;
-        let fused = self.fused_attention(t);
-        let mut p = pool.take(if self.keep || !fused {
-            b * heads * t * t
-        } else {
-            0
-        });
-        let mut pd = self.attn_drops().then(|| pool.take(b * heads * t * t));
-        let mut ctx = pool.take(n * d);
-        self.attention(
-            fused,
-            layer,
-            seq0,
-            b,
-            t,
-            &qkv,
-            key_bias,
-            &mut p,
-            pd.as_deref_mut(),
-            &mut ctx,
-        );
+        let fused = rows.is_none() && self.fused_attention(t);
+        // Probabilities: (B, H, T, T), or with `rows` (rows, H, T).
+        let p_len = match rows {
+            Some(r) => r.len() * heads * t,
+            None => b * heads * t * t,
+        };
+        let mut p = pool.take(if self.keep || !fused { p_len } else { 0 });
+        let mut pd = self.attn_drops().then(|| pool.take(p_len));
+        let mut ctx = pool.take(nr * d);
+        match rows {
+            Some(rows) => self.attention_rows(
+                layer,
+                seq0,
+                t,
+                &qkv,
+                key_bias,
+                rows,
+                &mut p,
+                pd.as_deref_mut(),
+                &mut ctx,
+            ),
+            None => self.attention(
+                fused,
+                layer,
+                seq0,
+                b,
+                t,
+                &qkv,
+                key_bias,
+                &mut p,
+                pd.as_deref_mut(),
+                &mut ctx,
+            ),
+        }
         // Output projection, then one pass: bias, dropout, residual and the next norm
         // (pre: ln2 of x1, the MLP's input; post: ln1, whose output is both x1 and the MLP's
         // input).
-        let mut ao = product(pool, &ctx, n, &w[o.wo..o.bo], d, Epilogue::None, sp.bf16);
+        let mut ao = product(pool, &ctx, nr, &w[o.wo..o.bo], d, Epilogue::None, sp.bf16);
         let drop0 = self.drops().then(|| (self.site_seed(layer, 0), sp.dropout));
-        let mut m_in = pool.take(n * d);
+        let mut m_in = pool.take(nr * d);
+        // The residual's rows of the input.
+        let picked = rows.map(|rows| gather_rows(pool, xin, d, rows));
+        let resid = picked.as_deref().unwrap_or(xin);
         let (lnw, lnb, xhat, rstd) = if pre {
             (o.ln2w, o.ln2b, &mut xhat2, &mut rstd2)
         } else {
@@ -858,7 +1175,8 @@ impl StackOp {
             &w[o.bo..o.ln1w],
             drop0,
             seq0 * t * d,
-            xin,
+            rows,
+            resid,
             Some(NormOut {
                 w: &w[lnw..lnw + d],
                 b: &w[lnb..lnb + d],
@@ -868,6 +1186,9 @@ impl StackOp {
                 rstd,
             }),
         );
+        if let Some(v) = picked {
+            pool.put(v);
+        }
         // x1, the residual stream into the MLP block: pre-norm the sum itself, post-norm its
         // norm (m_in).
         let x1 = if pre {
@@ -879,11 +1200,11 @@ impl StackOp {
         // h = m_in W1^T + b1 and g = act(h), the activation applied to each block of the
         // product while it is in cache; without backward, g overwrites h, and in bf16 each
         // block of rows goes through both products with its h in cache (neither is kept).
-        let (h, g, mut mo) = if !self.keep && sp.bf16 && mlp_takes_bf16(n, d, m, d) {
-            let mut mo = pool.take(n * d);
+        let (h, g, mut mo) = if !self.keep && sp.bf16 && mlp_takes_bf16(nr, d, m, d) {
+            let mut mo = pool.take(nr * d);
             mlp_product(
                 &mut mo,
-                MatRef::dense(&m_in, n, d),
+                MatRef::dense(&m_in, nr, d),
                 MatRef::dense(&w[o.w1..o.b1], m, d),
                 &w[o.b1..o.w2],
                 sp.act,
@@ -891,12 +1212,12 @@ impl StackOp {
             );
             (Vec::new(), Vec::new(), mo)
         } else {
-            let mut g = pool.take(if self.keep { n * m } else { 0 });
+            let mut g = pool.take(if self.keep { nr * m } else { 0 });
             let act_out = self.keep.then(|| OutSlice::new(&mut g));
             let mut h = product(
                 pool,
                 &m_in,
-                n,
+                nr,
                 &w[o.w1..o.b1],
                 m,
                 Epilogue::BiasAct {
@@ -909,25 +1230,27 @@ impl StackOp {
             if !self.keep {
                 std::mem::swap(&mut h, &mut g);
             }
-            let mo = product(pool, &g, n, &w[o.w2..o.b2], d, Epilogue::None, sp.bf16);
+            let mo = product(pool, &g, nr, &w[o.w2..o.b2], d, Epilogue::None, sp.bf16);
             (h, g, mo)
         };
         let drop1 = self.drops().then(|| (self.site_seed(layer, 1), sp.dropout));
         let out = match x1 {
             // Pre-norm: out = x1 + dropout(mo + b2).
             Some(x1) => {
-                residual_epilogue(&mut mo, &w[o.b2..o.ln2w], drop1, seq0 * t * d, &x1, None);
+                let base = seq0 * t * d;
+                residual_epilogue(&mut mo, &w[o.b2..o.ln2w], drop1, base, rows, &x1, None);
                 pool.put(x1);
                 mo
             }
             // Post-norm: out = ln2(m_in + dropout(mo + b2)).
             None => {
-                let mut out = pool.take(n * d);
+                let mut out = pool.take(nr * d);
                 residual_epilogue(
                     &mut mo,
                     &w[o.b2..o.ln2w],
                     drop1,
                     seq0 * t * d,
+                    rows,
                     &m_in,
                     Some(NormOut {
                         w: &w[o.ln2w..o.ln2w + d],
@@ -1095,6 +1418,7 @@ impl StackOp {
     /// Every layer's forward over sequences `seq0..seq0 + b` (`x` and `key_bias` their
     /// rows). The returned part's `outs` hold the input's copy (with backward) and then every
     /// layer's output, or, without backward or `all_layers`, only the last output.
+    #[allow(clippy::too_many_arguments)]
     fn forward_part(
         &self,
         seq0: usize,
@@ -1103,6 +1427,7 @@ impl StackOp {
         x: &[f32],
         params: &[f32],
         key_bias: &[f32],
+        rows: Option<Vec<usize>>,
     ) -> Saved {
         let depth = self.spec.depth;
         let mut outs: Vec<Vec<f32>> = Vec::with_capacity(depth + 1);
@@ -1112,10 +1437,12 @@ impl StackOp {
         let mut layers = Vec::with_capacity(depth);
         for l in 0..depth {
             let input: &[f32] = outs.last().map_or(x, Vec::as_slice);
-            let out = if self.layer_blocked(b, t) {
+            let last_rows = rows.as_deref().filter(|_| l + 1 == depth);
+            let out = if last_rows.is_none() && self.layer_blocked(b, t) {
                 self.forward_layer_blocked(l, b, t, input, params, key_bias)
             } else {
-                let (out, saved) = self.forward_layer(l, seq0, b, t, input, params, key_bias);
+                let (out, saved) =
+                    self.forward_layer(l, seq0, b, t, input, params, key_bias, last_rows);
                 if self.keep {
                     layers.push(saved);
                 } else {
@@ -1134,6 +1461,7 @@ impl StackOp {
             seq0,
             b,
             t,
+            rows,
             outs,
             layers,
             pool: self.pool.clone(),
@@ -1168,7 +1496,8 @@ impl StackOp {
     }
 
     /// Backward through layer `layer`: writes its parameter gradients into `grads` (the
-    /// layer's block) and returns the gradient of its input.
+    /// layer's block) and returns the gradient of its input. `dout` has the rows of the
+    /// layer's output: with the part's `rows` (the last layer), only those.
     fn backward_layer(
         &self,
         layer: usize,
@@ -1179,6 +1508,9 @@ impl StackOp {
     ) -> Vec<f32> {
         let sp = &self.spec;
         let (d, m, n) = (sp.dim, sp.mlp, s.b * s.t);
+        let rows = s.rows.as_deref().filter(|_| layer + 1 == sp.depth);
+        // Rows after attention.
+        let nr = rows.map_or(n, <[usize]>::len);
         let o = sp.offsets();
         let w = &params[layer * o.len..(layer + 1) * o.len];
         let gl = &mut grads[layer * o.len..(layer + 1) * o.len];
@@ -1193,7 +1525,7 @@ impl StackOp {
                 let (lw, lb) = gl[o.ln2w..o.ln2b + d].split_at_mut(d);
                 col_sums_par(lb, &dout, Some((lw, &ls.xhat2)));
             }
-            let mut dy2 = pool.take(n * d);
+            let mut dy2 = pool.take(nr * d);
             layer_norm_backward_par(
                 &dout,
                 &ls.xhat2,
@@ -1213,6 +1545,7 @@ impl StackOp {
                 self.site_seed(layer, 1),
                 sp.dropout,
                 s.seq0 * s.t * d,
+                rows.map(|r| (r, d)),
             );
             v
         });
@@ -1223,7 +1556,7 @@ impl StackOp {
                 pool,
                 dmo,
                 &ls.g,
-                n,
+                nr,
                 &w[o.w2..o.b2],
                 d,
                 gw,
@@ -1235,7 +1568,7 @@ impl StackOp {
         if let Some(v) = dmo_masked {
             pool.put(v);
         }
-        let rb = block_rows(n);
+        let rb = block_rows(nr);
         let act = sp.act;
         dg.par_chunks_mut(rb * m)
             .zip(ls.h.par_chunks(rb * m))
@@ -1246,7 +1579,7 @@ impl StackOp {
                 pool,
                 &dg,
                 &ls.m_in,
-                n,
+                nr,
                 &w[o.w1..o.b1],
                 m,
                 gw,
@@ -1275,7 +1608,7 @@ impl StackOp {
                 let (lw, lb) = gl[o.ln1w..o.ln1b + d].split_at_mut(d);
                 col_sums_par(lb, &dx1, Some((lw, &ls.xhat1)));
             }
-            let mut dy1 = pool.take(n * d);
+            let mut dy1 = pool.take(nr * d);
             layer_norm_backward_par(
                 &dx1,
                 &ls.xhat1,
@@ -1295,6 +1628,7 @@ impl StackOp {
                 self.site_seed(layer, 0),
                 sp.dropout,
                 s.seq0 * s.t * d,
+                rows.map(|r| (r, d)),
             );
             v
         });
@@ -1305,7 +1639,7 @@ impl StackOp {
                 pool,
                 dao,
                 &ls.ctx,
-                n,
+                nr,
                 &w[o.wo..o.bo],
                 d,
                 gw,
@@ -1317,7 +1651,18 @@ impl StackOp {
         if let Some(v) = dao_masked {
             pool.put(v);
         }
-        let dqkv = self.attention_backward(layer, s, ls, &dctx);
+        let dqkv = match rows {
+            Some(rows) => self.attention_backward_rows(layer, s, ls, rows, &dctx),
+            None => self.attention_backward(layer, s, ls, &dctx),
+        };
+        // From here on every row: dx1 (the residual's gradient) scattered to its rows.
+        if let Some(rows) = rows {
+            let mut full = pool.zeros(n * d);
+            for (j, &r) in rows.iter().enumerate() {
+                full[r * d..(r + 1) * d].copy_from_slice(&dx1[j * d..(j + 1) * d]);
+            }
+            pool.put(std::mem::replace(&mut dx1, full));
+        }
         pool.put(dctx);
         let att_in: &[f32] = ls.a_in.as_deref().unwrap_or(&s.outs[layer]);
         let da_in = {
@@ -1379,17 +1724,41 @@ impl CustomOp3 for StackOp {
         if d != sp.dim || params.len() != sp.depth * sp.offsets().len || mask.len() != b * t {
             candle_core::bail!("fused transformer stack: inputs do not match the configuration");
         }
+        if let Some(rows) = &self.rows {
+            if self.all_layers || sp.causal || sp.depth == 0 {
+                candle_core::bail!(
+                    "fused transformer stack: last-layer rows need the last layer's output only, \
+                     non-causal attention and a layer"
+                );
+            }
+            if rows.windows(2).any(|w| w[0] >= w[1]) || rows.last().is_some_and(|&r| r >= b * t) {
+                candle_core::bail!(
+                    "fused transformer stack: last-layer rows must be increasing and below {}",
+                    b * t
+                );
+            }
+        }
         let key_bias: Vec<f32> = mask.iter().map(|m| (1.0 - m) * -1e9).collect();
         let mut parts = if self.parts(b) == 2 {
             let h = b / 2;
             let (kb, row) = (&key_bias, t * d);
+            // Each half's rows, as indices into its own.
+            let split = self.rows.as_ref().map(|rows| {
+                let at = rows.partition_point(|&r| r < h * t);
+                let second = rows[at..].iter().map(|&r| r - h * t).collect();
+                (rows[..at].to_vec(), second)
+            });
+            let (r0, r1) = match split {
+                Some((r0, r1)) => (Some(r0), Some(r1)),
+                None => (None, None),
+            };
             let (p0, p1) = run_halves(
-                || self.forward_part(0, h, t, &x[..h * row], params, &kb[..h * t]),
-                || self.forward_part(h, b - h, t, &x[h * row..], params, &kb[h * t..]),
+                || self.forward_part(0, h, t, &x[..h * row], params, &kb[..h * t], r0),
+                || self.forward_part(h, b - h, t, &x[h * row..], params, &kb[h * t..], r1),
             );
             vec![p0, p1]
         } else {
-            vec![self.forward_part(0, b, t, x, params, &key_bias)]
+            vec![self.forward_part(0, b, t, x, params, &key_bias, self.rows.clone())]
         };
         let n = b * t * d;
         let (count, result) = if self.all_layers {
@@ -1422,6 +1791,9 @@ impl CustomOp3 for StackOp {
         if self.keep {
             *self.saved.lock().unwrap_or_else(PoisonError::into_inner) = Some(parts);
         }
+        if let Some(rows) = &self.rows {
+            return Ok((CpuStorage::F32(result), Shape::from((1, rows.len(), d))));
+        }
         Ok((CpuStorage::F32(result), Shape::from((count, b, t, d))))
     }
 
@@ -1446,14 +1818,23 @@ impl CustomOp3 for StackOp {
         let sp = &self.spec;
         let row = parts.first().map_or(0, |p| p.t * sp.dim);
         let n: usize = parts.iter().map(|p| p.b * row).sum();
+        // Each part's first row and rows in the last layer's output.
+        let mut out_rows = Vec::with_capacity(parts.len());
+        let mut at = 0;
+        for p in parts {
+            let count = p.rows.as_ref().map_or(p.b * p.t, Vec::len);
+            out_rows.push((at, count));
+            at += count;
+        }
         let gres = tensor_vec(grad_res)?;
         let (pstore, playout) = params.storage_and_layout();
         let pvec = match &*pstore {
             Storage::Cpu(c) => contiguous(c, playout, "parameters")?,
             _ => candle_core::bail!("fused transformer stack: parameters left the CPU"),
         };
-        // The gradient from outside at layer l's output, rows of sequences [s0, s1).
-        let own = |l: usize, s0: usize, s1: usize| -> Option<&[f32]> {
+        // The gradient from outside at layer l's output, part i's rows.
+        let d = sp.dim;
+        let own = |l: usize, i: usize| -> Option<&[f32]> {
             let at = if self.all_layers {
                 l * n
             } else if l + 1 == sp.depth {
@@ -1461,22 +1842,18 @@ impl CustomOp3 for StackOp {
             } else {
                 return None;
             };
-            Some(&gres[at + s0 * row..at + s1 * row])
+            let (r0, count) = out_rows[i];
+            Some(&gres[at + r0 * d..at + (r0 + count) * d])
         };
         let mut grads = vec![0f32; pvec.len()];
         let dx = match parts.as_slice() {
             [p0, p1] => {
                 let g0 = &mut grads;
                 let (dx0, (dx1, g1)) = run_halves(
-                    || self.backward_part(p0, |l| own(l, p0.seq0, p0.seq0 + p0.b), pvec, g0),
+                    || self.backward_part(p0, |l| own(l, 0), pvec, g0),
                     || {
                         let mut g1 = self.pool.zeros(pvec.len());
-                        let dx = self.backward_part(
-                            p1,
-                            |l| own(l, p1.seq0, p1.seq0 + p1.b),
-                            pvec,
-                            &mut g1,
-                        );
+                        let dx = self.backward_part(p1, |l| own(l, 1), pvec, &mut g1);
                         (dx, g1)
                     },
                 );
@@ -1491,7 +1868,7 @@ impl CustomOp3 for StackOp {
             }
             _ => {
                 let dx = match parts.first() {
-                    Some(p) => self.backward_part(p, |l| own(l, 0, p.b), pvec, &mut grads),
+                    Some(p) => self.backward_part(p, |l| own(l, 0), pvec, &mut grads),
                     None => self.pool.zeros(n),
                 };
                 // It leaves the pool for good, as a candle tensor.
@@ -1712,6 +2089,115 @@ mod tests {
                 dp1 != vec![0f32; len],
                 "the parameters got no gradient, {case}"
             );
+        }
+    }
+
+    /// The last layer at chosen rows against the full layer's output at those rows: the
+    /// same outputs, and the same input and parameter gradients for a loss that reads only
+    /// those rows (within f32 rounding: the parameter gradients sum fewer rows), with both
+    /// norm placements, dropout (whose masks the rows keep), padding, a sequence and a half
+    /// with no chosen row, whole batch and halves; and the forward refuses rows out of
+    /// order or out of the batch.
+    #[test]
+    fn last_rows_equal_the_full_layer_at_those_rows() {
+        use candle_core::{Device, Var};
+        let dev = Device::Cpu;
+        let (b, t, dim, heads) = (3, 9, 32, 4);
+        for &(norm, drop, attn_drop, parts, ref rows) in &[
+            (NormPlacement::Post, 0.0, 0.0, 2, vec![1, 4, 8, 20, 26]),
+            (NormPlacement::Pre, 0.1, 0.2, 2, vec![0, 3, 13, 18]),
+            (NormPlacement::Post, 0.2, 0.3, 1, vec![2, 5]),
+            (NormPlacement::Post, 0.1, 0.0, 2, vec![3, 10, 11, 25]),
+            (NormPlacement::Pre, 0.0, 0.0, 2, vec![2, 5]),
+        ] {
+            let sp = FusedSpec {
+                depth: 2,
+                dim,
+                mlp: 3 * dim,
+                heads,
+                norm,
+                act: Act::GeluErf,
+                dropout: drop,
+                attn_dropout: attn_drop,
+                eps: 1e-5,
+                causal: false,
+                bf16: false,
+            };
+            let len = sp.depth * sp.offsets().len;
+            let params: Vec<f32> = (0..len).map(|i| (i as f32 * 0.29).sin() * 0.2).collect();
+            let x: Vec<f32> = (0..b * t * dim).map(|i| (i as f32 * 0.13).cos()).collect();
+            // The last three positions of the second sequence are padding.
+            let mask: Vec<f32> = (0..b * t)
+                .map(|i| {
+                    if (2 * t - 3..2 * t).contains(&i) {
+                        0.0
+                    } else {
+                        1.0
+                    }
+                })
+                .collect();
+            let r: Vec<f32> = (0..rows.len() * dim)
+                .map(|i| (i as f32 * 0.47).sin())
+                .collect();
+            let run = |sparse: bool| {
+                let xv = Var::from_vec(x.clone(), (b, t, dim), &dev).unwrap();
+                let pv = Var::from_vec(params.clone(), len, &dev).unwrap();
+                let mt = Tensor::from_vec(mask.clone(), (b, t), &dev).unwrap();
+                let mut op = StackOp::new(sp.clone(), false, true, true, 11, BufferPool::default());
+                op.max_parts = parts;
+                let picked = if sparse {
+                    let op = op.last_rows(rows.clone());
+                    let out = xv.as_tensor().apply_op3(pv.as_tensor(), &mt, op).unwrap();
+                    out.reshape((rows.len(), dim)).unwrap()
+                } else {
+                    let out = xv.as_tensor().apply_op3(pv.as_tensor(), &mt, op).unwrap();
+                    let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+                    let idx = Tensor::from_vec(idx, rows.len(), &dev).unwrap();
+                    out.reshape((b * t, dim))
+                        .unwrap()
+                        .index_select(&idx, 0)
+                        .unwrap()
+                };
+                let rt = Tensor::from_vec(r.clone(), (rows.len(), dim), &dev).unwrap();
+                let g = (&picked * &rt)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                (
+                    v(&picked),
+                    v(g.get(xv.as_tensor()).unwrap()),
+                    v(g.get(pv.as_tensor()).unwrap()),
+                )
+            };
+            let (o1, dx1, dp1) = run(false);
+            let (o2, dx2, dp2) = run(true);
+            let case = format!("{norm:?}, dropout {drop} / {attn_drop}, rows {rows:?}");
+            let close = |a: &[f32], b: &[f32], what: &str| {
+                let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for (i, (p, q)) in a.iter().zip(b).enumerate() {
+                    assert!(
+                        (p - q).abs() <= 2e-5 * scale,
+                        "{what} {i}, {case}: {p} vs {q}"
+                    );
+                }
+            };
+            close(&o1, &o2, "output");
+            close(&dx1, &dx2, "input gradient");
+            close(&dp1, &dp2, "parameter gradient");
+            assert!(dx1.iter().any(|v| *v != 0.0), "no input gradient, {case}");
+        }
+        let sp = spec(dim, heads, false, 0.0);
+        let len = sp.depth * sp.offsets().len;
+        let xt = Tensor::zeros((b, t, dim), candle_core::DType::F32, &dev).unwrap();
+        let pt = Tensor::zeros(len, candle_core::DType::F32, &dev).unwrap();
+        let mt = Tensor::ones((b, t), candle_core::DType::F32, &dev).unwrap();
+        for bad in [vec![4, 2], vec![3, 3], vec![b * t]] {
+            let op = StackOp::new(sp.clone(), false, false, false, 0, BufferPool::default());
+            let res = xt.apply_op3(&pt, &mt, op.last_rows(bad.clone()));
+            assert!(res.is_err(), "rows {bad:?} were taken");
         }
     }
 }

@@ -310,6 +310,17 @@ impl BertModel {
         let out = self.stack.forward(&x, Some(&input.attention_mask), ctx)?;
         Ok((out.last, out.hidden_states))
     }
+
+    /// The last hidden state at `rows` only (indices into the batch's B x T positions), as
+    /// (rows, D): on the fused stack the last layer runs only those rows after its keys and
+    /// values (see `TransformerStack::forward_rows`), so a loss on a few positions (MLM's
+    /// masked ones) skips most of that layer.
+    pub fn forward_rows(&self, input: &BertInput, rows: &[u32], ctx: &mut Ctx) -> Result<Tensor> {
+        let x = self.embed(input, ctx)?;
+        Ok(self
+            .stack
+            .forward_rows(&x, Some(&input.attention_mask), rows, ctx)?)
+    }
 }
 
 impl Encoder for BertModel {
@@ -540,11 +551,9 @@ impl BertForMaskedLM {
 
     /// Loss, number of selected positions and correct predictions for a masked batch.
     pub fn masked_loss(&self, mb: &MaskedBatch, ctx: &mut Ctx) -> Result<(Tensor, usize, usize)> {
-        let (h, _) = self.bert.forward(&mb.input, ctx)?;
-        let (b, t, d) = h.dims3()?;
-        let dev = h.device();
-        let pos = Tensor::from_vec(mb.positions.clone(), mb.positions.len(), dev)?;
-        let picked = h.reshape((b * t, d))?.index_select(&pos, 0)?;
+        // Only the masked positions' outputs are read: the last layer computes no others.
+        let picked = self.bert.forward_rows(&mb.input, &mb.positions, ctx)?;
+        let dev = picked.device();
         let targets = Tensor::from_vec(mb.targets.clone(), mb.targets.len(), dev)?;
         // The tied decoder and the loss as one op: the (positions, V) logits never enter
         // the graph.
