@@ -3,7 +3,8 @@
 //!
 //! Inputs: `x` (B, T, D), every layer's parameters concatenated in one flat vector (layout in
 //! [`Offsets`]), and the key-padding mask (B, T) as 1/0 floats. Output: (L, B, T, D), the
-//! outputs of the last layer (L = 1) or of every layer (L = depth).
+//! outputs of the last layer (L = 1) or of every layer (L = depth); with
+//! [`StackOp::last_rows`], (1, rows, D), the last layer at those rows.
 //!
 //! The op is stateful: its forward saves the activations its backward needs inside the op,
 //! which candle keeps alive in the graph of the output tensor; they are freed with that graph.
@@ -199,7 +200,8 @@ pub type ParamGradMailbox = Arc<Mutex<Option<Tensor>>>;
 /// `x.apply_op3(&params, &mask, op)`: `x` (B, T, D) f32; `params` every layer's block of
 /// [`FusedSpec::offsets`] one after the other (`depth * offsets().len` f32 values); `mask`
 /// (B, T) f32, 1 = attend, 0 = padding. The output is (1, B, T, D), the last layer's output,
-/// or with `all_layers` (depth, B, T, D), every layer's. CPU only.
+/// or with `all_layers` (depth, B, T, D), every layer's, or with [`StackOp::last_rows`] (1,
+/// rows, D). CPU only.
 ///
 /// The op is stateful: its forward keeps the activations its own backward reads (when `keep`),
 /// so a forward is followed by at most one backward, of that forward.
@@ -227,16 +229,17 @@ fn run_halves<A: Send, B: Send>(
     b: impl FnOnce() -> B + Send,
 ) -> (A, B) {
     type Halves = Arc<[rayon::ThreadPool; 2]>;
-    static POOLS: Mutex<Option<(usize, Option<Halves>)>> = Mutex::new(None);
+    // Per thread count of the calling pool.
+    static POOLS: Mutex<Vec<(usize, Option<Halves>)>> = Mutex::new(Vec::new());
     let threads = rayon::current_num_threads();
     if threads < 2 {
         return (a(), b());
     }
     let pools = {
-        let mut slot = POOLS.lock().unwrap_or_else(PoisonError::into_inner);
-        match &*slot {
-            Some((n, pools)) if *n == threads => pools.clone(),
-            _ => {
+        let mut built = POOLS.lock().unwrap_or_else(PoisonError::into_inner);
+        match built.iter().find(|(n, _)| *n == threads) {
+            Some((_, pools)) => pools.clone(),
+            None => {
                 let build = |i: usize, n: usize| {
                     rayon::ThreadPoolBuilder::new()
                         .num_threads(n)
@@ -247,7 +250,7 @@ fn run_halves<A: Send, B: Send>(
                 let pools = build(0, threads.div_ceil(2))
                     .zip(build(1, threads / 2))
                     .map(|(p0, p1)| Arc::new([p0, p1]));
-                *slot = Some((threads, pools.clone()));
+                built.push((threads, pools.clone()));
                 pools
             }
         }
@@ -334,7 +337,6 @@ fn dropout_par(x: &mut [f32], seed: u32, p: f32, base: usize, rows: Option<(&[us
     });
 }
 
-/// `acc += x` elementwise, in parallel blocks.
 /// Rows `rows` of `x` (rows of width `d`), in that order, in a buffer of `pool`.
 fn gather_rows(pool: &BufferPool, x: &[f32], d: usize, rows: &[usize]) -> Vec<f32> {
     let mut out = pool.take(rows.len() * d);
@@ -357,6 +359,7 @@ fn row_groups(rows: &[usize], t: usize) -> Vec<(usize, usize, usize)> {
     groups
 }
 
+/// `acc += x` elementwise, in parallel blocks.
 fn add_assign_par(acc: &mut [f32], x: &[f32]) {
     let chunk = 1 << 14;
     acc.par_chunks_mut(chunk)
@@ -375,7 +378,7 @@ fn product(
     epilogue: Epilogue,
     bf16: bool,
 ) -> Vec<f32> {
-    let in_dim = x.len() / rows.max(1);
+    let in_dim = w.len() / out_dim.max(1);
     let mut y = pool.take(rows * out_dim);
     linear_product(
         &mut y,
@@ -464,7 +467,7 @@ fn linear_backward(
     want_dx: bool,
     bf16: bool,
 ) -> Vec<f32> {
-    let in_dim = x.len() / rows.max(1);
+    let in_dim = w.len() / out_dim.max(1);
     matmul(
         gw,
         in_dim,
@@ -535,8 +538,9 @@ impl StackOp {
     /// Makes the last layer compute its output only at `rows` (indices into the batch's B x T
     /// rows, strictly increasing), for a loss that reads only those (MLM's masked
     /// positions): keys and values still come from every row, everything after them runs on
-    /// these rows alone, so the last layer costs about a quarter of a full one at 15%
-    /// of the rows. The output is then (1, rows, D), equal to those rows of the full output.
+    /// these rows alone, so the last layer costs about a third of a full one at 15% of the
+    /// rows. The output is then (1, rows, D): those rows of the full output (in f32 the
+    /// same values up to rounding; the dropout masks are the full layer's).
     /// Only for the last layer's output (not `all_layers`) and non-causal attention (the
     /// forward fails otherwise).
     pub fn last_rows(mut self, rows: Vec<usize>) -> Self {
@@ -1123,7 +1127,8 @@ impl StackOp {
         );
         let heads = sp.heads;
         let fused = rows.is_none() && self.fused_attention(t);
-        // Probabilities: (B, H, T, T), or with `rows` (rows, H, T).
+        // Probabilities: (B, H, T, T), or with `rows` each sequence's run of k rows as
+        // (H, k, T).
         let p_len = match rows {
             Some(r) => r.len() * heads * t,
             None => b * heads * t * t,
@@ -1402,7 +1407,8 @@ impl StackOp {
     /// layer's dozen steps. The halves give the same outputs and input gradients, bit for
     /// bit, as the whole batch would (every row takes the same kernels); the parameters'
     /// gradients are the two halves' sums added. With backward the batch is halved on one
-    /// thread too, so a run's result does not depend on the thread count.
+    /// thread too, so a run gives the same bits on one thread as on two. The split is
+    /// static: a core much slower than the other (a busy neighbour) holds its half back.
     fn parts(&self, b: usize) -> usize {
         let halve = b >= 2
             && self.spec.depth > 0
@@ -1740,7 +1746,8 @@ impl CustomOp3 for StackOp {
         }
         let key_bias: Vec<f32> = mask.iter().map(|m| (1.0 - m) * -1e9).collect();
         let mut parts = if self.parts(b) == 2 {
-            let h = b / 2;
+            // The first half on the first pool, which has the extra thread of an odd count.
+            let h = b.div_ceil(2);
             let (kb, row) = (&key_bias, t * d);
             // Each half's rows, as indices into its own.
             let split = self.rows.as_ref().map(|rows| {
@@ -2109,6 +2116,8 @@ mod tests {
             (NormPlacement::Post, 0.2, 0.3, 1, vec![2, 5]),
             (NormPlacement::Post, 0.1, 0.0, 2, vec![3, 10, 11, 25]),
             (NormPlacement::Pre, 0.0, 0.0, 2, vec![2, 5]),
+            (NormPlacement::Post, 0.1, 0.1, 2, vec![2, 5]),
+            (NormPlacement::Post, 0.0, 0.0, 2, vec![]),
         ] {
             let sp = FusedSpec {
                 depth: 2,
@@ -2187,7 +2196,29 @@ mod tests {
             close(&o1, &o2, "output");
             close(&dx1, &dx2, "input gradient");
             close(&dp1, &dp2, "parameter gradient");
-            assert!(dx1.iter().any(|v| *v != 0.0), "no input gradient, {case}");
+            assert_eq!(
+                dx1.iter().any(|v| *v != 0.0),
+                !rows.is_empty(),
+                "input gradient, {case}"
+            );
+            // Without backward (evaluation mode, no dropout): the same rows.
+            let op = StackOp::new(sp.clone(), false, false, false, 0, BufferPool::default());
+            let xt = Tensor::from_vec(x.clone(), (b, t, dim), &dev).unwrap();
+            let pt = Tensor::from_vec(params.clone(), len, &dev).unwrap();
+            let mt = Tensor::from_vec(mask.clone(), (b, t), &dev).unwrap();
+            let full = xt
+                .apply_op3(&pt, &mt, op)
+                .unwrap()
+                .reshape((b * t, dim))
+                .unwrap();
+            let op = StackOp::new(sp.clone(), false, false, false, 0, BufferPool::default());
+            let got = xt.apply_op3(&pt, &mt, op.last_rows(rows.clone())).unwrap();
+            let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+            let want: Vec<f32> = rows
+                .iter()
+                .flat_map(|&r| full.get(r).unwrap().to_vec1::<f32>().unwrap())
+                .collect();
+            close(&want, &got, "output without backward");
         }
         let sp = spec(dim, heads, false, 0.0);
         let len = sp.depth * sp.offsets().len;

@@ -276,13 +276,13 @@ impl TransformerStack {
         })
     }
 
-    /// The last layer's output at `rows` only (indices into the B x T rows, any order, no
-    /// repeats), as (rows, D): what [`Self::forward`]'s last output gives at those rows, for
-    /// a loss that reads nothing else (MLM's masked positions). On the fused path the last
-    /// layer then runs its queries, output projection, norms and MLP on those rows alone
-    /// (keys and values still on every row): at 15% of the rows it costs about a quarter of
-    /// a full layer. Elsewhere (the reference path, causal stacks) the full output is
-    /// gathered.
+    /// The last layer's output at `rows` only (indices into the B x T rows, any order), as
+    /// (rows, D): what [`Self::forward`]'s last output gives at those rows (up to f32
+    /// rounding), for a loss that reads nothing else (MLM's masked positions). On the fused
+    /// path the last layer then runs its queries, output projection, norms and MLP on those
+    /// rows alone (keys and values still on every row): at 15% of the rows it costs about a
+    /// third of a full layer. Elsewhere (the reference path, causal stacks, repeated rows)
+    /// the full output is gathered.
     pub fn forward_rows(
         &self,
         x: &Tensor,
@@ -291,6 +291,12 @@ impl TransformerStack {
         ctx: &mut Ctx,
     ) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
+        if d != self.cfg.dim {
+            return Err(CoreError::InvalidInput(format!(
+                "transformer input has width {d}, the stack expects {}",
+                self.cfg.dim
+            )));
+        }
         if let Some(&r) = rows.iter().find(|&&r| r as usize >= b * t) {
             return Err(CoreError::InvalidInput(format!(
                 "row {r} is outside the batch's {b} x {t} rows"
