@@ -346,9 +346,13 @@ fn gather_rows(pool: &BufferPool, x: &[f32], d: usize, rows: &[usize]) -> Vec<f3
     out
 }
 
-/// The runs of `rows` (sorted row indices of sequences of `t` rows) that fall in each
-/// sequence: `(sequence, first index into rows, count)`, sequences without rows left out.
-fn row_groups(rows: &[usize], t: usize) -> Vec<(usize, usize, usize)> {
+/// The runs of chosen rows in each sequence of `t` rows: `(sequence, first index into the
+/// chosen rows, count)`, sequences without one left out; `rows` sorted, or `None` for every
+/// row of `b` sequences.
+fn seq_groups(b: usize, t: usize, rows: Option<&[usize]>) -> Vec<(usize, usize, usize)> {
+    let Some(rows) = rows else {
+        return (0..b).map(|bi| (bi, bi * t, t)).collect();
+    };
     let mut groups: Vec<(usize, usize, usize)> = Vec::new();
     for (j, &r) in rows.iter().enumerate() {
         match groups.last_mut() {
@@ -357,6 +361,19 @@ fn row_groups(rows: &[usize], t: usize) -> Vec<(usize, usize, usize)> {
         }
     }
     groups
+}
+
+/// The chosen rows of [`seq_groups`]' runs.
+fn groups_rows(groups: &[(usize, usize, usize)]) -> usize {
+    groups.iter().map(|g| g.2).sum()
+}
+
+/// The queries (the first `d` columns) of `rows` of `qkv` (rows of width 3d), gathered.
+fn gather_q(qkv: &[f32], d: usize, rows: &[usize]) -> Vec<f32> {
+    rows.iter()
+        .flat_map(|&r| &qkv[r * 3 * d..r * 3 * d + d])
+        .copied()
+        .collect()
 }
 
 /// `acc += x` elementwise, in parallel blocks.
@@ -591,10 +608,14 @@ impl StackOp {
             && super::amx::backend().is_none()
     }
 
-    /// Scaled dot-product attention for every (batch, head): fills `p` (B, H, T, T), `pd`
-    /// and `ctx` (N, D) from `qkv` (N, 3D). `fused` (allowed where [`Self::fused_attention`]
-    /// says so): one bf16 kernel per head, which needs no `p` (it may be empty, when no
-    /// backward follows); else two products per head with the softmax between them over `p`.
+    /// Scaled dot-product attention for every (batch, head): fills `p` and `ctx` (N, D)
+    /// from `qkv` (N, 3D), `pd` too under attention dropout. `fused` (allowed where
+    /// [`Self::fused_attention`] says so, never with `rows`): one bf16 kernel per head, which
+    /// needs no `p` (it may be empty, when no backward follows); else two products per head
+    /// with the softmax between them over `p`. With `rows` (sorted indices into the part's
+    /// rows; not causal) only those queries: `p` and `pd` hold each sequence's run of k
+    /// chosen rows as (H, k, T) (without `rows`, (B, H, T, T): every row chosen) and `ctx`
+    /// (rows, D); each row's probabilities take the dropout mask of the whole layer.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -605,6 +626,7 @@ impl StackOp {
         t: usize,
         qkv: &[f32],
         key_bias: &[f32],
+        rows: Option<&[usize]>,
         p: &mut [f32],
         pd: Option<&mut [f32]>,
         ctx: &mut [f32],
@@ -662,98 +684,10 @@ impl StackOp {
             });
             return;
         }
-        (0..b * h).into_par_iter().for_each(|bh| {
-            let (bi, hi) = (bh / h, bh % h);
-            let base = bi * t * ld + hi * dh;
-            // SAFETY: task `bh` alone touches block `bh` of `p`/`pd` and the (rows of batch
-            // `bi`, columns of head `hi`) block of `ctx`; reads stay inside `qkv`.
-            unsafe {
-                let pb = std::slice::from_raw_parts_mut(p_ptr.ptr().add(bh * t * t), t * t);
-                matmul_raw(
-                    pb.as_mut_ptr(),
-                    t,
-                    t,
-                    t,
-                    dh,
-                    qkv.as_ptr().add(base),
-                    ld as isize,
-                    1,
-                    qkv.as_ptr().add(base + d),
-                    1,
-                    ld as isize,
-                    scale,
-                    false,
-                    gemm::Parallelism::None,
-                    self.spec.bf16,
-                );
-                simd::softmax_rows(pb, &key_bias[bi * t..(bi + 1) * t], causal, 0);
-                let probs: &[f32] = match pd_ptr {
-                    Some(pd_ptr) => {
-                        let pdb =
-                            std::slice::from_raw_parts_mut(pd_ptr.ptr().add(bh * t * t), t * t);
-                        pdb.copy_from_slice(pb);
-                        simd::dropout(pdb, seed, (drop0 + bh * t * t) as u32, thr, dscale);
-                        pdb
-                    }
-                    None => pb,
-                };
-                matmul_raw(
-                    ctx_ptr.ptr().add(bi * t * d + hi * dh),
-                    d,
-                    t,
-                    dh,
-                    t,
-                    probs.as_ptr(),
-                    t as isize,
-                    1,
-                    qkv.as_ptr().add(base + 2 * d),
-                    ld as isize,
-                    1,
-                    1.0,
-                    false,
-                    gemm::Parallelism::None,
-                    self.spec.bf16,
-                );
-            }
-        });
-    }
-
-    /// [`Self::attention`] for the queries at `rows` only (sorted indices into the part's
-    /// rows; not causal): fills `p` and `pd` (rows, H, T; within each sequence's run of
-    /// rows, head-major) and `ctx` (rows, D) from `qkv` (N, 3D). Each row's probabilities
-    /// take the dropout mask the whole layer would give them.
-    #[allow(clippy::too_many_arguments)]
-    fn attention_rows(
-        &self,
-        layer: usize,
-        seq0: usize,
-        t: usize,
-        qkv: &[f32],
-        key_bias: &[f32],
-        rows: &[usize],
-        p: &mut [f32],
-        pd: Option<&mut [f32]>,
-        ctx: &mut [f32],
-    ) {
-        let (d, h) = (self.spec.dim, self.spec.heads);
-        let dh = d / h;
-        let scale = 1.0 / (dh as f32).sqrt();
-        let ld = 3 * d;
-        // The selected queries, gathered: (rows, D) with row stride d.
-        let q: Vec<f32> = rows
-            .iter()
-            .flat_map(|&r| &qkv[r * ld..r * ld + d])
-            .copied()
-            .collect();
-        let p_ptr = OutSlice::new(p);
-        let pd_ptr = pd.map(OutSlice::new);
-        let ctx_ptr = OutSlice::new(ctx);
-        let seed = self.site_seed(layer, 2);
-        let (thr, dscale) = (
-            simd::drop_threshold(self.spec.attn_dropout),
-            1.0 / (1.0 - self.spec.attn_dropout),
-        );
-        let groups = row_groups(rows, t);
+        let groups = seq_groups(b, t, rows);
+        // The chosen queries: gathered (row stride d), or read in place (stride 3d).
+        let gathered = rows.map(|rows| gather_q(qkv, d, rows));
+        let (q, q_ld) = gathered.as_deref().map_or((qkv, ld), |g| (g, d));
         (0..groups.len() * h).into_par_iter().for_each(|gh| {
             let ((bi, j0, k), hi) = (groups[gh / h], gh % h);
             let kv = bi * t * ld + hi * dh;
@@ -768,8 +702,8 @@ impl StackOp {
                     k,
                     t,
                     dh,
-                    q.as_ptr().add(j0 * d + hi * dh),
-                    d as isize,
+                    q.as_ptr().add(j0 * q_ld + hi * dh),
+                    q_ld as isize,
                     1,
                     qkv.as_ptr().add(kv + d),
                     1,
@@ -779,13 +713,13 @@ impl StackOp {
                     gemm::Parallelism::None,
                     self.spec.bf16,
                 );
-                simd::softmax_rows(pb, &key_bias[bi * t..(bi + 1) * t], false, 0);
+                simd::softmax_rows(pb, &key_bias[bi * t..(bi + 1) * t], causal, 0);
                 let probs: &[f32] = match pd_ptr {
                     Some(pd_ptr) => {
                         let pdb = std::slice::from_raw_parts_mut(pd_ptr.ptr().add(at), k * t);
                         pdb.copy_from_slice(pb);
                         for (i, row) in pdb.chunks_mut(t).enumerate() {
-                            let pos = rows[j0 + i] % t;
+                            let pos = rows.map_or(i, |r| r[j0 + i] % t);
                             let idx = ((seq0 + bi) * h + hi) * t * t + pos * t;
                             simd::dropout(row, seed, idx as u32, thr, dscale);
                         }
@@ -814,14 +748,14 @@ impl StackOp {
         });
     }
 
-    /// Backward of [`Self::attention_rows`]: `dqkv` (N, 3D) from `dctx` (rows, D), the
-    /// queries' gradient zero outside `rows`.
-    fn attention_backward_rows(
+    /// Backward of [`Self::attention`] (with the same `rows`): `dqkv` (N, 3D) from `dctx`
+    /// (its rows, D), the queries' gradient zero outside `rows`.
+    fn attention_backward(
         &self,
         layer: usize,
         s: &Saved,
         ls: &LayerSaved,
-        rows: &[usize],
+        rows: Option<&[usize]>,
         dctx: &[f32],
     ) -> Vec<f32> {
         let t = s.t;
@@ -830,22 +764,33 @@ impl StackOp {
         let scale = 1.0 / (dh as f32).sqrt();
         let ld = 3 * d;
         let qkv = &ls.qkv;
-        let q: Vec<f32> = rows
-            .iter()
-            .flat_map(|&r| &qkv[r * ld..r * ld + d])
-            .copied()
-            .collect();
-        // Sequences without a selected row get no key or value gradient: zeros.
-        let mut dqkv = self.pool.zeros(s.b * t * ld);
-        let mut dq = vec![0f32; rows.len() * d];
+        let groups = seq_groups(s.b, t, rows);
+        let gathered = rows.map(|rows| gather_q(qkv, d, rows));
+        let (q, q_ld) = gathered.as_deref().map_or((qkv.as_slice(), ld), |g| (g, d));
+        // With every row chosen each block of dqkv is written; else sequences without a
+        // chosen row keep zero key and value gradients, and the queries' go to `dq` first.
+        let mut dqkv = match rows {
+            Some(_) => self.pool.zeros(s.b * t * ld),
+            None => self.pool.take(s.b * t * ld),
+        };
+        let mut dq = vec![
+            0f32;
+            if rows.is_some() {
+                groups_rows(&groups) * d
+            } else {
+                0
+            }
+        ];
         let dqkv_ptr = OutSlice::new(&mut dqkv);
-        let dq_ptr = OutSlice::new(&mut dq);
+        let (dq_ptr, dq_ld) = match rows {
+            Some(_) => (OutSlice::new(&mut dq), d),
+            None => (dqkv_ptr, ld),
+        };
         let seed = self.site_seed(layer, 2);
         let (thr, dscale) = (
             simd::drop_threshold(self.spec.attn_dropout),
             1.0 / (1.0 - self.spec.attn_dropout),
         );
-        let groups = row_groups(rows, t);
         (0..groups.len() * h).into_par_iter().for_each(|gh| {
             let ((bi, j0, k), hi) = (groups[gh / h], gh % h);
             let kv = bi * t * ld + hi * dh;
@@ -857,8 +802,8 @@ impl StackOp {
             };
             let mut ds = vec![0f32; k * t];
             // SAFETY: task `gh` alone writes the (sequence `bi`'s rows, head `hi`'s columns)
-            // blocks of dk and dv and the (its rows, head `hi`) block of `dq`; reads stay
-            // inside their buffers.
+            // blocks of dk and dv and the (its rows, head `hi`) block of the queries'
+            // gradient; reads stay inside their buffers.
             unsafe {
                 // dP = dctx V^T
                 matmul_raw(
@@ -898,7 +843,7 @@ impl StackOp {
                 );
                 if ls.pd.is_some() {
                     for (i, row) in ds.chunks_mut(t).enumerate() {
-                        let pos = rows[j0 + i] % t;
+                        let pos = rows.map_or(i, |r| r[j0 + i] % t);
                         let idx = ((s.seq0 + bi) * h + hi) * t * t + pos * t;
                         simd::dropout(row, seed, idx as u32, thr, dscale);
                     }
@@ -906,8 +851,8 @@ impl StackOp {
                 simd::softmax_backward_rows(&mut ds, p, t);
                 // dQ = scale dS K
                 matmul_raw(
-                    dq_ptr.ptr().add(j0 * d + hi * dh),
-                    d,
+                    dq_ptr.ptr().add(j0 * dq_ld + hi * dh),
+                    dq_ld,
                     k,
                     dh,
                     t,
@@ -932,8 +877,8 @@ impl StackOp {
                     ds.as_ptr(),
                     1,
                     t as isize,
-                    q.as_ptr().add(j0 * d + hi * dh),
-                    d as isize,
+                    q.as_ptr().add(j0 * q_ld + hi * dh),
+                    q_ld as isize,
                     1,
                     scale,
                     false,
@@ -942,131 +887,11 @@ impl StackOp {
                 );
             }
         });
-        for (j, &r) in rows.iter().enumerate() {
-            dqkv[r * ld..r * ld + d].copy_from_slice(&dq[j * d..(j + 1) * d]);
+        if let Some(rows) = rows {
+            for (j, &r) in rows.iter().enumerate() {
+                dqkv[r * ld..r * ld + d].copy_from_slice(&dq[j * d..(j + 1) * d]);
+            }
         }
-        dqkv
-    }
-
-    /// Backward of [`Self::attention`]: returns `dqkv` (N, 3D) from `dctx` (N, D).
-    fn attention_backward(
-        &self,
-        layer: usize,
-        s: &Saved,
-        ls: &LayerSaved,
-        dctx: &[f32],
-    ) -> Vec<f32> {
-        let (b, t) = (s.b, s.t);
-        let (d, h) = (self.spec.dim, self.spec.heads);
-        let dh = d / h;
-        let scale = 1.0 / (dh as f32).sqrt();
-        let ld = 3 * d;
-        let mut dqkv = self.pool.take(b * t * ld);
-        let dq_ptr = OutSlice::new(&mut dqkv);
-        let seed = self.site_seed(layer, 2);
-        let drop = ls.pd.is_some();
-        let (thr, dscale) = (
-            simd::drop_threshold(self.spec.attn_dropout),
-            1.0 / (1.0 - self.spec.attn_dropout),
-        );
-        let qkv = &ls.qkv;
-        (0..b * h).into_par_iter().for_each(|bh| {
-            let (bi, hi) = (bh / h, bh % h);
-            let base = bi * t * ld + hi * dh;
-            let dbase = bi * t * d + hi * dh;
-            let p = &ls.p[bh * t * t..(bh + 1) * t * t];
-            let probs = match &ls.pd {
-                Some(pd) => &pd[bh * t * t..(bh + 1) * t * t],
-                None => p,
-            };
-            let mut ds = vec![0f32; t * t];
-            // SAFETY: task `bh` alone writes the (rows of batch `bi`, columns of head `hi`)
-            // blocks of dq, dk and dv; reads stay inside their buffers.
-            unsafe {
-                // dP = dctx V^T
-                matmul_raw(
-                    ds.as_mut_ptr(),
-                    t,
-                    t,
-                    t,
-                    dh,
-                    dctx.as_ptr().add(dbase),
-                    d as isize,
-                    1,
-                    qkv.as_ptr().add(base + 2 * d),
-                    1,
-                    ld as isize,
-                    1.0,
-                    false,
-                    gemm::Parallelism::None,
-                    self.spec.bf16,
-                );
-                // dV = P^T dctx
-                matmul_raw(
-                    dq_ptr.ptr().add(base + 2 * d),
-                    ld,
-                    t,
-                    dh,
-                    t,
-                    probs.as_ptr(),
-                    1,
-                    t as isize,
-                    dctx.as_ptr().add(dbase),
-                    d as isize,
-                    1,
-                    1.0,
-                    false,
-                    gemm::Parallelism::None,
-                    self.spec.bf16,
-                );
-                if drop {
-                    simd::dropout(
-                        &mut ds,
-                        seed,
-                        ((s.seq0 * h + bh) * t * t) as u32,
-                        thr,
-                        dscale,
-                    );
-                }
-                simd::softmax_backward_rows(&mut ds, p, t);
-                // dQ = scale dS K
-                matmul_raw(
-                    dq_ptr.ptr().add(base),
-                    ld,
-                    t,
-                    dh,
-                    t,
-                    ds.as_ptr(),
-                    t as isize,
-                    1,
-                    qkv.as_ptr().add(base + d),
-                    ld as isize,
-                    1,
-                    scale,
-                    false,
-                    gemm::Parallelism::None,
-                    self.spec.bf16,
-                );
-                // dK = scale dS^T Q
-                matmul_raw(
-                    dq_ptr.ptr().add(base + d),
-                    ld,
-                    t,
-                    dh,
-                    t,
-                    ds.as_ptr(),
-                    1,
-                    t as isize,
-                    qkv.as_ptr().add(base),
-                    ld as isize,
-                    1,
-                    scale,
-                    false,
-                    gemm::Parallelism::None,
-                    self.spec.bf16,
-                );
-            }
-        });
         dqkv
     }
 
@@ -1136,31 +961,19 @@ impl StackOp {
         let mut p = pool.take(if self.keep || !fused { p_len } else { 0 });
         let mut pd = self.attn_drops().then(|| pool.take(p_len));
         let mut ctx = pool.take(nr * d);
-        match rows {
-            Some(rows) => self.attention_rows(
-                layer,
-                seq0,
-                t,
-                &qkv,
-                key_bias,
-                rows,
-                &mut p,
-                pd.as_deref_mut(),
-                &mut ctx,
-            ),
-            None => self.attention(
-                fused,
-                layer,
-                seq0,
-                b,
-                t,
-                &qkv,
-                key_bias,
-                &mut p,
-                pd.as_deref_mut(),
-                &mut ctx,
-            ),
-        }
+        self.attention(
+            fused,
+            layer,
+            seq0,
+            b,
+            t,
+            &qkv,
+            key_bias,
+            rows,
+            &mut p,
+            pd.as_deref_mut(),
+            &mut ctx,
+        );
         // Output projection, then one pass: bias, dropout, residual and the next norm
         // (pre: ln2 of x1, the MLP's input; post: ln1, whose output is both x1 and the MLP's
         // input).
@@ -1657,10 +1470,7 @@ impl StackOp {
         if let Some(v) = dao_masked {
             pool.put(v);
         }
-        let dqkv = match rows {
-            Some(rows) => self.attention_backward_rows(layer, s, ls, rows, &dctx),
-            None => self.attention_backward(layer, s, ls, &dctx),
-        };
+        let dqkv = self.attention_backward(layer, s, ls, rows, &dctx);
         // From here on every row: dx1 (the residual's gradient) scattered to its rows.
         if let Some(rows) = rows {
             let mut full = pool.zeros(n * d);
@@ -1972,6 +1782,7 @@ mod tests {
                     t,
                     &qkv,
                     &key_bias,
+                    None,
                     &mut p,
                     pd.as_deref_mut(),
                     &mut ctx,
@@ -2003,11 +1814,97 @@ mod tests {
                 t,
                 &qkv,
                 &key_bias,
+                None,
                 &mut [],
                 pd2.as_deref_mut(),
                 &mut ctx2,
             );
             assert_eq!(ctx1, ctx2);
+        }
+    }
+
+    /// Inputs of the op tests: a two-layer f32 stack of width 32 (4 heads), its parameters,
+    /// `b` sequences of `t` rows, and a mask whose sequence `padded` ends in 3 padding
+    /// positions.
+    struct Case {
+        sp: FusedSpec,
+        b: usize,
+        t: usize,
+        params: Vec<f32>,
+        x: Vec<f32>,
+        mask: Vec<f32>,
+    }
+
+    impl Case {
+        fn new(b: usize, t: usize, norm: NormPlacement, drop: (f32, f32), padded: usize) -> Self {
+            let sp = FusedSpec {
+                depth: 2,
+                dim: 32,
+                mlp: 96,
+                heads: 4,
+                norm,
+                act: Act::GeluErf,
+                dropout: drop.0,
+                attn_dropout: drop.1,
+                eps: 1e-5,
+                causal: false,
+                bf16: false,
+            };
+            let len = sp.depth * sp.offsets().len;
+            let pad = padded * t + t - 3..(padded + 1) * t;
+            Case {
+                params: (0..len).map(|i| (i as f32 * 0.37).sin() * 0.2).collect(),
+                x: (0..b * t * sp.dim)
+                    .map(|i| (i as f32 * 0.11).cos())
+                    .collect(),
+                mask: (0..b * t)
+                    .map(|i| if pad.contains(&i) { 0.0 } else { 1.0 })
+                    .collect(),
+                sp,
+                b,
+                t,
+            }
+        }
+
+        /// Applies `op`, `read`s the output, and returns what was read and (where `op` keeps
+        /// what backward needs, else empty) the gradients of the input and the parameters
+        /// for the loss `sum(read(output) * w)` (`w` from a fixed formula).
+        fn run(
+            &self,
+            op: StackOp,
+            read: impl Fn(Tensor) -> Tensor,
+        ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+            use candle_core::{Device, Var};
+            let dev = Device::Cpu;
+            let (b, t, d) = (self.b, self.t, self.sp.dim);
+            let xv = Var::from_vec(self.x.clone(), (b, t, d), &dev).unwrap();
+            let pv = Var::from_vec(self.params.clone(), self.params.len(), &dev).unwrap();
+            let mt = Tensor::from_vec(self.mask.clone(), (b, t), &dev).unwrap();
+            let keep = op.keep;
+            let out = read(xv.as_tensor().apply_op3(pv.as_tensor(), &mt, op).unwrap());
+            let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            if !keep {
+                return (v(&out), Vec::new(), Vec::new());
+            }
+            let w: Vec<f32> = (0..out.elem_count())
+                .map(|i| (i as f32 * 0.53).sin())
+                .collect();
+            let w = Tensor::from_vec(w, out.shape(), &dev).unwrap();
+            let g = (&out * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            (
+                v(&out),
+                v(g.get(xv.as_tensor()).unwrap()),
+                v(g.get(pv.as_tensor()).unwrap()),
+            )
+        }
+    }
+
+    /// `a` and `b` equal within `tol` times the largest magnitude of `a`.
+    fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (i, (p, q)) in a.iter().zip(b).enumerate() {
+            assert!((p - q).abs() <= tol * scale, "{what} {i}: {p} vs {q}");
         }
     }
 
@@ -2019,59 +1916,30 @@ mod tests {
     /// as on two (so a run does not depend on the thread count).
     #[test]
     fn halves_equal_the_whole_batch() {
-        use candle_core::{Device, Var};
-        let dev = Device::Cpu;
-        let (t, dim, heads) = (9, 32, 4);
         for &(b, norm, drop, all_layers, threads) in &[
             (3, NormPlacement::Post, 0.1, false, 2),
             (4, NormPlacement::Pre, 0.0, true, 2),
             (5, NormPlacement::Pre, 0.2, false, 1),
             (2, NormPlacement::Post, 0.0, true, 1),
         ] {
-            let sp = FusedSpec {
-                depth: 2,
-                dim,
-                mlp: 3 * dim,
-                heads,
-                norm,
-                act: Act::GeluErf,
-                dropout: drop,
-                attn_dropout: drop,
-                eps: 1e-5,
-                causal: false,
-                bf16: false,
-            };
-            let len = sp.depth * sp.offsets().len;
-            let params: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin() * 0.2).collect();
-            let x: Vec<f32> = (0..b * t * dim).map(|i| (i as f32 * 0.11).cos()).collect();
-            // The last two positions of the first sequence are padding.
-            let mask: Vec<f32> = (0..b * t)
-                .map(|i| if i < t && i >= t - 2 { 0.0 } else { 1.0 })
-                .collect();
-            let out_len = if all_layers { sp.depth } else { 1 } * b * t * dim;
-            let r: Vec<f32> = (0..out_len).map(|i| (i as f32 * 0.53).sin()).collect();
+            let c = Case::new(b, 9, norm, (drop, drop), 0);
             let run = |parts: usize, threads: usize| {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
                     .build()
                     .unwrap();
                 pool.install(|| {
-                    let xv = Var::from_vec(x.clone(), (b, t, dim), &dev).unwrap();
-                    let pv = Var::from_vec(params.clone(), len, &dev).unwrap();
-                    let mt = Tensor::from_vec(mask.clone(), (b, t), &dev).unwrap();
-                    let mut op =
-                        StackOp::new(sp.clone(), all_layers, true, true, 5, BufferPool::default());
+                    let mut op = StackOp::new(
+                        c.sp.clone(),
+                        all_layers,
+                        true,
+                        true,
+                        5,
+                        BufferPool::default(),
+                    );
                     op.max_parts = parts;
                     assert_eq!(op.parts(b), parts);
-                    let out = xv.as_tensor().apply_op3(pv.as_tensor(), &mt, op).unwrap();
-                    let rt = Tensor::from_vec(r.clone(), out.shape(), &dev).unwrap();
-                    let g = (&out * &rt).unwrap().sum_all().unwrap().backward().unwrap();
-                    let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                    (
-                        v(&out),
-                        v(g.get(xv.as_tensor()).unwrap()),
-                        v(g.get(pv.as_tensor()).unwrap()),
-                    )
+                    c.run(op, |out| out)
                 })
             };
             let (o1, dx1, dp1) = run(1, threads);
@@ -2085,16 +1953,10 @@ mod tests {
             let case = format!("b {b}, {norm:?}, dropout {drop}, {threads} threads");
             assert_eq!(o1, o2, "outputs, {case}");
             assert_eq!(dx1, dx2, "input gradients, {case}");
-            let scale = dp1.iter().fold(0f32, |m, v| m.max(v.abs()));
-            for (i, (p, q)) in dp1.iter().zip(&dp2).enumerate() {
-                assert!(
-                    (p - q).abs() <= 1e-5 * scale,
-                    "parameter gradient {i}, {case}: {p} vs {q}"
-                );
-            }
+            assert_close(&dp1, &dp2, 1e-5, &format!("parameter gradient, {case}"));
             assert!(
-                dp1 != vec![0f32; len],
-                "the parameters got no gradient, {case}"
+                dp1.iter().any(|v| *v != 0.0),
+                "no parameter gradient, {case}"
             );
         }
     }
@@ -2103,131 +1965,69 @@ mod tests {
     /// same outputs, and the same input and parameter gradients for a loss that reads only
     /// those rows (within f32 rounding: the parameter gradients sum fewer rows), with both
     /// norm placements, dropout (whose masks the rows keep), padding, a sequence and a half
-    /// with no chosen row, whole batch and halves; and the forward refuses rows out of
-    /// order or out of the batch.
+    /// with no chosen row, no row at all, whole batch and halves, with and without backward;
+    /// and the forward refuses rows out of order or out of the batch.
     #[test]
     fn last_rows_equal_the_full_layer_at_those_rows() {
-        use candle_core::{Device, Var};
-        let dev = Device::Cpu;
-        let (b, t, dim, heads) = (3, 9, 32, 4);
-        for &(norm, drop, attn_drop, parts, ref rows) in &[
-            (NormPlacement::Post, 0.0, 0.0, 2, vec![1, 4, 8, 20, 26]),
-            (NormPlacement::Pre, 0.1, 0.2, 2, vec![0, 3, 13, 18]),
-            (NormPlacement::Post, 0.2, 0.3, 1, vec![2, 5]),
-            (NormPlacement::Post, 0.1, 0.0, 2, vec![3, 10, 11, 25]),
-            (NormPlacement::Pre, 0.0, 0.0, 2, vec![2, 5]),
-            (NormPlacement::Post, 0.1, 0.1, 2, vec![2, 5]),
-            (NormPlacement::Post, 0.0, 0.0, 2, vec![]),
+        let (b, t) = (3, 9);
+        for &(norm, drop, parts, ref rows) in &[
+            (NormPlacement::Post, (0.0, 0.0), 2, vec![1, 4, 8, 20, 26]),
+            (NormPlacement::Pre, (0.1, 0.2), 2, vec![0, 3, 13, 18]),
+            (NormPlacement::Post, (0.2, 0.3), 1, vec![2, 5]),
+            (NormPlacement::Post, (0.1, 0.0), 2, vec![3, 10, 11, 25]),
+            (NormPlacement::Pre, (0.0, 0.0), 2, vec![2, 5]),
+            (NormPlacement::Post, (0.1, 0.1), 2, vec![2, 5]),
+            (NormPlacement::Post, (0.0, 0.0), 2, vec![]),
         ] {
-            let sp = FusedSpec {
-                depth: 2,
-                dim,
-                mlp: 3 * dim,
-                heads,
-                norm,
-                act: Act::GeluErf,
-                dropout: drop,
-                attn_dropout: attn_drop,
-                eps: 1e-5,
-                causal: false,
-                bf16: false,
+            let c = Case::new(b, t, norm, drop, 1);
+            let d = c.sp.dim;
+            let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+            let idx = Tensor::from_vec(idx, rows.len(), &candle_core::Device::Cpu).unwrap();
+            let gather = |out: Tensor| {
+                out.reshape((b * t, d))
+                    .unwrap()
+                    .index_select(&idx, 0)
+                    .unwrap()
             };
-            let len = sp.depth * sp.offsets().len;
-            let params: Vec<f32> = (0..len).map(|i| (i as f32 * 0.29).sin() * 0.2).collect();
-            let x: Vec<f32> = (0..b * t * dim).map(|i| (i as f32 * 0.13).cos()).collect();
-            // The last three positions of the second sequence are padding.
-            let mask: Vec<f32> = (0..b * t)
-                .map(|i| {
-                    if (2 * t - 3..2 * t).contains(&i) {
-                        0.0
-                    } else {
-                        1.0
-                    }
-                })
-                .collect();
-            let r: Vec<f32> = (0..rows.len() * dim)
-                .map(|i| (i as f32 * 0.47).sin())
-                .collect();
-            let run = |sparse: bool| {
-                let xv = Var::from_vec(x.clone(), (b, t, dim), &dev).unwrap();
-                let pv = Var::from_vec(params.clone(), len, &dev).unwrap();
-                let mt = Tensor::from_vec(mask.clone(), (b, t), &dev).unwrap();
-                let mut op = StackOp::new(sp.clone(), false, true, true, 11, BufferPool::default());
+            let op = |train: bool| {
+                let mut op =
+                    StackOp::new(c.sp.clone(), false, train, train, 11, BufferPool::default());
                 op.max_parts = parts;
-                let picked = if sparse {
-                    let op = op.last_rows(rows.clone());
-                    let out = xv.as_tensor().apply_op3(pv.as_tensor(), &mt, op).unwrap();
-                    out.reshape((rows.len(), dim)).unwrap()
-                } else {
-                    let out = xv.as_tensor().apply_op3(pv.as_tensor(), &mt, op).unwrap();
-                    let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-                    let idx = Tensor::from_vec(idx, rows.len(), &dev).unwrap();
-                    out.reshape((b * t, dim))
-                        .unwrap()
-                        .index_select(&idx, 0)
-                        .unwrap()
-                };
-                let rt = Tensor::from_vec(r.clone(), (rows.len(), dim), &dev).unwrap();
-                let g = (&picked * &rt)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                (
-                    v(&picked),
-                    v(g.get(xv.as_tensor()).unwrap()),
-                    v(g.get(pv.as_tensor()).unwrap()),
-                )
+                op
             };
-            let (o1, dx1, dp1) = run(false);
-            let (o2, dx2, dp2) = run(true);
-            let case = format!("{norm:?}, dropout {drop} / {attn_drop}, rows {rows:?}");
-            let close = |a: &[f32], b: &[f32], what: &str| {
-                let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
-                for (i, (p, q)) in a.iter().zip(b).enumerate() {
-                    assert!(
-                        (p - q).abs() <= 2e-5 * scale,
-                        "{what} {i}, {case}: {p} vs {q}"
-                    );
-                }
-            };
-            close(&o1, &o2, "output");
-            close(&dx1, &dx2, "input gradient");
-            close(&dp1, &dp2, "parameter gradient");
+            let full = c.run(op(true), gather);
+            let sparse = c.run(op(true).last_rows(rows.clone()), |out| out);
+            let case = format!("{norm:?}, dropout {drop:?}, rows {rows:?}");
+            assert_close(&full.0, &sparse.0, 2e-5, &format!("output, {case}"));
+            assert_close(&full.1, &sparse.1, 2e-5, &format!("input gradient, {case}"));
+            assert_close(
+                &full.2,
+                &sparse.2,
+                2e-5,
+                &format!("parameter gradient, {case}"),
+            );
             assert_eq!(
-                dx1.iter().any(|v| *v != 0.0),
+                full.1.iter().any(|v| *v != 0.0),
                 !rows.is_empty(),
                 "input gradient, {case}"
             );
             // Without backward (evaluation mode, no dropout): the same rows.
-            let op = StackOp::new(sp.clone(), false, false, false, 0, BufferPool::default());
-            let xt = Tensor::from_vec(x.clone(), (b, t, dim), &dev).unwrap();
-            let pt = Tensor::from_vec(params.clone(), len, &dev).unwrap();
-            let mt = Tensor::from_vec(mask.clone(), (b, t), &dev).unwrap();
-            let full = xt
-                .apply_op3(&pt, &mt, op)
-                .unwrap()
-                .reshape((b * t, dim))
-                .unwrap();
-            let op = StackOp::new(sp.clone(), false, false, false, 0, BufferPool::default());
-            let got = xt.apply_op3(&pt, &mt, op.last_rows(rows.clone())).unwrap();
-            let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
-            let want: Vec<f32> = rows
-                .iter()
-                .flat_map(|&r| full.get(r).unwrap().to_vec1::<f32>().unwrap())
-                .collect();
-            close(&want, &got, "output without backward");
+            let want = c.run(op(false), gather).0;
+            let got = c.run(op(false).last_rows(rows.clone()), |out| out).0;
+            assert_close(
+                &want,
+                &got,
+                2e-5,
+                &format!("output without backward, {case}"),
+            );
         }
-        let sp = spec(dim, heads, false, 0.0);
-        let len = sp.depth * sp.offsets().len;
-        let xt = Tensor::zeros((b, t, dim), candle_core::DType::F32, &dev).unwrap();
-        let pt = Tensor::zeros(len, candle_core::DType::F32, &dev).unwrap();
-        let mt = Tensor::ones((b, t), candle_core::DType::F32, &dev).unwrap();
+        let c = Case::new(b, t, NormPlacement::Post, (0.0, 0.0), 0);
         for bad in [vec![4, 2], vec![3, 3], vec![b * t]] {
-            let op = StackOp::new(sp.clone(), false, false, false, 0, BufferPool::default());
-            let res = xt.apply_op3(&pt, &mt, op.last_rows(bad.clone()));
+            let op = StackOp::new(c.sp.clone(), false, false, false, 0, BufferPool::default());
+            let xt = Tensor::from_vec(c.x.clone(), (b, t, c.sp.dim), &candle_core::Device::Cpu);
+            let pt = Tensor::new(c.params.as_slice(), &candle_core::Device::Cpu).unwrap();
+            let mt = Tensor::from_vec(c.mask.clone(), (b, t), &candle_core::Device::Cpu).unwrap();
+            let res = xt.unwrap().apply_op3(&pt, &mt, op.last_rows(bad.clone()));
             assert!(res.is_err(), "rows {bad:?} were taken");
         }
     }

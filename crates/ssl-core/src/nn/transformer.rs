@@ -241,13 +241,8 @@ impl TransformerStack {
             && x.dtype() == DType::F32
     }
 
-    /// Runs the stack on `x` (B, T, D) with an optional key-padding mask (B, T), 1 = real token.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        padding_mask: Option<&Tensor>,
-        ctx: &mut Ctx,
-    ) -> Result<StackOutput> {
+    /// `x`'s (B, T, D), or an error naming the width when D is not the stack's.
+    fn input_dims(&self, x: &Tensor) -> Result<(usize, usize, usize)> {
         let (b, t, d) = x.dims3()?;
         if d != self.cfg.dim {
             return Err(CoreError::InvalidInput(format!(
@@ -255,6 +250,17 @@ impl TransformerStack {
                 self.cfg.dim
             )));
         }
+        Ok((b, t, d))
+    }
+
+    /// Runs the stack on `x` (B, T, D) with an optional key-padding mask (B, T), 1 = real token.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        padding_mask: Option<&Tensor>,
+        ctx: &mut Ctx,
+    ) -> Result<StackOutput> {
+        let (b, t, _) = self.input_dims(x)?;
         if self.runs_fused(x) {
             return self.forward_fused(x, padding_mask, ctx);
         }
@@ -290,13 +296,7 @@ impl TransformerStack {
         rows: &[u32],
         ctx: &mut Ctx,
     ) -> Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
-        if d != self.cfg.dim {
-            return Err(CoreError::InvalidInput(format!(
-                "transformer input has width {d}, the stack expects {}",
-                self.cfg.dim
-            )));
-        }
+        let (b, t, d) = self.input_dims(x)?;
         if let Some(&r) = rows.iter().find(|&&r| r as usize >= b * t) {
             return Err(CoreError::InvalidInput(format!(
                 "row {r} is outside the batch's {b} x {t} rows"
