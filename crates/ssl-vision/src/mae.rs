@@ -176,6 +176,15 @@ impl MaeTask {
         mask: &MaskSample,
         ctx: &mut Ctx,
     ) -> Result<Tensor> {
+        let x = self.decoder_input(latent, mask)?;
+        let x = self.decoder.forward(&x, None, ctx)?.last;
+        let x = self.decoder_pred.forward(&self.decoder_norm.forward(&x)?)?;
+        Ok(x.narrow(1, 1, mask.num_patches)?)
+    }
+
+    /// The decoder blocks' input: embed, append mask tokens, unshuffle with `ids_restore`,
+    /// class token first, add positions: `(B, L + 1, decoder_dim)`.
+    fn decoder_input(&self, latent: &Tensor, mask: &MaskSample) -> Result<Tensor> {
         let x = self.decoder_embed.forward(latent)?;
         let (b, n, dd) = x.dims3()?;
         let l = mask.num_patches;
@@ -184,10 +193,7 @@ impl MaeTask {
         let shuffled = Tensor::cat(&[&x.narrow(1, 1, n - 1)?, &tokens], 1)?;
         let unshuffled = gather_tokens(&shuffled, &mask.ids_restore)?;
         let x = Tensor::cat(&[&x.narrow(1, 0, 1)?, &unshuffled], 1)?;
-        let x = add_broadcast(&x, &self.decoder_pos)?;
-        let x = self.decoder.forward(&x, None, ctx)?.last;
-        let x = self.decoder_pred.forward(&self.decoder_norm.forward(&x)?)?;
-        Ok(x.narrow(1, 1, l)?)
+        Ok(add_broadcast(&x, &self.decoder_pos)?)
     }
 
     /// The regression target: patchified pixels, per-patch normalised with `norm_pix_loss`.
@@ -235,15 +241,40 @@ impl MaeTask {
         self.forward_decoder(&latent, mask, ctx)
     }
 
-    /// Loss on already-prepared `pixels` with a given mask.
+    /// Loss on already-prepared `pixels` with a given mask: [`Self::forward_loss`] of
+    /// [`Self::reconstruct`], but the decoder's last block, norm and pixel prediction run
+    /// only at the masked patches, the only ones the loss reads
+    /// (`TransformerStack::forward_rows`).
     pub fn loss_with_mask(
         &self,
         pixels: &Tensor,
         mask: &MaskSample,
         ctx: &mut Ctx,
     ) -> Result<(Tensor, f64)> {
-        let pred = self.reconstruct(pixels, mask, ctx)?;
-        self.forward_loss(pixels, &pred, mask)
+        let (b, l) = (mask.batch(), mask.num_patches);
+        // The masked patches as rows of the decoder's tokens (class token first) and of the
+        // targets.
+        let (mut rows, mut at) = (Vec::new(), Vec::new());
+        for (bi, m) in mask.mask.iter().enumerate() {
+            for (p, _) in m.iter().enumerate().filter(|(_, v)| **v > 0.5) {
+                rows.push((bi * (l + 1) + 1 + p) as u32);
+                at.push((bi * l + p) as u32);
+            }
+        }
+        if rows.is_empty() {
+            return Err(VisionError::InvalidInput("the mask hides no patch".into()));
+        }
+        let latent = self.forward_encoder(pixels, mask, ctx)?;
+        let x = self.decoder_input(&latent, mask)?;
+        let h = self.decoder.forward_rows(&x, None, &rows, ctx)?;
+        let pred = self.decoder_pred.forward(&self.decoder_norm.forward(&h)?)?;
+        let target = self.target(pixels)?;
+        let pix = target.dim(D::Minus1)?;
+        let at = Tensor::from_vec(at, rows.len(), pixels.device())?;
+        let target = target.reshape((b * l, pix))?.index_select(&at, 0)?;
+        let count = rows.len() as f64;
+        let per_patch = (pred - target)?.sqr()?.mean(D::Minus1)?;
+        Ok(((per_patch.sum_all()? / count)?, count))
     }
 
     /// A fresh random masking for a batch of `b` images.
@@ -387,6 +418,51 @@ mod tests {
             let changed2 = Tensor::from_vec(v, (3, 1, 8, 8), &Device::Cpu).unwrap();
             let (l3, _) = task.forward_loss(&changed2, &pred, &mask).unwrap();
             assert!((l3.to_scalar::<f32>().unwrap() - b).abs() > 1e-3);
+        }
+    }
+
+    /// The training loss (the decoder's last block at the masked patches only) against
+    /// `forward_loss` of the full reconstruction: the same value and gradients.
+    #[test]
+    fn loss_with_mask_equals_the_full_reconstructions_loss() {
+        for norm_pix in [false, true] {
+            let (store, task) = build(norm_pix);
+            let mut rng = SslRng::new(4);
+            let imgs = images(2, 3);
+            let pixels = normalize_batch(&imgs.pixels, task.augment()).unwrap();
+            let mask = random_masking(3, 16, 0.75, &mut rng).unwrap();
+            let mut r0 = SslRng::new(9);
+            let pred = task
+                .reconstruct(&pixels, &mask, &mut Ctx::eval(&mut r0))
+                .unwrap();
+            let (full, n_full) = task.forward_loss(&pixels, &pred, &mask).unwrap();
+            let mut r1 = SslRng::new(9);
+            let (rows, n_rows) = task
+                .loss_with_mask(&pixels, &mask, &mut Ctx::eval(&mut r1))
+                .unwrap();
+            assert_eq!(n_full, n_rows);
+            let (a, b) = (
+                full.to_scalar::<f32>().unwrap(),
+                rows.to_scalar::<f32>().unwrap(),
+            );
+            assert!((a - b).abs() <= 1e-5 * a.abs(), "{a} vs {b}");
+            let (g_full, g_rows) = (full.backward().unwrap(), rows.backward().unwrap());
+            for (name, var) in store.vars() {
+                let v = |g: &candle_core::backprop::GradStore| {
+                    g.get(var.as_tensor())
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                };
+                let (p, q) = (v(&g_full), v(&g_rows));
+                let scale = p.iter().fold(0f32, |m, x| m.max(x.abs()));
+                for (x, y) in p.iter().zip(&q) {
+                    // The key bias's gradient is zero but for rounding (softmax ignores it).
+                    assert!((x - y).abs() <= 1e-4 * scale + 1e-7, "{name}: {x} vs {y}");
+                }
+            }
         }
     }
 
