@@ -241,11 +241,11 @@ impl ClipModel {
             .pixels
             .broadcast_sub(&self.mean)?
             .broadcast_div(&self.std)?;
-        let out = self.vision.encode(&Images { pixels: px }, ctx)?;
+        let pooled = self.vision.pooled(&Images { pixels: px }, ctx)?;
         Ok(if self.cfg.freeze_image {
-            out.pooled.detach()
+            pooled.detach()
         } else {
-            out.pooled
+            pooled
         })
     }
 

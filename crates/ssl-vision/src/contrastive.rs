@@ -229,8 +229,8 @@ impl PretextTask for SimClrTask {
     fn forward(&self, batch: &Images, ctx: &mut Ctx) -> ssl_core::Result<TaskOutput> {
         let v1 = self.cfg.view(&batch.pixels, &self.augment, ctx.rng)?;
         let v2 = self.cfg.view(&batch.pixels, &self.augment, ctx.rng)?;
-        let z1 = self.project(&self.encoder.encode(&Images { pixels: v1 }, ctx)?.pooled)?;
-        let z2 = self.project(&self.encoder.encode(&Images { pixels: v2 }, ctx)?.pooled)?;
+        let z1 = self.project(&self.encoder.pooled(&Images { pixels: v1 }, ctx)?)?;
+        let z2 = self.project(&self.encoder.pooled(&Images { pixels: v2 }, ctx)?)?;
         let ranks = self
             .ranks
             .as_ref()

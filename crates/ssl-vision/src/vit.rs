@@ -292,11 +292,32 @@ impl VisionTransformer {
     /// from [`VisionTransformer::embed_patches`]) through the stack and the final norm.
     /// Returns `(B, 1 + N, D)`, class token first, and the hidden states when asked for.
     pub fn forward_tokens(&self, tokens: &Tensor, ctx: &mut Ctx) -> Result<(Tensor, Vec<Tensor>)> {
+        let out = self
+            .stack
+            .forward(&self.with_class_token(tokens)?, None, ctx)?;
+        Ok((self.norm.forward(&out.last)?, out.hidden_states))
+    }
+
+    /// The class token (with its position) before `tokens` (B, N, D): (B, 1 + N, D).
+    fn with_class_token(&self, tokens: &Tensor) -> Result<Tensor> {
         let (b, _, d) = tokens.dims3()?;
         let cls = (&self.cls_token + self.pos_embed.narrow(1, 0, 1)?)?.broadcast_as((b, 1, d))?;
-        let x = Tensor::cat(&[&cls, tokens], 1)?;
-        let out = self.stack.forward(&x, None, ctx)?;
-        Ok((self.norm.forward(&out.last)?, out.hidden_states))
+        Ok(Tensor::cat(&[&cls, tokens], 1)?)
+    }
+
+    /// The pooled output alone, `(B, D)`: what [`Encoder::encode`]'s `pooled` gives (up to f32
+    /// rounding). With class-token pooling (and no hidden states asked for) the last block
+    /// runs at the class tokens only (`TransformerStack::forward_rows`; keys and values
+    /// still from every token), for losses that read nothing else (SimCLR, CLIP).
+    pub fn pooled(&self, input: &Images, ctx: &mut Ctx) -> Result<Tensor> {
+        if self.cfg.pooling != Pooling::Cls || ctx.output_hidden_states {
+            return Ok(self.encode(input, ctx)?.pooled);
+        }
+        let x = self.with_class_token(&self.embed_patches(&input.pixels)?)?;
+        let (b, n, _) = x.dims3()?;
+        let rows: Vec<u32> = (0..b).map(|i| (i * n) as u32).collect();
+        let cls = self.stack.forward_rows(&x, None, &rows, ctx)?;
+        Ok(self.norm.forward(&cls)?)
     }
 
     /// Pools `(B, 1 + N, D)` normed outputs as configured.
@@ -405,6 +426,57 @@ mod tests {
                     .to_scalar::<f32>()
                     .unwrap();
                 assert!(n > 0.0, "{name} has a zero gradient");
+            }
+        }
+    }
+
+    /// `pooled` against `encode(..).pooled`: the same values and gradients, with class-token
+    /// pooling (the last block at the class tokens only) and mean pooling (the full path).
+    #[test]
+    fn pooled_alone_equals_the_encoders_pooled() {
+        for pooling in [Pooling::Cls, Pooling::Mean] {
+            let store = ParamStore::new(&Device::Cpu);
+            let cfg = ViTConfig { pooling, ..tiny(3) };
+            let vit = VisionTransformer::new(&cfg, &store.builder(0)).unwrap();
+            let mut rng = SslRng::new(5);
+            let x = Images::from_vec(
+                rng.normal_vec(3 * 3 * 8 * 12, 0.0, 1.0),
+                [3, 3, 8, 12],
+                &Device::Cpu,
+            )
+            .unwrap();
+            let w =
+                Tensor::from_vec(rng.normal_vec(3 * 16, 0.0, 1.0), (3, 16), &Device::Cpu).unwrap();
+            let run = |alone: bool| {
+                let mut r = SslRng::new(1);
+                let mut ctx = Ctx::eval(&mut r);
+                let p = if alone {
+                    vit.pooled(&x, &mut ctx).unwrap()
+                } else {
+                    vit.encode(&x, &mut ctx).unwrap().pooled
+                };
+                let g = (&p * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                let grads: Vec<Vec<f32>> = store
+                    .vars()
+                    .into_iter()
+                    .map(|(_, v)| {
+                        let g = g.get(v.as_tensor()).unwrap();
+                        g.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                    })
+                    .collect();
+                (p.flatten_all().unwrap().to_vec1::<f32>().unwrap(), grads)
+            };
+            let (p1, g1) = run(false);
+            let (p2, g2) = run(true);
+            for (a, b) in p1.iter().zip(&p2) {
+                assert!((a - b).abs() <= 1e-5, "{pooling:?}: {a} vs {b}");
+            }
+            // Against the largest gradient: the key bias's is zero but for rounding.
+            let scale = g1.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+            for (ga, gb) in g1.iter().zip(&g2) {
+                for (a, b) in ga.iter().zip(gb) {
+                    assert!((a - b).abs() <= 1e-5 * scale, "{pooling:?}: {a} vs {b}");
+                }
             }
         }
     }
