@@ -107,10 +107,14 @@ impl PretextTask for MaskedPatchTask {
         let (rows, n, _) = p.values.dims3()?;
         let pv = p.patch_valid.flatten_all()?.to_vec1::<f32>()?;
         let m = patch_mask(&pv, rows, n, self.cfg.mask_ratio, ctx.rng);
-        let mask = Tensor::from_vec(m, (rows, n), p.values.device())?.unsqueeze(2)?;
+        // The masked patches: the only ones the loss reads.
+        let masked: Vec<u32> = (0..m.len())
+            .filter(|&i| m[i] > 0.5)
+            .map(|i| i as u32)
+            .collect();
+        let dev = p.values.device();
+        let mask = Tensor::from_vec(m, (rows, n), dev)?.unsqueeze(2)?;
         let visible = p.values.broadcast_mul(&(1.0 - &mask)?)?;
-        let (tokens, _) = self.encoder.encode_patches(&visible, &p.patch_valid, ctx)?;
-        let pred = self.head.forward(&tokens)?;
         let weight_mask = p.step_valid.broadcast_mul(&mask)?;
         let count = weight_mask
             .to_dtype(DType::F64)?
@@ -121,7 +125,17 @@ impl PretextTask for MaskedPatchTask {
                 "masked-patch batch has no observed step to reconstruct".into(),
             ));
         }
-        let loss = ((pred - &p.values)?.sqr()?.mul(&weight_mask)?.sum_all()? / count)?;
+        let tokens = self
+            .encoder
+            .encode_patch_rows(&visible, &p.patch_valid, &masked, ctx)?;
+        let pred = self.head.forward(&tokens)?;
+        let plen = p.values.dim(2)?;
+        let at = Tensor::from_vec(masked.clone(), masked.len(), dev)?;
+        let pick = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.reshape((rows * n, plen))?.index_select(&at, 0)?)
+        };
+        let (values, weight_mask) = (pick(&p.values)?, pick(&weight_mask.contiguous()?)?);
+        let loss = ((pred - values)?.sqr()?.mul(&weight_mask)?.sum_all()? / count)?;
         let mse = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         Ok(TaskOutput {
             loss,
@@ -142,6 +156,97 @@ impl PretextTask for MaskedPatchTask {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The loss on the masked patches' rows (the last block at those patches only) against
+    /// the whole reconstruction weighted by the mask: the same value and gradients, with
+    /// gaps (unobserved steps) and unequal lengths.
+    #[test]
+    fn loss_on_masked_rows_equals_the_masked_full_reconstruction() {
+        use crate::patchtst::{PatchTstConfig, PatchTstEncoder};
+        use candle_core::Device;
+        use ssl_core::nn::TransformerConfig;
+        use ssl_core::seq::{SeqBatch, SeqExample};
+        let store = ParamStore::new(&Device::Cpu);
+        let pb = store.builder(3);
+        let cfg = PatchTstConfig {
+            patch_len: 4,
+            stride: 4,
+            dropout: 0.0,
+            transformer: TransformerConfig {
+                dim: 16,
+                depth: 2,
+                heads: 2,
+                mlp_dim: 32,
+                ..TransformerConfig::default()
+            },
+        };
+        let enc = PatchTstEncoder::new(&cfg, 2, &pb).unwrap();
+        let task = MaskedPatchTask::new(enc, MaskedPatchConfig::default(), &pb).unwrap();
+        let mut rng = SslRng::new(7);
+        let ex: Vec<SeqExample> = [40, 33, 40]
+            .iter()
+            .map(|&steps| {
+                let v = (0..steps * 2)
+                    .map(|i| if i % 23 == 4 { f32::NAN } else { rng.normal() })
+                    .collect();
+                SeqExample::new(v, steps, 2).unwrap()
+            })
+            .collect();
+        let batch = SeqBatch::from_examples(&ex.iter().collect::<Vec<_>>(), &Device::Cpu).unwrap();
+        let mut r1 = SslRng::new(11);
+        let new = task.forward(&batch, &mut Ctx::eval(&mut r1)).unwrap().loss;
+        // The reference: every patch reconstructed, the loss weighted by the same mask.
+        let mut r2 = SslRng::new(11);
+        let mut ctx = Ctx::eval(&mut r2);
+        let p = task.encoder.patchify(&batch).unwrap();
+        let (rows, n, _) = p.values.dims3().unwrap();
+        let pv = p
+            .patch_valid
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let m = patch_mask(&pv, rows, n, task.cfg.mask_ratio, ctx.rng);
+        let mask = Tensor::from_vec(m, (rows, n), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(2)
+            .unwrap();
+        let visible = p.values.broadcast_mul(&(1.0 - &mask).unwrap()).unwrap();
+        let (tokens, _) = task
+            .encoder
+            .encode_patches(&visible, &p.patch_valid, &mut ctx)
+            .unwrap();
+        let pred = task.head.forward(&tokens).unwrap();
+        let wm = p.step_valid.broadcast_mul(&mask).unwrap();
+        let count = wm.sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let err = (pred - &p.values).unwrap().sqr().unwrap().mul(&wm).unwrap();
+        let old = (err.sum_all().unwrap() / f64::from(count)).unwrap();
+        let (a, b) = (
+            old.to_scalar::<f32>().unwrap(),
+            new.to_scalar::<f32>().unwrap(),
+        );
+        assert!((a - b).abs() <= 1e-5 * a.abs(), "{a} vs {b}");
+        let (ga, gb) = (old.backward().unwrap(), new.backward().unwrap());
+        let grads = |g: &candle_core::backprop::GradStore| -> Vec<Vec<f32>> {
+            store
+                .vars()
+                .into_iter()
+                .map(|(_, v)| {
+                    g.get(v.as_tensor())
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                })
+                .collect()
+        };
+        let (ga, gb) = (grads(&ga), grads(&gb));
+        let scale = ga.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+        for (x, y) in ga.iter().flatten().zip(gb.iter().flatten()) {
+            assert!((x - y).abs() <= 1e-5 * scale, "{x} vs {y}");
+        }
+    }
 
     #[test]
     fn patch_mask_rate_and_invariants_over_seeds() {

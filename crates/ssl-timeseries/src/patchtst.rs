@@ -176,14 +176,34 @@ impl PatchTstEncoder {
         patch_valid: &Tensor,
         ctx: &mut Ctx,
     ) -> Result<(Tensor, Vec<Tensor>)> {
+        let h = self.patch_tokens(values, ctx)?;
+        let out = self.stack.forward(&h, Some(patch_valid), ctx)?;
+        Ok((self.norm.forward(&out.last)?, out.hidden_states))
+    }
+
+    /// [`Self::encode_patches`]' tokens at `rows` only (indices into the B·C x N patches),
+    /// `(rows, D)`: the last block runs at those patches alone (`TransformerStack::forward_rows`;
+    /// keys and values still from every patch), for a loss that reads nothing else.
+    pub fn encode_patch_rows(
+        &self,
+        values: &Tensor,
+        patch_valid: &Tensor,
+        rows: &[u32],
+        ctx: &mut Ctx,
+    ) -> Result<Tensor> {
+        let h = self.patch_tokens(values, ctx)?;
+        let out = self.stack.forward_rows(&h, Some(patch_valid), rows, ctx)?;
+        self.norm.forward(&out)
+    }
+
+    /// The blocks' input: patch embedding, sin-cos positions, dropout.
+    fn patch_tokens(&self, values: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         let (_, n, _) = values.dims3()?;
         let h = self.embed.forward(values)?;
         let pos = sincos_positions(n, self.cfg.transformer.dim, values.device())?;
         let h = add_broadcast(&h, &pos.to_dtype(h.dtype())?)?;
         let train = ctx.train;
-        let h = dropout(&h, self.cfg.dropout, train, ctx.rng)?;
-        let out = self.stack.forward(&h, Some(patch_valid), ctx)?;
-        Ok((self.norm.forward(&out.last)?, out.hidden_states))
+        dropout(&h, self.cfg.dropout, train, ctx.rng)
     }
 
     fn pool(&self, tokens: &Tensor, patch_valid: &Tensor, b: usize) -> Result<Tensor> {
