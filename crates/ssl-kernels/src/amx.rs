@@ -798,16 +798,8 @@ mod tests {
         } else {
             b.clone()
         };
-        let (a_rs, a_cs) = if a_t {
-            (1, m as isize)
-        } else {
-            (k as isize, 1)
-        };
-        let (b_rs, b_cs) = if b_t {
-            (1, k as isize)
-        } else {
-            (n as isize, 1)
-        };
+        let (a_rs, a_cs) = crate::gemm::dense_strides(m, k, a_t);
+        let (b_rs, b_cs) = crate::gemm::dense_strides(k, n, b_t);
         Operands {
             a,
             b,

@@ -1083,16 +1083,8 @@ pub fn time_product(
     let a = vec![0.5f32; m * k];
     let b = vec![0.25f32; k * n];
     let mut c = vec![0f32; m * n];
-    let (a_rs, a_cs) = if a_t {
-        (1, m as isize)
-    } else {
-        (k as isize, 1)
-    };
-    let (b_rs, b_cs) = if b_t {
-        (1, k as isize)
-    } else {
-        (n as isize, 1)
-    };
+    let (a_rs, a_cs) = super::gemm::dense_strides(m, k, a_t);
+    let (b_rs, b_cs) = super::gemm::dense_strides(k, n, b_t);
     let mut times: Vec<f64> = (0..reps.max(1))
         .map(|_| {
             let t0 = std::time::Instant::now();

@@ -261,6 +261,16 @@ fn oriented(a: &MatRef, op: Op) -> (usize, usize, isize, isize) {
     }
 }
 
+/// Row and column strides of a `rows x cols` operand stored densely as itself or, when
+/// `transposed`, as its transpose.
+pub(crate) fn dense_strides(rows: usize, cols: usize, transposed: bool) -> (isize, isize) {
+    if transposed {
+        (1, rows as isize)
+    } else {
+        (cols as isize, 1)
+    }
+}
+
 /// The thread count for one large product.
 pub(crate) fn threads() -> Parallelism {
     let n = rayon::current_num_threads();

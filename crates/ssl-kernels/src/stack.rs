@@ -337,13 +337,29 @@ fn dropout_par(x: &mut [f32], seed: u32, p: f32, base: usize, rows: Option<(&[us
     });
 }
 
-/// Rows `rows` of `x` (rows of width `d`), in that order, in a buffer of `pool`.
-fn gather_rows(pool: &BufferPool, x: &[f32], d: usize, rows: &[usize]) -> Vec<f32> {
-    let mut out = pool.take(rows.len() * d);
-    out.par_chunks_mut(d)
+/// The first `width` columns of rows `rows` of `x` (row stride `ld`), in that order, dense
+/// in a buffer of `pool`.
+fn gather_rows(pool: &BufferPool, x: &[f32], ld: usize, width: usize, rows: &[usize]) -> Vec<f32> {
+    let mut out = pool.take(rows.len() * width);
+    out.par_chunks_mut(width.max(1))
         .zip(rows.par_iter())
-        .for_each(|(o, &r)| o.copy_from_slice(&x[r * d..(r + 1) * d]));
+        .for_each(|(o, &r)| o.copy_from_slice(&x[r * ld..r * ld + width]));
     out
+}
+
+/// The inverse of [`gather_rows`]: row `j` of `src` (dense, `width` columns) into the first
+/// `width` columns of row `rows[j]` of `dst` (row stride `ld`).
+fn scatter_rows(dst: &mut [f32], ld: usize, src: &[f32], width: usize, rows: &[usize]) {
+    for (j, &r) in rows.iter().enumerate() {
+        dst[r * ld..r * ld + width].copy_from_slice(&src[j * width..(j + 1) * width]);
+    }
+}
+
+/// The dropout index of the attention probabilities' row `pos` of head `hi` (of `h`) of the
+/// batch's sequence `seq` (length `t`): (B, H, T, T) order, which every path of the forward
+/// and the backward use.
+fn prob_row_index(seq: usize, h: usize, hi: usize, t: usize, pos: usize) -> u32 {
+    (((seq * h + hi) * t + pos) * t) as u32
 }
 
 /// The runs of chosen rows in each sequence of `t` rows: `(sequence, first index into the
@@ -361,19 +377,6 @@ fn seq_groups(b: usize, t: usize, rows: Option<&[usize]>) -> Vec<(usize, usize, 
         }
     }
     groups
-}
-
-/// The chosen rows of [`seq_groups`]' runs.
-fn groups_rows(groups: &[(usize, usize, usize)]) -> usize {
-    groups.iter().map(|g| g.2).sum()
-}
-
-/// The queries (the first `d` columns) of `rows` of `qkv` (rows of width 3d), gathered.
-fn gather_q(qkv: &[f32], d: usize, rows: &[usize]) -> Vec<f32> {
-    rows.iter()
-        .flat_map(|&r| &qkv[r * 3 * d..r * 3 * d + d])
-        .copied()
-        .collect()
 }
 
 /// `acc += x` elementwise, in parallel blocks.
@@ -644,8 +647,6 @@ impl StackOp {
             simd::drop_threshold(self.spec.attn_dropout),
             1.0 / (1.0 - self.spec.attn_dropout),
         );
-        // Dropout indices of this part's probabilities within the whole batch's.
-        let drop0 = seq0 * h * t * t;
         if fused {
             let keep_p = !p.is_empty();
             (0..b * h).into_par_iter().for_each(|bh| {
@@ -674,7 +675,8 @@ impl StackOp {
                                     .copy_from_slice(scores);
                             }
                             if let Some(pd_ptr) = pd_ptr {
-                                simd::dropout(scores, seed, (drop0 + at) as u32, thr, dscale);
+                                let idx = prob_row_index(seq0 + bi, h, hi, t, r0);
+                                simd::dropout(scores, seed, idx, thr, dscale);
                                 std::slice::from_raw_parts_mut(pd_ptr.ptr().add(at), scores.len())
                                     .copy_from_slice(scores);
                             }
@@ -686,7 +688,7 @@ impl StackOp {
         }
         let groups = seq_groups(b, t, rows);
         // The chosen queries: gathered (row stride d), or read in place (stride 3d).
-        let gathered = rows.map(|rows| gather_q(qkv, d, rows));
+        let gathered = rows.map(|rows| gather_rows(&self.pool, qkv, ld, d, rows));
         let (q, q_ld) = gathered.as_deref().map_or((qkv, ld), |g| (g, d));
         (0..groups.len() * h).into_par_iter().for_each(|gh| {
             let ((bi, j0, k), hi) = (groups[gh / h], gh % h);
@@ -720,8 +722,8 @@ impl StackOp {
                         pdb.copy_from_slice(pb);
                         for (i, row) in pdb.chunks_mut(t).enumerate() {
                             let pos = rows.map_or(i, |r| r[j0 + i] % t);
-                            let idx = ((seq0 + bi) * h + hi) * t * t + pos * t;
-                            simd::dropout(row, seed, idx as u32, thr, dscale);
+                            let idx = prob_row_index(seq0 + bi, h, hi, t, pos);
+                            simd::dropout(row, seed, idx, thr, dscale);
                         }
                         pdb
                     }
@@ -746,6 +748,7 @@ impl StackOp {
                 );
             }
         });
+        self.pool.put_all(gathered);
     }
 
     /// Backward of [`Self::attention`] (with the same `rows`): `dqkv` (N, 3D) from `dctx`
@@ -765,7 +768,7 @@ impl StackOp {
         let ld = 3 * d;
         let qkv = &ls.qkv;
         let groups = seq_groups(s.b, t, rows);
-        let gathered = rows.map(|rows| gather_q(qkv, d, rows));
+        let gathered = rows.map(|rows| gather_rows(&self.pool, qkv, ld, d, rows));
         let (q, q_ld) = gathered.as_deref().map_or((qkv.as_slice(), ld), |g| (g, d));
         // With every row chosen each block of dqkv is written; else sequences without a
         // chosen row keep zero key and value gradients, and the queries' go to `dq` first.
@@ -773,14 +776,7 @@ impl StackOp {
             Some(_) => self.pool.zeros(s.b * t * ld),
             None => self.pool.take(s.b * t * ld),
         };
-        let mut dq = vec![
-            0f32;
-            if rows.is_some() {
-                groups_rows(&groups) * d
-            } else {
-                0
-            }
-        ];
+        let mut dq = vec![0f32; rows.map_or(0, <[usize]>::len) * d];
         let dqkv_ptr = OutSlice::new(&mut dqkv);
         let (dq_ptr, dq_ld) = match rows {
             Some(_) => (OutSlice::new(&mut dq), d),
@@ -844,8 +840,8 @@ impl StackOp {
                 if ls.pd.is_some() {
                     for (i, row) in ds.chunks_mut(t).enumerate() {
                         let pos = rows.map_or(i, |r| r[j0 + i] % t);
-                        let idx = ((s.seq0 + bi) * h + hi) * t * t + pos * t;
-                        simd::dropout(row, seed, idx as u32, thr, dscale);
+                        let idx = prob_row_index(s.seq0 + bi, h, hi, t, pos);
+                        simd::dropout(row, seed, idx, thr, dscale);
                     }
                 }
                 simd::softmax_backward_rows(&mut ds, p, t);
@@ -888,10 +884,9 @@ impl StackOp {
             }
         });
         if let Some(rows) = rows {
-            for (j, &r) in rows.iter().enumerate() {
-                dqkv[r * ld..r * ld + d].copy_from_slice(&dq[j * d..(j + 1) * d]);
-            }
+            scatter_rows(&mut dqkv, ld, &dq, d, rows);
         }
+        self.pool.put_all(gathered);
         dqkv
     }
 
@@ -981,7 +976,7 @@ impl StackOp {
         let drop0 = self.drops().then(|| (self.site_seed(layer, 0), sp.dropout));
         let mut m_in = pool.take(nr * d);
         // The residual's rows of the input.
-        let picked = rows.map(|rows| gather_rows(pool, xin, d, rows));
+        let picked = rows.map(|rows| gather_rows(pool, xin, d, d, rows));
         let resid = picked.as_deref().unwrap_or(xin);
         let (lnw, lnb, xhat, rstd) = if pre {
             (o.ln2w, o.ln2b, &mut xhat2, &mut rstd2)
@@ -1474,9 +1469,7 @@ impl StackOp {
         // From here on every row: dx1 (the residual's gradient) scattered to its rows.
         if let Some(rows) = rows {
             let mut full = pool.zeros(n * d);
-            for (j, &r) in rows.iter().enumerate() {
-                full[r * d..(r + 1) * d].copy_from_slice(&dx1[j * d..(j + 1) * d]);
-            }
+            scatter_rows(&mut full, d, &dx1, d, rows);
             pool.put(std::mem::replace(&mut dx1, full));
         }
         pool.put(dctx);
@@ -1560,15 +1553,15 @@ impl CustomOp3 for StackOp {
             let h = b.div_ceil(2);
             let (kb, row) = (&key_bias, t * d);
             // Each half's rows, as indices into its own.
-            let split = self.rows.as_ref().map(|rows| {
-                let at = rows.partition_point(|&r| r < h * t);
-                let second = rows[at..].iter().map(|&r| r - h * t).collect();
-                (rows[..at].to_vec(), second)
-            });
-            let (r0, r1) = match split {
-                Some((r0, r1)) => (Some(r0), Some(r1)),
-                None => (None, None),
-            };
+            let (r0, r1) = self
+                .rows
+                .as_ref()
+                .map(|rows| {
+                    let at = rows.partition_point(|&r| r < h * t);
+                    let second = rows[at..].iter().map(|&r| r - h * t).collect();
+                    (rows[..at].to_vec(), second)
+                })
+                .unzip();
             let (p0, p1) = run_halves(
                 || self.forward_part(0, h, t, &x[..h * row], params, &kb[..h * t], r0),
                 || self.forward_part(h, b - h, t, &x[h * row..], params, &kb[h * t..], r1),
