@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
+use ssl_core::nn::ops::select_rows;
 use ssl_core::nn::Linear;
 use ssl_core::seq::SeqBatch;
 use ssl_core::{
@@ -129,12 +130,10 @@ impl PretextTask for MaskedPatchTask {
             .encoder
             .encode_patch_rows(&visible, &p.patch_valid, &masked, ctx)?;
         let pred = self.head.forward(&tokens)?;
-        let plen = p.values.dim(2)?;
-        let at = Tensor::from_vec(masked.clone(), masked.len(), dev)?;
-        let pick = |t: &Tensor| -> Result<Tensor> {
-            Ok(t.reshape((rows * n, plen))?.index_select(&at, 0)?)
-        };
-        let (values, weight_mask) = (pick(&p.values)?, pick(&weight_mask.contiguous()?)?);
+        let (values, weight_mask) = (
+            select_rows(&p.values, &masked)?,
+            select_rows(&weight_mask, &masked)?,
+        );
         let loss = ((pred - values)?.sqr()?.mul(&weight_mask)?.sum_all()? / count)?;
         let mse = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         Ok(TaskOutput {

@@ -8,7 +8,7 @@
 
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
-use ssl_core::nn::ops::add_broadcast;
+use ssl_core::nn::ops::{add_broadcast, select_rows};
 use ssl_core::nn::{LayerNorm, Linear, TransformerConfig, TransformerStack};
 use ssl_core::{Ctx, Encoder, Init, ParamBuilder, ParamStore, PretextTask, TaskOutput};
 
@@ -251,7 +251,7 @@ impl MaeTask {
         mask: &MaskSample,
         ctx: &mut Ctx,
     ) -> Result<(Tensor, f64)> {
-        let (b, l) = (mask.batch(), mask.num_patches);
+        let l = mask.num_patches;
         // The masked patches as rows of the decoder's tokens (class token first) and of the
         // targets.
         let (mut rows, mut at) = (Vec::new(), Vec::new());
@@ -268,10 +268,7 @@ impl MaeTask {
         let x = self.decoder_input(&latent, mask)?;
         let h = self.decoder.forward_rows(&x, None, &rows, ctx)?;
         let pred = self.decoder_pred.forward(&self.decoder_norm.forward(&h)?)?;
-        let target = self.target(pixels)?;
-        let pix = target.dim(D::Minus1)?;
-        let at = Tensor::from_vec(at, rows.len(), pixels.device())?;
-        let target = target.reshape((b * l, pix))?.index_select(&at, 0)?;
+        let target = select_rows(&self.target(pixels)?, &at)?;
         let count = rows.len() as f64;
         let per_patch = (pred - target)?.sqr()?.mean(D::Minus1)?;
         Ok(((per_patch.sum_all()? / count)?, count))

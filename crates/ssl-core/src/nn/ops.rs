@@ -192,6 +192,15 @@ pub fn masked_mean(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     }
 }
 
+/// Rows `rows` of `x` seen as a matrix over its last dimension (the leading dimensions
+/// flattened: index `i` is row `i` of `x.reshape(((), last))`), as (rows, last), in that
+/// order.
+pub fn select_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
+    let last = x.dim(D::Minus1)?;
+    let idx = Tensor::from_vec(rows.to_vec(), rows.len(), x.device())?;
+    Ok(x.reshape(((), last))?.index_select(&idx, 0)?)
+}
+
 /// L2-normalises the rows of a (N, D) tensor.
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     let norm = x

@@ -321,12 +321,9 @@ impl TransformerStack {
             for (i, &j) in order.iter().enumerate() {
                 inverse[j] = i as u32;
             }
-            let inverse = Tensor::from_vec(inverse, rows.len(), x.device())?;
-            return Ok(out.index_select(&inverse, 0)?);
+            return super::ops::select_rows(&out, &inverse);
         }
-        let out = self.forward(x, padding_mask, ctx)?;
-        let idx = Tensor::from_vec(rows.to_vec(), rows.len(), x.device())?;
-        Ok(out.last.reshape((b * t, d))?.index_select(&idx, 0)?)
+        super::ops::select_rows(&self.forward(x, padding_mask, ctx)?.last, rows)
     }
 
     /// The fused path: every layer's parameters concatenated and one custom op. Their
