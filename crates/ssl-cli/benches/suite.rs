@@ -66,11 +66,9 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use ssl_core::nn::{bf16_matmul_available, MatmulPrecision, TransformerConfig};
-use ssl_core::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use ssl_core::optim::{clip_scale, AdamW, AdamWConfig};
 use ssl_core::seq::{InMemorySeqSource, SeqExample};
-use ssl_core::{
-    accumulate, scale_grads, BatchSource, Ctx, ParamStore, PretextTask, RepeatBatch, SslRng,
-};
+use ssl_core::{accumulate, BatchSource, Ctx, ParamStore, PretextTask, RepeatBatch, SslRng};
 use ssl_multimodal::{ClipConfig, ClipModel, PairBatch};
 use ssl_text::{BertConfig, BertForMaskedLM, BertInput, MaskingConfig, TextBatch, TokenizedSeq};
 use ssl_timeseries::{
@@ -185,13 +183,7 @@ fn mlm(steps: usize, train: bool) -> Res<(Vec<f64>, usize)> {
     }
     let mut opt = AdamW::new(&store, AdamWConfig::default())?;
     let vars: Vec<Tensor> = opt.vars().map(|v| v.as_tensor().clone()).collect();
-    let times = time_steps(steps, || {
-        let out = model.forward(&tb, &mut train_ctx(&mut rng))?;
-        let grads = out.loss.backward()?;
-        let g: Vec<Option<Tensor>> = vars.iter().map(|v| grads.get(v).cloned()).collect();
-        opt.step(&g, 1e-4)?;
-        Ok(())
-    })?;
+    let times = time_steps(steps, || plain_step(&model, &tb, &mut opt, &vars, &mut rng))?;
     Ok((times, params))
 }
 
@@ -259,17 +251,34 @@ fn mae(steps: usize) -> Res<(Vec<f64>, usize)> {
         device(),
     )?;
     let times = time_steps(steps, || {
-        let out = task.forward(&images, &mut train_ctx(&mut rng))?;
-        let grads = out.loss.backward()?;
-        let g: Vec<Option<Tensor>> = vars.iter().map(|v| grads.get(v).cloned()).collect();
-        opt.step(&g, 1e-4)?;
-        Ok(())
+        plain_step(&task, &images, &mut opt, &vars, &mut rng)
     })?;
     Ok((times, store.num_elements()))
 }
 
+/// One step of `LoopTrainer` on one batch without clipping (as the PyTorch side of `mlm_train`
+/// and `mae_train`): the trainer's forward and backward (`accumulate`, i.e. the task's
+/// `forward_backward`, fused ops' parameter gradients delivered aside) and AdamW at lr 1e-4,
+/// which divides by the weight as it reads the gradients.
+fn plain_step<T: PretextTask>(
+    task: &T,
+    batch: &T::Batch,
+    opt: &mut AdamW,
+    vars: &[Tensor],
+    rng: &mut SslRng,
+) -> Res<()>
+where
+    T::Batch: Clone,
+{
+    let mut data = RepeatBatch(batch.clone());
+    let acc = accumulate(task, &mut data, 1, vars, rng, precision())?;
+    opt.step_scaled(&acc.grads, 1e-4, 1.0 / acc.weight_sum)?;
+    Ok(())
+}
+
 /// One step of `LoopTrainer` without its logging and guards: forward/backward of one
-/// micro-batch (`accumulate`), division by the weight, clipping at 1.0, AdamW, `after_step`.
+/// micro-batch (`accumulate`), the norm, AdamW with division by the weight and clipping at 1.0
+/// folded in (`clip_scale`, `step_scaled`), `after_step`.
 fn trainer_step<T: PretextTask>(
     task: &T,
     data: &mut dyn BatchSource<T::Batch>,
@@ -278,9 +287,8 @@ fn trainer_step<T: PretextTask>(
     rng: &mut SslRng,
 ) -> Res<()> {
     let acc = accumulate(task, data, 1, vars, rng, precision())?;
-    let mut grads = scale_grads(acc.grads, 1.0 / acc.weight_sum)?;
-    clip_grad_norm(&mut grads, 1.0)?;
-    opt.step(&grads, 1e-3)?;
+    let (_, scale) = clip_scale(&acc.grads, 1.0 / acc.weight_sum, 1.0)?;
+    opt.step_scaled(&acc.grads, 1e-3, scale)?;
     task.after_step()?;
     Ok(())
 }
@@ -614,11 +622,6 @@ fn device() -> &'static Device {
 
 fn precision() -> MatmulPrecision {
     PRECISION.get().copied().unwrap_or_default()
-}
-
-/// A training context in the chosen precision.
-fn train_ctx(rng: &mut SslRng) -> Ctx<'_> {
-    Ctx::train(rng).with_precision(precision())
 }
 
 /// An inference context (no backward) in the chosen precision.

@@ -16,7 +16,7 @@ use crate::health::embedding_health;
 use crate::hook::{HookCtx, TrainHook};
 use crate::monitor::{MetricsLog, Progress};
 use crate::nn::MatmulPrecision;
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, ScheduleKind};
+use crate::optim::{clip_scale, AdamW, AdamWConfig, LrSchedule, ScheduleKind};
 use crate::run_guard::checkpoint_to_start_from;
 use crate::{
     BatchSource, Collective, CoreError, Ctx, PretextTask, Result, SingleProcess, SslRng, StopFlag,
@@ -576,7 +576,10 @@ impl LoopTrainer {
 /// One step's gradients, reduced over micro-batches and ranks, divided by the total weight
 /// and clipped, with the figures logged for it.
 struct StepGrads {
+    /// The gradients of the summed weighted losses, before division and clipping,
     grads: Vec<Option<Tensor>>,
+    /// and the factor that divides and clips them.
+    scale: f64,
     loss: f64,
     grad_norm: f64,
     samples: u64,
@@ -818,7 +821,7 @@ impl<'r, T: PretextTask> Run<'r, T> {
         match self.judge(g.loss, g.grad_norm, &mut record)? {
             Verdict::RolledBack => return Ok(None),
             Verdict::Apply => {
-                self.opt.step(&g.grads, lr)?;
+                self.opt.step_scaled(&g.grads, lr, g.scale)?;
                 self.task.after_step()?;
             }
             Verdict::Skip => {}
@@ -906,11 +909,13 @@ impl<'r, T: PretextTask> Run<'r, T> {
             .into_keys()
             .zip(scalars[2..].iter().map(|v| v * inv))
             .collect();
-        let mut grads = scale_grads(grads, inv)?;
+        // Division by the weight and clipping are a factor that the update applies as it
+        // reads each gradient (`AdamW::step_scaled`).
+        let (grad_norm, scale) = clip_scale(&grads, inv, self.cfg.grad_clip)?;
         let loss = loss_sum * inv;
-        let grad_norm = clip_grad_norm(&mut grads, self.cfg.grad_clip)?;
         Ok(StepGrads {
             grads,
+            scale,
             loss,
             grad_norm,
             samples: acc.samples,

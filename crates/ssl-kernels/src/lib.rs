@@ -20,7 +20,8 @@
 //!   path as an op of its own.
 //! - One-op versions of what surrounds the stack: [`LayerNormOp`], [`CrossEntropyOp`],
 //!   [`LinearCrossEntropyOp`] (a linear layer and its cross-entropy, the logits never built),
-//!   [`RowBroadcastAdd`], [`MaskedMeanOp`]; and the optimizer's in-place [`adamw`] pass.
+//!   [`RowBroadcastAdd`], [`MaskedMeanOp`]; the optimizer's in-place [`adamw`] pass and the
+//!   gradient norm's [`sum_squares`].
 //! - [`SoftmaxLastDimOp`] and [`LayerNormFusedOp`]: candle's fused GPU softmax and layer-norm
 //!   kernels (with the `cuda` feature) in ops that have a backward; the GPU path of
 //!   `ssl_core`'s stack.
@@ -89,6 +90,51 @@ pub use ts2vec_loss::Ts2VecLossOp;
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctest;
+
+/// The sum of the squares of `x`, accumulated in f64 (a gradient norm's square), on the rayon
+/// pool. The result depends on `x` alone, not on the number of threads: fixed chunks, summed
+/// in order.
+pub fn sum_squares(x: &[f32]) -> f64 {
+    const CHUNK: usize = 1 << 16;
+    if x.len() <= CHUNK {
+        let mut acc = 0.0;
+        simd::sum_squares_f64(x, &mut acc);
+        return acc;
+    }
+    let parts: Vec<f64> = x
+        .par_chunks(CHUNK)
+        .map(|c| {
+            let mut acc = 0.0;
+            simd::sum_squares_f64(c, &mut acc);
+            acc
+        })
+        .collect();
+    parts.iter().sum()
+}
+
+/// `parts` one after another in a new vector, copied on the rayon pool and written once (no
+/// zeroing first): a fused op's parameters, packed each step.
+pub fn concat(parts: &[&[f32]]) -> Vec<f32> {
+    const CHUNK: usize = 1 << 15;
+    let n = parts.iter().map(|p| p.len()).sum();
+    let mut out = Vec::with_capacity(n);
+    let mut rest = &mut out.spare_capacity_mut()[..n];
+    let mut jobs = Vec::new();
+    for chunk in parts.iter().flat_map(|p| p.chunks(CHUNK)) {
+        let (dst, tail) = std::mem::take(&mut rest).split_at_mut(chunk.len());
+        jobs.push((dst, chunk));
+        rest = tail;
+    }
+    jobs.into_par_iter().for_each(|(dst, src)| {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            d.write(v);
+        }
+    });
+    // SAFETY: the jobs' destinations tile the first `n` elements (the parts' chunks, in order,
+    // each as long as its destination), and each job wrote its destination whole.
+    unsafe { out.set_len(n) };
+    out
+}
 
 /// The f32 elements of a contiguous CPU storage view, or an error naming the op and operand.
 pub(crate) fn f32_slice<'a>(
@@ -164,6 +210,47 @@ pub(crate) fn col_sums_par(sum: &mut [f32], a: &[f32], prod: Option<(&mut [f32],
                 simd::add_assign(sum, s);
                 simd::add_assign(prod, p);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn concat_is_the_parts_in_order() {
+        let parts: Vec<Vec<f32>> = [0, 3, 1 << 15, (1 << 15) + 5, 0, 7]
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| (0..n).map(|i| (k * 1_000_000 + i) as f32).collect())
+            .collect();
+        let views: Vec<&[f32]> = parts.iter().map(Vec::as_slice).collect();
+        assert_eq!(super::concat(&views), parts.concat());
+        assert!(super::concat(&[]).is_empty());
+    }
+
+    #[test]
+    fn sum_squares_matches_the_f64_sum_and_ignores_the_thread_count() {
+        // Lengths around the lane width and the parallel chunk, values of mixed size.
+        for n in [0i32, 1, 7, 8, 9, 1000, (1 << 16) + 3, 3 * (1 << 16) + 17] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| (i as f32 * 0.37).sin() * 10f32.powi(i % 7 - 3))
+                .collect();
+            let exact: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+            let ours = super::sum_squares(&x);
+            assert!(
+                (ours - exact).abs() <= 1e-12 * exact.max(f64::MIN_POSITIVE),
+                "n = {n}: {ours} vs {exact}"
+            );
+            let one = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap()
+                .install(|| super::sum_squares(&x));
+            assert_eq!(
+                one.to_bits(),
+                ours.to_bits(),
+                "n = {n}: thread count changed the bits"
+            );
         }
     }
 }

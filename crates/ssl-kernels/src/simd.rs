@@ -648,12 +648,16 @@ pub struct AdamWCoeffs {
     pub lr: f32,
     /// Added to the square root of the second moment.
     pub eps: f32,
+    /// Every gradient element is multiplied by it first (1: the gradient as it is): the
+    /// division by the loss weight and the clipping factor, folded into the update's one pass.
+    pub grad_scale: f32,
 }
 
 simd_kernel! {
     /// One AdamW step in place, in one pass: moments, bias correction, decoupled decay.
     pub fn adamw(theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], c: AdamWCoeffs) {
-        for (((p, mv), vv), gv) in theta.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+        for (((p, mv), vv), &gv) in theta.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            let gv = gv * c.grad_scale;
             let m1 = c.b1 * *mv + c.one_minus_b1 * gv;
             let v1 = c.b2 * *vv + c.one_minus_b2 * (gv * gv);
             *mv = m1;
@@ -661,6 +665,24 @@ simd_kernel! {
             let update = (m1 * c.scale_m) / ((v1 * c.scale_v).sqrt() + c.eps);
             *p = *p * c.decay - update * c.lr;
         }
+    }
+}
+
+simd_kernel! {
+    /// Adds the sum of the squares of `x`, in f64, to `acc` (lane-wise partial sums, so it
+    /// vectorises: the order of the sum is fixed by `x`'s length alone).
+    pub(crate) fn sum_squares_f64(x: &[f32], acc: &mut f64) {
+        const W: usize = 8;
+        let mut lanes = [0f64; W];
+        let mut chunks = x.chunks_exact(W);
+        for ch in &mut chunks {
+            for (a, &v) in lanes.iter_mut().zip(ch) {
+                let v = f64::from(v);
+                *a += v * v;
+            }
+        }
+        let tail: f64 = chunks.remainder().iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        *acc += lanes.iter().sum::<f64>() + tail;
     }
 }
 

@@ -380,6 +380,25 @@ fn seq_groups(b: usize, t: usize, rows: Option<&[usize]>) -> Vec<(usize, usize, 
 }
 
 /// `acc += x` elementwise, in parallel blocks.
+/// `a + b` elementwise in a new vector, written once (no zeroing first), on the rayon pool.
+fn sum_of(a: &[f32], b: &[f32]) -> Vec<f32> {
+    const CHUNK: usize = 1 << 14;
+    let n = a.len().min(b.len());
+    let mut out = Vec::with_capacity(n);
+    out.spare_capacity_mut()[..n]
+        .par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(o, (x, y))| {
+            for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+                o.write(x + y);
+            }
+        });
+    // SAFETY: the loop above wrote each of the first `n` elements (the chunks of `n`
+    // elements of `out`, `a` and `b` pair up one to one).
+    unsafe { out.set_len(n) };
+    out
+}
+
 fn add_assign_par(acc: &mut [f32], x: &[f32]) {
     let chunk = 1 << 14;
     acc.par_chunks_mut(chunk)
@@ -1655,35 +1674,42 @@ impl CustomOp3 for StackOp {
             let (r0, count) = out_rows[i];
             Some(&gres[at + r0 * d..at + (r0 + count) * d])
         };
-        let mut grads = vec![0f32; pvec.len()];
-        let dx = match parts.as_slice() {
+        // Every layer's backward writes each of its parameters' gradients whole (products and
+        // column sums overwrite), so the halves' buffers come from the pool unzeroed and their
+        // sum is written straight into the gradient candle gets: no memset, one pass.
+        let (dx, grads) = match parts.as_slice() {
             [p0, p1] => {
-                let g0 = &mut grads;
-                let (dx0, (dx1, g1)) = run_halves(
-                    || self.backward_part(p0, |l| own(l, 0), pvec, g0),
+                let ((dx0, g0), (dx1, g1)) = run_halves(
                     || {
-                        let mut g1 = self.pool.zeros(pvec.len());
+                        let mut g0 = self.pool.take(pvec.len());
+                        let dx = self.backward_part(p0, |l| own(l, 0), pvec, &mut g0);
+                        (dx, g0)
+                    },
+                    || {
+                        let mut g1 = self.pool.take(pvec.len());
                         let dx = self.backward_part(p1, |l| own(l, 1), pvec, &mut g1);
                         (dx, g1)
                     },
                 );
-                add_assign_par(&mut grads, &g1);
+                let grads = sum_of(&g0, &g1);
+                self.pool.put(g0);
                 self.pool.put(g1);
                 let mut dx = Vec::with_capacity(n);
                 dx.extend_from_slice(&dx0);
                 dx.extend_from_slice(&dx1);
                 self.pool.put(dx0);
                 self.pool.put(dx1);
-                dx
+                (dx, grads)
             }
             _ => {
+                let mut grads = vec![0f32; pvec.len()];
                 let dx = match parts.first() {
                     Some(p) => self.backward_part(p, |l| own(l, 0), pvec, &mut grads),
                     None => self.pool.zeros(n),
                 };
                 // It leaves the pool for good, as a candle tensor.
                 self.pool.forget(dx.len());
-                dx
+                (dx, grads)
             }
         };
         drop(pstore);

@@ -11,7 +11,7 @@
 //! (`layernorm_before`, `attention.attention.query`, `attention.output.dense`,
 //! `layernorm_after`, `intermediate.dense`, `output.dense`).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use serde::{Deserialize, Serialize};
 use ssl_kernels::{Act, BufferPool, FusedSpec, StackOp};
 
@@ -397,21 +397,25 @@ impl TransformerStack {
             params.push(layer.norm_mlp.weight().clone());
             params.push(layer.norm_mlp.bias().clone());
         }
-        let parts = params
-            .iter()
-            .map(Tensor::flatten_all)
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let flat = Tensor::cat(&parts, 0)?.to_dtype(DType::F32)?;
         // The sink needs the op in the graph through `x` (with the parameters detached, only
         // `x` puts it there).
         let sink = ctx
             .grad_sink
             .as_ref()
             .filter(|_| ctx.backward && x.track_op());
-        let (flat, mailbox) = match sink {
-            Some(sink) => (flat.detach(), Some(sink.register(params))),
-            None => (flat, None),
+        // With a sink the packed parameters stay out of candle's graph. (Without one they are
+        // in it even with no backward to come, so that a backward through an inference
+        // pass reaches the op and is refused there, not silently left without gradients.)
+        let flat = if sink.is_some() {
+            pack_detached(&params)?
+        } else {
+            let parts = params
+                .iter()
+                .map(Tensor::flatten_all)
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&parts, 0)?.to_dtype(DType::F32)?
         };
+        let mailbox = sink.map(|sink| sink.register(params));
         let cfg = &self.cfg;
         let dropping = ctx.train && (cfg.dropout > 0.0 || cfg.attn_dropout > 0.0);
         let seed = if dropping { ctx.rng.next_u64() } else { 0 };
@@ -572,6 +576,31 @@ fn composite_precision(x: &Tensor, ctx: &Ctx) -> MatmulPrecision {
     } else {
         MatmulPrecision::F32
     }
+}
+
+/// `params` flattened one after another into a detached f32 vector: copied in parallel when
+/// each is a contiguous f32 CPU tensor, else through candle's `cat`.
+fn pack_detached(params: &[Tensor]) -> Result<Tensor> {
+    let flat = {
+        let guards: Vec<_> = params.iter().map(Tensor::storage_and_layout).collect();
+        let slices: Option<Vec<&[f32]>> = guards
+            .iter()
+            .map(|(s, l)| match (&**s, l.contiguous_offsets()) {
+                (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Some(&v[a..b]),
+                _ => None,
+            })
+            .collect();
+        slices.map(|s| ssl_kernels::concat(&s))
+    };
+    if let Some(flat) = flat {
+        let n = flat.len();
+        return Ok(Tensor::from_vec(flat, n, &Device::Cpu)?);
+    }
+    let parts = params
+        .iter()
+        .map(Tensor::flatten_all)
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&parts, 0)?.to_dtype(DType::F32)?.detach())
 }
 
 #[cfg(test)]

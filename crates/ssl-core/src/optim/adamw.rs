@@ -209,6 +209,19 @@ impl AdamW {
     /// Applies one update with learning rate `lr`; `grads[i]` belongs to the i-th variable
     /// (`None`: the parameter got no gradient this step and is left untouched, moments too).
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, 1.0)
+    }
+
+    /// [`AdamW::step`] on the gradients times `grad_scale`, which the f32 CPU update applies
+    /// as it reads each gradient: the division by the loss weight and the clipping factor
+    /// ([`crate::optim::clip_scale`]) cost no pass over the gradients of their own. The
+    /// result is the step on `grads` scaled in f32 first, bit for bit.
+    pub fn step_scaled(
+        &mut self,
+        grads: &[Option<Tensor>],
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
         if grads.len() != self.slots.len() {
             return Err(CoreError::InvalidInput(format!(
                 "optimizer got {} gradients for {} parameters",
@@ -245,6 +258,7 @@ impl AdamW {
                     decay: (1.0 - lr * wd) as f32,
                     lr: lr as f32,
                     eps: self.cfg.eps as f32,
+                    grad_scale: grad_scale as f32,
                 };
                 slot.host_step(g, coeffs)?;
                 continue;
@@ -252,7 +266,10 @@ impl AdamW {
             let Moments::Tensors { m, v } = &mut slot.moments else {
                 continue;
             };
-            let g = g.to_dtype(slot.var.dtype())?;
+            let mut g = g.to_dtype(slot.var.dtype())?;
+            if grad_scale != 1.0 {
+                g = (g * grad_scale)?;
+            }
             let m1 = ((&*m * b1)? + (&g * (1.0 - b1))?)?;
             let v1 = ((&*v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let m_hat = (&m1 * scale_m)?;
@@ -474,6 +491,58 @@ mod tests {
             let q = sb[&k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
             for (x, y) in p.iter().zip(&q) {
                 assert!((x - y).abs() <= 1e-7 * (1.0 + x.abs()), "{k}: {x} vs {y}");
+            }
+        }
+    }
+
+    /// `step_scaled(g, lr, s)` is `step` on `g * s` (scaled by candle in f32): bit for bit on
+    /// the host path, and on the composite path too.
+    #[test]
+    fn a_scaled_step_is_the_step_on_scaled_gradients() {
+        for host in [true, false] {
+            let a = ParamStore::new(&Device::Cpu);
+            let (w1, b1) = problem(&a);
+            let b = ParamStore::new(&Device::Cpu);
+            let (w2, b2) = problem(&b);
+            let mut fused = AdamW::new(&a, AdamWConfig::default()).unwrap();
+            let mut plain = AdamW::new(&b, AdamWConfig::default()).unwrap();
+            if !host {
+                for opt in [&mut fused, &mut plain] {
+                    for s in &mut opt.slots {
+                        let t = s.var.as_tensor();
+                        s.moments = Moments::Tensors {
+                            m: t.zeros_like().unwrap(),
+                            v: t.zeros_like().unwrap(),
+                        };
+                    }
+                }
+            }
+            for step in 0..10 {
+                let scale = 0.37 / (1.0 + step as f64);
+                let g = loss(&w1, &b1, step).backward().unwrap();
+                let grads: Vec<_> = fused
+                    .vars()
+                    .map(|v| g.get(v.as_tensor()).cloned())
+                    .collect();
+                fused.step_scaled(&grads, 0.01, scale).unwrap();
+                let g = loss(&w2, &b2, step).backward().unwrap();
+                let grads: Vec<_> = plain
+                    .vars()
+                    .map(|v| g.get(v.as_tensor()).map(|g| (g * scale).unwrap()))
+                    .collect();
+                plain.step(&grads, 0.01).unwrap();
+            }
+            for (name, v1) in a.vars() {
+                let p = v1
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let q = b.get(&name).unwrap().as_tensor().flatten_all().unwrap();
+                let q = q.to_vec1::<f32>().unwrap();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&p), bits(&q), "{name}, host path {host}");
             }
         }
     }

@@ -5,5 +5,5 @@ mod clip;
 mod schedule;
 
 pub use adamw::{AdamW, AdamWConfig};
-pub use clip::{clip_grad_norm, global_norm};
+pub use clip::{clip_grad_norm, clip_scale, global_norm};
 pub use schedule::{LrSchedule, ScheduleKind};
