@@ -163,8 +163,7 @@ impl MaeTask {
         mask: &MaskSample,
         ctx: &mut Ctx,
     ) -> Result<Tensor> {
-        let x = self.encoder.embed_patches(pixels)?;
-        let visible = gather_tokens(&x, &mask.ids_keep)?;
+        let visible = self.encoder.embed_patches_at(pixels, &mask.ids_keep)?;
         Ok(self.encoder.forward_tokens(&visible, ctx)?.0)
     }
 

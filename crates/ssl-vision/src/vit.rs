@@ -13,6 +13,7 @@ use ssl_core::nn::{
 };
 use ssl_core::{Ctx, Encoder, EncoderOutput, Init, ParamBuilder};
 
+use crate::masking::gather_tokens;
 use crate::patch::{grid_size, patches_for_conv};
 use crate::pos_embed::sincos_2d;
 use crate::{Result, VisionError};
@@ -263,6 +264,42 @@ impl VisionTransformer {
 
     /// Patch embeddings plus position embeddings `(B, L, D)` of normalised pixels.
     pub fn embed_patches(&self, pixels: &Tensor) -> Result<Tensor> {
+        let x = self.project_patches(&self.check_patches(pixels)?)?;
+        let l = x.dim(1)?;
+        let pos = self.pos_embed.narrow(1, 1, l)?;
+        Ok(add_broadcast(&x, &pos)?)
+    }
+
+    /// [`VisionTransformer::embed_patches`] at the patches `ids[i]` of image `i` only (each
+    /// row of `ids` as long, indices below the number of patches): `(B, K, D)`, the rows
+    /// [`crate::masking::gather_tokens`] would pick from the full embedding (MAE's visible
+    /// patches), with the product and its backward over those rows alone.
+    pub fn embed_patches_at(&self, pixels: &Tensor, ids: &[Vec<u32>]) -> Result<Tensor> {
+        let patches = self.check_patches(pixels)?;
+        let l = patches.dim(1)?;
+        if let Some(&bad) = ids.iter().flatten().find(|&&i| i as usize >= l) {
+            return Err(VisionError::InvalidInput(format!(
+                "patch index {bad} is out of range for {l} patches"
+            )));
+        }
+        let x = self.project_patches(&gather_tokens(&patches, ids)?)?;
+        let (b, k, d) = x.dims3()?;
+        let at = Tensor::from_vec(
+            ids.iter().flatten().copied().collect::<Vec<u32>>(),
+            b * k,
+            x.device(),
+        )?;
+        let pos = self
+            .pos_embed
+            .narrow(1, 1, l)?
+            .squeeze(0)?
+            .index_select(&at, 0)?
+            .reshape((b, k, d))?;
+        Ok((x + pos)?)
+    }
+
+    /// The images as rows of patch pixels `(B, L, C * p * p)`, after checking their shape.
+    fn check_patches(&self, pixels: &Tensor) -> Result<Tensor> {
         let (_, c, h, w) = pixels.dims4()?;
         if (c, h, w)
             != (
@@ -276,16 +313,19 @@ impl VisionTransformer {
                 self.cfg.channels, self.cfg.image_height, self.cfg.image_width
             )));
         }
-        let patches = patches_for_conv(pixels, self.cfg.patch_size)?;
+        patches_for_conv(pixels, self.cfg.patch_size)
+    }
+
+    /// The patch projection (weight and bias, no positions) of rows of patch pixels:
+    /// `(B, N, C * p * p)` to `(B, N, D)`.
+    fn project_patches(&self, patches: &Tensor) -> Result<Tensor> {
         let (b, l, k) = patches.dims3()?;
         let w = self.patch_weight.reshape((self.cfg.dim, k))?;
-        let x = add_broadcast(
+        Ok(add_broadcast(
             &patches.reshape((b * l, k))?.matmul(&w.t()?)?,
             &self.patch_bias,
         )?
-        .reshape((b, l, self.cfg.dim))?;
-        let pos = self.pos_embed.narrow(1, 1, l)?;
-        Ok(add_broadcast(&x, &pos)?)
+        .reshape((b, l, self.cfg.dim))?)
     }
 
     /// Runs the class token and `tokens` (B, N, D) (all or a subset of the patch embeddings
@@ -479,6 +519,56 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The patches' embedding at chosen patches equals the full embedding gathered there,
+    /// values and gradients; an index past the last patch is refused.
+    #[test]
+    fn embedding_chosen_patches_equals_gathering_the_full_embedding() {
+        let store = ParamStore::new(&Device::Cpu);
+        let vit = VisionTransformer::new(&tiny(3), &store.builder(0)).unwrap();
+        let mut rng = SslRng::new(2);
+        let x = rng.normal_vec(2 * 3 * 8 * 12, 0.0, 1.0);
+        let x = Tensor::from_vec(x, (2, 3, 8, 12), &Device::Cpu).unwrap();
+        // Six patches per image; rows out of order.
+        let ids = vec![vec![5u32, 0, 3], vec![1, 4, 2]];
+        let w = Tensor::from_vec(
+            rng.normal_vec(2 * 3 * 16, 0.0, 1.0),
+            (2, 3, 16),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let run = |at: bool| {
+            let e = if at {
+                vit.embed_patches_at(&x, &ids).unwrap()
+            } else {
+                gather_tokens(&vit.embed_patches(&x).unwrap(), &ids).unwrap()
+            };
+            let g = (&e * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let mut all = vec![e.flatten_all().unwrap().to_vec1::<f32>().unwrap()];
+            for (_, v) in store.vars() {
+                if let Some(g) = g.get(v.as_tensor()) {
+                    all.push(g.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                }
+            }
+            all
+        };
+        let (full, at) = (run(false), run(true));
+        assert_eq!(full.len(), 3, "values, weight and bias gradients");
+        assert_eq!(full.len(), at.len());
+        for (a, b) in full.iter().zip(&at) {
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{x} vs {y}");
+            }
+        }
+        let err = vit
+            .embed_patches_at(&x, &[vec![6], vec![0]])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("patch index 6") && err.contains("6 patches"),
+            "{err}"
+        );
     }
 
     #[test]
