@@ -48,7 +48,7 @@
 //! - `peak_matmul`: candle's CPU matmul (gemm 0.19), 1024 x 1024 x 1024 f32; on a CPU with
 //!   AMX also `peak_amx_bf16`, the same product on AMX tiles in bf16 (`bench/run` prints it
 //!   under the peak line, ours only). With `--precision bf16` on the CPU also `peak_bf16`,
-//!   the product in our bf16 path (`ssl_kernels::MatmulTBf16`, operands rounded while
+//!   the product in our bf16 path (`ssl_kernels::MatmulT`, operands rounded while
 //!   packed, f32 sums; the AVX-512 BF16 kernel, or AMX tiles where usable), and one `bf16_check` object: the trainer's measurement
 //!   (`ssl_kernels::bf16_check`) of bf16 against f32 products, which decides whether
 //!   `train.matmul_precision = "bf16"` runs bf16 kernels or stays f32 on this CPU.
@@ -513,7 +513,7 @@ fn peak_bf16(reps: usize) -> Res<Vec<f64>> {
         return Err("the bf16 kernel's size rule excludes the peak product".into());
     }
     time_steps(reps, || {
-        let c = a.apply_op2_no_bwd(&b, &ssl_kernels::MatmulTBf16)?;
+        let c = a.apply_op2_no_bwd(&b, &ssl_kernels::MatmulT { bf16: true })?;
         debug_assert_eq!(c.dims(), &[PEAK_N, PEAK_N]);
         Ok(())
     })

@@ -3,7 +3,7 @@
 //! `cargo run --release -p ssl-kernels --example one_layer`.
 
 use candle_core::{Device, Tensor, Var};
-use ssl_kernels::{Act, BufferPool, FusedSpec, MatmulTBf16, NormPlacement, StackOp};
+use ssl_kernels::{Act, BufferPool, FusedSpec, MatmulT, NormPlacement, StackOp};
 
 fn main() -> candle_core::Result<()> {
     let dev = Device::Cpu;
@@ -60,7 +60,7 @@ fn main() -> candle_core::Result<()> {
     let (m, k, n) = (256, 256, 512);
     let a = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
     let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
-    let ours = a.apply_op2(&w, MatmulTBf16)?;
+    let ours = a.apply_op2(&w, MatmulT { bf16: true })?;
     let f32_ref = a.matmul(&w.t()?)?;
     let rel = ((ours - &f32_ref)?.abs()?.max_all()? / f32_ref.abs()?.max_all()?)?;
     let rel = rel.to_scalar::<f32>()?;

@@ -16,8 +16,8 @@
 //!   several tensors of every similarity matrix's size).
 //! - Matrix products through `gemm`'s kernels, or bf16 ones (operands rounded to bf16, f32
 //!   sums) on CPUs with AVX-512 BF16 ([`bf16_available`]), with bias and activation
-//!   epilogues applied to each block while it is in cache; [`MatmulTBf16`] is `x W^T` on that
-//!   path as an op of its own.
+//!   epilogues applied to each block while it is in cache; [`MatmulT`] is `x W^T` on these
+//!   kernels as an op of its own, with its backward (the linear layers outside the stack).
 //! - One-op versions of what surrounds the stack: [`LayerNormOp`], [`CrossEntropyOp`],
 //!   [`LinearCrossEntropyOp`] (a linear layer and its cross-entropy, the logits never built),
 //!   [`RowBroadcastAdd`], [`MaskedMeanOp`]; the optimizer's in-place [`adamw`] pass and the
@@ -77,7 +77,7 @@ pub use cross_entropy::{CrossEntropyOp, LinearCrossEntropyOp};
 pub use gemm::linear_takes_bf16;
 pub use gpu::{LayerNormFusedOp, SoftmaxLastDimOp};
 pub use layer_norm::LayerNormOp;
-pub use linear::MatmulTBf16;
+pub use linear::MatmulT;
 pub use masked_mean::MaskedMeanOp;
 pub use pool::BufferPool;
 pub use precision::{bf16_check, cpu_name, Bf16Check};

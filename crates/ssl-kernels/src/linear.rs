@@ -1,15 +1,20 @@
-//! `x W^T` as one CPU op whose forward and backward products take the bf16 path: the large
-//! linear layers outside the fused stack (BERT's tied MLM decoder, 8000 words wide) under
-//! `ssl_core::nn::MatmulPrecision::Bf16`. Candle's own matmul, with its f32 backward, serves
-//! every other case.
+//! `x W^T` as one CPU op with its own backward: the linear layers outside the fused stack. In
+//! f32 it replaces candle's matmul of `x` by a transposed view of `W`, whose backward takes two
+//! more graph nodes (the transpose, then a strided add into `W`'s gradient); in bf16 (under
+//! `ssl_core::nn::MatmulPrecision::Bf16`) the forward and backward products take the bf16
+//! path: BERT's tied MLM decoder, 8000 words wide.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor};
 
 use super::gemm::{matmul, threads, MatRef, Op};
 
-/// The op: `x` (m, k) times `w` (n, k) transposed gives (m, n); products in bf16 with f32
-/// sums where [`crate::linear_takes_bf16`] says so, f32 otherwise.
-pub struct MatmulTBf16;
+/// The op: `x` (m, k) times `w` (n, k) transposed gives (m, n); with `bf16`, products in
+/// bf16 with f32 sums where [`crate::linear_takes_bf16`] says so, f32 otherwise.
+#[derive(Debug, Clone, Copy)]
+pub struct MatmulT {
+    /// Whether the products (forward and backward) may take the bf16 path.
+    pub bf16: bool,
+}
 
 fn matrix<'a>(
     s: &'a CpuStorage,
@@ -17,7 +22,7 @@ fn matrix<'a>(
     what: &str,
 ) -> candle_core::Result<(&'a [f32], usize, usize)> {
     let (r, c) = l.shape().dims2()?;
-    Ok((super::f32_slice(s, l, "bf16 linear", what)?, r, c))
+    Ok((super::f32_slice(s, l, "linear", what)?, r, c))
 }
 
 fn operands<'a>(
@@ -29,7 +34,7 @@ fn operands<'a>(
     let (x, m, k) = matrix(xs, xl, "the input")?;
     let (w, n, k2) = matrix(ws, wl, "the weight")?;
     if k != k2 {
-        candle_core::bail!("bf16 linear: input ({m}, {k}) against weight ({n}, {k2})");
+        candle_core::bail!("linear: input ({m}, {k}) against weight ({n}, {k2})");
     }
     Ok((MatRef::dense(x, m, k), MatRef::dense(w, n, k)))
 }
@@ -43,17 +48,27 @@ pub(crate) fn input_and_weight_grads(
     w: MatRef,
     bf16: bool,
 ) -> (Vec<f32>, Vec<f32>) {
-    let (m, n, k) = (g.rows, g.cols, x.cols);
+    let (m, k) = (g.rows, x.cols);
     let mut dx = vec![0f32; m * k];
     matmul(&mut dx, k, g, Op::N, w, Op::N, 1.0, false, threads(), bf16);
-    let mut dw = vec![0f32; n * k];
-    matmul(&mut dw, k, g, Op::T, x, Op::N, 1.0, false, threads(), bf16);
-    (dx, dw)
+    (dx, weight_grad(g, x, bf16))
 }
 
-impl CustomOp2 for MatmulTBf16 {
+/// `dW = g^T x` (n, k) of `y = x W^T` for the output gradient `g` (m, n) and `x` (m, k).
+fn weight_grad(g: MatRef, x: MatRef, bf16: bool) -> Vec<f32> {
+    let (n, k) = (g.cols, x.cols);
+    let mut dw = vec![0f32; n * k];
+    matmul(&mut dw, k, g, Op::T, x, Op::N, 1.0, false, threads(), bf16);
+    dw
+}
+
+impl CustomOp2 for MatmulT {
     fn name(&self) -> &'static str {
-        "bf16-matmul-t"
+        if self.bf16 {
+            "bf16-matmul-t"
+        } else {
+            "matmul-t"
+        }
     }
 
     fn cpu_fwd(
@@ -75,7 +90,7 @@ impl CustomOp2 for MatmulTBf16 {
             1.0,
             false,
             threads(),
-            true,
+            self.bf16,
         );
         Ok((CpuStorage::F32(y), Shape::from((x.rows, w.rows))))
     }
@@ -92,22 +107,30 @@ impl CustomOp2 for MatmulTBf16 {
         let (ws, wl) = w.storage_and_layout();
         let (gs, gl) = g.storage_and_layout();
         let (Storage::Cpu(xc), Storage::Cpu(wc), Storage::Cpu(gc)) = (&*xs, &*ws, &*gs) else {
-            candle_core::bail!("bf16 linear: inputs left the CPU");
+            candle_core::bail!("linear: inputs left the CPU");
         };
         let (xm, wm) = operands(xc, xl, wc, wl)?;
         let (gv, m, n) = matrix(gc, gl, "the gradient")?;
         if (m, n) != (xm.rows, wm.rows) {
             candle_core::bail!(
-                "bf16 linear: gradient ({m}, {n}) for output ({}, {})",
+                "linear: gradient ({m}, {n}) for output ({}, {})",
                 xm.rows,
                 wm.rows
             );
         }
         let k = xm.cols;
-        let (dx, dw) = input_and_weight_grads(MatRef::dense(gv, m, n), xm, wm, true);
+        let g = MatRef::dense(gv, m, n);
+        // An input outside the graph (pixels, a detached tensor) needs no gradient.
+        let (dx, dw) = if x.track_op() {
+            let (dx, dw) = input_and_weight_grads(g, xm, wm, self.bf16);
+            (Some(dx), dw)
+        } else {
+            (None, weight_grad(g, xm, self.bf16))
+        };
         drop((xs, ws, gs));
         Ok((
-            Some(Tensor::from_vec(dx, (m, k), x.device())?),
+            dx.map(|dx| Tensor::from_vec(dx, (m, k), x.device()))
+                .transpose()?,
             Some(Tensor::from_vec(dw, (n, k), w.device())?),
         ))
     }

@@ -227,26 +227,24 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 
 /// `x W^T` for `x` (m, k) and `w` (n, k): a linear layer's product.
 ///
-/// Under [`MatmulPrecision::Bf16`], with f32 operands on a CPU that has the bf16 kernels, one op
-/// computes it and its two backward products with bf16 operands and f32 sums (where the
-/// product reaches the fused stack's size rule, at least 16 M multiply-adds); with f32
-/// operands on a GPU, cuBLAS multiplies them rounded to bf16 with f32 sums (every size, as
-/// [`matmul`]); otherwise it is candle's f32 matmul.
+/// With f32 operands on a CPU, one op computes it and its two backward products
+/// ([`ssl_kernels::MatmulT`]: one graph node, where candle's matmul by a transposed view takes
+/// three); under [`MatmulPrecision::Bf16`], on a CPU that has the bf16 kernels, its products
+/// take bf16 operands and f32 sums (where the product reaches the fused stack's size rule, at
+/// least 16 M multiply-adds). With f32 operands on a GPU under bf16, cuBLAS multiplies them
+/// rounded to bf16 with f32 sums (every size, as [`matmul`]); otherwise it is candle's matmul.
 pub fn matmul_t(x: &Tensor, w: &Tensor, precision: MatmulPrecision) -> Result<Tensor> {
     if gpu_bf16(x, &[w], precision) {
         let (x, w) = (x.to_dtype(DType::BF16)?, w.to_dtype(DType::BF16)?);
         return Ok(x.matmul(&w.t()?)?.to_dtype(DType::F32)?);
     }
-    if precision == MatmulPrecision::Bf16
-        && on_cpu_f32(x, &[w])
-        && x.rank() == 2
-        && w.rank() == 2
-        && crate::nn::bf16_matmul_available()
-        && ssl_kernels::linear_takes_bf16(x.dim(0)?, w.dim(0)?, x.dim(1)?)
-    {
+    if on_cpu_f32(x, &[w]) && x.rank() == 2 && w.rank() == 2 {
+        let bf16 = precision == MatmulPrecision::Bf16
+            && crate::nn::bf16_matmul_available()
+            && ssl_kernels::linear_takes_bf16(x.dim(0)?, w.dim(0)?, x.dim(1)?);
         return Ok(x
             .contiguous()?
-            .apply_op2(&w.contiguous()?, ssl_kernels::MatmulTBf16)?);
+            .apply_op2(&w.contiguous()?, ssl_kernels::MatmulT { bf16 })?);
     }
     Ok(x.matmul(&w.t()?)?)
 }
@@ -691,6 +689,55 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("target 23 in row 4"), "{err}");
+    }
+
+    /// The f32 CPU linear product (one op) against candle's matmul by the transposed weight:
+    /// the same values and gradients, with the input a variable, and with it outside the
+    /// graph (the op then skips the input's gradient; the weight's is still right); an empty
+    /// batch too.
+    #[test]
+    fn matmul_t_matches_candle_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let mut rng = SslRng::new(4);
+        for (m, n, k, x_var) in [(37, 19, 23, true), (37, 19, 23, false), (0, 5, 3, true)] {
+            let xv = rng.normal_vec(m * k, 0.0, 1.0);
+            let x = Var::from_vec(xv.clone(), (m, k), &dev).unwrap();
+            let x_plain = Tensor::from_vec(xv, (m, k), &dev).unwrap();
+            let w = Var::from_vec(rng.normal_vec(n * k, 0.0, 1.0), (n, k), &dev).unwrap();
+            let g = Tensor::from_vec(rng.normal_vec(m * n, 0.0, 1.0), (m, n), &dev).unwrap();
+            let xin = if x_var { x.as_tensor() } else { &x_plain };
+            let ours = matmul_t(xin, w.as_tensor(), MatmulPrecision::F32).unwrap();
+            let theirs = xin.matmul(&w.as_tensor().t().unwrap()).unwrap();
+            assert_eq!(ours.dims(), [m, n]);
+            let close = |a: &Tensor, b: &Tensor, what: &str| {
+                assert_eq!(a.dims(), b.dims(), "{what}");
+                if a.elem_count() > 0 {
+                    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+                    let d = d.to_scalar::<f32>().unwrap();
+                    assert!(d < 1e-5, "{what} ({m}, {n}, {k}): {d}");
+                }
+            };
+            close(&ours, &theirs, "values");
+            let g1 = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (theirs * &g)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            close(
+                g1.get(w.as_tensor()).unwrap(),
+                g2.get(w.as_tensor()).unwrap(),
+                "weight gradient",
+            );
+            if x_var {
+                close(
+                    g1.get(x.as_tensor()).unwrap(),
+                    g2.get(x.as_tensor()).unwrap(),
+                    "input gradient",
+                );
+            }
+        }
     }
 
     #[test]
