@@ -77,6 +77,7 @@ pub mod pos_embed;
 pub mod preview;
 mod recipe;
 mod source;
+mod unshuffle;
 mod vit;
 
 pub use augment::AugmentConfig;

@@ -16,6 +16,7 @@ use crate::augment::{augment_batch, normalize_batch, AugmentConfig};
 use crate::masking::{gather_tokens, random_masking, MaskSample};
 use crate::patch::patchify;
 use crate::pos_embed::sincos_2d;
+use crate::unshuffle::DecoderInputOp;
 use crate::vit::{Images, ViTConfig, VisionTransformer};
 use crate::{Result, VisionError};
 
@@ -185,6 +186,23 @@ impl MaeTask {
     /// class token first, add positions: `(B, L + 1, decoder_dim)`.
     fn decoder_input(&self, latent: &Tensor, mask: &MaskSample) -> Result<Tensor> {
         let x = self.decoder_embed.forward(latent)?;
+        let l = mask.num_patches;
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            let op = DecoderInputOp {
+                restore: mask.ids_restore.iter().flatten().copied().collect(),
+                patches: l,
+                pos: self.decoder_pos.flatten_all()?.to_vec1::<f32>()?,
+            };
+            return Ok(x
+                .contiguous()?
+                .apply_op2(&self.mask_token.contiguous()?, op)?);
+        }
+        self.decoder_input_composite(&x, mask)
+    }
+
+    /// [`MaeTask::decoder_input`] after the embedding, in candle's ops (any device; the
+    /// reference of the CPU op's test).
+    fn decoder_input_composite(&self, x: &Tensor, mask: &MaskSample) -> Result<Tensor> {
         let (b, n, dd) = x.dims3()?;
         let l = mask.num_patches;
         let n_mask = l + 1 - n;
@@ -419,6 +437,60 @@ mod tests {
 
     /// The training loss (the decoder's last block at the masked patches only) against
     /// `forward_loss` of the full reconstruction: the same value and gradients.
+    /// The decoder input's CPU op against candle's composite: the same values and the same
+    /// gradients for the embedded tokens and the mask token.
+    #[test]
+    fn the_decoder_input_op_equals_the_composite() {
+        let (_store, task) = build(false);
+        let mut rng = SslRng::new(6);
+        let mask = random_masking(3, 16, 0.75, &mut rng).unwrap();
+        let dd = task.mask_token.dim(2).unwrap();
+        let x = candle_core::Var::from_vec(
+            rng.normal_vec(3 * 5 * dd, 0.0, 1.0),
+            (3, 5, dd),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let w = Tensor::from_vec(
+            rng.normal_vec(3 * 17 * dd, 0.0, 1.0),
+            (3, 17, dd),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let run = |op: bool| {
+            let out = if op {
+                let op = DecoderInputOp {
+                    restore: mask.ids_restore.iter().flatten().copied().collect(),
+                    patches: 16,
+                    pos: task.decoder_pos.flatten_all().unwrap().to_vec1().unwrap(),
+                };
+                x.as_tensor().apply_op2(&task.mask_token, op).unwrap()
+            } else {
+                task.decoder_input_composite(x.as_tensor(), &mask).unwrap()
+            };
+            let g = (&out * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            [
+                v(&out),
+                v(g.get(x.as_tensor()).unwrap()),
+                v(g.get(&task.mask_token).unwrap()),
+            ]
+        };
+        let (ours, theirs) = (run(true), run(false));
+        for (what, (a, b)) in ["values", "tokens' gradient", "mask token's gradient"]
+            .iter()
+            .zip(ours.iter().zip(&theirs))
+        {
+            assert_eq!(a.len(), b.len(), "{what}");
+            for (x, y) in a.iter().zip(b) {
+                assert!(
+                    (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                    "{what}: {x} vs {y}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn loss_with_mask_equals_the_full_reconstructions_loss() {
         for norm_pix in [false, true] {
