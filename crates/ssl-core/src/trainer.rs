@@ -573,8 +573,8 @@ impl LoopTrainer {
     }
 }
 
-/// One step's gradients, reduced over micro-batches and ranks, divided by the total weight
-/// and clipped, with the figures logged for it.
+/// One step's gradients, reduced over micro-batches and ranks, with the factor that divides
+/// them by the total weight and clips them, and the figures logged for it.
 struct StepGrads {
     /// The gradients of the summed weighted losses, before division and clipping,
     grads: Vec<Option<Tensor>>,
@@ -854,8 +854,8 @@ impl<'r, T: PretextTask> Run<'r, T> {
     }
 
     /// Forward and backward of the step's micro-batches, the first step's check that every
-    /// parameter gets a gradient, the all-reduce over ranks, the division by the total weight
-    /// and clipping.
+    /// parameter gets a gradient, the all-reduce over ranks, and the factor of the division by
+    /// the total weight and clipping (applied by the update, `AdamW::step_scaled`).
     fn gradients(&mut self) -> Result<StepGrads> {
         let collective = &self.trainer.collective;
         let (rank, world) = (collective.rank(), collective.world_size());

@@ -314,6 +314,20 @@ fn inference_mode_matches_eval_and_refuses_backward() {
             assert_eq!(kept, lean, "{norm:?} {activation:?}");
             let err = last.sum_all().unwrap().backward().unwrap_err().to_string();
             assert!(err.contains("kept no activations"), "{err}");
+            // With the input in the graph (the parameters then packed outside it), too.
+            let xv = candle_core::Var::from_tensor(&x).unwrap();
+            let mut rng = SslRng::new(0);
+            let out = stack
+                .forward(xv.as_tensor(), Some(&mask), &mut Ctx::inference(&mut rng))
+                .unwrap();
+            let err = out
+                .last
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("kept no activations"), "{err}");
         }
     }
 }

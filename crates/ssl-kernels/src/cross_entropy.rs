@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Storage, Tens
 use rayon::prelude::*;
 
 use super::block_rows;
-use super::gemm::{matmul, threads, MatRef, Op};
+use super::gemm::{product, MatRef, Op};
 use super::simd;
 
 /// The op; the mean over rows is its output.
@@ -221,19 +221,7 @@ impl CustomOp3 for LinearCrossEntropyOp {
         let (x, w, b) = linear_operands((s1, l1), (s2, l2), (s3, l3))?;
         let (n, c) = (x.rows, w.rows);
         check_targets(&self.targets, n, c)?;
-        let mut logits = vec![0f32; n * c];
-        matmul(
-            &mut logits,
-            c,
-            x,
-            Op::N,
-            w,
-            Op::T,
-            1.0,
-            false,
-            threads(),
-            self.bf16,
-        );
+        let mut logits = product(x, Op::N, w, Op::T, self.bf16);
         let mut lse = vec![0f32; n];
         let mut argmax = vec![0u32; n];
         let per = block_rows(n);

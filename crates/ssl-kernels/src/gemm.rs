@@ -331,6 +331,43 @@ pub(crate) fn matmul(
     }
 }
 
+/// `a b` (each after its `Op`) in a new row-major `m x n` vector, written once by the product:
+/// no zero fill first (with `accumulate = false` every path writes each element before any
+/// read of it: [`empty_product`]'s fill, `gemm` with `read_dst` off, the bf16 and AMX kernels'
+/// first `k` block). Products in bf16 when `bf16` and [`linear_takes_bf16`] allows.
+pub(crate) fn product(a: MatRef, op_a: Op, b: MatRef, op_b: Op, bf16: bool) -> Vec<f32> {
+    a.check();
+    b.check();
+    let (m, k, a_rs, a_cs) = oriented(&a, op_a);
+    let (k2, n, b_rs, b_cs) = oriented(&b, op_b);
+    assert_eq!(k, k2, "inner dimensions differ");
+    let mut c = Vec::with_capacity(m * n);
+    // SAFETY: the views were checked to lie inside their slices; `c` has room for the m x n
+    // output at leading dimension n and nobody else sees it; without accumulation the product
+    // writes every one of its m * n elements (see above), so all are initialised.
+    unsafe {
+        matmul_raw(
+            c.as_mut_ptr(),
+            n,
+            m,
+            n,
+            k,
+            a.data.as_ptr(),
+            a_rs,
+            a_cs,
+            b.data.as_ptr(),
+            b_rs,
+            b_cs,
+            1.0,
+            false,
+            threads(),
+            bf16 && linear_takes_bf16(m, n, k),
+        );
+        c.set_len(m * n);
+    }
+    c
+}
+
 /// Handles a product with no work: nothing to do when `m` or `n` is 0; when `k` is 0, `c`'s
 /// `m x n` view becomes zero (or stays, when `accumulate`). Returns true when it handled the
 /// product.

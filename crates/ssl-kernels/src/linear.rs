@@ -6,7 +6,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor};
 
-use super::gemm::{matmul, threads, MatRef, Op};
+use super::gemm::{product, MatRef, Op};
 
 /// The op: `x` (m, k) times `w` (n, k) transposed gives (m, n); with `bf16`, products in
 /// bf16 with f32 sums where [`crate::linear_takes_bf16`] says so, f32 otherwise.
@@ -48,18 +48,12 @@ pub(crate) fn input_and_weight_grads(
     w: MatRef,
     bf16: bool,
 ) -> (Vec<f32>, Vec<f32>) {
-    let (m, k) = (g.rows, x.cols);
-    let mut dx = vec![0f32; m * k];
-    matmul(&mut dx, k, g, Op::N, w, Op::N, 1.0, false, threads(), bf16);
-    (dx, weight_grad(g, x, bf16))
+    (product(g, Op::N, w, Op::N, bf16), weight_grad(g, x, bf16))
 }
 
 /// `dW = g^T x` (n, k) of `y = x W^T` for the output gradient `g` (m, n) and `x` (m, k).
 fn weight_grad(g: MatRef, x: MatRef, bf16: bool) -> Vec<f32> {
-    let (n, k) = (g.cols, x.cols);
-    let mut dw = vec![0f32; n * k];
-    matmul(&mut dw, k, g, Op::T, x, Op::N, 1.0, false, threads(), bf16);
-    dw
+    product(g, Op::T, x, Op::N, bf16)
 }
 
 impl CustomOp2 for MatmulT {
@@ -79,19 +73,7 @@ impl CustomOp2 for MatmulT {
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, w) = operands(xs, xl, ws, wl)?;
-        let mut y = vec![0f32; x.rows * w.rows];
-        matmul(
-            &mut y,
-            w.rows,
-            x,
-            Op::N,
-            w,
-            Op::T,
-            1.0,
-            false,
-            threads(),
-            self.bf16,
-        );
+        let y = product(x, Op::N, w, Op::T, self.bf16);
         Ok((CpuStorage::F32(y), Shape::from((x.rows, w.rows))))
     }
 

@@ -379,7 +379,6 @@ fn seq_groups(b: usize, t: usize, rows: Option<&[usize]>) -> Vec<(usize, usize, 
     groups
 }
 
-/// `acc += x` elementwise, in parallel blocks.
 /// `a + b` elementwise in a new vector, written once (no zeroing first), on the rayon pool.
 fn sum_of(a: &[f32], b: &[f32]) -> Vec<f32> {
     const CHUNK: usize = 1 << 14;
@@ -399,6 +398,7 @@ fn sum_of(a: &[f32], b: &[f32]) -> Vec<f32> {
     out
 }
 
+/// `acc += x` elementwise, in parallel blocks.
 fn add_assign_par(acc: &mut [f32], x: &[f32]) {
     let chunk = 1 << 14;
     acc.par_chunks_mut(chunk)
@@ -1301,8 +1301,8 @@ impl StackOp {
         }
     }
 
-    /// Backward through every layer of one part: adds its parameters' gradients into
-    /// `grads` and returns the gradient of its input. `own(l)` is the gradient arriving at
+    /// Backward through every layer of one part: writes its parameters' gradients into
+    /// `grads` (every slot, whatever was there) and returns the gradient of its input. `own(l)` is the gradient arriving at
     /// layer `l`'s output from outside the stack, if any.
     fn backward_part<'g>(
         &self,
@@ -1947,15 +1947,17 @@ mod tests {
                     .num_threads(threads)
                     .build()
                     .unwrap();
+                // A pool holding last step's buffers, poisoned: the halves' parameter
+                // gradients come from it unzeroed, so every slot must be written.
+                let buffers = BufferPool::default();
+                let n = c.sp.depth * c.sp.offsets().len;
+                let stale = [buffers.take(n), buffers.take(n)];
+                for mut v in stale {
+                    v.fill(f32::NAN);
+                    buffers.put(v);
+                }
                 pool.install(|| {
-                    let mut op = StackOp::new(
-                        c.sp.clone(),
-                        all_layers,
-                        true,
-                        true,
-                        5,
-                        BufferPool::default(),
-                    );
+                    let mut op = StackOp::new(c.sp.clone(), all_layers, true, true, 5, buffers);
                     op.max_parts = parts;
                     assert_eq!(op.parts(b), parts);
                     c.run(op, |out| out)

@@ -435,8 +435,6 @@ mod tests {
         }
     }
 
-    /// The training loss (the decoder's last block at the masked patches only) against
-    /// `forward_loss` of the full reconstruction: the same value and gradients.
     /// The decoder input's CPU op against candle's composite: the same values and the same
     /// gradients for the embedded tokens and the mask token.
     #[test]
@@ -491,6 +489,8 @@ mod tests {
         }
     }
 
+    /// The training loss (the decoder's last block at the masked patches only) against
+    /// `forward_loss` of the full reconstruction: the same value and gradients.
     #[test]
     fn loss_with_mask_equals_the_full_reconstructions_loss() {
         for norm_pix in [false, true] {

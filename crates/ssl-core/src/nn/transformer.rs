@@ -403,10 +403,12 @@ impl TransformerStack {
             .grad_sink
             .as_ref()
             .filter(|_| ctx.backward && x.track_op());
-        // With a sink the packed parameters stay out of candle's graph. (Without one they are
-        // in it even with no backward to come, so that a backward through an inference
-        // pass reaches the op and is refused there, not silently left without gradients.)
-        let flat = if sink.is_some() {
+        // The packed parameters stay out of candle's graph with a sink, and with no backward
+        // to come when `x` is in the graph: a backward through such a pass still reaches the
+        // op (through `x`) and is refused there. An inference pass on an input outside the
+        // graph keeps them in it, for the same refusal, instead of silently leaving the
+        // parameters without gradients.
+        let flat = if sink.is_some() || (!ctx.backward && x.track_op()) {
             pack_detached(&params)?
         } else {
             let parts = params

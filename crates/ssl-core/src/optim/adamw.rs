@@ -214,8 +214,9 @@ impl AdamW {
 
     /// [`AdamW::step`] on the gradients times `grad_scale`, which the f32 CPU update applies
     /// as it reads each gradient: the division by the loss weight and the clipping factor
-    /// ([`crate::optim::clip_scale`]) cost no pass over the gradients of their own. The
-    /// result is the step on `grads` scaled in f32 first, bit for bit.
+    /// ([`crate::optim::clip_scale`]) cost no pass over the gradients of their own. For f32
+    /// parameters the result is the step on `grads` scaled by candle in f32 first, bit for bit
+    /// (other dtypes scale after the cast to the parameter's dtype).
     pub fn step_scaled(
         &mut self,
         grads: &[Option<Tensor>],
@@ -443,6 +444,17 @@ mod tests {
         }
     }
 
+    /// Puts every parameter of `opt` on the composite candle-op update (fresh moments).
+    fn use_tensor_moments(opt: &mut AdamW) {
+        for s in &mut opt.slots {
+            let t = s.var.as_tensor();
+            s.moments = Moments::Tensors {
+                m: t.zeros_like().unwrap(),
+                v: t.zeros_like().unwrap(),
+            };
+        }
+    }
+
     /// The one-pass CPU update and the composite candle-op update give the same parameters.
     #[test]
     fn host_update_equals_tensor_update() {
@@ -456,13 +468,7 @@ mod tests {
             .slots
             .iter()
             .all(|s| matches!(s.moments, Moments::Host { .. })));
-        for s in &mut tensors.slots {
-            let t = s.var.as_tensor();
-            s.moments = Moments::Tensors {
-                m: t.zeros_like().unwrap(),
-                v: t.zeros_like().unwrap(),
-            };
-        }
+        use_tensor_moments(&mut tensors);
         for step in 0..20 {
             for (opt, w, bias) in [(&mut host, &w1, &b1), (&mut tensors, &w2, &b2)] {
                 let g = loss(w, bias, step).backward().unwrap();
@@ -507,15 +513,8 @@ mod tests {
             let mut fused = AdamW::new(&a, AdamWConfig::default()).unwrap();
             let mut plain = AdamW::new(&b, AdamWConfig::default()).unwrap();
             if !host {
-                for opt in [&mut fused, &mut plain] {
-                    for s in &mut opt.slots {
-                        let t = s.var.as_tensor();
-                        s.moments = Moments::Tensors {
-                            m: t.zeros_like().unwrap(),
-                            v: t.zeros_like().unwrap(),
-                        };
-                    }
-                }
+                use_tensor_moments(&mut fused);
+                use_tensor_moments(&mut plain);
             }
             for step in 0..10 {
                 let scale = 0.37 / (1.0 + step as f64);

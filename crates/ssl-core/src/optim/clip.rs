@@ -41,14 +41,21 @@ fn cpu_f32(g: &Tensor) -> Option<Result<f64>> {
 /// is below 1). `max_norm <= 0` disables clipping. Pass the factor to
 /// [`crate::optim::AdamW::step_scaled`] to apply division and clipping in the update's pass,
 /// with no pass of their own over the gradients.
+///
+/// The norm is infinite when the f32 update could not apply the factor: a factor or scaled
+/// gradients beyond f32's range (a total loss weight of 0, say), so the trainer's guard skips
+/// such a step as it skips any non-finite one.
 pub fn clip_scale(grads: &[Option<Tensor>], scale: f64, max_norm: f64) -> Result<(f64, f64)> {
-    let norm = global_norm(grads)? * scale.abs();
+    let mut norm = global_norm(grads)? * scale.abs();
     let mut factor = scale;
     if max_norm > 0.0 && norm.is_finite() {
         let clip = max_norm / (norm + 1e-6);
         if clip < 1.0 {
             factor *= clip;
         }
+    }
+    if !(factor as f32).is_finite() || norm > f64::from(f32::MAX) {
+        norm = f64::INFINITY;
     }
     Ok((norm, factor))
 }
@@ -70,6 +77,44 @@ pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// `clip_scale(g, s, max)` is `clip_grad_norm` of `g * s`: the same norm, and its factor
+    /// times `g` gives the same clipped gradients; a factor beyond f32 reports an infinite
+    /// norm (the guard's skip), as do gradients that would overflow once scaled.
+    #[test]
+    fn clip_scale_is_clipping_the_scaled_gradients() {
+        let dev = Device::Cpu;
+        let g = vec![
+            Some(Tensor::new(&[3f32, 0.], &dev).unwrap()),
+            Some(Tensor::new(&[[0f32, 4.]], &dev).unwrap().t().unwrap()),
+        ];
+        for (scale, max) in [(0.5, 1.0), (0.5, 10.0), (2.0, 0.0)] {
+            let (norm, factor) = clip_scale(&g, scale, max).unwrap();
+            let mut scaled: Vec<Option<Tensor>> = g
+                .iter()
+                .map(|t| t.as_ref().map(|t| (t * scale).unwrap()))
+                .collect();
+            let want = clip_grad_norm(&mut scaled, max).unwrap();
+            assert!((norm - want).abs() < 1e-9, "{norm} vs {want}");
+            for (a, b) in g.iter().zip(&scaled) {
+                let a = (a.as_ref().unwrap() * factor).unwrap();
+                let d = (a - b.as_ref().unwrap()).unwrap().abs().unwrap();
+                let d = d.flatten_all().unwrap().max(0).unwrap();
+                assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
+            }
+        }
+        let zeros = vec![Some(Tensor::zeros(3, DType::F32, &dev).unwrap())];
+        let (norm, _) = clip_scale(&zeros, 1.0 / f64::MIN_POSITIVE, 1.0).unwrap();
+        assert!(
+            norm.is_infinite(),
+            "a factor beyond f32 must read as non-finite"
+        );
+        let (norm, _) = clip_scale(&g, 1e38, 0.0).unwrap();
+        assert!(
+            norm.is_infinite(),
+            "gradients beyond f32 once scaled: {norm}"
+        );
+    }
 
     #[test]
     fn clips_to_max_norm_and_reports_pre_clip_norm() {
