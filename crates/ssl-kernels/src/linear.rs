@@ -40,8 +40,8 @@ fn operands<'a>(
 }
 
 /// The gradients of `y = x W^T` (`x` (m, k), `w` (n, k)) for the output gradient `g` (m, n):
-/// `dx = g W` (m, k) and `dW = g^T x` (n, k), products in bf16 when `bf16` and [`matmul`]'s
-/// size rule allows.
+/// `dx = g W` (m, k) and `dW = g^T x` (n, k), products in bf16 when `bf16` and
+/// [`crate::linear_takes_bf16`]'s size rule allows.
 pub(crate) fn input_and_weight_grads(
     g: MatRef,
     x: MatRef,
@@ -102,18 +102,18 @@ impl CustomOp2 for MatmulT {
         }
         let k = xm.cols;
         let g = MatRef::dense(gv, m, n);
-        // An input outside the graph (pixels, a detached tensor) needs no gradient.
-        let (dx, dw) = if x.track_op() {
-            let (dx, dw) = input_and_weight_grads(g, xm, wm, self.bf16);
-            (Some(dx), dw)
-        } else {
-            (None, weight_grad(g, xm, self.bf16))
-        };
+        // An operand outside the graph (pixels, a detached or frozen weight) needs no
+        // gradient.
+        let dx = x
+            .track_op()
+            .then(|| product(g, Op::N, wm, Op::N, self.bf16));
+        let dw = w.track_op().then(|| weight_grad(g, xm, self.bf16));
         drop((xs, ws, gs));
         Ok((
             dx.map(|dx| Tensor::from_vec(dx, (m, k), x.device()))
                 .transpose()?,
-            Some(Tensor::from_vec(dw, (n, k), w.device())?),
+            dw.map(|dw| Tensor::from_vec(dw, (n, k), w.device()))
+                .transpose()?,
         ))
     }
 }

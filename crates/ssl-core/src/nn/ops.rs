@@ -694,11 +694,40 @@ mod tests {
     /// The f32 CPU linear product (one op) against candle's matmul by the transposed weight:
     /// the same values and gradients, with the input a variable, and with it outside the
     /// graph (the op then skips the input's gradient; the weight's is still right); an empty
-    /// batch too.
+    /// batch too; and a weight outside the graph gets none while the input's is right.
     #[test]
     fn matmul_t_matches_candle_in_value_and_gradient() {
         let dev = Device::Cpu;
         let mut rng = SslRng::new(4);
+        {
+            let x = Var::from_vec(rng.normal_vec(6, 0.0, 1.0), (2, 3), &dev).unwrap();
+            let w = Tensor::from_vec(rng.normal_vec(12, 0.0, 1.0), (4, 3), &dev).unwrap();
+            let y = matmul_t(x.as_tensor(), &w, MatmulPrecision::F32).unwrap();
+            let g = y.sum_all().unwrap().backward().unwrap();
+            assert!(
+                g.get(&w).is_none(),
+                "a weight outside the graph got a gradient"
+            );
+            let want = w
+                .sum(0)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap()
+                .repeat((2, 1))
+                .unwrap();
+            let d = (g.get(x.as_tensor()).unwrap() - want)
+                .unwrap()
+                .abs()
+                .unwrap();
+            let d = d
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-6, "input gradient with a frozen weight: {d}");
+        }
         for (m, n, k, x_var) in [(37, 19, 23, true), (37, 19, 23, false), (0, 5, 3, true)] {
             let xv = rng.normal_vec(m * k, 0.0, 1.0);
             let x = Var::from_vec(xv.clone(), (m, k), &dev).unwrap();
