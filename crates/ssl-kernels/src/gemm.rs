@@ -298,11 +298,7 @@ pub(crate) fn matmul(
     par: Parallelism,
     bf16: bool,
 ) {
-    a.check();
-    b.check();
-    let (m, k, a_rs, a_cs) = oriented(&a, op_a);
-    let (k2, n, b_rs, b_cs) = oriented(&b, op_b);
-    assert_eq!(k, k2, "inner dimensions differ");
+    let ((m, n, k), (a_rs, a_cs), (b_rs, b_cs)) = product_shape(&a, op_a, &b, op_b);
     if m == 0 || n == 0 {
         return;
     }
@@ -331,16 +327,29 @@ pub(crate) fn matmul(
     }
 }
 
+/// The product `a b`'s `(m, n, k)` and each operand's (row, column) strides after its `Op`;
+/// panics on a view outside its slice or inner dimensions that differ.
+#[allow(clippy::type_complexity)]
+fn product_shape(
+    a: &MatRef,
+    op_a: Op,
+    b: &MatRef,
+    op_b: Op,
+) -> ((usize, usize, usize), (isize, isize), (isize, isize)) {
+    a.check();
+    b.check();
+    let (m, k, a_rs, a_cs) = oriented(a, op_a);
+    let (k2, n, b_rs, b_cs) = oriented(b, op_b);
+    assert_eq!(k, k2, "inner dimensions differ");
+    ((m, n, k), (a_rs, a_cs), (b_rs, b_cs))
+}
+
 /// `a b` (each after its `Op`) in a new row-major `m x n` vector, written once by the product:
 /// no zero fill first (with `accumulate = false` every path writes each element before any
 /// read of it: [`empty_product`]'s fill, `gemm` with `read_dst` off, the bf16 and AMX kernels'
 /// first `k` block). Products in bf16 when `bf16` and [`linear_takes_bf16`] allows.
 pub(crate) fn product(a: MatRef, op_a: Op, b: MatRef, op_b: Op, bf16: bool) -> Vec<f32> {
-    a.check();
-    b.check();
-    let (m, k, a_rs, a_cs) = oriented(&a, op_a);
-    let (k2, n, b_rs, b_cs) = oriented(&b, op_b);
-    assert_eq!(k, k2, "inner dimensions differ");
+    let ((m, n, k), (a_rs, a_cs), (b_rs, b_cs)) = product_shape(&a, op_a, &b, op_b);
     let mut c = Vec::with_capacity(m * n);
     // SAFETY: the views were checked to lie inside their slices; `c` has room for the m x n
     // output at leading dimension n and nobody else sees it; without accumulation the product

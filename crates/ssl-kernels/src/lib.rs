@@ -20,8 +20,8 @@
 //!   kernels as an op of its own, with its backward (the linear layers outside the stack).
 //! - One-op versions of what surrounds the stack: [`LayerNormOp`], [`CrossEntropyOp`],
 //!   [`LinearCrossEntropyOp`] (a linear layer and its cross-entropy, the logits never built),
-//!   [`RowBroadcastAdd`], [`MaskedMeanOp`]; the optimizer's in-place [`adamw`] pass and the
-//!   gradient norm's [`sum_squares`].
+//!   [`RowBroadcastAdd`], [`MaskedMeanOp`], [`EmbeddingSumOp`] (BERT's input embedding); the
+//!   optimizer's in-place [`adamw`] pass and the gradient norm's [`sum_squares`].
 //! - [`SoftmaxLastDimOp`] and [`LayerNormFusedOp`]: candle's fused GPU softmax and layer-norm
 //!   kernels (with the `cuda` feature) in ops that have a backward; the GPU path of
 //!   `ssl_core`'s stack.
@@ -56,6 +56,7 @@ mod amx;
 mod bf16;
 mod broadcast;
 mod cross_entropy;
+mod embedding;
 mod gemm;
 mod gpu;
 mod layer_norm;
@@ -74,6 +75,7 @@ pub use bf16::available as bf16_available;
 pub use bf16::time_product as time_bf16_product;
 pub use broadcast::RowBroadcastAdd;
 pub use cross_entropy::{CrossEntropyOp, LinearCrossEntropyOp};
+pub use embedding::EmbeddingSumOp;
 pub use gemm::linear_takes_bf16;
 pub use gpu::{LayerNormFusedOp, SoftmaxLastDimOp};
 pub use layer_norm::LayerNormOp;

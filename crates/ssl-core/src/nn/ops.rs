@@ -9,7 +9,7 @@ use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::nn::MatmulPrecision;
-use crate::{Result, SslRng};
+use crate::{CoreError, Result, SslRng};
 
 /// True when `t` is on the CPU and it and every tensor of `also` are f32: when the one-op CPU
 /// kernels below apply.
@@ -169,6 +169,47 @@ pub fn dropout(x: &Tensor, p: f32, train: bool, rng: &mut SslRng) -> Result<Tens
         .collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     Ok((x * mask)?)
+}
+
+/// BERT's input embedding: `word[ids] + position[0..T] + token_type[types]`, (B, T, D) for
+/// `ids` and `types` (B, T). f32 tables on the CPU take one parallel op
+/// ([`ssl_kernels::EmbeddingSumOp`], its backward scattering into each table's gradient);
+/// otherwise candle's lookups and adds, which it is tested against.
+pub fn embedding_sum(
+    word: &Tensor,
+    position: &Tensor,
+    token_type: &Tensor,
+    ids: &Tensor,
+    types: &Tensor,
+) -> Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    if types.dims() != ids.dims() {
+        return Err(CoreError::InvalidInput(format!(
+            "token types of shape {:?} for ids of shape {:?}",
+            types.dims(),
+            ids.dims()
+        )));
+    }
+    if on_cpu_f32(word, &[position, token_type]) {
+        let flat = |x: &Tensor| -> Result<Vec<u32>> {
+            Ok(x.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?)
+        };
+        let op = ssl_kernels::EmbeddingSumOp {
+            ids: flat(ids)?,
+            types: flat(types)?,
+            batch: b,
+        };
+        return Ok(word.apply_op3(position, token_type, op)?);
+    }
+    let d = word.dim(1)?;
+    let w = word
+        .index_select(&ids.flatten_all()?, 0)?
+        .reshape((b, t, d))?;
+    let p = position.narrow(0, 0, t)?.unsqueeze(0)?;
+    let tt = token_type
+        .index_select(&types.flatten_all()?, 0)?
+        .reshape((b, t, d))?;
+    Ok(add_broadcast(&w, &p)?.add(&tt)?)
 }
 
 /// Mean of `x` (B, T, D) over the timesteps where `mask` (B, T) is 1; plain mean without mask.
@@ -767,6 +808,59 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The one-op embedding sum against candle's lookups and adds: the same values and the
+    /// same gradients of the three tables, repeated ids included; a bad id is refused.
+    #[test]
+    fn embedding_sum_matches_candle_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let mut rng = SslRng::new(8);
+        let (v, p, s, d, b, t) = (11, 9, 2, 5, 3, 4);
+        let word = Var::from_vec(rng.normal_vec(v * d, 0.0, 1.0), (v, d), &dev).unwrap();
+        let pos = Var::from_vec(rng.normal_vec(p * d, 0.0, 1.0), (p, d), &dev).unwrap();
+        let tt = Var::from_vec(rng.normal_vec(s * d, 0.0, 1.0), (s, d), &dev).unwrap();
+        let ids = Tensor::new(&[[1u32, 3, 3, 10], [0, 1, 1, 1], [7, 7, 2, 0]], &dev).unwrap();
+        let types = Tensor::new(&[[0u32, 0, 1, 1], [1, 1, 1, 1], [0, 1, 0, 1]], &dev).unwrap();
+        let g = Tensor::from_vec(rng.normal_vec(b * t * d, 0.0, 1.0), (b, t, d), &dev).unwrap();
+        let ours = embedding_sum(&word, &pos, &tt, &ids, &types).unwrap();
+        let w = word
+            .index_select(&ids.flatten_all().unwrap(), 0)
+            .unwrap()
+            .reshape((b, t, d))
+            .unwrap();
+        let theirs = w
+            .broadcast_add(&pos.narrow(0, 0, t).unwrap().unsqueeze(0).unwrap())
+            .unwrap()
+            .add(
+                &tt.index_select(&types.flatten_all().unwrap(), 0)
+                    .unwrap()
+                    .reshape((b, t, d))
+                    .unwrap(),
+            )
+            .unwrap();
+        let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
+            let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
+            d.max(0).unwrap().to_scalar::<f32>().unwrap()
+        };
+        assert!(max_diff(&ours, &theirs) < 1e-6);
+        let g1 = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for table in [&word, &pos, &tt] {
+            let (a, b) = (g1.get(table).unwrap(), g2.get(table).unwrap());
+            assert!(max_diff(a, b) < 1e-5, "{:?}", table.dims());
+        }
+        let bad = Tensor::new(&[[11u32, 0, 0, 0]], &dev).unwrap();
+        let types1 = Tensor::new(&[[0u32, 0, 0, 0]], &dev).unwrap();
+        let err = embedding_sum(&word, &pos, &tt, &bad, &types1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("word id 11"), "{err}");
     }
 
     #[test]
