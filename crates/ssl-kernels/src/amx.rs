@@ -649,18 +649,20 @@ pub(crate) unsafe fn gemm(
                 block_product(backend, pa, pb, kp, i0, 2 * jb, &mut acc);
                 let (j0, width) = (jb * BLOCK, BLOCK.min(n - jb * BLOCK));
                 for r in 0..rows {
-                    // SAFETY: row i0 + r < m, columns j0..j0 + width <= n of C: this job's
-                    // rows, valid and ours (the caller's guarantee).
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(out.ptr().add((i0 + r) * ldc + j0), width)
-                    };
+                    let dst = out.ptr().wrapping_add((i0 + r) * ldc + j0);
                     let src = &acc[r * BLOCK..r * BLOCK + width];
-                    for (d, &s) in dst.iter_mut().zip(src) {
-                        *d = if accumulate {
-                            *d + alpha * s
-                        } else {
-                            alpha * s
-                        };
+                    for (j, &s) in src.iter().enumerate() {
+                        // SAFETY: row i0 + r < m, column j0 + j < n of C: this job's rows,
+                        // valid and ours (the caller's guarantee); read only when
+                        // accumulating, so without it C may be uninitialised (`product`).
+                        unsafe {
+                            let d = dst.add(j);
+                            d.write(if accumulate {
+                                d.read() + alpha * s
+                            } else {
+                                alpha * s
+                            });
+                        }
                     }
                 }
             }

@@ -110,10 +110,16 @@ impl CustomOp3 for EmbeddingSumOp {
                 }
             }
         }
+        // Tables outside the graph (frozen, constant) get no gradient.
+        let grad_of = |t: &Tensor, g: Vec<f32>, rows: usize| {
+            t.track_op()
+                .then(|| Tensor::from_vec(g, (rows, d), t.device()))
+                .transpose()
+        };
         Ok((
-            Some(Tensor::from_vec(dw, (v, d), word.device())?),
-            Some(Tensor::from_vec(dp, (p, d), pos.device())?),
-            Some(Tensor::from_vec(ds, (s, d), types.device())?),
+            grad_of(word, dw, v)?,
+            grad_of(pos, dp, p)?,
+            grad_of(types, ds, s)?,
         ))
     }
 }

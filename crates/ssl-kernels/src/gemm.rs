@@ -400,8 +400,10 @@ pub(crate) unsafe fn empty_product(
     }
     if !accumulate {
         for i in 0..m {
-            // SAFETY: row i of C's m x n view is valid and ours (the caller's guarantee).
-            unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), n).fill(0.0) };
+            // SAFETY: row i of C's m x n view is valid and ours (the caller's guarantee); written
+            // through the pointer, never read, so it may be uninitialised (`product`). All-zero
+            // bytes are 0.0.
+            unsafe { std::ptr::write_bytes(c.add(i * ldc), 0, n) };
         }
     }
     true

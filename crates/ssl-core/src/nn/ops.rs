@@ -199,7 +199,11 @@ pub fn embedding_sum(
             types: flat(types)?,
             batch: b,
         };
-        return Ok(word.apply_op3(position, token_type, op)?);
+        return Ok(word.contiguous()?.apply_op3(
+            &position.contiguous()?,
+            &token_type.contiguous()?,
+            op,
+        )?);
     }
     let d = word.dim(1)?;
     let w = word
@@ -843,7 +847,8 @@ mod tests {
             let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
             d.max(0).unwrap().to_scalar::<f32>().unwrap()
         };
-        assert!(max_diff(&ours, &theirs) < 1e-6);
+        // The same sums in the same order: (word + position) + token type.
+        assert_eq!(max_diff(&ours, &theirs), 0.0);
         let g1 = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (theirs * &g)
             .unwrap()
