@@ -183,7 +183,10 @@ fn mlm(steps: usize, train: bool) -> Res<(Vec<f64>, usize)> {
     }
     let mut opt = AdamW::new(&store, AdamWConfig::default())?;
     let vars: Vec<Tensor> = opt.vars().map(|v| v.as_tensor().clone()).collect();
-    let times = time_steps(steps, || plain_step(&model, &tb, &mut opt, &vars, &mut rng))?;
+    let mut src = RepeatBatch(tb);
+    let times = time_steps(steps, || {
+        trainer_step(&model, &mut src, &mut opt, &vars, &mut rng, 1e-4, 0.0)
+    })?;
     Ok((times, params))
 }
 
@@ -250,45 +253,30 @@ fn mae(steps: usize) -> Res<(Vec<f64>, usize)> {
         [MAE_BATCH, MAE_CHANNELS, MAE_SIDE, MAE_SIDE],
         device(),
     )?;
+    let mut src = RepeatBatch(images);
     let times = time_steps(steps, || {
-        plain_step(&task, &images, &mut opt, &vars, &mut rng)
+        trainer_step(&task, &mut src, &mut opt, &vars, &mut rng, 1e-4, 0.0)
     })?;
     Ok((times, store.num_elements()))
 }
 
-/// One step of `LoopTrainer` on one batch without clipping (as the PyTorch side of `mlm_train`
-/// and `mae_train`): the trainer's forward and backward (`accumulate`, i.e. the task's
-/// `forward_backward`, fused ops' parameter gradients delivered aside) and AdamW at lr 1e-4,
-/// which divides by the weight as it reads the gradients.
-fn plain_step<T: PretextTask>(
-    task: &T,
-    batch: &T::Batch,
-    opt: &mut AdamW,
-    vars: &[Tensor],
-    rng: &mut SslRng,
-) -> Res<()>
-where
-    T::Batch: Clone,
-{
-    let mut data = RepeatBatch(batch.clone());
-    let acc = accumulate(task, &mut data, 1, vars, rng, precision())?;
-    opt.step_scaled(&acc.grads, 1e-4, 1.0 / acc.weight_sum)?;
-    Ok(())
-}
-
 /// One step of `LoopTrainer` without its logging and guards: forward/backward of one
-/// micro-batch (`accumulate`), the norm, AdamW with division by the weight and clipping at 1.0
-/// folded in (`clip_scale`, `step_scaled`), `after_step`.
+/// micro-batch (`accumulate`, i.e. the task's `forward_backward`, fused ops' parameter
+/// gradients delivered aside), the norm, AdamW at `lr` with the division by the weight and
+/// clipping at `clip` (0: none, as the PyTorch side of `mlm_train` and `mae_train`) folded in
+/// (`clip_scale`, `step_scaled`), `after_step`.
 fn trainer_step<T: PretextTask>(
     task: &T,
     data: &mut dyn BatchSource<T::Batch>,
     opt: &mut AdamW,
     vars: &[Tensor],
     rng: &mut SslRng,
+    lr: f64,
+    clip: f64,
 ) -> Res<()> {
     let acc = accumulate(task, data, 1, vars, rng, precision())?;
-    let (_, scale) = clip_scale(&acc.grads, 1.0 / acc.weight_sum, 1.0)?;
-    opt.step_scaled(&acc.grads, 1e-3, scale)?;
+    let (_, scale) = clip_scale(&acc.grads, 1.0 / acc.weight_sum, clip)?;
+    opt.step_scaled(&acc.grads, lr, scale)?;
     task.after_step()?;
     Ok(())
 }
@@ -358,7 +346,7 @@ fn series(steps: usize) -> Res<(Vec<f64>, usize)> {
     let vars: Vec<Tensor> = opt.vars().map(|v| v.as_tensor().clone()).collect();
     let mut rng = SslRng::new(0);
     let times = time_steps(steps, || {
-        trainer_step(&task, &mut src, &mut opt, &vars, &mut rng)
+        trainer_step(&task, &mut src, &mut opt, &vars, &mut rng, 1e-3, 1.0)
     })?;
     Ok((times, store.num_elements()))
 }
@@ -415,7 +403,7 @@ fn ts2vec(steps: usize) -> Res<(Vec<f64>, usize)> {
     let vars: Vec<Tensor> = opt.vars().map(|v| v.as_tensor().clone()).collect();
     let mut rng = SslRng::new(0);
     let times = time_steps(steps.max(TS2VEC_MIN_STEPS), || {
-        trainer_step(&task, &mut src, &mut opt, &vars, &mut rng)
+        trainer_step(&task, &mut src, &mut opt, &vars, &mut rng, 1e-3, 1.0)
     })?;
     Ok((times, store.num_elements()))
 }
@@ -458,7 +446,7 @@ fn clip(steps: usize) -> Res<(Vec<f64>, usize)> {
     let mut opt = AdamW::new(&store, trainer_adamw())?;
     let vars: Vec<Tensor> = opt.vars().map(|v| v.as_tensor().clone()).collect();
     let times = time_steps(steps, || {
-        trainer_step(&model, &mut src, &mut opt, &vars, &mut rng)
+        trainer_step(&model, &mut src, &mut opt, &vars, &mut rng, 1e-3, 1.0)
     })?;
     Ok((times, store.num_elements()))
 }

@@ -18,7 +18,7 @@ use std::sync::{Mutex, PoisonError};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{linear_product, matmul, threads, Epilogue, MatRef, Op, OutSlice};
+use super::gemm::{linear_product, matmul, product, threads, Epilogue, MatRef, Op, OutSlice};
 use super::pool::BufferPool;
 use super::simd::{self, Act};
 use super::{block_rows, col_sums_par};
@@ -429,17 +429,11 @@ impl TcnOp {
         let par = threads();
         let mut col = pool.take(m * width);
         im2col(&mut col, x, &taps, t, c_in);
-        let mut dpacked = vec![0f32; c_out * width];
-        matmul(
-            &mut dpacked,
-            width,
+        let dpacked = product(
             MatRef::dense(dy, m, c_out),
             Op::T,
             MatRef::dense(&col, m, width),
             Op::N,
-            1.0,
-            false,
-            par,
             sp.bf16,
         );
         unpack_taps(dw, &dpacked, &taps, c_in, sp.kernel);

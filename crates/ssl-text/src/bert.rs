@@ -11,7 +11,8 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use ssl_core::nn::ops::{
-    add_broadcast, dropout, embedding_sum, linear_cross_entropy, masked_mean, matmul_t, Activation,
+    add_broadcast, dropout, embedding_sum, embedding_sum_composite, linear_cross_entropy,
+    masked_mean, matmul_t, Activation,
 };
 use ssl_core::nn::{
     LayerNorm, Linear, MatmulPrecision, NormPlacement, StackInit, TransformerConfig,
@@ -272,7 +273,7 @@ impl BertModel {
 
     /// Embeddings: word + position + token type, LayerNorm, dropout.
     fn embed(&self, input: &BertInput, ctx: &mut Ctx) -> Result<Tensor> {
-        let (b, t) = input.input_ids.dims2()?;
+        let t = input.input_ids.dim(1)?;
         if t > self.cfg.max_position_embeddings {
             return Err(TextError::InvalidInput(format!(
                 "sequence length {t} exceeds max_position_embeddings {}",
@@ -287,27 +288,20 @@ impl BertModel {
                 self.cfg.vocab_size
             )));
         }
-        let d = self.cfg.hidden_size;
         // With no backward to come the three lookups and sums are one parallel op on the
-        // CPU; for training candle's `index_add` into the tied word table's gradient (already
-        // holding the MLM decoder's) is the cheaper path.
-        let x = if ctx.backward {
-            let w = self.word.index_select(&ids, 0)?.reshape((b, t, d))?;
-            let p = self.position.narrow(0, 0, t)?.unsqueeze(0)?;
-            let tt = self
-                .token_type
-                .index_select(&input.token_type_ids.flatten_all()?, 0)?
-                .reshape((b, t, d))?;
-            add_broadcast(&w, &p)?.add(&tt)?
+        // CPU; training takes the composite (see `embedding_sum_composite`).
+        let embed = if ctx.backward {
+            embedding_sum_composite
         } else {
-            embedding_sum(
-                &self.word,
-                &self.position,
-                &self.token_type,
-                &input.input_ids,
-                &input.token_type_ids,
-            )?
+            embedding_sum
         };
+        let x = embed(
+            &self.word,
+            &self.position,
+            &self.token_type,
+            &input.input_ids,
+            &input.token_type_ids,
+        )?;
         let x = self.emb_norm.forward(&x)?;
         Ok(dropout(
             &x,

@@ -5,11 +5,20 @@
 //! candle's ordinary autograd. On a GPU [`softmax_last_dim`] runs candle's fused softmax
 //! kernel inside an op of ours that has a backward.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{CpuStorage, DType, Layout, Storage, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::nn::MatmulPrecision;
 use crate::{CoreError, Result, SslRng};
+
+/// The f32 elements of a contiguous CPU tensor's storage view, read in place; `None` for any
+/// other device, dtype or layout.
+pub(crate) fn cpu_f32_view<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Some(&v[a..b]),
+        _ => None,
+    }
+}
 
 /// True when `t` is on the CPU and it and every tensor of `also` are f32: when the one-op CPU
 /// kernels below apply.
@@ -182,7 +191,7 @@ pub fn embedding_sum(
     ids: &Tensor,
     types: &Tensor,
 ) -> Result<Tensor> {
-    let (b, t) = ids.dims2()?;
+    let b = ids.dims2()?.0;
     if types.dims() != ids.dims() {
         return Err(CoreError::InvalidInput(format!(
             "token types of shape {:?} for ids of shape {:?}",
@@ -205,6 +214,20 @@ pub fn embedding_sum(
             op,
         )?);
     }
+    embedding_sum_composite(word, position, token_type, ids, types)
+}
+
+/// [`embedding_sum`] in candle's lookups and adds (any device; the CPU op's reference). For
+/// training BERT uses it on the CPU too: its `index_add` into the tied word table's
+/// gradient, which already holds the MLM decoder's, is cheaper than the op's dense one.
+pub fn embedding_sum_composite(
+    word: &Tensor,
+    position: &Tensor,
+    token_type: &Tensor,
+    ids: &Tensor,
+    types: &Tensor,
+) -> Result<Tensor> {
+    let (b, t) = ids.dims2()?;
     let d = word.dim(1)?;
     let w = word
         .index_select(&ids.flatten_all()?, 0)?
@@ -828,21 +851,7 @@ mod tests {
         let types = Tensor::new(&[[0u32, 0, 1, 1], [1, 1, 1, 1], [0, 1, 0, 1]], &dev).unwrap();
         let g = Tensor::from_vec(rng.normal_vec(b * t * d, 0.0, 1.0), (b, t, d), &dev).unwrap();
         let ours = embedding_sum(&word, &pos, &tt, &ids, &types).unwrap();
-        let w = word
-            .index_select(&ids.flatten_all().unwrap(), 0)
-            .unwrap()
-            .reshape((b, t, d))
-            .unwrap();
-        let theirs = w
-            .broadcast_add(&pos.narrow(0, 0, t).unwrap().unsqueeze(0).unwrap())
-            .unwrap()
-            .add(
-                &tt.index_select(&types.flatten_all().unwrap(), 0)
-                    .unwrap()
-                    .reshape((b, t, d))
-                    .unwrap(),
-            )
-            .unwrap();
+        let theirs = embedding_sum_composite(&word, &pos, &tt, &ids, &types).unwrap();
         let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
             let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
             d.max(0).unwrap().to_scalar::<f32>().unwrap()

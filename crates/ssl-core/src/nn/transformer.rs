@@ -11,11 +11,11 @@
 //! (`layernorm_before`, `attention.attention.query`, `attention.output.dense`,
 //! `layernorm_after`, `intermediate.dense`, `output.dense`).
 
-use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use ssl_kernels::{Act, BufferPool, FusedSpec, StackOp};
 
-use crate::nn::ops::{dropout, matmul, softmax_last_dim, Activation};
+use crate::nn::ops::{cpu_f32_view, dropout, matmul, softmax_last_dim, Activation};
 use crate::nn::{LayerNorm, Linear, MatmulPrecision};
 use crate::{CoreError, Ctx, Init, ParamBuilder, Result};
 
@@ -585,13 +585,7 @@ fn composite_precision(x: &Tensor, ctx: &Ctx) -> MatmulPrecision {
 fn pack_detached(params: &[Tensor]) -> Result<Tensor> {
     let flat = {
         let guards: Vec<_> = params.iter().map(Tensor::storage_and_layout).collect();
-        let slices: Option<Vec<&[f32]>> = guards
-            .iter()
-            .map(|(s, l)| match (&**s, l.contiguous_offsets()) {
-                (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Some(&v[a..b]),
-                _ => None,
-            })
-            .collect();
+        let slices: Option<Vec<&[f32]>> = guards.iter().map(|(s, l)| cpu_f32_view(s, l)).collect();
         slices.map(|s| ssl_kernels::concat(&s))
     };
     if let Some(flat) = flat {

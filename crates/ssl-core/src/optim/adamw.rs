@@ -9,11 +9,12 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 
-use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor, Var};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor, Var};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use ssl_kernels::{adamw, AdamWCoeffs};
 
+use crate::nn::ops::cpu_f32_view;
 use crate::params::read_safetensors;
 use crate::{CoreError, ParamStore, Result};
 
@@ -105,14 +106,11 @@ impl Slot {
         };
         let g = g.to_dtype(DType::F32)?.contiguous()?;
         let (storage, layout) = g.storage_and_layout();
-        let grad = match (&*storage, layout.contiguous_offsets()) {
-            (Storage::Cpu(CpuStorage::F32(all)), Some((a, b))) => &all[a..b],
-            _ => {
-                return Err(CoreError::InvalidInput(format!(
-                    "gradient of `{}` is not an f32 CPU tensor",
-                    self.name
-                )))
-            }
+        let Some(grad) = cpu_f32_view(&storage, layout) else {
+            return Err(CoreError::InvalidInput(format!(
+                "gradient of `{}` is not an f32 CPU tensor",
+                self.name
+            )));
         };
         if grad.len() != m.len() {
             return Err(CoreError::InvalidInput(format!(
@@ -423,25 +421,23 @@ mod tests {
             let l2 = loss(&w2, &b2, step);
             reference.backward_step(&l2).unwrap();
         }
-        for (name, v1) in ours.vars() {
-            let a = v1
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let b = theirs
-                .get(&name)
-                .unwrap()
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+        for (name, a, b) in paired_values(&ours, &theirs) {
             for (p, q) in a.iter().zip(&b) {
                 assert!((p - q).abs() < 1e-6, "{name}: {p} vs {q}");
             }
         }
+    }
+
+    /// Each parameter of `a` by name, with its values in `a` and in `b`.
+    fn paired_values(a: &ParamStore, b: &ParamStore) -> Vec<(String, Vec<f32>, Vec<f32>)> {
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        a.vars()
+            .into_iter()
+            .map(|(name, v)| {
+                let theirs = values(b.get(&name).unwrap().as_tensor());
+                (name, values(v.as_tensor()), theirs)
+            })
+            .collect()
     }
 
     /// Puts every parameter of `opt` on the composite candle-op update (fresh moments).
@@ -476,15 +472,8 @@ mod tests {
                 opt.step(&grads, 0.01).unwrap();
             }
         }
-        for (name, v1) in a.vars() {
-            let p = v1
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let q = b.get(&name).unwrap().as_tensor().flatten_all().unwrap();
-            for (x, y) in p.iter().zip(q.to_vec1::<f32>().unwrap()) {
+        for (name, p, q) in paired_values(&a, &b) {
+            for (x, y) in p.iter().zip(q) {
                 assert!(
                     (x - y).abs() <= 1e-7 * (1.0 + x.abs()),
                     "{name}: {x} vs {y}"
@@ -531,15 +520,7 @@ mod tests {
                     .collect();
                 plain.step(&grads, 0.01).unwrap();
             }
-            for (name, v1) in a.vars() {
-                let p = v1
-                    .as_tensor()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap();
-                let q = b.get(&name).unwrap().as_tensor().flatten_all().unwrap();
-                let q = q.to_vec1::<f32>().unwrap();
+            for (name, p, q) in paired_values(&a, &b) {
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&p), bits(&q), "{name}, host path {host}");
             }
@@ -581,15 +562,8 @@ mod tests {
             half.t = step as u64;
             half.step(&only("b"), 0.02).unwrap();
         }
-        for (name, v) in a.vars() {
-            let p = v
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let q = b.get(&name).unwrap().as_tensor().flatten_all().unwrap();
-            for (x, y) in p.iter().zip(q.to_vec1::<f32>().unwrap()) {
+        for (name, p, q) in paired_values(&a, &b) {
+            for (x, y) in p.iter().zip(q) {
                 assert!(
                     (x - y).abs() <= 1e-6 * (1.0 + x.abs()),
                     "{name}: {x} vs {y}"

@@ -1,6 +1,8 @@
 //! Gradient clipping by global L2 norm.
 
-use candle_core::{CpuStorage, DType, Storage, Tensor};
+use candle_core::{DType, Tensor};
+
+use crate::nn::ops::cpu_f32_view;
 
 use crate::Result;
 
@@ -27,12 +29,7 @@ fn cpu_f32(g: &Tensor) -> Option<Result<f64>> {
         return None;
     }
     let (storage, layout) = g.storage_and_layout();
-    match (&*storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(all)), Some((a, b))) => {
-            Some(Ok(ssl_kernels::sum_squares(&all[a..b])))
-        }
-        _ => None,
-    }
+    cpu_f32_view(&storage, layout).map(|v| Ok(ssl_kernels::sum_squares(v)))
 }
 
 /// Clipping as a factor: for gradients `scale * grads`, returns their global norm and the
