@@ -466,6 +466,9 @@ pub struct Accumulated {
     pub samples: u64,
     /// Weighted sums of the task metrics.
     pub metric_sums: BTreeMap<String, f64>,
+    /// Seconds spent waiting for the micro-batches (`BatchSource::next_batch`): the share of
+    /// a step the input pipeline did not hide behind compute.
+    pub data_wait_s: f64,
 }
 
 /// Runs `micro_batches` forward/backward passes ([`PretextTask::forward_backward`]) and sums the gradients of each micro-batch's
@@ -485,9 +488,12 @@ pub fn accumulate<T: PretextTask>(
         weight_sum: 0.0,
         samples: 0,
         metric_sums: BTreeMap::new(),
+        data_wait_s: 0.0,
     };
     for _ in 0..micro_batches {
+        let waited = Instant::now();
         let batch = data.next_batch()?;
+        acc.data_wait_s += waited.elapsed().as_secs_f64();
         acc.samples += task.batch_len(&batch) as u64;
         // No gradient sink here: the task's `forward_backward` takes one where it knows its
         // gradients are the graph's (`Ctx::sinking`), so an override that scales its
@@ -587,6 +593,8 @@ struct StepGrads {
     metrics: BTreeMap<String, f64>,
     /// Seconds spent in the all-reduce.
     comm_s: f64,
+    /// Seconds spent waiting for the micro-batches.
+    data_wait_s: f64,
 }
 
 /// What the non-finite guard and the divergence detector make of a step.
@@ -622,7 +630,14 @@ struct Run<'r, T: PretextTask> {
     /// Early stopping's patience ran out (on this rank's view; ranks agree at the next
     /// stop check).
     early_stop: bool,
+    /// Moving average of the share of each step spent waiting for data (shown on the
+    /// progress line when it reaches [`INPUT_BOUND_SHARE`]).
+    data_share: f64,
 }
+
+/// The share of step time spent waiting for batches from which the progress line shows it
+/// (`data 35%`): training that waits this much is bound by its input pipeline.
+const INPUT_BOUND_SHARE: f64 = 0.1;
 
 impl<'r, T: PretextTask> Run<'r, T> {
     /// Setup: the optimizer, resuming from the newest checkpoint (or refusing to overwrite
@@ -723,6 +738,7 @@ impl<'r, T: PretextTask> Run<'r, T> {
             detector,
             last_saved_step: resumed_from.as_ref().map(|_| state.step),
             last_save_time: Instant::now(),
+            data_share: 0.0,
             first_step: true,
             // A resumed run that had already stopped early stops again at once (unless the
             // patience was raised).
@@ -842,6 +858,7 @@ impl<'r, T: PretextTask> Run<'r, T> {
             (g.samples as f64 * world as f64 / elapsed.max(1e-9)).into(),
         );
         record.insert("step_time_s".into(), elapsed.into());
+        record.insert("data_wait_s".into(), g.data_wait_s.into());
         if world > 1 {
             // Flattening, all-reduce and unflattening of the gradients (rank 0's view).
             record.insert("allreduce_s".into(), g.comm_s.into());
@@ -921,6 +938,7 @@ impl<'r, T: PretextTask> Run<'r, T> {
             samples: acc.samples,
             metrics,
             comm_s,
+            data_wait_s: acc.data_wait_s,
         })
     }
 
@@ -1040,16 +1058,21 @@ impl<'r, T: PretextTask> Run<'r, T> {
             log.write(record)?;
         }
         let figure = |k: &str| record.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
-        self.progress.update(
-            self.state.step,
-            self.cfg.max_steps,
-            &format!(
-                "loss {:.4} lr {:.2e} |g| {:.3}",
-                figure("loss"),
-                figure("lr"),
-                figure("grad_norm")
-            ),
+        let share = figure("data_wait_s") / figure("step_time_s");
+        if share.is_finite() {
+            self.data_share = 0.9 * self.data_share + 0.1 * share.clamp(0.0, 1.0);
+        }
+        let mut msg = format!(
+            "loss {:.4} lr {:.2e} |g| {:.3}",
+            figure("loss"),
+            figure("lr"),
+            figure("grad_norm")
         );
+        if self.data_share >= INPUT_BOUND_SHARE {
+            msg.push_str(&format!(" | data {:.0}%", 100.0 * self.data_share));
+        }
+        self.progress
+            .update(self.state.step, self.cfg.max_steps, &msg);
         Ok(())
     }
 

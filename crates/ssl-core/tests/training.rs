@@ -347,6 +347,56 @@ fn outputs_metrics_health_plot_and_checkpoints() {
     assert_eq!(names, ["step-00000008", "step-00000010"]);
 }
 
+/// A source that sleeps before every batch, as a starved input pipeline would.
+struct Slow {
+    inner: InMemorySeqSource,
+    sleep: std::time::Duration,
+}
+
+impl BatchSource<SeqBatch> for Slow {
+    fn next_batch(&mut self) -> ssl_core::Result<SeqBatch> {
+        std::thread::sleep(self.sleep);
+        self.inner.next_batch()
+    }
+    fn epoch(&self) -> u64 {
+        self.inner.epoch()
+    }
+    fn position(&self) -> serde_json::Value {
+        self.inner.position()
+    }
+    fn restore(&mut self, p: &serde_json::Value) -> ssl_core::Result<()> {
+        self.inner.restore(p)
+    }
+}
+
+/// Each step's record says how long it waited for its batches (`data_wait_s`): at least the
+/// source's sleep per micro-batch, and no more than the step took.
+#[test]
+fn the_record_counts_the_wait_for_data() {
+    let (ex, _) = waves(32, 1);
+    let (_, task) = masked_task(0, 0.0);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = quick_train(3);
+    cfg.accum_steps = 2;
+    let sleep = std::time::Duration::from_millis(30);
+    let mut src = Slow {
+        inner: source(ex, 8, true),
+        sleep,
+    };
+    LoopTrainer::new(cfg, Some(dir.path().to_path_buf()))
+        .unwrap()
+        .fit(&task, &mut src, None)
+        .unwrap();
+    let log = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    for line in log.lines() {
+        let rec: serde_json::Value = serde_json::from_str(line).unwrap();
+        let wait = rec["data_wait_s"].as_f64().unwrap();
+        let step = rec["step_time_s"].as_f64().unwrap();
+        assert!(wait >= 2.0 * sleep.as_secs_f64(), "{rec}");
+        assert!(wait <= step, "{rec}");
+    }
+}
+
 /// `train.matmul_precision = bf16` becomes bf16 only where the CPU has the kernels and (with
 /// `train.bf16_check`) they are at least as fast as f32; the checkpoint records the choice and
 /// a resume keeps it whatever the configuration now says.

@@ -21,6 +21,7 @@ const NOT_PLOTTED: &[&str] = &[
     "epoch",
     "samples_per_s",
     "step_time_s",
+    "data_wait_s",
     "allreduce_s",
     "loss_average",
     "rolled_back_to",
