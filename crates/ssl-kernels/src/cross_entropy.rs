@@ -248,9 +248,17 @@ impl CustomOp3 for LinearCrossEntropyOp {
         let g = grad_res
             .to_dtype(candle_core::DType::F32)?
             .to_scalar::<f32>()?;
-        let guard = self.saved.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(saved) = guard.as_ref() else {
-            candle_core::bail!("fused linear cross-entropy: backward before forward");
+        // The saved logits' buffer becomes their gradient: one backward per forward.
+        let taken = self
+            .saved
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(LinearSaved { logits, lse }) = taken else {
+            candle_core::bail!(
+                "fused linear cross-entropy: backward before forward, or a second backward \
+                 (its saved logits become their gradient)"
+            );
         };
         let (xs, xl) = x.storage_and_layout();
         let (ws, wl) = w.storage_and_layout();
@@ -261,14 +269,13 @@ impl CustomOp3 for LinearCrossEntropyOp {
         let (xm, wm, _) = linear_operands((xc, xl), (wc, wl), (bc, bl))?;
         let (n, c, k) = (xm.rows, wm.rows, xm.cols);
         let scale = g / n.max(1) as f32;
-        // dlogits = (softmax - onehot) * g / n.
-        let mut dl = vec![0f32; n * c];
+        // dlogits = (softmax - onehot) * g / n, over the logits (no buffer of its own to
+        // allocate and fill).
+        let mut dl = logits;
         let per = block_rows(n);
         dl.par_chunks_mut(per * c)
-            .zip(saved.logits.par_chunks(per * c))
-            .zip(saved.lse.par_chunks(per))
-            .for_each(|((d, rows), l)| simd::scaled_softmax_rows(rows, c, l, scale, d));
-        drop(guard);
+            .zip(lse.par_chunks(per))
+            .for_each(|(rows, l)| simd::scaled_softmax_rows_in_place(rows, c, l, scale));
         for (i, &t) in self.targets.iter().enumerate() {
             dl[i * c + t as usize] -= scale;
         }

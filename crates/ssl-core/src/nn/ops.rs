@@ -725,6 +725,9 @@ mod tests {
         assert!((a - b).abs() < 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
         let pairs = [(&x32, &x64, "x"), (&w32, &w64, "w"), (&b32, &b64, "b")];
         assert_grads_close(&f32_run.0, &f64_run.0, &pairs, 1e-5);
+        // The saved logits became their gradient: a second backward is refused, saying why.
+        let again = f32_run.0.backward().unwrap_err().to_string();
+        assert!(again.contains("second backward"), "{again}");
         // Without a bias, and a target out of range.
         let (nb, _) = linear_cross_entropy(
             x32.as_tensor(),
