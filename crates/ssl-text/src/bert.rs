@@ -11,8 +11,7 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use ssl_core::nn::ops::{
-    add_broadcast, dropout, embedding_sum, embedding_sum_composite, linear_cross_entropy,
-    masked_mean, matmul_t, Activation,
+    add_broadcast, dropout, embedding_sum, linear_cross_entropy, masked_mean, matmul_t, Activation,
 };
 use ssl_core::nn::{
     LayerNorm, Linear, MatmulPrecision, NormPlacement, StackInit, TransformerConfig,
@@ -288,14 +287,8 @@ impl BertModel {
                 self.cfg.vocab_size
             )));
         }
-        // With no backward to come the three lookups and sums are one parallel op on the
-        // CPU; training takes the composite (see `embedding_sum_composite`).
-        let embed = if ctx.backward {
-            embedding_sum_composite
-        } else {
-            embedding_sum
-        };
-        let x = embed(
+        // The three lookups and sums: one parallel op on the CPU, in training too.
+        let x = embedding_sum(
             &self.word,
             &self.position,
             &self.token_type,

@@ -217,9 +217,7 @@ pub fn embedding_sum(
     embedding_sum_composite(word, position, token_type, ids, types)
 }
 
-/// [`embedding_sum`] in candle's lookups and adds (any device; the CPU op's reference). For
-/// training BERT uses it on the CPU too: its `index_add` into the tied word table's
-/// gradient, which already holds the MLM decoder's, is cheaper than the op's dense one.
+/// [`embedding_sum`] in candle's lookups and adds (any device; the CPU op's reference).
 pub fn embedding_sum_composite(
     word: &Tensor,
     position: &Tensor,
