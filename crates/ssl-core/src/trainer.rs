@@ -466,7 +466,7 @@ pub struct Accumulated {
     pub samples: u64,
     /// Weighted sums of the task metrics.
     pub metric_sums: BTreeMap<String, f64>,
-    /// Seconds spent waiting for the micro-batches (`BatchSource::next_batch`): the share of
+    /// Seconds spent waiting for the micro-batches (`BatchSource::next_batch`): the part of
     /// a step the input pipeline did not hide behind compute.
     pub data_wait_s: f64,
 }
@@ -593,7 +593,7 @@ struct StepGrads {
     metrics: BTreeMap<String, f64>,
     /// Seconds spent in the all-reduce.
     comm_s: f64,
-    /// Seconds spent waiting for the micro-batches.
+    /// Seconds spent waiting for the micro-batches, the ranks' mean.
     data_wait_s: f64,
 }
 
@@ -630,14 +630,38 @@ struct Run<'r, T: PretextTask> {
     /// Early stopping's patience ran out (on this rank's view; ranks agree at the next
     /// stop check).
     early_stop: bool,
-    /// Moving average of the share of each step spent waiting for data (shown on the
-    /// progress line when it reaches [`INPUT_BOUND_SHARE`]).
-    data_share: f64,
+    /// The part of each step spent waiting for data, averaged for the progress line.
+    data_share: DataShare,
 }
 
 /// The share of step time spent waiting for batches from which the progress line shows it
 /// (`data 35%`): training that waits this much is bound by its input pipeline.
 const INPUT_BOUND_SHARE: f64 = 0.1;
+
+/// The moving average of the part of each step spent waiting for batches (debiased, with
+/// the loss curve's smoothing weight), from the run's second step on: the first one also
+/// waits for the input pipeline to start.
+#[derive(Debug, Default)]
+struct DataShare {
+    steps: i32,
+    avg: f64,
+}
+
+impl DataShare {
+    /// Takes one step's `data_wait_s` and `step_time_s`; returns the progress line's note
+    /// (` | data 35%`) when the average reaches [`INPUT_BOUND_SHARE`].
+    fn update(&mut self, wait_s: f64, step_s: f64) -> Option<String> {
+        let share = wait_s / step_s;
+        self.steps += 1;
+        if self.steps == 1 || !share.is_finite() {
+            return None;
+        }
+        let w = crate::plot::run::SMOOTHING;
+        self.avg = w * self.avg + (1.0 - w) * share.clamp(0.0, 1.0);
+        let debiased = self.avg / (1.0 - w.powi(self.steps - 1));
+        (debiased >= INPUT_BOUND_SHARE).then(|| format!(" | data {:.0}%", 100.0 * debiased))
+    }
+}
 
 impl<'r, T: PretextTask> Run<'r, T> {
     /// Setup: the optimizer, resuming from the newest checkpoint (or refusing to overwrite
@@ -738,7 +762,7 @@ impl<'r, T: PretextTask> Run<'r, T> {
             detector,
             last_saved_step: resumed_from.as_ref().map(|_| state.step),
             last_save_time: Instant::now(),
-            data_share: 0.0,
+            data_share: DataShare::default(),
             first_step: true,
             // A resumed run that had already stopped early stops again at once (unless the
             // patience was raised).
@@ -915,10 +939,13 @@ impl<'r, T: PretextTask> Run<'r, T> {
         // gradients (every rank's task reports the same metric names).
         let mut scalars = vec![acc.loss_sum, acc.weight_sum];
         scalars.extend(acc.metric_sums.values());
+        // The wait for data too, so the record shows the ranks' mean (last).
+        scalars.push(acc.data_wait_s);
         let t_comm = Instant::now();
         self.trainer
             .all_reduce(&mut grads, &self.vars, &mut scalars)?;
         let comm_s = t_comm.elapsed().as_secs_f64();
+        let data_wait_s = scalars.pop().unwrap_or_default() / world.max(1) as f64;
         let (loss_sum, weight_sum) = (scalars[0], scalars[1]);
         let inv = 1.0 / weight_sum.max(f64::MIN_POSITIVE);
         let metrics: BTreeMap<String, f64> = acc
@@ -938,7 +965,7 @@ impl<'r, T: PretextTask> Run<'r, T> {
             samples: acc.samples,
             metrics,
             comm_s,
-            data_wait_s: acc.data_wait_s,
+            data_wait_s,
         })
     }
 
@@ -1058,18 +1085,17 @@ impl<'r, T: PretextTask> Run<'r, T> {
             log.write(record)?;
         }
         let figure = |k: &str| record.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
-        let share = figure("data_wait_s") / figure("step_time_s");
-        if share.is_finite() {
-            self.data_share = 0.9 * self.data_share + 0.1 * share.clamp(0.0, 1.0);
-        }
         let mut msg = format!(
             "loss {:.4} lr {:.2e} |g| {:.3}",
             figure("loss"),
             figure("lr"),
             figure("grad_norm")
         );
-        if self.data_share >= INPUT_BOUND_SHARE {
-            msg.push_str(&format!(" | data {:.0}%", 100.0 * self.data_share));
+        if let Some(note) = self
+            .data_share
+            .update(figure("data_wait_s"), figure("step_time_s"))
+        {
+            msg.push_str(&note);
         }
         self.progress
             .update(self.state.step, self.cfg.max_steps, &msg);
@@ -1247,6 +1273,30 @@ fn resolve_precision(
         }
     }
     Ok(MatmulPrecision::F32)
+}
+
+#[cfg(test)]
+mod data_share_tests {
+    use super::DataShare;
+
+    /// The first step is left out; from the second on the average is debiased, so a run
+    /// that waits 30% of every step says so at once; one that waits 5% says nothing.
+    #[test]
+    fn the_progress_note_shows_an_input_bound_run() {
+        let mut d = DataShare::default();
+        assert_eq!(d.update(0.9, 1.0), None, "the first step is start-up");
+        assert_eq!(d.update(0.3, 1.0).as_deref(), Some(" | data 30%"));
+        for _ in 0..20 {
+            assert_eq!(d.update(0.3, 1.0).as_deref(), Some(" | data 30%"));
+        }
+        let mut quiet = DataShare::default();
+        for _ in 0..20 {
+            assert_eq!(quiet.update(0.05, 1.0), None);
+        }
+        // No step time (or no figure): nothing, and the average is untouched.
+        assert_eq!(quiet.update(0.0, 0.0), None);
+        assert_eq!(quiet.update(f64::NAN, 1.0), None);
+    }
 }
 
 #[cfg(test)]

@@ -13,20 +13,16 @@ use ssl_core::{
     TaskOutput, Trainer,
 };
 
-/// A source that requests a stop after `after` batches, as a signal would.
-struct StopAfter {
+/// A source that runs `before` ahead of each of `inner`'s batches (a stop request after some
+/// batches, as a signal would; a sleep, as a starved input pipeline would).
+struct Hooked<F: FnMut()> {
     inner: InMemorySeqSource,
-    after: usize,
-    served: usize,
-    stop: StopFlag,
+    before: F,
 }
 
-impl BatchSource<SeqBatch> for StopAfter {
+impl<F: FnMut()> BatchSource<SeqBatch> for Hooked<F> {
     fn next_batch(&mut self) -> ssl_core::Result<SeqBatch> {
-        self.served += 1;
-        if self.served == self.after {
-            self.stop.request();
-        }
+        (self.before)();
         self.inner.next_batch()
     }
     fn epoch(&self) -> u64 {
@@ -57,11 +53,15 @@ fn resume_after_stop_is_bit_identical_to_an_uninterrupted_run() {
     // Interrupted after 6 steps (between checkpoints), then resumed in a fresh process state.
     let stop = StopFlag::new();
     let (_, task_b) = masked_task(3, 0.1);
-    let mut src = StopAfter {
+    let (flag, mut served) = (stop.clone(), 0);
+    let mut src = Hooked {
         inner: source(ex.clone(), 16, true),
-        after: 6,
-        served: 0,
-        stop: stop.clone(),
+        before: move || {
+            served += 1;
+            if served == 6 {
+                flag.request();
+            }
+        },
     };
     let r = LoopTrainer::new(cfg.clone(), Some(dir.path().join("b")))
         .unwrap()
@@ -347,28 +347,6 @@ fn outputs_metrics_health_plot_and_checkpoints() {
     assert_eq!(names, ["step-00000008", "step-00000010"]);
 }
 
-/// A source that sleeps before every batch, as a starved input pipeline would.
-struct Slow {
-    inner: InMemorySeqSource,
-    sleep: std::time::Duration,
-}
-
-impl BatchSource<SeqBatch> for Slow {
-    fn next_batch(&mut self) -> ssl_core::Result<SeqBatch> {
-        std::thread::sleep(self.sleep);
-        self.inner.next_batch()
-    }
-    fn epoch(&self) -> u64 {
-        self.inner.epoch()
-    }
-    fn position(&self) -> serde_json::Value {
-        self.inner.position()
-    }
-    fn restore(&mut self, p: &serde_json::Value) -> ssl_core::Result<()> {
-        self.inner.restore(p)
-    }
-}
-
 /// Each step's record says how long it waited for its batches (`data_wait_s`): at least the
 /// source's sleep per micro-batch, and no more than the step took.
 #[test]
@@ -379,15 +357,16 @@ fn the_record_counts_the_wait_for_data() {
     let mut cfg = quick_train(3);
     cfg.accum_steps = 2;
     let sleep = std::time::Duration::from_millis(30);
-    let mut src = Slow {
+    let mut src = Hooked {
         inner: source(ex, 8, true),
-        sleep,
+        before: || std::thread::sleep(sleep),
     };
     LoopTrainer::new(cfg, Some(dir.path().to_path_buf()))
         .unwrap()
         .fit(&task, &mut src, None)
         .unwrap();
     let log = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 3);
     for line in log.lines() {
         let rec: serde_json::Value = serde_json::from_str(line).unwrap();
         let wait = rec["data_wait_s"].as_f64().unwrap();

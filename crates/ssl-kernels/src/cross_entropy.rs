@@ -139,8 +139,8 @@ impl CustomOp2 for CrossEntropyOp {
     }
 }
 
-/// What [`LinearCrossEntropyOp`]'s backward needs: the biased logits and their row
-/// log-sum-exps.
+/// What [`LinearCrossEntropyOp`]'s backward needs (and takes): the biased logits and their
+/// row log-sum-exps.
 struct LinearSaved {
     logits: Vec<f32>,
     lse: Vec<f32>,
@@ -151,8 +151,8 @@ struct LinearSaved {
 /// node of that size is ever built (measured on BERT-mini's MLM head, 8000 words: the bias's
 /// broadcast backward alone took 8 ms a step, the logits' gradient bookkeeping a few more).
 /// Forward: one product, then one pass per row (bias, maximum and arg-max, log-sum-exp);
-/// backward: one pass for `(softmax - onehot) / n`, the two products and the bias's column
-/// sums.
+/// backward: one pass for `(softmax - onehot) / n` over the saved logits (so one backward
+/// per forward), the two products and the bias's column sums.
 pub struct LinearCrossEntropyOp {
     targets: Vec<u32>,
     bf16: bool,

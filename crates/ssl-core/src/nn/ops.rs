@@ -349,9 +349,10 @@ fn bf16_product(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 ///
 /// With f32 operands on the CPU it is one op, products in `precision` as [`matmul_t`], whose
 /// (n, c) logits never become a tensor of the graph: for a wide vocabulary (BERT's MLM head)
-/// that saves the bias broadcast's backward and the gradient bookkeeping of the logits.
-/// Elsewhere it is [`matmul_t`], a broadcast add and [`cross_entropy`], which it is tested
-/// against.
+/// that saves the bias broadcast's backward and the gradient bookkeeping of the logits. Its
+/// backward turns the saved logits into their gradient in place, so that path allows one
+/// backward per forward (a second is an error). Elsewhere it is [`matmul_t`], a broadcast add
+/// and [`cross_entropy`], which it is tested against.
 pub fn linear_cross_entropy(
     x: &Tensor,
     w: &Tensor,
