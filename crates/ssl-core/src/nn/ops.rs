@@ -650,6 +650,18 @@ mod tests {
 
     /// The gradients of `3 * l32` (f32) and `3 * l64` (f64) agree within `tol` for each
     /// (f32 variable, f64 variable, name).
+    /// The gradients of `sum(y * w)` (a loss that weighs every output differently).
+    fn weighted_grads(y: Tensor, w: &Tensor) -> candle_core::backprop::GradStore {
+        (y * w).unwrap().sum_all().unwrap().backward().unwrap()
+    }
+
+    /// The largest absolute difference between `a` and `b` (same shape).
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
+        d.max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
     fn assert_grads_close(l32: &Tensor, l64: &Tensor, vars: &[(&Var, &Var, &str)], tol: f64) {
         let g32 = (l32 * 3.0).unwrap().backward().unwrap();
         let g64 = (l64 * 3.0).unwrap().backward().unwrap();
@@ -811,19 +823,13 @@ mod tests {
             let close = |a: &Tensor, b: &Tensor, what: &str| {
                 assert_eq!(a.dims(), b.dims(), "{what}");
                 if a.elem_count() > 0 {
-                    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-                    let d = d.to_scalar::<f32>().unwrap();
+                    let d = max_abs_diff(a, b);
                     assert!(d < 1e-5, "{what} ({m}, {n}, {k}): {d}");
                 }
             };
             close(&ours, &theirs, "values");
-            let g1 = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (theirs * &g)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let g1 = weighted_grads(ours, &g);
+            let g2 = weighted_grads(theirs, &g);
             close(
                 g1.get(w.as_tensor()).unwrap(),
                 g2.get(w.as_tensor()).unwrap(),
@@ -854,22 +860,13 @@ mod tests {
         let g = Tensor::from_vec(rng.normal_vec(b * t * d, 0.0, 1.0), (b, t, d), &dev).unwrap();
         let ours = embedding_sum(&word, &pos, &tt, &ids, &types).unwrap();
         let theirs = embedding_sum_composite(&word, &pos, &tt, &ids, &types).unwrap();
-        let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
-            let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
-            d.max(0).unwrap().to_scalar::<f32>().unwrap()
-        };
         // The same sums in the same order: (word + position) + token type.
-        assert_eq!(max_diff(&ours, &theirs), 0.0);
-        let g1 = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &g)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        assert_eq!(max_abs_diff(&ours, &theirs), 0.0);
+        let g1 = weighted_grads(ours, &g);
+        let g2 = weighted_grads(theirs, &g);
         for table in [&word, &pos, &tt] {
             let (a, b) = (g1.get(table).unwrap(), g2.get(table).unwrap());
-            assert!(max_diff(a, b) < 1e-5, "{:?}", table.dims());
+            assert!(max_abs_diff(a, b) < 1e-5, "{:?}", table.dims());
         }
         let bad = Tensor::new(&[[11u32, 0, 0, 0]], &dev).unwrap();
         let types1 = Tensor::new(&[[0u32, 0, 0, 0]], &dev).unwrap();
@@ -898,21 +895,13 @@ mod tests {
             let w = Tensor::from_vec(rng.normal_vec(nx, 0.0, 1.0), xs.as_slice(), &dev).unwrap();
             let ours = add_broadcast(x.as_tensor(), y.as_tensor()).unwrap();
             let theirs = x.as_tensor().broadcast_add(y.as_tensor()).unwrap();
-            let diff = (&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap();
-            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{xs:?} + {ys:?}");
-            let g1 = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (theirs * &w)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            assert_eq!(max_abs_diff(&ours, &theirs), 0.0, "{xs:?} + {ys:?}");
+            let g1 = weighted_grads(ours, &w);
+            let g2 = weighted_grads(theirs, &w);
             for v in [&x, &y] {
                 let a = g1.get(v.as_tensor()).unwrap();
                 let b = g2.get(v.as_tensor()).unwrap();
-                assert_eq!(a.dims(), b.dims());
-                let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-                assert!(d.to_scalar::<f32>().unwrap() < 1e-5, "{xs:?} + {ys:?}");
+                assert!(max_abs_diff(a, b) < 1e-5, "{xs:?} + {ys:?}");
             }
         }
     }
@@ -944,21 +933,14 @@ mod tests {
             .unwrap()
             .broadcast_div(&mm.sum(1).unwrap().clamp(1.0, f64::INFINITY).unwrap())
             .unwrap();
-        let diff = (&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
-        let g1 = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        assert!(max_abs_diff(&ours, &theirs) < 1e-6);
+        let g1 = weighted_grads(ours, &w);
+        let g2 = weighted_grads(theirs, &w);
         let (a, c) = (
             g1.get(x.as_tensor()).unwrap(),
             g2.get(x.as_tensor()).unwrap(),
         );
-        let d = (a - c).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
+        assert!(max_abs_diff(a, c) < 1e-6);
     }
 
     #[test]
