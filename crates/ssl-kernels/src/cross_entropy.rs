@@ -122,12 +122,12 @@ impl CustomOp2 for CrossEntropyOp {
         let t = targets_of(tc, tl, n, c)?;
         let scale = g / n.max(1) as f32;
         let lse = log_sum_exps(x, n, c);
-        let mut dx = vec![0f32; n * c];
+        // The logits are candle's (borrowed): their copy becomes the gradient.
+        let mut dx = x.to_vec();
         let per = block_rows(n);
         dx.par_chunks_mut(per * c.max(1))
-            .zip(x.par_chunks(per * c.max(1)))
             .zip(lse.par_chunks(per))
-            .for_each(|((d, rows), l)| simd::scaled_softmax_rows(rows, c, l, scale, d));
+            .for_each(|(rows, l)| simd::scaled_softmax_rows(rows, c, l, scale));
         for (i, &k) in t.iter().enumerate() {
             dx[i * c + k as usize] -= scale;
         }
@@ -275,7 +275,7 @@ impl CustomOp3 for LinearCrossEntropyOp {
         let per = block_rows(n);
         dl.par_chunks_mut(per * c)
             .zip(lse.par_chunks(per))
-            .for_each(|(rows, l)| simd::scaled_softmax_rows_in_place(rows, c, l, scale));
+            .for_each(|(rows, l)| simd::scaled_softmax_rows(rows, c, l, scale));
         for (i, &t) in self.targets.iter().enumerate() {
             dl[i * c + t as usize] -= scale;
         }

@@ -581,23 +581,12 @@ simd_kernel! {
 }
 
 simd_kernel! {
-    /// [`scaled_softmax_rows`] in place: each row of `x` (width `c`) becomes
-    /// `exp(x - lse) * scale`, the same values.
-    pub(crate) fn scaled_softmax_rows_in_place(x: &mut [f32], c: usize, lse: &[f32], scale: f32) {
+    /// Each row of `x` (width `c`) becomes `exp(x - lse) * scale` in place: the scaled
+    /// softmax (cross-entropy backward).
+    pub(crate) fn scaled_softmax_rows(x: &mut [f32], c: usize, lse: &[f32], scale: f32) {
         for (row, &l) in x.chunks_exact_mut(c).zip(lse) {
             for v in row.iter_mut() {
                 *v = exp(*v - l) * scale;
-            }
-        }
-    }
-}
-
-simd_kernel! {
-    /// `d = exp(x - lse) * scale` row by row: the scaled softmax (cross-entropy backward).
-    pub(crate) fn scaled_softmax_rows(x: &[f32], c: usize, lse: &[f32], scale: f32, d: &mut [f32]) {
-        for ((row, dr), &l) in x.chunks_exact(c).zip(d.chunks_exact_mut(c)).zip(lse) {
-            for (o, &v) in dr.iter_mut().zip(row) {
-                *o = exp(v - l) * scale;
             }
         }
     }
