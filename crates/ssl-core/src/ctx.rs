@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::backprop::GradStore;
 use candle_core::Tensor;
-use ssl_kernels::ParamGradMailbox;
+use ssl_kernels::{GradCell, ParamGradMailbox};
 
 use crate::nn::MatmulPrecision;
 use crate::{CoreError, Result, SslRng};
@@ -45,8 +45,20 @@ pub struct Ctx<'a> {
 /// [`GradSink::drain_into`] gives each variable its slice of it, with no copy. The gradients
 /// are the same: bit for bit when the stack runs once in a loss, up to the order of the sum
 /// when it runs several times.
+///
+/// A parameter that several fused ops read (BERT's word table: the input embedding and the
+/// MLM head's tied decoder) gets one [`GradCell`] ([`GradSink::cell`]): each op's backward
+/// adds its share to it in place, and the drain hands the sum to the variable, instead of
+/// candle filling a zero table and adding each op's dense gradient to it.
 #[derive(Clone, Default)]
-pub struct GradSink(Arc<Mutex<Vec<PendingGrads>>>);
+pub struct GradSink(Arc<Mutex<Pending>>);
+
+#[derive(Default)]
+struct Pending {
+    packed: Vec<PendingGrads>,
+    /// Variables with a cell, by candle's tensor id.
+    cells: Vec<(Tensor, GradCell)>,
+}
 
 /// One fused op's parameters (in packing order) and the mailbox its backward fills.
 struct PendingGrads {
@@ -67,6 +79,7 @@ impl GradSink {
         self.0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .packed
             .push(PendingGrads {
                 params,
                 mailbox: mailbox.clone(),
@@ -74,12 +87,42 @@ impl GradSink {
         mailbox
     }
 
+    /// The cell that fused ops reading `param` add its gradient to (the same cell for every
+    /// op until the next drain), or `None` where a cell cannot stand for candle's gradient:
+    /// `param` is not a variable (its gradient must flow on through the graph) or not an f32
+    /// CPU tensor.
+    pub fn cell(&self, param: &Tensor) -> Option<GradCell> {
+        if !param.is_variable()
+            || param.dtype() != candle_core::DType::F32
+            || !param.device().is_cpu()
+        {
+            return None;
+        }
+        let mut pending = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, cell)) = pending.cells.iter().find(|(t, _)| t.id() == param.id()) {
+            return Some(cell.clone());
+        }
+        let cell = GradCell::new();
+        pending.cells.push((param.clone(), cell.clone()));
+        Some(cell)
+    }
+
     /// Adds every gradient delivered since the last call to `grads` (each variable's slice of
-    /// its op's packed gradient, added to the gradient `grads` has for it) and forgets the
-    /// registered ops, those whose backward never ran included.
+    /// its op's packed gradient, and each cell's sum, added to the gradient `grads` has for
+    /// it) and forgets the registered ops and cells, those whose backward never ran included.
     pub fn drain_into(&self, grads: &mut GradStore) -> Result<()> {
-        let pending = std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner));
-        for p in pending {
+        let Pending { packed, cells } =
+            std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner));
+        for (param, cell) in cells {
+            let Some(g) = cell.take() else { continue };
+            let g = Tensor::from_vec(g, param.shape(), param.device())?;
+            let sum = match grads.get(&param) {
+                Some(before) => (before + &g)?,
+                None => g,
+            };
+            grads.insert(&param, sum);
+        }
+        for p in packed {
             let packed = p
                 .mailbox
                 .lock()

@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::block_rows;
 use super::gemm::{product, MatRef, Op};
 use super::simd;
+use super::{block_rows, GradCell};
 
 /// The op; the mean over rows is its output.
 pub struct CrossEntropyOp;
@@ -158,6 +158,7 @@ pub struct LinearCrossEntropyOp {
     bf16: bool,
     saved: Mutex<Option<LinearSaved>>,
     argmax: Arc<Mutex<Vec<u32>>>,
+    weight_cell: Option<GradCell>,
 }
 
 impl LinearCrossEntropyOp {
@@ -169,7 +170,17 @@ impl LinearCrossEntropyOp {
             bf16,
             saved: Mutex::new(None),
             argmax: Arc::default(),
+            weight_cell: None,
         }
+    }
+
+    /// The same op, its backward adding the weight's gradient to `cell` (in place, or moved
+    /// in when the cell is empty) instead of returning it to candle: for a weight that other
+    /// ops also read, such as BERT's word table tied to the input embedding
+    /// ([`crate::EmbeddingSumOp::grads`]).
+    pub fn weight_grad_to(mut self, cell: GradCell) -> Self {
+        self.weight_cell = Some(cell);
+        self
     }
 
     /// Where the forward pass leaves each row's arg-max class (the first on ties).
@@ -284,9 +295,16 @@ impl CustomOp3 for LinearCrossEntropyOp {
         let mut db = vec![0f32; c];
         super::col_sums_par(&mut db, &dl, None);
         drop((xs, ws, bs));
+        let dw = match &self.weight_cell {
+            Some(cell) => {
+                cell.add(dw)?;
+                None
+            }
+            None => Some(Tensor::from_vec(dw, (c, k), w.device())?),
+        };
         Ok((
             Some(Tensor::from_vec(dx, (n, k), x.device())?),
-            Some(Tensor::from_vec(dw, (c, k), w.device())?),
+            dw,
             Some(Tensor::from_vec(db, c, b.device())?),
         ))
     }

@@ -3,10 +3,10 @@
 //! copying on one thread, a broadcast add and an add) took about 1.5 ms of BERT-mini's
 //! 57 ms inference step; the op's backward scatters the rows' gradients into each table's.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::f32_slice;
+use super::{f32_slice, simd, GradCell};
 
 const OP: &str = "embedding sum";
 
@@ -19,6 +19,12 @@ pub struct EmbeddingSumOp {
     pub types: Vec<u32>,
     /// Sequences B (`ids.len()` is B x T).
     pub batch: usize,
+    /// Where the backward leaves each table's gradient (word, position, token type) instead
+    /// of returning it to candle: a table given a cell gets its tokens' rows added to the
+    /// cell's gradient in place (zero-filled first when the cell is empty), so a word table
+    /// that the MLM head's loss also reads ([`crate::LinearCrossEntropyOp::weight_grad_to`])
+    /// gets one gradient buffer, not candle's zero fill and two dense adds.
+    pub grads: [Option<GradCell>; 3],
 }
 
 impl EmbeddingSumOp {
@@ -100,26 +106,51 @@ impl CustomOp3 for EmbeddingSumOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let ((v, d), (p, _), (s, _)) = (word.dims2()?, pos.dims2()?, types.dims2()?);
         let t = self.seq_len(v, p, s)?;
-        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let (mut dw, mut dp, mut ds) = (vec![0f32; v * d], vec![0f32; p * d], vec![0f32; s * d]);
-        for (r, row) in g.chunks(d.max(1)).enumerate().take(self.ids.len()) {
-            let (w, ty, at) = (self.ids[r] as usize, self.types[r] as usize, r % t);
-            for (table, i) in [(&mut dw, w), (&mut dp, at), (&mut ds, ty)] {
-                for (a, b) in table[i * d..(i + 1) * d].iter_mut().zip(row) {
-                    *a += b;
-                }
-            }
-        }
-        // Tables outside the graph (frozen, constant) get no gradient.
-        let grad_of = |t: &Tensor, g: Vec<f32>, rows: usize| {
-            t.track_op()
-                .then(|| Tensor::from_vec(g, (rows, d), t.device()))
-                .transpose()
+        let grad = grad.contiguous()?;
+        let (gs, gl) = grad.storage_and_layout();
+        let Storage::Cpu(gc) = &*gs else {
+            candle_core::bail!("{OP}: the gradient left the CPU");
         };
-        Ok((
-            grad_of(word, dw, v)?,
-            grad_of(pos, dp, p)?,
-            grad_of(types, ds, s)?,
-        ))
+        let g = f32_slice(gc, gl, OP, "the gradient")?;
+        let n = self.ids.len();
+        if g.len() != n * d {
+            candle_core::bail!("{OP}: a gradient of {} values for {n} rows of {d}", g.len());
+        }
+        // Table `which`'s gradient: its rows of the tokens summed into a cell, or into a new
+        // zero-filled table returned to candle. Tables outside the graph (frozen, constant)
+        // get none.
+        let table_grad = |table: &Tensor, rows: usize, which: usize| {
+            let row_of = |r: usize| match which {
+                0 => self.ids[r] as usize,
+                1 => r % t,
+                _ => self.types[r] as usize,
+            };
+            let scatter = |dst: &mut [f32]| {
+                if d == 0 {
+                    return;
+                }
+                for (r, row) in g.chunks_exact(d).enumerate() {
+                    let i = row_of(r);
+                    simd::add_assign(&mut dst[i * d..(i + 1) * d], row);
+                }
+            };
+            if !table.track_op() {
+                return Ok(None);
+            }
+            if let Some(cell) = &self.grads[which] {
+                cell.update(rows * d, scatter)?;
+                return Ok(None);
+            }
+            let mut dense = vec![0f32; rows * d];
+            scatter(&mut dense);
+            Tensor::from_vec(dense, (rows, d), table.device()).map(Some)
+        };
+        let out = (
+            table_grad(word, v, 0)?,
+            table_grad(pos, p, 1)?,
+            table_grad(types, s, 2)?,
+        );
+        drop(gs);
+        Ok(out)
     }
 }

@@ -21,7 +21,9 @@
 //! - One-op versions of what surrounds the stack: [`LayerNormOp`], [`CrossEntropyOp`],
 //!   [`LinearCrossEntropyOp`] (a linear layer and its cross-entropy, the logits never built),
 //!   [`RowBroadcastAdd`], [`MaskedMeanOp`], [`EmbeddingSumOp`] (BERT's input embedding); the
-//!   optimizer's in-place [`adamw`] pass and the gradient norm's [`sum_squares`].
+//!   optimizer's in-place [`adamw`] pass and the gradient norm's [`sum_squares`]. The loss
+//!   and the embedding can leave a parameter's gradient in a [`GradCell`] instead of candle's
+//!   graph, so a tied word table's two gradients are one buffer, summed in place.
 //! - [`SoftmaxLastDimOp`] and [`LayerNormFusedOp`]: candle's fused GPU softmax and layer-norm
 //!   kernels (with the `cuda` feature) in ops that have a backward; the GPU path of
 //!   `ssl_core`'s stack.
@@ -59,6 +61,7 @@ mod cross_entropy;
 mod embedding;
 mod gemm;
 mod gpu;
+mod grad_cell;
 mod layer_norm;
 mod linear;
 mod masked_mean;
@@ -78,6 +81,7 @@ pub use cross_entropy::{CrossEntropyOp, LinearCrossEntropyOp};
 pub use embedding::EmbeddingSumOp;
 pub use gemm::linear_takes_bf16;
 pub use gpu::{LayerNormFusedOp, SoftmaxLastDimOp};
+pub use grad_cell::GradCell;
 pub use layer_norm::LayerNormOp;
 pub use linear::MatmulT;
 pub use masked_mean::MaskedMeanOp;

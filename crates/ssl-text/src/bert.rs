@@ -294,6 +294,7 @@ impl BertModel {
             &self.token_type,
             &input.input_ids,
             &input.token_type_ids,
+            ctx.grad_sink.as_ref(),
         )?;
         let x = self.emb_norm.forward(&x)?;
         Ok(dropout(
@@ -563,6 +564,7 @@ impl BertForMaskedLM {
             Some(&self.bias),
             &targets,
             ctx.precision,
+            ctx.grad_sink.as_ref(),
         )?;
         let correct = pred.iter().zip(&mb.targets).filter(|(p, t)| p == t).count();
         Ok((loss, mb.targets.len(), correct))
@@ -972,6 +974,45 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap();
             assert!(n > 0.0, "{name}: zero gradient");
+        }
+    }
+
+    /// The trainer's path (`forward_backward`: the fused ops' parameter gradients through a
+    /// sink, the stack's packed mailbox and the tied word table's one cell) gives every
+    /// variable the plain graph's gradient.
+    #[test]
+    fn the_sinks_gradients_equal_the_graphs() {
+        let store = ParamStore::new(&Device::Cpu);
+        let masking = MaskingConfig {
+            mask_prob: 0.5,
+            ..Default::default()
+        };
+        let model = BertForMaskedLM::new(&tiny(40), masking, 4, &store.builder(0)).unwrap();
+        let batch = TextBatch {
+            // Repeated ids: the word table's rows sum several tokens and the decoder's share.
+            seqs: vec![seq(&[10, 11, 10, 13, 11, 15]), seq(&[20, 10, 22])],
+            pad_id: 0,
+            device: Device::Cpu,
+        };
+        let mut rng = SslRng::new(3);
+        let out = model.forward(&batch, &mut Ctx::train(&mut rng)).unwrap();
+        let plain = (&out.loss * out.weight).unwrap().backward().unwrap();
+        let mut rng = SslRng::new(3);
+        let (_, sunk) = model
+            .forward_backward(&batch, &mut Ctx::train(&mut rng))
+            .unwrap();
+        for (name, var) in store.vars() {
+            let (a, b) = (plain.get(var.as_tensor()), sunk.get(var.as_tensor()));
+            let (Some(a), Some(b)) = (a, b) else {
+                panic!("{name}: a gradient on one path only");
+            };
+            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            let scale = a.abs().unwrap().max_all().unwrap();
+            let (diff, scale) = (
+                diff.to_scalar::<f32>().unwrap(),
+                scale.to_scalar::<f32>().unwrap(),
+            );
+            assert!(diff <= 1e-6 * (1.0 + scale), "{name}: {diff} (of {scale})");
         }
     }
 

@@ -9,7 +9,7 @@ use candle_core::{CpuStorage, DType, Layout, Storage, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::nn::MatmulPrecision;
-use crate::{CoreError, Result, SslRng};
+use crate::{CoreError, GradSink, Result, SslRng};
 
 /// The f32 elements of a contiguous CPU tensor's storage view, read in place; `None` for any
 /// other device, dtype or layout.
@@ -184,12 +184,18 @@ pub fn dropout(x: &Tensor, p: f32, train: bool, rng: &mut SslRng) -> Result<Tens
 /// `ids` and `types` (B, T). f32 tables on the CPU take one parallel op
 /// ([`ssl_kernels::EmbeddingSumOp`], its backward scattering into each table's gradient);
 /// otherwise candle's lookups and adds, which it is tested against.
+///
+/// With a `sink` (a training context's [`crate::Ctx::grad_sink`]) the op's backward adds each
+/// table variable's rows to the sink's cell for it ([`GradSink::cell`]), which the sink's
+/// drain hands to the variable: a table tied to [`linear_cross_entropy`]'s weight in the same
+/// sink gets one gradient buffer instead of candle's zero fill and two dense adds.
 pub fn embedding_sum(
     word: &Tensor,
     position: &Tensor,
     token_type: &Tensor,
     ids: &Tensor,
     types: &Tensor,
+    sink: Option<&GradSink>,
 ) -> Result<Tensor> {
     let b = ids.dims2()?.0;
     if types.dims() != ids.dims() {
@@ -203,16 +209,19 @@ pub fn embedding_sum(
         let flat = |x: &Tensor| -> Result<Vec<u32>> {
             Ok(x.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?)
         };
+        let (word, position, token_type) = (
+            word.contiguous()?,
+            position.contiguous()?,
+            token_type.contiguous()?,
+        );
+        let cell = |t: &Tensor| sink.and_then(|s| s.cell(t));
         let op = ssl_kernels::EmbeddingSumOp {
             ids: flat(ids)?,
             types: flat(types)?,
             batch: b,
+            grads: [cell(&word), cell(&position), cell(&token_type)],
         };
-        return Ok(word.contiguous()?.apply_op3(
-            &position.contiguous()?,
-            &token_type.contiguous()?,
-            op,
-        )?);
+        return Ok(word.apply_op3(&position, &token_type, op)?);
     }
     embedding_sum_composite(word, position, token_type, ids, types)
 }
@@ -353,12 +362,16 @@ fn bf16_product(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// backward turns the saved logits into their gradient in place, so that path allows one
 /// backward per forward (a second is an error). Elsewhere it is [`matmul_t`], a broadcast add
 /// and [`cross_entropy`], which it is tested against.
+///
+/// With a `sink` the one-op path adds the weight variable's gradient to the sink's cell for it
+/// ([`GradSink::cell`]; see [`embedding_sum`] for the tied word table).
 pub fn linear_cross_entropy(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
     targets: &Tensor,
     precision: MatmulPrecision,
+    sink: Option<&GradSink>,
 ) -> Result<(Tensor, Vec<u32>)> {
     let cpu_f32 = on_cpu_f32(x, &[w])
         && b.is_none_or(|b| b.dtype() == DType::F32)
@@ -377,15 +390,19 @@ pub fn linear_cross_entropy(
         None => Tensor::zeros(w.dim(0)?, DType::F32, w.device())?,
     };
     let bf16 = precision == MatmulPrecision::Bf16 && crate::nn::bf16_matmul_available();
-    let op = ssl_kernels::LinearCrossEntropyOp::new(
+    let mut op = ssl_kernels::LinearCrossEntropyOp::new(
         targets
             .to_dtype(DType::U32)?
             .flatten_all()?
             .to_vec1::<u32>()?,
         bf16,
     );
+    let w = w.contiguous()?;
+    if let Some(cell) = sink.and_then(|s| s.cell(&w)) {
+        op = op.weight_grad_to(cell);
+    }
     let argmax = op.argmax_cell();
-    let loss = x.contiguous()?.apply_op3(&w.contiguous()?, &bias, op)?;
+    let loss = x.contiguous()?.apply_op3(&w, &bias, op)?;
     let argmax = std::mem::take(
         &mut *argmax
             .lock()
@@ -718,6 +735,7 @@ mod tests {
             Some(b32.as_tensor()),
             &t,
             MatmulPrecision::F32,
+            None,
         )
         .unwrap();
         let f64_run = linear_cross_entropy(
@@ -726,6 +744,7 @@ mod tests {
             Some(b64.as_tensor()),
             &t,
             MatmulPrecision::F32,
+            None,
         )
         .unwrap();
         assert_eq!(f32_run.1, f64_run.1, "arg-max classes");
@@ -746,6 +765,7 @@ mod tests {
             None,
             &t,
             MatmulPrecision::F32,
+            None,
         )
         .unwrap();
         let logits = x32
@@ -767,6 +787,7 @@ mod tests {
             None,
             &bad,
             MatmulPrecision::F32,
+            None,
         )
         .unwrap_err()
         .to_string();
@@ -858,7 +879,7 @@ mod tests {
         let ids = Tensor::new(&[[1u32, 3, 3, 10], [0, 1, 1, 1], [7, 7, 2, 0]], &dev).unwrap();
         let types = Tensor::new(&[[0u32, 0, 1, 1], [1, 1, 1, 1], [0, 1, 0, 1]], &dev).unwrap();
         let g = Tensor::from_vec(rng.normal_vec(b * t * d, 0.0, 1.0), (b, t, d), &dev).unwrap();
-        let ours = embedding_sum(&word, &pos, &tt, &ids, &types).unwrap();
+        let ours = embedding_sum(&word, &pos, &tt, &ids, &types, None).unwrap();
         let theirs = embedding_sum_composite(&word, &pos, &tt, &ids, &types).unwrap();
         // The same sums in the same order: (word + position) + token type.
         assert_eq!(max_abs_diff(&ours, &theirs), 0.0);
@@ -870,10 +891,62 @@ mod tests {
         }
         let bad = Tensor::new(&[[11u32, 0, 0, 0]], &dev).unwrap();
         let types1 = Tensor::new(&[[0u32, 0, 0, 0]], &dev).unwrap();
-        let err = embedding_sum(&word, &pos, &tt, &bad, &types1)
+        let err = embedding_sum(&word, &pos, &tt, &bad, &types1, None)
             .unwrap_err()
             .to_string();
         assert!(err.contains("word id 11"), "{err}");
+    }
+
+    /// A word table that the embedding and the fused loss both read (BERT's tied decoder):
+    /// with a sink its gradient, and the other tables', wait in the sink's cells, outside
+    /// candle's store, until the drain hands them over equal to the graph's; a second drain
+    /// adds nothing.
+    #[test]
+    fn a_sink_gathers_a_tied_tables_gradient_in_one_cell() {
+        let dev = Device::Cpu;
+        let mut rng = SslRng::new(10);
+        let (v, p, s, d, b, t) = (11, 9, 2, 5, 3, 4);
+        let mut var = |dims: (usize, usize)| {
+            Var::from_vec(rng.normal_vec(dims.0 * dims.1, 0.0, 1.0), dims, &dev).unwrap()
+        };
+        let (word, pos, tt, proj) = (var((v, d)), var((p, d)), var((s, d)), var((d, d)));
+        let ids = Tensor::new(&[[1u32, 3, 3, 10], [0, 1, 1, 1], [7, 7, 2, 0]], &dev).unwrap();
+        let types = Tensor::new(&[[0u32, 0, 1, 1], [1, 1, 1, 1], [0, 1, 0, 1]], &dev).unwrap();
+        let targets: Vec<u32> = (0..b * t).map(|i| (i * 5 % v) as u32).collect();
+        let targets = Tensor::new(targets.as_slice(), &dev).unwrap();
+        let loss = |sink: Option<&GradSink>| {
+            let e = embedding_sum(&word, &pos, &tt, &ids, &types, sink).unwrap();
+            let h = e.reshape((b * t, d)).unwrap().matmul(&proj).unwrap();
+            let h = h.tanh().unwrap();
+            let f32 = MatmulPrecision::F32;
+            linear_cross_entropy(&h, &word, None, &targets, f32, sink)
+                .unwrap()
+                .0
+        };
+        let plain = loss(None).backward().unwrap();
+        let sink = GradSink::new();
+        let mut sunk = loss(Some(&sink)).backward().unwrap();
+        for table in [&word, &pos, &tt] {
+            assert!(
+                sunk.get(table).is_none(),
+                "{:?} not in the sink",
+                table.dims()
+            );
+        }
+        assert!(sunk.get(&proj).is_some());
+        let vars = [
+            (&word, "word"),
+            (&pos, "position"),
+            (&tt, "type"),
+            (&proj, "proj"),
+        ];
+        for _drain in 0..2 {
+            sink.drain_into(&mut sunk).unwrap();
+            for (var, name) in vars {
+                let (a, b) = (plain.get(var).unwrap(), sunk.get(var).unwrap());
+                assert!(max_abs_diff(a, b) < 1e-6, "{name}");
+            }
+        }
     }
 
     #[test]
