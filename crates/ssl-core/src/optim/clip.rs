@@ -1,26 +1,30 @@
 //! Gradient clipping by global L2 norm.
 
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 
 use crate::nn::ops::cpu_f32_view;
 
 use crate::Result;
 
-/// The global L2 norm of all gradients, computed in f64 (f32 CPU gradients in one parallel
-/// pass over their memory, others through candle).
+/// The global L2 norm of all gradients, computed in f64 (f32 CPU gradients read in place,
+/// the tensors in parallel, others through candle). Each tensor's sum of squares depends on
+/// the tensor alone and the sums are added in order, so the norm does not depend on the
+/// number of threads.
 pub fn global_norm(grads: &[Option<Tensor>]) -> Result<f64> {
-    let mut sum = 0f64;
-    for g in grads.iter().flatten() {
-        sum += match cpu_f32(g) {
-            Some(sq) => sq?,
-            None => g
+    let sums = grads
+        .par_iter()
+        .flatten()
+        .map(|g| match cpu_f32(g) {
+            Some(sq) => sq,
+            None => Ok(g
                 .to_dtype(DType::F64)?
                 .sqr()?
                 .sum_all()?
-                .to_scalar::<f64>()?,
-        };
-    }
-    Ok(sum.sqrt())
+                .to_scalar::<f64>()?),
+        })
+        .collect::<Result<Vec<f64>>>()?;
+    Ok(sums.iter().fold(0.0, |a, b| a + b).sqrt())
 }
 
 /// The sum of squares of a contiguous f32 CPU tensor, read in place; `None` for any other.
