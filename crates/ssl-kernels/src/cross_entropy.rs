@@ -139,20 +139,21 @@ impl CustomOp2 for CrossEntropyOp {
     }
 }
 
-/// What [`LinearCrossEntropyOp`]'s backward needs (and takes): the biased logits and their
-/// row log-sum-exps.
+/// What [`LinearCrossEntropyOp`]'s backward needs (and takes): the softmax's numerators
+/// `exp(logit - row max)` and each row's `1 / sum` of them.
 struct LinearSaved {
-    logits: Vec<f32>,
-    lse: Vec<f32>,
+    exps: Vec<f32>,
+    inv_sum: Vec<f32>,
 }
 
 /// A linear layer followed by the cross-entropy, as one op with inputs `x` (n, k), `w`
 /// (c, k) and `b` (c): the logits `x W^T + b` (n, c) exist only inside the op, so no candle
 /// node of that size is ever built (measured on BERT-mini's MLM head, 8000 words: the bias's
 /// broadcast backward alone took 8 ms a step, the logits' gradient bookkeeping a few more).
-/// Forward: one product, then one pass per row (bias, maximum and arg-max, log-sum-exp);
-/// backward: one pass for `(softmax - onehot) / n` over the saved logits (so one backward
-/// per forward), the two products and the bias's column sums.
+/// Forward: one product, then one pass per row (bias, maximum and arg-max, the target's
+/// logit, the exponentials written over the logits); backward: one scaling pass for
+/// `(softmax - onehot) / n` over the saved exponentials (so one backward per forward; no
+/// exponential taken twice), the two products and the bias's column sums.
 pub struct LinearCrossEntropyOp {
     targets: Vec<u32>,
     bf16: bool,
@@ -233,18 +234,34 @@ impl CustomOp3 for LinearCrossEntropyOp {
         let (n, c) = (x.rows, w.rows);
         check_targets(&self.targets, n, c)?;
         let mut logits = product(x, Op::N, w, Op::T, self.bf16);
-        let mut lse = vec![0f32; n];
+        let (mut picked, mut lse, mut inv_sum) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
         let mut argmax = vec![0u32; n];
         let per = block_rows(n);
         logits
             .par_chunks_mut(per * c)
-            .zip(lse.par_chunks_mut(per))
+            .zip(self.targets.par_chunks(per))
+            .zip(picked.par_chunks_mut(per))
+            .zip(lse.par_chunks_mut(per).zip(inv_sum.par_chunks_mut(per)))
             .zip(argmax.par_chunks_mut(per))
-            .for_each(|((rows, l), a)| simd::bias_lse_argmax_rows(rows, b, l, a));
-        let mean = mean_loss(&lse, &logits, &self.targets);
+            .for_each(|((((rows, t), p), (l, inv)), a)| {
+                simd::bias_exp_argmax_rows(rows, b, t, p, l, inv, a)
+            });
+        // The mean of `lse - picked` in f64, as [`mean_loss`].
+        let mean = if n == 0 {
+            f32::NAN
+        } else {
+            let total: f64 = lse
+                .iter()
+                .zip(&picked)
+                .map(|(&l, &p)| f64::from(l - p))
+                .sum();
+            (total / n as f64) as f32
+        };
         *self.argmax.lock().unwrap_or_else(PoisonError::into_inner) = argmax;
-        *self.saved.lock().unwrap_or_else(PoisonError::into_inner) =
-            Some(LinearSaved { logits, lse });
+        *self.saved.lock().unwrap_or_else(PoisonError::into_inner) = Some(LinearSaved {
+            exps: logits,
+            inv_sum,
+        });
         Ok((CpuStorage::F32(vec![mean]), Shape::from(())))
     }
 
@@ -259,16 +276,17 @@ impl CustomOp3 for LinearCrossEntropyOp {
         let g = grad_res
             .to_dtype(candle_core::DType::F32)?
             .to_scalar::<f32>()?;
-        // The saved logits' buffer becomes their gradient: one backward per forward.
+        // The saved exponentials' buffer becomes the logits' gradient: one backward per
+        // forward.
         let taken = self
             .saved
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        let Some(LinearSaved { logits, lse }) = taken else {
+        let Some(LinearSaved { exps, inv_sum }) = taken else {
             candle_core::bail!(
                 "fused linear cross-entropy: backward before forward, or a second backward \
-                 (its saved logits become their gradient)"
+                 (its saved exponentials become the logits' gradient)"
             );
         };
         let (xs, xl) = x.storage_and_layout();
@@ -280,13 +298,13 @@ impl CustomOp3 for LinearCrossEntropyOp {
         let (xm, wm, _) = linear_operands((xc, xl), (wc, wl), (bc, bl))?;
         let (n, c, k) = (xm.rows, wm.rows, xm.cols);
         let scale = g / n.max(1) as f32;
-        // dlogits = (softmax - onehot) * g / n, over the logits (no buffer of its own to
-        // allocate and fill).
-        let mut dl = logits;
+        // dlogits = (softmax - onehot) * g / n, over the exponentials (no buffer of its own
+        // to allocate and fill).
+        let mut dl = exps;
         let per = block_rows(n);
         dl.par_chunks_mut(per * c)
-            .zip(lse.par_chunks(per))
-            .for_each(|(rows, l)| simd::scaled_softmax_rows(rows, c, l, scale));
+            .zip(inv_sum.par_chunks(per))
+            .for_each(|(rows, inv)| simd::scale_rows(rows, c, inv, scale));
         for (i, &t) in self.targets.iter().enumerate() {
             dl[i * c + t as usize] -= scale;
         }

@@ -564,18 +564,50 @@ simd_kernel! {
 }
 
 simd_kernel! {
-    /// For each row of `x` (width `bias.len()`): adds `bias` in place, then writes the row's
-    /// log-sum-exp to `lse` and the index of its maximum (the first, on ties; 0 for a row
-    /// without a number) to `argmax`.
-    pub(crate) fn bias_lse_argmax_rows(x: &mut [f32], bias: &[f32], lse: &mut [f32], argmax: &mut [u32]) {
+    /// For each row of `x` (width `bias.len()`): adds `bias` in place, notes the row's
+    /// logit of its target (`targets`, each below the width) in `picked` and the index of its
+    /// maximum `m` (the first, on ties; 0 for a row without a number) in `argmax`, then
+    /// replaces the row by `exp(x - m)` and writes its log-sum-exp to `lse` and `1 / sum` to
+    /// `inv_sum`: the softmax's numerators, which the backward scales instead of taking the
+    /// exponentials again.
+    pub(crate) fn bias_exp_argmax_rows(
+        x: &mut [f32],
+        bias: &[f32],
+        targets: &[u32],
+        picked: &mut [f32],
+        lse: &mut [f32],
+        inv_sum: &mut [f32],
+        argmax: &mut [u32],
+    ) {
         let c = bias.len();
-        for ((row, l), a) in x.chunks_exact_mut(c).zip(lse.iter_mut()).zip(argmax.iter_mut()) {
+        let rows = x
+            .chunks_exact_mut(c)
+            .zip(targets)
+            .zip(picked.iter_mut())
+            .zip(lse.iter_mut().zip(inv_sum.iter_mut()))
+            .zip(argmax.iter_mut());
+        for ((((row, &t), p), (l, inv)), a) in rows {
             for (v, b) in row.iter_mut().zip(bias) {
                 *v += b;
             }
             let m = max_lanes(row);
             *a = row.iter().position(|&v| v == m).unwrap_or(0) as u32;
-            *l = exp_sum(row, m).ln() + m;
+            *p = row.get(t as usize).copied().unwrap_or(f32::NAN);
+            let s = exp_in_place_sum(row, m);
+            *l = s.ln() + m;
+            *inv = 1.0 / s;
+        }
+    }
+}
+
+simd_kernel! {
+    /// Each row of `x` (width `c`) multiplied in place by its `factor` times `scale`.
+    pub(crate) fn scale_rows(x: &mut [f32], c: usize, factor: &[f32], scale: f32) {
+        for (row, &f) in x.chunks_exact_mut(c).zip(factor) {
+            let k = f * scale;
+            for v in row.iter_mut() {
+                *v *= k;
+            }
         }
     }
 }

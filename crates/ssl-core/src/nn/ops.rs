@@ -359,8 +359,8 @@ fn bf16_product(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// With f32 operands on the CPU it is one op, products in `precision` as [`matmul_t`], whose
 /// (n, c) logits never become a tensor of the graph: for a wide vocabulary (BERT's MLM head)
 /// that saves the bias broadcast's backward and the gradient bookkeeping of the logits. Its
-/// backward turns the saved logits into their gradient in place, so that path allows one
-/// backward per forward (a second is an error). Elsewhere it is [`matmul_t`], a broadcast add
+/// forward keeps the softmax's exponentials, which its backward turns into the logits'
+/// gradient in place, so that path allows one backward per forward (a second is an error). Elsewhere it is [`matmul_t`], a broadcast add
 /// and [`cross_entropy`], which it is tested against.
 ///
 /// With a `sink` the one-op path adds the weight variable's gradient to the sink's cell for it
@@ -755,7 +755,8 @@ mod tests {
         assert!((a - b).abs() < 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
         let pairs = [(&x32, &x64, "x"), (&w32, &w64, "w"), (&b32, &b64, "b")];
         assert_grads_close(&f32_run.0, &f64_run.0, &pairs, 1e-5);
-        // The saved logits became their gradient: a second backward is refused, saying why.
+        // The saved exponentials became the logits' gradient: a second backward is refused,
+        // saying why.
         let again = f32_run.0.backward().unwrap_err().to_string();
         assert!(again.contains("second backward"), "{again}");
         // Without a bias, and a target out of range.
