@@ -7,9 +7,10 @@
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
-use ssl_core::nn::ops::add_broadcast;
+use ssl_core::nn::ops::{add_broadcast, matmul_t};
 use ssl_core::nn::{
-    Activation, LayerNorm, NormPlacement, StackInit, TransformerConfig, TransformerStack,
+    Activation, LayerNorm, MatmulPrecision, NormPlacement, StackInit, TransformerConfig,
+    TransformerStack,
 };
 use ssl_core::{Ctx, Encoder, EncoderOutput, Init, ParamBuilder};
 
@@ -321,11 +322,13 @@ impl VisionTransformer {
     fn project_patches(&self, patches: &Tensor) -> Result<Tensor> {
         let (b, l, k) = patches.dims3()?;
         let w = self.patch_weight.reshape((self.cfg.dim, k))?;
-        Ok(add_broadcast(
-            &patches.reshape((b * l, k))?.matmul(&w.t()?)?,
-            &self.patch_bias,
-        )?
-        .reshape((b, l, self.cfg.dim))?)
+        // One op with its own backward on the CPU (candle's matmul by the transposed view
+        // costs three graph nodes and zero-filled buffers each way).
+        let x = patches.reshape((b * l, k))?;
+        Ok(
+            add_broadcast(&matmul_t(&x, &w, MatmulPrecision::F32)?, &self.patch_bias)?
+                .reshape((b, l, self.cfg.dim))?,
+        )
     }
 
     /// Runs the class token and `tokens` (B, N, D) (all or a subset of the patch embeddings
