@@ -225,23 +225,36 @@ simd_kernel! {
 }
 
 simd_kernel! {
-    /// `dh[i] = dg[i] * act'(h[i])`, in place in `dg`.
-    pub(crate) fn act_backward(dg: &mut [f32], h: &[f32], act: Act) {
-        match act {
-            Act::GeluErf => {
+    /// `dh[i] = dg[i] * act'(h[i])`, in place in `dg`. With exact GELU and its outputs `g`
+    /// (`g[i] = gelu(h[i])`, as the forward wrote them), the normal CDF in the derivative
+    /// `Phi(x) + x phi(x)` is read off them as `g / x` instead of evaluating `erf` again
+    /// (near 0, where that ratio loses its digits, `0.5 + x phi(0)`, exact to O(x^3)).
+    pub(crate) fn act_backward(dg: &mut [f32], h: &[f32], g: Option<&[f32]>, act: Act) {
+        match (act, g) {
+            (Act::GeluErf, Some(g)) => {
+                for ((d, &x), &y) in dg.iter_mut().zip(h).zip(g) {
+                    let cdf = if x.abs() > 1e-3 {
+                        y / x
+                    } else {
+                        x.mul_add(INV_SQRT_2PI, 0.5)
+                    };
+                    *d *= cdf + x * INV_SQRT_2PI * exp(-0.5 * x * x);
+                }
+            }
+            (Act::GeluErf, None) => {
                 for (d, &x) in dg.iter_mut().zip(h) {
                     *d *= 0.5 * (1.0 + erf(x * INV_SQRT_2))
                         + x * INV_SQRT_2PI * exp(-0.5 * x * x);
                 }
             }
-            Act::GeluTanh => {
+            (Act::GeluTanh, _) => {
                 for (d, &x) in dg.iter_mut().zip(h) {
                     let t = tanh(gelu_tanh_arg(x));
                     let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_CUBIC * x * x);
                     *d *= 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du;
                 }
             }
-            Act::Relu => {
+            (Act::Relu, _) => {
                 for (d, &x) in dg.iter_mut().zip(h) {
                     *d = if x > 0.0 { *d } else { 0.0 };
                 }
@@ -753,6 +766,28 @@ simd_kernel! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The exact GELU's derivative read off the forward's outputs equals the one that
+    /// evaluates `erf` again, across the range, near 0 (the Taylor branch and its edge) and
+    /// in the tails.
+    #[test]
+    fn gelu_derivative_from_the_outputs_equals_the_one_from_erf() {
+        let mut xs: Vec<f32> = (-3000..=3000).map(|i| i as f32 * 0.004).collect();
+        xs.extend([
+            0.0, 1e-6, -1e-6, 9.99e-4, 1.001e-3, -1.001e-3, 20.0, -20.0, -40.0,
+        ]);
+        let g: Vec<f32> = xs.iter().map(|&x| gelu_erf(x)).collect();
+        let ones = vec![1f32; xs.len()];
+        let (mut from_erf, mut from_g) = (ones.clone(), ones);
+        act_backward(&mut from_erf, &xs, None, Act::GeluErf);
+        act_backward(&mut from_g, &xs, Some(&g), Act::GeluErf);
+        for ((&x, &a), &b) in xs.iter().zip(&from_erf).zip(&from_g) {
+            assert!(
+                (a - b).abs() <= 2e-6 * (1.0 + a.abs()),
+                "x = {x}: {a} vs {b}"
+            );
+        }
+    }
 
     #[test]
     fn exp_and_erf_are_accurate() {

@@ -1403,9 +1403,10 @@ impl StackOp {
         }
         let rb = block_rows(nr);
         let act = sp.act;
+        // The forward's outputs `g` stand in for `erf` in the exact GELU's derivative.
         dg.par_chunks_mut(rb * m)
-            .zip(ls.h.par_chunks(rb * m))
-            .for_each(|(dc, hc)| simd::act_backward(dc, hc, act));
+            .zip(ls.h.par_chunks(rb * m).zip(ls.g.par_chunks(rb * m)))
+            .for_each(|(dc, (hc, gc))| simd::act_backward(dc, hc, Some(gc), act));
         let dmin = {
             let (gw, gb) = gl[o.w1..o.w2].split_at_mut(m * d);
             linear_backward(

@@ -180,7 +180,7 @@ fn gelu_backward(dg: &mut [f32], x: &[f32], width: usize) {
     let rb = block_rows(x.len() / width.max(1)) * width;
     dg.par_chunks_mut(rb.max(1))
         .zip(x.par_chunks(rb.max(1)))
-        .for_each(|(d, i)| simd::act_backward(d, i, Act::GeluErf));
+        .for_each(|(d, i)| simd::act_backward(d, i, None, Act::GeluErf));
 }
 
 /// Gathers the rows the taps read: row `(s, p)` of `col` (width `taps * c`) holds, for each
