@@ -49,7 +49,10 @@ pub struct Ctx<'a> {
 /// A parameter that several fused ops read (BERT's word table: the input embedding and the
 /// MLM head's tied decoder) gets one [`GradCell`] ([`GradSink::cell`]): each op's backward
 /// adds its share to it in place, and the drain hands the sum to the variable, instead of
-/// candle filling a zero table and adding each op's dense gradient to it.
+/// candle filling a zero table and adding each op's dense gradient to it: the same gradient
+/// up to the order of the sum (a word's token rows are added to the loss's share one by one
+/// rather than summed first). The drain closes the cells it collects: a backward that runs
+/// after it and would add to one is an error, not a gradient nobody reads.
 #[derive(Clone, Default)]
 pub struct GradSink(Arc<Mutex<Pending>>);
 

@@ -7,7 +7,7 @@
 //! the first fused op's backward leaves its dense gradient in the cell, and the embedding's
 //! backward adds only the rows of the batch's tokens to it, in place.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use rayon::prelude::*;
 
@@ -16,9 +16,16 @@ use super::simd;
 /// One parameter's gradient, summed in place by the backward passes of the fused ops that
 /// read the parameter ([`crate::LinearCrossEntropyOp::weight_grad_to`],
 /// [`crate::EmbeddingSumOp::grads`]), and taken out once after the backward. Clones share the
-/// gradient.
+/// gradient. Once taken, the cell is closed: a later contribution (a backward run after its
+/// gradients were collected, which nothing would read) is an error, not a lost gradient.
 #[derive(Clone, Debug, Default)]
-pub struct GradCell(Arc<Mutex<Option<Vec<f32>>>>);
+pub struct GradCell(Arc<Mutex<Slot>>);
+
+#[derive(Debug, Default)]
+struct Slot {
+    grad: Option<Vec<f32>>,
+    closed: bool,
+}
 
 impl GradCell {
     /// An empty cell.
@@ -26,12 +33,24 @@ impl GradCell {
         Self::default()
     }
 
+    fn open(&self) -> candle_core::Result<MutexGuard<'_, Slot>> {
+        let slot = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.closed {
+            candle_core::bail!(
+                "a gradient delivered to a cell whose gradient was already collected (a \
+                 backward pass after its gradient sink was drained)"
+            );
+        }
+        Ok(slot)
+    }
+
     /// Adds the dense gradient `g`: moved in when the cell is empty, summed in place (on the
-    /// rayon pool) otherwise. An error when the cell holds a gradient of another length.
+    /// rayon pool) otherwise. An error when the cell holds a gradient of another length, or
+    /// was taken.
     pub fn add(&self, g: Vec<f32>) -> candle_core::Result<()> {
-        let mut held = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        match held.as_mut() {
-            None => *held = Some(g),
+        let mut slot = self.open()?;
+        match slot.grad.as_mut() {
+            None => slot.grad = Some(g),
             Some(acc) => {
                 check_len(acc.len(), g.len())?;
                 const CHUNK: usize = 1 << 15;
@@ -45,18 +64,20 @@ impl GradCell {
 
     /// Runs `f` on the gradient, of `len` values, zero-filled first when the cell is empty:
     /// for a contribution that touches a few rows (an embedding's tokens). An error when the
-    /// cell holds a gradient of another length.
+    /// cell holds a gradient of another length, or was taken.
     pub fn update(&self, len: usize, f: impl FnOnce(&mut [f32])) -> candle_core::Result<()> {
-        let mut held = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let acc = held.get_or_insert_with(|| vec![0.0; len]);
+        let mut slot = self.open()?;
+        let acc = slot.grad.get_or_insert_with(|| vec![0.0; len]);
         check_len(acc.len(), len)?;
         f(acc);
         Ok(())
     }
 
-    /// The gradient summed so far, leaving the cell empty; `None` when nothing was added.
+    /// The gradient summed so far (`None` when nothing was added), closing the cell.
     pub fn take(&self) -> Option<Vec<f32>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+        let mut slot = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        slot.closed = true;
+        slot.grad.take()
     }
 }
 
@@ -96,6 +117,10 @@ mod tests {
         for cell in [dense_first, rows_first] {
             assert_eq!(cell.take().as_deref(), Some(want.as_slice()));
             assert!(cell.take().is_none());
+            // Closed: a late contribution is refused, not dropped.
+            let late = cell.add(dense.clone()).unwrap_err().to_string();
+            assert!(late.contains("already collected"), "{late}");
+            assert!(cell.update(n, rows).is_err());
         }
         let twice = GradCell::new();
         twice.add(dense.clone()).unwrap();

@@ -1404,6 +1404,7 @@ impl StackOp {
         let rb = block_rows(nr);
         let act = sp.act;
         // The forward's outputs `g` stand in for `erf` in the exact GELU's derivative.
+        debug_assert_eq!(ls.g.len(), ls.h.len(), "GELU outputs and inputs");
         dg.par_chunks_mut(rb * m)
             .zip(ls.h.par_chunks(rb * m).zip(ls.g.par_chunks(rb * m)))
             .for_each(|(dc, (hc, gc))| simd::act_backward(dc, hc, Some(gc), act));

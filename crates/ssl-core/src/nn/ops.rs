@@ -360,8 +360,9 @@ fn bf16_product(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// (n, c) logits never become a tensor of the graph: for a wide vocabulary (BERT's MLM head)
 /// that saves the bias broadcast's backward and the gradient bookkeeping of the logits. Its
 /// forward keeps the softmax's exponentials, which its backward turns into the logits'
-/// gradient in place, so that path allows one backward per forward (a second is an error). Elsewhere it is [`matmul_t`], a broadcast add
-/// and [`cross_entropy`], which it is tested against.
+/// gradient in place, so that path allows one backward per forward (a second is an error).
+/// Elsewhere it is [`matmul_t`], a broadcast add and [`cross_entropy`], which it is tested
+/// against.
 ///
 /// With a `sink` the one-op path adds the weight variable's gradient to the sink's cell for it
 /// ([`GradSink::cell`]; see [`embedding_sum`] for the tied word table).
@@ -948,6 +949,14 @@ mod tests {
                 assert!(max_abs_diff(a, b) < 1e-6, "{name}");
             }
         }
+        // One cell holds both of the word table's shares, the loss's and the embedding's.
+        let sink = GradSink::new();
+        loss(Some(&sink)).backward().unwrap();
+        let cell = sink.cell(&word).unwrap().take().unwrap();
+        let want = plain.get(&word).unwrap().flatten_all().unwrap();
+        let want = want.to_vec1::<f32>().unwrap();
+        assert_eq!(cell.len(), want.len());
+        assert!(cell.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6));
     }
 
     #[test]

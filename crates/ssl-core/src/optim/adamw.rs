@@ -228,6 +228,22 @@ impl AdamW {
                 self.slots.len()
             )));
         }
+        // Every gradient checked before any state changes: the parameters below update in
+        // parallel, so a refusal half way would leave an arbitrary subset updated.
+        for (slot, g) in self.slots.iter().zip(grads) {
+            let Some(g) = g else { continue };
+            if g.elem_count() != slot.var.elem_count() || !g.device().same_device(slot.var.device())
+            {
+                return Err(CoreError::InvalidInput(format!(
+                    "gradient of `{}` has {} elements on {:?}, the parameter {} on {:?}",
+                    slot.name,
+                    g.elem_count(),
+                    g.device().location(),
+                    slot.var.elem_count(),
+                    slot.var.device().location()
+                )));
+            }
+        }
         self.t += 1;
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
         let t = i32::try_from(self.t).unwrap_or(i32::MAX);
@@ -539,6 +555,30 @@ mod tests {
 
     /// A factor of 0.5 on `w` steps it exactly as a run at half the rate does, and leaves `b`
     /// at the full rate; a bad factor is refused by name.
+    /// A gradient that does not fit its parameter is refused before anything changes: no
+    /// parameter updated (they update in parallel), no step counted.
+    #[test]
+    fn a_misfit_gradient_changes_nothing() {
+        let (a, b) = (ParamStore::new(&Device::Cpu), ParamStore::new(&Device::Cpu));
+        problem(&a);
+        problem(&b);
+        let mut opt = AdamW::new(&a, AdamWConfig::default()).unwrap();
+        let names: Vec<String> = opt.names().map(str::to_string).collect();
+        let grads: Vec<Option<Tensor>> = names
+            .iter()
+            .map(|n| {
+                let len = if n == "w" { 12 } else { 4 }; // `b` has 3 values
+                Some(Tensor::ones(len, DType::F32, &Device::Cpu).unwrap())
+            })
+            .collect();
+        let err = opt.step(&grads, 0.1).unwrap_err().to_string();
+        assert!(err.contains("`b`") && err.contains("4 elements"), "{err}");
+        assert_eq!(opt.step_count(), 0);
+        for (name, p, q) in paired_values(&a, &b) {
+            assert_eq!(p, q, "{name} changed");
+        }
+    }
+
     #[test]
     fn lr_scales_act_as_a_per_parameter_rate() {
         let (a, b) = (ParamStore::new(&Device::Cpu), ParamStore::new(&Device::Cpu));

@@ -8,23 +8,27 @@ use crate::nn::ops::cpu_f32_view;
 use crate::Result;
 
 /// The global L2 norm of all gradients, computed in f64 (f32 CPU gradients read in place,
-/// the tensors in parallel, others through candle). Each tensor's sum of squares depends on
-/// the tensor alone and the sums are added in order, so the norm does not depend on the
-/// number of threads.
+/// those tensors in parallel; others through candle, in order). Each tensor's sum of squares
+/// depends on the tensor alone and the sums are added in order, so the norm does not depend
+/// on the number of threads.
 pub fn global_norm(grads: &[Option<Tensor>]) -> Result<f64> {
-    let sums = grads
+    let host = grads
         .par_iter()
-        .flatten()
-        .map(|g| match cpu_f32(g) {
+        .map(|g| g.as_ref().and_then(cpu_f32).transpose())
+        .collect::<Result<Vec<Option<f64>>>>()?;
+    let mut sum = 0f64;
+    for (g, h) in grads.iter().zip(host) {
+        let Some(g) = g else { continue };
+        sum += match h {
             Some(sq) => sq,
-            None => Ok(g
+            None => g
                 .to_dtype(DType::F64)?
                 .sqr()?
                 .sum_all()?
-                .to_scalar::<f64>()?),
-        })
-        .collect::<Result<Vec<f64>>>()?;
-    Ok(sums.iter().fold(0.0, |a, b| a + b).sqrt())
+                .to_scalar::<f64>()?,
+        };
+    }
+    Ok(sum.sqrt())
 }
 
 /// The sum of squares of a contiguous f32 CPU tensor, read in place; `None` for any other.
@@ -78,6 +82,34 @@ pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The norm over many tensors (sizes across the parallel chunking, an f64 one on
+    /// candle's path) is bit for bit the same on one thread and on three.
+    #[test]
+    fn the_norm_does_not_depend_on_the_thread_count() {
+        let mut rng = crate::SslRng::new(11);
+        let mut grads: Vec<Option<Tensor>> = [3usize, 1000, 70_000, 200_000, 17, 65_536]
+            .iter()
+            .map(|&n| Some(Tensor::from_vec(rng.normal_vec(n, 0.0, 1.0), n, &Device::Cpu).unwrap()))
+            .collect();
+        grads.insert(2, None);
+        grads.push(Some(
+            Tensor::from_vec(rng.normal_vec(50, 0.0, 1.0), 50, &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap(),
+        ));
+        let on = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| global_norm(&grads).unwrap())
+        };
+        let one = on(1);
+        assert!(one > 0.0);
+        assert_eq!(one.to_bits(), on(3).to_bits());
+    }
 
     /// `clip_scale(g, s, max)` is `clip_grad_norm` of `g * s`: the same norm, and its factor
     /// times `g` gives the same clipped gradients; a factor beyond f32 reports an infinite
