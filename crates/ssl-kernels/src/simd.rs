@@ -533,6 +533,25 @@ fn weighted_sums_lanes(g: &[f32], w: &[f32], h: &[f32]) -> (f32, f32) {
     (fold_sum(s1) + t1, fold_sum(s2) + t2)
 }
 
+/// The index of the first element of `row` equal to `m` (0 when none is): blocks of [`LANES`]
+/// compared whole (vectorisable), the scalar search only inside the block that holds it.
+#[inline(always)]
+fn first_index_of(row: &[f32], m: f32) -> usize {
+    let mut chunks = row.chunks_exact(LANES);
+    let mut base = 0;
+    for ch in &mut chunks {
+        if ch.iter().fold(false, |hit, &v| hit | (v == m)) {
+            return base + ch.iter().position(|&v| v == m).unwrap_or(0);
+        }
+        base += LANES;
+    }
+    chunks
+        .remainder()
+        .iter()
+        .position(|&v| v == m)
+        .map_or(0, |i| base + i)
+}
+
 /// `sum(exp(row - shift))`, vectorisable.
 #[inline(always)]
 fn exp_sum(row: &[f32], shift: f32) -> f32 {
@@ -604,7 +623,7 @@ simd_kernel! {
                 *v += b;
             }
             let m = max_lanes(row);
-            *a = row.iter().position(|&v| v == m).unwrap_or(0) as u32;
+            *a = first_index_of(row, m) as u32;
             *p = row.get(t as usize).copied().unwrap_or(f32::NAN);
             let s = exp_in_place_sum(row, m);
             *l = s.ln() + m;
@@ -787,6 +806,23 @@ mod tests {
                 "x = {x}: {a} vs {b}"
             );
         }
+    }
+
+    /// The block-wise search finds the first occurrence wherever it is (first block, a later
+    /// block, the tail, twice in one block) and 0 when there is none.
+    #[test]
+    fn first_index_of_finds_the_first_occurrence() {
+        let n = 5 * LANES + 7;
+        for at in [0, 3, LANES, 2 * LANES + 5, 5 * LANES, n - 1] {
+            let mut row = vec![1.0f32; n];
+            row[at] = 9.0;
+            if at + 2 < n {
+                row[at + 2] = 9.0;
+            }
+            assert_eq!(first_index_of(&row, 9.0), at);
+        }
+        assert_eq!(first_index_of(&[1.0, 2.0], 5.0), 0);
+        assert_eq!(first_index_of(&[], 5.0), 0);
     }
 
     #[test]
