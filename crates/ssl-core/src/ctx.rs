@@ -119,11 +119,7 @@ impl GradSink {
         for (param, cell) in cells {
             let Some(g) = cell.take() else { continue };
             let g = Tensor::from_vec(g, param.shape(), param.device())?;
-            let sum = match grads.get(&param) {
-                Some(before) => (before + &g)?,
-                None => g,
-            };
-            grads.insert(&param, sum);
+            add_grad(grads, &param, g)?;
         }
         for p in packed {
             let packed = p
@@ -148,15 +144,21 @@ impl GradSink {
                 if piece.dtype() != param.dtype() {
                     piece = piece.to_dtype(param.dtype())?;
                 }
-                let sum = match grads.get(param) {
-                    Some(before) => (before + &piece)?,
-                    None => piece,
-                };
-                grads.insert(param, sum);
+                add_grad(grads, param, piece)?;
             }
         }
         Ok(())
     }
+}
+
+/// Adds `g` to the gradient `grads` has for `param`, or gives it `g` when it has none.
+fn add_grad(grads: &mut GradStore, param: &Tensor, g: Tensor) -> Result<()> {
+    let sum = match grads.get(param) {
+        Some(before) => (before + &g)?,
+        None => g,
+    };
+    grads.insert(param, sum);
+    Ok(())
 }
 
 impl<'a> Ctx<'a> {

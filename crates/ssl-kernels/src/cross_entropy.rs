@@ -57,20 +57,14 @@ fn check_targets(t: &[u32], n: usize, c: usize) -> candle_core::Result<()> {
     Ok(())
 }
 
-/// The mean over rows of `lse[i] - logits[i, targets[i]]` (rows of `logits.len() / n`
-/// classes), summed in f64; NaN without rows.
-fn mean_loss(lse: &[f32], logits: &[f32], targets: &[u32]) -> f32 {
+/// The mean over rows of `lse[i] - picked[i]` (the target's logit), summed in f64; NaN
+/// without rows.
+fn mean_loss(lse: &[f32], picked: impl Iterator<Item = f32>) -> f32 {
     let n = lse.len();
     if n == 0 {
         return f32::NAN;
     }
-    let c = logits.len() / n;
-    let total: f64 = lse
-        .iter()
-        .zip(targets)
-        .enumerate()
-        .map(|(i, (&l, &k))| f64::from(l - logits[i * c + k as usize]))
-        .sum();
+    let total: f64 = lse.iter().zip(picked).map(|(&l, p)| f64::from(l - p)).sum();
     (total / n as f64) as f32
 }
 
@@ -99,7 +93,8 @@ impl CustomOp2 for CrossEntropyOp {
         let (x, n, c) = logits_of(s1, l1)?;
         let t = targets_of(s2, l2, n, c)?;
         let lse = log_sum_exps(x, n, c);
-        let mean = mean_loss(&lse, x, t);
+        let picked = t.iter().enumerate().map(|(i, &k)| x[i * c + k as usize]);
+        let mean = mean_loss(&lse, picked);
         Ok((CpuStorage::F32(vec![mean]), Shape::from(())))
     }
 
@@ -246,17 +241,7 @@ impl CustomOp3 for LinearCrossEntropyOp {
             .for_each(|((((rows, t), p), (l, inv)), a)| {
                 simd::bias_exp_argmax_rows(rows, b, t, p, l, inv, a)
             });
-        // The mean of `lse - picked` in f64, as [`mean_loss`].
-        let mean = if n == 0 {
-            f32::NAN
-        } else {
-            let total: f64 = lse
-                .iter()
-                .zip(&picked)
-                .map(|(&l, &p)| f64::from(l - p))
-                .sum();
-            (total / n as f64) as f32
-        };
+        let mean = mean_loss(&lse, picked.iter().copied());
         *self.argmax.lock().unwrap_or_else(PoisonError::into_inner) = argmax;
         *self.saved.lock().unwrap_or_else(PoisonError::into_inner) = Some(LinearSaved {
             exps: logits,
