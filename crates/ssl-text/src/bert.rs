@@ -759,6 +759,24 @@ mod tests {
         s
     }
 
+    /// A CPU batch of [`seq`]s, padded with id 0.
+    fn batch(seqs: &[&[u32]]) -> TextBatch {
+        TextBatch {
+            seqs: seqs.iter().map(|ids| seq(ids)).collect(),
+            pad_id: 0,
+            device: Device::Cpu,
+        }
+    }
+
+    /// The tiny MLM model with half the tokens masked.
+    fn half_masked(store: &ParamStore) -> BertForMaskedLM {
+        let masking = MaskingConfig {
+            mask_prob: 0.5,
+            ..Default::default()
+        };
+        BertForMaskedLM::new(&tiny(40), masking, 4, &store.builder(0)).unwrap()
+    }
+
     /// MLM whose masks depend on each sequence alone (seeded by its ids), so one process on a
     /// batch and two ranks on its halves draw the same masks.
     struct RowSeeded(BertForMaskedLM);
@@ -943,21 +961,8 @@ mod tests {
     #[test]
     fn every_trainable_variable_gets_a_gradient() {
         let store = ParamStore::new(&Device::Cpu);
-        let model = BertForMaskedLM::new(
-            &tiny(40),
-            MaskingConfig {
-                mask_prob: 0.5,
-                ..Default::default()
-            },
-            4,
-            &store.builder(0),
-        )
-        .unwrap();
-        let batch = TextBatch {
-            seqs: vec![seq(&[10, 11, 12, 13, 14, 15]), seq(&[20, 21, 22])],
-            pad_id: 0,
-            device: Device::Cpu,
-        };
+        let model = half_masked(&store);
+        let batch = batch(&[&[10, 11, 12, 13, 14, 15], &[20, 21, 22]]);
         let mut rng = SslRng::new(3);
         let out = model.forward(&batch, &mut Ctx::train(&mut rng)).unwrap();
         assert!(out.weight >= 1.0);
@@ -983,17 +988,9 @@ mod tests {
     #[test]
     fn the_sinks_gradients_equal_the_graphs() {
         let store = ParamStore::new(&Device::Cpu);
-        let masking = MaskingConfig {
-            mask_prob: 0.5,
-            ..Default::default()
-        };
-        let model = BertForMaskedLM::new(&tiny(40), masking, 4, &store.builder(0)).unwrap();
-        let batch = TextBatch {
-            // Repeated ids: the word table's rows sum several tokens and the decoder's share.
-            seqs: vec![seq(&[10, 11, 10, 13, 11, 15]), seq(&[20, 10, 22])],
-            pad_id: 0,
-            device: Device::Cpu,
-        };
+        let model = half_masked(&store);
+        // Repeated ids: the word table's rows sum several tokens and the decoder's share.
+        let batch = batch(&[&[10, 11, 10, 13, 11, 15], &[20, 10, 22]]);
         let mut rng = SslRng::new(3);
         let out = model.forward(&batch, &mut Ctx::train(&mut rng)).unwrap();
         let plain = (&out.loss * out.weight).unwrap().backward().unwrap();
@@ -1021,16 +1018,8 @@ mod tests {
         let store = ParamStore::new(&Device::Cpu);
         let model = BertForMaskedLM::new(&tiny(40), MaskingConfig::default(), 4, &store.builder(1))
             .unwrap();
-        let short = TextBatch {
-            seqs: vec![seq(&[10, 11])],
-            pad_id: 0,
-            device: Device::Cpu,
-        };
-        let both = TextBatch {
-            seqs: vec![seq(&[10, 11]), seq(&[12, 13, 14, 15, 16])],
-            pad_id: 0,
-            device: Device::Cpu,
-        };
+        let short = batch(&[&[10, 11]]);
+        let both = batch(&[&[10, 11], &[12, 13, 14, 15, 16]]);
         let mut rng = SslRng::new(0);
         let a = model
             .logits(&short.tensors().unwrap(), &mut Ctx::eval(&mut rng))
@@ -1085,11 +1074,7 @@ mod tests {
     fn encoder_pooling_and_layers() {
         let store = ParamStore::new(&Device::Cpu);
         let model = BertModel::new(&tiny(40), &store.builder(0)).unwrap();
-        let batch = TextBatch {
-            seqs: vec![seq(&[10, 11]), seq(&[12, 13, 14, 15])],
-            pad_id: 0,
-            device: Device::Cpu,
-        };
+        let batch = batch(&[&[10, 11], &[12, 13, 14, 15]]);
         let inp = batch.tensors().unwrap();
         let mut rng = SslRng::new(0);
         let out = model.encode(&inp, &mut Ctx::eval(&mut rng)).unwrap();

@@ -666,8 +666,6 @@ mod tests {
         assert_eq!(same.to_vec1::<f32>().unwrap(), vec![1.0; 10_000]);
     }
 
-    /// The gradients of `3 * l32` (f32) and `3 * l64` (f64) agree within `tol` for each
-    /// (f32 variable, f64 variable, name).
     /// The gradients of `sum(y * w)` (a loss that weighs every output differently).
     fn weighted_grads(y: Tensor, w: &Tensor) -> candle_core::backprop::GradStore {
         (y * w).unwrap().sum_all().unwrap().backward().unwrap()
@@ -680,6 +678,8 @@ mod tests {
         d.max(0).unwrap().to_scalar::<f32>().unwrap()
     }
 
+    /// The gradients of `3 * l32` (f32) and `3 * l64` (f64) agree within `tol` for each
+    /// (f32 variable, f64 variable, name).
     fn assert_grads_close(l32: &Tensor, l64: &Tensor, vars: &[(&Var, &Var, &str)], tol: f64) {
         let g32 = (l32 * 3.0).unwrap().backward().unwrap();
         let g64 = (l64 * 3.0).unwrap().backward().unwrap();

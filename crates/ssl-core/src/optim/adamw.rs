@@ -553,8 +553,6 @@ mod tests {
         }
     }
 
-    /// A factor of 0.5 on `w` steps it exactly as a run at half the rate does, and leaves `b`
-    /// at the full rate; a bad factor is refused by name.
     /// A gradient that does not fit its parameter is refused before anything changes: no
     /// parameter updated (they update in parallel), no step counted.
     #[test]
@@ -579,6 +577,8 @@ mod tests {
         }
     }
 
+    /// A factor of 0.5 on `w` steps it exactly as a run at half the rate does, and leaves `b`
+    /// at the full rate; a bad factor is refused by name.
     #[test]
     fn lr_scales_act_as_a_per_parameter_rate() {
         let (a, b) = (ParamStore::new(&Device::Cpu), ParamStore::new(&Device::Cpu));
