@@ -471,6 +471,15 @@ pub(crate) unsafe fn matmul_raw(
         };
         return;
     }
+    if super::small::takes(m, n, k, b_rs, b_cs) {
+        // SAFETY: forwarded from the caller; `takes` held.
+        unsafe {
+            super::small::matmul(
+                c, ldc, m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, alpha, accumulate,
+            )
+        };
+        return;
+    }
     // gemm computes dst = alpha * dst + beta * lhs * rhs (dst read only when read_dst).
     // SAFETY: forwarded from the caller.
     unsafe {

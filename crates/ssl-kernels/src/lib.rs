@@ -68,6 +68,7 @@ mod masked_mean;
 mod pool;
 mod precision;
 mod simd;
+mod small;
 mod stack;
 mod tcn;
 mod ts2vec_loss;
