@@ -2,7 +2,8 @@
 //! run time).
 //!
 //! Matrices are row-major views `(ptr, rows, cols, leading dimension)`; a transposed operand is
-//! the same memory read with its strides swapped, so no product ever copies an operand.
+//! the same memory read with its strides swapped, so no product here copies an operand (the
+//! attention's small per-head products, [`head_matmul`], may transpose a copy of one).
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -471,15 +472,6 @@ pub(crate) unsafe fn matmul_raw(
         };
         return;
     }
-    if super::small::takes(m, n, k, b_rs, b_cs) {
-        // SAFETY: forwarded from the caller; `takes` held.
-        unsafe {
-            super::small::matmul(
-                c, ldc, m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, alpha, accumulate,
-            )
-        };
-        return;
-    }
     // gemm computes dst = alpha * dst + beta * lhs * rhs (dst read only when read_dst).
     // SAFETY: forwarded from the caller.
     unsafe {
@@ -507,9 +499,113 @@ pub(crate) unsafe fn matmul_raw(
     }
 }
 
+/// [`matmul_raw`] for one attention head's product (`Parallelism::None`): on the
+/// small-product kernel ([`super::small`]) where it takes the shape, unless the product runs
+/// in bf16. Only for products whose shape does not depend on how the batch is split (one
+/// sequence's), so a stack's halves still equal its whole batch bit for bit.
+///
+/// # Safety
+/// As [`matmul_raw`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn head_matmul(
+    c: *mut f32,
+    ldc: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    a_rs: isize,
+    a_cs: isize,
+    b: *const f32,
+    b_rs: isize,
+    b_cs: isize,
+    alpha: f32,
+    accumulate: bool,
+    bf16: bool,
+) {
+    let small = !(bf16 && per_head_bf16(m, n, k)) && super::small::takes(m, n, k, b_rs, b_cs);
+    // SAFETY: forwarded from the caller; `takes` held for the small kernel.
+    unsafe {
+        if !small {
+            let par = Parallelism::None;
+            matmul_raw(
+                c, ldc, m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, alpha, accumulate, par, bf16,
+            );
+        } else if !empty_product(c, ldc, m, n, k, accumulate) {
+            super::small::matmul(
+                c, ldc, m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, alpha, accumulate,
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A head's product equals `gemm`'s up to rounding where the small kernel takes it (80
+    /// in every dimension), and is `gemm`'s bit for bit where it does not (81), with `B` by
+    /// rows and by columns.
+    #[test]
+    fn head_products_match_gemm_on_both_sides_of_the_small_limit() {
+        for t in [17, 80, 81] {
+            for b_by_columns in [false, true] {
+                let k = 32;
+                let a: Vec<f32> = (0..t * k).map(|i| (i as f32 * 0.37).sin()).collect();
+                let b: Vec<f32> = (0..t * k).map(|i| (i as f32 * 0.11).cos()).collect();
+                let (b_rs, b_cs) = if b_by_columns {
+                    (1, k as isize)
+                } else {
+                    (t as isize, 1)
+                };
+                let (mut head, mut full) = (vec![0f32; t * t], vec![0f32; t * t]);
+                unsafe {
+                    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+                    let (ka, none) = (k as isize, Parallelism::None);
+                    head_matmul(
+                        head.as_mut_ptr(),
+                        t,
+                        t,
+                        t,
+                        k,
+                        pa,
+                        ka,
+                        1,
+                        pb,
+                        b_rs,
+                        b_cs,
+                        0.5,
+                        false,
+                        false,
+                    );
+                    matmul_raw(
+                        full.as_mut_ptr(),
+                        t,
+                        t,
+                        t,
+                        k,
+                        pa,
+                        ka,
+                        1,
+                        pb,
+                        b_rs,
+                        b_cs,
+                        0.5,
+                        false,
+                        none,
+                        false,
+                    );
+                }
+                if t > super::super::small::MAX_DIM || !super::super::small::available() {
+                    assert_eq!(head, full, "t {t}: gemm's own product");
+                } else {
+                    for (h, f) in head.iter().zip(&full) {
+                        assert!((h - f).abs() <= 1e-5 * (1.0 + f.abs()), "t {t}: {h} vs {f}");
+                    }
+                }
+            }
+        }
+    }
 
     /// The MLP with each block of rows through both products equals the two products with
     /// the activation between them, bit for bit: partial row panels and column panels, a

@@ -18,8 +18,8 @@
 //!   sums) on CPUs with AVX-512 BF16 ([`bf16_available`]), with bias and activation
 //!   epilogues applied to each block while it is in cache; [`MatmulT`] is `x W^T` on these
 //!   kernels as an op of its own, with its backward (the linear layers outside the stack).
-//!   Products of at most 80 in every dimension (attention heads of short sequences) run on
-//!   AVX-512 registers with neither operand packed.
+//!   The attention's per-head products of at most 80 in every dimension (short sequences)
+//!   run on AVX-512F registers, their operands read where they lie (or one transposed).
 //! - One-op versions of what surrounds the stack: [`LayerNormOp`], [`CrossEntropyOp`],
 //!   [`LinearCrossEntropyOp`] (a linear layer and its cross-entropy, the logits never built),
 //!   [`RowBroadcastAdd`], [`MaskedMeanOp`], [`EmbeddingSumOp`] (BERT's input embedding); the

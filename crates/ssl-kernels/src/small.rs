@@ -1,14 +1,15 @@
 //! f32 products of the attention's per-head sizes (every dimension at most [`MAX_DIM`]) on
-//! AVX-512 registers, with neither operand packed.
+//! AVX-512 registers, `A` and `B` read where they lie (`gemm::head_matmul` chooses it).
 //!
 //! `gemm` packs its operands and dispatches on every call, which at MAE's encoder heads
 //! (17 x 17 x 64) leaves it at ~35 GFLOP/s; here each block of up to 12 rows of `C` keeps
 //! its sums in registers over the whole depth (`R` rows by `V` vectors of 16 columns, the
-//! last one masked), `A`'s elements broadcast from wherever they are (any strides, so `P^T`
-//! and `dS^T` are read in place) and `B`'s rows loaded where they are. A `B` whose columns
-//! are strided (`K^T`, `V^T`) is first transposed into this thread's buffer by 16 x 16
-//! register blocks.
+//! last one masked, `R x V` at most 24), `A`'s elements are broadcast from wherever they are
+//! (any strides, so `P^T` and `dS^T` are read in place) and `B`'s rows are loaded where they
+//! are. The one copy: a `B` given by columns (its rows strided, `b_rs` 1: `K^T`, `V^T`) is
+//! first transposed into this thread's buffer by 16 x 16 register blocks.
 
+#[cfg(target_arch = "x86_64")]
 use std::cell::RefCell;
 
 /// The largest dimension the kernel takes; larger products go to `gemm`, which packs `B`
@@ -30,11 +31,13 @@ pub(crate) fn available() -> bool {
 }
 
 /// Whether an `m x k` by `k x n` product with `B` at strides (`b_rs`, `b_cs`) runs here:
-/// every dimension at most [`MAX_DIM`], `B`'s rows or columns contiguous, and the CPU.
+/// every dimension at most [`MAX_DIM`], `B`'s rows contiguous, or its columns contiguous at
+/// a positive row stride, and the CPU.
 pub(crate) fn takes(m: usize, n: usize, k: usize, b_rs: isize, b_cs: isize) -> bool {
-    m.max(n).max(k) <= MAX_DIM && (b_cs == 1 || b_rs == 1) && available()
+    m.max(n).max(k) <= MAX_DIM && (b_cs == 1 || (b_rs == 1 && b_cs > 0)) && available()
 }
 
+#[cfg(target_arch = "x86_64")]
 thread_local! {
     /// This thread's copy of a transposed `B`.
     static B_T: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -71,8 +74,9 @@ pub(crate) unsafe fn matmul(
         }
         let run = |bt: &mut Vec<f32>| {
             bt.resize(k * n, 0.0);
-            // SAFETY: `b`'s rows are its contiguous columns here (`b_rs` is 1), read in
-            // place; `bt` holds `k x n`; then as above.
+            // SAFETY: here `b_rs` is 1 and `b_cs` positive: `B`'s column j is the `k`
+            // contiguous values at `b + j b_cs`, so `B^T` is an `n x k` matrix of row stride
+            // `b_cs`, transposed into `bt` (`k x n`, dense); then as above.
             unsafe {
                 x86::transpose(bt.as_mut_ptr(), b, n, k, b_cs as usize);
                 x86::product(
@@ -91,7 +95,8 @@ pub(crate) unsafe fn matmul(
                 );
             }
         };
-        // A rayon worker waiting inside one product may run a job that does another.
+        // Never borrowed twice on one thread (the product calls nothing that could run
+        // another); a fresh buffer if it ever were.
         B_T.with(|cell| match cell.try_borrow_mut() {
             Ok(mut bt) => run(&mut bt),
             Err(_) => run(&mut Vec::new()),
@@ -256,7 +261,8 @@ mod x86 {
         cols: usize,
         ld: usize,
     ) {
-        // After the three shuffle rounds below, register y holds the block's column PERM[y].
+        // After the shuffle rounds below, register z holds the block's column PERM[z]; PERM
+        // is its own inverse, so column y is in register PERM[y].
         const PERM: [usize; 16] = [0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15];
         let mut i = 0;
         while i < rows {
@@ -341,10 +347,9 @@ mod tests {
         (0..len).map(|i| (i as f32 * 0.37 + salt).sin()).collect()
     }
 
-    /// Every row count of a register block (1..=12 and beyond), every column tail (1..=16
-    /// lanes over one to five vectors), `A` read both ways, `B` by rows and by columns,
-    /// written and accumulated, against the product in f64; the padding around `C`'s rows
-    /// is untouched.
+    /// Attention-like shapes (and a full 16 x 16 block, and tails on both sides of it), `A`
+    /// read both ways, `B` by rows and by columns, written and accumulated, against the
+    /// product in f64; the padding beside `C`'s rows is untouched.
     #[test]
     fn matches_the_f64_product_in_every_shape_and_stride() {
         if !available() {
@@ -361,6 +366,8 @@ mod tests {
             (80, 33, 80),
             (28, 28, 16),
             (5, 49, 3),
+            (16, 16, 16),
+            (20, 35, 33),
         ];
         let mut checked = 0;
         for &(m, n, k) in &shapes {
@@ -427,8 +434,10 @@ mod tests {
         assert_eq!(checked, shapes.len() * 8);
     }
 
-    /// Row blocks of every height: one output row per product, so the tail rows of each
-    /// `R` run, with `m` from 1 to 30 and column widths across the vector counts.
+    /// Row blocks of every height (`m` from 1 to 30, so every tail of every `R`) by every
+    /// column tail (widths 1-17) and across the vector counts, with `A` read at a row stride
+    /// wider than its depth; `C` starts as NaN, so a kernel that read it without
+    /// `accumulate` fails.
     #[test]
     fn every_row_count_and_width() {
         if !available() {
@@ -477,5 +486,6 @@ mod tests {
         assert!(!takes(81, 17, 17, 17, 1));
         assert!(!takes(17, 17, 128, 17, 1));
         assert!(!takes(17, 17, 17, 2, 3));
+        assert!(!takes(17, 17, 17, 1, -17), "a negative column stride");
     }
 }

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::gemm::{
-    linear_product, linear_takes_bf16, matmul, matmul_raw, mlp_product, mlp_takes_bf16, threads,
+    head_matmul, linear_product, linear_takes_bf16, matmul, mlp_product, mlp_takes_bf16, threads,
     Epilogue, MatRef, Op, OutSlice,
 };
 use super::pool::BufferPool;
@@ -717,7 +717,7 @@ impl StackOp {
             // head `hi`'s columns) block of `ctx`; reads stay inside `q` and `qkv`.
             unsafe {
                 let pb = std::slice::from_raw_parts_mut(p_ptr.ptr().add(at), k * t);
-                matmul_raw(
+                head_matmul(
                     pb.as_mut_ptr(),
                     t,
                     k,
@@ -731,7 +731,6 @@ impl StackOp {
                     ld as isize,
                     scale,
                     false,
-                    gemm::Parallelism::None,
                     self.spec.bf16,
                 );
                 simd::softmax_rows(pb, &key_bias[bi * t..(bi + 1) * t], causal, 0);
@@ -748,7 +747,7 @@ impl StackOp {
                     }
                     None => pb,
                 };
-                matmul_raw(
+                head_matmul(
                     ctx_ptr.ptr().add(j0 * d + hi * dh),
                     d,
                     k,
@@ -762,7 +761,6 @@ impl StackOp {
                     1,
                     1.0,
                     false,
-                    gemm::Parallelism::None,
                     self.spec.bf16,
                 );
             }
@@ -821,7 +819,7 @@ impl StackOp {
             // gradient; reads stay inside their buffers.
             unsafe {
                 // dP = dctx V^T
-                matmul_raw(
+                head_matmul(
                     ds.as_mut_ptr(),
                     t,
                     k,
@@ -835,11 +833,10 @@ impl StackOp {
                     ld as isize,
                     1.0,
                     false,
-                    gemm::Parallelism::None,
                     self.spec.bf16,
                 );
                 // dV = P^T dctx
-                matmul_raw(
+                head_matmul(
                     dqkv_ptr.ptr().add(kv + 2 * d),
                     ld,
                     t,
@@ -853,7 +850,6 @@ impl StackOp {
                     1,
                     1.0,
                     false,
-                    gemm::Parallelism::None,
                     self.spec.bf16,
                 );
                 if ls.pd.is_some() {
@@ -865,7 +861,7 @@ impl StackOp {
                 }
                 simd::softmax_backward_rows(&mut ds, p, t);
                 // dQ = scale dS K
-                matmul_raw(
+                head_matmul(
                     dq_ptr.ptr().add(j0 * dq_ld + hi * dh),
                     dq_ld,
                     k,
@@ -879,11 +875,10 @@ impl StackOp {
                     1,
                     scale,
                     false,
-                    gemm::Parallelism::None,
                     self.spec.bf16,
                 );
                 // dK = scale dS^T Q
-                matmul_raw(
+                head_matmul(
                     dqkv_ptr.ptr().add(kv + d),
                     ld,
                     t,
@@ -897,7 +892,6 @@ impl StackOp {
                     1,
                     scale,
                     false,
-                    gemm::Parallelism::None,
                     self.spec.bf16,
                 );
             }
