@@ -259,9 +259,9 @@ fn pack_b_panel(b: View, n: usize, j0: usize, p0: usize, pend: usize, out: &mut 
     pack_panel(bt, j0, NR.min(n - j0), p0, pend, out, NR);
 }
 
-/// Lane mask of the first `n` (at most 16) lanes.
+/// Lane mask of the first `n` (at most 16) lanes (also `small`'s).
 #[inline(always)]
-fn lanes(n: usize) -> u16 {
+pub(crate) fn lanes(n: usize) -> u16 {
     if n >= 16 {
         0xFFFF
     } else {
@@ -365,10 +365,11 @@ unsafe fn pack_lines_contiguous(
     }
 }
 
-/// In-place transpose of a 16 x 16 matrix of 32-bit words held as 16 rows.
+/// In-place transpose of a 16 x 16 matrix of 32-bit words held as 16 rows (also `small`'s,
+/// for f32).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn transpose16(r: &mut [__m512i; 16]) {
+pub(crate) fn transpose16(r: &mut [__m512i; 16]) {
     let mut t = [_mm512_setzero_si512(); 16];
     // Pairs of rows interleaved within 128-bit lanes.
     for i in 0..8 {
@@ -431,8 +432,8 @@ thread_local! {
 }
 
 /// Runs `f` on this thread's buffer `key`, or on a fresh one if it is in use (a rayon worker
-/// waiting in one product may steal a job that runs another).
-fn with_buf<T: Default, R>(
+/// waiting in one product may steal a job that runs another). Also `small`'s.
+pub(crate) fn with_buf<T: Default, R>(
     key: &'static std::thread::LocalKey<RefCell<T>>,
     f: impl FnOnce(&mut T) -> R,
 ) -> R {

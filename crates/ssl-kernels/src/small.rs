@@ -95,12 +95,7 @@ pub(crate) unsafe fn matmul(
                 );
             }
         };
-        // Never borrowed twice on one thread (the product calls nothing that could run
-        // another); a fresh buffer if it ever were.
-        B_T.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut bt) => run(&mut bt),
-            Err(_) => run(&mut Vec::new()),
-        });
+        super::bf16::with_buf(&B_T, run);
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -115,14 +110,7 @@ pub(crate) unsafe fn matmul(
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// The mask of the first `w` (1..=16) lanes.
-    fn lanes(w: usize) -> u16 {
-        if w >= 16 {
-            u16::MAX
-        } else {
-            (1u16 << w) - 1
-        }
-    }
+    use super::super::bf16::{lanes, transpose16};
 
     /// `R` rows of `c` by `V` vectors of 16 columns (the last one's lanes `mask`), summed
     /// over the whole depth in registers, then scaled (and added to `c`) on the way out.
@@ -261,52 +249,24 @@ mod x86 {
         cols: usize,
         ld: usize,
     ) {
-        // After the shuffle rounds below, register z holds the block's column PERM[z]; PERM
-        // is its own inverse, so column y is in register PERM[y].
-        const PERM: [usize; 16] = [0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15];
         let mut i = 0;
         while i < rows {
             let ri = (rows - i).min(16);
             let mut j = 0;
             while j < cols {
                 let cj = (cols - j).min(16);
-                let mut r = [_mm512_setzero_ps(); 16];
+                let mut r = [_mm512_setzero_si512(); 16];
                 for (x, reg) in r.iter_mut().enumerate().take(ri) {
                     // SAFETY: row i + x, columns j..j + cj of `src` (the rest masked off).
-                    *reg = unsafe { _mm512_maskz_loadu_ps(lanes(cj), src.add((i + x) * ld + j)) };
+                    let row =
+                        unsafe { _mm512_maskz_loadu_ps(lanes(cj), src.add((i + x) * ld + j)) };
+                    *reg = _mm512_castps_si512(row);
                 }
-                let mut t = [_mm512_setzero_ps(); 16];
-                for x in 0..8 {
-                    t[2 * x] = _mm512_unpacklo_ps(r[2 * x], r[2 * x + 1]);
-                    t[2 * x + 1] = _mm512_unpackhi_ps(r[2 * x], r[2 * x + 1]);
-                }
-                for x in 0..4 {
-                    for y in 0..2 {
-                        let (a, b) = (
-                            _mm512_castps_pd(t[4 * x + y]),
-                            _mm512_castps_pd(t[4 * x + y + 2]),
-                        );
-                        r[4 * x + y] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
-                        r[4 * x + y + 2] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
-                    }
-                }
-                for x in 0..2 {
-                    for y in 0..4 {
-                        let (a, b) = (r[8 * x + y], r[8 * x + y + 4]);
-                        t[8 * x + y] = _mm512_shuffle_f32x4::<0x88>(a, b);
-                        t[8 * x + y + 4] = _mm512_shuffle_f32x4::<0xdd>(a, b);
-                    }
-                }
-                for y in 0..8 {
-                    let (a, b) = (t[y], t[y + 8]);
-                    r[y] = _mm512_shuffle_f32x4::<0x88>(a, b);
-                    r[y + 8] = _mm512_shuffle_f32x4::<0xdd>(a, b);
-                }
-                for (y, &from) in PERM.iter().enumerate().take(cj) {
+                transpose16(&mut r);
+                for (y, reg) in r.iter().enumerate().take(cj) {
+                    let col = _mm512_castsi512_ps(*reg);
                     // SAFETY: row j + y, columns i..i + ri of `dst` (`rows` wide).
-                    unsafe {
-                        _mm512_mask_storeu_ps(dst.add((j + y) * rows + i), lanes(ri), r[from])
-                    };
+                    unsafe { _mm512_mask_storeu_ps(dst.add((j + y) * rows + i), lanes(ri), col) };
                 }
                 j += 16;
             }
