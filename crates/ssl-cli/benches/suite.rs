@@ -512,19 +512,26 @@ fn peak_bf16(reps: usize) -> Res<Vec<f64>> {
 fn report_bf16_check(json: bool) -> Res<()> {
     let c = ssl_kernels::bf16_check().ok_or("--precision bf16: no AVX-512 BF16 kernels")?;
     let (b, f) = (c.bf16_seconds * 1e3, c.f32_seconds * 1e3);
+    let (fb, ff) = (c.forward_bf16_seconds * 1e3, c.forward_f32_seconds * 1e3);
+    let pick = |bf16: bool| if bf16 { "bf16" } else { "f32" };
     if json {
+        let ms = |x: f64| (x * 1000.0).round() / 1000.0;
         let o = json!({
             "side": "ours",
             "name": "bf16_check",
-            "bf16_ms": (b * 1000.0).round() / 1000.0,
-            "f32_ms": (f * 1000.0).round() / 1000.0,
+            "bf16_ms": ms(b),
+            "f32_ms": ms(f),
             "bf16_faster": c.bf16_faster(),
+            "forward_bf16_ms": ms(fb),
+            "forward_f32_ms": ms(ff),
+            "inference_faster": c.inference_faster(),
         });
         println!("{o}");
     } else {
         println!(
-            "bf16 check     bf16 {b:.2} ms  f32 {f:.2} ms: train.matmul_precision = bf16 runs {} here",
-            if c.bf16_faster() { "bf16" } else { "f32" }
+            "bf16 check     bf16 {b:.2} ms  f32 {f:.2} ms: train.matmul_precision = bf16 trains in {} here; forward {fb:.2} / {ff:.2} ms: inference in {}",
+            pick(c.bf16_faster()),
+            pick(c.inference_faster()),
         );
     }
     Ok(())

@@ -1193,9 +1193,14 @@ pub fn plot_run(dir: &Path) -> Result<()> {
 /// What this machine's products take for `cfg.matmul_precision`, decided locally: as asked
 /// on a GPU (cuBLAS multiplies bf16 on every GPU candle runs on) or when f32 is asked; f32
 /// where bf16 was asked for but the CPU lacks the kernels or, with `train.bf16_check`, they
-/// are slower than f32 on it ([`ssl_kernels::bf16_check`], measured once per process). The
-/// second value says why when bf16 was asked for and f32 is kept.
-fn local_precision(cfg: &TrainConfig, on_gpu: bool) -> (MatmulPrecision, Option<String>) {
+/// are slower than f32 on it ([`ssl_kernels::bf16_check`], measured once per process: a
+/// training step's three products, or with `inference` a pass without backward's forward
+/// product alone). The second value says why when bf16 was asked for and f32 is kept.
+fn local_precision(
+    cfg: &TrainConfig,
+    on_gpu: bool,
+    inference: bool,
+) -> (MatmulPrecision, Option<String>) {
     if cfg.matmul_precision != MatmulPrecision::Bf16 || on_gpu {
         return (cfg.matmul_precision, None);
     }
@@ -1212,7 +1217,16 @@ fn local_precision(cfg: &TrainConfig, on_gpu: bool) -> (MatmulPrecision, Option<
         return (MatmulPrecision::Bf16, None);
     }
     match ssl_kernels::bf16_check() {
-        Some(c) if !c.bf16_faster() => (
+        Some(c) if inference && !c.inference_faster() => (
+            MatmulPrecision::F32,
+            Some(format!(
+                "train.matmul_precision = bf16: a bf16 forward product takes {:.1} ms against {:.1} ms in f32 on this CPU ({}), so passes without backward stay f32 (train.bf16_check = false forces bf16)",
+                c.forward_bf16_seconds * 1e3,
+                c.forward_f32_seconds * 1e3,
+                ssl_kernels::cpu_name()
+            )),
+        ),
+        Some(c) if !inference && !c.bf16_faster() => (
             MatmulPrecision::F32,
             Some(format!(
                 "train.matmul_precision = bf16: bf16 products take {:.1} ms against {:.1} ms in f32 on this CPU ({}), so the products stay f32 (train.bf16_check = false forces bf16)",
@@ -1226,13 +1240,16 @@ fn local_precision(cfg: &TrainConfig, on_gpu: bool) -> (MatmulPrecision, Option<
 }
 
 /// The precision embedding and evaluation passes of a run take on `device`: the run's
-/// `train.matmul_precision`, by the trainer's rule (bf16 only where this machine's bf16
-/// products are at least as fast as f32, unless `train.bf16_check = false`). A model trained
-/// with bf16 products on one CPU is embedded in f32 on a CPU where bf16 is slower. Says why on
-/// stderr, once per process, when it keeps f32.
+/// `train.matmul_precision`, by the trainer's rule for a pass without backward (bf16 only
+/// where this machine's reduced-precision forward product is at least as fast as f32,
+/// [`ssl_kernels::Bf16Check::inference_faster`], unless `train.bf16_check = false`). A model
+/// trained with bf16 products on one CPU is embedded in f32 on a CPU where bf16 is slower,
+/// and on an Intel CPU with AVX-512 FP16 and no AMX a run whose training kept f32 is
+/// embedded with fp16 products. Says why on stderr, once per process, when it keeps
+/// f32.
 pub fn inference_precision(cfg: &TrainConfig, device: &candle_core::Device) -> MatmulPrecision {
     static SAID: std::sync::Once = std::sync::Once::new();
-    let (p, why) = local_precision(cfg, device.is_cuda());
+    let (p, why) = local_precision(cfg, device.is_cuda(), true);
     if let Some(why) = why {
         SAID.call_once(|| eprintln!("{why}"));
     }
@@ -1253,7 +1270,7 @@ fn resolve_precision(
         return Ok(p);
     }
     let main = collective.is_main();
-    let (local, why) = local_precision(cfg, on_gpu);
+    let (local, why) = local_precision(cfg, on_gpu, false);
     if cfg.matmul_precision != MatmulPrecision::Bf16 || on_gpu {
         return Ok(local);
     }
@@ -1337,15 +1354,23 @@ mod precision_tests {
         };
         assert_eq!(inference_precision(&cfg, &dev), MatmulPrecision::F32);
         cfg.matmul_precision = MatmulPrecision::Bf16;
-        // bf16 only where this CPU's bf16 products are at least as fast as its f32 ones.
-        let want = match ssl_kernels::bf16_check() {
-            Some(c) if c.bf16_faster() => MatmulPrecision::Bf16,
-            _ => MatmulPrecision::F32,
+        // bf16 only where this CPU's bf16 products are at least as fast as its f32 ones: a
+        // training step's three, a pass without backward's forward product.
+        let (train, infer) = match ssl_kernels::bf16_check() {
+            Some(c) => (c.bf16_faster(), c.inference_faster()),
+            None => (false, false),
         };
-        assert_eq!(inference_precision(&cfg, &dev), want);
+        let pick = |bf16: bool| {
+            if bf16 {
+                MatmulPrecision::Bf16
+            } else {
+                MatmulPrecision::F32
+            }
+        };
+        assert_eq!(inference_precision(&cfg, &dev), pick(infer));
         assert_eq!(
             resolve_precision(&cfg, None, false, &SingleProcess).unwrap(),
-            want
+            pick(train)
         );
         // A resumed run keeps what its checkpoint recorded.
         assert_eq!(

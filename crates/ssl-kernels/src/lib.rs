@@ -61,6 +61,7 @@ mod bf16;
 mod broadcast;
 mod cross_entropy;
 mod embedding;
+mod fp16;
 mod gemm;
 mod gpu;
 mod grad_cell;

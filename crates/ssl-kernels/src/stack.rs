@@ -625,9 +625,16 @@ impl StackOp {
     /// ([`super::bf16::attention_head`]): when both its products would run in bf16 and the
     /// CPU has no usable AMX (with AMX each head's two products run on the tiles instead).
     fn fused_attention(&self, t: usize) -> bool {
-        self.spec.bf16
+        self.head_bf16()
             && super::gemm::per_head_bf16(t, t, self.spec.dim / self.spec.heads)
             && super::amx::backend().is_none()
+    }
+
+    /// Whether the attention's per-head products take bf16 (when the stack's are): not on
+    /// CPUs whose reduced-precision products run in fp16 ([`super::fp16::usable`]), where
+    /// the bf16 kernel runs at half the f32 rate and the fp16 one takes only `x W^T`.
+    fn head_bf16(&self) -> bool {
+        self.spec.bf16 && !super::fp16::usable()
     }
 
     /// Scaled dot-product attention for every (batch, head): fills `p` and `ctx` (N, D)
@@ -731,7 +738,7 @@ impl StackOp {
                     ld as isize,
                     scale,
                     false,
-                    self.spec.bf16,
+                    self.head_bf16(),
                 );
                 simd::softmax_rows(pb, &key_bias[bi * t..(bi + 1) * t], causal, 0);
                 let probs: &[f32] = match pd_ptr {
@@ -761,7 +768,7 @@ impl StackOp {
                     1,
                     1.0,
                     false,
-                    self.spec.bf16,
+                    self.head_bf16(),
                 );
             }
         });
@@ -833,7 +840,7 @@ impl StackOp {
                     ld as isize,
                     1.0,
                     false,
-                    self.spec.bf16,
+                    self.head_bf16(),
                 );
                 // dV = P^T dctx
                 head_matmul(
@@ -850,7 +857,7 @@ impl StackOp {
                     1,
                     1.0,
                     false,
-                    self.spec.bf16,
+                    self.head_bf16(),
                 );
                 if ls.pd.is_some() {
                     for (i, row) in ds.chunks_mut(t).enumerate() {
@@ -875,7 +882,7 @@ impl StackOp {
                     1,
                     scale,
                     false,
-                    self.spec.bf16,
+                    self.head_bf16(),
                 );
                 // dK = scale dS^T Q
                 head_matmul(
@@ -892,7 +899,7 @@ impl StackOp {
                     1,
                     scale,
                     false,
-                    self.spec.bf16,
+                    self.head_bf16(),
                 );
             }
         });
@@ -1221,8 +1228,9 @@ impl StackOp {
 
     /// How many parts the batch runs as: two halves (each on half the threads, see
     /// [`run_halves`]) wherever there are two sequences and layers and the products run in
-    /// f32, except, without backward, on one thread (where halves gain nothing). Not in
-    /// bf16: there the size rule that picks bf16 or f32 for each product counts the whole
+    /// f32 (or, without backward, in fp16: [`super::fp16::usable`], whose choice does not
+    /// count rows), except, without backward, on one thread (where halves gain nothing). Not
+    /// in bf16: there the size rule that picks bf16 or f32 for each product counts the whole
     /// batch's rows (and [`Self::layer_blocked`] runs one job per sequence). Each half goes through every
     /// layer, forward and backward, with no hand-off between the threads at each of a
     /// layer's dozen steps. The halves give the same outputs and input gradients, bit for
@@ -1233,7 +1241,7 @@ impl StackOp {
     fn parts(&self, b: usize) -> usize {
         let halve = b >= 2
             && self.spec.depth > 0
-            && !self.spec.bf16
+            && (!self.spec.bf16 || (super::fp16::usable() && !self.keep))
             && (self.keep || rayon::current_num_threads() >= 2);
         if halve {
             self.max_parts.min(2)
@@ -1759,6 +1767,12 @@ mod tests {
             );
             return;
         }
+        if crate::fp16::usable() {
+            eprintln!(
+                "skipped: the heads take f32 products here (AVX-512 FP16, no fused attention)"
+            );
+            return;
+        }
         for &(b, t, dim, heads, causal, drop) in &[
             (2, 128, 128, 2, false, 0.0),
             (2, 75, 192, 2, true, 0.0),
@@ -1975,6 +1989,46 @@ mod tests {
                 dp1.iter().any(|v| *v != 0.0),
                 "no parameter gradient, {case}"
             );
+        }
+    }
+
+    /// Inference with the bf16 setting where its linear products run in fp16
+    /// ([`crate::fp16::usable`]): in halves on two threads, equal bit for bit to the whole
+    /// batch on one (the fp16 choice does not count rows), and within bf16's tolerance of the
+    /// f32 stack.
+    #[test]
+    fn fp16_inference_halves_equal_the_whole_batch_and_track_f32() {
+        if !crate::fp16::usable() {
+            eprintln!("skipped: no AVX-512 FP16 (or AMX takes the bf16 products) here");
+            return;
+        }
+        for norm in [NormPlacement::Post, NormPlacement::Pre] {
+            let c = Case::new(4, 20, norm, (0.0, 0.0), 1);
+            // Wide enough that every linear product takes the reduced precision (n, k >= 16).
+            let run = |bf16: bool, threads: usize, parts: usize| {
+                let mut sp = c.sp.clone();
+                sp.bf16 = bf16;
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| {
+                    let op = StackOp::new(sp, false, false, false, 5, BufferPool::default());
+                    assert_eq!(op.parts(c.b), parts);
+                    c.run(op, |out| out).0
+                })
+            };
+            let halves = run(true, 2, 2);
+            let whole = run(true, 1, 1);
+            assert_eq!(halves, whole, "{norm:?}: halves against the whole batch");
+            let f32_out = run(false, 2, 2);
+            assert_close(
+                &f32_out,
+                &halves,
+                2e-2,
+                &format!("{norm:?}: fp16 against f32"),
+            );
+            assert_ne!(f32_out, halves, "{norm:?}: the fp16 path did not run");
         }
     }
 

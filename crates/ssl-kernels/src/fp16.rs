@@ -1,0 +1,672 @@
+//! Reduced-precision linear-layer products (`x W^T`) in IEEE half precision on AVX-512 FP16:
+//! the path `bf16` products of that orientation take on Intel CPUs that have AVX-512 FP16 but
+//! no usable AMX (Sapphire, Emerald and Granite Rapids in a VM that hides the tiles).
+//!
+//! Why: on those cores `vdpbf16ps` retires at a quarter of the f32 FMA's instruction rate, so
+//! bf16 products run at half the f32 rate, while `vfmadd231ph` retires at the f32 FMA's rate
+//! with 32 lanes, twice the multiply-adds (measured on family 6 model 207, one core, 24
+//! independent accumulators with the `A` element broadcast from memory: 5.8e9 per second,
+//! against 5.5e9 for `vfmadd231ps`).
+//!
+//! Precision, at least that of bf16 operands with f32 sums:
+//! - each row of `x` and each row of `W` is scaled by a power of two (exact, undone on the
+//!   output) so that its largest magnitude lies in [16, 32), then rounded to fp16 (11
+//!   significant bits against bf16's 8; nothing overflows, and an element underflows only
+//!   below 2^-24 of its row's largest);
+//! - the products are summed in fp16 over [`KC`] = 32 terms at a time (so a partial sum stays
+//!   below 32 * 32 * 32 = 32768, under fp16's 65504), and each such sum is added to an f32
+//!   total.
+//!
+//! On random data (k = 256 and 1024, with and without outliers) the error relative to
+//! `sum |x_k w_k|` was 2-3x smaller than that of bf16-rounded operands with exact sums. The
+//! tests hold the kernel to an exact emulation of this arithmetic, bit for bit.
+
+#[cfg(target_arch = "x86_64")]
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+#[cfg(target_arch = "x86_64")]
+use rayon::prelude::*;
+
+#[cfg(target_arch = "x86_64")]
+use super::bf16::{lanes, transpose16, with_buf};
+use super::gemm::{Epilogue, OutSlice};
+
+/// Rows of `C` per micro-kernel call.
+const MR: usize = 12;
+/// Columns of `C` per micro-kernel call (two vectors of 32 fp16 lanes).
+const NR: usize = 64;
+/// Terms summed in fp16 before they join the f32 total.
+const KC: usize = 32;
+/// Bytes of packed `W` one pass over the rows keeps hot (about half of a 2 MB L2).
+const B_GROUP_BYTES: usize = 1 << 20;
+
+/// True when this CPU has AVX-512 FP16 (with AVX-512F and BW), checked once.
+pub(crate) fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512fp16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// True when reduced-precision `x W^T` products run here rather than on the bf16 kernels:
+/// AVX-512 FP16 and no usable AMX (whose bf16 tiles are faster still).
+pub(crate) fn usable() -> bool {
+    available() && super::amx::backend().is_none()
+}
+
+/// The power of two that brings a row whose largest magnitude is `max` into [16, 32) (1 for
+/// a row of zeros, or one with an infinity or NaN, which then propagates).
+fn scale_exp(max: f32) -> i32 {
+    if !(max > 0.0 && max.is_finite()) {
+        return 0;
+    }
+    let e = ((max.to_bits() >> 23) & 0xff) as i32 - 127;
+    (4 - e).clamp(-126, 126)
+}
+
+/// `2^e` for `e` in [-126, 127].
+fn pow2(e: i32) -> f32 {
+    f32::from_bits(((e + 127) as u32) << 23)
+}
+
+/// `c = x W^T` (`x` m x k with row stride `ldx`, `W` n x k with row stride `ldw`, `c` m x n
+/// with row stride `ldc`), then `epilogue` on each block of rows while it is in cache; row
+/// blocks spread over the rayon pool. Each row of `c` depends only on its row of `x`, so a
+/// split of the rows gives the same bits as the whole.
+///
+/// # Safety
+/// [`available`] must be true; the three views must lie inside their buffers and `c`'s
+/// elements (and the epilogue's output) must not be accessed by anyone else during the call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn linear(
+    c: *mut f32,
+    ldc: usize,
+    (m, n, k): (usize, usize, usize),
+    x: *const f32,
+    ldx: usize,
+    w: *const f32,
+    ldw: usize,
+    epilogue: Epilogue,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if m == 0 || n == 0 {
+            return;
+        }
+        let kp = k.div_ceil(KC).max(1) * KC;
+        let np = n.div_ceil(NR) * NR;
+        with_buf(&PACKED_W, |pw| {
+            // SAFETY: forwarded from the caller.
+            unsafe { pack_w(w, ldw, n, k, kp, pw) };
+            let pw = &*pw;
+            let out = OutSlice::new(
+                // SAFETY: the caller's guarantee that `c` holds m rows of stride ldc.
+                unsafe { std::slice::from_raw_parts_mut(c, (m - 1) * ldc + n) },
+            );
+            let x = SendPtr(x);
+            // Four micro-kernel row blocks per job: few enough jobs to pack each block of
+            // `x` once, enough to balance two or more threads.
+            let rows_per_job = 4 * MR;
+            (0..m.div_ceil(rows_per_job))
+                .into_par_iter()
+                .for_each(|job| {
+                    let r0 = job * rows_per_job;
+                    let rows = rows_per_job.min(m - r0);
+                    with_buf(&PACKED_X, |px| {
+                        // SAFETY: rows r0.. of `x` lie inside it (the caller's guarantee); this
+                        // job alone writes rows r0..r0 + rows of `c`; the CPU was checked.
+                        unsafe {
+                            pack_x(x.get().add(r0 * ldx), ldx, rows, k, kp, px);
+                            block(out.ptr(), ldc, r0, rows, n, np, kp, px, pw);
+                            epilogue.apply(out.ptr(), ldc, r0, rows, 0, n);
+                        }
+                    });
+                });
+        });
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (c, ldc, m, n, k, x, ldx, w, ldw, epilogue);
+        unreachable!("fp16 kernels run only where `available()` is true (x86-64)")
+    }
+}
+
+/// A raw pointer the row jobs share (read only).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct SendPtr(*const f32);
+// SAFETY: only read, by jobs that each read their own rows.
+#[cfg(target_arch = "x86_64")]
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for SendPtr {}
+#[cfg(target_arch = "x86_64")]
+impl SendPtr {
+    fn get(self) -> *const f32 {
+        self.0
+    }
+}
+
+/// One operand in fp16: `data` its packed elements, `inv[i]` the power of two that undoes
+/// row (or column) `i`'s scaling.
+#[derive(Default)]
+struct Packed {
+    data: Vec<u16>,
+    inv: Vec<f32>,
+}
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    static PACKED_W: RefCell<Packed> = RefCell::new(Packed::default());
+    static PACKED_X: RefCell<Packed> = RefCell::new(Packed::default());
+}
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Round-to-nearest-even conversion of 16 floats to fp16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn to_fp16(v: __m512) -> __m256i {
+    _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v)
+}
+
+/// The largest magnitude of `k` floats from `p`.
+///
+/// # Safety
+/// `p..p + k` must be readable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn row_max(p: *const f32, k: usize) -> f32 {
+    let mut m = _mm512_setzero_ps();
+    let mut i = 0;
+    while i < k {
+        // SAFETY: the masked load reads only the k elements (the caller's guarantee).
+        let v = unsafe { _mm512_maskz_loadu_ps(lanes(k - i), p.add(i)) };
+        m = _mm512_max_ps(m, _mm512_abs_ps(v));
+        i += 16;
+    }
+    _mm512_reduce_max_ps(m)
+}
+
+/// Rows `x` (`rows` x k, stride `ldx`) into fp16 rows of `kp` (zeros past k), each scaled
+/// into [16, 32); rows padded with zeros to a multiple of [`MR`].
+///
+/// # Safety
+/// The rows must be readable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_x(x: *const f32, ldx: usize, rows: usize, k: usize, kp: usize, out: &mut Packed) {
+    let rp = rows.div_ceil(MR) * MR;
+    if out.data.len() < rp * kp {
+        out.data.resize(rp * kp, 0);
+    }
+    out.inv.clear();
+    out.inv.resize(rp, 1.0);
+    for r in 0..rp {
+        let o = &mut out.data[r * kp..(r + 1) * kp];
+        if r >= rows {
+            o.fill(0);
+            continue;
+        }
+        // SAFETY: row r lies inside `x` (the caller's guarantee).
+        let src = unsafe { x.add(r * ldx) };
+        // SAFETY: as above.
+        let s = scale_exp(unsafe { row_max(src, k) });
+        out.inv[r] = pow2(-s);
+        let f = _mm512_set1_ps(pow2(s));
+        let mut i = 0;
+        while i < k {
+            let mask = lanes(k - i);
+            // SAFETY: the masked load reads inside the row; the masked store writes inside
+            // `o` (i + 16 may pass k, never kp, a multiple of 16).
+            unsafe {
+                let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, src.add(i)), f);
+                _mm256_mask_storeu_epi16(o.as_mut_ptr().add(i).cast(), mask, to_fp16(v));
+            }
+            i += 16;
+        }
+        o[k..].fill(0);
+    }
+}
+
+/// `W` (n x k, stride `ldw`) into panels of [`NR`] of its rows, each `[kp][NR]` fp16 (so
+/// `B = W^T`'s rows are contiguous), each row of `W` scaled into [16, 32); padding zeros.
+/// Transposed by 16 x 16 register blocks.
+///
+/// # Safety
+/// `W`'s rows must be readable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_w(w: *const f32, ldw: usize, n: usize, k: usize, kp: usize, out: &mut Packed) {
+    let np = n.div_ceil(NR) * NR;
+    out.data.clear();
+    out.data.resize(np * kp, 0);
+    out.inv.clear();
+    out.inv.resize(np, 1.0);
+    let mut scale = vec![0f32; n];
+    for (j, s) in scale.iter_mut().enumerate() {
+        // SAFETY: row j lies inside `W` (the caller's guarantee).
+        let e = scale_exp(unsafe { row_max(w.add(j * ldw), k) });
+        *s = pow2(e);
+        out.inv[j] = pow2(-e);
+    }
+    let mut blk = [_mm512_setzero_si512(); 16];
+    for j0 in (0..n).step_by(16) {
+        let panel = &mut out.data[(j0 / NR) * kp * NR..(j0 / NR + 1) * kp * NR];
+        let col = j0 % NR;
+        for k0 in (0..k).step_by(16) {
+            let mask = lanes(k - k0);
+            for (t, b) in blk.iter_mut().enumerate() {
+                let j = j0 + t;
+                *b = if j < n {
+                    // SAFETY: the masked load reads inside row j.
+                    let v = unsafe { _mm512_maskz_loadu_ps(mask, w.add(j * ldw + k0)) };
+                    _mm512_castps_si512(_mm512_mul_ps(v, _mm512_set1_ps(scale[j])))
+                } else {
+                    _mm512_setzero_si512()
+                };
+            }
+            transpose16(&mut blk);
+            for (t, b) in blk.iter().enumerate().take(k - k0) {
+                let at = (k0 + t) * NR + col;
+                let h = to_fp16(_mm512_castsi512_ps(*b));
+                // SAFETY: 16 fp16 at `at` lie inside the panel (col + 16 <= NR).
+                unsafe { _mm256_storeu_si256(panel.as_mut_ptr().add(at).cast(), h) };
+            }
+        }
+    }
+}
+
+/// Rows `r0..r0 + rows` of `c` from the packed rows `px` and the packed `W`: for each group
+/// of panels (about [`B_GROUP_BYTES`] of `W`), each block of [`MR`] rows, each panel, the
+/// micro-kernel's f32 tile, unscaled into `c`.
+///
+/// # Safety
+/// `c` must hold those rows (stride `ldc`, n columns) and nobody else may touch them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512fp16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block(
+    c: *mut f32,
+    ldc: usize,
+    r0: usize,
+    rows: usize,
+    n: usize,
+    np: usize,
+    kp: usize,
+    px: &Packed,
+    pw: &Packed,
+) {
+    let mut tile = [0f32; MR * NR];
+    let panels = np / NR;
+    let group = (B_GROUP_BYTES / (NR * kp * 2)).max(1);
+    for g0 in (0..panels).step_by(group) {
+        for i in 0..rows.div_ceil(MR) {
+            let block_rows = MR.min(rows - i * MR);
+            for p in g0..(g0 + group).min(panels) {
+                // SAFETY: the packed row block and panel hold MR x kp and kp x NR fp16.
+                unsafe {
+                    kernel(
+                        px.data.as_ptr().add(i * MR * kp),
+                        kp,
+                        pw.data.as_ptr().add(p * NR * kp),
+                        kp / KC,
+                        tile.as_mut_ptr(),
+                    )
+                };
+                let cols = NR.min(n - p * NR);
+                for r in 0..block_rows {
+                    let rf = _mm512_set1_ps(px.inv[i * MR + r]);
+                    // SAFETY: row r0 + i * MR + r of `c`, columns p * NR.. (cols of them).
+                    let dst = unsafe { c.add((r0 + i * MR + r) * ldc + p * NR) };
+                    for q in 0..cols.div_ceil(16) {
+                        let (t, cf) = (
+                            &tile[r * NR + q * 16..][..16],
+                            &pw.inv[p * NR + q * 16..][..16],
+                        );
+                        // SAFETY: 16 floats each; the masked store writes the row's columns
+                        // below n.
+                        unsafe {
+                            let v = _mm512_mul_ps(
+                                _mm512_loadu_ps(t.as_ptr()),
+                                _mm512_loadu_ps(cf.as_ptr()),
+                            );
+                            _mm512_mask_storeu_ps(
+                                dst.add(q * 16),
+                                lanes(cols - q * 16),
+                                _mm512_mul_ps(v, rf),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+// One k step of the micro-kernel: `B`'s two vectors of 32 columns, then for each of the 12
+// rows its `A` element broadcast from memory into both accumulators. `$d` is the step's
+// offset (in elements) from the row pointers.
+macro_rules! fmas {
+    ($d:literal; $($mem:literal $a0:literal $a1:literal),*) => { concat!(
+        "vmovups ", $d, "*128({pb}), %zmm0\n",
+        "vmovups ", $d, "*128+64({pb}), %zmm1\n",
+        $("vfmadd231ph ", $d, "*2", $mem, "{{1to32}}, %zmm0, %zmm", $a0, "\n",
+          "vfmadd231ph ", $d, "*2", $mem, "{{1to32}}, %zmm1, %zmm", $a1, "\n",)*
+    ) };
+}
+// Rows 0-11 at a0, a0 + lda, a0 + 2 lda, a1 (= a0 + 3 lda), ...; row r's accumulators are
+// zmm(8 + 2r) (columns 0-31) and zmm(9 + 2r) (columns 32-63).
+macro_rules! kstep {
+    ($d:literal) => { fmas!($d;
+        "({a0})" 8 9, "({a0},{lda},1)" 10 11, "({a0},{lda},2)" 12 13,
+        "({a1})" 14 15, "({a1},{lda},1)" 16 17, "({a1},{lda},2)" 18 19,
+        "({a2})" 20 21, "({a2},{lda},1)" 22 23, "({a2},{lda},2)" 24 25,
+        "({a3})" 26 27, "({a3},{lda},1)" 28 29, "({a3},{lda},2)" 30 31) };
+}
+// The fp16 accumulators widened to f32 and added into the tile (`$op` "add") or written
+// over it (the first chunk); tile offsets in bytes, row stride NR floats.
+macro_rules! flush {
+    (add; $($acc:literal $off:literal),*) => { concat!($(
+        "vcvtph2ps %ymm", $acc, ", %zmm4\n",
+        "vaddps ", $off, "({ct}), %zmm4, %zmm4\n",
+        "vmovups %zmm4, ", $off, "({ct})\n",
+        "vextractf64x4 $1, %zmm", $acc, ", %ymm5\n",
+        "vcvtph2ps %ymm5, %zmm5\n",
+        "vaddps ", $off, "+64({ct}), %zmm5, %zmm5\n",
+        "vmovups %zmm5, ", $off, "+64({ct})\n",
+    )*) };
+    (store; $($acc:literal $off:literal),*) => { concat!($(
+        "vcvtph2ps %ymm", $acc, ", %zmm4\n",
+        "vmovups %zmm4, ", $off, "({ct})\n",
+        "vextractf64x4 $1, %zmm", $acc, ", %ymm5\n",
+        "vcvtph2ps %ymm5, %zmm5\n",
+        "vmovups %zmm5, ", $off, "+64({ct})\n",
+    )*) };
+}
+macro_rules! tile {
+    ($op:ident) => {
+        flush!($op; 8 0, 9 128, 10 256, 11 384, 12 512, 13 640, 14 768, 15 896, 16 1024,
+            17 1152, 18 1280, 19 1408, 20 1536, 21 1664, 22 1792, 23 1920, 24 2048, 25 2176,
+            26 2304, 27 2432, 28 2560, 29 2688, 30 2816, 31 2944)
+    };
+}
+macro_rules! zero {
+    ($($acc:literal),*) => { concat!($("vpxord %zmm", $acc, ", %zmm", $acc, ", %zmm", $acc, "\n",)*) };
+}
+
+/// The 12 x 64 micro-kernel: `tile` (12 x 64 f32, row stride 64) = the sum over `chunks`
+/// chunks of [`KC`] k steps of each chunk's fp16 sum (fp16 FMAs, one rounding each),
+/// widened to f32. `a` holds 12 fp16 rows of stride `lda` elements, `pb` `chunks * KC`
+/// steps of 64 fp16.
+///
+/// # Safety
+/// The CPU must have AVX-512 FP16; `a`, `pb` and `tile` must hold what is described above,
+/// `chunks` at least 1.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512fp16")]
+unsafe fn kernel(a: *const u16, lda: usize, pb: *const u16, chunks: usize, tile: *mut f32) {
+    // SAFETY: reads 12 rows of chunks * KC fp16 from `a`, chunks * KC * NR from `pb`, and
+    // writes the 12 x 64 tile (the caller's guarantee); clobbers only the registers named.
+    unsafe {
+        std::arch::asm!(
+            "2:",
+            zero!(8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27,
+                28, 29, 30, 31),
+            "mov $16, {inner:e}",
+            "3:",
+            kstep!(0),
+            kstep!(1),
+            "add $4, {a0}",
+            "add $4, {a1}",
+            "add $4, {a2}",
+            "add $4, {a3}",
+            "add $256, {pb}",
+            "dec {inner:e}",
+            "jnz 3b",
+            "test {first:e}, {first:e}",
+            "jz 4f",
+            "xor {first:e}, {first:e}",
+            tile!(store),
+            "jmp 5f",
+            "4:",
+            tile!(add),
+            "5:",
+            "dec {chunks}",
+            "jnz 2b",
+            a0 = inout(reg) a => _,
+            a1 = inout(reg) a.add(3 * lda) => _,
+            a2 = inout(reg) a.add(6 * lda) => _,
+            a3 = inout(reg) a.add(9 * lda) => _,
+            lda = in(reg) lda * 2,
+            pb = inout(reg) pb => _,
+            chunks = inout(reg) chunks => _,
+            ct = in(reg) tile,
+            inner = out(reg) _,
+            first = inout(reg) 1u32 => _,
+            out("zmm0") _, out("zmm1") _, out("zmm4") _, out("zmm5") _,
+            out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _, out("zmm12") _,
+            out("zmm13") _, out("zmm14") _, out("zmm15") _, out("zmm16") _, out("zmm17") _,
+            out("zmm18") _, out("zmm19") _, out("zmm20") _, out("zmm21") _, out("zmm22") _,
+            out("zmm23") _, out("zmm24") _, out("zmm25") _, out("zmm26") _, out("zmm27") _,
+            out("zmm28") _, out("zmm29") _, out("zmm30") _, out("zmm31") _,
+            options(att_syntax, nostack),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `x` rounded to fp16 (nearest even; infinity past the largest finite), as f64.
+    fn round_fp16(x: f64) -> f64 {
+        if x == 0.0 || !x.is_finite() {
+            return x;
+        }
+        if x.abs() >= 65520.0 {
+            return f64::INFINITY.copysign(x);
+        }
+        let e = (((x.abs().to_bits() >> 52) & 0x7ff) as i32 - 1023).max(-14);
+        let q = 2f64.powi(e - 10);
+        (x / q).round_ties_even() * q
+    }
+
+    /// The module's arithmetic, emulated: each row scaled and rounded to fp16, fp16 FMAs
+    /// (a*b + c exact in f64, then one rounding) over chunks of KC, each chunk's sum added to
+    /// an f32 total, the total unscaled by the column's and then the row's power of two.
+    fn emulate(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+        let exps = |v: &[f32], rows: usize| -> Vec<i32> {
+            (0..rows)
+                .map(|i| {
+                    scale_exp(
+                        v[i * k..(i + 1) * k]
+                            .iter()
+                            .fold(0f32, |a, b| a.max(b.abs())),
+                    )
+                })
+                .collect()
+        };
+        let (sx, sw) = (exps(x, m), exps(w, n));
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut total = 0f32;
+                for c0 in (0..k.max(1)).step_by(KC) {
+                    let mut acc = 0f64;
+                    for kk in c0..(c0 + KC).min(k) {
+                        let a = round_fp16((x[i * k + kk] * pow2(sx[i])) as f64);
+                        let b = round_fp16((w[j * k + kk] * pow2(sw[j])) as f64);
+                        acc = round_fp16(a * b + acc);
+                    }
+                    total += acc as f32;
+                }
+                out[i * n + j] = total * pow2(-sw[j]) * pow2(-sx[i]);
+            }
+        }
+        out
+    }
+
+    fn run(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+        // Padding past each row of `c` must stay untouched.
+        let ldc = n + 3;
+        let mut c = vec![7f32; m * ldc];
+        // SAFETY: the views lie inside the vectors; the CPU was checked by the caller.
+        unsafe {
+            linear(
+                c.as_mut_ptr(),
+                ldc,
+                (m, n, k),
+                x.as_ptr(),
+                k,
+                w.as_ptr(),
+                k,
+                Epilogue::None,
+            )
+        };
+        for row in c.chunks(ldc) {
+            assert!(row[n..].iter().all(|&v| v == 7.0), "padding written");
+        }
+        c.chunks(ldc).flat_map(|r| r[..n].to_vec()).collect()
+    }
+
+    fn data(len: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|i| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let u = (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                u * scale * if i % 11 == 0 { 40.0 } else { 1.0 }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn equals_the_emulated_arithmetic_bit_for_bit() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 FP16 on this CPU");
+            return;
+        }
+        // Row tails (1-25 rows against blocks of 12), column tails (panels of 64, stores of
+        // 16), depth tails (chunks of 32), and rows of very different magnitudes.
+        for (m, n, k) in [
+            (1, 1, 1),
+            (12, 64, 32),
+            (13, 70, 40),
+            (25, 130, 100),
+            (7, 17, 65),
+            (49, 16, 3),
+        ] {
+            let mut x = data(m * k, 1 + m as u64, 1.0);
+            if m > 2 {
+                x[..k].iter_mut().for_each(|v| *v *= 1e-7);
+                x[k..2 * k].iter_mut().for_each(|v| *v *= 3e8);
+            }
+            let w = data(n * k, 7 + n as u64, 0.05);
+            let got = run(&x, &w, m, n, k);
+            let want = emulate(&x, &w, m, n, k);
+            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    g.to_bits(),
+                    e.to_bits(),
+                    "({m},{n},{k}) element {i}: {g} vs {e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn error_is_below_that_of_bf16_operands() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 FP16 on this CPU");
+            return;
+        }
+        let bf16 = |x: f32| {
+            let b = x.to_bits();
+            f32::from_bits((b + 0x7fff + ((b >> 16) & 1)) & 0xffff_0000)
+        };
+        for (m, n, k) in [(24, 64, 256), (13, 40, 1024)] {
+            let x = data(m * k, 3, 1.0);
+            let w = data(n * k, 5, 0.05);
+            let got = run(&x, &w, m, n, k);
+            let (mut ours, mut theirs) = (0f64, 0f64);
+            for i in 0..m {
+                for j in 0..n {
+                    let (mut exact, mut abs, mut b16) = (0f64, 0f64, 0f64);
+                    for kk in 0..k {
+                        let (a, b) = (x[i * k + kk], w[j * k + kk]);
+                        exact += a as f64 * b as f64;
+                        abs += (a as f64 * b as f64).abs();
+                        b16 += bf16(a) as f64 * bf16(b) as f64;
+                    }
+                    ours += (got[i * n + j] as f64 - exact).abs() / abs;
+                    theirs += (b16 - exact).abs() / abs;
+                }
+            }
+            assert!(
+                ours < 0.6 * theirs,
+                "({m},{n},{k}): mean error {ours} against bf16's {theirs}"
+            );
+        }
+    }
+
+    #[test]
+    fn infinities_and_nans_propagate_and_zero_rows_give_zeros() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 FP16 on this CPU");
+            return;
+        }
+        let (m, n, k) = (3, 5, 40);
+        let mut x = data(m * k, 11, 1.0);
+        x[..k].fill(0.0);
+        x[k + 3] = f32::NAN;
+        x[2 * k + 1] = f32::INFINITY;
+        let w = data(n * k, 13, 0.1);
+        let got = run(&x, &w, m, n, k);
+        assert!(got[..n].iter().all(|&v| v == 0.0), "{:?}", &got[..n]);
+        assert!(
+            got[n..2 * n].iter().all(|v| v.is_nan()),
+            "{:?}",
+            &got[n..2 * n]
+        );
+        assert!(
+            got[2 * n..].iter().all(|v| !v.is_finite()),
+            "{:?}",
+            &got[2 * n..]
+        );
+    }
+
+    #[test]
+    fn rows_split_over_jobs_equal_one_job() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 FP16 on this CPU");
+            return;
+        }
+        let (m, n, k) = (100, 70, 50);
+        let x = data(m * k, 17, 1.0);
+        let w = data(n * k, 19, 0.05);
+        let whole = run(&x, &w, m, n, k);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let serial = pool.install(|| run(&x, &w, m, n, k));
+        let tail = run(&x[37 * k..], &w, m - 37, n, k);
+        assert_eq!(whole, serial);
+        assert_eq!(&whole[37 * n..], &tail[..]);
+    }
+}
