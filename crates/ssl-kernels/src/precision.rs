@@ -60,13 +60,13 @@ pub fn bf16_check() -> Option<&'static Bf16Check> {
 }
 
 /// Median seconds of `reps` products `op_a(A) op_b(B)` of `m x k` by `k x n` (each operand
-/// stored so that `op` gives that shape) in the given precision, after one warm-up.
+/// stored so that `op` gives that shape) in bf16 and in f32, the two precisions alternated
+/// after one warm-up each (so a VM's drift in speed hits both alike).
 fn time_product(
     (m, n, k): (usize, usize, usize),
     (op_a, op_b): (Op, Op),
-    bf16: bool,
     reps: usize,
-) -> f64 {
+) -> (f64, f64) {
     let a: Vec<f32> = (0..m * k)
         .map(|i| ((i % 97) as f32 - 48.0) / 64.0)
         .collect();
@@ -82,7 +82,7 @@ fn time_product(
         Op::T => MatRef::dense(&b, n, k),
     };
     let mut c = vec![0f32; m * n];
-    let mut run = || {
+    let mut run = |bf16: bool| {
         let t0 = Instant::now();
         if (op_a, op_b) == (Op::N, Op::T) {
             // A linear layer's forward, through the stack's own entry (fp16 where usable).
@@ -103,10 +103,18 @@ fn time_product(
         }
         t0.elapsed().as_secs_f64()
     };
-    run();
-    let mut times: Vec<f64> = (0..reps.max(1)).map(|_| run()).collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+    run(true);
+    run(false);
+    let (mut tb, mut tf) = (Vec::new(), Vec::new());
+    for _ in 0..reps.max(1) {
+        tb.push(run(true));
+        tf.push(run(false));
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    (median(tb), median(tf))
 }
 
 fn measure() -> Bf16Check {
@@ -121,10 +129,8 @@ fn measure() -> Bf16Check {
     let (mut b, mut f) = (0.0, 0.0);
     let mut forward = (0.0, 0.0);
     for (i, (shape, ops)) in products.into_iter().enumerate() {
-        let (tb, tf) = (
-            time_product(shape, ops, true, 5),
-            time_product(shape, ops, false, 5),
-        );
+        // The forward product decides inference alone: more repetitions.
+        let (tb, tf) = time_product(shape, ops, if i == 0 { 9 } else { 5 });
         if i == 0 {
             forward = (tb, tf);
         }
