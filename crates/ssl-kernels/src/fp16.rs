@@ -80,14 +80,29 @@ fn pow2(e: i32) -> f32 {
     f32::from_bits(((e + 127) as u32) << 23)
 }
 
-/// `c = x W^T` (`x` m x k with row stride `ldx`, `W` n x k with row stride `ldw`, `c` m x n
-/// with row stride `ldc`), then `epilogue` on each block of rows while it is in cache; row
-/// blocks spread over the rayon pool. Each row of `c` depends only on its row of `x`, so a
-/// split of the rows gives the same bits as the whole.
+/// A matrix operand: element `(i, j)` at `ptr + i * rs + j * cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct View {
+    /// The first element.
+    pub ptr: *const f32,
+    /// Row stride (elements).
+    pub rs: isize,
+    /// Column stride (elements).
+    pub cs: isize,
+}
+
+/// Whether [`gemm`] takes these strides: `A` with contiguous rows or contiguous columns, and
+/// `B` likewise (the layouts of a linear layer's three products), each other stride positive.
+pub(crate) fn takes(a: (isize, isize), b: (isize, isize)) -> bool {
+    let ok = |(rs, cs): (isize, isize)| (cs == 1 && rs > 0) || (rs == 1 && cs > 0);
+    ok(a) && ok(b)
+}
+
+/// `c = x W^T` (`x` m x k with row stride `ldx`, `W` n x k with row stride `ldw`), then
+/// `epilogue`: [`gemm`] for a linear layer's forward.
 ///
 /// # Safety
-/// [`available`] must be true; the three views must lie inside their buffers and `c`'s
-/// elements (and the epilogue's output) must not be accessed by anyone else during the call.
+/// As [`gemm`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn linear(
     c: *mut f32,
@@ -99,6 +114,41 @@ pub(crate) unsafe fn linear(
     ldw: usize,
     epilogue: Epilogue,
 ) {
+    let a = View {
+        ptr: x,
+        rs: ldx as isize,
+        cs: 1,
+    };
+    let b = View {
+        ptr: w,
+        rs: 1,
+        cs: ldw as isize,
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe { gemm(c, ldc, (m, n, k), a, b, 1.0, false, usize::MAX, epilogue) };
+}
+
+/// `c = alpha * A B` (or `c += ...` when `accumulate`; `A` m x k, `B` k x n, `c` m x n with
+/// row stride `ldc`), then `epilogue` on each block of rows while it is in cache; blocks of
+/// rows spread over at most `threads` of the rayon pool. Each row of `c` depends only on its
+/// row of `A`, so a split of the rows gives the same bits as the whole.
+///
+/// # Safety
+/// [`available`] must be true and [`takes`] the strides; the views must lie inside their
+/// buffers and `c`'s elements (and the epilogue's output) must not be accessed by anyone
+/// else during the call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm(
+    c: *mut f32,
+    ldc: usize,
+    (m, n, k): (usize, usize, usize),
+    a: View,
+    b: View,
+    alpha: f32,
+    accumulate: bool,
+    threads: usize,
+    epilogue: Epilogue,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if m == 0 || n == 0 {
@@ -108,53 +158,59 @@ pub(crate) unsafe fn linear(
         let np = n.div_ceil(NR) * NR;
         with_buf(&PACKED_W, |pw| {
             // SAFETY: forwarded from the caller.
-            unsafe { pack_w(w, ldw, n, k, kp, pw) };
+            unsafe { pack_b(b, n, k, kp, pw) };
             let pw = &*pw;
             let out = OutSlice::new(
                 // SAFETY: the caller's guarantee that `c` holds m rows of stride ldc.
                 unsafe { std::slice::from_raw_parts_mut(c, (m - 1) * ldc + n) },
             );
-            let x = SendPtr(x);
+            let a = SendView(a);
             // Four micro-kernel row blocks per job: few enough jobs to pack each block of
-            // `x` once, enough to balance two or more threads.
+            // `A` once, enough to balance two or more threads.
             let rows_per_job = 4 * MR;
-            (0..m.div_ceil(rows_per_job))
-                .into_par_iter()
-                .for_each(|job| {
-                    let r0 = job * rows_per_job;
-                    let rows = rows_per_job.min(m - r0);
-                    with_buf(&PACKED_X, |px| {
-                        // SAFETY: rows r0.. of `x` lie inside it (the caller's guarantee); this
-                        // job alone writes rows r0..r0 + rows of `c`; the CPU was checked.
-                        unsafe {
-                            pack_x(x.get().add(r0 * ldx), ldx, rows, k, kp, px);
-                            block(out.ptr(), ldc, r0, rows, n, np, kp, px, pw);
-                            epilogue.apply(out.ptr(), ldc, r0, rows, 0, n);
-                        }
-                    });
+            let job = |job: usize| {
+                let r0 = job * rows_per_job;
+                let rows = rows_per_job.min(m - r0);
+                with_buf(&PACKED_X, |px| {
+                    // SAFETY: rows r0.. of `A` lie inside it (the caller's guarantee); this
+                    // job alone writes rows r0..r0 + rows of `c`; the CPU was checked.
+                    unsafe {
+                        pack_a(a.get(), r0, rows, k, kp, px);
+                        let out_rows = (alpha, accumulate);
+                        block(out.ptr(), ldc, r0, rows, n, np, kp, px, pw, out_rows);
+                        epilogue.apply(out.ptr(), ldc, r0, rows, 0, n);
+                    }
                 });
+            };
+            let jobs = m.div_ceil(rows_per_job);
+            if threads <= 1 || rayon::current_num_threads() <= 1 {
+                (0..jobs).for_each(job);
+            } else {
+                (0..jobs).into_par_iter().for_each(job);
+            }
         });
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (c, ldc, m, n, k, x, ldx, w, ldw, epilogue);
+        let _ = (c, ldc, m, n, k, a, b, alpha, accumulate, threads, epilogue);
         unreachable!("fp16 kernels run only where `available()` is true (x86-64)")
     }
 }
 
-/// A raw pointer the row jobs share (read only).
+/// A view the row jobs share (read only).
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
-struct SendPtr(*const f32);
+struct SendView(View);
 // SAFETY: only read, by jobs that each read their own rows.
 #[cfg(target_arch = "x86_64")]
-unsafe impl Send for SendPtr {}
+unsafe impl Send for SendView {}
 // SAFETY: as above.
 #[cfg(target_arch = "x86_64")]
-unsafe impl Sync for SendPtr {}
+unsafe impl Sync for SendView {}
 #[cfg(target_arch = "x86_64")]
-impl SendPtr {
-    fn get(self) -> *const f32 {
+impl SendView {
+    /// The view (a method, so closures capture the whole `Sync` wrapper).
+    fn get(self) -> View {
         self.0
     }
 }
@@ -199,6 +255,139 @@ unsafe fn row_max(p: *const f32, k: usize) -> f32 {
         i += 16;
     }
     _mm512_reduce_max_ps(m)
+}
+
+/// Rows `r0..r0 + rows` of `A` into fp16 rows of `kp` (zeros past k), each scaled into
+/// [8, 16); rows padded with zeros to a multiple of [`MR`]. `A`'s rows contiguous, or its
+/// columns (then transposed by 16 x 16 register blocks).
+///
+/// # Safety
+/// The rows must be readable; [`takes`] holds for `A`'s strides.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_a(a: View, r0: usize, rows: usize, k: usize, kp: usize, out: &mut Packed) {
+    if a.cs == 1 {
+        // SAFETY: row r0 and the following lie inside `A` (the caller's guarantee).
+        let first = unsafe { a.ptr.offset(r0 as isize * a.rs) };
+        // SAFETY: as above.
+        unsafe { pack_x(first, a.rs as usize, rows, k, kp, out) };
+        return;
+    }
+    let rp = rows.div_ceil(MR) * MR;
+    if out.data.len() < rp * kp {
+        out.data.resize(rp * kp, 0);
+    }
+    out.inv.clear();
+    out.inv.resize(rp, 1.0);
+    // Column kk of the block: `rows` contiguous floats at `col(kk)`.
+    // SAFETY: the block's rows and k columns lie inside `A`.
+    let col = |kk: usize| unsafe { a.ptr.offset(r0 as isize + kk as isize * a.cs) };
+    let mut scale = vec![0f32; rp];
+    for i0 in (0..rows).step_by(16) {
+        let mask = lanes(rows - i0);
+        let mut m = _mm512_setzero_ps();
+        for kk in 0..k {
+            // SAFETY: the masked load reads the block's rows of column kk.
+            let v = unsafe { _mm512_maskz_loadu_ps(mask, col(kk).add(i0)) };
+            m = _mm512_max_ps(m, _mm512_abs_ps(v));
+        }
+        let mut maxes = [0f32; 16];
+        // SAFETY: 16 floats.
+        unsafe { _mm512_storeu_ps(maxes.as_mut_ptr(), m) };
+        for (t, &mx) in maxes.iter().enumerate().take(rows - i0) {
+            let e = scale_exp(mx);
+            scale[i0 + t] = pow2(e);
+            out.inv[i0 + t] = pow2(-e);
+        }
+    }
+    let mut blk = [_mm512_setzero_si512(); 16];
+    for i0 in (0..rows).step_by(16) {
+        let mask = lanes(rows - i0);
+        // SAFETY: 16 floats of `scale` (rp >= i0 + 16 is not guaranteed: masked).
+        let sv = unsafe { _mm512_maskz_loadu_ps(mask, scale.as_ptr().add(i0)) };
+        for k0 in (0..k).step_by(16) {
+            for (t, v) in blk.iter_mut().enumerate() {
+                *v = if k0 + t < k {
+                    // SAFETY: the masked load reads the block's rows of column k0 + t.
+                    let x = unsafe { _mm512_maskz_loadu_ps(mask, col(k0 + t).add(i0)) };
+                    _mm512_castps_si512(_mm512_mul_ps(x, sv))
+                } else {
+                    _mm512_setzero_si512()
+                };
+            }
+            transpose16(&mut blk);
+            for (t, v) in blk.iter().enumerate().take(rows - i0) {
+                let at = (i0 + t) * kp + k0;
+                // SAFETY: 16 fp16 at `at` lie inside row i0 + t (k0 + 16 <= kp).
+                unsafe {
+                    _mm256_storeu_si256(
+                        out.data.as_mut_ptr().add(at).cast(),
+                        to_fp16(_mm512_castsi512_ps(*v)),
+                    )
+                };
+            }
+        }
+        for r in i0..(i0 + 16).min(rows) {
+            out.data[r * kp + k.div_ceil(16) * 16..(r + 1) * kp].fill(0);
+        }
+    }
+    out.data[rows * kp..rp * kp].fill(0);
+}
+
+/// `B` (k x n) into panels of [`NR`] columns, each `[kp][NR]` fp16, each column scaled into
+/// [8, 16); padding zeros. `B`'s columns contiguous (`W^T`: [`pack_w`]) or its rows.
+///
+/// # Safety
+/// `B` must be readable; [`takes`] holds for its strides.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_b(b: View, n: usize, k: usize, kp: usize, out: &mut Packed) {
+    if b.rs == 1 {
+        // SAFETY: forwarded (W = B^T's rows at stride b.cs).
+        unsafe { pack_w(b.ptr, b.cs as usize, n, k, kp, out) };
+        return;
+    }
+    let np = n.div_ceil(NR) * NR;
+    out.data.clear();
+    out.data.resize(np * kp, 0);
+    out.inv.clear();
+    out.inv.resize(np, 1.0);
+    // SAFETY: row kk of `B` lies inside it.
+    let row = |kk: usize| unsafe { b.ptr.offset(kk as isize * b.rs) };
+    let mut scale = vec![0f32; np];
+    for j0 in (0..n).step_by(16) {
+        let mask = lanes(n - j0);
+        let mut m = _mm512_setzero_ps();
+        for kk in 0..k {
+            // SAFETY: the masked load reads columns j0.. of row kk.
+            let v = unsafe { _mm512_maskz_loadu_ps(mask, row(kk).add(j0)) };
+            m = _mm512_max_ps(m, _mm512_abs_ps(v));
+        }
+        let mut maxes = [0f32; 16];
+        // SAFETY: 16 floats.
+        unsafe { _mm512_storeu_ps(maxes.as_mut_ptr(), m) };
+        for (t, &mx) in maxes.iter().enumerate().take(n - j0) {
+            let e = scale_exp(mx);
+            scale[j0 + t] = pow2(e);
+            out.inv[j0 + t] = pow2(-e);
+        }
+    }
+    for j0 in (0..n).step_by(16) {
+        let mask = lanes(n - j0);
+        let sv = _mm512_loadu_ps(scale[j0..j0 + 16].as_ptr());
+        let panel = (j0 / NR) * kp * NR + j0 % NR;
+        for kk in 0..k {
+            // SAFETY: the masked load reads columns j0.. of row kk; 16 fp16 at the store lie
+            // inside the panel's row kk.
+            unsafe {
+                let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row(kk).add(j0)), sv);
+                _mm256_storeu_si256(
+                    out.data.as_mut_ptr().add(panel + kk * NR).cast(),
+                    to_fp16(v),
+                );
+            }
+        }
+    }
 }
 
 /// Rows `x` (`rows` x k, stride `ldx`) into fp16 rows of `kp` (zeros past k), each scaled
@@ -309,6 +498,7 @@ unsafe fn block(
     kp: usize,
     px: &Packed,
     pw: &Packed,
+    (alpha, accumulate): (f32, bool),
 ) {
     let mut tile = [0f32; MR * NR];
     let panels = np / NR;
@@ -329,7 +519,7 @@ unsafe fn block(
                 };
                 let cols = NR.min(n - p * NR);
                 for r in 0..block_rows {
-                    let rf = _mm512_set1_ps(px.inv[i * MR + r]);
+                    let rf = _mm512_set1_ps(px.inv[i * MR + r] * alpha);
                     // SAFETY: row r0 + i * MR + r of `c`, columns p * NR.. (cols of them).
                     let dst = unsafe { c.add((r0 + i * MR + r) * ldc + p * NR) };
                     for q in 0..cols.div_ceil(16) {
@@ -337,18 +527,19 @@ unsafe fn block(
                             &tile[r * NR + q * 16..][..16],
                             &pw.inv[p * NR + q * 16..][..16],
                         );
-                        // SAFETY: 16 floats each; the masked store writes the row's columns
-                        // below n.
+                        let mask = lanes(cols - q * 16);
+                        // SAFETY: 16 floats each; the masked load and store touch the row's
+                        // columns below n.
                         unsafe {
                             let v = _mm512_mul_ps(
                                 _mm512_loadu_ps(t.as_ptr()),
                                 _mm512_loadu_ps(cf.as_ptr()),
                             );
-                            _mm512_mask_storeu_ps(
-                                dst.add(q * 16),
-                                lanes(cols - q * 16),
-                                _mm512_mul_ps(v, rf),
-                            );
+                            let mut v = _mm512_mul_ps(v, rf);
+                            if accumulate {
+                                v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst.add(q * 16)), v);
+                            }
+                            _mm512_mask_storeu_ps(dst.add(q * 16), mask, v);
                         }
                     }
                 }
@@ -589,6 +780,77 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Both layouts of each operand (rows or columns contiguous), scaled and accumulated
+    /// into `c`, one thread and the pool: the emulation, bit for bit.
+    #[test]
+    fn every_layout_equals_the_emulated_arithmetic() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 FP16 on this CPU");
+            return;
+        }
+        for (m, n, k) in [(1, 1, 1), (13, 70, 40), (50, 17, 130), (33, 64, 64)] {
+            let x = data(m * k, 23 + m as u64, 1.0);
+            let w = data(n * k, 29 + n as u64, 0.05);
+            let want = emulate(&x, &w, m, n, k);
+            let xt: Vec<f32> = (0..k * m).map(|i| x[(i % m) * k + i / m]).collect();
+            let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+            // (pointer, row stride, column stride) of A (m x k) and B = W^T (k x n).
+            let a_views = [(x.as_ptr(), k as isize, 1), (xt.as_ptr(), 1, m as isize)];
+            let b_views = [(w.as_ptr(), 1, k as isize), (wt.as_ptr(), n as isize, 1)];
+            for (ap, ars, acs) in a_views {
+                for (bp, brs, bcs) in b_views {
+                    assert!(takes((ars, acs), (brs, bcs)));
+                    for threads in [1, 2] {
+                        let ldc = n + 2;
+                        let mut c = vec![1f32; m * ldc];
+                        let (a, b) = (
+                            View {
+                                ptr: ap,
+                                rs: ars,
+                                cs: acs,
+                            },
+                            View {
+                                ptr: bp,
+                                rs: brs,
+                                cs: bcs,
+                            },
+                        );
+                        // SAFETY: the views and the output cover the test's buffers.
+                        unsafe {
+                            gemm(
+                                c.as_mut_ptr(),
+                                ldc,
+                                (m, n, k),
+                                a,
+                                b,
+                                2.0,
+                                true,
+                                threads,
+                                Epilogue::None,
+                            )
+                        };
+                        for i in 0..m {
+                            for j in 0..ldc {
+                                let got = c[i * ldc + j];
+                                let e = if j < n {
+                                    1.0 + want[i * n + j] * 2.0
+                                } else {
+                                    1.0
+                                };
+                                assert_eq!(
+                                    got.to_bits(),
+                                    e.to_bits(),
+                                    "({m},{n},{k}) A strides ({ars},{acs}) B ({brs},{bcs}) at ({i},{j})"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(!takes((2, 2), (1, 4)) && !takes((4, 1), (0, 1)));
     }
 
     #[test]

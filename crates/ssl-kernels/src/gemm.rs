@@ -467,6 +467,40 @@ pub(crate) unsafe fn matmul_raw(
     if unsafe { empty_product(c, ldc, m, n, k, accumulate) } {
         return;
     }
+    if bf16 && super::fp16::usable() && super::fp16::takes((a_rs, a_cs), (b_rs, b_cs)) {
+        let threads = match par {
+            Parallelism::Rayon(0) => rayon::current_num_threads(),
+            Parallelism::Rayon(t) => t,
+            _ => 1,
+        };
+        let (a, b) = (
+            super::fp16::View {
+                ptr: a,
+                rs: a_rs,
+                cs: a_cs,
+            },
+            super::fp16::View {
+                ptr: b,
+                rs: b_rs,
+                cs: b_cs,
+            },
+        );
+        // SAFETY: forwarded from the caller; `usable` checked the CPU, `takes` the strides.
+        unsafe {
+            super::fp16::gemm(
+                c,
+                ldc,
+                (m, n, k),
+                a,
+                b,
+                alpha,
+                accumulate,
+                threads,
+                Epilogue::None,
+            )
+        };
+        return;
+    }
     if bf16 && per_head_bf16(m, n, k) {
         let threads = match par {
             Parallelism::Rayon(0) => rayon::current_num_threads(),

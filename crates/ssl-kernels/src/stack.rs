@@ -1228,10 +1228,12 @@ impl StackOp {
 
     /// How many parts the batch runs as: two halves (each on half the threads, see
     /// [`run_halves`]) wherever there are two sequences and layers and the products run in
-    /// f32 (or, without backward, in fp16: [`super::fp16::usable`], whose choice does not
-    /// count rows), except, without backward, on one thread (where halves gain nothing). Not
-    /// in bf16: there the size rule that picks bf16 or f32 for each product counts the whole
-    /// batch's rows (and [`Self::layer_blocked`] runs one job per sequence). Each half goes through every
+    /// f32 or, asked for bf16, in fp16 ([`super::fp16::usable`]), except, without backward,
+    /// on one thread (where halves gain nothing). Not on the bf16 kernels: there the size
+    /// rule that picks bf16 or f32 for each product counts the whole batch's rows (and
+    /// [`Self::layer_blocked`] runs one job per sequence). In fp16 the forward's choice
+    /// counts no rows (so inference in halves equals the whole batch); the backward's counts
+    /// the half's, the same on one thread as on two (training always halves). Each half goes through every
     /// layer, forward and backward, with no hand-off between the threads at each of a
     /// layer's dozen steps. The halves give the same outputs and input gradients, bit for
     /// bit, as the whole batch would (every row takes the same kernels); the parameters'
@@ -1241,7 +1243,7 @@ impl StackOp {
     fn parts(&self, b: usize) -> usize {
         let halve = b >= 2
             && self.spec.depth > 0
-            && (!self.spec.bf16 || (super::fp16::usable() && !self.keep))
+            && (!self.spec.bf16 || super::fp16::usable())
             && (self.keep || rayon::current_num_threads() >= 2);
         if halve {
             self.max_parts.min(2)
@@ -2030,6 +2032,56 @@ mod tests {
             );
             assert_ne!(f32_out, halves, "{norm:?}: the fp16 path did not run");
         }
+    }
+
+    /// Training with the bf16 setting where its products run in fp16: in halves on one
+    /// thread and on two, the same outputs and gradients bit for bit, within bf16's
+    /// tolerance of f32. Sized so that the backward's products take the reduced precision
+    /// (a half's 256 rows by 256 wide).
+    #[test]
+    fn fp16_training_is_the_same_on_one_thread_as_on_two_and_tracks_f32() {
+        if !crate::fp16::usable() {
+            eprintln!("skipped: no AVX-512 FP16 (or AMX takes the bf16 products) here");
+            return;
+        }
+        let mut c = Case::new(4, 128, NormPlacement::Post, (0.0, 0.0), 1);
+        c.sp.dim = 256;
+        c.sp.mlp = 512;
+        c.params = (0..c.sp.depth * c.sp.offsets().len)
+            .map(|i| (i as f32 * 0.37).sin() * 0.05)
+            .collect();
+        c.x = (0..c.b * c.t * 256)
+            .map(|i| (i as f32 * 0.11).cos())
+            .collect();
+        assert!(crate::linear_takes_bf16(2 * 128, 256, 256));
+        let run = |bf16: bool, threads: usize| {
+            let mut sp = c.sp.clone();
+            sp.bf16 = bf16;
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let op = StackOp::new(sp, false, true, true, 5, BufferPool::default());
+                assert_eq!(op.parts(c.b), 2);
+                c.run(op, |out| out)
+            })
+        };
+        let two = run(true, 2);
+        assert!(
+            two == run(true, 1),
+            "fp16 training differs between one and two threads"
+        );
+        let f32s = run(false, 2);
+        assert_close(&f32s.0, &two.0, 2e-2, "outputs, fp16 against f32");
+        assert_close(&f32s.1, &two.1, 3e-2, "input gradients, fp16 against f32");
+        assert_close(
+            &f32s.2,
+            &two.2,
+            3e-2,
+            "parameter gradients, fp16 against f32",
+        );
+        assert_ne!(f32s.2, two.2, "the fp16 path did not run");
     }
 
     /// The last layer at chosen rows against the full layer's output at those rows: the
