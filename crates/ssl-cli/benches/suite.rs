@@ -49,7 +49,8 @@
 //!   AMX also `peak_amx_bf16`, the same product on AMX tiles in bf16 (`bench/run` prints it
 //!   under the peak line, ours only). With `--precision bf16` on the CPU also `peak_bf16`,
 //!   the product in our bf16 path (`ssl_kernels::MatmulT`, operands rounded while
-//!   packed, f32 sums; the AVX-512 BF16 kernel, or AMX tiles where usable), and one `bf16_check` object: the trainer's measurement
+//!   packed, f32 sums; the AVX-512 BF16 kernel, AMX tiles where usable, or fp16 where
+//!   AVX-512 FP16 is and AMX is not), and one `bf16_check` object: the trainer's measurement
 //!   (`ssl_kernels::bf16_check`) of bf16 against f32 products, which decides whether
 //!   `train.matmul_precision = "bf16"` runs bf16 kernels or stays f32 on this CPU.
 //!
@@ -525,13 +526,15 @@ fn report_bf16_check(json: bool) -> Res<()> {
             "forward_bf16_ms": ms(fb),
             "forward_f32_ms": ms(ff),
             "inference_faster": c.inference_faster(),
+            "kernel": ssl_kernels::reduced_precision_kernel(),
         });
         println!("{o}");
     } else {
         println!(
-            "bf16 check     bf16 {b:.2} ms  f32 {f:.2} ms: train.matmul_precision = bf16 trains in {} here; forward {fb:.2} / {ff:.2} ms: inference in {}",
+            "bf16 check     bf16 {b:.2} ms  f32 {f:.2} ms: train.matmul_precision = bf16 trains in {} here; forward {fb:.2} / {ff:.2} ms: inference in {} (reduced-precision kernel: {})",
             pick(c.bf16_faster()),
             pick(c.inference_faster()),
+            ssl_kernels::reduced_precision_kernel(),
         );
     }
     Ok(())

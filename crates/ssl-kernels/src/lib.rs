@@ -16,7 +16,9 @@
 //!   several tensors of every similarity matrix's size).
 //! - Matrix products through `gemm`'s kernels, or bf16 ones (operands rounded to bf16, f32
 //!   sums) on CPUs with AVX-512 BF16 ([`bf16_available`]), with bias and activation
-//!   epilogues applied to each block while it is in cache; [`MatmulT`] is `x W^T` on these
+//!   epilogues applied to each block while it is in cache; where AVX-512 FP16 is there and
+//!   AMX is not (Intel Xeons in most VMs), the bf16 setting's products run in fp16 with
+//!   power-of-two scaling and f32 sums every 64 terms instead, at up to twice the f32 rate; [`MatmulT`] is `x W^T` on these
 //!   kernels as an op of its own, with its backward (the linear layers outside the stack).
 //!   The attention's per-head products of at most 80 in every dimension (short sequences)
 //!   run on AVX-512F registers, their operands read where they lie (or one transposed).
@@ -90,7 +92,7 @@ pub use layer_norm::LayerNormOp;
 pub use linear::MatmulT;
 pub use masked_mean::MaskedMeanOp;
 pub use pool::BufferPool;
-pub use precision::{bf16_check, cpu_name, Bf16Check};
+pub use precision::{bf16_check, cpu_name, reduced_precision_kernel, Bf16Check};
 pub use simd::{adamw, Act, AdamWCoeffs};
 pub use stack::{FusedSpec, NormPlacement, Offsets, ParamGradMailbox, StackOp};
 pub use tcn::{TcnBlock, TcnOp, TcnSpec};

@@ -145,6 +145,21 @@ fn measure() -> Bf16Check {
     }
 }
 
+/// Which kernel the bf16 setting's products run on here: `"amx-bf16"` (AMX tiles),
+/// `"avx512-fp16"` (fp16 where AVX-512 FP16 is and usable AMX is not), `"avx512-bf16"`, or
+/// `"none"` (no reduced-precision kernel: the products stay f32).
+pub fn reduced_precision_kernel() -> &'static str {
+    if crate::amx::backend().is_some() {
+        "amx-bf16"
+    } else if crate::fp16::usable() {
+        "avx512-fp16"
+    } else if crate::bf16_available() {
+        "avx512-bf16"
+    } else {
+        "none"
+    }
+}
+
 /// The CPU's model name (`/proc/cpuinfo`'s `model name`), or "unknown CPU".
 pub fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")

@@ -19,6 +19,11 @@ pub enum MatmulPrecision {
     /// (nearest even), sum in f32 and return f32: PyTorch's CPU autocast for matmuls.
     /// Parameters, gradients, optimizer state, softmax, norms and every other elementwise
     /// pass stay f32 (f32 master weights).
+    /// On Intel CPUs with AVX-512 FP16 and no usable AMX (Sapphire, Emerald and Granite
+    /// Rapids where a VM hides the tiles), where bf16 instructions run at half the f32 rate,
+    /// the same products take fp16 instead: each row and column scaled by a power of two,
+    /// rounded to fp16, summed in fp16 64 terms at a time and those sums in f32 (half the
+    /// error of bf16 operands; `ssl_kernels`' `fp16.rs`), at up to twice the f32 rate.
     /// On the CPU used only with AVX-512 BF16 (see [`bf16_matmul_available`]); elsewhere, and
     /// on the CPU's composite (reference) path, the products stay f32. On a GPU every product
     /// of the stack (linear layers and attention) and of [`super::ops::matmul_t`] takes bf16
