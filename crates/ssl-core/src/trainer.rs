@@ -1243,10 +1243,8 @@ fn local_precision(
 /// `train.matmul_precision`, by the trainer's rule for a pass without backward (bf16 only
 /// where this machine's reduced-precision forward product is at least as fast as f32,
 /// [`ssl_kernels::Bf16Check::inference_faster`], unless `train.bf16_check = false`). A model
-/// trained with bf16 products on one CPU is embedded in f32 on a CPU where bf16 is slower,
-/// and on an Intel CPU with AVX-512 FP16 and no AMX a run whose training kept f32 is
-/// embedded with fp16 products. Says why on stderr, once per process, when it keeps
-/// f32.
+/// trained with bf16 products on one CPU is embedded in f32 on a CPU where bf16 is slower.
+/// Says why on stderr, once per process, when it keeps f32.
 pub fn inference_precision(cfg: &TrainConfig, device: &candle_core::Device) -> MatmulPrecision {
     static SAID: std::sync::Once = std::sync::Once::new();
     let (p, why) = local_precision(cfg, device.is_cuda(), true);

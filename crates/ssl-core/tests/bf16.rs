@@ -21,7 +21,9 @@ fn config(norm: NormPlacement, depth: usize) -> TransformerConfig {
     // Large enough for bf16 to be chosen (see `BF16_MIN_DIM` in ssl-kernels' gemm.rs): the QKV
     // and MLP products (128 x 768 x 256, 128 x 1024 x 256, and their backward products) and
     // the per-head attention products (64 x 64 x 128) run in bf16; the output projection
-    // (128 x 256 x 256, under 16 M multiply-adds) stays f32.
+    // (128 x 256 x 256, under 16 M multiply-adds) stays f32 in backward (in the forward too
+    // on the bf16 kernels; on Intel CPUs with AVX-512 FP16 and no AMX every forward product
+    // of these widths and its backward ones run in fp16, the heads in f32).
     TransformerConfig {
         dim: D,
         depth,
@@ -280,7 +282,8 @@ fn matmul_t_in_bf16_stays_within_rounding_of_f64() {
 /// Under bf16 products, `Ctx::inference` gives exactly the outputs of `Ctx::eval`: without
 /// backward the activation epilogue runs in place and the MLP takes each block of rows
 /// through both products; with 4 sequences (256 rows, so the output projection takes bf16
-/// too) each sequence goes through the whole layer as one job; also with a causal mask.
+/// too) each sequence goes through the whole layer as one job (on the bf16 kernels; in fp16
+/// the batch runs in halves instead); also with a causal mask.
 #[test]
 fn bf16_inference_matches_eval() {
     if skip() {

@@ -1,6 +1,8 @@
-//! Reduced-precision linear-layer products (`x W^T`) in IEEE half precision on AVX-512 FP16:
-//! the path `bf16` products of that orientation take on Intel CPUs that have AVX-512 FP16 but
-//! no usable AMX (Sapphire, Emerald and Granite Rapids in a VM that hides the tiles).
+//! Reduced-precision products in IEEE half precision on AVX-512 FP16: the path the `bf16`
+//! setting's whole-batch products take on Intel CPUs that have AVX-512 FP16 but no usable
+//! AMX (Sapphire, Emerald and Granite Rapids in a VM that hides the tiles): a linear layer's
+//! forward `x W^T`, input gradient `g W` and weight gradient `g^T x` (each operand with rows
+//! or columns contiguous, [`takes`]).
 //!
 //! Why: on those cores `vdpbf16ps` retires at a quarter of the f32 FMA's instruction rate, so
 //! bf16 products run at half the f32 rate, while `vfmadd231ph` retires at the f32 FMA's rate
@@ -9,7 +11,7 @@
 //! against 5.5e9 for `vfmadd231ps`).
 //!
 //! Precision, at least that of bf16 operands with f32 sums:
-//! - each row of `x` and each row of `W` is scaled by a power of two (exact, undone on the
+//! - each row of `A` and each column of `B` is scaled by a power of two (exact, undone on the
 //!   output) so that its largest magnitude lies in [8, 16), then rounded to fp16 (11
 //!   significant bits against bf16's 8; nothing overflows, and an element underflows only
 //!   below 2^-24 of its row's largest);
@@ -42,7 +44,7 @@ const KC: usize = 64;
 /// Bytes of packed `W` one pass over the rows keeps hot (about half of a 2 MB L2).
 const B_GROUP_BYTES: usize = 1 << 20;
 
-/// True when this CPU has AVX-512 FP16 (with AVX-512F and BW), checked once.
+/// True when this CPU has AVX-512 FP16 (with AVX-512F, BW and VL), checked once.
 pub(crate) fn available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| {
@@ -50,6 +52,7 @@ pub(crate) fn available() -> bool {
         {
             is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
                 && is_x86_feature_detected!("avx512fp16")
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -66,7 +69,8 @@ pub(crate) fn usable() -> bool {
 }
 
 /// The power of two that brings a row whose largest magnitude is `max` into [8, 16) (1 for
-/// a row of zeros, or one with an infinity or NaN, which then propagates).
+/// a row of zeros or with an infinity; a NaN may or may not reach `max`, and propagates to
+/// the output either way).
 fn scale_exp(max: f32) -> i32 {
     if !(max > 0.0 && max.is_finite()) {
         return 0;
@@ -160,10 +164,8 @@ pub(crate) unsafe fn gemm(
             // SAFETY: forwarded from the caller.
             unsafe { pack_b(b, n, k, kp, pw) };
             let pw = &*pw;
-            let out = OutSlice::new(
-                // SAFETY: the caller's guarantee that `c` holds m rows of stride ldc.
-                unsafe { std::slice::from_raw_parts_mut(c, (m - 1) * ldc + n) },
-            );
+            // Possibly uninitialised (`gemm::product`): only written through the pointer.
+            let out = OutSlice::from_raw(c, (m - 1) * ldc + n);
             let a = SendView(a);
             // Four micro-kernel row blocks per job: few enough jobs to pack each block of
             // `A` once, enough to balance two or more threads.
@@ -215,12 +217,12 @@ impl SendView {
     }
 }
 
-/// One operand in fp16: `data` its packed elements, `inv[i]` the power of two that undoes
-/// row (or column) `i`'s scaling.
+/// One operand in fp16: `data` its packed elements, `exp[i]` the power of two row (or
+/// column) `i` was scaled by (`2^exp[i]`; the output undoes it).
 #[derive(Default)]
 struct Packed {
     data: Vec<u16>,
-    inv: Vec<f32>,
+    exp: Vec<i32>,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -264,7 +266,7 @@ unsafe fn row_max(p: *const f32, k: usize) -> f32 {
 /// # Safety
 /// The rows must be readable; [`takes`] holds for `A`'s strides.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn pack_a(a: View, r0: usize, rows: usize, k: usize, kp: usize, out: &mut Packed) {
     if a.cs == 1 {
         // SAFETY: row r0 and the following lie inside `A` (the caller's guarantee).
@@ -277,8 +279,8 @@ unsafe fn pack_a(a: View, r0: usize, rows: usize, k: usize, kp: usize, out: &mut
     if out.data.len() < rp * kp {
         out.data.resize(rp * kp, 0);
     }
-    out.inv.clear();
-    out.inv.resize(rp, 1.0);
+    out.exp.clear();
+    out.exp.resize(rp, 0);
     // Column kk of the block: `rows` contiguous floats at `col(kk)`.
     // SAFETY: the block's rows and k columns lie inside `A`.
     let col = |kk: usize| unsafe { a.ptr.offset(r0 as isize + kk as isize * a.cs) };
@@ -297,7 +299,7 @@ unsafe fn pack_a(a: View, r0: usize, rows: usize, k: usize, kp: usize, out: &mut
         for (t, &mx) in maxes.iter().enumerate().take(rows - i0) {
             let e = scale_exp(mx);
             scale[i0 + t] = pow2(e);
-            out.inv[i0 + t] = pow2(-e);
+            out.exp[i0 + t] = e;
         }
     }
     let mut blk = [_mm512_setzero_si512(); 16];
@@ -350,8 +352,8 @@ unsafe fn pack_b(b: View, n: usize, k: usize, kp: usize, out: &mut Packed) {
     let np = n.div_ceil(NR) * NR;
     out.data.clear();
     out.data.resize(np * kp, 0);
-    out.inv.clear();
-    out.inv.resize(np, 1.0);
+    out.exp.clear();
+    out.exp.resize(np, 0);
     // SAFETY: row kk of `B` lies inside it.
     let row = |kk: usize| unsafe { b.ptr.offset(kk as isize * b.rs) };
     let mut scale = vec![0f32; np];
@@ -369,7 +371,7 @@ unsafe fn pack_b(b: View, n: usize, k: usize, kp: usize, out: &mut Packed) {
         for (t, &mx) in maxes.iter().enumerate().take(n - j0) {
             let e = scale_exp(mx);
             scale[j0 + t] = pow2(e);
-            out.inv[j0 + t] = pow2(-e);
+            out.exp[j0 + t] = e;
         }
     }
     for j0 in (0..n).step_by(16) {
@@ -396,14 +398,14 @@ unsafe fn pack_b(b: View, n: usize, k: usize, kp: usize, out: &mut Packed) {
 /// # Safety
 /// The rows must be readable.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn pack_x(x: *const f32, ldx: usize, rows: usize, k: usize, kp: usize, out: &mut Packed) {
     let rp = rows.div_ceil(MR) * MR;
     if out.data.len() < rp * kp {
         out.data.resize(rp * kp, 0);
     }
-    out.inv.clear();
-    out.inv.resize(rp, 1.0);
+    out.exp.clear();
+    out.exp.resize(rp, 0);
     for r in 0..rp {
         let o = &mut out.data[r * kp..(r + 1) * kp];
         if r >= rows {
@@ -414,7 +416,7 @@ unsafe fn pack_x(x: *const f32, ldx: usize, rows: usize, k: usize, kp: usize, ou
         let src = unsafe { x.add(r * ldx) };
         // SAFETY: as above.
         let s = scale_exp(unsafe { row_max(src, k) });
-        out.inv[r] = pow2(-s);
+        out.exp[r] = s;
         let f = _mm512_set1_ps(pow2(s));
         let mut i = 0;
         while i < k {
@@ -443,14 +445,14 @@ unsafe fn pack_w(w: *const f32, ldw: usize, n: usize, k: usize, kp: usize, out: 
     let np = n.div_ceil(NR) * NR;
     out.data.clear();
     out.data.resize(np * kp, 0);
-    out.inv.clear();
-    out.inv.resize(np, 1.0);
+    out.exp.clear();
+    out.exp.resize(np, 0);
     let mut scale = vec![0f32; n];
     for (j, s) in scale.iter_mut().enumerate() {
         // SAFETY: row j lies inside `W` (the caller's guarantee).
         let e = scale_exp(unsafe { row_max(w.add(j * ldw), k) });
         *s = pow2(e);
-        out.inv[j] = pow2(-e);
+        out.exp[j] = e;
     }
     let mut blk = [_mm512_setzero_si512(); 16];
     for j0 in (0..n).step_by(16) {
@@ -479,6 +481,27 @@ unsafe fn pack_w(w: *const f32, ldw: usize, n: usize, k: usize, kp: usize, out: 
     }
 }
 
+/// The factors `(2^e1, 2^e2)`, `e1 + e2 = -s`, that undo the scalings `2^s` (`s` the sum of
+/// a row's and a column's exponents, each in [-126, 126]), each within f32's normal range:
+/// the output is `tile * 2^e1 * 2^e2`, exact unless the true result itself leaves that range.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn unscale(s: __m512i) -> (__m512, __m512) {
+    let e = _mm512_sub_epi32(_mm512_setzero_si512(), s);
+    let e1 = _mm512_max_epi32(
+        _mm512_min_epi32(e, _mm512_set1_epi32(127)),
+        _mm512_set1_epi32(-126),
+    );
+    let e2 = _mm512_sub_epi32(e, e1);
+    let f = |x: __m512i| {
+        _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
+            x,
+            _mm512_set1_epi32(127),
+        )))
+    };
+    (f(e1), f(e2))
+}
+
 /// Rows `r0..r0 + rows` of `c` from the packed rows `px` and the packed `W`: for each group
 /// of panels (about [`B_GROUP_BYTES`] of `W`), each block of [`MR`] rows, each panel, the
 /// micro-kernel's f32 tile, unscaled into `c`.
@@ -501,6 +524,7 @@ unsafe fn block(
     (alpha, accumulate): (f32, bool),
 ) {
     let mut tile = [0f32; MR * NR];
+    let av = _mm512_set1_ps(alpha);
     let panels = np / NR;
     let group = (B_GROUP_BYTES / (NR * kp * 2)).max(1);
     for g0 in (0..panels).step_by(group) {
@@ -519,23 +543,20 @@ unsafe fn block(
                 };
                 let cols = NR.min(n - p * NR);
                 for r in 0..block_rows {
-                    let rf = _mm512_set1_ps(px.inv[i * MR + r] * alpha);
+                    let ea = _mm512_set1_epi32(px.exp[i * MR + r]);
                     // SAFETY: row r0 + i * MR + r of `c`, columns p * NR.. (cols of them).
                     let dst = unsafe { c.add((r0 + i * MR + r) * ldc + p * NR) };
                     for q in 0..cols.div_ceil(16) {
-                        let (t, cf) = (
-                            &tile[r * NR + q * 16..][..16],
-                            &pw.inv[p * NR + q * 16..][..16],
-                        );
+                        let t = &tile[r * NR + q * 16..][..16];
+                        let eb = &pw.exp[p * NR + q * 16..][..16];
                         let mask = lanes(cols - q * 16);
-                        // SAFETY: 16 floats each; the masked load and store touch the row's
-                        // columns below n.
+                        // SAFETY: 16 floats and 16 exponents; the masked load and store touch
+                        // the row's columns below n.
                         unsafe {
-                            let v = _mm512_mul_ps(
-                                _mm512_loadu_ps(t.as_ptr()),
-                                _mm512_loadu_ps(cf.as_ptr()),
-                            );
-                            let mut v = _mm512_mul_ps(v, rf);
+                            let eb = _mm512_loadu_si512(eb.as_ptr().cast());
+                            let (f1, f2) = unscale(_mm512_add_epi32(ea, eb));
+                            let v = _mm512_mul_ps(_mm512_loadu_ps(t.as_ptr()), f1);
+                            let mut v = _mm512_mul_ps(_mm512_mul_ps(v, f2), av);
                             if accumulate {
                                 v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst.add(q * 16)), v);
                             }
@@ -706,7 +727,9 @@ mod tests {
                     }
                     total += acc as f32;
                 }
-                out[i * n + j] = total * pow2(-sw[j]) * pow2(-sx[i]);
+                let e = -(sw[j] + sx[i]);
+                let e1 = e.clamp(-126, 127);
+                out[i * n + j] = total * pow2(e1) * pow2(e - e1);
             }
         }
         out
@@ -782,15 +805,23 @@ mod tests {
         }
     }
 
-    /// Both layouts of each operand (rows or columns contiguous), scaled and accumulated
-    /// into `c`, one thread and the pool: the emulation, bit for bit.
+    /// Both layouts of each operand (rows or columns contiguous), scaled (by a power of two
+    /// and not) and accumulated into `c`, one thread and the pool, panels in one group of
+    /// `W` and in two: the emulation, bit for bit.
     #[test]
     fn every_layout_equals_the_emulated_arithmetic() {
         if !available() {
             eprintln!("skipped: no AVX-512 FP16 on this CPU");
             return;
         }
-        for (m, n, k) in [(1, 1, 1), (13, 70, 40), (50, 17, 130), (33, 64, 64)] {
+        // (5, 300, 2100): five panels of 270 KB, two groups of them.
+        for (m, n, k) in [
+            (1, 1, 1),
+            (13, 70, 40),
+            (50, 17, 130),
+            (33, 64, 64),
+            (5, 300, 2100),
+        ] {
             let x = data(m * k, 23 + m as u64, 1.0);
             let w = data(n * k, 29 + n as u64, 0.05);
             let want = emulate(&x, &w, m, n, k);
@@ -802,7 +833,7 @@ mod tests {
             for (ap, ars, acs) in a_views {
                 for (bp, brs, bcs) in b_views {
                     assert!(takes((ars, acs), (brs, bcs)));
-                    for threads in [1, 2] {
+                    for (threads, alpha) in [(1, 2.0f32), (2, 0.3)] {
                         let ldc = n + 2;
                         let mut c = vec![1f32; m * ldc];
                         let (a, b) = (
@@ -825,7 +856,7 @@ mod tests {
                                 (m, n, k),
                                 a,
                                 b,
-                                2.0,
+                                alpha,
                                 true,
                                 threads,
                                 Epilogue::None,
@@ -835,7 +866,7 @@ mod tests {
                             for j in 0..ldc {
                                 let got = c[i * ldc + j];
                                 let e = if j < n {
-                                    1.0 + want[i * n + j] * 2.0
+                                    1.0 + want[i * n + j] * alpha
                                 } else {
                                     1.0
                                 };

@@ -18,6 +18,9 @@ use super::simd::{self, Act};
 /// one model makes the same choice on every machine. Measured with `bench/run --precision
 /// bf16`: the PatchTST model's products (896 x 192 x 64 and smaller) ran slower in bf16 than
 /// in f32, BERT-mini's (2048 x 768 x 256; 128 x 128 x 64 per attention head) much faster.
+/// Where the reduced precision runs in fp16 ([`super::fp16::usable`]) a linear layer's
+/// forward ([`linear_product`]) asks only that `n` and `k` reach this dimension, whatever the
+/// row count, so a stack's halves take the same kernel as its whole batch.
 const BF16_MIN_DIM: usize = 16;
 /// See [`BF16_MIN_DIM`].
 const BF16_MIN_WORK: usize = 1 << 18;
@@ -63,6 +66,12 @@ impl OutSlice {
             ptr: v.as_mut_ptr(),
             len: v.len(),
         }
+    }
+
+    /// `len` floats from `ptr`, possibly uninitialised (only ever written through the
+    /// pointer), which must outlive every use of the result.
+    pub fn from_raw(ptr: *mut f32, len: usize) -> Self {
+        OutSlice { ptr, len }
     }
 
     /// The pointer (a method, so closures capture the whole `Send` wrapper).
@@ -467,7 +476,11 @@ pub(crate) unsafe fn matmul_raw(
     if unsafe { empty_product(c, ldc, m, n, k, accumulate) } {
         return;
     }
-    if bf16 && super::fp16::usable() && super::fp16::takes((a_rs, a_cs), (b_rs, b_cs)) {
+    if bf16
+        && m.min(n).min(k) >= BF16_MIN_DIM
+        && super::fp16::usable()
+        && super::fp16::takes((a_rs, a_cs), (b_rs, b_cs))
+    {
         let threads = match par {
             Parallelism::Rayon(0) => rayon::current_num_threads(),
             Parallelism::Rayon(t) => t,

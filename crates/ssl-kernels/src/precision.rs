@@ -6,12 +6,13 @@
 //! quarter as many instructions per cycle as `vfmadd231ps` (measured on family 6 model 207,
 //! one core, 24 independent accumulators: 1.35e9 against 5.5e9 per second), and each does
 //! twice the multiply-adds, so bf16 peaks at half the f32 rate (our 1024^3 product: 110
-//! against 285 GFLOP/s). So the trainer asks [`bf16_check`] before using bf16: the three products
-//! of a linear layer's training step (forward, input and weight gradients, each operand
-//! orientation), timed in both precisions on the current rayon pool. Passes without backward
-//! ask [`Bf16Check::inference_faster`], the forward product alone: on Intel CPUs with
-//! AVX-512 FP16 and no usable AMX that product runs in fp16 (`fp16.rs`) at up to twice the
-//! f32 rate, though a whole training step stays faster in f32.
+//! against 285 GFLOP/s). Those Xeons have AVX-512 FP16, whose FMAs retire at the f32 rate
+//! with twice the lanes, so where AMX is not usable the setting's products run in fp16
+//! (`fp16.rs`) instead. The trainer asks [`bf16_check`] before using the reduced precision:
+//! the three products of a linear layer's training step (forward, input and weight
+//! gradients, each operand orientation), timed in both precisions, alternated, on the current
+//! rayon pool. Passes without backward ask [`Bf16Check::inference_faster`], the forward
+//! product alone (a kernel may speed up one orientation and not the others).
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -41,10 +42,8 @@ impl Bf16Check {
     }
 
     /// True when the forward product alone is at least as fast in bf16 (within 2%): what a
-    /// pass without backward (embedding, evaluation) takes. It differs from
-    /// [`Self::bf16_faster`] on Intel CPUs with AVX-512 FP16 and no usable AMX, where the
-    /// forward products run in fp16 at up to twice the f32 rate and the backward's products
-    /// on the bf16 kernel at half of it.
+    /// pass without backward (embedding, evaluation) takes, which [`Self::bf16_faster`]'s
+    /// backward products need not decide.
     pub fn inference_faster(&self) -> bool {
         self.forward_bf16_seconds <= self.forward_f32_seconds * 1.02
     }
@@ -184,7 +183,6 @@ mod tests {
             Some(c) => {
                 assert!(c.bf16_seconds > 0.0 && c.f32_seconds > 0.0, "{c:?}");
                 assert!(c.forward_bf16_seconds > 0.0 && c.forward_f32_seconds > 0.0);
-                assert!(c.forward_bf16_seconds <= c.bf16_seconds, "{c:?}");
                 // Measured once: the same reference every call.
                 assert!(std::ptr::eq(c, bf16_check().unwrap()));
             }

@@ -632,7 +632,8 @@ impl StackOp {
 
     /// Whether the attention's per-head products take bf16 (when the stack's are): not on
     /// CPUs whose reduced-precision products run in fp16 ([`super::fp16::usable`]), where
-    /// the bf16 kernel runs at half the f32 rate and the fp16 one takes only `x W^T`.
+    /// the bf16 kernel runs at half the f32 rate and the fp16 one takes whole-batch products
+    /// only (its packing would cost more than it saves on a head's).
     fn head_bf16(&self) -> bool {
         self.spec.bf16 && !super::fp16::usable()
     }
