@@ -19,13 +19,16 @@ use super::simd::{self, Act};
 /// bf16`: the PatchTST model's products (896 x 192 x 64 and smaller) ran slower in bf16 than
 /// in f32, BERT-mini's (2048 x 768 x 256; 128 x 128 x 64 per attention head) much faster.
 /// Where the reduced precision runs in fp16 ([`super::fp16::usable`]) a linear layer's
-/// forward ([`linear_product`]) asks only that `n` and `k` reach this dimension, whatever the
-/// row count, so a stack's halves take the same kernel as its whole batch.
+/// forward ([`linear_product`]) asks a rule on its weight's shape alone (`fp16_takes_linear`),
+/// whatever the row count, so a stack's halves take the same kernel as its whole batch.
 const BF16_MIN_DIM: usize = 16;
 /// See [`BF16_MIN_DIM`].
 const BF16_MIN_WORK: usize = 1 << 18;
 /// See [`BF16_MIN_DIM`].
 const BF16_MIN_WORK_LINEAR: usize = 1 << 24;
+/// Smallest weight (`n * k` elements) whose forward takes fp16 (see `fp16_takes_linear`):
+/// 256 x 256, BERT-mini's smallest.
+const FP16_MIN_WEIGHT: usize = 1 << 16;
 
 /// What a dense product does to each finished block of its output: in bf16 inside the
 /// product, on each job's block while it is still in cache; in f32 as one parallel pass after
@@ -134,7 +137,7 @@ impl Epilogue<'_> {
 }
 
 /// `c = x W^T` (`x` (m, k), `w` (n, k), `c` (m, n) dense), then `epilogue`; when `bf16` is
-/// asked: in fp16 where [`super::fp16::usable`] (n and k at least 16), else in bf16 where
+/// asked: in fp16 where `fp16_takes_linear` (the CPU, the weight's shape), else in bf16 where
 /// [`linear_takes_bf16`] allows (the caller checked the CPU).
 pub(crate) fn linear_product(c: &mut [f32], x: MatRef, w: MatRef, epilogue: Epilogue, bf16: bool) {
     let (m, n, k) = (x.rows, w.rows, x.cols);
@@ -153,7 +156,7 @@ pub(crate) fn linear_product(c: &mut [f32], x: MatRef, w: MatRef, epilogue: Epil
     }
     x.check();
     w.check();
-    if bf16 && n.min(k) >= BF16_MIN_DIM && super::fp16::usable() {
+    if bf16 && fp16_takes_linear(n, k) {
         // AVX-512 FP16 without AMX: twice the f32 rate where the bf16 kernel gets half, at
         // least bf16's precision (see `fp16`). Whatever the row count: each row's result
         // depends on that row alone, so a split of the batch gives the same bits.
@@ -208,6 +211,15 @@ pub(crate) fn linear_product(c: &mut [f32], x: MatRef, w: MatRef, epilogue: Epil
         // SAFETY: block i's rows belong to this task alone; `out` is `c`, borrowed above.
         unsafe { epilogue.apply(out.ptr(), n, r0, rb.min(m - r0), 0, n) };
     });
+}
+
+/// Whether a linear layer's forward asked for bf16 runs in fp16 here: the CPU
+/// ([`super::fp16::usable`]) and a weight of at least [`FP16_MIN_WEIGHT`] elements, neither
+/// side under [`BF16_MIN_DIM`]. The rule counts no rows, so a stack's halves take the same
+/// kernel as its whole batch; smaller layers (PatchTST's and CLIP's 64-wide ones, TS2Vec's
+/// convolutions) ran no faster in fp16 than in f32, their packing not paid back.
+fn fp16_takes_linear(n: usize, k: usize) -> bool {
+    n.min(k) >= BF16_MIN_DIM && n * k >= FP16_MIN_WEIGHT && super::fp16::usable()
 }
 
 /// True when [`mlp_product`] may run: both of the MLP's products (`m` rows, width `k`, hidden

@@ -1995,6 +1995,18 @@ mod tests {
         }
     }
 
+    /// A case of width 256 (MLP 512): every linear layer wide enough for fp16.
+    fn wide_case(b: usize, t: usize, norm: NormPlacement) -> Case {
+        let mut c = Case::new(b, t, norm, (0.0, 0.0), 1);
+        c.sp.dim = 256;
+        c.sp.mlp = 512;
+        c.params = (0..c.sp.depth * c.sp.offsets().len)
+            .map(|i| (i as f32 * 0.37).sin() * 0.05)
+            .collect();
+        c.x = (0..b * t * 256).map(|i| (i as f32 * 0.11).cos()).collect();
+        c
+    }
+
     /// Inference with the bf16 setting where its linear products run in fp16
     /// ([`crate::fp16::usable`]): in halves on two threads, equal bit for bit to the whole
     /// batch on one (the fp16 choice does not count rows), and within bf16's tolerance of the
@@ -2006,8 +2018,9 @@ mod tests {
             return;
         }
         for norm in [NormPlacement::Post, NormPlacement::Pre] {
-            let c = Case::new(4, 20, norm, (0.0, 0.0), 1);
-            // Wide enough that every linear product takes the reduced precision (n, k >= 16).
+            // Wide enough that every linear layer's forward takes fp16 (weights of 256 x 256
+            // and more).
+            let c = wide_case(4, 20, norm);
             let run = |bf16: bool, threads: usize, parts: usize| {
                 let mut sp = c.sp.clone();
                 sp.bf16 = bf16;
@@ -2045,15 +2058,7 @@ mod tests {
             eprintln!("skipped: no AVX-512 FP16 (or AMX takes the bf16 products) here");
             return;
         }
-        let mut c = Case::new(4, 128, NormPlacement::Post, (0.0, 0.0), 1);
-        c.sp.dim = 256;
-        c.sp.mlp = 512;
-        c.params = (0..c.sp.depth * c.sp.offsets().len)
-            .map(|i| (i as f32 * 0.37).sin() * 0.05)
-            .collect();
-        c.x = (0..c.b * c.t * 256)
-            .map(|i| (i as f32 * 0.11).cos())
-            .collect();
+        let c = wide_case(4, 128, NormPlacement::Post);
         assert!(crate::linear_takes_bf16(2 * 128, 256, 256));
         let run = |bf16: bool, threads: usize| {
             let mut sp = c.sp.clone();
