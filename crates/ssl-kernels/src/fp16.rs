@@ -285,23 +285,8 @@ unsafe fn pack_a(a: View, r0: usize, rows: usize, k: usize, kp: usize, out: &mut
     // SAFETY: the block's rows and k columns lie inside `A`.
     let col = |kk: usize| unsafe { a.ptr.offset(r0 as isize + kk as isize * a.cs) };
     let mut scale = vec![0f32; rp];
-    for i0 in (0..rows).step_by(16) {
-        let mask = lanes(rows - i0);
-        let mut m = _mm512_setzero_ps();
-        for kk in 0..k {
-            // SAFETY: the masked load reads the block's rows of column kk.
-            let v = unsafe { _mm512_maskz_loadu_ps(mask, col(kk).add(i0)) };
-            m = _mm512_max_ps(m, _mm512_abs_ps(v));
-        }
-        let mut maxes = [0f32; 16];
-        // SAFETY: 16 floats.
-        unsafe { _mm512_storeu_ps(maxes.as_mut_ptr(), m) };
-        for (t, &mx) in maxes.iter().enumerate().take(rows - i0) {
-            let e = scale_exp(mx);
-            scale[i0 + t] = pow2(e);
-            out.exp[i0 + t] = e;
-        }
-    }
+    // SAFETY: columns 0..k of the block, `rows` floats each.
+    unsafe { run_scales(col, k, rows, &mut scale, &mut out.exp) };
     let mut blk = [_mm512_setzero_si512(); 16];
     for i0 in (0..rows).step_by(16) {
         let mask = lanes(rows - i0);
@@ -336,6 +321,40 @@ unsafe fn pack_a(a: View, r0: usize, rows: usize, k: usize, kp: usize, out: &mut
     out.data[rows * kp..rp * kp].fill(0);
 }
 
+/// For each of `width` positions, the scaling of its largest magnitude over `runs` runs of
+/// `width` contiguous floats (run `l` at `at(l)`): `scale[i] = 2^exp[i]` (rows of an `A`
+/// given by columns, columns of a `B` given by rows).
+///
+/// # Safety
+/// Every run must be readable; `scale` and `exp` hold at least `width` elements.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn run_scales(
+    at: impl Fn(usize) -> *const f32,
+    runs: usize,
+    width: usize,
+    scale: &mut [f32],
+    exp: &mut [i32],
+) {
+    for i0 in (0..width).step_by(16) {
+        let mask = lanes(width - i0);
+        let mut m = _mm512_setzero_ps();
+        for l in 0..runs {
+            // SAFETY: the masked load reads positions i0.. of run l.
+            let v = unsafe { _mm512_maskz_loadu_ps(mask, at(l).add(i0)) };
+            m = _mm512_max_ps(m, _mm512_abs_ps(v));
+        }
+        let mut maxes = [0f32; 16];
+        // SAFETY: 16 floats.
+        unsafe { _mm512_storeu_ps(maxes.as_mut_ptr(), m) };
+        for (t, &mx) in maxes.iter().enumerate().take(width - i0) {
+            let e = scale_exp(mx);
+            scale[i0 + t] = pow2(e);
+            exp[i0 + t] = e;
+        }
+    }
+}
+
 /// `B` (k x n) into panels of [`NR`] columns, each `[kp][NR]` fp16, each column scaled into
 /// [8, 16); padding zeros. `B`'s columns contiguous (`W^T`: [`pack_w`]) or its rows.
 ///
@@ -357,23 +376,8 @@ unsafe fn pack_b(b: View, n: usize, k: usize, kp: usize, out: &mut Packed) {
     // SAFETY: row kk of `B` lies inside it.
     let row = |kk: usize| unsafe { b.ptr.offset(kk as isize * b.rs) };
     let mut scale = vec![0f32; np];
-    for j0 in (0..n).step_by(16) {
-        let mask = lanes(n - j0);
-        let mut m = _mm512_setzero_ps();
-        for kk in 0..k {
-            // SAFETY: the masked load reads columns j0.. of row kk.
-            let v = unsafe { _mm512_maskz_loadu_ps(mask, row(kk).add(j0)) };
-            m = _mm512_max_ps(m, _mm512_abs_ps(v));
-        }
-        let mut maxes = [0f32; 16];
-        // SAFETY: 16 floats.
-        unsafe { _mm512_storeu_ps(maxes.as_mut_ptr(), m) };
-        for (t, &mx) in maxes.iter().enumerate().take(n - j0) {
-            let e = scale_exp(mx);
-            scale[j0 + t] = pow2(e);
-            out.exp[j0 + t] = e;
-        }
-    }
+    // SAFETY: rows 0..k of `B`, n floats each.
+    unsafe { run_scales(row, k, n, &mut scale, &mut out.exp) };
     for j0 in (0..n).step_by(16) {
         let mask = lanes(n - j0);
         let sv = _mm512_loadu_ps(scale[j0..j0 + 16].as_ptr());

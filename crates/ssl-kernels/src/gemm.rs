@@ -488,16 +488,17 @@ pub(crate) unsafe fn matmul_raw(
     if unsafe { empty_product(c, ldc, m, n, k, accumulate) } {
         return;
     }
+    // The threads the reduced-precision kernels may use (gemm takes `par` itself).
+    let threads = match par {
+        Parallelism::Rayon(0) => rayon::current_num_threads(),
+        Parallelism::Rayon(t) => t,
+        _ => 1,
+    };
     if bf16
         && m.min(n).min(k) >= BF16_MIN_DIM
         && super::fp16::usable()
         && super::fp16::takes((a_rs, a_cs), (b_rs, b_cs))
     {
-        let threads = match par {
-            Parallelism::Rayon(0) => rayon::current_num_threads(),
-            Parallelism::Rayon(t) => t,
-            _ => 1,
-        };
         let (a, b) = (
             super::fp16::View {
                 ptr: a,
@@ -527,11 +528,6 @@ pub(crate) unsafe fn matmul_raw(
         return;
     }
     if bf16 && per_head_bf16(m, n, k) {
-        let threads = match par {
-            Parallelism::Rayon(0) => rayon::current_num_threads(),
-            Parallelism::Rayon(t) => t,
-            _ => 1,
-        };
         // SAFETY: forwarded from the caller; the kernels' CPU features were checked.
         unsafe {
             super::bf16::gemm_bf16(

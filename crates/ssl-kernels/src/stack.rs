@@ -2007,6 +2007,28 @@ mod tests {
         c
     }
 
+    /// `c` through a stack in the given precision (with backward when `train`) on a pool of
+    /// `threads`, checking it runs as `parts` parts: outputs and gradients.
+    fn run_on(
+        c: &Case,
+        bf16: bool,
+        train: bool,
+        threads: usize,
+        parts: usize,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let mut sp = c.sp.clone();
+        sp.bf16 = bf16;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let op = StackOp::new(sp, false, train, train, 5, BufferPool::default());
+            assert_eq!(op.parts(c.b), parts);
+            c.run(op, |out| out)
+        })
+    }
+
     /// Inference with the bf16 setting where its linear products run in fp16
     /// ([`crate::fp16::usable`]): in halves on two threads, equal bit for bit to the whole
     /// batch on one (the fp16 choice does not count rows), and within bf16's tolerance of the
@@ -2021,19 +2043,7 @@ mod tests {
             // Wide enough that every linear layer's forward takes fp16 (weights of 256 x 256
             // and more).
             let c = wide_case(4, 20, norm);
-            let run = |bf16: bool, threads: usize, parts: usize| {
-                let mut sp = c.sp.clone();
-                sp.bf16 = bf16;
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
-                pool.install(|| {
-                    let op = StackOp::new(sp, false, false, false, 5, BufferPool::default());
-                    assert_eq!(op.parts(c.b), parts);
-                    c.run(op, |out| out).0
-                })
-            };
+            let run = |bf16, threads, parts| run_on(&c, bf16, false, threads, parts).0;
             let halves = run(true, 2, 2);
             let whole = run(true, 1, 1);
             assert_eq!(halves, whole, "{norm:?}: halves against the whole batch");
@@ -2060,19 +2070,7 @@ mod tests {
         }
         let c = wide_case(4, 128, NormPlacement::Post);
         assert!(crate::linear_takes_bf16(2 * 128, 256, 256));
-        let run = |bf16: bool, threads: usize| {
-            let mut sp = c.sp.clone();
-            sp.bf16 = bf16;
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
-                let op = StackOp::new(sp, false, true, true, 5, BufferPool::default());
-                assert_eq!(op.parts(c.b), 2);
-                c.run(op, |out| out)
-            })
-        };
+        let run = |bf16, threads| run_on(&c, bf16, true, threads, 2);
         let two = run(true, 2);
         assert!(
             two == run(true, 1),
