@@ -782,7 +782,7 @@ mod tests {
             return;
         }
         // Row tails (1-25 rows against blocks of 12), column tails (panels of 64, stores of
-        // 16), depth tails (chunks of 32), and rows of very different magnitudes.
+        // 16), depth tails (chunks of 64), and rows of very different magnitudes.
         for (m, n, k) in [
             (1, 1, 1),
             (12, 64, 32),
