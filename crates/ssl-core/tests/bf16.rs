@@ -21,9 +21,10 @@ fn config(norm: NormPlacement, depth: usize) -> TransformerConfig {
     // Large enough for bf16 to be chosen (see `BF16_MIN_DIM` in ssl-kernels' gemm.rs): the QKV
     // and MLP products (128 x 768 x 256, 128 x 1024 x 256, and their backward products) and
     // the per-head attention products (64 x 64 x 128) run in bf16; the output projection
-    // (128 x 256 x 256, under 16 M multiply-adds) stays f32 in backward (in the forward too
-    // on the bf16 kernels; on Intel CPUs with AVX-512 FP16 and no AMX every forward product
-    // of these widths and its backward ones run in fp16, the heads in f32).
+    // (128 x 256 x 256, under 16 M multiply-adds) stays f32 in backward, and in the forward
+    // on the bf16 kernels. On Intel CPUs with AVX-512 FP16 and no AMX the reduced precision is
+    // fp16: every forward product of these widths (weights of 256 x 256 and more), the
+    // backward's by the same 16 M rule, the heads in f32.
     TransformerConfig {
         dim: D,
         depth,

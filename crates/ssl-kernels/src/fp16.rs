@@ -486,8 +486,9 @@ unsafe fn pack_w(w: *const f32, ldw: usize, n: usize, k: usize, kp: usize, out: 
 }
 
 /// The factors `(2^e1, 2^e2)`, `e1 + e2 = -s`, that undo the scalings `2^s` (`s` the sum of
-/// a row's and a column's exponents, each in [-126, 126]), each within f32's normal range:
-/// the output is `tile * 2^e1 * 2^e2`, exact unless the true result itself leaves that range.
+/// a row's and a column's exponents, each in [-126, 126]; `e1` clamped to [-126, 127], `e2`
+/// the rest), each within f32's normal range: the output is `tile * 2^e2 * 2^e1`, exact
+/// unless the true result itself leaves that range (then rounded once).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn unscale(s: __m512i) -> (__m512, __m512) {
@@ -559,8 +560,10 @@ unsafe fn block(
                         unsafe {
                             let eb = _mm512_loadu_si512(eb.as_ptr().cast());
                             let (f1, f2) = unscale(_mm512_add_epi32(ea, eb));
-                            let v = _mm512_mul_ps(_mm512_loadu_ps(t.as_ptr()), f1);
-                            let mut v = _mm512_mul_ps(_mm512_mul_ps(v, f2), av);
+                            // The remainder first (exact unless the result leaves f32's
+                            // range), then the clamped factor: one rounding at most.
+                            let v = _mm512_mul_ps(_mm512_loadu_ps(t.as_ptr()), f2);
+                            let mut v = _mm512_mul_ps(_mm512_mul_ps(v, f1), av);
                             if accumulate {
                                 v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst.add(q * 16)), v);
                             }
@@ -704,7 +707,7 @@ mod tests {
 
     /// The module's arithmetic, emulated: each row scaled and rounded to fp16, fp16 FMAs
     /// (a*b + c exact in f64, then one rounding) over chunks of KC, each chunk's sum added to
-    /// an f32 total, the total unscaled by the column's and then the row's power of two.
+    /// an f32 total, the total unscaled as `block` does (`2^(e - e1)`, then `2^e1`).
     fn emulate(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
         let exps = |v: &[f32], rows: usize| -> Vec<i32> {
             (0..rows)
@@ -733,7 +736,7 @@ mod tests {
                 }
                 let e = -(sw[j] + sx[i]);
                 let e1 = e.clamp(-126, 127);
-                out[i * n + j] = total * pow2(e1) * pow2(e - e1);
+                out[i * n + j] = total * pow2(e - e1) * pow2(e1);
             }
         }
         out
@@ -792,11 +795,15 @@ mod tests {
             (49, 16, 3),
         ] {
             let mut x = data(m * k, 1 + m as u64, 1.0);
+            let mut w = data(n * k, 7 + n as u64, 0.05);
             if m > 2 {
                 x[..k].iter_mut().for_each(|v| *v *= 1e-7);
                 x[k..2 * k].iter_mut().for_each(|v| *v *= 3e8);
+                // A row and a column near 1e-20: their scalings sum past 2^126, undone in two
+                // factors (the product, ~1e-40, is subnormal in f32).
+                x[2 * k..3 * k].iter_mut().for_each(|v| *v *= 1e-20);
+                w[..k].iter_mut().for_each(|v| *v *= 2e-19);
             }
-            let w = data(n * k, 7 + n as u64, 0.05);
             let got = run(&x, &w, m, n, k);
             let want = emulate(&x, &w, m, n, k);
             for (i, (g, e)) in got.iter().zip(&want).enumerate() {

@@ -176,7 +176,9 @@ pub(crate) fn linear_product(c: &mut [f32], x: MatRef, w: MatRef, epilogue: Epil
         };
         return;
     }
-    if bf16 && linear_takes_bf16(m, n, k) && super::bf16::available() {
+    // Not where fp16 is usable: there a weight under its threshold stays f32 whatever the
+    // row count (the bf16 kernel runs at half the f32 rate, and its rule counts rows).
+    if bf16 && linear_takes_bf16(m, n, k) && super::bf16::available() && !super::fp16::usable() {
         // SAFETY: the views were checked to lie inside their slices, `c` holds m x n and is
         // borrowed mutably; the kernels' CPU features were checked.
         unsafe {
@@ -392,7 +394,7 @@ fn product_shape(
 /// `a b` (each after its `Op`) in a new row-major `m x n` vector, written once by the product:
 /// no zero fill first (with `accumulate = false` every path writes each element before any
 /// read of it: [`empty_product`]'s fill, `gemm` with `read_dst` off, the bf16 and AMX kernels'
-/// first `k` block). Products in bf16 when `bf16` and [`linear_takes_bf16`] allows.
+/// first `k` block, the fp16 kernel's unscaling store). Products in bf16 when `bf16` and [`linear_takes_bf16`] allows.
 pub(crate) fn product(a: MatRef, op_a: Op, b: MatRef, op_b: Op, bf16: bool) -> Vec<f32> {
     let ((m, n, k), (a_rs, a_cs), (b_rs, b_cs)) = product_shape(&a, op_a, &b, op_b);
     let mut c = Vec::with_capacity(m * n);
@@ -858,6 +860,34 @@ mod tests {
                 assert!((x - w).abs() < 1e-5);
             }
         }
+    }
+
+    /// Where fp16 is usable, a linear layer whose weight is under its threshold stays f32
+    /// when asked for bf16, also with rows enough for the bf16 kernels' rule (which would
+    /// make a stack's halves and its whole batch take different kernels); one above it
+    /// takes fp16 at any row count.
+    #[test]
+    fn fp16_linear_rule_counts_no_rows() {
+        if !super::super::fp16::usable() {
+            eprintln!("skipped: no AVX-512 FP16 (or AMX takes the bf16 products) here");
+            return;
+        }
+        let run = |m: usize, width: usize, bf16: bool| {
+            let x: Vec<f32> = (0..m * width).map(|i| (i as f32 * 0.37).sin()).collect();
+            let w: Vec<f32> = (0..width * width)
+                .map(|i| (i as f32 * 0.61).cos() * 0.1)
+                .collect();
+            let mut y = vec![0f32; m * width];
+            let (xm, wm) = (MatRef::dense(&x, m, width), MatRef::dense(&w, width, width));
+            linear_product(&mut y, xm, wm, Epilogue::None, bf16);
+            y
+        };
+        // 128 x 128: 1536 rows reach 16 M multiply-adds, 768 do not; f32 in both.
+        assert!(linear_takes_bf16(1536, 128, 128) && !linear_takes_bf16(768, 128, 128));
+        assert_eq!(run(1536, 128, true), run(1536, 128, false));
+        // 256 x 256 takes fp16 with 20 rows as with 2000.
+        assert_ne!(run(20, 256, true), run(20, 256, false));
+        assert_eq!(run(2000, 256, true)[..20 * 256], run(20, 256, true)[..]);
     }
 
     #[test]
