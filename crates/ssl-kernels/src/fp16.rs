@@ -134,7 +134,7 @@ pub(crate) unsafe fn linear(
 
 /// `c = alpha * A B` (or `c += ...` when `accumulate`; `A` m x k, `B` k x n, `c` m x n with
 /// row stride `ldc`), then `epilogue` on each block of rows while it is in cache; blocks of
-/// rows spread over at most `threads` of the rayon pool. Each row of `c` depends only on its
+/// rows spread over the rayon pool, or run on this thread when `threads` is 1. Each row of `c` depends only on its
 /// row of `A`, so a split of the rows gives the same bits as the whole.
 ///
 /// # Safety
@@ -178,8 +178,18 @@ pub(crate) unsafe fn gemm(
                     // job alone writes rows r0..r0 + rows of `c`; the CPU was checked.
                     unsafe {
                         pack_a(a.get(), r0, rows, k, kp, px);
-                        let out_rows = (alpha, accumulate);
-                        block(out.ptr(), ldc, r0, rows, n, np, kp, px, pw, out_rows);
+                        block(
+                            out.ptr(),
+                            ldc,
+                            r0,
+                            rows,
+                            n,
+                            np,
+                            kp,
+                            px,
+                            pw,
+                            (alpha, accumulate),
+                        );
                         epilogue.apply(out.ptr(), ldc, r0, rows, 0, n);
                     }
                 });
@@ -223,6 +233,21 @@ impl SendView {
 struct Packed {
     data: Vec<u16>,
     exp: Vec<i32>,
+}
+
+impl Packed {
+    /// Room for `elements` packed values (all zero when `zero`, else as a previous call left
+    /// them: the packer then writes every one the kernel reads) and `scales` exponents, 0.
+    fn reset(&mut self, elements: usize, scales: usize, zero: bool) {
+        if zero {
+            self.data.clear();
+        }
+        if self.data.len() < elements {
+            self.data.resize(elements, 0);
+        }
+        self.exp.clear();
+        self.exp.resize(scales, 0);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -276,11 +301,7 @@ unsafe fn pack_a(a: View, r0: usize, rows: usize, k: usize, kp: usize, out: &mut
         return;
     }
     let rp = rows.div_ceil(MR) * MR;
-    if out.data.len() < rp * kp {
-        out.data.resize(rp * kp, 0);
-    }
-    out.exp.clear();
-    out.exp.resize(rp, 0);
+    out.reset(rp * kp, rp, false);
     // Column kk of the block: `rows` contiguous floats at `col(kk)`.
     // SAFETY: the block's rows and k columns lie inside `A`.
     let col = |kk: usize| unsafe { a.ptr.offset(r0 as isize + kk as isize * a.cs) };
@@ -302,23 +323,30 @@ unsafe fn pack_a(a: View, r0: usize, rows: usize, k: usize, kp: usize, out: &mut
                     _mm512_setzero_si512()
                 };
             }
-            transpose16(&mut blk);
-            for (t, v) in blk.iter().enumerate().take(rows - i0) {
-                let at = (i0 + t) * kp + k0;
-                // SAFETY: 16 fp16 at `at` lie inside row i0 + t (k0 + 16 <= kp).
-                unsafe {
-                    _mm256_storeu_si256(
-                        out.data.as_mut_ptr().add(at).cast(),
-                        to_fp16(_mm512_castsi512_ps(*v)),
-                    )
-                };
-            }
+            let base = out.data.as_mut_ptr();
+            // SAFETY: 16 fp16 at row i0 + t, column k0 lie inside that row (k0 + 16 <= kp).
+            unsafe { store_transposed(&mut blk, rows - i0, |t| base.add((i0 + t) * kp + k0)) };
         }
         for r in i0..(i0 + 16).min(rows) {
             out.data[r * kp + k.div_ceil(16) * 16..(r + 1) * kp].fill(0);
         }
     }
     out.data[rows * kp..rp * kp].fill(0);
+}
+
+/// Transposes `blk` (16 rows of 16 scaled floats) and stores its first `count` rows (at most
+/// 16), each as 16 fp16 at `dst(t)`: the packers' 16 x 16 register transposes.
+///
+/// # Safety
+/// Each `dst(t)`, `t < count`, must have room for 16 fp16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_transposed(blk: &mut [__m512i; 16], count: usize, dst: impl Fn(usize) -> *mut u16) {
+    transpose16(blk);
+    for (t, v) in blk.iter().enumerate().take(count) {
+        // SAFETY: the caller's guarantee.
+        unsafe { _mm256_storeu_si256(dst(t).cast(), to_fp16(_mm512_castsi512_ps(*v))) };
+    }
 }
 
 /// For each of `width` positions, the scaling of its largest magnitude over `runs` runs of
@@ -369,10 +397,7 @@ unsafe fn pack_b(b: View, n: usize, k: usize, kp: usize, out: &mut Packed) {
         return;
     }
     let np = n.div_ceil(NR) * NR;
-    out.data.clear();
-    out.data.resize(np * kp, 0);
-    out.exp.clear();
-    out.exp.resize(np, 0);
+    out.reset(np * kp, np, true);
     // SAFETY: row kk of `B` lies inside it.
     let row = |kk: usize| unsafe { b.ptr.offset(kk as isize * b.rs) };
     let mut scale = vec![0f32; np];
@@ -405,11 +430,7 @@ unsafe fn pack_b(b: View, n: usize, k: usize, kp: usize, out: &mut Packed) {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn pack_x(x: *const f32, ldx: usize, rows: usize, k: usize, kp: usize, out: &mut Packed) {
     let rp = rows.div_ceil(MR) * MR;
-    if out.data.len() < rp * kp {
-        out.data.resize(rp * kp, 0);
-    }
-    out.exp.clear();
-    out.exp.resize(rp, 0);
+    out.reset(rp * kp, rp, false);
     for r in 0..rp {
         let o = &mut out.data[r * kp..(r + 1) * kp];
         if r >= rows {
@@ -447,10 +468,7 @@ unsafe fn pack_x(x: *const f32, ldx: usize, rows: usize, k: usize, kp: usize, ou
 #[target_feature(enable = "avx512f")]
 unsafe fn pack_w(w: *const f32, ldw: usize, n: usize, k: usize, kp: usize, out: &mut Packed) {
     let np = n.div_ceil(NR) * NR;
-    out.data.clear();
-    out.data.resize(np * kp, 0);
-    out.exp.clear();
-    out.exp.resize(np, 0);
+    out.reset(np * kp, np, true);
     let mut scale = vec![0f32; n];
     for (j, s) in scale.iter_mut().enumerate() {
         // SAFETY: row j lies inside `W` (the caller's guarantee).
@@ -474,13 +492,9 @@ unsafe fn pack_w(w: *const f32, ldw: usize, n: usize, k: usize, kp: usize, out: 
                     _mm512_setzero_si512()
                 };
             }
-            transpose16(&mut blk);
-            for (t, b) in blk.iter().enumerate().take(k - k0) {
-                let at = (k0 + t) * NR + col;
-                let h = to_fp16(_mm512_castsi512_ps(*b));
-                // SAFETY: 16 fp16 at `at` lie inside the panel (col + 16 <= NR).
-                unsafe { _mm256_storeu_si256(panel.as_mut_ptr().add(at).cast(), h) };
-            }
+            let base = panel.as_mut_ptr();
+            // SAFETY: 16 fp16 at row k0 + t, column col lie inside the panel (col + 16 <= NR).
+            unsafe { store_transposed(&mut blk, k - k0, |t| base.add((k0 + t) * NR + col)) };
         }
     }
 }
