@@ -1216,27 +1216,39 @@ fn local_precision(
     if !cfg.bf16_check {
         return (MatmulPrecision::Bf16, None);
     }
-    match ssl_kernels::bf16_check() {
-        Some(c) if inference && !c.inference_faster() => (
-            MatmulPrecision::F32,
-            Some(format!(
-                "train.matmul_precision = bf16: a bf16 forward product takes {:.1} ms against {:.1} ms in f32 on this CPU ({}), so passes without backward stay f32 (train.bf16_check = false forces bf16)",
-                c.forward_bf16_seconds * 1e3,
-                c.forward_f32_seconds * 1e3,
-                ssl_kernels::cpu_name()
-            )),
-        ),
-        Some(c) if !inference && !c.bf16_faster() => (
-            MatmulPrecision::F32,
-            Some(format!(
-                "train.matmul_precision = bf16: bf16 products take {:.1} ms against {:.1} ms in f32 on this CPU ({}), so the products stay f32 (train.bf16_check = false forces bf16)",
-                c.bf16_seconds * 1e3,
-                c.f32_seconds * 1e3,
-                ssl_kernels::cpu_name()
-            )),
-        ),
-        _ => (MatmulPrecision::Bf16, None),
+    let Some(c) = ssl_kernels::bf16_check() else {
+        return (MatmulPrecision::Bf16, None);
+    };
+    // A training step's three products, or a pass without backward's forward product.
+    let (faster, bf16_s, f32_s, timed, kept) = if inference {
+        (
+            c.inference_faster(),
+            c.forward_bf16_seconds,
+            c.forward_f32_seconds,
+            "a bf16 forward product takes",
+            "passes without backward stay f32",
+        )
+    } else {
+        (
+            c.bf16_faster(),
+            c.bf16_seconds,
+            c.f32_seconds,
+            "bf16 products take",
+            "the products stay f32",
+        )
+    };
+    if faster {
+        return (MatmulPrecision::Bf16, None);
     }
+    (
+        MatmulPrecision::F32,
+        Some(format!(
+            "train.matmul_precision = bf16: {timed} {:.1} ms against {:.1} ms in f32 on this CPU ({}), so {kept} (train.bf16_check = false forces bf16)",
+            bf16_s * 1e3,
+            f32_s * 1e3,
+            ssl_kernels::cpu_name()
+        )),
+    )
 }
 
 /// The precision embedding and evaluation passes of a run take on `device`: the run's
