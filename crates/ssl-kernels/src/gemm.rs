@@ -490,8 +490,9 @@ pub(crate) unsafe fn matmul_raw(
     if unsafe { empty_product(c, ldc, m, n, k, accumulate) } {
         return;
     }
-    // The threads the reduced-precision kernels may use (gemm takes `par` itself).
-    let threads = match par {
+    // The threads the reduced-precision kernels may use (gemm takes `par` itself); only
+    // asked for on their paths, not on every f32 head product.
+    let kernel_threads = || match par {
         Parallelism::Rayon(0) => rayon::current_num_threads(),
         Parallelism::Rayon(t) => t,
         _ => 1,
@@ -523,7 +524,7 @@ pub(crate) unsafe fn matmul_raw(
                 b,
                 alpha,
                 accumulate,
-                threads,
+                kernel_threads(),
                 Epilogue::None,
             )
         };
@@ -546,7 +547,7 @@ pub(crate) unsafe fn matmul_raw(
                 b_cs,
                 alpha,
                 accumulate,
-                threads,
+                kernel_threads(),
                 Epilogue::None,
             )
         };

@@ -120,25 +120,13 @@ fn measure() -> Bf16Check {
     // A linear layer 512 -> 2048 on 1,024 tokens as a training step runs it: the forward
     // `x W^T`, the input gradient `g W` and the weight gradient `g^T x`, each orientation its
     // own packing (AMX packs transposed operands slower than contiguous ones).
-    let products = [
-        ((1024, 2048, 512), (Op::N, Op::T)),
-        ((1024, 512, 2048), (Op::N, Op::N)),
-        ((2048, 512, 1024), (Op::T, Op::N)),
-    ];
-    let (mut b, mut f) = (0.0, 0.0);
-    let mut forward = (0.0, 0.0);
-    for (i, (shape, ops)) in products.into_iter().enumerate() {
-        // The forward product decides inference alone: more repetitions.
-        let (tb, tf) = time_product(shape, ops, if i == 0 { 9 } else { 5 });
-        if i == 0 {
-            forward = (tb, tf);
-        }
-        b += tb;
-        f += tf;
-    }
+    // The forward product decides inference alone: more repetitions.
+    let forward = time_product((1024, 2048, 512), (Op::N, Op::T), 9);
+    let input_grad = time_product((1024, 512, 2048), (Op::N, Op::N), 5);
+    let weight_grad = time_product((2048, 512, 1024), (Op::T, Op::N), 5);
     Bf16Check {
-        bf16_seconds: b,
-        f32_seconds: f,
+        bf16_seconds: forward.0 + input_grad.0 + weight_grad.0,
+        f32_seconds: forward.1 + input_grad.1 + weight_grad.1,
         forward_bf16_seconds: forward.0,
         forward_f32_seconds: forward.1,
     }
