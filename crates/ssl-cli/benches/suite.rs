@@ -526,7 +526,7 @@ fn report_bf16_check(json: bool) -> Res<()> {
             "forward_bf16_ms": ms(fb),
             "forward_f32_ms": ms(ff),
             "inference_faster": c.inference_faster(),
-            "kernel": ssl_kernels::reduced_precision_kernel(),
+            "kernel": ssl_kernels::reduced_precision_kernel().name(),
         });
         println!("{o}");
     } else {

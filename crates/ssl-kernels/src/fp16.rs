@@ -62,12 +62,6 @@ pub(crate) fn available() -> bool {
     })
 }
 
-/// True when reduced-precision `x W^T` products run here rather than on the bf16 kernels:
-/// AVX-512 FP16 and no usable AMX (whose bf16 tiles are faster still).
-pub(crate) fn usable() -> bool {
-    available() && super::amx::backend().is_none()
-}
-
 /// The power of two that brings a row whose largest magnitude is `max` into [8, 16) (1 for
 /// a row of zeros or with an infinity; a NaN may or may not reach `max`, and propagates to
 /// the output either way).

@@ -8,6 +8,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::precision::{reduced_precision_kernel, ReducedKernel};
 use super::simd::{self, Act};
 
 /// Products run in bf16 when asked only if every dimension is at least this large and their
@@ -18,7 +19,7 @@ use super::simd::{self, Act};
 /// one model makes the same choice on every machine. Measured with `bench/run --precision
 /// bf16`: the PatchTST model's products (896 x 192 x 64 and smaller) ran slower in bf16 than
 /// in f32, BERT-mini's (2048 x 768 x 256; 128 x 128 x 64 per attention head) much faster.
-/// Where the reduced precision runs in fp16 ([`super::fp16::usable`]) a linear layer's
+/// Where the reduced precision runs in fp16 ([`ReducedKernel::Avx512Fp16`]) a linear layer's
 /// forward ([`linear_product`]) asks a rule on its weight's shape alone (`fp16_takes_linear`),
 /// whatever the row count, so a stack's halves take the same kernel as its whole batch.
 const BF16_MIN_DIM: usize = 16;
@@ -161,7 +162,7 @@ pub(crate) fn linear_product(c: &mut [f32], x: MatRef, w: MatRef, epilogue: Epil
         // least bf16's precision (see `fp16`). Whatever the row count: each row's result
         // depends on that row alone, so a split of the batch gives the same bits.
         // SAFETY: the views were checked to lie inside their slices, `c` holds m x n and is
-        // borrowed mutably; `usable` checked the CPU.
+        // borrowed mutably; the kernel choice checked the CPU.
         unsafe {
             super::fp16::linear(
                 c.as_mut_ptr(),
@@ -176,9 +177,9 @@ pub(crate) fn linear_product(c: &mut [f32], x: MatRef, w: MatRef, epilogue: Epil
         };
         return;
     }
-    // Not where fp16 is usable: there a weight under its threshold stays f32 whatever the
-    // row count (the bf16 kernel runs at half the f32 rate, and its rule counts rows).
-    if bf16 && linear_takes_bf16(m, n, k) && super::bf16::available() && !super::fp16::usable() {
+    // Not where fp16 runs: there a weight under its threshold stays f32 whatever the row
+    // count (the bf16 kernel runs at half the f32 rate, and its rule counts rows).
+    if bf16 && linear_takes_bf16(m, n, k) && reduced_precision_kernel().bf16_operands() {
         // SAFETY: the views were checked to lie inside their slices, `c` holds m x n and is
         // borrowed mutably; the kernels' CPU features were checked.
         unsafe {
@@ -216,12 +217,14 @@ pub(crate) fn linear_product(c: &mut [f32], x: MatRef, w: MatRef, epilogue: Epil
 }
 
 /// Whether a linear layer's forward asked for bf16 runs in fp16 here: the CPU
-/// ([`super::fp16::usable`]) and a weight of at least [`FP16_MIN_WEIGHT`] elements, neither
+/// ([`ReducedKernel::Avx512Fp16`]) and a weight of at least [`FP16_MIN_WEIGHT`] elements, neither
 /// side under [`BF16_MIN_DIM`]. The rule counts no rows, so a stack's halves take the same
 /// kernel as its whole batch; smaller layers (PatchTST's and CLIP's 64-wide ones, TS2Vec's
 /// convolutions) ran no faster in fp16 than in f32, their packing not paid back.
 fn fp16_takes_linear(n: usize, k: usize) -> bool {
-    n.min(k) >= BF16_MIN_DIM && n * k >= FP16_MIN_WEIGHT && super::fp16::usable()
+    n.min(k) >= BF16_MIN_DIM
+        && n * k >= FP16_MIN_WEIGHT
+        && reduced_precision_kernel() == ReducedKernel::Avx512Fp16
 }
 
 /// True when [`mlp_product`] may run: both of the MLP's products (`m` rows, width `k`, hidden
@@ -231,9 +234,7 @@ fn fp16_takes_linear(n: usize, k: usize) -> bool {
 pub(crate) fn mlp_takes_bf16(m: usize, k: usize, f: usize, n: usize) -> bool {
     linear_takes_bf16(m, f, k)
         && linear_takes_bf16(m, n, f)
-        && super::bf16::available()
-        && super::amx::backend().is_none()
-        && !super::fp16::usable()
+        && reduced_precision_kernel() == ReducedKernel::Avx512Bf16
 }
 
 /// `c = act(x W1^T + b1) W2^T` with both products in bf16, each block of rows taken through
@@ -457,9 +458,12 @@ pub(crate) unsafe fn empty_product(
 }
 
 /// Whether a per-head product `m x k` by `k x n` asked for in bf16 runs in bf16 (the rule
-/// of [`BF16_MIN_DIM`] and a CPU with AVX-512 BF16).
+/// of [`BF16_MIN_DIM`] and a CPU whose reduced-precision kernel takes bf16 operands: never the
+/// bf16 kernel where fp16 runs, at half the f32 rate there).
 pub(crate) fn per_head_bf16(m: usize, n: usize, k: usize) -> bool {
-    k.min(m).min(n) >= BF16_MIN_DIM && m * n * k >= BF16_MIN_WORK && super::bf16::available()
+    k.min(m).min(n) >= BF16_MIN_DIM
+        && m * n * k >= BF16_MIN_WORK
+        && reduced_precision_kernel().bf16_operands()
 }
 
 /// The unchecked product behind [`matmul`] (`bf16` as there), for the attention's per-head
@@ -499,7 +503,7 @@ pub(crate) unsafe fn matmul_raw(
     };
     if bf16
         && m.min(n).min(k) >= BF16_MIN_DIM
-        && super::fp16::usable()
+        && reduced_precision_kernel() == ReducedKernel::Avx512Fp16
         && super::fp16::takes((a_rs, a_cs), (b_rs, b_cs))
     {
         let (a, b) = (
@@ -514,7 +518,8 @@ pub(crate) unsafe fn matmul_raw(
                 cs: b_cs,
             },
         );
-        // SAFETY: forwarded from the caller; `usable` checked the CPU, `takes` the strides.
+        // SAFETY: forwarded from the caller; the kernel choice checked the CPU, `takes` the
+        // strides.
         unsafe {
             super::fp16::gemm(
                 c,
@@ -869,7 +874,7 @@ mod tests {
     /// takes fp16 at any row count.
     #[test]
     fn fp16_linear_rule_counts_no_rows() {
-        if !super::super::fp16::usable() {
+        if reduced_precision_kernel() != ReducedKernel::Avx512Fp16 {
             eprintln!("skipped: no AVX-512 FP16 (or AMX takes the bf16 products) here");
             return;
         }

@@ -132,19 +132,65 @@ fn measure() -> Bf16Check {
     }
 }
 
-/// Which kernel the bf16 setting's products run on here: `"amx-bf16"` (AMX tiles),
-/// `"avx512-fp16"` (fp16 where AVX-512 FP16 is and usable AMX is not), `"avx512-bf16"`, or
-/// `"none"` (no reduced-precision kernel: the products stay f32).
-pub fn reduced_precision_kernel() -> &'static str {
-    if crate::amx::backend().is_some() {
-        "amx-bf16"
-    } else if crate::fp16::usable() {
-        "avx512-fp16"
-    } else if crate::bf16_available() {
-        "avx512-bf16"
-    } else {
-        "none"
+/// The kernel family that runs the products the bf16 setting asks for, on this CPU: decided
+/// once per process ([`reduced_precision_kernel`]), and the one place the kernels' dispatch
+/// asks (so the stack, its halves, the attention and the MLM head never disagree).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReducedKernel {
+    /// Intel AMX tiles in bf16 (or their emulation under `SSL_AMX_EMULATE=1`): every
+    /// reduced-precision product, the attention's per-head ones included.
+    AmxBf16,
+    /// AVX-512 FP16 where usable AMX is not: whole-batch products in fp16 with power-of-two
+    /// scaling and f32 sums every 64 terms (twice the f32 rate there, where `vdpbf16ps` runs at
+    /// half); the attention's heads and smaller weights stay f32.
+    Avx512Fp16,
+    /// AVX-512 BF16 dot products (bf16 operands, f32 sums), with the fused MLP and attention
+    /// kernels for inference.
+    Avx512Bf16,
+    /// No reduced-precision kernel: the products stay f32.
+    None,
+}
+
+impl ReducedKernel {
+    /// The name `bench/run` and the suite print: `"amx-bf16"`, `"avx512-fp16"`,
+    /// `"avx512-bf16"` or `"none"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::AmxBf16 => "amx-bf16",
+            Self::Avx512Fp16 => "avx512-fp16",
+            Self::Avx512Bf16 => "avx512-bf16",
+            Self::None => "none",
+        }
     }
+
+    /// True for the kernels with bf16 operands (AMX tiles or AVX-512 BF16), which the bf16
+    /// kernels' entry points dispatch between.
+    pub(crate) fn bf16_operands(self) -> bool {
+        matches!(self, Self::AmxBf16 | Self::Avx512Bf16)
+    }
+}
+
+impl std::fmt::Display for ReducedKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Which kernel the bf16 setting's products run on here: AMX tiles where usable (or
+/// emulated), else fp16 where AVX-512 FP16 is, else AVX-512 BF16, else none (f32).
+pub fn reduced_precision_kernel() -> ReducedKernel {
+    static KERNEL: OnceLock<ReducedKernel> = OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        if crate::amx::backend().is_some() {
+            ReducedKernel::AmxBf16
+        } else if crate::fp16::available() {
+            ReducedKernel::Avx512Fp16
+        } else if crate::bf16_available() {
+            ReducedKernel::Avx512Bf16
+        } else {
+            ReducedKernel::None
+        }
+    })
 }
 
 /// The CPU's model name (`/proc/cpuinfo`'s `model name`), or "unknown CPU".

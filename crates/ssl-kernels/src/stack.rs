@@ -20,6 +20,7 @@ use super::gemm::{
     Epilogue, MatRef, Op, OutSlice,
 };
 use super::pool::BufferPool;
+use super::precision::{reduced_precision_kernel, ReducedKernel};
 use super::simd::{self, Act};
 use super::{block_rows, col_sums_par, row_blocks};
 
@@ -622,20 +623,20 @@ impl StackOp {
     }
 
     /// Whether the attention of sequences of `t` runs as one bf16 kernel per head
-    /// ([`super::bf16::attention_head`]): when both its products would run in bf16 and the
-    /// CPU has no usable AMX (with AMX each head's two products run on the tiles instead).
+    /// ([`super::bf16::attention_head`]): when both its products would run in bf16 on the
+    /// AVX-512 BF16 kernel (with AMX each head's two products run on the tiles instead).
     fn fused_attention(&self, t: usize) -> bool {
-        self.head_bf16()
+        self.spec.bf16
+            && reduced_precision_kernel() == ReducedKernel::Avx512Bf16
             && super::gemm::per_head_bf16(t, t, self.spec.dim / self.spec.heads)
-            && super::amx::backend().is_none()
     }
 
     /// Whether the attention's per-head products take bf16 (when the stack's are): not on
-    /// CPUs whose reduced-precision products run in fp16 ([`super::fp16::usable`]), where
+    /// CPUs whose reduced-precision products run in fp16 ([`ReducedKernel::Avx512Fp16`]), where
     /// the bf16 kernel runs at half the f32 rate and the fp16 one takes whole-batch products
     /// only (its packing would cost more than it saves on a head's).
     fn head_bf16(&self) -> bool {
-        self.spec.bf16 && !super::fp16::usable()
+        self.spec.bf16 && reduced_precision_kernel().bf16_operands()
     }
 
     /// Scaled dot-product attention for every (batch, head): fills `p` and `ctx` (N, D)
@@ -1229,7 +1230,7 @@ impl StackOp {
 
     /// How many parts the batch runs as: two halves (each on half the threads, see
     /// [`run_halves`]) wherever there are two sequences and layers and the products run in
-    /// f32 or, asked for bf16, in fp16 ([`super::fp16::usable`]), except, without backward,
+    /// f32 or, asked for bf16, in fp16 ([`ReducedKernel::Avx512Fp16`]), except, without backward,
     /// on one thread (where halves gain nothing). Not on the bf16 kernels: there the size
     /// rule that picks bf16 or f32 for each product counts the whole batch's rows (and
     /// [`Self::layer_blocked`] runs one job per sequence). In fp16 the forward's choice
@@ -1244,7 +1245,7 @@ impl StackOp {
     fn parts(&self, b: usize) -> usize {
         let halve = b >= 2
             && self.spec.depth > 0
-            && (!self.spec.bf16 || super::fp16::usable())
+            && (!self.spec.bf16 || reduced_precision_kernel() == ReducedKernel::Avx512Fp16)
             && (self.keep || rayon::current_num_threads() >= 2);
         if halve {
             self.max_parts.min(2)
@@ -1760,20 +1761,9 @@ mod tests {
     /// needs no probability buffer without backward.
     #[test]
     fn fused_attention_equals_the_two_products() {
-        if !crate::bf16::available() {
-            eprintln!("skipped: this CPU has no AVX-512 BF16");
-            return;
-        }
-        if crate::amx::backend().is_some() {
-            eprintln!(
-                "skipped: bf16 products run on the AMX tile layout here (no fused attention)"
-            );
-            return;
-        }
-        if crate::fp16::usable() {
-            eprintln!(
-                "skipped: the heads take f32 products here (AVX-512 FP16, no fused attention)"
-            );
+        let kernel = reduced_precision_kernel();
+        if kernel != ReducedKernel::Avx512Bf16 {
+            eprintln!("skipped: the fused attention runs on the AVX-512 BF16 kernel, not {kernel}");
             return;
         }
         for &(b, t, dim, heads, causal, drop) in &[
@@ -2030,12 +2020,12 @@ mod tests {
     }
 
     /// Inference with the bf16 setting where its linear products run in fp16
-    /// ([`crate::fp16::usable`]): in halves on two threads, equal bit for bit to the whole
+    /// ([`ReducedKernel::Avx512Fp16`]): in halves on two threads, equal bit for bit to the whole
     /// batch on one (the fp16 choice does not count rows), and within bf16's tolerance of the
     /// f32 stack.
     #[test]
     fn fp16_inference_halves_equal_the_whole_batch_and_track_f32() {
-        if !crate::fp16::usable() {
+        if reduced_precision_kernel() != ReducedKernel::Avx512Fp16 {
             eprintln!("skipped: no AVX-512 FP16 (or AMX takes the bf16 products) here");
             return;
         }
@@ -2064,7 +2054,7 @@ mod tests {
     /// (a half's 256 rows by 256 wide).
     #[test]
     fn fp16_training_is_the_same_on_one_thread_as_on_two_and_tracks_f32() {
-        if !crate::fp16::usable() {
+        if reduced_precision_kernel() != ReducedKernel::Avx512Fp16 {
             eprintln!("skipped: no AVX-512 FP16 (or AMX takes the bf16 products) here");
             return;
         }
