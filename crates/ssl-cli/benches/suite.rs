@@ -511,7 +511,8 @@ fn peak_bf16(reps: usize) -> Res<Vec<f64>> {
 /// Prints what the trainer's bf16 check measured on this CPU (a linear layer's three
 /// products in each precision) and so what `train.matmul_precision = "bf16"` runs here.
 fn report_bf16_check(json: bool) -> Res<()> {
-    let c = ssl_kernels::bf16_check().ok_or("--precision bf16: no AVX-512 BF16 kernels")?;
+    let c = ssl_kernels::bf16_check()
+        .ok_or("--precision bf16: no reduced-precision kernel on this CPU")?;
     let (b, f) = (c.bf16_seconds * 1e3, c.f32_seconds * 1e3);
     let (fb, ff) = (c.forward_bf16_seconds * 1e3, c.forward_f32_seconds * 1e3);
     let pick = |bf16: bool| if bf16 { "bf16" } else { "f32" };

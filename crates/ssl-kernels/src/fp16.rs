@@ -303,25 +303,32 @@ unsafe fn pack_a(a: View, r0: usize, rows: usize, k: usize, kp: usize, out: &mut
     let mut scale = vec![0f32; rp];
     // SAFETY: columns 0..k of the block, `rows` floats each.
     unsafe { run_scales(col, k, rows, &mut scale, &mut out.exp) };
-    for i0 in (0..rows).step_by(MR) {
-        let mask = lanes((rows - i0).min(MR));
-        // SAFETY: MR floats of `scale` (rp >= i0 + MR), masked to the block's rows.
-        let sv = unsafe { _mm512_maskz_loadu_ps(mask, scale.as_ptr().add(i0)) };
-        let base = i0 * kp;
-        for kk in 0..k {
-            // SAFETY: the masked load reads the block's rows of column kk; the masked store
-            // writes MR fp16 of depth step kk inside the block.
+    // Each block's row mask and scales.
+    let blocks: Vec<(u16, __m512)> = (0..rows)
+        .step_by(MR)
+        .map(|i0| {
+            let mask = lanes((rows - i0).min(MR));
+            // SAFETY: MR floats of `scale` (rp >= i0 + MR), masked to the block's rows.
+            (mask, unsafe {
+                _mm512_maskz_loadu_ps(mask, scale.as_ptr().add(i0))
+            })
+        })
+        .collect();
+    // Column by column, so each column's run of rows is read once for all the blocks.
+    let data = out.data.as_mut_ptr();
+    for kk in 0..k {
+        for (b, &(mask, sv)) in blocks.iter().enumerate() {
+            // SAFETY: the masked load reads block b's rows of column kk; the masked store
+            // writes MR fp16 of depth step kk inside block b (rp * kp elements in all).
             unsafe {
-                let x = _mm512_maskz_loadu_ps(mask, col(kk).add(i0));
+                let x = _mm512_maskz_loadu_ps(mask, col(kk).add(b * MR));
                 let h = to_fp16(_mm512_mul_ps(x, sv));
-                _mm256_mask_storeu_epi16(
-                    out.data.as_mut_ptr().add(base + kk * MR).cast(),
-                    FULL_ROWS,
-                    h,
-                );
+                _mm256_mask_storeu_epi16(data.add(b * MR * kp + kk * MR).cast(), FULL_ROWS, h);
             }
         }
-        out.data[base + k * MR..base + kp * MR].fill(0);
+    }
+    for b in 0..blocks.len() {
+        out.data[b * MR * kp + k * MR..(b + 1) * MR * kp].fill(0);
     }
 }
 
@@ -444,11 +451,13 @@ unsafe fn pack_x(x: *const f32, ldx: usize, rows: usize, k: usize, kp: usize, ou
             out.exp[i0 + t] = e;
             *s = pow2(e);
         }
+        // Depth steps from `kz` on are zeros, filled below.
+        let kz = k.div_ceil(16) * 16;
         let base = out.data.as_mut_ptr().wrapping_add(i0 * kp);
-        for k0 in (0..kp).step_by(16) {
-            let mask = lanes(k.saturating_sub(k0));
+        for k0 in (0..kz).step_by(16) {
+            let mask = lanes(k - k0);
             for (t, v) in blk.iter_mut().enumerate() {
-                *v = if t < n && k0 < k {
+                *v = if t < n {
                     // SAFETY: the masked load reads inside row i0 + t.
                     let r = unsafe { _mm512_maskz_loadu_ps(mask, x.add((i0 + t) * ldx + k0)) };
                     _mm512_castps_si512(_mm512_mul_ps(r, _mm512_set1_ps(scale[t])))
@@ -456,10 +465,11 @@ unsafe fn pack_x(x: *const f32, ldx: usize, rows: usize, k: usize, kp: usize, ou
                     _mm512_setzero_si512()
                 };
             }
-            // SAFETY: depth steps k0..k0 + 16 < kp (a multiple of 16) of the block: MR fp16
+            // SAFETY: depth steps k0..k0 + 16 <= kp (a multiple of 16) of the block: MR fp16
             // each at base + (k0 + j) MR, inside it.
             unsafe { store_transposed(&mut blk, 16, FULL_ROWS, |j| base.add((k0 + j) * MR)) };
         }
+        out.data[i0 * kp + kz * MR..(i0 + MR) * kp].fill(0);
     }
 }
 
@@ -904,6 +914,70 @@ mod tests {
             }
         }
         assert!(!takes((2, 2), (1, 4)) && !takes((4, 1), (0, 1)));
+    }
+
+    /// The packed `A` is reused between calls without zeroing: its padding (depth past k, rows
+    /// past m) must be rewritten by each call. Infinities left by a larger product would turn
+    /// into NaN against `B`'s zero padding if any survived; the next, smaller product must
+    /// still equal the emulation, for `A` by rows and by columns.
+    #[test]
+    fn stale_packed_values_do_not_reach_a_smaller_product() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 FP16 on this CPU");
+            return;
+        }
+        let n = 20;
+        let product = |x: &[f32], m: usize, k: usize, by_columns: bool| {
+            let w = data(n * k, 31, 0.05);
+            let xt: Vec<f32> = (0..k * m).map(|i| x[(i % m) * k + i / m]).collect();
+            let a = if by_columns {
+                View {
+                    ptr: xt.as_ptr(),
+                    rs: 1,
+                    cs: m as isize,
+                }
+            } else {
+                View {
+                    ptr: x.as_ptr(),
+                    rs: k as isize,
+                    cs: 1,
+                }
+            };
+            let b = View {
+                ptr: w.as_ptr(),
+                rs: 1,
+                cs: k as isize,
+            };
+            let mut c = vec![0f32; m * n];
+            // SAFETY: the views and the output cover the buffers; one thread, so this thread's
+            // packing buffers are the ones reused.
+            unsafe {
+                gemm(
+                    c.as_mut_ptr(),
+                    n,
+                    (m, n, k),
+                    a,
+                    b,
+                    1.0,
+                    false,
+                    1,
+                    Epilogue::None,
+                )
+            };
+            (c, emulate(x, &w, m, n, k))
+        };
+        for by_columns in [false, true] {
+            let _ = product(&vec![f32::INFINITY; 13 * 100], 13, 100, by_columns);
+            let x = data(5 * 40, 37, 1.0);
+            let (got, want) = product(&x, 5, 40, by_columns);
+            for (g, e) in got.iter().zip(&want) {
+                assert!(
+                    g.is_finite(),
+                    "stale values reached the output (columns: {by_columns})"
+                );
+                assert_eq!(g.to_bits(), e.to_bits(), "columns: {by_columns}");
+            }
+        }
     }
 
     #[test]

@@ -139,7 +139,7 @@ impl Epilogue<'_> {
 
 /// `c = x W^T` (`x` (m, k), `w` (n, k), `c` (m, n) dense), then `epilogue`; when `bf16` is
 /// asked: in fp16 where `fp16_takes_linear` (the CPU, the weight's shape), else in bf16 where
-/// [`linear_takes_bf16`] allows (the caller checked the CPU).
+/// [`linear_takes_bf16`] allows and the CPU's [`ReducedKernel`] takes bf16 operands, else f32.
 pub(crate) fn linear_product(c: &mut [f32], x: MatRef, w: MatRef, epilogue: Epilogue, bf16: bool) {
     let (m, n, k) = (x.rows, w.rows, x.cols);
     assert_eq!(w.cols, k, "inner dimensions differ");
@@ -330,9 +330,10 @@ pub(crate) fn threads() -> Parallelism {
 }
 
 /// `c = alpha * op(a) * op(b)` (or `c += ...` when `accumulate`), `c` a row-major view with
-/// leading dimension `ldc`; with `bf16` (and every dimension at least 16) the operands are
-/// rounded to bf16 and the products summed in f32 (the caller checked the CPU). Panics if a view is out of bounds or the shapes disagree (internal
-/// invariants of the stack, never user data).
+/// leading dimension `ldc`; with `bf16` (and [`linear_takes_bf16`]) the products take the
+/// CPU's reduced precision ([`ReducedKernel`]: fp16 or bf16 operands, f32 sums), f32 where it
+/// has none. Panics if a view is out of bounds or the shapes disagree (internal invariants of
+/// the stack, never user data).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul(
     c: &mut [f32],

@@ -18,7 +18,8 @@
 //!   sums) on CPUs with AVX-512 BF16 ([`bf16_available`]), with bias and activation
 //!   epilogues applied to each block while it is in cache; where AVX-512 FP16 is there and
 //!   AMX is not (Intel Xeons in most VMs), the bf16 setting's products run in fp16 with
-//!   power-of-two scaling and f32 sums every 64 terms instead, at up to twice the f32 rate; [`MatmulT`] is `x W^T` on these
+//!   power-of-two scaling and f32 sums every 64 terms instead, at up to twice the f32 rate
+//!   ([`ReducedKernel`], decided once per process, says which kernel runs here); [`MatmulT`] is `x W^T` on these
 //!   kernels as an op of its own, with its backward (the linear layers outside the stack).
 //!   The attention's per-head products of at most 80 in every dimension (short sequences)
 //!   run on AVX-512F registers, their operands read where they lie (or one transposed).

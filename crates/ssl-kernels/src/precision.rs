@@ -49,12 +49,12 @@ impl Bf16Check {
     }
 }
 
-/// The measurement, taken once per process (about 0.1-0.3 s); `None` on a CPU without the
-/// bf16 kernels ([`crate::bf16_available`]).
+/// The measurement, taken once per process (about 0.1-0.3 s); `None` on a CPU without a
+/// reduced-precision kernel ([`reduced_precision_kernel`] is [`ReducedKernel::F32`]).
 pub fn bf16_check() -> Option<&'static Bf16Check> {
     static CHECK: OnceLock<Option<Bf16Check>> = OnceLock::new();
     CHECK
-        .get_or_init(|| crate::bf16_available().then(measure))
+        .get_or_init(|| (reduced_precision_kernel() != ReducedKernel::F32).then(measure))
         .as_ref()
 }
 
@@ -136,6 +136,7 @@ fn measure() -> Bf16Check {
 /// once per process ([`reduced_precision_kernel`]), and the one place the kernels' dispatch
 /// asks (so the stack, its halves, the attention and the MLM head never disagree).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ReducedKernel {
     /// Intel AMX tiles in bf16 (or their emulation under `SSL_AMX_EMULATE=1`): every
     /// reduced-precision product, the attention's per-head ones included.
@@ -148,7 +149,7 @@ pub enum ReducedKernel {
     /// kernels for inference.
     Avx512Bf16,
     /// No reduced-precision kernel: the products stay f32.
-    None,
+    F32,
 }
 
 impl ReducedKernel {
@@ -159,7 +160,7 @@ impl ReducedKernel {
             Self::AmxBf16 => "amx-bf16",
             Self::Avx512Fp16 => "avx512-fp16",
             Self::Avx512Bf16 => "avx512-bf16",
-            Self::None => "none",
+            Self::F32 => "none",
         }
     }
 
@@ -177,18 +178,19 @@ impl std::fmt::Display for ReducedKernel {
 }
 
 /// Which kernel the bf16 setting's products run on here: AMX tiles where usable (or
-/// emulated), else fp16 where AVX-512 FP16 is, else AVX-512 BF16, else none (f32).
+/// emulated) on a CPU with AVX-512 BF16 (the bf16 kernels' contract; every AMX CPU has it),
+/// else fp16 where AVX-512 FP16 is, else AVX-512 BF16, else none (f32).
 pub fn reduced_precision_kernel() -> ReducedKernel {
     static KERNEL: OnceLock<ReducedKernel> = OnceLock::new();
     *KERNEL.get_or_init(|| {
-        if crate::amx::backend().is_some() {
+        if crate::amx::backend().is_some() && crate::bf16_available() {
             ReducedKernel::AmxBf16
         } else if crate::fp16::available() {
             ReducedKernel::Avx512Fp16
         } else if crate::bf16_available() {
             ReducedKernel::Avx512Bf16
         } else {
-            ReducedKernel::None
+            ReducedKernel::F32
         }
     })
 }

@@ -24,8 +24,9 @@ pub enum MatmulPrecision {
     /// the same products take fp16 instead: each row and column scaled by a power of two,
     /// rounded to fp16, summed in fp16 64 terms at a time and those sums in f32 (half the
     /// error of bf16 operands; `ssl_kernels`' `fp16.rs`), at up to twice the f32 rate.
-    /// On the CPU used only where such a kernel exists (see [`bf16_matmul_available`]); elsewhere, and
-    /// on the CPU's composite (reference) path, the products stay f32. On a GPU every product
+    /// There the attention's per-head products stay f32. On the CPU used only where such a
+    /// kernel exists (see [`bf16_matmul_available`]); elsewhere, and on the CPU's composite
+    /// (reference) path, the products stay f32. On a GPU every product
     /// of the stack (linear layers and attention) and of [`super::ops::matmul_t`] takes bf16
     /// operands through cuBLAS with f32 sums (PyTorch's CUDA autocast for matmuls).
     Bf16,
@@ -34,7 +35,7 @@ pub enum MatmulPrecision {
 /// True when this CPU has a kernel for the bf16 setting's products: AMX tiles, AVX-512 FP16
 /// or AVX-512 BF16 (`ssl_kernels::reduced_precision_kernel` says which).
 pub fn bf16_matmul_available() -> bool {
-    ssl_kernels::reduced_precision_kernel() != ssl_kernels::ReducedKernel::None
+    ssl_kernels::reduced_precision_kernel() != ssl_kernels::ReducedKernel::F32
 }
 
 /// Median seconds of `reps` bf16 products of shape `(m, n, k)` (`m x k` by `k x n`), each
