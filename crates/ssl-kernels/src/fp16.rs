@@ -846,13 +846,15 @@ mod tests {
             eprintln!("skipped: no AVX-512 FP16 on this CPU");
             return;
         }
-        // (5, 300, 2100): five panels of 270 KB, two groups of them.
+        // (5, 300, 2100): five panels of 270 KB, two groups of them; (30, 130, 300): three row
+        // blocks by three panels, the depth's last chunk partial.
         for (m, n, k) in [
             (1, 1, 1),
             (13, 70, 40),
             (50, 17, 130),
             (33, 64, 64),
             (5, 300, 2100),
+            (30, 130, 300),
         ] {
             let x = data(m * k, 23 + m as u64, 1.0);
             let w = data(n * k, 29 + n as u64, 0.05);
