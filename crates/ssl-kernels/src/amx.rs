@@ -193,7 +193,8 @@ pub(crate) struct Strided {
     /// Step between columns.
     pub cs: isize,
 }
-// SAFETY: only read, by jobs that each read their own rows (see `gemm`).
+// SAFETY: only read, by jobs that each read their own rows (see `gemm` here and
+// `fp16::gemm`).
 unsafe impl Send for Strided {}
 // SAFETY: as above.
 unsafe impl Sync for Strided {}

@@ -31,6 +31,7 @@ use std::sync::OnceLock;
 #[cfg(target_arch = "x86_64")]
 use rayon::prelude::*;
 
+use super::amx::Strided;
 #[cfg(target_arch = "x86_64")]
 use super::bf16::{lanes, transpose16, with_buf};
 use super::gemm::{Epilogue, OutSlice};
@@ -78,17 +79,6 @@ fn pow2(e: i32) -> f32 {
     f32::from_bits(((e + 127) as u32) << 23)
 }
 
-/// A matrix operand: element `(i, j)` at `ptr + i * rs + j * cs`.
-#[derive(Clone, Copy)]
-pub(crate) struct View {
-    /// The first element.
-    pub ptr: *const f32,
-    /// Row stride (elements).
-    pub rs: isize,
-    /// Column stride (elements).
-    pub cs: isize,
-}
-
 /// Whether [`gemm`] takes these strides: `A` with contiguous rows or contiguous columns, and
 /// `B` likewise (the layouts of a linear layer's three products), each other stride positive.
 pub(crate) fn takes(a: (isize, isize), b: (isize, isize)) -> bool {
@@ -112,12 +102,12 @@ pub(crate) unsafe fn linear(
     ldw: usize,
     epilogue: Epilogue,
 ) {
-    let a = View {
+    let a = Strided {
         ptr: x,
         rs: ldx as isize,
         cs: 1,
     };
-    let b = View {
+    let b = Strided {
         ptr: w,
         rs: 1,
         cs: ldw as isize,
@@ -140,8 +130,8 @@ pub(crate) unsafe fn gemm(
     c: *mut f32,
     ldc: usize,
     (m, n, k): (usize, usize, usize),
-    a: View,
-    b: View,
+    a: Strided,
+    b: Strided,
     alpha: f32,
     accumulate: bool,
     threads: usize,
@@ -160,7 +150,6 @@ pub(crate) unsafe fn gemm(
             let pw = &*pw;
             // Possibly uninitialised (`gemm::product`): only written through the pointer.
             let out = OutSlice::from_raw(c, (m - 1) * ldc + n);
-            let a = SendView(a);
             // Four micro-kernel row blocks per job: few enough jobs to pack each block of
             // `A` once, enough to balance two or more threads.
             let rows_per_job = 4 * MR;
@@ -171,7 +160,7 @@ pub(crate) unsafe fn gemm(
                     // SAFETY: rows r0.. of `A` lie inside it (the caller's guarantee); this
                     // job alone writes rows r0..r0 + rows of `c`; the CPU was checked.
                     unsafe {
-                        pack_a(a.get(), r0, rows, k, kp, px);
+                        pack_a(a, r0, rows, k, kp, px);
                         block(
                             out.ptr(),
                             ldc,
@@ -200,24 +189,6 @@ pub(crate) unsafe fn gemm(
     {
         let _ = (c, ldc, m, n, k, a, b, alpha, accumulate, threads, epilogue);
         unreachable!("fp16 kernels run only where `available()` is true (x86-64)")
-    }
-}
-
-/// A view the row jobs share (read only).
-#[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy)]
-struct SendView(View);
-// SAFETY: only read, by jobs that each read their own rows.
-#[cfg(target_arch = "x86_64")]
-unsafe impl Send for SendView {}
-// SAFETY: as above.
-#[cfg(target_arch = "x86_64")]
-unsafe impl Sync for SendView {}
-#[cfg(target_arch = "x86_64")]
-impl SendView {
-    /// The view (a method, so closures capture the whole `Sync` wrapper).
-    fn get(self) -> View {
-        self.0
     }
 }
 
@@ -287,7 +258,7 @@ unsafe fn row_max(p: *const f32, k: usize) -> f32 {
 /// The rows must be readable; [`takes`] holds for `A`'s strides.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn pack_a(a: View, r0: usize, rows: usize, k: usize, kp: usize, out: &mut Packed) {
+unsafe fn pack_a(a: Strided, r0: usize, rows: usize, k: usize, kp: usize, out: &mut Packed) {
     if a.cs == 1 {
         // SAFETY: row r0 and the following lie inside `A` (the caller's guarantee).
         let first = unsafe { a.ptr.offset(r0 as isize * a.rs) };
@@ -399,7 +370,7 @@ unsafe fn run_scales(
 /// `B` must be readable; [`takes`] holds for its strides.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn pack_b(b: View, n: usize, k: usize, kp: usize, out: &mut Packed) {
+unsafe fn pack_b(b: Strided, n: usize, k: usize, kp: usize, out: &mut Packed) {
     if b.rs == 1 {
         // SAFETY: forwarded (W = B^T's rows at stride b.cs).
         unsafe { pack_w(b.ptr, b.cs as usize, n, k, kp, out) };
@@ -871,12 +842,12 @@ mod tests {
                         let ldc = n + 2;
                         let mut c = vec![1f32; m * ldc];
                         let (a, b) = (
-                            View {
+                            Strided {
                                 ptr: ap,
                                 rs: ars,
                                 cs: acs,
                             },
-                            View {
+                            Strided {
                                 ptr: bp,
                                 rs: brs,
                                 cs: bcs,
@@ -933,19 +904,19 @@ mod tests {
             let w = data(n * k, 31, 0.05);
             let xt: Vec<f32> = (0..k * m).map(|i| x[(i % m) * k + i / m]).collect();
             let a = if by_columns {
-                View {
+                Strided {
                     ptr: xt.as_ptr(),
                     rs: 1,
                     cs: m as isize,
                 }
             } else {
-                View {
+                Strided {
                     ptr: x.as_ptr(),
                     rs: k as isize,
                     cs: 1,
                 }
             };
-            let b = View {
+            let b = Strided {
                 ptr: w.as_ptr(),
                 rs: 1,
                 cs: k as isize,

@@ -508,12 +508,12 @@ pub(crate) unsafe fn matmul_raw(
         && super::fp16::takes((a_rs, a_cs), (b_rs, b_cs))
     {
         let (a, b) = (
-            super::fp16::View {
+            super::amx::Strided {
                 ptr: a,
                 rs: a_rs,
                 cs: a_cs,
             },
-            super::fp16::View {
+            super::amx::Strided {
                 ptr: b,
                 rs: b_rs,
                 cs: b_cs,
