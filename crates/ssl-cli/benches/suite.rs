@@ -46,8 +46,8 @@
 //! - `mlm_embed`: inference only: the `mlm_train` encoder in evaluation mode with no backward to
 //!   follow (`Ctx::inference`), mean pooling, batch 16 x 128 (`PretextTask::embed`).
 //! - `peak_matmul`: candle's CPU matmul (gemm 0.19), 1024 x 1024 x 1024 f32; on a CPU with
-//!   AMX also `peak_amx_bf16`, the same product on AMX tiles in bf16 (`bench/run` prints it
-//!   under the peak line, ours only). With `--precision bf16` on the CPU also `peak_bf16`,
+//!   AMX tiles that passed their check (`ssl_kernels::amx_usable`) also `peak_amx_bf16`, the
+//!   same product on AMX tiles in bf16 (`bench/run` prints it under the peak line, ours only). With `--precision bf16` on the CPU also `peak_bf16`,
 //!   the product in our bf16 path (`ssl_kernels::MatmulT`, operands rounded while
 //!   packed, f32 sums; the AVX-512 BF16 kernel, AMX tiles where usable, or fp16 where
 //!   AVX-512 FP16 is and AMX is not), and one `bf16_check` object: the trainer's measurement
@@ -725,7 +725,7 @@ fn run(args: &Args) -> Res<()> {
     let peak = peak_matmul(args.steps.max(10))?;
     let n = PEAK_N as f64;
     report(args.json, "peak_matmul", &peak, mm(n, n, n), None);
-    if !args.cuda && ssl_kernels::amx_available() {
+    if !args.cuda && ssl_kernels::amx_usable() {
         let amx = peak_amx(args.steps.max(10))?;
         report(args.json, "peak_amx_bf16", &amx, mm(n, n, n), None);
     }

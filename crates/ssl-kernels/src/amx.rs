@@ -13,7 +13,9 @@
 //! the pairs-interleaved layout `TDPBF16PS` reads), tiling, edges, strides and the epilogue
 //! are tested on any CPU against the exactly rounded product and against the AVX-512 BF16
 //! kernel; on a CPU with AMX (and a kernel granting the tile-data permission) the tests also
-//! run the tile instructions themselves.
+//! run the tile instructions themselves. The emulation follows the SDM's pseudocode (two f32
+//! sums per output and instruction, DAZ and FTZ); the Intrinsics Guide writes one running
+//! sum instead, so every comparison with the tiles allows for rounding.
 //!
 //! Layout. `A` is packed as `mp x kp` bf16 (rows and depth padded with zeros to multiples of
 //! 32), so a tile of 16 rows x 32 depth values is a strided load of 64 bytes per row. `B` is
@@ -55,8 +57,19 @@ pub fn available() -> bool {
             // CPUID leaf 7, sub-leaf 0: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
             let leaf7 = core::arch::x86_64::__cpuid_count(7, 0);
             let (amx_bf16, amx_tile) = ((leaf7.edx >> 22) & 1 == 1, (leaf7.edx >> 24) & 1 == 1);
+            if !(amx_bf16 && amx_tile) {
+                return false;
+            }
             // SAFETY: `request_tile_data` is a plain arch_prctl system call.
-            amx_bf16 && amx_tile && unsafe { request_tile_data() }
+            let ret = unsafe { request_tile_data() };
+            if ret != 0 {
+                // -EINVAL: a kernel before 5.16; -EOPNOTSUPP: no tile data in XCR0 (a
+                // hypervisor hiding it) or no XFD; -ENOSUPP (524): a signal stack too small.
+                eprintln!(
+                    "AMX present, but Linux refused this process the tile data (arch_prctl returned {ret}): bf16 products keep the AVX-512 kernels"
+                );
+            }
+            ret == 0
         }
         #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
         {
@@ -137,28 +150,37 @@ fn self_check(backend: Backend) -> f64 {
             false,
         )
     };
+    let want: Vec<f64> = (0..m * n)
+        .map(|ij| {
+            let (i, j) = (ij / n, ij % n);
+            (0..k).map(|p| r(a[i * k + p]) * r(b[p * n + j])).sum()
+        })
+        .collect();
+    worst_relative(&c, &want)
+}
+
+/// The largest `|got - want|` relative to the largest `|want|`; infinite where any `got` is
+/// NaN (a garbled tile, say), which `f64::max` alone would pass over.
+fn worst_relative(got: &[f32], want: &[f64]) -> f64 {
+    let scale = want.iter().fold(0f64, |s, w| s.max(w.abs()));
     let mut worst = 0f64;
-    let mut scale = 0f64;
-    let mut diffs = Vec::with_capacity(m * n);
-    for i in 0..m {
-        for j in 0..n {
-            let want: f64 = (0..k).map(|p| r(a[i * k + p]) * r(b[p * n + j])).sum();
-            scale = scale.max(want.abs());
-            diffs.push((f64::from(c[i * n + j]) - want).abs());
+    for (&g, &w) in got.iter().zip(want) {
+        let d = (f64::from(g) - w).abs();
+        if d.is_nan() {
+            return f64::INFINITY;
         }
-    }
-    for d in diffs {
         worst = worst.max(d / scale.max(f64::MIN_POSITIVE));
     }
     worst
 }
 
-/// Asks Linux for the AMX tile-data state (without it the first tile instruction faults).
+/// Asks Linux for the AMX tile-data state (without it the first tile instruction faults):
+/// 0 where granted, else the negated error number.
 ///
 /// # Safety
 /// Linux on x86-64 only.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-unsafe fn request_tile_data() -> bool {
+unsafe fn request_tile_data() -> isize {
     const SYS_ARCH_PRCTL: isize = 158;
     const ARCH_REQ_XCOMP_PERM: usize = 0x1023;
     const XFEATURE_XTILEDATA: usize = 18;
@@ -175,7 +197,7 @@ unsafe fn request_tile_data() -> bool {
             options(nostack)
         );
     }
-    ret == 0
+    ret
 }
 
 /// `x` rounded up to a multiple of `m`.
@@ -392,21 +414,49 @@ fn block_product(
     }
 }
 
-/// `TDPBF16PS` by its definition on tile `(ti, tj)` of the 32 x 32 accumulator: for each of
-/// the 16 x 16 outputs, the sum over 16 pairs of `A[m][2q] B[q][2n] + A[m][2q+1] B[q][2n+1]`,
-/// in f32.
+/// `TDPBF16PS` by its definition (the pseudocode of Intel's SDM, vol. 2) on tile `(ti, tj)`
+/// of the 32 x 32 accumulator: for each of the 16 x 16 outputs, two f32 sums from zero over
+/// the 16 pairs, one of the even products `A[m][2q] B[q][2n]` and one of the odd, each term
+/// added with one rounding to nearest even; then the two sums added, and that added to the
+/// accumulator. Denormal inputs count as zero and denormal results become zero (DAZ and FTZ,
+/// whatever MXCSR says). A product of two bf16 values (8 significant bits each) is exact in
+/// f32, so each multiply-add rounds once, as the instruction's fused one does, unless the
+/// product leaves f32's range.
 fn tdpbf16ps(acc: &mut [f32], ti: usize, tj: usize, a: &[u16], lda: usize, b: &[u16]) {
-    let w = |x: u16| f32::from_bits(u32::from(x) << 16);
+    let w = |x: u16| f32::from_bits(u32::from(daz_bf16(x)) << 16);
     for m in 0..TILE_ROWS {
-        for n in 0..TILE_ROWS {
-            let mut s = acc[(ti * TILE_ROWS + m) * BLOCK + tj * TILE_ROWS + n];
-            for q in 0..KSTEP / 2 {
-                let line = &b[q * 2 * TILE_ROWS..];
-                s += w(a[m * lda + 2 * q]) * w(line[2 * n]);
-                s += w(a[m * lda + 2 * q + 1]) * w(line[2 * n + 1]);
+        let (mut even, mut odd) = ([0f32; TILE_ROWS], [0f32; TILE_ROWS]);
+        for q in 0..KSTEP / 2 {
+            let (ae, ao) = (w(a[m * lda + 2 * q]), w(a[m * lda + 2 * q + 1]));
+            let line = &b[q * 2 * TILE_ROWS..(q + 1) * 2 * TILE_ROWS];
+            for (n, pair) in line.chunks_exact(2).enumerate() {
+                even[n] = ftz(even[n] + ae * w(pair[0]));
+                odd[n] = ftz(odd[n] + ao * w(pair[1]));
             }
-            acc[(ti * TILE_ROWS + m) * BLOCK + tj * TILE_ROWS + n] = s;
         }
+        let row = &mut acc[(ti * TILE_ROWS + m) * BLOCK + tj * TILE_ROWS..][..TILE_ROWS];
+        for ((c, e), o) in row.iter_mut().zip(even).zip(odd) {
+            *c = ftz(ftz(*c) + ftz(e + o));
+        }
+    }
+}
+
+/// A bf16 value, or a zero of its sign where it is denormal (an input under DAZ).
+fn daz_bf16(x: u16) -> u16 {
+    if x & 0x7F80 == 0 {
+        x & 0x8000
+    } else {
+        x
+    }
+}
+
+/// `x`, or a zero of its sign where it is denormal (FTZ on results, DAZ on the f32 input).
+fn ftz(x: f32) -> f32 {
+    let bits = x.to_bits();
+    if bits & 0x7F80_0000 == 0 {
+        f32::from_bits(bits & 0x8000_0000)
+    } else {
+        x
     }
 }
 
@@ -464,50 +514,61 @@ mod tiles {
     ) {
         let (astride, bstride) = (2 * kp, 64usize);
         let bblock = kp * TILE_ROWS;
-        // SAFETY: see the caller; pointers stay inside the slices for every step.
+        // One `asm!` block from the zeroing to the stores, the tile registers named as
+        // clobbers: the accumulators stay in tmm0..tmm3 across the depth loop with no
+        // compiler-generated code between the instructions.
+        // SAFETY: see the caller; at depth step k0 the loads read 16 rows of 64 bytes at a
+        // stride of 2 kp bytes from `a0`/`a1` (A's rows i0..i0 + 32, depth k0..k0 + 32, of
+        // mp x kp) and 16 lines of 64 bytes from `b0`/`b1` (lines k0/2..k0/2 + 16 of blocks
+        // jb0 and jb0 + 1 < np / 16); the stores write the 32 x 32 f32 of `acc` (rows of 128
+        // bytes).
         unsafe {
+            let a0 = a.as_ptr().add(i0 * kp);
+            let b0 = b.as_ptr().add(jb0 * bblock);
+            let c = acc.as_mut_ptr();
             asm!(
                 "tilezero tmm0",
                 "tilezero tmm1",
                 "tilezero tmm2",
                 "tilezero tmm3",
-                options(nostack)
-            );
-            for k0 in (0..kp).step_by(KSTEP) {
-                let a0 = a.as_ptr().add(i0 * kp + k0);
-                let a1 = a0.add(TILE_ROWS * kp);
-                let b0 = b.as_ptr().add(jb0 * bblock + (k0 / 2) * 2 * TILE_ROWS);
-                let b1 = b0.add(bblock);
-                asm!(
-                    "tileloadd tmm4, [{a0} + {sa}*1]",
-                    "tileloadd tmm5, [{a1} + {sa}*1]",
-                    "tileloadd tmm6, [{b0} + {sb}*1]",
-                    "tileloadd tmm7, [{b1} + {sb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) a0,
-                    a1 = in(reg) a1,
-                    b0 = in(reg) b0,
-                    b1 = in(reg) b1,
-                    sa = in(reg) astride,
-                    sb = in(reg) bstride,
-                    options(nostack, readonly)
-                );
-            }
-            let c = acc.as_mut_ptr();
-            let sc = 4 * BLOCK;
-            asm!(
+                "test {steps}, {steps}",
+                "jz 3f",
+                "2:",
+                "tileloadd tmm4, [{a0} + {sa}*1]",
+                "tileloadd tmm5, [{a1} + {sa}*1]",
+                "tileloadd tmm6, [{b0} + {sb}*1]",
+                "tileloadd tmm7, [{b1} + {sb}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                // The next 32 depth values: 64 bytes along A's rows, 16 lines of 64 bytes
+                // of each B block.
+                "add {a0}, 64",
+                "add {a1}, 64",
+                "add {b0}, 1024",
+                "add {b1}, 1024",
+                "dec {steps}",
+                "jnz 2b",
+                "3:",
                 "tilestored [{c0} + {sc}*1], tmm0",
                 "tilestored [{c1} + {sc}*1], tmm1",
                 "tilestored [{c2} + {sc}*1], tmm2",
                 "tilestored [{c3} + {sc}*1], tmm3",
+                a0 = inout(reg) a0 => _,
+                a1 = inout(reg) a0.add(TILE_ROWS * kp) => _,
+                b0 = inout(reg) b0 => _,
+                b1 = inout(reg) b0.add(bblock) => _,
+                steps = inout(reg) kp / KSTEP => _,
+                sa = in(reg) astride,
+                sb = in(reg) bstride,
                 c0 = in(reg) c,
                 c1 = in(reg) c.add(TILE_ROWS),
                 c2 = in(reg) c.add(TILE_ROWS * BLOCK),
                 c3 = in(reg) c.add(TILE_ROWS * BLOCK + TILE_ROWS),
-                sc = in(reg) sc,
+                sc = in(reg) 4 * BLOCK,
+                out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+                out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
                 options(nostack)
             );
         }
@@ -538,7 +599,8 @@ fn with_tiles<R>(backend: Backend, f: impl FnOnce() -> R) -> R {
 /// `C = alpha * A B^T` (plus `C` when `accumulate`) on AMX tiles: `A` (m x k, row stride
 /// `lda`), `B` (n x k, row stride `ldb`), `C` (m x n, row stride `ldc`); operands rounded to
 /// bf16 (nearest, ties to even), sums in f32; blocks of 32 rows in parallel. Returns `false`,
-/// leaving `C` as it was, where [`available`] is false.
+/// leaving `C` as it was, where [`usable`] is false (no tiles, or tiles that failed the
+/// check against the exactly rounded product).
 ///
 /// # Panics
 /// When a matrix does not fit its slice or a leading dimension is below its width.
@@ -551,7 +613,7 @@ pub fn matmul_bt(
     alpha: f32,
     accumulate: bool,
 ) -> bool {
-    if !available() {
+    if !usable() {
         return false;
     }
     product(Backend::Tiles, c, ldc, a, b, (m, n, k), alpha, accumulate);
@@ -961,6 +1023,14 @@ mod tests {
     }
 
     #[test]
+    fn a_nan_fails_the_self_check() {
+        assert_eq!(worst_relative(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
+        assert_eq!(worst_relative(&[1.0, 2.5], &[1.0, 2.0]), 0.25);
+        assert_eq!(worst_relative(&[f32::NAN, 2.0], &[1.0, 2.0]), f64::INFINITY);
+        assert_eq!(worst_relative(&[1.0, f32::NAN], &[1.0, 2.0]), f64::INFINITY);
+    }
+
+    #[test]
     fn the_self_check_passes_on_the_tile_layout() {
         assert!(self_check(Backend::Emulated) < 1e-6);
         // On a CPU without AMX nothing takes the tiles.
@@ -976,6 +1046,38 @@ mod tests {
             return;
         }
         check(Backend::Tiles);
+    }
+
+    /// The emulated instruction keeps the SDM's two sums per output (even and odd pairs,
+    /// each from zero), treats denormal inputs as zero and flushes denormal results.
+    #[test]
+    fn the_emulated_instruction_follows_the_sdm() {
+        let h = |x: f32| (x.to_bits() >> 16) as u16;
+        let (mut a, mut b) = (
+            vec![0u16; TILE_ROWS * KSTEP],
+            vec![0u16; KSTEP / 2 * 2 * TILE_ROWS],
+        );
+        let line = |q: usize, n: usize, odd: usize| q * 2 * TILE_ROWS + 2 * n + odd;
+        // Row 0, column 0: even products 2^24 and -2^24, odd product 1. One running sum
+        // would lose the 1 (2^24 + 1 rounds to 2^24); the two sums keep it.
+        a[0] = h(4096.0);
+        a[1] = h(1.0);
+        a[2] = h(4096.0);
+        b[line(0, 0, 0)] = h(4096.0);
+        b[line(0, 0, 1)] = h(1.0);
+        b[line(1, 0, 0)] = h(-4096.0);
+        // Row 1, column 0: a denormal bf16 (2^-133) times 4096 counts as zero.
+        a[KSTEP] = 1;
+        // Row 2, column 1: 2^-70 * 2^-60 = 2^-130, denormal in f32: flushed.
+        a[2 * KSTEP] = h(2f32.powi(-70));
+        b[line(0, 1, 0)] = h(2f32.powi(-60));
+        let mut acc = [0f32; BLOCK * BLOCK];
+        tdpbf16ps(&mut acc, 0, 0, &a, KSTEP, &b);
+        assert_eq!(acc[0], 1.0);
+        assert_eq!(acc[BLOCK], 0.0);
+        assert_eq!(acc[2 * BLOCK + 1], 0.0);
+        // Row 0, column 1: 4096 * 2^-60, a normal result, kept.
+        assert_eq!(acc[1], 2f32.powi(-48));
     }
 
     #[test]
