@@ -275,7 +275,7 @@ unsafe fn pack_a(
     mp: usize,
     kp: usize,
     parallel: bool,
-) -> Vec<u32> {
+) -> Aligned {
     let (kp2, kc2) = (kp / 2, k.div_ceil(2));
     let pack = |(g, chunk): (usize, &mut [u32])| {
         let (i0, rows) = (g * TILE_ROWS, TILE_ROWS.min(m - g * TILE_ROWS));
@@ -306,6 +306,37 @@ unsafe fn pack_a(
     packed(mp * kp2, kp2, m.div_ceil(TILE_ROWS), parallel, pack)
 }
 
+/// Packed operand words starting on a 64-byte boundary, so that every 64-byte row a tile
+/// loads is one cache line (rows of `A` are `2 kp` bytes apart, `kp` a multiple of 32, and
+/// `B`'s lines 64 bytes): a row across two lines costs the load twice.
+struct Aligned {
+    buf: Vec<u32>,
+    off: usize,
+    len: usize,
+}
+
+impl Aligned {
+    /// `len` zero words, the first on a 64-byte boundary.
+    fn zeroed(len: usize) -> Self {
+        let buf = vec![0u32; len + 15];
+        let off = buf.as_ptr().align_offset(64).min(15);
+        Aligned { buf, off, len }
+    }
+}
+
+impl std::ops::Deref for Aligned {
+    type Target = [u32];
+    fn deref(&self) -> &[u32] {
+        &self.buf[self.off..self.off + self.len]
+    }
+}
+
+impl std::ops::DerefMut for Aligned {
+    fn deref_mut(&mut self) -> &mut [u32] {
+        &mut self.buf[self.off..self.off + self.len]
+    }
+}
+
 /// A zeroed buffer of `len` words with `pack(g, chunk)` run on each of its first `groups`
 /// chunks of 16 lines of `kp2` words, on rayon's pool when `parallel`.
 fn packed(
@@ -314,8 +345,8 @@ fn packed(
     groups: usize,
     parallel: bool,
     pack: impl Fn((usize, &mut [u32])) + Send + Sync,
-) -> Vec<u32> {
-    let mut out = vec![0u32; len];
+) -> Aligned {
+    let mut out = Aligned::zeroed(len);
     let chunks = TILE_ROWS * kp2;
     if parallel {
         out.par_chunks_mut(chunks)
@@ -345,7 +376,7 @@ unsafe fn pack_b(
     np: usize,
     kp: usize,
     parallel: bool,
-) -> Vec<u32> {
+) -> Aligned {
     let kp2 = kp / 2;
     let pack = |(jb, blk): (usize, &mut [u32])| {
         let (j0, count) = (jb * TILE_ROWS, TILE_ROWS.min(n - jb * TILE_ROWS));
@@ -707,9 +738,12 @@ pub(crate) unsafe fn gemm(
     let job = |ib: usize| {
         let (i0, rows) = (ib * BLOCK, BLOCK.min(m - ib * BLOCK));
         with_tiles(backend, || {
-            let mut acc = [0f32; BLOCK * BLOCK];
+            // On a 64-byte boundary: each of the tile stores' rows one cache line.
+            #[repr(C, align(64))]
+            struct Acc([f32; BLOCK * BLOCK]);
+            let Acc(acc) = &mut Acc([0f32; BLOCK * BLOCK]);
             for jb in 0..np / BLOCK {
-                block_product(backend, pa, pb, kp, i0, 2 * jb, &mut acc);
+                block_product(backend, pa, pb, kp, i0, 2 * jb, acc);
                 let (j0, width) = (jb * BLOCK, BLOCK.min(n - jb * BLOCK));
                 for r in 0..rows {
                     let dst = out.ptr().wrapping_add((i0 + r) * ldc + j0);
@@ -1015,8 +1049,10 @@ mod tests {
                         pack_b(false, v, rows, k, mp, kp, parallel),
                     )
                 };
-                assert!(a_vec == a_sc, "A, strides ({rs}, {cs})");
-                assert!(b_vec == b_sc, "B, strides ({rs}, {cs})");
+                assert!(a_vec[..] == a_sc[..], "A, strides ({rs}, {cs})");
+                assert!(b_vec[..] == b_sc[..], "B, strides ({rs}, {cs})");
+                assert_eq!(a_vec.as_ptr().align_offset(64), 0);
+                assert_eq!(b_sc.as_ptr().align_offset(64), 0);
                 assert!(a_sc.iter().any(|&w| w != 0));
             }
         }
