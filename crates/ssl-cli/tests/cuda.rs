@@ -354,3 +354,23 @@ fn the_gpu_layer_norm_is_fused_and_keeps_its_gradients() {
         assert!(e < 1e-5, "{what}: relative difference {e:e}");
     }
 }
+
+/// Where no GPU opens, `train.device = "cuda"` fails with an error that names the setting's
+/// value and says what is missing, its cause kept (on a GPU machine: the device opens).
+#[test]
+fn a_missing_gpu_is_a_clear_error() {
+    match ssl_core::parse_device("cuda:0") {
+        Ok(d) => assert!(d.is_cuda()),
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("`cuda:0`") && msg.contains("no CUDA GPU"),
+                "{msg}"
+            );
+            assert!(std::error::Error::source(&e).is_some(), "the cause is kept");
+            if std::env::var("SSL_REQUIRE_CUDA").is_ok_and(|v| v == "1") {
+                panic!("SSL_REQUIRE_CUDA=1 but no CUDA GPU could be opened: {msg}");
+            }
+        }
+    }
+}

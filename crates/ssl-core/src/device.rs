@@ -33,7 +33,10 @@ pub fn parse_device(spec: &str) -> Result<Device> {
             "device `{spec}` needs a build with the `cuda` feature (cargo build --features cuda)"
         )));
     }
-    Ok(Device::new_cuda(ordinal)?)
+    Device::new_cuda(ordinal).map_err(|source| CoreError::Device {
+        spec: spec.to_string(),
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -29,6 +29,15 @@ pub enum CoreError {
     /// A configuration value is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A GPU named by a device setting could not be opened (no GPU, no driver, or a driver
+    /// that does not run this CUDA version).
+    #[error("device `{spec}`: no CUDA GPU could be opened here (is there a GPU and its driver? `nvidia-smi` lists them): {source}")]
+    Device {
+        /// The device as written (`cuda`, `cuda:1`).
+        spec: String,
+        /// candle's error from opening it.
+        source: candle_core::Error,
+    },
     /// A collective operation of data-parallel training failed.
     #[error("collective communication: {0}")]
     Collective(String),
