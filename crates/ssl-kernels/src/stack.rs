@@ -634,7 +634,11 @@ impl StackOp {
     /// Whether the attention's per-head products take bf16 (when the stack's are): not on
     /// CPUs whose reduced-precision products run in fp16 ([`ReducedKernel::Avx512Fp16`]), where
     /// the bf16 kernel runs at half the f32 rate and the fp16 one takes whole-batch products
-    /// only (its packing would cost more than it saves on a head's).
+    /// only: a head's operands cost as much to pack as its products save. Measured on family
+    /// 6 model 207, one thread, width 256 and 4 heads: a fused fp16 head (the bf16 kernel's
+    /// structure on the fp16 packers) took 2.88-3.04 ms per 16 x 128 tokens against 2.79-2.80
+    /// in f32, and was slower with 8 heads (its depth of 32 padded to 64); it gained 10-20%
+    /// only from 256 tokens on (`bench/2026-12-07-xeon-attention.md`).
     fn head_bf16(&self) -> bool {
         self.spec.bf16 && reduced_precision_kernel().bf16_operands()
     }
