@@ -35,7 +35,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     }
     Device::new_cuda(ordinal).map_err(|source| CoreError::Device {
         spec: spec.to_string(),
-        source,
+        source: Box::new(source),
     })
 }
 

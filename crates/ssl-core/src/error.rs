@@ -35,8 +35,9 @@ pub enum CoreError {
     Device {
         /// The device as written (`cuda`, `cuda:1`).
         spec: String,
-        /// candle's error from opening it.
-        source: candle_core::Error,
+        /// candle's error from opening it (boxed: it would double the size of every
+        /// `Result` of the workspace).
+        source: Box<candle_core::Error>,
     },
     /// A collective operation of data-parallel training failed.
     #[error("collective communication: {0}")]
