@@ -47,8 +47,8 @@
 //!   follow (`Ctx::inference`), mean pooling, batch 16 x 128 (`PretextTask::embed`).
 //! - `peak_matmul`: candle's CPU matmul (gemm 0.19), 1024 x 1024 x 1024 f32; on a CPU with
 //!   AMX tiles that passed their check (`ssl_kernels::amx_usable`) also `peak_amx_bf16`, the
-//!   same product on AMX tiles in bf16 (`bench/run` prints it under the peak line, ours only). With `--precision bf16` on the CPU also `peak_bf16`,
-//!   the product in our bf16 path (`ssl_kernels::MatmulT`, operands rounded while
+//!   same product on AMX tiles in bf16 (`bench/run` prints it under the peak line, ours
+//!   only). With `--precision bf16` on the CPU also `peak_bf16`, the product in our bf16 path (`ssl_kernels::MatmulT`, operands rounded while
 //!   packed, f32 sums; the AVX-512 BF16 kernel, AMX tiles where usable, or fp16 where
 //!   AVX-512 FP16 is and AMX is not), and one `bf16_check` object: the trainer's measurement
 //!   (`ssl_kernels::bf16_check`) of bf16 against f32 products, which decides whether

@@ -1,9 +1,10 @@
 //! The transformer stack on a CUDA GPU against the CPU: one training step (forward, loss,
 //! backward, AdamW) from the same weights gives the same loss, gradients and updated weights,
 //! in f32 and with bf16 products (`MatmulPrecision::Bf16`, cuBLAS), and the GPU's fused softmax
-//! and layer norm (candle's kernels in ops of ours) keep their gradients. Compiled only with the `cuda` feature; without a GPU every test is
-//! skipped with a line on stderr, unless `SSL_REQUIRE_CUDA=1` (set by `bench/gpu run`), which
-//! makes a missing GPU a failure.
+//! and layer norm (candle's kernels in ops of ours) keep their gradients; where no GPU opens,
+//! the device setting fails with a clear error. Compiled only with the `cuda` feature; without
+//! a GPU the GPU tests are skipped with a line on stderr, unless `SSL_REQUIRE_CUDA=1` (set by
+//! `bench/gpu run`), which makes a missing GPU a failure.
 //!
 //! It lives in ssl-cli, though it tests ssl-core's stack, so that `bench/gpu build` compiles it
 //! with the features of the `ssl` binary and the suite: built from ssl-core alone, the feature

@@ -29,8 +29,9 @@ pub enum CoreError {
     /// A configuration value is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
-    /// A GPU named by a device setting could not be opened (no GPU, no driver, or a driver
-    /// that does not run this CUDA version).
+    /// A GPU named by a device setting could not be opened (no GPU, a stub driver, or a
+    /// driver that does not run this CUDA version; without any `libcuda.so.1` a `cuda` build
+    /// does not start at all).
     #[error("device `{spec}`: no CUDA GPU could be opened here (is there a GPU and its driver? `nvidia-smi` lists them): {source}")]
     Device {
         /// The device as written (`cuda`, `cuda:1`).

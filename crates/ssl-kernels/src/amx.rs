@@ -63,10 +63,11 @@ pub fn available() -> bool {
             // SAFETY: `request_tile_data` is a plain arch_prctl system call.
             let ret = unsafe { request_tile_data() };
             if ret != 0 {
-                // -EINVAL: a kernel before 5.16; -EOPNOTSUPP: no tile data in XCR0 (a
-                // hypervisor hiding it) or no XFD; -ENOSUPP (524): a signal stack too small.
+                // EINVAL: a kernel before 5.16; EOPNOTSUPP: no tile data in XCR0 (a
+                // hypervisor hiding it) or no XFD; ENOSPC: a signal stack too small for it.
+                let why = std::io::Error::from_raw_os_error((-ret) as i32);
                 eprintln!(
-                    "AMX present, but Linux refused this process the tile data (arch_prctl returned {ret}): bf16 products keep the AVX-512 kernels"
+                    "AMX present, but Linux refused this process the tile data (arch_prctl: {why}): bf16 products run without AMX (on the fp16 or AVX-512 BF16 kernel)"
                 );
             }
             ret == 0
@@ -91,7 +92,7 @@ pub fn usable() -> bool {
         let ok = worst < 1e-4;
         if !ok {
             eprintln!(
-                "AMX tiles present, but their product differs from the exactly rounded one by {worst:e} (relative): bf16 products keep the AVX-512 BF16 kernel"
+                "AMX tiles present, but their product differs from the exactly rounded one by {worst:e} (relative): bf16 products run without AMX (on the fp16 or AVX-512 BF16 kernel)"
             );
         }
         ok
@@ -319,6 +320,8 @@ impl Aligned {
     /// `len` zero words, the first on a 64-byte boundary.
     fn zeroed(len: usize) -> Self {
         let buf = vec![0u32; len + 15];
+        // At most 15 words for a `u32` pointer (`align_offset` may answer "impossible" only
+        // where alignment is not observable, as under Miri: then unaligned, still in bounds).
         let off = buf.as_ptr().align_offset(64).min(15);
         Aligned { buf, off, len }
     }
@@ -543,6 +546,8 @@ mod tiles {
         jb0: usize,
         acc: &mut [f32; BLOCK * BLOCK],
     ) {
+        // The store offsets and step sizes written into the `asm!` below assume these.
+        const _: () = assert!(BLOCK == 32 && TILE_ROWS == 16 && KSTEP == 32);
         let (astride, bstride) = (2 * kp, 64usize);
         let bblock = kp * TILE_ROWS;
         // One `asm!` block from the zeroing to the stores, the tile registers named as
@@ -582,10 +587,12 @@ mod tiles {
                 "dec {steps}",
                 "jnz 2b",
                 "3:",
-                "tilestored [{c0} + {sc}*1], tmm0",
-                "tilestored [{c1} + {sc}*1], tmm1",
-                "tilestored [{c2} + {sc}*1], tmm2",
-                "tilestored [{c3} + {sc}*1], tmm3",
+                // The four 16 x 16 tiles of the 32 x 32 block: 64 bytes right, 16 rows of
+                // 128 bytes down.
+                "tilestored [{c} + {sc}*1], tmm0",
+                "tilestored [{c} + {sc}*1 + 64], tmm1",
+                "tilestored [{c} + {sc}*1 + 2048], tmm2",
+                "tilestored [{c} + {sc}*1 + 2112], tmm3",
                 a0 = inout(reg) a0 => _,
                 a1 = inout(reg) a0.add(TILE_ROWS * kp) => _,
                 b0 = inout(reg) b0 => _,
@@ -593,10 +600,7 @@ mod tiles {
                 steps = inout(reg) kp / KSTEP => _,
                 sa = in(reg) astride,
                 sb = in(reg) bstride,
-                c0 = in(reg) c,
-                c1 = in(reg) c.add(TILE_ROWS),
-                c2 = in(reg) c.add(TILE_ROWS * BLOCK),
-                c3 = in(reg) c.add(TILE_ROWS * BLOCK + TILE_ROWS),
+                c = in(reg) c,
                 sc = in(reg) 4 * BLOCK,
                 out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
                 out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
@@ -1051,8 +1055,9 @@ mod tests {
                 };
                 assert!(a_vec[..] == a_sc[..], "A, strides ({rs}, {cs})");
                 assert!(b_vec[..] == b_sc[..], "B, strides ({rs}, {cs})");
-                assert_eq!(a_vec.as_ptr().align_offset(64), 0);
-                assert_eq!(b_sc.as_ptr().align_offset(64), 0);
+                for p in [&a_vec, &a_sc, &b_vec, &b_sc] {
+                    assert_eq!(p.as_ptr().align_offset(64), 0, "a packed operand unaligned");
+                }
                 assert!(a_sc.iter().any(|&w| w != 0));
             }
         }
@@ -1107,9 +1112,15 @@ mod tests {
         // Row 2, column 1: 2^-70 * 2^-60 = 2^-130, denormal in f32: flushed.
         a[2 * KSTEP] = h(2f32.powi(-70));
         b[line(0, 1, 0)] = h(2f32.powi(-60));
+        // The sums start from zero and join the accumulator after: 1 + 1. (Starting the
+        // even sum from the accumulator would lose both: 1 + 2^24 rounds to 2^24.)
         let mut acc = [0f32; BLOCK * BLOCK];
+        acc[0] = 1.0;
+        // A denormal accumulator counts as zero.
+        acc[BLOCK + 1] = 2f32.powi(-130);
         tdpbf16ps(&mut acc, 0, 0, &a, KSTEP, &b);
-        assert_eq!(acc[0], 1.0);
+        assert_eq!(acc[0], 2.0);
+        assert_eq!(acc[BLOCK + 1], 0.0);
         assert_eq!(acc[BLOCK], 0.0);
         assert_eq!(acc[2 * BLOCK + 1], 0.0);
         // Row 0, column 1: 4096 * 2^-60, a normal result, kept.

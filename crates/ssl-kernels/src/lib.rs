@@ -35,8 +35,9 @@
 //! - Elementwise kernels written as plain loops, compiled for AVX-512, AVX2+FMA and the
 //!   baseline, and chosen at run time by CPU-feature detection: no `target-cpu=native`.
 //! - [`keep_freed_memory`]: mimalloc's setting for our binaries.
-//! - [`amx_matmul_bt`]: bf16 products on Intel AMX tiles where the CPU has them
-//!   ([`amx_available`]); where [`amx_usable`] every bf16 product of the kernels runs there;
+//! - [`amx_matmul_bt`]: bf16 products on Intel AMX tiles where the CPU has them and they
+//!   pass a check against the exactly rounded product ([`amx_usable`]; [`amx_available`]:
+//!   present and granted); where [`amx_usable`] every bf16 product of the kernels runs there;
 //!   tested everywhere through an emulation of the tile instructions (no AMX machine has
 //!   measured it yet).
 //!

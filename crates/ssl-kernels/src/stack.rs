@@ -637,8 +637,9 @@ impl StackOp {
     /// only: a head's operands cost as much to pack as its products save. Measured on family
     /// 6 model 207, one thread, width 256 and 4 heads: a fused fp16 head (the bf16 kernel's
     /// structure on the fp16 packers) took 2.88-3.04 ms per 16 x 128 tokens against 2.79-2.80
-    /// in f32, and was slower with 8 heads (its depth of 32 padded to 64); it gained 10-20%
-    /// only from 256 tokens on (`bench/2026-12-07-xeon-attention.md`).
+    /// in f32; with 8 heads (its depth of 32 padded to 64) it was slower at 128 tokens and
+    /// level at 256 and 512; with 4 heads it gained 10-20% only from 256 tokens on
+    /// (`bench/2026-12-07-xeon-attention.md`).
     fn head_bf16(&self) -> bool {
         self.spec.bf16 && reduced_precision_kernel().bf16_operands()
     }
