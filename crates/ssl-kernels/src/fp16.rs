@@ -401,6 +401,47 @@ unsafe fn pack_b(b: Strided, n: usize, k: usize, kp: usize, out: &mut Packed) {
     }
 }
 
+/// A row's scaling: the exponent that brings its largest magnitude into [8, 16)
+/// ([`scale_exp`]) and the factor `2^exponent`.
+///
+/// # Safety
+/// `p..p + k` must be readable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn row_scale(p: *const f32, k: usize) -> (i32, f32) {
+    // SAFETY: forwarded from the caller.
+    let e = scale_exp(unsafe { row_max(p, k) });
+    (e, pow2(e))
+}
+
+/// `blk[t]` = the 16 floats at `row(t)` (lanes of `mask`, the rest zero) times `scale[t]`,
+/// for the first `count` rows (at most 16); zero for the others: the packers' input to
+/// [`store_transposed`].
+///
+/// # Safety
+/// The `mask` lanes at `row(t)`, `t < count.min(16)`, must be readable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn load_scaled(
+    blk: &mut [__m512i; 16],
+    count: usize,
+    mask: u16,
+    scale: &[f32],
+    row: impl Fn(usize) -> *const f32,
+) {
+    for (t, v) in blk.iter_mut().enumerate() {
+        *v = if t < count {
+            // SAFETY: the caller's guarantee.
+            let r = unsafe { _mm512_maskz_loadu_ps(mask, row(t)) };
+            _mm512_castps_si512(_mm512_mul_ps(r, _mm512_set1_ps(scale[t])))
+        } else {
+            _mm512_setzero_si512()
+        };
+    }
+}
+
 /// Rows `x` (`rows` x k, stride `ldx`) into fp16 blocks of [`MR`] rows, each `[kp][MR]`
 /// (k-major, zeros past k and past the rows), each row scaled into [8, 16); transposed by
 /// 16 x 16 register blocks (the last four rows of each zero).
@@ -418,24 +459,18 @@ unsafe fn pack_x(x: *const f32, ldx: usize, rows: usize, k: usize, kp: usize, ou
         let n = (rows - i0).min(MR);
         for (t, s) in scale.iter_mut().enumerate().take(n) {
             // SAFETY: row i0 + t lies inside `x` (the caller's guarantee).
-            let e = scale_exp(unsafe { row_max(x.add((i0 + t) * ldx), k) });
-            out.exp[i0 + t] = e;
-            *s = pow2(e);
+            (out.exp[i0 + t], *s) = unsafe { row_scale(x.add((i0 + t) * ldx), k) };
         }
         // Depth steps from `kz` on are zeros, filled below.
         let kz = k.div_ceil(16) * 16;
         let base = out.data.as_mut_ptr().wrapping_add(i0 * kp);
         for k0 in (0..kz).step_by(16) {
-            let mask = lanes(k - k0);
-            for (t, v) in blk.iter_mut().enumerate() {
-                *v = if t < n {
-                    // SAFETY: the masked load reads inside row i0 + t.
-                    let r = unsafe { _mm512_maskz_loadu_ps(mask, x.add((i0 + t) * ldx + k0)) };
-                    _mm512_castps_si512(_mm512_mul_ps(r, _mm512_set1_ps(scale[t])))
-                } else {
-                    _mm512_setzero_si512()
-                };
-            }
+            // SAFETY: rows i0..i0 + n lie inside `x`, depth k0.. masked to k.
+            unsafe {
+                load_scaled(&mut blk, n, lanes(k - k0), &scale, |t| {
+                    x.add((i0 + t) * ldx + k0)
+                })
+            };
             // SAFETY: depth steps k0..k0 + 16 <= kp (a multiple of 16) of the block: MR fp16
             // each at base + (k0 + j) MR, inside it.
             unsafe { store_transposed(&mut blk, 16, FULL_ROWS, |j| base.add((k0 + j) * MR)) };
@@ -458,26 +493,19 @@ unsafe fn pack_w(w: *const f32, ldw: usize, n: usize, k: usize, kp: usize, out: 
     let mut scale = vec![0f32; n];
     for (j, s) in scale.iter_mut().enumerate() {
         // SAFETY: row j lies inside `W` (the caller's guarantee).
-        let e = scale_exp(unsafe { row_max(w.add(j * ldw), k) });
-        *s = pow2(e);
-        out.exp[j] = e;
+        (out.exp[j], *s) = unsafe { row_scale(w.add(j * ldw), k) };
     }
     let mut blk = [_mm512_setzero_si512(); 16];
     for j0 in (0..n).step_by(16) {
         let panel = &mut out.data[(j0 / NR) * kp * NR..(j0 / NR + 1) * kp * NR];
         let col = j0 % NR;
         for k0 in (0..k).step_by(16) {
-            let mask = lanes(k - k0);
-            for (t, b) in blk.iter_mut().enumerate() {
-                let j = j0 + t;
-                *b = if j < n {
-                    // SAFETY: the masked load reads inside row j.
-                    let v = unsafe { _mm512_maskz_loadu_ps(mask, w.add(j * ldw + k0)) };
-                    _mm512_castps_si512(_mm512_mul_ps(v, _mm512_set1_ps(scale[j])))
-                } else {
-                    _mm512_setzero_si512()
-                };
-            }
+            // SAFETY: rows j0..j0 + 16 below n lie inside `W`, depth k0.. masked to k.
+            unsafe {
+                load_scaled(&mut blk, n - j0, lanes(k - k0), &scale[j0..], |t| {
+                    w.add((j0 + t) * ldw + k0)
+                })
+            };
             let base = panel.as_mut_ptr();
             // SAFETY: 16 fp16 at row k0 + t, column col lie inside the panel (col + 16 <= NR).
             unsafe {
