@@ -31,12 +31,19 @@ fn gpu() -> Option<Device> {
     match Device::new_cuda(0) {
         Ok(d) => Some(d),
         Err(e) => {
-            if std::env::var("SSL_REQUIRE_CUDA").is_ok_and(|v| v == "1") {
-                panic!("SSL_REQUIRE_CUDA=1 but no CUDA GPU could be opened: {e}");
-            }
+            fail_if_gpu_required(&e);
             eprintln!("skipped: no CUDA GPU ({e})");
             None
         }
+    }
+}
+
+/// Fails the test where a GPU must be there (`SSL_REQUIRE_CUDA=1`, set by `bench/gpu run`)
+/// but did not open, for `why`.
+#[track_caller]
+fn fail_if_gpu_required(why: &dyn std::fmt::Display) {
+    if std::env::var("SSL_REQUIRE_CUDA").is_ok_and(|v| v == "1") {
+        panic!("SSL_REQUIRE_CUDA=1 but no CUDA GPU could be opened: {why}");
     }
 }
 
@@ -369,9 +376,7 @@ fn a_missing_gpu_is_a_clear_error() {
                 "{msg}"
             );
             assert!(std::error::Error::source(&e).is_some(), "the cause is kept");
-            if std::env::var("SSL_REQUIRE_CUDA").is_ok_and(|v| v == "1") {
-                panic!("SSL_REQUIRE_CUDA=1 but no CUDA GPU could be opened: {msg}");
-            }
+            fail_if_gpu_required(&msg);
         }
     }
 }
