@@ -17,7 +17,10 @@
 //!   below 2^-24 of its row's largest);
 //! - the products are summed in fp16 over [`KC`] = 64 terms at a time (so a partial sum stays
 //!   below 64 * 16 * 16 = 16384, under fp16's 65504), and each such sum is added to an f32
-//!   total.
+//!   total;
+//! - a depth past [`KB`] = 1024 runs as blocks of at most 1024 steps, each with its own
+//!   scalings (so each block's packed operands stay in cache, and a long sum's parts are
+//!   scaled to their own magnitudes), the blocks' unscaled results added in f32.
 //!
 //! On random data (k = 256 and 1024, with outliers) the mean error relative to
 //! `sum |x_k w_k|` was half that of bf16-rounded operands with exact sums (1.7e-4 against
@@ -44,6 +47,9 @@ const NR: usize = 64;
 const KC: usize = 64;
 /// Bytes of packed `W` one pass over the rows keeps hot (about half of a 2 MB L2).
 const B_GROUP_BYTES: usize = 1 << 20;
+/// Most depth steps packed and summed as one block (a multiple of [`KC`]): a longer depth
+/// runs as blocks, each with its own scalings, their unscaled results added in f32.
+const KB: usize = 1024;
 
 /// True when this CPU has AVX-512 FP16 (with AVX-512F, BW and VL), checked once.
 pub(crate) fn available() -> bool {
@@ -142,48 +148,67 @@ pub(crate) unsafe fn gemm(
         if m == 0 || n == 0 {
             return;
         }
-        let kp = k.div_ceil(KC).max(1) * KC;
         let np = n.div_ceil(NR) * NR;
-        with_buf(&PACKED_W, |pw| {
-            // SAFETY: forwarded from the caller.
-            unsafe { pack_b(b, n, k, kp, pw) };
-            let pw = &*pw;
-            // Possibly uninitialised (`gemm::product`): only written through the pointer.
-            let out = OutSlice::from_raw(c, (m - 1) * ldc + n);
-            // Four micro-kernel row blocks per job: few enough jobs to pack each block of
-            // `A` once, enough to balance two or more threads.
-            let rows_per_job = 4 * MR;
-            let job = |job: usize| {
-                let r0 = job * rows_per_job;
-                let rows = rows_per_job.min(m - r0);
-                with_buf(&PACKED_X, |px| {
-                    // SAFETY: rows r0.. of `A` lie inside it (the caller's guarantee); this
-                    // job alone writes rows r0..r0 + rows of `c`; the CPU was checked.
-                    unsafe {
-                        pack_a(a, r0, rows, k, kp, px);
-                        block(
-                            out.ptr(),
-                            ldc,
-                            r0,
-                            rows,
-                            n,
-                            np,
-                            kp,
-                            px,
-                            pw,
-                            (alpha, accumulate),
-                        );
-                        epilogue.apply(out.ptr(), ldc, r0, rows, 0, n);
-                    }
-                });
+        let parallel = threads > 1 && rayon::current_num_threads() > 1;
+        // Possibly uninitialised (`gemm::product`): only written through the pointer.
+        let out = OutSlice::from_raw(c, (m - 1) * ldc + n);
+        // Four micro-kernel row blocks per job (each pass over a group of panels serves them
+        // all), fewer where that would leave threads under eight jobs to balance.
+        let rows_per_job = [4 * MR, 2 * MR]
+            .into_iter()
+            .find(|&r| !parallel || m.div_ceil(r) >= 8)
+            .unwrap_or(MR);
+        let jobs = m.div_ceil(rows_per_job);
+        // Depth blocks of at most KB (one block when k <= KB; k = 0 gives one empty block).
+        let blocks = k.div_ceil(KB).max(1);
+        for d in 0..blocks {
+            let k0 = d * KB;
+            let kd = k.saturating_sub(k0).min(KB);
+            let kp = kd.div_ceil(KC).max(1) * KC;
+            // The block's columns of `A` and rows of `B`.
+            // SAFETY: k0 < k (or k0 = 0), so the views' first elements lie inside them.
+            let (ad, bd) = unsafe {
+                (
+                    Strided {
+                        ptr: a.ptr.offset(k0 as isize * a.cs),
+                        ..a
+                    },
+                    Strided {
+                        ptr: b.ptr.offset(k0 as isize * b.rs),
+                        ..b
+                    },
+                )
             };
-            let jobs = m.div_ceil(rows_per_job);
-            if threads <= 1 || rayon::current_num_threads() <= 1 {
-                (0..jobs).for_each(job);
-            } else {
-                (0..jobs).into_par_iter().for_each(job);
-            }
-        });
+            // Every block after the first adds to what the ones before wrote.
+            let add = accumulate || d > 0;
+            let last = d + 1 == blocks;
+            with_buf(&PACKED_W, |pw| {
+                // SAFETY: forwarded from the caller.
+                unsafe { pack_b(bd, n, kd, kp, pw, parallel) };
+                let pw = &*pw;
+                let job = |job: usize| {
+                    let r0 = job * rows_per_job;
+                    let rows = rows_per_job.min(m - r0);
+                    with_buf(&PACKED_X, |px| {
+                        // SAFETY: rows r0.. of `A` lie inside it (the caller's guarantee);
+                        // this job alone writes rows r0..r0 + rows of `c`; the CPU was
+                        // checked.
+                        unsafe {
+                            pack_a(ad, r0, rows, kd, kp, px);
+                            block(out.ptr(), ldc, r0, rows, n, np, kp, px, pw, (alpha, add));
+                            if last {
+                                epilogue.apply(out.ptr(), ldc, r0, rows, 0, n);
+                            }
+                        }
+                    });
+                };
+                if parallel {
+                    (0..jobs).into_par_iter().for_each(job);
+                } else {
+                    (0..jobs).for_each(job);
+                }
+            });
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -201,12 +226,9 @@ struct Packed {
 }
 
 impl Packed {
-    /// Room for `elements` packed values (all zero when `zero`, else as a previous call left
-    /// them: the packer then writes every one the kernel reads) and `scales` exponents, 0.
-    fn reset(&mut self, elements: usize, scales: usize, zero: bool) {
-        if zero {
-            self.data.clear();
-        }
+    /// Room for `elements` packed values (as a previous call left them: the packer writes
+    /// every one the kernel reads) and `scales` exponents, 0.
+    fn reset(&mut self, elements: usize, scales: usize) {
         if self.data.len() < elements {
             self.data.resize(elements, 0);
         }
@@ -267,7 +289,7 @@ unsafe fn pack_a(a: Strided, r0: usize, rows: usize, k: usize, kp: usize, out: &
         return;
     }
     let rp = rows.div_ceil(MR) * MR;
-    out.reset(rp * kp, rp, false);
+    out.reset(rp * kp, rp);
     // Column kk of the block: `rows` contiguous floats at `col(kk)`.
     // SAFETY: the block's rows and k columns lie inside `A`.
     let col = |kk: usize| unsafe { a.ptr.offset(r0 as isize + kk as isize * a.cs) };
@@ -364,38 +386,101 @@ unsafe fn run_scales(
 }
 
 /// `B` (k x n) into panels of [`NR`] columns, each `[kp][NR]` fp16, each column scaled into
-/// [8, 16); padding zeros. `B`'s columns contiguous (`W^T`: [`pack_w`]) or its rows.
+/// [8, 16); padding zeros. `B`'s columns contiguous (`W^T`) or its rows. The panels are
+/// independent: spread over the rayon pool when `parallel`.
 ///
 /// # Safety
 /// `B` must be readable; [`takes`] holds for its strides.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn pack_b(b: Strided, n: usize, k: usize, kp: usize, out: &mut Packed) {
+unsafe fn pack_b(b: Strided, n: usize, k: usize, kp: usize, out: &mut Packed, parallel: bool) {
+    let np = n.div_ceil(NR) * NR;
+    out.reset(np * kp, np);
+    let panel = |(p, (data, exp)): (usize, (&mut [u16], &mut [i32]))| {
+        // SAFETY: columns p * NR.. (at most NR, below n) of `B` are readable (the caller's
+        // guarantee); `data` and `exp` are this panel's.
+        unsafe { pack_b_panel(b, p * NR, NR.min(n - p * NR), k, data, exp) }
+    };
+    let (data, exp) = (&mut out.data[..np * kp], &mut out.exp[..np]);
+    if parallel && np > NR {
+        data.par_chunks_mut(kp * NR)
+            .zip(exp.par_chunks_mut(NR))
+            .enumerate()
+            .for_each(panel);
+    } else {
+        data.chunks_mut(kp * NR)
+            .zip(exp.chunks_mut(NR))
+            .enumerate()
+            .for_each(panel);
+    }
+}
+
+/// Columns `j0..j0 + count` (`count <= NR`) of `B` (its first `k` rows) into one panel
+/// `data` (`[kp][NR]` fp16, zeros past k and past `count`) and their exponents into `exp`:
+/// `W`'s rows (`B`'s columns contiguous) transposed by 16 x 16 register blocks, or `B`'s
+/// rows as they are.
+///
+/// # Safety
+/// Those columns of `B` must be readable; [`takes`] holds for its strides.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pack_b_panel(
+    b: Strided,
+    j0: usize,
+    count: usize,
+    k: usize,
+    data: &mut [u16],
+    exp: &mut [i32],
+) {
+    // What the stores below leave unwritten: depth past k, and columns past `count` in the
+    // last panel (a partial strip of 16 is written whole, its extra lanes zero).
+    if count < NR {
+        data.fill(0);
+    } else {
+        data[k * NR..].fill(0);
+    }
+    let mut scale = [0f32; NR];
     if b.rs == 1 {
-        // SAFETY: forwarded (W = B^T's rows at stride b.cs).
-        unsafe { pack_w(b.ptr, b.cs as usize, n, k, kp, out) };
+        // W = B^T: row j of W (column j of B) at stride b.cs.
+        let ldw = b.cs as usize;
+        // SAFETY: row j0 + j of W lies inside it (the caller's guarantee).
+        let w = |j: usize| unsafe { b.ptr.add((j0 + j) * ldw) };
+        for j in 0..count {
+            // SAFETY: as above, k floats.
+            (exp[j], scale[j]) = unsafe { row_scale(w(j), k) };
+        }
+        let mut blk = [_mm512_setzero_si512(); 16];
+        for s0 in (0..count).step_by(16) {
+            for k0 in (0..k).step_by(16) {
+                // SAFETY: rows s0..s0 + 16 below count of W, depth k0.. masked to k.
+                unsafe {
+                    load_scaled(&mut blk, count - s0, lanes(k - k0), &scale[s0..], |t| {
+                        w(s0 + t).add(k0)
+                    })
+                };
+                let base = data.as_mut_ptr();
+                // SAFETY: 16 fp16 at row k0 + t, column s0 lie inside the panel (s0 + 16 <=
+                // NR).
+                unsafe {
+                    store_transposed(&mut blk, k - k0, 0xFFFF, |t| base.add((k0 + t) * NR + s0))
+                };
+            }
+        }
         return;
     }
-    let np = n.div_ceil(NR) * NR;
-    out.reset(np * kp, np, true);
-    // SAFETY: row kk of `B` lies inside it.
-    let row = |kk: usize| unsafe { b.ptr.offset(kk as isize * b.rs) };
-    let mut scale = vec![0f32; np];
-    // SAFETY: rows 0..k of `B`, n floats each.
-    unsafe { run_scales(row, k, n, &mut scale, &mut out.exp) };
-    for j0 in (0..n).step_by(16) {
-        let mask = lanes(n - j0);
-        let sv = _mm512_loadu_ps(scale[j0..j0 + 16].as_ptr());
-        let panel = (j0 / NR) * kp * NR + j0 % NR;
+    // SAFETY: row kk of `B` lies inside it; columns j0.. of it are read below.
+    let row = |kk: usize| unsafe { b.ptr.offset(kk as isize * b.rs).add(j0) };
+    // SAFETY: rows 0..k of `B`, `count` floats each from column j0.
+    unsafe { run_scales(row, k, count, &mut scale, exp) };
+    for s0 in (0..count).step_by(16) {
+        let mask = lanes(count - s0);
+        let sv = _mm512_loadu_ps(scale[s0..s0 + 16].as_ptr());
         for kk in 0..k {
-            // SAFETY: the masked load reads columns j0.. of row kk; 16 fp16 at the store lie
+            // SAFETY: the masked load reads columns s0.. of row kk; 16 fp16 at the store lie
             // inside the panel's row kk.
             unsafe {
-                let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row(kk).add(j0)), sv);
-                _mm256_storeu_si256(
-                    out.data.as_mut_ptr().add(panel + kk * NR).cast(),
-                    to_fp16(v),
-                );
+                let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row(kk).add(s0)), sv);
+                _mm256_storeu_si256(data.as_mut_ptr().add(kk * NR + s0).cast(), to_fp16(v));
             }
         }
     }
@@ -452,7 +537,7 @@ unsafe fn load_scaled(
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn pack_x(x: *const f32, ldx: usize, rows: usize, k: usize, kp: usize, out: &mut Packed) {
     let rp = rows.div_ceil(MR) * MR;
-    out.reset(rp * kp, rp, false);
+    out.reset(rp * kp, rp);
     let mut scale = [0f32; MR];
     let mut blk = [_mm512_setzero_si512(); 16];
     for i0 in (0..rows).step_by(MR) {
@@ -476,42 +561,6 @@ unsafe fn pack_x(x: *const f32, ldx: usize, rows: usize, k: usize, kp: usize, ou
             unsafe { store_transposed(&mut blk, 16, FULL_ROWS, |j| base.add((k0 + j) * MR)) };
         }
         out.data[i0 * kp + kz * MR..(i0 + MR) * kp].fill(0);
-    }
-}
-
-/// `W` (n x k, stride `ldw`) into panels of [`NR`] of its rows, each `[kp][NR]` fp16 (so
-/// `B = W^T`'s rows are contiguous), each row of `W` scaled into [8, 16); padding zeros.
-/// Transposed by 16 x 16 register blocks.
-///
-/// # Safety
-/// `W`'s rows must be readable.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn pack_w(w: *const f32, ldw: usize, n: usize, k: usize, kp: usize, out: &mut Packed) {
-    let np = n.div_ceil(NR) * NR;
-    out.reset(np * kp, np, true);
-    let mut scale = vec![0f32; n];
-    for (j, s) in scale.iter_mut().enumerate() {
-        // SAFETY: row j lies inside `W` (the caller's guarantee).
-        (out.exp[j], *s) = unsafe { row_scale(w.add(j * ldw), k) };
-    }
-    let mut blk = [_mm512_setzero_si512(); 16];
-    for j0 in (0..n).step_by(16) {
-        let panel = &mut out.data[(j0 / NR) * kp * NR..(j0 / NR + 1) * kp * NR];
-        let col = j0 % NR;
-        for k0 in (0..k).step_by(16) {
-            // SAFETY: rows j0..j0 + 16 below n lie inside `W`, depth k0.. masked to k.
-            unsafe {
-                load_scaled(&mut blk, n - j0, lanes(k - k0), &scale[j0..], |t| {
-                    w.add((j0 + t) * ldw + k0)
-                })
-            };
-            let base = panel.as_mut_ptr();
-            // SAFETY: 16 fp16 at row k0 + t, column col lie inside the panel (col + 16 <= NR).
-            unsafe {
-                store_transposed(&mut blk, k - k0, 0xFFFF, |t| base.add((k0 + t) * NR + col))
-            };
-        }
     }
 }
 
@@ -725,39 +774,55 @@ mod tests {
         (x / q).round_ties_even() * q
     }
 
-    /// The module's arithmetic, emulated: each row scaled and rounded to fp16, fp16 FMAs
-    /// (a*b + c exact in f64, then one rounding) over chunks of KC, each chunk's sum added to
-    /// an f32 total, the total unscaled as `block` does (`2^(e - e1)`, then `2^e1`).
-    fn emulate(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-        let exps = |v: &[f32], rows: usize| -> Vec<i32> {
-            (0..rows)
-                .map(|i| {
-                    scale_exp(
-                        v[i * k..(i + 1) * k]
-                            .iter()
-                            .fold(0f32, |a, b| a.max(b.abs())),
-                    )
-                })
-                .collect()
-        };
-        let (sx, sw) = (exps(x, m), exps(w, n));
-        let mut out = vec![0f32; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                let mut total = 0f32;
-                for c0 in (0..k.max(1)).step_by(KC) {
-                    let mut acc = 0f64;
-                    for kk in c0..(c0 + KC).min(k) {
-                        let a = round_fp16((x[i * k + kk] * pow2(sx[i])) as f64);
-                        let b = round_fp16((w[j * k + kk] * pow2(sw[j])) as f64);
-                        acc = round_fp16(a * b + acc);
+    /// The module's arithmetic, emulated, one depth block of at most KB at a time: each
+    /// row's part in the block scaled and rounded to fp16, fp16 FMAs (a*b + c exact in f64,
+    /// then one rounding) over chunks of KC, each chunk's sum added to an f32 total, the total
+    /// unscaled as `block` does (`2^(e - e1)`, then `2^e1`). One m x n result per block.
+    fn emulate_blocks(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<Vec<f32>> {
+        let mut blocks = Vec::new();
+        for k0 in (0..k.max(1)).step_by(KB) {
+            let k1 = (k0 + KB).min(k);
+            let exps = |v: &[f32], rows: usize| -> Vec<i32> {
+                (0..rows)
+                    .map(|i| {
+                        scale_exp(
+                            v[i * k + k0..i * k + k1]
+                                .iter()
+                                .fold(0f32, |a, b| a.max(b.abs())),
+                        )
+                    })
+                    .collect()
+            };
+            let (sx, sw) = (exps(x, m), exps(w, n));
+            let mut out = vec![0f32; m * n];
+            for i in 0..m {
+                for j in 0..n {
+                    let mut total = 0f32;
+                    for c0 in (k0..k1.max(k0 + 1)).step_by(KC) {
+                        let mut acc = 0f64;
+                        for kk in c0..(c0 + KC).min(k1) {
+                            let a = round_fp16((x[i * k + kk] * pow2(sx[i])) as f64);
+                            let b = round_fp16((w[j * k + kk] * pow2(sw[j])) as f64);
+                            acc = round_fp16(a * b + acc);
+                        }
+                        total += acc as f32;
                     }
-                    total += acc as f32;
+                    let e = -(sw[j] + sx[i]);
+                    let e1 = e.clamp(-126, 127);
+                    out[i * n + j] = total * pow2(e - e1) * pow2(e1);
                 }
-                let e = -(sw[j] + sx[i]);
-                let e1 = e.clamp(-126, 127);
-                out[i * n + j] = total * pow2(e - e1) * pow2(e1);
             }
+            blocks.push(out);
+        }
+        blocks
+    }
+
+    /// [`emulate_blocks`]' blocks added in order, in f32: the product `c = x W^T`.
+    fn emulate(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+        let mut blocks = emulate_blocks(x, w, m, n, k).into_iter();
+        let mut out = blocks.next().unwrap_or_default();
+        for b in blocks {
+            out.iter_mut().zip(&b).for_each(|(o, v)| *o += v);
         }
         out
     }
@@ -845,19 +910,23 @@ mod tests {
             eprintln!("skipped: no AVX-512 FP16 on this CPU");
             return;
         }
-        // (5, 300, 2100): five panels of 270 KB, two groups of them; (30, 130, 300): three row
-        // blocks by three panels, the depth's last chunk partial.
+        // (5, 300, 2100): three depth blocks (the last partial), each five panels of 128 KB;
+        // (2, 600, 1024): one block of ten panels of 128 KB, two groups of them; (30, 130,
+        // 300): three row blocks by three panels, the depth's last chunk partial; (200, 40,
+        // 40): jobs of four row blocks.
         for (m, n, k) in [
             (1, 1, 1),
             (13, 70, 40),
             (50, 17, 130),
             (33, 64, 64),
             (5, 300, 2100),
+            (2, 600, 1024),
             (30, 130, 300),
+            (200, 40, 40),
         ] {
             let x = data(m * k, 23 + m as u64, 1.0);
             let w = data(n * k, 29 + n as u64, 0.05);
-            let want = emulate(&x, &w, m, n, k);
+            let want = emulate_blocks(&x, &w, m, n, k);
             let xt: Vec<f32> = (0..k * m).map(|i| x[(i % m) * k + i / m]).collect();
             let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
             // (pointer, row stride, column stride) of A (m x k) and B = W^T (k x n).
@@ -898,8 +967,9 @@ mod tests {
                         for i in 0..m {
                             for j in 0..ldc {
                                 let got = c[i * ldc + j];
+                                // Each depth block's result, times alpha, added in turn.
                                 let e = if j < n {
-                                    1.0 + want[i * n + j] * alpha
+                                    want.iter().fold(1.0, |c, b| c + b[i * n + j] * alpha)
                                 } else {
                                     1.0
                                 };
