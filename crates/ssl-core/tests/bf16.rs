@@ -211,8 +211,10 @@ fn matmul_t_in_bf16_stays_within_rounding_of_f64() {
     }
     use ssl_core::nn::ops::matmul_t;
     let mut rng = SslRng::new(3);
-    // 96 x 1000 x 256 = 24.6 M multiply-adds, over the 16 M of the size rule.
-    let (m, n, k) = (96, 1000, 256);
+    // 192 x 1000 x 256 = 49 M multiply-adds, over the 16 M of the size rule, and each
+    // product's output wide enough on both sides for the fp16 kernel's rule (the input
+    // gradient's 192 x 256).
+    let (m, n, k) = (192, 1000, 256);
     let mut draw = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal()).collect() };
     let (xv, wv, gv) = (draw(m * k), draw(n * k), draw(m * n));
     let f64s = |v: &[f32]| -> Vec<f64> { v.iter().map(|&a| f64::from(a)).collect() };

@@ -30,6 +30,22 @@ const BF16_MIN_WORK_LINEAR: usize = 1 << 24;
 /// Smallest weight (`n * k` elements) whose forward takes fp16 (see `fp16_takes_linear`):
 /// 256 x 256, BERT-mini's smallest.
 const FP16_MIN_WEIGHT: usize = 1 << 16;
+/// Smallest harmonic mean of a product's rows and columns (`2 m n / (m + n)`: how many
+/// multiply-adds each packed element of `A` and `B` feeds, per depth step) for which the
+/// fp16 kernel takes a general product (`fp16_takes_product`): its packing converts and
+/// scales every element, which a few dozen rows or columns do not repay. Measured on family
+/// 6 model 207, 2 threads, fp16 / f32 time: TCN weight gradients 64 x 192 (mean 96)
+/// 1.8-2.0 over 2400-12000 steps, MAE's 128 x 128 (128) 1.0-1.3; BERT's 256 x 256 (256)
+/// 0.84-0.87, TCN input gradients 12000 x 192 (381) 0.70-0.90.
+const FP16_MIN_REUSE: usize = 160;
+
+/// True when a general product (`m x n` output, any depth: a layer's input or weight
+/// gradient, a convolution) takes fp16 where that is the reduced precision: both sides wide
+/// enough to repay the packing ([`FP16_MIN_REUSE`]). The rule counts the output's rows, so
+/// it holds only for products whose rows a stack does not split (its halves' backward).
+fn fp16_takes_product(m: usize, n: usize) -> bool {
+    2 * m * n >= FP16_MIN_REUSE * (m + n)
+}
 
 /// What a dense product does to each finished block of its output: in bf16 inside the
 /// product, on each job's block while it is still in cache; in f32 as one parallel pass after
@@ -505,6 +521,7 @@ pub(crate) unsafe fn matmul_raw(
     if bf16
         && m.min(n).min(k) >= BF16_MIN_DIM
         && reduced_precision_kernel() == ReducedKernel::Avx512Fp16
+        && fp16_takes_product(m, n)
         && super::fp16::takes((a_rs, a_cs), (b_rs, b_cs))
     {
         let (a, b) = (
@@ -895,6 +912,28 @@ mod tests {
         // 256 x 256 takes fp16 with 20 rows as with 2000.
         assert_ne!(run(20, 256, true), run(20, 256, false));
         assert_eq!(run(2000, 256, true)[..20 * 256], run(20, 256, true)[..]);
+    }
+
+    /// Where fp16 is the reduced precision, a product with a narrow side (a convolution's
+    /// 64 x 192 weight gradient over a long series) stays f32 when asked for bf16, bit for
+    /// bit; one wide on both sides takes fp16.
+    #[test]
+    fn fp16_skips_products_with_a_narrow_side() {
+        if reduced_precision_kernel() != ReducedKernel::Avx512Fp16 {
+            eprintln!("skipped: no AVX-512 FP16 (or AMX takes the bf16 products) here");
+            return;
+        }
+        let run = |m: usize, n: usize, k: usize, bf16: bool| {
+            let a: Vec<f32> = (0..k * m).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.61).cos()).collect();
+            // The weight gradient's orientation: `A^T B`, both stored depth-major.
+            let (am, bm) = (MatRef::dense(&a, k, m), MatRef::dense(&b, k, n));
+            product(am, Op::T, bm, Op::N, bf16)
+        };
+        assert!(linear_takes_bf16(64, 192, 2400) && !fp16_takes_product(64, 192));
+        assert_eq!(run(64, 192, 2400, true), run(64, 192, 2400, false));
+        assert!(linear_takes_bf16(256, 256, 1024) && fp16_takes_product(256, 256));
+        assert_ne!(run(256, 256, 1024, true), run(256, 256, 1024, false));
     }
 
     #[test]

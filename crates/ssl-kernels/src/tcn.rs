@@ -679,6 +679,19 @@ mod tests {
         h
     }
 
+    /// `n` pseudo-random values, uniform in [-scale, scale].
+    fn noise(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect()
+    }
+
     fn values(n: usize, seed: f64, scale: f64) -> Vec<f64> {
         (0..n)
             .map(|i| ((i as f64 + 1.0) * seed).sin() * scale)
@@ -755,6 +768,58 @@ mod tests {
             };
             check(&dp, &p64, true);
             check(&dh, &h64, false);
+        }
+    }
+
+    /// With `bf16` (fp16 or bf16 products with f32 sums, where the CPU has either) the op's
+    /// output and gradients stay within 1% of f32's (relative L2 norm) and differ from them,
+    /// on a series long enough for the last block's products to take the reduced precision.
+    #[test]
+    fn reduced_precision_tracks_f32() {
+        if crate::reduced_precision_kernel() == crate::ReducedKernel::F32 {
+            eprintln!("skipped: no reduced-precision kernel on this CPU");
+            return;
+        }
+        let (b, t) = (2, 800);
+        let run = |bf16: bool| {
+            let spec = TcnSpec {
+                hidden: 64,
+                output: 320,
+                depth: 1,
+                kernel: 3,
+                causal: false,
+                bf16,
+            };
+            let np = spec.param_len();
+            let dev = Device::Cpu;
+            let p = noise(np, 1, 0.05);
+            let h = noise(b * t * 64, 2, 1.0);
+            let w = Tensor::from_vec(noise(b * t * 320, 3, 1.0), (b, t, 320), &dev).unwrap();
+            let hv = Var::from_vec(h, (b, t, 64), &dev).unwrap();
+            let pv = Var::from_vec(p, np, &dev).unwrap();
+            let op = TcnOp::new(spec, true, BufferPool::default());
+            let out = hv.as_tensor().apply_op2(pv.as_tensor(), op).unwrap();
+            let grads = (&out * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            [
+                flat(&out),
+                flat(grads.get(hv.as_tensor()).unwrap()),
+                flat(grads.get(pv.as_tensor()).unwrap()),
+            ]
+        };
+        let (reduced, full) = (run(true), run(false));
+        for (name, (r, f)) in ["output", "input gradient", "parameter gradient"]
+            .iter()
+            .zip(reduced.iter().zip(&full))
+        {
+            let norm = |v: &mut dyn Iterator<Item = f64>| v.map(|x| x * x).sum::<f64>().sqrt();
+            let diff = norm(&mut r.iter().zip(f).map(|(a, b)| f64::from(a - b)));
+            let rel = diff / norm(&mut f.iter().map(|&x| f64::from(x)));
+            assert!(rel < 1e-2, "{name}: relative error {rel}");
+            assert!(
+                rel > 1e-7,
+                "{name}: equal to f32 ({rel}): the reduced precision did not run"
+            );
         }
     }
 
