@@ -1118,6 +1118,37 @@ mod tests {
         );
     }
 
+    /// Over several depth blocks the epilogue runs once, after the last.
+    #[test]
+    fn the_epilogue_runs_once_after_the_last_depth_block() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 FP16 on this CPU");
+            return;
+        }
+        let (m, n, k) = (5, 20, KB + 40);
+        let x = data(m * k, 41, 1.0);
+        let w = data(n * k, 43, 0.05);
+        let bias: Vec<f32> = (0..n).map(|j| j as f32 - 3.0).collect();
+        let mut c = vec![0f32; m * n];
+        // SAFETY: the views lie inside the vectors; the CPU was checked above.
+        unsafe {
+            linear(
+                c.as_mut_ptr(),
+                n,
+                (m, n, k),
+                x.as_ptr(),
+                k,
+                w.as_ptr(),
+                k,
+                Epilogue::Bias(&bias),
+            )
+        };
+        let want = emulate(&x, &w, m, n, k);
+        for (i, (g, e)) in c.iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), (e + bias[i % n]).to_bits(), "element {i}");
+        }
+    }
+
     #[test]
     fn rows_split_over_jobs_equal_one_job() {
         if !available() {
