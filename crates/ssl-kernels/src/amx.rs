@@ -230,7 +230,39 @@ unsafe impl Send for Strided {}
 // SAFETY: as above.
 unsafe impl Sync for Strided {}
 
+/// The depth blocks of at most `kb` steps a depth of `k` runs as: `(k0, len, last)` each (one
+/// empty block when `k` is 0), for the kernels that block the depth ([`KB`] here, and
+/// `fp16`'s).
+pub(crate) fn depth_blocks(k: usize, kb: usize) -> impl Iterator<Item = (usize, usize, bool)> {
+    let blocks = k.div_ceil(kb).max(1);
+    (0..blocks).map(move |d| (d * kb, k.saturating_sub(d * kb).min(kb), d + 1 == blocks))
+}
+
 impl Strided {
+    /// The view without its first `i` rows.
+    ///
+    /// # Safety
+    /// Row `i` must lie inside the view's allocation (`i` below its rows, or 0).
+    pub(crate) unsafe fn skip_rows(self, i: usize) -> Self {
+        Strided {
+            // SAFETY: the caller's guarantee.
+            ptr: unsafe { self.ptr.offset(i as isize * self.rs) },
+            ..self
+        }
+    }
+
+    /// The view without its first `p` columns.
+    ///
+    /// # Safety
+    /// Column `p` must lie inside the view's allocation (`p` below its columns, or 0).
+    pub(crate) unsafe fn skip_columns(self, p: usize) -> Self {
+        Strided {
+            // SAFETY: the caller's guarantee.
+            ptr: unsafe { self.ptr.offset(p as isize * self.cs) },
+            ..self
+        }
+    }
+
     /// A row-major slice with leading dimension `ld`.
     fn rows(v: &[f32], ld: usize) -> Self {
         Strided {
@@ -734,30 +766,15 @@ pub(crate) unsafe fn gemm(
     let (mp, np) = (round_up(m, BLOCK), round_up(n, BLOCK));
     let vector = super::bf16::available();
     let out = Out(c);
-    // Depth blocks of at most KB (one when k <= KB; k = 0 gives one empty block), so that a
-    // job's packed rows and each block of `B` stay in cache over a long depth.
-    let blocks = k.div_ceil(KB).max(1);
-    for d in 0..blocks {
-        let k0 = d * KB;
-        let kd = k.saturating_sub(k0).min(KB);
+    // Depth blocks of at most KB (one when k <= KB), so that a job's packed rows and each
+    // block of `B` stay in cache over a long depth.
+    for (k0, kd, last) in depth_blocks(k, KB) {
         let kp = round_up(kd.max(1), KSTEP);
         // The block's columns of `A` and of `B^T`.
-        // SAFETY: k0 < k (or k0 = 0), so the views' first elements lie inside them.
-        let (ad, bd) = unsafe {
-            (
-                Strided {
-                    ptr: a.ptr.offset(k0 as isize * a.cs),
-                    ..a
-                },
-                Strided {
-                    ptr: bt.ptr.offset(k0 as isize * bt.cs),
-                    ..bt
-                },
-            )
-        };
+        // SAFETY: k0 < k (or k0 = 0), so column k0 lies inside both views.
+        let (ad, bd) = unsafe { (a.skip_columns(k0), bt.skip_columns(k0)) };
         // Every block after the first adds to what the ones before wrote.
-        let add = accumulate || d > 0;
-        let last = d + 1 == blocks;
+        let add = accumulate || k0 > 0;
         // SAFETY: the views' elements are valid (the caller's guarantee); the vector paths
         // only with AVX-512 BF16.
         let (pa, pb) = unsafe {

@@ -34,7 +34,7 @@ use std::sync::OnceLock;
 #[cfg(target_arch = "x86_64")]
 use rayon::prelude::*;
 
-use super::amx::Strided;
+use super::amx::{depth_blocks, Strided};
 #[cfg(target_arch = "x86_64")]
 use super::bf16::{lanes, transpose16, with_buf};
 use super::gemm::{Epilogue, OutSlice};
@@ -159,29 +159,14 @@ pub(crate) unsafe fn gemm(
             .find(|&r| !parallel || m.div_ceil(r) >= 8)
             .unwrap_or(MR);
         let jobs = m.div_ceil(rows_per_job);
-        // Depth blocks of at most KB (one block when k <= KB; k = 0 gives one empty block).
-        let blocks = k.div_ceil(KB).max(1);
-        for d in 0..blocks {
-            let k0 = d * KB;
-            let kd = k.saturating_sub(k0).min(KB);
+        // Depth blocks of at most KB (one when k <= KB).
+        for (k0, kd, last) in depth_blocks(k, KB) {
             let kp = kd.div_ceil(KC).max(1) * KC;
             // The block's columns of `A` and rows of `B`.
-            // SAFETY: k0 < k (or k0 = 0), so the views' first elements lie inside them.
-            let (ad, bd) = unsafe {
-                (
-                    Strided {
-                        ptr: a.ptr.offset(k0 as isize * a.cs),
-                        ..a
-                    },
-                    Strided {
-                        ptr: b.ptr.offset(k0 as isize * b.rs),
-                        ..b
-                    },
-                )
-            };
+            // SAFETY: k0 < k (or k0 = 0), so column (row) k0 lies inside the view.
+            let (ad, bd) = unsafe { (a.skip_columns(k0), b.skip_rows(k0)) };
             // Every block after the first adds to what the ones before wrote.
-            let add = accumulate || d > 0;
-            let last = d + 1 == blocks;
+            let add = accumulate || k0 > 0;
             with_buf(&PACKED_W, |pw| {
                 // SAFETY: forwarded from the caller.
                 unsafe { pack_b(bd, n, kd, kp, pw, parallel) };
@@ -758,7 +743,7 @@ unsafe fn kernel(a: *const u16, pb: *const u16, chunks: usize, tile: *mut f32) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// `x` rounded to fp16 (nearest even; infinity past the largest finite), as f64.
@@ -850,7 +835,8 @@ mod tests {
         c.chunks(ldc).flat_map(|r| r[..n].to_vec()).collect()
     }
 
-    fn data(len: usize, seed: u64, scale: f32) -> Vec<f32> {
+    /// `len` pseudo-random values in [-scale, scale], every eleventh 40 times larger.
+    pub(crate) fn data(len: usize, seed: u64, scale: f32) -> Vec<f32> {
         let mut s = seed;
         (0..len)
             .map(|i| {

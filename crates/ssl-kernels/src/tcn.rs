@@ -679,19 +679,6 @@ mod tests {
         h
     }
 
-    /// `n` pseudo-random values, uniform in [-scale, scale].
-    fn noise(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-            })
-            .collect()
-    }
-
     fn values(n: usize, seed: f64, scale: f64) -> Vec<f64> {
         (0..n)
             .map(|i| ((i as f64 + 1.0) * seed).sin() * scale)
@@ -792,6 +779,7 @@ mod tests {
             };
             let np = spec.param_len();
             let dev = Device::Cpu;
+            let noise = crate::fp16::tests::data;
             let p = noise(np, 1, 0.05);
             let h = noise(b * t * 64, 2, 1.0);
             let w = Tensor::from_vec(noise(b * t * 320, 3, 1.0), (b, t, 320), &dev).unwrap();
