@@ -224,8 +224,8 @@ pub(crate) struct Strided {
     /// Step between columns.
     pub cs: isize,
 }
-// SAFETY: only read, by jobs that each read their own rows (see `gemm` here and
-// `fp16::gemm`).
+// SAFETY: only ever read (by the row jobs of `gemm` here and of `fp16::gemm`, and by the
+// panel jobs of fp16's packing), never written through.
 unsafe impl Send for Strided {}
 // SAFETY: as above.
 unsafe impl Sync for Strided {}
@@ -960,7 +960,7 @@ mod tests {
 
     #[test]
     fn any_strides_and_the_epilogue_give_the_rounded_product() {
-        // One depth block, and two (the epilogue once, after the last).
+        // One depth block, and two (the epilogue, a bias and a ReLU, once after the last).
         for (m, n, k) in [(37, 50, 45), (37, 50, KB + 45)] {
             let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.1 - 2.0).collect();
             for (a_t, b_t) in [(false, false), (false, true), (true, false), (true, true)] {
@@ -982,14 +982,20 @@ mod tests {
                             btv,
                             alpha,
                             accumulate,
-                            crate::gemm::Epilogue::Bias(&bias),
+                            crate::gemm::Epilogue::BiasAct {
+                                bias: &bias,
+                                act: crate::Act::Relu,
+                                act_out: None,
+                            },
                             true,
                         )
                     };
                     for i in 0..m {
                         for j in 0..n {
                             let base = if accumulate { 1.0 } else { 0.0 };
-                            let w = base + f64::from(alpha) * want[i * n + j] + f64::from(bias[j]);
+                            let w =
+                                (base + f64::from(alpha) * want[i * n + j] + f64::from(bias[j]))
+                                    .max(0.0);
                             let got = f64::from(c[i * ldc + j]);
                             assert!(
                                 (got - w).abs() < 1e-5 * (k as f64) * (1.0 + w.abs()),

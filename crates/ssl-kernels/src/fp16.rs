@@ -34,7 +34,9 @@ use std::sync::OnceLock;
 #[cfg(target_arch = "x86_64")]
 use rayon::prelude::*;
 
-use super::amx::{depth_blocks, Strided};
+#[cfg(target_arch = "x86_64")]
+use super::amx::depth_blocks;
+use super::amx::Strided;
 #[cfg(target_arch = "x86_64")]
 use super::bf16::{lanes, transpose16, with_buf};
 use super::gemm::{Epilogue, OutSlice};
@@ -406,7 +408,12 @@ unsafe fn pack_b(b: Strided, n: usize, k: usize, kp: usize, out: &mut Packed, pa
 /// rows as they are.
 ///
 /// # Safety
-/// Those columns of `B` must be readable; [`takes`] holds for its strides.
+/// Those columns of `B` (its first `k` rows) must be readable; [`takes`] holds for its
+/// strides.
+///
+/// # Panics
+/// Unless `count <= NR`, `data` holds at least `k` depth steps of `NR` and `exp` `count`
+/// exponents (the stores below rely on it).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn pack_b_panel(
@@ -417,6 +424,10 @@ unsafe fn pack_b_panel(
     data: &mut [u16],
     exp: &mut [i32],
 ) {
+    assert!(
+        count <= NR && data.len() >= k * NR && exp.len() >= count,
+        "fp16 panel out of bounds"
+    );
     // What the stores below leave unwritten: depth past k, and columns past `count` in the
     // last panel (a partial strip of 16 is written whole, its extra lanes zero).
     if count < NR {
@@ -896,10 +907,12 @@ pub(crate) mod tests {
             eprintln!("skipped: no AVX-512 FP16 on this CPU");
             return;
         }
-        // (5, 300, 2100): three depth blocks (the last partial), each five panels of 128 KB;
-        // (2, 600, 1024): one block of ten panels of 128 KB, two groups of them; (30, 130,
-        // 300): three row blocks by three panels, the depth's last chunk partial; (200, 40,
-        // 40): jobs of four row blocks.
+        // (5, 300, 2100): three depth blocks (the last of 52 steps), five panels each, one
+        // depth block of x's second row and w's second column at 2^-20 of the rest (a scaling
+        // over the whole depth would leave them fp16 subnormals); (2, 600, 1024): one block of
+        // ten panels of 128 KB, two groups of them; (30, 130, 300): three row blocks by three
+        // panels, the depth's last chunk partial; (200, 40, 40): jobs of four row blocks on
+        // one thread, of two on two.
         for (m, n, k) in [
             (1, 1, 1),
             (13, 70, 40),
@@ -910,8 +923,13 @@ pub(crate) mod tests {
             (30, 130, 300),
             (200, 40, 40),
         ] {
-            let x = data(m * k, 23 + m as u64, 1.0);
-            let w = data(n * k, 29 + n as u64, 0.05);
+            let mut x = data(m * k, 23 + m as u64, 1.0);
+            let mut w = data(n * k, 29 + n as u64, 0.05);
+            if k > KB {
+                let tiny = pow2(-20);
+                x[k + KB..k + 2 * KB].iter_mut().for_each(|v| *v *= tiny);
+                w[k..k + KB].iter_mut().for_each(|v| *v *= tiny);
+            }
             let want = emulate_blocks(&x, &w, m, n, k);
             let xt: Vec<f32> = (0..k * m).map(|i| x[(i % m) * k + i / m]).collect();
             let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
@@ -1037,6 +1055,74 @@ pub(crate) mod tests {
         }
     }
 
+    /// The packed `B` is reused between calls without zeroing too: in a full panel its depth
+    /// padding (past k, up to the chunk of 64) must be rewritten by each call. Infinities left
+    /// there by a longer product would meet `A`'s zero padding as NaN; the next, shorter
+    /// product must still equal the emulation, for `B` given by rows and by columns.
+    #[test]
+    fn stale_packed_b_does_not_reach_a_shorter_product() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 FP16 on this CPU");
+            return;
+        }
+        let (m, n) = (3, 64);
+        let product = |x: &[f32], w: &[f32], k: usize, b_by_rows: bool| {
+            let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+            let b = if b_by_rows {
+                Strided {
+                    ptr: wt.as_ptr(),
+                    rs: n as isize,
+                    cs: 1,
+                }
+            } else {
+                Strided {
+                    ptr: w.as_ptr(),
+                    rs: 1,
+                    cs: k as isize,
+                }
+            };
+            let a = Strided {
+                ptr: x.as_ptr(),
+                rs: k as isize,
+                cs: 1,
+            };
+            let mut c = vec![0f32; m * n];
+            // SAFETY: the views and the output cover the buffers; one thread, so this thread's
+            // packing buffers are the ones reused.
+            unsafe {
+                gemm(
+                    c.as_mut_ptr(),
+                    n,
+                    (m, n, k),
+                    a,
+                    b,
+                    1.0,
+                    false,
+                    1,
+                    Epilogue::None,
+                )
+            };
+            c
+        };
+        for b_by_rows in [false, true] {
+            let _ = product(
+                &data(m * 200, 51, 1.0),
+                &[f32::INFINITY; 64 * 200],
+                200,
+                b_by_rows,
+            );
+            let (x, w) = (data(m * 40, 53, 1.0), data(n * 40, 59, 0.05));
+            let got = product(&x, &w, 40, b_by_rows);
+            for (g, e) in got.iter().zip(&emulate(&x, &w, m, n, 40)) {
+                assert!(
+                    g.is_finite(),
+                    "stale values reached the output (B by rows: {b_by_rows})"
+                );
+                assert_eq!(g.to_bits(), e.to_bits(), "B by rows: {b_by_rows}");
+            }
+        }
+    }
+
     #[test]
     fn error_is_below_that_of_bf16_operands() {
         if !available() {
@@ -1104,7 +1190,8 @@ pub(crate) mod tests {
         );
     }
 
-    /// Over several depth blocks the epilogue runs once, after the last.
+    /// Over several depth blocks the epilogue runs once, after the last (a ReLU of a partial
+    /// sum would not equal this).
     #[test]
     fn the_epilogue_runs_once_after_the_last_depth_block() {
         if !available() {
@@ -1126,12 +1213,17 @@ pub(crate) mod tests {
                 k,
                 w.as_ptr(),
                 k,
-                Epilogue::Bias(&bias),
+                Epilogue::BiasAct {
+                    bias: &bias,
+                    act: crate::Act::Relu,
+                    act_out: None,
+                },
             )
         };
         let want = emulate(&x, &w, m, n, k);
         for (i, (g, e)) in c.iter().zip(&want).enumerate() {
-            assert_eq!(g.to_bits(), (e + bias[i % n]).to_bits(), "element {i}");
+            let relu = (e + bias[i % n]).max(0.0);
+            assert_eq!(g.to_bits(), relu.to_bits(), "element {i}");
         }
     }
 

@@ -21,7 +21,9 @@ use super::simd::{self, Act};
 /// in f32, BERT-mini's (2048 x 768 x 256; 128 x 128 x 64 per attention head) much faster.
 /// Where the reduced precision runs in fp16 ([`ReducedKernel::Avx512Fp16`]) a linear layer's
 /// forward ([`linear_product`]) asks a rule on its weight's shape alone (`fp16_takes_linear`),
-/// whatever the row count, so a stack's halves take the same kernel as its whole batch.
+/// whatever the row count, so a stack's halves take the same kernel as its whole batch; other
+/// products (gradients, convolutions, `matmul_t`, the MLM head's logits) also need both sides
+/// of their output wide enough to repay fp16's packing (`fp16_takes_product`).
 const BF16_MIN_DIM: usize = 16;
 /// See [`BF16_MIN_DIM`].
 const BF16_MIN_WORK: usize = 1 << 18;
@@ -40,9 +42,11 @@ const FP16_MIN_WEIGHT: usize = 1 << 16;
 const FP16_MIN_REUSE: usize = 160;
 
 /// True when a general product (`m x n` output, any depth: a layer's input or weight
-/// gradient, a convolution) takes fp16 where that is the reduced precision: both sides wide
-/// enough to repay the packing ([`FP16_MIN_REUSE`]). The rule counts the output's rows, so
-/// it holds only for products whose rows a stack does not split (its halves' backward).
+/// gradient, a convolution, `matmul_t`'s forward, the MLM head's logits) takes fp16 where that
+/// is the reduced precision: both sides wide enough to repay the packing
+/// ([`FP16_MIN_REUSE`]; BERT-mini's 8000-word head, for one, needs 81 rows). It counts the
+/// output's rows, so it is not asked by a stack's forward (whose halves must take the whole
+/// batch's kernel); its halves' backward products count their own rows on any thread count.
 fn fp16_takes_product(m: usize, n: usize) -> bool {
     2 * m * n >= FP16_MIN_REUSE * (m + n)
 }

@@ -143,7 +143,7 @@ pub enum ReducedKernel {
     AmxBf16,
     /// AVX-512 FP16 where usable AMX is not: whole-batch products in fp16 with power-of-two
     /// scaling and f32 sums every 64 terms (twice the f32 rate there, where `vdpbf16ps` runs at
-    /// half); the attention's heads and smaller weights stay f32.
+    /// half); the attention's heads, smaller weights and products with a narrow side stay f32.
     Avx512Fp16,
     /// AVX-512 BF16 dot products (bf16 operands, f32 sums), with the fused MLP and attention
     /// kernels for inference.
