@@ -94,7 +94,9 @@ pub use layer_norm::LayerNormOp;
 pub use linear::MatmulT;
 pub use masked_mean::MaskedMeanOp;
 pub use pool::BufferPool;
-pub use precision::{bf16_check, cpu_name, reduced_precision_kernel, Bf16Check, ReducedKernel};
+pub use precision::{
+    bf16_check, cpu_name, reduced_precision_kernel, time_reduced_product, Bf16Check, ReducedKernel,
+};
 pub use simd::{adamw, Act, AdamWCoeffs};
 pub use stack::{FusedSpec, NormPlacement, Offsets, ParamGradMailbox, StackOp};
 pub use tcn::{TcnBlock, TcnOp, TcnSpec};

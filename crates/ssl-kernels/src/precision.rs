@@ -116,6 +116,20 @@ fn time_product(
     (median(tb), median(tf))
 }
 
+/// Median seconds of `reps` products `m x k` by `k x n` as the bf16 setting runs them on this
+/// CPU (its kernel, [`reduced_precision_kernel`], and the kernels' size rules, so f32 where
+/// they say so) and in f32, alternated: `(reduced, f32)`. `a_t` and `b_t` store that operand
+/// transposed; `(false, true)` is a linear layer's forward `x W^T`, timed through its own
+/// entry. For `cargo bench -p ssl-kernels --bench reduced`.
+pub fn time_reduced_product(
+    (m, n, k): (usize, usize, usize),
+    (a_t, b_t): (bool, bool),
+    reps: usize,
+) -> (f64, f64) {
+    let op = |t: bool| if t { Op::T } else { Op::N };
+    time_product((m, n, k), (op(a_t), op(b_t)), reps)
+}
+
 fn measure() -> Bf16Check {
     // A linear layer 512 -> 2048 on 1,024 tokens as a training step runs it: the forward
     // `x W^T`, the input gradient `g W` and the weight gradient `g^T x`, each orientation its
