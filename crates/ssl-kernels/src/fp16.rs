@@ -991,6 +991,27 @@ pub(crate) mod tests {
         assert!(!takes((2, 2), (1, 4)) && !takes((4, 1), (0, 1)));
     }
 
+    /// `A B` (views that cover m x k and k x n) on this thread alone, so that this thread's
+    /// packing buffers are the ones a later call reuses.
+    fn one_thread(a: Strided, b: Strided, (m, n, k): (usize, usize, usize)) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        // SAFETY: the caller's views cover their buffers; `c` holds m x n and is ours.
+        unsafe {
+            gemm(
+                c.as_mut_ptr(),
+                n,
+                (m, n, k),
+                a,
+                b,
+                1.0,
+                false,
+                1,
+                Epilogue::None,
+            )
+        };
+        c
+    }
+
     /// The packed `A` is reused between calls without zeroing: its padding (depth past k, rows
     /// past m) must be rewritten by each call. Infinities left by a larger product would turn
     /// into NaN against `B`'s zero padding if any survived; the next, smaller product must
@@ -1023,23 +1044,7 @@ pub(crate) mod tests {
                 rs: 1,
                 cs: k as isize,
             };
-            let mut c = vec![0f32; m * n];
-            // SAFETY: the views and the output cover the buffers; one thread, so this thread's
-            // packing buffers are the ones reused.
-            unsafe {
-                gemm(
-                    c.as_mut_ptr(),
-                    n,
-                    (m, n, k),
-                    a,
-                    b,
-                    1.0,
-                    false,
-                    1,
-                    Epilogue::None,
-                )
-            };
-            (c, emulate(x, &w, m, n, k))
+            (one_thread(a, b, (m, n, k)), emulate(x, &w, m, n, k))
         };
         for by_columns in [false, true] {
             let _ = product(&vec![f32::INFINITY; 13 * 100], 13, 100, by_columns);
@@ -1086,23 +1091,7 @@ pub(crate) mod tests {
                 rs: k as isize,
                 cs: 1,
             };
-            let mut c = vec![0f32; m * n];
-            // SAFETY: the views and the output cover the buffers; one thread, so this thread's
-            // packing buffers are the ones reused.
-            unsafe {
-                gemm(
-                    c.as_mut_ptr(),
-                    n,
-                    (m, n, k),
-                    a,
-                    b,
-                    1.0,
-                    false,
-                    1,
-                    Epilogue::None,
-                )
-            };
-            c
+            one_thread(a, b, (m, n, k))
         };
         for b_by_rows in [false, true] {
             let _ = product(
