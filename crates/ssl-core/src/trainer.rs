@@ -1216,26 +1216,31 @@ fn local_precision(
     if !cfg.bf16_check {
         return (MatmulPrecision::Bf16, None);
     }
-    let Some(c) = ssl_kernels::bf16_check() else {
-        return (MatmulPrecision::Bf16, None);
-    };
-    // A training step's three products, or a pass without backward's forward product.
-    let (faster, bf16_s, f32_s, timed, kept) = if inference {
-        (
-            c.inference_faster(),
-            c.forward_bf16_seconds,
-            c.forward_f32_seconds,
-            "a bf16 forward product takes",
-            "passes without backward stay f32",
-        )
+    // A pass without backward's forward product (timed alone: a process that only embeds
+    // does not time the backward's), or a training step's three products.
+    let measured = if inference {
+        ssl_kernels::bf16_forward_check().map(|c| {
+            (
+                c.bf16_faster(),
+                c.bf16_seconds,
+                c.f32_seconds,
+                "a bf16 forward product takes",
+                "passes without backward stay f32",
+            )
+        })
     } else {
-        (
-            c.bf16_faster(),
-            c.bf16_seconds,
-            c.f32_seconds,
-            "bf16 products take",
-            "the products stay f32",
-        )
+        ssl_kernels::bf16_check().map(|c| {
+            (
+                c.bf16_faster(),
+                c.bf16_seconds,
+                c.f32_seconds,
+                "bf16 products take",
+                "the products stay f32",
+            )
+        })
+    };
+    let Some((faster, bf16_s, f32_s, timed, kept)) = measured else {
+        return (MatmulPrecision::Bf16, None);
     };
     if faster {
         return (MatmulPrecision::Bf16, None);
@@ -1254,7 +1259,7 @@ fn local_precision(
 /// The precision embedding and evaluation passes of a run take on `device`: the run's
 /// `train.matmul_precision`, by the trainer's rule for a pass without backward (bf16 only
 /// where this machine's reduced-precision forward product is at least as fast as f32,
-/// [`ssl_kernels::Bf16Check::inference_faster`], unless `train.bf16_check = false`). A model
+/// [`ssl_kernels::bf16_forward_check`], unless `train.bf16_check = false`). A model
 /// trained with bf16 products on one CPU is embedded in f32 on a CPU where bf16 is slower.
 /// Says why on stderr, once per process, when it keeps f32.
 pub fn inference_precision(cfg: &TrainConfig, device: &candle_core::Device) -> MatmulPrecision {
@@ -1366,10 +1371,8 @@ mod precision_tests {
         cfg.matmul_precision = MatmulPrecision::Bf16;
         // bf16 only where this CPU's bf16 products are at least as fast as its f32 ones: a
         // training step's three, a pass without backward's forward product.
-        let (train, infer) = match ssl_kernels::bf16_check() {
-            Some(c) => (c.bf16_faster(), c.inference_faster()),
-            None => (false, false),
-        };
+        let infer = ssl_kernels::bf16_forward_check().is_some_and(|c| c.bf16_faster());
+        let train = ssl_kernels::bf16_check().is_some_and(|c| c.bf16_faster());
         let pick = |bf16: bool| {
             if bf16 {
                 MatmulPrecision::Bf16

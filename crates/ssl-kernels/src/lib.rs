@@ -95,7 +95,8 @@ pub use linear::MatmulT;
 pub use masked_mean::MaskedMeanOp;
 pub use pool::BufferPool;
 pub use precision::{
-    bf16_check, cpu_name, reduced_precision_kernel, time_reduced_product, Bf16Check, ReducedKernel,
+    bf16_check, bf16_forward_check, cpu_name, reduced_precision_kernel, time_reduced_product,
+    Bf16Check, ForwardCheck, ReducedKernel,
 };
 pub use simd::{adamw, Act, AdamWCoeffs};
 pub use stack::{FusedSpec, NormPlacement, Offsets, ParamGradMailbox, StackOp};

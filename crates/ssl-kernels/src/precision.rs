@@ -11,8 +11,9 @@
 //! (`fp16.rs`) instead. The trainer asks [`bf16_check`] before using the reduced precision:
 //! the three products of a linear layer's training step (forward, input and weight
 //! gradients, each operand orientation), timed in both precisions, alternated, on the current
-//! rayon pool. Passes without backward ask [`Bf16Check::inference_faster`], the forward
-//! product alone (a kernel may speed up one orientation and not the others).
+//! rayon pool. Passes without backward ask [`bf16_forward_check`], the forward product alone
+//! (a kernel may speed up one orientation and not the others), which a process that only
+//! embeds measures without the backward's two.
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -49,12 +50,50 @@ impl Bf16Check {
     }
 }
 
-/// The measurement, taken once per process (about 0.1-0.3 s); `None` on a CPU without a
-/// reduced-precision kernel ([`reduced_precision_kernel`] is [`ReducedKernel::F32`]).
+/// The measurement, taken once per process (about 0.2-0.35 s); `None` on a CPU without a
+/// reduced-precision kernel ([`reduced_precision_kernel`] is [`ReducedKernel::F32`]). Its
+/// forward product is [`bf16_forward_check`]'s, measured once for both.
 pub fn bf16_check() -> Option<&'static Bf16Check> {
     static CHECK: OnceLock<Option<Bf16Check>> = OnceLock::new();
     CHECK
-        .get_or_init(|| (reduced_precision_kernel() != ReducedKernel::F32).then(measure))
+        .get_or_init(|| bf16_forward_check().map(measure))
+        .as_ref()
+}
+
+/// What [`bf16_forward_check`] measured: a linear layer's forward product `x W^T` alone.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ForwardCheck {
+    /// Seconds of the product in bf16 (median; fp16 where AVX-512 FP16 runs the setting).
+    pub bf16_seconds: f64,
+    /// Seconds of the product in f32 (median).
+    pub f32_seconds: f64,
+}
+
+impl ForwardCheck {
+    /// True when the product is at least as fast in bf16 (within 2%): what a pass without
+    /// backward (embedding, evaluation) takes.
+    pub fn bf16_faster(&self) -> bool {
+        self.bf16_seconds <= self.f32_seconds * 1.02
+    }
+}
+
+/// The forward half of [`bf16_check`] alone, taken once per process (about 0.1 s): what a
+/// process that only embeds or evaluates needs, without timing the backward's products.
+/// `None` on a CPU without a reduced-precision kernel.
+pub fn bf16_forward_check() -> Option<&'static ForwardCheck> {
+    static CHECK: OnceLock<Option<ForwardCheck>> = OnceLock::new();
+    CHECK
+        .get_or_init(|| {
+            (reduced_precision_kernel() != ReducedKernel::F32).then(|| {
+                // The product that decides inference alone: more repetitions.
+                let (bf16_seconds, f32_seconds) =
+                    time_product((1024, 2048, 512), (Op::N, Op::T), 9);
+                ForwardCheck {
+                    bf16_seconds,
+                    f32_seconds,
+                }
+            })
+        })
         .as_ref()
 }
 
@@ -130,12 +169,12 @@ pub fn time_reduced_product(
     time_product((m, n, k), (op(a_t), op(b_t)), reps)
 }
 
-fn measure() -> Bf16Check {
+fn measure(forward: &ForwardCheck) -> Bf16Check {
     // A linear layer 512 -> 2048 on 1,024 tokens as a training step runs it: the forward
-    // `x W^T`, the input gradient `g W` and the weight gradient `g^T x`, each orientation its
-    // own packing (AMX packs transposed operands slower than contiguous ones).
-    // The forward product decides inference alone: more repetitions.
-    let forward = time_product((1024, 2048, 512), (Op::N, Op::T), 9);
+    // `x W^T` (`bf16_forward_check`'s), the input gradient `g W` and the weight gradient
+    // `g^T x`, each orientation its own packing (AMX packs transposed operands slower than
+    // contiguous ones).
+    let forward = (forward.bf16_seconds, forward.f32_seconds);
     let input_grad = time_product((1024, 512, 2048), (Op::N, Op::N), 5);
     let weight_grad = time_product((2048, 512, 1024), (Op::T, Op::N), 5);
     Bf16Check {
@@ -229,12 +268,22 @@ mod tests {
     #[test]
     fn check_measures_both_precisions_once() {
         match bf16_check() {
-            None => assert!(!crate::bf16_available()),
+            None => {
+                assert!(!crate::bf16_available());
+                assert!(bf16_forward_check().is_none());
+            }
             Some(c) => {
                 assert!(c.bf16_seconds > 0.0 && c.f32_seconds > 0.0, "{c:?}");
                 assert!(c.forward_bf16_seconds > 0.0 && c.forward_f32_seconds > 0.0);
                 // Measured once: the same reference every call.
                 assert!(std::ptr::eq(c, bf16_check().unwrap()));
+                // Its forward product is the forward check's own measurement.
+                let f = bf16_forward_check().expect("a forward check where the full one ran");
+                assert_eq!(
+                    (c.forward_bf16_seconds, c.forward_f32_seconds),
+                    (f.bf16_seconds, f.f32_seconds)
+                );
+                assert_eq!(c.inference_faster(), f.bf16_faster());
             }
         }
         assert!(!cpu_name().is_empty());
