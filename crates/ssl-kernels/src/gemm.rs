@@ -580,6 +580,24 @@ pub(crate) unsafe fn matmul_raw(
         };
         return;
     }
+    let parts = depth_parts(m, n, k);
+    if parts > 1 {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            split_depth(
+                c,
+                ldc,
+                (m, n, k),
+                (a, a_rs, a_cs),
+                (b, b_rs, b_cs),
+                alpha,
+                accumulate,
+                par,
+                parts,
+            )
+        };
+        return;
+    }
     // gemm computes dst = alpha * dst + beta * lhs * rhs (dst read only when read_dst).
     // SAFETY: forwarded from the caller.
     unsafe {
@@ -604,6 +622,114 @@ pub(crate) unsafe fn matmul_raw(
             false,
             par,
         );
+    }
+}
+
+/// How many depth parts an f32 product runs as (1: one `gemm` call): a deep product (a weight
+/// gradient over many rows, depth at least 32 times its wider output side) splits its depth
+/// into a power of two of parts, each at least 8 times that side and 512 deep, at most 16.
+/// The `gemm` crate parallelises over the output's blocks, which a 64 x 192 output does not
+/// have enough of: on 2 threads it ran TS2Vec's 64 x 192 weight gradient over 12,000 rows
+/// slower (2.8-3.9 ms) than on one (2.5), the depth in halves 1.5-1.9 ms. Shallower products
+/// (BERT's and MAE's weight gradients, TS2Vec's over 256-step crops) gained nothing or lost.
+/// The count depends on the shape alone, never on the threads, so a product gives the same
+/// bits on every machine.
+fn depth_parts(m: usize, n: usize, k: usize) -> usize {
+    let side = m.max(n);
+    if k < 32 * side || m * n > DEPTH_SPLIT_MAX_OUT {
+        return 1;
+    }
+    let most = (k / (8 * side)).min(k / 512).clamp(1, 16);
+    1 << most.ilog2()
+}
+
+/// Largest output (`m * n` elements) [`depth_parts`] splits: each part but the first needs a
+/// buffer of the output's size.
+const DEPTH_SPLIT_MAX_OUT: usize = 1 << 20;
+
+/// The f32 product as `parts` depth parts, each one `gemm` call on one thread (in parallel
+/// when `par` asks for threads), the first into `c` (adding to it when `accumulate`), the
+/// others into buffers added to `c` afterwards in their order: the same sums whatever the
+/// thread count.
+///
+/// # Safety
+/// As [`matmul_raw`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn split_depth(
+    c: *mut f32,
+    ldc: usize,
+    (m, n, k): (usize, usize, usize),
+    (a, a_rs, a_cs): (*const f32, isize, isize),
+    (b, b_rs, b_cs): (*const f32, isize, isize),
+    alpha: f32,
+    accumulate: bool,
+    par: Parallelism,
+    parts: usize,
+) {
+    let step = k.div_ceil(parts);
+    let mut bufs = vec![0f32; (parts - 1) * m * n];
+    // Addresses, so that the parts' closure is `Send`.
+    let (a, b) = (a as usize, b as usize);
+    let out = OutSlice::from_raw(c, (m - 1) * ldc + n);
+    let bufs_out = OutSlice::new(&mut bufs);
+    let part = |p: usize| {
+        let (k0, kd) = (p * step, step.min(k - p * step));
+        let (dst, ld, add) = if p == 0 {
+            (out.ptr(), ldc, accumulate)
+        } else {
+            (bufs_out.ptr().wrapping_add((p - 1) * m * n), n, false)
+        };
+        // SAFETY: depth k0..k0 + kd lies inside both operands' views (the caller's guarantee);
+        // each part writes its own output (`c` for the first, its buffer for the others).
+        unsafe {
+            let (a, b) = (
+                (a as *const f32).offset(k0 as isize * a_cs),
+                (b as *const f32).offset(k0 as isize * b_rs),
+            );
+            if !empty_product(dst, ld, m, n, kd, add) {
+                gemm::gemm(
+                    m,
+                    n,
+                    kd,
+                    dst,
+                    1,
+                    ld as isize,
+                    add,
+                    a,
+                    a_cs,
+                    a_rs,
+                    b,
+                    b_cs,
+                    b_rs,
+                    1.0,
+                    alpha,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+        }
+    };
+    // The parts' sums into C, a block of rows per task, each row's in the parts' order.
+    let bufs = &bufs;
+    let rb = super::block_rows(m);
+    let reduce = |blk: usize| {
+        for i in blk * rb..(blk * rb + rb).min(m) {
+            // SAFETY: row i of C is this task's alone (the caller's guarantee that nobody
+            // else touches C, the blocks disjoint); the buffers are only read now.
+            let row = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(i * ldc), n) };
+            for p in 1..parts {
+                simd::add_assign(row, &bufs[(p - 1) * m * n + i * n..][..n]);
+            }
+        }
+    };
+    if matches!(par, Parallelism::None) {
+        (0..parts).for_each(part);
+        (0..m.div_ceil(rb)).for_each(reduce);
+    } else {
+        (0..parts).into_par_iter().for_each(part);
+        (0..m.div_ceil(rb)).into_par_iter().for_each(reduce);
     }
 }
 
@@ -650,6 +776,88 @@ pub(crate) unsafe fn head_matmul(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_deep_products_split_their_depth() {
+        // TS2Vec's weight gradients over ACSF1-length crops (8 x 1500 and 8 x 3000 rows).
+        assert_eq!(depth_parts(64, 192, 12_000), 4);
+        assert_eq!(depth_parts(192, 64, 24_000), 8);
+        // At most 16 parts, each at least 512 deep.
+        assert_eq!(depth_parts(16, 16, 1 << 20), 16);
+        assert_eq!(depth_parts(16, 16, 1500), 2);
+        assert_eq!(depth_parts(16, 16, 1000), 1);
+        // Shallower or wider: one call (256-step crops, BERT, the last TCN block).
+        for (m, n, k) in [
+            (64, 192, 4096),
+            (256, 768, 2048),
+            (128, 128, 2080),
+            (320, 960, 12_000),
+            (2048, 768, 256),
+        ] {
+            assert_eq!(depth_parts(m, n, k), 1, "{m} x {n} over {k}");
+        }
+        // Too large an output for the parts' buffers.
+        assert_eq!(depth_parts(2048, 2048, 1 << 20), 1);
+    }
+
+    /// A split product equals the exact one to f32 rounding, overwriting or adding (with a
+    /// scale, a padded output and a transposed operand), and gives the same bits on the pool
+    /// as on one thread.
+    #[test]
+    fn a_split_depth_gives_the_product_whatever_the_threads() {
+        let (m, n, k) = (5, 7, 3000);
+        assert_eq!(depth_parts(m, n, k), 4);
+        // A stored transposed (k x m, as a weight gradient's `dy^T`), B by rows (k x n).
+        let a: Vec<f32> = (0..k * m).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
+        let ldc = n + 3;
+        for accumulate in [false, true] {
+            let mut outs = Vec::new();
+            for par in [Parallelism::None, Parallelism::Rayon(2)] {
+                let mut c = vec![0.25f32; m * ldc];
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(2)
+                    .build()
+                    .unwrap();
+                pool.install(|| unsafe {
+                    matmul_raw(
+                        c.as_mut_ptr(),
+                        ldc,
+                        m,
+                        n,
+                        k,
+                        a.as_ptr(),
+                        1,
+                        m as isize,
+                        b.as_ptr(),
+                        n as isize,
+                        1,
+                        0.5,
+                        accumulate,
+                        par,
+                        false,
+                    )
+                });
+                for i in 0..m {
+                    for j in 0..n {
+                        let exact: f64 = (0..k)
+                            .map(|p| f64::from(a[p * m + i]) * f64::from(b[p * n + j]))
+                            .sum();
+                        let want = 0.5 * exact + if accumulate { 0.25 } else { 0.0 };
+                        let got = f64::from(c[i * ldc + j]);
+                        assert!(
+                            (got - want).abs() < 1e-5 * k as f64,
+                            "({i}, {j}) accumulate {accumulate}: {got} vs {want}"
+                        );
+                    }
+                    // The padding between rows is untouched.
+                    assert_eq!(&c[i * ldc + n..(i + 1) * ldc], &[0.25; 3]);
+                }
+                outs.push(c);
+            }
+            assert_eq!(outs[0], outs[1], "one thread and the pool differ");
+        }
+    }
 
     /// A head's product equals `gemm`'s up to rounding where the small kernel takes it (80
     /// in every dimension), and is `gemm`'s bit for bit where it does not (81), with `B` by
