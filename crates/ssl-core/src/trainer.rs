@@ -1193,9 +1193,10 @@ pub fn plot_run(dir: &Path) -> Result<()> {
 /// What this machine's products take for `cfg.matmul_precision`, decided locally: as asked
 /// on a GPU (cuBLAS multiplies bf16 on every GPU candle runs on) or when f32 is asked; f32
 /// where bf16 was asked for but the CPU lacks the kernels or, with `train.bf16_check`, they
-/// are slower than f32 on it ([`ssl_kernels::bf16_check`], measured once per process: a
-/// training step's three products, or with `inference` a pass without backward's forward
-/// product alone). The second value says why when bf16 was asked for and f32 is kept.
+/// are slower than f32 on it (measured once per process: [`ssl_kernels::bf16_check`], a
+/// training step's three products, or with `inference` [`ssl_kernels::bf16_forward_check`],
+/// a pass without backward's forward product alone). The second value says why when bf16
+/// was asked for and f32 is kept.
 fn local_precision(
     cfg: &TrainConfig,
     on_gpu: bool,

@@ -8,6 +8,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::amx::Strided;
 use super::precision::{reduced_precision_kernel, ReducedKernel};
 use super::simd::{self, Act};
 
@@ -582,20 +583,20 @@ pub(crate) unsafe fn matmul_raw(
     }
     let parts = depth_parts(m, n, k);
     if parts > 1 {
+        let (a, b) = (
+            Strided {
+                ptr: a,
+                rs: a_rs,
+                cs: a_cs,
+            },
+            Strided {
+                ptr: b,
+                rs: b_rs,
+                cs: b_cs,
+            },
+        );
         // SAFETY: forwarded from the caller.
-        unsafe {
-            split_depth(
-                c,
-                ldc,
-                (m, n, k),
-                (a, a_rs, a_cs),
-                (b, b_rs, b_cs),
-                alpha,
-                accumulate,
-                par,
-                parts,
-            )
-        };
+        unsafe { split_depth(c, ldc, (m, n, k), a, b, alpha, accumulate, par, parts) };
         return;
     }
     // gemm computes dst = alpha * dst + beta * lhs * rhs (dst read only when read_dst).
@@ -625,15 +626,16 @@ pub(crate) unsafe fn matmul_raw(
     }
 }
 
-/// How many depth parts an f32 product runs as (1: one `gemm` call): a deep product (a weight
-/// gradient over many rows, depth at least 32 times its wider output side) splits its depth
-/// into a power of two of parts, each at least 8 times that side and 512 deep, at most 16.
-/// The `gemm` crate parallelises over the output's blocks, which a 64 x 192 output does not
-/// have enough of: on 2 threads it ran TS2Vec's 64 x 192 weight gradient over 12,000 rows
-/// slower (2.8-3.9 ms) than on one (2.5), the depth in halves 1.5-1.9 ms. Shallower products
-/// (BERT's and MAE's weight gradients, TS2Vec's over 256-step crops) gained nothing or lost.
-/// The count depends on the shape alone, never on the threads, so a product gives the same
-/// bits on every machine.
+/// How many depth parts an f32 product runs as (1: one `gemm` call): a deep product with a
+/// small output (a weight gradient over many rows: depth at least 32 times its wider output
+/// side, at most [`DEPTH_SPLIT_MAX_OUT`] outputs) splits its depth into a power of two of
+/// parts, each at least 8 times that side and 512 deep, at most 16. The `gemm` crate
+/// parallelises over the output's blocks, which a 64 x 192 output does not have enough of: on
+/// 2 threads it ran TS2Vec's 64 x 192 weight gradient over 12,000 rows slower (2.8-3.9 ms)
+/// than on one (2.5), the depth in halves 1.5-1.9 ms. Shallower products (BERT's and MAE's
+/// weight gradients, TS2Vec's over 256-step crops) gained nothing or lost. The count depends
+/// on the shape alone, never on the threads, so a product gives the same bits on every thread
+/// count.
 fn depth_parts(m: usize, n: usize, k: usize) -> usize {
     let side = m.max(n);
     if k < 32 * side || m * n > DEPTH_SPLIT_MAX_OUT {
@@ -643,14 +645,15 @@ fn depth_parts(m: usize, n: usize, k: usize) -> usize {
     1 << most.ilog2()
 }
 
-/// Largest output (`m * n` elements) [`depth_parts`] splits: each part but the first needs a
-/// buffer of the output's size.
-const DEPTH_SPLIT_MAX_OUT: usize = 1 << 20;
+/// Largest output (`m * n` elements) [`depth_parts`] splits: outputs with as few blocks as
+/// those measured (TS2Vec's 64 x 192), where `gemm`'s own parallelism has little to share
+/// out; a larger one keeps `gemm`'s, which also spreads over more threads than the parts.
+const DEPTH_SPLIT_MAX_OUT: usize = 1 << 16;
 
-/// The f32 product as `parts` depth parts, each one `gemm` call on one thread (in parallel
-/// when `par` asks for threads), the first into `c` (adding to it when `accumulate`), the
-/// others into buffers added to `c` afterwards in their order: the same sums whatever the
-/// thread count.
+/// The f32 product as `parts` depth parts (part `p` the depth `p k / parts .. (p + 1) k /
+/// parts`), each one `gemm` call on one thread (in parallel when `par` asks for threads), the
+/// first into `c` (adding to it when `accumulate`), the others into buffers added to `c`
+/// afterwards in their order: the same sums whatever the thread count.
 ///
 /// # Safety
 /// As [`matmul_raw`].
@@ -659,56 +662,50 @@ unsafe fn split_depth(
     c: *mut f32,
     ldc: usize,
     (m, n, k): (usize, usize, usize),
-    (a, a_rs, a_cs): (*const f32, isize, isize),
-    (b, b_rs, b_cs): (*const f32, isize, isize),
+    a: Strided,
+    b: Strided,
     alpha: f32,
     accumulate: bool,
     par: Parallelism,
     parts: usize,
 ) {
-    let step = k.div_ceil(parts);
     let mut bufs = vec![0f32; (parts - 1) * m * n];
-    // Addresses, so that the parts' closure is `Send`.
-    let (a, b) = (a as usize, b as usize);
     let out = OutSlice::from_raw(c, (m - 1) * ldc + n);
     let bufs_out = OutSlice::new(&mut bufs);
     let part = |p: usize| {
-        let (k0, kd) = (p * step, step.min(k - p * step));
+        let (k0, k1) = (p * k / parts, (p + 1) * k / parts);
         let (dst, ld, add) = if p == 0 {
             (out.ptr(), ldc, accumulate)
         } else {
             (bufs_out.ptr().wrapping_add((p - 1) * m * n), n, false)
         };
-        // SAFETY: depth k0..k0 + kd lies inside both operands' views (the caller's guarantee);
-        // each part writes its own output (`c` for the first, its buffer for the others).
+        // SAFETY: depth k0 < k lies inside both operands' views and the part's k1 - k0 >= 1
+        // steps after it (the caller's guarantee); each part writes its own output (`c` for
+        // the first, its buffer for the others), every element of it (`read_dst` only when
+        // adding).
         unsafe {
-            let (a, b) = (
-                (a as *const f32).offset(k0 as isize * a_cs),
-                (b as *const f32).offset(k0 as isize * b_rs),
+            let (a, b) = (a.skip_columns(k0), b.skip_rows(k0));
+            gemm::gemm(
+                m,
+                n,
+                k1 - k0,
+                dst,
+                1,
+                ld as isize,
+                add,
+                a.ptr,
+                a.cs,
+                a.rs,
+                b.ptr,
+                b.cs,
+                b.rs,
+                1.0,
+                alpha,
+                false,
+                false,
+                false,
+                Parallelism::None,
             );
-            if !empty_product(dst, ld, m, n, kd, add) {
-                gemm::gemm(
-                    m,
-                    n,
-                    kd,
-                    dst,
-                    1,
-                    ld as isize,
-                    add,
-                    a,
-                    a_cs,
-                    a_rs,
-                    b,
-                    b_cs,
-                    b_rs,
-                    1.0,
-                    alpha,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
-            }
         }
     };
     // The parts' sums into C, a block of rows per task, each row's in the parts' order.
@@ -717,7 +714,8 @@ unsafe fn split_depth(
     let reduce = |blk: usize| {
         for i in blk * rb..(blk * rb + rb).min(m) {
             // SAFETY: row i of C is this task's alone (the caller's guarantee that nobody
-            // else touches C, the blocks disjoint); the buffers are only read now.
+            // else touches C, the blocks disjoint), written by the first part; the buffers
+            // are only read now.
             let row = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(i * ldc), n) };
             for p in 1..parts {
                 simd::add_assign(row, &bufs[(p - 1) * m * n + i * n..][..n]);
@@ -781,7 +779,7 @@ mod tests {
     fn only_deep_products_split_their_depth() {
         // TS2Vec's weight gradients over ACSF1-length crops (8 x 1500 and 8 x 3000 rows).
         assert_eq!(depth_parts(64, 192, 12_000), 4);
-        assert_eq!(depth_parts(192, 64, 24_000), 8);
+        assert_eq!(depth_parts(64, 192, 24_000), 8);
         // At most 16 parts, each at least 512 deep.
         assert_eq!(depth_parts(16, 16, 1 << 20), 16);
         assert_eq!(depth_parts(16, 16, 1500), 2);
@@ -796,8 +794,8 @@ mod tests {
         ] {
             assert_eq!(depth_parts(m, n, k), 1, "{m} x {n} over {k}");
         }
-        // Too large an output for the parts' buffers.
-        assert_eq!(depth_parts(2048, 2048, 1 << 20), 1);
+        // Outputs with enough blocks for `gemm`'s own parallelism.
+        assert_eq!(depth_parts(256, 512, 1 << 20), 1);
     }
 
     /// A split product equals the exact one to f32 rounding, overwriting or adding (with a
@@ -805,7 +803,8 @@ mod tests {
     /// as on one thread.
     #[test]
     fn a_split_depth_gives_the_product_whatever_the_threads() {
-        let (m, n, k) = (5, 7, 3000);
+        // Four parts of 750 and 751 steps.
+        let (m, n, k) = (5, 7, 3001);
         assert_eq!(depth_parts(m, n, k), 4);
         // A stored transposed (k x m, as a weight gradient's `dy^T`), B by rows (k x n).
         let a: Vec<f32> = (0..k * m).map(|i| (i as f32 * 0.37).sin()).collect();
@@ -813,10 +812,14 @@ mod tests {
         let ldc = n + 3;
         for accumulate in [false, true] {
             let mut outs = Vec::new();
-            for par in [Parallelism::None, Parallelism::Rayon(2)] {
+            for (threads, par) in [
+                (1, Parallelism::None),
+                (2, Parallelism::Rayon(2)),
+                (3, Parallelism::Rayon(3)),
+            ] {
                 let mut c = vec![0.25f32; m * ldc];
                 let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(2)
+                    .num_threads(threads)
                     .build()
                     .unwrap();
                 pool.install(|| unsafe {
@@ -855,7 +858,10 @@ mod tests {
                 }
                 outs.push(c);
             }
-            assert_eq!(outs[0], outs[1], "one thread and the pool differ");
+            assert!(
+                outs.iter().all(|c| *c == outs[0]),
+                "the thread count changed the bits"
+            );
         }
     }
 
