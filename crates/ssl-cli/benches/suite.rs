@@ -514,7 +514,7 @@ fn report_bf16_check(json: bool) -> Res<()> {
     let c = ssl_kernels::bf16_check()
         .ok_or("--precision bf16: no reduced-precision kernel on this CPU")?;
     let (b, f) = (c.bf16_seconds * 1e3, c.f32_seconds * 1e3);
-    let (fb, ff) = (c.forward_bf16_seconds * 1e3, c.forward_f32_seconds * 1e3);
+    let (fb, ff) = (c.forward.bf16_seconds * 1e3, c.forward.f32_seconds * 1e3);
     let pick = |bf16: bool| if bf16 { "bf16" } else { "f32" };
     if json {
         let ms = |x: f64| (x * 1000.0).round() / 1000.0;
@@ -526,7 +526,7 @@ fn report_bf16_check(json: bool) -> Res<()> {
             "bf16_faster": c.bf16_faster(),
             "forward_bf16_ms": ms(fb),
             "forward_f32_ms": ms(ff),
-            "inference_faster": c.inference_faster(),
+            "inference_faster": c.forward.bf16_faster(),
             "kernel": ssl_kernels::reduced_precision_kernel().name(),
         });
         println!("{o}");
@@ -534,7 +534,7 @@ fn report_bf16_check(json: bool) -> Res<()> {
         println!(
             "bf16 check     bf16 {b:.2} ms  f32 {f:.2} ms: train.matmul_precision = bf16 trains in {} here; forward {fb:.2} / {ff:.2} ms: inference in {} (reduced-precision kernel: {})",
             pick(c.bf16_faster()),
-            pick(c.inference_faster()),
+            pick(c.forward.bf16_faster()),
             ssl_kernels::reduced_precision_kernel(),
         );
     }

@@ -523,24 +523,24 @@ pub(crate) unsafe fn matmul_raw(
         Parallelism::Rayon(t) => t,
         _ => 1,
     };
+    let (sa, sb) = (
+        Strided {
+            ptr: a,
+            rs: a_rs,
+            cs: a_cs,
+        },
+        Strided {
+            ptr: b,
+            rs: b_rs,
+            cs: b_cs,
+        },
+    );
     if bf16
         && m.min(n).min(k) >= BF16_MIN_DIM
         && reduced_precision_kernel() == ReducedKernel::Avx512Fp16
         && fp16_takes_product(m, n)
         && super::fp16::takes((a_rs, a_cs), (b_rs, b_cs))
     {
-        let (a, b) = (
-            super::amx::Strided {
-                ptr: a,
-                rs: a_rs,
-                cs: a_cs,
-            },
-            super::amx::Strided {
-                ptr: b,
-                rs: b_rs,
-                cs: b_cs,
-            },
-        );
         // SAFETY: forwarded from the caller; the kernel choice checked the CPU, `takes` the
         // strides.
         unsafe {
@@ -548,8 +548,8 @@ pub(crate) unsafe fn matmul_raw(
                 c,
                 ldc,
                 (m, n, k),
-                a,
-                b,
+                sa,
+                sb,
                 alpha,
                 accumulate,
                 kernel_threads(),
@@ -583,22 +583,30 @@ pub(crate) unsafe fn matmul_raw(
     }
     let parts = depth_parts(m, n, k);
     if parts > 1 {
-        let (a, b) = (
-            Strided {
-                ptr: a,
-                rs: a_rs,
-                cs: a_cs,
-            },
-            Strided {
-                ptr: b,
-                rs: b_rs,
-                cs: b_cs,
-            },
-        );
         // SAFETY: forwarded from the caller.
-        unsafe { split_depth(c, ldc, (m, n, k), a, b, alpha, accumulate, par, parts) };
-        return;
+        unsafe { split_depth(c, ldc, (m, n, k), sa, sb, alpha, accumulate, par, parts) };
+    } else {
+        // SAFETY: forwarded from the caller.
+        unsafe { gemm_f32(c, ldc, (m, n, k), sa, sb, alpha, accumulate, par) };
     }
+}
+
+/// `c = alpha a b` (or `c += ...` when `accumulate`) on the `gemm` crate, over `par`'s
+/// threads; `c` is read only when `accumulate`.
+///
+/// # Safety
+/// As [`matmul_raw`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_f32(
+    c: *mut f32,
+    ldc: usize,
+    (m, n, k): (usize, usize, usize),
+    a: Strided,
+    b: Strided,
+    alpha: f32,
+    accumulate: bool,
+    par: Parallelism,
+) {
     // gemm computes dst = alpha * dst + beta * lhs * rhs (dst read only when read_dst).
     // SAFETY: forwarded from the caller.
     unsafe {
@@ -610,12 +618,12 @@ pub(crate) unsafe fn matmul_raw(
             1,
             ldc as isize,
             accumulate,
-            a,
-            a_cs,
-            a_rs,
-            b,
-            b_cs,
-            b_rs,
+            a.ptr,
+            a.cs,
+            a.rs,
+            b.ptr,
+            b.cs,
+            b.rs,
             1.0,
             alpha,
             false,
@@ -681,29 +689,17 @@ unsafe fn split_depth(
         };
         // SAFETY: depth k0 < k lies inside both operands' views and the part's k1 - k0 >= 1
         // steps after it (the caller's guarantee); each part writes its own output (`c` for
-        // the first, its buffer for the others), every element of it (`read_dst` only when
-        // adding).
+        // the first, its buffer for the others), every element of it (read only when adding).
         unsafe {
             let (a, b) = (a.skip_columns(k0), b.skip_rows(k0));
-            gemm::gemm(
-                m,
-                n,
-                k1 - k0,
+            gemm_f32(
                 dst,
-                1,
-                ld as isize,
-                add,
-                a.ptr,
-                a.cs,
-                a.rs,
-                b.ptr,
-                b.cs,
-                b.rs,
-                1.0,
+                ld,
+                (m, n, k1 - k0),
+                a,
+                b,
                 alpha,
-                false,
-                false,
-                false,
+                add,
                 Parallelism::None,
             );
         }

@@ -27,27 +27,23 @@ pub struct Bf16Check {
     pub bf16_seconds: f64,
     /// Seconds of the same products in f32.
     pub f32_seconds: f64,
-    /// Seconds of the first of them, the forward `x W^T`, in bf16 (median): the one
-    /// product of a linear layer without backward, which runs in fp16 where
-    /// AVX-512 FP16 is usable.
-    pub forward_bf16_seconds: f64,
-    /// The forward product in f32.
-    pub forward_f32_seconds: f64,
+    /// The first of them, the forward `x W^T`: [`bf16_forward_check`]'s measurement, what a
+    /// pass without backward (embedding, evaluation) decides by.
+    pub forward: ForwardCheck,
 }
 
 impl Bf16Check {
     /// True when bf16 is at least as fast as f32 (within 2%, so a tie keeps bf16's
     /// memory saving): what a training step takes.
     pub fn bf16_faster(&self) -> bool {
-        self.bf16_seconds <= self.f32_seconds * 1.02
+        at_least_as_fast(self.bf16_seconds, self.f32_seconds)
     }
+}
 
-    /// True when the forward product alone is at least as fast in bf16 (within 2%): what a
-    /// pass without backward (embedding, evaluation) takes, which [`Self::bf16_faster`]'s
-    /// backward products need not decide.
-    pub fn inference_faster(&self) -> bool {
-        self.forward_bf16_seconds <= self.forward_f32_seconds * 1.02
-    }
+/// True when `bf16_seconds` is at most 2% above `f32_seconds`: a tie keeps bf16's memory
+/// saving.
+fn at_least_as_fast(bf16_seconds: f64, f32_seconds: f64) -> bool {
+    bf16_seconds <= f32_seconds * 1.02
 }
 
 /// The measurement, taken once per process (about 0.2-0.35 s); `None` on a CPU without a
@@ -56,7 +52,7 @@ impl Bf16Check {
 pub fn bf16_check() -> Option<&'static Bf16Check> {
     static CHECK: OnceLock<Option<Bf16Check>> = OnceLock::new();
     CHECK
-        .get_or_init(|| bf16_forward_check().map(measure))
+        .get_or_init(|| bf16_forward_check().map(|&forward| measure(forward)))
         .as_ref()
 }
 
@@ -73,7 +69,7 @@ impl ForwardCheck {
     /// True when the product is at least as fast in bf16 (within 2%): what a pass without
     /// backward (embedding, evaluation) takes.
     pub fn bf16_faster(&self) -> bool {
-        self.bf16_seconds <= self.f32_seconds * 1.02
+        at_least_as_fast(self.bf16_seconds, self.f32_seconds)
     }
 }
 
@@ -169,19 +165,17 @@ pub fn time_reduced_product(
     time_product((m, n, k), (op(a_t), op(b_t)), reps)
 }
 
-fn measure(forward: &ForwardCheck) -> Bf16Check {
+fn measure(forward: ForwardCheck) -> Bf16Check {
     // A linear layer 512 -> 2048 on 1,024 tokens as a training step runs it: the forward
     // `x W^T` (`bf16_forward_check`'s), the input gradient `g W` and the weight gradient
     // `g^T x`, each orientation its own packing (AMX packs transposed operands slower than
     // contiguous ones).
-    let forward = (forward.bf16_seconds, forward.f32_seconds);
     let input_grad = time_product((1024, 512, 2048), (Op::N, Op::N), 5);
     let weight_grad = time_product((2048, 512, 1024), (Op::T, Op::N), 5);
     Bf16Check {
-        bf16_seconds: forward.0 + input_grad.0 + weight_grad.0,
-        f32_seconds: forward.1 + input_grad.1 + weight_grad.1,
-        forward_bf16_seconds: forward.0,
-        forward_f32_seconds: forward.1,
+        bf16_seconds: forward.bf16_seconds + input_grad.0 + weight_grad.0,
+        f32_seconds: forward.f32_seconds + input_grad.1 + weight_grad.1,
+        forward,
     }
 }
 
@@ -274,16 +268,12 @@ mod tests {
             }
             Some(c) => {
                 assert!(c.bf16_seconds > 0.0 && c.f32_seconds > 0.0, "{c:?}");
-                assert!(c.forward_bf16_seconds > 0.0 && c.forward_f32_seconds > 0.0);
+                assert!(c.forward.bf16_seconds > 0.0 && c.forward.f32_seconds > 0.0);
                 // Measured once: the same reference every call.
                 assert!(std::ptr::eq(c, bf16_check().unwrap()));
                 // Its forward product is the forward check's own measurement.
                 let f = bf16_forward_check().expect("a forward check where the full one ran");
-                assert_eq!(
-                    (c.forward_bf16_seconds, c.forward_f32_seconds),
-                    (f.bf16_seconds, f.f32_seconds)
-                );
-                assert_eq!(c.inference_faster(), f.bf16_faster());
+                assert_eq!(c.forward, *f);
             }
         }
         assert!(!cpu_name().is_empty());
